@@ -1,0 +1,68 @@
+# cgmirror — set-up, tests, demo, VM and benchmarks.  Everything from nothing on
+# a fresh Debian 12 machine as root: `make test` and `make demo` call `setup`.
+
+SHELL      := /bin/bash
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMPS     := .cache/stamps
+APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
+              nbd-client nbd-server qemu-system-x86 qemu-utils \
+              busybox-static e2fsprogs socat fio nftables iproute2 \
+              python3-venv python3-dev python3-cffi-backend libffi-dev \
+              gcc make sqlite3 xz-utils
+
+.PHONY: setup apt venv ext test test-fast demo vm vm-test \
+        bench-bitmap bench-write bench-freeze bench-copy clean
+
+setup: apt venv ext
+
+# Packages: re-run only when this list changes.
+apt: $(STAMPS)/apt
+$(STAMPS)/apt: Makefile
+	mkdir -p $(STAMPS)
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS)
+	touch $@
+
+# The venv sees Debian's python3-libnbd (module `nbd`) through system site-packages.
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+ext: $(STAMPS)/ext
+$(STAMPS)/ext: native/bitmap.c native/bitmap.h native/build.py $(STAMPS)/venv
+	$(PY) -m native.build
+	touch $@
+
+test: setup vm
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not vm and not slow" tests
+
+demo: setup
+	$(PY) -m coordinator.demo
+
+vm: setup
+	$(PY) -m vm.build
+
+vm-test: vm
+	$(PY) -m pytest -q -m vm tests
+
+bench-bitmap: setup
+	$(PY) bench/bench_bitmap.py
+
+bench-write: setup
+	$(PY) bench/bench_write.py
+
+bench-freeze: setup
+	$(PY) bench/bench_freeze.py
+
+bench-copy: setup
+	$(PY) bench/bench_copy.py
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c
