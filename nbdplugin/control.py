@@ -1,0 +1,71 @@
+"""Client side of the slave control channel (see protocol.py for the rules)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from . import protocol
+
+
+class ControlError(Exception):
+    """The slave refused a request (``kind`` says why) or could not be reached."""
+
+    def __init__(self, message: str, kind: str = "protocol"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class ControlClient:
+    """One connection to a slave's control socket; requests answered in order."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._rfile = None
+
+    def _connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.path)
+        except OSError as exc:
+            s.close()
+            raise ControlError(f"slave at {self.path} is unreachable: {exc.strerror or exc}",
+                               "unreachable") from exc
+        self._sock, self._rfile = s, s.makefile("rb")
+
+    def call(self, op: str, **args) -> dict:
+        """Send one request; return the reply, or raise ControlError."""
+        return self.call_raw(protocol.encode({"op": op, **args}))
+
+    def call_raw(self, line: bytes) -> dict:
+        if self._sock is None:
+            self._connect()
+        try:
+            self._sock.sendall(line)
+            reply = self._rfile.readline(protocol.MAX_LINE + 1)
+        except OSError as exc:
+            self.close()
+            raise ControlError(f"slave at {self.path} stopped answering: {exc}",
+                               "unreachable") from exc
+        if not reply:
+            self.close()
+            raise ControlError(f"slave at {self.path} closed the connection", "unreachable")
+        msg = json.loads(reply)
+        if not msg.get("ok"):
+            raise ControlError(msg.get("error", "unknown error"), msg.get("kind", "protocol"))
+        return msg
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._rfile.close()
+            self._sock.close()
+            self._sock = self._rfile = None
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,185 @@
+"""Start and stop slave processes (nbdkit running plugin.py).
+
+Used by the ``cgmirror slave`` commands and by the tests, so that nobody types
+nbdkit command lines by hand.  A slave is ready when nbdkit has written its
+pidfile (it does so once it listens) and its control socket answers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+from .control import ControlClient, ControlError
+
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
+
+
+class LaunchError(Exception):
+    """A slave could not be started or stopped; the message says what to do."""
+
+
+@dataclass
+class SlaveSpec:
+    """How to run one slave.  ``volumes``: (name, path, size or None)."""
+
+    name: str
+    statedir: str
+    nbd_socket: str
+    control: str
+    volumes: list[tuple[str, str, int | None]]
+    granularity: int = 64 * 1024
+    region: int = 4 << 20
+    threads: int = 4
+    checkpoint: float = 2.0
+    filters: list[str] = field(default_factory=list)   # e.g. ["error"]
+    filter_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.statedir, "nbdkit.pid")
+
+    @property
+    def logfile(self) -> str:
+        return os.path.join(self.statedir, "nbdkit.log")
+
+    def uri(self, volume: str) -> str:
+        return f"nbd+unix:///{volume}?socket={self.nbd_socket}"
+
+    def command(self) -> list[str]:
+        cmd = ["nbdkit", "-f", "-U", self.nbd_socket, "--pidfile", self.pidfile,
+               "--threads", str(self.threads)]
+        for f in self.filters:
+            cmd += ["--filter", f]
+        cmd += ["python", PLUGIN, f"statedir={self.statedir}", f"control={self.control}",
+                f"granularity={self.granularity}", f"region={self.region}",
+                f"checkpoint={self.checkpoint}"]
+        for name, path, size in self.volumes:
+            cmd.append(f"volume={name}:{path}")
+            if size is not None:
+                cmd.append(f"create={name}:{size}")
+        return cmd + list(self.filter_args)
+
+
+class SlaveProcess:
+    """A running slave started by us."""
+
+    def __init__(self, spec: SlaveSpec, popen: subprocess.Popen):
+        self.spec = spec
+        self.popen = popen
+        self.pid = popen.pid
+
+    def control(self, timeout: float = 30.0) -> ControlClient:
+        return ControlClient(self.spec.control, timeout)
+
+    def kill9(self) -> int:
+        """SIGKILL and reap; return the exit status."""
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        return self.popen.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (clean shutdown: change maps checkpointed), then reap."""
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=30)
+        _remove(self.spec.nbd_socket, self.spec.control)
+        return self.popen.returncode
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def _remove(*paths: str) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def running_pid(spec: SlaveSpec) -> int | None:
+    """PID of a live nbdkit serving this spec's control socket, if any."""
+    try:
+        with open(spec.pidfile) as f:
+            pid = int(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        p = psutil.Process(pid)
+        if p.status() != psutil.STATUS_ZOMBIE and \
+                f"control={spec.control}" in p.cmdline():
+            return pid
+    except psutil.Error:
+        pass
+    return None
+
+
+def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> SlaveProcess:
+    """Start a slave and wait until it answers; raise LaunchError if it cannot."""
+    pid = running_pid(spec)
+    if pid:
+        raise LaunchError(f"slave {spec.name} is already running as pid {pid}")
+    os.makedirs(spec.statedir, exist_ok=True)
+    for path in (spec.nbd_socket, spec.control):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
+    _remove(spec.nbd_socket, spec.control, spec.pidfile)
+    env = dict(os.environ, **spec.env)
+    with open(spec.logfile, "ab") as log:
+        popen = subprocess.Popen(spec.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=log, env=env, start_new_session=detach)
+    proc = SlaveProcess(spec, popen)
+    deadline = time.monotonic() + timeout
+    while True:
+        if popen.poll() is not None:
+            raise LaunchError(f"slave {spec.name} exited with status {popen.returncode}:"
+                              f" {_tail(spec.logfile)}")
+        if os.path.exists(spec.pidfile) and os.path.exists(spec.control):
+            try:
+                with ControlClient(spec.control, timeout=5) as c:
+                    c.call("status")
+                return proc
+            except ControlError:
+                pass
+        if time.monotonic() > deadline:
+            proc.kill9()
+            raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
+                              f" {_tail(spec.logfile)}")
+        time.sleep(0.02)
+
+
+def stop(spec: SlaveSpec, timeout: float = 30.0) -> bool:
+    """Stop a slave started earlier (maybe by another process) via its pidfile."""
+    pid = running_pid(spec)
+    if pid is None:
+        _remove(spec.nbd_socket, spec.control)
+        return False
+    p = psutil.Process(pid)
+    p.terminate()
+    try:
+        p.wait(timeout)
+    except psutil.TimeoutExpired:
+        p.kill()
+        p.wait(30)
+    _remove(spec.nbd_socket, spec.control)
+    return True
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read().strip().splitlines()[-lines:]
+    except FileNotFoundError:
+        return "(no log)"
+    return " | ".join(text) or "(empty log)"

@@ -1,0 +1,207 @@
+# cgmirror slave: serves volumes as NBD exports with change recording and a freeze gate.
+#
+#   nbdkit -U /run/s1.sock --threads 4 python nbdplugin/plugin.py \
+#       statedir=/var/lib/cgmirror/s1 control=/run/s1.ctl \
+#       volume=db:/dev/sdb volume=log:/srv/log.img create=log:1G
+#
+# Keys: statedir= (required; change maps, preserve stores), control= (required;
+# unix socket of the control channel), volume=NAME:PATH (repeat; a regular file
+# or a block device; export NAME), create=NAME:SIZE (create NAME's file at SIZE
+# if missing, else check its size), granularity= (bytes per change bit, power
+# of two, default 64K), region= (bytes per write-intent bit, default 4M),
+# checkpoint= (seconds between change-map checkpoints, default 2).
+import errno
+import logging
+import os
+import re
+import sys
+
+import nbdkit
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# nbdkit does not put the plugin's directory on sys.path, and embeds Debian's
+# /usr/bin/python3: add the project and its venv (if any) explicitly.
+_VENV_SITE = os.path.join(_ROOT, ".venv", "lib",
+                          f"python{sys.version_info[0]}.{sys.version_info[1]}",
+                          "site-packages")
+for _p in (_VENV_SITE, _ROOT):
+    if os.path.isdir(_p) and _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from nbdplugin.slave import Slave  # noqa: E402
+from nbdplugin.volume import Volume, VolumeError, parse_size  # noqa: E402
+
+API_VERSION = 2
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_cfg = {"statedir": None, "control": None, "granularity": 64 * 1024,
+        "region": 4 << 20, "checkpoint": 2.0}
+_volumes: dict[str, str] = {}
+_create: dict[str, int] = {}
+_slave: Slave | None = None
+
+logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                    format="cgmirror[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(msg):
+    raise RuntimeError(msg)
+
+
+def _split(key, value):
+    name, sep, rest = value.partition(":")
+    if not sep or not _NAME.match(name) or not rest:
+        _fail(f"{key}={value!r}: expected {key}=NAME:{'PATH' if key == 'volume' else 'SIZE'}"
+              f" with NAME made of letters, digits, '_', '-', '.'")
+    return name, rest
+
+
+def config(key, value):
+    if key in ("statedir", "control"):
+        _cfg[key] = os.path.abspath(value)
+    elif key == "volume":
+        name, path = _split(key, value)
+        if name in _volumes:
+            _fail(f"volume {name!r} is given twice")
+        _volumes[name] = os.path.abspath(path)
+    elif key == "create":
+        name, size = _split(key, value)
+        _create[name] = parse_size(size)
+    elif key in ("granularity", "region"):
+        v = parse_size(value)
+        if v & (v - 1) or v < 4096:
+            _fail(f"{key} must be a power of two of at least 4096, not {value!r}")
+        _cfg[key] = v
+    elif key == "checkpoint":
+        v = float(value)
+        if not 0.05 <= v <= 3600:
+            _fail("checkpoint must be between 0.05 and 3600 seconds")
+        _cfg[key] = v
+    else:
+        _fail(f"unknown parameter: {key!r}")
+
+
+def config_complete():
+    for key in ("statedir", "control"):
+        if not _cfg[key]:
+            _fail(f"missing parameter: {key}=")
+    if not _volumes:
+        _fail("no volume=NAME:PATH given")
+    for name in _create:
+        if name not in _volumes:
+            _fail(f"create={name}:... names no volume")
+    if _cfg["region"] < _cfg["granularity"]:
+        _fail("region must not be smaller than granularity")
+
+
+def thread_model():
+    # Requests run in parallel; each volume's ChangeMap.lock guards its bitmaps
+    # and its Gate's condition guards the gate.  Blocking I/O releases the GIL.
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def get_ready():
+    global _slave
+    os.makedirs(_cfg["statedir"], exist_ok=True)
+    vols = {}
+    try:
+        for name, path in _volumes.items():
+            vols[name] = Volume(name, path, _cfg["statedir"], _cfg["granularity"],
+                                _cfg["region"], _create.get(name))
+    except VolumeError as exc:
+        _fail(str(exc))
+    _slave = Slave(vols, _cfg["statedir"], _cfg["checkpoint"])
+
+
+def after_fork():
+    # Threads must start after nbdkit daemonizes, never in get_ready.
+    _slave.start(_cfg["control"])
+
+
+def cleanup():
+    if _slave is not None:
+        _slave.shutdown()
+
+
+def list_exports(readonly, is_tls):
+    return list(_slave.volumes)
+
+
+def default_export(readonly, is_tls):
+    return next(iter(_slave.volumes))
+
+
+def open(readonly):
+    name = nbdkit.export_name() or next(iter(_slave.volumes))
+    vol = _slave.volumes.get(name)
+    if vol is None:
+        nbdkit.set_error(errno.ENOENT)
+        _fail(f"no export named {name!r} (exports: {', '.join(_slave.volumes)})")
+    return vol
+
+
+def get_size(h):
+    return h.size
+
+
+def block_size(h):
+    return (1, 4096, 0xFFFFFFFF)
+
+
+def can_write(h):
+    return True
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return True
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return False
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_multi_conn(h):
+    # Every connection shares one fd per volume: a flush (fdatasync) on any
+    # connection makes every completed write durable.
+    return True
+
+
+def _io(fn, *args):
+    try:
+        fn(*args)
+    except OSError as exc:
+        nbdkit.set_error(exc.errno or errno.EIO)
+        raise
+
+
+def pread(h, buf, offset, flags):
+    _io(h.pread, buf, offset)
+
+
+def pwrite(h, buf, offset, flags):
+    _io(h.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+def flush(h, flags):
+    _io(h.flush)
+
+
+def trim(h, count, offset, flags):
+    _io(h.trim, count, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+def zero(h, count, offset, flags):
+    _io(h.zero, count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM),
+        bool(flags & nbdkit.FLAG_FUA))
