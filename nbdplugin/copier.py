@@ -34,7 +34,6 @@ def connect(uri: str, name: str) -> "nbd.NBD":
     try:
         h.connect_uri(uri)
     except nbd.Error as exc:
-        h.close()
         raise CopyError(f"cannot reach target {uri}: {exc.string}") from exc
     return h
 
@@ -136,4 +135,7 @@ class Copy:
             except nbd.Error as exc:
                 raise CopyError(f"target {self.uri} failed to flush: {exc.string}") from exc
         finally:
-            h.close()
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass  # the copy's outcome is already decided

@@ -1,7 +1,8 @@
 """Test-only failpoints: make the slave die at a named point.
 
-``CGMIRROR_FAILPOINTS=name[,name...]`` in the slave's environment kills the
-process with SIGKILL the first time execution reaches ``hit(name)``.  Used by
+``CGMIRROR_FAILPOINTS=name[@N][,name[@N]...]`` in the slave's environment
+kills the process with SIGKILL the N-th time (default: first) execution
+reaches ``hit(name)``.  Used by
 the crash tests to cut the durability orderings at every step.  Unset (the
 normal case) ``hit`` is one dict lookup.
 
@@ -14,10 +15,18 @@ not yet done), ``copy:mid`` (copy half done).
 
 import os
 import signal
+import threading
 
-_armed = frozenset(filter(None, os.environ.get("CGMIRROR_FAILPOINTS", "").split(",")))
+_armed: dict[str, int] = {}
+for _item in filter(None, os.environ.get("CGMIRROR_FAILPOINTS", "").split(",")):
+    _name, _, _nth = _item.partition("@")
+    _armed[_name] = int(_nth or 1)
+_lock = threading.Lock()
 
 
 def hit(name: str) -> None:
     if name in _armed:
-        os.kill(os.getpid(), signal.SIGKILL)
+        with _lock:
+            _armed[name] -= 1
+            if _armed[name] == 0:
+                os.kill(os.getpid(), signal.SIGKILL)

@@ -85,7 +85,12 @@ class SlaveProcess:
         return self.popen.wait(timeout=30)
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (clean shutdown: change maps checkpointed), then reap."""
+        """SIGTERM (clean shutdown: change maps checkpointed), then reap.
+
+        nbdkit 1.32 exits on SIGTERM only once its clients have disconnected;
+        past ``timeout`` the slave is killed, which is safe (recovery re-marks
+        the regions written since the last checkpoint) but over-marks.
+        """
         if self.popen.poll() is None:
             os.kill(self.pid, signal.SIGTERM)
             try:

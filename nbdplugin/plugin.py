@@ -11,9 +11,11 @@
 # of two, default 64K), region= (bytes per write-intent bit, default 4M),
 # checkpoint= (seconds between change-map checkpoints, default 2).
 import errno
+import faulthandler
 import logging
 import os
 import re
+import signal
 import sys
 
 import nbdkit
@@ -40,6 +42,8 @@ _volumes: dict[str, str] = {}
 _create: dict[str, int] = {}
 _slave: Slave | None = None
 
+# `kill -USR1 PID` dumps every Python thread's stack to the log.
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                     format="cgmirror[%(process)d] %(levelname)s %(name)s: %(message)s")
 

@@ -1,0 +1,145 @@
+"""The crash-safe change map, in-process (a "crash" = abandoning the object:
+everything it wrote has reached the kernel, as after kill -9)."""
+
+import os
+
+import pytest
+
+from nbdplugin.changemap import ChangeMap, ChangeMapError
+
+G = 64 * 1024
+R = 1 << 20          # 16 blocks per intent region
+SIZE = 8 << 20       # 128 blocks, 8 regions
+
+
+def blocks(cm):
+    return {b for s, n in cm.dirty().iter_runs() for b in range(s, s + n)}
+
+
+def touched(offset, length, unit=G):
+    return set(range(offset // unit, (offset + length - 1) // unit + 1))
+
+
+@pytest.fixture
+def new(tmp_path):
+    def make():
+        return ChangeMap(str(tmp_path), "v", SIZE, G, R)
+    return make
+
+
+def test_marks_exactly_the_blocks_touched(new):
+    """Unaligned writes mark every block they touch and no other."""
+    cm = new()
+    writes = [(3, 100), (G - 1, 2), (5 * G, G), (20 * G + 7, 3 * G), (SIZE - 1, 1)]
+    want = set()
+    for off, n in writes:
+        cm.mark(off, n)
+        want |= touched(off, n)
+    assert blocks(cm) == want
+    cm.close()
+
+
+def test_clean_close_and_reopen_keeps_exactly_the_marks(new):
+    """A clean shutdown loses nothing and over-marks nothing."""
+    cm = new()
+    cm.mark(10 * G, 5)
+    cm.mark(100 * G, 2 * G)
+    want = blocks(cm)
+    cm.close()
+    cm2 = new()
+    assert blocks(cm2) == want
+    assert cm2.recovered_blocks == len(want)
+    cm2.close()
+
+
+def test_crash_before_checkpoint_overmarks_only_touched_regions(new):
+    """After a crash, recovery covers every change and at most their regions."""
+    cm = new()
+    cm.mark(3 * G + 5, 10)            # region 0
+    cm.mark(70 * G, G)                # region 4
+    want = blocks(cm)
+    crashed = new()                   # the first object is abandoned un-closed
+    got = blocks(crashed)
+    assert want <= got
+    regions = {b // (R // G) for b in got}
+    assert regions == {0, 4}
+    crashed.close()
+
+
+def test_checkpoint_shrinks_the_intent_map(new):
+    """Once a checkpoint is durable, a crash recovers exactly the marks."""
+    cm = new()
+    cm.mark(3 * G, 10)
+    assert cm.checkpoint()
+    crashed = new()
+    assert blocks(crashed) == {3}
+    crashed.close()
+
+
+def test_writes_during_checkpoint_keep_their_region(new):
+    """A region written after the snapshot stays in the intent map."""
+    cm = new()
+    cm.mark(3 * G, 10)
+    cm.checkpoint()
+    cm.mark(50 * G, 10)               # after the checkpoint, not in the map
+    crashed = new()
+    assert {3, 50} <= blocks(crashed)
+    crashed.close()
+
+
+def test_cleared_bits_come_back_after_a_crash_not_lost(new):
+    """Clearing is in memory only until a checkpoint: a crash over-marks."""
+    cm = new()
+    cm.mark(0, 10)
+    cm.checkpoint()
+    cm.clear()
+    assert blocks(cm) == set()
+    crashed = new()
+    assert blocks(crashed) == {0}
+    crashed.close()
+
+
+def test_cut_confirm_and_uncut(new):
+    """cr moves into oos at a cut; confirmed blocks leave; the rest go back."""
+    cm = new()
+    cm.mark(0, 3 * G)
+    assert cm.cut() == 3
+    assert cm.counts() == (0, 3)
+    cm.mark(10 * G, 1)                # a write after the cut goes to cr
+    cm.confirm(0, 1)
+    cm.uncut()
+    assert blocks(cm) == {1, 2, 10}
+    cm.close()
+
+
+def test_oos_survives_a_crash(new):
+    """Blocks of a cut not yet confirmed are not lost by a crash."""
+    cm = new()
+    cm.mark(0, 2 * G)
+    cm.cut()
+    cm.checkpoint()
+    crashed = new()
+    assert blocks(crashed) == {0, 1}
+    crashed.close()
+
+
+def test_size_change_is_refused(tmp_path, new):
+    """A map made for another size is not silently reused."""
+    new().close()
+    with pytest.raises(ChangeMapError, match="size or granularity changed"):
+        ChangeMap(str(tmp_path), "v", SIZE * 2, G, R)
+
+
+def test_corrupt_map_is_refused(tmp_path, new):
+    """A damaged map is an error, never an empty bitmap."""
+    cm = new()
+    cm.mark(0, 1)
+    cm.close()
+    path = os.path.join(tmp_path, "v.map")
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)[0]
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last ^ 0xFF]))
+    with pytest.raises(ChangeMapError, match="checksum"):
+        new()
