@@ -168,6 +168,17 @@ int64_t bm_find_next_clear(const uint64_t *bm, uint64_t nbits, uint64_t start)
  * call resumes: the end of the last emitted piece.  That is either a clear
  * bit, nbits, or (after a split) the start of the rest of a long run, which
  * the next call then reports as a run of its own, as it should.
+ *
+ * Rejected, measured on a 2^28-bit map of random bits (Zen 3, 2.45 GHz):
+ * a branch-free variant that wrote every edge position into a stack buffer
+ * (popcount, then ctz four at a time, unconditionally) and paired them in a
+ * second pass.  It won at 1 % density (7.5 vs 10.5 ns per run: this loop
+ * mispredicts "does this word have edges?" on about half the words there)
+ * but lost at 0.1 % (35 vs 21 ns per run) and at 50 % (3.0 vs 2.2 ns per
+ * run), and real change maps are clustered, where these branches predict
+ * well.  Splitting starts and ends into two buffers did not change that.
+ * At 50 % the ~nbits/4 runs of 16 bytes each (32x the map's size) bound
+ * any scalar kernel far below memcpy speed anyway.
  */
 size_t bm_runs(const uint64_t *bm, uint64_t nbits, uint64_t start,
                uint64_t max_run_len, uint64_t *out_start, uint64_t *out_len,

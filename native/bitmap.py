@@ -256,16 +256,18 @@ class Bitmap:
             raise ValueError(f"max_runs must be >= 1, got {max_runs}")
         sc = self._scratch
         if sc is None or sc[0] < max_runs:
+            out_start = ffi.new("uint64_t[]", max_runs)
+            out_len = ffi.new("uint64_t[]", max_runs)
             sc = self._scratch = (
-                max_runs,
-                ffi.new("uint64_t[]", max_runs),
-                ffi.new("uint64_t[]", max_runs),
-                ffi.new("uint64_t *"),
+                max_runs, out_start, out_len, ffi.new("uint64_t *"),
+                # memoryview.tolist() makes the ints ~3x faster than ffi.unpack
+                memoryview(ffi.buffer(out_start)).cast("Q"),
+                memoryview(ffi.buffer(out_len)).cast("Q"),
             )
-        _, out_start, out_len, nextp = sc
+        _, out_start, out_len, nextp, mv_start, mv_len = sc
         n = lib.bm_runs(self._words, self._nbits, start, max_run,
                         out_start, out_len, max_runs, nextp)
-        return list(zip(ffi.unpack(out_start, n), ffi.unpack(out_len, n))), nextp[0]
+        return list(zip(mv_start[:n].tolist(), mv_len[:n].tolist())), nextp[0]
 
     def runs_into(self, out_start, out_len, start=0, max_run=UNLIMITED_RUN):
         """Write one batch of runs into caller arrays; return ``(n, next)``.
