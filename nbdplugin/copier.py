@@ -96,7 +96,7 @@ class Copy:
                     if h.poll(1000) == 0 and time.monotonic() - last_progress > self.timeout:
                         raise CopyError(f"target {self.uri} did not answer for"
                                         f" {self.timeout:.0f} s")
-                while (cookie := h.aio_peek_command_completed()) > 0:
+                while pending and (cookie := h.aio_peek_command_completed()) > 0:
                     start, nblocks, buf = pending.pop(cookie)
                     try:
                         h.aio_command_completed(cookie)

@@ -1,0 +1,139 @@
+"""Point-in-time preservation and the slave's copier, against a real nbdkit
+file target (the coordinator's tests drive the same through the CLI)."""
+
+import os
+import subprocess
+import time
+
+import nbd
+import pytest
+
+from conftest import need
+
+G = 64 * 1024
+MB = 1 << 20
+
+
+@pytest.fixture
+def target(run_dir):
+    """Factory: an `nbdkit file` target of a given size on a unix socket."""
+    need("nbdkit")
+    procs = []
+
+    def make(name, size):
+        img = os.path.join(run_dir, f"t-{name}.img")
+        with open(img, "wb") as f:
+            f.truncate(size)
+        sock = os.path.join(run_dir, f"t-{name}.sock")
+        p = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", img],
+                             stderr=subprocess.DEVNULL)
+        procs.append((p, sock))
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert time.monotonic() < deadline, "target did not start"
+            time.sleep(0.01)
+        return f"nbd+unix://?socket={sock}", img
+
+    try:
+        yield make
+    finally:
+        for p, sock in procs:
+            p.kill()
+            p.wait()
+            if os.path.exists(sock):
+                os.unlink(sock)
+
+
+def wait_copy(c, n, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        st = c.call("status")
+        if st["phase"] == "idle" and st["n"] == n:
+            return st
+        assert time.monotonic() < deadline, f"copy {n} did not end: {st}"
+        time.sleep(0.02)
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_copy_holds_the_pit_while_the_host_overwrites(slaves, target):
+    """Blocks overwritten after the cut reach the target with their cut content."""
+    size = 4 * MB
+    proc = slaves(volumes=[("a", size)])
+    h = nbd.NBD()
+    h.connect_uri(proc.spec.uri("a"))
+    pit = bytes(range(256)) * (size // 256)
+    h.pwrite(pit, 0)
+    uri, img = target("a", size)
+    with proc.control() as c:
+        c.call("freeze", n=1, lease_ms=5000)
+        c.call("thaw", n=1)
+        # Overwrite every other block before the copy starts: all are preserved.
+        for off in range(0, size, 2 * G):
+            h.pwrite(b"\xee" * (G - 100), off + 50)
+        assert c.call("status")["volumes"]["a"]["preserved_blocks"] == size // (2 * G)
+        r = c.call("copy", n=1, targets={"a": uri})
+        assert r["modes"] == {"a": "full"}
+        st = wait_copy(c, 1)
+        assert st["ended"] == "done" and st["last_copy"]["ok"]
+        assert read_file(img) == pit
+        # The preserve store is gone; the overwrites are the next cut's changes.
+        assert not os.path.exists(os.path.join(proc.spec.statedir, "a.preserve"))
+        live = h.pread(size, 0)
+        c.call("freeze", n=2, lease_ms=5000)
+        c.call("thaw", n=2)
+        r = c.call("copy", n=2, targets={"a": uri})
+        assert r["modes"] == {"a": "incremental"}
+        assert r["bytes"]["a"] == size // 2         # just the overwritten blocks
+        wait_copy(c, 2)
+        assert read_file(img) == live
+    h.shutdown()
+
+
+def test_copy_to_a_too_small_target_fails_and_loses_nothing(slaves, target):
+    """A target smaller than the volume fails the copy; the cut's changes stay marked."""
+    proc = slaves(volumes=[("a", 2 * MB)])
+    h = nbd.NBD()
+    h.connect_uri(proc.spec.uri("a"))
+    h.pwrite(b"x" * 10, 3 * G)
+    uri, _ = target("small", MB)
+    with proc.control() as c:
+        c.call("freeze", n=1, lease_ms=5000)
+        c.call("thaw", n=1)
+        c.call("copy", n=1, targets={"a": uri})
+        st = wait_copy(c, 1)
+        assert st["ended"] == "failed"
+        err = st["last_copy"]["volumes"]["a"]["error"]
+        assert "too small" in err and "1048576" in err
+        assert c.call("dirty", volume="a")["runs"] == [[3, 1]]
+        assert st["volumes"]["a"]["oos_blocks"] == 0
+    h.shutdown()
+
+
+def test_copy_to_an_unreachable_target_fails_clearly(slaves, run_dir):
+    """An NBD URI nobody serves is a one-line copy error."""
+    proc = slaves(volumes=[("a", MB)])
+    with proc.control() as c:
+        c.call("freeze", n=1, lease_ms=5000)
+        c.call("thaw", n=1)
+        sock = os.path.join(run_dir, "nobody.sock")
+        c.call("copy", n=1, targets={"a": f"nbd+unix://?socket={sock}"})
+        st = wait_copy(c, 1)
+        assert "cannot reach target" in st["last_copy"]["volumes"]["a"]["error"]
+
+
+def test_incremental_without_a_baseline_is_refused(slaves, target):
+    """Asking for an incremental copy to a target that never had a full one fails
+    before anything is sent."""
+    proc = slaves(volumes=[("a", MB)])
+    uri, _ = target("a", MB)
+    with proc.control() as c:
+        c.call("freeze", n=1, lease_ms=5000)
+        c.call("thaw", n=1)
+        with pytest.raises(Exception, match="no completed copy"):
+            c.call("copy", n=1, targets={"a": uri}, mode="incremental")
+        assert c.call("status")["phase"] == "cut"
+        c.call("abort", n=1)
