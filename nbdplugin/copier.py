@@ -57,6 +57,7 @@ class Copy:
         self.started = time.monotonic()
         self.finished: float | None = None
         self.cancelled = threading.Event()
+        self.thread: threading.Thread | None = None
 
     def progress(self) -> dict:
         end = self.finished or time.monotonic()

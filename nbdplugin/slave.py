@@ -203,6 +203,9 @@ class Slave:
             plans = {}
             for name in names:
                 vol, uri = self.volumes[name], targets[name]
+                if vol.pit.broken:
+                    raise ProtocolError(f"cut {n} cannot be copied: {vol.pit.broken};"
+                                        f" abort it and cut again", "broken")
                 synced = self.synced_target(name)
                 incremental = mode == "incremental" or (mode == "auto" and synced == uri)
                 if incremental and synced != uri:
@@ -216,15 +219,16 @@ class Slave:
                     blocks = Bitmap(vol.changes.nblocks)
                     blocks.set(0, vol.changes.nblocks)
                 plans[name] = (uri, blocks, incremental)
-            self.machine.step(Event.COPY, n)
-            self.copies = {}
             for name, (uri, blocks, incremental) in plans.items():
-                if not incremental:
+                if not incremental and self.synced_target(name) is not None:
                     # Bits cleared by this copy were changes relative to the
-                    # old target too: it is no longer a baseline.
+                    # old target too: it is no longer a baseline.  (Done before
+                    # any state changes: if it fails, nothing happened.)
                     self._set_synced(name, None)
-                self.copies[name] = Copy(self.volumes[name], uri, blocks,
-                                         inflight=inflight, timeout=timeout_ms / 1000)
+            self.machine.step(Event.COPY, n)
+            self.copies = {name: Copy(self.volumes[name], uri, blocks, inflight=inflight,
+                                      timeout=timeout_ms / 1000)
+                           for name, (uri, blocks, _) in plans.items()}
             for name, c in self.copies.items():
                 t = threading.Thread(target=self._run_copy, args=(c,),
                                      name=f"copy-{name}", daemon=True)
@@ -362,7 +366,7 @@ class Slave:
             for c in self.copies.values():
                 c.cancelled.set()
         for c in list(self.copies.values()):
-            if getattr(c, "thread", None):
+            if c.thread is not None:
                 c.thread.join(timeout=30)
         for vol in self.volumes.values():
             vol.gate.open()

@@ -9,6 +9,7 @@ import nbd
 import pytest
 
 from conftest import need
+from nbdplugin.control import ControlError
 
 G = 64 * 1024
 MB = 1 << 20
@@ -137,3 +138,52 @@ def test_incremental_without_a_baseline_is_refused(slaves, target):
             c.call("copy", n=1, targets={"a": uri}, mode="incremental")
         assert c.call("status")["phase"] == "cut"
         c.call("abort", n=1)
+
+
+@pytest.fixture
+def small_fs(run_dir):
+    """A 320 KiB tmpfs: room for the change maps and four preserved blocks."""
+    path = os.path.join(run_dir, "small")
+    os.mkdir(path)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", path],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = f"cannot mount a small tmpfs here: {r.stderr.strip()}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def test_full_state_disk_breaks_the_pit_not_the_host(slaves, target, small_fs):
+    """When the preserve store runs out of space, host writes still succeed, the
+    copy fails with a clear error, nothing is lost, and the next copy works."""
+    size = 2 * MB
+    spec = slaves(volumes=[("a", size)], start=False)
+    spec.statedir = small_fs
+    proc = slaves.restart(spec)
+    h = nbd.NBD()
+    h.connect_uri(spec.uri("a"))
+    h.pwrite(b"\x01" * size, 0)
+    uri, img = target("a", size)
+    with proc.control() as c:
+        c.call("freeze", n=1, lease_ms=5000)
+        c.call("thaw", n=1)
+        for b in range(16):                     # more than the store can hold
+            h.pwrite(b"\x02" * G, b * G)
+        assert h.pread(G, 15 * G) == b"\x02" * G
+        with pytest.raises(ControlError, match="No space left") as exc:
+            c.call("copy", n=1, targets={"a": uri})
+        assert exc.value.kind == "broken"
+        c.call("abort", n=1)
+        st = c.call("status")
+        assert st["volumes"]["a"]["dirty_blocks"] == size // G
+        c.call("freeze", n=2, lease_ms=5000)
+        c.call("thaw", n=2)
+        c.call("copy", n=2, targets={"a": uri})
+        assert wait_copy(c, 2)["ended"] == "done"
+        assert read_file(img) == h.pread(size, 0)
+    h.shutdown()
