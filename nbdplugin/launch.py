@@ -142,6 +142,7 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     _remove(spec.nbd_socket, spec.control, spec.pidfile)
     env = dict(os.environ, **spec.env)
     with open(spec.logfile, "ab") as log:
+        log_start = log.tell()
         popen = subprocess.Popen(spec.command(), stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=log, env=env, start_new_session=detach)
     proc = SlaveProcess(spec, popen)
@@ -149,7 +150,7 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     while True:
         if popen.poll() is not None:
             raise LaunchError(f"slave {spec.name} exited with status {popen.returncode}:"
-                              f" {_tail(spec.logfile)}")
+                              f" {_tail(spec.logfile, log_start)}")
         if os.path.exists(spec.pidfile) and os.path.exists(spec.control):
             try:
                 with ControlClient(spec.control, timeout=5) as c:
@@ -160,7 +161,7 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
         if time.monotonic() > deadline:
             proc.kill9()
             raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
-                              f" {_tail(spec.logfile)}")
+                              f" {_tail(spec.logfile, log_start)}")
         time.sleep(0.02)
 
 
@@ -181,10 +182,12 @@ def stop(spec: SlaveSpec, timeout: float = 30.0) -> bool:
     return True
 
 
-def _tail(path: str, lines: int = 5) -> str:
+def _tail(path: str, start: int = 0, lines: int = 5) -> str:
+    """The last lines this start of the slave wrote to its log."""
     try:
-        with open(path, errors="replace") as f:
-            text = f.read().strip().splitlines()[-lines:]
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace").strip().splitlines()[-lines:]
     except FileNotFoundError:
         return "(no log)"
     return " | ".join(text) or "(empty log)"
