@@ -1,0 +1,87 @@
+"""``cgmirror copy [--full|--incremental] [--json]``: one consistent copy.
+
+Holds the session lock, checks every slave (``group.preflight``), takes a
+cut number above the history's and every slave's, establishes the point in
+time on all slaves (``group.establish``), copies it (``group.copy``) and
+records the outcome in the history, whatever it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from . import group, output
+from .errors import CgmirrorError, ExitCode
+from .history import History
+from .link import SlaveLink
+from .lock import SessionLock
+
+
+def links(session, timeout: float | None = None) -> list[SlaveLink]:
+    """One link per slave of the session, naming the session's volumes."""
+    kw = {} if timeout is None else {"timeout": timeout}
+    return [SlaveLink(s.name, s.control, [v.name for v in s.volumes], **kw)
+            for s in session.slaves]
+
+
+def copy(ctx, mode: str) -> ExitCode:
+    s = ctx.session
+    with SessionLock(s.name, s.state_dir), History(s.state_dir) as hist:
+        hist.mark_interrupted()
+        lks = links(s)
+        try:
+            n = group.next_n(group.preflight(lks, warn=ctx.warn), hist.max_n())
+            doc = run(ctx, hist, lks, n, mode)
+        finally:
+            for lk in lks:
+                lk.close()
+    if ctx.json:
+        output.emit_json(doc, ctx.out)
+    else:
+        print_report(doc, ctx.out)
+    return ExitCode.OK
+
+
+def run(ctx, hist: History, lks: list[SlaveLink], n: int, mode: str) -> dict:
+    """Establish and copy cut n, recording it; return the copy document."""
+    s = ctx.session
+    doc = {"ok": False, "session": s.name, "n": n, "mode": mode, "result": "running",
+           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+               timespec="milliseconds").replace("+00:00", "Z"),
+           "establish": None, "copy": None}
+    hist.begin(n, s.name, mode)
+    est = None
+    bar = output.ProgressBar(f"copy {n}", ctx.err) if not ctx.json else None
+    try:
+        est = group.establish(lks, n, s.lease_ms, s.max_coordination_ms)
+        doc["establish"] = est.to_json()
+        report = group.copy(lks, n, s.targets(), mode, bar, timeout_ms=s.copy_timeout_ms)
+    except BaseException as exc:
+        result = "aborted" if est is None else "failed"
+        partial = getattr(exc, "report", None)
+        doc.update(result=result, copy=partial)
+        hist.finish(n, result, str(exc) or type(exc).__name__, est, partial)
+        if isinstance(exc, CgmirrorError):
+            exc.details = doc
+        raise
+    finally:
+        if bar:
+            bar.close()
+    doc.update(ok=True, result="ok", copy=report.to_json())
+    hist.finish(n, "ok", None, est, doc["copy"])
+    return doc
+
+
+def print_report(doc: dict, out) -> None:
+    est, cp = doc["establish"], doc["copy"]
+    print(f"cut {doc['n']}: established in {est['total_ms']:.1f} ms (all frozen after"
+          f" {est['coordination_ms']:.1f} ms, gates held at most"
+          f" {est['max_held_ms']:.1f} ms)", file=out)
+    rows = []
+    for slave, vols in cp["slaves"].items():
+        for vol, c in vols.items():
+            rows.append([slave, vol, c["mode"], output.size(c["bytes"]),
+                         f"{c['seconds']:.2f}", f"{c['mb_per_s']:.1f}", c["state"]])
+    output.table(rows, ["SLAVE", "VOLUME", "MODE", "COPIED", "SECONDS", "MB/S", "RESULT"],
+                 out)
+    print(f"copied {output.size(cp['bytes'])} in {cp['seconds']:.2f} s", file=out)

@@ -1,0 +1,502 @@
+"""Forming a point in time across slaves, and copying it: the reusable core.
+
+``cgmirror copy`` is ``preflight`` -> ``establish`` -> ``copy``; the
+consistency-group cycle reuses the same three.  Every function takes a list
+of ``link.SlaveLink`` (one per slave; build them with
+``SlaveLink(name, control_path, volumes)`` or ``SlaveLink.from_spec(spec)``)
+and raises only ``errors.CgmirrorError`` subclasses.
+
+Establish (DESIGN.md "The cycle", step 1).  One thread per slave sends
+FREEZE(n) at the same moment; the coordinator waits for every FROZEN until
+``max_coordination_ms`` has passed.  All frozen -> THAW(n) to all at once.
+Otherwise -> ABORT(n) to every slave, and ``EstablishAborted``.  Each slave's
+thread sends its thaw or abort only after its own freeze answered, on that
+same thread: an abort can therefore never overtake the freeze it undoes (an
+abort on a second connection could reach the slave first, be refused as "no
+such cut", and leave the late freeze holding the gates until the lease ran
+out).  A slave whose freeze is still pending when the decision is taken gets
+its abort the moment its freeze returns.  A slave that died answers nothing;
+the others are thawed by the abort within the coordination time, and the
+lease is the backstop if the coordinator dies too.
+
+Rejected: sending THAW to each slave as soon as it is frozen (a thawed write
+could depend on a write that is not yet in another slave's cut), and one
+connection to all slaves multiplexed with select (more code, and a hung
+slave's socket would still need its own timeout).
+
+Copy (DESIGN.md "Consistent copy").  COPY(n, targets) to each slave, then
+``status`` every ~150 ms until every slave is idle with ``last_copy.n == n``.
+A slave that stops answering fails the copy: the others are told ABORT(n), so
+what they did not confirm goes back into change recording, and
+``CopyFailed`` names the dead slave.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from .errors import (CgmirrorError, CopyFailed, EstablishAborted, SlaveBusy, SlaveError,
+                     SlaveUnreachable, UnknownVolume)
+from .link import SlaveLink
+
+POLL_S = 0.15
+# How long after the freeze was sent we still wait for aborts to be answered;
+# past it the lease thaws any slave we could not reach.
+ABORT_GRACE_S = 1.0
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _parallel(links: list[SlaveLink], fn: Callable[[SlaveLink], object],
+              timeout: float | None = None) -> dict[str, object]:
+    """Run ``fn(link)`` for every link at once; {name: result or the exception}.
+
+    A call still running after ``timeout`` is reported as a SlaveUnreachable.
+    """
+    out: dict[str, object] = {}
+
+    def run(link: SlaveLink) -> None:
+        try:
+            out[link.name] = fn(link)
+        except Exception as exc:   # reported to the caller, which decides
+            out[link.name] = exc
+
+    threads = [threading.Thread(target=run, args=(lk,), name=f"cg-{lk.name}", daemon=True)
+               for lk in links]
+    for t in threads:
+        t.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for t in threads:
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    for lk in links:
+        if lk.name not in out:
+            out[lk.name] = SlaveUnreachable(lk.name, f"slave {lk.name}: no answer"
+                                                     f" within {timeout:.1f} s")
+    return out
+
+
+def _check_links(links: list[SlaveLink]) -> None:
+    names = [lk.name for lk in links]
+    if not links or len(set(names)) != len(names):
+        raise ValueError(f"links must name each slave once: {names}")
+
+
+# ------------------------------------------------------------------ preflight
+
+def statuses(links: list[SlaveLink]) -> dict[str, dict | CgmirrorError]:
+    """Every slave's status reply (or the error reaching it), asked at once."""
+    _check_links(links)
+    return _parallel(links, lambda lk: lk.status(),
+                     timeout=max(lk.timeout for lk in links) + 1)
+
+
+def preflight(links: list[SlaveLink], abort_leftover: bool = True,
+              warn: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Check every slave before a cut; return {name: status}.
+
+    Raises ``SlaveUnreachable`` for a slave that does not answer,
+    ``UnknownVolume`` if a link names a volume its slave does not serve, and
+    ``SlaveBusy`` if a slave is in a cut and ``abort_leftover`` is false.  With
+    ``abort_leftover`` (the caller holds the session lock, so any cut in
+    progress was left by a coordinator that died), that cut is aborted and
+    ``warn`` is told.
+    """
+    replies = statuses(links)
+    for lk in links:
+        r = replies[lk.name]
+        if isinstance(r, Exception):
+            raise r
+        for v in lk.volumes or ():
+            if v not in r["volumes"]:
+                raise UnknownVolume(lk.name, v, f"slave {lk.name} has no volume {v!r}"
+                                    f" (it serves: {', '.join(r['volumes']) or 'none'});"
+                                    f" fix the session file or restart the slave")
+    for lk in links:
+        r = replies[lk.name]
+        if r["phase"] != "idle":
+            if not abort_leftover:
+                raise SlaveBusy(lk.name, f"slave {lk.name} is in cut {r['n']}"
+                                         f" ({r['phase']})")
+            if warn:
+                warn(f"slave {lk.name}: aborting cut {r['n']} ({r['phase']}) left by"
+                     f" a coordinator that stopped")
+            abort_one(lk, r["n"])
+            replies[lk.name] = lk.status()
+    return replies
+
+
+def next_n(replies: dict[str, dict], floor: int = 0) -> int:
+    """A cut number above ``floor`` and above every cut any slave has seen."""
+    return max([floor] + [r["n"] for r in replies.values()]) + 1
+
+
+# ------------------------------------------------------------------ establish
+
+@dataclass
+class SlaveTiming:
+    """One slave's part in an establish."""
+
+    frozen_ms: float          # coordinator: freeze sent -> FROZEN received
+    drain_ms: float           # slave: close gates, wait for writes inside
+    held_ms: float | None     # slave: how long its gates stayed closed
+    blocks: dict[str, int]    # blocks in the cut, per volume
+
+
+@dataclass
+class Established:
+    """Cut ``n`` holds on every slave (each is in phase "cut")."""
+
+    n: int
+    coordination_ms: float    # freeze sent to all -> the last FROZEN
+    total_ms: float           # freeze sent to all -> the last THAW answered
+    slaves: dict[str, SlaveTiming] = field(default_factory=dict)
+
+    @property
+    def max_held_ms(self) -> float:
+        return max((t.held_ms or 0.0) for t in self.slaves.values())
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"max_held_ms": self.max_held_ms}
+
+
+def abort_one(link: SlaveLink, n: int) -> str:
+    """ABORT(n) to one slave: "aborted", "not in cut" (it had not frozen n, or
+    n already ended there, e.g. by lease expiry), or "unreachable: ...".
+    Any other refusal is raised."""
+    try:
+        link.call("abort", n=n)
+        return "aborted"
+    except SlaveUnreachable as exc:
+        return f"unreachable: {exc}"
+    except SlaveError as exc:
+        if exc.kind in ("ended", "order"):
+            return "not in cut"
+        raise
+
+
+def abort_all(links: list[SlaveLink], n: int) -> dict[str, str]:
+    """ABORT(n) to every slave at once; {name: outcome} (see ``abort_one``)."""
+    res = _parallel(links, lambda lk: abort_one(lk, n),
+                    timeout=max(lk.timeout for lk in links) + 1)
+    return {k: (f"failed: {v}" if isinstance(v, Exception) else v) for k, v in res.items()}
+
+
+def establish(links: list[SlaveLink], n: int, lease_ms: int,
+              max_coordination_ms: int) -> Established:
+    """Establish point in time ``n`` on every slave, or abort it on all.
+
+    FREEZE(n, lease_ms) goes to all slaves at once (each link's ``volumes``,
+    or all of the slave's volumes if None).  If every slave answers FROZEN
+    within ``max_coordination_ms``, THAW(n) goes to all at once and the
+    timings are returned; every slave is then in phase "cut" with PiT n,
+    ready for ``copy``.  Otherwise ABORT(n) goes to every slave (each right
+    after its own freeze answered) and ``EstablishAborted`` is raised naming
+    the first slave that failed and why; its ``aborts`` says how each abort
+    ended.  A thaw that fails (the slave died, or its lease ran out) also
+    aborts n everywhere.  Returns within about ``max_coordination_ms`` plus a
+    round trip when all goes well; on failure within the coordination time
+    plus the aborts (at most ``lease_ms`` + 1 s for a hung slave).
+    """
+    _check_links(links)
+    if not 0 < max_coordination_ms < lease_ms:
+        raise ValueError("need 0 < max_coordination_ms < lease_ms")
+    cond = threading.Condition()
+    go, decided = threading.Event(), threading.Event()
+    frozen: dict[str, tuple[float, dict]] = {}
+    failures: list[tuple[str, str]] = []
+    outcome: dict[str, object] = {}      # name -> thaw reply (dict) or abort outcome (str)
+    decision: list[str] = []             # ["thaw"] or ["abort"], set once
+    t0 = 0.0
+
+    def worker(link: SlaveLink) -> None:
+        args = {"n": n, "lease_ms": lease_ms}
+        if link.volumes is not None:
+            args["volumes"] = link.volumes
+        go.wait()
+        try:
+            reply = link.call("freeze", **args)
+            with cond:
+                frozen[link.name] = (time.monotonic() - t0, reply)
+                cond.notify_all()
+        except Exception as exc:  # any failure of this slave aborts the cut
+            with cond:
+                failures.append((link.name, str(exc)))
+                cond.notify_all()
+        decided.wait()
+        try:
+            if decision[0] == "thaw":
+                result: object = link.call("thaw", n=n)
+            else:
+                result = abort_one(link, n)
+        except Exception as exc:
+            result = exc
+        with cond:
+            outcome[link.name] = result
+            cond.notify_all()
+
+    threads = [threading.Thread(target=worker, args=(lk,), name=f"establish-{lk.name}",
+                                daemon=True) for lk in links]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    go.set()
+    deadline = t0 + max_coordination_ms / 1000
+    with cond:
+        while len(frozen) < len(links) and not failures:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            cond.wait(left)
+        coordination = time.monotonic() - t0
+        if len(frozen) == len(links):
+            decision.append("thaw")
+        else:
+            decision.append("abort")
+            if failures:
+                culprit, reason = failures[0]
+                reason = f"freeze failed: {reason}"
+            else:
+                pending = [lk.name for lk in links if lk.name not in frozen]
+                culprit = pending[0]
+                reason = (f"not frozen within {max_coordination_ms} ms"
+                          + (f" (nor {', '.join(pending[1:])})" if pending[1:] else ""))
+    decided.set()
+
+    if decision[0] == "abort":
+        # Wait for every abort we can get; past the lease the slaves thaw anyway.
+        _wait_for(cond, outcome, len(links), t0 + lease_ms / 1000 + ABORT_GRACE_S)
+        aborts = {lk.name: _abort_text(outcome.get(lk.name)) for lk in links}
+        raise EstablishAborted(n, culprit, reason + _abort_problems(aborts, culprit), aborts)
+
+    _wait_for(cond, outcome, len(links),
+              time.monotonic() + max(lk.timeout for lk in links) + 1)
+    total = time.monotonic() - t0
+    bad = [(lk.name, outcome.get(lk.name)) for lk in links
+           if not isinstance(outcome.get(lk.name), dict)]
+    if bad:
+        name, why = bad[0]
+        why = why if why is not None else "no answer to thaw"
+        aborts = abort_all(links, n)
+        raise EstablishAborted(n, name, f"thaw failed: {why}"
+                               + _abort_problems(aborts, name), aborts)
+    timings = {}
+    for lk in links:
+        fms, fr = frozen[lk.name]
+        timings[lk.name] = SlaveTiming(frozen_ms=_ms(fms), drain_ms=fr.get("drain_ms", 0.0),
+                                       held_ms=outcome[lk.name].get("held_ms"),
+                                       blocks=fr.get("blocks", {}))
+    return Established(n=n, coordination_ms=_ms(coordination), total_ms=_ms(total),
+                       slaves=timings)
+
+
+def _wait_for(cond: threading.Condition, outcome: dict, count: int, until: float) -> None:
+    with cond:
+        while len(outcome) < count:
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            cond.wait(left)
+
+
+def _abort_text(result: object) -> str:
+    if result is None:
+        return "no answer (its lease will thaw it)"
+    if isinstance(result, Exception):
+        return f"failed: {result}"
+    return str(result)
+
+
+def _abort_problems(aborts: dict[str, str], culprit: str) -> str:
+    """A suffix naming slaves other than the culprit whose abort went wrong."""
+    bad = [f"{k}: {v}" for k, v in aborts.items()
+           if k != culprit and v not in ("aborted", "not in cut")]
+    return f"; abort did not reach {'; '.join(bad)}" if bad else ""
+
+
+# ------------------------------------------------------------------ copy
+
+@dataclass
+class VolumeCopy:
+    """How one volume's copy went (bytes are what the target confirmed)."""
+
+    target: str
+    mode: str                 # "full" or "incremental"
+    bytes: int                # confirmed at the target
+    total_bytes: int          # what the copy had to send
+    seconds: float
+    state: str                # "done", "failed", "running"
+    error: str | None = None
+
+    @property
+    def mb_per_s(self) -> float:
+        return round(self.bytes / 1e6 / self.seconds, 1) if self.seconds > 0 else 0.0
+
+
+@dataclass
+class CopyReport:
+    """The copy of cut ``n``: per slave, per volume."""
+
+    n: int
+    mode: str                 # what was asked: auto, full or incremental
+    seconds: float            # wall time, COPY sent -> every slave idle
+    slaves: dict[str, dict[str, VolumeCopy]] = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return sum(v.bytes for vols in self.slaves.values() for v in vols.values())
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.slaves) and all(v.state == "done" for vols in self.slaves.values()
+                                         for v in vols.values())
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "mode": self.mode, "ok": self.ok, "bytes": self.bytes,
+                "seconds": self.seconds,
+                "slaves": {s: {v: asdict(c) | {"mb_per_s": c.mb_per_s}
+                               for v, c in vols.items()}
+                           for s, vols in self.slaves.items()}}
+
+
+def _target_fault(error: str | None) -> bool:
+    # The copier's messages name the target when it is the target's fault.
+    return bool(error) and error.startswith(("target ", "cannot reach target "))
+
+
+def copy(links: list[SlaveLink], n: int, targets: dict[str, dict[str, str]],
+         mode: str = "auto", progress_cb: Callable[[dict], None] | None = None, *,
+         timeout_ms: int = 30000, inflight: int | None = None,
+         poll_s: float = POLL_S) -> CopyReport:
+    """Copy established PiT ``n`` of every slave to its targets; wait for the end.
+
+    ``targets``: {slave: {volume: NBD URI}}, one entry per link, naming every
+    volume of the cut.  ``mode``: "auto" (incremental where the slave's
+    volume was last copied completely to that same target, else full),
+    "full" or "incremental".  ``timeout_ms``: a target silent this long
+    fails its copy.  ``progress_cb(progress)`` is called after every poll
+    with ``{"n", "done_bytes", "total_bytes", "slaves": {slave: {volume:
+    {"done_bytes", "total_bytes", "state"}}}}``.
+
+    Returns a ``CopyReport`` when every volume is done.  Raises ``CopyFailed``
+    (with ``.report``) when any volume failed: fault "target" if only
+    targets failed, "unreachable" if a slave stopped answering (the others
+    are aborted first), "slave" otherwise.  On any exception (also
+    KeyboardInterrupt) in the middle, every slave is told ABORT(n) first.
+    """
+    _check_links(links)
+    missing = [lk.name for lk in links if lk.name not in targets]
+    if missing:
+        raise ValueError(f"no targets for slave {missing[0]}")
+    t0 = time.monotonic()
+    modes: dict[str, dict[str, str]] = {}
+    report = CopyReport(n=n, mode=mode, seconds=0.0)
+    try:
+        for lk in links:
+            args = {"n": n, "targets": targets[lk.name], "mode": mode,
+                    "timeout_ms": timeout_ms}
+            if inflight is not None:
+                args["inflight"] = inflight
+            try:
+                modes[lk.name] = lk.call("copy", **args)["modes"]
+            except CgmirrorError as exc:
+                abort_all(links, n)
+                fault = "unreachable" if isinstance(exc, SlaveUnreachable) else "slave"
+                raise CopyFailed(n, {lk.name: str(exc)}, fault) from exc
+        finals = _poll(links, n, targets, modes, progress_cb, poll_s)
+    except CopyFailed:
+        raise
+    except BaseException:
+        abort_all(links, n)
+        raise
+    report.seconds = round(time.monotonic() - t0, 3)
+    failures: dict[str, str] = {}
+    for lk in links:
+        last, err = finals[lk.name]
+        vols = {}
+        for v, uri in targets[lk.name].items():
+            p = (last or {}).get("volumes", {}).get(v) or {}
+            vc = VolumeCopy(target=uri, mode=modes[lk.name].get(v, "?"),
+                            bytes=p.get("done_bytes", 0), total_bytes=p.get("total_bytes", 0),
+                            seconds=p.get("seconds", 0.0), state=p.get("state", "failed"),
+                            error=p.get("error") or err)
+            if vc.state != "done":
+                failures[f"{lk.name}/{v}"] = vc.error or vc.state
+            vols[v] = vc
+        report.slaves[lk.name] = vols
+    if failures:
+        dead = [k for k, (_, e) in finals.items() if e and e.startswith("unreachable")]
+        if dead:
+            fault = "unreachable"
+            failures = {k: finals[k][1] for k in dead} | failures
+        elif all(_target_fault(e) for e in failures.values()):
+            fault = "target"
+        else:
+            fault = "slave"
+        raise CopyFailed(n, failures, fault, report.to_json())
+    return report
+
+
+def _poll(links, n, targets, modes, progress_cb, poll_s):
+    """Status every slave until each is idle after copy n; {name: (last_copy, error)}.
+
+    A slave that stops answering ends as (None, "unreachable: ...") after
+    every other slave still copying was told ABORT(n).
+    """
+    finals: dict[str, tuple[dict | None, str | None]] = {}
+    progress = {lk.name: {} for lk in links}
+    delay = 0.02          # small copies end fast: start polling quickly
+    while len(finals) < len(links):
+        time.sleep(delay)
+        delay = min(poll_s, delay * 2)
+        for lk in links:
+            if lk.name in finals:
+                continue
+            try:
+                st = _status_retry(lk)
+            except SlaveUnreachable as exc:
+                finals[lk.name] = (None, f"unreachable: {exc}")
+                others = [o for o in links if o.name not in finals]
+                if others:
+                    abort_all(others, n)
+                    for o in others:
+                        try:
+                            r = _status_retry(o)
+                            finals[o.name] = (r.get("last_copy"), None)
+                        except SlaveUnreachable as exc2:
+                            finals[o.name] = (None, f"unreachable: {exc2}")
+                break
+            last = st.get("last_copy")
+            if st["phase"] == "idle":
+                if last and last.get("n") == n:
+                    finals[lk.name] = (last, None)
+                else:
+                    finals[lk.name] = (None, f"cut {n} ended ({st.get('ended')})"
+                                             f" without finishing its copy")
+            elif st["n"] != n:
+                finals[lk.name] = (None, f"slave is in cut {st['n']}, not {n}")
+            for v in targets[lk.name]:
+                c = (last or {}).get("volumes", {}).get(v) if lk.name in finals \
+                    else st["volumes"].get(v, {}).get("copy")
+                if c:
+                    progress[lk.name][v] = {k: c.get(k) for k in
+                                            ("done_bytes", "total_bytes", "state")}
+        if progress_cb:
+            vols = [p for s in progress.values() for p in s.values()]
+            progress_cb({"n": n, "done_bytes": sum(p["done_bytes"] or 0 for p in vols),
+                         "total_bytes": sum(p["total_bytes"] or 0 for p in vols),
+                         "slaves": progress})
+    return finals
+
+
+def _status_retry(link: SlaveLink) -> dict:
+    """status, trying once more on a fresh connection before calling it dead."""
+    try:
+        return link.status()
+    except SlaveUnreachable:
+        time.sleep(0.05)
+        return link.status()

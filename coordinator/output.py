@@ -1,0 +1,68 @@
+"""Output for people (tables, a progress bar) and for machines (one JSON document)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import TextIO
+
+
+def size(n: int | float | None) -> str:
+    """Bytes for people: 1536 -> '1.5 KiB'."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def table(rows: list[list[object]], header: list[str], out: TextIO) -> None:
+    """Columns padded to the widest cell; the last column is not padded."""
+    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in r]
+                                          for r in rows]
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(len(header))]
+    for r in cells:
+        line = "  ".join(c.ljust(widths[i]) if i < len(r) - 1 else c
+                         for i, c in enumerate(r))
+        print(line.rstrip(), file=out)
+
+
+def emit_json(doc: dict, out: TextIO) -> None:
+    """Exactly one JSON document, then a newline."""
+    json.dump(doc, out, indent=2, sort_keys=False)
+    out.write("\n")
+    out.flush()
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; does nothing when not a terminal.
+
+    Use as ``progress_cb`` of ``group.copy``.
+    """
+
+    def __init__(self, label: str, out: TextIO | None = None, width: int = 30):
+        self.out = out if out is not None else sys.stderr
+        self.label = label
+        self.width = width
+        self.active = self.out.isatty()
+        self.t0 = time.monotonic()
+
+    def __call__(self, p: dict) -> None:
+        if not self.active:
+            return
+        done, total = p["done_bytes"], p["total_bytes"]
+        frac = done / total if total else 0.0
+        fill = int(frac * self.width)
+        rate = done / max(1e-6, time.monotonic() - self.t0)
+        self.out.write(f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}]"
+                       f" {frac * 100:5.1f}%  {size(done)} / {size(total)}"
+                       f"  {size(rate)}/s\x1b[K")
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self.out.write("\r\x1b[K")
+            self.out.flush()

@@ -1,0 +1,309 @@
+"""The session file: which slaves, which volumes, which targets.
+
+A session is one TOML file (``-s FILE`` or ``$CGMIRROR_SESSION``)::
+
+    [session]
+    name = "demo"
+    state_dir = "state"            # history.sqlite, coordinator.lock
+    max_coordination_ms = 1000     # freeze -> all frozen budget, else abort all
+    lease_ms = 5000                # a frozen slave thaws by itself after this
+    copy_timeout_ms = 30000        # a target silent this long fails the copy
+
+    [[slave]]
+    name = "s1"
+    state_dir = "run/s1"           # the slave's statedir
+    nbd_socket = "run/s1.sock"     # where it serves its volumes
+    control = "run/s1.ctl"         # its control socket
+    threads = 4                    # optional, nbdkit --threads
+    granularity = "64K"            # optional, bytes per change bit
+
+    [[slave.volume]]
+    name = "db"
+    path = "data/db.img"
+    size = "64M"                   # optional: create if missing, else check
+    target = "nbd+unix:///db?socket=remote/db.sock"
+
+Relative paths, including the ``socket=`` of a ``+unix`` target URI, are
+relative to the directory of the TOML file.  Every problem is refused with one
+line naming the file, the table and the key; nothing is defaulted silently
+except the optional keys above.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import urllib.parse
+from dataclasses import dataclass
+
+from nbdplugin.launch import SlaveSpec
+from nbdplugin.volume import parse_size
+
+from .errors import ConfigError, UsageError
+
+ENV = "CGMIRROR_SESSION"
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# sun_path is 108 bytes including the terminating NUL.
+_MAX_SOCKET = 107
+_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
+
+_SESSION_KEYS = {"name", "state_dir", "max_coordination_ms", "lease_ms", "copy_timeout_ms"}
+_SLAVE_KEYS = {"name", "state_dir", "nbd_socket", "control", "threads", "granularity",
+               "volume"}
+_VOLUME_KEYS = {"name", "path", "size", "target"}
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    name: str
+    path: str
+    size: int | None
+    target: str
+
+
+@dataclass(frozen=True)
+class SlaveConfig:
+    name: str
+    state_dir: str
+    nbd_socket: str
+    control: str
+    threads: int | None
+    granularity: int | None
+    volumes: tuple[VolumeConfig, ...]
+
+    def spec(self) -> SlaveSpec:
+        """How to run this slave (for nbdplugin.launch)."""
+        spec = SlaveSpec(name=self.name, statedir=self.state_dir,
+                         nbd_socket=self.nbd_socket, control=self.control,
+                         volumes=[(v.name, v.path, v.size) for v in self.volumes])
+        if self.threads is not None:
+            spec.threads = self.threads
+        if self.granularity is not None:
+            spec.granularity = self.granularity
+        return spec
+
+    def volume(self, name: str) -> VolumeConfig:
+        for v in self.volumes:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Session:
+    path: str
+    name: str
+    state_dir: str
+    max_coordination_ms: int
+    lease_ms: int
+    copy_timeout_ms: int
+    slaves: tuple[SlaveConfig, ...]
+
+    def slave(self, name: str) -> SlaveConfig:
+        for s in self.slaves:
+            if s.name == name:
+                return s
+        raise UsageError(f"session {self.name} has no slave {name!r}"
+                         f" (it has: {', '.join(s.name for s in self.slaves)})")
+
+    def select(self, names: list[str] | None) -> list[SlaveConfig]:
+        """The named slaves (all if none named), in session order."""
+        if not names:
+            return list(self.slaves)
+        for n in names:
+            self.slave(n)
+        return [s for s in self.slaves if s.name in names]
+
+    def specs(self) -> list[SlaveSpec]:
+        return [s.spec() for s in self.slaves]
+
+    def targets(self) -> dict[str, dict[str, str]]:
+        """{slave: {volume: target URI}} for every volume of the session."""
+        return {s.name: {v.name: v.target for v in s.volumes} for s in self.slaves}
+
+
+def locate(path: str | None) -> str:
+    """The session file to use: ``path``, else ``$CGMIRROR_SESSION``."""
+    path = path or os.environ.get(ENV)
+    if not path:
+        raise UsageError(f"no session file: give -s FILE or set {ENV}")
+    return path
+
+
+def load(path: str) -> Session:
+    """Read and validate a session file; raise ConfigError (one line) if bad."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such session file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return _Parser(path).session(data)
+
+
+class _Parser:
+    def __init__(self, path: str):
+        self.path = path
+        self.base = os.path.dirname(os.path.abspath(path))
+
+    def fail(self, where: str, key: str | None, problem: str):
+        at = f"{where}, key {key!r}" if key else where
+        raise ConfigError(f"{self.path}: {at}: {problem}")
+
+    def keys(self, where: str, table, allowed: set[str], required: tuple[str, ...]):
+        if not isinstance(table, dict):
+            self.fail(where, None, "must be a table")
+        for key in table:
+            if key not in allowed:
+                self.fail(where, key, f"unknown key (known: {', '.join(sorted(allowed))})")
+        for key in required:
+            if key not in table:
+                self.fail(where, key, "missing")
+
+    def name(self, where, table) -> str:
+        v = table["name"]
+        if not isinstance(v, str) or not _NAME.match(v):
+            self.fail(where, "name", f"must be 1-64 letters, digits, '_', '-', '.',"
+                                     f" not {v!r}")
+        return v
+
+    def string(self, where, table, key) -> str:
+        v = table[key]
+        if not isinstance(v, str) or not v:
+            self.fail(where, key, f"must be a non-empty string, not {v!r}")
+        return v
+
+    def path_(self, where, table, key, socket: bool = False) -> str:
+        p = os.path.normpath(os.path.join(self.base, self.string(where, table, key)))
+        if socket and len(p.encode()) > _MAX_SOCKET:
+            self.fail(where, key, f"socket path {p} is longer than {_MAX_SOCKET} bytes")
+        return p
+
+    def integer(self, where, table, key, default, lo, hi) -> int:
+        if key not in table:
+            return default
+        v = table[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            self.fail(where, key, f"must be an integer from {lo} to {hi}, not {v!r}")
+        return v
+
+    def size(self, where, table, key) -> int | None:
+        if key not in table:
+            return None
+        v = table[key]
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            self.fail(where, key, f"must be a size like 4096 or \"64M\", not {v!r}")
+        try:
+            size = parse_size(str(v))
+        except ValueError as exc:
+            self.fail(where, key, str(exc))
+        return size
+
+    def target(self, where, table) -> str:
+        uri = self.string(where, table, "target")
+        parts = urllib.parse.urlsplit(uri)
+        if parts.scheme not in _SCHEMES:
+            self.fail(where, "target", f"not an NBD URI: {uri!r} (schemes: "
+                                       f"{', '.join(_SCHEMES)})")
+        if not parts.scheme.endswith("+unix"):
+            return uri
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        socks = [v for k, v in query if k == "socket"]
+        if len(socks) != 1 or not socks[0]:
+            self.fail(where, "target", f"{uri!r} needs exactly one ?socket=PATH")
+        sock = os.path.normpath(os.path.join(self.base, socks[0]))
+        if len(sock.encode()) > _MAX_SOCKET:
+            self.fail(where, "target", f"socket path {sock} is longer than"
+                                       f" {_MAX_SOCKET} bytes")
+        query = [(k, sock if k == "socket" else v) for k, v in query]
+        # Not urlunsplit: it drops the empty authority ("nbd+unix:/db"), which
+        # libnbd refuses.
+        frag = f"#{parts.fragment}" if parts.fragment else ""
+        return (f"{parts.scheme}://{parts.netloc}{parts.path}?"
+                f"{urllib.parse.urlencode(query, safe='/:')}{frag}")
+
+    def session(self, data: dict) -> Session:
+        for key in data:
+            if key not in ("session", "slave"):
+                self.fail("top level", key, "unknown table (known: session, slave)")
+        if "session" not in data:
+            self.fail("top level", "session", "missing the [session] table")
+        t = data["session"]
+        w = "[session]"
+        self.keys(w, t, _SESSION_KEYS, ("name",))
+        name = self.name(w, t)
+        state_dir = (self.path_(w, t, "state_dir") if "state_dir" in t
+                     else os.path.join(self.base, "state"))
+        coord = self.integer(w, t, "max_coordination_ms", 1000, 1, 600_000)
+        lease = self.integer(w, t, "lease_ms", 5000, 1, 3_600_000)
+        copy_timeout = self.integer(w, t, "copy_timeout_ms", 30000, 1000, 3_600_000)
+        if lease <= coord:
+            self.fail(w, "lease_ms", f"must be larger than max_coordination_ms ({coord}),"
+                                     f" else slaves thaw by themselves before the thaw")
+        slaves = data.get("slave")
+        if not isinstance(slaves, list) or not slaves:
+            self.fail("top level", "slave", "needs at least one [[slave]] table")
+        parsed = tuple(self.slave(i, s) for i, s in enumerate(slaves, 1))
+        self.unique(parsed)
+        return Session(path=os.path.abspath(self.path), name=name, state_dir=state_dir,
+                       max_coordination_ms=coord, lease_ms=lease,
+                       copy_timeout_ms=copy_timeout, slaves=parsed)
+
+    def slave(self, i: int, t) -> SlaveConfig:
+        w = f"[[slave]] #{i}"
+        if isinstance(t, dict) and isinstance(t.get("name"), str):
+            w = f"[[slave]] {t['name']!r}"
+        self.keys(w, t, _SLAVE_KEYS, ("name", "state_dir", "nbd_socket", "control",
+                                      "volume"))
+        name = self.name(w, t)
+        threads = self.integer(w, t, "threads", None, 1, 64)
+        gran = self.size(w, t, "granularity")
+        if gran is not None and (gran & (gran - 1) or gran < 4096):
+            self.fail(w, "granularity", f"must be a power of two of at least 4096,"
+                                        f" not {t['granularity']!r}")
+        vols = t["volume"]
+        if not isinstance(vols, list) or not vols:
+            self.fail(w, "volume", "needs at least one [[slave.volume]] table")
+        volumes = tuple(self.volume(name, j, v) for j, v in enumerate(vols, 1))
+        seen = set()
+        for v in volumes:
+            if v.name in seen:
+                self.fail(f"[[slave.volume]] {name}/{v.name}", "name",
+                          f"slave {name} has two volumes named {v.name!r}")
+            seen.add(v.name)
+        return SlaveConfig(name=name, state_dir=self.path_(w, t, "state_dir"),
+                           nbd_socket=self.path_(w, t, "nbd_socket", socket=True),
+                           control=self.path_(w, t, "control", socket=True),
+                           threads=threads, granularity=gran, volumes=volumes)
+
+    def volume(self, slave: str, j: int, t) -> VolumeConfig:
+        w = f"[[slave.volume]] {slave}/#{j}"
+        if isinstance(t, dict) and isinstance(t.get("name"), str):
+            w = f"[[slave.volume]] {slave}/{t['name']}"
+        self.keys(w, t, _VOLUME_KEYS, ("name", "path", "target"))
+        return VolumeConfig(name=self.name(w, t), path=self.path_(w, t, "path"),
+                            size=self.size(w, t, "size"), target=self.target(w, t))
+
+    def unique(self, slaves: tuple[SlaveConfig, ...]) -> None:
+        """Two slaves may not share a name, a socket, a state dir or a volume file."""
+        owner: dict[tuple[str, str], str] = {}
+
+        def claim(kind: str, value: str, who: str, where: str, key: str) -> None:
+            other = owner.setdefault((kind, value), who)
+            if other != who:
+                self.fail(where, key, f"{value} is also used by {other}")
+
+        for s in slaves:
+            w = f"[[slave]] {s.name!r}"
+            claim("name", s.name, f"slave #{slaves.index(s) + 1}", w, "name")
+            claim("dir", s.state_dir, f"slave {s.name}", w, "state_dir")
+            claim("socket", s.nbd_socket, f"slave {s.name} nbd_socket", w, "nbd_socket")
+            claim("socket", s.control, f"slave {s.name} control", w, "control")
+            for v in s.volumes:
+                claim("path", v.path, f"volume {s.name}/{v.name}",
+                      f"[[slave.volume]] {s.name}/{v.name}", "path")

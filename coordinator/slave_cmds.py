@@ -1,0 +1,62 @@
+"""``cgmirror slave start|stop [NAME...]``: run the session's slaves.
+
+Slaves are started detached (their own session, so they outlive this
+command) through ``nbdplugin.launch``, which removes stale sockets, writes
+the pidfile and waits until the control socket answers.  ``LaunchError`` and
+psutil errors become ``SlaveError`` here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import psutil
+
+from nbdplugin import launch
+
+from .errors import ExitCode, SlaveError
+from .lock import SessionLock
+
+# Slaves this process started, by pid.  Kept so that a process that both
+# starts and stops slaves (tests, the demo) reaps its children and Python
+# never finds a running Popen it forgot.
+_started: dict[int, subprocess.Popen] = {}
+
+
+def start(ctx, names: list[str]) -> ExitCode:
+    s = ctx.session
+    with SessionLock(s.name, s.state_dir):
+        for cfg in s.select(names):
+            spec = cfg.spec()
+            pid = launch.running_pid(spec)
+            if pid:
+                ctx.say(f"{cfg.name}: already running (pid {pid})")
+                continue
+            try:
+                proc = launch.start(spec, detach=True)
+            except (launch.LaunchError, OSError) as exc:
+                raise SlaveError(cfg.name, f"cannot start slave {cfg.name}: {exc}",
+                                 "launch") from exc
+            _started[proc.pid] = proc.popen
+            ctx.say(f"{cfg.name}: started (pid {proc.pid}), serving"
+                    f" {', '.join(v.name for v in cfg.volumes)} on {cfg.nbd_socket}")
+    return ExitCode.OK
+
+
+def stop(ctx, names: list[str]) -> ExitCode:
+    s = ctx.session
+    with SessionLock(s.name, s.state_dir):
+        for cfg in s.select(names):
+            spec = cfg.spec()
+            pid = launch.running_pid(spec)
+            try:
+                stopped = launch.stop(spec)
+            except (psutil.Error, OSError) as exc:
+                raise SlaveError(cfg.name, f"cannot stop slave {cfg.name}: {exc}",
+                                 "launch") from exc
+            popen = _started.pop(pid, None) if pid else None
+            if popen is not None:
+                popen.wait(timeout=30)
+            ctx.say(f"{cfg.name}: stopped (pid {pid})" if stopped
+                    else f"{cfg.name}: was not running")
+    return ExitCode.OK

@@ -1,0 +1,116 @@
+"""``cgmirror status`` and ``cgmirror history``: read-only, no session lock.
+
+status asks every slave at once.  A slave that does not answer is a row
+saying so (and whether its process runs at all); a session volume the slave
+does not serve is a row saying so.  Exit UNREACHABLE if any slave did not
+answer, else CONFIG if any volume is missing, else OK.
+"""
+
+from __future__ import annotations
+
+from nbdplugin import launch
+
+from . import group, output
+from .copy_cmds import links
+from .errors import CgmirrorError, ExitCode
+from .history import History
+
+STATUS_TIMEOUT = 5.0
+
+
+def collect(session) -> dict:
+    """The status document (see ``status --json``)."""
+    replies = group.statuses(links(session, timeout=STATUS_TIMEOUT))
+    doc = {"ok": True, "session": session.name, "slaves": {}}
+    for cfg in session.slaves:
+        r = replies[cfg.name]
+        if isinstance(r, CgmirrorError):
+            pid = launch.running_pid(cfg.spec())
+            why = str(r) if pid else (f"slave {cfg.name} is not running (start it with:"
+                                      f" cgmirror slave start {cfg.name})")
+            doc["ok"] = False
+            doc["slaves"][cfg.name] = {"reachable": False, "error": why, "pid": pid,
+                                       "phase": None, "n": None, "ended": None,
+                                       "volumes": {}}
+            continue
+        vols = {}
+        for v in cfg.volumes:
+            st = r["volumes"].get(v.name)
+            if st is None:
+                doc["ok"] = False
+                vols[v.name] = {"present": False, "target": v.target,
+                                "error": f"slave {cfg.name} has no volume {v.name!r}"
+                                         f" (it serves: {', '.join(r['volumes'])})"}
+                continue
+            dirty = min(st["dirty_blocks"] * st["granularity"], st["size"])
+            vols[v.name] = {"present": True, "target": v.target,
+                            "synced": st["synced_target"] == v.target,
+                            "dirty_bytes": dirty, "error": None} | st
+        doc["slaves"][cfg.name] = {"reachable": True, "error": None, "pid": r["pid"],
+                                   "phase": r["phase"], "n": r["n"], "ended": r["ended"],
+                                   "last_copy_ok": (r["last_copy"] or {}).get("ok"),
+                                   "volumes": vols}
+    return doc
+
+
+def status(ctx) -> ExitCode:
+    doc = collect(ctx.session)
+    if ctx.json:
+        output.emit_json(doc, ctx.out)
+    else:
+        print_status(doc, ctx.out)
+    code = ExitCode.OK
+    for name, sl in doc["slaves"].items():
+        if not sl["reachable"]:
+            print(f"cgmirror: {sl['error']}", file=ctx.err)
+            code = ExitCode.UNREACHABLE
+        for v in sl["volumes"].values():
+            if not v["present"]:
+                print(f"cgmirror: {v['error']}", file=ctx.err)
+                code = code or ExitCode.CONFIG
+    return code
+
+
+def _copy_cell(c: dict | None) -> str:
+    if not c:
+        return "-"
+    text = f"{c['state']} {output.size(c['done_bytes'])}/{output.size(c['total_bytes'])}"
+    return text + (f" ({c['error']})" if c.get("error") else "")
+
+
+def print_status(doc: dict, out) -> None:
+    rows = []
+    for name, sl in doc["slaves"].items():
+        if not sl["reachable"]:
+            rows.append([name, "-", "UNREACHABLE", "", "", "", "", sl["error"]])
+            continue
+        phase = f"{sl['phase']} (cut {sl['n']})" if sl["n"] else sl["phase"]
+        for vname, v in sl["volumes"].items():
+            if not v["present"]:
+                rows.append([name, vname, phase, "", "", "", "", "MISSING: " + v["error"]])
+                continue
+            rows.append([name, vname, phase, v["gate"], output.size(v["size"]),
+                         f"{v['dirty_blocks']} ({output.size(v['dirty_bytes'])})",
+                         "yes" if v["synced"] else ("other" if v["synced_target"]
+                                                    else "no"),
+                         _copy_cell(v["copy"])])
+    output.table(rows, ["SLAVE", "VOLUME", "PHASE", "GATE", "SIZE", "DIRTY BLOCKS",
+                        "SYNCED", "LAST COPY"], out)
+
+
+def history(ctx, limit: int | None) -> ExitCode:
+    with History(ctx.session.state_dir) as hist:
+        copies = hist.copies(limit)
+    if ctx.json:
+        output.emit_json({"ok": True, "session": ctx.session.name, "copies": copies},
+                         ctx.out)
+        return ExitCode.OK
+    rows = [[c["n"], c["started"], c["mode"], c["result"],
+             "-" if c["establish_ms"] is None else f"{c['establish_ms']:.1f}",
+             "-" if c["max_held_ms"] is None else f"{c['max_held_ms']:.1f}",
+             output.size(c["bytes"]),
+             "-" if c["seconds"] is None else f"{c['seconds']:.2f}",
+             c["error"] or ""] for c in copies]
+    output.table(rows, ["N", "STARTED", "MODE", "RESULT", "ESTABLISH MS", "HELD MS",
+                        "COPIED", "SECONDS", "ERROR"], ctx.out)
+    return ExitCode.OK

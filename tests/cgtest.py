@@ -1,0 +1,169 @@
+"""Helpers for the coordinator tests: session files, nbdkit file targets, slaves.
+
+Every process started here is started with Popen and killed and reaped by
+PID in a ``finally``; sockets live under the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import nbd
+
+from coordinator import cli, session as session_mod
+from nbdplugin import launch
+
+MiB = 1 << 20
+
+
+def write_session(tmp_path: Path, layout: dict[str, dict[str, int]], *,
+                  name: str = "t", granularity: str = "64K", threads: int = 2,
+                  extra_session: str = "", **session_keys) -> Path:
+    """Write tmp_path/session.toml for ``layout`` = {slave: {volume: size}}.
+
+    Volume files are data/SLAVE-VOL.img (created by the slave at the size),
+    targets remote/SLAVE-VOL.img served on remote/SLAVE-VOL.sock.
+    """
+    keys = {"max_coordination_ms": 2000, "lease_ms": 10000, "copy_timeout_ms": 10000}
+    keys.update(session_keys)
+    lines = ["[session]", f'name = "{name}"', 'state_dir = "state"']
+    lines += [f"{k} = {v}" for k, v in keys.items()]
+    lines.append(extra_session)
+    for slave, vols in layout.items():
+        lines += ["", "[[slave]]", f'name = "{slave}"', f'state_dir = "run/{slave}"',
+                  f'nbd_socket = "run/{slave}.sock"', f'control = "run/{slave}.ctl"',
+                  f"threads = {threads}", f'granularity = "{granularity}"']
+        for vol, size in vols.items():
+            lines += ["", "[[slave.volume]]", f'name = "{vol}"',
+                      f'path = "data/{slave}-{vol}.img"', f"size = {size}",
+                      f'target = "nbd+unix:///{vol}?socket=remote/{slave}-{vol}.sock"']
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "remote").mkdir(exist_ok=True)
+    path = tmp_path / "session.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(session: Path, *args: str) -> int:
+    """cgmirror -s SESSION ARGS..., in process."""
+    return cli.main(["-s", str(session), *args])
+
+
+class Target:
+    """An ``nbdkit file`` server on a unix socket (a copy target)."""
+
+    def __init__(self, image: str, sock: str):
+        self.image, self.sock = image, sock
+        self.pidfile = sock + ".pid"
+        self.popen: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        for p in (self.sock, self.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        self.popen = subprocess.Popen(
+            ["nbdkit", "-f", "-U", self.sock, "--pidfile", self.pidfile, "file",
+             f"file={self.image}"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.pidfile):
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"nbdkit file target failed: "
+                                   f"{self.popen.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nbdkit file target on {self.sock} not ready")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            if self.popen.poll() is None:
+                os.kill(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=30)
+            self.popen.stderr.close()
+            self.popen = None
+        for p in (self.sock, self.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+
+@contextlib.contextmanager
+def targets(session_path: Path, sizes: dict[str, int] | None = None):
+    """Start one nbdkit file target per session volume; {"slave/vol": Target}.
+
+    Each target image is as large as the volume unless ``sizes`` says
+    otherwise for "slave/vol".
+    """
+    sess = session_mod.load(str(session_path))
+    out: dict[str, Target] = {}
+    try:
+        for s in sess.slaves:
+            for v in s.volumes:
+                key = f"{s.name}/{v.name}"
+                sock = v.target.split("socket=", 1)[1]
+                image = sock.removesuffix(".sock") + ".img"
+                with open(image, "wb") as f:
+                    f.truncate((sizes or {}).get(key, v.size))
+                t = out[key] = Target(image, sock)
+                t.start()
+        yield out
+    finally:
+        for t in out.values():
+            t.stop()
+
+
+@contextlib.contextmanager
+def slaves(session_path: Path):
+    """``cgmirror slave start``; ``slave stop`` (and a kill by PID) in finally."""
+    sess = session_mod.load(str(session_path))
+    try:
+        assert run(session_path, "slave", "start") == 0
+        yield sess
+    finally:
+        run(session_path, "slave", "stop")
+        for spec in sess.specs():
+            pid = launch.running_pid(spec)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+
+
+def close(h: "nbd.NBD") -> None:
+    """Disconnect (libnbd 1.14's python binding has no close(); del frees it)."""
+    with contextlib.suppress(nbd.Error):
+        h.shutdown()
+
+
+def nbd_handle(uri: str) -> "nbd.NBD":
+    h = nbd.NBD()
+    h.set_handle_name("cgtest")
+    h.connect_uri(uri)
+    return h
+
+
+def write(uri: str, offset: int, data: bytes) -> None:
+    h = nbd_handle(uri)
+    try:
+        h.pwrite(data, offset)
+        h.flush()
+    finally:
+        close(h)
+
+
+def read_all(uri: str) -> bytes:
+    h = nbd_handle(uri)
+    try:
+        size = h.get_size()
+        return b"".join(h.pread(min(4 * MiB, size - off), off)
+                        for off in range(0, size, 4 * MiB))
+    finally:
+        close(h)
