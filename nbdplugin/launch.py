@@ -187,7 +187,10 @@ def _tail(path: str, start: int = 0, lines: int = 5) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(start)
-            text = f.read().decode(errors="replace").strip().splitlines()[-lines:]
+            text = f.read().decode(errors="replace").strip().splitlines()
     except FileNotFoundError:
         return "(no log)"
-    return " | ".join(text) or "(empty log)"
+    ours = [line for line in text if line.startswith("cgmirror: error: ")]
+    if ours:
+        return ours[-1].removeprefix("cgmirror: error: ")
+    return " | ".join(text[-lines:]) or "(empty log)"

@@ -30,6 +30,7 @@ for _p in (_VENV_SITE, _ROOT):
     if os.path.isdir(_p) and _p not in sys.path:
         sys.path.insert(0, _p)
 
+from nbdplugin.changemap import ChangeMapError  # noqa: E402
 from nbdplugin.slave import Slave  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError, parse_size  # noqa: E402
 
@@ -49,7 +50,10 @@ logging.basicConfig(stream=sys.stderr, level=logging.INFO,
 
 
 def _fail(msg):
-    raise RuntimeError(msg)
+    # nbdkit prints a traceback for any exception; the first line a person
+    # sees, and the one `cgmirror slave start` reports, is this one.
+    print(f"cgmirror: error: {msg}", file=sys.stderr, flush=True)
+    raise RuntimeError(msg) from None
 
 
 def _split(key, value):
@@ -61,6 +65,13 @@ def _split(key, value):
 
 
 def config(key, value):
+    try:
+        _config(key, value)
+    except ValueError as exc:
+        _fail(f"{key}={value!r}: {exc}")
+
+
+def _config(key, value):
     if key in ("statedir", "control"):
         _cfg[key] = os.path.abspath(value)
     elif key == "volume":
@@ -112,7 +123,7 @@ def get_ready():
         for name, path in _volumes.items():
             vols[name] = Volume(name, path, _cfg["statedir"], _cfg["granularity"],
                                 _cfg["region"], _create.get(name))
-    except VolumeError as exc:
+    except (VolumeError, ChangeMapError) as exc:
         _fail(str(exc))
     _slave = Slave(vols, _cfg["statedir"], _cfg["checkpoint"])
 
