@@ -58,14 +58,15 @@ class Slave:
         except FileNotFoundError:
             return {}
 
-    def _save_meta(self, **updates) -> None:
+    def _save_meta(self, sync: bool = True, **updates) -> None:
         meta = self._load_meta()
         meta.update(updates)
         tmp = self._meta_path() + ".tmp"
         with open(tmp, "w") as f:
             json.dump(meta, f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.rename(tmp, self._meta_path())
 
     def synced_target(self, name: str) -> str | None:
@@ -123,25 +124,33 @@ class Slave:
         with self.lock:
             names = self._names(volumes)
             self.machine.check(Event.FREEZE, n)
+            # A freeze uses up its number even if it fails.  Written before the
+            # gates close, and without fsync, to keep it out of the hold time:
+            # a power cut may forget it, and then the coordinator's history
+            # (which never reuses a number) still holds it.
+            self._save_meta(sync=False, last_n=n)
+            vols = [self.volumes[name] for name in names]
             t0 = time.monotonic()
-            closed: list[str] = []
-            # Close every gate first, then wait: the waits overlap.
             budget = min(lease_ms / 1000.0, 30.0)
-            for name in names:
-                self.volumes[name].gate.close(0)
-                closed.append(name)
-            for name in names:
-                left = budget - (time.monotonic() - t0)
-                if not self.volumes[name].gate.close(max(0.0, left)):
-                    for c in closed:
-                        self.volumes[c].gate.open()
-                    raise ProtocolError(
-                        f"cannot freeze cut {n}: writes to {name} did not finish"
-                        f" within {budget * 1000:.0f} ms", "timeout")
-            drain_ms = (time.monotonic() - t0) * 1000
-            blocks = {name: self.volumes[name].start_pit(n) for name in names}
+            try:
+                # Close every gate first, then wait: the waits overlap.
+                for vol in vols:
+                    vol.gate.close(0)
+                for vol in vols:
+                    left = budget - (time.monotonic() - t0)
+                    if not vol.gate.close(max(0.0, left)):
+                        raise ProtocolError(
+                            f"cannot freeze cut {n}: writes to {vol.name} did not"
+                            f" finish within {budget * 1000:.0f} ms", "timeout")
+                drain_ms = (time.monotonic() - t0) * 1000
+                blocks = {vol.name: vol.start_pit(n) for vol in vols}
+            except BaseException:
+                for vol in vols:
+                    if vol.pit is not None:
+                        vol.end_pit(confirmed_all=False)
+                    vol.gate.open()
+                raise
             self.machine.step(Event.FREEZE, n)
-            self._save_meta(last_n=n)
             self.cut_volumes = names
             self.frozen_at = t0
             self.lease_deadline = t0 + lease_ms / 1000.0
