@@ -40,7 +40,7 @@ from typing import Callable
 
 from .errors import (CgmirrorError, CopyFailed, EstablishAborted, SlaveBusy, SlaveError,
                      SlaveUnreachable, UnknownVolume)
-from .link import SlaveLink
+from .link import Channel, SlaveLink
 
 POLL_S = 0.15
 # How long after the freeze was sent we still wait for aborts to be answered;
@@ -164,7 +164,7 @@ class Established:
         return asdict(self) | {"max_held_ms": self.max_held_ms}
 
 
-def abort_one(link: SlaveLink, n: int) -> str:
+def abort_one(link: SlaveLink | Channel, n: int) -> str:
     """ABORT(n) to one slave: "aborted", "not in cut" (it had not frozen n, or
     n already ended there, e.g. by lease expiry), or "unreachable: ...".
     Any other refusal is raised."""
@@ -217,24 +217,27 @@ def establish(links: list[SlaveLink], n: int, lease_ms: int,
         args = {"n": n, "lease_ms": lease_ms}
         if link.volumes is not None:
             args["volumes"] = link.volumes
-        go.wait()
-        try:
-            reply = link.call("freeze", **args)
-            with cond:
-                frozen[link.name] = (time.monotonic() - t0, reply)
-                cond.notify_all()
-        except Exception as exc:  # any failure of this slave aborts the cut
-            with cond:
-                failures.append((link.name, str(exc)))
-                cond.notify_all()
-        decided.wait()
-        try:
-            if decision[0] == "thaw":
-                result: object = link.call("thaw", n=n)
-            else:
-                result = abort_one(link, n)
-        except Exception as exc:
-            result = exc
+        # A connection of the worker's own: if the slave hangs, only this
+        # daemon thread waits on it, never the link's shared connection.
+        with link.channel() as ch:
+            go.wait()
+            try:
+                reply = ch.call("freeze", **args)
+                with cond:
+                    frozen[link.name] = (time.monotonic() - t0, reply)
+                    cond.notify_all()
+            except Exception as exc:  # any failure of this slave aborts the cut
+                with cond:
+                    failures.append((link.name, str(exc)))
+                    cond.notify_all()
+            decided.wait()
+            try:
+                if decision[0] == "thaw":
+                    result: object = ch.call("thaw", n=n)
+                else:
+                    result = abort_one(ch, n)
+            except Exception as exc:
+                result = exc
         with cond:
             outcome[link.name] = result
             cond.notify_all()

@@ -45,21 +45,15 @@ class SlaveLink:
         """Send one request and return the reply; raise a SlaveError if refused."""
         if self._lock.acquire(blocking=False):
             try:
-                return self._call(self._client, op, args)
+                return _call(self.name, self._client, op, args)
             finally:
                 self._lock.release()
-        with ControlClient(self.control, self.timeout) as client:
-            return self._call(client, op, args)
+        with self.channel() as ch:
+            return ch.call(op, **args)
 
-    def _call(self, client: ControlClient, op: str, args: dict) -> dict:
-        try:
-            return client.call(op, **args)
-        except ControlError as exc:
-            raise translate(self.name, exc) from exc
-        except ValueError as exc:   # a reply that is not JSON
-            client.close()
-            raise SlaveError(self.name, f"slave {self.name} sent a bad reply to {op}:"
-                                        f" {exc}") from exc
+    def channel(self) -> "Channel":
+        """A connection of its own (close it), for a thread that may block on it."""
+        return Channel(self.name, ControlClient(self.control, self.timeout))
 
     def status(self) -> dict:
         return self.call("status")
@@ -68,8 +62,43 @@ class SlaveLink:
         with self._lock:
             self._client.close()
 
+    def __enter__(self) -> "SlaveLink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return f"SlaveLink({self.name!r}, {self.control!r})"
+
+
+class Channel:
+    """One dedicated connection to a slave; requests answered in order."""
+
+    def __init__(self, name: str, client: ControlClient):
+        self.name, self._client = name, client
+
+    def call(self, op: str, **args) -> dict:
+        return _call(self.name, self._client, op, args)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "Channel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _call(name: str, client: ControlClient, op: str, args: dict) -> dict:
+    try:
+        return client.call(op, **args)
+    except ControlError as exc:
+        raise translate(name, exc) from exc
+    except ValueError as exc:   # a reply that is not JSON
+        client.close()
+        raise SlaveError(name, f"slave {name} sent a bad reply to {op}: {exc}") from exc
 
 
 def translate(slave: str, exc: ControlError) -> CgmirrorError:

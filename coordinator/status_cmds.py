@@ -20,7 +20,12 @@ STATUS_TIMEOUT = 5.0
 
 def collect(session) -> dict:
     """The status document (see ``status --json``)."""
-    replies = group.statuses(links(session, timeout=STATUS_TIMEOUT))
+    lks = links(session, timeout=STATUS_TIMEOUT)
+    try:
+        replies = group.statuses(lks)
+    finally:
+        for lk in lks:
+            lk.close()
     doc = {"ok": True, "session": session.name, "slaves": {}}
     for cfg in session.slaves:
         r = replies[cfg.name]

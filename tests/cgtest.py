@@ -21,7 +21,7 @@ from nbdplugin import launch
 MiB = 1 << 20
 
 
-def write_session(tmp_path: Path, layout: dict[str, dict[str, int]], *,
+def write_session(tmp_path: Path | str, layout: dict[str, dict[str, int]], *,
                   name: str = "t", granularity: str = "64K", threads: int = 2,
                   extra_session: str = "", **session_keys) -> Path:
     """Write tmp_path/session.toml for ``layout`` = {slave: {volume: size}}.
@@ -29,6 +29,7 @@ def write_session(tmp_path: Path, layout: dict[str, dict[str, int]], *,
     Volume files are data/SLAVE-VOL.img (created by the slave at the size),
     targets remote/SLAVE-VOL.img served on remote/SLAVE-VOL.sock.
     """
+    tmp_path = Path(tmp_path)
     keys = {"max_coordination_ms": 2000, "lease_ms": 10000, "copy_timeout_ms": 10000}
     keys.update(session_keys)
     lines = ["[session]", f'name = "{name}"', 'state_dir = "state"']
@@ -57,8 +58,10 @@ def run(session: Path, *args: str) -> int:
 class Target:
     """An ``nbdkit file`` server on a unix socket (a copy target)."""
 
-    def __init__(self, image: str, sock: str):
+    def __init__(self, image: str, sock: str, filters: tuple[str, ...] = (),
+                 args: tuple[str, ...] = ()):
         self.image, self.sock = image, sock
+        self.filters, self.args = filters, args
         self.pidfile = sock + ".pid"
         self.popen: subprocess.Popen | None = None
 
@@ -71,8 +74,9 @@ class Target:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         self.popen = subprocess.Popen(
-            ["nbdkit", "-f", "-U", self.sock, "--pidfile", self.pidfile, "file",
-             f"file={self.image}"], stdin=subprocess.DEVNULL,
+            ["nbdkit", "-f", "-U", self.sock, "--pidfile", self.pidfile]
+            + [f"--filter={f}" for f in self.filters]
+            + ["file", f"file={self.image}", *self.args], stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.pidfile):

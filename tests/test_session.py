@@ -1,0 +1,202 @@
+"""Session file parsing: a good file, then each kind of bad input (one line
+naming the file, the table and the key)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+
+from coordinator import cli, session
+from coordinator.errors import ConfigError, ExitCode, UsageError
+
+GOOD = """
+[session]
+name = "demo"
+state_dir = "state"
+max_coordination_ms = 500
+lease_ms = 4000
+copy_timeout_ms = 20000
+
+[[slave]]
+name = "s1"
+state_dir = "run/s1"
+nbd_socket = "run/s1.sock"
+control = "run/s1.ctl"
+threads = 2
+granularity = "128K"
+
+[[slave.volume]]
+name = "db"
+path = "data/db.img"
+size = "64M"
+target = "nbd+unix:///db?socket=remote/db.sock"
+
+[[slave.volume]]
+name = "log"
+path = "/abs/log.img"
+target = "nbd://backup.example:10809/log"
+
+[[slave]]
+name = "s2"
+state_dir = "run/s2"
+nbd_socket = "run/s2.sock"
+control = "run/s2.ctl"
+
+[[slave.volume]]
+name = "db"
+path = "data/s2-db.img"
+size = 1048576
+target = "nbd+unix:///?socket=/srv/remote/s2.sock"
+"""
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "demo.toml"
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def test_good_file(tmp_path):
+    """Every key is read; relative paths and target sockets resolve against the file."""
+    s = session.load(write(tmp_path, GOOD))
+    base = str(tmp_path)
+    assert (s.name, s.max_coordination_ms, s.lease_ms, s.copy_timeout_ms) == \
+        ("demo", 500, 4000, 20000)
+    assert s.state_dir == os.path.join(base, "state")
+    s1, s2 = s.slaves
+    assert s1.control == os.path.join(base, "run/s1.ctl")
+    assert (s1.threads, s1.granularity, s2.threads, s2.granularity) == (2, 128 << 10,
+                                                                        None, None)
+    db, log = s1.volumes
+    assert db.size == 64 << 20 and log.size is None and log.path == "/abs/log.img"
+    assert db.target == f"nbd+unix:///db?socket={base}/remote/db.sock"
+    assert log.target == "nbd://backup.example:10809/log"
+    assert s2.volumes[0].target == "nbd+unix:///?socket=/srv/remote/s2.sock"
+    assert s.targets()["s1"] == {"db": db.target, "log": log.target}
+
+
+def test_specs_for_launch(tmp_path):
+    """SlaveSpecs carry the volumes, sizes and the optional keys (or launch's defaults)."""
+    s1, s2 = session.load(write(tmp_path, GOOD)).specs()
+    assert s1.volumes == [("db", str(tmp_path / "data/db.img"), 64 << 20),
+                          ("log", "/abs/log.img", None)]
+    assert (s1.threads, s1.granularity) == (2, 128 << 10)
+    assert s1.statedir == str(tmp_path / "run/s1")
+    assert s2.granularity == 64 << 10       # launch's default
+
+
+def test_defaults(tmp_path):
+    """Optional [session] keys get their documented defaults."""
+    s = session.load(write(tmp_path, """
+        [session]
+        name = "x"
+        [[slave]]
+        name = "a"
+        state_dir = "a"
+        nbd_socket = "a.sock"
+        control = "a.ctl"
+        [[slave.volume]]
+        name = "v"
+        path = "v.img"
+        target = "nbd+unix:///?socket=t.sock"
+        """))
+    assert (s.max_coordination_ms, s.lease_ms, s.copy_timeout_ms) == (1000, 5000, 30000)
+    assert s.state_dir == str(tmp_path / "state")
+
+
+# (what to change in GOOD, words the one-line error must contain)
+BAD = [
+    (("[session]", "[session\n"), ["not valid TOML"]),
+    (('name = "demo"', 'name = "demo"\nnmae = "x"'), ["[session]", "'nmae'", "unknown key"]),
+    (("[session]", "[sesion]\nname='x'\n[session]"), ["top level", "'sesion'", "unknown table"]),
+    (('name = "demo"', 'name = "de mo"'), ["[session]", "'name'"]),
+    (("max_coordination_ms = 500", 'max_coordination_ms = "500"'),
+     ["[session]", "'max_coordination_ms'", "integer"]),
+    (("max_coordination_ms = 500", "max_coordination_ms = true"),
+     ["'max_coordination_ms'", "integer"]),
+    (("lease_ms = 4000", "lease_ms = 400"), ["[session]", "'lease_ms'", "larger than"]),
+    (("lease_ms = 4000", "lease_ms = 0"), ["'lease_ms'", "from 1"]),
+    (("threads = 2", "threads = 2\ncolour = 1"), ["[[slave]] 's1'", "'colour'"]),
+    (("threads = 2", "threads = 0"), ["[[slave]] 's1'", "'threads'"]),
+    (('granularity = "128K"', 'granularity = "100K"'), ["'granularity'", "power of two"]),
+    (('granularity = "128K"', 'granularity = "lots"'), ["'granularity'", "not a size"]),
+    (('size = "64M"', 'size = "64Q"'), ["[[slave.volume]] s1/db", "'size'", "not a size"]),
+    (('size = "64M"', 'size = -1'), ["s1/db", "'size'"]),
+    (('size = "64M"', 'size = "64M"\nmode = "fast"'), ["s1/db", "'mode'", "unknown key"]),
+    (('target = "nbd+unix:///db?socket=remote/db.sock"', ""),
+     ["s1/db", "'target'", "missing"]),
+    (('target = "nbd+unix:///db?socket=remote/db.sock"', 'target = "http://x/db"'),
+     ["s1/db", "'target'", "not an NBD URI"]),
+    (('target = "nbd+unix:///db?socket=remote/db.sock"', 'target = "nbd+unix:///db"'),
+     ["s1/db", "'target'", "socket="]),
+    (('target = "nbd+unix:///db?socket=remote/db.sock"',
+      'target = "nbd+unix:///db?socket=' + "x" * 120 + '"'), ["'target'", "longer than"]),
+    (('control = "run/s1.ctl"', 'control = "run/' + "c" * 120 + '"'),
+     ["[[slave]] 's1'", "'control'", "longer than"]),
+    (('name = "s2"', 'name = "s1"'), ["'name'", "s1 is also used"]),
+    (('name = "log"', 'name = "db"'), ["s1/db", "'name'", "two volumes named"]),
+    (('control = "run/s2.ctl"', 'control = "run/s1.ctl"'), ["[[slave]] 's2'", "'control'"]),
+    (('nbd_socket = "run/s2.sock"', 'nbd_socket = "run/s1.ctl"'), ["'nbd_socket'"]),
+    (('state_dir = "run/s2"', 'state_dir = "run/s1"'), ["[[slave]] 's2'", "'state_dir'"]),
+    (('path = "data/s2-db.img"', 'path = "data/db.img"'), ["s2/db", "'path'", "also used"]),
+    (('nbd_socket = "run/s2.sock"', ""), ["[[slave]] 's2'", "'nbd_socket'", "missing"]),
+]
+
+
+@pytest.mark.parametrize("change,words", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_input_is_one_line_naming_file_table_key(tmp_path, change, words):
+    """Each kind of bad input is refused with one line naming where it is."""
+    old, new = change
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as ei:
+        session.load(path)
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(path + ": ")
+    for w in words:
+        assert w in msg, msg
+
+
+def test_no_slaves_and_no_volumes(tmp_path):
+    """A session needs a slave, a slave needs a volume."""
+    head = '[session]\nname = "x"\n'
+    with pytest.raises(ConfigError, match=r"top level, key 'slave': needs at least one"):
+        session.load(write(tmp_path, head))
+    with pytest.raises(ConfigError, match=r"\[\[slave\]\] 'a', key 'volume': missing"):
+        session.load(write(tmp_path, head + '[[slave]]\nname = "a"\nstate_dir = "a"\n'
+                                            'nbd_socket = "a.s"\ncontrol = "a.c"\n'))
+
+
+def test_missing_file(tmp_path):
+    """A session file that does not exist is a config error, not a traceback."""
+    with pytest.raises(ConfigError, match="no such session file"):
+        session.load(str(tmp_path / "nope.toml"))
+
+
+def test_locate_from_env(monkeypatch):
+    """-s wins, then $CGMIRROR_SESSION, else a usage error."""
+    monkeypatch.setenv(session.ENV, "/from/env.toml")
+    assert session.locate(None) == "/from/env.toml"
+    assert session.locate("given.toml") == "given.toml"
+    monkeypatch.delenv(session.ENV)
+    with pytest.raises(UsageError, match="CGMIRROR_SESSION"):
+        session.locate(None)
+
+
+def test_cli_bad_session_exit_code(tmp_path, capsys, monkeypatch):
+    """The CLI turns a bad session into exit CONFIG and one line on stderr."""
+    path = write(tmp_path, GOOD.replace("threads = 2", "threads = 'x'"))
+    assert cli.main(["-s", path, "status"]) == ExitCode.CONFIG
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "'threads'" in err
+    monkeypatch.delenv(session.ENV, raising=False)
+    assert cli.main(["status"]) == ExitCode.USAGE
+    assert "CGMIRROR_SESSION" in capsys.readouterr().err
+    monkeypatch.setenv(session.ENV, path)
+    assert cli.main(["status", "--json"]) == ExitCode.CONFIG
+    import json
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and doc["exit_code"] == ExitCode.CONFIG
+    assert cli.main(["copy", "--full", "--incremental"]) == ExitCode.USAGE
