@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 
 from . import group, output
-from .errors import CgmirrorError, ExitCode
+from .errors import CgmirrorError, ExitCode, UsageError
 from .history import History
 from .link import SlaveLink
 from .lock import SessionLock
@@ -30,8 +30,10 @@ def copy(ctx, mode: str) -> ExitCode:
         hist.mark_interrupted()
         lks = links(s)
         try:
-            n = group.next_n(group.preflight(lks, warn=ctx.warn), hist.max_n())
-            doc = run(ctx, hist, lks, n, mode)
+            replies = group.preflight(lks, warn=ctx.warn)
+            if mode == "incremental":
+                check_baselines(s, replies)
+            doc = run(ctx, hist, lks, group.next_n(replies, hist.max_n()), mode)
         finally:
             for lk in lks:
                 lk.close()
@@ -40,6 +42,16 @@ def copy(ctx, mode: str) -> ExitCode:
     else:
         print_report(doc, ctx.out)
     return ExitCode.OK
+
+
+def check_baselines(session, replies: dict[str, dict]) -> None:
+    """--incremental needs a completed copy of every volume to its target:
+    refuse before freezing anything rather than after."""
+    for cfg in session.slaves:
+        for v in cfg.volumes:
+            if replies[cfg.name]["volumes"][v.name]["synced_target"] != v.target:
+                raise UsageError(f"--incremental: {cfg.name}/{v.name} has no completed"
+                                 f" copy on {v.target}; run a full copy first")
 
 
 def run(ctx, hist: History, lks: list[SlaveLink], n: int, mode: str) -> dict:

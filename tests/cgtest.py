@@ -7,6 +7,7 @@ PID in a ``finally``; sockets live under the test's tmp_path.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -129,10 +130,13 @@ def slaves(session_path: Path):
     """``cgmirror slave start``; ``slave stop`` (and a kill by PID) in finally."""
     sess = session_mod.load(str(session_path))
     try:
-        assert run(session_path, "slave", "start") == 0
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = run(session_path, "slave", "start")
+        assert code == 0, out.getvalue()
         yield sess
     finally:
-        run(session_path, "slave", "stop")
+        with contextlib.redirect_stdout(io.StringIO()):
+            run(session_path, "slave", "stop")
         for spec in sess.specs():
             pid = launch.running_pid(spec)
             if pid:
