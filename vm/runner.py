@@ -121,6 +121,7 @@ class Guest:
         files: dict[str, bytes | str] | None = None,
         memory_mb: int = 512,
         append: str = "",
+        qemu_args=(),
         tail_lines: int = 40,
     ):
         self.script = script
@@ -132,6 +133,7 @@ class Guest:
         self.files = dict(files or {})
         self.memory_mb = memory_mb
         self.append = append
+        self.qemu_args = list(qemu_args)
         self.tail_lines = tail_lines
 
         self.console: list[str] = []
@@ -204,6 +206,7 @@ class Guest:
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-netdev", "user,id=n0,restrict=on" + "".join(fwds),
             "-device", "virtio-net-pci,netdev=n0,romfile=",
+            *self.qemu_args,
         ]
 
     def start(self) -> "Guest":
