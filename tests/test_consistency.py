@@ -9,11 +9,20 @@ target is too small.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
+import time
 
 import pytest
 
 import workload as wl
+from conftest import need
+from coordinator import group
+from coordinator.errors import CopyFailed, EstablishAborted
+from coordinator.link import SlaveLink
+from nbdplugin.control import ControlClient, ControlError
 
 # ------------------------------------------------------------------ checker
 
@@ -130,3 +139,374 @@ def test_checker_report_names_volume_and_offset():
     with pytest.raises(wl.ConsistencyError) as exc:
         wl.check(wl.readers_of(images), SMALL).raise_if_bad()
     assert f"{SMALL.names[v]} offset {off}" in str(exc.value)
+
+
+# ------------------------------------------------------------------ real slaves
+
+SIZE = 16 << 20
+LAYOUT = wl.two_by_two(SIZE)
+ORDER = [("s1", "a"), ("s2", "a"), ("s1", "b"), ("s2", "b")]     # layout order
+LEASE_MS = 10_000
+COORD_MS = 1_000
+SPARE = SIZE - wl.RECORD        # outside every slot: for writes that are not records
+assert SPARE >= LAYOUT.offset(LAYOUT.writers, LAYOUT.slots - 1)
+
+
+class Rig:
+    """Two slaves x two volumes, their links, and one nbdkit file target per
+    volume (each image on a socket of its own, restartable with filters)."""
+
+    def __init__(self, slaves, run_dir: str, spec_kw: dict | None = None):
+        self.run_dir = run_dir
+        self.slaves = slaves
+        spec_kw = spec_kw or {}
+        self.procs = {s: slaves(s, volumes=[("a", SIZE), ("b", SIZE)], threads=4,
+                                **spec_kw.get(s, {}))
+                      for s in ("s1", "s2")}
+        self.links = [SlaveLink.from_spec(p.spec) for p in self.procs.values()]
+        self.servers: dict[tuple[str, str], wl.Server] = {}
+        os.makedirs(os.path.join(run_dir, "remote"), exist_ok=True)
+        self.n = 0
+
+    def restart(self, name: str, env: dict | None = None) -> None:
+        """Start slave ``name`` again (after it died), with a fresh link:
+        a SlaveLink keeps its connection, which died with the old process."""
+        spec = self.procs[name].spec
+        if env is not None:
+            spec.env = env
+        self.procs[name] = self.slaves.restart(spec)
+        i = [lk.name for lk in self.links].index(name)
+        self.links[i].close()
+        self.links[i] = SlaveLink.from_spec(spec)
+
+    # sources, in layout order
+    def uris(self) -> list[str]:
+        return [self.procs[s].spec.uri(v) for s, v in ORDER]
+
+    def sources(self) -> list[str]:
+        return [os.path.join(self.run_dir, f"{s}-{v}.img") for s, v in ORDER]
+
+    # targets
+    def image(self, s, v) -> str:
+        return os.path.join(self.run_dir, "remote", f"{s}-{v}.img")
+
+    def images(self) -> list[str]:
+        return [self.image(s, v) for s, v in ORDER]
+
+    def start_targets(self, filters=(), args=(), size=SIZE, only=None) -> None:
+        for s, v in ORDER:
+            if only and (s, v) not in only:
+                continue
+            old = self.servers.pop((s, v), None)
+            if old:
+                old.stop()
+            img = self.image(s, v)
+            if not os.path.exists(img) or os.path.getsize(img) != size:
+                wl.make_image(img, size)
+            self.servers[(s, v)] = wl.nbdkit_file(
+                img, os.path.join(self.run_dir, "remote", f"{s}-{v}.sock"),
+                list(filters), list(args),
+                log=os.path.join(self.run_dir, "remote", "targets.log"))
+
+    def targets(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for (s, v), srv in self.servers.items():
+            out.setdefault(s, {})[v] = srv.uri
+        return out
+
+    # the cycle
+    def establish(self, **kw):
+        self.n = group.next_n(group.preflight(self.links), self.n)
+        return group.establish(self.links, self.n, kw.get("lease_ms", LEASE_MS),
+                               kw.get("max_coordination_ms", COORD_MS))
+
+    def copy(self, mode="auto", **kw):
+        return group.copy(self.links, self.n, self.targets(), mode, timeout_ms=10_000, **kw)
+
+    def check(self, run=None) -> wl.Report:
+        return wl.check_targets(self.images(), LAYOUT, run).raise_if_bad()
+
+    def assert_complete(self) -> None:
+        """Targets equal the sources byte for byte (call with writes stopped)."""
+        for src, dst in zip(self.sources(), self.images()):
+            with open(src, "rb") as a, open(dst, "rb") as b:
+                for off in range(0, SIZE, 1 << 20):
+                    x, y = a.read(1 << 20), b.read(1 << 20)
+                    assert x == y, f"{dst} differs from {src} near offset {off}"
+
+    def close(self) -> None:
+        for srv in self.servers.values():
+            srv.stop()
+        self.servers.clear()
+        for lk in self.links:
+            lk.close()
+
+
+@pytest.fixture
+def rig(slaves, run_dir):
+    need("nbdkit")
+    made = []
+
+    def make(**kw):
+        r = Rig(slaves, run_dir, **kw)
+        made.append(r)
+        return r
+    try:
+        yield make
+    finally:
+        for r in made:
+            r.close()
+
+
+class PreservePoller:
+    """Samples every slave's preserved-block count while a copy runs, to show
+    that host writes did overwrite blocks of the cut during the copy."""
+
+    def __init__(self, links):
+        self.links = links
+        self.max = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="preserve-poller", daemon=True)
+
+    def _run(self):
+        clients = [ControlClient(lk.control, 5) for lk in self.links]
+        try:
+            while not self._stop.wait(0.01):
+                total = 0
+                for c in clients:
+                    try:
+                        st = c.call("status")
+                    except ControlError:
+                        continue
+                    total += sum(v["preserved_blocks"] for v in st["volumes"].values())
+                self.max = max(self.max, total)
+        finally:
+            for c in clients:
+                c.close()
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(10)
+
+
+def _wait_until(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def _wait_written(work: wl.Workload, count: int, timeout: float = 10.0) -> None:
+    start = work.written
+    _wait_until(lambda: work.written >= start + count or work.errors, timeout,
+                f"{count} more records")
+    assert not work.errors, work.errors
+
+
+def test_copies_taken_during_dependent_writes_are_consistent(rig):
+    """Full then incremental copies, each established and copied while the
+    writers run (blocks of the cut rewritten during the copy), all pass the
+    checker; with writes stopped, a last copy equals the sources."""
+    r = rig()
+    # A slow target keeps each copy open long enough for many overwrites.
+    r.start_targets(filters=["delay"], args=["delay-write=5ms"])
+    heads = [-1] * LAYOUT.writers
+    preserved = 0
+    deadline = time.monotonic() + 20
+    with wl.Workload(r.uris(), LAYOUT) as work:
+        _wait_written(work, 500)
+        for i in range(4):
+            r.establish()
+            _wait_written(work, 50)     # the cut is behind us: writes flow
+            with PreservePoller(r.links) as poll:
+                rep = r.copy("full" if i == 0 else "auto")
+            preserved = max(preserved, poll.max)
+            modes = {c.mode for vols in rep.slaves.values() for c in vols.values()}
+            assert modes == {"full" if i == 0 else "incremental"}
+            got = r.check(work.run)
+            assert all(g > h for g, h in zip(got.heads, heads)), (heads, got.heads)
+            heads = got.heads
+            if time.monotonic() > deadline:
+                break
+        assert not work.errors, work.errors
+    assert preserved > 0, "no block of a cut was overwritten during its copy"
+    r.establish()
+    r.copy()
+    r.check(work.run)
+    r.assert_complete()
+
+
+def test_slave_killed_during_establish_leaves_the_others_thawed(rig):
+    """A slave that took FREEZE and died before answering: the establish is
+    aborted and the surviving slave's gates open within the coordination time
+    (a write held there completes); after a restart the next cut copies
+    consistently."""
+    r = rig()
+    r.start_targets()
+    s1, s2 = r.procs["s1"], r.procs["s2"]
+    coord_ms = 400
+    with wl.Workload(r.uris(), LAYOUT) as work:
+        _wait_written(work, 300)
+    r.n = group.next_n(group.preflight(r.links), r.n)
+    h = wl.Device(s1.spec.uri("a"), "held-writer")
+    result: dict = {}
+    try:
+        os.kill(s2.pid, signal.SIGSTOP)         # takes FREEZE, never answers
+
+        def run():
+            t0 = time.monotonic()
+            try:
+                group.establish(r.links, r.n, LEASE_MS, coord_ms)
+            except Exception as exc:
+                result["exc"] = exc
+            result["s"] = time.monotonic() - t0
+        t = threading.Thread(target=run, name="establish")
+        t.start()
+        with s1.control(5) as c:
+            _wait_until(lambda: c.call("status")["phase"] == "frozen", 5, "s1 frozen")
+        wt = {}
+
+        def held_write():
+            t0 = time.monotonic()
+            h.pwrite(b"held" * 1024, SPARE)
+            wt["s"] = time.monotonic() - t0
+        w = threading.Thread(target=held_write, name="held-write")
+        w.start()
+        s2.kill9()
+        t.join(LEASE_MS / 1000)
+        w.join(LEASE_MS / 1000)
+        assert not t.is_alive() and not w.is_alive()
+    finally:
+        h.close()
+    exc = result.get("exc")
+    assert isinstance(exc, EstablishAborted), exc
+    assert exc.slave == "s2" and exc.aborts.get("s1") == "aborted", (str(exc), exc.aborts)
+    # Thawed by the abort, well inside the coordination time plus a round trip
+    # (the lease, 10 s, is far away).
+    assert result["s"] < coord_ms / 1000 + 1.0, result
+    assert wt["s"] < coord_ms / 1000 + 1.0, wt
+    with s1.control(5) as c:
+        st = c.call("status")
+    assert (st["phase"], st["ended"]) == ("idle", "aborted")
+    assert {v["gate"] for v in st["volumes"].values()} == {"open"}
+    # The workload resumes from the live volumes (they are consistent too),
+    # and after a restart of s2 a cut copies consistently.
+    r.restart("s2")
+    with wl.Workload.resume(r.uris(), LAYOUT) as work:
+        _wait_written(work, 200)
+        r.establish()
+        r.copy()
+    r.check(work.run)
+
+
+def test_lease_thaws_a_slave_whose_coordinator_and_peer_died(rig):
+    """The backstop: FREEZE sent, then coordinator and the other slave gone;
+    the frozen slave thaws by its lease and aborts the cut."""
+    r = rig()
+    s1 = r.procs["s1"]
+    h = wl.Device(s1.spec.uri("a"), "held-writer")
+    try:
+        with s1.control(5) as c:
+            c.call("freeze", n=1, lease_ms=300)
+        r.procs["s2"].kill9()
+        t0 = time.monotonic()
+        h.pwrite(b"late" * 1024, SPARE)       # held until the lease ends
+        waited = time.monotonic() - t0
+    finally:
+        h.close()
+    assert waited < 0.3 + 1.0, waited
+    with s1.control(5) as c:
+        st = c.call("status")
+    assert (st["phase"], st["ended"]) == ("idle", "expired")
+
+
+def test_slave_killed_during_copy_fails_the_copy_and_next_copy_is_consistent(rig):
+    """s2 dies half-way through its copy: the copy fails naming s2; after a
+    restart the next copy (incremental where the baseline survived) passes
+    the checker and, with writes stopped, equals the sources."""
+    r = rig(spec_kw={"s2": {"env": {"CGMIRROR_FAILPOINTS": "copy:mid"}}})
+    r.start_targets(filters=["delay"], args=["delay-write=2ms"])
+    s2 = r.procs["s2"]
+    with wl.Workload(r.uris(), LAYOUT) as work:
+        _wait_written(work, 300)
+        r.establish()
+        with pytest.raises(CopyFailed) as exc:
+            r.copy("full")
+        _wait_until(lambda: work.errors, 10, "writers to notice s2 is gone")
+    assert exc.value.fault == "unreachable", str(exc.value)
+    assert any(k.startswith("s2") for k in exc.value.failures), exc.value.failures
+    assert "s2" in str(exc.value)
+    assert not s2.alive()
+    s2.kill9()                           # reap
+    r.restart("s2", env={})
+    with wl.Workload.resume(r.uris(), LAYOUT) as work:
+        _wait_written(work, 300)
+        r.establish()
+        rep = r.copy()
+        _wait_written(work, 50)
+    assert not work.errors, work.errors
+    modes = {(s, v): c.mode for s, vols in rep.slaves.items() for v, c in vols.items()}
+    assert modes[("s2", "a")] == modes[("s2", "b")] == "full"
+    r.check(work.run)
+    r.establish()
+    r.copy()
+    r.check(work.run)
+    r.assert_complete()
+
+
+def test_target_write_errors_fail_the_copy_and_lose_nothing(rig):
+    """Targets failing half their writes: the copy fails as the targets'
+    fault; the next copy to the healthy targets is incremental, consistent,
+    and (writes stopped) complete."""
+    r = rig()
+    r.start_targets()
+    with wl.Workload(r.uris(), LAYOUT) as work:
+        _wait_written(work, 300)
+        r.establish()
+        r.copy("full")
+        r.check(work.run)
+        _wait_written(work, 500)
+        r.start_targets(filters=["error"], args=["error=EIO", "error-pwrite-rate=50%"])
+        r.establish()
+        with pytest.raises(CopyFailed) as exc:
+            r.copy()
+        assert exc.value.fault == "target", str(exc.value)
+        assert "failed a write" in str(exc.value)
+        r.start_targets()
+        _wait_written(work, 200)
+        r.establish()
+        rep = r.copy()
+        modes = {c.mode for vols in rep.slaves.values() for c in vols.values()}
+        assert modes == {"incremental"}
+        r.check(work.run)
+    assert not work.errors, work.errors
+    r.establish()
+    r.copy()
+    r.check(work.run)
+    r.assert_complete()
+
+
+def test_target_too_small_fails_the_copy_clearly(rig):
+    """A target smaller than its volume fails that copy, as the target's
+    fault; the slaves stay usable and a copy to a right-sized target passes."""
+    r = rig()
+    r.start_targets()
+    r.start_targets(size=SIZE // 2, only=[("s2", "b")])
+    with wl.Workload(r.uris(), LAYOUT) as work:
+        _wait_written(work, 300)
+    r.establish()
+    with pytest.raises(CopyFailed) as exc:
+        r.copy("full")
+    assert exc.value.fault == "target", str(exc.value)
+    assert "s2/b" in exc.value.failures
+    assert "too small" in exc.value.failures["s2/b"]
+    r.start_targets(only=[("s2", "b")])
+    r.establish()
+    r.copy()
+    r.check(work.run)
+    r.assert_complete()

@@ -357,7 +357,8 @@ class Workload:
 
     A writer whose write fails (a slave killed) records the error in
     ``errors`` and stops; the others go on until they too depend on a dead
-    volume.  ``acked[w]`` is writer w's newest acknowledged seq.
+    volume.  ``acked[w]`` is writer w's newest acknowledged seq;
+    ``latencies[w]`` its writes as (start, seconds), monotonic clock.
     """
 
     def __init__(self, targets: list[str], layout: Layout, run: int | None = None,
@@ -438,7 +439,7 @@ class Workload:
                 except BaseException as exc:
                     self.errors.append((w, exc))
                     return
-                lat.append(time.monotonic() - t0)
+                lat.append((t0, time.monotonic() - t0))
                 self.acked[w] = i
                 i += 1
                 if self.pace:
