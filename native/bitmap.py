@@ -103,8 +103,7 @@ class Bitmap:
                     f"from_bytes: {nbits} bits need {8 * bm._nwords} bytes, got {src.nbytes}"
                 )
             bm._mv[:] = src.cast("B")
-        if bm._nbits % 64 and bm._q[-1] >> (bm._nbits % 64):
-            raise ValueError(f"from_bytes: data has bits set at or past nbits={nbits}")
+        bm.check_tail()
         return bm
 
     def to_bytes(self):

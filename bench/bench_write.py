@@ -1,0 +1,298 @@
+"""Write throughput of the cgmirror plugin against nbdkit's C `file` plugin and
+a minimal Python pass-through plugin, all measured with fio's nbd engine.
+
+    .venv/bin/python bench/bench_write.py [--runtime 5] [--ramp 1] [--repeats 3]
+
+Servers (one connection each, unix sockets, the same 1 GiB image on /dev/shm,
+created sparse and then fallocated so that no server pays tmpfs page faults
+for the others; all started once and left idle between their runs):
+
+  c_file        nbdkit file file=IMG                         (nbdkit's default threads)
+  passthrough   nbdkit --threads T python bench/passthrough.py file=IMG
+  cgmirror      nbdkit --threads T python nbdplugin/plugin.py statedir=DIR
+                    control=CTLSOCK volume=bench:IMG         (export "bench")
+
+T is chosen first: passthrough at --threads 1, 2 and 4, one 4K random-write
+qd16 run each; the best is used for both Python servers.
+
+Workloads: 4K random write qd16, 4K random write qd1, 1 MiB sequential write
+qd4; time-based (--runtime seconds after --ramp seconds), interleaved over
+servers and workloads, --repeats times; medians.  Server CPU time per I/O is
+read from /proc (psutil) around each run.
+
+Prints a table, then one JSON line last with ratio_vs_passthrough_4k_qd16,
+ratio_vs_c_file_4k_qd16, ratio_vs_c_file_1m and the raw numbers.  A server
+that cannot start (e.g. the cgmirror plugin while it is being written) is
+skipped with a note and null ratios.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PASSTHROUGH = os.path.join(ROOT, "bench", "passthrough.py")
+PLUGIN = os.path.join(ROOT, "nbdplugin", "plugin.py")
+IMAGE_SIZE = 1 << 30
+EXPORT = "bench"
+
+WORKLOADS = {
+    "4k_randwrite_qd16": dict(rw="randwrite", bs="4k", iodepth=16),
+    "4k_randwrite_qd1": dict(rw="randwrite", bs="4k", iodepth=1),
+    "1m_seqwrite_qd4": dict(rw="write", bs="1m", iodepth=4),
+}
+
+
+class ServerFailed(Exception):
+    """A server did not come up; carries its log tail."""
+
+
+class Server:
+    """One nbdkit process on a private unix socket, killed by PID on stop()."""
+
+    def __init__(self, name, workdir, args, export=""):
+        self.name = name
+        self.dir = os.path.join(workdir, name)
+        os.makedirs(self.dir)
+        self.sock = os.path.join(self.dir, "nbd.sock")
+        self.pidfile = os.path.join(self.dir, "nbdkit.pid")
+        self.log = os.path.join(self.dir, "nbdkit.log")
+        self.export = export
+        self.cmd = ["nbdkit", "-f", "-U", self.sock, "--pidfile", self.pidfile] + args
+        self.proc = None
+        self.ps = None
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///{self.export}?socket={self.sock}"
+
+    def start(self, timeout=20.0):
+        # nbdkit 1.32 leaves its socket behind after SIGTERM.
+        for path in (self.sock, self.pidfile):
+            if os.path.exists(path):
+                os.unlink(path)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerFailed(f"{self.name}: nbdkit exited with {self.proc.returncode}:\n"
+                                   + self.log_tail())
+            if os.path.exists(self.pidfile) and self._connectable():
+                self.ps = psutil.Process(self.proc.pid)
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise ServerFailed(f"{self.name}: not ready after {timeout:.0f} s:\n" + self.log_tail())
+
+    def _connectable(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self.sock)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def cpu_seconds(self):
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+
+    def log_tail(self, n=15):
+        try:
+            with open(self.log, errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+def run_fio(server, workload, runtime, ramp, outdir):
+    """One fio run; returns dict(iops, mbps, cpu_us_per_io)."""
+    out = os.path.join(outdir, f"fio-{server.name}-{workload}.json")
+    w = WORKLOADS[workload]
+    cmd = ["fio", "--name=w", "--ioengine=nbd", f"--uri={server.uri}",
+           f"--rw={w['rw']}", f"--bs={w['bs']}", f"--iodepth={w['iodepth']}",
+           "--time_based=1", f"--runtime={runtime}", f"--ramp_time={ramp}",
+           "--norandommap", "--randrepeat=0",
+           "--output-format=json", f"--output={out}"]
+    cpu0 = server.cpu_seconds()
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=runtime + ramp + 60)
+    cpu1 = server.cpu_seconds()
+    if r.returncode != 0:
+        raise RuntimeError(f"fio against {server.name} failed ({r.returncode}):\n"
+                           f"{r.stdout[-2000:]}{r.stderr[-2000:]}\n{server.log_tail()}")
+    with open(out) as f:
+        job = json.load(f)["jobs"][0]
+    if job["error"]:
+        raise RuntimeError(f"fio against {server.name}: job error {job['error']}")
+    wr = job["write"]
+    ios = wr["total_ios"]
+    # Server CPU covers ramp + runtime; fio's total_ios covers runtime only.
+    return {"iops": wr["iops"], "mbps": wr["bw_bytes"] / 1e6,
+            "cpu_us_per_io": (cpu1 - cpu0) * 1e6 / max(ios, 1) * runtime / (runtime + ramp)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--ramp", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="skip the 1/2/4 sweep and use this for the Python servers")
+    args = ap.parse_args(argv)
+
+    for tool in ("nbdkit", "fio"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found: run `make setup`", file=sys.stderr)
+            return 2
+
+    workdir = tempfile.mkdtemp(prefix="cgmirror-bench-", dir="/dev/shm")
+    servers = {}
+    notes = []
+    try:
+        image = os.path.join(workdir, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+            # Sparse, then allocated: otherwise tmpfs page allocation (and
+            # zeroing) is charged to whichever server first touches a page.
+            os.posix_fallocate(f.fileno(), 0, IMAGE_SIZE)
+
+        # -- choose --threads for the Python servers --------------------------
+        sweep = {}
+        if args.threads is None:
+            for t in (1, 2, 4):
+                s = Server(f"passthrough-t{t}", workdir,
+                           ["--threads", str(t), "python", PASSTHROUGH, f"file={image}"])
+                try:
+                    s.start()
+                    sweep[t] = run_fio(s, "4k_randwrite_qd16", args.runtime, args.ramp, workdir)
+                finally:
+                    s.stop()
+                print(f"passthrough --threads {t}: {sweep[t]['iops']:,.0f} IOPS 4K qd16",
+                      file=sys.stderr)
+            threads = max(sweep, key=lambda t: sweep[t]["iops"])
+        else:
+            threads = args.threads
+
+        # -- start the three servers -----------------------------------------
+        specs = {
+            "c_file": (["file", f"file={image}"], ""),
+            "passthrough": (["--threads", str(threads), "python", PASSTHROUGH,
+                             f"file={image}"], ""),
+            "cgmirror": (["--threads", str(threads), "python", PLUGIN,
+                          f"statedir={os.path.join(workdir, 'cgm-state')}",
+                          f"control={os.path.join(workdir, 'cgm-ctl.sock')}",
+                          f"volume={EXPORT}:{image}"], EXPORT),
+        }
+        os.makedirs(os.path.join(workdir, "cgm-state"))
+        for name, (cmdargs, export) in specs.items():
+            if name == "cgmirror" and not os.path.exists(PLUGIN):
+                notes.append("cgmirror: skipped, nbdplugin/plugin.py does not exist yet")
+                continue
+            s = Server(name, workdir, cmdargs, export)
+            try:
+                s.start()
+            except ServerFailed as exc:
+                s.stop()
+                notes.append(f"cgmirror: skipped, the plugin did not start: {exc}"
+                             if name == "cgmirror" else str(exc))
+                if name != "cgmirror":
+                    raise
+                continue
+            servers[name] = s
+
+        # -- interleaved runs ----------------------------------------------------
+        results = {name: {w: [] for w in WORKLOADS} for name in servers}
+        for rep in range(args.repeats):
+            for w in WORKLOADS:
+                for name, s in list(servers.items()):
+                    try:
+                        results[name][w].append(run_fio(s, w, args.runtime, args.ramp, workdir))
+                    except RuntimeError as exc:
+                        if name != "cgmirror":
+                            raise
+                        notes.append(f"cgmirror: dropped after a failed run: {exc}")
+                        s.stop()
+                        del servers[name]
+                        del results[name]
+            print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
+    finally:
+        for s in servers.values():
+            s.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    med = {name: {w: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                  for w, runs in ws.items() if runs}
+           for name, ws in results.items()}
+
+    print(f"fio nbd engine, 1 connection, unix socket, 1 GiB image on /dev/shm; "
+          f"{args.runtime} s runs after {args.ramp} s ramp, {args.repeats} interleaved repeats, "
+          f"medians; Python servers at --threads {threads}")
+    if sweep:
+        print("passthrough 4K randwrite qd16 by --threads: "
+              + ", ".join(f"{t}: {r['iops']:,.0f} IOPS" for t, r in sweep.items())
+              + f" -> best {threads}")
+    print(f"{'server':<12} {'workload':<19} {'IOPS':>10} {'MB/s':>9} {'srv CPU us/IO':>14}")
+    for name in med:
+        for w, m in med[name].items():
+            print(f"{name:<12} {w:<19} {m['iops']:>10,.0f} {m['mbps']:>9,.1f} "
+                  f"{m['cpu_us_per_io']:>14.1f}")
+    for note in notes:
+        print("NOTE:", note)
+
+    def ratio(a, b, w, key):
+        if a in med and b in med:
+            return round(med[a][w][key] / med[b][w][key], 4)
+        return None
+
+    result = {
+        "bench": "write",
+        "threads": threads,
+        "runtime_s": args.runtime,
+        "ramp_s": args.ramp,
+        "repeats": args.repeats,
+        "ratio_vs_passthrough_4k_qd16": ratio("cgmirror", "passthrough", "4k_randwrite_qd16", "iops"),
+        "ratio_vs_c_file_4k_qd16": ratio("cgmirror", "c_file", "4k_randwrite_qd16", "iops"),
+        "ratio_vs_c_file_1m": ratio("cgmirror", "c_file", "1m_seqwrite_qd4", "mbps"),
+        "passthrough_vs_c_file_4k_qd16": ratio("passthrough", "c_file", "4k_randwrite_qd16", "iops"),
+        "threads_sweep_iops": {str(t): round(r["iops"]) for t, r in sweep.items()},
+        "median": {name: {w: {k: round(v, 2) for k, v in m.items()} for w, m in ws.items()}
+                   for name, ws in med.items()},
+        "runs": {name: {w: [{k: round(v, 2) for k, v in r.items()} for r in runs]
+                        for w, runs in ws.items()} for name, ws in results.items()},
+        "notes": notes,
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
