@@ -509,15 +509,14 @@ def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = N
 
 
 def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone: only its parent,
+    maybe not us, can reap it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    try:       # a zombie child of ours counts as gone once reaped
-        wpid, _ = os.waitpid(pid, os.WNOHANG)
-        return wpid == 0
-    except ChildProcessError:
-        return True
+    return state not in ("Z", "X")
 
 
 class Server:
@@ -561,7 +560,12 @@ class Server:
         pid = self.pid or (self.pidfile and _read_pid(self.pidfile))
         if pid:
             try:
-                os.kill(pid, signal.SIGKILL)
+                # A daemon that leads its own process group (nbd-server after
+                # setsid) takes its per-connection children along.
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 return
             # Not our child (it double-forked): wait for it to vanish.
@@ -628,30 +632,24 @@ def qemu_nbd(image: str, sock: str, name: str = "disk", log: str | None = None) 
 
 
 def nbd_server(image: str, workdir: str, name: str = "disk") -> Server:
-    """``nbd-server`` (it daemonizes) with a config file, on a free TCP port
-    of 127.0.0.1 (it has no unix-socket listener for clients)."""
-    port = free_port()
+    """``nbd-server`` with a config file, on a unix socket (``unixsock``, so
+    no TCP port at all).  It daemonizes: killed by the PID its pidfile names."""
+    sock = os.path.join(workdir, "nbd-server.sock")
     pidfile = os.path.join(workdir, "nbd-server.pid")
     conf = os.path.join(workdir, "nbd-server.conf")
+    _unlink(sock)
     _unlink(pidfile)
     with open(conf, "w") as f:
         f.write(f"[generic]\n"
-                f"    listenaddr = 127.0.0.1\n"
-                f"    port = {port}\n"
-                f"    pidfile = {pidfile}\n"
+                f"    unixsock = {sock}\n"
                 f"    allowlist = true\n"
                 f"[{name}]\n"
-                f"    exportname = {os.path.abspath(image)}\n")
-
-    def ready():
-        with socket.socket() as s:
-            try:
-                s.connect(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
-    return Server(["nbd-server", "-C", conf], f"nbd://127.0.0.1:{port}/{name}",
-                  ready, pidfile, forks=True)
+                f"    exportname = {os.path.abspath(image)}\n"
+                f"    flush = true\n"
+                f"    fua = true\n")
+    return Server(["nbd-server", "-C", conf, "-p", pidfile],
+                  f"nbd+unix:///{name}?socket={sock}", _socket_ready(sock), pidfile,
+                  forks=True)
 
 
 def _unlink(path: str) -> None:
