@@ -39,10 +39,13 @@ _U64_FORMATS = frozenset(("Q", "<Q", "=Q", "@Q", "L", "<L", "=L", "@L"))
 
 def _index(value, name):
     """Return ``value`` as a non-negative int, or raise."""
-    try:
-        i = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if type(value) is int:
+        i = value
+    else:
+        try:
+            i = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
     if i < 0:
         raise ValueError(f"{name} must be >= 0, got {i}")
     return i
@@ -213,10 +216,14 @@ class Bitmap:
         ``granularity`` is a power of two; ``length == 0`` marks nothing.  The
         byte range must fall inside ``nbits * granularity`` bytes.
         """
-        offset = _index(offset, "offset")
-        length = _index(length, "length")
-        granularity = _index(granularity, "granularity")
-        if granularity == 0 or granularity & (granularity - 1):
+        # This runs once per guest write: plain ints skip the _index calls.
+        if not (type(offset) is int and type(length) is int and type(granularity) is int):
+            offset = _index(offset, "offset")
+            length = _index(length, "length")
+            granularity = _index(granularity, "granularity")
+        elif offset < 0 or length < 0:
+            raise ValueError(f"offset and length must be >= 0, got {offset}, {length}")
+        if granularity <= 0 or granularity & (granularity - 1):
             raise ValueError(f"granularity must be a power of two, got {granularity}")
         if offset + length > self._nbits * granularity:
             raise ValueError(
