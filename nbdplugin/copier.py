@@ -105,6 +105,7 @@ class Copy:
                         raise CopyError(f"target {self.uri} failed a write at"
                                         f" {start * g}: {exc.string}") from exc
                     vol.changes.confirm(start, nblocks)
+                    pit.confirm(start, nblocks)
                     self.done_bytes += len(buf)
                     last_progress = time.monotonic()
 

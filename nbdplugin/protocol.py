@@ -57,7 +57,7 @@ _BOOL = (bool,)
 # op -> (required {key: types}, optional {key: types})
 SCHEMA: dict[str, tuple[dict, dict]] = {
     "status": ({}, {}),
-    "freeze": ({"n": _INT, "lease_ms": _INT}, {"volumes": _LIST}),
+    "freeze": ({"n": _INT, "lease_ms": _INT}, {"volumes": _LIST, "full": _LIST}),
     "thaw": ({"n": _INT}, {}),
     "abort": ({"n": _INT}, {}),
     "copy": ({"n": _INT, "targets": _DICT}, {"mode": _STR, "inflight": _INT,
@@ -109,8 +109,9 @@ def decode(line: bytes | str) -> dict:
         raise ProtocolError("cut number 'n' must be at least 1")
     if "lease_ms" in msg and not 1 <= msg["lease_ms"] <= 3_600_000:
         raise ProtocolError("'lease_ms' must be between 1 and 3600000")
-    if "volumes" in msg and not all(isinstance(v, str) for v in msg["volumes"]):
-        raise ProtocolError("'volumes' must be a list of volume names")
+    for key in ("volumes", "full"):
+        if key in msg and not all(isinstance(v, str) for v in msg[key]):
+            raise ProtocolError(f"{key!r} must be a list of volume names")
     if op == "copy":
         if msg.get("mode", "auto") not in COPY_MODES:
             raise ProtocolError(f"'mode' must be one of {', '.join(COPY_MODES)}")

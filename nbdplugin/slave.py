@@ -120,9 +120,16 @@ class Slave:
             return protocol.ok(pid=os.getpid(), phase=m.phase.value, n=m.n,
                                ended=m.ended, volumes=vols, last_copy=self.last_copy)
 
-    def op_freeze(self, n: int, lease_ms: int, volumes: list | None = None) -> dict:
+    def op_freeze(self, n: int, lease_ms: int, volumes: list | None = None,
+                  full: list | None = None) -> dict:
+        """Cut n.  ``full`` names the volumes whose PiT will be copied whole
+        (the others: only their changes), so the right blocks are preserved."""
         with self.lock:
             names = self._names(volumes)
+            full = set(self._names(full) if full else ())
+            if not full <= set(names):
+                raise ProtocolError(f"'full' names {sorted(full - set(names))[0]!r},"
+                                    f" which is not frozen", "unknown")
             self.machine.check(Event.FREEZE, n)
             # A freeze uses up its number even if it fails.  Written before the
             # gates close, and without fsync, to keep it out of the hold time:
@@ -143,7 +150,7 @@ class Slave:
                             f"cannot freeze cut {n}: writes to {vol.name} did not"
                             f" finish within {budget * 1000:.0f} ms", "timeout")
                 drain_ms = (time.monotonic() - t0) * 1000
-                blocks = {vol.name: vol.start_pit(n) for vol in vols}
+                blocks = {vol.name: vol.start_pit(n, vol.name in full) for vol in vols}
             except BaseException:
                 for vol in vols:
                     if vol.pit is not None:
@@ -212,22 +219,20 @@ class Slave:
             plans = {}
             for name in names:
                 vol, uri = self.volumes[name], targets[name]
-                if vol.pit.broken:
-                    raise ProtocolError(f"cut {n} cannot be copied: {vol.pit.broken};"
+                pit = vol.pit
+                if pit.broken:
+                    raise ProtocolError(f"cut {n} cannot be copied: {pit.broken};"
                                         f" abort it and cut again", "broken")
-                synced = self.synced_target(name)
-                incremental = mode == "incremental" or (mode == "auto" and synced == uri)
-                if incremental and synced != uri:
+                cut_as = "full" if pit.full else "incremental"
+                if mode not in ("auto", cut_as):
+                    raise ProtocolError(
+                        f"cut {n} of {name} was taken for a {cut_as} copy, not {mode}:"
+                        f" name the volume in freeze's 'full' for a full copy", "mode")
+                if not pit.full and self.synced_target(name) != uri:
                     raise ProtocolError(
                         f"{name} has no completed copy on {uri}: run a full copy first",
                         "baseline")
-                if incremental:
-                    with vol.changes.lock:
-                        blocks = vol.changes.oos.copy()
-                else:
-                    blocks = Bitmap(vol.changes.nblocks)
-                    blocks.set(0, vol.changes.nblocks)
-                plans[name] = (uri, blocks, incremental)
+                plans[name] = (uri, pit.remaining(), not pit.full)
             for name, (uri, blocks, incremental) in plans.items():
                 if not incremental and self.synced_target(name) is not None:
                     # Bits cleared by this copy were changes relative to the

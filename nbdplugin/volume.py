@@ -22,6 +22,8 @@ import struct
 import threading
 
 from . import failpoints
+from native.bitmap import Bitmap
+
 from .changemap import ChangeMap
 from .gate import Gate
 
@@ -185,10 +187,20 @@ class Volume:
 
     # ------------------------------------------------------------ cut
 
-    def start_pit(self, n: int) -> int:
-        """Take cut n (gate closed, nothing inside): cr -> oos, preservation on."""
+    def start_pit(self, n: int, full: bool = False) -> int:
+        """Take cut n (gate closed, nothing inside): cr -> oos, preservation on.
+
+        The PiT will be copied whole if ``full``, else only its oos blocks;
+        either way exactly the blocks still to be copied are preserved.
+        """
         blocks = self.changes.cut()
-        self.pit = Pit(self, n)
+        if full:
+            pending = Bitmap(self.changes.nblocks)
+            pending.set(0, self.changes.nblocks)
+        else:
+            with self.changes.lock:
+                pending = self.changes.oos.copy()
+        self.pit = Pit(self, n, pending, full)
         return blocks
 
     def end_pit(self, confirmed_all: bool) -> None:
@@ -219,6 +231,7 @@ class Volume:
             "inflight": self.gate.inside,
             "waiting": self.gate.waiting,
             "pit": self.pit.n if self.pit else None,
+            "pit_full": self.pit.full if self.pit else None,
             "preserved_blocks": len(self.pit.index) if self.pit else 0,
         }
 
@@ -227,22 +240,26 @@ class Pit:
     """Point-in-time image n of a volume: the live volume overlaid with the
     pre-cut content of blocks the host overwrote since the cut.
 
-    A block needs saving when it is in ``oos`` (part of the cut, not yet
-    confirmed at the target) and not saved yet.  ``lock`` makes "save the old
-    content" (host side) and "read live, overlay saved" (copier side) atomic
-    with respect to each other: a host write either saved its block before
-    the copier looked (the copier overlays the saved copy, whatever the live
-    block holds), or waits until the copier has read the live block.
+    ``pending`` holds the blocks the copy has still to read: all of them for a
+    full copy, the cut's oos blocks for an incremental one.  A host write to a
+    pending block that is not saved yet first saves its old content.
+    ``lock`` guards ``pending`` and the index, and makes "save the old content"
+    (host side) and "read live, overlay saved" (copier side) atomic with
+    respect to each other: a host write either saved its block before the
+    copier looked (the copier overlays the saved copy, whatever the live block
+    holds), or waits until the copier has read the live block.
 
     The store is a file in the state directory holding at most one copy of
-    each oos block, so it is bounded by the cut's size; it is deleted when
-    the PiT ends.  It needs no fsync: after a crash the PiT is gone anyway
-    and its blocks are back in ``cr``.
+    each pending block, so it is bounded by the copy's size; it is deleted
+    when the PiT ends.  It needs no fsync: after a crash the PiT is gone
+    anyway and its blocks are back in ``cr``.
     """
 
-    def __init__(self, volume: Volume, n: int):
+    def __init__(self, volume: Volume, n: int, pending: Bitmap, full: bool):
         self.volume = volume
         self.n = n
+        self.full = full
+        self.pending = pending
         self.lock = threading.Lock()
         self.index: dict[int, int] = {}
         self.broken: str | None = None
@@ -260,13 +277,11 @@ class Pit:
         g = self.volume.granularity
         first = offset // g
         count = (offset + length - 1) // g - first + 1
-        changes = self.volume.changes
         with self.lock:
-            with changes.lock:
-                if not changes.oos.any(first, count):
-                    return
-                need = [b for b in range(first, first + count)
-                        if changes.oos.test(b) and b not in self.index]
+            if not self.pending.any(first, count):
+                return
+            need = [b for b in range(first, first + count)
+                    if self.pending.test(b) and b not in self.index]
             try:
                 for b in need:
                     data = os.pread(self.volume.fd, self._block_len(b), b * g)
@@ -280,6 +295,15 @@ class Pit:
                 return
         if need:
             failpoints.hit("preserve:after-save")
+
+    def remaining(self) -> Bitmap:
+        with self.lock:
+            return self.pending.copy()
+
+    def confirm(self, start: int, count: int) -> None:
+        """Blocks [start, start+count) are at the target: no need to keep them."""
+        with self.lock:
+            self.pending.clear(start, count)
 
     def read(self, buf: bytearray, block: int) -> None:
         """Fill ``buf`` with PiT content starting at ``block``."""

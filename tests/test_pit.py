@@ -70,7 +70,7 @@ def test_copy_holds_the_pit_while_the_host_overwrites(slaves, target):
     h.pwrite(pit, 0)
     uri, img = target("a", size)
     with proc.control() as c:
-        c.call("freeze", n=1, lease_ms=5000)
+        c.call("freeze", n=1, lease_ms=5000, full=["a"])
         c.call("thaw", n=1)
         # Overwrite every other block before the copy starts: all are preserved.
         for off in range(0, size, 2 * G):
@@ -102,7 +102,7 @@ def test_copy_to_a_too_small_target_fails_and_loses_nothing(slaves, target):
     h.pwrite(b"x" * 10, 3 * G)
     uri, _ = target("small", MB)
     with proc.control() as c:
-        c.call("freeze", n=1, lease_ms=5000)
+        c.call("freeze", n=1, lease_ms=5000, full=["a"])
         c.call("thaw", n=1)
         c.call("copy", n=1, targets={"a": uri})
         st = wait_copy(c, 1)
@@ -118,12 +118,47 @@ def test_copy_to_an_unreachable_target_fails_clearly(slaves, run_dir):
     """An NBD URI nobody serves is a one-line copy error."""
     proc = slaves(volumes=[("a", MB)])
     with proc.control() as c:
-        c.call("freeze", n=1, lease_ms=5000)
+        c.call("freeze", n=1, lease_ms=5000, full=["a"])
         c.call("thaw", n=1)
         sock = os.path.join(run_dir, "nobody.sock")
         c.call("copy", n=1, targets={"a": f"nbd+unix://?socket={sock}"})
         st = wait_copy(c, 1)
         assert "cannot reach target" in st["last_copy"]["volumes"]["a"]["error"]
+
+
+def test_full_copy_holds_blocks_clean_at_the_cut(slaves, target):
+    """A full copy preserves every block written after the cut, not only the
+    changed ones: the target gets the cut's content everywhere."""
+    proc = slaves(volumes=[("a", MB)])
+    h = nbd.NBD()
+    h.connect_uri(proc.spec.uri("a"))
+    h.pwrite(b"A" * G, 0)                       # changed before the cut
+    uri, img = target("a", MB)
+    with proc.control() as c:
+        c.call("freeze", n=1, lease_ms=5000, full=["a"])
+        c.call("thaw", n=1)
+        h.pwrite(b"B" * G, 0)
+        h.pwrite(b"N" * G, 10 * G)              # clean at the cut
+        c.call("copy", n=1, targets={"a": uri})
+        assert wait_copy(c, 1)["ended"] == "done"
+    data = read_file(img)
+    assert data[:G] == b"A" * G
+    assert data[10 * G:11 * G] == bytes(G)
+    h.shutdown()
+
+
+def test_copy_mode_must_match_the_cut(slaves, target):
+    """A cut taken for an incremental copy cannot be copied whole, and says how."""
+    proc = slaves(volumes=[("a", MB)])
+    uri, _ = target("a", MB)
+    with proc.control() as c:
+        c.call("freeze", n=1, lease_ms=5000)
+        c.call("thaw", n=1)
+        with pytest.raises(ControlError, match="freeze's 'full'") as exc:
+            c.call("copy", n=1, targets={"a": uri}, mode="full")
+        assert exc.value.kind == "mode"
+        assert c.call("status")["phase"] == "cut"
+        c.call("abort", n=1)
 
 
 def test_incremental_without_a_baseline_is_refused(slaves, target):
@@ -181,7 +216,7 @@ def test_full_state_disk_breaks_the_pit_not_the_host(slaves, target, small_fs):
         c.call("abort", n=1)
         st = c.call("status")
         assert st["volumes"]["a"]["dirty_blocks"] == size // G
-        c.call("freeze", n=2, lease_ms=5000)
+        c.call("freeze", n=2, lease_ms=5000, full=["a"])
         c.call("thaw", n=2)
         c.call("copy", n=2, targets={"a": uri})
         assert wait_copy(c, 2)["ended"] == "done"
