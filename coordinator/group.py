@@ -249,12 +249,21 @@ def establish(links: list[SlaveLink], n: int, lease_ms: int,
     t0 = time.monotonic()
     go.set()
     deadline = t0 + max_coordination_ms / 1000
+    try:
+        with cond:
+            while len(frozen) < len(links) and not failures:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                cond.wait(left)
+    except BaseException:
+        # Interrupted (Ctrl-C) while slaves freeze: abort them before leaving.
+        with cond:
+            decision.append("abort")
+        decided.set()
+        _wait_for(cond, outcome, len(links), time.monotonic() + ABORT_GRACE_S)
+        raise
     with cond:
-        while len(frozen) < len(links) and not failures:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            cond.wait(left)
         coordination = time.monotonic() - t0
         if len(frozen) == len(links):
             decision.append("thaw")
