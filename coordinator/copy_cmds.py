@@ -1,9 +1,10 @@
 """``cgmirror copy [--full|--incremental] [--json]``: one consistent copy.
 
-Holds the session lock, checks every slave (``group.preflight``), takes a
-cut number above the history's and every slave's, establishes the point in
-time on all slaves (``group.establish``), copies it (``group.copy``) and
-records the outcome in the history, whatever it is.
+Holds the session lock, checks every slave (``group.preflight``), decides
+which volumes are copied whole (``group.full_volumes``: the slaves must know
+at the freeze), takes a cut number above the history's and every slave's,
+establishes the point in time on all slaves (``group.establish``), copies it
+(``group.copy``) and records the outcome in the history, whatever it is.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import datetime
 
 from . import group, output
-from .errors import CgmirrorError, ExitCode, UsageError
+from .errors import CgmirrorError, ExitCode
 from .history import History
 from .link import SlaveLink
 from .lock import SessionLock
@@ -31,9 +32,8 @@ def copy(ctx, mode: str) -> ExitCode:
         lks = links(s)
         try:
             replies = group.preflight(lks, warn=ctx.warn)
-            if mode == "incremental":
-                check_baselines(s, replies)
-            doc = run(ctx, hist, lks, group.next_n(replies, hist.max_n()), mode)
+            full = group.full_volumes(replies, s.targets(), mode)
+            doc = run(ctx, hist, lks, group.next_n(replies, hist.max_n()), mode, full)
         finally:
             for lk in lks:
                 lk.close()
@@ -44,17 +44,8 @@ def copy(ctx, mode: str) -> ExitCode:
     return ExitCode.OK
 
 
-def check_baselines(session, replies: dict[str, dict]) -> None:
-    """--incremental needs a completed copy of every volume to its target:
-    refuse before freezing anything rather than after."""
-    for cfg in session.slaves:
-        for v in cfg.volumes:
-            if replies[cfg.name]["volumes"][v.name]["synced_target"] != v.target:
-                raise UsageError(f"--incremental: {cfg.name}/{v.name} has no completed"
-                                 f" copy on {v.target}; run a full copy first")
-
-
-def run(ctx, hist: History, lks: list[SlaveLink], n: int, mode: str) -> dict:
+def run(ctx, hist: History, lks: list[SlaveLink], n: int, mode: str,
+        full: dict[str, list[str]]) -> dict:
     """Establish and copy cut n, recording it; return the copy document."""
     s = ctx.session
     doc = {"ok": False, "session": s.name, "n": n, "mode": mode, "result": "running",
@@ -65,7 +56,7 @@ def run(ctx, hist: History, lks: list[SlaveLink], n: int, mode: str) -> dict:
     est = None
     bar = output.ProgressBar(f"copy {n}", ctx.err) if not ctx.json else None
     try:
-        est = group.establish(lks, n, s.lease_ms, s.max_coordination_ms)
+        est = group.establish(lks, n, s.lease_ms, s.max_coordination_ms, full=full)
         doc["establish"] = est.to_json()
         report = group.copy(lks, n, s.targets(), mode, bar, timeout_ms=s.copy_timeout_ms)
     except BaseException as exc:

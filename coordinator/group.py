@@ -1,7 +1,7 @@
 """Forming a point in time across slaves, and copying it: the reusable core.
 
-``cgmirror copy`` is ``preflight`` -> ``establish`` -> ``copy``; the
-consistency-group cycle reuses the same three.  Every function takes a list
+``cgmirror copy`` is ``preflight`` -> ``full_volumes`` -> ``establish`` ->
+``copy``; the consistency-group cycle reuses the same.  Every function takes a list
 of ``link.SlaveLink`` (one per slave; build them with
 ``SlaveLink(name, control_path, volumes)`` or ``SlaveLink.from_spec(spec)``)
 and raises only ``errors.CgmirrorError`` subclasses.
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .errors import (CgmirrorError, CopyFailed, EstablishAborted, SlaveBusy, SlaveError,
-                     SlaveUnreachable, UnknownVolume)
+                     SlaveUnreachable, UnknownVolume, UsageError)
 from .link import Channel, SlaveLink
 
 POLL_S = 0.15
@@ -135,6 +135,30 @@ def next_n(replies: dict[str, dict], floor: int = 0) -> int:
     return max([floor] + [r["n"] for r in replies.values()]) + 1
 
 
+def full_volumes(replies: dict[str, dict], targets: dict[str, dict[str, str]],
+                 mode: str = "auto") -> dict[str, list[str]]:
+    """Which volumes a copy in ``mode`` copies whole: {slave: [volume, ...]}.
+
+    A slave preserves for a cut exactly the blocks its copy will read, so
+    this is decided before the freeze and passed to ``establish(full=...)``.
+    "full": every volume in ``targets``; "auto": those whose last completed
+    copy (``synced_target`` in ``replies``, from ``statuses``/``preflight``)
+    is not on the same target; "incremental": none, and a volume without
+    such a copy raises ``UsageError`` (before anything is frozen).
+    """
+    out: dict[str, list[str]] = {}
+    for slave, vols in targets.items():
+        status = replies[slave]["volumes"]
+        synced = {v: status[v]["synced_target"] == uri for v, uri in vols.items()}
+        if mode == "incremental":
+            missing = [v for v, ok in synced.items() if not ok]
+            if missing:
+                raise UsageError(f"--incremental: {slave}/{missing[0]} has no completed"
+                                 f" copy on {vols[missing[0]]}; run a full copy first")
+        out[slave] = [v for v, ok in synced.items() if mode == "full" or not ok]
+    return out
+
+
 # ------------------------------------------------------------------ establish
 
 @dataclass
@@ -187,11 +211,15 @@ def abort_all(links: list[SlaveLink], n: int) -> dict[str, str]:
 
 
 def establish(links: list[SlaveLink], n: int, lease_ms: int,
-              max_coordination_ms: int) -> Established:
+              max_coordination_ms: int, *,
+              full: dict[str, list[str]] | None = None) -> Established:
     """Establish point in time ``n`` on every slave, or abort it on all.
 
     FREEZE(n, lease_ms) goes to all slaves at once (each link's ``volumes``,
-    or all of the slave's volumes if None).  If every slave answers FROZEN
+    or all of the slave's volumes if None).  ``full`` names, per slave, the
+    volumes whose PiT will be copied whole (see ``full_volumes``); the others
+    can only be copied incrementally (their changes since the last copy),
+    so a later ``copy(mode="full")`` of them is refused.  If every slave answers FROZEN
     within ``max_coordination_ms``, THAW(n) goes to all at once and the
     timings are returned; every slave is then in phase "cut" with PiT n,
     ready for ``copy``.  Otherwise ABORT(n) goes to every slave (each right
@@ -217,6 +245,8 @@ def establish(links: list[SlaveLink], n: int, lease_ms: int,
         args = {"n": n, "lease_ms": lease_ms}
         if link.volumes is not None:
             args["volumes"] = link.volumes
+        if full and full.get(link.name):
+            args["full"] = list(full[link.name])
         # A connection of the worker's own: if the slave hangs, only this
         # daemon thread waits on it, never the link's shared connection.
         with link.channel() as ch:
@@ -387,9 +417,9 @@ def copy(links: list[SlaveLink], n: int, targets: dict[str, dict[str, str]],
     """Copy established PiT ``n`` of every slave to its targets; wait for the end.
 
     ``targets``: {slave: {volume: NBD URI}}, one entry per link, naming every
-    volume of the cut.  ``mode``: "auto" (incremental where the slave's
-    volume was last copied completely to that same target, else full),
-    "full" or "incremental".  ``timeout_ms``: a target silent this long
+    volume of the cut.  ``mode``: "auto" copies each volume the way its cut
+    was taken (``establish(full=...)``: whole, else its changes); "full" or
+    "incremental" insist, and a slave refuses a volume cut the other way.  ``timeout_ms``: a target silent this long
     fails its copy.  ``progress_cb(progress)`` is called after every poll
     with ``{"n", "done_bytes", "total_bytes", "slaves": {slave: {volume:
     {"done_bytes", "total_bytes", "state"}}}}``.
