@@ -25,18 +25,20 @@ Durability ordering -- why a power cut cannot leave a changed block unmarked:
    region's intent bit has.
 2. A checkpoint takes ``snap = cr | oos`` and empties ``touched`` atomically
    (under ``lock``), makes ``snap`` durable as ``NAME.map``, and only then
-   shrinks the intent map to the regions touched since the snapshot.  Every
-   block dirty now is either in ``snap`` or was marked after it, and then its
-   region is in ``touched`` and so stays in the intent map.  Shrinking first
-   lowers ``durable`` (under ``lock``) to the kept regions, so a concurrent
-   writer to a dropped region waits for the intent file and re-syncs it.
+   shrinks the intent map to the regions touched since the snapshot (and,
+   to spare busy regions a re-sync, those touched in the interval before).
+   Every block dirty now is either in ``snap`` or was marked after it, and
+   then its region is in ``touched`` and so stays in the intent map.
+   Shrinking first lowers ``durable`` (under ``lock``) to the kept regions,
+   so a concurrent writer to a dropped region waits for the intent file and
+   re-syncs it.
 3. A crash between the steps of 2 leaves the old intent map (a superset) with
    either snapshot, both of which cover what the other lacks.
 
 Clearing bits (copy confirmed, or ``clear``) only happens in memory; the disk
 keeps them until the next checkpoint, so a crash over-marks, never loses.
-Over-marking after a crash is bounded by the regions written within one
-checkpoint interval.  A clean close checkpoints with nothing in flight, which
+Over-marking after a crash is bounded by the regions written within the last
+two checkpoint intervals.  A clean close checkpoints with nothing in flight, which
 empties the intent map: nothing over-marked.
 
 Rejected: fsync of the fine bitmap per write (one sync per write: 10-100x
@@ -190,26 +192,39 @@ class ChangeMap:
 
     # ------------------------------------------------------------ checkpoint
 
-    def checkpoint(self) -> bool:
+    def checkpoint(self, final: bool = False) -> bool:
         """Make the in-memory state durable and shrink the intent map.
 
-        Returns False when nothing changed since the last checkpoint.
+        Like md's bitmap, a region leaves the intent map only after a whole
+        interval without writes, so a busy region is not re-synced after
+        every checkpoint.  ``final`` (clean close, nothing in flight) empties
+        it.  Returns False when there was nothing to do.
         """
         with self.intent_lock:
             with self.lock:
-                if not self._changed and self.touched.count() == 0:
+                if not (self._changed or final or self.touched.any()
+                        or self.durable.any()):
                     return False
                 snap = self.cr.copy()
                 snap.or_(self.oos)
+                recent = self.touched.copy()
                 self.touched.clear_all()
                 self._changed = False
             self._write_map(snap)
             failpoints.hit("checkpoint:after-map")
             with self.lock:
                 keep = self.touched.copy()
-                self.durable.clear_all()
-                self.durable.or_(keep)
+                if not final:
+                    keep.or_(recent)
+                # Lower ``durable`` before the file shrinks; regions in keep
+                # that are not durable yet belong to writers waiting for
+                # intent_lock, and become durable with this very write.
+                drop = self.durable.copy()
+                drop.andnot(keep)
+                self.durable.andnot(drop)
             self._write_intent(keep)
+            with self.lock:
+                self.durable.or_(keep)
             return True
 
     def _write_map(self, snap: Bitmap) -> None:
@@ -227,8 +242,7 @@ class ChangeMap:
 
     def close(self) -> None:
         """Clean shutdown: call with no writes in flight."""
-        self._changed = True
-        self.checkpoint()
+        self.checkpoint(final=True)
         os.close(self._intent_fd)
         self._intent_fd = None
 

@@ -18,7 +18,10 @@ import time
 
 class Gate:
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        # Entering and leaving an open gate take only the plain lock (the hot
+        # path); waiting goes through the condition built on the same lock.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._closed = False
         self._inside = 0
         self._next_ticket = 0   # next ticket to hand out to a waiter
@@ -38,7 +41,7 @@ class Gate:
         return self._next_ticket - self._serving
 
     def enter(self) -> None:
-        with self._cond:
+        with self._lock:
             if not self._closed and self._next_ticket == self._serving:
                 self._inside += 1
                 return
@@ -51,9 +54,10 @@ class Gate:
             self._cond.notify_all()
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self._inside -= 1
-            if self._inside == 0:
+            # Only close() waits for the last one out, and only while closed.
+            if self._inside == 0 and self._closed:
                 self._cond.notify_all()
 
     def close(self, timeout: float) -> bool:

@@ -117,43 +117,43 @@ class Volume:
             raise OSError(errno.EIO, f"short read at {offset}: {n} of {len(buf)}")
 
     def _pwrite_all(self, buf, offset: int) -> None:
+        n = os.pwrite(self.fd, buf, offset)
+        if n == len(buf):
+            return
         view = memoryview(buf)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
+        while n < len(view):     # short writes are legal: finish them
             if n <= 0:
                 raise OSError(errno.EIO, f"short write at {offset}")
             view, offset = view[n:], offset + n
+            n = os.pwrite(self.fd, view, offset)
 
-    def _check(self, offset: int, length: int) -> None:
+    def _modify(self, offset: int, length: int, action, *args) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OSError(errno.EINVAL, f"request [{offset}, +{length}) beyond {self.size}")
-
-    def _modify(self, offset: int, length: int, action) -> None:
-        self._check(offset, length)
         self.gate.enter()
         try:
             self.changes.mark(offset, length)
             pit = self.pit
             if pit is not None:
                 pit.preserve(offset, length)
-            action()
+            action(*args)
             failpoints.hit("write:after-data")
         finally:
             self.gate.leave()
 
     def pwrite(self, buf, offset: int, fua: bool = False) -> None:
-        self._modify(offset, len(buf), lambda: self._pwrite_all(buf, offset))
+        self._modify(offset, len(buf), self._pwrite_all, buf, offset)
         if fua:
             self.flush()
 
     def zero(self, length: int, offset: int, may_trim: bool = False,
              fua: bool = False) -> None:
-        self._modify(offset, length, lambda: self._zero(length, offset, may_trim))
+        self._modify(offset, length, self._zero, length, offset, may_trim)
         if fua:
             self.flush()
 
     def trim(self, length: int, offset: int, fua: bool = False) -> None:
-        self._modify(offset, length, lambda: self._trim(length, offset))
+        self._modify(offset, length, self._trim, length, offset)
         if fua:
             self.flush()
 
