@@ -215,13 +215,19 @@ class Rig:
         return out
 
     # the cycle
-    def establish(self, **kw):
-        self.n = group.next_n(group.preflight(self.links), self.n)
+    def establish(self, mode: str = "auto", **kw):
+        """Cut the next n for a copy in ``mode`` (which volumes are cut for a
+        full copy is decided now, from what each slave last copied where)."""
+        replies = group.preflight(self.links)
+        self.n = group.next_n(replies, self.n)
+        self.mode = mode
+        full = group.full_volumes(replies, self.targets(), mode)
         return group.establish(self.links, self.n, kw.get("lease_ms", LEASE_MS),
-                               kw.get("max_coordination_ms", COORD_MS))
+                               kw.get("max_coordination_ms", COORD_MS), full=full)
 
-    def copy(self, mode="auto", **kw):
-        return group.copy(self.links, self.n, self.targets(), mode, timeout_ms=10_000, **kw)
+    def copy(self, **kw):
+        return group.copy(self.links, self.n, self.targets(), self.mode,
+                          timeout_ms=10_000, **kw)
 
     def check(self, run=None) -> wl.Report:
         return wl.check_targets(self.images(), LAYOUT, run).raise_if_bad()
@@ -321,10 +327,10 @@ def test_copies_taken_during_dependent_writes_are_consistent(rig):
     with wl.Workload(r.uris(), LAYOUT) as work:
         _wait_written(work, 500)
         for i in range(4):
-            r.establish()
+            r.establish("full" if i == 0 else "auto")
             _wait_written(work, 50)     # the cut is behind us: writes flow
             with PreservePoller(r.links) as poll:
-                rep = r.copy("full" if i == 0 else "auto")
+                rep = r.copy()
             preserved = max(preserved, poll.max)
             modes = {c.mode for vols in rep.slaves.values() for c in vols.values()}
             assert modes == {"full" if i == 0 else "incremental"}
@@ -434,9 +440,9 @@ def test_slave_killed_during_copy_fails_the_copy_and_next_copy_is_consistent(rig
     s2 = r.procs["s2"]
     with wl.Workload(r.uris(), LAYOUT) as work:
         _wait_written(work, 300)
-        r.establish()
+        r.establish("full")
         with pytest.raises(CopyFailed) as exc:
-            r.copy("full")
+            r.copy()
         _wait_until(lambda: work.errors, 10, "writers to notice s2 is gone")
     assert exc.value.fault == "unreachable", str(exc.value)
     assert any(k.startswith("s2") for k in exc.value.failures), exc.value.failures
@@ -467,8 +473,8 @@ def test_target_write_errors_fail_the_copy_and_lose_nothing(rig):
     r.start_targets()
     with wl.Workload(r.uris(), LAYOUT) as work:
         _wait_written(work, 300)
-        r.establish()
-        r.copy("full")
+        r.establish("full")
+        r.copy()
         r.check(work.run)
         _wait_written(work, 500)
         r.start_targets(filters=["error"], args=["error=EIO", "error-pwrite-rate=50%"])
@@ -499,9 +505,9 @@ def test_target_too_small_fails_the_copy_clearly(rig):
     r.start_targets(size=SIZE // 2, only=[("s2", "b")])
     with wl.Workload(r.uris(), LAYOUT) as work:
         _wait_written(work, 300)
-    r.establish()
+    r.establish("full")
     with pytest.raises(CopyFailed) as exc:
-        r.copy("full")
+        r.copy()
     assert exc.value.fault == "target", str(exc.value)
     assert "s2/b" in exc.value.failures
     assert "too small" in exc.value.failures["s2/b"]

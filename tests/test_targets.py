@@ -123,7 +123,8 @@ def test_pit_copies_to_target(kind, slaves, target, run_dir):
     link = SlaveLink.from_spec(proc.spec)
     try:
         n = group.next_n(group.preflight([link]))
-        group.establish([link], n, lease_ms=5000, max_coordination_ms=1000)
+        group.establish([link], n, lease_ms=5000, max_coordination_ms=1000,
+                        full={"s1": ["a"]})
         rep = group.copy([link], n, {"s1": {"a": uri}}, "full")
         assert rep.slaves["s1"]["a"].bytes == SIZE
         _assert_same(source, uri)
