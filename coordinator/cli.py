@@ -12,6 +12,28 @@ process.  Every error is one line on stderr; with ``--json`` stdout carries
 exactly one JSON document, also on error (``{"ok": false, "error": ...}``).
 Handlers live in one module per noun (``slave_cmds``, ``copy_cmds``,
 ``status_cmds``) and are a few lines each.
+
+JSON documents (every one has "ok"; on error also "error", "error_type",
+"fault" (local/slave/target/unreachable) and "exit_code"):
+
+    copy --json     {"ok", "session", "n", "mode", "result" (ok/failed/aborted),
+                     "started", "establish": {"n", "coordination_ms", "total_ms",
+                     "max_held_ms", "slaves": {S: {"frozen_ms", "drain_ms",
+                     "held_ms", "blocks": {V: int}}}} | null,
+                     "copy": {"n", "mode", "ok", "bytes", "seconds", "slaves":
+                     {S: {V: {"target", "mode", "bytes", "total_bytes", "seconds",
+                     "state", "error", "mb_per_s"}}}} | null}
+    status --json   {"ok", "session", "slaves": {S: {"reachable", "error", "pid",
+                     "phase", "n", "ended", "last_copy_ok", "volumes": {V: {
+                     "present", "target", "synced", "dirty_bytes", "error",
+                     + the slave's own volume status: "size", "granularity",
+                     "dirty_blocks", "cr_blocks", "oos_blocks", "gate", "pit",
+                     "copy", "synced_target", ...}}}}}
+    history --json  {"ok", "session", "copies": [{"n", "session", "started",
+                     "finished", "mode", "result", "error", "coordination_ms",
+                     "establish_ms", "max_held_ms", "bytes", "seconds",
+                     "volumes": {S: {V: {"target", "mode", "bytes", "seconds",
+                     "result", "error"}}}}, ...newest first]}
 """
 
 from __future__ import annotations
