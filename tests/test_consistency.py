@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -516,3 +517,38 @@ def test_target_too_small_fails_the_copy_clearly(rig):
     r.copy()
     r.check(work.run)
     r.assert_complete()
+
+
+def test_cli_copies_under_writes_are_consistent(run_dir, capsys):
+    """End to end through ``cgmirror -s SESSION``: slave start, copy --full
+    --json, copy --json (incremental), status --json, slave stop; every copy
+    taken under the workload passes the checker."""
+    need("nbdkit")
+    import json
+
+    import cgtest
+    from coordinator.errors import ExitCode
+
+    layout = {"s1": {"a": SIZE, "b": SIZE}, "s2": {"a": SIZE, "b": SIZE}}
+    session = cgtest.write_session(Path(run_dir), layout)
+    with cgtest.targets(session) as tg, cgtest.slaves(session) as sess:
+        capsys.readouterr()
+        specs = {s.name: s.spec() for s in sess.slaves}
+        uris = [specs[s].uri(v) for s, v in ORDER]
+        images = [tg[f"{s}/{v}"].image for s, v in ORDER]
+        with wl.Workload(uris, LAYOUT) as work:
+            _wait_written(work, 300)
+            for args, mode in ((["--full"], "full"), ([], "incremental"),
+                               ([], "incremental")):
+                assert cgtest.run(session, "copy", *args, "--json") == ExitCode.OK
+                doc = json.loads(capsys.readouterr().out)
+                assert doc["ok"] and doc["result"] == "ok", doc
+                modes = {c["mode"] for vols in doc["copy"]["slaves"].values()
+                         for c in vols.values()}
+                assert modes == {mode}, doc
+                wl.check_targets(images, LAYOUT, work.run).raise_if_bad()
+                _wait_written(work, 100)
+        assert not work.errors, work.errors
+        assert cgtest.run(session, "status", "--json") == ExitCode.OK
+        doc = json.loads(capsys.readouterr().out)
+        assert {s["phase"] for s in doc["slaves"].values()} == {"idle"}, doc
