@@ -405,11 +405,6 @@ class CopyReport:
                            for s, vols in self.slaves.items()}}
 
 
-def _target_fault(error: str | None) -> bool:
-    # The copier's messages name the target when it is the target's fault.
-    return bool(error) and error.startswith(("target ", "cannot reach target "))
-
-
 def copy(links: list[SlaveLink], n: int, targets: dict[str, dict[str, str]],
          mode: str = "auto", progress_cb: Callable[[dict], None] | None = None, *,
          timeout_ms: int = 30000, inflight: int | None = None,
@@ -457,6 +452,7 @@ def copy(links: list[SlaveLink], n: int, targets: dict[str, dict[str, str]],
         raise
     report.seconds = round(time.monotonic() - t0, 3)
     failures: dict[str, str] = {}
+    faults: set[str | None] = set()
     for lk in links:
         last, err = finals[lk.name]
         vols = {}
@@ -468,6 +464,7 @@ def copy(links: list[SlaveLink], n: int, targets: dict[str, dict[str, str]],
                             error=p.get("error") or err)
             if vc.state != "done":
                 failures[f"{lk.name}/{v}"] = vc.error or vc.state
+                faults.add(p.get("fault"))
             vols[v] = vc
         report.slaves[lk.name] = vols
     if failures:
@@ -475,7 +472,7 @@ def copy(links: list[SlaveLink], n: int, targets: dict[str, dict[str, str]],
         if dead:
             fault = "unreachable"
             failures = {k: finals[k][1] for k in dead} | failures
-        elif all(_target_fault(e) for e in failures.values()):
+        elif faults == {"target"}:
             fault = "target"
         else:
             fault = "slave"

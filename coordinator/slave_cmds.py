@@ -8,20 +8,12 @@ psutil errors become ``SlaveError`` here.
 
 from __future__ import annotations
 
-import subprocess
-
 import psutil
 
 from nbdplugin import launch
 
 from .errors import ExitCode, SlaveError
 from .lock import SessionLock
-
-# Slaves this process started, by pid.  Kept so that a process that both
-# starts and stops slaves (tests, the demo) reaps its children and Python
-# never finds a running Popen it forgot.
-_started: dict[int, subprocess.Popen] = {}
-
 
 def start(ctx, names: list[str]) -> ExitCode:
     s = ctx.session
@@ -37,7 +29,6 @@ def start(ctx, names: list[str]) -> ExitCode:
             except (launch.LaunchError, OSError) as exc:
                 raise SlaveError(cfg.name, f"cannot start slave {cfg.name}: {exc}",
                                  "launch") from exc
-            _started[proc.pid] = proc.popen
             ctx.say(f"{cfg.name}: started (pid {proc.pid}), serving"
                     f" {', '.join(v.name for v in cfg.volumes)} on {cfg.nbd_socket}")
     return ExitCode.OK
@@ -54,9 +45,6 @@ def stop(ctx, names: list[str]) -> ExitCode:
             except (psutil.Error, OSError) as exc:
                 raise SlaveError(cfg.name, f"cannot stop slave {cfg.name}: {exc}",
                                  "launch") from exc
-            popen = _started.pop(pid, None) if pid else None
-            if popen is not None:
-                popen.wait(timeout=30)
             ctx.say(f"{cfg.name}: stopped (pid {pid})" if stopped
                     else f"{cfg.name}: was not running")
     return ExitCode.OK

@@ -53,7 +53,14 @@ class ControlClient:
         if not reply:
             self.close()
             raise ControlError(f"slave at {self.path} closed the connection", "unreachable")
-        msg = json.loads(reply)
+        try:
+            msg = json.loads(reply)
+            if not isinstance(msg, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            self.close()
+            raise ControlError(f"slave at {self.path} sent a malformed reply: {exc}",
+                               "unreachable") from exc
         if not msg.get("ok"):
             raise ControlError(msg.get("error", "unknown error"), msg.get("kind", "protocol"))
         return msg

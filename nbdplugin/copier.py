@@ -25,7 +25,11 @@ MAX_RUN = 1 << 20
 
 
 class CopyError(Exception):
-    """A copy could not finish; the message says whether source or target failed."""
+    """A copy could not finish; ``fault`` says whose fault: "target" or "source"."""
+
+    def __init__(self, message: str, fault: str = "target"):
+        super().__init__(message)
+        self.fault = fault
 
 
 def connect(uri: str, name: str) -> "nbd.NBD":
@@ -54,6 +58,7 @@ class Copy:
         self.done_bytes = 0
         self.state = "running"
         self.error: str | None = None
+        self.fault: str | None = None
         self.started = time.monotonic()
         self.finished: float | None = None
         self.cancelled = threading.Event()
@@ -62,6 +67,7 @@ class Copy:
     def progress(self) -> dict:
         end = self.finished or time.monotonic()
         return {"target": self.uri, "state": self.state, "error": self.error,
+                "fault": self.fault,
                 "total_bytes": self.total_bytes, "done_bytes": self.done_bytes,
                 "seconds": round(end - self.started, 3)}
 
@@ -70,9 +76,10 @@ class Copy:
             self._run()
             self.state = "done"
         except CopyError as exc:
-            self.state, self.error = "failed", str(exc)
+            self.state, self.error, self.fault = "failed", str(exc), exc.fault
         except Exception as exc:  # a bug or a local I/O error: report, don't hide
             self.state, self.error = "failed", f"source {self.volume.name}: {exc}"
+            self.fault = "source"
         finally:
             self.finished = time.monotonic()
 
@@ -108,13 +115,16 @@ class Copy:
                     pit.confirm(start, nblocks)
                     self.done_bytes += len(buf)
                     last_progress = time.monotonic()
+                    if self.done_bytes >= halfway:
+                        failpoints.hit("copy:mid")
 
             per_run = max(1, MAX_RUN // g)
             for start, nblocks in self.blocks.iter_runs(max_run=per_run):
                 if self.cancelled.is_set():
-                    raise CopyError("copy cancelled")
+                    raise CopyError("copy cancelled", "source")
                 if pit is None or pit.broken:
-                    raise CopyError(pit.broken if pit else f"{vol.name}: PiT dropped")
+                    raise CopyError(pit.broken if pit else f"{vol.name}: PiT dropped",
+                                    "source")
                 length = min(nblocks * g, vol.size - start * g)
                 buf = bytearray(length)
                 pit.read(buf, start)
@@ -126,12 +136,10 @@ class Copy:
                     raise CopyError(f"target {self.uri}: {exc.string}") from exc
                 pending[cookie] = (start, nblocks, buf)
                 reap(False)
-                if halfway and self.done_bytes >= halfway:
-                    failpoints.hit("copy:mid")
             while pending:
                 reap(True)
             if pit.broken:
-                raise CopyError(pit.broken)
+                raise CopyError(pit.broken, "source")
             try:
                 h.flush()
             except nbd.Error as exc:

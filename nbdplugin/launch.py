@@ -68,41 +68,70 @@ class SlaveSpec:
 
 
 class SlaveProcess:
-    """A running slave started by us."""
+    """A running slave started by us: our child (``popen``), or, when started
+    detached, a daemon known by the pid in its pidfile."""
 
-    def __init__(self, spec: SlaveSpec, popen: subprocess.Popen):
+    def __init__(self, spec: SlaveSpec, pid: int, popen: subprocess.Popen | None = None):
         self.spec = spec
+        self.pid = pid
         self.popen = popen
-        self.pid = popen.pid
 
     def control(self, timeout: float = 30.0) -> ControlClient:
         return ControlClient(self.spec.control, timeout)
 
-    def kill9(self) -> int:
-        """SIGKILL and reap; return the exit status."""
-        if self.popen.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-        return self.popen.wait(timeout=30)
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return _alive(self.pid)
 
-    def stop(self, timeout: float = 30.0) -> int:
+    def wait(self, timeout: float) -> int | None:
+        """Wait for the process to end; return its status if it was our child."""
+        if self.popen is not None:
+            return self.popen.wait(timeout=timeout)
+        if not _wait_gone(self.pid, timeout):
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        return None
+
+    def kill9(self) -> int | None:
+        """SIGKILL and reap; return the exit status (if it was our child)."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+        return self.wait(30)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (clean shutdown: change maps checkpointed), then reap.
 
         nbdkit 1.32 exits on SIGTERM only once its clients have disconnected;
         past ``timeout`` the slave is killed, which is safe (recovery re-marks
-        the regions written since the last checkpoint) but over-marks.
+        the regions written lately) but over-marks.
         """
-        if self.popen.poll() is None:
+        if self.alive():
             os.kill(self.pid, signal.SIGTERM)
             try:
-                self.popen.wait(timeout=timeout)
+                self.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout=30)
+                self.wait(30)
         _remove(self.spec.nbd_socket, self.spec.control)
-        return self.popen.returncode
+        return self.popen.returncode if self.popen is not None else None
 
-    def alive(self) -> bool:
-        return self.popen.poll() is None
+
+def _alive(pid: int) -> bool:
+    """True while pid runs.  A zombie counts as gone: a daemon's parent may
+    have exited, and not every init reaps orphans promptly."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _remove(*paths: str) -> None:
@@ -131,7 +160,13 @@ def running_pid(spec: SlaveSpec) -> int | None:
 
 
 def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> SlaveProcess:
-    """Start a slave and wait until it answers; raise LaunchError if it cannot."""
+    """Start a slave and wait until it answers; raise LaunchError if it cannot.
+
+    By default the slave is our child and runs in the foreground (``nbdkit
+    -f``, which also makes it die with us: nbdkit sets PR_SET_PDEATHSIG).
+    ``detach`` lets nbdkit daemonize instead, so the slave outlives the
+    process that started it (``cgmirror slave start``).
+    """
     pid = running_pid(spec)
     if pid:
         raise LaunchError(f"slave {spec.name} is already running as pid {pid}")
@@ -141,25 +176,40 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
     _remove(spec.nbd_socket, spec.control, spec.pidfile)
     env = dict(os.environ, **spec.env)
+    cmd = spec.command()
+    if detach:
+        cmd = [a for a in cmd if a != "-f"]
+        cmd.insert(1, "--log=stderr")
     with open(spec.logfile, "ab") as log:
         log_start = log.tell()
-        popen = subprocess.Popen(spec.command(), stdin=subprocess.DEVNULL, stdout=log,
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=log, env=env, start_new_session=detach)
-    proc = SlaveProcess(spec, popen)
+    proc = SlaveProcess(spec, popen.pid, None if detach else popen)
     deadline = time.monotonic() + timeout
     while True:
-        if popen.poll() is not None:
-            raise LaunchError(f"slave {spec.name} exited with status {popen.returncode}:"
+        status = popen.poll()
+        if status is not None and (status != 0 or not detach):
+            raise LaunchError(f"slave {spec.name} exited with status {status}:"
                               f" {_tail(spec.logfile, log_start)}")
         if os.path.exists(spec.pidfile) and os.path.exists(spec.control):
+            if detach:
+                proc.pid = running_pid(spec) or proc.pid
             try:
                 with ControlClient(spec.control, timeout=5) as c:
                     c.call("status")
-                return proc
             except ControlError:
                 pass
+            else:
+                if detach:
+                    popen.wait(timeout=timeout)   # nbdkit's parent exits after forking
+                return proc
+        if detach and status == 0 and not _alive(proc.pid) and running_pid(spec) is None \
+                and os.path.exists(spec.pidfile):
+            raise LaunchError(f"slave {spec.name} exited after starting:"
+                              f" {_tail(spec.logfile, log_start)}")
         if time.monotonic() > deadline:
-            proc.kill9()
+            if proc.alive():
+                proc.kill9()
             raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
                               f" {_tail(spec.logfile, log_start)}")
         time.sleep(0.02)
@@ -171,14 +221,7 @@ def stop(spec: SlaveSpec, timeout: float = 30.0) -> bool:
     if pid is None:
         _remove(spec.nbd_socket, spec.control)
         return False
-    p = psutil.Process(pid)
-    p.terminate()
-    try:
-        p.wait(timeout)
-    except psutil.TimeoutExpired:
-        p.kill()
-        p.wait(30)
-    _remove(spec.nbd_socket, spec.control)
+    SlaveProcess(spec, pid).stop(timeout)
     return True
 
 
