@@ -65,7 +65,7 @@ def status(ctx) -> ExitCode:
     else:
         print_status(doc, ctx.out)
     code = ExitCode.OK
-    for name, sl in doc["slaves"].items():
+    for sl in doc["slaves"].values():
         if not sl["reachable"]:
             print(f"cgmirror: {sl['error']}", file=ctx.err)
             code = ExitCode.UNREACHABLE

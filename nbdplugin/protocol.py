@@ -95,7 +95,7 @@ def decode(line: bytes | str) -> dict:
     for key in msg:
         if key != "op" and key not in required and key not in optional:
             raise ProtocolError(f"unknown key {key!r} for op {op!r}")
-    for key, types in required.items():
+    for key in required:
         if key not in msg:
             raise ProtocolError(f"op {op!r} needs key {key!r}")
     for key, value in msg.items():

@@ -15,8 +15,6 @@ import socket
 import threading
 import time
 
-from native.bitmap import Bitmap
-
 from . import protocol
 from .copier import Copy
 from .protocol import CutMachine, Event, Phase, ProtocolError
@@ -233,7 +231,7 @@ class Slave:
                         f"{name} has no completed copy on {uri}: run a full copy first",
                         "baseline")
                 plans[name] = (uri, pit.remaining(), not pit.full)
-            for name, (uri, blocks, incremental) in plans.items():
+            for name, (_, _, incremental) in plans.items():
                 if not incremental and self.synced_target(name) is not None:
                     # Bits cleared by this copy were changes relative to the
                     # old target too: it is no longer a baseline.  (Done before

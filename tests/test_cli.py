@@ -3,10 +3,8 @@ nbdkit file targets."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
