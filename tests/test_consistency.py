@@ -356,7 +356,7 @@ def test_slave_killed_during_establish_leaves_the_others_thawed(rig):
     r = rig()
     r.start_targets()
     s1, s2 = r.procs["s1"], r.procs["s2"]
-    coord_ms = 400
+    coord_ms = 1000
     with wl.Workload(r.uris(), LAYOUT) as work:
         _wait_written(work, 300)
     r.n = group.next_n(group.preflight(r.links), r.n)
