@@ -18,6 +18,8 @@ if ROOT not in sys.path:
 
 from nbdplugin import launch  # noqa: E402
 
+pytest_plugins = ["tests.vmfixture"]
+
 IN_CI = os.environ.get("CI") == "true"
 
 

@@ -215,8 +215,9 @@ def test_copy_slave_dies_mid_copy(slaves, run_dir, links_of):
     need("nbdkit")
     a = slaves("a", [("x", 8 * MiB)])
     b = slaves("b", [("y", 8 * MiB)], env={"CGMIRROR_FAILPOINTS": "copy:mid"})
-    # a's target is slow, so a is still copying when b dies.
-    tx = target_for(run_dir, "x", 8 * MiB, filters=("delay",), args=("wdelay=50ms",))
+    # a's target is slow (8 runs, 2 in flight, 0.5 s each: 2 s), so a is
+    # still copying when b dies, whatever the load on the machine.
+    tx = target_for(run_dir, "x", 8 * MiB, filters=("delay",), args=("wdelay=500ms",))
     ty = target_for(run_dir, "y", 8 * MiB)
     try:
         lks = links_of(a, b)

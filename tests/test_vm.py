@@ -13,13 +13,7 @@ import time
 
 import pytest
 
-from tests.vmfixture import (  # noqa: F401  (fixtures)
-    nbdkit_server,
-    vm_artifacts,
-    vm_dir,
-    vm_guest,
-    workload,
-)
+from tests.vmfixture import workload
 from vm.runner import GuestError, GuestTimeout, run_guest
 
 pytestmark = pytest.mark.vm

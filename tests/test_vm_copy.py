@@ -35,7 +35,6 @@ import pytest
 from cgtest import MiB
 from conftest import need
 
-from tests.vmfixture import vm_artifacts, vm_guest  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.vm
 
@@ -219,7 +218,7 @@ def _check_copy(image: str, dev: int, before: dict, later: dict, out_dir: str) -
             "fsynced_later_complete": sum(1 for k, s in late.items() if files.get(k) == s)}
 
 
-def test_copy_of_live_ext4_across_two_slaves(vm_guest, run_dir):  # noqa: F811
+def test_copy_of_live_ext4_across_two_slaves(vm_guest, run_dir):
     """ext4 on a volume of each of two slaves, written and fsync'd by the
     guest throughout; ``cgmirror copy`` to qemu-nbd targets: each copy is a
     clean ext4 after journal replay holding every file fsync'd before the
