@@ -18,7 +18,11 @@ reversed every other repeat:
           ``coordinator.group.establish`` over every slave with the budget
           ``--budget-ms`` (max coordination time), then ``abort_all`` to end
           the cut (nothing is copied);
-  quiet   the same with the writers paused: the establish's own cost.
+  quiet   the same with the writers paused: the establish's own cost;
+  raw     under load, a minimal fan-out instead of the coordinator: one
+          thread, one persistent connection per slave, FREEZE written to
+          every socket, then every reply read, then THAW likewise.  What the
+          coordinator's threads and per-establish connections add.
 
 Per establish: the gate hold each slave measured (gate closed -> open, the
 largest over slaves), the coordination time (freeze sent -> last FROZEN), and
@@ -55,6 +59,7 @@ from coordinator import group  # noqa: E402
 from coordinator.errors import EstablishAborted  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from nbdplugin import launch  # noqa: E402
+from nbdplugin.control import ControlClient  # noqa: E402
 
 BLOCK = 4096
 
@@ -127,6 +132,31 @@ def _read_log(path: str) -> tuple[list[str], list[tuple[float, float]]]:
     return errors, sorted(zip(arr[0::2], arr[1::2]))
 
 
+# ------------------------------------------------------------------ raw fan-out
+
+def raw_establish(clients: list[ControlClient], n: int, lease_ms: int) -> dict:
+    """FREEZE to all, read all; THAW to all, read all; then ABORT (not timed).
+    No budget and no error handling beyond raising: a yardstick, not a
+    coordinator."""
+    def fan(op: str, **args) -> list[dict]:
+        line = json.dumps({"op": op, **args}).encode() + b"\n"
+        for c in clients:
+            c._sock.sendall(line)
+        replies = [json.loads(c._rfile.readline()) for c in clients]
+        bad = [r for r in replies if not r.get("ok")]
+        if bad:
+            raise RuntimeError(f"raw {op} {n}: {bad[0]}")
+        return replies
+    t0 = time.monotonic()
+    fan("freeze", n=n, lease_ms=lease_ms)
+    coordination = time.monotonic() - t0
+    thawed = fan("thaw", n=n)
+    total = time.monotonic() - t0
+    fan("abort", n=n)
+    return {"held_ms": max(r["held_ms"] for r in thawed),
+            "coordination_ms": coordination * 1000, "total_ms": total * 1000}
+
+
 # ------------------------------------------------------------------ statistics
 
 def pct(values, p: float) -> float:
@@ -182,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     base = tempfile.mkdtemp(prefix="cgm-freeze-", dir="/dev/shm")
     procs: list[launch.SlaveProcess] = []
     links: list[SlaveLink] = []
+    raw: list[ControlClient] = []
     writer = None
     stop = ready = None
     try:
@@ -211,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)      # warm up
 
         n = group.next_n(group.preflight(links))
+        raw = [ControlClient(s.control) for s in specs]
+        for c in raw:
+            c.call("status")         # connected before the first timing
         windows: list[tuple[str, float, float]] = []
         ests: list[dict] = []
         aborted: list[str] = []
@@ -220,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() - t_begin > args.max_seconds:
                 break
             reps += 1
-            kinds = ["idle", "during", "quiet"]
+            kinds = ["idle", "during", "quiet", "raw"]
             for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
                 if kind == "quiet":
                     pause.set()
@@ -231,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     for _ in range(args.per_window):
                         t0 = time.monotonic()
+                        if kind == "raw":
+                            r = raw_establish(raw, n, args.lease_ms)
+                            ests.append({"kind": kind, "t0": t0,
+                                         "t1": t0 + r["total_ms"] / 1000} | r)
+                            n += 1
+                            time.sleep(args.gap_ms / 1000)
+                            continue
                         try:
                             e = group.establish(links, n, args.lease_ms, args.budget_ms)
                             t1 = time.monotonic()
@@ -260,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                 writer.join(10)
         for lk in links:
             lk.close()
+        for c in raw:
+            c.close()
         for p in procs:
             p.stop(timeout=15)
         shutil.rmtree(base, ignore_errors=True)
@@ -269,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         e["host_ms"] = _host_hold(writes, e["t0"], e["t1"], longest) * 1000
     win: dict[str, dict[str, list[float]]] = {"idle": {}, "during": {}}
     for kind, a, b in windows:
-        if kind == "quiet":
+        if kind not in win:
             continue
         lat = [d * 1000 for _, d in _in_window(writes, a, b)]
         w = win[kind]
@@ -286,11 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     quiet = [e for e in ests if e["kind"] == "quiet"]
     q_held = [e["held_ms"] for e in quiet]
     q_coord = [e["coordination_ms"] for e in quiet]
+    rawe = [e for e in ests if e["kind"] == "raw"]
+    r_held = [e["held_ms"] for e in rawe]
+    r_host = [e["host_ms"] for e in rawe]
+    r_coord = [e["coordination_ms"] for e in rawe]
 
     nvol = args.slaves * args.volumes
     print(f"\nfreeze hold: {args.slaves} slaves x {args.volumes} volumes ({args.size} MiB,"
           f" /dev/shm, nbdkit --threads {args.threads}), {nvol} writers 4K random QD1,"
-          f" {len(loaded)} establishes under load + {len(quiet)} with writers paused,"
+          f" {len(loaded)} establishes under load + {len(quiet)} with writers paused"
+          f" + {len(rawe)} raw fan-outs under load,"
           f" {reps} repeats (budget {args.budget_ms} ms), {len(aborted)} aborted")
     print(f"{'':34} {'p50':>8} {'p99':>8} {'max':>8}")
     rows = [("hold as host writes saw it (ms)", host),
@@ -298,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
             ("coordination freeze->all (ms)", coord),
             ("establish total incl. thaw (ms)", total),
             ("no load: gate held (ms)", q_held),
-            ("no load: coordination (ms)", q_coord)]
+            ("no load: coordination (ms)", q_coord),
+            ("raw fan-out, load: host-seen (ms)", r_host),
+            ("raw fan-out, load: gate held (ms)", r_held),
+            ("raw fan-out, load: freeze->all (ms)", r_coord)]
     for label, vals in rows:
         print(f"{label:34} {pct(vals, 50):8.3f} {pct(vals, 99):8.3f} {max(vals):8.3f}")
     print(f"{'write latency (ms), window medians':34} {'p50':>8} {'p99':>8} {'max':>8}"
@@ -322,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         "write_p50_ms_idle": round(med["idle"]["p50"], 3),
         "quiet_gate_held_p50_ms": round(pct(q_held, 50), 3),
         "quiet_gate_held_p99_ms": round(pct(q_held, 99), 3),
+        "raw_hold_p50_ms": round(pct(r_host, 50), 3),
+        "raw_hold_p99_ms": round(pct(r_host, 99), 3),
+        "raw_gate_held_p50_ms": round(pct(r_held, 50), 3),
+        "raw_gate_held_p99_ms": round(pct(r_held, 99), 3),
         "iops_during": round(med["during"]["iops"]), "iops_idle": round(med["idle"]["iops"]),
         "establishes": len(loaded), "establishes_quiet": len(quiet), "aborted": len(aborted), "budget_ms": args.budget_ms,
         "slaves": args.slaves, "volumes_per_slave": args.volumes, "threads": args.threads,
