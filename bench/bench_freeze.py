@@ -66,8 +66,8 @@ BLOCK = 4096
 
 # ------------------------------------------------------------------ writer process
 
-def _writer_main(uris: list[str], out_path: str, stop, ready, pause, seed: int) -> None:
-    """One thread per URI: 4K random writes, QD1, none while ``pause`` is set;
+def _writer_main(uris: list[str], out_path: str, stop, ready, running, seed: int) -> None:
+    """One thread per URI: 4K random writes, QD1, only while ``running`` is set;
     log (start, seconds) of each write; on ``stop`` dump the log to
     ``out_path`` (doubles, pairs)."""
     import nbd
@@ -87,8 +87,8 @@ def _writer_main(uris: list[str], out_path: str, stop, ready, pause, seed: int) 
             log = logs[k]
             started.wait(30)
             while not stop.is_set():
-                if pause.is_set():
-                    time.sleep(0.001)
+                if not running.is_set():
+                    running.wait(1.0)    # blocked, not polling: a quiet machine
                     continue
                 off = rng.randrange(nblocks) * BLOCK
                 t0 = time.monotonic()
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     links: list[SlaveLink] = []
     raw: list[ControlClient] = []
     writer = None
-    stop = ready = None
+    stop = ready = running = None
     try:
         specs = []
         for i in range(args.slaves):
@@ -232,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         uris = [s.uri(v[0]) for s in specs for v in s.volumes]
 
         ctx = mp.get_context("spawn")
-        stop, ready, pause = ctx.Event(), ctx.Event(), ctx.Event()
+        stop, ready, running = ctx.Event(), ctx.Event(), ctx.Event()
+        running.set()
         log_path = os.path.join(base, "writes.log")
-        writer = ctx.Process(target=_writer_main, args=(uris, log_path, stop, ready, pause, 1),
+        writer = ctx.Process(target=_writer_main, args=(uris, log_path, stop, ready, running, 1),
                              name="bench-writers", daemon=True)
         writer.start()
         if not ready.wait(30):
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             kinds = ["idle", "during", "quiet", "raw"]
             for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
                 if kind == "quiet":
-                    pause.set()
+                    running.clear()
                     time.sleep(0.05)          # let writes in flight finish
                 w0 = time.monotonic()
                 if kind == "idle":
@@ -285,9 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                         n += 1
                         time.sleep(args.gap_ms / 1000)
                 windows.append((kind, w0, time.monotonic()))
-                pause.clear()
+                running.set()
             print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
         stop.set()
+        running.set()
         writer.join(60)
         errors, writes = _read_log(log_path)
         if errors:
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if writer is not None and writer.is_alive():
             stop.set()
+            running.set()
             writer.join(10)
             if writer.is_alive():
                 writer.kill()
