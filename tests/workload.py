@@ -48,6 +48,7 @@ nbd-server) for targets lives at the end, shared by those tests and benches.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import signal
@@ -304,11 +305,11 @@ class Device:
         else:
             self.h = None
             flags = os.O_RDWR
-            if stat.S_ISBLK(os.stat(target).st_mode):
+            self.direct = stat.S_ISBLK(os.stat(target).st_mode)
+            if self.direct:
                 flags |= os.O_DIRECT
             self.fd = os.open(target, flags)
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
-            import mmap
             self._buf = mmap.mmap(-1, RECORD)   # page-aligned for O_DIRECT
 
     def pwrite(self, data: bytes, offset: int) -> None:
@@ -322,7 +323,14 @@ class Device:
     def pread(self, offset: int, length: int) -> bytes:
         if self.h is not None:
             return self.h.pread(length, offset)
-        return os.pread(self.fd, length, offset)
+        if not self.direct:
+            return os.pread(self.fd, length, offset)
+        buf = mmap.mmap(-1, -(-length // 4096) * 4096)   # aligned for O_DIRECT
+        try:
+            n = os.preadv(self.fd, [buf], offset)
+            return bytes(buf[:min(n, length)])
+        finally:
+            buf.close()
 
     def close(self) -> None:
         if self.h is not None:
