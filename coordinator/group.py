@@ -239,6 +239,7 @@ def establish(links: list[SlaveLink], n: int, lease_ms: int,
     failures: list[tuple[str, str]] = []
     outcome: dict[str, object] = {}      # name -> thaw reply (dict) or abort outcome (str)
     decision: list[str] = []             # ["thaw"] or ["abort"], set once
+    ready: list[str] = []                # workers connected (or failed to)
     t0 = 0.0
 
     def worker(link: SlaveLink) -> None:
@@ -250,8 +251,18 @@ def establish(links: list[SlaveLink], n: int, lease_ms: int,
         # A connection of the worker's own: if the slave hangs, only this
         # daemon thread waits on it, never the link's shared connection.
         with link.channel() as ch:
+            connect_error = None
+            try:
+                ch.connect()      # before the clock starts
+            except Exception as exc:
+                connect_error = exc
+            with cond:
+                ready.append(link.name)
+                cond.notify_all()
             go.wait()
             try:
+                if connect_error is not None:
+                    raise connect_error
                 reply = ch.call("freeze", **args)
                 with cond:
                     frozen[link.name] = (time.monotonic() - t0, reply)
@@ -276,6 +287,7 @@ def establish(links: list[SlaveLink], n: int, lease_ms: int,
                                 daemon=True) for lk in links]
     for t in threads:
         t.start()
+    _wait_for(cond, ready, len(links), time.monotonic() + max(lk.timeout for lk in links))
     t0 = time.monotonic()
     go.set()
     deadline = t0 + max_coordination_ms / 1000
@@ -336,7 +348,8 @@ def establish(links: list[SlaveLink], n: int, lease_ms: int,
                        slaves=timings)
 
 
-def _wait_for(cond: threading.Condition, outcome: dict, count: int, until: float) -> None:
+def _wait_for(cond: threading.Condition, outcome: dict | list, count: int,
+              until: float) -> None:
     with cond:
         while len(outcome) < count:
             left = until - time.monotonic()

@@ -1,7 +1,6 @@
 """The coordinator's handle on one slave's control channel.
 
-This is the one place where ``nbdplugin.control.ControlError`` (and a reply
-that is not JSON) becomes a coordinator error: ``SlaveUnreachable`` when the
+This is the one place where ``nbdplugin.control.ControlError`` becomes a coordinator error: ``SlaveUnreachable`` when the
 socket does not answer, ``UnknownVolume`` when the slave does not serve a
 volume we named, ``SlaveBusy`` when it is in another cut, ``SlaveError``
 (with the slave's ``kind``) for any other refusal.
@@ -81,6 +80,13 @@ class Channel:
     def call(self, op: str, **args) -> dict:
         return _call(self.name, self._client, op, args)
 
+    def connect(self) -> None:
+        """Connect now, so that a later call pays no connection set-up."""
+        try:
+            self._client.connect()
+        except ControlError as exc:
+            raise translate(self.name, exc) from exc
+
     def close(self) -> None:
         self._client.close()
 
@@ -96,9 +102,6 @@ def _call(name: str, client: ControlClient, op: str, args: dict) -> dict:
         return client.call(op, **args)
     except ControlError as exc:
         raise translate(name, exc) from exc
-    except ValueError as exc:   # a reply that is not JSON
-        client.close()
-        raise SlaveError(name, f"slave {name} sent a bad reply to {op}: {exc}") from exc
 
 
 def translate(slave: str, exc: ControlError) -> CgmirrorError:

@@ -24,8 +24,15 @@ class ControlClient:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._rfile = None
+        self._used = False
+
+    def connect(self) -> None:
+        """Connect now (calls connect on first use otherwise)."""
+        if self._sock is None:
+            self._connect()
 
     def _connect(self) -> None:
+        self._used = False
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
@@ -44,7 +51,17 @@ class ControlClient:
         if self._sock is None:
             self._connect()
         try:
-            self._sock.sendall(line)
+            try:
+                self._sock.sendall(line)
+            except (BrokenPipeError, ConnectionResetError):
+                if not self._used:
+                    raise
+                # A kept connection to a slave that has since restarted: the
+                # new process never saw this request, so send it again once.
+                self.close()
+                self._connect()
+                self._sock.sendall(line)
+            self._used = True
             reply = self._rfile.readline(protocol.MAX_LINE + 1)
         except OSError as exc:
             self.close()

@@ -94,7 +94,11 @@ class Copy:
                                 f" {size} bytes, needs {vol.size}")
             if h.is_read_only():
                 raise CopyError(f"target {self.uri} is read-only")
-            pending: dict[int, tuple[int, int, nbd.Buffer]] = {}
+            can_zero = h.can_zero()
+            # One buffer per request in flight, reused: allocating 1 MiB per
+            # run cost more than the copy itself.
+            free = [bytearray(MAX_RUN) for _ in range(self.inflight)]
+            pending: dict[int, tuple[int, int, int, bytearray]] = {}
             halfway = self.total_bytes // 2
             last_progress = time.monotonic()
 
@@ -105,7 +109,8 @@ class Copy:
                         raise CopyError(f"target {self.uri} did not answer for"
                                         f" {self.timeout:.0f} s")
                 while pending and (cookie := h.aio_peek_command_completed()) > 0:
-                    start, nblocks, buf = pending.pop(cookie)
+                    start, nblocks, length, buf = pending.pop(cookie)
+                    free.append(buf)
                     try:
                         h.aio_command_completed(cookie)
                     except nbd.Error as exc:
@@ -113,7 +118,7 @@ class Copy:
                                         f" {start * g}: {exc.string}") from exc
                     vol.changes.confirm(start, nblocks)
                     pit.confirm(start, nblocks)
-                    self.done_bytes += len(buf)
+                    self.done_bytes += length
                     last_progress = time.monotonic()
                     if self.done_bytes >= halfway:
                         failpoints.hit("copy:mid")
@@ -125,25 +130,34 @@ class Copy:
                 if pit is None or pit.broken:
                     raise CopyError(pit.broken if pit else f"{vol.name}: PiT dropped",
                                     "source")
-                length = min(nblocks * g, vol.size - start * g)
-                buf = bytearray(length)
-                pit.read(buf, start)
-                while len(pending) >= self.inflight:
+                while not free:
                     reap(True)
+                buf = free.pop()
+                length = min(nblocks * g, vol.size - start * g)
+                view = memoryview(buf)[:length]
+                pit.read(view, start)
+                data = nbd.Buffer.from_buffer(view)
                 try:
-                    cookie = h.aio_pwrite(nbd.Buffer.from_buffer(buf), start * g)
+                    if can_zero and data.is_zero():
+                        # A zero run costs the link nothing and the target
+                        # may punch a hole for it.
+                        cookie = h.aio_zero(length, start * g)
+                    else:
+                        cookie = h.aio_pwrite(data, start * g)
                 except nbd.Error as exc:
                     raise CopyError(f"target {self.uri}: {exc.string}") from exc
-                pending[cookie] = (start, nblocks, buf)
+                pending[cookie] = (start, nblocks, length, buf)
                 reap(False)
             while pending:
                 reap(True)
             if pit.broken:
                 raise CopyError(pit.broken, "source")
-            try:
-                h.flush()
-            except nbd.Error as exc:
-                raise CopyError(f"target {self.uri} failed to flush: {exc.string}") from exc
+            if h.can_flush():
+                try:
+                    h.flush()
+                except nbd.Error as exc:
+                    raise CopyError(f"target {self.uri} failed to flush: {exc.string}") \
+                        from exc
         finally:
             try:
                 h.shutdown()

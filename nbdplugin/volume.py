@@ -305,8 +305,8 @@ class Pit:
         with self.lock:
             self.pending.clear(start, count)
 
-    def read(self, buf: bytearray, block: int) -> None:
-        """Fill ``buf`` with PiT content starting at ``block``."""
+    def read(self, buf, block: int) -> None:
+        """Fill ``buf`` (a writable buffer) with PiT content starting at ``block``."""
         g = self.volume.granularity
         view = memoryview(buf)
         with self.lock:

@@ -366,3 +366,30 @@ def test_block_device_backing(slaves, loop_device):
     with open(img, "rb") as f:
         f.seek(3 * G)
         assert f.read(8) == b"blockdev"
+
+
+def test_control_client_survives_a_slave_restart(slaves):
+    """A kept connection to a slave that restarted resends its request once."""
+    proc = slaves(volumes=[("a", MB)])
+    c = proc.control()
+    try:
+        first = c.call("status")["pid"]
+        proc.stop()
+        proc = slaves.restart(proc.spec)
+        assert c.call("status")["pid"] == proc.pid != first
+    finally:
+        c.close()
+
+
+def test_control_client_reports_a_dead_slave(slaves):
+    """A slave that is gone is 'unreachable', not a traceback."""
+    proc = slaves(volumes=[("a", MB)])
+    c = proc.control()
+    try:
+        c.call("status")
+        proc.kill9()
+        with pytest.raises(ControlError) as exc:
+            c.call("status")
+        assert exc.value.kind == "unreachable"
+    finally:
+        c.close()

@@ -652,9 +652,7 @@ def nbd_server(image: str, workdir: str, name: str = "disk") -> Server:
                 f"    unixsock = {sock}\n"
                 f"    allowlist = true\n"
                 f"[{name}]\n"
-                f"    exportname = {os.path.abspath(image)}\n"
-                f"    flush = true\n"
-                f"    fua = true\n")
+                f"    exportname = {os.path.abspath(image)}\n")  # default: no flush
     return Server(["nbd-server", "-C", conf, "-p", pidfile],
                   f"nbd+unix:///{name}?socket={sock}", _socket_ready(sock), pidfile,
                   forks=True)
