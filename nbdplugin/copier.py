@@ -1,13 +1,20 @@
 """Copy the PiT image of one volume to an NBD target with libnbd.
 
-Runs of blocks to send are merged up to ``MAX_RUN`` bytes and written with
-``aio_pwrite``, at most ``inflight`` requests in flight.  Runs come from one
-bitmap and never overlap, so no two writes in flight touch the same bytes.
-A block is confirmed (its ``oos`` bit cleared) when the target acknowledges
-its write; the copy ends with a flush of the target.  If the target stops
+Runs of blocks to send are merged up to ``MAX_RUN`` bytes and written over
+``streams`` connections at once (where the target allows multi-conn; else
+one), each a thread with its own libnbd handle and at most ``inflight /
+streams`` requests in flight.  Runs come from one bitmap
+and never overlap, so no two writes in flight touch the same bytes, whatever
+the connection.  A block is confirmed (its ``oos`` bit cleared) when the
+target acknowledges its write; each connection ends with a flush, which covers
+its own writes even on a target without multi-conn.  If the target stops
 answering for ``timeout`` seconds, or fails a request, the copy fails with a
 one-line error and what was not confirmed stays marked: nothing is lost and
 nothing confirmed is sent again by the next incremental copy.
+
+Why several connections: one thread both reads the PiT and feeds the socket,
+so while it reads, the target starves; measured on 1 GiB, 1 stream reached
+0.6 of nbdcopy (which also copies with several connections and threads).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from native.bitmap import Bitmap
 from . import failpoints
 
 MAX_RUN = 1 << 20
+STREAMS = 4
 
 
 class CopyError(Exception):
@@ -32,11 +40,22 @@ class CopyError(Exception):
         self.fault = fault
 
 
-def connect(uri: str, name: str) -> "nbd.NBD":
+def connect(uri: str, name: str, timeout: float) -> "nbd.NBD":
+    """Connect to ``uri``, giving up after ``timeout`` seconds (a server that
+    accepts no more clients, like ``qemu-nbd`` without ``--shared``, or a
+    dead link, would otherwise hang the copy)."""
     h = nbd.NBD()
     h.set_handle_name(name)
+    deadline = time.monotonic() + timeout
     try:
-        h.connect_uri(uri)
+        h.aio_connect_uri(uri)
+        while h.aio_is_connecting():
+            if time.monotonic() > deadline:
+                raise CopyError(f"cannot reach target {uri}: no answer within"
+                                f" {timeout:.0f} s")
+            h.poll(100)
+        if not h.aio_is_ready():
+            raise CopyError(f"cannot reach target {uri}: connection failed")
     except nbd.Error as exc:
         raise CopyError(f"cannot reach target {uri}: {exc.string}") from exc
     return h
@@ -46,12 +65,14 @@ class Copy:
     """One volume's copy of PiT n to one target; progress readable any time."""
 
     def __init__(self, volume, uri: str, blocks: Bitmap, inflight: int = 8,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, streams: int = STREAMS):
         self.volume = volume
         self.uri = uri
         self.blocks = blocks
-        self.inflight = inflight
         self.timeout = timeout
+        self.inflight = inflight
+        self.streams = max(1, min(streams, inflight))
+        self.per_stream = inflight
         g = volume.granularity
         self.total_bytes = sum(min(length * g, volume.size - start * g)
                                for start, length in blocks.iter_runs())
@@ -63,6 +84,9 @@ class Copy:
         self.finished: float | None = None
         self.cancelled = threading.Event()
         self.thread: threading.Thread | None = None
+        self._lock = threading.Lock()     # guards done_bytes and the run iterator
+        self._runs = None
+        self._failed: list[CopyError] = []
 
     def progress(self) -> dict:
         end = self.finished or time.monotonic()
@@ -84,52 +108,97 @@ class Copy:
             self.finished = time.monotonic()
 
     def _run(self) -> None:
-        vol, pit = self.volume, self.volume.pit
-        g = vol.granularity
-        h = connect(self.uri, f"cgmirror-copy-{vol.name}")
+        vol = self.volume
+        handles = [connect(self.uri, f"cgmirror-copy-{vol.name}", self.timeout)]
         try:
+            h = handles[0]
             size = h.get_size()
             if size < vol.size:
                 raise CopyError(f"target {self.uri} is too small for {vol.name}:"
                                 f" {size} bytes, needs {vol.size}")
             if h.is_read_only():
                 raise CopyError(f"target {self.uri} is read-only")
-            can_zero = h.can_zero()
-            # One buffer per request in flight, reused: allocating 1 MiB per
-            # run cost more than the copy itself.
-            free = [bytearray(MAX_RUN) for _ in range(self.inflight)]
-            pending: dict[int, tuple[int, int, int, bytearray]] = {}
-            halfway = self.total_bytes // 2
-            last_progress = time.monotonic()
+            # More connections only where the server says they share one
+            # view of the export (multi-conn); many servers serve one client.
+            if h.can_multi_conn():
+                handles += [connect(self.uri, f"cgmirror-copy-{vol.name}-{i}", self.timeout)
+                            for i in range(1, self.streams)]
+            self.per_stream = max(1, self.inflight // len(handles))
+            self._runs = self.blocks.iter_runs(max_run=max(1, MAX_RUN // vol.granularity))
+            threads = [threading.Thread(target=self._stream_guarded, args=(hh,),
+                                        name=f"copy-{vol.name}-{i}", daemon=True)
+                       for i, hh in enumerate(handles[1:], 1)]
+            for t in threads:
+                t.start()
+            self._stream_guarded(h)
+            for t in threads:
+                t.join()
+            if self._failed:
+                raise self._failed[0]
+        finally:
+            for hh in handles:
+                try:
+                    hh.shutdown()
+                except nbd.Error:
+                    pass  # the copy's outcome is already decided
 
-            def reap(wait: bool) -> None:
-                nonlocal last_progress
-                if wait:
-                    if h.poll(1000) == 0 and time.monotonic() - last_progress > self.timeout:
-                        raise CopyError(f"target {self.uri} did not answer for"
-                                        f" {self.timeout:.0f} s")
-                while pending and (cookie := h.aio_peek_command_completed()) > 0:
-                    start, nblocks, length, buf = pending.pop(cookie)
-                    free.append(buf)
-                    try:
-                        h.aio_command_completed(cookie)
-                    except nbd.Error as exc:
-                        raise CopyError(f"target {self.uri} failed a write at"
-                                        f" {start * g}: {exc.string}") from exc
-                    vol.changes.confirm(start, nblocks)
-                    pit.confirm(start, nblocks)
+    def _next_run(self):
+        with self._lock:
+            if self._failed or self.cancelled.is_set():
+                return None
+            return next(self._runs, None)
+
+    def _stream_guarded(self, h) -> None:
+        try:
+            self._stream(h)
+        except CopyError as exc:
+            with self._lock:
+                self._failed.append(exc)
+        except Exception as exc:
+            with self._lock:
+                self._failed.append(CopyError(f"source {self.volume.name}: {exc}",
+                                              "source"))
+
+    def _stream(self, h) -> None:
+        """Send runs over one connection until none are left."""
+        vol, pit = self.volume, self.volume.pit
+        g = vol.granularity
+        can_zero = h.can_zero()
+        # One buffer per request in flight, reused: allocating 1 MiB per run
+        # cost more than the copy itself.
+        free = [bytearray(MAX_RUN) for _ in range(self.per_stream)]
+        pending: dict[int, tuple[int, int, int, bytearray]] = {}
+        halfway = self.total_bytes // 2
+        last_progress = time.monotonic()
+
+        def reap(wait: bool) -> None:
+            nonlocal last_progress
+            if wait:
+                if h.poll(1000) == 0 and time.monotonic() - last_progress > self.timeout:
+                    raise CopyError(f"target {self.uri} did not answer for"
+                                    f" {self.timeout:.0f} s")
+            while pending and (cookie := h.aio_peek_command_completed()) > 0:
+                start, nblocks, length, buf = pending.pop(cookie)
+                free.append(buf)
+                try:
+                    h.aio_command_completed(cookie)
+                except nbd.Error as exc:
+                    raise CopyError(f"target {self.uri} failed a write at"
+                                    f" {start * g}: {exc.string}") from exc
+                vol.changes.confirm(start, nblocks)
+                pit.confirm(start, nblocks)
+                with self._lock:
                     self.done_bytes += length
-                    last_progress = time.monotonic()
-                    if self.done_bytes >= halfway:
-                        failpoints.hit("copy:mid")
+                    done = self.done_bytes
+                last_progress = time.monotonic()
+                if done >= halfway:
+                    failpoints.hit("copy:mid")
 
-            per_run = max(1, MAX_RUN // g)
-            for start, nblocks in self.blocks.iter_runs(max_run=per_run):
-                if self.cancelled.is_set():
-                    raise CopyError("copy cancelled", "source")
-                if pit is None or pit.broken:
-                    raise CopyError(pit.broken if pit else f"{vol.name}: PiT dropped",
-                                    "source")
+        try:
+            while (run := self._next_run()) is not None:
+                start, nblocks = run
+                if pit.broken:
+                    raise CopyError(pit.broken, "source")
                 while not free:
                     reap(True)
                 buf = free.pop()
@@ -148,18 +217,17 @@ class Copy:
                     raise CopyError(f"target {self.uri}: {exc.string}") from exc
                 pending[cookie] = (start, nblocks, length, buf)
                 reap(False)
+        finally:
+            # Whatever happened, retire what is in flight: confirmed blocks
+            # must not be sent again.
             while pending:
                 reap(True)
-            if pit.broken:
-                raise CopyError(pit.broken, "source")
-            if h.can_flush():
-                try:
-                    h.flush()
-                except nbd.Error as exc:
-                    raise CopyError(f"target {self.uri} failed to flush: {exc.string}") \
-                        from exc
-        finally:
+        if self.cancelled.is_set():
+            raise CopyError("copy cancelled", "source")
+        if pit.broken:
+            raise CopyError(pit.broken, "source")
+        if h.can_flush():
             try:
-                h.shutdown()
-            except nbd.Error:
-                pass  # the copy's outcome is already decided
+                h.flush()
+            except nbd.Error as exc:
+                raise CopyError(f"target {self.uri} failed to flush: {exc.string}") from exc

@@ -222,3 +222,28 @@ def test_full_state_disk_breaks_the_pit_not_the_host(slaves, target, small_fs):
         assert wait_copy(c, 2)["ended"] == "done"
         assert read_file(img) == h.pread(size, 0)
     h.shutdown()
+
+
+def test_copy_to_a_silent_target_times_out(slaves, run_dir):
+    """A target that accepts the connection but never speaks NBD fails the copy
+    within its timeout, with a line saying so."""
+    import socket
+    proc = slaves(volumes=[("a", MB)])
+    path = os.path.join(run_dir, "silent.sock")
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(path)
+    silent.listen(4)
+    try:
+        with proc.control() as c:
+            c.call("freeze", n=1, lease_ms=5000, full=["a"])
+            c.call("thaw", n=1)
+            t0 = time.monotonic()
+            c.call("copy", n=1, targets={"a": f"nbd+unix://?socket={path}"},
+                   timeout_ms=1000)
+            st = wait_copy(c, 1)
+            assert time.monotonic() - t0 < 10
+            err = st["last_copy"]["volumes"]["a"]["error"]
+            assert "no answer within 1 s" in err
+            assert st["last_copy"]["volumes"]["a"]["fault"] == "target"
+    finally:
+        silent.close()
