@@ -295,3 +295,20 @@ void bm_andnot(uint64_t *dst, const uint64_t *src, size_t nwords)
     for (size_t i = 0; i < nwords; i++)
         dst[i] &= ~src[i];
 }
+
+/* The write path's whole bookkeeping in one call: set the blocks that bytes
+ * [offset, offset + length) touch in `blocks`, their regions in `touched`,
+ * and say whether every such region is already set in `durable` (1) or the
+ * write-intent map must be synced first (0).  length > 0, range checked by
+ * the wrapper. */
+int bm_mark_write(uint64_t *blocks, uint64_t nblocks, uint64_t *touched,
+                  const uint64_t *durable, uint64_t nregions, uint64_t offset,
+                  uint64_t length, unsigned block_shift, unsigned region_shift)
+{
+    uint64_t end = offset + length - 1;
+    uint64_t b0 = offset >> block_shift, b1 = end >> block_shift;
+    uint64_t r0 = offset >> region_shift, r1 = end >> region_shift;
+    bm_set_range(blocks, nblocks, b0, b1 - b0 + 1);
+    bm_set_range(touched, nregions, r0, r1 - r0 + 1);
+    return bm_count(durable, nregions, r0, r1 - r0 + 1) == r1 - r0 + 1;
+}

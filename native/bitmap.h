@@ -30,6 +30,9 @@ size_t bm_runs(const uint64_t *bm, uint64_t nbits, uint64_t start,
                size_t max_runs, uint64_t *next);
 void bm_or(uint64_t *dst, const uint64_t *src, size_t nwords);
 void bm_andnot(uint64_t *dst, const uint64_t *src, size_t nwords);
+int bm_mark_write(uint64_t *blocks, uint64_t nblocks, uint64_t *touched,
+                  const uint64_t *durable, uint64_t nregions, uint64_t offset,
+                  uint64_t length, unsigned block_shift, unsigned region_shift);
 /* CDEF END */
 
 #endif /* CGMIRROR_BITMAP_H */

@@ -24,7 +24,7 @@ import sys
 
 from native._bitmap import ffi, lib
 
-__all__ = ["Bitmap"]
+__all__ = ["Bitmap", "mark_write"]
 
 if sys.byteorder != "little":  # pragma: no cover - no such CI machine
     raise ImportError("native.bitmap assumes a little-endian machine")
@@ -346,3 +346,28 @@ class Bitmap:
 
     def __repr__(self):
         return f"<Bitmap nbits={self._nbits} set={self.count()}>"
+
+
+def mark_write(blocks, touched, durable, offset, length, granularity, region):
+    """Record a write of bytes ``[offset, offset + length)`` in one C call.
+
+    Sets the touched blocks (``granularity`` bytes each) in ``blocks`` and
+    their regions (``region`` bytes each) in ``touched``; returns True if all
+    those regions are already set in ``durable``.  Both sizes are powers of
+    two and ``length`` > 0.  This is the write path of every volume, so the
+    checks are the few that keep the C in bounds.
+    """
+    if type(offset) is not int or type(length) is not int or offset < 0 or length <= 0:
+        raise ValueError(f"offset and length must be ints >= 0 and > 0, got {offset}, {length}")
+    if touched._nbits != durable._nbits:
+        raise ValueError("touched and durable must have the same size")
+    gshift = granularity.bit_length() - 1
+    rshift = region.bit_length() - 1
+    if (granularity != 1 << gshift or region != 1 << rshift
+            or offset + length > blocks._nbits << gshift
+            or offset + length > touched._nbits << rshift):
+        raise ValueError(f"byte range [{offset}, {offset + length}) or sizes do not fit"
+                         f" ({blocks._nbits} x {granularity}, {touched._nbits} x {region})")
+    return bool(lib.bm_mark_write(blocks._words, blocks._nbits, touched._words,
+                                  durable._words, durable._nbits, offset, length,
+                                  gshift, rshift))

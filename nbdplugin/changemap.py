@@ -54,7 +54,7 @@ import struct
 import threading
 import zlib
 
-from native.bitmap import Bitmap
+from native.bitmap import Bitmap, mark_write
 
 from . import failpoints
 
@@ -80,8 +80,8 @@ def _fsync_dir(path: str) -> None:
 class ChangeMap:
     def __init__(self, statedir: str, name: str, size: int, granularity: int,
                  region: int):
-        if granularity & (granularity - 1) or region % granularity:
-            raise ValueError("granularity must be a power of two dividing region")
+        if granularity & (granularity - 1) or region & (region - 1) or region < granularity:
+            raise ValueError("granularity and region must be powers of two, region >= granularity")
         self.granularity = granularity
         self.region = region
         self.nblocks = -(-size // granularity)
@@ -160,10 +160,9 @@ class ChangeMap:
         first = offset // self.region
         count = (offset + length - 1) // self.region - first + 1
         with self.lock:
-            self.cr.mark_bytes(offset, length, self.granularity)
-            self.touched.set(first, count)
             self._changed = True
-            if self.durable.count(first, count) == count:
+            if mark_write(self.cr, self.touched, self.durable, offset, length,
+                          self.granularity, self.region):
                 return
         with self.intent_lock:
             with self.lock:

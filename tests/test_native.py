@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from native.bitmap import Bitmap
+from native.bitmap import Bitmap, mark_write
 
 # ---------------------------------------------------------------------------
 # Known-answer vectors.
@@ -393,3 +393,33 @@ def test_garbage_tail_never_reported():
     assert bm.next_set(69) == 69 and bm.next_clear(64) is None
     assert bm.runs(0, max_run=4) == ([(64, 4), (68, 2)], 70)
     assert bm.count() == 6
+
+
+@given(st.integers(0, 6), st.integers(0, 4), st.integers(1, 200), st.data())
+def test_mark_write_matches_reference(gshift, extra, nblocks, d):
+    """mark_write sets exactly the touched blocks and regions and reports
+    whether every touched region was durable (reference: sets of ints)."""
+    g, r = 1 << gshift, 1 << (gshift + extra)
+    size = nblocks * g
+    nregions = -(-size // r)
+    blocks, touched, durable = Bitmap(nblocks), Bitmap(nregions), Bitmap(nregions)
+    dur = set(d.draw(st.sets(st.integers(0, nregions - 1))))
+    for i in dur:
+        durable.set(i)
+    offset = d.draw(st.integers(0, size - 1))
+    length = d.draw(st.integers(1, size - offset))
+    got = mark_write(blocks, touched, durable, offset, length, g, r)
+    want_blocks = set(range(offset // g, (offset + length - 1) // g + 1))
+    want_regions = set(range(offset // r, (offset + length - 1) // r + 1))
+    assert {i for i in range(nblocks) if blocks.test(i)} == want_blocks
+    assert {i for i in range(nregions) if touched.test(i)} == want_regions
+    assert got == (want_regions <= dur)
+
+
+def test_mark_write_refuses_out_of_range():
+    """A byte range past the end never reaches the C code."""
+    b, t = Bitmap(4), Bitmap(1)
+    with pytest.raises(ValueError):
+        mark_write(b, t, t, 4 * 4096 - 1, 2, 4096, 16384)
+    with pytest.raises(ValueError):
+        mark_write(b, t, t, 0, 0, 4096, 16384)
