@@ -14,7 +14,7 @@ A session is one TOML file (``-s FILE`` or ``$CGMIRROR_SESSION``)::
     state_dir = "run/s1"           # the slave's statedir
     nbd_socket = "run/s1.sock"     # where it serves its volumes
     control = "run/s1.ctl"         # its control socket
-    threads = 4                    # optional, nbdkit --threads
+    threads = 1                    # optional, nbdkit --threads (1 is fastest: the GIL)
     granularity = "64K"            # optional, bytes per change bit
 
     [[slave.volume]]

@@ -110,8 +110,9 @@ def config_complete():
 
 
 def thread_model():
-    # Requests run in parallel; each volume's ChangeMap.lock guards its bitmaps
-    # and its Gate's condition guards the gate.  Blocking I/O releases the GIL.
+    # Requests may run in parallel (nbdkit --threads; 1 is fastest, see
+    # launch.SlaveSpec); each volume's ChangeMap.lock guards its bitmaps and
+    # its Gate's lock guards the gate.  Blocking I/O releases the GIL.
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
