@@ -40,11 +40,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for p in (ROOT, os.path.join(ROOT, "tests")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-import workload  # noqa: E402  (its throwaway-server helpers)
+from coordinator import peers  # noqa: E402
 from nbdplugin import launch  # noqa: E402
 from nbdplugin.control import ControlClient  # noqa: E402
 
@@ -154,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                         target.stop()
                         target = None
                     os.unlink(timg) if os.path.exists(timg) else None
-                    workload.make_image(timg, size)
-                    target = workload.nbdkit_file(timg, tsock)
+                    peers.make_image(timg, size)
+                    target = peers.nbdkit_file(timg, tsock)
                     if kind == "cgmirror":
                         n += 1
                         r = run_cgmirror(c, n, "v", target.uri, args.inflight, size)

@@ -31,8 +31,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,7 +38,7 @@ import time
 
 import nbd
 
-from . import cli
+from . import cli, peers
 
 MiB = 1 << 20
 LAYOUT = {"s1": {"db": 32 * MiB, "log": 16 * MiB}, "s2": {"data": 32 * MiB}}
@@ -60,41 +58,6 @@ def session_toml() -> str:
                     f'size = "{size // MiB}M"',
                     f'target = "nbd+unix:///{vol}?socket=remote/{vol}.sock"']
     return "\n".join(out) + "\n"
-
-
-class Target:
-    """``nbdkit file`` on a unix socket, started and killed by PID."""
-
-    def __init__(self, workdir: str, vol: str, size: int):
-        self.vol = vol
-        self.image = os.path.join(workdir, "remote", f"{vol}.img")
-        self.sock = os.path.join(workdir, "remote", f"{vol}.sock")
-        self.pidfile = self.sock + ".pid"
-        with open(self.image, "wb") as f:
-            f.truncate(size)
-        self.popen = subprocess.Popen(
-            ["nbdkit", "-f", "-U", self.sock, "--pidfile", self.pidfile, "file",
-             f"file={self.image}"], stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(self.pidfile):
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nbdkit file target for {vol} did not start")
-            time.sleep(0.01)
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.sock)
 
 
 def _disconnect(h: "nbd.NBD") -> None:
@@ -198,20 +161,22 @@ def demo(workdir: str) -> bool:
     with open(session, "w") as f:
         f.write(session_toml())
     print(f"session {session}:\n{session_toml()}")
-    targets: list[Target] = []
+    targets: dict[str, peers.Server] = {}
     writer = None
     started = False
     try:
         for vols in LAYOUT.values():
             for vol, size in vols.items():
-                targets.append(Target(workdir, vol, size))
+                remote = os.path.join(workdir, "remote", vol)
+                targets[vol] = peers.nbdkit_file(peers.make_image(remote + ".img", size),
+                                                 remote + ".sock")
         code, _ = cgmirror(session, "slave", "start")
         started = code == 0
         if not started:
             return False
         uris = {vol: f"nbd+unix:///{vol}?socket={workdir}/run/{slave}.sock"
                 for slave, vols in LAYOUT.items() for vol in vols}
-        images = {t.vol: t.image for t in targets}
+        images = {vol: t.image for vol, t in targets.items()}
         checks: list[tuple[str, bool]] = []
 
         def copy_and_check(label: str, *args: str) -> bool:
@@ -252,12 +217,12 @@ def demo(workdir: str) -> bool:
             (f"incremental sent less than full ({incr.get('bytes')} < {full.get('bytes')})",
              (incr.get("bytes") or 0) < (full.get("bytes") or 0)),
         ]
-        for t in targets:
+        for vol, t in targets.items():
             same_size = os.path.getsize(t.image) == os.path.getsize(
-                os.path.join(workdir, "data", f"{t.vol}.img"))
-            checks.append((f"{t.vol}: target has the volume's size", same_size))
-            checks.append((f"{t.vol}: target equals the volume after the last copy",
-                           read_all(t.uri) == read_all(uris[t.vol])))
+                os.path.join(workdir, "data", f"{vol}.img"))
+            checks.append((f"{vol}: target has the volume's size", same_size))
+            checks.append((f"{vol}: target equals the volume after the last copy",
+                           read_all(t.uri) == read_all(uris[vol])))
         print()
         for text, passed in checks:
             print(f"{'PASS' if passed else 'FAIL'}  {text}")
@@ -268,7 +233,7 @@ def demo(workdir: str) -> bool:
             writer.join(timeout=10)
         if started:
             cgmirror(session, "slave", "stop")
-        for t in targets:
+        for t in targets.values():
             t.stop()
 
 

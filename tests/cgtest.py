@@ -1,4 +1,5 @@
-"""Helpers for the coordinator tests: session files, nbdkit file targets, slaves.
+"""Helpers for the coordinator tests: session files, nbdkit file targets
+(coordinator/peers.py), slaves.
 
 Every process started here is started with Popen and killed and reaped by
 PID in a ``finally``; sockets live under the test's tmp_path.
@@ -10,13 +11,11 @@ import contextlib
 import io
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import nbd
 
-from coordinator import cli, session as session_mod
+from coordinator import cli, peers, session as session_mod
 from nbdplugin import launch
 
 MiB = 1 << 20
@@ -56,50 +55,6 @@ def run(session: Path, *args: str) -> int:
     return cli.main(["-s", str(session), *args])
 
 
-class Target:
-    """An ``nbdkit file`` server on a unix socket (a copy target)."""
-
-    def __init__(self, image: str, sock: str, filters: tuple[str, ...] = (),
-                 args: tuple[str, ...] = ()):
-        self.image, self.sock = image, sock
-        self.filters, self.args = filters, args
-        self.pidfile = sock + ".pid"
-        self.popen: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
-
-    def start(self, timeout: float = 10.0) -> None:
-        for p in (self.sock, self.pidfile):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
-        self.popen = subprocess.Popen(
-            ["nbdkit", "-f", "-U", self.sock, "--pidfile", self.pidfile]
-            + [f"--filter={f}" for f in self.filters]
-            + ["file", f"file={self.image}", *self.args], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.pidfile):
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"nbdkit file target failed: "
-                                   f"{self.popen.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nbdkit file target on {self.sock} not ready")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        if self.popen is not None:
-            if self.popen.poll() is None:
-                os.kill(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=30)
-            self.popen.stderr.close()
-            self.popen = None
-        for p in (self.sock, self.pidfile):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
-
-
 @contextlib.contextmanager
 def targets(session_path: Path, sizes: dict[str, int] | None = None):
     """Start one nbdkit file target per session volume; {"slave/vol": Target}.
@@ -108,17 +63,15 @@ def targets(session_path: Path, sizes: dict[str, int] | None = None):
     otherwise for "slave/vol".
     """
     sess = session_mod.load(str(session_path))
-    out: dict[str, Target] = {}
+    out: dict[str, peers.Server] = {}
     try:
         for s in sess.slaves:
             for v in s.volumes:
                 key = f"{s.name}/{v.name}"
                 sock = v.target.split("socket=", 1)[1]
-                image = sock.removesuffix(".sock") + ".img"
-                with open(image, "wb") as f:
-                    f.truncate((sizes or {}).get(key, v.size))
-                t = out[key] = Target(image, sock)
-                t.start()
+                image = peers.make_image(sock.removesuffix(".sock") + ".img",
+                                         (sizes or {}).get(key, v.size))
+                out[key] = peers.nbdkit_file(image, sock)
         yield out
     finally:
         for t in out.values():

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import workload as wl
+from coordinator import peers
 from conftest import need
 from coordinator import group
 from coordinator.errors import CopyFailed, EstablishAborted
@@ -165,20 +166,16 @@ class Rig:
                                 **spec_kw.get(s, {}))
                       for s in ("s1", "s2")}
         self.links = [SlaveLink.from_spec(p.spec) for p in self.procs.values()]
-        self.servers: dict[tuple[str, str], wl.Server] = {}
+        self.servers: dict[tuple[str, str], peers.Server] = {}
         os.makedirs(os.path.join(run_dir, "remote"), exist_ok=True)
         self.n = 0
 
     def restart(self, name: str, env: dict | None = None) -> None:
-        """Start slave ``name`` again (after it died), with a fresh link:
-        a SlaveLink keeps its connection, which died with the old process."""
+        """Start slave ``name`` again (after it died); its link reconnects."""
         spec = self.procs[name].spec
         if env is not None:
             spec.env = env
         self.procs[name] = self.slaves.restart(spec)
-        i = [lk.name for lk in self.links].index(name)
-        self.links[i].close()
-        self.links[i] = SlaveLink.from_spec(spec)
 
     # sources, in layout order
     def uris(self) -> list[str]:
@@ -203,10 +200,10 @@ class Rig:
                 old.stop()
             img = self.image(s, v)
             if not os.path.exists(img) or os.path.getsize(img) != size:
-                wl.make_image(img, size)
-            self.servers[(s, v)] = wl.nbdkit_file(
+                peers.make_image(img, size)
+            self.servers[(s, v)] = peers.nbdkit_file(
                 img, os.path.join(self.run_dir, "remote", f"{s}-{v}.sock"),
-                list(filters), list(args),
+                tuple(filters), tuple(args),
                 log=os.path.join(self.run_dir, "remote", "targets.log"))
 
     def targets(self) -> dict[str, dict[str, str]]:

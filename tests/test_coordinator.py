@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from cgtest import MiB, Target, nbd_handle, close, read_all, write
+from cgtest import MiB, nbd_handle, close, read_all, write
+from coordinator import peers
 from conftest import need
 from coordinator import group
 from coordinator.errors import (BusyError, CopyFailed, EstablishAborted, ExitCode,
@@ -37,13 +38,9 @@ def links_of():
         lk.close()
 
 
-def target_for(run_dir, name, size, **kw) -> Target:
-    image = os.path.join(run_dir, f"t-{name}.img")
-    with open(image, "wb") as f:
-        f.truncate(size)
-    t = Target(image, os.path.join(run_dir, f"t-{name}.sock"), **kw)
-    t.start()
-    return t
+def target_for(run_dir, name, size, **kw) -> peers.Server:
+    image = peers.make_image(os.path.join(run_dir, f"t-{name}.img"), size)
+    return peers.nbdkit_file(image, os.path.join(run_dir, f"t-{name}.sock"), **kw)
 
 
 # ------------------------------------------------------------------ establish

@@ -9,6 +9,7 @@ import nbd
 import pytest
 
 from conftest import need
+from coordinator import peers
 from nbdplugin.control import ControlError
 
 G = 64 * 1024
@@ -19,30 +20,19 @@ MB = 1 << 20
 def target(run_dir):
     """Factory: an `nbdkit file` target of a given size on a unix socket."""
     need("nbdkit")
-    procs = []
+    servers = []
 
     def make(name, size):
-        img = os.path.join(run_dir, f"t-{name}.img")
-        with open(img, "wb") as f:
-            f.truncate(size)
-        sock = os.path.join(run_dir, f"t-{name}.sock")
-        p = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", img],
-                             stderr=subprocess.DEVNULL)
-        procs.append((p, sock))
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert time.monotonic() < deadline, "target did not start"
-            time.sleep(0.01)
-        return f"nbd+unix://?socket={sock}", img
+        img = peers.make_image(os.path.join(run_dir, f"t-{name}.img"), size)
+        srv = peers.nbdkit_file(img, os.path.join(run_dir, f"t-{name}.sock"))
+        servers.append(srv)
+        return srv.uri, img
 
     try:
         yield make
     finally:
-        for p, sock in procs:
-            p.kill()
-            p.wait()
-            if os.path.exists(sock):
-                os.unlink(sock)
+        for srv in servers:
+            srv.stop()
 
 
 def wait_copy(c, n, timeout=30):

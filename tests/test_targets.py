@@ -15,7 +15,7 @@ import random
 import nbd
 import pytest
 
-import workload as wl
+from coordinator import peers
 from conftest import need
 from coordinator import group
 from coordinator.link import SlaveLink
@@ -97,11 +97,11 @@ def target(run_dir, slaves):
         with open(img, "wb") as f:
             f.write(b"\xa5" * SIZE)
         if kind == "nbdkit-file":
-            srv = wl.nbdkit_file(img, os.path.join(d, "nbdkit.sock"))
+            srv = peers.nbdkit_file(img, os.path.join(d, "nbdkit.sock"))
         elif kind == "qemu-nbd":
-            srv = wl.qemu_nbd(img, os.path.join(d, "qemu.sock"))
+            srv = peers.qemu_nbd(img, os.path.join(d, "qemu.sock"))
         else:
-            srv = wl.nbd_server(img, d)
+            srv = peers.nbd_server(img, d)
         servers.append(srv)
         return srv.uri
 

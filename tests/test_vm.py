@@ -46,7 +46,7 @@ def test_plain_nbdkit_memory_and_file(vm_guest, nbdkit_server, vm_dir):
         + "umount /mnt/0; umount /mnt/1\n"
     )
     t0 = time.monotonic()
-    g = vm_guest(script, [mem.export(), fil.export()], timeout=60)
+    g = vm_guest(script, [(mem.sock, ""), (fil.sock, "")], timeout=60)
     m = g.wait_line(r"READY mounted (\d+)", timeout=45)   # guest -> host, no wait
     assert m.group(1) == "2"
     sectors = g.wait_sync("written", timeout=45)       # guest blocks until release

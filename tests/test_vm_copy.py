@@ -25,12 +25,11 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
 import subprocess
 import time
 
 import cgtest
+from coordinator import peers
 import pytest
 from cgtest import MiB
 from conftest import need
@@ -97,49 +96,6 @@ SCRIPT = (
     + "wait $p0; wait $p1\n"
     + "umount /mnt/0; umount /mnt/1\n"
 )
-
-
-class QemuNbd:
-    """``qemu-nbd -f raw -k SOCK -x NAME -t IMAGE``; stop() kills it by PID."""
-
-    def __init__(self, image: str, sock: str, name: str, timeout: float = 15.0):
-        self.sock = sock
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock)
-        self.proc = subprocess.Popen(
-            ["qemu-nbd", "-f", "raw", "-k", sock, "-x", name, "-t", image],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while not self._listening():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qemu-nbd for {name} exited: "
-                                   f"{self.proc.stderr.read().decode(errors='replace')}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"qemu-nbd for {name} not listening on {sock}")
-            time.sleep(0.02)
-
-    def _listening(self) -> bool:
-        if not os.path.exists(self.sock):
-            return False
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(self.sock)
-                return True
-            except OSError:
-                return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.proc.stderr.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.sock)
 
 
 def _synced(lines: list[str]) -> dict[tuple[int, int], str]:
@@ -227,18 +183,16 @@ def test_copy_of_live_ext4_across_two_slaves(vm_guest, run_dir):
     need("nbdkit", "qemu-nbd", "e2fsck", "debugfs", "dumpe2fs")
     t_start = time.monotonic()
     session = cgtest.write_session(run_dir, LAYOUT, name="vmcopy")
-    targets: list[QemuNbd] = []
+    targets: list[peers.Server] = []
     images = []
     try:
         with cgtest.slaves(session) as sess:
             for slave, vol in DEVICES:
                 uri = sess.slave(slave).volume(vol).target
                 sock = uri.split("socket=", 1)[1]
-                img = sock.removesuffix(".sock") + ".img"
-                with open(img, "wb") as f:
-                    f.truncate(VOL_SIZE)
+                img = peers.make_image(sock.removesuffix(".sock") + ".img", VOL_SIZE)
                 images.append(img)
-                targets.append(QemuNbd(img, sock, vol))
+                targets.append(peers.qemu_nbd(img, sock, vol))
             exports = [(sess.slave(s).nbd_socket, v) for s, v in DEVICES]
             g = vm_guest(SCRIPT, exports, timeout=50)
             g.wait_line(r"^READY writing", timeout=40)

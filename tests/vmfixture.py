@@ -5,7 +5,7 @@ fixtures into a test module).
     def test_x(vm_guest, nbdkit_server):
         srv = nbdkit_server("memory", "64M")
         g = vm_guest(workload.mkfs_mount(0) + "host_sync mounted\\n" + ...,
-                     exports=[srv.export()])
+                     exports=[(srv.sock, "")])
         g.wait_sync("mounted")      # guest blocked in host_sync
         ...                         # host: freeze, kill, cut links, copy images
         g.release("mounted")
@@ -19,7 +19,7 @@ Fixtures:
   is killed at teardown.  Export i is /dev/nbdI in the guest.
 * ``nbdkit_server``: factory ``nbdkit_server(plugin, *args, filters=())``
   starting a plain ``nbdkit -f -U SOCK`` (memory, file, ...) and stopping it
-  at teardown; ``.export(name="")`` gives the (socket, name) pair for a guest.
+  at teardown; ``(srv.sock, "")`` is the (socket, name) pair for a guest.
 * ``vm_dir``: a short private directory (unix socket paths are limited).
 
 ``workload`` holds shell snippets for guest scripts (mkfs + mount, files with
@@ -29,35 +29,23 @@ checksums, verify).
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
-from dataclasses import dataclass
 
 import pytest
 
+from conftest import need
+from coordinator import peers
 from vm import build
 from vm.runner import Guest
 
 VM_BINARIES = ("qemu-system-x86_64", "socat", "nbdkit")
 
 
-def _need(*binaries: str) -> None:
-    missing = [b for b in binaries if shutil.which(b) is None]
-    if missing:
-        msg = f"needs {', '.join(missing)} (run `make setup`)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
 @pytest.fixture(scope="session")
 def vm_artifacts():
     """Paths of the guest kernel and initramfs (built if missing/stale)."""
-    _need(*VM_BINARIES)
+    need(*VM_BINARIES)
     return build.ensure()
 
 
@@ -89,60 +77,19 @@ def vm_guest(vm_artifacts, request):
             g.__exit__(None, None, None)
 
 
-@dataclass
-class NbdkitServer:
-    sock: str
-    proc: subprocess.Popen
-    argv: list[str]
-    logfile: str
-
-    def export(self, name: str = "", opts: str = "") -> tuple[str, str, str]:
-        return (self.sock, name, opts)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        try:
-            os.unlink(self.sock)
-        except FileNotFoundError:
-            pass
-        return self.proc.returncode
-
-
 @pytest.fixture
 def nbdkit_server(vm_dir):
-    """Factory: ``nbdkit_server("memory", "64M")`` -> NbdkitServer."""
-    _need("nbdkit")
-    servers: list[NbdkitServer] = []
+    """Factory: ``nbdkit_server("memory", "64M")`` -> a started
+    coordinator.peers.Server; ``(srv.sock, "")`` is the export for a guest."""
+    need("nbdkit")
+    servers: list[peers.Server] = []
 
-    def start(plugin: str, *args: str, filters=(), timeout: float = 10.0) -> NbdkitServer:
+    def start(plugin: str, *args: str, filters=()) -> peers.Server:
         n = len(servers)
-        sock = os.path.join(vm_dir, f"nbdkit{n}.sock")
-        pidfile = os.path.join(vm_dir, f"nbdkit{n}.pid")
-        logfile = os.path.join(vm_dir, f"nbdkit{n}.log")
-        for p in (sock, pidfile):
-            if os.path.exists(p):
-                os.unlink(p)
-        argv = ["nbdkit", "-f", "-U", sock, "--pidfile", pidfile]
-        for f in filters:
-            argv += ["--filter", f]
-        argv += [plugin, *args]
-        with open(logfile, "ab") as lf:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf,
-                                    stderr=lf)
-        srv = NbdkitServer(sock, proc, argv, logfile)
+        srv = peers.nbdkit(os.path.join(vm_dir, f"nbdkit{n}.sock"), plugin, *args,
+                           filters=tuple(filters),
+                           log=os.path.join(vm_dir, f"nbdkit{n}.log"))
         servers.append(srv)
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(pidfile):   # written once nbdkit listens
-            if proc.poll() is not None or time.monotonic() > deadline:
-                with open(logfile, errors="replace") as f:
-                    raise RuntimeError(f"{shlex.join(argv)} did not start: {f.read()[-2000:]}")
-            time.sleep(0.01)
         return srv
 
     try:

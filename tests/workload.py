@@ -40,9 +40,8 @@ violation is reported in one line naming volume, offset, and both records.
 The records overwritten inside the prefix cannot be seen (nor can they be in
 any real image); that is the only thing the checker does not cover.
 
-Used by tests/test_consistency.py, tests/test_targets.py and bench/.  A small
-set of helpers to run throwaway NBD servers (nbdkit file, qemu-nbd,
-nbd-server) for targets lives at the end, shared by those tests and benches.
+Used by tests/test_consistency.py, tests/test_targets.py and bench/.  The
+target servers they copy to come from coordinator/peers.py.
 """
 
 from __future__ import annotations
@@ -50,12 +49,8 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import shutil
-import signal
-import socket
 import stat
 import struct
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -495,175 +490,3 @@ def simulate(layout: Layout, steps: list[int], run: int = 1) -> list[bytearray]:
 
 def readers_of(images: list[bytes]):
     return [lambda off, n, img=img: bytes(img[off:off + n]) for img in images]
-
-
-# ------------------------------------------------------------------ servers
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 free right now (bind to 0, read, close)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with status {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not ready after {timeout} s")
-        time.sleep(0.01)
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone: only its parent,
-    maybe not us, can reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-class Server:
-    """A throwaway NBD server serving one image; ``uri``; ``stop()`` kills the
-    process (by the PID we started, or the one its pidfile names when it
-    forks) and reaps it."""
-
-    def __init__(self, argv: list[str], uri: str, ready, pidfile: str | None = None,
-                 log: str | None = None, timeout: float = 15.0, forks: bool = False):
-        self.uri = uri
-        self.pidfile = pidfile
-        self.forks = forks
-        self.pid: int | None = None
-        out = open(log, "ab") if log else subprocess.DEVNULL
-        try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=out)
-        finally:
-            if log:
-                out.close()
-        try:
-            if forks:
-                # The parent exits once the daemon is set up; its pid is in the file.
-                self.proc.wait(timeout)
-                if self.proc.returncode != 0:
-                    raise RuntimeError(f"{argv[0]} exited with status {self.proc.returncode}")
-            _wait_for(lambda: pidfile is None or _read_pid(pidfile), timeout,
-                      f"{argv[0]} pidfile", None if forks else self.proc)
-            self.pid = _read_pid(pidfile) if (forks and pidfile) else self.proc.pid
-            _wait_for(ready, timeout, f"{argv[0]} socket", None if forks else self.proc)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if not self.forks:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(30)
-            return
-        pid = self.pid or (self.pidfile and _read_pid(self.pidfile))
-        if pid:
-            try:
-                # A daemon that leads its own process group (nbd-server after
-                # setsid) takes its per-connection children along.
-                if os.getpgid(pid) == pid:
-                    os.killpg(pid, signal.SIGKILL)
-                else:
-                    os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                return
-            # Not our child (it double-forked): wait for it to vanish.
-            _wait_for(lambda: not _pid_alive(pid), 30, f"pid {pid} to exit")
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _read_pid(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-        return int(text) if text else None
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _socket_ready(path: str):
-    def ready():
-        if not os.path.exists(path):
-            return False
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(path)
-                return True
-            except OSError:
-                return False
-    return ready
-
-
-def make_image(path: str, size: int) -> str:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-def nbdkit_file(image: str, sock: str, filters: list[str] = (), args: list[str] = (),
-                log: str | None = None) -> Server:
-    """``nbdkit file`` on a unix socket, optionally behind filters
-    (``filters=["error"], args=["error-pwrite-rate=1"]``)."""
-    _unlink(sock)
-    pidfile = sock + ".pid"
-    _unlink(pidfile)
-    argv = ["nbdkit", "-f", "-U", sock, "--pidfile", pidfile]
-    for f in filters:
-        argv += ["--filter", f]
-    argv += ["file", image, *args]
-    return Server(argv, f"nbd+unix:///?socket={sock}", _socket_ready(sock), pidfile, log)
-
-
-def qemu_nbd(image: str, sock: str, name: str = "disk", log: str | None = None) -> Server:
-    """``qemu-nbd`` serving a raw file as export ``name`` on a unix socket."""
-    _unlink(sock)
-    pidfile = sock + ".pid"
-    _unlink(pidfile)
-    argv = ["qemu-nbd", "-f", "raw", "-k", sock, "-x", name, "--pid-file", pidfile,
-            "--cache=writeback", "-t", image]
-    return Server(argv, f"nbd+unix:///{name}?socket={sock}", _socket_ready(sock),
-                  pidfile, log)
-
-
-def nbd_server(image: str, workdir: str, name: str = "disk") -> Server:
-    """``nbd-server`` with a config file, on a unix socket (``unixsock``, so
-    no TCP port at all).  It daemonizes: killed by the PID its pidfile names."""
-    sock = os.path.join(workdir, "nbd-server.sock")
-    pidfile = os.path.join(workdir, "nbd-server.pid")
-    conf = os.path.join(workdir, "nbd-server.conf")
-    _unlink(sock)
-    _unlink(pidfile)
-    with open(conf, "w") as f:
-        f.write(f"[generic]\n"
-                f"    unixsock = {sock}\n"
-                f"    allowlist = true\n"
-                f"[{name}]\n"
-                f"    exportname = {os.path.abspath(image)}\n")  # default: no flush
-    return Server(["nbd-server", "-C", conf, "-p", pidfile],
-                  f"nbd+unix:///{name}?socket={sock}", _socket_ready(sock), pidfile,
-                  forks=True)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def have(*binaries: str) -> bool:
-    return all(shutil.which(b) for b in binaries)
