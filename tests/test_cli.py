@@ -14,10 +14,11 @@ import pytest
 import cgtest
 from cgtest import MiB, read_all, run, write
 from conftest import need
-from coordinator import session as session_mod
+from coordinator import peers, session as session_mod
 from coordinator.errors import ExitCode
 from coordinator.lock import SessionLock
 from nbdplugin import launch
+from nbdplugin.control import ControlClient
 
 BLOCK = 64 * 1024
 TWO = {"s1": {"db": 4 * MiB, "log": 2 * MiB}, "s2": {"data": 4 * MiB}}
@@ -221,3 +222,42 @@ def test_progress_bar_only_on_a_terminal():
     assert "copy 1 [" in tty.getvalue() and " 75.0%" in tty.getvalue()
     assert "3.0 MiB / 4.0 MiB" in tty.getvalue() and tty.getvalue().endswith("\r\x1b[K")
     assert pipe.getvalue() == ""
+
+
+def test_coordinator_killed_mid_copy_loses_nothing(run_dir, capsys):
+    """kill -9 of `cgmirror copy` while it copies: the lock dies with it, the
+    next copy takes over (the leftover cut is ended first), history says the
+    first was interrupted, and the targets end up equal to the sources."""
+    p = cgtest.write_session(run_dir, {"s1": {"db": 8 * MiB}})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sock = os.path.join(run_dir, "remote", "s1-db.sock")
+    img = peers.make_image(os.path.join(run_dir, "remote", "s1-db.img"), 8 * MiB)
+    # A slow target (8 runs of 1 MiB, 0.3 s each) keeps the copy running.
+    slow = peers.nbdkit_file(img, sock, filters=("delay",), args=("wdelay=300ms",))
+    try:
+        with cgtest.slaves(p) as sess:
+            spec = sess.slaves[0].spec()
+            write(spec.uri("db"), 0, os.urandom(8 * MiB))
+            cli = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", str(p),
+                                    "copy", "--full"], cwd=root, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            try:
+                with ControlClient(spec.control) as c:
+                    deadline = time.monotonic() + 30
+                    while c.call("status")["phase"] != "copying":
+                        assert time.monotonic() < deadline, "copy never started"
+                        time.sleep(0.02)
+            finally:
+                cli.kill()
+                cli.wait(30)
+            slow.stop()
+            slow = peers.nbdkit_file(img, sock)
+            assert run(p, "copy", "--json") == ExitCode.OK
+            doc = one_json(capsys)
+            assert doc["n"] == 2 and doc["result"] == "ok"
+            assert read_all(slow.uri) == read_all(spec.uri("db"))
+            assert run(p, "history", "--json") == ExitCode.OK
+            results = [(c["n"], c["result"]) for c in one_json(capsys)["copies"]]
+            assert results == [(2, "ok"), (1, "interrupted")]
+    finally:
+        slow.stop()
