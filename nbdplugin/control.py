@@ -82,6 +82,15 @@ class ControlClient:
             raise ControlError(msg.get("error", "unknown error"), msg.get("kind", "protocol"))
         return msg
 
+    def dirty_runs(self, volume: str) -> list[tuple[int, int]]:
+        """Every run (start block, blocks) of changed blocks, page by page."""
+        runs, start = [], 0
+        while start is not None:
+            page = self.call("dirty", volume=volume, start=start)
+            runs += [tuple(r) for r in page["runs"]]
+            start = page["next"]
+        return runs
+
     def close(self) -> None:
         if self._sock is not None:
             self._rfile.close()

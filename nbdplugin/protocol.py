@@ -64,7 +64,7 @@ SCHEMA: dict[str, tuple[dict, dict]] = {
                                               "timeout_ms": _INT}),
     "cancel": ({"n": _INT}, {}),
     "clear": ({}, {"volumes": _LIST}),
-    "dirty": ({"volume": _STR}, {}),
+    "dirty": ({"volume": _STR}, {"start": _INT, "max_runs": _INT}),
     "checkpoint": ({}, {}),
 }
 
@@ -105,6 +105,8 @@ def decode(line: bytes | str) -> dict:
                       or (isinstance(value, bool) and types is not _BOOL)):
             want = "/".join(t.__name__ for t in types)
             raise ProtocolError(f"key {key!r} of op {op!r} must be {want}")
+    if msg.get("start", 0) < 0 or not 1 <= msg.get("max_runs", 1) <= 100_000:
+        raise ProtocolError("'start' must be >= 0 and 'max_runs' between 1 and 100000")
     if "n" in msg and msg["n"] < 1:
         raise ProtocolError("cut number 'n' must be at least 1")
     if "lease_ms" in msg and not 1 <= msg["lease_ms"] <= 3_600_000:

@@ -289,12 +289,18 @@ class Slave:
                 self.volumes[name].changes.clear()
             return protocol.ok(volumes=names)
 
-    def op_dirty(self, volume: str) -> dict:
+    def op_dirty(self, volume: str, start: int = 0, max_runs: int = 20_000) -> dict:
+        """One page of the runs of changed blocks, from block ``start``;
+        ``next`` is where the next page starts (None after the last)."""
         name = self._names([volume])[0]
         vol = self.volumes[name]
         bm = vol.changes.dirty()
-        return protocol.ok(volume=name, granularity=vol.granularity,
-                           blocks=bm.nbits, runs=[list(r) for r in bm.iter_runs()])
+        if start > bm.nbits:
+            raise ProtocolError(f"'start' {start} is past the {bm.nbits} blocks of {name}")
+        runs, nxt = bm.runs(start, max_runs=max_runs)
+        return protocol.ok(volume=name, granularity=vol.granularity, blocks=bm.nbits,
+                           runs=[list(r) for r in runs],
+                           next=nxt if nxt < bm.nbits else None)
 
     def op_checkpoint(self) -> dict:
         return protocol.ok(written=[n for n, v in self.volumes.items()

@@ -29,8 +29,8 @@ def connect(proc, vol="a"):
 
 def dirty_blocks(proc, vol="a"):
     with proc.control() as c:
-        r = c.call("dirty", volume=vol)
-    return {b for s, n in r["runs"] for b in range(s, s + n)}
+        runs = c.dirty_runs(vol)
+    return {b for s, n in runs for b in range(s, s + n)}
 
 
 def touched(offset, length):
@@ -399,3 +399,21 @@ def test_control_client_reports_a_dead_slave(slaves):
         assert exc.value.kind == "unreachable"
     finally:
         c.close()
+
+
+def test_dirty_runs_come_in_pages(slaves):
+    """A large map is read page by page; the pages add up to every run."""
+    proc = slaves(volumes=[("a", 4 * MB)])
+    h = connect(proc)
+    for b in range(0, 64, 3):
+        h.pwrite(b"p", b * G)
+    h.shutdown()
+    want = [(b, 1) for b in range(0, 64, 3)]
+    with proc.control() as c:
+        first = c.call("dirty", volume="a", max_runs=5)
+        assert [tuple(r) for r in first["runs"]] == want[:5] and first["next"] == 13
+        assert c.dirty_runs("a") == want
+        last = c.call("dirty", volume="a", start=60, max_runs=5)
+        assert last["runs"] == [[60, 1], [63, 1]] and last["next"] is None
+        with pytest.raises(ControlError, match="past the 64 blocks"):
+            c.call("dirty", volume="a", start=65)

@@ -148,9 +148,8 @@ def test_cgmirror_change_bits_cover_fs_workload(vm_guest, slaves):
     report = []
     with s.control() as c:
         for name, path in paths.items():
-            d = c.call("dirty", volume=name)
-            assert d["granularity"] == gran
-            marked = _marked(d["runs"])
+            assert c.call("status")["volumes"][name]["granularity"] == gran
+            marked = _marked(c.dirty_runs(name))
             changed = _image_blocks_differ(kept[name], path, gran)
             assert changed, f"{name}: the workload changed nothing?"
             unmarked = sorted(changed - marked)
