@@ -69,7 +69,7 @@ class ChangeMapError(Exception):
     """The on-disk change map cannot be used (local state is damaged)."""
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -184,7 +184,7 @@ class ChangeMap:
                 f.write(hdr + payload)
                 f.flush()
                 os.fdatasync(f.fileno())
-            _fsync_dir(self.statedir)
+            fsync_dir(self.statedir)
             return
         os.pwrite(fd, hdr + payload, 0)
         os.fdatasync(fd)
@@ -237,7 +237,7 @@ class ChangeMap:
             os.fdatasync(f.fileno())
         failpoints.hit("checkpoint:before-rename")
         os.rename(tmp, self.map_path)
-        _fsync_dir(self.statedir)
+        fsync_dir(self.statedir)
 
     def close(self) -> None:
         """Clean shutdown: call with no writes in flight."""

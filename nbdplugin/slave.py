@@ -16,6 +16,7 @@ import threading
 import time
 
 from . import protocol
+from .changemap import fsync_dir
 from .copier import Copy
 from .protocol import CutMachine, Event, Phase, ProtocolError
 from .volume import Volume
@@ -29,25 +30,21 @@ class Slave:
         self.volumes = volumes
         self.statedir = statedir
         self.checkpoint_interval = checkpoint_interval
-        self.machine = CutMachine(n=self._load_last_n())
+        self._meta = self._load_meta()
+        self.machine = CutMachine(n=self._meta.get("last_n", 0))
         self.lock = threading.RLock()
         self.cut_volumes: list[str] = []
         self.lease_deadline: float | None = None
-        self.frozen_at: float | None = None
         self.copies: dict[str, Copy] = {}
         self.last_copy: dict | None = None
         self._stop = threading.Event()
         self._lease_wake = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._server: socket.socket | None = None
 
     # ------------------------------------------------------------ persistence
 
     def _meta_path(self) -> str:
         return os.path.join(self.statedir, "slave.json")
-
-    def _load_last_n(self) -> int:
-        return self._load_meta().get("last_n", 0)
 
     def _load_meta(self) -> dict:
         try:
@@ -57,8 +54,9 @@ class Slave:
             return {}
 
     def _save_meta(self, sync: bool = True, **updates) -> None:
-        meta = self._load_meta()
-        meta.update(updates)
+        """Persist the slave's small state (last cut number, synced targets);
+        the in-memory copy changes only once the file is in place."""
+        meta = {**self._meta, **updates}
         tmp = self._meta_path() + ".tmp"
         with open(tmp, "w") as f:
             json.dump(meta, f)
@@ -66,13 +64,18 @@ class Slave:
             if sync:
                 os.fsync(f.fileno())
         os.rename(tmp, self._meta_path())
+        if sync:
+            # Which target is a baseline must survive a power cut as surely
+            # as the change bits it speaks for.
+            fsync_dir(self.statedir)
+        self._meta = meta
 
     def synced_target(self, name: str) -> str | None:
         """The target that holds this volume as of its last completed copy."""
-        return self._load_meta().get("synced", {}).get(name)
+        return self._meta.get("synced", {}).get(name)
 
     def _set_synced(self, name: str, uri: str | None) -> None:
-        synced = self._load_meta().get("synced", {})
+        synced = dict(self._meta.get("synced", {}))
         synced[name] = uri
         self._save_meta(synced=synced)
 
@@ -157,7 +160,6 @@ class Slave:
                 raise
             self.machine.step(Event.FREEZE, n)
             self.cut_volumes = names
-            self.frozen_at = t0
             self.lease_deadline = t0 + lease_ms / 1000.0
             self._lease_wake.set()
             return protocol.ok(n=n, drain_ms=round(drain_ms, 3), blocks=blocks)
@@ -325,7 +327,6 @@ class Slave:
                              (self._checkpoint_loop, "checkpoint")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
-            self._threads.append(t)
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
