@@ -5,9 +5,11 @@ Runs of blocks to send are merged up to ``MAX_RUN`` bytes and written over
 one), each a thread with its own libnbd handle and at most ``inflight /
 streams`` requests in flight.  Runs come from one bitmap
 and never overlap, so no two writes in flight touch the same bytes, whatever
-the connection.  A block is confirmed (its ``oos`` bit cleared) when the
-target acknowledges its write; each connection ends with a flush, which covers
-its own writes even on a target without multi-conn.  If the target stops
+the connection.  A block leaves the PiT's preservation when the target
+acknowledges its write, and its change bit is cleared when a flush sent after
+that completes (every ``FLUSH_EVERY`` bytes and at the end of each
+connection; a flush covers its own connection's writes even on a target
+without multi-conn).  If the target stops
 answering for ``timeout`` seconds, or fails a request, the copy fails with a
 one-line error and what was not confirmed stays marked: nothing is lost and
 nothing confirmed is sent again by the next incremental copy.
@@ -30,6 +32,8 @@ from . import failpoints
 
 MAX_RUN = 1 << 20
 STREAMS = 4
+# Bytes written on a connection between flushes that let change bits go.
+FLUSH_EVERY = 64 << 20
 
 
 class CopyError(Exception):
@@ -160,39 +164,69 @@ class Copy:
                                               "source"))
 
     def _stream(self, h) -> None:
-        """Send runs over one connection until none are left."""
+        """Send runs over one connection until none are left.
+
+        A write the target acknowledged ends the block's preservation (the
+        PiT content is there), but its change bit is cleared only once a
+        flush that followed the write has completed: a target that crashes
+        and loses acknowledged writes gets them again with the next copy.
+        """
         vol, pit = self.volume, self.volume.pit
         g = vol.granularity
-        can_zero = h.can_zero()
+        can_zero, can_flush = h.can_zero(), h.can_flush()
         # One buffer per request in flight, reused: allocating 1 MiB per run
         # cost more than the copy itself.
         free = [bytearray(MAX_RUN) for _ in range(self.per_stream)]
-        pending: dict[int, tuple[int, int, int, bytearray]] = {}
+        writes: dict[int, tuple[int, int, int, bytearray]] = {}
+        flushes: dict[int, list[tuple[int, int]]] = {}
+        acked: list[tuple[int, int]] = []     # written, not yet covered by a flush
+        acked_bytes = 0
         halfway = self.total_bytes // 2
         last_progress = time.monotonic()
 
         def reap(wait: bool) -> None:
-            nonlocal last_progress
+            nonlocal last_progress, acked_bytes
             if wait:
                 if h.poll(1000) == 0 and time.monotonic() - last_progress > self.timeout:
                     raise CopyError(f"target {self.uri} did not answer for"
                                     f" {self.timeout:.0f} s")
-            while pending and (cookie := h.aio_peek_command_completed()) > 0:
-                start, nblocks, length, buf = pending.pop(cookie)
+            while (writes or flushes) and (cookie := h.aio_peek_command_completed()) > 0:
+                last_progress = time.monotonic()
+                if cookie in flushes:
+                    ranges = flushes.pop(cookie)
+                    try:
+                        h.aio_command_completed(cookie)
+                    except nbd.Error as exc:
+                        raise CopyError(f"target {self.uri} failed to flush:"
+                                        f" {exc.string}") from exc
+                    for start, nblocks in ranges:
+                        vol.changes.confirm(start, nblocks)
+                    continue
+                start, nblocks, length, buf = writes.pop(cookie)
                 free.append(buf)
                 try:
                     h.aio_command_completed(cookie)
                 except nbd.Error as exc:
                     raise CopyError(f"target {self.uri} failed a write at"
                                     f" {start * g}: {exc.string}") from exc
-                vol.changes.confirm(start, nblocks)
                 pit.confirm(start, nblocks)
+                if can_flush:
+                    acked.append((start, nblocks))
+                    acked_bytes += length
+                else:
+                    vol.changes.confirm(start, nblocks)   # nothing better to wait for
                 with self._lock:
                     self.done_bytes += length
                     done = self.done_bytes
-                last_progress = time.monotonic()
                 if done >= halfway:
                     failpoints.hit("copy:mid")
+
+        def flush() -> None:
+            nonlocal acked_bytes
+            if acked:
+                flushes[h.aio_flush()] = acked[:]
+                acked.clear()
+                acked_bytes = 0
 
         try:
             while (run := self._next_run()) is not None:
@@ -213,21 +247,26 @@ class Copy:
                         cookie = h.aio_zero(length, start * g)
                     else:
                         cookie = h.aio_pwrite(data, start * g)
+                    writes[cookie] = (start, nblocks, length, buf)
+                    reap(False)
+                    if acked_bytes >= FLUSH_EVERY:
+                        flush()
                 except nbd.Error as exc:
                     raise CopyError(f"target {self.uri}: {exc.string}") from exc
-                pending[cookie] = (start, nblocks, length, buf)
-                reap(False)
+            while writes:
+                reap(True)
+            if can_flush and not (self.cancelled.is_set() or pit.broken):
+                try:
+                    flush()
+                except nbd.Error as exc:
+                    raise CopyError(f"target {self.uri} failed to flush: {exc.string}") \
+                        from exc
         finally:
-            # Whatever happened, retire what is in flight: confirmed blocks
-            # must not be sent again.
-            while pending:
+            # Whatever happened, retire what is in flight: what the target
+            # has made durable must not be sent again.
+            while writes or flushes:
                 reap(True)
         if self.cancelled.is_set():
             raise CopyError("copy cancelled", "source")
         if pit.broken:
             raise CopyError(pit.broken, "source")
-        if h.can_flush():
-            try:
-                h.flush()
-            except nbd.Error as exc:
-                raise CopyError(f"target {self.uri} failed to flush: {exc.string}") from exc

@@ -155,7 +155,7 @@ class Slave:
             except BaseException:
                 for vol in vols:
                     if vol.pit is not None:
-                        vol.end_pit(confirmed_all=False)
+                        vol.end_pit()
                     vol.gate.open()
                 raise
             self.machine.step(Event.FREEZE, n)
@@ -180,7 +180,7 @@ class Slave:
                 # The copy threads end the cut; wait for them outside our lock.
             else:
                 self.machine.step(Event.ABORT, n, ended="aborted")
-                self._end_cut(confirmed=False)
+                self._end_cut()
                 return protocol.ok(n=n)
         self._join_copies()
         with self.lock:
@@ -188,10 +188,10 @@ class Slave:
                 self._finish_copy()
             return protocol.ok(n=n)
 
-    def _end_cut(self, confirmed: bool) -> None:
+    def _end_cut(self) -> None:
         for name in self.cut_volumes:
             vol = self.volumes[name]
-            vol.end_pit(confirmed_all=confirmed)
+            vol.end_pit()
             vol.gate.open()
         self.lease_deadline = None
 
@@ -203,7 +203,7 @@ class Slave:
                     and time.monotonic() >= self.lease_deadline):
                 log.warning("cut %d: lease expired without thaw or abort; thawing", m.n)
                 m.step(Event.EXPIRE, m.n, ended="expired")
-                self._end_cut(confirmed=False)
+                self._end_cut()
 
     def op_copy(self, n: int, targets: dict, mode: str = "auto", inflight: int = 8,
                 timeout_ms: int = 30000) -> dict:
@@ -271,7 +271,7 @@ class Slave:
             vol = self.volumes[name]
             if c.state == "done":
                 self._set_synced(name, c.uri)
-            vol.end_pit(confirmed_all=c.state == "done")
+            vol.end_pit()
             vol.gate.open()
         self.last_copy = {"n": n, "ok": ok,
                           "volumes": {k: c.progress() for k, c in self.copies.items()}}

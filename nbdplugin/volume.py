@@ -203,17 +203,17 @@ class Volume:
         self.pit = Pit(self, n, pending, full)
         return blocks
 
-    def end_pit(self, confirmed_all: bool) -> None:
-        """Drop the PiT.  Unless every oos block was confirmed, put them back in cr."""
+    def end_pit(self) -> None:
+        """Drop the PiT; oos blocks the target has not confirmed (all of them
+        for an aborted cut, none after a complete copy) go back into cr."""
         pit, self.pit = self.pit, None
-        if not confirmed_all:
-            self.changes.uncut()
+        self.changes.uncut()
         if pit is not None:
             pit.close()
 
     def close(self) -> None:
         if self.pit is not None:
-            self.end_pit(confirmed_all=False)
+            self.end_pit()
         self.changes.close()
         os.close(self.fd)
 

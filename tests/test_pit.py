@@ -237,3 +237,28 @@ def test_copy_to_a_silent_target_times_out(slaves, run_dir):
             assert st["last_copy"]["volumes"]["a"]["fault"] == "target"
     finally:
         silent.close()
+
+
+def test_blocks_stay_marked_until_the_target_flushes(slaves, run_dir):
+    """Writes the target acknowledged but could not flush are not confirmed:
+    the copy fails and every block is still marked, to be sent again."""
+    proc = slaves(volumes=[("a", 2 * MB)])
+    h = nbd.NBD()
+    h.connect_uri(proc.spec.uri("a"))
+    h.pwrite(b"f" * (2 * MB), 0)
+    h.shutdown()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "failing_flush_target.py")
+    srv = peers.nbdkit(os.path.join(run_dir, "t-flush.sock"), "python", script,
+                       f"size={2 * MB}")
+    try:
+        with proc.control() as c:
+            c.call("freeze", n=1, lease_ms=5000, full=["a"])
+            c.call("thaw", n=1)
+            c.call("copy", n=1, targets={"a": srv.uri})
+            st = wait_copy(c, 1)
+            assert st["ended"] == "failed"
+            assert "failed to flush" in st["last_copy"]["volumes"]["a"]["error"]
+            assert st["volumes"]["a"]["dirty_blocks"] == 2 * MB // G
+    finally:
+        srv.stop()
