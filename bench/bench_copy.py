@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--inflight", type=int, default=8, help="cgmirror requests in flight")
-    ap.add_argument("--threads", type=int, default=2, help="slave nbdkit --threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="slave nbdkit --threads (1: the product default)")
     ap.add_argument("--verify", action="store_true",
                     help="compare the target with the source after every run")
     args = ap.parse_args(argv)

@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slaves", type=int, default=4)
     ap.add_argument("--volumes", type=int, default=2, help="per slave")
     ap.add_argument("--size", type=int, default=64, help="MiB per volume")
-    ap.add_argument("--threads", type=int, default=2, help="nbdkit --threads per slave")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="nbdkit --threads per slave (1: the product default)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--per-window", type=int, default=25, help="establishes per window")
     ap.add_argument("--gap-ms", type=float, default=20.0)

@@ -132,11 +132,6 @@ class Slave:
                 raise ProtocolError(f"'full' names {sorted(full - set(names))[0]!r},"
                                     f" which is not frozen", "unknown")
             self.machine.check(Event.FREEZE, n)
-            # A freeze uses up its number even if it fails.  Written before the
-            # gates close, and without fsync, to keep it out of the hold time:
-            # a power cut may forget it, and then the coordinator's history
-            # (which never reuses a number) still holds it.
-            self._save_meta(sync=False, last_n=n)
             vols = [self.volumes[name] for name in names]
             t0 = time.monotonic()
             budget = min(lease_ms / 1000.0, 30.0)
@@ -169,7 +164,16 @@ class Slave:
             self.machine.step(Event.THAW, n)
             held = max(self.volumes[v].gate.open() for v in self.cut_volumes)
             self.lease_deadline = None
+            self._remember(n)
             return protocol.ok(n=n, held_ms=round(held * 1000, 3))
+
+    def _remember(self, n: int) -> None:
+        """Persist the cut number once the gates are open again: file work
+        during a freeze would delay the whole group's thaw.  Without fsync: a
+        crash may forget it, and then the coordinator's history (which never
+        reuses a number) still holds it."""
+        if self._meta.get("last_n", 0) < n:
+            self._save_meta(sync=False, last_n=n)
 
     def op_abort(self, n: int) -> dict:
         with self.lock:
@@ -194,6 +198,7 @@ class Slave:
             vol.end_pit()
             vol.gate.open()
         self.lease_deadline = None
+        self._remember(self.machine.n)
 
     def expire_lease(self) -> None:
         """Called by the lease thread: thaw by ourselves, the cut is aborted."""

@@ -108,6 +108,12 @@ class Volume:
         self.changes = ChangeMap(statedir, name, self.size, granularity, region)
         self.statedir = statedir
         self.pit: Pit | None = None
+        # A PiT never outlives its process (its blocks went back to cr at
+        # recovery): a store left by a crash is garbage.
+        try:
+            os.unlink(os.path.join(statedir, f"{name}.preserve"))
+        except FileNotFoundError:
+            pass
 
     # ------------------------------------------------------------ host I/O
 
@@ -264,8 +270,8 @@ class Pit:
         self.index: dict[int, int] = {}
         self.broken: str | None = None
         self.path = os.path.join(volume.statedir, f"{volume.name}.preserve")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        self._end = 0
+        self.fd: int | None = None      # the store is created by the first save:
+        self._end = 0                   # the cut itself stays free of file system work
 
     def _block_len(self, block: int) -> int:
         g = self.volume.granularity
@@ -283,6 +289,8 @@ class Pit:
             need = [b for b in range(first, first + count)
                     if self.pending.test(b) and b not in self.index]
             try:
+                if need and self.fd is None:
+                    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                 for b in need:
                     data = os.pread(self.volume.fd, self._block_len(b), b * g)
                     os.pwrite(self.fd, data, self._end)
@@ -322,8 +330,6 @@ class Pit:
                         os.preadv(self.fd, [part], pos)
 
     def close(self) -> None:
-        os.close(self.fd)
-        try:
+        if self.fd is not None:
+            os.close(self.fd)
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
