@@ -248,12 +248,9 @@ class Pit:
 
     ``pending`` holds the blocks the copy has still to read: all of them for a
     full copy, the cut's oos blocks for an incremental one.  A host write to a
-    pending block that is not saved yet first saves its old content.
-    ``lock`` guards ``pending`` and the index, and makes "save the old content"
-    (host side) and "read live, overlay saved" (copier side) atomic with
-    respect to each other: a host write either saved its block before the
-    copier looked (the copier overlays the saved copy, whatever the live block
-    holds), or waits until the copier has read the live block.
+    pending block that is not saved yet first saves its old content, and
+    only then writes; ``lock`` guards ``pending`` and the index.  The copier
+    reads live blocks first and consults the index after (see ``read``).
 
     The store is a file in the state directory holding at most one copy of
     each pending block, so it is bounded by the copy's size; it is deleted
@@ -314,20 +311,29 @@ class Pit:
             self.pending.clear(start, count)
 
     def read(self, buf, block: int) -> None:
-        """Fill ``buf`` (a writable buffer) with PiT content starting at ``block``."""
+        """Fill ``buf`` (a writable buffer) with PiT content starting at ``block``.
+
+        The live read takes no lock, so several copy streams read at once.  It
+        may race with a host write, but a host write saves the old content
+        and records it in the index *before* it touches the live block, so a
+        block whose live read could have seen new data is in the index by the
+        time we look, after the read, and its saved copy (immutable) is laid
+        over it.
+        """
         g = self.volume.granularity
         view = memoryview(buf)
+        n = os.preadv(self.volume.fd, [view], block * g)
+        if n != len(buf):
+            raise OSError(errno.EIO, f"short read of {self.volume.name} at block {block}")
         with self.lock:
-            n = os.preadv(self.volume.fd, [view], block * g)
-            if n != len(buf):
-                raise OSError(errno.EIO, f"short read of {self.volume.name} at block {block}")
-            if self.index:
-                nblocks = -(-len(buf) // g)
-                for b in range(block, block + nblocks):
-                    pos = self.index.get(b)
-                    if pos is not None:
-                        part = view[(b - block) * g:(b - block) * g + self._block_len(b)]
-                        os.preadv(self.fd, [part], pos)
+            if not self.index:
+                return
+            nblocks = -(-len(buf) // g)
+            saved = [(b, pos) for b in range(block, block + nblocks)
+                     if (pos := self.index.get(b)) is not None]
+        for b, pos in saved:
+            part = view[(b - block) * g:(b - block) * g + self._block_len(b)]
+            os.preadv(self.fd, [part], pos)
 
     def close(self) -> None:
         if self.fd is not None:
