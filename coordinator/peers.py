@@ -14,16 +14,11 @@ import socket
 import subprocess
 import time
 
+from nbdplugin.launch import alive, remove, wait_gone
+
 
 class PeerError(Exception):
     """A peer server did not start; the message carries its last words."""
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _read_pid(path: str) -> int | None:
@@ -33,17 +28,6 @@ def _read_pid(path: str) -> int | None:
         return int(text) if text else None
     except (FileNotFoundError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie counts as gone (only its parent,
-    maybe not us, can reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _accepts(sock: str) -> bool:
@@ -72,9 +56,9 @@ class Server:
                  forks: bool = False, timeout: float = 15.0):
         self.argv, self.sock, self.uri, self.image = argv, sock, uri, image
         self.pidfile, self.log, self.forks = pidfile, log, forks
-        _unlink(sock)
+        remove(sock)
         if pidfile:
-            _unlink(pidfile)
+            remove(pidfile)
         out = open(log, "ab") if log else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
@@ -121,7 +105,7 @@ class Server:
                 self.proc.kill()
             self.proc.wait(30)
             pid = self.pid or (self.pidfile and _read_pid(self.pidfile))
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 try:
                     # A daemon leading its own process group (nbd-server after
                     # setsid) takes its per-connection children along.
@@ -131,12 +115,10 @@ class Server:
                         os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                deadline = time.monotonic() + 30
-                while _alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.01)
-        _unlink(self.sock)
+                wait_gone(pid, 30)
+        remove(self.sock)
         if self.pidfile:
-            _unlink(self.pidfile)
+            remove(self.pidfile)
 
     def __enter__(self) -> "Server":
         return self

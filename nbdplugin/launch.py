@@ -87,13 +87,13 @@ class SlaveProcess:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        return _alive(self.pid)
+        return alive(self.pid)
 
     def wait(self, timeout: float) -> int | None:
         """Wait for the process to end; return its status if it was our child."""
         if self.popen is not None:
             return self.popen.wait(timeout=timeout)
-        if not _wait_gone(self.pid, timeout):
+        if not wait_gone(self.pid, timeout):
             raise subprocess.TimeoutExpired(str(self.pid), timeout)
         return None
 
@@ -117,11 +117,11 @@ class SlaveProcess:
             except subprocess.TimeoutExpired:
                 os.kill(self.pid, signal.SIGKILL)
                 self.wait(30)
-        _remove(self.spec.nbd_socket, self.spec.control)
+        remove(self.spec.nbd_socket, self.spec.control)
         return self.popen.returncode if self.popen is not None else None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """True while pid runs.  A zombie counts as gone: a daemon's parent may
     have exited, and not every init reaps orphans promptly."""
     try:
@@ -130,16 +130,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``pid`` to end (a zombie counts as ended)."""
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
     return True
 
 
-def _remove(*paths: str) -> None:
+def remove(*paths: str) -> None:
+    """Unlink each path that exists (stale sockets, pidfiles)."""
     for p in paths:
         try:
             os.unlink(p)
@@ -179,7 +181,7 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     for path in (spec.nbd_socket, spec.control):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
-    _remove(spec.nbd_socket, spec.control, spec.pidfile)
+    remove(spec.nbd_socket, spec.control, spec.pidfile)
     env = dict(os.environ, **spec.env)
     cmd = spec.command()
     if detach:
@@ -208,7 +210,7 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
                 if detach:
                     popen.wait(timeout=timeout)   # nbdkit's parent exits after forking
                 return proc
-        if detach and status == 0 and not _alive(proc.pid) and running_pid(spec) is None \
+        if detach and status == 0 and not alive(proc.pid) and running_pid(spec) is None \
                 and os.path.exists(spec.pidfile):
             raise LaunchError(f"slave {spec.name} exited after starting:"
                               f" {_tail(spec.logfile, log_start)}")
@@ -224,7 +226,7 @@ def stop(spec: SlaveSpec, timeout: float = 30.0) -> bool:
     """Stop a slave started earlier (maybe by another process) via its pidfile."""
     pid = running_pid(spec)
     if pid is None:
-        _remove(spec.nbd_socket, spec.control)
+        remove(spec.nbd_socket, spec.control)
         return False
     SlaveProcess(spec, pid).stop(timeout)
     return True
