@@ -62,7 +62,6 @@ SCHEMA: dict[str, tuple[dict, dict]] = {
     "abort": ({"n": _INT}, {}),
     "copy": ({"n": _INT, "targets": _DICT}, {"mode": _STR, "inflight": _INT,
                                               "timeout_ms": _INT}),
-    "cancel": ({"n": _INT}, {}),
     "clear": ({}, {"volumes": _LIST}),
     "dirty": ({"volume": _STR}, {"start": _INT, "max_runs": _INT}),
     "checkpoint": ({}, {}),

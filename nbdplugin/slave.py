@@ -273,18 +273,13 @@ class Slave:
         n = self.machine.n
         ok = all(c.state == "done" for c in self.copies.values())
         for name, c in self.copies.items():
-            vol = self.volumes[name]
             if c.state == "done":
                 self._set_synced(name, c.uri)
-            vol.end_pit()
-            vol.gate.open()
+        self._end_cut()
         self.last_copy = {"n": n, "ok": ok,
                           "volumes": {k: c.progress() for k, c in self.copies.items()}}
         self.machine.step(Event.COPY_DONE if ok else Event.COPY_FAILED, n,
                           ended="done" if ok else "failed")
-
-    def op_cancel(self, n: int) -> dict:
-        return self.op_abort(n)
 
     def op_clear(self, volumes: list | None = None) -> dict:
         with self.lock:
