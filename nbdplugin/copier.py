@@ -76,7 +76,6 @@ class Copy:
         self.timeout = timeout
         self.inflight = inflight
         self.streams = max(1, min(streams, inflight))
-        self.per_stream = inflight
         g = volume.granularity
         self.total_bytes = sum(min(length * g, volume.size - start * g)
                                for start, length in blocks.iter_runs())
@@ -127,14 +126,14 @@ class Copy:
             if h.can_multi_conn():
                 handles += [connect(self.uri, f"cgmirror-copy-{vol.name}-{i}", self.timeout)
                             for i in range(1, self.streams)]
-            self.per_stream = max(1, self.inflight // len(handles))
+            per_stream = max(1, self.inflight // len(handles))
             self._runs = self.blocks.iter_runs(max_run=max(1, MAX_RUN // vol.granularity))
-            threads = [threading.Thread(target=self._stream_guarded, args=(hh,),
+            threads = [threading.Thread(target=self._stream_guarded, args=(hh, per_stream),
                                         name=f"copy-{vol.name}-{i}", daemon=True)
                        for i, hh in enumerate(handles[1:], 1)]
             for t in threads:
                 t.start()
-            self._stream_guarded(h)
+            self._stream_guarded(h, per_stream)
             for t in threads:
                 t.join()
             if self._failed:
@@ -152,9 +151,9 @@ class Copy:
                 return None
             return next(self._runs, None)
 
-    def _stream_guarded(self, h) -> None:
+    def _stream_guarded(self, h, inflight: int) -> None:
         try:
-            self._stream(h)
+            self._stream(h, inflight)
         except CopyError as exc:
             with self._lock:
                 self._failed.append(exc)
@@ -163,8 +162,9 @@ class Copy:
                 self._failed.append(CopyError(f"source {self.volume.name}: {exc}",
                                               "source"))
 
-    def _stream(self, h) -> None:
-        """Send runs over one connection until none are left.
+    def _stream(self, h, inflight: int) -> None:
+        """Send runs over one connection, ``inflight`` requests at most, until
+        none are left.
 
         A write the target acknowledged ends the block's preservation (the
         PiT content is there), but its change bit is cleared only once a
@@ -176,7 +176,7 @@ class Copy:
         can_zero, can_flush = h.can_zero(), h.can_flush()
         # One buffer per request in flight, reused: allocating 1 MiB per run
         # cost more than the copy itself.
-        free = [bytearray(MAX_RUN) for _ in range(self.per_stream)]
+        free = [bytearray(MAX_RUN) for _ in range(inflight)]
         writes: dict[int, tuple[int, int, int, bytearray]] = {}
         flushes: dict[int, list[tuple[int, int]]] = {}
         acked: list[tuple[int, int]] = []     # written, not yet covered by a flush
