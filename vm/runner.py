@@ -396,43 +396,38 @@ class Guest:
         """Wait for a console line matching regex `pattern` (searched from
         console line index `start`); return the match."""
         rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        i = start
-        with self._cond:
-            while True:
-                while i < len(self.console):
-                    m = rx.search(self.console[i])
-                    i += 1
-                    if m:
-                        return m
-                if self._done.is_set():
-                    raise self._error or GuestError(
-                        f"{self.name}: ended before a line matching {pattern!r}"
-                        + self._tail(self.console))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise GuestTimeout(
-                        f"{self.name}: no line matching {pattern!r} in {timeout} s"
-                        + self._tail(self.console))
-                self._cond.wait(left)
+        pos = [start]
+
+        def found():
+            while pos[0] < len(self.console):
+                m = rx.search(self.console[pos[0]])
+                pos[0] += 1
+                if m:
+                    return m
+            return None
+
+        return self._await(found, f"a line matching {pattern!r}", timeout)
 
     def wait_sync(self, name: str, timeout: float = 30.0) -> str:
         """Wait until the guest calls `host_sync NAME ...`; return its text.
         The guest stays blocked until release(NAME) or fail(NAME)."""
+        return self._await(lambda: self._syncs.get(name), f"host_sync {name}", timeout)
+
+    def _await(self, found, what: str, timeout: float):
+        """Wait (under the console condition) until ``found()`` returns
+        something; raise if the guest ends or ``timeout`` passes first."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while name not in self._syncs:
+            while (got := found()) is None:
                 if self._done.is_set():
                     raise self._error or GuestError(
-                        f"{self.name}: ended before host_sync {name}"
-                        + self._tail(self.console))
+                        f"{self.name}: ended before {what}" + self._tail(self.console))
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise GuestTimeout(
-                        f"{self.name}: no host_sync {name} in {timeout} s"
-                        + self._tail(self.console))
+                    raise GuestTimeout(f"{self.name}: no {what} in {timeout} s"
+                                       + self._tail(self.console))
                 self._cond.wait(left)
-            return self._syncs[name]
+            return got
 
     def _send(self, line: str):
         with self._ctl_lock:
