@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 
 import pytest
 
@@ -31,6 +32,15 @@ def need(*binaries: str) -> None:
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+def wait_until(pred, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``pred`` every 5 ms; fail the test if it is not true in ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 
 import workload as wl
 from coordinator import peers
-from conftest import need
+from conftest import need, wait_until
 from coordinator import group
 from coordinator.errors import CopyFailed, EstablishAborted
 from coordinator.link import SlaveLink
@@ -297,17 +297,9 @@ class PreservePoller:
         self._t.join(10)
 
 
-def _wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
-
-
 def _wait_written(work: wl.Workload, count: int, timeout: float = 10.0) -> None:
     start = work.written
-    _wait_until(lambda: work.written >= start + count or work.errors, timeout,
+    wait_until(lambda: work.written >= start + count or work.errors, timeout,
                 f"{count} more records")
     assert not work.errors, work.errors
 
@@ -372,7 +364,7 @@ def test_slave_killed_during_establish_leaves_the_others_thawed(rig):
         t = threading.Thread(target=run, name="establish")
         t.start()
         with s1.control(5) as c:
-            _wait_until(lambda: c.call("status")["phase"] == "frozen", 5, "s1 frozen")
+            wait_until(lambda: c.call("status")["phase"] == "frozen", 5, "s1 frozen")
         wt = {}
 
         def held_write():
@@ -441,7 +433,7 @@ def test_slave_killed_during_copy_fails_the_copy_and_next_copy_is_consistent(rig
         r.establish("full")
         with pytest.raises(CopyFailed) as exc:
             r.copy()
-        _wait_until(lambda: work.errors, 10, "writers to notice s2 is gone")
+        wait_until(lambda: work.errors, 10, "writers to notice s2 is gone")
     assert exc.value.fault == "unreachable", str(exc.value)
     assert any(k.startswith("s2") for k in exc.value.failures), exc.value.failures
     assert "s2" in str(exc.value)

@@ -10,7 +10,7 @@ import time
 import nbd
 import pytest
 
-from conftest import need
+from conftest import need, wait_until
 from nbdplugin import launch
 from nbdplugin.control import ControlError
 from nbdplugin.slave import Slave
@@ -35,14 +35,6 @@ def dirty_blocks(proc, vol="a"):
 
 def touched(offset, length):
     return set(range(offset // G, (offset + length - 1) // G + 1)) if length else set()
-
-
-def wait_for(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 # ------------------------------------------------------------------ data path
@@ -126,7 +118,7 @@ def test_freeze_holds_writes_but_not_reads_and_thaw_releases(slaves, threads):
         cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"after%d" % i)),
                                 4096 * (i + 1)) for i in range(3)]
         held = min(3, threads)      # the others queue in nbdkit, behind them
-        wait_for(lambda: c.call("status")["volumes"]["a"]["waiting"] == held,
+        wait_until(lambda: c.call("status")["volumes"]["a"]["waiting"] == held,
                  what=f"{held} held writes")
         assert reader.pread(6, 0) == b"before"          # reads flow while frozen
         h.poll(0)

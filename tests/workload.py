@@ -247,7 +247,7 @@ def check(readers, layout: Layout, run: int | None = None) -> Report:
         bad.append(f"records of a foreign run: {sorted(runs - {run})} (expected {run})")
     heads = [-1] * layout.writers
     nrec = 0
-    for (w, v, s), rec in found.items():
+    for (w, _, _), rec in found.items():
         if rec is not None and rec.run == run:
             nrec += 1
             heads[w] = max(heads[w], rec.seq)
@@ -266,7 +266,7 @@ def check(readers, layout: Layout, run: int | None = None) -> Report:
                            f" {describe(rec) if have is not None else 'empty'}"
                            f" while record ({w},{heads[w]}) is present")
     # 2. Every dependency of a held record is held.
-    for (w, v, s), rec in found.items():
+    for (w, v, _), rec in found.items():
         if rec is None or rec.run != run:
             continue
         for dw, dj in rec.deps:
