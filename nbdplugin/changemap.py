@@ -157,13 +157,13 @@ class ChangeMap:
         """Record a change of bytes [offset, offset+length); durable on return."""
         if length <= 0:
             return
-        first = offset // self.region
-        count = (offset + length - 1) // self.region - first + 1
         with self.lock:
             self._changed = True
             if mark_write(self.cr, self.touched, self.durable, offset, length,
                           self.granularity, self.region):
                 return
+        first = offset // self.region
+        count = (offset + length - 1) // self.region - first + 1
         with self.intent_lock:
             with self.lock:
                 if self.durable.count(first, count) == count:
