@@ -10,8 +10,9 @@ The session file comes from ``-s/--session`` or ``$CGMIRROR_SESSION``.
 ``main(argv) -> int`` returns an ``errors.ExitCode``; tests call it in
 process.  Every error is one line on stderr; with ``--json`` stdout carries
 exactly one JSON document, also on error (``{"ok": false, "error": ...}``).
-Handlers live in one module per noun (``slave_cmds``, ``copy_cmds``,
-``status_cmds``) and are a few lines each.
+Each noun lives in its own module (``slave_cmds``, ``copy_cmds``,
+``status_cmds`` for status and history) whose ``register(subparsers)`` adds
+its parser and sets its handler; this module only loops over ``NOUNS``.
 
 JSON documents (every one has "ok"; on error also "error", "error_type",
 "fault" (local/slave/target/unreachable) and "exit_code"):
@@ -42,8 +43,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from . import copy_cmds, output, session as session_mod, slave_cmds, status_cmds
-from .errors import CgmirrorError, ExitCode, UsageError
+from . import copy_cmds, errors, output, session as session_mod, slave_cmds, status_cmds
+from .errors import CgmirrorError, ExitCode
 
 
 @dataclass
@@ -70,53 +71,47 @@ class Context:
         print(f"cgmirror: warning: {text}", file=self.err)
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-s", "--session", metavar="FILE", default=argparse.SUPPRESS,
+# One module per noun, each with ``register(subparsers)`` that adds its parser
+# and sets ``func`` (handler(ctx, args) -> ExitCode); the order here is the
+# order of ``--help``.
+NOUNS = (
+    slave_cmds,
+    copy_cmds,
+    status_cmds,
+    # pki_cmds,   (coordinator/pki_cmds.py: session CA and host certificates)
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the usage
+    first); subcommand parsers inherit this class."""
+
+    def error(self, message: str):
+        self.exit(int(ExitCode.USAGE),
+                  f"cgmirror: {message} (see {self.prog} --help)\n")
+
+
+def _session_option(parser: argparse.ArgumentParser) -> None:
+    """``-s FILE`` on a parser and every parser below it, so that it may come
+    before or after the noun (``cgmirror copy -s x.toml``).  SUPPRESS: a
+    subcommand's default must not overwrite what the top level parsed."""
+    parser.add_argument("-s", "--session", metavar="FILE", default=argparse.SUPPRESS,
                         help=f"session TOML file (default: ${session_mod.ENV})")
-    p = argparse.ArgumentParser(prog="cgmirror", parents=[common],
-                                description="Consistent copies of volume groups"
-                                            " served by cgmirror slaves.")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _session_option(child)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cgmirror",
+                description="Consistent copies of volume groups served by cgmirror"
+                            " slaves.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    slave = sub.add_parser("slave", parents=[common], help="start or stop slaves")
-    ssub = slave.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("start", "start slaves (all if none named), detached"),
-                         ("stop", "stop slaves (all if none named)")):
-        a = ssub.add_parser(action, parents=[common], help=text)
-        a.add_argument("names", nargs="*", metavar="NAME")
-
-    c = sub.add_parser("copy", parents=[common],
-                       help="establish a consistent point in time and copy it")
-    m = c.add_mutually_exclusive_group()
-    m.add_argument("--full", dest="mode", action="store_const", const="full",
-                   help="copy every block")
-    m.add_argument("--incremental", dest="mode", action="store_const",
-                   const="incremental", help="copy only what changed since the"
-                                             " last copy to the same target")
-    c.set_defaults(mode="auto")
-    c.add_argument("--json", action="store_true", help="one JSON document on stdout")
-
-    s = sub.add_parser("status", parents=[common], help="slaves, volumes, copies")
-    s.add_argument("--json", action="store_true", help="one JSON document on stdout")
-
-    h = sub.add_parser("history", parents=[common], help="past copies, newest first")
-    h.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    h.add_argument("--limit", type=int, default=None, metavar="N")
+    for noun in NOUNS:
+        noun.register(sub)
+    _session_option(p)
     return p
-
-
-def _dispatch(ctx: Context, args: argparse.Namespace) -> ExitCode:
-    if args.command == "slave":
-        fn = slave_cmds.start if args.action == "start" else slave_cmds.stop
-        return fn(ctx, args.names)
-    if args.command == "copy":
-        return copy_cmds.copy(ctx, args.mode)
-    if args.command == "status":
-        return status_cmds.status(ctx)
-    if args.command == "history":
-        return status_cmds.history(ctx, args.limit)
-    raise UsageError(f"unknown command {args.command!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     want_json = getattr(args, "json", False)
     try:
         sess = session_mod.load(session_mod.locate(getattr(args, "session", None)))
-        return int(_dispatch(Context(sess, want_json), args))
+        return int(args.func(Context(sess, want_json), args))
     except CgmirrorError as exc:
         print(f"cgmirror: {exc}", file=sys.stderr)
         if want_json:
@@ -137,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                              sys.stdout)
         return int(exc.exit_code)
     except KeyboardInterrupt:
-        print("cgmirror: interrupted", file=sys.stderr)
-        return 130
+        print(f"cgmirror: {errors.INTERRUPTED}", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
 
 
 if __name__ == "__main__":

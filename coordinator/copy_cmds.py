@@ -11,11 +11,24 @@ from __future__ import annotations
 
 import datetime
 
-from . import group, output
+from . import errors, group, output
 from .errors import CgmirrorError, ExitCode
 from .history import History
 from .link import SlaveLink
 from .lock import SessionLock
+
+
+def register(sub) -> None:
+    """``cgmirror copy [--full | --incremental] [--json]``."""
+    c = sub.add_parser("copy", help="establish a consistent point in time and copy it")
+    m = c.add_mutually_exclusive_group()
+    m.add_argument("--full", dest="mode", action="store_const", const="full",
+                   help="copy every block")
+    m.add_argument("--incremental", dest="mode", action="store_const",
+                   const="incremental", help="copy only what changed since the"
+                                             " last copy to the same target")
+    c.set_defaults(mode="auto", func=lambda ctx, args: copy(ctx, args.mode))
+    c.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 
 def links(session, timeout: float | None = None) -> list[SlaveLink]:
@@ -63,7 +76,7 @@ def run(ctx, hist: History, lks: list[SlaveLink], n: int, mode: str,
         result = "aborted" if est is None else "failed"
         partial = getattr(exc, "report", None)
         doc.update(result=result, copy=partial)
-        hist.finish(n, result, str(exc) or type(exc).__name__, est, partial)
+        hist.finish(n, result, errors.describe(exc), est, partial)
         if isinstance(exc, CgmirrorError):
             exc.details = doc
         raise

@@ -43,6 +43,27 @@ class ExitCode(enum.IntEnum):
     BUSY = 5          # another cgmirror holds the session, or a slave is busy
     ABORTED = 6       # the consistent point in time could not be established
     TARGET = 7        # a copy target failed (unreachable, too small, I/O error)
+    INTERRUPTED = 130  # Ctrl-C (SIGINT), the shell's 128 + 2
+
+
+# What the user sees (and history records) when Ctrl-C stops a command.
+INTERRUPTED = "interrupted by the operator (Ctrl-C)"
+
+
+def describe(exc: BaseException) -> str:
+    """One line for people about any exception, never a bare class name.
+
+    Our errors are already one line; Ctrl-C is said in words; anything else
+    (a bug) keeps its class name, because "list index out of range" alone
+    does not say it was a bug, with its message squeezed onto one line.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return INTERRUPTED
+    if isinstance(exc, CgmirrorError):
+        return str(exc)
+    text = " ".join(str(exc).split())
+    return f"internal error ({type(exc).__name__}): {text}" if text else \
+        f"internal error ({type(exc).__name__})"
 
 
 class CgmirrorError(Exception):

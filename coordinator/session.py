@@ -143,6 +143,10 @@ def load(path: str) -> Session:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        # tomllib decodes the whole file first; TOML is UTF-8 by definition.
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at"
+                          f" offset {exc.start}); save it as UTF-8") from exc
     return _Parser(path).session(data)
 
 

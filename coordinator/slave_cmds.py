@@ -15,6 +15,18 @@ from nbdplugin import launch
 from .errors import ExitCode, SlaveError
 from .lock import SessionLock
 
+
+def register(sub) -> None:
+    """``cgmirror slave start|stop [NAME...]``."""
+    slave = sub.add_parser("slave", help="start or stop slaves")
+    actions = slave.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for fn, text in ((start, "start slaves (all if none named), detached"),
+                     (stop, "stop slaves (all if none named)")):
+        a = actions.add_parser(fn.__name__, help=text)
+        a.add_argument("names", nargs="*", metavar="NAME")
+        a.set_defaults(func=lambda ctx, args, fn=fn: fn(ctx, args.names))
+
+
 def start(ctx, names: list[str]) -> ExitCode:
     s = ctx.session
     with SessionLock(s.name, s.state_dir):

@@ -8,6 +8,8 @@ answer, else CONFIG if any volume is missing, else OK.
 
 from __future__ import annotations
 
+import argparse
+
 from nbdplugin import launch
 
 from . import group, output
@@ -16,6 +18,29 @@ from .errors import CgmirrorError, ExitCode
 from .history import History
 
 STATUS_TIMEOUT = 5.0
+# SQLite's LIMIT is a signed 64-bit integer; no one reads more rows than this.
+MAX_LIMIT = 1_000_000
+
+
+def register(sub) -> None:
+    """``cgmirror status [--json]`` and ``cgmirror history [--json] [--limit N]``."""
+    s = sub.add_parser("status", help="slaves, volumes, copies")
+    s.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    s.set_defaults(func=lambda ctx, args: status(ctx))
+    h = sub.add_parser("history", help="past copies, newest first")
+    h.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    h.add_argument("--limit", type=_limit, default=None, metavar="N",
+                   help=f"the newest N copies (1 to {MAX_LIMIT})")
+    h.set_defaults(func=lambda ctx, args: history(ctx, args.limit))
+
+
+def _limit(text: str) -> int:
+    """--limit N: a whole number of rows; argparse turns the ValueError into
+    one usage line (``1e20``, ``0``, ``-1`` and ``10**30`` are all refused)."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_LIMIT},"
+                                         f" not {text!r}")
+    return int(text)
 
 
 def collect(session) -> dict:
