@@ -24,7 +24,8 @@ A session is one TOML file (``-s FILE`` or ``$CGMIRROR_SESSION``)::
     target = "nbd+unix:///db?socket=remote/db.sock"
 
 Relative paths, including the ``socket=`` of a ``+unix`` target URI, are
-relative to the directory of the TOML file.  Every problem is refused with one
+relative to the directory of the TOML file.  No two volumes may have the same
+image as their target, however it is spelled (``wire.nbduri``).  Every problem is refused with one
 line naming the file, the table and the key; nothing is defaulted silently
 except the optional keys above.
 """
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 from nbdplugin.launch import SlaveSpec
 from nbdplugin.volume import parse_size
 
+from wire import nbduri
+
 from .errors import ConfigError, UsageError
 
 ENV = "CGMIRROR_SESSION"
@@ -47,7 +50,6 @@ ENV = "CGMIRROR_SESSION"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET = 107
-_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
 
 _SESSION_KEYS = {"name", "state_dir", "max_coordination_ms", "lease_ms", "copy_timeout_ms"}
 _SLAVE_KEYS = {"name", "state_dir", "nbd_socket", "control", "threads", "granularity",
@@ -210,17 +212,17 @@ class _Parser:
 
     def target(self, where, table) -> str:
         uri = self.string(where, table, "target")
-        parts = urllib.parse.urlsplit(uri)
-        if parts.scheme not in _SCHEMES:
-            self.fail(where, "target", f"not an NBD URI: {uri!r} (schemes: "
-                                       f"{', '.join(_SCHEMES)})")
-        if not parts.scheme.endswith("+unix"):
+        try:
+            parsed = nbduri.parse(uri, self.base)
+        except ValueError as exc:
+            self.fail(where, "target", str(exc))
+        if parsed.endpoint.transport != "unix":
             return uri
+        parts = urllib.parse.urlsplit(uri)
         query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        socks = [v for k, v in query if k == "socket"]
-        if len(socks) != 1 or not socks[0]:
-            self.fail(where, "target", f"{uri!r} needs exactly one ?socket=PATH")
-        sock = os.path.normpath(os.path.join(self.base, socks[0]))
+        # libnbd resolves a relative socket against its own working directory:
+        # make it absolute (normpath, not realpath: the user's spelling stays).
+        sock = os.path.normpath(os.path.join(self.base, dict(query)["socket"]))
         if len(sock.encode()) > _MAX_SOCKET:
             self.fail(where, "target", f"socket path {sock} is longer than"
                                        f" {_MAX_SOCKET} bytes")
@@ -311,3 +313,23 @@ class _Parser:
             for v in s.volumes:
                 claim("path", v.path, f"volume {s.name}/{v.name}",
                       f"[[slave.volume]] {s.name}/{v.name}", "path")
+        self.distinct_images(slaves)
+
+    def distinct_images(self, slaves: tuple[SlaveConfig, ...]) -> None:
+        """No two volumes may copy to one image, and no volume to a source
+        export: each copy would overwrite the other and both report done.
+        Images are compared by canonical identity (wire.nbduri), so two
+        spellings of one socket and export are one image."""
+        images: dict[tuple, str] = {}
+        for s in slaves:
+            sock = nbduri.parse_address(f"unix:{s.nbd_socket}")
+            for v in s.volumes:
+                images[(sock, v.name)] = f"the source export of {s.name}/{v.name}"
+        for s in slaves:
+            for v in s.volumes:
+                image = nbduri.parse(v.target)
+                other = images.setdefault(image.identity, f"the target of {s.name}/{v.name}")
+                if other != f"the target of {s.name}/{v.name}":
+                    self.fail(f"[[slave.volume]] {s.name}/{v.name}", "target",
+                              f"{image.describe()} is also {other}: each copy would"
+                              f" overwrite the other; give every volume its own target")

@@ -200,3 +200,38 @@ def test_cli_bad_session_exit_code(tmp_path, capsys, monkeypatch):
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] is False and doc["exit_code"] == ExitCode.CONFIG
     assert cli.main(["copy", "--full", "--incremental"]) == ExitCode.USAGE
+
+
+@pytest.mark.parametrize("old,new", [
+    # s2/db's target, spelled as s1/db's target (another slave) ...
+    ('target = "nbd+unix:///?socket=/srv/remote/s2.sock"',
+     'target = "nbd+unix://localhost/db?socket=./remote/x/../db.sock"'),
+    # ... and s1/log's, on the same slave.
+    ('target = "nbd://backup.example:10809/log"',
+     'target = "nbds+unix:///db?socket=remote/db.sock"'),
+])
+def test_two_volumes_one_target_image_are_refused(tmp_path, old, new):
+    """Two volumes whose targets are one image, however spelled: one line naming both."""
+    with pytest.raises(ConfigError) as ei:
+        session.load(write(tmp_path, GOOD.replace(old, new)))
+    msg = str(ei.value)
+    assert "\n" not in msg and "key 'target'" in msg
+    assert f"export 'db' on unix:{tmp_path}/remote/db.sock is also the target of s1/db" in msg
+    assert "s2/db" in msg or "s1/log" in msg
+
+
+def test_target_on_a_source_export_is_refused(tmp_path):
+    """A target that is one of the session's own source exports is refused."""
+    with pytest.raises(ConfigError, match=r"s1/log, key 'target': export 'db' on unix:"
+                                          r".*/run/s1.sock is also the source export of s1/db"):
+        session.load(write(tmp_path, GOOD.replace(
+            'target = "nbd://backup.example:10809/log"',
+            'target = "nbd+unix:///db?socket=run/s1.sock"')))
+
+
+def test_same_tcp_target_spelled_twice_is_refused(tmp_path):
+    """TCP: host case and the default port do not make two images."""
+    with pytest.raises(ConfigError, match=r"export 'log' on tcp:backup.example:10809"):
+        session.load(write(tmp_path, GOOD.replace(
+            'target = "nbd+unix:///?socket=/srv/remote/s2.sock"',
+            'target = "nbd://BACKUP.example/log"')))

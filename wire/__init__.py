@@ -1,0 +1,1 @@
+"""Addresses and wire formats shared by the coordinator and the slaves."""
