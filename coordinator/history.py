@@ -5,6 +5,18 @@ written when the cut starts ("running") and completed when it ends ("ok",
 "failed", "aborted").  A row left "running" by a coordinator that died
 becomes "interrupted" the next time a coordinator takes the session.
 Per-volume results are in ``copy_volumes``.
+
+Numbers come from slaves, over a wire; a slave may report anything (a cut
+number of 2^63+5 once made every later ``cgmirror copy`` die of SQLite's
+OverflowError).  So the boundary is here, both ways:
+
+* writing: a cut number outside 1..2^63-1 is refused with one line before
+  anything is written; a measurement (bytes, seconds, milliseconds) that is
+  not a finite number in range is stored as NULL ("-" for people), because a
+  copy that went well must not be failed by its statistics;
+* reading: a row stored by an older version (or edited by hand) with a value
+  of the wrong type or out of range reads as None, so ``history`` and
+  ``status`` stay readable; nothing on the way out can be NaN or infinite.
 """
 
 from __future__ import annotations
@@ -48,11 +60,44 @@ CREATE TABLE IF NOT EXISTS copy_volumes (
 """
 
 
-def _iso(t: float | None) -> str | None:
+# SQLite's INTEGER is a signed 64-bit integer.
+MAX_N = 2**63 - 1
+# No copy moves more than an exabyte or lasts longer than a century: beyond
+# that a number is a slave's nonsense, not a measurement.
+_MAX_MEASURE = 1e18
+
+
+def check_n(n: object) -> int:
+    """A cut number that fits the history, else LocalError (one line)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise LocalError(f"cut number {n!r} is out of range for the history"
+                         f" (1 to {MAX_N})")
+    return n
+
+
+def measure(v: object) -> int | float | None:
+    """A byte count or a duration if it is a finite number in 0..1e18, else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if not 0 <= v <= _MAX_MEASURE:      # also False for NaN
+        return None
+    return v
+
+
+def _text(v: object) -> str | None:
+    return None if v is None else str(v)
+
+
+def _iso(t: object) -> str | None:
+    """Unix time for people and JSON; None if missing or not a time."""
+    t = measure(t)
     if t is None:
         return None
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 class History:
@@ -84,6 +129,13 @@ class History:
                              "WHERE result='running' RETURNING n"))
 
     def begin(self, n: int, session: str, mode: str) -> None:
+        try:
+            check_n(n)
+        except LocalError as exc:
+            # The largest n comes from this file (max_n) or a slave (checked
+            # before, naming it): the way out is a new history.
+            raise LocalError(f"history {self.path}: {exc}; move the file aside to"
+                             f" start a new history") from None
         self._run("INSERT INTO copies (n, session, started, mode, result)"
                   " VALUES (?, ?, ?, ?, 'running')", (n, session, time.time(), mode))
 
@@ -99,18 +151,19 @@ class History:
                     "UPDATE copies SET finished=?, result=?, error=?, coordination_ms=?,"
                     " establish_ms=?, max_held_ms=?, bytes=?, seconds=? WHERE n=?",
                     (time.time(), result, error,
-                     est.coordination_ms if est else None,
-                     est.total_ms if est else None,
-                     est.max_held_ms if est else None,
-                     report["bytes"] if report else None,
-                     report["seconds"] if report else None, n))
+                     measure(est.coordination_ms) if est else None,
+                     measure(est.total_ms) if est else None,
+                     measure(est.max_held_ms) if est else None,
+                     measure(report["bytes"]) if report else None,
+                     measure(report["seconds"]) if report else None, check_n(n)))
                 for slave, vols in (report or {}).get("slaves", {}).items():
                     for vol, c in vols.items():
                         self.db.execute(
                             "INSERT OR REPLACE INTO copy_volumes VALUES"
                             " (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (n, slave, vol, c["target"], c["mode"], c["bytes"],
-                             c["seconds"], c["state"], c["error"]))
+                            (n, slave, vol, c["target"], _text(c["mode"]),
+                             measure(c["bytes"]) or 0, measure(c["seconds"]) or 0.0,
+                             _text(c["state"]), _text(c["error"])))
         except sqlite3.Error as exc:
             raise LocalError(f"history {self.path}: {exc}") from exc
 
@@ -120,14 +173,18 @@ class History:
                          + (" LIMIT ?" if limit else ""), (limit,) if limit else ())
         out = []
         for r in rows:
-            d = dict(r)
-            d["started"], d["finished"] = _iso(d["started"]), _iso(d["finished"])
+            d = {k: _text(r[k]) for k in ("session", "mode", "result", "error")}
+            d = {"n": r["n"]} | d | {"started": _iso(r["started"]),
+                                     "finished": _iso(r["finished"])}
+            d |= {k: measure(r[k]) for k in ("coordination_ms", "establish_ms",
+                                              "max_held_ms", "bytes", "seconds")}
             vols: dict[str, dict] = {}
             for v in self._run("SELECT * FROM copy_volumes WHERE n=? ORDER BY slave,"
                                " volume", (r["n"],)):
-                vols.setdefault(v["slave"], {})[v["volume"]] = {
-                    k: v[k] for k in ("target", "mode", "bytes", "seconds", "result",
-                                      "error")}
+                vols.setdefault(str(v["slave"]), {})[str(v["volume"])] = {
+                    "target": _text(v["target"]), "mode": _text(v["mode"]),
+                    "bytes": measure(v["bytes"]), "seconds": measure(v["seconds"]),
+                    "result": _text(v["result"]), "error": _text(v["error"])}
             d["volumes"] = vols
             out.append(d)
         return out
