@@ -85,6 +85,7 @@ def run(ctx, hist: History, lks: list[SlaveLink], n: int, mode: str,
     try:
         est = group.establish(lks, n, s.lease_ms, s.max_coordination_ms, full=full)
         doc["establish"] = est.to_json()
+        hist.start_volumes(n, s.targets(), full)
         report = group.copy(lks, n, s.targets(), mode, bar, timeout_ms=s.copy_timeout_ms)
     except BaseException as exc:
         result = "aborted" if est is None else "failed"

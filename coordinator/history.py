@@ -26,6 +26,8 @@ import os
 import sqlite3
 import time
 
+from wire import nbduri
+
 from .errors import LocalError
 
 DB_NAME = "history.sqlite"
@@ -100,6 +102,10 @@ def _iso(t: object) -> str | None:
         return None
 
 
+def _age(t: float | None, now: float) -> float | None:
+    return None if t is None else round(max(0.0, now - t), 3)
+
+
 class History:
     """The copy history of one session; every sqlite3 error becomes LocalError."""
 
@@ -124,9 +130,32 @@ class History:
 
     def mark_interrupted(self) -> int:
         """Rows left 'running' by a coordinator that died; call with the lock held."""
+        self._run("UPDATE copy_volumes SET result='interrupted', error="
+                  "'the coordinator stopped before the end' WHERE result='running'")
         return len(self._run("UPDATE copies SET result='interrupted', error="
                              "'the coordinator stopped before the end' "
                              "WHERE result='running' RETURNING n"))
+
+    def start_volumes(self, n: int, targets: dict[str, dict[str, str]],
+                      full: dict[str, list[str]]) -> None:
+        """Cut n is established: from now on each target may hold part of it.
+
+        Written before the copy starts so that a coordinator killed mid-copy
+        leaves rows saying which targets it was overwriting ("running", made
+        "interrupted" by the next coordinator): the group is never reported
+        consistent over a half-written target."""
+        try:
+            with self.db:
+                self.db.execute("BEGIN")
+                for slave, vols in targets.items():
+                    for vol, uri in vols.items():
+                        mode = "full" if vol in full.get(slave, ()) else "incremental"
+                        self.db.execute(
+                            "INSERT OR REPLACE INTO copy_volumes VALUES"
+                            " (?, ?, ?, ?, ?, 0, 0, 'running', NULL)",
+                            (n, slave, vol, uri, mode))
+        except sqlite3.Error as exc:
+            raise LocalError(f"history {self.path}: {exc}") from exc
 
     def begin(self, n: int, session: str, mode: str) -> None:
         try:
@@ -164,6 +193,10 @@ class History:
                             (n, slave, vol, c["target"], _text(c["mode"]),
                              measure(c["bytes"]) or 0, measure(c["seconds"]) or 0.0,
                              _text(c["state"]), _text(c["error"])))
+                # Volumes the (partial) report does not cover ended with the copy.
+                self.db.execute("UPDATE copy_volumes SET result=?, error=? WHERE n=?"
+                                " AND result='running'",
+                                ("failed" if result == "ok" else result, error, n))
         except sqlite3.Error as exc:
             raise LocalError(f"history {self.path}: {exc}") from exc
 
@@ -188,6 +221,62 @@ class History:
             d["volumes"] = vols
             out.append(d)
         return out
+
+    def group(self, targets: dict[str, dict[str, str]], now: float | None = None,
+              copying: bool = True) -> dict:
+        """What the session's targets hold, from the history alone.
+
+        ``targets``: {slave: {volume: URI}} as the session names them now.
+        For each volume, the newest copy to the same image (``wire.nbduri``)
+        decides: "holds" cut n if it completed, "partial" if it failed or was
+        interrupted (the target may hold part of cut n over an older cut),
+        "copying" while it runs, "none" if nothing was ever copied there.
+        The group is consistent only if every volume holds the same cut.
+        ``copying``: whether a coordinator holds the session now; if not, a
+        row still "running" was left by one that died and counts as partial.
+
+        Returns {"consistent", "n", "taken", "age_s", "volumes": {slave:
+        {volume: {"state", "n", "error"}}}, "last_copy": {"n", "result",
+        "started", "age_s", "error"} | None}.
+        """
+        now = time.time() if now is None else now
+        vols: dict[str, dict[str, dict]] = {}
+        started: dict[int, float | None] = {}
+        for slave, tv in targets.items():
+            for vol, uri in tv.items():
+                rows = self._run("SELECT v.n, v.target, v.result, v.error, c.started"
+                                 " FROM copy_volumes v JOIN copies c ON c.n = v.n"
+                                 " WHERE v.slave=? AND v.volume=? ORDER BY v.n DESC",
+                                 (slave, vol))
+                row = next((r for r in rows if nbduri.same_image(str(r["target"]), uri)),
+                           None)
+                if row is None:
+                    state = {"state": "none", "n": None, "error": None}
+                else:
+                    started[row["n"]] = measure(row["started"])
+                    result = row["result"]
+                    error = _text(row["error"])
+                    if result == "running" and not copying:
+                        result, error = "interrupted", "the coordinator stopped before the end"
+                    state = {"state": {"done": "holds", "running": "copying"}.get(
+                                 result, "partial"), "n": row["n"], "error": error}
+                vols.setdefault(slave, {})[vol] = state
+        states = [v for sv in vols.values() for v in sv.values()]
+        cuts = {v["n"] for v in states}
+        consistent = bool(states) and all(v["state"] == "holds" for v in states) \
+            and len(cuts) == 1
+        n = cuts.pop() if consistent else None
+        taken = started.get(n) if consistent else None
+        last = self._run("SELECT n, result, started, error FROM copies"
+                         " ORDER BY n DESC LIMIT 1")
+        last_copy = None
+        if last:
+            t = measure(last[0]["started"])
+            last_copy = {"n": last[0]["n"], "result": _text(last[0]["result"]),
+                         "started": _iso(t), "age_s": _age(t, now),
+                         "error": _text(last[0]["error"])}
+        return {"consistent": consistent, "n": n, "taken": _iso(taken),
+                "age_s": _age(taken, now), "volumes": vols, "last_copy": last_copy}
 
     def close(self) -> None:
         self.db.close()

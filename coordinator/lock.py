@@ -49,6 +49,24 @@ class SessionLock:
         self._fd = fd
         return self
 
+    def holder(self) -> int | None:
+        """The pid of a live process holding the lock now, else None; reads
+        only, so watching (``status``) never makes a starting copy BUSY.  The
+        holder truncates the pid on release; a pid left by one that died is
+        not alive (pid reuse aside, which only delays "interrupted")."""
+        try:
+            with open(self.path, "rb") as f:
+                pid = int(f.read(32).split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass                # alive, someone else's
+        return pid
+
     def release(self) -> None:
         if self._fd is not None:
             # Keep the file (others may have it open); just drop our pid and lock.

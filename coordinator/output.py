@@ -19,6 +19,16 @@ def size(n: int | float | None) -> str:
     return str(n)
 
 
+def age(seconds: float | None) -> str:
+    """How long ago, for people: 42 -> '42 s ago', 7200 -> '2.0 h ago'."""
+    if seconds is None:
+        return "-"
+    for unit, width in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= width:
+            return f"{seconds / width:.1f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
 def table(rows: list[list[object]], header: list[str], out: TextIO) -> None:
     """Columns padded to the widest cell; the last column is not padded."""
     cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in r]

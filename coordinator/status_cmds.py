@@ -4,6 +4,13 @@ status asks every slave at once.  A slave that does not answer is a row
 saying so (and whether its process runs at all); a session volume the slave
 does not serve is a row saying so.  Exit UNREACHABLE if any slave did not
 answer, else CONFIG if any volume is missing, else OK.
+
+Both say, per session, what the targets hold as a group (from the history,
+``History.group``): "group consistent at cut N, taken at T (age)" only when
+every target holds the same completed cut, else "group not consistent: ..."
+with the volumes at each cut.  A volume's ``synced`` is true only when its
+slave has it as a baseline *and* its target holds a completed cut: never
+"yes" next to a failed copy.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from . import group, output
 from .copy_cmds import links
 from .errors import CgmirrorError, ExitCode
 from .history import History
+from .lock import SessionLock
 
 STATUS_TIMEOUT = 5.0
 # SQLite's LIMIT is a signed 64-bit integer; no one reads more rows than this.
@@ -43,6 +51,13 @@ def _limit(text: str) -> int:
     return int(text)
 
 
+def group_state(session) -> dict:
+    """What the session's targets hold as a group (``History.group``)."""
+    copying = SessionLock(session.name, session.state_dir).holder() is not None
+    with History(session.state_dir) as hist:
+        return hist.group(session.targets(), copying=copying)
+
+
 def collect(session) -> dict:
     """The status document (see ``status --json``)."""
     lks = links(session, timeout=STATUS_TIMEOUT)
@@ -51,7 +66,8 @@ def collect(session) -> dict:
     finally:
         for lk in lks:
             lk.close()
-    doc = {"ok": True, "session": session.name, "slaves": {}}
+    grp = group_state(session)
+    doc = {"ok": True, "session": session.name, "group": grp, "slaves": {}}
     for cfg in session.slaves:
         r = replies[cfg.name]
         if isinstance(r, CgmirrorError):
@@ -73,8 +89,11 @@ def collect(session) -> dict:
                                          f" (it serves: {', '.join(r['volumes'])})"}
                 continue
             dirty = min(st["dirty_blocks"] * st["granularity"], st["size"])
+            holds = grp["volumes"][cfg.name][v.name]
             vols[v.name] = {"present": True, "target": v.target,
-                            "synced": st["synced_target"] == v.target,
+                            "synced": (st["synced_target"] == v.target
+                                       and holds["state"] == "holds"),
+                            "target_holds": holds,
                             "dirty_bytes": dirty, "error": None} | st
         doc["slaves"][cfg.name] = {"reachable": True, "error": None, "pid": r["pid"],
                                    "phase": r["phase"], "n": r["n"], "ended": r["ended"],
@@ -108,6 +127,35 @@ def _copy_cell(c: dict | None) -> str:
     return text + (f" ({c['error']})" if c.get("error") else "")
 
 
+def _holds(h: dict) -> str:
+    """What one target holds, for people."""
+    return {"holds": f"cut {h['n']}", "partial": f"part of cut {h['n']}",
+            "copying": f"copying cut {h['n']}"}.get(h["state"], "nothing copied")
+
+
+def group_lines(g: dict) -> list[str]:
+    """The group's state and the last copy, for people (status and history)."""
+    if g["consistent"]:
+        lines = [f"group consistent at cut {g['n']}, taken at {g['taken'] or '?'}"
+                 f" ({output.age(g['age_s'])})"]
+    else:
+        at: dict[str, list[str]] = {}
+        for slave, vols in g["volumes"].items():
+            for vol, h in vols.items():
+                label = _holds(h) + (" (copy failed)" if h["state"] == "partial" else "")
+                at.setdefault(label, []).append(f"{slave}/{vol}")
+        lines = ["group not consistent: " + "; ".join(f"{label}: {', '.join(v)}"
+                                                      for label, v in at.items())]
+    last = g["last_copy"]
+    if last:
+        why = f": {last['error']}" if last["error"] else ""
+        lines.append(f"last copy: cut {last['n']} {last['result']}, started"
+                     f" {last['started'] or '?'} ({output.age(last['age_s'])}){why}")
+    else:
+        lines.append("last copy: none")
+    return lines
+
+
 def print_status(doc: dict, out) -> None:
     rows = []
     for name, sl in doc["slaves"].items():
@@ -121,19 +169,20 @@ def print_status(doc: dict, out) -> None:
                 continue
             rows.append([name, vname, phase, v["gate"], output.size(v["size"]),
                          f"{v['dirty_blocks']} ({output.size(v['dirty_bytes'])})",
-                         "yes" if v["synced"] else ("other" if v["synced_target"]
-                                                    else "no"),
-                         _copy_cell(v["copy"])])
+                         _holds(v["target_holds"]), _copy_cell(v["copy"])])
     output.table(rows, ["SLAVE", "VOLUME", "PHASE", "GATE", "SIZE", "DIRTY BLOCKS",
-                        "SYNCED", "LAST COPY"], out)
+                        "TARGET HOLDS", "LAST COPY"], out)
+    for line in group_lines(doc["group"]):
+        print(line, file=out)
 
 
 def history(ctx, limit: int | None) -> ExitCode:
     with History(ctx.session.state_dir) as hist:
         copies = hist.copies(limit)
+    grp = group_state(ctx.session)
     if ctx.json:
-        output.emit_json({"ok": True, "session": ctx.session.name, "copies": copies},
-                         ctx.out)
+        output.emit_json({"ok": True, "session": ctx.session.name, "group": grp,
+                          "copies": copies}, ctx.out)
         return ExitCode.OK
     rows = [[c["n"], c["started"], c["mode"], c["result"],
              "-" if c["establish_ms"] is None else f"{c['establish_ms']:.1f}",
@@ -143,4 +192,6 @@ def history(ctx, limit: int | None) -> ExitCode:
              c["error"] or ""] for c in copies]
     output.table(rows, ["N", "STARTED", "MODE", "RESULT", "ESTABLISH MS", "HELD MS",
                         "COPIED", "SECONDS", "ERROR"], ctx.out)
+    for line in group_lines(grp):
+        print(line, file=ctx.out)
     return ExitCode.OK
