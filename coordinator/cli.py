@@ -40,11 +40,15 @@ JSON documents (every one has "ok"; on error also "error", "error_type",
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
 from . import copy_cmds, errors, output, session as session_mod, slave_cmds, status_cmds
 from .errors import CgmirrorError, ExitCode
+
+
+DEBUG_ENV = "CGMIRROR_DEBUG"
 
 
 @dataclass
@@ -123,8 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) and int(ExitCode.USAGE)
     want_json = getattr(args, "json", False)
     try:
-        sess = session_mod.load(session_mod.locate(getattr(args, "session", None)))
-        return int(args.func(Context(sess, want_json), args))
+        try:
+            sess = session_mod.load(session_mod.locate(getattr(args, "session", None)))
+            return int(args.func(Context(sess, want_json), args))
+        except CgmirrorError:
+            raise
+        except Exception as exc:
+            # A bug: still one line (and one JSON document), unless asked.
+            if os.environ.get(DEBUG_ENV):
+                raise
+            raise errors.InternalError(f"{errors.describe(exc)}; this is a bug (set"
+                                       f" {DEBUG_ENV}=1 for the traceback)") from exc
     except CgmirrorError as exc:
         print(f"cgmirror: {exc}", file=sys.stderr)
         if want_json:

@@ -9,6 +9,7 @@ and exits with ``error.exit_code``.
      ├── ConfigError                    CONFIG     the session file (local)
      │    └── UnknownVolume             CONFIG     session and running slave disagree
      ├── LocalError                     FAILED     this machine: state dir, history DB
+     ├── InternalError                  FAILED     a bug in cgmirror (any other exception)
      ├── BusyError                      BUSY       another cgmirror holds the session
      ├── SlaveError                     FAILED     a slave refused or failed a request
      │    ├── SlaveUnreachable          UNREACHABLE  its control socket does not answer
@@ -102,6 +103,10 @@ class UnknownVolume(ConfigError):
 
 class LocalError(CgmirrorError):
     """This machine failed us: state directory, history database, ..."""
+
+
+class InternalError(CgmirrorError):
+    """Any other exception reaching the CLI: a bug, said in one line."""
 
 
 class BusyError(CgmirrorError):

@@ -19,9 +19,9 @@ import argparse
 
 from nbdplugin import launch
 
-from . import group, output
+from . import errors, group, output
 from .copy_cmds import links
-from .errors import CgmirrorError, ExitCode
+from .errors import ExitCode
 from .history import History
 from .lock import SessionLock
 
@@ -70,9 +70,9 @@ def collect(session) -> dict:
     doc = {"ok": True, "session": session.name, "group": grp, "slaves": {}}
     for cfg in session.slaves:
         r = replies[cfg.name]
-        if isinstance(r, CgmirrorError):
+        if isinstance(r, Exception):
             pid = launch.running_pid(cfg.spec())
-            why = str(r) if pid else (f"slave {cfg.name} is not running (start it with:"
+            why = errors.describe(r) if pid else (f"slave {cfg.name} is not running (start it with:"
                                       f" cgmirror slave start {cfg.name})")
             doc["ok"] = False
             doc["slaves"][cfg.name] = {"reachable": False, "error": why, "pid": pid,

@@ -93,3 +93,26 @@ def test_ctrl_c_during_copy_is_said_in_words(run_dir, capsys, monkeypatch):
         assert (c["result"], c["error"]) == ("failed", errors.INTERRUPTED)
         assert run(p, "status", "--json") == ExitCode.OK   # the cut was aborted
         assert json.loads(capsys.readouterr().out)["slaves"]["s1"]["phase"] == "idle"
+
+
+def test_a_bug_is_one_line_unless_debugging(tmp_path, capsys, monkeypatch):
+    """Any other exception (a bug) is one line naming it, exit FAILED, one JSON
+    document with --json; CGMIRROR_DEBUG=1 lets the traceback through."""
+    from coordinator import history
+
+    def bug(self, limit=None):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(history.History, "copies", bug)
+    p = cgtest.write_session(tmp_path, {"s1": {"db": MiB}})
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert run(p, "history") == ExitCode.FAILED
+    assert one_error_line(capsys) == (
+        "cgmirror: internal error (ZeroDivisionError): division by zero; this is a bug"
+        " (set CGMIRROR_DEBUG=1 for the traceback)\n")
+    assert run(p, "history", "--json") == ExitCode.FAILED
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["error_type"] == "InternalError" and doc["exit_code"] == ExitCode.FAILED
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ZeroDivisionError):
+        run(p, "history")
