@@ -24,17 +24,25 @@ JSON documents (every one has "ok"; on error also "error", "error_type",
                      "copy": {"n", "mode", "ok", "bytes", "seconds", "slaves":
                      {S: {V: {"target", "mode", "bytes", "total_bytes", "seconds",
                      "state", "error", "mb_per_s"}}}} | null}
-    status --json   {"ok", "session", "slaves": {S: {"reachable", "error", "pid",
-                     "phase", "n", "ended", "last_copy_ok", "volumes": {V: {
-                     "present", "target", "synced", "dirty_bytes", "error",
+    status --json   {"ok", "session", "group", "slaves": {S: {"reachable", "error",
+                     "pid", "phase", "n", "ended", "last_copy_ok", "volumes": {V: {
+                     "present", "target", "synced", "target_holds" (as in
+                     group.volumes), "dirty_bytes", "error",
                      + the slave's own volume status: "size", "granularity",
                      "dirty_blocks", "cr_blocks", "oos_blocks", "gate", "pit",
                      "copy", "synced_target", ...}}}}}
-    history --json  {"ok", "session", "copies": [{"n", "session", "started",
+    history --json  {"ok", "session", "group", "copies": [{"n", "session", "started",
                      "finished", "mode", "result", "error", "coordination_ms",
                      "establish_ms", "max_held_ms", "bytes", "seconds",
                      "volumes": {S: {V: {"target", "mode", "bytes", "seconds",
                      "result", "error"}}}}, ...newest first]}
+    "group" (what the targets hold, from the history): {"consistent", "n",
+                     "taken", "age_s", "volumes": {S: {V: {"state" (holds,
+                     partial, copying, none), "n", "error"}}}, "last_copy":
+                     {"n", "result", "started", "age_s", "error"} | null}
+
+Any other exception is a bug: one line (``InternalError``, exit FAILED), or
+its traceback with ``CGMIRROR_DEBUG=1``.
 """
 
 from __future__ import annotations

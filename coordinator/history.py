@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS copy_volumes (
     error    TEXT,
     PRIMARY KEY (n, slave, volume)
 );
+-- group(): the newest copy of each volume, without scanning the history.
+CREATE INDEX IF NOT EXISTS copy_volumes_newest ON copy_volumes (slave, volume, n);
 """
 
 
@@ -244,12 +246,16 @@ class History:
         started: dict[int, float | None] = {}
         for slave, tv in targets.items():
             for vol, uri in tv.items():
-                rows = self._run("SELECT v.n, v.target, v.result, v.error, c.started"
-                                 " FROM copy_volumes v JOIN copies c ON c.n = v.n"
-                                 " WHERE v.slave=? AND v.volume=? ORDER BY v.n DESC",
-                                 (slave, vol))
-                row = next((r for r in rows if nbduri.same_image(str(r["target"]), uri)),
-                           None)
+                try:
+                    # Usually the newest row is this target: read lazily.
+                    rows = self.db.execute(
+                        "SELECT v.n, v.target, v.result, v.error, c.started"
+                        " FROM copy_volumes v JOIN copies c ON c.n = v.n"
+                        " WHERE v.slave=? AND v.volume=? ORDER BY v.n DESC", (slave, vol))
+                    row = next((r for r in rows
+                                if nbduri.same_image(str(r["target"]), uri)), None)
+                except sqlite3.Error as exc:
+                    raise LocalError(f"history {self.path}: {exc}") from exc
                 if row is None:
                     state = {"state": "none", "n": None, "error": None}
                 else:
