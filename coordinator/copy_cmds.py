@@ -3,8 +3,10 @@
 Holds the session lock, checks every slave (``group.preflight``), decides
 which volumes are copied whole (``group.full_volumes``: the slaves must know
 at the freeze), takes a cut number above the history's and every slave's,
-establishes the point in time on all slaves (``group.establish``), copies it
-(``group.copy``) and records the outcome in the history, whatever it is.
+establishes the point in time on all slaves (``group.establish``), records
+that every target is about to be overwritten (``History.start_volumes``, so
+that a copy that dies half-way is never taken for a consistent group), copies
+it (``group.copy``) and records the outcome in the history, whatever it is.
 """
 
 from __future__ import annotations
