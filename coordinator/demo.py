@@ -210,9 +210,13 @@ def demo(workdir: str) -> bool:
         cgmirror(session, "history")
 
         _, out = cgmirror(session, "history", "--json", capture=True)
-        hist = {c["n"]: c for c in json.loads(out)["copies"]}
+        doc = json.loads(out)
+        hist = {c["n"]: c for c in doc["copies"]}
         full, incr = hist.get(1, {}), hist.get(2, {})
+        group = doc["group"]
         checks += [
+            (f"the targets hold one cut, the last ({group['n']} of {max(hist, default=0)})",
+             group["consistent"] and group["n"] == max(hist, default=0)),
             ("every copy succeeded", ok and all(c["result"] == "ok" for c in hist.values())),
             (f"incremental sent less than full ({incr.get('bytes')} < {full.get('bytes')})",
              (incr.get("bytes") or 0) < (full.get("bytes") or 0)),
