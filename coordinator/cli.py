@@ -109,6 +109,8 @@ def _session_option(parser: argparse.ArgumentParser) -> None:
     subcommand's default must not overwrite what the top level parsed."""
     parser.add_argument("-s", "--session", metavar="FILE", default=argparse.SUPPRESS,
                         help=f"session TOML file (default: ${session_mod.ENV})")
+    # argparse has no public way to list subparsers; walking them here keeps
+    # ``register(subparsers)`` free of a parent parser every noun must pass.
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in set(action.choices.values()):
