@@ -1,0 +1,1 @@
+"""Transport pieces shared by the slave's server and its clients (addresses, TLS)."""
