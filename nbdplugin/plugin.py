@@ -31,7 +31,7 @@ for _p in (_VENV_SITE, _ROOT):
         sys.path.insert(0, _p)
 
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
-from nbdplugin.slave import Slave  # noqa: E402
+from nbdplugin.slave import ControlServerError, Slave  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError, parse_size  # noqa: E402
 
 API_VERSION = 2
@@ -131,7 +131,10 @@ def get_ready():
 
 def after_fork():
     # Threads must start after nbdkit daemonizes, never in get_ready.
-    _slave.start(_cfg["control"])
+    try:
+        _slave.start(_cfg["control"])
+    except ControlServerError as exc:
+        _fail(str(exc))
 
 
 def cleanup():

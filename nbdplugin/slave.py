@@ -443,7 +443,7 @@ class Slave:
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             if uid not in (os.getuid(), 0):
                 log.warning("control: refused a connection from uid %d (pid %d):"
-                            " only uid %d and root may connect", uid, pid, os.getuid())
+                            " only the slave's own uid (%d) and root may connect", uid, pid, os.getuid())
                 _refuse(sock, f"uid {uid} may not use this slave's control socket", "denied")
                 return
         conn = _Conn(sock)
@@ -476,12 +476,12 @@ class Slave:
                 # In this thread, with a deadline: a peer that never finishes
                 # the handshake holds only its own thread.  A peer without a
                 # certificate from our CA fails here, before any op is read.
+                peer = conn.peer()      # before wrap_socket takes the socket over
                 conn.sock.settimeout(self.handshake_timeout)
                 try:
                     conn.sock = self._ssl.wrap_socket(conn.sock, server_side=True)
                 except (OSError, ssl.SSLError) as exc:
-                    log.warning("control: TLS handshake with %s failed: %s",
-                                conn.peer(), exc)
+                    log.warning("control: refused %s: TLS handshake failed: %s", peer, exc)
                     why = "TLS handshake failed"
                     return
             conn.sock.settimeout(self.idle_timeout)
