@@ -438,25 +438,18 @@ class Slave:
 
     def _admit(self, sock: socket.socket) -> None:
         """Check the peer and the connection bound, then serve in a thread."""
-        if sock.family == socket.AF_UNIX:
-            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-            if uid not in (os.getuid(), 0):
-                log.warning("control: refused a connection from uid %d (pid %d):"
-                            " only the slave's own uid (%d) and root may connect", uid, pid, os.getuid())
-                _refuse(sock, f"uid {uid} may not use this slave's control socket", "denied")
-                return
+        if sock.family == socket.AF_UNIX and not _peer_allowed(sock):
+            return
         conn = _Conn(sock)
         with self._conns_lock:
-            if len(self._conns) >= self.max_connections:
+            full = len(self._conns) >= self.max_connections
+            if full:
                 self._refused += 1
                 if self._refused == 1:
                     log.warning("control: %d connections open, refusing more",
                                 len(self._conns))
-                full = True
             else:
                 self._conns.add(conn)
-                full = False
         if full:
             # Over TCP the refusal would need a TLS handshake (a thread, the
             # very thing the bound limits): those peers just see the close.
@@ -466,8 +459,13 @@ class Slave:
             else:
                 sock.close()
             return
-        threading.Thread(target=self._serve, args=(conn,), name="control-conn",
-                         daemon=True).start()
+        try:
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn",
+                             daemon=True).start()
+        except BaseException:
+            with self._conns_lock:
+                self._conns.discard(conn)
+            raise
 
     def _serve(self, conn: "_Conn") -> None:
         why = "closed by the peer"
@@ -559,10 +557,15 @@ class Slave:
         self._stop.set()
         self._lease_wake.set()
         if self._server is not None:
-            try:
-                self._server.shutdown(socket.SHUT_RDWR)   # wakes a blocked accept
-            except OSError:
-                pass
+            # shutdown() wakes threads blocked in accept or read; each
+            # connection's thread then releases and closes its own socket.
+            with self._conns_lock:
+                socks = [self._server] + [c.sock for c in self._conns]
+            for sock in socks:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self._server.close()
             if self._ssl is None:
                 try:
@@ -600,6 +603,20 @@ class _Conn:
             return f"{host}:{port}"
         except (OSError, ValueError):
             return "a peer"
+
+
+def _peer_allowed(sock: socket.socket) -> bool:
+    """On a unix socket only our own uid and root may talk to the slave.  The
+    file mode is not enough: it is set only after bind, and an operator may
+    loosen it."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid in (os.getuid(), 0):
+        return True
+    log.warning("control: refused a connection from uid %d (pid %d): only the"
+                " slave's own uid (%d) and root may connect", uid, pid, os.getuid())
+    _refuse(sock, f"uid {uid} may not use this slave's control socket", "denied")
+    return False
 
 
 def _refuse(sock: socket.socket, message: str, kind: str) -> None:
