@@ -440,6 +440,9 @@ class Slave:
         """Check the peer and the connection bound, then serve in a thread."""
         if sock.family == socket.AF_UNIX and not _peer_allowed(sock):
             return
+        if sock.family != socket.AF_UNIX:
+            # One small reply per request: never let Nagle hold it back.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(sock)
         with self._conns_lock:
             full = len(self._conns) >= self.max_connections

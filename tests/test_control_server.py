@@ -345,7 +345,7 @@ def pki():
     server.minimum_version = ssl.TLSVersion.TLSv1_3
     server.verify_mode = ssl.CERT_REQUIRED
     ca.configure_trust(server)
-    ca.issue_cert("127.0.0.1").configure_cert(server)
+    ca.issue_cert("127.0.0.1", "::1").configure_cert(server)
 
     def client(with_cert=True, authority=ca):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -360,14 +360,16 @@ def pki():
 
 def tcp(slave, timeout=10.0):
     host, port = slave.address.removeprefix("tcp:").rsplit(":", 1)
-    return socket.create_connection((host, int(port)), timeout=timeout)
+    return socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
 
 
-def test_tls_peer_with_a_certificate_is_served(inproc, pki):
-    """A client with a certificate from the CA gets answers over TCP+TLS."""
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+def test_tls_peer_with_a_certificate_is_served(inproc, pki, host):
+    """A client with a certificate from the CA gets answers over TCP+TLS
+    (IPv4 and IPv6)."""
     server, client = pki
-    s = inproc("tcp:127.0.0.1:0", server)
-    with client().wrap_socket(tcp(s), server_hostname="127.0.0.1") as c:
+    s = inproc(f"tcp:{host}:0", server)
+    with client().wrap_socket(tcp(s), server_hostname=host.strip("[]")) as c:
         assert c.version() == "TLSv1.3"
         assert ask(c, op="status")["ok"]
 
