@@ -33,6 +33,7 @@ for _p in (_VENV_SITE, _ROOT):
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
 from nbdplugin.slave import ControlServerError, Slave  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError, parse_size  # noqa: E402
+from wire import address as wire_address  # noqa: E402
 
 API_VERSION = 2
 
@@ -72,8 +73,12 @@ def config(key, value):
 
 
 def _config(key, value):
-    if key in ("statedir", "control"):
+    if key == "statedir":
         _cfg[key] = os.path.abspath(value)
+    elif key == "control":
+        # unix:PATH, a plain path or tcp:HOST:PORT; a bad one is refused now.
+        addr = wire_address.parse(value, listen=True)
+        _cfg[key] = str(addr) if addr.is_tcp else os.path.abspath(addr.path)
     elif key == "volume":
         name, path = _split(key, value)
         if name in _volumes:

@@ -635,8 +635,8 @@ def _refuse(sock: socket.socket, message: str, kind: str) -> None:
 def _check_tls(ctx: ssl.SSLContext | None, addr) -> None:
     """TCP carries the control channel only as TLS 1.3 with client certificates."""
     if not isinstance(ctx, ssl.SSLContext):
-        raise ControlServerError(f"control={addr}: TCP needs TLS; give the session's"
-                                 f" certificates (plaintext TCP is refused)")
+        raise ControlServerError(f"control={addr}: the control channel over TCP needs"
+                                 f" mutual TLS (plaintext TCP is refused): use a unix:PATH")
     if ctx.verify_mode is not ssl.CERT_REQUIRED or \
             ctx.minimum_version < ssl.TLSVersion.TLSv1_3:
         raise ControlServerError(f"control={addr}: the TLS context must require TLS 1.3"

@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 import ssl
-import struct
+import subprocess
 import tempfile
 import threading
 import time
@@ -21,7 +21,7 @@ import psutil
 import pytest
 import trustme
 
-from conftest import need, wait_until
+from conftest import wait_until
 from nbdplugin import launch
 from nbdplugin.slave import ControlServerError, Slave
 from nbdplugin.volume import Volume
@@ -300,7 +300,7 @@ def test_socket_is_0600_whatever_the_umask(inproc):
     assert os.stat(s.control_path).st_mode & 0o777 == 0o600
 
 
-def test_a_peer_of_another_uid_is_refused(inproc, run_dir):
+def test_a_peer_of_another_uid_is_refused(inproc, run_dir, caplog):
     """A connection from uid 65534 gets one "denied" line and is closed, even
     where the socket file would let it in."""
     if os.getuid() != 0:
@@ -331,6 +331,7 @@ def test_a_peer_of_another_uid_is_refused(inproc, run_dir):
         os.waitpid(pid, 0)
     reply = json.loads(got)
     assert reply["kind"] == "denied" and "uid 65534" in reply["error"], got
+    assert "control: refused a connection from uid 65534" in caplog.text
     ok = raw(s.control_path)
     assert ask(ok, op="status")["ok"]        # the owner still gets in
     ok.close()
@@ -427,3 +428,20 @@ def test_bad_address_is_one_line(inproc):
     """An unusable control address is refused in one line."""
     with pytest.raises(ControlServerError, match="unknown scheme 'udp'"):
         inproc("udp:1.2.3.4:5")
+
+
+@pytest.mark.parametrize("control, says", [
+    ("localhost:7000", "unknown scheme 'localhost'"),
+    ("tcp:127.0.0.1:0", "needs mutual TLS (plaintext TCP is refused)"),
+])
+def test_plugin_refuses_a_bad_control_address(slaves, control, says):
+    """nbdkit exits non-zero with one line naming the control address."""
+    spec = slaves(start=False)
+    cmd = [control if a.startswith("control=") else a for a in spec.command()]
+    cmd[cmd.index(control)] = f"control={control}"
+    os.makedirs(spec.statedir, exist_ok=True)
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert any(line.startswith("cgmirror: error: control=") and says in line
+               for line in r.stderr.splitlines()), r.stderr
