@@ -5,7 +5,9 @@
 #       volume=db:/dev/sdb volume=log:/srv/log.img create=log:1G
 #
 # Keys: statedir= (required; change maps, preserve stores), control= (required;
-# unix socket of the control channel), volume=NAME:PATH (repeat; a regular file
+# the control channel: a unix socket PATH or unix:PATH, only its owner's uid and
+# root may connect; tcp:HOST:PORT needs mutual TLS, not yet configurable here
+# so refused), volume=NAME:PATH (repeat; a regular file
 # or a block device; export NAME), create=NAME:SIZE (create NAME's file at SIZE
 # if missing, else check its size), granularity= (bytes per change bit, power
 # of two, default 64K), region= (bytes per write-intent bit, default 4M),

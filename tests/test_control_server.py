@@ -209,7 +209,9 @@ def test_accept_survives_the_descriptor_limit(slaves):
                    what="the accept failure's log line")
         h.pwrite(b"still served", 0)
         assert h.pread(12, 0) == b"still served"
-        assert log_text(proc).count("control: accept failed") == 1
+        # One line per streak of failures, not one per retry (a second
+        # streak only if a descriptor of the slave's own came free meanwhile).
+        assert log_text(proc).count("control: accept failed") <= 2
     finally:
         p.rlimit(psutil.RLIMIT_NOFILE, old)
         for c in clients:
