@@ -181,7 +181,9 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     for path in (spec.nbd_socket, spec.control):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
-    remove(spec.nbd_socket, spec.control, spec.pidfile)
+    # The control socket is left to the slave: it removes it only if stale,
+    # never while another process still serves it.
+    remove(spec.nbd_socket, spec.pidfile)
     env = dict(os.environ, **spec.env)
     cmd = spec.command()
     if detach:
@@ -203,10 +205,11 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
                 proc.pid = running_pid(spec) or proc.pid
             try:
                 with ControlClient(spec.control, timeout=5) as c:
-                    c.call("status")
+                    answered = c.call("status").get("pid")
             except ControlError:
-                pass
-            else:
+                answered = None
+            # Another process may serve this path (ours then refuses to start).
+            if answered == proc.pid:
                 if detach:
                     popen.wait(timeout=timeout)   # nbdkit's parent exits after forking
                 return proc

@@ -5,7 +5,9 @@
 #       volume=db:/dev/sdb volume=log:/srv/log.img create=log:1G
 #
 # Keys: statedir= (required; change maps, preserve stores), control= (required;
-# unix socket of the control channel), volume=NAME:PATH (repeat; a regular file
+# the control channel: a unix socket PATH or unix:PATH, only its owner's uid and
+# root may connect; tcp:HOST:PORT needs mutual TLS, not yet configurable here
+# so refused), volume=NAME:PATH (repeat; a regular file
 # or a block device; export NAME), create=NAME:SIZE (create NAME's file at SIZE
 # if missing, else check its size), granularity= (bytes per change bit, power
 # of two, default 64K), region= (bytes per write-intent bit, default 4M),
@@ -31,8 +33,9 @@ for _p in (_VENV_SITE, _ROOT):
         sys.path.insert(0, _p)
 
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
-from nbdplugin.slave import Slave  # noqa: E402
+from nbdplugin.slave import ControlServerError, Slave  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError, parse_size  # noqa: E402
+from wire import address as wire_address  # noqa: E402
 
 API_VERSION = 2
 
@@ -72,8 +75,12 @@ def config(key, value):
 
 
 def _config(key, value):
-    if key in ("statedir", "control"):
+    if key == "statedir":
         _cfg[key] = os.path.abspath(value)
+    elif key == "control":
+        # unix:PATH, a plain path or tcp:HOST:PORT; a bad one is refused now.
+        addr = wire_address.parse(value, listen=True)
+        _cfg[key] = str(addr) if addr.is_tcp else os.path.abspath(addr.path)
     elif key == "volume":
         name, path = _split(key, value)
         if name in _volumes:
@@ -131,7 +138,10 @@ def get_ready():
 
 def after_fork():
     # Threads must start after nbdkit daemonizes, never in get_ready.
-    _slave.start(_cfg["control"])
+    try:
+        _slave.start(_cfg["control"])
+    except ControlServerError as exc:
+        _fail(str(exc))
 
 
 def cleanup():

@@ -4,6 +4,25 @@
 server below only frames lines.  ``lock`` serialises control operations (a
 freeze, thaw, abort, lease expiry or copy end never interleave); the I/O path
 never takes it.
+
+The control server (``start``): nothing a peer does can starve it, and a
+freeze belongs to the connection that asked for it.
+
+- Peers: on a unix socket (file mode 0600) only the slave's own uid and root
+  (SO_PEERCRED); on TCP only TLS peers with a client certificate the server
+  context accepts, checked in the connection's own thread under a deadline.
+- Bounds: at most ``max_connections`` connections (extras get one error line
+  and are closed), each closed after ``idle_timeout`` s without a request; a
+  listen backlog that takes a burst; an accept loop that survives EMFILE and
+  any other error with one log line and a back-off.
+- A cut is owned by the connection that froze it.  If that connection ends
+  (EOF, error, idle timeout) while the cut is FROZEN, the cut is aborted at
+  once.  A freeze whose connection has already hung up (a coordinator that
+  sent FREEZE and ABORT and gave up while this process was stopped) is
+  refused before any gate closes.  Once thawed, the cut (CUT, COPYING) no
+  longer depends on the connection: the coordinator closes its establish
+  connections after THAW and drives copy and abort over others
+  (coordinator/group.py), and an unthawed gate is what holds host writes.
 """
 
 from __future__ import annotations
@@ -11,9 +30,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
+import ssl
+import stat
+import struct
 import threading
 import time
+
+from wire import address as wire_address
 
 from . import protocol
 from .changemap import fsync_dir
@@ -22,6 +47,18 @@ from .protocol import CutMachine, Event, Phase, ProtocolError
 from .volume import Volume
 
 log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT_S = 60.0
+HANDSHAKE_TIMEOUT_S = 10.0
+# A burst of 200 connects must not meet a full queue (EAGAIN); the kernel
+# caps this at net.core.somaxconn.
+BACKLOG = 512
+ACCEPT_BACKOFF_S = (0.05, 1.0)      # first and longest wait after accept fails
+
+
+class ControlServerError(Exception):
+    """The control server cannot start; the message says what to do."""
 
 
 class Slave:
@@ -40,6 +77,12 @@ class Slave:
         self._stop = threading.Event()
         self._lease_wake = threading.Event()
         self._server: socket.socket | None = None
+        self.cut_owner: _Conn | None = None     # the connection that froze the cut
+        self._conns: set[_Conn] = set()
+        self._conns_lock = threading.Lock()
+        self._refused = 0                        # connections refused in this streak
+        self._ssl: ssl.SSLContext | None = None
+        self.max_connections = MAX_CONNECTIONS
 
     # ------------------------------------------------------------ persistence
 
@@ -81,11 +124,16 @@ class Slave:
 
     # ------------------------------------------------------------ control ops
 
-    def handle(self, line: bytes | str) -> dict:
-        """Decode, validate and execute one request; always return a reply."""
+    def handle(self, line: bytes | str, owner: "_Conn | None" = None) -> dict:
+        """Decode, validate and execute one request; always return a reply.
+
+        ``owner``: the connection the request came on; a freeze belongs to it.
+        """
         try:
             msg = protocol.decode(line)
             op = msg.pop("op")
+            if op == "freeze":      # the one op whose effect a connection owns
+                msg["owner"] = owner
             return getattr(self, "op_" + op)(**msg)
         except ProtocolError as exc:
             return protocol.error(str(exc), exc.kind)
@@ -122,9 +170,10 @@ class Slave:
                                ended=m.ended, volumes=vols, last_copy=self.last_copy)
 
     def op_freeze(self, n: int, lease_ms: int, volumes: list | None = None,
-                  full: list | None = None) -> dict:
+                  full: list | None = None, owner: "_Conn | None" = None) -> dict:
         """Cut n.  ``full`` names the volumes whose PiT will be copied whole
-        (the others: only their changes), so the right blocks are preserved."""
+        (the others: only their changes), so the right blocks are preserved.
+        ``owner``: the connection that asks; the cut is aborted when it ends."""
         with self.lock:
             names = self._names(volumes)
             full = set(self._names(full) if full else ())
@@ -133,6 +182,12 @@ class Slave:
                                     f" which is not frozen", "unknown")
             self.machine.check(Event.FREEZE, n)
             vols = [self.volumes[name] for name in names]
+            if owner is not None and owner.gone():
+                # A late freeze: its coordinator gave up (and maybe sent an
+                # abort we would never read).  Never close a gate for it.
+                log.warning("cut %d: refused a freeze whose connection is gone", n)
+                raise ProtocolError(f"cannot freeze cut {n}: the connection that"
+                                    f" asked for it is gone", "gone")
             t0 = time.monotonic()
             budget = min(lease_ms / 1000.0, 30.0)
             try:
@@ -155,6 +210,7 @@ class Slave:
                 raise
             self.machine.step(Event.FREEZE, n)
             self.cut_volumes = names
+            self.cut_owner = owner
             self.lease_deadline = t0 + lease_ms / 1000.0
             self._lease_wake.set()
             return protocol.ok(n=n, drain_ms=round(drain_ms, 3), blocks=blocks)
@@ -164,6 +220,7 @@ class Slave:
             self.machine.step(Event.THAW, n)
             held = max(self.volumes[v].gate.open() for v in self.cut_volumes)
             self.lease_deadline = None
+            self.cut_owner = None
             self._remember(n)
             return protocol.ok(n=n, held_ms=round(held * 1000, 3))
 
@@ -198,6 +255,7 @@ class Slave:
             vol.end_pit()
             vol.gate.open()
         self.lease_deadline = None
+        self.cut_owner = None
         self._remember(self.machine.n)
 
     def expire_lease(self) -> None:
@@ -310,18 +368,42 @@ class Slave:
 
     # ------------------------------------------------------------ threads
 
-    def start(self, control_path: str) -> None:
-        """Start the control server, lease and checkpoint threads (after fork)."""
+    def start(self, address: str, ssl_context: ssl.SSLContext | None = None, *,
+              max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT_S,
+              handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+        """Start the control server, lease and checkpoint threads (after fork).
+
+        ``address``: ``unix:PATH``, a plain path, or ``tcp:HOST:PORT`` (port 0:
+        any free port; ``self.address`` then says which).  TCP needs
+        ``ssl_context``, a server context that requires client certificates.
+        Raises ``ControlServerError`` (one line) if the server cannot start.
+        """
         try:
-            os.unlink(control_path)
-        except FileNotFoundError:
-            pass
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(control_path)
-        os.chmod(control_path, 0o600)
-        srv.listen(16)
+            addr = wire_address.parse(address, listen=True)
+        except wire_address.AddressError as exc:
+            raise ControlServerError(f"control={address}: {exc}") from None
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        if addr.is_tcp:
+            _check_tls(ssl_context, addr)
+            srv = socket.create_server((addr.host, addr.port), backlog=BACKLOG,
+                                       family=socket.AF_INET6 if ":" in addr.host
+                                       else socket.AF_INET)
+            self.address = str(wire_address.Address(
+                "tcp", host=addr.host, port=srv.getsockname()[1]))
+        else:
+            _claim_unix_path(addr.path)
+            srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            srv.bind(addr.path)
+            # Whatever the umask: only the owner may connect.  (The instant
+            # between bind and chmod is covered by the peer check in _admit.)
+            os.chmod(addr.path, 0o600)
+            srv.listen(BACKLOG)
+            self.control_path = addr.path
+            self.address = str(addr)
+        self._ssl = ssl_context if addr.is_tcp else None
         self._server = srv
-        self.control_path = control_path
         for target, name in ((self._accept_loop, "control"),
                              (self._lease_loop, "lease"),
                              (self._checkpoint_loop, "checkpoint")):
@@ -329,30 +411,132 @@ class Slave:
             t.start()
 
     def _accept_loop(self) -> None:
+        """Accept until shutdown.  No error ends this loop: at the descriptor
+        limit (EMFILE/ENFILE) or on anything else it logs one line per streak
+        of failures and backs off, so the channel comes back by itself."""
+        backoff = 0.0
         while not self._stop.is_set():
             try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
+                sock, _ = self._server.accept()
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                if not backoff:
+                    log.error("control: accept failed (%s); retrying with back-off",
+                              exc.strerror or exc)
+                backoff = min(max(backoff * 2, ACCEPT_BACKOFF_S[0]), ACCEPT_BACKOFF_S[1])
+                self._stop.wait(backoff)
+                continue
+            if backoff:
+                log.info("control: accepting connections again")
+                backoff = 0.0
+            try:
+                self._admit(sock)
+            except Exception:   # never let one connection end the loop
+                log.exception("control: could not start serving a connection")
+                sock.close()
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Check the peer and the connection bound, then serve in a thread."""
+        if sock.family == socket.AF_UNIX and not _peer_allowed(sock):
+            return
+        if sock.family != socket.AF_UNIX:
+            # One small reply per request: never let Nagle hold it back.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock)
+        with self._conns_lock:
+            full = len(self._conns) >= self.max_connections
+            if full:
+                self._refused += 1
+                if self._refused == 1:
+                    log.warning("control: %d connections open, refusing more",
+                                len(self._conns))
+            else:
+                self._conns.add(conn)
+        if full:
+            # Over TCP the refusal would need a TLS handshake (a thread, the
+            # very thing the bound limits): those peers just see the close.
+            if self._ssl is None:
+                _refuse(sock, f"too many control connections ({self.max_connections}):"
+                              f" close idle ones or retry later", "busy")
+            else:
+                sock.close()
+            return
+        try:
             threading.Thread(target=self._serve, args=(conn,), name="control-conn",
                              daemon=True).start()
+        except BaseException:
+            with self._conns_lock:
+                self._conns.discard(conn)
+            raise
 
-    def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as rf:
-            while True:
-                line = rf.readline(protocol.MAX_LINE + 1)
-                if not line:
-                    return
-                if not line.endswith(b"\n") and len(line) > protocol.MAX_LINE:
-                    conn.sendall(protocol.encode(protocol.error(
-                        f"message longer than {protocol.MAX_LINE} bytes")))
-                    return
-                if not line.strip():
-                    continue
+    def _serve(self, conn: "_Conn") -> None:
+        why = "closed by the peer"
+        try:
+            if self._ssl is not None:
+                # In this thread, with a deadline: a peer that never finishes
+                # the handshake holds only its own thread.  A peer without a
+                # certificate from our CA fails here, before any op is read.
+                peer = conn.peer()      # before wrap_socket takes the socket over
+                conn.sock.settimeout(self.handshake_timeout)
                 try:
-                    conn.sendall(protocol.encode(self.handle(line)))
-                except OSError:
+                    conn.sock = self._ssl.wrap_socket(conn.sock, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("control: refused %s: TLS handshake failed: %s", peer, exc)
+                    why = "TLS handshake failed"
                     return
+            conn.sock.settimeout(self.idle_timeout)
+            why = self._serve_lines(conn)
+        finally:
+            self._release(conn, why)
+
+    def _serve_lines(self, conn: "_Conn") -> str:
+        """Answer requests in order until the connection ends; return why it did."""
+        with conn.sock.makefile("rb") as rf:
+            while True:
+                try:
+                    line = rf.readline(protocol.MAX_LINE + 1)
+                except TimeoutError:
+                    return f"idle for {self.idle_timeout:g} s"
+                except OSError as exc:
+                    return f"read failed: {exc}"
+                if not line:
+                    return "closed by the peer"
+                if not line.endswith(b"\n") and len(line) > protocol.MAX_LINE:
+                    reply, last = protocol.error(
+                        f"message longer than {protocol.MAX_LINE} bytes"), True
+                elif not line.strip():
+                    continue
+                else:
+                    reply, last = self.handle(line, owner=conn), False
+                try:
+                    conn.sock.sendall(protocol.encode(reply))
+                except OSError as exc:
+                    # Whatever the peer pipelined behind this request is not
+                    # read: the peer is gone, and _release ends a cut it froze.
+                    return f"reply failed: {exc}"
+                if last:
+                    return "message too long"
+
+    def _release(self, conn: "_Conn", why: str) -> None:
+        """A connection ended: a cut it froze and did not thaw is aborted now
+        (the lease is only the last line of defence), and it is closed."""
+        with self.lock:
+            m = self.machine
+            if self.cut_owner is conn and m.phase is Phase.FROZEN:
+                log.warning("cut %d: the connection that froze it ended (%s);"
+                            " aborting the cut", m.n, why)
+                m.step(Event.ABORT, m.n, ended="aborted")
+                self._end_cut()
+            if self.cut_owner is conn:
+                self.cut_owner = None
+        with self._conns_lock:
+            self._conns.discard(conn)
+            if self._refused and len(self._conns) < self.max_connections:
+                log.info("control: accepting connections again (%d refused)",
+                         self._refused)
+                self._refused = 0
+        conn.sock.close()
 
     def _lease_loop(self) -> None:
         while not self._stop.is_set():
@@ -376,11 +560,21 @@ class Slave:
         self._stop.set()
         self._lease_wake.set()
         if self._server is not None:
+            # shutdown() wakes threads blocked in accept or read; each
+            # connection's thread then releases and closes its own socket.
+            with self._conns_lock:
+                socks = [self._server] + [c.sock for c in self._conns]
+            for sock in socks:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self._server.close()
-            try:
-                os.unlink(self.control_path)
-            except FileNotFoundError:
-                pass
+            if self._ssl is None:
+                try:
+                    os.unlink(self.control_path)
+                except FileNotFoundError:
+                    pass
         with self.lock:
             for c in self.copies.values():
                 c.cancelled.set()
@@ -390,3 +584,93 @@ class Slave:
         for vol in self.volumes.values():
             vol.gate.open()
             vol.close()
+
+
+class _Conn:
+    """One accepted control connection (``sock`` becomes the TLS socket on TCP)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def gone(self) -> bool:
+        """True once the peer has hung up or the connection failed; never blocks.
+        Data the peer sent before hanging up may still be unread."""
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                   for _, ev in p.poll(0))
+
+    def peer(self) -> str:
+        try:
+            host, port = self.sock.getpeername()[:2]
+            return f"{host}:{port}"
+        except (OSError, ValueError):
+            return "a peer"
+
+
+def _peer_allowed(sock: socket.socket) -> bool:
+    """On a unix socket only our own uid and root may talk to the slave.  The
+    file mode is not enough: it is set only after bind, and an operator may
+    loosen it."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid in (os.getuid(), 0):
+        return True
+    log.warning("control: refused a connection from uid %d (pid %d): only the"
+                " slave's own uid (%d) and root may connect", uid, pid, os.getuid())
+    _refuse(sock, f"uid {uid} may not use this slave's control socket", "denied")
+    return False
+
+
+def _refuse(sock: socket.socket, message: str, kind: str) -> None:
+    """Send one error line without waiting for the peer, and close."""
+    try:
+        sock.setblocking(False)
+        sock.send(protocol.encode(protocol.error(message, kind)))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _check_tls(ctx: ssl.SSLContext | None, addr) -> None:
+    """TCP carries the control channel only as TLS 1.3 with client certificates."""
+    if not isinstance(ctx, ssl.SSLContext):
+        raise ControlServerError(f"control={addr}: the control channel over TCP needs"
+                                 f" mutual TLS (plaintext TCP is refused): use a unix:PATH")
+    if ctx.verify_mode is not ssl.CERT_REQUIRED or \
+            ctx.minimum_version < ssl.TLSVersion.TLSv1_3:
+        raise ControlServerError(f"control={addr}: the TLS context must require TLS 1.3"
+                                 f" and client certificates")
+
+
+def _claim_unix_path(path: str) -> None:
+    """Make ``path`` free for our socket, removing only a stale socket.
+
+    A socket that still answers belongs to a live slave: taking it over would
+    send the coordinator's copies to the wrong process.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlServerError(f"control socket {path} exists and is not a socket:"
+                                 f" remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)         # nobody listens: a crashed slave's leftover
+        return
+    except OSError as exc:
+        raise ControlServerError(f"control socket {path} cannot be probed"
+                                 f" ({exc.strerror or exc}): choose another path") from None
+    else:
+        pid = struct.unpack("3i", probe.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        who = f"pid {pid}" if pid > 0 else "pid unknown"
+        raise ControlServerError(f"control socket {path} is served by another process"
+                                 f" ({who}): stop it or choose another path")
+    finally:
+        probe.close()

@@ -400,19 +400,21 @@ def test_slave_killed_during_establish_leaves_the_others_thawed(rig):
     r.check(work.run)
 
 
-def test_lease_thaws_a_slave_whose_coordinator_and_peer_died(rig):
-    """The backstop: FREEZE sent, then coordinator and the other slave gone;
-    the frozen slave thaws by its lease and aborts the cut."""
+def test_lease_thaws_a_slave_whose_coordinator_hung_and_peer_died(rig):
+    """The backstop: FREEZE sent, then the coordinator hangs (its connection
+    open but silent: a coordinator that is gone closes it, which aborts the
+    cut at once) and the other slave dies; the frozen slave thaws by its
+    lease and aborts the cut."""
     r = rig()
     s1 = r.procs["s1"]
     h = wl.Device(s1.spec.uri("a"), "held-writer")
     try:
         with s1.control(5) as c:
             c.call("freeze", n=1, lease_ms=300)
-        r.procs["s2"].kill9()
-        t0 = time.monotonic()
-        h.pwrite(b"late" * 1024, SPARE)       # held until the lease ends
-        waited = time.monotonic() - t0
+            r.procs["s2"].kill9()
+            t0 = time.monotonic()
+            h.pwrite(b"late" * 1024, SPARE)       # held until the lease ends
+            waited = time.monotonic() - t0
     finally:
         h.close()
     assert waited < 0.3 + 1.0, waited

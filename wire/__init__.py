@@ -1,1 +1,1 @@
-"""Addresses and wire formats shared by the coordinator and the slaves."""
+"""What the slaves and the coordinator share on the wire: addresses, NBD URIs, the control codec, TLS."""
