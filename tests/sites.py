@@ -44,6 +44,7 @@ import ipaddress
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -63,6 +64,9 @@ class SitesError(Exception):
 
 def unavailable() -> str | None:
     """Why namespaces cannot be made here (a sentence), or None if they can."""
+    missing = [b for b in ("ip", "nft", "tc") if shutil.which(b) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (iproute2, nftables: run `make setup`)"
     name = f"{PREFIX}{os.getpid()}-probe"
     try:
         netns.create(name)
@@ -149,7 +153,7 @@ class Site:
         return subprocess.run(self.command(cmd), timeout=timeout, check=check, **kw)
 
     def wait_port(self, proc: subprocess.Popen, timeout: float = 10) -> int:
-        """The TCP port ``proc`` listens on, once it listens (servers started
+        """A TCP port ``proc`` listens on, once it listens (servers started
         with port 0 pick a free one, so tests name no fixed port).
 
         Read from /proc: ``/proc/PID/net/tcp*`` shows the sockets of PID's own
@@ -161,7 +165,8 @@ class Site:
             if proc.poll() is not None:
                 raise SitesError(f"{proc.args[4:]!r} in site {self.name} exited "
                                  f"with {proc.returncode} before it listened")
-            port = _listen_port(proc.pid)
+            ports = listen_ports(proc.pid)
+            port = min(ports, default=None)
             return port is not None
 
         _wait_for(listening, timeout, f"pid {proc.pid} to listen in site {self.name}")
@@ -184,32 +189,33 @@ def stop(proc: subprocess.Popen, timeout: float = 5) -> int:
     return proc.returncode
 
 
-def _listen_port(pid: int) -> int | None:
-    """A TCP port that process ``pid`` listens on, or None."""
+def listen_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (none if it is gone)."""
+    inodes = set()
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except FileNotFoundError:
-        return None
-    inodes = set()
+        return set()
     for fd in fds:
         try:
             link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
+        except FileNotFoundError:   # closed while we looked
             continue
         if link.startswith("socket:["):
             inodes.add(link[8:-1])
+    ports = set()
     for table in ("tcp", "tcp6"):
         try:
             with open(f"/proc/{pid}/net/{table}") as f:
                 rows = f.read().splitlines()[1:]
         except FileNotFoundError:
-            continue
+            return set()
         for row in rows:
+            # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
             cols = row.split()
-            # cols: sl local_address rem_address st ... inode (10th)
             if cols[3] == "0A" and cols[9] in inodes:
-                return int(cols[1].rsplit(":", 1)[1], 16)
-    return None
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 class Sites:
