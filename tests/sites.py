@@ -291,7 +291,10 @@ class Sites:
     def close(self) -> None:
         """Stop every process, then delete every namespace (idempotent)."""
         errors = []
-        for proc in self.processes:
+        # Last started, first stopped: a client goes before the server it
+        # uses (nbdkit 1.32 ignores SIGTERM while a client stays connected:
+        # server first would cost the 5 s SIGKILL fallback).
+        for proc in reversed(self.processes):
             try:
                 stop(proc)
             except Exception as exc:   # go on: the namespaces must go anyway
