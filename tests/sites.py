@@ -21,7 +21,7 @@ site address out through its default route, so a client must never run in
 the root namespace -- start it with ``site.popen``/``site.run``.
 
 Faults live in the hub, like a WAN fault: the hosts see nothing of them.
-``cut(a, b)`` drops IPv4 between two hosts (a bridge-family nftables rule;
+``cut(a, b)`` drops all frames between two hosts (a bridge-family nftables rule;
 TCP connections stay open and resume after ``heal``, after TCP's backoff);
 ``rate(site, mbit)`` puts a ``tbf`` qdisc on both directions of a host's link.
 This kernel has no ``netem``; latency belongs to nbdkit's ``delay`` filter.
@@ -331,7 +331,7 @@ class Sites:
     # -- faults -------------------------------------------------------------
 
     def cut(self, a: str, b: str) -> None:
-        """Drop all IPv4 between hosts ``a`` and ``b`` (both directions)."""
+        """Drop every frame between hosts ``a`` and ``b`` (both directions)."""
         self._pair(a, b)
         self._cuts.add(frozenset((a, b)))
         self._apply_cuts()
@@ -352,10 +352,12 @@ class Sites:
     def _apply_cuts(self) -> None:
         # The whole table is replaced in one nft transaction, so a heal of one
         # pair never opens another for an instant.
+        # Matching bridge ports, not addresses, drops every frame between the
+        # two hosts: ARP and IPv6 link-local too.
         rules = []
-        for pair in sorted(sorted(p) for p in self._cuts):
-            x, y = (self.sites[n].addr for n in pair)
-            rules += [f"ip saddr {x} ip daddr {y} drop", f"ip saddr {y} ip daddr {x} drop"]
+        for x, y in sorted(sorted(p) for p in self._cuts):
+            rules += [f'iifname "to-{x}" oifname "to-{y}" drop',
+                      f'iifname "to-{y}" oifname "to-{x}" drop']
         script = "table bridge cgm_cut\ndelete table bridge cgm_cut\n"
         if rules:
             script += ("table bridge cgm_cut {\n chain forward {\n"

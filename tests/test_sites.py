@@ -107,6 +107,26 @@ def ask(client: subprocess.Popen, line: str, timeout: float) -> tuple[str, float
     return answer[0], float(answer[1])
 
 
+def list_ours_of(net: Sites) -> list[str]:
+    """The namespaces of ``net`` that exist now."""
+    return [n for n in list_ours() if n.startswith(net.tag + "-")]
+
+
+def _gone(pid: int) -> bool:
+    """True if ``pid`` has exited (missing, or a zombie its new parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _comm(pid: int) -> str:
+    """The command name of process ``pid``."""
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
 # -- pure parts, no namespaces ------------------------------------------------
 
 def test_bad_site_name_is_refused():
@@ -148,11 +168,6 @@ def test_listen_ports_of_a_gone_process_is_empty():
     proc = subprocess.Popen(["true"])
     proc.wait()
     assert listen_ports(proc.pid) == set()
-
-
-def _comm(pid: int) -> str:
-    with open(f"/proc/{pid}/comm") as f:
-        return f.read().strip()
 
 
 def test_stop_kills_a_process_that_ignores_sigterm():
@@ -303,19 +318,6 @@ def test_teardown_leaves_nothing_even_when_the_test_fails():
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                            check=True, timeout=10).stdout
     assert after == before
-
-
-def list_ours_of(net: Sites) -> list[str]:
-    return [n for n in list_ours() if n.startswith(net.tag + "-")]
-
-
-def _gone(pid: int) -> bool:
-    """True if ``pid`` has exited (missing, or a zombie its new parent has not reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_namespaces_of_a_dead_test_run_are_swept():
