@@ -86,11 +86,9 @@ def list_ours() -> list[str]:
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)   # signal 0: only asks whether the pid exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -102,6 +100,8 @@ def _pids_in(name: str) -> list[int]:
 
 
 def _wait_for(pred, timeout: float, what: str) -> None:
+    """conftest.wait_until's twin, raising SitesError: this module does not
+    import pytest's conftest, so that a demo outside pytest can use it."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.conftest import need, need_netns, wait_until
+from conftest import need, need_netns, wait_until
 from tests.sites import Sites, SitesError, list_ours, listen_ports, stop, sweep_stale
 
 # Seconds an NBD client command waits before it reports "timeout".
