@@ -21,7 +21,7 @@ site address out through its default route, so a client must never run in
 the root namespace -- start it with ``site.popen``/``site.run``.
 
 Faults live in the hub, like a WAN fault: the hosts see nothing of them.
-``cut(a, b)`` drops all frames between two hosts (a bridge-family nftables rule;
+``cut(a, b)`` drops all IP between two hosts (a bridge-family nftables rule;
 TCP connections stay open and resume after ``heal``, after TCP's backoff);
 ``rate(site, mbit)`` puts a ``tbf`` qdisc on both directions of a host's link.
 This kernel has no ``netem``; latency belongs to nbdkit's ``delay`` filter.
@@ -331,7 +331,7 @@ class Sites:
     # -- faults -------------------------------------------------------------
 
     def cut(self, a: str, b: str) -> None:
-        """Drop every frame between hosts ``a`` and ``b`` (both directions)."""
+        """Drop all IP between hosts ``a`` and ``b``, both directions (not ARP)."""
         self._pair(a, b)
         self._cuts.add(frozenset((a, b)))
         self._apply_cuts()
@@ -352,12 +352,14 @@ class Sites:
     def _apply_cuts(self) -> None:
         # The whole table is replaced in one nft transaction, so a heal of one
         # pair never opens another for an instant.
-        # Matching bridge ports, not addresses, drops every frame between the
-        # two hosts: ARP and IPv6 link-local too.
+        # Rules match bridge ports, not addresses, so IPv6 link-local traffic
+        # is cut too.  ARP passes: a cut then looks like a WAN cut (silent
+        # loss, TCP times out) rather than a dead LAN neighbour (EHOSTUNREACH
+        # once ARP gives up), whichever host spoke first.
         rules = []
         for x, y in sorted(sorted(p) for p in self._cuts):
-            rules += [f'iifname "to-{x}" oifname "to-{y}" drop',
-                      f'iifname "to-{y}" oifname "to-{x}" drop']
+            rules += [f'iifname "to-{x}" oifname "to-{y}" meta protocol {{ ip, ip6 }} drop',
+                      f'iifname "to-{y}" oifname "to-{x}" meta protocol {{ ip, ip6 }} drop']
         script = "table bridge cgm_cut\ndelete table bridge cgm_cut\n"
         if rules:
             script += ("table bridge cgm_cut {\n chain forward {\n"
@@ -371,6 +373,8 @@ class Sites:
         """Limit host ``site``'s link to ``mbit`` Mbit/s each way (``tbf``);
         None removes the limit."""
         s = self[site]
+        if mbit is not None and not mbit > 0:
+            raise SitesError(f"rate for site {site!r} must be a positive Mbit/s, not {mbit!r}")
         for ns, dev in ((s.netns, "eth0"), (self.hub, f"to-{site}")):
             if mbit is None:
                 cmd = ["tc", "qdisc", "del", "dev", dev, "root"]

@@ -354,3 +354,34 @@ def test_four_hosts_setup_and_teardown_time():
     t2 = time.monotonic()
     print(f"4-host sites: setup {t1 - t0:.3f} s, teardown {t2 - t1:.3f} s")
     assert t2 - t0 < 30
+
+
+def test_heal_of_one_pair_leaves_another_cut(sites):
+    """With a-r and b-r cut, healing a-r restores a and leaves b cut off; b,
+    which never spoke to r, sees a silent timeout like a WAN cut, not a
+    'no route to host' from failed ARP."""
+    _, uri = nbd_server(sites["r"])
+    sites.cut("a", "r")
+    sites.cut("b", "r")
+    sites.heal("a", "r")
+    assert probe(sites["a"], uri)[0] == "ok"
+    assert probe(sites["b"], uri)[0] == "timeout"
+    assert probe(sites["c"], uri)[0] == "ok"
+
+
+def test_cut_of_an_unknown_site_is_refused(sites):
+    """cut() names the sites there are when given one that is not."""
+    with pytest.raises(SitesError, match=r"no site 'zz'; sites are \['a', 'b', 'c', 'r'\]"):
+        sites.cut("a", "zz")
+
+
+def test_cut_of_a_site_from_itself_is_refused(sites):
+    """cut(a, a) is refused: a host cannot be cut from itself."""
+    with pytest.raises(SitesError, match="from itself"):
+        sites.cut("a", "a")
+
+
+def test_rate_must_be_positive(sites):
+    """rate() refuses zero and negative rates with one line, before tc runs."""
+    with pytest.raises(SitesError, match="positive Mbit/s, not 0"):
+        sites.rate("r", 0)
