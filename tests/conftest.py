@@ -34,6 +34,18 @@ def need(*binaries: str) -> None:
         pytest.skip(msg)
 
 
+def need_netns() -> None:
+    """Skip (or, in CI, fail) unless network namespaces can be made here."""
+    # Imported here, not at the top: pyroute2 takes ~0.16 s to import and
+    # most test runs never make a namespace.
+    from tests import sites
+    why = sites.unavailable()
+    if why:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+
+
 def wait_until(pred, timeout: float = 10.0, what: str = "condition") -> None:
     """Poll ``pred`` every 5 ms; fail the test if it is not true in ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -92,3 +104,13 @@ def slaves(run_dir):
     finally:
         for p in started:
             p.stop(timeout=10)
+
+
+@pytest.fixture
+def sites():
+    """Hosts ``a``, ``b`` (slaves), ``c`` (coordinator) and ``r`` (targets), each
+    in its own network namespace on one private bridge (see tests/sites.py)."""
+    need_netns()
+    from tests.sites import Sites
+    with Sites(("a", "b", "c", "r")) as net:
+        yield net
