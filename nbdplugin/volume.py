@@ -357,8 +357,8 @@ def _open_exclusive(name: str, path: str, create_size: int | None) -> int:
             fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
-            raise VolumeError(f"volume {name}: {path} is in use ({_device_user(path)})"
-                              f": unmount it or stop the program using it") from None
+            raise VolumeError(f"volume {name} ({path}) is in use by {_device_user(path)}:"
+                              f" unmount it or stop the program using it") from None
         raise VolumeError(f"volume {name}: cannot open {path}: {exc.strerror}") from exc
     try:
         lock_exclusive(fd, f"volume {name} ({path})")
@@ -373,9 +373,9 @@ def _device_user(path: str) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return "mounted, or opened exclusively by another program"
+        return "the system (mounted) or another exclusive opener"
     try:
         pid = lock_holder(fd)
     finally:
         os.close(fd)
-    return f"served by pid {pid}" if pid else "mounted, or opened exclusively by another program"
+    return f"pid {pid}" if pid else "the system (mounted) or another exclusive opener"

@@ -160,3 +160,44 @@ def test_configuration_errors_are_one_line(run_dir, args, says):
     lines = run_refused(cmd)
     assert len(lines) == 1, lines
     assert lines[0].startswith("cgmirror: error: ") and says in lines[0], lines
+
+
+@pytest.fixture
+def loop_device(run_dir):
+    """A 4 MiB loop device (needs root and loop support; skipped without)."""
+    img = os.path.join(run_dir, "loop.img")
+    with open(img, "wb") as f:
+        f.truncate(4 * MB)
+    r = subprocess.run(["losetup", "-f", "--show", img], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"no loop device here: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_served_block_device_is_refused_through_any_node(slaves, run_dir, loop_device):
+    """A block device a slave serves is opened O_EXCL: a second slave is
+    refused naming the holder, and so is one that reaches the device
+    through another device node (which the flock alone would not stop)."""
+    spec = slaves(volumes=[], start=False)
+    spec.volumes = [("a", loop_device, None)]
+    proc = slaves.restart(spec)
+    spec2 = other_spec(run_dir, "o1", os.path.join(run_dir, "o1"), [("b", loop_device, None)])
+    lines = run_refused(spec2.command())
+    assert lines == [f"cgmirror: error: volume b ({loop_device}) is in use by pid"
+                     f" {proc.pid}: unmount it or stop the program using it"]
+    node = os.path.join(run_dir, "node")
+    os.mknod(node, 0o600 | stat.S_IFBLK, os.stat(loop_device).st_rdev)
+    spec3 = other_spec(run_dir, "o2", os.path.join(run_dir, "o2"), [("b", node, None)])
+    lines = run_refused(spec3.command())
+    assert len(lines) == 1 and lines[0].startswith(f"cgmirror: error: volume b ({node})"
+                                                   f" is in use by"), lines
+    h = nbd.NBD()
+    h.connect_uri(proc.spec.uri("a"))
+    h.pwrite(b"d" * 10, 2 * G)
+    assert h.pread(10, 2 * G) == b"d" * 10
+    h.shutdown()
+    assert dirty(proc) == {2}
