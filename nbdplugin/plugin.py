@@ -10,6 +10,11 @@
 # if missing, else check its size), granularity= (bytes per change bit, power
 # of two, default 64K), region= (bytes per write-intent bit, default 4M),
 # checkpoint= (seconds between change-map checkpoints, default 2).
+#
+# The slave holds an exclusive lock on its state directory and on each volume
+# while it runs (a second slave on either is refused, naming the holder), and
+# keeps its state private: the directory 0700, its files 0600.  A
+# configuration error is one `cgmirror: error:` line on stderr and exit 1.
 import errno
 import faulthandler
 import logging
