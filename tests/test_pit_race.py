@@ -7,6 +7,8 @@ import random
 import sys
 import threading
 
+import pytest
+
 from nbdplugin.volume import Volume
 
 G = 4096
@@ -89,4 +91,23 @@ def test_pit_ends_under_concurrent_writes_without_stray_fds_or_files(tmp_path):
         sys.setswitchinterval(old_interval)
         for t in threads:
             t.join(timeout=30)
+        vol.close()
+
+
+def test_a_write_holding_an_ended_pit_saves_nothing_and_a_read_fails(tmp_path):
+    """A write that picked up the PiT before it ended finds it ended: nothing
+    is saved, no store file is made; a copy still reading it gets an error."""
+    vol = Volume("v", str(tmp_path / "v.img"), str(tmp_path), G, 16 * G,
+                 create_size=NBLOCKS * G)
+    try:
+        vol.start_pit(1, full=True)
+        pit = vol.pit                   # what a writer in _modify holds
+        vol.end_pit()
+        before = fd_count()
+        pit.preserve(0, 4 * G)
+        assert not pit.index and not os.path.exists(tmp_path / "v.preserve")
+        assert fd_count() == before
+        with pytest.raises(OSError, match="PiT 1 of v has ended"):
+            pit.read(bytearray(G), 0)
+    finally:
         vol.close()
