@@ -84,6 +84,10 @@ class BlockStore:
             store.index[block] = off
             store._end = max(store._end, off + length)
             good = pos + _REC.size
+        if store.index and not os.path.exists(path):
+            # The index is written only after its data: the store was removed.
+            raise FileNotFoundError(errno.ENOENT, "block store missing; its index"
+                                    f" lists {len(store.index)} blocks", path)
         if os.path.exists(path):
             store._fd = open_private(path)
             store._idx_fd = open_private(store.index_path)

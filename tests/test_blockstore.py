@@ -148,3 +148,14 @@ def test_the_non_durable_mode_keeps_no_index_file(tmp_path, volume):
     store.save([0, 1])
     assert sorted(os.listdir(tmp_path)) == ["s", "vol.img"]
     store.close()
+
+
+def test_an_index_without_its_store_is_an_error(tmp_path, volume):
+    """Saved blocks whose copies are gone cannot be overlaid: reopen says so."""
+    path = str(tmp_path / "s")
+    store = BlockStore(path, volume, G, SIZE, durable=True)
+    store.save([2])
+    del store
+    os.unlink(path)
+    with pytest.raises(FileNotFoundError, match="lists 1 blocks"):
+        BlockStore.reopen(path, volume, G, SIZE)
