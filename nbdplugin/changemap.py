@@ -1,20 +1,29 @@
 """Crash-safe change indicators of one volume (DESIGN.md, invariant C1).
 
-In memory a volume has two bitmaps, one bit per ``granularity`` bytes:
-``cr`` (changed since the last cut) and ``oos`` (in the cut being copied, not
-yet confirmed at the target).  Their union is "changed since last confirmed".
+In memory a volume has named bitmaps (``maps``), one bit per
+``granularity`` bytes: ``cr`` (changed since the last cut) and ``oos`` (in
+the cut being copied, not yet confirmed at the target); their union is
+"changed since last confirmed".  A caller may name more (``extra``, e.g. the
+coming ``tgt`` target indicators): they are saved and recovered with the
+others and need no file-name code of their own.
 
-On disk, in the slave's state directory, two files per volume:
+On disk, in the slave's state directory, two files per volume (mode 0600):
 
-``NAME.map``     a snapshot of ``cr | oos`` taken at the last checkpoint,
-                 replaced atomically (write temp, fdatasync, rename, fsync dir).
+``NAME.map``     a snapshot of every named map taken at the last checkpoint,
+                 each under its name with its own checksum, replaced
+                 atomically (write temp, fdatasync, rename, fsync dir).
 ``NAME.intent``  a coarse write-intent map, one bit per ``region`` bytes
                  (default 4 MiB): regions that may have been written since the
                  snapshot was taken.  Rewritten in place; a torn write is
                  harmless because a bit that must survive is set in both the
                  old and the new content (see below).
 
-After a crash the volume recovers ``cr = map | expand(intent)``.
+After a crash the volume recovers ``cr = map.cr | map.oos | expand(intent)``
+(the PiT died with the process, so its unconfirmed blocks are changes
+again); an extra map recovers as saved.  Only host writes go through the
+intent map, and only ``cr`` records them: an extra map is changed by
+control operations, which call ``checkpoint()`` when the change must be
+durable at once.
 
 Durability ordering -- why a power cut cannot leave a changed block unmarked:
 
@@ -57,29 +66,33 @@ import zlib
 from native.bitmap import Bitmap, mark_write
 
 from . import failpoints
+from .files import open_private, write_atomic
 
 log = logging.getLogger(__name__)
 
-_MAP_MAGIC = b"CGMMAP01"
+_MAP_MAGIC_V1 = b"CGMMAP01"      # one map (cr | oos) under the header's crc
+_MAP_MAGIC = b"CGMMAP02"         # header's last field: number of named maps
 _INT_MAGIC = b"CGMINT01"
-_HDR = struct.Struct("<8sQQI4x")   # magic, nbits, unit bytes, crc32 of payload
+_HDR = struct.Struct("<8sQQI4x")   # magic, nbits, unit bytes, crc32 (or count)
+_ENTRY = struct.Struct("<16sI4x")  # map name (ASCII, NUL padded), crc32 of payload
+
+# The maps every volume has; recovery folds each into the map named here.
+MAPS = ("cr", "oos")
+_RECOVER_INTO = {"oos": "cr"}
 
 
 class ChangeMapError(Exception):
     """The on-disk change map cannot be used (local state is damaged)."""
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ChangeMap:
     def __init__(self, statedir: str, name: str, size: int, granularity: int,
-                 region: int):
+                 region: int, extra: tuple[str, ...] = ()):
+        names = MAPS + tuple(extra)
+        if len(set(names)) != len(names) or not all(
+                n.isascii() and n.isidentifier() and len(n) <= _ENTRY.size - 8
+                for n in names):
+            raise ValueError(f"map names must be distinct short identifiers: {names}")
         if granularity & (granularity - 1) or region & (region - 1) or region < granularity:
             raise ValueError("granularity and region must be powers of two, region >= granularity")
         self.granularity = granularity
@@ -93,61 +106,96 @@ class ChangeMap:
         # serialises writes of the intent file and is taken before ``lock``.
         self.lock = threading.Lock()
         self.intent_lock = threading.Lock()
-        self.cr = Bitmap(self.nblocks)
-        self.oos = Bitmap(self.nblocks)
+        self.maps = {n: Bitmap(self.nblocks) for n in names}
+        self.cr = self.maps["cr"]
+        self.oos = self.maps["oos"]
         self.touched = Bitmap(self.nregions)
         self.durable = Bitmap(self.nregions)
         self.recovered_blocks = 0
         self._changed = True
         self._recover()
-        fd = os.open(self.intent_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private(self.intent_path)
         self._intent_fd = fd
         self.checkpoint()
 
     # ------------------------------------------------------------ recovery
 
-    def _read(self, path: str, magic: bytes, nbits: int, unit: int,
-              check_crc: bool) -> Bitmap | None:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        if len(data) < _HDR.size:
-            raise ChangeMapError(f"{path}: truncated header")
-        m, n, u, crc = _HDR.unpack_from(data)
-        payload = data[_HDR.size:]
-        if m != magic:
-            raise ChangeMapError(f"{path}: not a cgmirror change map")
-        if n != nbits or u != unit:
+    def _geometry(self, path: str, nbits: int, unit: int, want_bits: int,
+                  want_unit: int) -> None:
+        if nbits != want_bits or unit != want_unit:
             raise ChangeMapError(
-                f"{path}: made for {n} x {u}-byte blocks, volume has {nbits} x {unit};"
-                f" the volume size or granularity changed: remove the state to"
-                f" start with a full copy")
-        if len(payload) != 8 * ((nbits + 63) // 64):
+                f"{path}: made for {nbits} x {unit}-byte blocks, volume has"
+                f" {want_bits} x {want_unit}; the volume size or granularity"
+                f" changed: remove the state to start with a full copy")
+
+    def _read_intent(self) -> Bitmap | None:
+        path = self.intent_path
+        data = _load(path)
+        if data is None:
+            return None
+        m, n, u, _ = _HDR.unpack_from(data)
+        if m != _INT_MAGIC:
+            raise ChangeMapError(f"{path}: not a cgmirror intent map")
+        self._geometry(path, n, u, self.nregions, self.region)
+        if len(data) != _HDR.size + _payload_len(n):
             raise ChangeMapError(f"{path}: wrong payload length")
-        if check_crc and zlib.crc32(payload) != crc:
-            raise ChangeMapError(f"{path}: checksum mismatch")
-        return Bitmap.from_bytes(nbits, payload)
+        return Bitmap.from_bytes(n, data[_HDR.size:])
+
+    def _read_maps(self) -> dict[str, Bitmap] | None:
+        """The named maps of the last checkpoint (None: no map file yet)."""
+        path = self.map_path
+        data = _load(path)
+        if data is None:
+            return None
+        m, n, u, field = _HDR.unpack_from(data)
+        pos = _HDR.size
+        if m == _MAP_MAGIC_V1:          # written before maps had names
+            entries = [("cr", field)]
+        elif m == _MAP_MAGIC:
+            if len(data) < pos + field * _ENTRY.size:
+                raise ChangeMapError(f"{path}: truncated map table")
+            entries = []
+            for _ in range(field):
+                raw, crc = _ENTRY.unpack_from(data, pos)
+                entries.append((raw.rstrip(b"\0").decode("ascii", "replace"), crc))
+                pos += _ENTRY.size
+        else:
+            raise ChangeMapError(f"{path}: not a cgmirror change map")
+        self._geometry(path, n, u, self.nblocks, self.granularity)
+        plen = _payload_len(n)
+        if len(data) != pos + plen * len(entries):
+            raise ChangeMapError(f"{path}: wrong payload length")
+        maps = {}
+        for name, crc in entries:
+            payload = data[pos:pos + plen]
+            pos += plen
+            if zlib.crc32(payload) != crc:
+                raise ChangeMapError(f"{path}: checksum mismatch in map {name!r}")
+            if name not in self.maps:
+                # Dropping it would lose what it records: refuse instead.
+                raise ChangeMapError(
+                    f"{path}: holds a map {name!r} this slave does not keep"
+                    f" (it keeps {', '.join(self.maps)}): run the cgmirror"
+                    f" version that wrote it")
+            maps[name] = Bitmap.from_bytes(n, payload)
+        return maps
 
     def _recover(self) -> None:
-        snap = self._read(self.map_path, _MAP_MAGIC, self.nblocks,
-                          self.granularity, True)
-        intent = self._read(self.intent_path, _INT_MAGIC, self.nregions,
-                            self.region, False)
-        if snap is None and intent is not None:
+        saved = self._read_maps()
+        intent = self._read_intent()
+        if saved is None and intent is not None:
             raise ChangeMapError(f"{self.map_path}: missing while the intent map exists")
-        if snap is not None:
-            self.cr.or_(snap)
+        for name, bits in (saved or {}).items():
+            self.maps[_RECOVER_INTO.get(name, name)].or_(bits)
         if intent is not None:
             per = self.region // self.granularity
             for start, length in intent.iter_runs():
                 self.cr.set(start * per, min(length * per, self.nblocks - start * per))
             self.durable.or_(intent)
         self.recovered_blocks = self.cr.count()
-        if snap is None:
+        if saved is None:
             # First start: the map must exist before the intent map does.
-            self._write_map(Bitmap(self.nblocks))
+            self._write_map(self._snapshot())
         if intent is None:
             self._write_intent(self.durable)
 
@@ -180,11 +228,7 @@ class ChangeMap:
         hdr = _HDR.pack(_INT_MAGIC, self.nregions, self.region, 0)
         fd = getattr(self, "_intent_fd", None)
         if fd is None:
-            with open(self.intent_path, "wb") as f:
-                f.write(hdr + payload)
-                f.flush()
-                os.fdatasync(f.fileno())
-            fsync_dir(self.statedir)
+            write_atomic(self.intent_path, hdr + payload)
             return
         os.pwrite(fd, hdr + payload, 0)
         os.fdatasync(fd)
@@ -204,8 +248,7 @@ class ChangeMap:
                 if not (self._changed or final or self.touched.any()
                         or self.durable.any()):
                     return False
-                snap = self.cr.copy()
-                snap.or_(self.oos)
+                snap = self._snapshot()
                 recent = self.touched.copy()
                 self.touched.clear_all()
                 self._changed = False
@@ -226,18 +269,17 @@ class ChangeMap:
                 self.durable.or_(keep)
             return True
 
-    def _write_map(self, snap: Bitmap) -> None:
-        payload = snap.to_bytes()
-        tmp = self.map_path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(_HDR.pack(_MAP_MAGIC, self.nblocks, self.granularity,
-                              zlib.crc32(payload)))
-            f.write(payload)
-            f.flush()
-            os.fdatasync(f.fileno())
-        failpoints.hit("checkpoint:before-rename")
-        os.rename(tmp, self.map_path)
-        fsync_dir(self.statedir)
+    def _snapshot(self) -> dict[str, Bitmap]:
+        """A copy of every named map (caller holds ``lock``, or is alone)."""
+        return {name: bits.copy() for name, bits in self.maps.items()}
+
+    def _write_map(self, snap: dict[str, Bitmap]) -> None:
+        payloads = {name: bits.to_bytes() for name, bits in snap.items()}
+        table = b"".join(_ENTRY.pack(name.encode("ascii"), zlib.crc32(p))
+                         for name, p in payloads.items())
+        head = _HDR.pack(_MAP_MAGIC, self.nblocks, self.granularity, len(payloads))
+        write_atomic(self.map_path, head + table + b"".join(payloads.values()),
+                     failpoint="checkpoint:before-rename")
 
     def close(self) -> None:
         """Clean shutdown: call with no writes in flight."""
@@ -283,3 +325,19 @@ class ChangeMap:
     def counts(self) -> tuple[int, int]:
         with self.lock:
             return self.cr.count(), self.oos.count()
+
+
+def _payload_len(nbits: int) -> int:
+    return 8 * ((nbits + 63) // 64)
+
+
+def _load(path: str) -> bytes | None:
+    """A state file's bytes (None if absent); too short for a header is damage."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    if len(data) < _HDR.size:
+        raise ChangeMapError(f"{path}: truncated header")
+    return data

@@ -12,6 +12,11 @@
 # if missing, else check its size), granularity= (bytes per change bit, power
 # of two, default 64K), region= (bytes per write-intent bit, default 4M),
 # checkpoint= (seconds between change-map checkpoints, default 2).
+#
+# The slave holds an exclusive lock on its state directory and on each volume
+# while it runs (a second slave on either is refused, naming the holder), and
+# keeps its state private: the directory 0700, its files 0600.  A
+# configuration error is one `cgmirror: error:` line on stderr and exit 1.
 import errno
 import faulthandler
 import logging
@@ -32,6 +37,7 @@ for _p in (_VENV_SITE, _ROOT):
     if os.path.isdir(_p) and _p not in sys.path:
         sys.path.insert(0, _p)
 
+from nbdplugin import files  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
 from nbdplugin.slave import ControlServerError, Slave  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError, parse_size  # noqa: E402
@@ -45,6 +51,7 @@ _cfg = {"statedir": None, "control": None, "granularity": 64 * 1024,
 _volumes: dict[str, str] = {}
 _create: dict[str, int] = {}
 _slave: Slave | None = None
+_statedir_fd: int | None = None    # holds the state directory's lock until exit
 
 # `kill -USR1 PID` dumps every Python thread's stack to the log.
 faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -52,11 +59,38 @@ logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                     format="cgmirror[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
+class ConfigError(Exception):
+    """The slave's configuration cannot be used (the operator's fault)."""
+
+
 def _fail(msg):
-    # nbdkit prints a traceback for any exception; the first line a person
-    # sees, and the one `cgmirror slave start` reports, is this one.
-    print(f"cgmirror: error: {msg}", file=sys.stderr, flush=True)
-    raise RuntimeError(msg) from None
+    raise ConfigError(msg)
+
+
+def _one_line_errors(fn):
+    """Run a configuration callback; on a configuration error print one
+    line and exit 1.
+
+    nbdkit 1.32's python plugin turns any exception a callback raises into
+    ``nbdkit_error`` of the whole ``traceback.format_exception`` text
+    (plugins/python/errors.c, check_python_failure): there is no exception
+    it prints as one line.  So a configuration error is printed here and
+    the process ends with ``os._exit(1)``: before nbdkit serves there is
+    nothing to clean up (no socket, no pidfile yet), and the kernel drops
+    our locks.  SystemExit would not do: it is an exception like any other
+    to the embedding C code.  A bug (any other exception) keeps its
+    traceback.
+    """
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except (ConfigError, VolumeError, ChangeMapError, files.LockedError,
+                OSError) as exc:
+            print(f"cgmirror: error: {exc}", file=sys.stderr, flush=True)
+            os._exit(1)
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
 
 
 def _split(key, value):
@@ -67,6 +101,7 @@ def _split(key, value):
     return name, rest
 
 
+@_one_line_errors
 def config(key, value):
     try:
         _config(key, value)
@@ -103,6 +138,7 @@ def _config(key, value):
         _fail(f"unknown parameter: {key!r}")
 
 
+@_one_line_errors
 def config_complete():
     for key in ("statedir", "control"):
         if not _cfg[key]:
@@ -123,17 +159,23 @@ def thread_model():
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
+@_one_line_errors
 def get_ready():
-    global _slave
-    os.makedirs(_cfg["statedir"], exist_ok=True)
-    vols = {}
+    global _slave, _statedir_fd
+    statedir = _cfg["statedir"]
     try:
-        for name, path in _volumes.items():
-            vols[name] = Volume(name, path, _cfg["statedir"], _cfg["granularity"],
-                                _cfg["region"], _create.get(name))
-    except (VolumeError, ChangeMapError) as exc:
-        _fail(str(exc))
-    _slave = Slave(vols, _cfg["statedir"], _cfg["checkpoint"])
+        files.private_dir(statedir)
+        _statedir_fd = os.open(statedir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        _fail(f"state directory {statedir}: {exc.strerror}")
+    # The state directory's lock comes first: until we hold it, another
+    # slave may own the change maps, and opening them would overwrite them.
+    files.lock_exclusive(_statedir_fd, f"state directory {statedir}")
+    vols = {}
+    for name, path in _volumes.items():
+        vols[name] = Volume(name, path, statedir, _cfg["granularity"],
+                            _cfg["region"], _create.get(name))
+    _slave = Slave(vols, statedir, _cfg["checkpoint"])
 
 
 def after_fork():
@@ -161,8 +203,9 @@ def open(readonly):
     name = nbdkit.export_name() or next(iter(_slave.volumes))
     vol = _slave.volumes.get(name)
     if vol is None:
+        # A client's mistake, not ours: nbdkit logs it and refuses the open.
         nbdkit.set_error(errno.ENOENT)
-        _fail(f"no export named {name!r} (exports: {', '.join(_slave.volumes)})")
+        raise LookupError(f"no export named {name!r} (exports: {', '.join(_slave.volumes)})")
     return vol
 
 

@@ -41,7 +41,7 @@ import time
 from wire import address as wire_address
 
 from . import protocol
-from .changemap import fsync_dir
+from .files import write_atomic
 from .copier import Copy
 from .protocol import CutMachine, Event, Phase, ProtocolError
 from .volume import Volume
@@ -100,17 +100,9 @@ class Slave:
         """Persist the slave's small state (last cut number, synced targets);
         the in-memory copy changes only once the file is in place."""
         meta = {**self._meta, **updates}
-        tmp = self._meta_path() + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        os.rename(tmp, self._meta_path())
-        if sync:
-            # Which target is a baseline must survive a power cut as surely
-            # as the change bits it speaks for.
-            fsync_dir(self.statedir)
+        # With sync, which target is a baseline survives a power cut as
+        # surely as the change bits it speaks for.
+        write_atomic(self._meta_path(), json.dumps(meta).encode(), sync=sync)
         self._meta = meta
 
     def synced_target(self, name: str) -> str | None:

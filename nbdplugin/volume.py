@@ -24,7 +24,9 @@ import threading
 from . import failpoints
 from native.bitmap import Bitmap
 
+from .blockstore import BlockStore, StoreClosed
 from .changemap import ChangeMap
+from .files import LockedError, lock_exclusive, lock_holder
 from .gate import Gate
 
 log = logging.getLogger(__name__)
@@ -77,15 +79,7 @@ class Volume:
         self.name = name
         self.path = path
         self.granularity = granularity
-        try:
-            if create_size is not None and not os.path.exists(path):
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                os.ftruncate(fd, create_size)
-            else:
-                fd = os.open(path, os.O_RDWR)
-        except OSError as exc:
-            raise VolumeError(f"volume {name}: cannot open {path}: {exc.strerror}") from exc
-        self.fd = fd
+        fd = self.fd = _open_exclusive(name, path, create_size)
         st = os.fstat(fd)
         self.is_blockdev = stat.S_ISBLK(st.st_mode)
         if self.is_blockdev:
@@ -107,11 +101,12 @@ class Volume:
         self.gate = Gate()
         self.changes = ChangeMap(statedir, name, self.size, granularity, region)
         self.statedir = statedir
+        self.preserve_path = os.path.join(statedir, f"{name}.preserve")
         self.pit: Pit | None = None
         # A PiT never outlives its process (its blocks went back to cr at
         # recovery): a store left by a crash is garbage.
         try:
-            os.unlink(os.path.join(statedir, f"{name}.preserve"))
+            os.unlink(self.preserve_path)
         except FileNotFoundError:
             pass
 
@@ -211,7 +206,12 @@ class Volume:
 
     def end_pit(self) -> None:
         """Drop the PiT; oos blocks the target has not confirmed (all of them
-        for an aborted cut, none after a complete copy) go back into cr."""
+        for an aborted cut, none after a complete copy) go back into cr.
+
+        Host writes run during this: one that picked up the PiT before it
+        was dropped finds it ended (``Pit.close`` waits for a save in
+        progress), and its change bit was set before it looked.
+        """
         pit, self.pit = self.pit, None
         self.changes.uncut()
         if pit is not None:
@@ -225,6 +225,7 @@ class Volume:
 
     def status(self) -> dict:
         cr, oos = self.changes.counts()
+        pit = self.pit
         return {
             "size": self.size,
             "granularity": self.granularity,
@@ -236,9 +237,9 @@ class Volume:
             "gate": "closed" if self.gate.closed else "open",
             "inflight": self.gate.inside,
             "waiting": self.gate.waiting,
-            "pit": self.pit.n if self.pit else None,
-            "pit_full": self.pit.full if self.pit else None,
-            "preserved_blocks": len(self.pit.index) if self.pit else 0,
+            "pit": pit.n if pit else None,
+            "pit_full": pit.full if pit else None,
+            "preserved_blocks": len(pit.store) if pit else 0,
         }
 
 
@@ -248,14 +249,15 @@ class Pit:
 
     ``pending`` holds the blocks the copy has still to read: all of them for a
     full copy, the cut's oos blocks for an incremental one.  A host write to a
-    pending block that is not saved yet first saves its old content, and
-    only then writes; ``lock`` guards ``pending`` and the index.  The copier
-    reads live blocks first and consults the index after (see ``read``).
+    pending block that is not saved yet first saves its old content in
+    ``store``, and only then writes; ``lock`` guards ``pending`` and
+    ``ended`` and is taken before the store's lock.  The copier reads live
+    blocks first and consults the store after (see ``read``).
 
-    The store is a file in the state directory holding at most one copy of
-    each pending block, so it is bounded by the copy's size; it is deleted
-    when the PiT ends.  It needs no fsync: after a crash the PiT is gone
-    anyway and its blocks are back in ``cr``.
+    The store (a non-durable BlockStore in the state directory) holds at
+    most one copy of each pending block, so it is bounded by the copy's
+    size; it is deleted when the PiT ends.  It needs no fsync: after a crash
+    the PiT is gone anyway and its blocks are back in ``cr``.
     """
 
     def __init__(self, volume: Volume, n: int, pending: Bitmap, full: bool):
@@ -264,15 +266,15 @@ class Pit:
         self.full = full
         self.pending = pending
         self.lock = threading.Lock()
-        self.index: dict[int, int] = {}
+        self.ended = False
         self.broken: str | None = None
-        self.path = os.path.join(volume.statedir, f"{volume.name}.preserve")
-        self.fd: int | None = None      # the store is created by the first save:
-        self._end = 0                   # the cut itself stays free of file system work
+        self.store = BlockStore(volume.preserve_path, volume.fd, volume.granularity,
+                                volume.size)
 
-    def _block_len(self, block: int) -> int:
-        g = self.volume.granularity
-        return min(g, self.volume.size - block * g)
+    @property
+    def index(self) -> dict[int, int]:
+        """Saved blocks -> their place in the store (read it under ``store.lock``)."""
+        return self.store.index
 
     def preserve(self, offset: int, length: int) -> None:
         if length <= 0 or self.broken:
@@ -281,24 +283,17 @@ class Pit:
         first = offset // g
         count = (offset + length - 1) // g - first + 1
         with self.lock:
-            if not self.pending.any(first, count):
+            if self.ended or not self.pending.any(first, count):
                 return
-            need = [b for b in range(first, first + count)
-                    if self.pending.test(b) and b not in self.index]
             try:
-                if need and self.fd is None:
-                    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                for b in need:
-                    data = os.pread(self.volume.fd, self._block_len(b), b * g)
-                    os.pwrite(self.fd, data, self._end)
-                    self.index[b] = self._end
-                    self._end += len(data)
+                saved = self.store.save(b for b in range(first, first + count)
+                                        if self.pending.test(b))
             except OSError as exc:
                 # The host write goes on; the PiT cannot be completed.
                 self.broken = f"preserve store of {self.volume.name}: {exc.strerror}"
                 log.error("%s: PiT %d broken", self.broken, self.n)
                 return
-        if need:
+        if saved:
             failpoints.hit("preserve:after-save")
 
     def remaining(self) -> Bitmap:
@@ -315,27 +310,72 @@ class Pit:
 
         The live read takes no lock, so several copy streams read at once.  It
         may race with a host write, but a host write saves the old content
-        and records it in the index *before* it touches the live block, so a
-        block whose live read could have seen new data is in the index by the
-        time we look, after the read, and its saved copy (immutable) is laid
-        over it.
+        and records it in the store's index *before* it touches the live
+        block, so a block whose live read could have seen new data is in the
+        index by the time we look, after the read, and its saved copy
+        (immutable) is laid over it.
         """
-        g = self.volume.granularity
         view = memoryview(buf)
-        n = os.preadv(self.volume.fd, [view], block * g)
+        n = os.preadv(self.volume.fd, [view], block * self.volume.granularity)
         if n != len(buf):
             raise OSError(errno.EIO, f"short read of {self.volume.name} at block {block}")
-        with self.lock:
-            if not self.index:
-                return
-            nblocks = -(-len(buf) // g)
-            saved = [(b, pos) for b in range(block, block + nblocks)
-                     if (pos := self.index.get(b)) is not None]
-        for b, pos in saved:
-            part = view[(b - block) * g:(b - block) * g + self._block_len(b)]
-            os.preadv(self.fd, [part], pos)
+        try:
+            self.store.overlay(view, block)
+        except StoreClosed:
+            raise OSError(errno.ECANCELED, f"PiT {self.n} of {self.volume.name}"
+                          f" has ended") from None
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            os.unlink(self.path)
+        """End the PiT: later saves do nothing, later reads fail, the store
+        goes (after any save in progress)."""
+        with self.lock:
+            self.ended = True
+        self.store.close()
+
+
+def _open_exclusive(name: str, path: str, create_size: int | None) -> int:
+    """Open (or create) a volume and lock it for this process's life.
+
+    Any path spelling of a regular file (symlink, hard link, ``..``) reaches
+    the same inode, so the flock refuses a second slave whichever it uses.
+    A block device is also opened O_EXCL: the kernel then refuses it while
+    it is mounted or claimed by another exclusive opener (mkfs, another
+    slave) through any device node.  Neither stops a program that opens
+    the device or file without asking (dd, a plain ``open``).
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC
+    try:
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            flags |= os.O_EXCL
+    except OSError:
+        pass
+    try:
+        if create_size is not None and not os.path.exists(path):
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(fd, create_size)
+        else:
+            fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise VolumeError(f"volume {name} ({path}) is in use by {_device_user(path)}:"
+                              f" unmount it or stop the program using it") from None
+        raise VolumeError(f"volume {name}: cannot open {path}: {exc.strerror}") from exc
+    try:
+        lock_exclusive(fd, f"volume {name} ({path})")
+    except LockedError as exc:
+        os.close(fd)
+        raise VolumeError(str(exc)) from None
+    return fd
+
+
+def _device_user(path: str) -> str:
+    """Who holds a block device that O_EXCL refused: a slave if its flock says so."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return "the system (mounted) or another exclusive opener"
+    try:
+        pid = lock_holder(fd)
+    finally:
+        os.close(fd)
+    return f"pid {pid}" if pid else "the system (mounted) or another exclusive opener"

@@ -148,3 +148,87 @@ def test_corrupt_map_is_refused(tmp_path, new):
         f.write(bytes([last ^ 0xFF]))
     with pytest.raises(ChangeMapError, match="checksum"):
         new()
+
+
+# ------------------------------------------------------------------ named maps
+
+def test_an_extra_named_map_persists_and_recovers(tmp_path):
+    """A map set with a name beyond cr/oos saves and recovers that map as it
+    was, next to the others, with no file of its own."""
+    cm = ChangeMap(str(tmp_path), "v", SIZE, G, R, extra=("tgt2",))
+    cm.maps["tgt2"].set(5, 3)
+    cm.maps["tgt2"].set(127, 1)
+    cm.mark(40 * G, 1)
+    cm.checkpoint()
+    assert sorted(os.listdir(tmp_path)) == ["v.intent", "v.map"]
+    crashed = ChangeMap(str(tmp_path), "v", SIZE, G, R, extra=("tgt2",))
+    assert list(crashed.maps["tgt2"].iter_runs()) == [(5, 3), (127, 1)]
+    got = blocks(crashed)              # 40's region, over-marked by the crash
+    assert 40 in got and not got & {5, 6, 7, 127}   # tgt2 does not leak into cr
+    crashed.close()
+    again = ChangeMap(str(tmp_path), "v", SIZE, G, R, extra=("tgt2",))
+    assert list(again.maps["tgt2"].iter_runs()) == [(5, 3), (127, 1)]
+    again.close()
+
+
+def test_a_saved_map_this_slave_does_not_keep_is_refused(tmp_path):
+    """Opening a map file with a name the slave does not know fails, naming
+    it, instead of dropping what it records."""
+    cm = ChangeMap(str(tmp_path), "v", SIZE, G, R, extra=("tgt2",))
+    cm.close()
+    with pytest.raises(ChangeMapError, match="'tgt2'"):
+        ChangeMap(str(tmp_path), "v", SIZE, G, R)
+
+
+def test_a_new_map_name_starts_empty_on_old_state(new, tmp_path):
+    """State saved without an extra map opens with it empty, marks intact."""
+    cm = new()
+    cm.mark(9 * G, 1)
+    cm.close()
+    cm2 = ChangeMap(str(tmp_path), "v", SIZE, G, R, extra=("tgt2",))
+    assert cm2.maps["tgt2"].count() == 0
+    assert blocks(cm2) == {9}
+    cm2.close()
+
+
+def test_map_names_must_be_distinct_identifiers(tmp_path):
+    """A duplicate or unsavable name is a programming error, caught at once."""
+    for extra in (("cr",), ("a b",), ("x" * 17,)):
+        with pytest.raises(ValueError):
+            ChangeMap(str(tmp_path), "v", SIZE, G, R, extra=extra)
+
+
+def test_a_map_file_of_the_previous_format_is_read(tmp_path, new):
+    """A map written before maps had names (cr | oos, one crc) still recovers."""
+    import struct
+    import zlib
+
+    from native.bitmap import Bitmap
+    bits = Bitmap(SIZE // G)
+    bits.set(17, 2)
+    payload = bits.to_bytes()
+    with open(tmp_path / "v.map", "wb") as f:
+        f.write(struct.pack("<8sQQI4x", b"CGMMAP01", SIZE // G, G, zlib.crc32(payload)))
+        f.write(payload)
+    cm = new()
+    assert blocks(cm) == {17, 18}
+    cm.close()
+
+
+def test_state_files_are_private_under_umask_000(new, tmp_path):
+    """Map and intent map are 0600 whatever the umask, also files left with
+    a lax mode by an older version."""
+    import stat
+    old = os.umask(0)
+    try:
+        cm = new()
+        cm.mark(0, 1)
+        cm.close()
+        os.chmod(tmp_path / "v.intent", 0o666)      # as an older version left it
+        cm = new()
+        cm.checkpoint()
+        cm.close()
+    finally:
+        os.umask(old)
+    for name in ("v.map", "v.intent"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
