@@ -178,8 +178,11 @@ def get_ready():
     _slave = Slave(vols, statedir, _cfg["checkpoint"])
 
 
+@_one_line_errors
 def after_fork():
-    # Threads must start after nbdkit daemonizes, never in get_ready.
+    # Threads must start after nbdkit daemonizes, never in get_ready.  A
+    # control server that cannot start ends the slave in one line (its NBD
+    # socket and pidfile stay behind; the launcher removes stale ones).
     try:
         _slave.start(_cfg["control"])
     except ControlServerError as exc:
