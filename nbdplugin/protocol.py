@@ -1,14 +1,29 @@
 """The slave control protocol, without sockets ("sans-IO").
 
+This is the one codec of the control channel: the slave's server, the
+coordinator's ``ControlClient`` and the pipelined establish wire all frame,
+check and build messages here, and only here.
+
 Framing: one JSON object per line (UTF-8, ``\\n``-terminated, at most
-``MAX_LINE`` bytes).  Every request is ``{"op": NAME, ...arguments}``; every
-reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": ONE_LINE, "kind":
-KIND}``.  A connection carries any number of requests, answered in order.
+``MAX_LINE`` bytes; ``Framer`` cuts a byte stream into lines for a blocking
+reader and a select loop alike).  Every request is ``{"op": NAME,
+...arguments}``; every reply is ``{"ok": true, ...}`` or ``{"ok": false,
+"error": ONE_LINE, "kind": KIND}`` with KIND a ``Kind``.  A connection
+carries any number of requests, answered in order.
 
 Rules:
-- Each op has a fixed set of required and optional keys with fixed types.
-  Unknown ops, unknown keys, missing keys and wrong types are refused before
-  anything happens: a bad message changes nothing and the slave keeps serving.
+- Each op has a schema (``SCHEMA``): fixed required and optional keys, and
+  for each a type and a range.  Unknown ops, unknown keys, missing keys,
+  wrong types and out-of-range values are refused before anything happens:
+  a bad message changes nothing and the slave keeps serving.  Every number
+  is bounded (cut numbers 1 .. 2^53-1, exact in any JSON peer and in
+  SQLite), every list and string has a maximum length, and volume names
+  follow the plugin's rule.
+- Each op's successful reply has a schema too (``REPLY_SCHEMA``), checked by
+  the client: a reply out of schema is the slave's fault (kind REPLY), so
+  the coordinator never computes with a value it did not check.  Replies may
+  carry fields a client does not know (a newer slave); requests may not.
+- Error kinds come from one enum, ``Kind``; nobody compares free strings.
 - The cut state machine below is the single authority on which op may follow
   which.  ``CutMachine.step`` either returns the new state or raises
   ``ProtocolError`` and leaves the machine untouched.
@@ -27,6 +42,11 @@ itself, thaws, and any later thaw(n) is refused.  CUT(n): the point-in-time
 image n is established and host writes flow; COPYING(n): it is being copied.
 Cut numbers only grow: a freeze must name a number larger than any cut the
 slave has seen, so a stale or second coordinator cannot reuse one.
+
+Rejected: a schema library (jsonschema, pydantic).  This module is imported
+inside nbdkit's embedded interpreter, where every dependency must be a
+Debian package, and their error texts are neither one line nor in the
+words of the protocol.  The schema nodes below are a hundred lines.
 """
 
 from __future__ import annotations
