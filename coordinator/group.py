@@ -385,7 +385,9 @@ class _Wire:
         try:
             lines = self._framer.feed(data)
         except protocol.ProtocolError as exc:       # out of step: give up on it
-            self.dead = f"slave at {self.link.control} sent a bad reply: {exc}"
+            op = self._sent[len(self.replies)] if len(self.replies) < len(self._sent) \
+                else None
+            self.dead = f"slave at {self.link.control} sent a {protocol.bad_reply(op, exc)}"
             return
         for line in lines:
             if len(self.replies) >= len(self._sent):

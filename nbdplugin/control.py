@@ -81,8 +81,8 @@ class ControlClient:
                                Kind.UNREACHABLE) from exc
         except protocol.ProtocolError as exc:      # a line over the size limit
             self.close()
-            raise ControlError(f"slave at {self.path} sent a bad reply: {exc}",
-                               Kind.REPLY) from exc
+            raise ControlError(f"slave at {self.path} sent a"
+                               f" {protocol.bad_reply(op, exc)}", Kind.REPLY) from None
         if reply is None:
             self.close()
             raise ControlError(f"slave at {self.path} closed the connection",

@@ -430,9 +430,14 @@ def decode_reply(op: str | None, line: bytes | str | dict) -> dict:
         if op is not None:
             REPLY_SCHEMA[op].check(msg, "")
     except ProtocolError as exc:
-        raise ProtocolError(f"bad reply{f' to {op}' if op else ''}: {exc}",
-                            Kind.REPLY) from None
+        raise bad_reply(op, exc) from None
     return msg
+
+
+def bad_reply(op: str | None, why: object) -> ProtocolError:
+    """The error for a reply to ``op`` that is not what the protocol says."""
+    return ProtocolError(f"bad reply{f' to {op}' if op else ''}: {why} (a broken slave,"
+                         f" or one of another version: see its log)", Kind.REPLY)
 
 
 def ok(**fields) -> dict:

@@ -179,6 +179,7 @@ def test_dirty_start_beyond_any_volume_is_refused(slaves):
     (status_reply(n="7"), "'n' must be int"),
     (status_reply(size="4M"), "'volumes[db].size' must be int"),
     (b"{not json", "not JSON"),
+    (b'{"ok":true,"pad":"' + b"x" * protocol.MAX_LINE + b'"}', "longer than 1048576 bytes"),
 ])
 def test_link_reports_a_bad_status_reply_as_the_slaves_fault(run_dir, reply, words):
     """A slave reporting n = 2^63+5, a string where a number belongs or
@@ -193,11 +194,13 @@ def test_link_reports_a_bad_status_reply_as_the_slaves_fault(run_dir, reply, wor
     assert text.startswith("slave fake: ") and "bad reply to status" in text and words in text
 
 
-def test_establish_aborts_on_a_bad_freeze_reply_and_still_sends_the_abort(run_dir):
-    """A freeze reply out of schema aborts the cut with one line; the abort
-    still goes out on the same connection behind the freeze."""
+@pytest.mark.parametrize("bad", [{"ok": True, "n": BIG, "drain_ms": "soon", "blocks": {}},
+                                 b'{"ok":true,"n":1,"drain_ms":NaN,"blocks":{}}',
+                                 b"\xff\xfe"])
+def test_establish_aborts_on_a_bad_freeze_reply_and_still_sends_the_abort(run_dir, bad):
+    """A freeze reply out of schema (or not JSON) aborts the cut with one
+    line; the abort still goes out on the same connection behind the freeze."""
     path = os.path.join(run_dir, "fake.ctl")
-    bad = {"ok": True, "n": BIG, "drain_ms": "soon", "blocks": {}}
     with FakeSlave(path, {"freeze": bad}) as fake, SlaveLink("fake", path) as lk:
         with pytest.raises(EstablishAborted) as exc:
             group.establish([lk], 3, lease_ms=5000, max_coordination_ms=1000)

@@ -224,6 +224,19 @@ def test_decode_wrong_types_raise_only_protocol_error(op, args):
 
 
 @_fuzz
+@given(st.sampled_from([
+    b'{"op":"freeze","n":3,"lease_ms":500,"volumes":["a","b"],"full":["a"]}',
+    b'{"op":"copy","n":3,"targets":{"a":"nbd+unix:///a?socket=/s"},"timeout_ms":500}',
+    b'{"op":"dirty","volume":"a","start":12,"max_runs":5}']), st.integers(0, 90))
+def test_decode_truncated_requests_raise_only_protocol_error(line, cut):
+    """Every prefix of a good request is decoded or refused, nothing else."""
+    try:
+        protocol.decode(line[:cut])
+    except ProtocolError as exc:
+        assert exc.kind is Kind.PROTOCOL
+
+
+@_fuzz
 @given(_ops, st.one_of(st.binary(max_size=200),
                        st.dictionaries(st.sampled_from(["ok", "error", "kind", "n", "pid",
                                                         "phase", "volumes", "runs"]),
