@@ -271,7 +271,7 @@ class List(_Node):
 class Map(_Node):
     """An object with keys checked by ``key`` and values by ``value``."""
 
-    key: _Node
+    key: Str
     value: _Node
     min_len: int = 0
     max_len: int = MAX_VOLUMES
@@ -284,7 +284,11 @@ class Map(_Node):
             raise ProtocolError(f"{_at(where)} must have {self.min_len} to {self.max_len}"
                                 f" entries")
         for k, v in value.items():
-            self.key.check(k, f"{where} key {k[:80]}")
+            try:
+                self.key.check(k, "")
+            except ProtocolError:
+                raise ProtocolError(f"{_at(where)} has key {k[:80]!r}, which is not"
+                                    f" {self.key.what}") from None
             self.value.check(v, f"{where}[{k[:80]}]")
         return value
 
