@@ -82,7 +82,7 @@ class ControlClient:
         except protocol.ProtocolError as exc:      # a line over the size limit
             self.close()
             raise ControlError(f"slave at {self.path} sent a"
-                               f" {protocol.bad_reply(op, exc)}", Kind.REPLY) from None
+                               f" {protocol.bad_reply(op, exc)}", Kind.REPLY) from exc
         if reply is None:
             self.close()
             raise ControlError(f"slave at {self.path} closed the connection",
@@ -90,12 +90,12 @@ class ControlClient:
         try:
             return protocol.decode_reply(op, reply)
         except protocol.Refused as exc:
-            raise ControlError(str(exc), exc.kind) from None
+            raise ControlError(str(exc), exc.kind) from exc
         except protocol.ProtocolError as exc:
             # The slave's fault.  Lines still frame, but what follows cannot
             # be trusted either: start afresh on the next call.
             self.close()
-            raise ControlError(f"slave at {self.path} sent a {exc}", exc.kind) from None
+            raise ControlError(f"slave at {self.path} sent a {exc}", exc.kind) from exc
 
     def _readline(self) -> bytes | None:
         """The next reply line, or None at end of stream."""
