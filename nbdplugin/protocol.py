@@ -74,11 +74,15 @@ MAX_LEASE_MS = 60_000
 # (tests, local targets) to an hour (a slow remote link).
 MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS = 100, 3_600_000
 MAX_INFLIGHT = 64
-MAX_RUNS = 100_000
-# Volumes per slave, and characters of an NBD URI or error text.
+# A page of dirty runs must fit one line: 20,000 pairs of at most
+# 2 x 16 digits are 740 kB, under MAX_LINE (100,000 could reach 3.7 MB, and
+# the client refused the page).
+MAX_RUNS = 20_000
+# Volumes per slave, and characters of an NBD URI or path, and of an error
+# text (a copy error quotes a URI and libnbd's message: room for both).
 MAX_VOLUMES = 1024
 MAX_URI = 4096
-MAX_TEXT = 4096
+MAX_TEXT = 16384
 # The plugin's rule for a volume (export) name.
 VOLUME_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
