@@ -34,7 +34,6 @@ what they did not confirm goes back into change recording, and
 
 from __future__ import annotations
 
-import json
 import selectors
 import socket
 import threading
@@ -42,10 +41,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from .errors import (CgmirrorError, CopyFailed, EstablishAborted, SlaveBusy, SlaveError,
-                     SlaveUnreachable, UnknownVolume, UsageError)
+from .errors import (CgmirrorError, ConfigError, CopyFailed, EstablishAborted, SlaveBusy,
+                     SlaveError, SlaveUnreachable, UnknownVolume, UsageError)
 from nbdplugin import protocol
 from nbdplugin.control import ControlError
+from nbdplugin.protocol import Kind
 
 from .link import Channel, SlaveLink, translate
 
@@ -195,6 +195,10 @@ class Established:
         return asdict(self) | {"max_held_ms": self.max_held_ms}
 
 
+# Refusals of an abort that mean the slave is not (or no longer) in the cut.
+_NOT_IN_CUT = (Kind.ENDED, Kind.ORDER)
+
+
 def abort_one(link: SlaveLink | Channel, n: int) -> str:
     """ABORT(n) to one slave: "aborted", "not in cut" (it had not frozen n, or
     n already ended there, e.g. by lease expiry), or "unreachable: ...".
@@ -205,7 +209,7 @@ def abort_one(link: SlaveLink | Channel, n: int) -> str:
     except SlaveUnreachable as exc:
         return f"unreachable: {exc}"
     except SlaveError as exc:
-        if exc.kind in ("ended", "order"):
+        if exc.kind in _NOT_IN_CUT:
             return "not in cut"
         raise
 
@@ -240,6 +244,12 @@ def establish(links: list[SlaveLink], n: int, lease_ms: int,
     _check_links(links)
     if not 0 < max_coordination_ms < lease_ms:
         raise ValueError("need 0 < max_coordination_ms < lease_ms")
+    if lease_ms > protocol.MAX_LEASE_MS:
+        # Refused here, before any slave freezes: a slave would refuse it too.
+        raise ConfigError(f"lease_ms {lease_ms} is above the cap of"
+                          f" {protocol.MAX_LEASE_MS} ms (host writes stall that long"
+                          f" if the coordinator dies mid-freeze); lower it in the"
+                          f" session file")
     wires = [_Wire(lk) for lk in links]          # connected before the clock starts
     try:
         return _establish(wires, links, n, lease_ms, max_coordination_ms, full or {})
@@ -321,7 +331,11 @@ def _establish(wires: list["_Wire"], links: list[SlaveLink], n: int, lease_ms: i
 class _Wire:
     """One connection to a slave for an establish, used pipelined from a
     single thread: requests go out without waiting, replies are read as they
-    arrive (a slave answers one connection's requests in order).
+    arrive (a slave answers one connection's requests in order).  Framing
+    and reply checks are ``protocol``'s, as for ``ControlClient``: each
+    reply is checked against the schema of the op it answers, and one that
+    does not match becomes a refusal of kind REPLY (the wire stays usable,
+    so the abort that follows still goes out behind the freeze).
 
     Rejected: a thread per slave (the first version).  Its wake-ups -- go,
     each reply, the decision, each thaw -- sat between the first gate
@@ -336,7 +350,8 @@ class _Wire:
         self.replies: list[dict] = []
         self.answered: list[float] = []     # monotonic time of each reply
         self.dead: str | None = None        # why the connection is gone
-        self._buf = b""
+        self._sent: list[str] = []          # the op of each request, in order
+        self._framer = protocol.Framer()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.settimeout(link.timeout)
@@ -351,6 +366,7 @@ class _Wire:
         try:
             # A few hundred bytes: they fit the socket buffer at once.
             self.sock.sendall(protocol.encode({"op": op, **args}))
+            self._sent.append(op)
         except OSError as exc:
             self.dead = f"slave at {self.link.control} stopped answering: {exc}"
 
@@ -366,14 +382,25 @@ class _Wire:
         if not data:
             self.dead = f"slave at {self.link.control} closed the connection"
             return
-        self._buf += data
-        while b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
-            try:
-                reply = json.loads(line)
-            except ValueError:
-                self.dead = f"slave at {self.link.control} sent a malformed reply"
+        try:
+            lines = self._framer.feed(data)
+        except protocol.ProtocolError as exc:       # out of step: give up on it
+            op = self._sent[len(self.replies)] if len(self.replies) < len(self._sent) \
+                else None
+            self.dead = f"slave at {self.link.control} sent a {protocol.bad_reply(op, exc)}"
+            return
+        for line in lines:
+            if len(self.replies) >= len(self._sent):
+                self.dead = f"slave at {self.link.control} sent a reply to no request"
                 return
+            op = self._sent[len(self.replies)]
+            try:
+                reply = protocol.decode_reply(op, line)
+            except protocol.Refused as exc:
+                reply = protocol.error(str(exc), exc.kind)
+            except protocol.ProtocolError as exc:
+                reply = protocol.error(f"slave at {self.link.control} sent a {exc}",
+                                       exc.kind)
             self.replies.append(reply)
             self.answered.append(time.monotonic())
 
@@ -383,8 +410,7 @@ class _Wire:
         if i >= len(self.replies):
             return str(SlaveUnreachable(self.name, f"slave {self.name}: {self.dead}"))
         r = self.replies[i]
-        return str(translate(self.name, ControlError(r.get("error", "refused"),
-                                                     r.get("kind", "protocol"))))
+        return str(translate(self.name, ControlError(r["error"], r["kind"])))
 
     def abort_outcome(self) -> str:
         """How the abort ended, in ``abort_one``'s words."""
@@ -392,7 +418,7 @@ class _Wire:
             r = self.replies[1]
             if r["ok"]:
                 return "aborted"
-            if r.get("kind") in ("ended", "order"):
+            if r["kind"] in _NOT_IN_CUT:
                 return "not in cut"
             return f"failed: {self.error(1)}"
         if self.dead:

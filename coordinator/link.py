@@ -3,7 +3,9 @@
 This is the one place where ``nbdplugin.control.ControlError`` becomes a coordinator error: ``SlaveUnreachable`` when the
 socket does not answer, ``UnknownVolume`` when the slave does not serve a
 volume we named, ``SlaveBusy`` when it is in another cut, ``SlaveError``
-(with the slave's ``kind``) for any other refusal.
+(with the slave's ``kind``, a ``protocol.Kind``) for any other refusal and
+for a reply that does not match its op's reply schema (kind REPLY: the
+slave's fault, never a crash of ours).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import threading
 
 from nbdplugin.control import ControlClient, ControlError
+from nbdplugin.protocol import Kind
 
 from .errors import CgmirrorError, SlaveBusy, SlaveError, SlaveUnreachable, UnknownVolume
 
@@ -107,10 +110,10 @@ def _call(name: str, client: ControlClient, op: str, args: dict) -> dict:
 def translate(slave: str, exc: ControlError) -> CgmirrorError:
     """The coordinator error for a ControlError from ``slave``."""
     msg = f"slave {slave}: {exc}"
-    if exc.kind == "unreachable":
+    if exc.kind is Kind.UNREACHABLE:
         return SlaveUnreachable(slave, msg, exc.kind)
-    if exc.kind == "unknown":
+    if exc.kind is Kind.UNKNOWN:
         return UnknownVolume(slave, "", msg)
-    if exc.kind == "busy":
+    if exc.kind is Kind.BUSY:
         return SlaveBusy(slave, msg, exc.kind)
     return SlaveError(slave, msg, exc.kind)

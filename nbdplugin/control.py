@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import socket
 
 from . import protocol
+from .protocol import Kind
 
 
 class ControlError(Exception):
-    """The slave refused a request (``kind`` says why) or could not be reached."""
+    """The slave refused a request (``kind``, a ``protocol.Kind``, says why),
+    could not be reached (UNREACHABLE), or answered out of schema (REPLY)."""
 
-    def __init__(self, message: str, kind: str = "protocol"):
+    def __init__(self, message: str, kind: Kind | str = Kind.PROTOCOL):
         super().__init__(message)
-        self.kind = kind
+        self.kind = Kind(kind)
 
 
 class ControlClient:
-    """One connection to a slave's control socket; requests answered in order."""
+    """One connection to a slave's control socket; requests answered in order.
+
+    Every reply is checked against the reply schema of its op
+    (``protocol.decode_reply``), so a caller only ever sees well-typed,
+    bounded values or a ``ControlError``.
+    """
 
     def __init__(self, path: str, timeout: float = 30.0):
         self.path = path
         self.timeout = timeout
         self._sock: socket.socket | None = None
-        self._rfile = None
+        self._framer = protocol.Framer()
+        self._lines: list[bytes] = []
         self._used = False
 
     def connect(self) -> None:
@@ -40,14 +47,19 @@ class ControlClient:
         except OSError as exc:
             s.close()
             raise ControlError(f"slave at {self.path} is unreachable: {exc.strerror or exc}",
-                               "unreachable") from exc
-        self._sock, self._rfile = s, s.makefile("rb")
+                               Kind.UNREACHABLE) from exc
+        self._sock, self._framer, self._lines = s, protocol.Framer(), []
 
     def call(self, op: str, **args) -> dict:
         """Send one request; return the reply, or raise ControlError."""
-        return self.call_raw(protocol.encode({"op": op, **args}))
+        return self._call(protocol.encode({"op": op, **args}), op)
 
     def call_raw(self, line: bytes) -> dict:
+        """Send one line as it is (tests of the slave's refusals); only the
+        reply's envelope is checked, as the op may be anything."""
+        return self._call(line, None)
+
+    def _call(self, line: bytes, op: str | None) -> dict:
         if self._sock is None:
             self._connect()
         try:
@@ -62,25 +74,37 @@ class ControlClient:
                 self._connect()
                 self._sock.sendall(line)
             self._used = True
-            reply = self._rfile.readline(protocol.MAX_LINE + 1)
+            reply = self._readline()
         except OSError as exc:
             self.close()
             raise ControlError(f"slave at {self.path} stopped answering: {exc}",
-                               "unreachable") from exc
-        if not reply:
+                               Kind.UNREACHABLE) from exc
+        except protocol.ProtocolError as exc:      # a line over the size limit
             self.close()
-            raise ControlError(f"slave at {self.path} closed the connection", "unreachable")
+            raise ControlError(f"slave at {self.path} sent a"
+                               f" {protocol.bad_reply(op, exc)}", Kind.REPLY) from exc
+        if reply is None:
+            self.close()
+            raise ControlError(f"slave at {self.path} closed the connection",
+                               Kind.UNREACHABLE)
         try:
-            msg = json.loads(reply)
-            if not isinstance(msg, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
+            return protocol.decode_reply(op, reply)
+        except protocol.Refused as exc:
+            raise ControlError(str(exc), exc.kind) from exc
+        except protocol.ProtocolError as exc:
+            # The slave's fault.  Lines still frame, but what follows cannot
+            # be trusted either: start afresh on the next call.
             self.close()
-            raise ControlError(f"slave at {self.path} sent a malformed reply: {exc}",
-                               "unreachable") from exc
-        if not msg.get("ok"):
-            raise ControlError(msg.get("error", "unknown error"), msg.get("kind", "protocol"))
-        return msg
+            raise ControlError(f"slave at {self.path} sent a {exc}", exc.kind) from exc
+
+    def _readline(self) -> bytes | None:
+        """The next reply line, or None at end of stream."""
+        while not self._lines:
+            data = self._sock.recv(1 << 16)
+            if not data:
+                return None
+            self._lines += self._framer.feed(data)
+        return self._lines.pop(0)
 
     def dirty_runs(self, volume: str) -> list[tuple[int, int]]:
         """Every run (start block, blocks) of changed blocks, page by page."""
@@ -93,9 +117,8 @@ class ControlClient:
 
     def close(self) -> None:
         if self._sock is not None:
-            self._rfile.close()
             self._sock.close()
-            self._sock = self._rfile = None
+            self._sock = None
 
     def __enter__(self) -> "ControlClient":
         return self

@@ -1,14 +1,29 @@
 """The slave control protocol, without sockets ("sans-IO").
 
+This is the one codec of the control channel: the slave's server, the
+coordinator's ``ControlClient`` and the pipelined establish wire all frame,
+check and build messages here, and only here.
+
 Framing: one JSON object per line (UTF-8, ``\\n``-terminated, at most
-``MAX_LINE`` bytes).  Every request is ``{"op": NAME, ...arguments}``; every
-reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": ONE_LINE, "kind":
-KIND}``.  A connection carries any number of requests, answered in order.
+``MAX_LINE`` bytes; ``Framer`` cuts a byte stream into lines for a blocking
+reader and a select loop alike).  Every request is ``{"op": NAME,
+...arguments}``; every reply is ``{"ok": true, ...}`` or ``{"ok": false,
+"error": ONE_LINE, "kind": KIND}`` with KIND a ``Kind``.  A connection
+carries any number of requests, answered in order.
 
 Rules:
-- Each op has a fixed set of required and optional keys with fixed types.
-  Unknown ops, unknown keys, missing keys and wrong types are refused before
-  anything happens: a bad message changes nothing and the slave keeps serving.
+- Each op has a schema (``SCHEMA``): fixed required and optional keys, and
+  for each a type and a range.  Unknown ops, unknown keys, missing keys,
+  wrong types and out-of-range values are refused before anything happens:
+  a bad message changes nothing and the slave keeps serving.  Every number
+  is bounded (cut numbers 1 .. 2^53-1, exact in any JSON peer and in
+  SQLite), every list and string has a maximum length, and volume names
+  follow the plugin's rule.
+- Each op's successful reply has a schema too (``REPLY_SCHEMA``), checked by
+  the client: a reply out of schema is the slave's fault (kind REPLY), so
+  the coordinator never computes with a value it did not check.  Replies may
+  carry fields a client does not know (a newer slave); requests may not.
+- Error kinds come from one enum, ``Kind``; nobody compares free strings.
 - The cut state machine below is the single authority on which op may follow
   which.  ``CutMachine.step`` either returns the new state or raises
   ``ProtocolError`` and leaves the machine untouched.
@@ -27,113 +42,419 @@ itself, thaws, and any later thaw(n) is refused.  CUT(n): the point-in-time
 image n is established and host writes flow; COPYING(n): it is being copied.
 Cut numbers only grow: a freeze must name a number larger than any cut the
 slave has seen, so a stale or second coordinator cannot reuse one.
+
+Rejected: a schema library (jsonschema, pydantic).  This module is imported
+inside nbdkit's embedded interpreter, where every dependency must be a
+Debian package, and their error texts are neither one line nor in the
+words of the protocol.  The schema nodes below are a hundred lines.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
+import re
 from dataclasses import dataclass
 
 MAX_LINE = 1 << 20
+
+# Every number on the wire stays within what JSON peers (a double holds
+# integers exactly up to 2^53) and SQLite (signed 64 bit) both keep exactly:
+# a cut number n = 2^63+5 once saved made every later copy crash.
+MAX_N = (1 << 53) - 1
+# A frozen slave holds its host's writes until thaw, abort or the lease runs
+# out; if the coordinator dies mid-freeze the lease is the only way out.
+# Host I/O stalled for longer than a minute looks like a dead disk to the
+# guest (Linux's SCSI command timeout is 30 s, most guests give up well
+# before two minutes), so no operator would accept more.  A healthy
+# establish needs milliseconds.
+MAX_LEASE_MS = 60_000
+# A copy target silent this long fails its copy: from a tenth of a second
+# (tests, local targets) to an hour (a slow remote link).
+MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS = 100, 3_600_000
+MAX_INFLIGHT = 64
+# A page of dirty runs must fit one line: 20,000 pairs of at most
+# 2 x 16 digits are 740 kB, under MAX_LINE (100,000 could reach 3.7 MB, and
+# the client refused the page).
+MAX_RUNS = 20_000
+# Volumes per slave, and characters of an NBD URI or path, and of an error
+# text (a copy error quotes a URI and libnbd's message: room for both).
+MAX_VOLUMES = 1024
+MAX_URI = 4096
+MAX_TEXT = 16384
+# The plugin's rule for a volume (export) name.
+VOLUME_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class Kind(enum.StrEnum):
+    """Why a request failed: the ``kind`` of every error reply, and of the
+    client's own errors.  A str enum, so it goes on the wire as its value."""
+
+    PROTOCOL = "protocol"        # malformed, unknown op or key, out of bounds
+    UNKNOWN = "unknown"          # names a volume the slave does not serve
+    BUSY = "busy"                # the slave is in another cut
+    STALE = "stale"              # a cut number not above the last one
+    ORDER = "order"              # op not allowed in this phase / for this cut
+    ENDED = "ended"              # the cut already ended (aborted, expired, ...)
+    TIMEOUT = "timeout"          # writes did not drain within the lease
+    BROKEN = "broken"            # the cut's PiT store failed
+    MODE = "mode"                # copy mode does not match how the cut was taken
+    BASELINE = "baseline"        # incremental copy without a baseline on the target
+    LOCAL = "local"              # the slave itself failed
+    # Only raised on the client side:
+    UNREACHABLE = "unreachable"  # the control socket does not answer
+    REPLY = "reply"              # the slave's reply does not match its schema
 
 
 class ProtocolError(Exception):
     """A message that is malformed, unknown or out of order (the peer's fault)."""
 
-    def __init__(self, message: str, kind: str = "protocol"):
+    def __init__(self, message: str, kind: Kind | str = Kind.PROTOCOL):
         super().__init__(message)
-        self.kind = kind
+        self.kind = Kind(kind)
 
 
-# ---------------------------------------------------------------- messages
+# ---------------------------------------------------------------- framing
 
-_INT = (int,)
-_STR = (str,)
-_LIST = (list,)
-_DICT = (dict,)
-_BOOL = (bool,)
+class Framer:
+    """Incremental line framing: ``feed(bytes)`` returns the complete lines
+    received so far (without ``\\n``; blank lines dropped), keeping a partial
+    line for the next call.  A line longer than ``MAX_LINE`` raises
+    ``ProtocolError``; the stream is then out of step and must be closed.
+    Used alike by a blocking reader and by the select loop of an establish.
+    """
 
-# op -> (required {key: types}, optional {key: types})
-SCHEMA: dict[str, tuple[dict, dict]] = {
-    "status": ({}, {}),
-    "freeze": ({"n": _INT, "lease_ms": _INT}, {"volumes": _LIST, "full": _LIST}),
-    "thaw": ({"n": _INT}, {}),
-    "abort": ({"n": _INT}, {}),
-    "copy": ({"n": _INT, "targets": _DICT}, {"mode": _STR, "inflight": _INT,
-                                              "timeout_ms": _INT}),
-    "clear": ({}, {"volumes": _LIST}),
-    "dirty": ({"volume": _STR}, {"start": _INT, "max_runs": _INT}),
-    "checkpoint": ({}, {}),
-}
+    def __init__(self, limit: int = MAX_LINE):
+        self.limit = limit
+        self._buf = bytearray()
 
-COPY_MODES = ("auto", "full", "incremental")
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        *lines, rest = self._buf.split(b"\n")
+        if len(rest) > self.limit or any(len(x) > self.limit for x in lines):
+            self._buf.clear()
+            raise ProtocolError(f"message longer than {self.limit} bytes")
+        self._buf = bytearray(rest)
+        return [bytes(x) for x in lines if x.strip()]
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete line held back."""
+        return len(self._buf)
 
 
-def decode(line: bytes | str) -> dict:
-    """Parse and validate one request line; raise ProtocolError if it is bad."""
-    if isinstance(line, bytes):
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def parse(line: bytes | str) -> dict:
+    """One line of JSON to an object; raise ProtocolError if it is not one."""
+    if isinstance(line, (bytes, bytearray)):
         if len(line) > MAX_LINE:
             raise ProtocolError(f"message longer than {MAX_LINE} bytes")
         try:
-            line = line.decode("utf-8")
+            line = bytes(line).decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError("message is not UTF-8") from None
     try:
-        msg = json.loads(line)
-    except ValueError as exc:
+        # NaN and Infinity are not JSON; Python would accept them.
+        msg = json.loads(line, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"message is not JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("message is not a JSON object")
-    op = msg.get("op")
-    if not isinstance(op, str):
-        raise ProtocolError("message has no 'op' string")
-    if op not in SCHEMA:
-        raise ProtocolError(f"unknown op {op!r} (known: {', '.join(SCHEMA)})")
-    required, optional = SCHEMA[op]
-    for key in msg:
-        if key != "op" and key not in required and key not in optional:
-            raise ProtocolError(f"unknown key {key!r} for op {op!r}")
-    for key in required:
-        if key not in msg:
-            raise ProtocolError(f"op {op!r} needs key {key!r}")
-    for key, value in msg.items():
-        types = required.get(key) or optional.get(key)
-        # bool is an int in Python; never accept it where a number is meant.
-        if types and (not isinstance(value, types)
-                      or (isinstance(value, bool) and types is not _BOOL)):
-            want = "/".join(t.__name__ for t in types)
-            raise ProtocolError(f"key {key!r} of op {op!r} must be {want}")
-    if msg.get("start", 0) < 0 or not 1 <= msg.get("max_runs", 1) <= 100_000:
-        raise ProtocolError("'start' must be >= 0 and 'max_runs' between 1 and 100000")
-    if "n" in msg and msg["n"] < 1:
-        raise ProtocolError("cut number 'n' must be at least 1")
-    if "lease_ms" in msg and not 1 <= msg["lease_ms"] <= 3_600_000:
-        raise ProtocolError("'lease_ms' must be between 1 and 3600000")
-    for key in ("volumes", "full"):
-        if key in msg and not all(isinstance(v, str) for v in msg[key]):
-            raise ProtocolError(f"{key!r} must be a list of volume names")
-    if op == "copy":
-        if msg.get("mode", "auto") not in COPY_MODES:
-            raise ProtocolError(f"'mode' must be one of {', '.join(COPY_MODES)}")
-        if not all(isinstance(v, str) for v in msg["targets"].values()):
-            raise ProtocolError("'targets' must map volume names to NBD URIs")
-        if not 1 <= msg.get("inflight", 8) <= 64:
-            raise ProtocolError("'inflight' must be between 1 and 64")
     return msg
 
 
 def encode(obj: dict) -> bytes:
     """Frame one message."""
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+# ---------------------------------------------------------------- schemas
+#
+# A schema node checks one value and says in one line what is wrong with it;
+# ``where`` is the value's path in the message ("targets[a]", "runs[3][0]").
+# Requests are checked by the slave, replies by the client, with the same
+# nodes: every number has a range, every list and string a length.
+
+class _Node:
+    def check(self, value, where: str):
+        raise NotImplementedError
+
+
+def _at(where: str) -> str:
+    return f"'{where}'" if where else "the message"
+
+
+@dataclass(frozen=True)
+class Int(_Node):
+    lo: int = 0
+    hi: int = MAX_N
+
+    def check(self, value, where):
+        # bool is an int in Python; never accept it where a number is meant.
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(f"{_at(where)} must be int")
+        if not self.lo <= value <= self.hi:
+            raise ProtocolError(f"{_at(where)} must be between {self.lo} and {self.hi}")
+        return value
+
+
+@dataclass(frozen=True)
+class Num(_Node):
+    lo: float = 0.0
+    hi: float = float(MAX_N)
+
+    def check(self, value, where):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                or not math.isfinite(value):
+            raise ProtocolError(f"{_at(where)} must be a number")
+        if not self.lo <= value <= self.hi:
+            raise ProtocolError(f"{_at(where)} must be between {self.lo:g} and {self.hi:g}")
+        return value
+
+
+@dataclass(frozen=True)
+class Bool(_Node):
+    def check(self, value, where):
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{_at(where)} must be true or false")
+        return value
+
+
+@dataclass(frozen=True)
+class Str(_Node):
+    max_len: int = MAX_TEXT
+    pattern: re.Pattern | None = None
+    choices: tuple[str, ...] | None = None
+    what: str = "str"
+
+    def check(self, value, where):
+        if not isinstance(value, str):
+            raise ProtocolError(f"{_at(where)} must be {self.what}")
+        if self.choices is not None and value not in self.choices:
+            raise ProtocolError(f"{_at(where)} must be one of {', '.join(self.choices)}")
+        if len(value) > self.max_len:
+            raise ProtocolError(f"{_at(where)} is longer than {self.max_len} characters")
+        if self.pattern is not None and not self.pattern.fullmatch(value):
+            raise ProtocolError(f"{_at(where)} must be {self.what}")
+        return value
+
+
+@dataclass(frozen=True)
+class Opt(_Node):
+    """The inner node, or null."""
+
+    inner: _Node
+
+    def check(self, value, where):
+        return None if value is None else self.inner.check(value, where)
+
+
+@dataclass(frozen=True)
+class List(_Node):
+    item: _Node
+    min_len: int = 0
+    max_len: int = MAX_VOLUMES
+    what: str = "a list"
+
+    def check(self, value, where):
+        if not isinstance(value, list):
+            raise ProtocolError(f"{_at(where)} must be {self.what}")
+        if not self.min_len <= len(value) <= self.max_len:
+            raise ProtocolError(f"{_at(where)} must have {self.min_len} to {self.max_len}"
+                                f" entries")
+        for i, v in enumerate(value):
+            self.item.check(v, f"{where}[{i}]")
+        return value
+
+
+@dataclass(frozen=True)
+class Map(_Node):
+    """An object with keys checked by ``key`` and values by ``value``."""
+
+    key: Str
+    value: _Node
+    min_len: int = 0
+    max_len: int = MAX_VOLUMES
+    what: str = "an object"
+
+    def check(self, value, where):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{_at(where)} must be {self.what}")
+        if not self.min_len <= len(value) <= self.max_len:
+            raise ProtocolError(f"{_at(where)} must have {self.min_len} to {self.max_len}"
+                                f" entries")
+        for k, v in value.items():
+            try:
+                self.key.check(k, "")
+            except ProtocolError:
+                raise ProtocolError(f"{_at(where)} has key {k[:80]!r}, which is not"
+                                    f" {self.key.what}") from None
+            self.value.check(v, f"{where}[{k[:80]}]")
+        return value
+
+
+@dataclass(frozen=True)
+class Obj(_Node):
+    """An object with fixed keys.  ``extra``: tolerate unknown keys (replies
+    may grow fields a client does not know yet; requests may not)."""
+
+    required: dict
+    optional: dict
+    extra: bool = False
+
+    def check(self, value, where):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{_at(where)} must be an object")
+        for key in self.required:
+            if key not in value:
+                raise ProtocolError(f"missing key {_join(where, key)!r}")
+        for key, v in value.items():
+            node = self.required.get(key) or self.optional.get(key)
+            if node is None:
+                if not self.extra:
+                    raise ProtocolError(f"unknown key {_join(where, key[:80])!r}")
+                continue
+            node.check(v, _join(where, key))
+        return value
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+NAME = Str(64, VOLUME_NAME, what="a volume name (letters, digits, '_', '-', '.')")
+NAMES = List(NAME, 1, MAX_VOLUMES, what="a list of volume names")
+CUT = Int(1, MAX_N)
+COPY_MODES = ("auto", "full", "incremental")
+
+# op -> schema of its arguments
+SCHEMA: dict[str, Obj] = {
+    "status": Obj({}, {}),
+    "freeze": Obj({"n": CUT, "lease_ms": Int(1, MAX_LEASE_MS)},
+                  {"volumes": NAMES, "full": List(NAME, 0, MAX_VOLUMES,
+                                                  what="a list of volume names")}),
+    "thaw": Obj({"n": CUT}, {}),
+    "abort": Obj({"n": CUT}, {}),
+    "copy": Obj({"n": CUT,
+                 "targets": Map(NAME, Str(MAX_URI, what="an NBD URI"), 1, MAX_VOLUMES,
+                                what="an object that maps volume names to NBD URIs")},
+                {"mode": Str(16, choices=COPY_MODES),
+                 "inflight": Int(1, MAX_INFLIGHT),
+                 "timeout_ms": Int(MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS)}),
+    "clear": Obj({}, {"volumes": NAMES}),
+    "dirty": Obj({"volume": NAME}, {"start": Int(0, MAX_N), "max_runs": Int(1, MAX_RUNS)}),
+    "checkpoint": Obj({}, {}),
+}
+
+
+def decode(line: bytes | str) -> dict:
+    """Parse and validate one request line; raise ProtocolError if it is bad."""
+    msg = parse(line)
+    op = msg.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError("message has no 'op' string")
+    if op not in SCHEMA:
+        raise ProtocolError(f"unknown op {op[:80]!r} (known: {', '.join(SCHEMA)})")
+    args = dict(msg)
+    del args["op"]
+    try:
+        SCHEMA[op].check(args, "")
+    except ProtocolError as exc:
+        raise ProtocolError(f"op {op!r}: {exc}") from None
+    return msg
+
+
+# ---------------------------------------------------------------- replies
+
+_COUNT = Int(0, MAX_N)
+_MS = Num(0.0, float(MAX_N))
+_PROGRESS = Obj({"target": Str(MAX_URI), "state": Str(16, choices=("running", "done",
+                                                                     "failed")),
+                 "error": Opt(Str()), "fault": Opt(Str(32)),
+                 "total_bytes": _COUNT, "done_bytes": _COUNT, "seconds": _MS},
+                {}, extra=True)
+_VOLUME_STATUS = Obj({"size": _COUNT, "granularity": Int(1, MAX_N),
+                      "dirty_blocks": _COUNT, "synced_target": Opt(Str(MAX_URI)),
+                      "copy": Opt(_PROGRESS)},
+                     {"cr_blocks": _COUNT, "oos_blocks": _COUNT, "pit": Opt(_COUNT),
+                      "preserved_blocks": _COUNT, "inflight": _COUNT, "waiting": _COUNT,
+                      "lease_ms_left": Opt(_MS), "path": Str(MAX_URI), "blockdev": Bool(),
+                      "gate": Str(16, choices=("open", "closed")), "pit_full": Opt(Bool())},
+                     extra=True)
+ENDINGS = ("done", "aborted", "expired", "failed")
+
+# op -> schema of its successful reply (besides "ok")
+REPLY_SCHEMA: dict[str, Obj] = {
+    "status": Obj({"pid": Int(1, 1 << 31), "phase": Str(16, choices=("idle", "frozen", "cut",
+                                                                     "copying")),
+                   "n": _COUNT, "ended": Opt(Str(16, choices=ENDINGS)),
+                   "volumes": Map(NAME, _VOLUME_STATUS),
+                   "last_copy": Opt(Obj({"n": CUT, "ok": Bool(),
+                                         "volumes": Map(NAME, _PROGRESS)}, {}, extra=True))},
+                  {}, extra=True),
+    "freeze": Obj({"n": CUT, "drain_ms": _MS, "blocks": Map(NAME, _COUNT)}, {}, extra=True),
+    "thaw": Obj({"n": CUT, "held_ms": _MS}, {}, extra=True),
+    "abort": Obj({"n": CUT}, {}, extra=True),
+    "copy": Obj({"n": CUT, "modes": Map(NAME, Str(16, choices=("full", "incremental"))),
+                 "bytes": Map(NAME, _COUNT)}, {}, extra=True),
+    "clear": Obj({"volumes": List(NAME)}, {}, extra=True),
+    "dirty": Obj({"volume": NAME, "granularity": Int(1, MAX_N), "blocks": _COUNT,
+                  "runs": List(List(_COUNT, 2, 2, what="a [start, blocks] pair"), 0,
+                               MAX_RUNS),
+                  "next": Opt(_COUNT)}, {}, extra=True),
+    "checkpoint": Obj({"written": List(NAME)}, {}, extra=True),
+}
+
+_ERROR_REPLY = Obj({"ok": Bool(), "error": Str(MAX_TEXT),
+                    "kind": Str(16, choices=tuple(Kind), what="an error kind")}, {},
+                   extra=True)
+
+
+class Refused(Exception):
+    """The slave answered with an error reply: ``kind`` says why."""
+
+    def __init__(self, message: str, kind: Kind):
+        super().__init__(message)
+        self.kind = kind
+
+
+def decode_reply(op: str | None, line: bytes | str | dict) -> dict:
+    """Parse and check the slave's reply to ``op`` (None: only the envelope).
+
+    Returns the reply of a success; raises ``Refused`` for an error reply and
+    ``ProtocolError`` (kind REPLY: the slave's fault) for anything else.
+    """
+    try:
+        msg = line if isinstance(line, dict) else parse(line)
+        if not isinstance(msg.get("ok"), bool):
+            raise ProtocolError("reply has no 'ok' true or false")
+        if not msg["ok"]:
+            _ERROR_REPLY.check(msg, "")
+            raise Refused(msg["error"], Kind(msg["kind"]))
+        if op is not None:
+            REPLY_SCHEMA[op].check(msg, "")
+    except ProtocolError as exc:
+        raise bad_reply(op, exc) from None
+    return msg
+
+
+def bad_reply(op: str | None, why: object) -> ProtocolError:
+    """The error for a reply to ``op`` that is not what the protocol says."""
+    return ProtocolError(f"bad reply{f' to {op}' if op else ''}: {why} (a broken slave,"
+                         f" or one of another version: see its log)", Kind.REPLY)
 
 
 def ok(**fields) -> dict:
     return {"ok": True, **fields}
 
 
-def error(message: str, kind: str = "protocol") -> dict:
-    return {"ok": False, "error": " ".join(str(message).split()), "kind": kind}
+def error(message: str, kind: Kind | str = Kind.PROTOCOL) -> dict:
+    return {"ok": False, "error": " ".join(str(message).split())[:MAX_TEXT],
+            "kind": Kind(kind).value}
 
 
 # ---------------------------------------------------------------- cut state
@@ -186,22 +507,22 @@ class CutMachine:
             if self.phase is not Phase.IDLE:
                 raise ProtocolError(
                     f"cannot freeze cut {n}: cut {self.n} is {self.phase.value};"
-                    f" abort it or wait for its copy", "busy")
+                    f" abort it or wait for its copy", Kind.BUSY)
             if n <= self.n:
                 raise ProtocolError(
-                    f"cut number {n} is not above the last cut {self.n}", "stale")
+                    f"cut number {n} is not above the last cut {self.n}", Kind.STALE)
             return TRANSITIONS[(self.phase, event)]
         if n != self.n or self.phase is Phase.IDLE:
             if n == self.n and self.ended:
-                raise ProtocolError(f"cut {n} already ended ({self.ended})", "ended")
+                raise ProtocolError(f"cut {n} already ended ({self.ended})", Kind.ENDED)
             current = f"cut {self.n} is {self.phase.value}" if self.n else "no cut yet"
-            raise ProtocolError(f"{event.value} {n} does not match: {current}", "order")
+            raise ProtocolError(f"{event.value} {n} does not match: {current}", Kind.ORDER)
         try:
             return TRANSITIONS[(self.phase, event)]
         except KeyError:
             raise ProtocolError(
                 f"{event.value} is not allowed while cut {n} is {self.phase.value}",
-                "order") from None
+                Kind.ORDER) from None
 
     def step(self, event: Event, n: int, ended: str | None = None) -> Phase:
         """Apply ``event``; on error raise and change nothing."""

@@ -43,7 +43,7 @@ from wire import address as wire_address
 from . import protocol
 from .files import write_atomic
 from .copier import Copy
-from .protocol import CutMachine, Event, Phase, ProtocolError
+from .protocol import CutMachine, Event, Kind, Phase, ProtocolError
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Slave:
             return protocol.error(str(exc), exc.kind)
         except Exception as exc:  # a local failure: report it, keep serving
             log.exception("control op failed")
-            return protocol.error(f"slave failed: {exc}", "local")
+            return protocol.error(f"slave failed: {exc}", Kind.LOCAL)
 
     def _names(self, volumes: list[str] | None) -> list[str]:
         if volumes is None:
@@ -139,9 +139,9 @@ class Slave:
         unknown = [v for v in volumes if v not in self.volumes]
         if unknown:
             raise ProtocolError(f"unknown volume {unknown[0]!r} (this slave has:"
-                                f" {', '.join(self.volumes)})", "unknown")
+                                f" {', '.join(self.volumes)})", Kind.UNKNOWN)
         if len(set(volumes)) != len(volumes) or not volumes:
-            raise ProtocolError("'volumes' must name each volume once", "protocol")
+            raise ProtocolError("'volumes' must name each volume once", Kind.PROTOCOL)
         return volumes
 
     def op_status(self) -> dict:
@@ -171,7 +171,7 @@ class Slave:
             full = set(self._names(full) if full else ())
             if not full <= set(names):
                 raise ProtocolError(f"'full' names {sorted(full - set(names))[0]!r},"
-                                    f" which is not frozen", "unknown")
+                                    f" which is not frozen", Kind.UNKNOWN)
             self.machine.check(Event.FREEZE, n)
             vols = [self.volumes[name] for name in names]
             if owner is not None and owner.gone():
@@ -191,7 +191,7 @@ class Slave:
                     if not vol.gate.close(max(0.0, left)):
                         raise ProtocolError(
                             f"cannot freeze cut {n}: writes to {vol.name} did not"
-                            f" finish within {budget * 1000:.0f} ms", "timeout")
+                            f" finish within {budget * 1000:.0f} ms", Kind.TIMEOUT)
                 drain_ms = (time.monotonic() - t0) * 1000
                 blocks = {vol.name: vol.start_pit(n, vol.name in full) for vol in vols}
             except BaseException:
@@ -267,9 +267,9 @@ class Slave:
             missing = [v for v in self.cut_volumes if v not in targets]
             extra = [v for v in names if v not in self.cut_volumes]
             if extra:
-                raise ProtocolError(f"volume {extra[0]!r} is not in cut {n}", "unknown")
+                raise ProtocolError(f"volume {extra[0]!r} is not in cut {n}", Kind.UNKNOWN)
             if missing:
-                raise ProtocolError(f"cut {n} needs a target for {missing[0]!r}", "protocol")
+                raise ProtocolError(f"cut {n} needs a target for {missing[0]!r}", Kind.PROTOCOL)
             self.machine.check(Event.COPY, n)
             plans = {}
             for name in names:
@@ -277,16 +277,16 @@ class Slave:
                 pit = vol.pit
                 if pit.broken:
                     raise ProtocolError(f"cut {n} cannot be copied: {pit.broken};"
-                                        f" abort it and cut again", "broken")
+                                        f" abort it and cut again", Kind.BROKEN)
                 cut_as = "full" if pit.full else "incremental"
                 if mode not in ("auto", cut_as):
                     raise ProtocolError(
                         f"cut {n} of {name} was taken for a {cut_as} copy, not {mode}:"
-                        f" name the volume in freeze's 'full' for a full copy", "mode")
+                        f" name the volume in freeze's 'full' for a full copy", Kind.MODE)
                 if not pit.full and self.synced_target(name) != uri:
                     raise ProtocolError(
                         f"{name} has no completed copy on {uri}: run a full copy first",
-                        "baseline")
+                        Kind.BASELINE)
                 plans[name] = (uri, pit.remaining(), not pit.full)
             for name, (_, _, incremental) in plans.items():
                 if not incremental and self.synced_target(name) is not None:
@@ -336,7 +336,7 @@ class Slave:
             names = self._names(volumes)
             if self.machine.phase is not Phase.IDLE:
                 raise ProtocolError(f"cannot clear while cut {self.machine.n} is"
-                                    f" {self.machine.phase.value}", "busy")
+                                    f" {self.machine.phase.value}", Kind.BUSY)
             for name in names:
                 self.volumes[name].changes.clear()
             return protocol.ok(volumes=names)
