@@ -39,8 +39,8 @@ import urllib.parse
 from dataclasses import dataclass
 
 from nbdplugin.launch import SlaveSpec
+from nbdplugin.protocol import MAX_LEASE_MS
 from nbdplugin.volume import parse_size
-
 from wire import nbduri
 
 from .errors import ConfigError, UsageError
@@ -245,8 +245,10 @@ class _Parser:
         name = self.name(w, t)
         state_dir = (self.path_(w, t, "state_dir") if "state_dir" in t
                      else os.path.join(self.base, "state"))
-        coord = self.integer(w, t, "max_coordination_ms", 1000, 1, 600_000)
-        lease = self.integer(w, t, "lease_ms", 5000, 1, 3_600_000)
+        # The slave refuses a lease above protocol.MAX_LEASE_MS (a minute: a
+        # guest takes a longer stall for a dead disk); say so here, in the file.
+        coord = self.integer(w, t, "max_coordination_ms", 1000, 1, MAX_LEASE_MS - 1)
+        lease = self.integer(w, t, "lease_ms", 5000, 1, MAX_LEASE_MS)
         copy_timeout = self.integer(w, t, "copy_timeout_ms", 30000, 1000, 3_600_000)
         if lease <= coord:
             self.fail(w, "lease_ms", f"must be larger than max_coordination_ms ({coord}),"

@@ -93,7 +93,7 @@ class Kind(enum.StrEnum):
 
     PROTOCOL = "protocol"        # malformed, unknown op or key, out of bounds
     UNKNOWN = "unknown"          # names a volume the slave does not serve
-    BUSY = "busy"                # the slave is in another cut
+    BUSY = "busy"                # in another cut, or too many connections
     STALE = "stale"              # a cut number not above the last one
     ORDER = "order"              # op not allowed in this phase / for this cut
     ENDED = "ended"              # the cut already ended (aborted, expired, ...)
@@ -102,6 +102,8 @@ class Kind(enum.StrEnum):
     MODE = "mode"                # copy mode does not match how the cut was taken
     BASELINE = "baseline"        # incremental copy without a baseline on the target
     LOCAL = "local"              # the slave itself failed
+    GONE = "gone"                # the connection that asked has hung up
+    DENIED = "denied"            # the peer may not use this control channel
     # Only raised on the client side:
     UNREACHABLE = "unreachable"  # the control socket does not answer
     REPLY = "reply"              # the slave's reply does not match its schema

@@ -179,7 +179,7 @@ class Slave:
                 # abort we would never read).  Never close a gate for it.
                 log.warning("cut %d: refused a freeze whose connection is gone", n)
                 raise ProtocolError(f"cannot freeze cut {n}: the connection that"
-                                    f" asked for it is gone", "gone")
+                                    f" asked for it is gone", Kind.GONE)
             t0 = time.monotonic()
             budget = min(lease_ms / 1000.0, 30.0)
             try:
@@ -450,7 +450,7 @@ class Slave:
             # very thing the bound limits): those peers just see the close.
             if self._ssl is None:
                 _refuse(sock, f"too many control connections ({self.max_connections}):"
-                              f" close idle ones or retry later", "busy")
+                              f" close idle ones or retry later", Kind.BUSY)
             else:
                 sock.close()
             return
@@ -484,31 +484,29 @@ class Slave:
 
     def _serve_lines(self, conn: "_Conn") -> str:
         """Answer requests in order until the connection ends; return why it did."""
-        with conn.sock.makefile("rb") as rf:
-            while True:
-                try:
-                    line = rf.readline(protocol.MAX_LINE + 1)
-                except TimeoutError:
-                    return f"idle for {self.idle_timeout:g} s"
-                except OSError as exc:
-                    return f"read failed: {exc}"
-                if not line:
-                    return "closed by the peer"
-                if not line.endswith(b"\n") and len(line) > protocol.MAX_LINE:
-                    reply, last = protocol.error(
-                        f"message longer than {protocol.MAX_LINE} bytes"), True
-                elif not line.strip():
-                    continue
-                else:
-                    reply, last = self.handle(line, owner=conn), False
+        framer = protocol.Framer()
+        while True:
+            try:
+                data = conn.sock.recv(1 << 16)
+            except TimeoutError:
+                return f"idle for {self.idle_timeout:g} s"
+            except OSError as exc:
+                return f"read failed: {exc}"
+            if not data:
+                return "closed by the peer"
+            try:
+                replies = [self.handle(line, owner=conn) for line in framer.feed(data)]
+                last = None
+            except ProtocolError as exc:     # a line over the limit: out of step
+                replies, last = [protocol.error(str(exc), exc.kind)], "message too long"
+            for reply in replies:
                 try:
                     conn.sock.sendall(protocol.encode(reply))
                 except OSError as exc:
-                    # Whatever the peer pipelined behind this request is not
-                    # read: the peer is gone, and _release ends a cut it froze.
+                    # The peer is gone: _release ends a cut it froze.
                     return f"reply failed: {exc}"
-                if last:
-                    return "message too long"
+            if last:
+                return last
 
     def _release(self, conn: "_Conn", why: str) -> None:
         """A connection ended: a cut it froze and did not thaw is aborted now
@@ -610,11 +608,11 @@ def _peer_allowed(sock: socket.socket) -> bool:
         return True
     log.warning("control: refused a connection from uid %d (pid %d): only the"
                 " slave's own uid (%d) and root may connect", uid, pid, os.getuid())
-    _refuse(sock, f"uid {uid} may not use this slave's control socket", "denied")
+    _refuse(sock, f"uid {uid} may not use this slave's control socket", Kind.DENIED)
     return False
 
 
-def _refuse(sock: socket.socket, message: str, kind: str) -> None:
+def _refuse(sock: socket.socket, message: str, kind: Kind) -> None:
     """Send one error line without waiting for the peer, and close."""
     try:
         sock.setblocking(False)
