@@ -1,5 +1,11 @@
 """Copy the PiT image of one volume to an NBD target with libnbd.
 
+A ``Copy`` reads from a *source* (``PitSource`` today; a resync union later)
+through a small interface -- ``blocks()``, ``read(buf, block)``,
+``confirm(start, count)`` once the target acknowledged, ``flushed(start,
+count)`` once a flush made them durable, ``broken`` -- and never reaches into
+a volume's PiT or change map itself.
+
 Runs of blocks to send are merged up to ``MAX_RUN`` bytes and written over
 ``streams`` connections at once (where the target allows multi-conn; else
 one), each a thread with its own libnbd handle and at most ``inflight /
@@ -36,6 +42,66 @@ STREAMS = 4
 FLUSH_EVERY = 64 << 20
 
 
+class BufferPool:
+    """Write buffers shared by every copy of the process, keyed by size.
+
+    Why a pool: python3-libnbd 1.14 (Debian 12) keeps a reference to every
+    buffer passed to ``aio_pwrite`` even after the command retired, so a
+    buffer allocated per copy is never freed and a long-running slave grew
+    ~8 MiB per volume per copy.  Reusing the same buffers keeps memory flat:
+    the pool holds at most what the most copies in flight at once needed.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free: dict[int, list[bytearray]] = {}
+
+    def take(self, size: int, count: int) -> list[bytearray]:
+        with self._lock:
+            free = self._free.setdefault(size, [])
+            got = [free.pop() for _ in range(min(count, len(free)))]
+        return got + [bytearray(size) for _ in range(count - len(got))]
+
+    def give(self, bufs) -> None:
+        with self._lock:
+            for buf in bufs:
+                self._free.setdefault(len(buf), []).append(buf)
+
+
+BUFFERS = BufferPool()
+
+
+class PitSource:
+    """What a copy of PiT n of ``volume`` reads, and whom it tells what landed.
+
+    ``confirm``: the target acknowledged the blocks, so the PiT need not keep
+    their pre-cut content; ``flushed``: a flush after that completed, so the
+    blocks are durable there and their change bits may go.
+    """
+
+    def __init__(self, volume):
+        self.name, self.size, self.granularity = volume.name, volume.size, volume.granularity
+        self._pit, self._changes = volume.pit, volume.changes
+
+    @property
+    def broken(self) -> str | None:
+        """Why the PiT cannot be completed (a failed preserve), or None."""
+        return self._pit.broken
+
+    def blocks(self):
+        """The blocks still to send (a Bitmap of their own)."""
+        return self._pit.remaining()
+
+    def read(self, buf, block: int) -> None:
+        self._pit.read(buf, block)
+
+    def confirm(self, start: int, count: int) -> None:
+        self._pit.confirm(start, count)
+
+    def flushed(self, start: int, count: int) -> None:
+        self._changes.confirm(start, count)
+
+
 class CopyError(Exception):
     """A copy could not finish; ``fault`` says whose fault: "target" or "source"."""
 
@@ -66,19 +132,19 @@ def connect(uri: str, name: str, timeout: float) -> "nbd.NBD":
 
 
 class Copy:
-    """One volume's copy of PiT n to one target; progress readable any time."""
+    """One copy of ``source`` to one target; progress readable any time."""
 
-    def __init__(self, volume, uri: str, blocks: Bitmap, inflight: int = 8,
+    def __init__(self, source, uri: str, inflight: int = 8,
                  timeout: float = 30.0, streams: int = STREAMS):
-        self.volume = volume
+        self.source = source
         self.uri = uri
-        self.blocks = blocks
+        self.blocks: Bitmap = source.blocks()
         self.timeout = timeout
         self.inflight = inflight
         self.streams = max(1, min(streams, inflight))
-        g = volume.granularity
-        self.total_bytes = sum(min(length * g, volume.size - start * g)
-                               for start, length in blocks.iter_runs())
+        g = source.granularity
+        self.total_bytes = sum(min(length * g, source.size - start * g)
+                               for start, length in self.blocks.iter_runs())
         self.done_bytes = 0
         self.state = "running"
         self.error: str | None = None
@@ -100,18 +166,21 @@ class Copy:
 
     def run(self) -> None:
         try:
-            self._run()
+            try:
+                self._run()
+            except nbd.Error as exc:   # the target's handle, outside a stream
+                raise CopyError(f"target {self.uri}: {exc.string}") from exc
             self.state = "done"
         except CopyError as exc:
             self.state, self.error, self.fault = "failed", str(exc), exc.fault
         except Exception as exc:  # a bug or a local I/O error: report, don't hide
-            self.state, self.error = "failed", f"source {self.volume.name}: {exc}"
+            self.state, self.error = "failed", f"source {self.source.name}: {exc}"
             self.fault = "source"
         finally:
             self.finished = time.monotonic()
 
     def _run(self) -> None:
-        vol = self.volume
+        vol = self.source
         handles = [connect(self.uri, f"cgmirror-copy-{vol.name}", self.timeout)]
         try:
             h = handles[0]
@@ -153,13 +222,19 @@ class Copy:
 
     def _stream_guarded(self, h, inflight: int) -> None:
         try:
-            self._stream(h, inflight)
+            try:
+                self._stream(h, inflight)
+            except nbd.Error as exc:
+                # Only the target's handle raises nbd.Error: translated here,
+                # once, whichever call met it (a poll on a closed connection,
+                # a capability query after the server died...).
+                raise CopyError(f"target {self.uri}: {exc.string}") from exc
         except CopyError as exc:
             with self._lock:
                 self._failed.append(exc)
         except Exception as exc:
             with self._lock:
-                self._failed.append(CopyError(f"source {self.volume.name}: {exc}",
+                self._failed.append(CopyError(f"source {self.source.name}: {exc}",
                                               "source"))
 
     def _stream(self, h, inflight: int) -> None:
@@ -171,12 +246,10 @@ class Copy:
         flush that followed the write has completed: a target that crashes
         and loses acknowledged writes gets them again with the next copy.
         """
-        vol, pit = self.volume, self.volume.pit
-        g = vol.granularity
+        src = self.source
+        g = src.granularity
         can_zero, can_flush = h.can_zero(), h.can_flush()
-        # One buffer per request in flight, reused: allocating 1 MiB per run
-        # cost more than the copy itself.
-        free = [bytearray(MAX_RUN) for _ in range(inflight)]
+        free = BUFFERS.take(MAX_RUN, inflight)
         writes: dict[int, tuple[int, int, int, bytearray]] = {}
         flushes: dict[int, list[tuple[int, int]]] = {}
         acked: list[tuple[int, int]] = []     # written, not yet covered by a flush
@@ -200,7 +273,7 @@ class Copy:
                         raise CopyError(f"target {self.uri} failed to flush:"
                                         f" {exc.string}") from exc
                     for start, nblocks in ranges:
-                        vol.changes.confirm(start, nblocks)
+                        src.flushed(start, nblocks)
                     continue
                 start, nblocks, length, buf = writes.pop(cookie)
                 free.append(buf)
@@ -209,12 +282,12 @@ class Copy:
                 except nbd.Error as exc:
                     raise CopyError(f"target {self.uri} failed a write at"
                                     f" {start * g}: {exc.string}") from exc
-                pit.confirm(start, nblocks)
+                src.confirm(start, nblocks)
                 if can_flush:
                     acked.append((start, nblocks))
                     acked_bytes += length
                 else:
-                    vol.changes.confirm(start, nblocks)   # nothing better to wait for
+                    src.flushed(start, nblocks)   # nothing better to wait for
                 with self._lock:
                     self.done_bytes += length
                     done = self.done_bytes
@@ -231,14 +304,14 @@ class Copy:
         try:
             while (run := self._next_run()) is not None:
                 start, nblocks = run
-                if pit.broken:
-                    raise CopyError(pit.broken, "source")
+                if src.broken:
+                    raise CopyError(src.broken, "source")
                 while not free:
                     reap(True)
                 buf = free.pop()
-                length = min(nblocks * g, vol.size - start * g)
+                length = min(nblocks * g, src.size - start * g)
                 view = memoryview(buf)[:length]
-                pit.read(view, start)
+                src.read(view, start)
                 data = nbd.Buffer.from_buffer(view)
                 try:
                     if can_zero and data.is_zero():
@@ -247,26 +320,36 @@ class Copy:
                         cookie = h.aio_zero(length, start * g)
                     else:
                         cookie = h.aio_pwrite(data, start * g)
-                    writes[cookie] = (start, nblocks, length, buf)
-                    reap(False)
-                    if acked_bytes >= FLUSH_EVERY:
-                        flush()
-                except nbd.Error as exc:
-                    raise CopyError(f"target {self.uri}: {exc.string}") from exc
+                except BaseException:
+                    free.append(buf)
+                    raise
+                writes[cookie] = (start, nblocks, length, buf)
+                reap(False)
+                if acked_bytes >= FLUSH_EVERY:
+                    flush()
             while writes:
                 reap(True)
-            if can_flush and not (self.cancelled.is_set() or pit.broken):
-                try:
-                    flush()
-                except nbd.Error as exc:
-                    raise CopyError(f"target {self.uri} failed to flush: {exc.string}") \
-                        from exc
-        finally:
-            # Whatever happened, retire what is in flight: what the target
-            # has made durable must not be sent again.
-            while writes or flushes:
+            if can_flush and not (self.cancelled.is_set() or src.broken):
+                flush()
+            while flushes:
                 reap(True)
+        except BaseException:
+            # Retire what is still in flight, if the connection still
+            # answers: what the target has made durable must not be sent
+            # again.  A failure here (the usual one: the target is gone) must
+            # not replace the error that got us here.
+            try:
+                while writes or flushes:
+                    reap(True)
+            except (CopyError, nbd.Error):
+                pass
+            raise
+        finally:
+            # Buffers of writes never retired stay with libnbd (it may still
+            # send from them until the handle is closed): only the others
+            # go back to the pool.
+            BUFFERS.give(free)
         if self.cancelled.is_set():
             raise CopyError("copy cancelled", "source")
-        if pit.broken:
-            raise CopyError(pit.broken, "source")
+        if src.broken:
+            raise CopyError(src.broken, "source")

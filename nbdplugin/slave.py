@@ -17,7 +17,7 @@ import time
 
 from . import protocol
 from .changemap import fsync_dir
-from .copier import Copy
+from .copier import Copy, PitSource
 from .protocol import CutMachine, Event, Phase, ProtocolError
 from .volume import Volume
 
@@ -237,23 +237,23 @@ class Slave:
                     raise ProtocolError(
                         f"{name} has no completed copy on {uri}: run a full copy first",
                         "baseline")
-                plans[name] = (uri, pit.remaining(), not pit.full)
-            for name, (_, _, incremental) in plans.items():
+                plans[name] = (uri, not pit.full)
+            for name, (_, incremental) in plans.items():
                 if not incremental and self.synced_target(name) is not None:
                     # Bits cleared by this copy were changes relative to the
                     # old target too: it is no longer a baseline.  (Done before
                     # any state changes: if it fails, nothing happened.)
                     self._set_synced(name, None)
             self.machine.step(Event.COPY, n)
-            self.copies = {name: Copy(self.volumes[name], uri, blocks, inflight=inflight,
+            self.copies = {name: Copy(PitSource(self.volumes[name]), uri, inflight=inflight,
                                       timeout=timeout_ms / 1000)
-                           for name, (uri, blocks, _) in plans.items()}
+                           for name, (uri, _) in plans.items()}
             for name, c in self.copies.items():
                 t = threading.Thread(target=self._run_copy, args=(c,),
                                      name=f"copy-{name}", daemon=True)
                 c.thread = t
                 t.start()
-            return protocol.ok(n=n, modes={k: "incremental" if p[2] else "full"
+            return protocol.ok(n=n, modes={k: "incremental" if p[1] else "full"
                                            for k, p in plans.items()},
                                bytes={k: c.total_bytes for k, c in self.copies.items()})
 
