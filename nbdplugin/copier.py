@@ -27,6 +27,8 @@ so while it reads, the target starves; measured on 1 GiB, 1 stream reached
 
 from __future__ import annotations
 
+import hashlib
+import random
 import threading
 import time
 
@@ -40,6 +42,12 @@ MAX_RUN = 1 << 20
 STREAMS = 4
 # Bytes written on a connection between flushes that let change bits go.
 FLUSH_EVERY = 64 << 20
+# Baseline proof: blocks sampled per volume (one per stratum of the volume),
+# tries per stratum to find a block that is not all zeros, and blocks taken
+# from those the copy wrote.
+SAMPLES = 32
+SAMPLE_TRIES = 4
+WRITTEN_SAMPLES = 8
 
 
 class BufferPool:
@@ -131,13 +139,26 @@ def connect(uri: str, name: str, timeout: float) -> "nbd.NBD":
     return h
 
 
+def _digest(data) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
 class Copy:
-    """One copy of ``source`` to one target; progress readable any time."""
+    """One copy of ``source`` to one target; progress readable any time.
+
+    ``baseline``: for an incremental copy, what the last completed copy
+    recorded of the target (see ``_sample``); checked before anything is
+    sent.  Afterwards it holds what may be claimed of the target now: fresh
+    samples after a completed copy, the old ones minus the blocks this copy
+    was to write after a failed one, unchanged if nothing was sent.
+    """
 
     def __init__(self, source, uri: str, inflight: int = 8,
-                 timeout: float = 30.0, streams: int = STREAMS):
+                 timeout: float = 30.0, streams: int = STREAMS,
+                 baseline: dict | None = None):
         self.source = source
         self.uri = uri
+        self.baseline = baseline
         self.blocks: Bitmap = source.blocks()
         self.timeout = timeout
         self.inflight = inflight
@@ -190,6 +211,8 @@ class Copy:
                                 f" {size} bytes, needs {vol.size}")
             if h.is_read_only():
                 raise CopyError(f"target {self.uri} is read-only")
+            if self.baseline is not None:
+                self._check_baseline(h, size)
             # More connections only where the server says they share one
             # view of the export (multi-conn); many servers serve one client.
             if h.can_multi_conn():
@@ -207,12 +230,76 @@ class Copy:
                 t.join()
             if self._failed:
                 raise self._failed[0]
+            # Every stream has flushed: what h reads now is what the target holds.
+            self.baseline = self._sample(h, size)
         finally:
             for hh in handles:
                 try:
                     hh.shutdown()
                 except nbd.Error:
                     pass  # the copy's outcome is already decided
+
+    # Why samples: a third-party target (qemu-nbd, nbd-server, nbdkit file)
+    # keeps no identity we could ask for, and an incremental copy to an image
+    # that does not hold the last copy leaves a wrong image reported done.  So
+    # every completed copy records the target's size and digests of blocks:
+    # one per stratum of the volume at a random place (a fresh choice each
+    # time, so no fixed set of blocks is ever safe to change), preferring
+    # blocks that are not all zeros (a blank or freshly formatted image then
+    # cannot match), plus some of the blocks this copy wrote.  Before an
+    # incremental copy sends anything, the same blocks are read back.
+    #
+    # What it cannot see: foreign writes to blocks that were not sampled
+    # (e.g. a guest that mounted the target and changed a few files), and an
+    # image swapped for a byte-identical copy (which is harmless).  Reading
+    # the whole target would cost as much as a full copy; the samples catch
+    # the mistakes that happen -- a wrong URI, a replaced, recreated or
+    # reformatted image -- at the cost of a few MiB read per copy.
+
+    def _sample(self, h, size: int) -> dict:
+        """Digests of SAMPLES-odd blocks of the target, read through ``h``."""
+        src, g = self.source, self.source.granularity
+        nblocks = -(-src.size // g)
+        rng = random.SystemRandom()
+        samples: dict[int, str] = {}
+
+        def read(block: int) -> bytes:
+            return h.pread(min(g, src.size - block * g), block * g)
+
+        strata = min(SAMPLES, nblocks)
+        for i in range(strata):
+            lo, hi = i * nblocks // strata, (i + 1) * nblocks // strata
+            for _ in range(SAMPLE_TRIES):
+                block = rng.randrange(lo, hi)
+                data = read(block)
+                if data.count(0) != len(data):
+                    break
+            # A zero block if the stratum gave nothing else: still proof
+            # against a target written where the source is empty.
+            samples[block] = _digest(data)
+        runs = list(self.blocks.iter_runs())
+        for start, length in rng.sample(runs, min(WRITTEN_SAMPLES, len(runs))):
+            block = start + rng.randrange(length)
+            samples.setdefault(block, _digest(read(block)))
+        return {"uri": self.uri, "size": size, "granularity": g,
+                "samples": sorted(samples.items())}
+
+    def _check_baseline(self, h, size: int) -> None:
+        """Refuse unless the target still holds what the last copy recorded."""
+        base, src = self.baseline, self.source
+        g = base["granularity"]
+        fix = "run `cgmirror copy --full`"
+        if size != base["size"] or g != src.granularity:
+            raise CopyError(f"target {self.uri} no longer holds the baseline of"
+                            f" {src.name} (size {size}, was {base['size']}): {fix}")
+        for block, digest in base["samples"]:
+            if _digest(h.pread(min(g, src.size - block * g), block * g)) != digest:
+                raise CopyError(f"target {self.uri} no longer holds the baseline of"
+                                f" {src.name} (block {block} differs): {fix}")
+        # From here on the blocks to be written change on the target: should
+        # this copy fail, only the other samples still speak for it.
+        self.baseline = {**base, "samples": [[b, d] for b, d in base["samples"]
+                                             if not self.blocks.test(b)]}
 
     def _next_run(self):
         with self._lock:

@@ -70,13 +70,23 @@ class Slave:
             fsync_dir(self.statedir)
         self._meta = meta
 
+    def baseline(self, name: str) -> dict | None:
+        """What the last completed copy of this volume recorded of its target:
+        ``{"uri", "size", "granularity", "samples": [[block, digest], ...]}``
+        (see ``Copy._sample``), or None."""
+        entry = self._meta.get("synced", {}).get(name)
+        # An entry of an older version (a bare URI) carries no proof: the
+        # next copy is a full one.
+        return entry if isinstance(entry, dict) else None
+
     def synced_target(self, name: str) -> str | None:
         """The target that holds this volume as of its last completed copy."""
-        return self._meta.get("synced", {}).get(name)
+        base = self.baseline(name)
+        return base["uri"] if base else None
 
-    def _set_synced(self, name: str, uri: str | None) -> None:
+    def _set_baseline(self, name: str, baseline: dict | None) -> None:
         synced = dict(self._meta.get("synced", {}))
-        synced[name] = uri
+        synced[name] = baseline
         self._save_meta(synced=synced)
 
     # ------------------------------------------------------------ control ops
@@ -243,11 +253,14 @@ class Slave:
                     # Bits cleared by this copy were changes relative to the
                     # old target too: it is no longer a baseline.  (Done before
                     # any state changes: if it fails, nothing happened.)
-                    self._set_synced(name, None)
+                    self._set_baseline(name, None)
             self.machine.step(Event.COPY, n)
+            # An incremental copy first checks that the target still holds
+            # the baseline (and refuses, naming --full, if not).
             self.copies = {name: Copy(PitSource(self.volumes[name]), uri, inflight=inflight,
-                                      timeout=timeout_ms / 1000)
-                           for name, (uri, _) in plans.items()}
+                                      timeout=timeout_ms / 1000,
+                                      baseline=self.baseline(name) if incremental else None)
+                           for name, (uri, incremental) in plans.items()}
             for name, c in self.copies.items():
                 t = threading.Thread(target=self._run_copy, args=(c,),
                                      name=f"copy-{name}", daemon=True)
@@ -273,8 +286,10 @@ class Slave:
         n = self.machine.n
         ok = all(c.state == "done" for c in self.copies.values())
         for name, c in self.copies.items():
-            if c.state == "done":
-                self._set_synced(name, c.uri)
+            # Done: fresh samples; failed: what still speaks for the target
+            # (see Copy.baseline).
+            if c.baseline != self.baseline(name):
+                self._set_baseline(name, c.baseline)
         self._end_cut()
         self.last_copy = {"n": n, "ok": ok,
                           "volumes": {k: c.progress() for k, c in self.copies.items()}}
