@@ -58,7 +58,9 @@ class Slave:
         the in-memory copy changes only once the file is in place."""
         meta = {**self._meta, **updates}
         tmp = self._meta_path() + ".tmp"
-        with open(tmp, "w") as f:
+        # 0600 whatever the umask: it says which target holds this volume.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                       "w") as f:
             json.dump(meta, f)
             f.flush()
             if sync:
