@@ -6,6 +6,10 @@ through a small interface -- ``blocks()``, ``read(buf, block)``,
 count)`` once a flush made them durable, ``broken`` -- and never reaches into
 a volume's PiT or change map itself.
 
+An incremental copy goes only to the image that holds its baseline: every
+completed copy records digests of sampled blocks of the target, and the next
+incremental one reads them back before it sends anything (see ``_sample``).
+
 Runs of blocks to send are merged up to ``MAX_RUN`` bytes and written over
 ``streams`` connections at once (where the target allows multi-conn; else
 one), each a thread with its own libnbd handle and at most ``inflight /
@@ -289,9 +293,13 @@ class Copy:
         base, src = self.baseline, self.source
         g = base["granularity"]
         fix = "run `cgmirror copy --full`"
-        if size != base["size"] or g != src.granularity:
+        if size != base["size"]:
             raise CopyError(f"target {self.uri} no longer holds the baseline of"
                             f" {src.name} (size {size}, was {base['size']}): {fix}")
+        if g != src.granularity:
+            raise CopyError(f"the baseline of {src.name} on {self.uri} was recorded at"
+                            f" granularity {g}, the volume now has {src.granularity}:"
+                            f" {fix}")
         for block, digest in base["samples"]:
             if _digest(h.pread(min(g, src.size - block * g), block * g)) != digest:
                 raise CopyError(f"target {self.uri} no longer holds the baseline of"

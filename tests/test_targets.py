@@ -5,6 +5,10 @@ it is copied, so the PiT equals the source.  Each target starts out filled
 with a pattern so that a block the copy skipped would show.  A full copy,
 then a few scattered writes and an incremental copy; after each, what the
 target serves (read back over NBD) equals the source.
+
+An incremental copy goes only to the image that holds its baseline: a
+target replaced by a blank image, reformatted, or written at a block sampled
+at the last copy is refused with a line naming ``--full``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 
 import nbd
