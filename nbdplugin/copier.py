@@ -143,8 +143,110 @@ def connect(uri: str, name: str, timeout: float) -> "nbd.NBD":
     return h
 
 
+# ------------------------------------------------------------------ baseline
+#
+# Why samples: a third-party target (qemu-nbd, nbd-server, nbdkit file) keeps
+# no identity we could ask for, and an incremental copy to an image that does
+# not hold the last copy leaves a wrong image reported done.  So every
+# completed copy records the target's size and digests of blocks: one per
+# stratum of the volume at a random place (a fresh choice each time, so no
+# fixed set of blocks is ever safe to change), preferring blocks that are not
+# all zeros (a blank or freshly formatted image then cannot match), plus some
+# of the blocks this copy wrote.  Before an incremental copy (and before the
+# coordinator freezes for one: the ``verify`` op) the same blocks are read
+# back and compared.
+#
+# What it cannot see: foreign writes to blocks that were not sampled (e.g. a
+# guest that mounted the target and changed a few files), and an image
+# swapped for a byte-identical copy (which is harmless).  Reading the whole
+# target would cost as much as a full copy; the samples catch the mistakes
+# that happen -- a wrong URI, a replaced, recreated or reformatted image --
+# at the cost of well under 10 MiB read per copy.
+
+
+class BlockReader:
+    """Reads one block of a volume's extent on a target at a time, each
+    within ``timeout`` (a silent target must not hang a copy), into one
+    pooled buffer (see BufferPool)."""
+
+    def __init__(self, h, uri: str, source, timeout: float):
+        self.h, self.uri, self.timeout = h, uri, timeout
+        self.size, self.g = source.size, source.granularity
+
+    def read(self, block: int) -> bytes:
+        buf = BUFFERS.take(self.g, 1)
+        try:
+            view = memoryview(buf[0])[:min(self.g, self.size - block * self.g)]
+            cookie = self.h.aio_pread(nbd.Buffer.from_buffer(view), block * self.g)
+            deadline = time.monotonic() + self.timeout
+            while not self.h.aio_command_completed(cookie):
+                if time.monotonic() > deadline:
+                    raise CopyError(f"target {self.uri} did not answer for"
+                                    f" {self.timeout:.0f} s")
+                self.h.poll(100)
+            return bytes(view)
+        finally:
+            BUFFERS.give(buf)
+
+
 def _digest(data) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+def sample(reader: BlockReader, written: Bitmap) -> list[list]:
+    """[[block, digest], ...] of SAMPLES-odd blocks of the target."""
+    nblocks = -(-reader.size // reader.g)
+    rng = random.SystemRandom()
+    samples: dict[int, str] = {}
+    strata = min(SAMPLES, nblocks)
+    for i in range(strata):
+        lo, hi = i * nblocks // strata, (i + 1) * nblocks // strata
+        for _ in range(SAMPLE_TRIES):
+            block = rng.randrange(lo, hi)
+            data = reader.read(block)
+            if data.count(0) != len(data):
+                break
+        # A zero block if the stratum gave nothing else: still proof
+        # against a target written where the source is empty.
+        samples[block] = _digest(data)
+    runs = list(written.iter_runs())
+    for start, length in rng.sample(runs, min(WRITTEN_SAMPLES, len(runs))):
+        block = start + rng.randrange(length)
+        samples.setdefault(block, _digest(reader.read(block)))
+    return [[b, d] for b, d in sorted(samples.items())]
+
+
+def check_baseline(h, uri: str, size: int, base: dict, source, timeout: float) -> None:
+    """Raise CopyError (one line naming --full) unless the target behind
+    ``h`` (``size`` bytes) still holds what ``base`` recorded of it."""
+    fix = "run `cgmirror copy --full`"
+    if size != base["size"]:
+        raise CopyError(f"target {uri} no longer holds the baseline of"
+                        f" {source.name} (size {size}, was {base['size']}): {fix}")
+    if base["granularity"] != source.granularity:
+        raise CopyError(f"the baseline of {source.name} on {uri} was recorded at"
+                        f" granularity {base['granularity']}, the volume now has"
+                        f" {source.granularity}: {fix}")
+    reader = BlockReader(h, uri, source, timeout)
+    for block, digest in base["samples"]:
+        if _digest(reader.read(block)) != digest:
+            raise CopyError(f"target {uri} no longer holds the baseline of"
+                            f" {source.name} (block {block} differs): {fix}")
+
+
+def verify_target(uri: str, base: dict, source, timeout: float) -> None:
+    """``check_baseline`` over a connection of its own (before a cut)."""
+    h = connect(uri, f"cgmirror-verify-{source.name}", timeout)
+    try:
+        try:
+            check_baseline(h, uri, h.get_size(), base, source, timeout)
+        except nbd.Error as exc:
+            raise CopyError(f"target {uri}: {exc.string}") from exc
+    finally:
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
 
 
 class Copy:
@@ -243,71 +345,21 @@ class Copy:
                 except nbd.Error:
                     pass  # the copy's outcome is already decided
 
-    # Why samples: a third-party target (qemu-nbd, nbd-server, nbdkit file)
-    # keeps no identity we could ask for, and an incremental copy to an image
-    # that does not hold the last copy leaves a wrong image reported done.  So
-    # every completed copy records the target's size and digests of blocks:
-    # one per stratum of the volume at a random place (a fresh choice each
-    # time, so no fixed set of blocks is ever safe to change), preferring
-    # blocks that are not all zeros (a blank or freshly formatted image then
-    # cannot match), plus some of the blocks this copy wrote.  Before an
-    # incremental copy sends anything, the same blocks are read back.
-    #
-    # What it cannot see: foreign writes to blocks that were not sampled
-    # (e.g. a guest that mounted the target and changed a few files), and an
-    # image swapped for a byte-identical copy (which is harmless).  Reading
-    # the whole target would cost as much as a full copy; the samples catch
-    # the mistakes that happen -- a wrong URI, a replaced, recreated or
-    # reformatted image -- at the cost of a few MiB read per copy.
-
     def _sample(self, h, size: int) -> dict:
-        """Digests of SAMPLES-odd blocks of the target, read through ``h``."""
-        src, g = self.source, self.source.granularity
-        nblocks = -(-src.size // g)
-        rng = random.SystemRandom()
-        samples: dict[int, str] = {}
-
-        def read(block: int) -> bytes:
-            return h.pread(min(g, src.size - block * g), block * g)
-
-        strata = min(SAMPLES, nblocks)
-        for i in range(strata):
-            lo, hi = i * nblocks // strata, (i + 1) * nblocks // strata
-            for _ in range(SAMPLE_TRIES):
-                block = rng.randrange(lo, hi)
-                data = read(block)
-                if data.count(0) != len(data):
-                    break
-            # A zero block if the stratum gave nothing else: still proof
-            # against a target written where the source is empty.
-            samples[block] = _digest(data)
-        runs = list(self.blocks.iter_runs())
-        for start, length in rng.sample(runs, min(WRITTEN_SAMPLES, len(runs))):
-            block = start + rng.randrange(length)
-            samples.setdefault(block, _digest(read(block)))
-        return {"uri": self.uri, "size": size, "granularity": g,
-                "samples": sorted(samples.items())}
+        """The baseline record of the target as it is now (see ``sample``)."""
+        src = self.source
+        return {"uri": self.uri, "size": size, "granularity": src.granularity,
+                "samples": sample(BlockReader(h, self.uri, src, self.timeout),
+                                  self.blocks)}
 
     def _check_baseline(self, h, size: int) -> None:
         """Refuse unless the target still holds what the last copy recorded."""
-        base, src = self.baseline, self.source
-        g = base["granularity"]
-        fix = "run `cgmirror copy --full`"
-        if size != base["size"]:
-            raise CopyError(f"target {self.uri} no longer holds the baseline of"
-                            f" {src.name} (size {size}, was {base['size']}): {fix}")
-        if g != src.granularity:
-            raise CopyError(f"the baseline of {src.name} on {self.uri} was recorded at"
-                            f" granularity {g}, the volume now has {src.granularity}:"
-                            f" {fix}")
-        for block, digest in base["samples"]:
-            if _digest(h.pread(min(g, src.size - block * g), block * g)) != digest:
-                raise CopyError(f"target {self.uri} no longer holds the baseline of"
-                                f" {src.name} (block {block} differs): {fix}")
+        check_baseline(h, self.uri, size, self.baseline, self.source, self.timeout)
         # From here on the blocks to be written change on the target: should
         # this copy fail, only the other samples still speak for it.
-        self.baseline = {**base, "samples": [[b, d] for b, d in base["samples"]
-                                             if not self.blocks.test(b)]}
+        self.baseline = {**self.baseline,
+                         "samples": [[b, d] for b, d in self.baseline["samples"]
+                                     if not self.blocks.test(b)]}
 
     def _next_run(self):
         with self._lock:

@@ -62,6 +62,7 @@ SCHEMA: dict[str, tuple[dict, dict]] = {
     "abort": ({"n": _INT}, {}),
     "copy": ({"n": _INT, "targets": _DICT}, {"mode": _STR, "inflight": _INT,
                                               "timeout_ms": _INT}),
+    "verify": ({"targets": _DICT}, {"timeout_ms": _INT}),
     "clear": ({}, {"volumes": _LIST}),
     "dirty": ({"volume": _STR}, {"start": _INT, "max_runs": _INT}),
     "checkpoint": ({}, {}),

@@ -17,7 +17,7 @@ import time
 
 from . import protocol
 from .changemap import fsync_dir
-from .copier import Copy, PitSource
+from .copier import Copy, CopyError, PitSource, verify_target
 from .protocol import CutMachine, Event, Phase, ProtocolError
 from .volume import Volume
 
@@ -271,6 +271,29 @@ class Slave:
             return protocol.ok(n=n, modes={k: "incremental" if p[1] else "full"
                                            for k, p in plans.items()},
                                bytes={k: c.total_bytes for k, c in self.copies.items()})
+
+    def op_verify(self, targets: dict, timeout_ms: int = 30000) -> dict:
+        """Before a cut for incremental copies: does each target still hold
+        the baseline of its volume (see copier.check_baseline)?  Replies
+        ``failed``: {volume: one line naming --full}.  A volume whose last
+        completed copy is not on that target has nothing to verify (it will
+        be copied whole).  The reads run outside the lock: a slow target
+        delays only this reply."""
+        if not all(isinstance(u, str) for u in targets.values()):
+            raise ProtocolError("'targets' must map volume names to NBD URIs")
+        if not 1 <= timeout_ms <= 600_000:
+            raise ProtocolError("'timeout_ms' must be between 1 and 600000")
+        with self.lock:
+            todo = [(name, targets[name], self.baseline(name))
+                    for name in self._names(list(targets))]
+        failed = {}
+        for name, uri, base in todo:
+            if base is not None and base["uri"] == uri:
+                try:
+                    verify_target(uri, base, self.volumes[name], timeout_ms / 1000)
+                except CopyError as exc:
+                    failed[name] = str(exc)
+        return protocol.ok(failed=failed)
 
     def _run_copy(self, copy: Copy) -> None:
         copy.run()

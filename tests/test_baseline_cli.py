@@ -3,6 +3,7 @@ one line naming --full, through the real CLI, slaves and targets."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import cgtest
@@ -14,8 +15,9 @@ from coordinator.errors import ExitCode
 
 def test_blank_target_at_same_uri_is_refused_then_full_copy_fixes_it(run_dir, capsys):
     """The target image replaced by a blank one behind the same socket: the
-    next copy exits TARGET with one line naming `cgmirror copy --full` and
-    sends nothing; --full then makes the target equal the source."""
+    next copy exits TARGET with one line naming `cgmirror copy --full`, before
+    any cut is taken, and sends nothing; --full then makes the target equal
+    the source."""
     need("nbdkit")
     p = cgtest.write_session(run_dir, {"s1": {"db": 4 * MiB}})
     with cgtest.targets(p) as tg, cgtest.slaves(p) as sess:
@@ -34,6 +36,8 @@ def test_blank_target_at_same_uri_is_refused_then_full_copy_fixes_it(run_dir, ca
             assert "no longer holds the baseline of db" in err
             assert "cgmirror copy --full" in err
             assert read_all(blank.uri) == bytes(4 * MiB)     # nothing was sent
+            assert run(p, "history", "--json") == ExitCode.OK  # no cut was taken
+            assert [c["n"] for c in json.loads(capsys.readouterr().out)["copies"]] == [1]
             assert run(p, "copy", "--full") == ExitCode.OK
             assert read_all(blank.uri) == read_all(src)
         finally:
