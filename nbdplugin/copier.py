@@ -54,25 +54,50 @@ SAMPLE_TRIES = 4
 WRITTEN_SAMPLES = 8
 
 
+class IOBuffer:
+    """A buffer for libnbd requests, with the ``nbd.Buffer`` of each length
+    used made once and kept (see BufferPool for why)."""
+
+    def __init__(self, size: int):
+        self.data = bytearray(size)
+        self._views: dict[int, "nbd.Buffer"] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def view(self, length: int) -> memoryview:
+        return memoryview(self.data)[:length]
+
+    def nbd(self, length: int) -> "nbd.Buffer":
+        """The first ``length`` bytes as an nbd.Buffer sharing our memory."""
+        b = self._views.get(length)
+        if b is None:
+            b = self._views[length] = nbd.Buffer.from_buffer(self.view(length))
+        return b
+
+
 class BufferPool:
-    """Write buffers shared by every copy of the process, keyed by size.
+    """Request buffers shared by every copy of the process, keyed by size.
 
     Why a pool: python3-libnbd 1.14 (Debian 12) keeps a reference to every
-    buffer passed to ``aio_pwrite`` even after the command retired, so a
-    buffer allocated per copy is never freed and a long-running slave grew
-    ~8 MiB per volume per copy.  Reusing the same buffers keeps memory flat:
-    the pool holds at most what the most copies in flight at once needed.
+    buffer passed to ``aio_pwrite`` (or ``aio_pread``) even after the
+    command retired.  A 1 MiB buffer allocated per copy was never freed (a
+    long-running slave grew ~8 MiB per volume per copy), and even a fresh
+    ``nbd.Buffer`` wrapper over a reused buffer leaks ~300 bytes a request.
+    So both the memory and its wrappers (one per length, ``IOBuffer.nbd``)
+    are made once and reused: the pool holds at most what the most copies
+    in flight at once needed.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._free: dict[int, list[bytearray]] = {}
+        self._free: dict[int, list[IOBuffer]] = {}
 
-    def take(self, size: int, count: int) -> list[bytearray]:
+    def take(self, size: int, count: int) -> list[IOBuffer]:
         with self._lock:
             free = self._free.setdefault(size, [])
             got = [free.pop() for _ in range(min(count, len(free)))]
-        return got + [bytearray(size) for _ in range(count - len(got))]
+        return got + [IOBuffer(size) for _ in range(count - len(got))]
 
     def give(self, bufs) -> None:
         with self._lock:
@@ -174,19 +199,20 @@ class BlockReader:
         self.size, self.g = source.size, source.granularity
 
     def read(self, block: int) -> bytes:
-        buf = BUFFERS.take(self.g, 1)
-        try:
-            view = memoryview(buf[0])[:min(self.g, self.size - block * self.g)]
-            cookie = self.h.aio_pread(nbd.Buffer.from_buffer(view), block * self.g)
-            deadline = time.monotonic() + self.timeout
-            while not self.h.aio_command_completed(cookie):
-                if time.monotonic() > deadline:
-                    raise CopyError(f"target {self.uri} did not answer for"
-                                    f" {self.timeout:.0f} s")
-                self.h.poll(100)
-            return bytes(view)
-        finally:
-            BUFFERS.give(buf)
+        buf = BUFFERS.take(self.g, 1)[0]
+        length = min(self.g, self.size - block * self.g)
+        cookie = self.h.aio_pread(buf.nbd(length), block * self.g)
+        deadline = time.monotonic() + self.timeout
+        # Back to the pool only once the read retired: libnbd may still
+        # write into the buffer of a read in flight.
+        while not self.h.aio_command_completed(cookie):
+            if time.monotonic() > deadline:
+                raise CopyError(f"target {self.uri} did not answer for"
+                                f" {self.timeout:.0f} s")
+            self.h.poll(100)
+        data = bytes(buf.view(length))
+        BUFFERS.give([buf])
+        return data
 
 
 def _digest(data) -> str:
@@ -397,7 +423,7 @@ class Copy:
         g = src.granularity
         can_zero, can_flush = h.can_zero(), h.can_flush()
         free = BUFFERS.take(MAX_RUN, inflight)
-        writes: dict[int, tuple[int, int, int, bytearray]] = {}
+        writes: dict[int, tuple[int, int, int, IOBuffer]] = {}
         flushes: dict[int, list[tuple[int, int]]] = {}
         acked: list[tuple[int, int]] = []     # written, not yet covered by a flush
         acked_bytes = 0
@@ -457,9 +483,8 @@ class Copy:
                     reap(True)
                 buf = free.pop()
                 length = min(nblocks * g, src.size - start * g)
-                view = memoryview(buf)[:length]
-                src.read(view, start)
-                data = nbd.Buffer.from_buffer(view)
+                src.read(buf.view(length), start)
+                data = buf.nbd(length)
                 try:
                     if can_zero and data.is_zero():
                         # A zero run costs the link nothing and the target

@@ -94,8 +94,8 @@ class ListSource:
     """A source that is not a PiT: blocks from a dict, everything it is told
     recorded.  The copier must need nothing else."""
 
-    def __init__(self, blocks: dict[int, bytes], nblocks: int):
-        self.name, self.size, self.granularity = "mem", nblocks * G, G
+    def __init__(self, blocks: dict[int, bytes], nblocks: int, g: int = G):
+        self.name, self.size, self.granularity = "mem", nblocks * g, g
         self.data, self.broken = blocks, None
         self.confirmed: set[int] = set()
         self.flushed_blocks: set[int] = set()
@@ -107,8 +107,9 @@ class ListSource:
         return self._bm.copy()
 
     def read(self, buf, block: int) -> None:
-        for i in range(0, len(buf), G):
-            buf[i:i + G] = self.data[block + i // G]
+        g = self.granularity
+        for i in range(0, len(buf), g):
+            buf[i:i + g] = self.data[block + i // g]
 
     def confirm(self, start: int, count: int) -> None:
         self.confirmed |= set(range(start, start + count))
@@ -136,5 +137,29 @@ def test_copy_reads_through_its_source(run_dir):
                 assert h.pread(G, b * G) == src.data.get(b, bytes(G)), f"block {b}"
         finally:
             h.shutdown()
+    finally:
+        tgt.stop()
+
+
+
+def test_requests_do_not_leave_buffer_objects_behind(run_dir):
+    """python3-libnbd keeps whatever nbd.Buffer a request was given (~300
+    bytes each): 20,000 small writes (and their baseline samples) must reuse
+    the same ones, not leave one per request."""
+    need("nbdkit")
+    g = 4096
+    src = ListSource({b: bytes([b % 251 + 1]) * g for b in range(0, 4096, 2)}, 4096, g)
+    tgt = peers.nbdkit(os.path.join(run_dir, "t.sock"), "memory", "size=16M")
+    me = psutil.Process()
+    try:
+        c = Copy(src, tgt.uri, timeout=10)
+        c.run()
+        before = me.memory_info().rss
+        for _ in range(10):      # 10 copies of 2048 runs, each checked and sampled
+            c = Copy(src, tgt.uri, timeout=10, baseline=c.baseline)
+            c.run()
+            assert (c.state, c.error) == ("done", None)
+        grown = (me.memory_info().rss - before) / MiB
+        assert grown < 2, f"RSS grew {grown:.1f} MiB over 20,000 requests"
     finally:
         tgt.stop()
