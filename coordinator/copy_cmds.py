@@ -49,6 +49,7 @@ def copy(ctx, mode: str) -> ExitCode:
             replies = group.preflight(lks, warn=ctx.warn)
             full = group.full_volumes(replies, s.targets(), mode)
             check_cut_numbers(s, replies)
+            group.verify_baselines(lks, s.targets(), full, s.copy_timeout_ms)
             doc = run(ctx, hist, lks, group.next_n(replies, hist.max_n()), mode, full)
         finally:
             for lk in lks:

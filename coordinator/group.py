@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .errors import (CgmirrorError, ConfigError, CopyFailed, EstablishAborted, SlaveBusy,
-                     SlaveError, SlaveUnreachable, UnknownVolume, UsageError)
+                     SlaveError, SlaveUnreachable, TargetError, UnknownVolume, UsageError)
 from nbdplugin import protocol
 from nbdplugin.control import ControlError
 from nbdplugin.protocol import Kind
@@ -164,6 +164,24 @@ def full_volumes(replies: dict[str, dict], targets: dict[str, dict[str, str]],
                                  f" copy on {vols[missing[0]]}; run a full copy first")
         out[slave] = [v for v, ok in synced.items() if mode == "full" or not ok]
     return out
+
+
+def verify_baselines(links: list[SlaveLink], targets: dict[str, dict[str, str]],
+                     full: dict[str, list[str]], timeout_ms: int = 30000) -> None:
+    """Before the freeze: raise ``TargetError`` (one line naming --full) if a
+    volume to be copied incrementally has a target that no longer holds its
+    last copy (replaced, reformatted, written by someone else)."""
+    for lk in links:
+        incremental = {v: uri for v, uri in targets[lk.name].items()
+                       if v not in full.get(lk.name, ())}
+        if incremental:
+            # A silent target must fail as a target, within the link's own
+            # timeout, not make the slave look unreachable.
+            failed = lk.call("verify", targets=incremental,
+                             timeout_ms=min(timeout_ms, int(lk.timeout * 500)))["failed"]
+            if failed:
+                v, line = next(iter(failed.items()))
+                raise TargetError(f"{lk.name}/{v}: {line}")
 
 
 # ------------------------------------------------------------------ establish

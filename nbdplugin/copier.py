@@ -1,5 +1,15 @@
 """Copy the PiT image of one volume to an NBD target with libnbd.
 
+A ``Copy`` reads from a *source* (``PitSource`` today; a resync union later)
+through a small interface -- ``blocks()``, ``read(buf, block)``,
+``confirm(start, count)`` once the target acknowledged, ``flushed(start,
+count)`` once a flush made them durable, ``broken`` -- and never reaches into
+a volume's PiT or change map itself.
+
+An incremental copy goes only to the image that holds its baseline: every
+completed copy records digests of sampled blocks of the target, and the next
+incremental one reads them back before it sends anything (see ``_sample``).
+
 Runs of blocks to send are merged up to ``MAX_RUN`` bytes and written over
 ``streams`` connections at once (where the target allows multi-conn; else
 one), each a thread with its own libnbd handle and at most ``inflight /
@@ -21,6 +31,8 @@ so while it reads, the target starves; measured on 1 GiB, 1 stream reached
 
 from __future__ import annotations
 
+import hashlib
+import random
 import threading
 import time
 
@@ -34,6 +46,97 @@ MAX_RUN = 1 << 20
 STREAMS = 4
 # Bytes written on a connection between flushes that let change bits go.
 FLUSH_EVERY = 64 << 20
+# Baseline proof: blocks sampled per volume (one per stratum of the volume),
+# tries per stratum to find a block that is not all zeros, and blocks taken
+# from those the copy wrote.
+SAMPLES = 32
+SAMPLE_TRIES = 4
+WRITTEN_SAMPLES = 8
+
+
+class IOBuffer:
+    """A buffer for libnbd requests, with the ``nbd.Buffer`` of each length
+    used made once and kept (see BufferPool for why)."""
+
+    def __init__(self, size: int):
+        self.data = bytearray(size)
+        self._views: dict[int, "nbd.Buffer"] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def view(self, length: int) -> memoryview:
+        return memoryview(self.data)[:length]
+
+    def nbd(self, length: int) -> "nbd.Buffer":
+        """The first ``length`` bytes as an nbd.Buffer sharing our memory."""
+        b = self._views.get(length)
+        if b is None:
+            b = self._views[length] = nbd.Buffer.from_buffer(self.view(length))
+        return b
+
+
+class BufferPool:
+    """Request buffers shared by every copy of the process, keyed by size.
+
+    Why a pool: python3-libnbd 1.14 (Debian 12) keeps a reference to every
+    buffer passed to ``aio_pwrite`` (or ``aio_pread``) even after the
+    command retired.  A 1 MiB buffer allocated per copy was never freed (a
+    long-running slave grew ~8 MiB per volume per copy), and even a fresh
+    ``nbd.Buffer`` wrapper over a reused buffer leaks ~300 bytes a request.
+    So both the memory and its wrappers (one per length, ``IOBuffer.nbd``)
+    are made once and reused: the pool holds at most what the most copies
+    in flight at once needed.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free: dict[int, list[IOBuffer]] = {}
+
+    def take(self, size: int, count: int) -> list[IOBuffer]:
+        with self._lock:
+            free = self._free.setdefault(size, [])
+            got = [free.pop() for _ in range(min(count, len(free)))]
+        return got + [IOBuffer(size) for _ in range(count - len(got))]
+
+    def give(self, bufs) -> None:
+        with self._lock:
+            for buf in bufs:
+                self._free.setdefault(len(buf), []).append(buf)
+
+
+BUFFERS = BufferPool()
+
+
+class PitSource:
+    """What a copy of PiT n of ``volume`` reads, and whom it tells what landed.
+
+    ``confirm``: the target acknowledged the blocks, so the PiT need not keep
+    their pre-cut content; ``flushed``: a flush after that completed, so the
+    blocks are durable there and their change bits may go.
+    """
+
+    def __init__(self, volume):
+        self.name, self.size, self.granularity = volume.name, volume.size, volume.granularity
+        self._pit, self._changes = volume.pit, volume.changes
+
+    @property
+    def broken(self) -> str | None:
+        """Why the PiT cannot be completed (a failed preserve), or None."""
+        return self._pit.broken
+
+    def blocks(self):
+        """The blocks still to send (a Bitmap of their own)."""
+        return self._pit.remaining()
+
+    def read(self, buf, block: int) -> None:
+        self._pit.read(buf, block)
+
+    def confirm(self, start: int, count: int) -> None:
+        self._pit.confirm(start, count)
+
+    def flushed(self, start: int, count: int) -> None:
+        self._changes.confirm(start, count)
 
 
 class CopyError(Exception):
@@ -65,20 +168,136 @@ def connect(uri: str, name: str, timeout: float) -> "nbd.NBD":
     return h
 
 
-class Copy:
-    """One volume's copy of PiT n to one target; progress readable any time."""
+# ------------------------------------------------------------------ baseline
+#
+# Why samples: a third-party target (qemu-nbd, nbd-server, nbdkit file) keeps
+# no identity we could ask for, and an incremental copy to an image that does
+# not hold the last copy leaves a wrong image reported done.  So every
+# completed copy records the target's size and digests of blocks: one per
+# stratum of the volume at a random place (a fresh choice each time, so no
+# fixed set of blocks is ever safe to change), preferring blocks that are not
+# all zeros (a blank or freshly formatted image then cannot match), plus some
+# of the blocks this copy wrote.  Before an incremental copy (and before the
+# coordinator freezes for one: the ``verify`` op) the same blocks are read
+# back and compared.
+#
+# What it cannot see: foreign writes to blocks that were not sampled (e.g. a
+# guest that mounted the target and changed a few files), and an image
+# swapped for a byte-identical copy (which is harmless).  Reading the whole
+# target would cost as much as a full copy; the samples catch the mistakes
+# that happen -- a wrong URI, a replaced, recreated or reformatted image --
+# at the cost of well under 10 MiB read per copy.
 
-    def __init__(self, volume, uri: str, blocks: Bitmap, inflight: int = 8,
-                 timeout: float = 30.0, streams: int = STREAMS):
-        self.volume = volume
+
+class BlockReader:
+    """Reads one block of a volume's extent on a target at a time, each
+    within ``timeout`` (a silent target must not hang a copy), into one
+    pooled buffer (see BufferPool)."""
+
+    def __init__(self, h, uri: str, source, timeout: float):
+        self.h, self.uri, self.timeout = h, uri, timeout
+        self.size, self.g = source.size, source.granularity
+
+    def read(self, block: int) -> bytes:
+        buf = BUFFERS.take(self.g, 1)[0]
+        length = min(self.g, self.size - block * self.g)
+        cookie = self.h.aio_pread(buf.nbd(length), block * self.g)
+        deadline = time.monotonic() + self.timeout
+        # Back to the pool only once the read retired: libnbd may still
+        # write into the buffer of a read in flight.
+        while not self.h.aio_command_completed(cookie):
+            if time.monotonic() > deadline:
+                raise CopyError(f"target {self.uri} did not answer for"
+                                f" {self.timeout:.0f} s")
+            self.h.poll(100)
+        data = bytes(buf.view(length))
+        BUFFERS.give([buf])
+        return data
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def sample(reader: BlockReader, written: Bitmap) -> list[list]:
+    """[[block, digest], ...] of SAMPLES-odd blocks of the target."""
+    nblocks = -(-reader.size // reader.g)
+    rng = random.SystemRandom()
+    samples: dict[int, str] = {}
+    strata = min(SAMPLES, nblocks)
+    for i in range(strata):
+        lo, hi = i * nblocks // strata, (i + 1) * nblocks // strata
+        for _ in range(SAMPLE_TRIES):
+            block = rng.randrange(lo, hi)
+            data = reader.read(block)
+            if data.count(0) != len(data):
+                break
+        # A zero block if the stratum gave nothing else: still proof
+        # against a target written where the source is empty.
+        samples[block] = _digest(data)
+    runs = list(written.iter_runs())
+    for start, length in rng.sample(runs, min(WRITTEN_SAMPLES, len(runs))):
+        block = start + rng.randrange(length)
+        samples.setdefault(block, _digest(reader.read(block)))
+    return [[b, d] for b, d in sorted(samples.items())]
+
+
+def check_baseline(h, uri: str, size: int, base: dict, source, timeout: float) -> None:
+    """Raise CopyError (one line naming --full) unless the target behind
+    ``h`` (``size`` bytes) still holds what ``base`` recorded of it."""
+    fix = "run `cgmirror copy --full`"
+    if size != base["size"]:
+        raise CopyError(f"target {uri} no longer holds the baseline of"
+                        f" {source.name} (size {size}, was {base['size']}): {fix}")
+    if base["granularity"] != source.granularity:
+        raise CopyError(f"the baseline of {source.name} on {uri} was recorded at"
+                        f" granularity {base['granularity']}, the volume now has"
+                        f" {source.granularity}: {fix}")
+    reader = BlockReader(h, uri, source, timeout)
+    for block, digest in base["samples"]:
+        if _digest(reader.read(block)) != digest:
+            raise CopyError(f"target {uri} no longer holds the baseline of"
+                            f" {source.name} (block {block} differs): {fix}")
+
+
+def verify_target(uri: str, base: dict, source, timeout: float) -> None:
+    """``check_baseline`` over a connection of its own (before a cut)."""
+    h = connect(uri, f"cgmirror-verify-{source.name}", timeout)
+    try:
+        try:
+            check_baseline(h, uri, h.get_size(), base, source, timeout)
+        except nbd.Error as exc:
+            raise CopyError(f"target {uri}: {exc.string}") from exc
+    finally:
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
+
+
+class Copy:
+    """One copy of ``source`` to one target; progress readable any time.
+
+    ``baseline``: for an incremental copy, what the last completed copy
+    recorded of the target (see ``_sample``); checked before anything is
+    sent.  Afterwards it holds what may be claimed of the target now: fresh
+    samples after a completed copy, the old ones minus the blocks this copy
+    was to write after a failed one, unchanged if nothing was sent.
+    """
+
+    def __init__(self, source, uri: str, inflight: int = 8,
+                 timeout: float = 30.0, streams: int = STREAMS,
+                 baseline: dict | None = None):
+        self.source = source
         self.uri = uri
-        self.blocks = blocks
+        self.baseline = baseline
+        self.blocks: Bitmap = source.blocks()
         self.timeout = timeout
         self.inflight = inflight
         self.streams = max(1, min(streams, inflight))
-        g = volume.granularity
-        self.total_bytes = sum(min(length * g, volume.size - start * g)
-                               for start, length in blocks.iter_runs())
+        g = source.granularity
+        self.total_bytes = sum(min(length * g, source.size - start * g)
+                               for start, length in self.blocks.iter_runs())
         self.done_bytes = 0
         self.state = "running"
         self.error: str | None = None
@@ -100,18 +319,21 @@ class Copy:
 
     def run(self) -> None:
         try:
-            self._run()
+            try:
+                self._run()
+            except nbd.Error as exc:   # the target's handle, outside a stream
+                raise CopyError(f"target {self.uri}: {exc.string}") from exc
             self.state = "done"
         except CopyError as exc:
             self.state, self.error, self.fault = "failed", str(exc), exc.fault
         except Exception as exc:  # a bug or a local I/O error: report, don't hide
-            self.state, self.error = "failed", f"source {self.volume.name}: {exc}"
+            self.state, self.error = "failed", f"source {self.source.name}: {exc}"
             self.fault = "source"
         finally:
             self.finished = time.monotonic()
 
     def _run(self) -> None:
-        vol = self.volume
+        vol = self.source
         handles = [connect(self.uri, f"cgmirror-copy-{vol.name}", self.timeout)]
         try:
             h = handles[0]
@@ -121,6 +343,8 @@ class Copy:
                                 f" {size} bytes, needs {vol.size}")
             if h.is_read_only():
                 raise CopyError(f"target {self.uri} is read-only")
+            if self.baseline is not None:
+                self._check_baseline(h, size)
             # More connections only where the server says they share one
             # view of the export (multi-conn); many servers serve one client.
             if h.can_multi_conn():
@@ -138,12 +362,30 @@ class Copy:
                 t.join()
             if self._failed:
                 raise self._failed[0]
+            # Every stream has flushed: what h reads now is what the target holds.
+            self.baseline = self._sample(h, size)
         finally:
             for hh in handles:
                 try:
                     hh.shutdown()
                 except nbd.Error:
                     pass  # the copy's outcome is already decided
+
+    def _sample(self, h, size: int) -> dict:
+        """The baseline record of the target as it is now (see ``sample``)."""
+        src = self.source
+        return {"uri": self.uri, "size": size, "granularity": src.granularity,
+                "samples": sample(BlockReader(h, self.uri, src, self.timeout),
+                                  self.blocks)}
+
+    def _check_baseline(self, h, size: int) -> None:
+        """Refuse unless the target still holds what the last copy recorded."""
+        check_baseline(h, self.uri, size, self.baseline, self.source, self.timeout)
+        # From here on the blocks to be written change on the target: should
+        # this copy fail, only the other samples still speak for it.
+        self.baseline = {**self.baseline,
+                         "samples": [[b, d] for b, d in self.baseline["samples"]
+                                     if not self.blocks.test(b)]}
 
     def _next_run(self):
         with self._lock:
@@ -153,13 +395,19 @@ class Copy:
 
     def _stream_guarded(self, h, inflight: int) -> None:
         try:
-            self._stream(h, inflight)
+            try:
+                self._stream(h, inflight)
+            except nbd.Error as exc:
+                # Only the target's handle raises nbd.Error: translated here,
+                # once, whichever call met it (a poll on a closed connection,
+                # a capability query after the server died...).
+                raise CopyError(f"target {self.uri}: {exc.string}") from exc
         except CopyError as exc:
             with self._lock:
                 self._failed.append(exc)
         except Exception as exc:
             with self._lock:
-                self._failed.append(CopyError(f"source {self.volume.name}: {exc}",
+                self._failed.append(CopyError(f"source {self.source.name}: {exc}",
                                               "source"))
 
     def _stream(self, h, inflight: int) -> None:
@@ -171,13 +419,11 @@ class Copy:
         flush that followed the write has completed: a target that crashes
         and loses acknowledged writes gets them again with the next copy.
         """
-        vol, pit = self.volume, self.volume.pit
-        g = vol.granularity
+        src = self.source
+        g = src.granularity
         can_zero, can_flush = h.can_zero(), h.can_flush()
-        # One buffer per request in flight, reused: allocating 1 MiB per run
-        # cost more than the copy itself.
-        free = [bytearray(MAX_RUN) for _ in range(inflight)]
-        writes: dict[int, tuple[int, int, int, bytearray]] = {}
+        free = BUFFERS.take(MAX_RUN, inflight)
+        writes: dict[int, tuple[int, int, int, IOBuffer]] = {}
         flushes: dict[int, list[tuple[int, int]]] = {}
         acked: list[tuple[int, int]] = []     # written, not yet covered by a flush
         acked_bytes = 0
@@ -200,7 +446,7 @@ class Copy:
                         raise CopyError(f"target {self.uri} failed to flush:"
                                         f" {exc.string}") from exc
                     for start, nblocks in ranges:
-                        vol.changes.confirm(start, nblocks)
+                        src.flushed(start, nblocks)
                     continue
                 start, nblocks, length, buf = writes.pop(cookie)
                 free.append(buf)
@@ -209,12 +455,12 @@ class Copy:
                 except nbd.Error as exc:
                     raise CopyError(f"target {self.uri} failed a write at"
                                     f" {start * g}: {exc.string}") from exc
-                pit.confirm(start, nblocks)
+                src.confirm(start, nblocks)
                 if can_flush:
                     acked.append((start, nblocks))
                     acked_bytes += length
                 else:
-                    vol.changes.confirm(start, nblocks)   # nothing better to wait for
+                    src.flushed(start, nblocks)   # nothing better to wait for
                 with self._lock:
                     self.done_bytes += length
                     done = self.done_bytes
@@ -231,15 +477,14 @@ class Copy:
         try:
             while (run := self._next_run()) is not None:
                 start, nblocks = run
-                if pit.broken:
-                    raise CopyError(pit.broken, "source")
+                if src.broken:
+                    raise CopyError(src.broken, "source")
                 while not free:
                     reap(True)
                 buf = free.pop()
-                length = min(nblocks * g, vol.size - start * g)
-                view = memoryview(buf)[:length]
-                pit.read(view, start)
-                data = nbd.Buffer.from_buffer(view)
+                length = min(nblocks * g, src.size - start * g)
+                src.read(buf.view(length), start)
+                data = buf.nbd(length)
                 try:
                     if can_zero and data.is_zero():
                         # A zero run costs the link nothing and the target
@@ -247,26 +492,36 @@ class Copy:
                         cookie = h.aio_zero(length, start * g)
                     else:
                         cookie = h.aio_pwrite(data, start * g)
-                    writes[cookie] = (start, nblocks, length, buf)
-                    reap(False)
-                    if acked_bytes >= FLUSH_EVERY:
-                        flush()
-                except nbd.Error as exc:
-                    raise CopyError(f"target {self.uri}: {exc.string}") from exc
+                except BaseException:
+                    free.append(buf)
+                    raise
+                writes[cookie] = (start, nblocks, length, buf)
+                reap(False)
+                if acked_bytes >= FLUSH_EVERY:
+                    flush()
             while writes:
                 reap(True)
-            if can_flush and not (self.cancelled.is_set() or pit.broken):
-                try:
-                    flush()
-                except nbd.Error as exc:
-                    raise CopyError(f"target {self.uri} failed to flush: {exc.string}") \
-                        from exc
-        finally:
-            # Whatever happened, retire what is in flight: what the target
-            # has made durable must not be sent again.
-            while writes or flushes:
+            if can_flush and not (self.cancelled.is_set() or src.broken):
+                flush()
+            while flushes:
                 reap(True)
+        except BaseException:
+            # Retire what is still in flight, if the connection still
+            # answers: what the target has made durable must not be sent
+            # again.  A failure here (the usual one: the target is gone) must
+            # not replace the error that got us here.
+            try:
+                while writes or flushes:
+                    reap(True)
+            except (CopyError, nbd.Error):
+                pass
+            raise
+        finally:
+            # Buffers of writes never retired stay with libnbd (it may still
+            # send from them until the handle is closed): only the others
+            # go back to the pool.
+            BUFFERS.give(free)
         if self.cancelled.is_set():
             raise CopyError("copy cancelled", "source")
-        if pit.broken:
-            raise CopyError(pit.broken, "source")
+        if src.broken:
+            raise CopyError(src.broken, "source")

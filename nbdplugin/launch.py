@@ -8,6 +8,7 @@ pidfile (it does so once it listens) and its control socket answers.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +19,8 @@ import psutil
 from .control import ControlClient, ControlError
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
+# Where the interpreter nbdkit embeds keeps its ``python3`` (the system's).
+SYSTEM_BIN = ("/usr/bin", "/bin")
 
 
 class LaunchError(Exception):
@@ -177,22 +180,26 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     pid = running_pid(spec)
     if pid:
         raise LaunchError(f"slave {spec.name} is already running as pid {pid}")
-    os.makedirs(spec.statedir, exist_ok=True)
+    private_dirs(spec.statedir)
     for path in (spec.nbd_socket, spec.control):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        private_dirs(os.path.dirname(os.path.abspath(path)))
     # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
     # The control socket is left to the slave: it removes it only if stale,
     # never while another process still serves it.
     remove(spec.nbd_socket, spec.pidfile)
-    env = dict(os.environ, **spec.env)
     cmd = spec.command()
+    # nbdkit as found on the caller's PATH, before slave_env reorders it.
+    cmd[0] = shutil.which(cmd[0]) or cmd[0]
     if detach:
         cmd = [a for a in cmd if a != "-f"]
         cmd.insert(1, "--log=stderr")
-    with open(spec.logfile, "ab") as log:
+    fd = os.open(spec.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)     # also a log left by an older version
+    with os.fdopen(fd, "ab") as log:
         log_start = log.tell()
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=log, env=env, start_new_session=detach)
+                                 stderr=log, env=slave_env(spec.env),
+                                 start_new_session=detach)
     proc = SlaveProcess(spec, popen.pid, None if detach else popen)
     deadline = time.monotonic() + timeout
     while True:
@@ -212,6 +219,9 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
             if answered == proc.pid:
                 if detach:
                     popen.wait(timeout=timeout)   # nbdkit's parent exits after forking
+                # nbdkit sets its own umask (022), so the caller's cannot
+                # help; the directories around are 0700 in any case.
+                os.chmod(spec.pidfile, 0o600)
                 return proc
         if detach and status == 0 and not alive(proc.pid) and running_pid(spec) is None \
                 and os.path.exists(spec.pidfile):
@@ -223,6 +233,43 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
             raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
                               f" {_tail(spec.logfile, log_start)}")
         time.sleep(0.02)
+
+
+def private_dirs(path: str) -> None:
+    """Create ``path`` and any missing parents with mode 0700 whatever the
+    umask (a directory that already exists, like /tmp, is left alone): a
+    local user who could write there could swap our sockets or maps."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue      # made meanwhile by someone else: not ours to change
+        os.chmod(d, 0o700)
+
+
+def slave_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment of a slave: ours plus ``extra``, made deterministic
+    for the Python that nbdkit embeds.
+
+    That interpreter takes its prefix from the first ``python3`` on PATH: a
+    pyenv, conda or venv Python first on PATH (a script launched by pyenv,
+    a tool's own venv) gives it another standard library and no ``nbd``
+    module, and the slave does not start.  So the system's bin directories
+    go first, and PYTHON* variables (PYTHONHOME, PYTHONPATH, ...) meant for
+    some other Python are dropped unless ``extra`` sets them.  The plugin
+    finds the project's own packages by itself (see plugin.py).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(extra)
+    path = [p for p in env.get("PATH", "").split(os.pathsep)
+            if p and p not in SYSTEM_BIN]
+    env["PATH"] = os.pathsep.join([*SYSTEM_BIN, *path])
+    return env
 
 
 def stop(spec: SlaveSpec, timeout: float = 30.0) -> bool:

@@ -42,7 +42,7 @@ from wire import address as wire_address
 
 from . import protocol
 from .files import write_atomic
-from .copier import Copy
+from .copier import Copy, CopyError, PitSource, verify_target
 from .protocol import CutMachine, Event, Kind, Phase, ProtocolError
 from .volume import Volume
 
@@ -105,13 +105,23 @@ class Slave:
         write_atomic(self._meta_path(), json.dumps(meta).encode(), sync=sync)
         self._meta = meta
 
+    def baseline(self, name: str) -> dict | None:
+        """What the last completed copy of this volume recorded of its target:
+        ``{"uri", "size", "granularity", "samples": [[block, digest], ...]}``
+        (see ``Copy._sample``), or None."""
+        entry = self._meta.get("synced", {}).get(name)
+        # An entry of an older version (a bare URI) carries no proof: the
+        # next copy is a full one.
+        return entry if isinstance(entry, dict) else None
+
     def synced_target(self, name: str) -> str | None:
         """The target that holds this volume as of its last completed copy."""
-        return self._meta.get("synced", {}).get(name)
+        base = self.baseline(name)
+        return base["uri"] if base else None
 
-    def _set_synced(self, name: str, uri: str | None) -> None:
+    def _set_baseline(self, name: str, baseline: dict | None) -> None:
         synced = dict(self._meta.get("synced", {}))
-        synced[name] = uri
+        synced[name] = baseline
         self._save_meta(synced=synced)
 
     # ------------------------------------------------------------ control ops
@@ -287,25 +297,47 @@ class Slave:
                     raise ProtocolError(
                         f"{name} has no completed copy on {uri}: run a full copy first",
                         Kind.BASELINE)
-                plans[name] = (uri, pit.remaining(), not pit.full)
-            for name, (_, _, incremental) in plans.items():
+                plans[name] = (uri, not pit.full)
+            for name, (_, incremental) in plans.items():
                 if not incremental and self.synced_target(name) is not None:
                     # Bits cleared by this copy were changes relative to the
                     # old target too: it is no longer a baseline.  (Done before
                     # any state changes: if it fails, nothing happened.)
-                    self._set_synced(name, None)
+                    self._set_baseline(name, None)
             self.machine.step(Event.COPY, n)
-            self.copies = {name: Copy(self.volumes[name], uri, blocks, inflight=inflight,
-                                      timeout=timeout_ms / 1000)
-                           for name, (uri, blocks, _) in plans.items()}
+            # An incremental copy first checks that the target still holds
+            # the baseline (and refuses, naming --full, if not).
+            self.copies = {name: Copy(PitSource(self.volumes[name]), uri, inflight=inflight,
+                                      timeout=timeout_ms / 1000,
+                                      baseline=self.baseline(name) if incremental else None)
+                           for name, (uri, incremental) in plans.items()}
             for name, c in self.copies.items():
                 t = threading.Thread(target=self._run_copy, args=(c,),
                                      name=f"copy-{name}", daemon=True)
                 c.thread = t
                 t.start()
-            return protocol.ok(n=n, modes={k: "incremental" if p[2] else "full"
+            return protocol.ok(n=n, modes={k: "incremental" if p[1] else "full"
                                            for k, p in plans.items()},
                                bytes={k: c.total_bytes for k, c in self.copies.items()})
+
+    def op_verify(self, targets: dict, timeout_ms: int = 30000) -> dict:
+        """Before a cut for incremental copies: does each target still hold
+        the baseline of its volume (see copier.check_baseline)?  Replies
+        ``failed``: {volume: one line naming --full}.  A volume whose last
+        completed copy is not on that target has nothing to verify (it will
+        be copied whole).  The reads run outside the lock: a slow target
+        delays only this reply."""
+        with self.lock:
+            todo = [(name, targets[name], self.baseline(name))
+                    for name in self._names(list(targets))]
+        failed = {}
+        for name, uri, base in todo:
+            if base is not None and base["uri"] == uri:
+                try:
+                    verify_target(uri, base, self.volumes[name], timeout_ms / 1000)
+                except CopyError as exc:
+                    failed[name] = str(exc)
+        return protocol.ok(failed=failed)
 
     def _run_copy(self, copy: Copy) -> None:
         copy.run()
@@ -323,8 +355,10 @@ class Slave:
         n = self.machine.n
         ok = all(c.state == "done" for c in self.copies.values())
         for name, c in self.copies.items():
-            if c.state == "done":
-                self._set_synced(name, c.uri)
+            # Done: fresh samples; failed: what still speaks for the target
+            # (see Copy.baseline).
+            if c.baseline != self.baseline(name):
+                self._set_baseline(name, c.baseline)
         self._end_cut()
         self.last_copy = {"n": n, "ok": ok,
                           "volumes": {k: c.progress() for k, c in self.copies.items()}}

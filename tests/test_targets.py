@@ -5,12 +5,18 @@ it is copied, so the PiT equals the source.  Each target starts out filled
 with a pattern so that a block the copy skipped would show.  A full copy,
 then a few scattered writes and an incremental copy; after each, what the
 target serves (read back over NBD) equals the source.
+
+An incremental copy goes only to the image that holds its baseline: a
+target replaced by a blank image, reformatted, or written at a block sampled
+at the last copy is refused with a line naming ``--full``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
 
 import nbd
 import pytest
@@ -18,6 +24,7 @@ import pytest
 from coordinator import peers
 from conftest import need
 from coordinator import group
+from coordinator.errors import CopyFailed, ExitCode
 from coordinator.link import SlaveLink
 
 SIZE = 8 << 20
@@ -74,11 +81,21 @@ def _assert_same(source_path: str, target_uri: str) -> None:
         h.shutdown()
 
 
+def _serve(kind: str, img: str, d: str) -> peers.Server:
+    if kind == "nbdkit-file":
+        return peers.nbdkit_file(img, os.path.join(d, "nbdkit.sock"))
+    if kind == "qemu-nbd":
+        return peers.qemu_nbd(img, os.path.join(d, "qemu.sock"))
+    return peers.nbd_server(img, d)
+
+
 @pytest.fixture
 def target(run_dir, slaves):
     """Factory: ``target(kind) -> URI`` of a fresh target of SIZE bytes,
-    pre-filled with a pattern; every server is stopped at the end."""
-    servers = []
+    pre-filled with a pattern; every server is stopped at the end.
+    ``target.restart(uri, change)`` stops the server of ``uri``, calls
+    ``change(image_path)`` and serves the image again at the same URI."""
+    servers: dict[str, tuple[str, str, peers.Server]] = {}
 
     def make(kind: str) -> str:
         need(BINARIES[kind])
@@ -96,19 +113,23 @@ def target(run_dir, slaves):
         img = os.path.join(d, "target.img")
         with open(img, "wb") as f:
             f.write(b"\xa5" * SIZE)
-        if kind == "nbdkit-file":
-            srv = peers.nbdkit_file(img, os.path.join(d, "nbdkit.sock"))
-        elif kind == "qemu-nbd":
-            srv = peers.qemu_nbd(img, os.path.join(d, "qemu.sock"))
-        else:
-            srv = peers.nbd_server(img, d)
-        servers.append(srv)
+        srv = _serve(kind, img, d)
+        servers[srv.uri] = (kind, img, srv)
         return srv.uri
 
+    def restart(uri: str, change) -> None:
+        kind, img, srv = servers.pop(uri)
+        srv.stop()
+        change(img)
+        srv = _serve(kind, img, os.path.dirname(img))
+        assert srv.uri == uri
+        servers[uri] = (kind, img, srv)
+
+    make.restart = restart
     try:
         yield make
     finally:
-        for s in servers:
+        for _, _, s in servers.values():
             s.stop()
 
 
@@ -138,3 +159,143 @@ def test_pit_copies_to_target(kind, slaves, target, run_dir):
         _assert_same(source, uri)
     finally:
         link.close()
+
+
+# ------------------------------------------------------------------ baseline
+
+THIRD_PARTY = ["nbdkit-file", "qemu-nbd", "nbd-server"]
+
+
+def _blank(img: str) -> None:
+    """A new, empty image of the same size in place of the old one."""
+    os.unlink(img)
+    peers.make_image(img, SIZE)
+
+
+def _mkfs(img: str) -> None:
+    need("mkfs.ext4")
+    subprocess.run(["mkfs.ext4", "-F", "-q", img], check=True, capture_output=True)
+
+
+def _overwrite_a_sample(statedir: str):
+    """Change one of the blocks the slave sampled at the last copy (as a
+    foreign writer that happened to hit it would)."""
+    with open(os.path.join(statedir, "slave.json")) as f:
+        samples = json.load(f)["synced"]["a"]["samples"]
+
+    def change(img: str) -> None:
+        block = samples[len(samples) // 2][0]
+        with open(img, "r+b") as f:
+            f.seek(block * G + 100)
+            f.write(b"foreign")
+    return change
+
+
+def _copy(link, n: int, uri: str, mode: str = "auto"):
+    """What `cgmirror copy` does: decide full/incremental from the slave's
+    status, establish, copy."""
+    full = group.full_volumes(group.preflight([link]), {"s1": {"a": uri}}, mode)
+    group.establish([link], n, lease_ms=5000, max_coordination_ms=1000, full=full)
+    return group.copy([link], n, {"s1": {"a": uri}}, mode)
+
+
+@pytest.mark.parametrize("change", ["blank", "mkfs", "sampled-block"])
+@pytest.mark.parametrize("kind", THIRD_PARTY)
+def test_incremental_refused_when_target_no_longer_holds_baseline(
+        kind, change, slaves, target, run_dir):
+    """A target replaced, reformatted or written at a sampled block at the
+    same URI: the incremental copy is refused (target fault, one line naming
+    --full), nothing is lost, and a full copy then makes it right."""
+    rng = random.Random(7)
+    proc = slaves("s1", volumes=[("a", SIZE)])
+    source = os.path.join(run_dir, "s1-a.img")
+    _fill(proc.spec.uri("a"), rng)
+    uri = target(kind)
+    link = SlaveLink.from_spec(proc.spec)
+    try:
+        assert _copy(link, 1, uri).slaves["s1"]["a"].mode == "full"
+        target.restart(uri, {"blank": _blank, "mkfs": _mkfs,
+                             "sampled-block": _overwrite_a_sample(proc.spec.statedir)}[change])
+        _scribble(proc.spec.uri("a"), rng)
+        with pytest.raises(CopyFailed) as ei:
+            _copy(link, 2, uri)
+        e = ei.value
+        assert (e.fault, e.exit_code) == ("target", ExitCode.TARGET)
+        msg = str(e)
+        assert "\n" not in msg
+        assert f"target {uri} no longer holds the baseline of a" in msg
+        assert "cgmirror copy --full" in msg
+        # Refused again, not forgotten: the record still names the target.
+        assert link.status()["volumes"]["a"]["synced_target"] == uri
+        with pytest.raises(CopyFailed, match="--full"):
+            _copy(link, 3, uri)
+        rep = _copy(link, 4, uri, "full")
+        assert rep.slaves["s1"]["a"].mode == "full"
+        _assert_same(source, uri)
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("kind", THIRD_PARTY)
+def test_incremental_goes_on_when_target_untouched(kind, slaves, target, run_dir):
+    """The same image served again (server restarted): incremental, correct."""
+    rng = random.Random(8)
+    proc = slaves("s1", volumes=[("a", SIZE)])
+    source = os.path.join(run_dir, "s1-a.img")
+    _fill(proc.spec.uri("a"), rng)
+    uri = target(kind)
+    link = SlaveLink.from_spec(proc.spec)
+    try:
+        _copy(link, 1, uri)
+        target.restart(uri, lambda img: None)
+        for n in (2, 3):
+            touched = _scribble(proc.spec.uri("a"), rng)
+            vc = _copy(link, n, uri).slaves["s1"]["a"]
+            assert (vc.mode, vc.bytes) == ("incremental", len(touched) * G)
+            _assert_same(source, uri)
+    finally:
+        link.close()
+
+
+def test_failed_incremental_keeps_the_other_samples(slaves, run_dir):
+    """An incremental copy whose target dies midway does not make the next
+    one refuse: samples in blocks it was writing are dropped, the others
+    still hold, and the retry completes the target."""
+    need("nbdkit")
+    rng = random.Random(9)
+    proc = slaves("s1", volumes=[("a", SIZE)])
+    source = os.path.join(run_dir, "s1-a.img")
+    _fill(proc.spec.uri("a"), rng)
+    img = peers.make_image(os.path.join(run_dir, "t.img"), SIZE)
+    sock = os.path.join(run_dir, "t.sock")
+    tgt = peers.nbdkit_file(img, sock)
+    link = SlaveLink.from_spec(proc.spec)
+    try:
+        _copy(link, 1, tgt.uri)
+        with open(os.path.join(proc.spec.statedir, "slave.json")) as f:
+            sampled = [b for b, _ in json.load(f)["synced"]["a"]["samples"]]
+        # Change every sampled block, so the failed copy was writing them all.
+        h = nbd.NBD()
+        h.connect_uri(proc.spec.uri("a"))
+        for b in sampled:
+            h.pwrite(rng.randbytes(G), b * G)
+        h.shutdown()
+        tgt.stop()
+        # Slow writes, so the kill lands after the check and mid-copy.
+        tgt = peers.nbdkit_file(img, sock, filters=("delay",), args=("wdelay=300ms",))
+
+        def kill_when_started(progress):
+            if progress["done_bytes"] > 0 and tgt.proc.poll() is None:
+                tgt.proc.kill()
+        group.establish([link], 2, lease_ms=5000, max_coordination_ms=1000)
+        with pytest.raises(CopyFailed, match="not connected|closed|dead"):
+            group.copy([link], 2, {"s1": {"a": tgt.uri}}, progress_cb=kill_when_started,
+                       inflight=2)
+        tgt.stop()
+        tgt = peers.nbdkit_file(img, sock)
+        vc = _copy(link, 3, tgt.uri).slaves["s1"]["a"]
+        assert vc.mode == "incremental"
+        _assert_same(source, tgt.uri)
+    finally:
+        link.close()
+        tgt.stop()
