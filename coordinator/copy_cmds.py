@@ -14,8 +14,8 @@ from __future__ import annotations
 import datetime
 
 from . import errors, group, output
-from .errors import CgmirrorError, ExitCode, SlaveError
-from .history import MAX_N, History
+from .errors import CgmirrorError, ExitCode
+from .history import History
 from .link import SlaveLink
 from .lock import SessionLock
 
@@ -48,7 +48,6 @@ def copy(ctx, mode: str) -> ExitCode:
         try:
             replies = group.preflight(lks, warn=ctx.warn)
             full = group.full_volumes(replies, s.targets(), mode)
-            check_cut_numbers(s, replies)
             group.verify_baselines(lks, s.targets(), full, s.copy_timeout_ms)
             doc = run(ctx, hist, lks, group.next_n(replies, hist.max_n()), mode, full)
         finally:
@@ -59,19 +58,6 @@ def copy(ctx, mode: str) -> ExitCode:
     else:
         print_report(doc, ctx.out)
     return ExitCode.OK
-
-
-def check_cut_numbers(session, replies: dict[str, dict]) -> None:
-    """Every slave's cut number leaves room for the next one in the history;
-    else one line naming the slave (never SQLite's OverflowError)."""
-    for cfg in session.slaves:
-        n = replies[cfg.name]["n"]
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < MAX_N:
-            raise SlaveError(cfg.name, f"slave {cfg.name} reports cut number {n!r}, not"
-                             f" a whole number from 0 to {MAX_N - 1}; its saved state"
-                             f" (last_n in {cfg.state_dir}/slave.json) is damaged: stop"
-                             f" the slave, fix or remove that file, start it again and"
-                             f" copy --full")
 
 
 def run(ctx, hist: History, lks: list[SlaveLink], n: int, mode: str,

@@ -39,7 +39,7 @@ for _p in (_VENV_SITE, _ROOT):
 
 from nbdplugin import files  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
-from nbdplugin.slave import ControlServerError, Slave  # noqa: E402
+from nbdplugin.slave import ControlServerError, Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError, parse_size  # noqa: E402
 from wire import address as wire_address  # noqa: E402
 
@@ -84,7 +84,7 @@ def _one_line_errors(fn):
     def wrapper(*args):
         try:
             return fn(*args)
-        except (ConfigError, VolumeError, ChangeMapError, files.LockedError,
+        except (ConfigError, VolumeError, ChangeMapError, files.LockedError, StateError,
                 OSError) as exc:
             print(f"cgmirror: error: {exc}", file=sys.stderr, flush=True)
             os._exit(1)

@@ -61,6 +61,10 @@ class ControlServerError(Exception):
     """The control server cannot start; the message says what to do."""
 
 
+class StateError(Exception):
+    """The slave's own state file is damaged; the message says what to do."""
+
+
 class Slave:
     def __init__(self, volumes: dict[str, Volume], statedir: str,
                  checkpoint_interval: float = 2.0):
@@ -90,11 +94,24 @@ class Slave:
         return os.path.join(self.statedir, "slave.json")
 
     def _load_meta(self) -> dict:
+        """The small state, checked: a damaged file stops the slave in one line
+        rather than feeding a cut number no coordinator can use."""
+        path = self._meta_path()
         try:
-            with open(self._meta_path()) as f:
-                return json.load(f)
+            with open(path, "rb") as f:
+                meta = json.loads(f.read())
         except FileNotFoundError:
             return {}
+        except ValueError as exc:
+            raise StateError(f"{path} is not valid JSON ({exc}): the file is damaged;"
+                             f" move it aside (the next copy of each volume is then full)")
+        last_n = meta.get("last_n", 0) if isinstance(meta, dict) else None
+        if isinstance(last_n, bool) or not isinstance(last_n, int) \
+                or not 0 <= last_n <= protocol.MAX_N:
+            raise StateError(f"{path}: last_n {last_n!r} is not a cut number: the file is"
+                             f" damaged; move it aside (the next copy of each volume is"
+                             f" then full)")
+        return meta
 
     def _save_meta(self, sync: bool = True, **updates) -> None:
         """Persist the slave's small state (last cut number, synced targets);

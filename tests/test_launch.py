@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from cgtest import MiB, read_all, write
-from nbdplugin import launch
 
 
 def _fake_python_prefix(d: str) -> str:
