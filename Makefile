@@ -44,7 +44,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not vm and not slow" tests
 
 demo: setup
-	$(PY) -m coordinator.demo
+	$(PY) -m harness.demo
 
 vm: setup
 	$(PY) -m vm.build

@@ -43,9 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from coordinator import peers  # noqa: E402
-from nbdplugin import launch  # noqa: E402
-from nbdplugin.control import ControlClient  # noqa: E402
+from harness import peers  # noqa: E402
+from coordinator import launch  # noqa: E402
+from coordinator.control import ControlClient  # noqa: E402
 
 MiB = 1 << 20
 KINDS = ["cgmirror", "nbdcopy-file", "nbdcopy-export"]

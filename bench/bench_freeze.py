@@ -58,8 +58,8 @@ if ROOT not in sys.path:
 from coordinator import group  # noqa: E402
 from coordinator.errors import EstablishAborted  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
-from nbdplugin import launch  # noqa: E402
-from nbdplugin.control import ControlClient  # noqa: E402
+from coordinator import launch  # noqa: E402
+from coordinator.control import ControlClient  # noqa: E402
 
 BLOCK = 4096
 

@@ -1,6 +1,6 @@
 """The coordinator's handle on one slave's control channel.
 
-This is the one place where ``nbdplugin.control.ControlError`` becomes a coordinator error: ``SlaveUnreachable`` when the
+This is the one place where ``coordinator.control.ControlError`` becomes a coordinator error: ``SlaveUnreachable`` when the
 socket does not answer, ``UnknownVolume`` when the slave does not serve a
 volume we named, ``SlaveBusy`` when it is in another cut, ``SlaveError``
 (with the slave's ``kind``, a ``protocol.Kind``) for any other refusal and
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 
-from nbdplugin.control import ControlClient, ControlError
-from nbdplugin.protocol import Kind
+from coordinator.control import ControlClient, ControlError
+from wire.protocol import Kind
 
 from .errors import CgmirrorError, SlaveBusy, SlaveError, SlaveUnreachable, UnknownVolume
 
@@ -40,7 +40,7 @@ class SlaveLink:
 
     @classmethod
     def from_spec(cls, spec, timeout: float = DEFAULT_TIMEOUT) -> "SlaveLink":
-        """A link to the slave an ``nbdplugin.launch.SlaveSpec`` describes."""
+        """A link to the slave an ``coordinator.launch.SlaveSpec`` describes."""
         return cls(spec.name, spec.control, [v[0] for v in spec.volumes], timeout)
 
     def call(self, op: str, **args) -> dict:

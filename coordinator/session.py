@@ -38,9 +38,9 @@ import tomllib
 import urllib.parse
 from dataclasses import dataclass
 
-from nbdplugin.launch import SlaveSpec
-from nbdplugin.protocol import MAX_LEASE_MS
-from nbdplugin.volume import parse_size
+from coordinator.launch import SlaveSpec
+from wire.protocol import MAX_LEASE_MS
+from wire.units import parse_size
 from wire import nbduri
 
 from .errors import ConfigError, UsageError
@@ -76,7 +76,7 @@ class SlaveConfig:
     volumes: tuple[VolumeConfig, ...]
 
     def spec(self) -> SlaveSpec:
-        """How to run this slave (for nbdplugin.launch)."""
+        """How to run this slave (for coordinator.launch)."""
         spec = SlaveSpec(name=self.name, statedir=self.state_dir,
                          nbd_socket=self.nbd_socket, control=self.control,
                          volumes=[(v.name, v.path, v.size) for v in self.volumes])

@@ -1,7 +1,7 @@
 """``cgmirror slave start|stop [NAME...]``: run the session's slaves.
 
 Slaves are started detached (their own session, so they outlive this
-command) through ``nbdplugin.launch``, which removes stale sockets, writes
+command) through ``coordinator.launch``, which removes stale sockets, writes
 the pidfile and waits until the control socket answers.  ``LaunchError`` and
 psutil errors become ``SlaveError`` here.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import psutil
 
-from nbdplugin import launch
+from coordinator import launch
 
 from .errors import ExitCode, SlaveError
 from .lock import SessionLock

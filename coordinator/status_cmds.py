@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from nbdplugin import launch
+from coordinator import launch
 
 from . import errors, group, output
 from .copy_cmds import links

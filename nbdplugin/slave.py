@@ -40,10 +40,10 @@ import time
 
 from wire import address as wire_address
 
-from . import protocol
+from wire import protocol
 from .files import write_atomic
 from .copier import Copy, CopyError, PitSource, verify_target
-from .protocol import CutMachine, Event, Kind, Phase, ProtocolError
+from wire.protocol import CutMachine, Event, Kind, Phase, ProtocolError
 from .volume import Volume
 
 log = logging.getLogger(__name__)

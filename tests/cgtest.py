@@ -1,5 +1,5 @@
 """Helpers for the coordinator tests: session files, nbdkit file targets
-(coordinator/peers.py), slaves.
+(harness/peers.py), slaves.
 
 Every process started here is started with Popen and killed and reaped by
 PID in a ``finally``; sockets live under the test's tmp_path.
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import nbd
 
-from coordinator import cli, peers, session as session_mod
-from nbdplugin import launch
+from coordinator import cli, session as session_mod
+from harness import peers
+from coordinator import launch
 
 MiB = 1 << 20
 

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from nbdplugin import launch  # noqa: E402
+from coordinator import launch  # noqa: E402
 
 pytest_plugins = ["tests.vmfixture"]
 

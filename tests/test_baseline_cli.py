@@ -9,7 +9,7 @@ import os
 import cgtest
 from cgtest import MiB, read_all, run, write
 from conftest import need
-from coordinator import peers
+from harness import peers
 from coordinator.errors import ExitCode
 
 

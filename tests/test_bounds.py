@@ -24,9 +24,9 @@ from coordinator import group
 from coordinator.errors import ConfigError, EstablishAborted, ExitCode, SlaveError, \
     SlaveUnreachable
 from coordinator.link import SlaveLink
-from nbdplugin import protocol
-from nbdplugin.control import ControlError
-from nbdplugin.protocol import Kind
+from wire import protocol
+from coordinator.control import ControlError
+from wire.protocol import Kind
 
 MB = 1 << 20
 BIG = 2**63 + 5     # once saved by a freeze, it crashed every later copy (SQLite)

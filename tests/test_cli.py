@@ -14,11 +14,12 @@ import pytest
 import cgtest
 from cgtest import MiB, read_all, run, write
 from conftest import need
-from coordinator import peers, session as session_mod
+from coordinator import session as session_mod
+from harness import peers
 from coordinator.errors import ExitCode
 from coordinator.lock import SessionLock
-from nbdplugin import launch
-from nbdplugin.control import ControlClient
+from coordinator import launch
+from coordinator.control import ControlClient
 
 BLOCK = 64 * 1024
 TWO = {"s1": {"db": 4 * MiB, "log": 2 * MiB}, "s2": {"data": 4 * MiB}}

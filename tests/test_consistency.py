@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 import workload as wl
-from coordinator import peers
+from harness import peers
 from conftest import need, wait_until
 from coordinator import group
 from coordinator.errors import CopyFailed, EstablishAborted
 from coordinator.link import SlaveLink
-from nbdplugin.control import ControlClient, ControlError
+from coordinator.control import ControlClient, ControlError
 
 # ------------------------------------------------------------------ checker
 

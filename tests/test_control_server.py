@@ -22,7 +22,7 @@ import pytest
 import trustme
 
 from conftest import wait_until
-from nbdplugin import launch
+from coordinator import launch
 from nbdplugin.slave import ControlServerError, Slave
 from nbdplugin.volume import Volume
 

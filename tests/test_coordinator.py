@@ -11,7 +11,7 @@ import time
 import pytest
 
 from cgtest import MiB, nbd_handle, close, read_all, write
-from coordinator import peers
+from harness import peers
 from conftest import need
 from coordinator import group
 from coordinator.errors import (BusyError, CopyFailed, EstablishAborted, ExitCode,

@@ -12,7 +12,8 @@ import pytest
 
 from cgtest import MiB, write
 from conftest import need
-from coordinator import group, peers
+from coordinator import group
+from harness import peers
 from coordinator.errors import CopyFailed, ExitCode
 from coordinator.link import SlaveLink
 from native.bitmap import Bitmap

@@ -14,7 +14,8 @@ import pytest
 import cgtest
 from cgtest import MiB, read_all, run, write
 from conftest import need
-from coordinator import history, peers
+from coordinator import history
+from harness import peers
 from coordinator.errors import ExitCode
 
 LAYOUT = {"s1": {"db": 2 * MiB}, "s2": {"data": 2 * MiB}}

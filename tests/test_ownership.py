@@ -10,7 +10,7 @@ import nbd
 import pytest
 
 from conftest import need
-from nbdplugin import launch
+from coordinator import launch
 
 G = 64 * 1024
 MB = 1 << 20

@@ -9,8 +9,8 @@ import nbd
 import pytest
 
 from conftest import need
-from coordinator import peers
-from nbdplugin.control import ControlError
+from harness import peers
+from coordinator.control import ControlError
 
 G = 64 * 1024
 MB = 1 << 20

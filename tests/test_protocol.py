@@ -5,8 +5,8 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from nbdplugin import protocol
-from nbdplugin.protocol import CutMachine, Event, Kind, Phase, ProtocolError
+from wire import protocol
+from wire.protocol import CutMachine, Event, Kind, Phase, ProtocolError
 
 
 def test_decode_accepts_a_good_freeze():

@@ -11,8 +11,8 @@ import nbd
 import pytest
 
 from conftest import need, wait_until
-from nbdplugin import launch
-from nbdplugin.control import ControlError
+from coordinator import launch
+from coordinator.control import ControlError
 from nbdplugin.slave import Slave
 from nbdplugin.volume import Volume
 

@@ -21,7 +21,7 @@ import subprocess
 import nbd
 import pytest
 
-from coordinator import peers
+from harness import peers
 from conftest import need
 from coordinator import group
 from coordinator.errors import CopyFailed, ExitCode

@@ -29,7 +29,7 @@ import subprocess
 import time
 
 import cgtest
-from coordinator import peers
+from harness import peers
 import pytest
 from cgtest import MiB
 from conftest import need

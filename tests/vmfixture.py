@@ -35,7 +35,7 @@ import tempfile
 import pytest
 
 from conftest import need
-from coordinator import peers
+from harness import peers
 from vm import build
 from vm.runner import Guest
 
@@ -80,7 +80,7 @@ def vm_guest(vm_artifacts, request):
 @pytest.fixture
 def nbdkit_server(vm_dir):
     """Factory: ``nbdkit_server("memory", "64M")`` -> a started
-    coordinator.peers.Server; ``(srv.sock, "")`` is the export for a guest."""
+    harness.peers.Server; ``(srv.sock, "")`` is the export for a guest."""
     need("nbdkit")
     servers: list[peers.Server] = []
 

@@ -41,7 +41,7 @@ The records overwritten inside the prefix cannot be seen (nor can they be in
 any real image); that is the only thing the checker does not cover.
 
 Used by tests/test_consistency.py, tests/test_targets.py and bench/.  The
-target servers they copy to come from coordinator/peers.py.
+target servers they copy to come from harness/peers.py.
 """
 
 from __future__ import annotations

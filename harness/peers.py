@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 
-from nbdplugin.launch import alive, remove, wait_gone
+from coordinator.launch import alive, remove, wait_gone
 
 
 class PeerError(Exception):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from . import protocol
-from .protocol import Kind
+from wire import protocol
+from wire.protocol import Kind
 
 
 class ControlError(Exception):

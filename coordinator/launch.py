@@ -18,7 +18,9 @@ import psutil
 
 from .control import ControlClient, ControlError
 
-PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
+# The plugin runs inside nbdkit; this module (the client side) only names it.
+PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "nbdplugin", "plugin.py")
 # Where the interpreter nbdkit embeds keeps its ``python3`` (the system's).
 SYSTEM_BIN = ("/usr/bin", "/bin")
 

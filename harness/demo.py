@@ -38,7 +38,9 @@ import time
 
 import nbd
 
-from . import cli, peers
+from coordinator import cli
+
+from . import peers
 
 MiB = 1 << 20
 LAYOUT = {"s1": {"db": 32 * MiB, "log": 16 * MiB}, "s2": {"data": 32 * MiB}}
@@ -242,7 +244,7 @@ def demo(workdir: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coordinator.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m harness.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keep", action="store_true", help="keep the working directory")
     args = p.parse_args(argv)
