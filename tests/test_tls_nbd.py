@@ -35,7 +35,8 @@ def certs(tmp_path_factory):
     d = str(root / "sess")
     pki.init(d, "sess")
     dirs = {"server": pki.issue(d, "server", ips=["127.0.0.1"], dns=["localhost"]),
-            "good": pki.issue(d, "client")}
+            "good": pki.issue(d, "client"),
+            "misnamed": pki.issue(d, "elsewhere", dns=["elsewhere.example"])}
     long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
     expired = pki.issue(d, "expired", days=1, valid_from=long_ago)
     other = str(root / "other")
@@ -107,18 +108,31 @@ class Server:
 
 
 @pytest.fixture
-def memory_server(certs, tmp_path):
-    """``nbdkit memory 1M`` over TCP, TLS required, client certificates checked."""
+def memory_servers(tmp_path):
+    """Factory: ``nbdkit memory 1M`` on 127.0.0.1, mutual TLS from a host dir."""
     need("nbdkit")
-    port = free_port()
-    srv = Server(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port),
-                  *tls.nbdkit_args(certs["server"]), "memory", "1M"],
-                 str(tmp_path / "nbdkit.log"), port)
-    try:
+    started = []
+
+    def make(host_dir):
+        port = free_port()
+        srv = Server(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port),
+                      *tls.nbdkit_args(host_dir), "memory", "1M"],
+                     str(tmp_path / f"nbdkit{len(started)}.log"), port)
+        started.append(srv)
         srv.wait_ready()
-        yield srv
+        return srv
+
+    try:
+        yield make
     finally:
-        srv.stop()
+        for srv in started:
+            srv.stop()
+
+
+@pytest.fixture
+def memory_server(certs, memory_servers):
+    """The server of most tests: its certificate names 127.0.0.1 and localhost."""
+    return memory_servers(certs["server"])
 
 
 def client(host_dir: str | None, port: int, host: str = "127.0.0.1"):
@@ -171,11 +185,10 @@ def test_plaintext_client_refused(memory_server):
     # offered, nothing was served.
 
 
-def test_client_checks_server_name(certs, memory_server, tmp_path):
-    """A server certificate that does not name the host dialled is refused by
-    libnbd (the server's certificate names 127.0.0.1 and localhost only)."""
-    with pytest.raises(nbd.Error):
-        # 127.0.0.2 is loopback too, but not a name in the certificate.
-        client(certs["good"], memory_server.port, host="127.0.0.2")
-    h = client(certs["good"], memory_server.port, host="localhost")
+def test_client_checks_server_name(certs, memory_servers):
+    """libnbd refuses a server whose certificate does not name the host dialled."""
+    misnamed = memory_servers(certs["misnamed"])     # names elsewhere.example only
+    with pytest.raises(nbd.Error, match="certificate"):
+        client(certs["good"], misnamed.port, host="127.0.0.1")
+    h = client(certs["good"], memory_servers(certs["server"]).port, host="localhost")
     h.shutdown()
