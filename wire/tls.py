@@ -147,12 +147,14 @@ def peer_name(sock: ssl.SSLSocket) -> str | None:
     return None
 
 
+_MISNAMED = ("certificate does not name the address dialled"
+             " (issue it with --dns/--ip for that host)")
 # OpenSSL verify codes (x509_vfy.h) and alert reasons, in words a person can act on.
 _VERIFY_CODES = {
     10: "certificate has expired (issue a new one: cgmirror pki issue)",
     9: "certificate is not yet valid (check both clocks)",
-    62: "certificate does not name the address dialled"
-        " (issue it with --dns/--ip for that host)",
+    62: _MISNAMED,
+    64: _MISNAMED,
 }
 _NOT_OURS = "certificate not from this session's CA"
 _REASONS = {
