@@ -192,3 +192,40 @@ def test_client_checks_server_name(certs, memory_servers):
         client(certs["good"], misnamed.port, host="127.0.0.1")
     h = client(certs["good"], memory_servers(certs["server"]).port, host="localhost")
     h.shutdown()
+
+
+def test_our_plugin_serves_over_tls(certs, run_dir, tmp_path):
+    """The slave's own nbdkit command, moved from its unix socket to TCP with
+    mutual TLS: a session client writes and reads a volume, a client of
+    another session is refused."""
+    need("nbdkit")
+    spec = launch.SlaveSpec(name="s1", statedir=os.path.join(run_dir, "s1"),
+                            nbd_socket=os.path.join(run_dir, "s1.sock"),
+                            control=os.path.join(run_dir, "s1.ctl"),
+                            volumes=[("a", os.path.join(run_dir, "a.img"), 1 << 20)])
+    os.makedirs(spec.statedir)
+    port = free_port()
+    cmd = spec.command()
+    i = cmd.index("-U")
+    cmd[i:i + 2] = ["-i", "127.0.0.1", "-p", str(port), *tls.nbdkit_args(certs["server"])]
+    srv = Server(cmd, str(tmp_path / "slave.log"), port)
+    try:
+        srv.wait_ready()
+        h = nbd.NBD()
+        h.set_export_name("a")
+        tls.libnbd_setup(h, certs["good"])
+        h.connect_tcp("127.0.0.1", str(port))
+        try:
+            h.pwrite(b"\x5a" * 65536, 65536)
+            assert h.pread(65536, 65536) == b"\x5a" * 65536
+        finally:
+            h.shutdown()
+        bad = nbd.NBD()
+        bad.set_export_name("a")
+        tls.libnbd_setup(bad, certs["other-session"])
+        with pytest.raises(nbd.Error):
+            bad.connect_tcp("127.0.0.1", str(port))
+        wait_until(lambda: "gnutls_handshake" in srv.log(), timeout=10,
+                   what="the slave's nbdkit to log the refusal")
+    finally:
+        srv.stop()
