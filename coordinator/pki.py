@@ -134,8 +134,9 @@ def issue(pki_dir: str, name: str, dns: list[str] | tuple[str, ...] = (),
     for a in ips:
         try:
             addrs.append(ipaddress.ip_address(a))
-        except ValueError:
-            raise UsageError(f"pki issue: --ip {a!r} is not an IPv4 or IPv6 address")
+        except ValueError as exc:
+            raise UsageError(f"pki issue: --ip {a!r} is not an IPv4 or IPv6"
+                             f" address") from exc
     ca_key, ca_cert = _load_ca(pki_dir)
     dest = os.path.join(pki_dir, name)
     if os.path.exists(dest):

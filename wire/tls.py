@@ -196,7 +196,7 @@ def describe(exc: BaseException, peer: str) -> str:
 
 def nbdkit_args(host_dir: str) -> list[str]:
     """nbdkit options that serve exports only over mutual TLS from ``host_dir``."""
-    _require_files(host_dir, (CA_CERT, SERVER_CERT, SERVER_KEY))
+    _require_files(host_dir, (CA_CERT, SERVER_CERT), SERVER_KEY)
     return ["--tls=require", f"--tls-certificates={os.path.abspath(host_dir)}",
             "--tls-verify-peer"]
 
@@ -209,17 +209,17 @@ def libnbd_setup(h, host_dir: str) -> None:
     """
     import nbd      # late: the control plane must not need libnbd
 
-    _require_files(host_dir, (CA_CERT, CLIENT_CERT, CLIENT_KEY))
+    _require_files(host_dir, (CA_CERT, CLIENT_CERT), CLIENT_KEY)
     h.set_tls(nbd.TLS_REQUIRE)
     h.set_tls_certificates(os.path.abspath(host_dir))
     h.set_tls_verify_peer(True)
 
 
-def _require_files(host_dir: str, names: tuple[str, ...]) -> None:
+def _require_files(host_dir: str, names: tuple[str, ...], key: str) -> None:
     # nbdkit and libnbd report a missing file late and vaguely; say it here.
-    for name in names:
+    for name in names + (key,):
         path = os.path.join(host_dir, name)
         if not os.path.isfile(path):
             raise TLSConfigError(f"TLS file {path} is missing"
                                  f" (make it with: cgmirror pki issue NAME)")
-    _check_key_mode(os.path.join(host_dir, names[2]))
+    _check_key_mode(os.path.join(host_dir, key))
