@@ -133,6 +133,7 @@ class LazyFS:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(30)
+            proc.stdout.close()
         finally:
             if mounted(self.mountpoint):
                 subprocess.run(["fusermount3", "-u", "-z", self.mountpoint],
