@@ -172,6 +172,11 @@ class LazyFS:
             time.sleep(0.002)
         return True
 
+    def set_survive(self, p: float) -> None:
+        """From now on a cut keeps each unsynced page with probability ``p``."""
+        self.survive = p
+        self._call("survive", float(p))
+
     def reboot(self) -> None:
         """Power back: the durable state only, and usable again."""
         self._call("reboot")
@@ -229,6 +234,7 @@ def _serve(mountpoint: str, survive: float, seed: int) -> None:
             self.armed: int | None = None
             self.mutations = 0
             self.cuts = 0
+            self.survive = survive
             r = self._new(stat.S_IFDIR | 0o755, 0, 0)
             r.parent = root
             r.sync()
@@ -262,7 +268,7 @@ def _serve(mountpoint: str, survive: float, seed: int) -> None:
             for n in self.nodes.values():
                 if n.is_dir:
                     n.entries = dict(n.dentries)
-                elif survive and bytes(n.data) != n.ddata:
+                elif self.survive and bytes(n.data) != n.ddata:
                     n.data = bytearray(self._torn(n))
                     n.ddata = bytes(n.data)
                 else:
@@ -286,10 +292,10 @@ def _serve(mountpoint: str, survive: float, seed: int) -> None:
         def _torn(self, n: _Node) -> bytes:
             """A cut file when each unsynced page survives with ``survive``."""
             live, old = bytes(n.data), n.ddata
-            size = len(live) if rng.random() < survive else len(old)
+            size = len(live) if rng.random() < self.survive else len(old)
             out = bytearray(old[:size].ljust(size, b"\0"))
             for p in range(0, size, PAGE):
-                if rng.random() < survive:
+                if rng.random() < self.survive:
                     piece = live[p:p + PAGE].ljust(min(PAGE, size - p), b"\0")
                     out[p:p + len(piece)] = piece[:size - p]
             return bytes(out)
@@ -300,6 +306,8 @@ def _serve(mountpoint: str, survive: float, seed: int) -> None:
                     self.power_cut()
             elif words[0] == "arm":
                 self.armed = int(words[1])
+            elif words[0] == "survive":
+                self.survive = float(words[1])
             elif words[0] == "reboot":
                 self.cut = False
             elif words[0] == "sync":
