@@ -38,7 +38,8 @@ MAX_ROUNDS = 25
 @pytest.fixture
 def lazy_torn(run_dir):
     """A LazyFS where each unsynced page survives a cut with probability 1/2
-    (a disk cache writes back in any order): lost, kept and torn writes."""
+    (a disk cache writes back in any order): lost, kept and torn writes.
+    A test may switch to strict loss with ``set_survive(0)``."""
     need_lazyfs()
     fs = LazyFS(os.path.join(run_dir, "lazy"), survive=0.5)
     try:
