@@ -27,6 +27,7 @@ Durability model (strict ext4 semantics without its helpful extras):
   power cut keeps each unsynced 4 KiB page of a file's data with
   probability p (and the unsynced size with probability p): a disk cache
   writes back pages in any order, so an in-place rewrite may be torn.
+  ``set_survive(p)`` changes it between cuts.
 - A cut freezes the file system: from that moment every operation fails with
   EIO (a machine without power does nothing), until ``reboot()``.
   ``arm(after=N)`` cuts just before the N+1-th mutating operation (write,

@@ -1,6 +1,7 @@
 """The lazy file system keeps exactly what was synced across a power cut."""
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -18,16 +19,23 @@ def need_lazyfs() -> None:
         pytest.skip(why)
 
 
-@pytest.fixture
-def lazy(run_dir):
-    """A LazyFS mounted on a fresh directory; unmounted (and checked) after."""
+@contextmanager
+def lazyfs_at(path, survive=0.0):
+    """A LazyFS mounted on ``path`` for a test; unmounted (and checked) after."""
     need_lazyfs()
-    fs = LazyFS(os.path.join(run_dir, "lazy"))
+    fs = LazyFS(path, survive=survive)
     try:
         with fs:
             yield fs
     finally:
         assert not mounted(fs.mountpoint), "lazyfs left a mount behind"
+
+
+@pytest.fixture
+def lazy(run_dir):
+    """A LazyFS where every unsynced byte is lost at a cut."""
+    with lazyfs_at(os.path.join(run_dir, "lazy")) as fs:
+        yield fs
 
 
 def put(path, data, sync=False):

@@ -26,8 +26,7 @@ from nbdplugin import launch
 from nbdplugin.blockstore import BlockStore
 from nbdplugin.files import fsync_dir, write_atomic
 from tests.conftest import need
-from tests.lazyfs import LazyFS, mounted
-from tests.test_lazyfs import need_lazyfs
+from tests.test_lazyfs import lazyfs_at
 
 G = 64 * 1024            # change granularity
 REGION = 256 * 1024      # intent region: 4 blocks, so regions come and go
@@ -41,13 +40,8 @@ def lazy_torn(run_dir):
     """A LazyFS where each unsynced page survives a cut with probability 1/2
     (a disk cache writes back in any order): lost, kept and torn writes.
     A test may switch to strict loss with ``set_survive(0)``."""
-    need_lazyfs()
-    fs = LazyFS(os.path.join(run_dir, "lazy"), survive=0.5)
-    try:
-        with fs:
-            yield fs
-    finally:
-        assert not mounted(fs.mountpoint), "lazyfs left a mount behind"
+    with lazyfs_at(os.path.join(run_dir, "lazy"), survive=0.5) as fs:
+        yield fs
 
 
 def _writer(uri, stop, rng_seed, counts):
