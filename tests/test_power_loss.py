@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from coordinator import peers
-from nbdplugin import launch
+from coordinator import launch
+from harness import peers
 from nbdplugin.blockstore import BlockStore
 from nbdplugin.files import fsync_dir, write_atomic
 from tests.conftest import need
