@@ -510,6 +510,25 @@ def bad_reply(op: str | None, why: object) -> ProtocolError:
                          f" or one of another version: see its log)", Kind.REPLY)
 
 
+def check_runs(runs: list, nblocks: int, volume: str) -> None:
+    """Refuse runs of blocks that go past a volume's ``nblocks``."""
+    for i, (start, count) in enumerate(runs):
+        if start + count > nblocks:
+            raise ProtocolError(f"'runs[{i}]' [{start}, {count}] goes past the"
+                                f" {nblocks} blocks of {volume}")
+
+
+def runs_page(volume: str, granularity: int, bitmap, start: int, max_runs: int) -> dict:
+    """The reply of a page of runs of ``bitmap`` (the ``dirty`` and ``tgt``
+    ops) from block ``start``; ``next`` is where the next page starts (None
+    after the last)."""
+    if start > bitmap.nbits:
+        raise ProtocolError(f"'start' {start} is past the {bitmap.nbits} blocks of {volume}")
+    runs, nxt = bitmap.runs(start, max_runs=max_runs)
+    return ok(volume=volume, granularity=granularity, blocks=bitmap.nbits,
+              runs=[list(r) for r in runs], next=nxt if nxt < bitmap.nbits else None)
+
+
 def ok(**fields) -> dict:
     return {"ok": True, **fields}
 

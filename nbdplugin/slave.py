@@ -301,17 +301,11 @@ class Slave(OpHandler):
             return protocol.ok(volumes=names)
 
     def op_dirty(self, volume: str, start: int = 0, max_runs: int = 20_000) -> dict:
-        """One page of the runs of changed blocks, from block ``start``;
-        ``next`` is where the next page starts (None after the last)."""
+        """One page of the runs of changed blocks, from block ``start``."""
         name = self._names([volume])[0]
         vol = self.volumes[name]
-        bm = vol.changes.dirty()
-        if start > bm.nbits:
-            raise ProtocolError(f"'start' {start} is past the {bm.nbits} blocks of {name}")
-        runs, nxt = bm.runs(start, max_runs=max_runs)
-        return protocol.ok(volume=name, granularity=vol.granularity, blocks=bm.nbits,
-                           runs=[list(r) for r in runs],
-                           next=nxt if nxt < bm.nbits else None)
+        return protocol.runs_page(name, vol.granularity, vol.changes.dirty(), start,
+                                  max_runs)
 
     def op_mark(self, volume: str, runs: list) -> dict:
         """Set blocks in ``cr``, durable on return: the blocks a secondary
@@ -323,11 +317,8 @@ class Slave(OpHandler):
         makes it crash-safe before the reply."""
         name = self._names([volume])[0]
         vol = self.volumes[name]
-        g, nblocks = vol.granularity, vol.changes.nblocks
-        for i, (start, count) in enumerate(runs):
-            if start + count > nblocks:
-                raise ProtocolError(f"'runs[{i}]' [{start}, {count}] goes past the"
-                                    f" {nblocks} blocks of {name}")
+        g = vol.granularity
+        protocol.check_runs(runs, vol.changes.nblocks, name)
         for start, count in runs:
             vol.changes.mark(start * g, min(count * g, vol.size - start * g))
         return protocol.ok(volume=name, blocks=sum(c for _, c in runs))
