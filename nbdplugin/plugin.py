@@ -222,7 +222,11 @@ def default_export(readonly, is_tls):
 def open(readonly):
     name = nbdkit.export_name() or next(iter(_slave.volumes))
     if isinstance(_slave, Secondary):
-        vol = _slave.open_export(name)
+        try:
+            vol = _slave.open_export(name)
+        except LookupError:
+            nbdkit.set_error(errno.ENXIO)   # a host export with nothing hardened yet
+            raise
     else:
         vol = _slave.volumes.get(name)
     if vol is None:

@@ -27,6 +27,13 @@ overwritten.  A reader reads live first and looks at the store's index
 after, so a block whose live read could have seen group n+1 data is already
 in the index with its old content (the same argument as ``Pit.read``).
 
+Before the first group is hardened (h = 0: the first full copy is still
+arriving) there is nothing to protect: no undo store is kept, so the first
+copy does not need the volume's size again in undo space, a rollback has
+nothing to restore (the primary still holds a change bit for every block
+not yet confirmed), and the host export refuses to open ("no hardened group
+yet") rather than show a half-copied volume.
+
 Group state (``secondary.json``, written with ``files.write_atomic``):
 ``hardened`` (0 = none yet) and ``prepared`` (a group number or null).
 
@@ -108,7 +115,7 @@ class SecondaryVolume(Volume):
         self.blocked: str | None = None     # why replication writes are refused
         self.replication_bytes = 0
         self.host_writes_refused = 0
-        self.undo: BlockStore | None = None
+        self.undo: BlockStore | None = None     # None while nothing is hardened
 
     # ------------------------------------------------------------ undo store
 
@@ -118,7 +125,8 @@ class SecondaryVolume(Volume):
     def open_undo(self, h: int) -> None:
         """Take up the store protecting group ``h`` (left by a crash, or new)
         and delete stores of other groups: those were left by a commit that
-        crashed before dropping them, and protect a group no longer hardened."""
+        crashed before dropping them, and protect a group no longer hardened.
+        Group 0 (nothing hardened) has no store."""
         pattern = re.compile(re.escape(self.name) + r"\.undo\.(\d+)(\.idx)?")
         for f in os.listdir(self.statedir):
             m = pattern.fullmatch(f)
@@ -127,19 +135,22 @@ class SecondaryVolume(Volume):
                          self.name, f, h)
                 os.unlink(os.path.join(self.statedir, f))
         self.undo = BlockStore.reopen(self.undo_path(h), self.fd, self.granularity,
-                                      self.size)
+                                      self.size) if h else None
 
     def drop_undo(self, h: int) -> None:
         """Delete the store and start an empty one protecting ``h``; readers
         holding the old one find it closed and read again."""
         old = self.undo
         self.undo = BlockStore(self.undo_path(h), self.fd, self.granularity, self.size,
-                               durable=True)
-        old.close()
+                               durable=True) if h else None
+        if old is not None:
+            old.close()
 
     def undo_blocks(self) -> dict[int, bytes]:
         """Every saved block and its saved content."""
         store = self.undo
+        if store is None:
+            return {}
         with store.lock:
             blocks = sorted(store.index)
         saved = {}
@@ -177,18 +188,20 @@ class SecondaryVolume(Volume):
                                            f" {self.blocked}")
             self.writers += 1
         try:
-            if length:
+            store = self.undo
+            if length and store is not None:
                 g = self.granularity
                 # Durable before the overwrite: after a crash the index lists
                 # every block the overwrite may have reached.
-                if self.undo.save(range(offset // g, (offset + length - 1) // g + 1)):
+                if store.save(range(offset // g, (offset + length - 1) // g + 1)):
                     failpoints.hit("secondary:after-undo")
             action(*args)
+            with self.cond:
+                self.replication_bytes += length
             failpoints.hit("secondary:after-write")
         finally:
             with self.cond:
                 self.writers -= 1
-                self.replication_bytes += length
                 self.cond.notify_all()
 
     # ------------------------------------------------------------ host reads
@@ -208,8 +221,11 @@ class SecondaryVolume(Volume):
         work = view if not lead else memoryview(bytearray(lead + len(view)))
         while True:
             self.pread(work, first * g)
+            store = self.undo
+            if store is None:
+                raise OSError(errno.EIO, f"{self.name} has no hardened group yet")
             try:
-                self.undo.overlay(work, first)
+                store.overlay(work, first)
                 break
             except StoreClosed:
                 continue
@@ -222,7 +238,7 @@ class SecondaryVolume(Volume):
         with self.changes.lock:
             tgt = self.changes.maps["tgt"].count()
         return {"size": self.size, "granularity": self.granularity,
-                "undo_blocks": len(self.undo), "tgt_blocks": tgt,
+                "undo_blocks": len(self.undo) if self.undo is not None else 0, "tgt_blocks": tgt,
                 "replication_bytes": written, "host_writes_refused": refused}
 
     def close(self) -> None:
@@ -275,10 +291,11 @@ class Secondary(OpHandler):
             vol.open_undo(self.state["hardened"])
             if self.state["prepared"] is not None:
                 vol.blocked = f"group {self.state['prepared']} is prepared"
-        if self.state["prepared"] is not None or any(len(v.undo) for v in volumes.values()):
+        undo = {n: v.status()["undo_blocks"] for n, v in volumes.items()}
+        if self.state["prepared"] is not None or any(undo.values()):
             log.info("secondary: hardened %d, prepared %s, undo blocks %s: waiting for"
                      " the coordinator's commit or rollback", self.state["hardened"],
-                     self.state["prepared"], {n: len(v.undo) for n, v in volumes.items()})
+                     self.state["prepared"], undo)
 
     # ------------------------------------------------------------ state
 
@@ -286,12 +303,21 @@ class Secondary(OpHandler):
         return os.path.join(self.statedir, STATE_FILE)
 
     def _load_state(self) -> dict:
+        path = self._state_path()
         try:
-            with open(self._state_path()) as f:
+            with open(path) as f:
                 state = json.load(f)
+            h, p = state["hardened"], state["prepared"]
+            if not isinstance(h, int) or not (p is None or isinstance(p, int) and p > h):
+                raise ValueError("bad values")
         except FileNotFoundError:
             return {"hardened": 0, "prepared": None}
-        return {"hardened": int(state["hardened"]), "prepared": state["prepared"]}
+        except (ValueError, KeyError, TypeError) as exc:
+            # write_atomic never leaves a torn file: someone edited it.
+            raise ValueError(f"{path} is damaged ({exc}): restore it, or remove the"
+                             f" secondary's state directory and copy it in full again"
+                             ) from None
+        return {"hardened": h, "prepared": p}
 
     def _save_state(self, **updates) -> None:
         state = {**self.state, **updates}
@@ -303,9 +329,13 @@ class Secondary(OpHandler):
 
     def open_export(self, name: str):
         """The handle for an NBD export name: ``HostView`` for NAME, the
-        volume itself for its replication export, None for anything else."""
+        volume itself for its replication export, None for anything else.
+        Raises ``LookupError`` for a host export with no hardened group yet."""
         vol = self.volumes.get(name)
         if vol is not None:
+            if vol.undo is None:
+                raise LookupError(f"{name} has no hardened group yet (the first copy"
+                                  f" has not completed): nothing consistent to read")
             return HostView(vol)
         cap, _, vname = name.partition("/")
         vol = self.volumes.get(vname)

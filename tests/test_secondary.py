@@ -88,9 +88,38 @@ def test_status_names_a_stable_secret_replication_export(slaves):
     assert export(proc) == name
 
 
+def hardened_secondary(slaves, **kw):
+    """A secondary whose group 1 (empty) is hardened: its host export opens."""
+    proc = secondary(slaves, **kw)
+    with proc.control() as c:
+        harden(c, 1)
+    return proc
+
+
+def test_nothing_hardened_yet(slaves):
+    """Before the first group: the host export refuses to open, writes keep no
+    undo (the first full copy needs no second copy's space), rollback has
+    nothing to restore; after the first commit the host export opens."""
+    proc = secondary(slaves)
+    with pytest.raises(nbd.Error):
+        host(proc)
+    w = repl(proc)
+    w.pwrite(b"\x05" * (3 * G), 0)
+    w.flush()
+    with proc.control() as c:
+        assert c.call("status")["volumes"]["a"]["undo_blocks"] == 0
+        assert not [f for f in os.listdir(proc.spec.statedir) if ".undo." in f]
+        assert c.call("rollback") == {"ok": True, "hardened": 0, "rolled_back": {"a": 0}}
+        assert tgt_blocks(c) == set()
+        harden(c, 1)
+    assert host(proc).pread(3 * G, 0) == b"\x05" * (3 * G)
+    with open(os.path.join(proc.spec.logfile)) as f:
+        assert "no hardened group yet" in f.read()
+
+
 def test_host_export_is_read_only(slaves):
     """The host export says read-only and a write to it fails; data unchanged."""
-    proc = secondary(slaves)
+    proc = hardened_secondary(slaves)
     h = host(proc)
     assert h.is_read_only()
     with pytest.raises(nbd.Error):
@@ -110,7 +139,7 @@ def test_wrong_replication_token_is_refused(slaves, name):
 
 def test_right_replication_token_writes(slaves):
     """The real replication export is writable and counts what it was sent."""
-    proc = secondary(slaves)
+    proc = hardened_secondary(slaves)
     h = repl(proc)
     assert not h.is_read_only()
     h.pwrite(b"\x01" * 1000, 5)
@@ -145,9 +174,9 @@ def test_host_export_shows_the_hardened_group_at_every_moment(slaves):
     """While groups are replicated, prepared and committed, concurrent reads
     of the host export always equal one hardened image, byte for byte, and
     never go back to an older one."""
-    proc = secondary(slaves)
+    proc = hardened_secondary(slaves)
     rng = random.Random(3)
-    images = {0: bytes(SIZE)}
+    images = {1: bytes(SIZE)}
     live = bytearray(SIZE)
     stop = threading.Event()
     reads = []
@@ -163,13 +192,13 @@ def test_host_export_shows_the_hardened_group_at_every_moment(slaves):
     try:
         w = repl(proc)
         with proc.control() as c:
-            for n in range(1, 6):
+            for n in range(2, 7):
                 for off, data in group_writes(rng, live):
                     w.pwrite(data, off)
                 w.flush()
                 harden(c, n)
                 images[n] = bytes(live)
-            assert c.call("status")["hardened"] == 5
+            assert c.call("status")["hardened"] == 6
     finally:
         stop.set()
         t.join(30)
@@ -179,11 +208,11 @@ def test_host_export_shows_the_hardened_group_at_every_moment(slaves):
     assert None not in seen, f"{seen.count(None)} of {len(seen)} reads matched no group"
     assert seen == sorted(seen) and len(seen) > 5
     h = host(proc)
-    assert h.pread(SIZE, 0) == images[5]
-    # An unaligned read mid-drain shows group 5 too.
+    assert h.pread(SIZE, 0) == images[6]
+    # An unaligned read mid-drain shows group 6 too.
     w = repl(proc)
     w.pwrite(b"\xff" * (3 * G), G // 2)
-    assert h.pread(2 * G + 7, G // 2 - 3) == images[5][G // 2 - 3:G // 2 + 2 * G + 4]
+    assert h.pread(2 * G + 7, G // 2 - 3) == images[6][G // 2 - 3:G // 2 + 2 * G + 4]
 
 
 def test_prepare_commit_rules(slaves):
@@ -391,7 +420,9 @@ def test_primary_copy_into_the_replication_export(slaves):
         c.call("copy", n=1, targets={"a": uri})
         wait_until(lambda: c.call("status")["phase"] == "idle", 30, "the copy to end")
         assert c.call("status")["last_copy"]["ok"]
-        assert host(sec).pread(SIZE, 0) == bytes(SIZE)       # nothing hardened yet
+        with pytest.raises(nbd.Error):
+            host(sec)                                       # nothing hardened yet
+        assert s.call("status")["volumes"]["a"]["undo_blocks"] == 0
         harden(s, 1)
         assert host(sec).pread(SIZE, 0) == data
         assert s.call("status")["volumes"]["a"]["replication_bytes"] >= SIZE
@@ -400,7 +431,8 @@ def test_primary_copy_into_the_replication_export(slaves):
 def test_mark_on_a_primary_survives_kill9(slaves):
     """mark sets blocks in the primary's change map, in dirty at once and
     after kill -9; runs past the volume are refused."""
-    prim = slaves("p1", volumes=[("a", SIZE)])
+    # No checkpoint before the kill: only the write-intent map can save them.
+    prim = slaves("p1", volumes=[("a", SIZE)], checkpoint=3600)
     with prim.control() as c:
         c.call("clear")
         assert c.call("mark", volume="a", runs=[[1, 2], [NBLOCKS - 1, 1]])["blocks"] == 3
