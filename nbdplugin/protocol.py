@@ -24,6 +24,9 @@ Rules:
   the coordinator never computes with a value it did not check.  Replies may
   carry fields a client does not know (a newer slave); requests may not.
 - Error kinds come from one enum, ``Kind``; nobody compares free strings.
+- A slave is a primary or a secondary (``ROLE_OPS``): an op of the other
+  role is refused with kind ROLE.  ``status`` is both roles' op; its reply
+  is checked by the schema its ``role`` field names.
 - The cut state machine below is the single authority on which op may follow
   which.  ``CutMachine.step`` either returns the new state or raises
   ``ProtocolError`` and leaves the machine untouched.

@@ -1,7 +1,8 @@
-"""A slave: the volumes of one nbdkit process and their control channel.
+"""A primary slave: the volumes of one nbdkit process and their control ops
+(the secondary role is secondary.py).
 
-``Slave.handle(request) -> reply`` is the whole control surface; the socket
-server below only frames lines.  ``lock`` serialises control operations (a
+``Slave.handle(request) -> reply`` (server.OpHandler) is the whole control
+surface; the socket server (server.py) only frames lines.  ``lock`` serialises control operations (a
 freeze, thaw, abort, lease expiry or copy end never interleave); the I/O path
 never takes it.
 

@@ -5,6 +5,7 @@ its host export, driven over its control socket."""
 import hashlib
 import os
 import random
+import subprocess
 import threading
 
 import nbd
@@ -460,3 +461,58 @@ def test_status_reply_schema_by_role():
         protocol.decode_reply("status", {**good, "hardened": -1})
     with pytest.raises(protocol.ProtocolError):
         protocol.decode_reply("status", {**good, "role": "tertiary"})
+
+
+def test_zero_and_trim_are_undone_too(slaves):
+    """Zero and trim through the replication export (partial blocks too)
+    save the old content first: host shows group 1, rollback restores it."""
+    proc = secondary(slaves)
+    w = repl(proc)
+    g1 = random.Random(29).randbytes(SIZE)
+    w.pwrite(g1, 0)
+    with proc.control() as c:
+        harden(c, 1)
+        w.zero(G + 300, 100)
+        w.trim(2 * G, 4 * G)
+        w.zero(5000, 8 * G + 17, nbd.CMD_FLAG_NO_HOLE)
+        w.flush()
+        assert host(proc).pread(SIZE, 0) == g1
+        assert c.call("rollback")["rolled_back"] == {"a": 5}
+        assert tgt_blocks(c) == {0, 1, 4, 5, 8}
+    assert img(proc) == g1
+
+
+# ------------------------------------------------------------------ configuration
+
+def refused_lines(cmd):
+    """Run a secondary that must refuse to start; return its stderr lines."""
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+            pytest.fail(f"the secondary started instead of refusing: {cmd}")
+    assert p.returncode != 0
+    return err.splitlines()
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("role", "role must be primary or secondary"),
+    ("secondary.json", "secondary.json is damaged"),
+    ("replication.token", "does not hold 32 hex characters"),
+])
+def test_bad_secondary_configuration_is_one_line(slaves, damage, says):
+    """A bad role=, a damaged state file or token file: one error line."""
+    spec = slaves("r1", volumes=[("a", SIZE)], role="secondary", start=False)
+    os.makedirs(spec.statedir, mode=0o700, exist_ok=True)
+    if damage == "role":
+        spec.role = "tertiary"
+    else:
+        with open(os.path.join(spec.statedir, damage), "w") as f:
+            f.write('{"hardened": 2, "prepared": 1}' if damage.endswith("json") else "xyz")
+    lines = refused_lines(spec.command())
+    assert len(lines) == 1 and lines[0].startswith("cgmirror: error: ") \
+        and says in lines[0], lines
