@@ -71,6 +71,10 @@ def group_writes(rng, image, count=40):
     return out
 
 
+def blocks_of(writes):
+    return {b for off, data in writes for b in range(off // G, (off + len(data) - 1) // G + 1)}
+
+
 # ------------------------------------------------------------------ exports
 
 def test_status_names_a_stable_secret_replication_export(slaves):
@@ -274,7 +278,7 @@ def test_rollback_restores_the_hardened_group_and_marks_tgt(slaves):
         writes = group_writes(rng, live, 10)
         for off, data in writes:
             w.pwrite(data, off)
-        touched = {b for off, data in writes for b in range(off // G, (off + len(data) - 1) // G + 1)}
+        touched = blocks_of(writes)
         r = c.call("rollback")
         assert r == {"ok": True, "hardened": 1, "rolled_back": {"a": len(touched)}}
         assert img(proc) == hardened
@@ -400,7 +404,7 @@ def test_kill_during_rollback_is_finished_by_rolling_back_again(slaves, point):
         c.call("prepare", n=2)
         with pytest.raises(ControlError):
             c.call("rollback")
-    touched = {b for off, data in writes for b in range(off // G, (off + len(data) - 1) // G + 1)}
+    touched = blocks_of(writes)
     proc = restart(slaves, proc)
     assert host(proc).pread(SIZE, 0) == g1
     with proc.control() as c:
