@@ -3,8 +3,10 @@
 A ``Copy`` reads from a *source* (``PitSource`` today; a resync union later)
 through a small interface -- ``blocks()``, ``read(buf, block)``,
 ``confirm(start, count)`` once the target acknowledged, ``flushed(start,
-count)`` once a flush made them durable, ``broken`` -- and never reaches into
-a volume's PiT or change map itself.
+count)`` once a flush made them durable, ``changed()`` (the blocks changed
+since the last completed copy, for which the baseline's samples no longer
+speak), ``broken`` -- and never reaches into a volume's PiT or change map
+itself.
 
 An incremental copy goes only to the image that holds its baseline: every
 completed copy records digests of sampled blocks of the target, and the next
