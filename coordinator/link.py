@@ -10,6 +10,7 @@ slave's fault, never a crash of ours).
 
 from __future__ import annotations
 
+import ssl
 import threading
 
 from coordinator.control import ControlClient, ControlError
@@ -30,18 +31,20 @@ class SlaveLink:
     """
 
     def __init__(self, name: str, control: str, volumes: list[str] | None = None,
-                 timeout: float = DEFAULT_TIMEOUT):
+                 timeout: float = DEFAULT_TIMEOUT, ssl_context: ssl.SSLContext | None = None):
         self.name = name
-        self.control = control
+        self.control = control      # unix path or tcp:HOST:PORT (then ssl_context)
         self.volumes = list(volumes) if volumes is not None else None
         self.timeout = timeout
-        self._client = ControlClient(control, timeout)
+        self.ssl_context = ssl_context
+        self._client = ControlClient(control, timeout, ssl_context)
         self._lock = threading.Lock()
 
     @classmethod
     def from_spec(cls, spec, timeout: float = DEFAULT_TIMEOUT) -> "SlaveLink":
         """A link to the slave an ``coordinator.launch.SlaveSpec`` describes."""
-        return cls(spec.name, spec.control, [v[0] for v in spec.volumes], timeout)
+        return cls(spec.name, spec.control, [v[0] for v in spec.volumes], timeout,
+                   spec.client_context())
 
     def call(self, op: str, **args) -> dict:
         """Send one request and return the reply; raise a SlaveError if refused."""
@@ -55,7 +58,8 @@ class SlaveLink:
 
     def channel(self) -> "Channel":
         """A connection of its own (close it), for a thread that may block on it."""
-        return Channel(self.name, ControlClient(self.control, self.timeout))
+        return Channel(self.name, ControlClient(self.control, self.timeout,
+                                                   self.ssl_context))
 
     def status(self) -> dict:
         return self.call("status")
