@@ -74,8 +74,18 @@ def connect(address: str, timeout: float,
         return ssl_context.wrap_socket(s, server_hostname=addr.host)
     except (OSError, ssl.SSLError) as exc:
         s.close()
-        raise ControlError(f"slave at {address} refused: {tls.describe(exc, address)}",
+        raise ControlError(f"slave at {address} refused: {_why(exc, address)}",
                            Kind.UNREACHABLE) from exc
+
+
+def _why(exc: BaseException, address: str) -> str:
+    """Why a TLS connection failed, for the person who reads it."""
+    if isinstance(exc, ssl.SSLEOFError):
+        # The server dropped the connection without an alert (often it sent
+        # one, but our write raced it): it did not accept our certificate.
+        return (f"peer {address}: closed the TLS connection: it refused our certificate"
+                f" (not from its session's CA, or expired; its log says which)")
+    return tls.describe(exc, address)
 
 
 class ControlClient:
@@ -135,8 +145,8 @@ class ControlClient:
             # TLS 1.3: the server judges our certificate after our side of
             # the handshake is done, so its refusal arrives with the first read.
             self.close()
-            raise ControlError(f"slave at {self.path} refused:"
-                               f" {tls.describe(exc, self.path)}", Kind.UNREACHABLE) from exc
+            raise ControlError(f"slave at {self.path} refused: {_why(exc, self.path)}",
+                               Kind.UNREACHABLE) from exc
         except OSError as exc:
             self.close()
             raise ControlError(f"slave at {self.path} stopped answering: {exc}",

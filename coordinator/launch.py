@@ -19,6 +19,8 @@ import psutil
 from wire import address as wire_address
 from wire import tls
 
+from wire.protocol import Kind
+
 from .control import ControlClient, ControlError, client_context
 
 # The plugin runs inside nbdkit; this module (the client side) only names it.
@@ -242,6 +244,7 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
                                  start_new_session=detach)
     proc = SlaveProcess(spec, popen.pid, None if detach else popen)
     deadline = time.monotonic() + timeout
+    refused: ControlError | None = None      # the last TLS refusal, if any
     while True:
         status = popen.poll()
         if status is not None and (status != 0 or not detach):
@@ -254,8 +257,8 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
             try:
                 with ControlClient(spec.control, 5, ctx) as c:
                     answered = c.call("status").get("pid")
-            except ControlError:
-                answered = None
+            except ControlError as exc:
+                answered, refused = None, exc
             # Another process may serve this path (ours then refuses to start).
             if answered == proc.pid:
                 if detach:
@@ -271,6 +274,11 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
         if time.monotonic() > deadline:
             if proc.alive():
                 proc.kill9()
+            if refused is not None and refused.kind is Kind.UNREACHABLE and \
+                    "refused:" in str(refused):
+                # TLS: the slave runs but we cannot talk to it; say why.
+                raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
+                                  f" {refused}")
             raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
                               f" {_tail(spec.logfile, log_start)}")
         time.sleep(0.02)

@@ -164,8 +164,8 @@ def config_complete():
             _fail(f"tls={_cfg['tls']}: {exc}")
         copier.TLS_DIR = _cfg["tls"]
     elif _cfg["control"].startswith("tcp:"):
-        _fail(f"control={_cfg['control']} needs tls=DIR (a certificate directory from"
-              f" cgmirror pki issue): plaintext TCP is refused")
+        _fail(f"control={_cfg['control']} needs mutual TLS (plaintext TCP is refused):"
+              f" give tls=DIR, a certificate directory from cgmirror pki issue")
 
 
 def _server_context():
