@@ -244,13 +244,13 @@ def kill(session_path: str, victim_pid: str) -> dict:
     # after the establish's own connection to it is up: FREEZE then waits in
     # its socket, unread.
     victim = d.specs["s2"].control
+    real_settle = pipeline.Wire._settle
 
-    def connect_then_stop(address, timeout, ctx):
-        sock = real_connect(address, timeout, ctx)
-        if address == victim:
+    def settle_then_stop(wire):
+        real_settle(wire)
+        if wire.link.control == victim:
             os.kill(pid, signal.SIGSTOP)
-        return sock
-    real_connect, pipeline.connect = pipeline.connect, connect_then_stop
+    pipeline.Wire._settle = settle_then_stop
     try:
         def run():
             t0 = time.monotonic()
