@@ -18,7 +18,6 @@ import psutil
 
 from wire import address as wire_address
 from wire import tls
-
 from wire.protocol import Kind
 
 from .control import ControlClient, ControlError, client_context
