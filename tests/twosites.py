@@ -14,8 +14,9 @@ Scenarios (ports of tests/test_consistency.py):
 - ``consistency SESSION``: copies taken while dependent writes run pass the
   checker; with writes stopped, a last copy equals the sources.
 - ``kill SESSION PID``: the slave PID (s2) takes FREEZE and never answers
-  (SIGSTOP once the establish's connection to it is up), then is killed -9; the establish aborts and the other slave thaws within
-  the coordination time.
+  (SIGSTOP once the establish's connection to it is up), then is killed -9;
+  the establish aborts and the other slave thaws within the coordination
+  time.
 """
 
 from __future__ import annotations
