@@ -15,8 +15,10 @@ import threading
 
 from coordinator.control import ControlClient, ControlError
 from wire.protocol import Kind
+from wire.tls import TLSConfigError
 
-from .errors import CgmirrorError, SlaveBusy, SlaveError, SlaveUnreachable, UnknownVolume
+from .errors import (CgmirrorError, ConfigError, SlaveBusy, SlaveError, SlaveUnreachable,
+                     UnknownVolume)
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -43,8 +45,12 @@ class SlaveLink:
     @classmethod
     def from_spec(cls, spec, timeout: float = DEFAULT_TIMEOUT) -> "SlaveLink":
         """A link to the slave an ``coordinator.launch.SlaveSpec`` describes."""
-        return cls(spec.name, spec.control, [v[0] for v in spec.volumes], timeout,
-                   spec.client_context())
+        try:
+            ctx = spec.client_context()
+        except TLSConfigError as exc:
+            # The coordinator's certificate directory: local configuration.
+            raise ConfigError(f"slave {spec.name}: {exc}") from exc
+        return cls(spec.name, spec.control, [v[0] for v in spec.volumes], timeout, ctx)
 
     def call(self, op: str, **args) -> dict:
         """Send one request and return the reply; raise a SlaveError if refused."""

@@ -107,3 +107,15 @@ def test_pki_runs_without_a_session_file(tmp_path, monkeypatch, capsys):
     assert os.path.isfile(os.path.join(tmp_path, "state", "pki", "ca-cert.pem"))
     # Other nouns still need one.
     assert cli.main(["status"]) == ExitCode.USAGE
+
+
+def test_missing_coordinator_certificate_is_a_config_error(tmp_path, capsys):
+    """A TCP session whose pki has no coordinator directory yet: exit CONFIG,
+    one line naming the missing file and how to make it (not a bug)."""
+    path = write(tmp_path, TCP)
+    capsys.readouterr()
+    assert cli.main(["-s", path, "status"]) == ExitCode.CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert os.path.join(tmp_path, "certs", "coord", "ca-cert.pem") in err
+    assert "cgmirror pki issue" in err
