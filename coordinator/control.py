@@ -10,6 +10,7 @@ is sent, as the slave refuses it on its side.
 from __future__ import annotations
 
 import functools
+import select
 import socket
 import ssl
 
@@ -78,6 +79,13 @@ def connect(address: str, timeout: float,
                            Kind.UNREACHABLE) from exc
 
 
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True if the peer has closed ``sock`` (or sent what no request asked
+    for): readable between requests.  Costs one poll, no wait."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
 def _why(exc: BaseException, address: str) -> str:
     """Why a TLS connection failed, for the person who reads it."""
     if isinstance(exc, ssl.SSLEOFError):
@@ -126,6 +134,12 @@ class ControlClient:
         return self._call(line, None)
 
     def _call(self, line: bytes, op: str | None) -> dict:
+        if self._sock is not None and self._used and _closed_by_peer(self._sock):
+            # A kept connection the slave closed (it restarted, or found us
+            # idle).  On a unix socket our write would fail (EPIPE, below);
+            # TCP accepts it and the loss shows only as EOF after the request
+            # left, so look first: between requests nothing is due to arrive.
+            self.close()
         if self._sock is None:
             self._connect()
         try:

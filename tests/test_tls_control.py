@@ -126,3 +126,15 @@ def test_plaintext_tcp_is_refused_by_the_client(tcp_slave):
     """No context for a tcp: address: refused before connecting."""
     with pytest.raises(ControlError, match="TCP needs TLS"):
         ControlClient(tcp_slave.spec.control, 5).call("status")
+
+
+def test_kept_connection_survives_a_slave_restart(tcp_slave, slaves):
+    """A kept TCP+TLS connection to a slave that has since restarted: the
+    next request goes to the new process (TCP, unlike a unix socket, lets us
+    write to a connection the peer closed, so the client must notice first)."""
+    spec = tcp_slave.spec
+    with SlaveLink.from_spec(spec) as link:
+        assert link.status()["pid"] == tcp_slave.pid
+        tcp_slave.stop(timeout=10)
+        new = slaves.restart(spec)
+        assert link.status()["pid"] == new.pid
