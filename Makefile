@@ -8,7 +8,7 @@ STAMPS     := .cache/stamps
 APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
               nbd-client nbd-server qemu-system-x86 qemu-utils \
               busybox-static e2fsprogs socat fio nftables iproute2 \
-              python3-venv python3-dev python3-cffi-backend libffi-dev \
+              python3-venv python3-dev python3-cffi-backend libffi-dev libnbd-dev \
               gcc make sqlite3 xz-utils
 
 .PHONY: setup apt venv ext test test-fast demo vm vm-test \
@@ -33,7 +33,8 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 	touch $@
 
 ext: $(STAMPS)/ext
-$(STAMPS)/ext: native/bitmap.c native/bitmap.h native/build.py $(STAMPS)/venv
+$(STAMPS)/ext: native/bitmap.c native/bitmap.h native/copy.c native/copy.h \
+               native/build.py $(STAMPS)/venv
 	$(PY) -m native.build
 	touch $@
 
@@ -65,4 +66,5 @@ bench-copy: setup
 	$(PY) bench/bench_copy.py
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c
+	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c \
+	       native/_copy*.so native/_copy.c
