@@ -152,7 +152,7 @@ class PitSource:
 
     def native(self):
         """(live fd, Overlay) for the native engine, or None if unbuilt."""
-        overlay = self._pit.store.overlay
+        overlay = self._pit.store.native_index
         return None if overlay is None else (self._pit.volume.fd, overlay)
 
 

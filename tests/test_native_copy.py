@@ -105,7 +105,7 @@ def all_blocks(v: Volume) -> Bitmap:
 
 def engine(hs, v: Volume, blocks: Bitmap, timeout: float = 10, inflight: int = 4,
            flush_every: int = 64 * MiB):
-    return copyengine.Engine(hs, v.fd, v.store.overlay, v.g, v.size, blocks,
+    return copyengine.Engine(hs, v.fd, v.store.native_index, v.g, v.size, blocks,
                              max_run=MiB // v.g, flush_every=flush_every,
                              inflight=inflight, timeout=timeout)
 
