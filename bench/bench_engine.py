@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench_engine.py [--size-mib 1024] [--repeats 5]
 
 The set-up of bench_copy.py (one volume of random data on /dev/shm, a fresh
-``nbdkit file`` target on /dev/shm each run), with two slaves serving the
-same image, one per engine (``CGMIRROR_COPY_ENGINE``):
+``nbdkit file`` target on /dev/shm each run), with two slaves, one per
+engine (``CGMIRROR_COPY_ENGINE``), each serving its own copy of the image
+(a volume belongs to one slave):
 
   python        the copier's Python streams (libnbd's Python binding)
   native        native/copy.c, the GIL released for the whole transfer
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tool} not found: run `make setup`", file=sys.stderr)
             return 2
     size = args.size_mib * MiB
-    if shutil.disk_usage("/dev/shm").free < 3 * size:
-        print(f"/dev/shm needs {3 * size / MiB:.0f} MiB free", file=sys.stderr)
+    if shutil.disk_usage("/dev/shm").free < 4 * size:
+        print(f"/dev/shm needs {4 * size / MiB:.0f} MiB free", file=sys.stderr)
         return 2
 
     load_before = os.getloadavg()[0]
@@ -65,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         image = os.path.join(base, "vol.img")
         _fill(image, size)
         for eng in ENGINES:
+            own = os.path.join(base, f"vol-{eng}.img")
+            shutil.copyfile(image, own)
             spec = launch.SlaveSpec(name=eng, statedir=os.path.join(base, eng),
                                     nbd_socket=os.path.join(base, f"{eng}.sock"),
                                     control=os.path.join(base, f"{eng}.ctl"),
-                                    volumes=[("v", image, size)], threads=1,
+                                    volumes=[("v", own, size)], threads=1,
                                     env={"CGMIRROR_COPY_ENGINE": eng})
             procs[eng] = launch.start(spec)
             clients[eng] = ControlClient(spec.control)
