@@ -38,8 +38,14 @@ $(STAMPS)/ext: native/bitmap.c native/bitmap.h native/copy.c native/copy.h \
 	$(PY) -m native.build
 	touch $@
 
+# The copier suites once more with the Python engine (the default is the
+# native one, native/copy.c): both must keep every guarantee.
+COPIER_TESTS := tests/test_targets.py tests/test_copier.py tests/test_coordinator.py \
+                tests/test_consistency.py tests/test_pit.py tests/test_baseline_cli.py
+
 test: setup vm
 	$(PY) -m pytest -q tests
+	CGMIRROR_COPY_ENGINE=python $(PY) -m pytest -q $(COPIER_TESTS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not vm and not slow" tests
