@@ -25,7 +25,7 @@
  * and the last flush of a stream that met no error of its own still goes
  * out.  A stream whose target answers nothing for `timeout_ms` fails the
  * copy.  Cancel stops within ~100 ms: no new runs, in-flight requests get
- * 100 ms to retire, no final flush.
+ * 50 ms to retire (a poll step is 25 ms), no final flush.
  *
  * The overlay and its ordering (the same argument as Pit.read in
  * nbdplugin/volume.py).  A host write to a pending block first copies the
@@ -74,9 +74,9 @@
 #define CHUNK_BITS 12
 #define CHUNK (1u << CHUNK_BITS)
 /* Cancelled: what in-flight requests get to retire before we stop. */
-#define CANCEL_GRACE_MS 100
+#define CANCEL_GRACE_MS 50
 /* The poll step: how soon a stream sees a cancel or a timeout. */
-#define POLL_MS 50
+#define POLL_MS 25
 
 /* ------------------------------------------------------------------ overlay */
 
