@@ -197,3 +197,5 @@ class Engine:
         if self._p is not None:
             lib.cg_copy_free(self._p)
             self._p = None
+            # A finished Copy may be kept (last_copy): let the handles go.
+            self._handles = self._hp = self._words = self._blocks = self._overlay = None
