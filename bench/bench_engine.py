@@ -11,7 +11,12 @@ engine (``CGMIRROR_COPY_ENGINE``), each serving its own copy of the image
   native        native/copy.c, the GIL released for the whole transfer
   nbdcopy-file  ``nbdcopy --flush IMAGE TARGET``
 
-Interleaved, the order rotating each repeat; medians.  The machine may be
+Interleaved, the order rotating each repeat; medians.
+
+Then the GIL case, in this process: ``Copy`` of the same image (a plain
+file source) with each engine while a Python thread spins, as the slave's
+write path does under host writes: the Python engine's streams then wait
+for the GIL, the native one does not (``*_gil_mb_s``).  The machine may be
 shared: the 1-minute load average before and after is printed.  One JSON
 line last: MB/s of each and ratio_native_vs_nbdcopy, ratio_native_vs_python.
 """
@@ -25,6 +30,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
@@ -35,10 +42,66 @@ from bench_copy import _fill, run_cgmirror, run_nbdcopy  # noqa: E402
 from coordinator import launch  # noqa: E402
 from coordinator.control import ControlClient  # noqa: E402
 from harness import peers  # noqa: E402
+from native.bitmap import Bitmap  # noqa: E402
+from nbdplugin.copier import Copy  # noqa: E402
 
 MiB = 1 << 20
 ENGINES = ["python", "native"]
 KINDS = ENGINES + ["nbdcopy-file"]
+
+
+class FileSource:
+    """A whole file as a copy source, for both engines (``native``)."""
+
+    granularity = 64 * 1024
+    broken = None
+
+    def __init__(self, fd: int, size: int):
+        self.name, self.fd, self.size = "bench", fd, size
+
+    def blocks(self) -> Bitmap:
+        bm = Bitmap(-(-self.size // self.granularity))
+        bm.set(0, bm.nbits)
+        return bm
+
+    def read(self, buf, block: int) -> None:
+        if os.preadv(self.fd, [buf], block * self.granularity) != len(buf):
+            raise OSError("short read")
+
+    def confirm(self, start: int, count: int) -> None:
+        pass
+
+    def flushed(self, start: int, count: int) -> None:
+        pass
+
+    def native(self):
+        return self.fd, None
+
+
+def copy_with_spinner(image: str, size: int, engine: str, uri: str, inflight: int) -> float:
+    """Seconds for one in-process Copy with a Python thread spinning."""
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
+    fd = os.open(image, os.O_RDONLY)
+    os.environ["CGMIRROR_COPY_ENGINE"] = engine
+    spinner.start()
+    try:
+        c = Copy(FileSource(fd, size), uri, inflight=inflight, timeout=60)
+        t0 = time.monotonic()
+        c.run()
+        if c.state != "done":
+            raise RuntimeError(f"{engine} copy failed: {c.error}")
+        return time.monotonic() - t0
+    finally:
+        stop.set()
+        spinner.join()
+        os.close(fd)
+        os.environ.pop("CGMIRROR_COPY_ENGINE", None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     procs: dict[str, launch.SlaveProcess] = {}
     clients: dict[str, ControlClient] = {}
     target = None
-    results: dict[str, list[float]] = {k: [] for k in KINDS}
+    gil_kinds = [f"{e}-gil" for e in ENGINES]
+    results: dict[str, list[float]] = {k: [] for k in KINDS + gil_kinds}
     try:
         image = os.path.join(base, "vol.img")
         _fill(image, size)
@@ -95,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
                 results[kind].append(r["seconds"])
                 print(f"repeat {rep + 1}/{args.repeats} {kind:13}"
                       f" {size / r['seconds'] / 1e6:8.0f} MB/s", file=sys.stderr)
+        for rep in range(args.repeats):
+            for eng in ENGINES[rep % 2:] + ENGINES[:rep % 2]:
+                if target is not None:
+                    target.stop()
+                    target = None
+                if os.path.exists(timg):
+                    os.unlink(timg)
+                peers.make_image(timg, size)
+                target = peers.nbdkit_file(timg, tsock)
+                secs = copy_with_spinner(image, size, eng, target.uri, args.inflight)
+                results[f"{eng}-gil"].append(secs)
+                print(f"repeat {rep + 1}/{args.repeats} {eng + '-gil':13}"
+                      f" {size / secs / 1e6:8.0f} MB/s", file=sys.stderr)
     finally:
         if target is not None:
             target.stop()
@@ -109,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfull copy of {args.size_mib} MiB, {args.repeats} interleaved repeats,"
           f" medians; load average {load_before:.2f} before, {load_after:.2f} after")
     print(f"{'copier':14} {'MB/s':>8} {'vs nbdcopy':>11}")
-    for k in KINDS:
+    for k in KINDS + gil_kinds:
         print(f"{k:14} {mbps[k]:8.0f} {mbps[k] / mbps['nbdcopy-file']:11.2f}")
     print(json.dumps({
         "bench": "engine", "size_mib": args.size_mib, "repeats": args.repeats,
@@ -118,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_native_vs_nbdcopy": round(mbps["native"] / mbps["nbdcopy-file"], 3),
         "ratio_python_vs_nbdcopy": round(mbps["python"] / mbps["nbdcopy-file"], 3),
         "ratio_native_vs_python": round(mbps["native"] / mbps["python"], 3),
+        "python_gil_mb_s": round(mbps["python-gil"]), "native_gil_mb_s": round(mbps["native-gil"]),
+        "ratio_native_vs_python_gil": round(mbps["native-gil"] / mbps["python-gil"], 3),
         "load_avg_1m": [round(load_before, 2), round(load_after, 2)],
     }))
     return 0
