@@ -12,7 +12,7 @@ APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
               gcc make sqlite3 xz-utils
 
 .PHONY: setup apt venv ext test test-fast demo vm vm-test \
-        bench-bitmap bench-write bench-freeze bench-copy clean
+        bench-bitmap bench-write bench-freeze bench-copy bench-granularity clean
 
 setup: apt venv ext
 
@@ -63,6 +63,9 @@ bench-freeze: setup
 
 bench-copy: setup
 	$(PY) bench/bench_copy.py
+
+bench-granularity: setup
+	$(PY) bench/bench_granularity.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c
