@@ -39,7 +39,18 @@ granularity that (1) keeps 4K random-write IOPS (qd16 and qd1) within 10 %
 of the best granularity, (2) writes at most 8 MiB per checkpoint for a 1 TiB
 volume (4 MB/s of map writes at the default 2 s interval, and as many bytes
 of memory per map) and (3) holds the write lock at most 5 ms per checkpoint
-for a 1 TiB volume.
+for a 1 TiB volume; if none passes, the coarsest.  (1) compares the best run of each granularity, not the
+median: the write path does not depend on the granularity by design (one
+bit range set per write), so on a loaded machine medians mostly measure the
+neighbours; the fastest run is the least disturbed one.
+
+A finer scheme that does not pay everywhere is shown as a *model* row
+(``64K+4K``, computed, not run): persist and checkpoint 64 KiB bits as now,
+and keep 4 KiB sub-bits in memory only, allocated per 4 MiB region on its
+first sub-64K write (128 bytes a region).  Without a crash it drains what
+the 4 KiB map drains; after a crash it falls back to 64 KiB bits (recovery
+over-marks anyway); the checkpoint and the lock hold stay those of 64 KiB,
+and the memory grows only with the regions small writes touched.
 """
 
 from __future__ import annotations
@@ -255,14 +266,16 @@ def map_costs(g: int, size: int, repeats: int, workdir: str) -> dict:
 
 
 def pick_default(grans: list[int], fio: dict, maps: dict) -> tuple[int, dict]:
-    """Apply the rule of the module docstring; return (granularity, why)."""
+    """Apply the rule of the module docstring to the best run of each
+    granularity (``fio[g][w]``: its list of runs); return (granularity, why)."""
     why = {}
-    best = {w: max(fio[g][w]["iops"] for g in grans) for w in FIO_WORKLOADS}
+    top = {g: {w: max(r["iops"] for r in fio[g][w]) for w in FIO_WORKLOADS} for g in grans}
+    best = {w: max(top[g][w] for g in grans) for w in FIO_WORKLOADS}
     ok = []
     for g in grans:
         m = maps[g]["tib"]
         checks = {
-            "iops_within": all(fio[g][w]["iops"] >= IOPS_WITHIN * best[w] for w in FIO_WORKLOADS),
+            "iops_within": all(top[g][w] >= IOPS_WITHIN * best[w] for w in FIO_WORKLOADS),
             "ckpt_bytes_tib": m["checkpoint_bytes"] <= MAX_CKPT_BYTES_TIB,
             "lock_ms_tib": m["lock_hold_ms"] <= MAX_LOCK_MS_TIB,
         }
@@ -389,7 +402,32 @@ def main(argv: list[str] | None = None) -> int:
                   f" {m['checkpoint_bytes'] / MiB:9.2f} {m['checkpoint_ms']:8.2f}"
                   f" {m['lock_hold_ms']:8.3f} {m['mark_us'] or float('nan'):8.2f}")
 
-    chosen, why = (pick_default(grans, med_fio, maps) if med_fio[grans[0]]
+    # The model row (see the module docstring): 4 KiB drain bytes, 64 KiB
+    # map costs, plus 128 bytes for every 4 MiB region a sub-64K write touched.
+    hybrid = None
+    if 4 * KiB in grans and 64 * KiB in grans:
+        sub_regions = {w: statistics.median(
+            len({off // REGION for off, n in workload(w, args.writes, seed=rep * 101 + i)
+                 if n % (64 * KiB) or off % (64 * KiB)}) for rep in range(args.repeats))
+            for i, w in enumerate(DRAIN_WORKLOADS)}
+        hybrid = {
+            "drain_amplification": {w: round(med_drain[4 * KiB][w]["drain_amplification"], 3)
+                                    for w in DRAIN_WORKLOADS},
+            "sub_bitmap_bytes_after_workload": {w: n * (REGION // PAGE // 8)
+                                                for w, n in sub_regions.items()},
+            "sub_bitmap_bytes_per_tib_worst": TiB // PAGE // 8,
+            "checkpoint_bytes_tib": round(maps[64 * KiB]["tib"]["checkpoint_bytes"]),
+            "lock_hold_ms_tib": round(maps[64 * KiB]["tib"]["lock_hold_ms"], 3),
+        }
+        print("model 64K+4K (not run): drain amplification "
+              + ", ".join(f"{w} {v:.2f}" for w, v in hybrid["drain_amplification"].items())
+              + "; in-memory sub-bits after each workload "
+              + ", ".join(f"{w} {v / KiB:.0f} KiB"
+                          for w, v in hybrid["sub_bitmap_bytes_after_workload"].items())
+              + f"; checkpoint and lock hold as 64K ({hybrid['checkpoint_bytes_tib'] / MiB:.1f}"
+              f" MiB, {hybrid['lock_hold_ms_tib']} ms per TiB)")
+
+    chosen, why = (pick_default(grans, fio, maps) if med_fio[grans[0]]
                    else (None, {}))
     if chosen:
         print(f"default by the rule: {chosen // KiB} KiB  ({why})")
@@ -408,9 +446,13 @@ def main(argv: list[str] | None = None) -> int:
                   for g, ws in med_drain.items()},
         "write_iops": {str(g): {w: round(m["iops"]) for w, m in ws.items()}
                        for g, ws in med_fio.items()},
+        "write_iops_best": {str(g): {w: round(max(r["iops"] for r in runs))
+                                     for w, runs in ws.items() if runs}
+                            for g, ws in fio.items()},
         "write_cpu_us_per_io": {str(g): {w: r(m["cpu_us_per_io"], 2) for w, m in ws.items()}
                                 for g, ws in med_fio.items()},
         "bitmap_bytes_per_tib": {str(g): TiB // g // 8 for g in grans},
+        "model_64k_plus_4k_sub": hybrid,
         "maps": {str(g): {k: {f: r(v) for f, v in m.items()} for k, m in ms.items()}
                  for g, ms in maps.items()},
     }
