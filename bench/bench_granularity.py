@@ -39,10 +39,11 @@ granularity that (1) keeps 4K random-write IOPS (qd16 and qd1) within 10 %
 of the best granularity, (2) writes at most 8 MiB per checkpoint for a 1 TiB
 volume (4 MB/s of map writes at the default 2 s interval, and as many bytes
 of memory per map) and (3) holds the write lock at most 5 ms per checkpoint
-for a 1 TiB volume; if none passes, the coarsest.  (1) compares the best run of each granularity, not the
-median: the write path does not depend on the granularity by design (one
-bit range set per write), so on a loaded machine medians mostly measure the
-neighbours; the fastest run is the least disturbed one.
+for a 1 TiB volume; if none passes, the coarsest.  (1) compares the best
+run of each granularity, not the median: the write path does not depend on
+the granularity by design (one bit range set per write), so on a loaded
+machine medians mostly measure the neighbours; the fastest run is the least
+disturbed one.
 
 A finer scheme that does not pay everywhere is shown as a *model* row
 (``64K+4K``, computed, not run): persist and checkpoint 64 KiB bits as now,
