@@ -33,8 +33,8 @@ nbdcopy runs with its defaults (multi-conn, threads = cores).  These five
 are interleaved, the order rotating each repeat; medians.  The writer's
 achieved rate is reported for each.
 
-Incremental (after the above, on one target that keeps its baseline): a
-full cgmirror copy, then each repeat rewrites --changed-pct % of the 64 KiB
+Incremental (after the above; each copier has its own target, filled by
+one untimed full copy first): each repeat rewrites --changed-pct % of the 64 KiB
 blocks (scattered, random data) through the slave's export, and times
 
   cgmirror-incr   a cut and its incremental copy (only the changed blocks)
@@ -228,14 +228,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     size = args.size_mib * MiB
     free = shutil.disk_usage("/dev/shm").free
-    if free < 3 * size:
-        print(f"/dev/shm has {free / MiB:.0f} MiB free, needs {3 * size / MiB:.0f}",
+    if free < 4 * size:
+        print(f"/dev/shm has {free / MiB:.0f} MiB free, needs {4 * size / MiB:.0f}",
               file=sys.stderr)
         return 2
 
     base = tempfile.mkdtemp(prefix="cgm-copy-", dir="/dev/shm")
     proc = None
-    target = None
+    target = target2 = None
     results: dict[str, list[dict]] = {k: [] for k in KINDS + INCR_KINDS}
     load = {"start": round(os.getloadavg()[0], 2)}
     try:
@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         proc = launch.start(spec)
         timg = os.path.join(base, "target.img")
         tsock = os.path.join(base, "target.sock")
+        timg2 = os.path.join(base, "target2.img")
+        tsock2 = os.path.join(base, "target2.sock")
         def fresh_target():
             nonlocal target
             if target is not None:
@@ -286,10 +288,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"{size / r['seconds'] / 1e6:8.0f} MB/s", file=sys.stderr)
             load["after_full"] = round(os.getloadavg()[0], 2)
 
-            # -- incremental: one target keeps the baseline throughout -------
+            # -- incremental: each copier keeps its own target throughout ------
+            # (nbdcopy writing cgmirror's target would change the baseline
+            # under it, and the slave rightly refuses an incremental copy.)
             fresh_target()
             n += 1
             run_cgmirror(c, n, "v", target.uri, args.inflight, size)
+            peers.make_image(timg2, size)
+            target2 = peers.nbdkit_file(timg2, tsock2)
+            run_nbdcopy(image, target2.uri)        # allocates its pages, as above
             for rep in range(args.repeats):
                 changed = change_blocks(spec.uri("v"), size, args.changed_pct, seed=rep)
                 order = INCR_KINDS[rep % 2:] + INCR_KINDS[:rep % 2]
@@ -298,17 +305,18 @@ def main(argv: list[str] | None = None) -> int:
                         n += 1
                         r = run_cgmirror(c, n, "v", target.uri, args.inflight, None)
                     else:
-                        r = run_nbdcopy(image, target.uri)
+                        r = run_nbdcopy(image, target2.uri)
                         r["bytes"] = size
                     r["changed"] = changed
                     results[kind].append(r)
                     print(f"repeat {rep + 1}/{args.repeats} {kind:15} "
                           f"{r['seconds']:8.3f} s  {r['bytes'] / MiB:8.1f} MiB", file=sys.stderr)
-                if args.verify and not _same(image, timg, size):
-                    raise RuntimeError("incremental: target differs from the source")
+                if args.verify and not (_same(image, timg, size) and _same(image, timg2, size)):
+                    raise RuntimeError("incremental: a target differs from the source")
     finally:
-        if target is not None:
-            target.stop()
+        for t in (target, target2):
+            if t is not None:
+                t.stop()
         if proc is not None:
             proc.stop(timeout=15)
         shutil.rmtree(base, ignore_errors=True)
