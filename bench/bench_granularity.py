@@ -34,18 +34,19 @@ each phase and reported: a run with loadavg above the core count is
 
 Prints a table, the default the rule below picks, and one JSON line last.
 
-Rule for the default: the finest granularity that (1) is not measurably
-slower on the write path: even its best 4K random-write run (qd16 and qd1)
-is no more than 10 % below the best granularity's median, (2) writes at most
-8 MiB per checkpoint for a 1 TiB volume (4 MB/s of map writes at the default
-2 s interval, and as many bytes of memory per map) and (3) holds the write
-lock at most 5 ms per checkpoint for a 1 TiB volume; if none passes, the
-coarsest.  (2) and (3) were written before the numbers were taken.  (1) at
-first compared medians, then best runs; on this shared machine (loadavg
-10-17) both failed every granularity by turns, in runs that differed only
-in the load of the moment: the write path does not depend on the
-granularity by design (one bit range set per write), so (1) now only
-catches a granularity that is slower even at its luckiest.
+Rule for the default: the finest granularity that (1) adds no more than
+10 % of a write's cost to the write path: the in-process ``mark()`` time
+above the cheapest granularity's is at most 10 % of the slave's median CPU
+time per 4K write (fio, qd16), (2) writes at most 8 MiB per checkpoint for a
+1 TiB volume (4 MB/s of map writes at the default 2 s interval, and as many
+bytes of memory per map) and (3) holds the write lock at most 5 ms per
+checkpoint for a 1 TiB volume; if none passes, the coarsest.  (2) and (3)
+were written before the numbers were taken.  (1) first compared fio IOPS
+(medians, then best runs): on this shared machine (loadavg 10-17) that
+failed every granularity by turns, in runs that differed only in the load
+of the moment.  ``mark()`` is the only part of the write path that depends
+on the granularity, and timed in process (best of --repeats loops) it is
+measurable under load; fio's IOPS are still reported.
 
 A finer scheme that does not pay everywhere is shown as a *model* row
 (``64K+4K``, computed, not run): persist and checkpoint 64 KiB bits as now,
@@ -90,7 +91,7 @@ DRAIN_WORKLOADS = ("rand4k", "seq1m", "mixed")
 REGION = 4 * MiB          # the product's default write-intent region
 
 # The rule's limits (see the module docstring).
-IOPS_WITHIN = 0.90
+IOPS_WITHIN_COST = 0.10    # of the slave's CPU time per 4K write
 MAX_CKPT_BYTES_TIB = 8 * MiB
 MAX_LOCK_MS_TIB = 5.0
 
@@ -254,10 +255,14 @@ def map_costs(g: int, size: int, repeats: int, workdir: str) -> dict:
             for off in range(0, size, cm.region):
                 cm.mark(off, PAGE)
             marks = [rnd.randrange(npages) * PAGE for _ in range(20_000)]
-            t0 = time.perf_counter()
-            for off in marks:
-                cm.mark(off, PAGE)
-            mark_us = (time.perf_counter() - t0) / len(marks) * 1e6
+            loops = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for off in marks:
+                    cm.mark(off, PAGE)
+                loops.append(time.perf_counter() - t0)
+            # The least disturbed loop: others' load only ever adds time.
+            mark_us = min(loops) / len(marks) * 1e6
         ckpt_bytes = os.path.getsize(cm.map_path) + os.path.getsize(cm.intent_path)
         mem = sum(len(b.to_bytes()) for b in cm.maps.values())
         cm.close()
@@ -272,15 +277,14 @@ def pick_default(grans: list[int], fio: dict, maps: dict) -> tuple[int, dict]:
     """Apply the rule of the module docstring (``fio[g][w]``: the list of
     runs of granularity g and workload w); return (granularity, why)."""
     why = {}
-    top = {g: {w: max(r["iops"] for r in fio[g][w]) for w in FIO_WORKLOADS} for g in grans}
-    best_median = {w: max(statistics.median(r["iops"] for r in fio[g][w]) for g in grans)
-                   for w in FIO_WORKLOADS}
+    cpu_us = statistics.median(r["cpu_us_per_io"] for g in grans
+                               for r in fio[g]["4k_randwrite_qd16"])
+    cheapest = min(maps[g]["1gib"]["mark_us"] for g in grans)
     ok = []
     for g in grans:
         m = maps[g]["tib"]
         checks = {
-            "iops_within": all(top[g][w] >= IOPS_WITHIN * best_median[w]
-                               for w in FIO_WORKLOADS),
+            "mark_within": maps[g]["1gib"]["mark_us"] - cheapest <= IOPS_WITHIN_COST * cpu_us,
             "ckpt_bytes_tib": m["checkpoint_bytes"] <= MAX_CKPT_BYTES_TIB,
             "lock_ms_tib": m["lock_hold_ms"] <= MAX_LOCK_MS_TIB,
         }
