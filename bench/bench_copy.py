@@ -34,10 +34,12 @@ are interleaved, the order rotating each repeat; medians.  The writer's
 achieved rate is reported for each.
 
 Incremental (after the above; each copier has its own target, filled by
-one untimed full copy first): each repeat rewrites --changed-pct % of the 64 KiB
-blocks (scattered, random data) through the slave's export, and times
+one untimed full copy first): each repeat rewrites --changed-pct % of the
+64 KiB blocks (scattered, random data) through the slave's export, and times
 
-  cgmirror-incr   a cut and its incremental copy (only the changed blocks)
+  cgmirror-incr   a cut and its incremental copy (only the changed blocks,
+                  after checking that the target holds the baseline); time:
+                  the slave's copy clock, as above
   nbdcopy-full    ``nbdcopy --flush IMAGE TARGET``: the whole image, which
                   is what a user without change tracking must send.
 
