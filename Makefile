@@ -12,7 +12,8 @@ APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
               gcc make sqlite3 xz-utils python3-pyfuse3 fuse3
 
 .PHONY: setup apt venv ext test test-fast demo demo-sites vm vm-test clean \
-        bench-bitmap bench-write bench-freeze bench-freeze-sites bench-copy bench-engine
+        bench-bitmap bench-write bench-freeze bench-freeze-sites bench-copy bench-engine \
+        bench-granularity
 
 setup: apt venv ext
 
@@ -82,6 +83,9 @@ bench-copy: setup
 
 bench-engine: setup
 	$(PY) bench/bench_engine.py
+
+bench-granularity: setup
+	$(PY) bench/bench_granularity.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c \
