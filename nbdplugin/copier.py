@@ -327,10 +327,11 @@ class Copy:
     """One copy of ``source`` to one target; progress readable any time.
 
     ``baseline``: for an incremental copy, what the last completed copy
-    recorded of the target (see ``_sample``); checked before anything is
-    sent.  Afterwards it holds what may be claimed of the target now: fresh
-    samples after a completed copy, the old ones minus the blocks this copy
-    was to write after a failed one, unchanged if nothing was sent.
+    recorded of the target (see ``_sample``), without samples of the blocks
+    this copy sends (the slave drops those durably first: they change on
+    the target from the first write on); checked before anything is sent.
+    Afterwards it holds what may be claimed of the target now: fresh samples
+    after a completed copy, else what it was given.
     """
 
     def __init__(self, source, uri: str, inflight: int = 8,
@@ -438,11 +439,6 @@ class Copy:
         """Refuse unless the target still holds what the last copy recorded."""
         check_baseline(h, self.uri, size, self.baseline, self.source, self.timeout,
                        self.source.changed())
-        # From here on the blocks to be written change on the target: should
-        # this copy fail, only the other samples still speak for it.
-        self.baseline = {**self.baseline,
-                         "samples": [[b, d] for b, d in self.baseline["samples"]
-                                     if not self.blocks.test(b)]}
 
     def _native_reader(self):
         """(fd, Overlay) if this copy runs in the native engine, else None."""

@@ -283,6 +283,9 @@ class Slave(OpHandler):
                     # old target too: it is no longer a baseline.  (Done before
                     # any state changes: if it fails, nothing happened.)
                     self._set_baseline(name, None)
+            for name, (_, incremental) in plans.items():
+                if incremental:
+                    self._drop_samples(name, self.volumes[name].pit.remaining())
             self.machine.step(Event.COPY, n)
             # An incremental copy first checks that the target still holds
             # the baseline (and refuses, naming --full, if not).
@@ -298,6 +301,16 @@ class Slave(OpHandler):
             return protocol.ok(n=n, modes={k: "incremental" if p[1] else "full"
                                            for k, p in plans.items()},
                                bytes={k: c.total_bytes for k, c in self.copies.items()})
+
+    def _drop_samples(self, name: str, sending) -> None:
+        """The blocks a copy is about to send change on the target from its
+        first write on: their samples stop speaking for it, durably before
+        anything is sent -- a slave killed mid-copy may come back with those
+        blocks clean (confirmed, flushed and checkpointed) but no new samples."""
+        base = self.baseline(name)
+        kept = [[b, d] for b, d in base["samples"] if not sending.test(b)]
+        if len(kept) != len(base["samples"]):
+            self._set_baseline(name, {**base, "samples": kept})
 
     def op_verify(self, targets: dict, timeout_ms: int = 30000) -> dict:
         """Before a cut for incremental copies: does each target still hold
