@@ -69,8 +69,12 @@ def write_atomic(path: str, data: bytes, sync: bool = True,
     Write a temp file, fdatasync it, rename it over ``path``, fsync the
     directory: after a crash ``path`` holds the old or the new content,
     never a mix.  ``sync=False`` keeps the atomic rename but not the
-    durability (for state a crash may forget).  ``failpoint`` is hit
-    between the temp file and the rename (crash tests).
+    durability (for state a crash may forget): it skips only the directory
+    fsync.  The temp file's data is synced either way: otherwise the rename
+    can reach the disk before the data (any later fsync of the directory,
+    e.g. a change-map checkpoint, makes it durable) and a power cut leaves
+    an empty file, neither old nor new.  ``failpoint`` is hit between the
+    temp file and the rename (crash tests).
     """
     tmp = path + ".tmp"
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -78,8 +82,7 @@ def write_atomic(path: str, data: bytes, sync: bool = True,
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        if sync:
-            os.fdatasync(fd)
+        os.fdatasync(fd)
     finally:
         os.close(fd)
     if failpoint:
