@@ -11,7 +11,11 @@
 # or a block device; export NAME), create=NAME:SIZE (create NAME's file at SIZE
 # if missing, else check its size), granularity= (bytes per change bit, power
 # of two, default 64K), region= (bytes per write-intent bit, default 4M),
-# checkpoint= (seconds between change-map checkpoints, default 2).
+# checkpoint= (seconds between change-map checkpoints, default 2), role=primary
+# (default) or role=secondary (nbdplugin/secondary.py: each volume is served as
+# a read-only host export NAME showing the last hardened group, and as the
+# replication export repl-TOKEN/NAME, whose name the control channel's status
+# op tells; the primary-only keys create= etc. still apply).
 #
 # The slave holds an exclusive lock on its state directory and on each volume
 # while it runs (a second slave on either is refused, naming the holder), and
@@ -39,6 +43,7 @@ for _p in (_VENV_SITE, _ROOT):
 
 from nbdplugin import files  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
+from nbdplugin.secondary import Secondary, SecondaryVolume  # noqa: E402
 from nbdplugin.slave import ControlServerError, Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
 from wire.units import parse_size  # noqa: E402
@@ -48,10 +53,10 @@ API_VERSION = 2
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _cfg = {"statedir": None, "control": None, "granularity": 64 * 1024,
-        "region": 4 << 20, "checkpoint": 2.0}
+        "region": 4 << 20, "checkpoint": 2.0, "role": "primary"}
 _volumes: dict[str, str] = {}
 _create: dict[str, int] = {}
-_slave: Slave | None = None
+_slave: Slave | Secondary | None = None
 _statedir_fd: int | None = None    # holds the state directory's lock until exit
 
 # `kill -USR1 PID` dumps every Python thread's stack to the log.
@@ -130,6 +135,10 @@ def _config(key, value):
         if v & (v - 1) or v < 4096:
             _fail(f"{key} must be a power of two of at least 4096, not {value!r}")
         _cfg[key] = v
+    elif key == "role":
+        if value not in ("primary", "secondary"):
+            _fail("role must be primary or secondary")
+        _cfg[key] = value
     elif key == "checkpoint":
         v = float(value)
         if not 0.05 <= v <= 3600:
@@ -172,11 +181,18 @@ def get_ready():
     # The state directory's lock comes first: until we hold it, another
     # slave may own the change maps, and opening them would overwrite them.
     files.lock_exclusive(_statedir_fd, f"state directory {statedir}")
+    secondary = _cfg["role"] == "secondary"
     vols = {}
     for name, path in _volumes.items():
-        vols[name] = Volume(name, path, statedir, _cfg["granularity"],
-                            _cfg["region"], _create.get(name))
-    _slave = Slave(vols, statedir, _cfg["checkpoint"])
+        vols[name] = (SecondaryVolume if secondary else Volume)(
+            name, path, statedir, _cfg["granularity"], _cfg["region"], _create.get(name))
+    if secondary:
+        try:
+            _slave = Secondary(vols, statedir)
+        except ValueError as exc:       # a damaged token file
+            _fail(str(exc))
+    else:
+        _slave = Slave(vols, statedir, _cfg["checkpoint"])
 
 
 @_one_line_errors
@@ -196,6 +212,7 @@ def cleanup():
 
 
 def list_exports(readonly, is_tls):
+    # Host exports only: a secondary's replication export name is a secret.
     return list(_slave.volumes)
 
 
@@ -205,7 +222,14 @@ def default_export(readonly, is_tls):
 
 def open(readonly):
     name = nbdkit.export_name() or next(iter(_slave.volumes))
-    vol = _slave.volumes.get(name)
+    if isinstance(_slave, Secondary):
+        try:
+            vol = _slave.open_export(name)
+        except LookupError:
+            nbdkit.set_error(errno.ENXIO)   # a host export with nothing hardened yet
+            raise
+    else:
+        vol = _slave.volumes.get(name)
     if vol is None:
         # A client's mistake, not ours: nbdkit logs it and refuses the open.
         nbdkit.set_error(errno.ENOENT)
@@ -222,7 +246,8 @@ def block_size(h):
 
 
 def can_write(h):
-    return True
+    # A secondary's host export (HostView) is read-only.
+    return getattr(h, "writable", True)
 
 
 def can_flush(h):

@@ -1,20 +1,14 @@
-"""A slave: the volumes of one nbdkit process and their control channel.
+"""A primary slave: the volumes of one nbdkit process and their control ops
+(the secondary role is secondary.py).
 
-``Slave.handle(request) -> reply`` is the whole control surface; the socket
-server below only frames lines.  ``lock`` serialises control operations (a
+``Slave.handle(request) -> reply`` (server.OpHandler) is the whole control
+surface; the socket server (server.py) only frames lines.  ``lock`` serialises control operations (a
 freeze, thaw, abort, lease expiry or copy end never interleave); the I/O path
 never takes it.
 
-The control server (``start``): nothing a peer does can starve it, and a
-freeze belongs to the connection that asked for it.
+The control server (``start``, server.py) bounds and authenticates peers;
+a freeze belongs to the connection that asked for it:
 
-- Peers: on a unix socket (file mode 0600) only the slave's own uid and root
-  (SO_PEERCRED); on TCP only TLS peers with a client certificate the server
-  context accepts, checked in the connection's own thread under a deadline.
-- Bounds: at most ``max_connections`` connections (extras get one error line
-  and are closed), each closed after ``idle_timeout`` s without a request; a
-  listen backlog that takes a burst; an accept loop that survives EMFILE and
-  any other error with one log line and a back-off.
 - A cut is owned by the connection that froze it.  If that connection ends
   (EOF, error, idle timeout) while the cut is FROZEN, the cut is aborted at
   once.  A freeze whose connection has already hung up (a coordinator that
@@ -30,42 +24,30 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
-import socket
 import ssl
-import stat
-import struct
 import threading
 import time
-
-from wire import address as wire_address
 
 from wire import protocol
 from .files import write_atomic
 from .copier import Copy, CopyError, PitSource, verify_target
 from wire.protocol import CutMachine, Event, Kind, Phase, ProtocolError
+from .server import (HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, MAX_CONNECTIONS, Conn,  # noqa: F401
+                     ControlServer, ControlServerError, OpHandler)
 from .volume import Volume
 
 log = logging.getLogger(__name__)
-
-MAX_CONNECTIONS = 64
-IDLE_TIMEOUT_S = 60.0
-HANDSHAKE_TIMEOUT_S = 10.0
-# A burst of 200 connects must not meet a full queue (EAGAIN); the kernel
-# caps this at net.core.somaxconn.
-BACKLOG = 512
-ACCEPT_BACKOFF_S = (0.05, 1.0)      # first and longest wait after accept fails
-
-
-class ControlServerError(Exception):
-    """The control server cannot start; the message says what to do."""
-
 
 class StateError(Exception):
     """The slave's own state file is damaged; the message says what to do."""
 
 
-class Slave:
+class Slave(OpHandler):
+    """The primary role: volumes with change maps, cuts and copies."""
+
+    ROLE = "primary"
+    OWNED_OPS = ("freeze",)
+
     def __init__(self, volumes: dict[str, Volume], statedir: str,
                  checkpoint_interval: float = 2.0):
         self.volumes = volumes
@@ -80,13 +62,8 @@ class Slave:
         self.last_copy: dict | None = None
         self._stop = threading.Event()
         self._lease_wake = threading.Event()
-        self._server: socket.socket | None = None
-        self.cut_owner: _Conn | None = None     # the connection that froze the cut
-        self._conns: set[_Conn] = set()
-        self._conns_lock = threading.Lock()
-        self._refused = 0                        # connections refused in this streak
-        self._ssl: ssl.SSLContext | None = None
-        self.max_connections = MAX_CONNECTIONS
+        self.server: ControlServer | None = None
+        self.cut_owner: Conn | None = None      # the connection that froze the cut
 
     # ------------------------------------------------------------ persistence
 
@@ -143,23 +120,6 @@ class Slave:
 
     # ------------------------------------------------------------ control ops
 
-    def handle(self, line: bytes | str, owner: "_Conn | None" = None) -> dict:
-        """Decode, validate and execute one request; always return a reply.
-
-        ``owner``: the connection the request came on; a freeze belongs to it.
-        """
-        try:
-            msg = protocol.decode(line)
-            op = msg.pop("op")
-            if op == "freeze":      # the one op whose effect a connection owns
-                msg["owner"] = owner
-            return getattr(self, "op_" + op)(**msg)
-        except ProtocolError as exc:
-            return protocol.error(str(exc), exc.kind)
-        except Exception as exc:  # a local failure: report it, keep serving
-            log.exception("control op failed")
-            return protocol.error(f"slave failed: {exc}", Kind.LOCAL)
-
     def _names(self, volumes: list[str] | None) -> list[str]:
         if volumes is None:
             return list(self.volumes)
@@ -185,11 +145,11 @@ class Slave:
                 s["synced_target"] = self.synced_target(name)
                 s["lease_ms_left"] = left if name in self.cut_volumes else None
                 vols[name] = s
-            return protocol.ok(pid=os.getpid(), phase=m.phase.value, n=m.n,
+            return protocol.ok(pid=os.getpid(), role=self.ROLE, phase=m.phase.value, n=m.n,
                                ended=m.ended, volumes=vols, last_copy=self.last_copy)
 
     def op_freeze(self, n: int, lease_ms: int, volumes: list | None = None,
-                  full: list | None = None, owner: "_Conn | None" = None) -> dict:
+                  full: list | None = None, owner: "Conn | None" = None) -> dict:
         """Cut n.  ``full`` names the volumes whose PiT will be copied whole
         (the others: only their changes), so the right blocks are preserved.
         ``owner``: the connection that asks; the cut is aborted when it ends."""
@@ -393,17 +353,27 @@ class Slave:
             return protocol.ok(volumes=names)
 
     def op_dirty(self, volume: str, start: int = 0, max_runs: int = 20_000) -> dict:
-        """One page of the runs of changed blocks, from block ``start``;
-        ``next`` is where the next page starts (None after the last)."""
+        """One page of the runs of changed blocks, from block ``start``."""
         name = self._names([volume])[0]
         vol = self.volumes[name]
-        bm = vol.changes.dirty()
-        if start > bm.nbits:
-            raise ProtocolError(f"'start' {start} is past the {bm.nbits} blocks of {name}")
-        runs, nxt = bm.runs(start, max_runs=max_runs)
-        return protocol.ok(volume=name, granularity=vol.granularity, blocks=bm.nbits,
-                           runs=[list(r) for r in runs],
-                           next=nxt if nxt < bm.nbits else None)
+        return protocol.runs_page(name, vol.granularity, vol.changes.dirty(), start,
+                                  max_runs)
+
+    def op_mark(self, volume: str, runs: list) -> dict:
+        """Set blocks in ``cr``, durable on return: the blocks a secondary
+        rolled back (it had confirmed them, so their change bits are gone)
+        are sent again with the next group.  Allowed in any phase, a cut
+        included: ``cr`` is the *next* group, which a cut never touches
+        (it moved the old ``cr`` into ``oos`` when it froze).  The marking
+        goes through the change map's write path, so the write-intent map
+        makes it crash-safe before the reply."""
+        name = self._names([volume])[0]
+        vol = self.volumes[name]
+        g = vol.granularity
+        protocol.check_runs(runs, vol.changes.nblocks, name)
+        for start, count in runs:
+            vol.changes.mark(start * g, min(count * g, vol.size - start * g))
+        return protocol.ok(volume=name, blocks=sum(c for _, c in runs))
 
     def op_checkpoint(self) -> dict:
         return protocol.ok(written=[n for n, v in self.volumes.items()
@@ -414,154 +384,25 @@ class Slave:
     def start(self, address: str, ssl_context: ssl.SSLContext | None = None, *,
               max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT_S,
               handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
-        """Start the control server, lease and checkpoint threads (after fork).
-
-        ``address``: ``unix:PATH``, a plain path, or ``tcp:HOST:PORT`` (port 0:
-        any free port; ``self.address`` then says which).  TCP needs
-        ``ssl_context``, a server context that requires client certificates.
-        Raises ``ControlServerError`` (one line) if the server cannot start.
-        """
-        try:
-            addr = wire_address.parse(address, listen=True)
-        except wire_address.AddressError as exc:
-            raise ControlServerError(f"control={address}: {exc}") from None
-        self.max_connections = max_connections
-        self.idle_timeout = idle_timeout
-        self.handshake_timeout = handshake_timeout
-        if addr.is_tcp:
-            _check_tls(ssl_context, addr)
-            srv = socket.create_server((addr.host, addr.port), backlog=BACKLOG,
-                                       family=socket.AF_INET6 if ":" in addr.host
-                                       else socket.AF_INET)
-            self.address = str(wire_address.Address(
-                "tcp", host=addr.host, port=srv.getsockname()[1]))
-        else:
-            _claim_unix_path(addr.path)
-            srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            srv.bind(addr.path)
-            # Whatever the umask: only the owner may connect.  (The instant
-            # between bind and chmod is covered by the peer check in _admit.)
-            os.chmod(addr.path, 0o600)
-            srv.listen(BACKLOG)
-            self.control_path = addr.path
-            self.address = str(addr)
-        self._ssl = ssl_context if addr.is_tcp else None
-        self._server = srv
-        for target, name in ((self._accept_loop, "control"),
-                             (self._lease_loop, "lease"),
+        """Start the control server (see ``ControlServer.start``), the lease
+        and the checkpoint threads (after fork).  Raises
+        ``ControlServerError`` (one line) if the server cannot start."""
+        self.server = ControlServer(self, max_connections=max_connections,
+                                    idle_timeout=idle_timeout,
+                                    handshake_timeout=handshake_timeout)
+        self.server.start(address, ssl_context)
+        for target, name in ((self._lease_loop, "lease"),
                              (self._checkpoint_loop, "checkpoint")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
+            threading.Thread(target=target, name=name, daemon=True).start()
 
-    def _accept_loop(self) -> None:
-        """Accept until shutdown.  No error ends this loop: at the descriptor
-        limit (EMFILE/ENFILE) or on anything else it logs one line per streak
-        of failures and backs off, so the channel comes back by itself."""
-        backoff = 0.0
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._server.accept()
-            except OSError as exc:
-                if self._stop.is_set():
-                    return
-                if not backoff:
-                    log.error("control: accept failed (%s); retrying with back-off",
-                              exc.strerror or exc)
-                backoff = min(max(backoff * 2, ACCEPT_BACKOFF_S[0]), ACCEPT_BACKOFF_S[1])
-                self._stop.wait(backoff)
-                continue
-            if backoff:
-                log.info("control: accepting connections again")
-                backoff = 0.0
-            try:
-                self._admit(sock)
-            except Exception:   # never let one connection end the loop
-                log.exception("control: could not start serving a connection")
-                sock.close()
+    # The server's view, for callers and tests that knew it as the slave's.
+    address = property(lambda self: self.server.address)
+    control_path = property(lambda self: self.server.control_path)
+    _conns = property(lambda self: self.server._conns)
 
-    def _admit(self, sock: socket.socket) -> None:
-        """Check the peer and the connection bound, then serve in a thread."""
-        if sock.family == socket.AF_UNIX and not _peer_allowed(sock):
-            return
-        if sock.family != socket.AF_UNIX:
-            # One small reply per request: never let Nagle hold it back.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Conn(sock)
-        with self._conns_lock:
-            full = len(self._conns) >= self.max_connections
-            if full:
-                self._refused += 1
-                if self._refused == 1:
-                    log.warning("control: %d connections open, refusing more",
-                                len(self._conns))
-            else:
-                self._conns.add(conn)
-        if full:
-            # Over TCP the refusal would need a TLS handshake (a thread, the
-            # very thing the bound limits): those peers just see the close.
-            if self._ssl is None:
-                _refuse(sock, f"too many control connections ({self.max_connections}):"
-                              f" close idle ones or retry later", Kind.BUSY)
-            else:
-                sock.close()
-            return
-        try:
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn",
-                             daemon=True).start()
-        except BaseException:
-            with self._conns_lock:
-                self._conns.discard(conn)
-            raise
-
-    def _serve(self, conn: "_Conn") -> None:
-        why = "closed by the peer"
-        try:
-            if self._ssl is not None:
-                # In this thread, with a deadline: a peer that never finishes
-                # the handshake holds only its own thread.  A peer without a
-                # certificate from our CA fails here, before any op is read.
-                peer = conn.peer()      # before wrap_socket takes the socket over
-                conn.sock.settimeout(self.handshake_timeout)
-                try:
-                    conn.sock = self._ssl.wrap_socket(conn.sock, server_side=True)
-                except (OSError, ssl.SSLError) as exc:
-                    log.warning("control: refused %s: TLS handshake failed: %s", peer, exc)
-                    why = "TLS handshake failed"
-                    return
-            conn.sock.settimeout(self.idle_timeout)
-            why = self._serve_lines(conn)
-        finally:
-            self._release(conn, why)
-
-    def _serve_lines(self, conn: "_Conn") -> str:
-        """Answer requests in order until the connection ends; return why it did."""
-        framer = protocol.Framer()
-        while True:
-            try:
-                data = conn.sock.recv(1 << 16)
-            except TimeoutError:
-                return f"idle for {self.idle_timeout:g} s"
-            except OSError as exc:
-                return f"read failed: {exc}"
-            if not data:
-                return "closed by the peer"
-            try:
-                replies = [self.handle(line, owner=conn) for line in framer.feed(data)]
-                last = None
-            except ProtocolError as exc:     # a line over the limit: out of step
-                replies, last = [protocol.error(str(exc), exc.kind)], "message too long"
-            for reply in replies:
-                try:
-                    conn.sock.sendall(protocol.encode(reply))
-                except OSError as exc:
-                    # The peer is gone: _release ends a cut it froze.
-                    return f"reply failed: {exc}"
-            if last:
-                return last
-
-    def _release(self, conn: "_Conn", why: str) -> None:
+    def connection_closed(self, conn: Conn, why: str) -> None:
         """A connection ended: a cut it froze and did not thaw is aborted now
-        (the lease is only the last line of defence), and it is closed."""
+        (the lease is only the last line of defence)."""
         with self.lock:
             m = self.machine
             if self.cut_owner is conn and m.phase is Phase.FROZEN:
@@ -571,13 +412,6 @@ class Slave:
                 self._end_cut()
             if self.cut_owner is conn:
                 self.cut_owner = None
-        with self._conns_lock:
-            self._conns.discard(conn)
-            if self._refused and len(self._conns) < self.max_connections:
-                log.info("control: accepting connections again (%d refused)",
-                         self._refused)
-                self._refused = 0
-        conn.sock.close()
 
     def _lease_loop(self) -> None:
         while not self._stop.is_set():
@@ -600,22 +434,8 @@ class Slave:
         """Clean stop: end any cut (changes go back to cr), checkpoint, close."""
         self._stop.set()
         self._lease_wake.set()
-        if self._server is not None:
-            # shutdown() wakes threads blocked in accept or read; each
-            # connection's thread then releases and closes its own socket.
-            with self._conns_lock:
-                socks = [self._server] + [c.sock for c in self._conns]
-            for sock in socks:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self._server.close()
-            if self._ssl is None:
-                try:
-                    os.unlink(self.control_path)
-                except FileNotFoundError:
-                    pass
+        if self.server is not None:
+            self.server.close()
         with self.lock:
             for c in self.copies.values():
                 c.cancelled.set()
@@ -625,93 +445,3 @@ class Slave:
         for vol in self.volumes.values():
             vol.gate.open()
             vol.close()
-
-
-class _Conn:
-    """One accepted control connection (``sock`` becomes the TLS socket on TCP)."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-
-    def gone(self) -> bool:
-        """True once the peer has hung up or the connection failed; never blocks.
-        Data the peer sent before hanging up may still be unread."""
-        p = select.poll()
-        p.register(self.sock.fileno(), select.POLLRDHUP)
-        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
-                   for _, ev in p.poll(0))
-
-    def peer(self) -> str:
-        try:
-            host, port = self.sock.getpeername()[:2]
-            return f"{host}:{port}"
-        except (OSError, ValueError):
-            return "a peer"
-
-
-def _peer_allowed(sock: socket.socket) -> bool:
-    """On a unix socket only our own uid and root may talk to the slave.  The
-    file mode is not enough: it is set only after bind, and an operator may
-    loosen it."""
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    if uid in (os.getuid(), 0):
-        return True
-    log.warning("control: refused a connection from uid %d (pid %d): only the"
-                " slave's own uid (%d) and root may connect", uid, pid, os.getuid())
-    _refuse(sock, f"uid {uid} may not use this slave's control socket", Kind.DENIED)
-    return False
-
-
-def _refuse(sock: socket.socket, message: str, kind: Kind) -> None:
-    """Send one error line without waiting for the peer, and close."""
-    try:
-        sock.setblocking(False)
-        sock.send(protocol.encode(protocol.error(message, kind)))
-    except OSError:
-        pass
-    sock.close()
-
-
-def _check_tls(ctx: ssl.SSLContext | None, addr) -> None:
-    """TCP carries the control channel only as TLS 1.3 with client certificates."""
-    if not isinstance(ctx, ssl.SSLContext):
-        raise ControlServerError(f"control={addr}: the control channel over TCP needs"
-                                 f" mutual TLS (plaintext TCP is refused): use a unix:PATH")
-    if ctx.verify_mode is not ssl.CERT_REQUIRED or \
-            ctx.minimum_version < ssl.TLSVersion.TLSv1_3:
-        raise ControlServerError(f"control={addr}: the TLS context must require TLS 1.3"
-                                 f" and client certificates")
-
-
-def _claim_unix_path(path: str) -> None:
-    """Make ``path`` free for our socket, removing only a stale socket.
-
-    A socket that still answers belongs to a live slave: taking it over would
-    send the coordinator's copies to the wrong process.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ControlServerError(f"control socket {path} exists and is not a socket:"
-                                 f" remove it or choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(5)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)         # nobody listens: a crashed slave's leftover
-        return
-    except OSError as exc:
-        raise ControlServerError(f"control socket {path} cannot be probed"
-                                 f" ({exc.strerror or exc}): choose another path") from None
-    else:
-        pid = struct.unpack("3i", probe.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
-        who = f"pid {pid}" if pid > 0 else "pid unknown"
-        raise ControlServerError(f"control socket {path} is served by another process"
-                                 f" ({who}): stop it or choose another path")
-    finally:
-        probe.close()

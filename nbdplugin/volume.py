@@ -59,7 +59,8 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
 
 class Volume:
     def __init__(self, name: str, path: str, statedir: str, granularity: int,
-                 region: int, create_size: int | None = None):
+                 region: int, create_size: int | None = None,
+                 extra_maps: tuple[str, ...] = ()):
         self.name = name
         self.path = path
         self.granularity = granularity
@@ -83,7 +84,8 @@ class Volume:
             os.close(fd)
             raise VolumeError(f"volume {name}: {path} is empty")
         self.gate = Gate()
-        self.changes = ChangeMap(statedir, name, self.size, granularity, region)
+        self.changes = ChangeMap(statedir, name, self.size, granularity, region,
+                                 extra_maps)
         self.statedir = statedir
         self.preserve_path = os.path.join(statedir, f"{name}.preserve")
         self.pit: Pit | None = None

@@ -24,6 +24,9 @@ Rules:
   the coordinator never computes with a value it did not check.  Replies may
   carry fields a client does not know (a newer slave); requests may not.
 - Error kinds come from one enum, ``Kind``; nobody compares free strings.
+- A slave is a primary or a secondary (``ROLE_OPS``): an op of the other
+  role is refused with kind ROLE.  ``status`` is both roles' op; its reply
+  is checked by the schema its ``role`` field names.
 - The cut state machine below is the single authority on which op may follow
   which.  ``CutMachine.step`` either returns the new state or raises
   ``ProtocolError`` and leaves the machine untouched.
@@ -104,6 +107,7 @@ class Kind(enum.StrEnum):
     LOCAL = "local"              # the slave itself failed
     GONE = "gone"                # the connection that asked has hung up
     DENIED = "denied"            # the peer may not use this control channel
+    ROLE = "role"                # an op of the other role (primary vs secondary)
     # Only raised on the client side:
     UNREACHABLE = "unreachable"  # the control socket does not answer
     REPLY = "reply"              # the slave's reply does not match its schema
@@ -324,6 +328,26 @@ class Obj(_Node):
         return value
 
 
+@dataclass(frozen=True)
+class Switch(_Node):
+    """An object checked by the schema its ``key`` names (a status reply by
+    its ``role``); without the key, by ``default``'s schema."""
+
+    key: str
+    cases: dict
+    default: str
+
+    def check(self, value, where):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{_at(where)} must be an object")
+        case = value.get(self.key, self.default)
+        node = self.cases.get(case) if isinstance(case, str) else None
+        if node is None:
+            raise ProtocolError(f"{_at(_join(where, self.key))} must be one of"
+                                f" {', '.join(self.cases)}")
+        return node.check(value, where)
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -332,6 +356,9 @@ NAME = Str(64, VOLUME_NAME, what="a volume name (letters, digits, '_', '-', '.')
 NAMES = List(NAME, 1, MAX_VOLUMES, what="a list of volume names")
 CUT = Int(1, MAX_N)
 COPY_MODES = ("auto", "full", "incremental")
+# Runs of blocks, [start, count], as the dirty op pages them.
+RUN = List(Int(0, MAX_N), 2, 2, what="a [start, blocks] pair")
+RUNS = List(RUN, 0, MAX_RUNS)
 
 # op -> schema of its arguments
 SCHEMA: dict[str, Obj] = {
@@ -353,6 +380,22 @@ SCHEMA: dict[str, Obj] = {
     "clear": Obj({}, {"volumes": NAMES}),
     "dirty": Obj({"volume": NAME}, {"start": Int(0, MAX_N), "max_runs": Int(1, MAX_RUNS)}),
     "checkpoint": Obj({}, {}),
+    # primary: set blocks in cr (resend what a secondary rolled back)
+    "mark": Obj({"volume": NAME, "runs": RUNS}, {}),
+    # secondary (DESIGN.md, "The secondary"; the group numbers are cut numbers)
+    "prepare": Obj({"n": CUT}, {}),
+    "commit": Obj({"n": CUT}, {}),
+    "rollback": Obj({}, {}),
+    "tgt": Obj({"volume": NAME}, {"start": Int(0, MAX_N), "max_runs": Int(1, MAX_RUNS)}),
+    "clear_tgt": Obj({"volume": NAME, "runs": RUNS}, {}),
+}
+
+# Which ops each role serves; any other op is refused with kind ROLE.
+ROLE_OPS: dict[str, frozenset[str]] = {
+    "primary": frozenset({"status", "freeze", "thaw", "abort", "copy", "clear", "dirty",
+                          "checkpoint", "mark", "verify"}),
+    "secondary": frozenset({"status", "prepare", "commit", "rollback", "tgt",
+                            "clear_tgt"}),
 }
 
 
@@ -392,15 +435,32 @@ _VOLUME_STATUS = Obj({"size": _COUNT, "granularity": Int(1, MAX_N),
                      extra=True)
 ENDINGS = ("done", "aborted", "expired", "failed")
 
+ROLES = ("primary", "secondary")
+_PRIMARY_STATUS = Obj({"pid": Int(1, 1 << 31),
+                       "phase": Str(16, choices=("idle", "frozen", "cut", "copying")),
+                       "n": _COUNT, "ended": Opt(Str(16, choices=ENDINGS)),
+                       "volumes": Map(NAME, _VOLUME_STATUS),
+                       "last_copy": Opt(Obj({"n": CUT, "ok": Bool(),
+                                             "volumes": Map(NAME, _PROGRESS)}, {},
+                                            extra=True))},
+                      {"role": Str(16, choices=ROLES)}, extra=True)
+# A secondary's volume: its replication export's name (a capability: see
+# nbdplugin/secondary.py) and what its undo store and tgt map hold.
+_SECONDARY_VOLUME = Obj({"size": _COUNT, "granularity": Int(1, MAX_N),
+                         "export": Str(MAX_URI), "undo_blocks": _COUNT,
+                         "tgt_blocks": _COUNT, "replication_bytes": _COUNT,
+                         "host_writes_refused": _COUNT}, {}, extra=True)
+_SECONDARY_STATUS = Obj({"pid": Int(1, 1 << 31), "role": Str(16, choices=ROLES),
+                         "hardened": _COUNT, "prepared": Opt(CUT),
+                         "volumes": Map(NAME, _SECONDARY_VOLUME)}, {}, extra=True)
+_RUNS_PAGE = Obj({"volume": NAME, "granularity": Int(1, MAX_N), "blocks": _COUNT,
+                  "runs": RUNS, "next": Opt(_COUNT)}, {}, extra=True)
+
 # op -> schema of its successful reply (besides "ok")
-REPLY_SCHEMA: dict[str, Obj] = {
-    "status": Obj({"pid": Int(1, 1 << 31), "phase": Str(16, choices=("idle", "frozen", "cut",
-                                                                     "copying")),
-                   "n": _COUNT, "ended": Opt(Str(16, choices=ENDINGS)),
-                   "volumes": Map(NAME, _VOLUME_STATUS),
-                   "last_copy": Opt(Obj({"n": CUT, "ok": Bool(),
-                                         "volumes": Map(NAME, _PROGRESS)}, {}, extra=True))},
-                  {}, extra=True),
+REPLY_SCHEMA: dict[str, _Node] = {
+    # A status reply says its role (a primary's may omit it: older slaves).
+    "status": Switch("role", {"primary": _PRIMARY_STATUS,
+                              "secondary": _SECONDARY_STATUS}, "primary"),
     "freeze": Obj({"n": CUT, "drain_ms": _MS, "blocks": Map(NAME, _COUNT)}, {}, extra=True),
     "thaw": Obj({"n": CUT, "held_ms": _MS}, {}, extra=True),
     "abort": Obj({"n": CUT}, {}, extra=True),
@@ -408,11 +468,14 @@ REPLY_SCHEMA: dict[str, Obj] = {
                  "bytes": Map(NAME, _COUNT)}, {}, extra=True),
     "verify": Obj({"failed": Map(NAME, Str(MAX_TEXT))}, {}, extra=True),
     "clear": Obj({"volumes": List(NAME)}, {}, extra=True),
-    "dirty": Obj({"volume": NAME, "granularity": Int(1, MAX_N), "blocks": _COUNT,
-                  "runs": List(List(_COUNT, 2, 2, what="a [start, blocks] pair"), 0,
-                               MAX_RUNS),
-                  "next": Opt(_COUNT)}, {}, extra=True),
+    "dirty": _RUNS_PAGE,
     "checkpoint": Obj({"written": List(NAME)}, {}, extra=True),
+    "mark": Obj({"volume": NAME, "blocks": _COUNT}, {}, extra=True),
+    "prepare": Obj({"n": CUT}, {}, extra=True),
+    "commit": Obj({"n": CUT}, {}, extra=True),
+    "rollback": Obj({"hardened": _COUNT, "rolled_back": Map(NAME, _COUNT)}, {}, extra=True),
+    "tgt": _RUNS_PAGE,
+    "clear_tgt": Obj({"volume": NAME, "blocks": _COUNT}, {}, extra=True),
 }
 
 _ERROR_REPLY = Obj({"ok": Bool(), "error": Str(MAX_TEXT),
@@ -452,6 +515,25 @@ def bad_reply(op: str | None, why: object) -> ProtocolError:
     """The error for a reply to ``op`` that is not what the protocol says."""
     return ProtocolError(f"bad reply{f' to {op}' if op else ''}: {why} (a broken slave,"
                          f" or one of another version: see its log)", Kind.REPLY)
+
+
+def check_runs(runs: list, nblocks: int, volume: str) -> None:
+    """Refuse runs of blocks that go past a volume's ``nblocks``."""
+    for i, (start, count) in enumerate(runs):
+        if start + count > nblocks:
+            raise ProtocolError(f"'runs[{i}]' [{start}, {count}] goes past the"
+                                f" {nblocks} blocks of {volume}")
+
+
+def runs_page(volume: str, granularity: int, bitmap, start: int, max_runs: int) -> dict:
+    """The reply of a page of runs of ``bitmap`` (the ``dirty`` and ``tgt``
+    ops) from block ``start``; ``next`` is where the next page starts (None
+    after the last)."""
+    if start > bitmap.nbits:
+        raise ProtocolError(f"'start' {start} is past the {bitmap.nbits} blocks of {volume}")
+    runs, nxt = bitmap.runs(start, max_runs=max_runs)
+    return ok(volume=volume, granularity=granularity, blocks=bitmap.nbits,
+              runs=[list(r) for r in runs], next=nxt if nxt < bitmap.nbits else None)
 
 
 def ok(**fields) -> dict:

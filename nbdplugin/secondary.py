@@ -1,0 +1,493 @@
+"""The secondary role (DESIGN.md, "The secondary"): the remote copy of a
+primary's volumes, which always holds the last hardened group.
+
+Each volume is served twice:
+
+host export ``NAME``          read-only while secondary; every read shows the
+                              last hardened group h: live blocks overlaid with
+                              the undo store (``SecondaryVolume.read_hardened``).
+replication export            the only way to write: the primary's drain
+``repl-TOKEN/NAME``           writes group n+1 here.
+
+Why a capability in the export name is the access control: nbdkit 1.32's
+python plugin exposes no peer identity per NBD connection (no credentials,
+no certificate), so ``open`` can only judge by the export name.  TOKEN is 32
+hex characters of a random secret made at first start and kept 0600 in the
+state directory (stable across restarts, so a primary's baseline URI stays
+valid); it is handed out only in the ``status`` reply of the authenticated
+control channel.  On a unix socket only the socket's owner can connect at
+all; on TCP the NBD session is TLS, so the name is never on the wire in
+clear.  The host export never lists it (``list_exports`` names only NAMEs).
+
+Undo store (one per volume, a durable ``BlockStore`` named
+``NAME.undo.<h>`` after the group it protects): before the first replication
+overwrite (write, zero, trim; partial blocks too) of a block since h, its old
+content is saved and made durable, and only then is the live block
+overwritten.  A reader reads live first and looks at the store's index
+after, so a block whose live read could have seen group n+1 data is already
+in the index with its old content (the same argument as ``Pit.read``).
+
+Before the first group is hardened (h = 0: the first full copy is still
+arriving) there is nothing to protect: no undo store is kept, so the first
+copy does not need the volume's size again in undo space, a rollback has
+nothing to restore (the primary still holds a change bit for every block
+not yet confirmed), and the host export refuses to open ("no hardened group
+yet") rather than show a half-copied volume.
+
+Group state (``secondary.json``, written with ``files.write_atomic``):
+``hardened`` (0 = none yet) and ``prepared`` (a group number or null).
+
+- ``prepare n``: replication writes stop (new ones get EROFS), the volumes
+  are fdatasynced, then "prepared n" is recorded.
+- ``commit n``: "hardened n, prepared null" is recorded, then the undo
+  stores of the old h are dropped and the next write starts
+  ``NAME.undo.<n>``.
+- ``rollback``: every undo block is written back and fdatasynced, the
+  rolled-back blocks are set in ``tgt`` (durable), the undo store is
+  dropped, prepared is cleared.
+
+Crash points and what recovery does (a secondary never decides alone: at
+start it keeps its undo store and prepared state and waits for the
+coordinator's commit or rollback):
+
+- mid-replication (``secondary:after-undo``: old content durable, live not
+  yet written; ``secondary:after-write``): the store lists every block that
+  may have changed since h, so reads show h and a rollback restores it.
+- between prepare and commit: prepared n survives; ``commit n`` works, and
+  so does ``rollback``.
+- in commit after the record (``secondary:commit-before-drop``): hardened is
+  n, the store ``NAME.undo.<h_old>`` is stale and is deleted at start (its
+  name tells it from a store of the current h).
+- in rollback (``secondary:rollback-mid`` after a block is restored,
+  ``secondary:rollback-before-drop`` once tgt is durable): the store is
+  still there, so running rollback again restores the same blocks (the
+  same bytes) and sets the same tgt bits.
+
+Rejected: a copy-on-write overlay that keeps group n+1 aside until commit
+(reads of the host export would be free, but commit would copy every block
+of the group, and a crash mid-commit would need its own journal); rolling
+back by ourselves at start (the coordinator alone knows whether another
+secondary committed n, in which case this one must roll forward).
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+
+from wire import protocol
+
+from . import failpoints
+from .blockstore import BlockStore, StoreClosed
+from .files import write_atomic
+from wire.protocol import Kind, ProtocolError
+from .server import ControlServer, OpHandler
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "secondary.json"
+TOKEN_FILE = "replication.token"
+_TOKEN = re.compile(r"[0-9a-f]{32}")
+# prepare and rollback wait this long for replication writes in flight.
+WRITERS_TIMEOUT_S = 30.0
+
+
+class SecondaryVolume(Volume):
+    """A volume of a secondary.  Its own I/O methods (``pread``, ``pwrite``,
+    ``zero``, ``trim``, ``flush``) are the replication export's; the host
+    export is ``HostView``.  Writes pass ``_modify``: refused while writes
+    are blocked (prepared, or a rollback running), undo save, then data."""
+
+    def __init__(self, name: str, path: str, statedir: str, granularity: int,
+                 region: int, create_size: int | None = None):
+        # ``tgt``: blocks written by anyone but the replication stream, or
+        # rolled back, since the stream last wrote them (DESIGN.md).
+        super().__init__(name, path, statedir, granularity, region, create_size,
+                         extra_maps=("tgt",))
+        self.cond = threading.Condition()   # guards writers, blocked, counters
+        self.writers = 0
+        self.blocked: str | None = None     # why replication writes are refused
+        self.replication_bytes = 0
+        self.host_writes_refused = 0
+        self.undo: BlockStore | None = None     # None while nothing is hardened
+
+    # ------------------------------------------------------------ undo store
+
+    def undo_path(self, h: int) -> str:
+        return os.path.join(self.statedir, f"{self.name}.undo.{h}")
+
+    def open_undo(self, h: int) -> None:
+        """Take up the store protecting group ``h`` (left by a crash, or new)
+        and delete stores of other groups: those were left by a commit that
+        crashed before dropping them, and protect a group no longer hardened.
+        Group 0 (nothing hardened) has no store."""
+        pattern = re.compile(re.escape(self.name) + r"\.undo\.(\d+)(\.idx)?")
+        for f in os.listdir(self.statedir):
+            m = pattern.fullmatch(f)
+            if m and int(m[1]) != h:
+                log.info("%s: removing stale undo store %s (hardened is %d)",
+                         self.name, f, h)
+                os.unlink(os.path.join(self.statedir, f))
+        self.undo = BlockStore.reopen(self.undo_path(h), self.fd, self.granularity,
+                                      self.size) if h else None
+
+    def drop_undo(self, h: int) -> None:
+        """Delete the store and start an empty one protecting ``h``; readers
+        holding the old one find it closed and read again."""
+        old = self.undo
+        self.undo = BlockStore(self.undo_path(h), self.fd, self.granularity, self.size,
+                               durable=True) if h else None
+        if old is not None:
+            old.close()
+
+    def undo_blocks(self) -> dict[int, bytes]:
+        """Every saved block and its saved content."""
+        store = self.undo
+        if store is None:
+            return {}
+        with store.lock:
+            blocks = sorted(store.index)
+        saved = {}
+        for b in blocks:
+            buf = bytearray(store.block_len(b))
+            store.overlay(buf, b)
+            saved[b] = bytes(buf)
+        return saved
+
+    # ------------------------------------------------------------ writes
+
+    def block_writes(self, why: str, timeout: float = WRITERS_TIMEOUT_S) -> None:
+        """Refuse new replication writes and wait for those in flight."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            before, self.blocked = self.blocked, why
+            while self.writers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.blocked = before
+                    raise ProtocolError(f"replication writes to {self.name} did not"
+                                        f" finish within {timeout:g} s", Kind.TIMEOUT)
+                self.cond.wait(left)
+
+    def allow_writes(self) -> None:
+        with self.cond:
+            self.blocked = None
+
+    def _modify(self, offset: int, length: int, action, *args) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"request [{offset}, +{length}) beyond {self.size}")
+        with self.cond:
+            if self.blocked:
+                raise OSError(errno.EROFS, f"{self.name}: replication writes refused:"
+                                           f" {self.blocked}")
+            self.writers += 1
+        try:
+            store = self.undo
+            if length and store is not None:
+                g = self.granularity
+                # Durable before the overwrite: after a crash the index lists
+                # every block the overwrite may have reached.
+                if store.save(range(offset // g, (offset + length - 1) // g + 1)):
+                    failpoints.hit("secondary:after-undo")
+            action(*args)
+            with self.cond:
+                self.replication_bytes += length
+            failpoints.hit("secondary:after-write")
+        finally:
+            with self.cond:
+                self.writers -= 1
+                self.cond.notify_all()
+
+    # ------------------------------------------------------------ host reads
+
+    def read_hardened(self, buf, offset: int) -> None:
+        """Fill ``buf`` with the last hardened group's bytes at ``offset``.
+
+        Live first, store after (see the module docstring).  A store closed
+        under us (a commit or rollback dropped it) means the group moved on:
+        read again against the new one.  The overlay wants a buffer that
+        starts on a block; an unaligned read goes through a larger one.
+        """
+        g = self.granularity
+        first = offset // g
+        view = memoryview(buf)
+        lead = offset - first * g
+        work = view if not lead else memoryview(bytearray(lead + len(view)))
+        while True:
+            self.pread(work, first * g)
+            store = self.undo
+            if store is None:
+                raise OSError(errno.EIO, f"{self.name} has no hardened group yet")
+            try:
+                store.overlay(work, first)
+                break
+            except StoreClosed:
+                continue
+        if lead:
+            view[:] = work[lead:]
+
+    def status(self) -> dict:
+        with self.cond:
+            written, refused = self.replication_bytes, self.host_writes_refused
+        with self.changes.lock:
+            tgt = self.changes.maps["tgt"].count()
+        return {"size": self.size, "granularity": self.granularity,
+                "undo_blocks": len(self.undo) if self.undo is not None else 0, "tgt_blocks": tgt,
+                "replication_bytes": written, "host_writes_refused": refused}
+
+    def close(self) -> None:
+        if self.undo is not None:
+            self.undo.close(remove=False)     # it protects h across the restart
+        super().close()
+
+
+class HostView:
+    """The host export of a secondary volume: reads show the hardened group,
+    writes are refused (nbdkit refuses them already, as ``writable`` is
+    false; these count any that reach the plugin anyway)."""
+
+    writable = False
+
+    def __init__(self, volume: SecondaryVolume):
+        self.volume = volume
+        self.size = volume.size
+
+    def pread(self, buf, offset: int) -> None:
+        self.volume.read_hardened(buf, offset)
+
+    def _refuse(self, *args) -> None:
+        with self.volume.cond:
+            self.volume.host_writes_refused += 1
+        raise OSError(errno.EROFS, f"{self.volume.name} is a secondary: its host"
+                                   f" export is read-only")
+
+    pwrite = zero = trim = _refuse
+
+    def flush(self) -> None:
+        pass
+
+
+class Secondary(OpHandler):
+    """The volumes of one secondary nbdkit process and their control ops.
+    ``lock`` serialises prepare, commit and rollback; the I/O path never
+    takes it."""
+
+    ROLE = "secondary"
+
+    def __init__(self, volumes: dict[str, SecondaryVolume], statedir: str):
+        self.volumes = volumes
+        self.statedir = statedir
+        self.lock = threading.RLock()
+        self.server: ControlServer | None = None
+        self.token = load_token(statedir)
+        self.state = self._load_state()
+        for vol in volumes.values():
+            vol.open_undo(self.state["hardened"])
+            if self.state["prepared"] is not None:
+                vol.blocked = f"group {self.state['prepared']} is prepared"
+        undo = {n: v.status()["undo_blocks"] for n, v in volumes.items()}
+        if self.state["prepared"] is not None or any(undo.values()):
+            log.info("secondary: hardened %d, prepared %s, undo blocks %s: waiting for"
+                     " the coordinator's commit or rollback", self.state["hardened"],
+                     self.state["prepared"], undo)
+
+    # ------------------------------------------------------------ state
+
+    def _state_path(self) -> str:
+        return os.path.join(self.statedir, STATE_FILE)
+
+    def _load_state(self) -> dict:
+        path = self._state_path()
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            h, p = state["hardened"], state["prepared"]
+            if not isinstance(h, int) or not (p is None or isinstance(p, int) and p > h):
+                raise ValueError("bad values")
+        except FileNotFoundError:
+            return {"hardened": 0, "prepared": None}
+        except (ValueError, KeyError, TypeError) as exc:
+            # write_atomic never leaves a torn file: someone edited it.
+            raise ValueError(f"{path} is damaged ({exc}): restore it, or remove the"
+                             f" secondary's state directory and copy it in full again"
+                             ) from None
+        return {"hardened": h, "prepared": p}
+
+    def _save_state(self, **updates) -> None:
+        state = {**self.state, **updates}
+        write_atomic(self._state_path(), json.dumps(state).encode())
+        self.state = state
+
+    def export_name(self, name: str) -> str:
+        return f"repl-{self.token}/{name}"
+
+    def open_export(self, name: str):
+        """The handle for an NBD export name: ``HostView`` for NAME, the
+        volume itself for its replication export, None for anything else.
+        Raises ``LookupError`` for a host export with no hardened group yet."""
+        vol = self.volumes.get(name)
+        if vol is not None:
+            if vol.undo is None:
+                raise LookupError(f"{name} has no hardened group yet (the first copy"
+                                  f" has not completed): nothing consistent to read")
+            return HostView(vol)
+        cap, _, vname = name.partition("/")
+        vol = self.volumes.get(vname)
+        # Constant time: the name is the secret.
+        if vol is not None and hmac.compare_digest(cap.encode(),
+                                                   f"repl-{self.token}".encode()):
+            return vol
+        return None
+
+    def _volume(self, name: str) -> SecondaryVolume:
+        vol = self.volumes.get(name)
+        if vol is None:
+            raise ProtocolError(f"unknown volume {name!r} (this secondary has:"
+                                f" {', '.join(self.volumes)})", Kind.UNKNOWN)
+        return vol
+
+    # ------------------------------------------------------------ ops
+
+    def op_status(self) -> dict:
+        vols = {}
+        for name, v in self.volumes.items():
+            vols[name] = {**v.status(), "export": self.export_name(name)}
+        return protocol.ok(pid=os.getpid(), role=self.ROLE,
+                           hardened=self.state["hardened"],
+                           prepared=self.state["prepared"], volumes=vols)
+
+    def op_prepare(self, n: int) -> dict:
+        with self.lock:
+            h, p = self.state["hardened"], self.state["prepared"]
+            if n <= h:
+                raise ProtocolError(f"group {n} is not above the hardened group {h}",
+                                    Kind.STALE)
+            if p == n:
+                return protocol.ok(n=n)         # a coordinator's retry
+            if p is not None:
+                raise ProtocolError(f"cannot prepare group {n}: group {p} is prepared;"
+                                    f" commit or roll it back first", Kind.ORDER)
+            vols = list(self.volumes.values())
+            try:
+                for vol in vols:
+                    vol.block_writes(f"group {n} is prepared")
+                for vol in vols:
+                    vol.flush()
+                self._save_state(prepared=n)
+            except BaseException:
+                for vol in vols:
+                    vol.allow_writes()
+                raise
+            return protocol.ok(n=n)
+
+    def op_commit(self, n: int) -> dict:
+        with self.lock:
+            h, p = self.state["hardened"], self.state["prepared"]
+            if p is None and h == n:
+                return protocol.ok(n=n)         # a coordinator's retry
+            if p != n:
+                now = f"group {p} is prepared" if p is not None else "nothing is prepared"
+                raise ProtocolError(f"cannot commit group {n}: {now} (hardened: {h})",
+                                    Kind.STALE if n < h else Kind.ORDER)
+            # Record first, then drop: a crash in between leaves a store
+            # named after the old group, which the next start deletes.
+            self._save_state(hardened=n, prepared=None)
+            failpoints.hit("secondary:commit-before-drop")
+            for vol in self.volumes.values():
+                vol.drop_undo(n)
+                vol.allow_writes()
+            log.info("secondary: group %d hardened", n)
+            return protocol.ok(n=n)
+
+    def op_rollback(self) -> dict:
+        with self.lock:
+            h = self.state["hardened"]
+            vols = list(self.volumes.values())
+            try:
+                for vol in vols:
+                    vol.block_writes("a rollback is running")
+                rolled = {}
+                for vol in vols:
+                    rolled[vol.name] = self._roll_back(vol)
+                # Order: restored data durable, then tgt durable, then drop
+                # the store: until the drop, running rollback again redoes it.
+                failpoints.hit("secondary:rollback-before-drop")
+                for vol in vols:
+                    vol.drop_undo(h)
+                if self.state["prepared"] is not None:
+                    self._save_state(prepared=None)
+            finally:
+                # Writes stay refused if the prepared record could not go.
+                if self.state["prepared"] is None:
+                    for vol in vols:
+                        vol.allow_writes()
+            log.info("secondary: rolled back to group %d: %s", h, rolled)
+            return protocol.ok(hardened=h, rolled_back=rolled)
+
+    def _roll_back(self, vol: SecondaryVolume) -> int:
+        """Write the undo blocks back, fdatasync, set them in tgt durably."""
+        saved = vol.undo_blocks()
+        g = vol.granularity
+        for b, data in saved.items():
+            vol._pwrite_all(data, b * g)
+            failpoints.hit("secondary:rollback-mid")
+        vol.flush()
+        cm = vol.changes
+        with cm.lock:
+            for b in saved:
+                cm.maps["tgt"].set(b, 1)
+        cm.checkpoint(final=True)       # nothing marks cr here: always writes the map
+        return len(saved)
+
+    def op_tgt(self, volume: str, start: int = 0, max_runs: int = protocol.MAX_RUNS) -> dict:
+        vol = self._volume(volume)
+        with vol.changes.lock:
+            bm = vol.changes.maps["tgt"].copy()
+        return protocol.runs_page(volume, vol.granularity, bm, start, max_runs)
+
+    def op_clear_tgt(self, volume: str, runs: list) -> dict:
+        vol = self._volume(volume)
+        cm = vol.changes
+        protocol.check_runs(runs, cm.nblocks, volume)
+        with cm.lock:
+            for start, count in runs:
+                cm.maps["tgt"].clear(start, count)
+        cm.checkpoint(final=True)
+        return protocol.ok(volume=volume, blocks=sum(c for _, c in runs))
+
+    # ------------------------------------------------------------ life
+
+    def start(self, address: str, ssl_context=None, **bounds) -> None:
+        """Start the control server (after fork); see ``ControlServer.start``."""
+        self.server = ControlServer(self, **bounds)
+        self.server.start(address, ssl_context)
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for vol in self.volumes.values():
+            vol.close()
+
+
+def load_token(statedir: str) -> str:
+    """The replication export's secret: made at first start, then kept."""
+    path = os.path.join(statedir, TOKEN_FILE)
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except FileNotFoundError:
+        token = secrets.token_hex(16)
+        write_atomic(path, token.encode() + b"\n")
+        return token
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(f"{path} does not hold 32 hex characters: remove it to make"
+                         f" a new one (the primary then needs the new export name)")
+    return token

@@ -1,0 +1,361 @@
+"""The control server of a slave, primary or secondary: it frames lines and
+hands each request to a handler (``handler.handle(line, owner=conn) ->
+reply``); when a connection ends it tells the handler
+(``handler.connection_closed(conn, why)``), which is how a primary aborts a
+cut whose coordinator went away.  ``OpHandler`` is the shared front of both
+roles: decode, check the op is one of the role's, dispatch to ``op_NAME``.
+
+Nothing a peer does can starve the server:
+
+- Peers: on a unix socket (file mode 0600) only the slave's own uid and root
+  (SO_PEERCRED); on TCP only TLS peers with a client certificate the server
+  context accepts, checked in the connection's own thread under a deadline.
+- Bounds: at most ``max_connections`` connections (extras get one error line
+  and are closed), each closed after ``idle_timeout`` s without a request; a
+  listen backlog that takes a burst; an accept loop that survives EMFILE and
+  any other error with one log line and a back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import ssl
+import stat
+import struct
+import threading
+
+from wire import address as wire_address
+
+from wire import protocol
+from wire.protocol import Kind, ProtocolError
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT_S = 60.0
+HANDSHAKE_TIMEOUT_S = 10.0
+# A burst of 200 connects must not meet a full queue (EAGAIN); the kernel
+# caps this at net.core.somaxconn.
+BACKLOG = 512
+ACCEPT_BACKOFF_S = (0.05, 1.0)      # first and longest wait after accept fails
+
+
+class ControlServerError(Exception):
+    """The control server cannot start; the message says what to do."""
+
+
+class OpHandler:
+    """The request front shared by both roles: ``ROLE`` names the role and
+    ``protocol.ROLE_OPS[ROLE]`` the ops it serves (each an ``op_NAME``
+    method); ``OWNED_OPS`` get the connection they came on as ``owner``."""
+
+    ROLE = "primary"
+    OWNED_OPS: tuple[str, ...] = ()
+
+    def handle(self, line: bytes | str, owner: "Conn | None" = None) -> dict:
+        """Decode, validate and execute one request; always return a reply."""
+        try:
+            msg = protocol.decode(line)
+            op = msg.pop("op")
+            if op not in protocol.ROLE_OPS[self.ROLE]:
+                other = "secondary" if self.ROLE == "primary" else "primary"
+                raise ProtocolError(f"op {op!r} is for a {other}; this slave is a"
+                                    f" {self.ROLE}", Kind.ROLE)
+            if op in self.OWNED_OPS:
+                msg["owner"] = owner
+            return getattr(self, "op_" + op)(**msg)
+        except ProtocolError as exc:
+            return protocol.error(str(exc), exc.kind)
+        except Exception as exc:  # a local failure: report it, keep serving
+            log.exception("control op failed")
+            return protocol.error(f"slave failed: {exc}", Kind.LOCAL)
+
+    def connection_closed(self, conn: "Conn", why: str) -> None:
+        """A control connection ended (``why``: one line); nothing by default."""
+
+
+class ControlServer:
+    """Serves ``handler`` on one address; ``start`` binds and starts the
+    accept thread, ``close`` stops it and wakes every connection's thread."""
+
+    def __init__(self, handler, *, max_connections: int = MAX_CONNECTIONS,
+                 idle_timeout: float = IDLE_TIMEOUT_S,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT_S):
+        self.handler = handler
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.address: str | None = None
+        self.control_path: str | None = None
+        self._stop = threading.Event()
+        self._server: socket.socket | None = None
+        self._conns: set[Conn] = set()
+        self._conns_lock = threading.Lock()
+        self._refused = 0                        # connections refused in this streak
+        self._ssl: ssl.SSLContext | None = None
+
+    def start(self, address: str, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Bind ``address`` (``unix:PATH``, a plain path, or ``tcp:HOST:PORT``;
+        port 0: any free port, ``self.address`` then says which) and start
+        accepting.  TCP needs ``ssl_context``, a server context that requires
+        client certificates.  Raises ``ControlServerError`` (one line) if the
+        server cannot start.
+        """
+        try:
+            addr = wire_address.parse(address, listen=True)
+        except wire_address.AddressError as exc:
+            raise ControlServerError(f"control={address}: {exc}") from None
+        if addr.is_tcp:
+            _check_tls(ssl_context, addr)
+            srv = socket.create_server((addr.host, addr.port), backlog=BACKLOG,
+                                       family=socket.AF_INET6 if ":" in addr.host
+                                       else socket.AF_INET)
+            self.address = str(wire_address.Address(
+                "tcp", host=addr.host, port=srv.getsockname()[1]))
+        else:
+            _claim_unix_path(addr.path)
+            srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            srv.bind(addr.path)
+            # Whatever the umask: only the owner may connect.  (The instant
+            # between bind and chmod is covered by the peer check in _admit.)
+            os.chmod(addr.path, 0o600)
+            srv.listen(BACKLOG)
+            self.control_path = addr.path
+            self.address = str(addr)
+        self._ssl = ssl_context if addr.is_tcp else None
+        self._server = srv
+        threading.Thread(target=self._accept_loop, name="control", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        """Accept until shutdown.  No error ends this loop: at the descriptor
+        limit (EMFILE/ENFILE) or on anything else it logs one line per streak
+        of failures and backs off, so the channel comes back by itself."""
+        backoff = 0.0
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._server.accept()
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                if not backoff:
+                    log.error("control: accept failed (%s); retrying with back-off",
+                              exc.strerror or exc)
+                backoff = min(max(backoff * 2, ACCEPT_BACKOFF_S[0]), ACCEPT_BACKOFF_S[1])
+                self._stop.wait(backoff)
+                continue
+            if backoff:
+                log.info("control: accepting connections again")
+                backoff = 0.0
+            try:
+                self._admit(sock)
+            except Exception:   # never let one connection end the loop
+                log.exception("control: could not start serving a connection")
+                sock.close()
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Check the peer and the connection bound, then serve in a thread."""
+        if sock.family == socket.AF_UNIX and not _peer_allowed(sock):
+            return
+        if sock.family != socket.AF_UNIX:
+            # One small reply per request: never let Nagle hold it back.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Conn(sock)
+        with self._conns_lock:
+            full = len(self._conns) >= self.max_connections
+            if full:
+                self._refused += 1
+                if self._refused == 1:
+                    log.warning("control: %d connections open, refusing more",
+                                len(self._conns))
+            else:
+                self._conns.add(conn)
+        if full:
+            # Over TCP the refusal would need a TLS handshake (a thread, the
+            # very thing the bound limits): those peers just see the close.
+            if self._ssl is None:
+                _refuse(sock, f"too many control connections ({self.max_connections}):"
+                              f" close idle ones or retry later", Kind.BUSY)
+            else:
+                sock.close()
+            return
+        try:
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn",
+                             daemon=True).start()
+        except BaseException:
+            with self._conns_lock:
+                self._conns.discard(conn)
+            raise
+
+    def _serve(self, conn: "Conn") -> None:
+        why = "closed by the peer"
+        try:
+            if self._ssl is not None:
+                # In this thread, with a deadline: a peer that never finishes
+                # the handshake holds only its own thread.  A peer without a
+                # certificate from our CA fails here, before any op is read.
+                peer = conn.peer()      # before wrap_socket takes the socket over
+                conn.sock.settimeout(self.handshake_timeout)
+                try:
+                    conn.sock = self._ssl.wrap_socket(conn.sock, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("control: refused %s: TLS handshake failed: %s", peer, exc)
+                    why = "TLS handshake failed"
+                    return
+            conn.sock.settimeout(self.idle_timeout)
+            why = self._serve_lines(conn)
+        finally:
+            self._release(conn, why)
+
+    def _serve_lines(self, conn: "Conn") -> str:
+        """Answer requests in order until the connection ends; return why it did."""
+        framer = protocol.Framer()
+        while True:
+            try:
+                data = conn.sock.recv(1 << 16)
+            except TimeoutError:
+                return f"idle for {self.idle_timeout:g} s"
+            except OSError as exc:
+                return f"read failed: {exc}"
+            if not data:
+                return "closed by the peer"
+            try:
+                replies = [self.handler.handle(line, owner=conn) for line in framer.feed(data)]
+                last = None
+            except ProtocolError as exc:     # a line over the limit: out of step
+                replies, last = [protocol.error(str(exc), exc.kind)], "message too long"
+            for reply in replies:
+                try:
+                    conn.sock.sendall(protocol.encode(reply))
+                except OSError as exc:
+                    # The peer is gone: _release ends a cut it froze.
+                    return f"reply failed: {exc}"
+            if last:
+                return last
+
+
+    def _release(self, conn: "Conn", why: str) -> None:
+        """A connection ended: tell the handler first (a primary aborts a cut
+        the connection froze and did not thaw), then forget and close it."""
+        try:
+            self.handler.connection_closed(conn, why)
+        finally:
+            with self._conns_lock:
+                self._conns.discard(conn)
+                if self._refused and len(self._conns) < self.max_connections:
+                    log.info("control: accepting connections again (%d refused)",
+                             self._refused)
+                    self._refused = 0
+            conn.sock.close()
+
+    def close(self) -> None:
+        """Stop accepting; wake threads blocked in accept or read (each
+        connection's thread then releases and closes its own socket)."""
+        self._stop.set()
+        if self._server is None:
+            return
+        with self._conns_lock:
+            socks = [self._server] + [c.sock for c in self._conns]
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._server.close()
+        if self._ssl is None:
+            try:
+                os.unlink(self.control_path)
+            except FileNotFoundError:
+                pass
+
+
+class Conn:
+    """One accepted control connection (``sock`` becomes the TLS socket on TCP)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def gone(self) -> bool:
+        """True once the peer has hung up or the connection failed; never blocks.
+        Data the peer sent before hanging up may still be unread."""
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                   for _, ev in p.poll(0))
+
+    def peer(self) -> str:
+        try:
+            host, port = self.sock.getpeername()[:2]
+            return f"{host}:{port}"
+        except (OSError, ValueError):
+            return "a peer"
+
+
+def _peer_allowed(sock: socket.socket) -> bool:
+    """On a unix socket only our own uid and root may talk to the slave.  The
+    file mode is not enough: it is set only after bind, and an operator may
+    loosen it."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid in (os.getuid(), 0):
+        return True
+    log.warning("control: refused a connection from uid %d (pid %d): only the"
+                " slave's own uid (%d) and root may connect", uid, pid, os.getuid())
+    _refuse(sock, f"uid {uid} may not use this slave's control socket", Kind.DENIED)
+    return False
+
+
+def _refuse(sock: socket.socket, message: str, kind: Kind) -> None:
+    """Send one error line without waiting for the peer, and close."""
+    try:
+        sock.setblocking(False)
+        sock.send(protocol.encode(protocol.error(message, kind)))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _check_tls(ctx: ssl.SSLContext | None, addr) -> None:
+    """TCP carries the control channel only as TLS 1.3 with client certificates."""
+    if not isinstance(ctx, ssl.SSLContext):
+        raise ControlServerError(f"control={addr}: the control channel over TCP needs"
+                                 f" mutual TLS (plaintext TCP is refused): use a unix:PATH")
+    if ctx.verify_mode is not ssl.CERT_REQUIRED or \
+            ctx.minimum_version < ssl.TLSVersion.TLSv1_3:
+        raise ControlServerError(f"control={addr}: the TLS context must require TLS 1.3"
+                                 f" and client certificates")
+
+
+def _claim_unix_path(path: str) -> None:
+    """Make ``path`` free for our socket, removing only a stale socket.
+
+    A socket that still answers belongs to a live slave: taking it over would
+    send the coordinator's copies to the wrong process.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlServerError(f"control socket {path} exists and is not a socket:"
+                                 f" remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)         # nobody listens: a crashed slave's leftover
+        return
+    except OSError as exc:
+        raise ControlServerError(f"control socket {path} cannot be probed"
+                                 f" ({exc.strerror or exc}): choose another path") from None
+    else:
+        pid = struct.unpack("3i", probe.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        who = f"pid {pid}" if pid > 0 else "pid unknown"
+        raise ControlServerError(f"control socket {path} is served by another process"
+                                 f" ({who}): stop it or choose another path")
+    finally:
+        probe.close()
