@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import struct
 import sys
@@ -80,6 +81,25 @@ from .history import History
 from .link import SlaveLink
 from .lock import SessionLock
 from .session import Session, replication_uri
+
+# Test-only crash points of the coordinator, as nbdplugin/failpoints.py does
+# for the slave (``CGMIRROR_FAILPOINTS=name[@N],...``: SIGKILL the N-th time
+# ``_hit(name)`` runs).  Points: mirror:after-cut (thawed, before COPY),
+# mirror:mid-drain (COPY sent, first poll), mirror:after-prepare (every
+# secondary prepared, no commit sent), mirror:mid-commit (the first secondary
+# committed, the others not yet).
+_armed: dict[str, int] = {}
+for _item in filter(None, os.environ.get("CGMIRROR_FAILPOINTS", "").split(",")):
+    _name, _, _nth = _item.partition("@")
+    _armed[_name] = int(_nth or 1)
+
+
+def _hit(name: str) -> None:
+    if name in _armed:
+        _armed[name] -= 1
+        if _armed[name] == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
 
 LIFT_AFTER = 5                  # drain-time failures in a row before the timer lifts
 HOLD_WINDOW = 1000              # hold times kept for p50/p99
@@ -423,11 +443,18 @@ class Mirror:
         m["coordination_ms"] = est.coordination_ms
         m["hold_ms"] = est.max_held_ms
         self.holds.append(est.max_held_ms)
+        _hit("mirror:after-cut")
         self.phase = "drain"
         t0 = time.monotonic()
         deadline = t0 + self.settings.max_drain_ms / 1000 if timer else None
+        volumes = sum(len(v) for v in targets.values())
 
         def watch(progress: dict) -> None:
+            _hit("mirror:mid-drain")
+            done = sum(p.get("state") == "done" for vols in progress["slaves"].values()
+                       for p in vols.values())
+            if done == volumes:
+                return          # the last poll: the drain is over, nothing to abandon
             if self._stop.is_set():
                 raise _Stopping()
             if deadline is not None and time.monotonic() > deadline:
@@ -472,9 +499,21 @@ class Mirror:
             name, exc = next(iter(bad.items()))
             res.outcome, res.error = "failed", f"prepare {n} failed on {name}: {exc}"
             return
+        _hit("mirror:after-prepare")
         t1 = time.monotonic()
-        committed = group.fanout.parallel(self.secondaries,
-                                          lambda lk: lk.call("commit", n=n))
+
+        def commit(lk: SlaveLink) -> dict:
+            reply = lk.call("commit", n=n)
+            _hit("mirror:mid-commit")
+            return reply
+
+        # One after the other: a crash point between two commits must exist.
+        committed = {}
+        for lk in self.secondaries:
+            try:
+                committed[lk.name] = commit(lk)
+            except CgmirrorError as exc:
+                committed[lk.name] = exc
         m["commit_ms"] = group.fanout.ms(time.monotonic() - t1)
         bad = {k: v for k, v in committed.items() if isinstance(v, Exception)}
         if bad:
