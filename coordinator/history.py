@@ -136,7 +136,11 @@ class History:
         self.path = os.path.join(state_dir, DB_NAME)
         try:
             os.makedirs(state_dir, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            # check_same_thread off: the mirror opens its history in the
+            # thread that takes the session and forms groups in another; one
+            # thread at a time uses it.
+            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                      check_same_thread=False)
             self.db.row_factory = sqlite3.Row
             self.db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
