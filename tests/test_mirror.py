@@ -11,6 +11,7 @@ a read that spans one is retried).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -340,13 +341,13 @@ def test_pause_resume_and_status_over_the_control_socket(rig, capsys):
     m = r.start_mirror()
     wait_until(lambda: m.formed >= 1, 60, "a group")
     assert cli.main(["-s", r.path, "mirror", "pause"]) == 0
+    assert "paused" in capsys.readouterr().out
     wait_until(lambda: m.state == "paused", 30, "paused")
     formed = m.formed
     time.sleep(0.3)             # a window in which a running mirror forms groups
     assert m.formed == formed
     assert cli.main(["-s", r.path, "mirror", "status", "--json"]) == 0
-    import json
-    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    doc = json.loads(capsys.readouterr().out)
     assert doc["state"] == "paused" and doc["hardened"] >= 1
     assert doc["secondaries"]["r1"]["hardened"] == doc["hardened"]
     assert set(doc["volumes"]["s1"]) == {"a", "b"}
