@@ -489,7 +489,8 @@ def test_adopting_a_remote_made_by_cgmirror_copy_sends_only_changes(rig, run_dir
     mirror: its first group is incremental (baseline verified), not full."""
     r = rig()
     # A copy session naming the replication exports as fixed targets.
-    text = open(r.path).read()
+    with open(r.path) as f:
+        text = f.read()
     for s, v in ORDER:
         rname = REMOTE[s]
         export = r.status(rname)["volumes"][v]["export"]
@@ -500,8 +501,11 @@ def test_adopting_a_remote_made_by_cgmirror_copy_sends_only_changes(rig, run_dir
     copy_path = os.path.join(run_dir, "copy.toml")
     with open(copy_path, "w") as f:
         f.write(text)
-    work = wl.Workload(r.uris(), LAYOUT, max_records=200).start()
-    work.stop()
+    work = wl.Workload(r.uris(), LAYOUT).start()
+    try:
+        wait_until(lambda: work.written > 100, 30, "writes")
+    finally:
+        work.stop()
     assert cli.main(["-s", copy_path, "copy"]) == 0
     copied = r.replication_bytes()
     assert copied >= 4 * SIZE
