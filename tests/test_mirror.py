@@ -442,8 +442,10 @@ def test_sigterm_exits_zero_with_gates_open(rig):
     assert all(r.status(s)["phase"] == "idle" for s in ("s1", "s2"))
 
 
-@pytest.mark.parametrize("point", ["mirror:mid-drain", "mirror:after-prepare",
-                                   "mirror:mid-commit"])
+# The N-th time the child reaches the point (mid-drain: once a poll; mid-commit:
+# once a secondary, so @3 is the first commit of its second group).
+@pytest.mark.parametrize("point", ["mirror:mid-drain@2", "mirror:after-prepare@2",
+                                   "mirror:mid-commit@3"])
 def test_kill9_of_the_coordinator_recovers_without_a_full_copy(rig, point):
     """kill -9 mid-drain, after prepare, mid-commit: `mirror run` again
     brings the secondaries to one group (forward or back) and continues,
@@ -452,32 +454,42 @@ def test_kill9_of_the_coordinator_recovers_without_a_full_copy(rig, point):
     m = r.open_mirror()
     assert m.run_once().outcome == "hardened"
     r.stop_mirror()
-    full = r.replication_bytes()
     work = wl.Workload(r.uris(), LAYOUT).start()
     try:
         wait_until(lambda: work.written > 100, 30, "writes")
-        p = r.spawn({"CGMIRROR_FAILPOINTS": f"{point}@2"})
+        p = r.spawn({"CGMIRROR_FAILPOINTS": point})
         assert p.wait(60) == -signal.SIGKILL, p.stderr.read()
-        st = {x: r.status(x) for x in ("r1", "r2")}
-        if point == "mirror:after-prepare":
-            assert all(s["prepared"] for s in st.values())
-        if point == "mirror:mid-commit":
-            assert st["r1"]["hardened"] != st["r2"]["hardened"]
-        p = r.spawn()
-        before = max(r.hardened())
-        wait_until(lambda: min(r.hardened()) >= before + 2, 60, "groups after restart")
-        n, rep = r.read_group()
-        assert rep.ok, rep.summary()
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(60) == 0
-        log = p.stderr.read()
     finally:
+        # Stopped before the restart: what the restart sends is then bounded
+        # by what the primaries hold dirty now.
         work.stop()
+    st = {x: r.status(x) for x in ("r1", "r2")}
+    point = point.partition("@")[0]
+    if point == "mirror:after-prepare":
+        assert all(s["prepared"] for s in st.values())
+    if point == "mirror:mid-commit":
+        assert st["r1"]["hardened"] != st["r2"]["hardened"]
+    # A drain the dead coordinator left runs on to its end in the slave (a cut
+    # after thaw is not the connection's); measure once it is over.
+    wait_until(lambda: all(r.status(x)["phase"] == "idle" for x in ("s1", "s2")), 60,
+               "the orphaned drain")
+    base = r.replication_bytes()
+    dirty = sum(v["dirty_blocks"] * v["granularity"] for x in ("s1", "s2")
+                for v in r.status(x)["volumes"].values())
+    p = r.spawn()
+    before = max(r.hardened())
+    wait_until(lambda: min(r.hardened()) >= before + 2, 60, "groups after restart")
+    n, rep = r.read_group()
+    assert rep.ok, rep.summary()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 0
+    log = p.stderr.read()
     if point != "mirror:mid-drain":
         assert "recovery:" in log, log
-    assert "full" not in log
-    sent = r.replication_bytes() - full
-    assert sent < 2 * SIZE, f"{sent} bytes sent after the restart: a full copy"
+    assert "full copy" not in log, log
+    sent = r.replication_bytes() - base
+    assert sent <= dirty < 4 * SIZE, f"{sent} bytes sent after the restart, {dirty}" \
+                                     f" were dirty"
     m = r.open_mirror()
     assert m.run_once().outcome == "hardened"
     r.stop_mirror()
