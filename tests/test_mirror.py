@@ -358,6 +358,16 @@ def test_pause_resume_and_status_over_the_control_socket(rig, capsys):
     assert cli.main(["-s", r.path, "mirror", "status"]) == 0
     out = capsys.readouterr().out
     assert "no mirror is running" in out and "secondary r1: hardened" in out
+    assert cli.main(["-s", r.path, "history", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    hardened = [g for g in groups if g["outcome"] == "hardened"]
+    assert len(hardened) >= 2 and hardened[-1]["n"] == 1
+    g = hardened[0]
+    assert g["hardened"] >= g["cut"] and g["hold_ms"] is not None
+    assert g["drain_ms"] is not None and g["prepare_ms"] is not None
+    assert hardened[-1]["bytes"] == 4 * SIZE        # the first full copy
+    assert cli.main(["-s", r.path, "history"]) == 0
+    assert "OUTCOME" in capsys.readouterr().out
 
 
 def test_rpo_severe_when_the_threshold_passes(rig):
