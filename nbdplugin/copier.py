@@ -3,8 +3,10 @@
 A ``Copy`` reads from a *source* (``PitSource`` today; a resync union later)
 through a small interface -- ``blocks()``, ``read(buf, block)``,
 ``confirm(start, count)`` once the target acknowledged, ``flushed(start,
-count)`` once a flush made them durable, ``broken`` -- and never reaches into
-a volume's PiT or change map itself.
+count)`` once a flush made them durable, ``changed()`` (the blocks changed
+since the last completed copy, for which the baseline's samples no longer
+speak), ``broken`` -- and never reaches into a volume's PiT or change map
+itself.
 
 An incremental copy goes only to the image that holds its baseline: every
 completed copy records digests of sampled blocks of the target, and the next
@@ -132,6 +134,10 @@ class PitSource:
     def read(self, buf, block: int) -> None:
         self._pit.read(buf, block)
 
+    def changed(self):
+        """Blocks changed since the last completed copy (cr | oos)."""
+        return self._changes.dirty()
+
     def confirm(self, start: int, count: int) -> None:
         self._pit.confirm(start, count)
 
@@ -242,9 +248,15 @@ def sample(reader: BlockReader, written: Bitmap) -> list[list]:
     return [[b, d] for b, d in sorted(samples.items())]
 
 
-def check_baseline(h, uri: str, size: int, base: dict, source, timeout: float) -> None:
+def check_baseline(h, uri: str, size: int, base: dict, source, timeout: float,
+                   changed) -> None:
     """Raise CopyError (one line naming --full) unless the target behind
-    ``h`` (``size`` bytes) still holds what ``base`` recorded of it."""
+    ``h`` (``size`` bytes) still holds what ``base`` recorded of it.
+
+    A sample speaks only for a block that has not changed since it was taken:
+    a block marked in ``changed`` (the volume's cr | oos) may hold anything
+    at the target, since a copy interrupted by a crash may have sent it (its
+    bit came back at recovery, and it will be sent again)."""
     fix = "run `cgmirror copy --full`"
     if size != base["size"]:
         raise CopyError(f"target {uri} no longer holds the baseline of"
@@ -255,6 +267,8 @@ def check_baseline(h, uri: str, size: int, base: dict, source, timeout: float) -
                         f" {source.granularity}: {fix}")
     reader = BlockReader(h, uri, source, timeout)
     for block, digest in base["samples"]:
+        if changed.test(block):
+            continue
         if _digest(reader.read(block)) != digest:
             raise CopyError(f"target {uri} no longer holds the baseline of"
                             f" {source.name} (block {block} differs): {fix}")
@@ -265,7 +279,8 @@ def verify_target(uri: str, base: dict, source, timeout: float) -> None:
     h = connect(uri, f"cgmirror-verify-{source.name}", timeout)
     try:
         try:
-            check_baseline(h, uri, h.get_size(), base, source, timeout)
+            check_baseline(h, uri, h.get_size(), base, source, timeout,
+                           source.changes.dirty())
         except nbd.Error as exc:
             raise CopyError(f"target {uri}: {exc.string}") from exc
     finally:
@@ -380,7 +395,8 @@ class Copy:
 
     def _check_baseline(self, h, size: int) -> None:
         """Refuse unless the target still holds what the last copy recorded."""
-        check_baseline(h, self.uri, size, self.baseline, self.source, self.timeout)
+        check_baseline(h, self.uri, size, self.baseline, self.source, self.timeout,
+                       self.source.changed())
         # From here on the blocks to be written change on the target: should
         # this copy fail, only the other samples still speak for it.
         self.baseline = {**self.baseline,

@@ -44,7 +44,8 @@ for _p in (_VENV_SITE, _ROOT):
 from nbdplugin import files  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
 from nbdplugin.secondary import Secondary, SecondaryVolume  # noqa: E402
-from nbdplugin.slave import ControlServerError, Slave, StateError  # noqa: E402
+from nbdplugin.server import ControlServerError  # noqa: E402
+from nbdplugin.slave import Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
 from wire.units import parse_size  # noqa: E402
 from wire import address as wire_address  # noqa: E402

@@ -83,11 +83,11 @@ import threading
 import time
 
 from wire import protocol
+from wire.protocol import Kind, ProtocolError
 
 from . import failpoints
 from .blockstore import BlockStore, StoreClosed
 from .files import write_atomic
-from wire.protocol import Kind, ProtocolError
 from .server import ControlServer, OpHandler
 from .volume import Volume
 

@@ -29,14 +29,16 @@ import threading
 import time
 
 from wire import protocol
-from .files import write_atomic
-from .copier import Copy, CopyError, PitSource, verify_target
 from wire.protocol import CutMachine, Event, Kind, Phase, ProtocolError
-from .server import (HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, MAX_CONNECTIONS, Conn,  # noqa: F401
-                     ControlServer, ControlServerError, OpHandler)
+
+from .copier import Copy, CopyError, PitSource, verify_target
+from .files import write_atomic
+from .server import (HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, MAX_CONNECTIONS, Conn,
+                     ControlServer, OpHandler)
 from .volume import Volume
 
 log = logging.getLogger(__name__)
+
 
 class StateError(Exception):
     """The slave's own state file is damaged; the message says what to do."""

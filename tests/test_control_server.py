@@ -23,7 +23,8 @@ import trustme
 
 from conftest import wait_until
 from coordinator import launch
-from nbdplugin.slave import ControlServerError, Slave
+from nbdplugin.server import ControlServerError
+from nbdplugin.slave import Slave
 from nbdplugin.volume import Volume
 
 G = 64 * 1024

@@ -107,6 +107,9 @@ class ListSource:
     def blocks(self) -> Bitmap:
         return self._bm.copy()
 
+    def changed(self) -> Bitmap:
+        return self._bm.copy()
+
     def read(self, buf, block: int) -> None:
         g = self.granularity
         for i in range(0, len(buf), g):

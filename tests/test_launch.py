@@ -3,7 +3,9 @@ and umask."""
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -68,3 +70,49 @@ def test_files_and_dirs_private_under_umask_000(slaves, run_dir):
     for sock in (spec.nbd_socket, spec.control):
         mode = stat.S_IMODE(os.stat(sock).st_mode)
         assert mode & 0o022 == 0, f"{sock} is {mode:o}"
+
+
+def _connect_as_nobody(path: str) -> str:
+    """Connect to the unix socket ``path`` as uid/gid 65534 in a forked child;
+    return "connected" or the error's name."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                             # child: plain syscalls, then _exit
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(path)
+            os.write(w, b"connected")
+        except OSError as exc:
+            os.write(w, (errno.errorcode.get(exc.errno) or repr(exc)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            return f.read().decode()
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_nbd_socket_refuses_another_uid_under_umask_000(slaves, run_dir):
+    """nbdkit cannot check NBD peers' credentials: file modes keep other
+    users off the volumes (nbdkit makes its socket 0755 whatever the umask,
+    and the launcher's socket directory is 0700).  A connect as another uid
+    fails, even under umask 000; the owner still gets in."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    os.chmod(run_dir, 0o711)                 # others may traverse the test dir
+    old = os.umask(0)
+    try:
+        spec = slaves("s1", volumes=[("a", 1 * MiB)], start=False)
+        spec.nbd_socket = os.path.join(run_dir, "run", "s1.sock")
+        proc = slaves.restart(spec)
+    finally:
+        os.umask(old)
+    assert _connect_as_nobody(proc.spec.nbd_socket) == "EACCES"
+    write(proc.spec.uri("a"), 0, b"y" * 512)
+    assert read_all(proc.spec.uri("a"))[:512] == b"y" * 512

@@ -71,6 +71,10 @@ def group_writes(rng, image, count=40):
     return out
 
 
+def blocks_of(writes):
+    return {b for off, data in writes for b in range(off // G, (off + len(data) - 1) // G + 1)}
+
+
 # ------------------------------------------------------------------ exports
 
 def test_status_names_a_stable_secret_replication_export(slaves):
@@ -125,6 +129,13 @@ def test_host_export_is_read_only(slaves):
     assert h.is_read_only()
     with pytest.raises(nbd.Error):
         h.pwrite(b"x" * 512, 0)
+    # A client that sends the writes anyway is refused by the server.
+    h.set_strict_mode(0)
+    for write in (lambda: h.pwrite(b"x" * 512, 0), lambda: h.zero(G, 0),
+                  lambda: h.trim(G, 0)):
+        with pytest.raises(nbd.Error) as e:
+            write()
+        assert e.value.errno == "EPERM"     # from the server itself
     assert h.pread(4096, 0) == bytes(4096)
     assert img(proc) == bytes(SIZE)
 
@@ -238,8 +249,9 @@ def test_prepare_commit_rules(slaves):
         with pytest.raises(ControlError) as e:
             c.call("commit", n=6)
         assert e.value.kind == "order"
-        with pytest.raises(nbd.Error):
+        with pytest.raises(nbd.Error) as e:
             w.pwrite(b"\x08" * G, G)
+        assert e.value.errno == "EPERM"     # EROFS: NBD carries it as EPERM
         st = c.call("status")
         assert (st["hardened"], st["prepared"]) == (3, 5)
         assert st["volumes"]["a"]["undo_blocks"] == 1
@@ -266,7 +278,7 @@ def test_rollback_restores_the_hardened_group_and_marks_tgt(slaves):
         writes = group_writes(rng, live, 10)
         for off, data in writes:
             w.pwrite(data, off)
-        touched = {b for off, data in writes for b in range(off // G, (off + len(data) - 1) // G + 1)}
+        touched = blocks_of(writes)
         r = c.call("rollback")
         assert r == {"ok": True, "hardened": 1, "rolled_back": {"a": len(touched)}}
         assert img(proc) == hardened
@@ -392,7 +404,7 @@ def test_kill_during_rollback_is_finished_by_rolling_back_again(slaves, point):
         c.call("prepare", n=2)
         with pytest.raises(ControlError):
             c.call("rollback")
-    touched = {b for off, data in writes for b in range(off // G, (off + len(data) - 1) // G + 1)}
+    touched = blocks_of(writes)
     proc = restart(slaves, proc)
     assert host(proc).pread(SIZE, 0) == g1
     with proc.control() as c:
@@ -441,11 +453,18 @@ def test_mark_on_a_primary_survives_kill9(slaves):
         with pytest.raises(ControlError) as e:
             c.call("mark", volume="a", runs=[[NBLOCKS - 1, 2]])
         assert e.value.kind == "protocol"
+        # During a cut too: cr is the next group, which the cut does not touch.
+        c.call("freeze", n=1, lease_ms=5000)
+        c.call("thaw", n=1)
+        c.call("mark", volume="a", runs=[[5, 1]])
+        assert c.call("status")["volumes"]["a"]["cr_blocks"] == 1
+        c.call("abort", n=1)
+        assert c.dirty_runs("a") == [(1, 2), (5, 1), (NBLOCKS - 1, 1)]
     prim.kill9()
     prim = slaves.restart(prim.spec)
     with prim.control() as c:
         got = {b for s, n in c.dirty_runs("a") for b in range(s, s + n)}
-    assert {1, 2, NBLOCKS - 1} <= got
+    assert {1, 2, 5, NBLOCKS - 1} <= got
 
 
 # ------------------------------------------------------------------ schemas

@@ -177,14 +177,16 @@ def _mkfs(img: str) -> None:
     subprocess.run(["mkfs.ext4", "-F", "-q", img], check=True, capture_output=True)
 
 
-def _overwrite_a_sample(statedir: str):
+def _overwrite_a_sample(statedir: str, avoid: set[int] = frozenset(), changed=False):
     """Change one of the blocks the slave sampled at the last copy (as a
-    foreign writer that happened to hit it would)."""
+    foreign writer that happened to hit it would): one the source has not
+    changed since (not in ``avoid``), or with ``changed`` one it has."""
     with open(os.path.join(statedir, "slave.json")) as f:
-        samples = json.load(f)["synced"]["a"]["samples"]
+        samples = [b for b, _ in json.load(f)["synced"]["a"]["samples"]
+                   if (b in avoid) == changed]
 
     def change(img: str) -> None:
-        block = samples[len(samples) // 2][0]
+        block = samples[len(samples) // 2]
         with open(img, "r+b") as f:
             f.seek(block * G + 100)
             f.write(b"foreign")
@@ -214,9 +216,10 @@ def test_incremental_refused_when_target_no_longer_holds_baseline(
     link = SlaveLink.from_spec(proc.spec)
     try:
         assert _copy(link, 1, uri).slaves["s1"]["a"].mode == "full"
+        touched = _scribble(proc.spec.uri("a"), rng)
         target.restart(uri, {"blank": _blank, "mkfs": _mkfs,
-                             "sampled-block": _overwrite_a_sample(proc.spec.statedir)}[change])
-        _scribble(proc.spec.uri("a"), rng)
+                             "sampled-block": _overwrite_a_sample(proc.spec.statedir,
+                                                                  touched)}[change])
         with pytest.raises(CopyFailed) as ei:
             _copy(link, 2, uri)
         e = ei.value
@@ -232,6 +235,26 @@ def test_incremental_refused_when_target_no_longer_holds_baseline(
         rep = _copy(link, 4, uri, "full")
         assert rep.slaves["s1"]["a"].mode == "full"
         _assert_same(source, uri)
+    finally:
+        link.close()
+
+
+def test_a_foreign_write_to_a_changed_sampled_block_is_not_a_refusal(slaves, target,
+                                                                    run_dir):
+    """A sampled block the source has changed since is sent again whatever
+    the target holds there (a copy interrupted by a crash leaves such blocks):
+    the incremental copy goes on and the target ends equal to the source."""
+    rng = random.Random(9)
+    proc = slaves("s1", volumes=[("a", SIZE)])
+    _fill(proc.spec.uri("a"), rng)
+    uri = target("nbdkit-file")
+    link = SlaveLink.from_spec(proc.spec)
+    try:
+        _copy(link, 1, uri)
+        touched = _scribble(proc.spec.uri("a"), rng)
+        target.restart(uri, _overwrite_a_sample(proc.spec.statedir, touched, changed=True))
+        assert _copy(link, 2, uri).slaves["s1"]["a"].mode == "incremental"
+        _assert_same(os.path.join(run_dir, "s1-a.img"), uri)
     finally:
         link.close()
 

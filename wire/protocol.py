@@ -392,11 +392,14 @@ SCHEMA: dict[str, Obj] = {
 
 # Which ops each role serves; any other op is refused with kind ROLE.
 ROLE_OPS: dict[str, frozenset[str]] = {
-    "primary": frozenset({"status", "freeze", "thaw", "abort", "copy", "clear", "dirty",
-                          "checkpoint", "mark", "verify"}),
+    "primary": frozenset({"status", "freeze", "thaw", "abort", "copy", "verify", "clear",
+                          "dirty", "checkpoint", "mark"}),
     "secondary": frozenset({"status", "prepare", "commit", "rollback", "tgt",
                             "clear_tgt"}),
 }
+
+
+assert set(SCHEMA) == set().union(*ROLE_OPS.values()), "every op belongs to a role"
 
 
 def decode(line: bytes | str) -> dict:
