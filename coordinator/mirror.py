@@ -43,10 +43,11 @@ recovery" and the next group starts with it:
   (forward too).  DESIGN.md says roll back here; forward is as sound,
   because prepare is only ever sent once every drain of n has finished
   (each primary cleared its bits only after its secondary flushed them),
-  so every secondary holds all of n.  Rolling back would resend the whole
-  group and, worse, break the primaries' baseline proof: the slave sampled
-  the replication export after the drain, the rollback rewrites those
-  blocks, and the next incremental copy would be refused (a full copy).
+  so every secondary holds all of n.  Rolling back would resend every
+  block of the group; before main's 0bffd00 it also broke the primaries'
+  baseline proof (samples read after the drain, blocks rewritten by the
+  rollback: the next copy was a full one -- tests/test_mirror.py's
+  kill -9 after prepare found it).
 * only if that is refused: every secondary prepared n is rolled back to the
   common hardened group; the blocks it restored land in its ``tgt`` map;
 * then for each secondary volume with ``tgt`` blocks: ``mark`` them on the

@@ -550,3 +550,37 @@ def test_adopting_a_remote_made_by_cgmirror_copy_sends_only_changes(rig, run_dir
     assert any("adopted" in line for line in r.logs)
     r.assert_equal()
     assert launch.running_pid(r.procs["r1"].spec)
+
+
+def test_recovery_resends_blocks_a_secondary_rolled_back(rig):
+    """Blocks in a secondary's tgt map (here: replication writes rolled back)
+    are marked on the primary volume they mirror, then cleared on the
+    secondary, and the next group sends them again."""
+    r = rig()
+    m = r.open_mirror()
+    assert m.run_once().outcome == "hardened"
+    r.stop_mirror()
+    export = r.status("r2")["volumes"]["b"]["export"]
+    h = nbd.NBD()
+    h.connect_uri(session_mod.replication_uri(r.session.secondary("r2"), export))
+    h.pwrite(b"\xa5" * 4096, 5 << 20)           # block 80 at 64 KiB
+    h.flush()
+    h.shutdown()
+    with r.link("r2") as lk:
+        assert lk.call("rollback")["rolled_back"]["b"] == 1
+    assert r.status("r2")["volumes"]["b"]["tgt_blocks"] == 1
+    assert r.status("s2")["volumes"]["b"]["dirty_blocks"] == 0
+    m = r.open_mirror()
+    try:
+        m.recover()
+        assert r.status("r2")["volumes"]["b"]["tgt_blocks"] == 0
+        with r.link("s2") as lk:
+            assert lk.call("dirty", volume="b")["runs"] == [[80, 1]]
+        base = r.replication_bytes()
+        assert m.run_once().outcome == "hardened"
+        assert r.replication_bytes() - base == 64 << 10
+    finally:
+        r.stop_mirror()
+    assert any("1 target-side blocks of r2/b marked for resend on s2/b" in line
+               for line in r.logs), r.logs
+    r.assert_equal()
