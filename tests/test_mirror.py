@@ -161,6 +161,24 @@ def test_two_volumes_on_one_secondary_volume_refused(tmp_path):
         session_mod.load(str(p))
 
 
+def test_mirror_refuses_a_volume_with_a_fixed_target(tmp_path):
+    """A mirrored session mirrors every volume: a fixed target is refused."""
+    text = session_text().replace('secondary = "r2"', 'target = "nbd://h/x"', 1)
+    p = tmp_path / "m.toml"
+    p.write_text(text)
+    with pytest.raises(mirror_mod.MirrorError, match="s2/a has a fixed target"):
+        Mirror(session_mod.load(str(p)))
+
+
+def test_pause_without_a_running_mirror_is_one_line(tmp_path, capsys):
+    """pause with no mirror: exit UNREACHABLE, one line saying how to start one."""
+    p = tmp_path / "m.toml"
+    p.write_text(session_text())
+    assert cli.main(["-s", str(p), "mirror", "pause"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cgmirror mirror run" in err, err
+
+
 # ------------------------------------------------------------------ the rig
 
 class Rig:
