@@ -190,11 +190,11 @@ class Mirror:
         self.log = log or (lambda line: print(f"cgmirror mirror: {line}", file=sys.stderr,
                                               flush=True))
         self.serve_control = serve_control
-        self.slaves = [SlaveLink(s.name, s.control, [v.name for v in s.volumes])
-                       for s in session.slaves]
+        # from_spec: the spec knows a TCP control channel's TLS context.
+        self.slaves = [SlaveLink.from_spec(s.spec()) for s in session.slaves]
         used = {r for _, _, r, _ in session.pairs()}
-        self.secondaries = [SlaveLink(r.name, r.control, [v[0] for v in r.volumes])
-                            for r in session.secondaries if r.name in used]
+        self.secondaries = [SlaveLink.from_spec(r.spec()) for r in session.secondaries
+                            if r.name in used]
         self.lock: SessionLock | None = None
         self.history: History | None = None
         self._server: _ControlServer | None = None
