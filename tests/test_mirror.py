@@ -163,7 +163,8 @@ def test_two_volumes_on_one_secondary_volume_refused(tmp_path):
 
 def test_mirror_refuses_a_volume_with_a_fixed_target(tmp_path):
     """A mirrored session mirrors every volume: a fixed target is refused."""
-    text = session_text().replace('secondary = "r2"', 'target = "nbd://h/x"', 1)
+    text = session_text().replace('secondary = "r2"',
+                                  'target = "nbd+unix:///x?socket=x.sock"', 1)
     p = tmp_path / "m.toml"
     p.write_text(text)
     with pytest.raises(mirror_mod.MirrorError, match="s2/a has a fixed target"):
