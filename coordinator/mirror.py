@@ -460,6 +460,8 @@ class Mirror:
         self.history.begin_group(n, self.session.name, res.cut)
         try:
             self._form(res, targets, full, timer=not (first_copy or lifted))
+        except CgmirrorError as exc:        # recorded as this group's failure
+            res.outcome, res.error = "failed", describe(exc)
         except BaseException as exc:
             res.outcome, res.error = "failed", describe(exc)
             raise
