@@ -375,6 +375,9 @@ def test_pause_resume_and_status_over_the_control_socket(rig, capsys):
     assert doc["secondaries"]["r1"]["hardened"] == doc["hardened"]
     assert set(doc["volumes"]["s1"]) == {"a", "b"}
     assert doc["hold_ms"]["p99"] is not None
+    assert cli.main(["-s", r.path, "mirror", "status"]) == 0
+    text = capsys.readouterr().out
+    assert "session m: paused" in text and "RPO" in text and "s2     b" in text, text
     assert cli.main(["-s", r.path, "mirror", "resume"]) == 0
     wait_until(lambda: m.formed > formed, 30, "a group after resume")
     r.stop_mirror()
