@@ -398,15 +398,15 @@ def test_pause_resume_and_status_over_the_control_socket(rig, capsys):
 
 def test_rpo_severe_when_the_threshold_passes(rig):
     """No group for longer than rpo_threshold_s: state severe, with the reason."""
-    r = rig(rpo=1)
+    r = rig(rpo=2)
     m = r.open_mirror()
     try:
         assert m.run_once().outcome == "hardened"
         m.state = "running"
         assert m.status()["state"] == "running"
-        wait_until(lambda: m.status()["state"] == "severe", 10, "severe")
+        wait_until(lambda: m.status()["state"] == "severe", 20, "severe")
         doc = m.status()
-        assert "past rpo_threshold_s 1" in doc["why"] and doc["rpo_s"] > 1
+        assert "past rpo_threshold_s 2" in doc["why"] and doc["rpo_s"] > 2
         assert m.run_once().outcome == "hardened"
         assert m.status()["state"] == "running"
     finally:
