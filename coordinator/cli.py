@@ -5,6 +5,8 @@
     cgmirror [-s SESSION.toml] copy [--full | --incremental] [--json]
     cgmirror [-s SESSION.toml] status [--json]
     cgmirror [-s SESSION.toml] history [--json] [--limit N]
+    cgmirror [-s SESSION.toml] secondary start|stop [NAME...]
+    cgmirror [-s SESSION.toml] mirror run|pause|resume|status [--json]
     cgmirror [-s SESSION.toml] pki init|issue ...   (see pki_cmds; no session needed)
 
 The session file comes from ``-s/--session`` or ``$CGMIRROR_SESSION``.
@@ -36,7 +38,11 @@ JSON documents (every one has "ok"; on error also "error", "error_type",
                      "finished", "mode", "result", "error", "coordination_ms",
                      "establish_ms", "max_held_ms", "bytes", "seconds",
                      "volumes": {S: {V: {"target", "mode", "bytes", "seconds",
-                     "result", "error"}}}}, ...newest first]}
+                     "result", "error"}}}}, ...newest first],
+                     "groups": [{"n", "session", "cut", "hardened", "outcome"
+                     (running, hardened, drain-timeout, aborted, failed,
+                     interrupted), "error", "bytes", "coordination_ms", "hold_ms",
+                     "drain_ms", "prepare_ms", "commit_ms"}, ...newest first]}
     "group" (what the targets hold, from the history): {"consistent", "n",
                      "taken", "age_s", "volumes": {S: {V: {"state" (holds,
                      partial, copying, none), "n", "error"}}}, "last_copy":
@@ -54,7 +60,7 @@ import sys
 from dataclasses import dataclass
 
 from . import copy_cmds, errors, output, pki_cmds, session as session_mod, slave_cmds
-from . import status_cmds
+from . import mirror_cmds, secondary_cmds, status_cmds
 from .errors import CgmirrorError, ExitCode
 
 
@@ -92,6 +98,8 @@ NOUNS = (
     slave_cmds,
     copy_cmds,
     status_cmds,
+    secondary_cmds,
+    mirror_cmds,
     pki_cmds,
 )
 
