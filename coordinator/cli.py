@@ -5,6 +5,8 @@
     cgmirror [-s SESSION.toml] copy [--full | --incremental] [--json]
     cgmirror [-s SESSION.toml] status [--json]
     cgmirror [-s SESSION.toml] history [--json] [--limit N]
+    cgmirror [-s SESSION.toml] secondary start|stop [NAME...]
+    cgmirror [-s SESSION.toml] mirror run|pause|resume|status [--json]
 
 The session file comes from ``-s/--session`` or ``$CGMIRROR_SESSION``.
 ``main(argv) -> int`` returns an ``errors.ExitCode``; tests call it in
@@ -52,7 +54,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from . import copy_cmds, errors, output, session as session_mod, slave_cmds, status_cmds
+from . import (copy_cmds, errors, mirror_cmds, output, secondary_cmds, session as session_mod,
+               slave_cmds, status_cmds)
 from .errors import CgmirrorError, ExitCode
 
 
@@ -90,6 +93,8 @@ NOUNS = (
     slave_cmds,
     copy_cmds,
     status_cmds,
+    secondary_cmds,
+    mirror_cmds,
     # pki_cmds,   (coordinator/pki_cmds.py: session CA and host certificates)
 )
 

@@ -6,6 +6,12 @@ written when the cut starts ("running") and completed when it ends ("ok",
 becomes "interrupted" the next time a coordinator takes the session.
 Per-volume results are in ``copy_volumes``.
 
+The mirror (coordinator/mirror.py) writes a row per consistency group into
+``groups`` instead: begun at the cut ("running"), finished as "hardened",
+"drain-timeout", "aborted" or "failed" (with the reason).  Cut numbers are
+one sequence for both tables (``max_n``), so a copy and a group never share
+a number.
+
 Numbers come from slaves, over a wire; a slave may report anything (a cut
 number of 2^63+5 once made every later ``cgmirror copy`` die of SQLite's
 OverflowError).  So the boundary is here, both ways:
@@ -58,6 +64,21 @@ CREATE TABLE IF NOT EXISTS copy_volumes (
     result   TEXT NOT NULL,
     error    TEXT,
     PRIMARY KEY (n, slave, volume)
+);
+CREATE TABLE IF NOT EXISTS groups (
+    n               INTEGER PRIMARY KEY,
+    session         TEXT NOT NULL,
+    cut             REAL NOT NULL,      -- unix time of the freeze
+    hardened        REAL,               -- unix time every secondary committed
+    outcome         TEXT NOT NULL,      -- running, hardened, drain-timeout, aborted,
+                                        -- failed, interrupted
+    error           TEXT,
+    bytes           INTEGER,            -- confirmed at the secondaries
+    coordination_ms REAL,               -- freeze sent -> all frozen
+    hold_ms         REAL,               -- longest a slave held its gates
+    drain_ms        REAL,
+    prepare_ms      REAL,
+    commit_ms       REAL
 );
 -- group(): the newest copy of each volume, without scanning the history.
 CREATE INDEX IF NOT EXISTS copy_volumes_newest ON copy_volumes (slave, volume, n);
@@ -115,7 +136,11 @@ class History:
         self.path = os.path.join(state_dir, DB_NAME)
         try:
             os.makedirs(state_dir, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            # check_same_thread off: the mirror opens its history in the
+            # thread that takes the session and forms groups in another; one
+            # thread at a time uses it.
+            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                      check_same_thread=False)
             self.db.row_factory = sqlite3.Row
             self.db.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
@@ -128,7 +153,51 @@ class History:
             raise LocalError(f"history {self.path}: {exc}") from exc
 
     def max_n(self) -> int:
-        return self._run("SELECT COALESCE(MAX(n), 0) FROM copies")[0][0]
+        return self._run("SELECT MAX(COALESCE((SELECT MAX(n) FROM copies), 0),"
+                         " COALESCE((SELECT MAX(n) FROM groups), 0))")[0][0]
+
+    # ------------------------------------------------------------ mirror groups
+
+    GROUP_MEASURES = ("bytes", "coordination_ms", "hold_ms", "drain_ms", "prepare_ms",
+                      "commit_ms")
+
+    def begin_group(self, n: int, session: str, cut: float) -> None:
+        """Group n is being cut (a row "running" until ``finish_group``)."""
+        self._run("INSERT INTO groups (n, session, cut, outcome) VALUES (?, ?, ?,"
+                  " 'running')", (check_n(n), session, cut))
+
+    def finish_group(self, n: int, outcome: str, error: str | None = None,
+                     hardened: float | None = None, **measures) -> None:
+        """Complete group n's row; ``measures``: any of GROUP_MEASURES (a value
+        that is not a finite number in range is stored as NULL)."""
+        unknown = set(measures) - set(self.GROUP_MEASURES)
+        if unknown:
+            raise ValueError(f"unknown group measures {sorted(unknown)}")
+        cols = ", ".join(f"{k}=?" for k in measures)
+        self._run(f"UPDATE groups SET outcome=?, error=?, hardened=?"
+                  f"{', ' + cols if cols else ''} WHERE n=?",
+                  (outcome, error, hardened, *(measure(v) for v in measures.values()),
+                   check_n(n)))
+
+    def mark_groups_interrupted(self) -> int:
+        """Group rows left "running" by a mirror that died; call with the lock."""
+        return len(self._run("UPDATE groups SET outcome='interrupted', error="
+                             "'the coordinator stopped before the end' "
+                             "WHERE outcome='running' RETURNING n"))
+
+    def groups(self, limit: int | None = None) -> list[dict]:
+        """Mirror groups, newest first."""
+        rows = self._run("SELECT * FROM groups ORDER BY n DESC"
+                         + (" LIMIT ?" if limit else ""), (limit,) if limit else ())
+        return [{"n": r["n"], "session": _text(r["session"]), "cut": _iso(r["cut"]),
+                 "hardened": _iso(r["hardened"]), "outcome": _text(r["outcome"]),
+                 "error": _text(r["error"])}
+                | {k: measure(r[k]) for k in self.GROUP_MEASURES} for r in rows]
+
+    def group_cut_time(self, n: int) -> float | None:
+        """Unix time group n was cut, if the history has it."""
+        rows = self._run("SELECT cut FROM groups WHERE n=?", (n,))
+        return measure(rows[0]["cut"]) if rows else None
 
     def mark_interrupted(self) -> int:
         """Rows left 'running' by a coordinator that died; call with the lock held."""

@@ -23,6 +23,36 @@ A session is one TOML file (``-s FILE`` or ``$CGMIRROR_SESSION``)::
     size = "64M"                   # optional: create if missing, else check
     target = "nbd+unix:///db?socket=remote/db.sock"
 
+A mirrored session (``cgmirror mirror run``, coordinator/mirror.py) names
+its secondaries (the remote site: the same plugin with ``role=secondary``)
+and the mirror's settings in tables of their own::
+
+    [mirror]
+    interval_ms = 0                # pause between groups (0: back to back)
+    max_drain_ms = 10000           # a drain longer than this gives its bits back
+    rpo_threshold_s = 30           # older hardened group: state "severe"
+    control = "run/mirror.ctl"     # optional: the running mirror's control socket
+                                   # (default <state_dir>/mirror.ctl)
+
+    [[secondary]]
+    name = "r1"
+    state_dir = "remote/r1"
+    nbd_socket = "remote/r1.sock"  # host exports NAME, replication repl-TOKEN/NAME
+    control = "remote/r1.ctl"
+    granularity = "64K"            # optional
+
+    [[secondary.volume]]
+    name = "db"
+    path = "remote/db.img"
+    size = "64M"                   # optional: create if missing, else check
+
+A primary volume then names its remote instead of a ``target`` (it has
+exactly one of the two): ``secondary = "r1"`` and optionally
+``remote_volume = "db"`` (default: the volume's own name).  The replication
+URI is built at run time from the secondary's socket and the export name its
+status gives (``Session.replication_uri``).  Two primary volumes may not
+share a secondary volume.
+
 Relative paths, including the ``socket=`` of a ``+unix`` target URI, are
 relative to the directory of the TOML file.  No two volumes may have the same
 image as their target, however it is spelled (``wire.nbduri``).  Every problem is refused with one
@@ -54,7 +84,11 @@ _MAX_SOCKET = 107
 _SESSION_KEYS = {"name", "state_dir", "max_coordination_ms", "lease_ms", "copy_timeout_ms"}
 _SLAVE_KEYS = {"name", "state_dir", "nbd_socket", "control", "threads", "granularity",
                "volume"}
-_VOLUME_KEYS = {"name", "path", "size", "target"}
+_VOLUME_KEYS = {"name", "path", "size", "target", "secondary", "remote_volume"}
+_MIRROR_KEYS = {"interval_ms", "max_drain_ms", "rpo_threshold_s", "control"}
+_SECONDARY_KEYS = {"name", "state_dir", "nbd_socket", "control", "granularity", "volume"}
+_SECONDARY_VOLUME_KEYS = {"name", "path", "size"}
+MIRROR_CONTROL = "mirror.ctl"
 
 
 @dataclass(frozen=True)
@@ -62,7 +96,40 @@ class VolumeConfig:
     name: str
     path: str
     size: int | None
-    target: str
+    target: str | None              # a fixed NBD URI, or None if mirrored
+    secondary: str | None = None    # the [[secondary]] that mirrors it
+    remote_volume: str | None = None
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    """The ``[mirror]`` table (defaults if absent)."""
+
+    interval_ms: int
+    max_drain_ms: int
+    rpo_threshold_s: float
+    control: str
+
+
+@dataclass(frozen=True)
+class SecondaryConfig:
+    """One ``[[secondary]]``: a remote-site plugin with ``role=secondary``."""
+
+    name: str
+    state_dir: str
+    nbd_socket: str
+    control: str
+    granularity: int | None
+    volumes: tuple[tuple[str, str, int | None], ...]   # (name, path, size)
+
+    def spec(self) -> SlaveSpec:
+        """How to run this secondary (for coordinator.launch)."""
+        spec = SlaveSpec(name=self.name, statedir=self.state_dir,
+                         nbd_socket=self.nbd_socket, control=self.control,
+                         volumes=list(self.volumes), role="secondary")
+        if self.granularity is not None:
+            spec.granularity = self.granularity
+        return spec
 
 
 @dataclass(frozen=True)
@@ -102,6 +169,8 @@ class Session:
     lease_ms: int
     copy_timeout_ms: int
     slaves: tuple[SlaveConfig, ...]
+    mirror: MirrorConfig | None = None
+    secondaries: tuple[SecondaryConfig, ...] = ()
 
     def slave(self, name: str) -> SlaveConfig:
         for s in self.slaves:
@@ -122,8 +191,29 @@ class Session:
         return [s.spec() for s in self.slaves]
 
     def targets(self) -> dict[str, dict[str, str]]:
-        """{slave: {volume: target URI}} for every volume of the session."""
-        return {s.name: {v.name: v.target for v in s.volumes} for s in self.slaves}
+        """{slave: {volume: target URI}} for every volume with a fixed target
+        (a mirrored volume's URI needs its secondary: ``replication_uri``)."""
+        return {s.name: {v.name: v.target for v in s.volumes if v.target}
+                for s in self.slaves}
+
+    def secondary(self, name: str) -> SecondaryConfig:
+        for r in self.secondaries:
+            if r.name == name:
+                return r
+        names = ", ".join(r.name for r in self.secondaries) or "none"
+        raise UsageError(f"session {self.name} has no secondary {name!r} (it has: {names})")
+
+    def pairs(self) -> list[tuple[str, str, str, str]]:
+        """Every mirrored volume: (slave, volume, secondary, remote volume)."""
+        return [(s.name, v.name, v.secondary, v.remote_volume)
+                for s in self.slaves for v in s.volumes if v.secondary]
+
+
+def replication_uri(secondary: SecondaryConfig, export: str) -> str:
+    """The NBD URI of a secondary's replication export ``export`` (the name
+    its status gives, ``repl-TOKEN/NAME``).  Spelled the same way every
+    time: the primary's baseline is keyed by this string."""
+    return f"nbd+unix:///{export}?socket={secondary.nbd_socket}"
 
 
 def locate(path: str | None) -> str:
@@ -235,8 +325,9 @@ class _Parser:
 
     def session(self, data: dict) -> Session:
         for key in data:
-            if key not in ("session", "slave"):
-                self.fail("top level", key, "unknown table (known: session, slave)")
+            if key not in ("session", "slave", "mirror", "secondary"):
+                self.fail("top level", key, "unknown table (known: session, slave,"
+                                            " mirror, secondary)")
         if "session" not in data:
             self.fail("top level", "session", "missing the [session] table")
         t = data["session"]
@@ -258,9 +349,11 @@ class _Parser:
             self.fail("top level", "slave", "needs at least one [[slave]] table")
         parsed = tuple(self.slave(i, s) for i, s in enumerate(slaves, 1))
         self.unique(parsed)
+        mirror, secondaries = self.mirror_tables(data, state_dir, parsed)
         return Session(path=os.path.abspath(self.path), name=name, state_dir=state_dir,
                        max_coordination_ms=coord, lease_ms=lease,
-                       copy_timeout_ms=copy_timeout, slaves=parsed)
+                       copy_timeout_ms=copy_timeout, slaves=parsed, mirror=mirror,
+                       secondaries=secondaries)
 
     def slave(self, i: int, t) -> SlaveConfig:
         w = f"[[slave]] #{i}"
@@ -293,9 +386,105 @@ class _Parser:
         w = f"[[slave.volume]] {slave}/#{j}"
         if isinstance(t, dict) and isinstance(t.get("name"), str):
             w = f"[[slave.volume]] {slave}/{t['name']}"
-        self.keys(w, t, _VOLUME_KEYS, ("name", "path", "target"))
-        return VolumeConfig(name=self.name(w, t), path=self.path_(w, t, "path"),
+        self.keys(w, t, _VOLUME_KEYS, ("name", "path"))
+        name = self.name(w, t)
+        if "target" not in t and "secondary" not in t:
+            self.fail(w, "target", "missing (or name the volume's 'secondary')")
+        if "target" in t and "secondary" in t:
+            self.fail(w, "target", "give only one of 'target' (an NBD URI) and"
+                                   " 'secondary' (the name of a [[secondary]])")
+        if "remote_volume" in t and "secondary" not in t:
+            self.fail(w, "remote_volume", "only with 'secondary'")
+        if "secondary" in t:
+            remote = t.get("remote_volume", name)
+            if not isinstance(remote, str) or not _NAME.match(remote):
+                self.fail(w, "remote_volume", f"must be a volume name, not {remote!r}")
+            return VolumeConfig(name=name, path=self.path_(w, t, "path"),
+                                size=self.size(w, t, "size"), target=None,
+                                secondary=self.string(w, t, "secondary"),
+                                remote_volume=remote)
+        return VolumeConfig(name=name, path=self.path_(w, t, "path"),
                             size=self.size(w, t, "size"), target=self.target(w, t))
+
+    def mirror_tables(self, data: dict, state_dir: str, slaves: tuple[SlaveConfig, ...]
+                      ) -> tuple[MirrorConfig | None, tuple[SecondaryConfig, ...]]:
+        """``[mirror]`` and ``[[secondary]]``; every ``secondary =`` of a
+        volume must name one, and each secondary volume mirrors one volume."""
+        mirror = None
+        if "mirror" in data:
+            t, w = data["mirror"], "[mirror]"
+            self.keys(w, t, _MIRROR_KEYS, ())
+            control = (self.path_(w, t, "control", socket=True) if "control" in t
+                       else os.path.join(state_dir, MIRROR_CONTROL))
+            if len(control.encode()) > _MAX_SOCKET:
+                self.fail(w, "control", f"socket path {control} is longer than"
+                                        f" {_MAX_SOCKET} bytes; set a shorter one")
+            rpo = t.get("rpo_threshold_s", 30)
+            if isinstance(rpo, bool) or not isinstance(rpo, (int, float)) \
+                    or not 0 < rpo <= 86400:
+                self.fail(w, "rpo_threshold_s", f"must be a number of seconds above 0"
+                                                f" and at most 86400, not {rpo!r}")
+            mirror = MirrorConfig(
+                interval_ms=self.integer(w, t, "interval_ms", 0, 0, 3_600_000),
+                max_drain_ms=self.integer(w, t, "max_drain_ms", 10_000, 10, 3_600_000),
+                rpo_threshold_s=float(rpo), control=control)
+        raw = data.get("secondary", [])
+        if not isinstance(raw, list):
+            self.fail("top level", "secondary", "must be [[secondary]] tables")
+        secondaries = tuple(self.secondary_table(i, t) for i, t in enumerate(raw, 1))
+        by_name: dict[str, SecondaryConfig] = {}
+        for r in secondaries:
+            if by_name.setdefault(r.name, r) is not r:
+                self.fail(f"[[secondary]] {r.name!r}", "name", "two secondaries have"
+                                                               " this name")
+        used: dict[tuple[str, str], str] = {}
+        for s in slaves:
+            for v in s.volumes:
+                if not v.secondary:
+                    continue
+                w = f"[[slave.volume]] {s.name}/{v.name}"
+                r = by_name.get(v.secondary)
+                if r is None:
+                    self.fail(w, "secondary", f"no [[secondary]] is named"
+                                              f" {v.secondary!r}")
+                if v.remote_volume not in (rv[0] for rv in r.volumes):
+                    self.fail(w, "remote_volume", f"secondary {r.name} has no volume"
+                                                  f" {v.remote_volume!r}")
+                other = used.setdefault((r.name, v.remote_volume), f"{s.name}/{v.name}")
+                if other != f"{s.name}/{v.name}":
+                    self.fail(w, "secondary", f"{r.name}/{v.remote_volume} already mirrors"
+                                              f" {other}: give every volume its own")
+        if any(v.secondary for s in slaves for v in s.volumes) and mirror is None:
+            mirror = MirrorConfig(0, 10_000, 30.0, os.path.join(state_dir, MIRROR_CONTROL))
+        return mirror, secondaries
+
+    def secondary_table(self, i: int, t) -> SecondaryConfig:
+        w = f"[[secondary]] #{i}"
+        if isinstance(t, dict) and isinstance(t.get("name"), str):
+            w = f"[[secondary]] {t['name']!r}"
+        self.keys(w, t, _SECONDARY_KEYS, ("name", "state_dir", "nbd_socket", "control",
+                                          "volume"))
+        name = self.name(w, t)
+        gran = self.size(w, t, "granularity")
+        if gran is not None and (gran & (gran - 1) or gran < 4096):
+            self.fail(w, "granularity", f"must be a power of two of at least 4096,"
+                                        f" not {t['granularity']!r}")
+        vols = t["volume"]
+        if not isinstance(vols, list) or not vols:
+            self.fail(w, "volume", "needs at least one [[secondary.volume]] table")
+        volumes, seen = [], set()
+        for j, v in enumerate(vols, 1):
+            vw = f"[[secondary.volume]] {name}/#{j}"
+            self.keys(vw, v, _SECONDARY_VOLUME_KEYS, ("name", "path"))
+            vname = self.name(vw, v)
+            if vname in seen:
+                self.fail(vw, "name", f"secondary {name} has two volumes named {vname!r}")
+            seen.add(vname)
+            volumes.append((vname, self.path_(vw, v, "path"), self.size(vw, v, "size")))
+        return SecondaryConfig(name=name, state_dir=self.path_(w, t, "state_dir"),
+                               nbd_socket=self.path_(w, t, "nbd_socket", socket=True),
+                               control=self.path_(w, t, "control", socket=True),
+                               granularity=gran, volumes=tuple(volumes))
 
     def unique(self, slaves: tuple[SlaveConfig, ...]) -> None:
         """Two slaves may not share a name, a socket, a state dir or a volume file."""
@@ -329,6 +518,8 @@ class _Parser:
                 images[(sock, v.name)] = f"the source export of {s.name}/{v.name}"
         for s in slaves:
             for v in s.volumes:
+                if v.target is None:        # mirrored: checked in mirror_tables
+                    continue
                 image = nbduri.parse(v.target)
                 other = images.setdefault(image.identity, f"the target of {s.name}/{v.name}")
                 if other != f"the target of {s.name}/{v.name}":

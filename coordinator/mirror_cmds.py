@@ -1,0 +1,152 @@
+"""``cgmirror mirror run|pause|resume|status [--json]``.
+
+``run`` is the long-running coordinator (``coordinator.mirror.Mirror``) in
+the foreground, one per session (it holds the session lock: a second one
+gets BUSY), systemd-friendly: one event a line on stderr, ``READY=1`` on
+``$NOTIFY_SOCKET`` once it serves, and SIGTERM or SIGINT finish or abandon
+the current group (never leaving a gate closed) and exit 0.  The other
+actions talk to it over its control socket (``[mirror] control``).
+
+    mirror status --json  {"ok", "session", "pid", "state" (starting, running,
+                           paused, severe, stopped), "why" (a line, if severe),
+                           "paused", "phase", "hardened", "rpo_s",
+                           "rpo_threshold_s", "groups_formed", "groups_failed",
+                           "drain_failures_in_a_row", "timer_lifted",
+                           "hold_ms": {"last", "p50", "p99"}, "drain_mb_s",
+                           "last_group": {"n", "outcome", "error", "bytes"} | null,
+                           "volumes": {S: {V: {"secondary", "phase",
+                           "dirty_bytes", "behind_bytes", "error"}}},
+                           "secondaries": {R: {"hardened", "prepared", "error"}}}
+    With no mirror running: {"ok", "session", "state": "stopped", "why",
+    "secondaries"} (exit 0: saying so is the answer).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+from . import group, output
+from .errors import ExitCode
+from .link import SlaveLink
+from .mirror import Mirror, MirrorError, MirrorNotRunning, call
+
+
+def register(sub) -> None:
+    """``cgmirror mirror run|pause|resume|status``."""
+    m = sub.add_parser("mirror", help="continuous consistency-group mirroring")
+    actions = m.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("run", help="form groups until SIGTERM (foreground)")
+    a.set_defaults(func=lambda ctx, args: run(ctx))
+    for name, text in (("pause", "no new group until resume"),
+                       ("resume", "form groups again")):
+        a = actions.add_parser(name, help=text)
+        a.add_argument("--json", action="store_true", help="one JSON document on stdout")
+        a.set_defaults(func=lambda ctx, args, op=name: control(ctx, op))
+    a = actions.add_parser("status", help="state, RPO, groups, hold times, per volume")
+    a.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    a.set_defaults(func=lambda ctx, args: status(ctx))
+
+
+def _notify_ready() -> None:
+    """sd_notify(READY=1) if systemd asked for it."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(b"READY=1", path)
+        except OSError:
+            pass                # readiness is a courtesy; the mirror runs anyway
+
+
+def run(ctx) -> ExitCode:
+    mirror = Mirror(ctx.session)
+    old = {sig: signal.signal(sig, lambda *_: mirror.stop())
+           for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with mirror:
+            mirror.log(f"session {ctx.session.name}: running (pid {os.getpid()},"
+                       f" control {ctx.session.mirror.control})")
+            _notify_ready()
+            mirror.run()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return ExitCode.OK
+
+
+def control(ctx, op: str) -> ExitCode:
+    doc = call(_control_path(ctx), op)
+    if ctx.json:
+        output.emit_json(doc, ctx.out)
+    else:
+        ctx.say(f"mirror of session {ctx.session.name}: {op}d (state {doc['state']})")
+    return ExitCode.OK
+
+
+def _control_path(ctx) -> str:
+    if ctx.session.mirror is None:
+        raise MirrorError(f"session {ctx.session.name} has no [mirror] and mirrors no"
+                          f" volume")
+    return ctx.session.mirror.control
+
+
+def secondaries(session) -> dict[str, dict]:
+    """Each secondary's hardened and prepared group, from its own status."""
+    links = [SlaveLink(r.name, r.control, timeout=5.0) for r in session.secondaries]
+    out = {}
+    try:
+        replies = group.statuses(links) if links else {}
+        for name, r in replies.items():
+            out[name] = ({"hardened": None, "prepared": None, "error": str(r)}
+                         if isinstance(r, Exception) else
+                         {"hardened": r.get("hardened"), "prepared": r.get("prepared"),
+                          "error": None})
+    finally:
+        for lk in links:
+            lk.close()
+    return out
+
+
+def status(ctx) -> ExitCode:
+    try:
+        doc = call(_control_path(ctx), "status")
+    except MirrorNotRunning as exc:
+        doc = {"ok": True, "session": ctx.session.name, "state": "stopped",
+               "why": str(exc)}
+    doc["secondaries"] = secondaries(ctx.session)
+    if ctx.json:
+        output.emit_json(doc, ctx.out)
+    else:
+        print_status(doc, ctx.out)
+    return ExitCode.OK
+
+
+def print_status(doc: dict, out) -> None:
+    if doc["state"] == "stopped":
+        print(f"session {doc['session']}: {doc['why']}", file=out)
+    else:
+        rpo = "-" if doc["rpo_s"] is None else f"{doc['rpo_s']:.1f} s"
+        h = doc["hold_ms"]
+        fmt = (lambda v: "-" if v is None else f"{v:.1f}")
+        print(f"session {doc['session']}: {doc['state']} (pid {doc['pid']}, phase"
+              f" {doc['phase']}); hardened group {doc['hardened'] or '-'}, RPO {rpo}"
+              f" (threshold {doc['rpo_threshold_s']:g} s)", file=out)
+        if doc.get("why"):
+            print(f"severe: {doc['why']}", file=out)
+        print(f"groups formed {doc['groups_formed']}, failed {doc['groups_failed']};"
+              f" hold ms last {fmt(h['last'])} p50 {fmt(h['p50'])} p99 {fmt(h['p99'])};"
+              f" drain {fmt(doc['drain_mb_s'])} MB/s", file=out)
+        rows = [[s, v, d["secondary"], output.size(d["dirty_bytes"]),
+                 output.size(d["behind_bytes"]), d["phase"], d["error"] or ""]
+                for s, vols in doc["volumes"].items() for v, d in vols.items()]
+        output.table(rows, ["SLAVE", "VOLUME", "SECONDARY", "DIRTY", "BEHIND", "PHASE",
+                            "ERROR"], out)
+    for name, r in doc["secondaries"].items():
+        where = r["error"] or (f"hardened {r['hardened'] or 'none yet'}"
+                               + (f", prepared {r['prepared']}" if r["prepared"] else ""))
+        print(f"secondary {name}: {where}", file=out)

@@ -1,0 +1,522 @@
+"""The mirror (coordinator/mirror.py) with real slaves, real secondaries
+(``role=secondary``), real libnbd writers and the dependent-write checker
+of tests/workload.py.
+
+The rig: primaries s1, s2 with volumes a, b each; secondaries r1 (mirrors
+s1) and r2 (mirrors s2).  The remote site is read "as a group" through the
+secondaries' host exports: the hardened group of every secondary is the
+same before and after the read (a commit moves one secondary at a time, so
+a read that spans one is retried).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import nbd
+import pytest
+
+import workload as wl
+from conftest import need, wait_until
+from coordinator import cli, launch, mirror as mirror_mod, session as session_mod
+from coordinator.link import SlaveLink
+from coordinator.mirror import LIFT_AFTER, Mirror, map_runs, percentile
+
+SIZE = 16 << 20
+LAYOUT = wl.two_by_two(SIZE)
+ORDER = [("s1", "a"), ("s2", "a"), ("s1", "b"), ("s2", "b")]      # layout order
+REMOTE = {"s1": "r1", "s2": "r2"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------ pure parts
+
+def test_map_runs_covers_the_same_bytes():
+    """Secondary runs map to primary blocks covering every byte, clipped."""
+    assert map_runs([[0, 1]], 4096, 65536, 10) == [[0, 1]]
+    assert map_runs([[15, 2]], 4096, 65536, 10) == [[0, 2]]
+    assert map_runs([[0, 1], [2, 1]], 65536, 4096, 100) == [[0, 16], [32, 16]]
+    assert map_runs([[9, 5]], 65536, 65536, 10) == [[9, 1]]
+    assert map_runs([[12, 1]], 65536, 65536, 10) == []
+
+
+def test_percentile_nearest_rank():
+    """p50/p99 of hold times by nearest rank; None without samples."""
+    assert percentile([], 50) is None
+    assert percentile([3, 1, 2], 50) == 2
+    assert percentile(list(range(1, 101)), 99) == 99
+
+
+def test_mirror_control_refuses_bad_requests():
+    """The mirror's control schema refuses unknown ops and keys in one line."""
+    class Fake:
+        def status(self):
+            return {"ok": True}
+    assert mirror_mod.handle(Fake(), b'{"op":"explode"}')["kind"] == "protocol"
+    assert "unknown key" in mirror_mod.handle(Fake(), b'{"op":"status","x":1}')["error"]
+    assert mirror_mod.handle(Fake(), b"not json")["ok"] is False
+
+
+# ------------------------------------------------------------------ session
+
+def session_text(max_drain_ms=30_000, rpo=30, interval_ms=0, extra_volume=""):
+    slaves = ""
+    for s in ("s1", "s2"):
+        slaves += f"""
+[[slave]]
+name = "{s}"
+state_dir = "{s}"
+nbd_socket = "{s}.sock"
+control = "{s}.ctl"
+threads = 4
+"""
+        for v in ("a", "b"):
+            slaves += f"""
+[[slave.volume]]
+name = "{v}"
+path = "{s}-{v}.img"
+size = {SIZE}
+secondary = "{REMOTE[s]}"
+"""
+    remotes = ""
+    for r in ("r1", "r2"):
+        remotes += f"""
+[[secondary]]
+name = "{r}"
+state_dir = "{r}"
+nbd_socket = "{r}.sock"
+control = "{r}.ctl"
+"""
+        for v in ("a", "b"):
+            remotes += f"""
+[[secondary.volume]]
+name = "{v}"
+path = "{r}-{v}.img"
+size = {SIZE}
+"""
+    return f"""
+[session]
+name = "m"
+state_dir = "state"
+lease_ms = 10000
+max_coordination_ms = 2000
+copy_timeout_ms = 20000
+
+[mirror]
+interval_ms = {interval_ms}
+max_drain_ms = {max_drain_ms}
+rpo_threshold_s = {rpo}
+control = "m.ctl"
+{slaves}{remotes}"""
+
+
+def test_session_mirror_tables(tmp_path):
+    """[mirror], [[secondary]] and secondary= load; the pairs are as written."""
+    p = tmp_path / "m.toml"
+    p.write_text(session_text(max_drain_ms=500))
+    s = session_mod.load(str(p))
+    assert s.mirror.max_drain_ms == 500 and s.mirror.control == str(tmp_path / "m.ctl")
+    assert ("s2", "b", "r2", "b") in s.pairs() and len(s.pairs()) == 4
+    assert s.secondary("r1").spec().command()[-1] != "role=primary"
+    assert "role=secondary" in s.secondary("r1").spec().command()
+    assert s.targets() == {"s1": {}, "s2": {}}
+
+
+@pytest.mark.parametrize("edit, words", [
+    (('secondary = "r1"', 'secondary = "r9"'), ["no [[secondary]] is named 'r9'"]),
+    (('secondary = "r2"', 'secondary = "r2"\nremote_volume = "zz"'),
+     ["secondary r2 has no volume 'zz'"]),
+    (('secondary = "r1"', 'secondary = "r1"\ntarget = "nbd://h/x"'), ["only one of"]),
+    (("max_drain_ms = 30000", "max_drain_ms = 0"), ["max_drain_ms", "from 10"]),
+    (("rpo_threshold_s = 30", "rpo_threshold_s = -1"), ["rpo_threshold_s"]),
+    (("interval_ms = 0", "interval_ms = 0\nbogus = 1"), ["key 'bogus': unknown key"]),
+])
+def test_session_mirror_errors_are_one_line(tmp_path, edit, words):
+    """Every mistake in the mirror tables is one line naming the key."""
+    p = tmp_path / "m.toml"
+    p.write_text(session_text().replace(*edit, 1))
+    with pytest.raises(session_mod.ConfigError) as ei:
+        session_mod.load(str(p))
+    msg = str(ei.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_two_volumes_on_one_secondary_volume_refused(tmp_path):
+    """Two primary volumes may not mirror to one secondary volume."""
+    text = session_text()
+    # s1/b onto r1/a, which s1/a mirrors already.
+    i = text.index('name = "b"\npath = "s1-b.img"')
+    j = text.index('secondary = "r1"', i)
+    text = text[:j] + 'secondary = "r1"\nremote_volume = "a"' + text[j + 16:]
+    p = tmp_path / "m.toml"
+    p.write_text(text)
+    with pytest.raises(session_mod.ConfigError, match="already mirrors s1/a"):
+        session_mod.load(str(p))
+
+
+# ------------------------------------------------------------------ the rig
+
+class Rig:
+    """Two primaries, two secondaries, the session file; a Mirror in this
+    process (``start_mirror``) or ``cgmirror mirror run`` as a child."""
+
+    def __init__(self, slaves, run_dir, **kw):
+        need("nbdkit")
+        self.slaves, self.run_dir = slaves, run_dir
+        self.path = os.path.join(run_dir, "m.toml")
+        self.write(**kw)
+        self.procs = {}
+        for spec in self.session.specs() + [r.spec() for r in self.session.secondaries]:
+            self.procs[spec.name] = slaves.restart(spec)
+        self.mirror: Mirror | None = None
+        self.thread: threading.Thread | None = None
+        self.logs: list[str] = []
+        self.children: list[subprocess.Popen] = []
+
+    def write(self, **kw):
+        with open(self.path, "w") as f:
+            f.write(session_text(**kw))
+        self.session = session_mod.load(self.path)
+
+    def link(self, name) -> SlaveLink:
+        cfg = next(c for c in list(self.session.slaves) + list(self.session.secondaries)
+                   if c.name == name)
+        return SlaveLink(name, cfg.control)
+
+    def status(self, name) -> dict:
+        with self.link(name) as lk:
+            return lk.status()
+
+    def uris(self) -> list[str]:
+        return [self.procs[s].spec.uri(v) for s, v in ORDER]
+
+    def host_uris(self) -> list[str]:
+        return [f"nbd+unix:///{v}?socket={self.procs[REMOTE[s]].spec.nbd_socket}"
+                for s, v in ORDER]
+
+    def hardened(self) -> tuple[int, int]:
+        return tuple(self.status(r)["hardened"] for r in ("r1", "r2"))
+
+    def read_group(self, attempts=50) -> tuple[int, wl.Report]:
+        """Check the remote host exports as one group (see the module doc)."""
+        for _ in range(attempts):
+            before = self.hardened()
+            if before[0] != before[1] or before[0] == 0:
+                time.sleep(0.01)
+                continue
+            rep = wl.check_targets(self.host_uris(), LAYOUT)
+            if self.hardened() == before:
+                return before[0], rep
+        raise AssertionError("the secondaries never stood at one hardened group")
+
+    def replication_bytes(self) -> int:
+        return sum(v["replication_bytes"] for r in ("r1", "r2")
+                   for v in self.status(r)["volumes"].values())
+
+    def assert_equal(self):
+        """Host exports equal the primaries' images byte for byte."""
+        for (s, v), uri in zip(ORDER, self.host_uris()):
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            try:
+                with open(os.path.join(self.run_dir, f"{s}-{v}.img"), "rb") as f:
+                    for off in range(0, SIZE, 1 << 20):
+                        assert h.pread(1 << 20, off) == f.read(1 << 20), \
+                            f"{REMOTE[s]}/{v} differs from {s}/{v} near {off}"
+            finally:
+                h.shutdown()
+
+    # the mirror in this process
+    def open_mirror(self) -> Mirror:
+        self.mirror = Mirror(self.session, log=self.logs.append).open()
+        return self.mirror
+
+    def start_mirror(self) -> Mirror:
+        m = self.open_mirror()
+        self.thread = threading.Thread(target=m.run, name="mirror", daemon=True)
+        self.thread.start()
+        return m
+
+    def stop_mirror(self):
+        if self.mirror:
+            self.mirror.stop()
+            if self.thread:
+                self.thread.join(60)
+                assert not self.thread.is_alive(), "the mirror did not stop"
+            self.mirror.close()
+            self.mirror, self.thread = None, None
+
+    # the mirror as a child process
+    def spawn(self, env=None) -> subprocess.Popen:
+        e = dict(os.environ, **(env or {}))
+        e["PYTHONPATH"] = ROOT
+        p = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", self.path,
+                              "mirror", "run"], env=e, stderr=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+        self.children.append(p)
+        return p
+
+    def close(self):
+        print("\n".join(self.logs))       # shown by pytest when a test fails
+        try:
+            self.stop_mirror()
+        finally:
+            for p in self.children:
+                if p.poll() is None:
+                    p.kill()
+                p.wait(30)
+                if p.stderr:
+                    p.stderr.close()
+
+
+@pytest.fixture
+def rig(slaves, run_dir):
+    made = []
+
+    def make(**kw):
+        r = Rig(slaves, run_dir, **kw)
+        made.append(r)
+        return r
+    try:
+        yield make
+    finally:
+        for r in made:
+            r.close()
+
+
+def gates_open(rig) -> bool:
+    return all(v["gate"] == "open" for s in ("s1", "s2")
+               for v in rig.status(s)["volumes"].values())
+
+
+# ------------------------------------------------------------------ the cycle
+
+def test_groups_form_while_writing_and_the_remote_is_always_consistent(rig):
+    """Back-to-back groups under a dependent-write workload: the first one is
+    the full copy (nothing hardened before it), every read of the remote
+    host exports as a group passes the checker, and once the writer stops
+    and one more group hardens the remote equals the primaries."""
+    r = rig()
+    assert r.hardened() == (0, 0)
+    m = r.start_mirror()
+    work = wl.Workload(r.uris(), LAYOUT).start()
+    try:
+        wait_until(lambda: m.formed >= 1, 60, "the first full copy")
+        first = r.status("r1")["volumes"]["a"]["replication_bytes"]
+        assert first >= SIZE, "the first group is not a full copy"
+        reads, seen = 0, set()
+        deadline = time.monotonic() + 60
+        while (reads < 8 or len(seen) < 3) and time.monotonic() < deadline:
+            n, rep = r.read_group()
+            assert rep.ok, rep.summary()
+            reads += 1
+            seen.add(n)
+        assert reads >= 8 and len(seen) >= 3, (reads, seen)
+    finally:
+        work.stop()
+    assert not work.errors, work.errors
+    r.stop_mirror()
+    # One more group now that nothing writes: the remote is complete.
+    m = r.open_mirror()
+    assert m.run_once().outcome == "hardened"
+    r.stop_mirror()
+    r.assert_equal()
+    with r.link("r1") as lk:
+        assert lk.status()["prepared"] is None
+    assert any("hardened" in line for line in r.logs)
+    assert work.written > 0
+
+
+def test_pause_resume_and_status_over_the_control_socket(rig, capsys):
+    """pause stops new groups, resume starts them again, status says so."""
+    r = rig()
+    m = r.start_mirror()
+    wait_until(lambda: m.formed >= 1, 60, "a group")
+    assert cli.main(["-s", r.path, "mirror", "pause"]) == 0
+    assert "paused" in capsys.readouterr().out
+    wait_until(lambda: m.state == "paused", 30, "paused")
+    formed = m.formed
+    time.sleep(0.3)             # a window in which a running mirror forms groups
+    assert m.formed == formed
+    assert cli.main(["-s", r.path, "mirror", "status", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["state"] == "paused" and doc["hardened"] >= 1
+    assert doc["secondaries"]["r1"]["hardened"] == doc["hardened"]
+    assert set(doc["volumes"]["s1"]) == {"a", "b"}
+    assert doc["hold_ms"]["p99"] is not None
+    assert cli.main(["-s", r.path, "mirror", "resume"]) == 0
+    wait_until(lambda: m.formed > formed, 30, "a group after resume")
+    r.stop_mirror()
+    assert cli.main(["-s", r.path, "mirror", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "no mirror is running" in out and "secondary r1: hardened" in out
+
+
+def test_rpo_severe_when_the_threshold_passes(rig):
+    """No group for longer than rpo_threshold_s: state severe, with the reason."""
+    r = rig(rpo=1)
+    m = r.open_mirror()
+    try:
+        assert m.run_once().outcome == "hardened"
+        m.state = "running"
+        assert m.status()["state"] == "running"
+        wait_until(lambda: m.status()["state"] == "severe", 10, "severe")
+        doc = m.status()
+        assert "past rpo_threshold_s 1" in doc["why"] and doc["rpo_s"] > 1
+        assert m.run_once().outcome == "hardened"
+        assert m.status()["state"] == "running"
+    finally:
+        r.stop_mirror()
+
+
+def test_drain_timeouts_give_bits_back_then_the_timer_lifts(rig):
+    """A slow remote: incremental drains time out (the first full copy never
+    does), each counted; after LIFT_AFTER in a row the timer is lifted and a
+    group forms; with writes stopped one more group makes the remote equal
+    to the primaries (nothing lost)."""
+    r = rig(max_drain_ms=10)
+    m = r.open_mirror()
+    try:
+        res = m.run_once()
+        assert res.outcome == "hardened", res.error          # full copy: no timer
+        for name in ("r1", "r2"):
+            r.procs[name].stop(timeout=10)
+            spec = r.procs[name].spec
+            spec.filters, spec.filter_args = ["delay"], ["wdelay=30ms"]
+            r.procs[name] = r.slaves.restart(spec)
+        work = wl.Workload(r.uris(), LAYOUT).start()
+        outcomes = []
+        try:
+            wait_until(lambda: work.written > 200, 30, "writes")
+            for _ in range(LIFT_AFTER + 1):
+                outcomes.append(m.run_once().outcome)
+                if outcomes[-1] == "hardened":
+                    break
+        finally:
+            work.stop()
+        assert outcomes == ["drain-timeout"] * LIFT_AFTER + ["hardened"], outcomes
+        assert m.timer_lifted == 1 and m.consecutive_drain_failures == 0
+        assert any("drain timer lifted" in line for line in r.logs)
+        rows = {g["n"]: g["outcome"] for g in m.history.groups()}
+        assert list(rows.values()).count("drain-timeout") == LIFT_AFTER
+        n, rep = r.read_group()
+        assert rep.ok, rep.summary()
+        m.consecutive_drain_failures = LIFT_AFTER       # no timer for the last one
+        assert m.run_once().outcome == "hardened"
+    finally:
+        r.stop_mirror()
+    r.assert_equal()
+
+
+def test_a_second_mirror_gets_busy(rig):
+    """One mirror per session: the second `mirror run` exits BUSY in one line."""
+    r = rig()
+    r.start_mirror()
+    p = r.spawn()
+    assert p.wait(60) == 5
+    err = p.stderr.read().strip()
+    assert "busy" in err and len(err.splitlines()) == 1, err
+
+
+def test_sigterm_exits_zero_with_gates_open(rig):
+    """SIGTERM mid-stream: exit 0, every gate open, no cut left on a slave."""
+    r = rig()
+    work = wl.Workload(r.uris(), LAYOUT).start()
+    try:
+        p = r.spawn()
+        wait_until(lambda: r.hardened()[0] >= 2, 60, "groups")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0, p.stderr.read()
+    finally:
+        work.stop()
+    assert "stopped" in p.stderr.read()
+    assert gates_open(r)
+    assert all(r.status(s)["phase"] == "idle" for s in ("s1", "s2"))
+
+
+@pytest.mark.parametrize("point", ["mirror:mid-drain", "mirror:after-prepare",
+                                   "mirror:mid-commit"])
+def test_kill9_of_the_coordinator_recovers_without_a_full_copy(rig, point):
+    """kill -9 mid-drain, after prepare, mid-commit: `mirror run` again
+    brings the secondaries to one group (forward or back) and continues,
+    sending far less than a full copy; the remote stays consistent."""
+    r = rig()
+    m = r.open_mirror()
+    assert m.run_once().outcome == "hardened"
+    r.stop_mirror()
+    full = r.replication_bytes()
+    work = wl.Workload(r.uris(), LAYOUT).start()
+    try:
+        wait_until(lambda: work.written > 100, 30, "writes")
+        p = r.spawn({"CGMIRROR_FAILPOINTS": f"{point}@2"})
+        assert p.wait(60) == -signal.SIGKILL, p.stderr.read()
+        st = {x: r.status(x) for x in ("r1", "r2")}
+        if point == "mirror:after-prepare":
+            assert all(s["prepared"] for s in st.values())
+        if point == "mirror:mid-commit":
+            assert st["r1"]["hardened"] != st["r2"]["hardened"]
+        p = r.spawn()
+        before = max(r.hardened())
+        wait_until(lambda: min(r.hardened()) >= before + 2, 60, "groups after restart")
+        n, rep = r.read_group()
+        assert rep.ok, rep.summary()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+        log = p.stderr.read()
+    finally:
+        work.stop()
+    if point != "mirror:mid-drain":
+        assert "recovery:" in log, log
+    assert "full" not in log
+    sent = r.replication_bytes() - full
+    assert sent < 2 * SIZE, f"{sent} bytes sent after the restart: a full copy"
+    m = r.open_mirror()
+    assert m.run_once().outcome == "hardened"
+    r.stop_mirror()
+    r.assert_equal()
+
+
+def test_adopting_a_remote_made_by_cgmirror_copy_sends_only_changes(rig, run_dir):
+    """`cgmirror copy` to the secondaries' replication exports, then the
+    mirror: its first group is incremental (baseline verified), not full."""
+    r = rig()
+    # A copy session naming the replication exports as fixed targets.
+    text = open(r.path).read()
+    for s, v in ORDER:
+        rname = REMOTE[s]
+        export = r.status(rname)["volumes"][v]["export"]
+        uri = session_mod.replication_uri(r.session.secondary(rname), export)
+        i = text.index(f'path = "{s}-{v}.img"')
+        j = text.index(f'secondary = "{rname}"', i)
+        text = text[:j] + f'target = "{uri}"' + text[j + len(f'secondary = "{rname}"'):]
+    copy_path = os.path.join(run_dir, "copy.toml")
+    with open(copy_path, "w") as f:
+        f.write(text)
+    work = wl.Workload(r.uris(), LAYOUT, max_records=200).start()
+    work.stop()
+    assert cli.main(["-s", copy_path, "copy"]) == 0
+    copied = r.replication_bytes()
+    assert copied >= 4 * SIZE
+    assert r.hardened() == (0, 0)
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///a?socket={r.procs['s1'].spec.nbd_socket}")
+    h.pwrite(b"\x5a" * 4096, 0)
+    h.shutdown()
+    m = r.open_mirror()
+    try:
+        assert m.run_once().outcome == "hardened"
+    finally:
+        r.stop_mirror()
+    sent = r.replication_bytes() - copied
+    assert 0 < sent <= 64 * 1024, f"{sent} bytes sent: not only the changes"
+    assert any("adopted" in line for line in r.logs)
+    r.assert_equal()
+    assert launch.running_pid(r.procs["r1"].spec)
