@@ -54,8 +54,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from . import (copy_cmds, errors, mirror_cmds, output, secondary_cmds, session as session_mod,
-               slave_cmds, status_cmds)
+from . import (copy_cmds, errors, failover_cmds, mirror_cmds, output, secondary_cmds,
+               session as session_mod, slave_cmds, status_cmds)
 from .errors import CgmirrorError, ExitCode
 
 
@@ -95,6 +95,7 @@ NOUNS = (
     status_cmds,
     secondary_cmds,
     mirror_cmds,
+    failover_cmds,
     # pki_cmds,   (coordinator/pki_cmds.py: session CA and host certificates)
 )
 
