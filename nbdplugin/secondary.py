@@ -53,6 +53,10 @@ coordinator's commit or rollback):
 - mid-replication (``secondary:after-undo``: old content durable, live not
   yet written; ``secondary:after-write``): the store lists every block that
   may have changed since h, so reads show h and a rollback restores it.
+- in prepare, data durable, "prepared n" not yet recorded
+  (``secondary:prepare-before-record``): as mid-replication; the primary
+  has cleared the bits of every block the drain flushed, so a resync run
+  again sends none of them.
 - between prepare and commit: prepared n survives; ``commit n`` works, and
   so does ``rollback``.
 - in commit after the record (``secondary:commit-before-drop``): hardened is
@@ -381,6 +385,7 @@ class Secondary(OpHandler):
                     vol.block_writes(f"group {n} is prepared")
                 for vol in vols:
                     vol.flush()
+                failpoints.hit("secondary:prepare-before-record")
                 self._save_state(prepared=n)
             except BaseException:
                 for vol in vols:
