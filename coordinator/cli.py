@@ -37,7 +37,11 @@ JSON documents (every one has "ok"; on error also "error", "error_type",
                      "finished", "mode", "result", "error", "coordination_ms",
                      "establish_ms", "max_held_ms", "bytes", "seconds",
                      "volumes": {S: {V: {"target", "mode", "bytes", "seconds",
-                     "result", "error"}}}}, ...newest first]}
+                     "result", "error"}}}}, ...newest first],
+                     "groups": [{"n", "session", "cut", "hardened", "outcome"
+                     (running, hardened, drain-timeout, aborted, failed,
+                     interrupted), "error", "bytes", "coordination_ms", "hold_ms",
+                     "drain_ms", "prepare_ms", "commit_ms"}, ...newest first]}
     "group" (what the targets hold, from the history): {"consistent", "n",
                      "taken", "age_s", "volumes": {S: {V: {"state" (holds,
                      partial, copying, none), "n", "error"}}}, "last_copy":

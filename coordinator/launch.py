@@ -50,7 +50,7 @@ class SlaveSpec:
     filters: list[str] = field(default_factory=list)   # e.g. ["error"]
     filter_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    role: str = "primary"           # "secondary": the remote site (nbdplugin/secondary.py)
+    role: str = "primary"           # or "secondary" (nbdplugin/secondary.py)
 
     @property
     def pidfile(self) -> str:
@@ -70,9 +70,7 @@ class SlaveSpec:
             cmd += ["--filter", f]
         cmd += ["python", PLUGIN, f"statedir={self.statedir}", f"control={self.control}",
                 f"granularity={self.granularity}", f"region={self.region}",
-                f"checkpoint={self.checkpoint}"]
-        if self.role != "primary":
-            cmd.append(f"role={self.role}")
+                f"checkpoint={self.checkpoint}", f"role={self.role}"]
         for name, path, size in self.volumes:
             cmd.append(f"volume={name}:{path}")
             if size is not None:

@@ -39,8 +39,16 @@ finish the job, so every harden failure simply marks the mirror "needs
 recovery" and the next group starts with it:
 
 * any secondary committed n -> commit n on every one prepared n (forward);
-* else every secondary prepared n is rolled back to the common hardened
-  group; the blocks it restored land in its ``tgt`` map;
+* else, if some prepared n: prepare n on the others and commit n on all
+  (forward too).  DESIGN.md says roll back here; forward is as sound,
+  because prepare is only ever sent once every drain of n has finished
+  (each primary cleared its bits only after its secondary flushed them),
+  so every secondary holds all of n.  Rolling back would resend the whole
+  group and, worse, break the primaries' baseline proof: the slave sampled
+  the replication export after the drain, the rollback rewrites those
+  blocks, and the next incremental copy would be refused (a full copy).
+* only if that is refused: every secondary prepared n is rolled back to the
+  common hardened group; the blocks it restored land in its ``tgt`` map;
 * then for each secondary volume with ``tgt`` blocks: ``mark`` them on the
   primary volume it mirrors (durable in ``cr``: resent by the next group),
   and only then ``clear_tgt`` them (a crash between the two resends a block
@@ -76,7 +84,7 @@ from wire.protocol import Kind
 
 from . import direction, group
 from .errors import (CgmirrorError, CopyFailed, EstablishAborted, ExitCode, LocalError,
-                     describe)
+                     SlaveError, describe)
 from .history import History
 from .link import SlaveLink
 from .lock import SessionLock
@@ -318,19 +326,48 @@ class Mirror:
                         f" forward; was it replaced? restore its state directory")
                 self._link(name).call("commit", n=top)
                 self.log(f"recovery: {name} rolled forward to group {top}")
-        for name, r in st.items():
-            if r["prepared"] is not None and r["prepared"] > top:
-                back = self._link(name).call("rollback")
-                blocks = sum(back["rolled_back"].values())
-                self.log(f"recovery: {name} rolled back group {r['prepared']} to"
-                         f" {back['hardened']} ({blocks} blocks back to their primary)")
+            st = self._secondary_statuses()
+        pending = {r["prepared"] for r in st.values() if r["prepared"] is not None}
+        # One prepared group (the normal case) rolls forward; anything else
+        # (refused, or two numbers: never made by this coordinator) rolls back.
+        if pending and not (len(pending) == 1 and self._roll_forward(st, pending.pop())):
+            self._roll_back(st)
         st = self._secondary_statuses()
         self._return_tgt(st)
+        top = max(r["hardened"] for r in st.values())
         self.hardened = top
         self.hardened_cut = self.history.group_cut_time(top) if top else None
         self.need_recovery = False
         self.phase = "idle"
         return top
+
+    def _roll_forward(self, st: dict[str, dict], n: int) -> bool:
+        """Some secondary prepared n, none committed it: prepare n on the
+        others and commit it on all.  Sound because prepare is only ever sent
+        once every drain of n finished (the primaries cleared their bits
+        after each secondary flushed), so every secondary holds all of n.
+        False (and a log line) if a secondary refuses."""
+        try:
+            for name, r in st.items():
+                if r["prepared"] != n:
+                    self._link(name).call("prepare", n=n)
+            for name in st:
+                self._link(name).call("commit", n=n)
+        except SlaveError as exc:
+            self.log(f"recovery: cannot roll group {n} forward ({exc}); rolling back")
+            return False
+        self.log(f"recovery: group {n} was prepared; rolled forward on every secondary")
+        return True
+
+    def _roll_back(self, st: dict[str, dict]) -> None:
+        """Every secondary not at the common hardened group goes back to it;
+        the blocks it restored land in its tgt map (resent by ``_return_tgt``)."""
+        for name, r in st.items():
+            if r["prepared"] is not None:
+                back = self._link(name).call("rollback")
+                blocks = sum(back["rolled_back"].values())
+                self.log(f"recovery: {name} rolled back group {r['prepared']} to"
+                         f" {back['hardened']} ({blocks} blocks back to their primary)")
 
     def _link(self, name: str) -> SlaveLink:
         return next(lk for lk in self.slaves + self.secondaries if lk.name == name)

@@ -179,11 +179,23 @@ def print_status(doc: dict, out) -> None:
 def history(ctx, limit: int | None) -> ExitCode:
     with History(ctx.session.state_dir) as hist:
         copies = hist.copies(limit)
+        groups = hist.groups(limit)
     grp = group_state(ctx.session)
     if ctx.json:
         output.emit_json({"ok": True, "session": ctx.session.name, "group": grp,
-                          "copies": copies}, ctx.out)
+                          "copies": copies, "groups": groups}, ctx.out)
         return ExitCode.OK
+    if groups:
+        # The mirror's groups (coordinator/mirror.py), a row each.
+        ms = (lambda v: "-" if v is None else f"{v:.1f}")
+        output.table([[g["n"], g["cut"], g["hardened"] or "-", g["outcome"],
+                       output.size(g["bytes"]), ms(g["coordination_ms"]), ms(g["hold_ms"]),
+                       ms(g["drain_ms"]), ms(g["prepare_ms"]), ms(g["commit_ms"]),
+                       g["error"] or ""] for g in groups],
+                     ["GROUP", "CUT", "HARDENED", "OUTCOME", "BYTES", "COORD MS",
+                      "HOLD MS", "DRAIN MS", "PREPARE MS", "COMMIT MS", "ERROR"], ctx.out)
+        if not copies:
+            return ExitCode.OK
     rows = [[c["n"], c["started"], c["mode"], c["result"],
              "-" if c["establish_ms"] is None else f"{c['establish_ms']:.1f}",
              "-" if c["max_held_ms"] is None else f"{c['max_held_ms']:.1f}",

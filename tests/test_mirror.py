@@ -123,7 +123,6 @@ def test_session_mirror_tables(tmp_path):
     s = session_mod.load(str(p))
     assert s.mirror.max_drain_ms == 500 and s.mirror.control == str(tmp_path / "m.ctl")
     assert ("s2", "b", "r2", "b") in s.pairs() and len(s.pairs()) == 4
-    assert s.secondary("r1").spec().command()[-1] != "role=primary"
     assert "role=secondary" in s.secondary("r1").spec().command()
     assert s.targets() == {"s1": {}, "s2": {}}
 
@@ -208,6 +207,7 @@ class Rig:
     def read_group(self, attempts=50) -> tuple[int, wl.Report]:
         """Check the remote host exports as one group (see the module doc)."""
         for _ in range(attempts):
+            t0 = time.monotonic()
             before = self.hardened()
             if before[0] != before[1] or before[0] == 0:
                 time.sleep(0.01)
@@ -215,6 +215,8 @@ class Rig:
             rep = wl.check_targets(self.host_uris(), LAYOUT)
             if self.hardened() == before:
                 return before[0], rep
+            self.logs.append(f"test: a read of {time.monotonic() - t0:.2f} s spanned a"
+                             f" commit; again")
         raise AssertionError("the secondaries never stood at one hardened group")
 
     def replication_bytes(self) -> int:
@@ -303,8 +305,10 @@ def test_groups_form_while_writing_and_the_remote_is_always_consistent(rig):
     """Back-to-back groups under a dependent-write workload: the first one is
     the full copy (nothing hardened before it), every read of the remote
     host exports as a group passes the checker, and once the writer stops
-    and one more group hardens the remote equals the primaries."""
-    r = rig()
+    and one more group hardens the remote equals the primaries.  Groups
+    are 1 s apart: a read of the group must fit between two commits (see
+    ``Rig.read_group``), and under this load it takes longer than a drain."""
+    r = rig(interval_ms=1000)
     assert r.hardened() == (0, 0)
     m = r.start_mirror()
     work = wl.Workload(r.uris(), LAYOUT).start()
@@ -314,12 +318,12 @@ def test_groups_form_while_writing_and_the_remote_is_always_consistent(rig):
         assert first >= SIZE, "the first group is not a full copy"
         reads, seen = 0, set()
         deadline = time.monotonic() + 60
-        while (reads < 8 or len(seen) < 3) and time.monotonic() < deadline:
+        while (reads < 5 or len(seen) < 3) and time.monotonic() < deadline:
             n, rep = r.read_group()
             assert rep.ok, rep.summary()
             reads += 1
             seen.add(n)
-        assert reads >= 8 and len(seen) >= 3, (reads, seen)
+        assert reads >= 5 and len(seen) >= 3, (reads, seen)
     finally:
         work.stop()
     assert not work.errors, work.errors
@@ -358,6 +362,16 @@ def test_pause_resume_and_status_over_the_control_socket(rig, capsys):
     assert cli.main(["-s", r.path, "mirror", "status"]) == 0
     out = capsys.readouterr().out
     assert "no mirror is running" in out and "secondary r1: hardened" in out
+    assert cli.main(["-s", r.path, "history", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    hardened = [g for g in groups if g["outcome"] == "hardened"]
+    assert len(hardened) >= 2 and hardened[-1]["n"] == 1
+    g = hardened[0]
+    assert g["hardened"] >= g["cut"] and g["hold_ms"] is not None
+    assert g["drain_ms"] is not None and g["prepare_ms"] is not None
+    assert hardened[-1]["bytes"] == 4 * SIZE        # the first full copy
+    assert cli.main(["-s", r.path, "history"]) == 0
+    assert "OUTCOME" in capsys.readouterr().out
 
 
 def test_rpo_severe_when_the_threshold_passes(rig):
@@ -442,8 +456,10 @@ def test_sigterm_exits_zero_with_gates_open(rig):
     assert all(r.status(s)["phase"] == "idle" for s in ("s1", "s2"))
 
 
-@pytest.mark.parametrize("point", ["mirror:mid-drain", "mirror:after-prepare",
-                                   "mirror:mid-commit"])
+# The N-th time the child reaches the point (mid-drain: once a poll; mid-commit:
+# once a secondary, so @3 is the first commit of its second group).
+@pytest.mark.parametrize("point", ["mirror:mid-drain@2", "mirror:after-prepare@2",
+                                   "mirror:mid-commit@3"])
 def test_kill9_of_the_coordinator_recovers_without_a_full_copy(rig, point):
     """kill -9 mid-drain, after prepare, mid-commit: `mirror run` again
     brings the secondaries to one group (forward or back) and continues,
@@ -452,32 +468,42 @@ def test_kill9_of_the_coordinator_recovers_without_a_full_copy(rig, point):
     m = r.open_mirror()
     assert m.run_once().outcome == "hardened"
     r.stop_mirror()
-    full = r.replication_bytes()
     work = wl.Workload(r.uris(), LAYOUT).start()
     try:
         wait_until(lambda: work.written > 100, 30, "writes")
-        p = r.spawn({"CGMIRROR_FAILPOINTS": f"{point}@2"})
+        p = r.spawn({"CGMIRROR_FAILPOINTS": point})
         assert p.wait(60) == -signal.SIGKILL, p.stderr.read()
-        st = {x: r.status(x) for x in ("r1", "r2")}
-        if point == "mirror:after-prepare":
-            assert all(s["prepared"] for s in st.values())
-        if point == "mirror:mid-commit":
-            assert st["r1"]["hardened"] != st["r2"]["hardened"]
-        p = r.spawn()
-        before = max(r.hardened())
-        wait_until(lambda: min(r.hardened()) >= before + 2, 60, "groups after restart")
-        n, rep = r.read_group()
-        assert rep.ok, rep.summary()
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(60) == 0
-        log = p.stderr.read()
     finally:
+        # Stopped before the restart: what the restart sends is then bounded
+        # by what the primaries hold dirty now.
         work.stop()
+    st = {x: r.status(x) for x in ("r1", "r2")}
+    point = point.partition("@")[0]
+    if point == "mirror:after-prepare":
+        assert all(s["prepared"] for s in st.values())
+    if point == "mirror:mid-commit":
+        assert st["r1"]["hardened"] != st["r2"]["hardened"]
+    # A drain the dead coordinator left runs on to its end in the slave (a cut
+    # after thaw is not the connection's); measure once it is over.
+    wait_until(lambda: all(r.status(x)["phase"] == "idle" for x in ("s1", "s2")), 60,
+               "the orphaned drain")
+    base = r.replication_bytes()
+    dirty = sum(v["dirty_blocks"] * v["granularity"] for x in ("s1", "s2")
+                for v in r.status(x)["volumes"].values())
+    p = r.spawn()
+    before = max(r.hardened())
+    wait_until(lambda: min(r.hardened()) >= before + 2, 60, "groups after restart")
+    n, rep = r.read_group()
+    assert rep.ok, rep.summary()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 0
+    log = p.stderr.read()
     if point != "mirror:mid-drain":
         assert "recovery:" in log, log
-    assert "full" not in log
-    sent = r.replication_bytes() - full
-    assert sent < 2 * SIZE, f"{sent} bytes sent after the restart: a full copy"
+    assert "full copy" not in log, log
+    sent = r.replication_bytes() - base
+    assert sent <= dirty < 4 * SIZE, f"{sent} bytes sent after the restart, {dirty}" \
+                                     f" were dirty"
     m = r.open_mirror()
     assert m.run_once().outcome == "hardened"
     r.stop_mirror()
@@ -489,7 +515,8 @@ def test_adopting_a_remote_made_by_cgmirror_copy_sends_only_changes(rig, run_dir
     mirror: its first group is incremental (baseline verified), not full."""
     r = rig()
     # A copy session naming the replication exports as fixed targets.
-    text = open(r.path).read()
+    with open(r.path) as f:
+        text = f.read()
     for s, v in ORDER:
         rname = REMOTE[s]
         export = r.status(rname)["volumes"][v]["export"]
@@ -500,8 +527,11 @@ def test_adopting_a_remote_made_by_cgmirror_copy_sends_only_changes(rig, run_dir
     copy_path = os.path.join(run_dir, "copy.toml")
     with open(copy_path, "w") as f:
         f.write(text)
-    work = wl.Workload(r.uris(), LAYOUT, max_records=200).start()
-    work.stop()
+    work = wl.Workload(r.uris(), LAYOUT).start()
+    try:
+        wait_until(lambda: work.written > 100, 30, "writes")
+    finally:
+        work.stop()
     assert cli.main(["-s", copy_path, "copy"]) == 0
     copied = r.replication_bytes()
     assert copied >= 4 * SIZE
