@@ -44,10 +44,11 @@ images.  ``adopt`` samples X's own clean blocks, and the mirror's
 ``verify`` reads them back at Y before the first group, so a wrong target
 (a recreated image, a wrong path) is still caught.  ``--full`` skips it.
 
-Failover settles the surviving site first with the recovery rule (any node
-committed n: the prepared ones commit n; then every node with a prepared
-group or undo blocks rolls back: the blocks it restored land in its
-``tgt``), so all stand at one hardened group h, recorded in
+Failover settles the surviving site first with the mirror's recovery rule
+(a group any node committed or prepared rolls forward: prepare is sent only
+once every drain of the group finished; then every node with undo blocks
+of a drain that never finished rolls back: the blocks it restored land in
+its ``tgt``), so all stand at one hardened group h, recorded in
 ``direction.json`` (coordinator/direction.py) before any node switches:
 the command run again after a crash resumes.  No call goes to the old
 primary's site.
@@ -189,9 +190,12 @@ class RoleSwitch:
         return st
 
     def settle(self, site: str) -> int:
-        """Bring every secondary of ``site`` to one hardened group (the
-        recovery rule, module doc) and return it."""
-        sts = {}
+        """Bring every secondary of ``site`` to one hardened group and return
+        it: the mirror's recovery rule (coordinator/mirror.py: a committed
+        group rolls forward, so does a group some secondary prepared, since
+        prepare follows every drain), then whatever is still in flight (a
+        drain that never finished) rolls back into ``tgt``.  Only ``site``
+        is called: the other site may be gone."""
         for node in self.nodes(site):
             st = self.status(node)
             if st is None:
@@ -202,22 +206,32 @@ class RoleSwitch:
                 role = st.get("role", "primary")
                 raise FailoverError(f"{node.name} (site {site}) is a {role}, not a"
                                     f" secondary")
-            sts[node] = st
-        top = max(st["hardened"] for st in sts.values())
-        for node, st in sts.items():
-            if st["hardened"] < top:
-                if st["prepared"] != top:
-                    raise FailoverError(f"{node.name} is at group {st['hardened']}, others"
-                                        f" committed {top}, and it cannot roll forward:"
-                                        f" restore its state directory")
-                self.call(node, "commit", n=top)
-                self.log(f"{node.name}: rolled forward to group {top}")
-        for node, st in sts.items():
-            if st["prepared"] is not None and st["prepared"] > top or any(
-                    v["undo_blocks"] for v in st["volumes"].values()):
-                back = self.call(node, "rollback")
-                self.log(f"{node.name}: rolled back to group {back['hardened']}"
-                         f" ({sum(back['rolled_back'].values())} blocks into tgt)")
+        m = Mirror(dirn.oriented(self.session, dirn.other(site)), log=self.log,
+                   serve_control=False)
+        try:
+            st = m._secondary_statuses()
+            top = max(r["hardened"] for r in st.values())
+            for name, r in st.items():
+                if r["hardened"] < top:
+                    if r["prepared"] != top:
+                        raise FailoverError(f"{name} is at group {r['hardened']}, others"
+                                            f" committed {top}, and it cannot roll"
+                                            f" forward: restore its state directory")
+                    m._link(name).call("commit", n=top)
+                    self.log(f"{name}: rolled forward to group {top}")
+            st = m._secondary_statuses()
+            pending = {r["prepared"] for r in st.values() if r["prepared"] is not None}
+            if len(pending) == 1 and m._roll_forward(st, pending.pop()):
+                st = m._secondary_statuses()
+            for name, r in st.items():
+                if r["prepared"] is not None or any(v["undo_blocks"]
+                                                    for v in r["volumes"].values()):
+                    back = m._link(name).call("rollback")
+                    self.log(f"{name}: rolled back to group {back['hardened']}"
+                             f" ({sum(back['rolled_back'].values())} blocks into tgt)")
+            top = max(r["hardened"] for r in m._secondary_statuses().values())
+        finally:
+            m.close()
         if top == 0:
             raise FailoverError(f"site {site} holds no hardened group yet (the first"
                                 f" copy never completed): nothing consistent to take over")

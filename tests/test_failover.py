@@ -25,6 +25,9 @@ import dataclasses
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 
 import nbd
@@ -393,3 +396,49 @@ def test_dr_test_round_trip_leaves_the_secondary_equal(rig):
     assert rig.replication_bytes("r1") == sum(len(b) for b in union.values()) * G
     rig.assert_equal()
     rig.check("r1")
+
+
+# ------------------------------------------------------------------ rolled back
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_failover_rolls_back_an_unfinished_group_into_t(rig):
+    """A coordinator killed -9 mid-drain leaves r1 with undo blocks of a
+    group never prepared; failover rolls it back (r1 shows group h, the
+    checker passes), and those blocks, now r1's T, are counted and sent
+    back by the resync with the rest of S u T."""
+    Writes().workload(rig.uris("s1"), 40, resume=False)
+    h = rig.group()
+    for _ in range(2):
+        rig.call("s1", "checkpoint")
+    inflight = Writes()                              # the group whose drain dies
+    inflight.workload(rig.uris("s1"), 20)
+    env = dict(os.environ, PYTHONPATH=ROOT, CGMIRROR_FAILPOINTS="mirror:mid-drain")
+    p = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", rig.path, "mirror",
+                          "run"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        assert p.wait(60) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
+    # The slave finishes its copy by itself; r1 holds it, unprepared.
+    wait_until(lambda: rig.status("s1")["phase"] == "idle", 60, "s1's copy to end")
+    st = rig.status("r1")
+    assert st["prepared"] is None and st["hardened"] == h
+    assert sum(v["undo_blocks"] for v in st["volumes"].values())
+    for _ in range(2):
+        rig.call("s1", "checkpoint")
+    old = Writes()
+    old.scatter(rig.uris("s1"), 3, seed=5)
+    rig.procs["s1"].kill9()
+    assert rig.cli("failover") == 0
+    rig.check("r1")
+    new = Writes()
+    new.scatter(rig.uris("r1"), 4, seed=6)
+    union = {v: inflight.blocks[v] | old.blocks[v] | new.blocks[v] for v in VOLS}
+    assert rig.cli("resync", "--from", "b", "--to", "a") == 0
+    assert rig.replication_bytes("s1") == sum(len(b) for b in union.values()) * G
+    rig.assert_equal()
+    rig.check("s1")
