@@ -42,6 +42,7 @@ import os
 from nbdplugin.files import write_atomic
 
 from .errors import CgmirrorError, ConfigError
+from .launch import SlaveSpec
 from .session import SecondaryConfig, Session, SlaveConfig, VolumeConfig
 
 FILE = "direction.json"
@@ -92,6 +93,25 @@ def save(session: Session, **state) -> dict:
 def nodes(session: Session, site: str) -> list:
     """The configs of one site's nodes (``[[slave]]`` or ``[[secondary]]``)."""
     return list(session.slaves if site == "a" else session.secondaries)
+
+
+def role(session: Session, site: str) -> str:
+    """The role ``site``'s nodes run in now: the source's are primaries
+    (both sites' during a DR test, the new source's once a switchover is
+    past its last group); any other is a secondary, so an old primary
+    brought back after a failover serves read-only and its unsent writes
+    become target indicators (nothing lost, no split brain)."""
+    d = load(session)
+    if d["state"] == "switching":
+        return "primary" if site == d["to"] else "secondary"
+    return "primary" if site == d["source"] or d["state"] == "dr-test" else "secondary"
+
+
+def spec(session: Session, cfg) -> SlaveSpec:
+    """How to run a node (``[[slave]]`` or ``[[secondary]]``) in its role now
+    (``cgmirror slave|secondary start``)."""
+    site = "a" if cfg in session.slaves else "b"
+    return dataclasses.replace(cfg.spec(), role=role(session, site))
 
 
 def oriented(session: Session, source: str) -> Session:
@@ -150,4 +170,4 @@ def _why(d: dict) -> str:
 
 
 __all__ = ["DirectionError", "SITES", "check_mirror", "load", "nodes", "oriented",
-           "other", "save"]
+           "other", "role", "save", "spec"]
