@@ -442,3 +442,20 @@ def test_failover_rolls_back_an_unfinished_group_into_t(rig):
     assert rig.replication_bytes("s1") == sum(len(b) for b in union.values()) * G
     rig.assert_equal()
     rig.check("s1")
+
+
+def test_failback_in_one_command(rig, capsys):
+    """`cgmirror failback --json`: the resync (exactly S u T) then the
+    switchover; site a is the primary again, equal to site b, and the
+    mirror runs a -> b."""
+    old, new, union = split(rig)
+    capsys.readouterr()
+    assert rig.cli("failback", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["resync"]["bytes"] == sum(len(b) for b in union.values()) * G
+    assert doc["switchover"]["source"] == "a"
+    assert direction.load(rig.session)["state"] == "mirroring"
+    assert rig.status("s1").get("role", "primary") == "primary"
+    rig.assert_equal()
+    rig.check("s1")
+    assert rig.cli("failover", "--end-test") != 0          # no test runs: one line
