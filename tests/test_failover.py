@@ -459,3 +459,30 @@ def test_failback_in_one_command(rig, capsys):
     rig.assert_equal()
     rig.check("s1")
     assert rig.cli("failover", "--end-test") != 0          # no test runs: one line
+
+
+def test_switchover_under_writes_loses_nothing(rig):
+    """Writers run at s1 until the switchover fences it (their next write
+    gets EROFS); every write s1 acknowledged is at r1, the new primary,
+    whose image passes the checker; r1 then takes writes and mirrors them
+    back to s1."""
+    Writes().workload(rig.uris("s1"), 20, resume=False)
+    rig.group()
+    work = wl.Workload.resume(rig.uris("s1"), LAYOUT).start()
+    try:
+        wait_until(lambda: work.written > 50, 30, "writes before the switchover")
+        assert rig.cli("switchover") == 0
+        wait_until(lambda: len(work.errors) == LAYOUT.writers, 30, "writers fenced")
+    finally:
+        work.stop()
+    assert all(isinstance(e, Exception) for _, e in work.errors)
+    assert rig.status("r1").get("role", "primary") == "primary"
+    rep = rig.check("r1")
+    assert all(h >= a for h, a in zip(rep.heads, work.acked)), (rep.heads, work.acked)
+    rig.assert_equal()
+    more = Writes()
+    more.workload(rig.uris("r1"), 10)
+    rig.group("b")
+    assert rig.replication_bytes("s1") == sum(len(b) for b in more.blocks.values()) * G
+    rig.assert_equal()
+    rig.check("s1")
