@@ -19,8 +19,8 @@ Both roles keep the same three change maps per volume (``cr``, ``oos``,
   never reached the other site become target indicators.
 
 So the target indicators T of a node are exactly what it would send as a
-primary, and a resync from X to Y sends the union S | T of X's ``cr |
-oos`` and Y's ``tgt`` by the ordinary machinery: the mirror's recovery
+primary, and a resync from X to Y sends the union S | T of X's ``cr | oos``
+and Y's ``tgt`` by the ordinary machinery: the mirror's recovery
 returns Y's ``tgt`` into X's ``cr`` (``mark``, then ``clear_tgt``: a crash
 between resends, never loses), and one ordinary group (cut, drain to Y's
 replication export, prepare, commit) hardens it.  Y's undo store keeps
@@ -42,7 +42,12 @@ being complete (C1, and the fold at start); (2) nobody writing Y's images
 but its nbdkit (as for any baseline); (3) the session file naming the same
 images.  ``adopt`` samples X's own clean blocks, and the mirror's
 ``verify`` reads them back at Y before the first group, so a wrong target
-(a recreated image, a wrong path) is still caught.  ``--full`` skips it.
+(a recreated image, a wrong path) is still caught.  ``--full`` drops the
+record instead, so the group copies every block.
+
+After a failover either site may win: ``resync --from a --to b`` demotes
+the failover site instead and sends the old primary's data over its writes
+(which ``--keep-overwritten`` can keep).
 
 Failover settles the surviving site first with the mirror's recovery rule
 (a group any node committed or prepared rolls forward: prepare is sent only
@@ -324,12 +329,14 @@ class RoleSwitch:
             raise DirectionError(f"--from and --to must name the two sites,"
                                  f" {' and '.join(dirn.SITES)} (got {source}, {target})")
         d = dirn.load(self.session)
-        if d["source"] != source or d["state"] not in ("mirroring", "failed-over",
-                                                       "resync"):
+        # Split (after a failover): either site may win.  Otherwise only the
+        # source, to catch up (the mirror's own cycle does the same).
+        split = d["state"] in ("failed-over", "resync")
+        if not split and (d["source"] != source or d["state"] != "mirroring"):
             raise DirectionError(f"cannot resync from site {source}: site {d['source']}"
                                  f" is the source (state {d['state']})")
         h = d.get("hardened")
-        if d["state"] == "failed-over":
+        if split and (d["state"] != "resync" or d["source"] != source):
             dirn.save(self.session, source=source, state="resync", hardened=h)
         for node in self.nodes(target):
             st = self.become(node, "secondary")
@@ -342,8 +349,7 @@ class RoleSwitch:
             m.recover()                 # settles the target, returns its tgt
             if keep:
                 self.keep_overwritten(m.session, keep)
-            if not full:
-                self._adopt(m)
+            self._adopt(m, forget=full)
             res = self._harden(m)
         finally:
             m.close()
@@ -402,15 +408,19 @@ class RoleSwitch:
 
     # ------------------------------------------------------------ parts
 
-    def _adopt(self, m: Mirror) -> None:
+    def _adopt(self, m: Mirror, forget: bool = False) -> None:
         """Give every source volume a fresh baseline on its target (module
         doc).  Always fresh: a record of an earlier era (this node was a
-        primary before) has samples of blocks the other site wrote since."""
+        primary before) has samples of blocks the other site wrote since.
+        ``forget`` (``--full``): drop every record, so the group copies whole."""
         group.preflight(m.slaves, abort_leftover=True, warn=self.log)
         st = m._secondary_statuses()
         for lk in m.slaves:
             for v, uri in m.targets(st)[lk.name].items():
-                lk.call("adopt", volume=v, target=uri)
+                lk.call("adopt", volume=v, target=uri, forget=forget)
+                if forget:
+                    self.log(f"{lk.name}/{v}: copied whole to {uri} (--full)")
+                    continue
                 self.log(f"{lk.name}/{v}: baseline on {uri} adopted (both held the"
                          f" same group; every difference is in S | T)")
 

@@ -458,7 +458,7 @@ class Slave(OpHandler):
             self.fence.lower()
         return protocol.ok(fenced=on)
 
-    def op_adopt(self, volume: str, target: str) -> dict:
+    def op_adopt(self, volume: str, target: str, forget: bool = False) -> dict:
         """Record ``target`` as holding the baseline of ``volume`` without a
         copy: the caller (a resync) vouches that the target and this volume
         held the same hardened group and that every block written since on
@@ -466,12 +466,16 @@ class Slave(OpHandler):
         and the target's ``tgt`` marked here).  The samples are this
         volume's own clean blocks, which the target must hold too: the
         ``verify`` before the next incremental copy reads them back there,
-        so a wrong target is still caught."""
+        so a wrong target is still caught.  ``forget``: drop any baseline
+        instead, so that the next copy is a full one (``resync --full``)."""
         with self.lock:
             name = self._names([volume])[0]
             if self.machine.phase is not Phase.IDLE:
                 raise ProtocolError(f"cannot adopt a baseline while cut {self.machine.n}"
                                     f" is {self.machine.phase.value}", Kind.BUSY)
+            if forget:
+                self._set_baseline(name, None)
+                return protocol.ok(volume=name, samples=0)
             vol = self.volumes[name]
             samples = _clean_samples(vol)
             self._set_baseline(name, {"uri": target, "size": vol.size,

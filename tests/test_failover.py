@@ -486,3 +486,33 @@ def test_switchover_under_writes_loses_nothing(rig):
     assert rig.replication_bytes("s1") == sum(len(b) for b in more.blocks.values()) * G
     rig.assert_equal()
     rig.check("s1")
+
+
+def test_resync_the_other_way_keeps_the_losers_writes(rig, tmp_path):
+    """After a failover the old primary's site may win instead: resync
+    --from a --to b demotes r1 (its writes become its T), restarts s1 as
+    the primary, sends exactly S u T to r1, and keeps r1's overwritten
+    blocks."""
+    old, new, union = split(rig)
+    r1_before = rig.images("r1")
+    keep = str(tmp_path / "kept")
+    assert rig.cli("resync", "--from", "a", "--to", "b", "--keep-overwritten", keep) == 0
+    assert rig.status("r1")["role"] == "secondary"
+    assert rig.replication_bytes("r1") == sum(len(b) for b in union.values()) * G
+    rig.assert_equal()
+    rig.check("r1")
+    with open(os.path.join(keep, "r1-a.img"), "rb") as f:
+        kept = f.read()
+    for b in union["a"]:
+        assert kept[b * G:(b + 1) * G] == r1_before[0][b * G:(b + 1) * G]
+    assert direction.load(rig.session) | {"a_controls": None} == {
+        "source": "a", "state": "mirroring", "a_controls": None}
+
+
+def test_resync_full_copies_every_block(rig):
+    """--full: every block of every volume is sent, not only S u T."""
+    split(rig)
+    assert rig.cli("resync", "--from", "b", "--to", "a", "--full") == 0
+    assert rig.replication_bytes("s1") == len(VOLS) * SIZE
+    rig.assert_equal()
+    rig.check("s1")

@@ -392,7 +392,8 @@ SCHEMA: dict[str, Obj] = {
     # take a target as a baseline without a copy; secondary -- take the
     # whole image as hardened group n (a demoted primary)
     "fence": Obj({"on": Bool()}, {"timeout_ms": Int(1, MAX_LEASE_MS)}),
-    "adopt": Obj({"volume": NAME, "target": Str(MAX_URI, what="an NBD URI")}, {}),
+    "adopt": Obj({"volume": NAME, "target": Str(MAX_URI, what="an NBD URI")},
+                 {"forget": Bool()}),
     "assume": Obj({"n": CUT}, {}),
 }
 
