@@ -131,14 +131,17 @@ def test_direction_refuses_a_split_or_reversed_mirror(tmp_path):
 class ChildLauncher(Launcher):
     """Restarts through the ``slaves`` fixture (children, reaped at the end);
     ``env[(name, role)]`` is the environment of that node's next start in
-    that role (failpoints)."""
+    that role (failpoints), ``filters[(name, role)]`` its nbdkit filters and
+their arguments."""
 
     def __init__(self, slaves):
         self.slaves = slaves
         self.env: dict[tuple[str, str], dict] = {}
+        self.filters: dict[tuple[str, str], tuple[list, list]] = {}
 
     def start(self, spec):
         spec.env = self.env.pop((spec.name, spec.role), {})
+        spec.filters, spec.filter_args = self.filters.pop((spec.name, spec.role), ([], []))
         spec.region = G
         self.slaves.restart(spec)
 
@@ -514,5 +517,25 @@ def test_resync_full_copies_every_block(rig):
     split(rig)
     assert rig.cli("resync", "--from", "b", "--to", "a", "--full") == 0
     assert rig.replication_bytes("s1") == len(VOLS) * SIZE
+    rig.assert_equal()
+    rig.check("s1")
+
+
+def test_link_errors_mid_resync_leave_the_target_consistent(rig, tmp_path):
+    """Half of the target's replication writes fail (nbdkit's error filter,
+    on while a file exists: a flaky link) so the resync fails mid-drain;
+    the target shows its last consistent image; with the link back the
+    next run completes and both sites are equal."""
+    flaky = tmp_path / "link-down"
+    flaky.touch()
+    rig.launcher.filters[("s1", "secondary")] = (
+        ["error"], ["error-pwrite=EIO", "error-pwrite-rate=50%",
+                    f"error-pwrite-file={flaky}"])
+    split(rig)
+    assert rig.cli("resync", "--from", "b", "--to", "a") != 0
+    assert rig.status("s1")["role"] == "secondary"
+    rig.check("s1")                                  # the hardened image
+    flaky.unlink()
+    assert rig.cli("resync", "--from", "b", "--to", "a") == 0
     rig.assert_equal()
     rig.check("s1")
