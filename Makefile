@@ -12,7 +12,7 @@ APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
               gcc make sqlite3 xz-utils python3-pyfuse3 fuse3
 
 .PHONY: setup apt venv ext test test-fast demo vm vm-test \
-        bench-bitmap bench-write bench-freeze bench-copy clean
+        bench-bitmap bench-write bench-freeze bench-copy clean demo-sites bench-freeze-sites
 
 setup: apt venv ext
 
@@ -46,6 +46,11 @@ test-fast: setup
 demo: setup
 	$(PY) -m harness.demo
 
+# The same demo across network namespaces (slaves in a/b, the coordinator in
+# c, targets in r) over TCP with mutual TLS; needs root.
+demo-sites: setup
+	$(PY) -m harness.demo --sites
+
 vm: setup
 	$(PY) -m vm.build
 
@@ -60,6 +65,10 @@ bench-write: setup
 
 bench-freeze: setup
 	$(PY) bench/bench_freeze.py
+
+# Establish time with slaves in two network namespaces over TCP+TLS (root).
+bench-freeze-sites: setup
+	$(PY) bench/bench_freeze.py --sites
 
 bench-copy: setup
 	$(PY) bench/bench_copy.py

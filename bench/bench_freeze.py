@@ -33,7 +33,19 @@ latency of writes started in it; the table shows medians over windows.
 
 Prints a table, then one JSON line last: hold_p50_ms, hold_p99_ms (host
 seen), gate_held_p50_ms, gate_held_p99_ms (slave measured),
-coordination_p99_ms, write_p99_ms_during, write_p99_ms_idle, aborted, ...
+coordination_p99_ms, write_p99_ms_during, write_p99_ms_idle, aborted, ...,
+mode ("local" or "sites").
+
+``--sites`` (``make bench-freeze-sites``, root): the slaves run alternately
+in network namespaces ``a`` and ``b`` (tests/sites.py), control and NBD on
+TCP with mutual TLS from a fresh session PKI; the benchmark itself (the
+coordinator and the writer process) is re-run inside ``c`` with ``--attach``
+and prints the same table and JSON.
+
+``--rtt``: only the control round trip (a ``status`` request and its reply)
+through the real ControlClient against real slaves on loopback, unix socket
+vs TCP+TLS; JSON last (unix_p50_us, tls_p50_us, ratio_p50).  Measured here
+(2 cores, shared): p50 63-93 us unix, 94-147 us TCP+TLS, ratio 1.50-1.58.
 """
 
 from __future__ import annotations
@@ -66,11 +78,15 @@ BLOCK = 4096
 
 # ------------------------------------------------------------------ writer process
 
-def _writer_main(uris: list[str], out_path: str, stop, ready, running, seed: int) -> None:
+def _writer_main(uris: list[str], out_path: str, stop, ready, running, seed: int,
+                 tls_dir: str | None = None) -> None:
     """One thread per URI: 4K random writes, QD1, only while ``running`` is set;
     log (start, seconds) of each write; on ``stop`` dump the log to
-    ``out_path`` (doubles, pairs)."""
+    ``out_path`` (doubles, pairs).  ``nbds://`` URIs use ``tls_dir``'s
+    certificate."""
     import nbd
+
+    from wire import tls
 
     logs = [array.array("d") for _ in uris]
     errors: list[str] = []
@@ -80,6 +96,8 @@ def _writer_main(uris: list[str], out_path: str, stop, ready, running, seed: int
         h = nbd.NBD()
         h.set_handle_name(f"bench-writer-{k}")
         try:
+            if uri.startswith("nbds"):
+                tls.libnbd_setup(h, tls_dir)
             h.connect_uri(uri)
             nblocks = h.get_size() // BLOCK
             rng = random.Random(seed + k)
@@ -142,7 +160,7 @@ def raw_establish(clients: list[ControlClient], n: int, lease_ms: int) -> dict:
         line = json.dumps({"op": op, **args}).encode() + b"\n"
         for c in clients:
             c._sock.sendall(line)
-        replies = [json.loads(c._rfile.readline()) for c in clients]
+        replies = [json.loads(c._readline()) for c in clients]
         bad = [r for r in replies if not r.get("ok")]
         if bad:
             raise RuntimeError(f"raw {op} {n}: {bad[0]}")
@@ -204,11 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lease-ms", type=int, default=5000)
     ap.add_argument("--max-seconds", type=float, default=150.0,
                     help="stop starting repeats after this long")
+    ap.add_argument("--sites", action="store_true",
+                    help="slaves in network namespaces a and b, this benchmark (the"
+                         " coordinator and the writers) in c, over TCP with mutual TLS")
+    ap.add_argument("--rtt", action="store_true",
+                    help="only measure the control round trip, unix vs TCP+TLS, on"
+                         " loopback through ControlClient against real slaves")
+    ap.add_argument("--attach", metavar="SPECS.json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for tool in ("nbdkit",):
         if not shutil.which(tool):
             print(f"{tool} not found: run `make setup`", file=sys.stderr)
             return 2
+    if args.rtt:
+        return rtt_main()
+    if args.sites:
+        return sites_main(args, argv or sys.argv[1:])
 
     base = tempfile.mkdtemp(prefix="cgm-freeze-", dir="/dev/shm")
     procs: list[launch.SlaveProcess] = []
@@ -217,26 +246,25 @@ def main(argv: list[str] | None = None) -> int:
     writer = None
     stop = ready = running = None
     try:
-        specs = []
-        for i in range(args.slaves):
-            name = f"s{i + 1}"
-            specs.append(launch.SlaveSpec(
-                name=name, statedir=os.path.join(base, name),
-                nbd_socket=os.path.join(base, f"{name}.sock"),
-                control=os.path.join(base, f"{name}.ctl"),
-                volumes=[(f"v{j}", os.path.join(base, f"{name}-v{j}.img"), args.size << 20)
-                         for j in range(args.volumes)],
-                threads=args.threads))
-        for spec in specs:
-            procs.append(launch.start(spec))
-        links = [SlaveLink.from_spec(s) for s in specs]
+        if args.attach:
+            # --sites: the slaves were started in their sites; attach to them.
+            specs = load_specs(args.attach)
+            links = [SlaveLink.from_spec(s) for s in specs]
+            wait_ready(links)
+        else:
+            specs = local_specs(base, args)
+            for spec in specs:
+                procs.append(launch.start(spec))
+            links = [SlaveLink.from_spec(s) for s in specs]
         uris = [s.uri(v[0]) for s in specs for v in s.volumes]
+        tls_dir = specs[0].client_tls
 
         ctx = mp.get_context("spawn")
         stop, ready, running = ctx.Event(), ctx.Event(), ctx.Event()
         running.set()
         log_path = os.path.join(base, "writes.log")
-        writer = ctx.Process(target=_writer_main, args=(uris, log_path, stop, ready, running, 1),
+        writer = ctx.Process(target=_writer_main,
+                             args=(uris, log_path, stop, ready, running, 1, tls_dir),
                              name="bench-writers", daemon=True)
         writer.start()
         if not ready.wait(30):
@@ -244,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)      # warm up
 
         n = group.next_n(group.preflight(links))
-        raw = [ControlClient(s.control) for s in specs]
+        raw = [ControlClient(s.control, ssl_context=s.client_context()) for s in specs]
         for c in raw:
             c.call("status")         # connected before the first timing
         windows: list[tuple[str, float, float]] = []
@@ -384,10 +412,144 @@ def main(argv: list[str] | None = None) -> int:
         "iops_during": round(med["during"]["iops"]), "iops_idle": round(med["idle"]["iops"]),
         "establishes": len(loaded), "establishes_quiet": len(quiet), "aborted": len(aborted), "budget_ms": args.budget_ms,
         "slaves": args.slaves, "volumes_per_slave": args.volumes, "threads": args.threads,
-        "repeats": reps,
+        "repeats": reps, "mode": "sites" if args.attach else "local",
     }
     print(json.dumps(result))
     return 0
+
+
+# ------------------------------------------------------------------ set-ups
+
+def local_specs(base: str, args, **kw) -> list[launch.SlaveSpec]:
+    """``--slaves`` slaves with ``--volumes`` volumes each, under ``base``."""
+    specs = []
+    for i in range(args.slaves):
+        name = f"s{i + 1}"
+        specs.append(launch.SlaveSpec(
+            name=name, statedir=os.path.join(base, name),
+            nbd_socket=os.path.join(base, f"{name}.sock"),
+            control=os.path.join(base, f"{name}.ctl"),
+            volumes=[(f"v{j}", os.path.join(base, f"{name}-v{j}.img"), args.size << 20)
+                     for j in range(args.volumes)],
+            threads=args.threads, **kw))
+    return specs
+
+
+def load_specs(path: str) -> list[launch.SlaveSpec]:
+    with open(path) as f:
+        return [launch.SlaveSpec(**{**d, "volumes": [tuple(v) for v in d["volumes"]]})
+                for d in json.load(f)]
+
+
+def wait_ready(links: list[SlaveLink], timeout: float = 60.0) -> None:
+    """Until every slave answers status (they start in their own sites)."""
+    deadline = time.monotonic() + timeout
+    for link in links:
+        while True:
+            try:
+                link.status()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def sites_main(args, argv: list[str]) -> int:
+    """Slaves alternately in sites a and b (TCP control and NBD, mutual
+    TLS from a fresh session PKI), this benchmark re-run inside c with
+    ``--attach``; its output is ours, JSON last."""
+    import dataclasses
+    import subprocess
+
+    from coordinator import pki
+    from tests.sites import Sites
+    from tests.twosites import free_port
+
+    base = tempfile.mkdtemp(prefix="cgm-freeze-", dir="/dev/shm")
+    try:
+        with Sites(("a", "b", "c")) as net:
+            d = os.path.join(base, "pki")
+            pki.init(d, "bench")
+            coord = pki.issue(d, "coordinator")
+            specs = []
+            for spec in local_specs(base, args):
+                site = net["ab"[len(specs) % 2]]
+                host_dir = pki.issue(d, spec.name, ips=[site.addr])
+                specs.append(dataclasses.replace(
+                    spec, control=f"tcp:{site.addr}:{free_port(site)}",
+                    nbd=f"tcp:{site.addr}:{free_port(site)}", nbd_socket="",
+                    tls=host_dir, client_tls=coord))
+                launch.private_dirs(spec.statedir)
+                with open(spec.logfile, "ab") as log:
+                    site.popen(specs[-1].command(), stdin=subprocess.DEVNULL, stdout=log,
+                               stderr=log, env=launch.slave_env({}))
+            path = os.path.join(base, "specs.json")
+            with open(path, "w") as f:
+                json.dump([dataclasses.asdict(s) for s in specs], f)
+            inner = [a for a in argv if a != "--sites"]
+            r = net["c"].run([sys.executable, os.path.abspath(__file__), "--attach", path,
+                              *inner], timeout=args.max_seconds + 300, check=False,
+                             stdout=None, stderr=None)
+            return r.returncode
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def rtt_main(calls: int = 2000) -> int:
+    """The control round trip (a status request and its reply) through the
+    real ControlClient, unix socket vs TCP+TLS on loopback, one slave each,
+    calls interleaved in blocks so both see the same machine."""
+    import types
+
+    from coordinator import pki
+
+    base = tempfile.mkdtemp(prefix="cgm-rtt-", dir="/dev/shm")
+    procs = []
+    try:
+        d = os.path.join(base, "pki")
+        pki.init(d, "rtt")
+        one = types.SimpleNamespace(slaves=1, volumes=1, size=16, threads=1)
+        unix = local_specs(os.path.join(base, "u"), one)[0]
+        port = _free_loopback_port()
+        tcp = local_specs(os.path.join(base, "t"), one,
+                          tls=pki.issue(d, "s1", ips=["127.0.0.1"]),
+                          client_tls=pki.issue(d, "coordinator"))[0]
+        tcp.control = f"tcp:127.0.0.1:{port}"
+        for spec in (unix, tcp):
+            procs.append(launch.start(spec))
+        times: dict[str, list[float]] = {"unix": [], "tls": []}
+        with procs[0].control() as u, procs[1].control() as t:
+            for c in (u, t):
+                for _ in range(50):
+                    c.call("status")      # warm up
+            for _ in range(calls // 100):
+                for name, c in (("unix", u), ("tls", t)):
+                    for _ in range(50):
+                        t0 = time.perf_counter()
+                        c.call("status")
+                        times[name].append(time.perf_counter() - t0)
+    finally:
+        for p in procs:
+            p.stop(timeout=15)
+        shutil.rmtree(base, ignore_errors=True)
+    res = {"bench": "control_rtt", "calls": len(times["unix"])}
+    for name, v in times.items():
+        res[f"{name}_p50_us"] = round(pct(v, 50) * 1e6, 1)
+        res[f"{name}_p99_us"] = round(pct(v, 99) * 1e6, 1)
+    res["ratio_p50"] = round(res["tls_p50_us"] / res["unix_p50_us"], 2)
+    print(f"control round trip (status), {res['calls']} calls each:"
+          f" unix p50 {res['unix_p50_us']} us, TCP+TLS p50 {res['tls_p50_us']} us,"
+          f" ratio {res['ratio_p50']}")
+    print(json.dumps(res))
+    return 0
+
+
+def _free_loopback_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

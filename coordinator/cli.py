@@ -7,6 +7,7 @@
     cgmirror [-s SESSION.toml] history [--json] [--limit N]
     cgmirror [-s SESSION.toml] secondary start|stop [NAME...]
     cgmirror [-s SESSION.toml] mirror run|pause|resume|status [--json]
+    cgmirror [-s SESSION.toml] pki init|issue ...   (see pki_cmds; no session needed)
 
 The session file comes from ``-s/--session`` or ``$CGMIRROR_SESSION``.
 ``main(argv) -> int`` returns an ``errors.ExitCode``; tests call it in
@@ -58,8 +59,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from . import (copy_cmds, errors, failover_cmds, mirror_cmds, output, secondary_cmds,
-               session as session_mod, slave_cmds, status_cmds)
+from . import copy_cmds, errors, output, pki_cmds, session as session_mod, slave_cmds
+from . import failover_cmds, mirror_cmds, secondary_cmds, status_cmds
 from .errors import CgmirrorError, ExitCode
 
 
@@ -70,7 +71,7 @@ DEBUG_ENV = "CGMIRROR_DEBUG"
 class Context:
     """What a handler needs: the session, and how to talk to the user."""
 
-    session: session_mod.Session
+    session: session_mod.Session | None     # None: a command that needs none, run without
     json: bool = False
 
     @property
@@ -100,7 +101,7 @@ NOUNS = (
     secondary_cmds,
     mirror_cmds,
     failover_cmds,
-    # pki_cmds,   (coordinator/pki_cmds.py: session CA and host certificates)
+    pki_cmds,
 )
 
 
@@ -138,6 +139,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _session(args) -> session_mod.Session | None:
+    """The session a command runs in.  A command registered with
+    ``needs_session=False`` (``pki``) runs without one, but uses the one
+    given by ``-s`` or ``$CGMIRROR_SESSION`` for its defaults."""
+    given = getattr(args, "session", None) or os.environ.get(session_mod.ENV)
+    if not getattr(args, "needs_session", True) and not given:
+        return None
+    return session_mod.load(session_mod.locate(given))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one cgmirror command; return its exit code (an ExitCode)."""
     parser = _parser()
@@ -148,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     want_json = getattr(args, "json", False)
     try:
         try:
-            sess = session_mod.load(session_mod.locate(getattr(args, "session", None)))
-            return int(args.func(Context(sess, want_json), args))
+            return int(args.func(Context(_session(args), want_json), args))
         except CgmirrorError:
             raise
         except Exception as exc:

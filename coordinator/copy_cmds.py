@@ -36,8 +36,7 @@ def register(sub) -> None:
 def links(session, timeout: float | None = None) -> list[SlaveLink]:
     """One link per slave of the session, naming the session's volumes."""
     kw = {} if timeout is None else {"timeout": timeout}
-    return [SlaveLink(s.name, s.control, [v.name for v in s.volumes], **kw)
-            for s in session.slaves]
+    return [SlaveLink.from_spec(s.spec(), **kw) for s in session.slaves]
 
 
 def copy(ctx, mode: str) -> ExitCode:

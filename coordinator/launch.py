@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from .control import ControlClient, ControlError
+from wire import address as wire_address
+from wire import tls
+from wire.protocol import Kind
+
+from .control import ControlClient, ControlError, client_context
 
 # The plugin runs inside nbdkit; this module (the client side) only names it.
 PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -51,6 +55,14 @@ class SlaveSpec:
     filter_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     role: str = "primary"           # or "secondary" (nbdplugin/secondary.py)
+    # TCP and TLS (see docs/TLS.md).  ``nbd``: a tcp:HOST:PORT to serve NBD
+    # on instead of ``nbd_socket`` (always mutual TLS).  ``tls``: this
+    # slave's certificate directory (plugin key tls=: its control server's
+    # and its copier's certificate).  ``client_tls``: the certificate
+    # directory the coordinator presents to this slave's TCP control.
+    nbd: str | None = None
+    tls: str | None = None
+    client_tls: str | None = None
 
     @property
     def pidfile(self) -> str:
@@ -61,16 +73,37 @@ class SlaveSpec:
         return os.path.join(self.statedir, "nbdkit.log")
 
     def uri(self, volume: str) -> str:
+        if self.nbd is not None:
+            a = wire_address.parse(self.nbd)
+            host = f"[{a.host}]" if ":" in a.host else a.host
+            return f"nbds://{host}:{a.port}/{volume}"
         return f"nbd+unix:///{volume}?socket={self.nbd_socket}"
 
+    def client_context(self):
+        """The coordinator's TLS context for this slave's control, or None
+        (unix control, or no certificate directory given)."""
+        return client_context(self.client_tls) if self.client_tls else None
+
+    def _listen(self) -> list[str]:
+        """nbdkit's listening options: a unix socket, or TCP with mutual TLS."""
+        if self.nbd is None:
+            return ["-U", self.nbd_socket]
+        if not self.tls:
+            raise LaunchError(f"slave {self.name}: NBD on {self.nbd} needs a certificate"
+                              f" directory (tls); plaintext TCP is refused")
+        a = wire_address.parse(self.nbd, listen=True)
+        return ["-i", a.host, "-p", str(a.port), *tls.nbdkit_args(self.tls)]
+
     def command(self) -> list[str]:
-        cmd = ["nbdkit", "-f", "-U", self.nbd_socket, "--pidfile", self.pidfile,
+        cmd = ["nbdkit", "-f", *self._listen(), "--pidfile", self.pidfile,
                "--threads", str(self.threads)]
         for f in self.filters:
             cmd += ["--filter", f]
         cmd += ["python", PLUGIN, f"statedir={self.statedir}", f"control={self.control}",
                 f"granularity={self.granularity}", f"region={self.region}",
                 f"checkpoint={self.checkpoint}", f"role={self.role}"]
+        if self.tls:
+            cmd.append(f"tls={os.path.abspath(self.tls)}")
         for name, path, size in self.volumes:
             cmd.append(f"volume={name}:{path}")
             if size is not None:
@@ -88,7 +121,7 @@ class SlaveProcess:
         self.popen = popen
 
     def control(self, timeout: float = 30.0) -> ControlClient:
-        return ControlClient(self.spec.control, timeout)
+        return ControlClient(self.spec.control, timeout, self.spec.client_context())
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -123,7 +156,7 @@ class SlaveProcess:
             except subprocess.TimeoutExpired:
                 os.kill(self.pid, signal.SIGKILL)
                 self.wait(30)
-        remove(self.spec.nbd_socket, self.spec.control)
+        remove(*_unix_paths(self.spec))
         return self.popen.returncode if self.popen is not None else None
 
 
@@ -184,13 +217,19 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     if pid:
         raise LaunchError(f"slave {spec.name} is already running as pid {pid}")
     private_dirs(spec.statedir)
-    for path in (spec.nbd_socket, spec.control):
+    for path in _unix_paths(spec):
         private_dirs(os.path.dirname(os.path.abspath(path)))
     # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
     # The control socket is left to the slave: it removes it only if stale,
     # never while another process still serves it.
-    remove(spec.nbd_socket, spec.pidfile)
-    cmd = spec.command()
+    if spec.nbd is None:
+        remove(spec.nbd_socket)
+    remove(spec.pidfile)
+    try:
+        cmd = spec.command()
+        ctx = spec.client_context()
+    except tls.TLSConfigError as exc:
+        raise LaunchError(f"slave {spec.name}: {exc}") from exc
     # nbdkit as found on the caller's PATH, before slave_env reorders it.
     cmd[0] = shutil.which(cmd[0]) or cmd[0]
     if detach:
@@ -205,19 +244,21 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
                                  start_new_session=detach)
     proc = SlaveProcess(spec, popen.pid, None if detach else popen)
     deadline = time.monotonic() + timeout
+    refused: ControlError | None = None      # the last TLS refusal, if any
     while True:
         status = popen.poll()
         if status is not None and (status != 0 or not detach):
             raise LaunchError(f"slave {spec.name} exited with status {status}:"
                               f" {_tail(spec.logfile, log_start)}")
-        if os.path.exists(spec.pidfile) and os.path.exists(spec.control):
+        control_up = _is_tcp(spec.control) or os.path.exists(spec.control)
+        if os.path.exists(spec.pidfile) and control_up:
             if detach:
                 proc.pid = running_pid(spec) or proc.pid
             try:
-                with ControlClient(spec.control, timeout=5) as c:
+                with ControlClient(spec.control, 5, ctx) as c:
                     answered = c.call("status").get("pid")
-            except ControlError:
-                answered = None
+            except ControlError as exc:
+                answered, refused = None, exc
             # Another process may serve this path (ours then refuses to start).
             if answered == proc.pid:
                 if detach:
@@ -233,9 +274,24 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
         if time.monotonic() > deadline:
             if proc.alive():
                 proc.kill9()
+            if refused is not None and refused.kind is Kind.UNREACHABLE and \
+                    "refused:" in str(refused):
+                # TLS: the slave runs but we cannot talk to it; say why.
+                raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
+                                  f" {refused}")
             raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
                               f" {_tail(spec.logfile, log_start)}")
         time.sleep(0.02)
+
+
+def _is_tcp(address: str) -> bool:
+    return address.startswith("tcp:")
+
+
+def _unix_paths(spec: SlaveSpec) -> list[str]:
+    """The unix sockets this slave makes (none for what it serves on TCP)."""
+    paths = [] if spec.nbd is not None else [spec.nbd_socket]
+    return paths + ([] if _is_tcp(spec.control) else [spec.control])
 
 
 def private_dirs(path: str) -> None:
@@ -279,7 +335,7 @@ def stop(spec: SlaveSpec, timeout: float = 30.0) -> bool:
     """Stop a slave started earlier (maybe by another process) via its pidfile."""
     pid = running_pid(spec)
     if pid is None:
-        remove(spec.nbd_socket, spec.control)
+        remove(*_unix_paths(spec))
         return False
     SlaveProcess(spec, pid).stop(timeout)
     return True

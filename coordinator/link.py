@@ -10,12 +10,15 @@ slave's fault, never a crash of ours).
 
 from __future__ import annotations
 
+import ssl
 import threading
 
 from coordinator.control import ControlClient, ControlError
 from wire.protocol import Kind
+from wire.tls import TLSConfigError
 
-from .errors import CgmirrorError, SlaveBusy, SlaveError, SlaveUnreachable, UnknownVolume
+from .errors import (CgmirrorError, ConfigError, SlaveBusy, SlaveError, SlaveUnreachable,
+                     UnknownVolume)
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -30,18 +33,24 @@ class SlaveLink:
     """
 
     def __init__(self, name: str, control: str, volumes: list[str] | None = None,
-                 timeout: float = DEFAULT_TIMEOUT):
+                 timeout: float = DEFAULT_TIMEOUT, ssl_context: ssl.SSLContext | None = None):
         self.name = name
-        self.control = control
+        self.control = control      # unix path or tcp:HOST:PORT (then ssl_context)
         self.volumes = list(volumes) if volumes is not None else None
         self.timeout = timeout
-        self._client = ControlClient(control, timeout)
+        self.ssl_context = ssl_context
+        self._client = ControlClient(control, timeout, ssl_context)
         self._lock = threading.Lock()
 
     @classmethod
     def from_spec(cls, spec, timeout: float = DEFAULT_TIMEOUT) -> "SlaveLink":
         """A link to the slave an ``coordinator.launch.SlaveSpec`` describes."""
-        return cls(spec.name, spec.control, [v[0] for v in spec.volumes], timeout)
+        try:
+            ctx = spec.client_context()
+        except TLSConfigError as exc:
+            # The coordinator's certificate directory: local configuration.
+            raise ConfigError(f"slave {spec.name}: {exc}") from exc
+        return cls(spec.name, spec.control, [v[0] for v in spec.volumes], timeout, ctx)
 
     def call(self, op: str, **args) -> dict:
         """Send one request and return the reply; raise a SlaveError if refused."""
@@ -55,7 +64,8 @@ class SlaveLink:
 
     def channel(self) -> "Channel":
         """A connection of its own (close it), for a thread that may block on it."""
-        return Channel(self.name, ControlClient(self.control, self.timeout))
+        return Channel(self.name, ControlClient(self.control, self.timeout,
+                                                   self.ssl_context))
 
     def status(self) -> dict:
         return self.call("status")

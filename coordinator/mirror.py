@@ -43,10 +43,11 @@ recovery" and the next group starts with it:
   (forward too).  DESIGN.md says roll back here; forward is as sound,
   because prepare is only ever sent once every drain of n has finished
   (each primary cleared its bits only after its secondary flushed them),
-  so every secondary holds all of n.  Rolling back would resend the whole
-  group and, worse, break the primaries' baseline proof: the slave sampled
-  the replication export after the drain, the rollback rewrites those
-  blocks, and the next incremental copy would be refused (a full copy).
+  so every secondary holds all of n.  Rolling back would resend every
+  block of the group; before main's 0bffd00 it also broke the primaries'
+  baseline proof (samples read after the drain, blocks rewritten by the
+  rollback: the next copy was a full one -- tests/test_mirror.py's
+  kill -9 after prepare found it).
 * only if that is refused: every secondary prepared n is rolled back to the
   common hardened group; the blocks it restored land in its ``tgt`` map;
 * then for each secondary volume with ``tgt`` blocks: ``mark`` them on the
@@ -189,11 +190,11 @@ class Mirror:
         self.log = log or (lambda line: print(f"cgmirror mirror: {line}", file=sys.stderr,
                                               flush=True))
         self.serve_control = serve_control
-        self.slaves = [SlaveLink(s.name, s.control, [v.name for v in s.volumes])
-                       for s in session.slaves]
+        # from_spec: the spec knows a TCP control channel's TLS context.
+        self.slaves = [SlaveLink.from_spec(s.spec()) for s in session.slaves]
         used = {r for _, _, r, _ in session.pairs()}
-        self.secondaries = [SlaveLink(r.name, r.control, [v[0] for v in r.volumes])
-                            for r in session.secondaries if r.name in used]
+        self.secondaries = [SlaveLink.from_spec(r.spec()) for r in session.secondaries
+                            if r.name in used]
         self.lock: SessionLock | None = None
         self.history: History | None = None
         self._server: _ControlServer | None = None
@@ -460,6 +461,8 @@ class Mirror:
         self.history.begin_group(n, self.session.name, res.cut)
         try:
             self._form(res, targets, full, timer=not (first_copy or lifted))
+        except CgmirrorError as exc:        # recorded as this group's failure
+            res.outcome, res.error = "failed", describe(exc)
         except BaseException as exc:
             res.outcome, res.error = "failed", describe(exc)
             raise

@@ -23,6 +23,31 @@ A session is one TOML file (``-s FILE`` or ``$CGMIRROR_SESSION``)::
     size = "64M"                   # optional: create if missing, else check
     target = "nbd+unix:///db?socket=remote/db.sock"
 
+Two sites (TCP): a slave's ``control`` may be ``tcp:HOST:PORT`` (or
+``unix:PATH``, or a plain path as above), and ``nbd = "tcp:HOST:PORT"``
+serves its volumes on TCP instead of ``nbd_socket`` (``nbd = "unix:PATH"``
+is the same as ``nbd_socket``; give one of the two).  Every TCP path is
+mutual TLS from one session PKI (docs/TLS.md)::
+
+    [session]
+    pki = "pki"                    # the directory `cgmirror pki init` made
+                                   #   (default: state_dir/pki)
+    cert = "coordinator"           # the coordinator's certificate (pki/NAME/)
+
+    [[slave]]
+    control = "tcp:10.0.0.2:7001"
+    nbd = "tcp:10.0.0.2:10809"
+    cert = "s1"                    # this slave's certificate (default: its name)
+
+    [[slave.volume]]
+    target = "nbds://10.0.0.9:10809/db"
+
+The rule: a target on TCP must be ``nbds://`` (TLS); ``nbd://HOST`` is
+refused, as a plaintext TCP copy would let anyone on the path read or write
+the volume.  A slave gets its certificate directory (plugin key ``tls=``)
+when it uses TCP anywhere (control, NBD, a target); the coordinator uses its
+own to reach TCP control channels.
+
 A mirrored session (``cgmirror mirror run``, coordinator/mirror.py) names
 its secondaries (the remote site: the same plugin with ``role=secondary``)
 and the mirror's settings in tables of their own::
@@ -71,6 +96,7 @@ from dataclasses import dataclass
 from coordinator.launch import SlaveSpec
 from wire.protocol import MAX_LEASE_MS
 from wire.units import parse_size
+from wire import address as wire_address
 from wire import nbduri
 
 from .errors import ConfigError, UsageError
@@ -81,9 +107,10 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET = 107
 
-_SESSION_KEYS = {"name", "state_dir", "max_coordination_ms", "lease_ms", "copy_timeout_ms"}
-_SLAVE_KEYS = {"name", "state_dir", "nbd_socket", "control", "threads", "granularity",
-               "volume"}
+_SESSION_KEYS = {"name", "state_dir", "max_coordination_ms", "lease_ms", "copy_timeout_ms",
+                 "pki", "cert"}
+_SLAVE_KEYS = {"name", "state_dir", "nbd_socket", "nbd", "control", "threads",
+               "granularity", "volume", "cert"}
 _VOLUME_KEYS = {"name", "path", "size", "target", "secondary", "remote_volume"}
 _MIRROR_KEYS = {"interval_ms", "max_drain_ms", "rpo_threshold_s", "control"}
 _SECONDARY_KEYS = {"name", "state_dir", "nbd_socket", "control", "granularity", "volume"}
@@ -141,12 +168,19 @@ class SlaveConfig:
     threads: int | None
     granularity: int | None
     volumes: tuple[VolumeConfig, ...]
+    # TCP (see the header): nbd is a tcp:HOST:PORT or None (then nbd_socket);
+    # tls the slave's certificate directory, client_tls the coordinator's
+    # (None where no TCP path needs them).
+    nbd: str | None = None
+    tls: str | None = None
+    client_tls: str | None = None
 
     def spec(self) -> SlaveSpec:
         """How to run this slave (for coordinator.launch)."""
         spec = SlaveSpec(name=self.name, statedir=self.state_dir,
                          nbd_socket=self.nbd_socket, control=self.control,
-                         volumes=[(v.name, v.path, v.size) for v in self.volumes])
+                         volumes=[(v.name, v.path, v.size) for v in self.volumes],
+                         nbd=self.nbd, tls=self.tls, client_tls=self.client_tls)
         if self.threads is not None:
             spec.threads = self.threads
         if self.granularity is not None:
@@ -261,12 +295,47 @@ class _Parser:
             if key not in table:
                 self.fail(where, key, "missing")
 
-    def name(self, where, table) -> str:
-        v = table["name"]
+    def name(self, where, table, key="name") -> str:
+        v = table[key]
         if not isinstance(v, str) or not _NAME.match(v):
-            self.fail(where, "name", f"must be 1-64 letters, digits, '_', '-', '.',"
-                                     f" not {v!r}")
+            self.fail(where, key, f"must be 1-64 letters, digits, '_', '-', '.',"
+                                  f" not {v!r}")
         return v
+
+    def address(self, where, table, key) -> str:
+        """A tcp:HOST:PORT as written, or a unix socket path made absolute."""
+        text = self.string(where, table, key)
+        try:
+            addr = wire_address.parse(text)
+        except wire_address.AddressError as exc:
+            self.fail(where, key, str(exc))
+        if addr.is_tcp:
+            return str(addr)
+        return self.path_(where, {key: addr.path}, key, socket=True)
+
+    def nbd_listen(self, where, t) -> tuple[str, str | None]:
+        """(nbd_socket, tcp address or None) from ``nbd_socket`` or ``nbd``."""
+        if "nbd" not in t and "nbd_socket" not in t:
+            self.fail(where, "nbd_socket", "missing (or nbd = \"tcp:HOST:PORT\")")
+        if "nbd" in t and "nbd_socket" in t:
+            self.fail(where, "nbd", "give nbd or nbd_socket, not both")
+        if "nbd_socket" in t:
+            return self.path_(where, t, "nbd_socket", socket=True), None
+        addr = self.address(where, t, "nbd")
+        if addr.startswith("tcp:"):
+            return "", addr
+        return addr, None
+
+    def tls_dirs(self, where, t, name, control, nbd, volumes) -> tuple[str | None, ...]:
+        """The slave's and the coordinator's certificate directories, where
+        a TCP path needs them."""
+        cert = self.name(where, t, "cert") if "cert" in t else name
+        tcp_control = control.startswith("tcp:")
+        uses_tcp = tcp_control or nbd is not None or any(
+            (v.target or "").startswith("nbds") for v in volumes)
+        slave_dir = os.path.join(self.pki, cert) if uses_tcp else None
+        coord_dir = os.path.join(self.pki, self.coordinator_cert) if tcp_control else None
+        return slave_dir, coord_dir
 
     def string(self, where, table, key) -> str:
         v = table[key]
@@ -306,6 +375,9 @@ class _Parser:
             parsed = nbduri.parse(uri, self.base)
         except ValueError as exc:
             self.fail(where, "target", str(exc))
+        if parsed.endpoint.transport == "tcp" and not parsed.tls:
+            self.fail(where, "target", f"{uri} is plaintext TCP: write nbds://... (mutual"
+                                       f" TLS from the session's pki; plaintext is refused)")
         if parsed.endpoint.transport != "unix":
             return uri
         parts = urllib.parse.urlsplit(uri)
@@ -347,6 +419,9 @@ class _Parser:
         slaves = data.get("slave")
         if not isinstance(slaves, list) or not slaves:
             self.fail("top level", "slave", "needs at least one [[slave]] table")
+        self.pki = (self.path_(w, t, "pki") if "pki" in t
+                    else os.path.join(state_dir, "pki"))
+        self.coordinator_cert = self.name(w, t, "cert") if "cert" in t else "coordinator"
         parsed = tuple(self.slave(i, s) for i, s in enumerate(slaves, 1))
         self.unique(parsed)
         mirror, secondaries = self.mirror_tables(data, state_dir, parsed)
@@ -359,8 +434,7 @@ class _Parser:
         w = f"[[slave]] #{i}"
         if isinstance(t, dict) and isinstance(t.get("name"), str):
             w = f"[[slave]] {t['name']!r}"
-        self.keys(w, t, _SLAVE_KEYS, ("name", "state_dir", "nbd_socket", "control",
-                                      "volume"))
+        self.keys(w, t, _SLAVE_KEYS, ("name", "state_dir", "control", "volume"))
         name = self.name(w, t)
         threads = self.integer(w, t, "threads", None, 1, 64)
         gran = self.size(w, t, "granularity")
@@ -377,10 +451,13 @@ class _Parser:
                 self.fail(f"[[slave.volume]] {name}/{v.name}", "name",
                           f"slave {name} has two volumes named {v.name!r}")
             seen.add(v.name)
+        nbd_socket, nbd = self.nbd_listen(w, t)
+        control = self.address(w, t, "control")
+        slave_tls, client_tls = self.tls_dirs(w, t, name, control, nbd, volumes)
         return SlaveConfig(name=name, state_dir=self.path_(w, t, "state_dir"),
-                           nbd_socket=self.path_(w, t, "nbd_socket", socket=True),
-                           control=self.path_(w, t, "control", socket=True),
-                           threads=threads, granularity=gran, volumes=volumes)
+                           nbd_socket=nbd_socket, control=control,
+                           threads=threads, granularity=gran, volumes=volumes,
+                           nbd=nbd, tls=slave_tls, client_tls=client_tls)
 
     def volume(self, slave: str, j: int, t) -> VolumeConfig:
         w = f"[[slave.volume]] {slave}/#{j}"
@@ -499,7 +576,8 @@ class _Parser:
             w = f"[[slave]] {s.name!r}"
             claim("name", s.name, f"slave #{slaves.index(s) + 1}", w, "name")
             claim("dir", s.state_dir, f"slave {s.name}", w, "state_dir")
-            claim("socket", s.nbd_socket, f"slave {s.name} nbd_socket", w, "nbd_socket")
+            claim("socket", s.nbd or s.nbd_socket, f"slave {s.name} nbd",
+                  w, "nbd" if s.nbd else "nbd_socket")
             claim("socket", s.control, f"slave {s.name} control", w, "control")
             for v in s.volumes:
                 claim("path", v.path, f"volume {s.name}/{v.name}",
@@ -513,7 +591,7 @@ class _Parser:
         spellings of one socket and export are one image."""
         images: dict[tuple, str] = {}
         for s in slaves:
-            sock = nbduri.parse_address(f"unix:{s.nbd_socket}")
+            sock = nbduri.parse_address(s.nbd or f"unix:{s.nbd_socket}")
             for v in s.volumes:
                 images[(sock, v.name)] = f"the source export of {s.name}/{v.name}"
         for s in slaves:

@@ -42,7 +42,7 @@ def start(ctx, names: list[str]) -> ExitCode:
                 raise SlaveError(cfg.name, f"cannot start slave {cfg.name}: {exc}",
                                  "launch") from exc
             ctx.say(f"{cfg.name}: started (pid {proc.pid}), serving"
-                    f" {', '.join(v.name for v in cfg.volumes)} on {cfg.nbd_socket}")
+                    f" {', '.join(v.name for v in cfg.volumes)} on {cfg.nbd or cfg.nbd_socket}")
     return ExitCode.OK
 
 

@@ -20,6 +20,13 @@ before the copy began and those done when it ended.
 Exit 0 only if every copy succeeded, each copy's targets are one point in
 the writer's sequence, the incremental copy sent less than the full one,
 and after the writer stopped the targets equal the volumes.
+
+``--sites`` (``make demo-sites``, root): the same demo across network
+namespaces (tests/sites.py) over TCP with mutual TLS.  A session PKI is made
+(``coordinator.pki``); s1 runs in site ``a`` and s2 in ``b`` (``cgmirror
+slave start NAME`` run inside each), their control channels and NBD exports
+on ``tcp:`` addresses; the targets are ``nbdkit file`` with TLS in ``r``;
+the demo's body (writer, copies, checks: the coordinator) runs inside ``c``.
 """
 
 from __future__ import annotations
@@ -48,18 +55,40 @@ PAGE = 4096
 FILL = 4 * MiB
 
 
-def session_toml() -> str:
+# The certificate directory nbds:// handles present (--sites: the coordinator's).
+TLS_DIR: str | None = None
+
+
+def session_toml(sites: dict | None = None) -> str:
+    """The demo's session file: unix sockets, or with ``sites`` ({"pki": DIR,
+    slave: (control, nbd), vol: target URI}) TCP addresses and TLS."""
     out = ['[session]', 'name = "demo"', 'state_dir = "state"',
            'max_coordination_ms = 1000', 'lease_ms = 5000', 'copy_timeout_ms = 30000']
+    if sites:
+        out.append(f'pki = "{sites["pki"]}"')
     for slave, vols in LAYOUT.items():
-        out += ["", "[[slave]]", f'name = "{slave}"', f'state_dir = "run/{slave}"',
-                f'nbd_socket = "run/{slave}.sock"', f'control = "run/{slave}.ctl"',
-                "threads = 2", 'granularity = "64K"']
+        out += ["", "[[slave]]", f'name = "{slave}"', f'state_dir = "run/{slave}"']
+        if sites:
+            out += [f'control = "{sites[slave][0]}"', f'nbd = "{sites[slave][1]}"']
+        else:
+            out += [f'nbd_socket = "run/{slave}.sock"', f'control = "run/{slave}.ctl"']
+        out += ["threads = 2", 'granularity = "64K"']
         for vol, size in vols.items():
+            target = sites[vol] if sites else f"nbd+unix:///{vol}?socket=remote/{vol}.sock"
             out += ["", "[[slave.volume]]", f'name = "{vol}"', f'path = "data/{vol}.img"',
-                    f'size = "{size // MiB}M"',
-                    f'target = "nbd+unix:///{vol}?socket=remote/{vol}.sock"']
+                    f'size = "{size // MiB}M"', f'target = "{target}"']
     return "\n".join(out) + "\n"
+
+
+def _connect(uri: str, name: str = "demo") -> "nbd.NBD":
+    """A libnbd handle on ``uri``; nbds:// with TLS_DIR's certificate."""
+    h = nbd.NBD()
+    h.set_handle_name(name)
+    if uri.startswith("nbds"):
+        from wire import tls
+        tls.libnbd_setup(h, TLS_DIR)
+    h.connect_uri(uri)
+    return h
 
 
 def _disconnect(h: "nbd.NBD") -> None:
@@ -84,9 +113,7 @@ class Writer(threading.Thread):
         handles = {}
         try:
             for vol, uri in self.uris.items():
-                h = nbd.NBD()
-                h.set_handle_name(f"demo-writer-{vol}")
-                h.connect_uri(uri)
+                h = _connect(uri, f"demo-writer-{vol}")
                 handles[vol] = (h, h.get_size())
             for vol, (h, _) in handles.items():
                 self._write(h, vol, 0, os.urandom(FILL))
@@ -136,8 +163,7 @@ def point_in_log(log: list[tuple[str, int, bytes]], images: dict[str, bytes]) ->
 
 
 def read_all(uri: str) -> bytes:
-    h = nbd.NBD()
-    h.connect_uri(uri)
+    h = _connect(uri)
     try:
         size = h.get_size()
         return b"".join(h.pread(min(8 * MiB, size - o), o) for o in range(0, size, 8 * MiB))
@@ -164,7 +190,6 @@ def demo(workdir: str) -> bool:
         f.write(session_toml())
     print(f"session {session}:\n{session_toml()}")
     targets: dict[str, peers.Server] = {}
-    writer = None
     started = False
     try:
         for vols in LAYOUT.values():
@@ -176,10 +201,24 @@ def demo(workdir: str) -> bool:
         started = code == 0
         if not started:
             return False
-        uris = {vol: f"nbd+unix:///{vol}?socket={workdir}/run/{slave}.sock"
-                for slave, vols in LAYOUT.items() for vol in vols}
-        images = {vol: t.image for vol, t in targets.items()}
-        checks: list[tuple[str, bool]] = []
+        return body(workdir, session, {vol: t.image for vol, t in targets.items()},
+                    {vol: t.uri for vol, t in targets.items()})
+    finally:
+        if started:
+            cgmirror(session, "slave", "stop")
+        for t in targets.values():
+            t.stop()
+
+
+def body(workdir: str, session: str, images: dict[str, str],
+         target_uris: dict[str, str]) -> bool:
+    """Writer, copies and checks (the coordinator's side of the demo)."""
+    from coordinator import session as session_mod
+    specs = {s.name: s.spec() for s in session_mod.load(session).slaves}
+    uris = {vol: specs[slave].uri(vol) for slave, vols in LAYOUT.items() for vol in vols}
+    checks: list[tuple[str, bool]] = []
+    writer = None
+    try:
 
         def copy_and_check(label: str, *args: str) -> bool:
             """cgmirror copy ARGS, then: are the targets one point of the log?"""
@@ -223,12 +262,12 @@ def demo(workdir: str) -> bool:
             (f"incremental sent less than full ({incr.get('bytes')} < {full.get('bytes')})",
              (incr.get("bytes") or 0) < (full.get("bytes") or 0)),
         ]
-        for vol, t in targets.items():
-            same_size = os.path.getsize(t.image) == os.path.getsize(
+        for vol, image in images.items():
+            same_size = os.path.getsize(image) == os.path.getsize(
                 os.path.join(workdir, "data", f"{vol}.img"))
             checks.append((f"{vol}: target has the volume's size", same_size))
             checks.append((f"{vol}: target equals the volume after the last copy",
-                           read_all(t.uri) == read_all(uris[vol])))
+                           read_all(target_uris[vol]) == read_all(uris[vol])))
         print()
         for text, passed in checks:
             print(f"{'PASS' if passed else 'FAIL'}  {text}")
@@ -237,20 +276,82 @@ def demo(workdir: str) -> bool:
         if writer is not None:
             writer.stop_event.set()
             writer.join(timeout=10)
-        if started:
-            cgmirror(session, "slave", "stop")
-        for t in targets.values():
-            t.stop()
+
+
+def demo_sites(workdir: str) -> bool:
+    """The demo across namespaces: set-up from here, the body inside ``c``."""
+    import subprocess
+
+    from coordinator import pki
+    from tests.sites import Sites
+    from tests.twosites import free_port
+
+    hosts = {"s1": "a", "s2": "b"}
+    for d in ("data", "remote", "run"):
+        os.makedirs(os.path.join(workdir, d), exist_ok=True)
+    with Sites(("a", "b", "c", "r")) as net:
+        d = os.path.join(workdir, "pki")
+        pki.init(d, "demo")
+        pki.issue(d, "coordinator")
+        r = net["r"]
+        r_dir = pki.issue(d, "r", ips=[r.addr])
+        sites: dict = {"pki": d}
+        images = {}
+        log = os.path.join(workdir, "remote", "targets.log")
+        for slave, vols in LAYOUT.items():
+            site = net[hosts[slave]]
+            pki.issue(d, slave, ips=[site.addr])
+            sites[slave] = (f"tcp:{site.addr}:{free_port(site)}",
+                            f"tcp:{site.addr}:{free_port(site)}")
+            for vol, size in vols.items():
+                port = free_port(r)
+                images[vol] = peers.make_image(os.path.join(workdir, "remote", f"{vol}.img"),
+                                               size)
+                with open(log, "ab") as out:
+                    r.popen(peers.nbdkit_file_tcp_argv(images[vol], r.addr, port, r_dir),
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+                sites[vol] = f"nbds://{r.addr}:{port}/{vol}"
+        session = os.path.join(workdir, "demo.toml")
+        with open(session, "w") as f:
+            f.write(session_toml(sites))
+        print(f"session {session}:\n{session_toml(sites)}")
+        cmd = [sys.executable, "-m", "coordinator.cli", "-s", session, "slave"]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        started = []
+        try:
+            for slave, host in hosts.items():
+                print(f"\n$ ip netns exec <{host}> cgmirror slave start {slave}", flush=True)
+                if net[host].run(cmd + ["start", slave], timeout=60, check=False,
+                                 cwd=root, capture_output=False).returncode != 0:
+                    return False
+                started.append(slave)
+            print("\n(the demo's coordinator and writer now run inside site c)", flush=True)
+            inner = net["c"].run([sys.executable, "-m", "harness.demo", "--body",
+                                  json.dumps([workdir, session, images, sites])],
+                                 timeout=600, check=False, cwd=root, capture_output=False)
+            return inner.returncode == 0
+        finally:
+            for slave in started:
+                net[hosts[slave]].run(cmd + ["stop", slave], timeout=60, check=False,
+                                      cwd=root, capture_output=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keep", action="store_true", help="keep the working directory")
+    p.add_argument("--sites", action="store_true",
+                   help="across network namespaces over TCP with mutual TLS (root)")
+    p.add_argument("--body", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.body:       # --sites, inside site c
+        global TLS_DIR
+        workdir, session, images, sites = json.loads(args.body)
+        TLS_DIR = os.path.join(sites["pki"], "coordinator")
+        return 0 if body(workdir, session, images, {v: sites[v] for v in images}) else 1
     workdir = tempfile.mkdtemp(prefix="cgmirror-demo-")
     try:
-        ok = demo(workdir)
+        ok = demo_sites(workdir) if args.sites else demo(workdir)
     finally:
         if args.keep:
             print(f"kept {workdir}")

@@ -145,6 +145,16 @@ def nbdkit_file(image: str, sock: str, filters: tuple[str, ...] = (),
                   image=image)
 
 
+def nbdkit_file_tcp_argv(image: str, host: str, port: int, host_dir: str) -> list[str]:
+    """``nbdkit file IMAGE`` on ``host:port`` with mutual TLS from the
+    certificate directory ``host_dir`` (wire.tls): the command only, for a
+    caller that starts it where it must run (inside a network namespace,
+    where readiness is checked from inside too)."""
+    from wire import tls
+    return ["nbdkit", "-f", "-i", host, "-p", str(port), *tls.nbdkit_args(host_dir),
+            "file", f"file={image}"]
+
+
 def qemu_nbd(image: str, sock: str, name: str = "disk", log: str | None = None) -> Server:
     """``qemu-nbd`` serving a raw file as export ``name`` (one client at a
     time, qemu-nbd's default)."""

@@ -41,6 +41,7 @@ import time
 import nbd
 
 from native.bitmap import Bitmap
+from wire import tls
 
 from . import failpoints
 
@@ -153,14 +154,29 @@ class CopyError(Exception):
         self.fault = fault
 
 
+# The slave's certificate directory (plugin key tls=), presented to nbds://
+# targets as the client certificate; None: the slave has none.
+TLS_DIR: str | None = None
+
+
 def connect(uri: str, name: str, timeout: float) -> "nbd.NBD":
     """Connect to ``uri``, giving up after ``timeout`` seconds (a server that
     accepts no more clients, like ``qemu-nbd`` without ``--shared``, or a
-    dead link, would otherwise hang the copy)."""
+    dead link, would otherwise hang the copy).  An ``nbds://`` target gets
+    mutual TLS with ``TLS_DIR``'s certificate (libnbd checks the target's
+    certificate against the session CA and the URI's host)."""
     h = nbd.NBD()
     h.set_handle_name(name)
     deadline = time.monotonic() + timeout
     try:
+        if uri.startswith("nbds"):
+            if TLS_DIR is None:
+                raise CopyError(f"target {uri} needs TLS but the slave has no"
+                                f" certificate: start it with tls=DIR", "source")
+            try:
+                tls.libnbd_setup(h, TLS_DIR)
+            except tls.TLSConfigError as exc:
+                raise CopyError(f"target {uri}: {exc}", "source") from exc
         h.aio_connect_uri(uri)
         while h.aio_is_connecting():
             if time.monotonic() > deadline:

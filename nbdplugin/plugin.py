@@ -6,8 +6,10 @@
 #
 # Keys: statedir= (required; change maps, preserve stores), control= (required;
 # the control channel: a unix socket PATH or unix:PATH, only its owner's uid and
-# root may connect; tcp:HOST:PORT needs mutual TLS, not yet configurable here
-# so refused), volume=NAME:PATH (repeat; a regular file
+# root may connect; or tcp:HOST:PORT, mutual TLS 1.3 with tls='s certificate),
+# tls=DIR (this host's certificate directory, made by `cgmirror pki issue`: the
+# control server's certificate on TCP and the copier's client certificate for
+# nbds:// targets), volume=NAME:PATH (repeat; a regular file
 # or a block device; export NAME), create=NAME:SIZE (create NAME's file at SIZE
 # if missing, else check its size), granularity= (bytes per change bit, power
 # of two, default 64K), region= (bytes per write-intent bit, default 4M),
@@ -41,7 +43,7 @@ for _p in (_VENV_SITE, _ROOT):
     if os.path.isdir(_p) and _p not in sys.path:
         sys.path.insert(0, _p)
 
-from nbdplugin import files  # noqa: E402
+from nbdplugin import copier, files  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
 from nbdplugin.secondary import Secondary, SecondaryVolume, fold_maps  # noqa: E402
 from nbdplugin.server import ControlServerError  # noqa: E402
@@ -49,11 +51,12 @@ from nbdplugin.slave import Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
 from wire.units import parse_size  # noqa: E402
 from wire import address as wire_address  # noqa: E402
+from wire import tls  # noqa: E402
 
 API_VERSION = 2
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_cfg = {"statedir": None, "control": None, "granularity": 64 * 1024,
+_cfg = {"statedir": None, "control": None, "tls": None, "granularity": 64 * 1024,
         "region": 4 << 20, "checkpoint": 2.0, "role": "primary"}
 _volumes: dict[str, str] = {}
 _create: dict[str, int] = {}
@@ -123,6 +126,8 @@ def _config(key, value):
         # unix:PATH, a plain path or tcp:HOST:PORT; a bad one is refused now.
         addr = wire_address.parse(value, listen=True)
         _cfg[key] = str(addr) if addr.is_tcp else os.path.abspath(addr.path)
+    elif key == "tls":
+        _cfg[key] = os.path.abspath(value)
     elif key == "volume":
         name, path = _split(key, value)
         if name in _volumes:
@@ -161,6 +166,23 @@ def config_complete():
             _fail(f"create={name}:... names no volume")
     if _cfg["region"] < _cfg["granularity"]:
         _fail("region must not be smaller than granularity")
+    if _cfg["tls"]:
+        # Checked now, so a missing or unsafe file is one line before serving.
+        try:
+            _server_context()
+        except tls.TLSConfigError as exc:
+            _fail(f"tls={_cfg['tls']}: {exc}")
+        copier.TLS_DIR = _cfg["tls"]
+    elif _cfg["control"].startswith("tcp:"):
+        _fail(f"control={_cfg['control']} needs mutual TLS (plaintext TCP is refused):"
+              f" give tls=DIR, a certificate directory from cgmirror pki issue")
+
+
+def _server_context():
+    """The control server's TLS context (None for a unix control socket)."""
+    if not _cfg["control"].startswith("tcp:"):
+        return None
+    return tls.HostFiles(_cfg["tls"]).server_context()
 
 
 def thread_model():
@@ -213,7 +235,7 @@ def after_fork():
     # control server that cannot start ends the slave in one line (its NBD
     # socket and pidfile stay behind; the launcher removes stale ones).
     try:
-        _slave.start(_cfg["control"])
+        _slave.start(_cfg["control"], _server_context())
     except ControlServerError as exc:
         _fail(str(exc))
 

@@ -161,6 +161,25 @@ def test_two_volumes_on_one_secondary_volume_refused(tmp_path):
         session_mod.load(str(p))
 
 
+def test_mirror_refuses_a_volume_with_a_fixed_target(tmp_path):
+    """A mirrored session mirrors every volume: a fixed target is refused."""
+    text = session_text().replace('secondary = "r2"',
+                                  'target = "nbd+unix:///x?socket=x.sock"', 1)
+    p = tmp_path / "m.toml"
+    p.write_text(text)
+    with pytest.raises(mirror_mod.MirrorError, match="s2/a has a fixed target"):
+        Mirror(session_mod.load(str(p)))
+
+
+def test_pause_without_a_running_mirror_is_one_line(tmp_path, capsys):
+    """pause with no mirror: exit UNREACHABLE, one line saying how to start one."""
+    p = tmp_path / "m.toml"
+    p.write_text(session_text())
+    assert cli.main(["-s", str(p), "mirror", "pause"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cgmirror mirror run" in err, err
+
+
 # ------------------------------------------------------------------ the rig
 
 class Rig:
@@ -356,6 +375,9 @@ def test_pause_resume_and_status_over_the_control_socket(rig, capsys):
     assert doc["secondaries"]["r1"]["hardened"] == doc["hardened"]
     assert set(doc["volumes"]["s1"]) == {"a", "b"}
     assert doc["hold_ms"]["p99"] is not None
+    assert cli.main(["-s", r.path, "mirror", "status"]) == 0
+    text = capsys.readouterr().out
+    assert "session m: paused" in text and "RPO" in text and "s2     b" in text, text
     assert cli.main(["-s", r.path, "mirror", "resume"]) == 0
     wait_until(lambda: m.formed > formed, 30, "a group after resume")
     r.stop_mirror()
@@ -550,3 +572,37 @@ def test_adopting_a_remote_made_by_cgmirror_copy_sends_only_changes(rig, run_dir
     assert any("adopted" in line for line in r.logs)
     r.assert_equal()
     assert launch.running_pid(r.procs["r1"].spec)
+
+
+def test_recovery_resends_blocks_a_secondary_rolled_back(rig):
+    """Blocks in a secondary's tgt map (here: replication writes rolled back)
+    are marked on the primary volume they mirror, then cleared on the
+    secondary, and the next group sends them again."""
+    r = rig()
+    m = r.open_mirror()
+    assert m.run_once().outcome == "hardened"
+    r.stop_mirror()
+    export = r.status("r2")["volumes"]["b"]["export"]
+    h = nbd.NBD()
+    h.connect_uri(session_mod.replication_uri(r.session.secondary("r2"), export))
+    h.pwrite(b"\xa5" * 4096, 5 << 20)           # block 80 at 64 KiB
+    h.flush()
+    h.shutdown()
+    with r.link("r2") as lk:
+        assert lk.call("rollback")["rolled_back"]["b"] == 1
+    assert r.status("r2")["volumes"]["b"]["tgt_blocks"] == 1
+    assert r.status("s2")["volumes"]["b"]["dirty_blocks"] == 0
+    m = r.open_mirror()
+    try:
+        m.recover()
+        assert r.status("r2")["volumes"]["b"]["tgt_blocks"] == 0
+        with r.link("s2") as lk:
+            assert lk.call("dirty", volume="b")["runs"] == [[80, 1]]
+        base = r.replication_bytes()
+        assert m.run_once().outcome == "hardened"
+        assert r.replication_bytes() - base == 64 << 10
+    finally:
+        r.stop_mirror()
+    assert any("1 target-side blocks of r2/b marked for resend on s2/b" in line
+               for line in r.logs), r.logs
+    r.assert_equal()

@@ -36,7 +36,7 @@ target = "nbd+unix:///db?socket=remote/db.sock"
 [[slave.volume]]
 name = "log"
 path = "/abs/log.img"
-target = "nbd://backup.example:10809/log"
+target = "nbds://backup.example:10809/log"
 
 [[slave]]
 name = "s2"
@@ -72,7 +72,7 @@ def test_good_file(tmp_path):
     db, log = s1.volumes
     assert db.size == 64 << 20 and log.size is None and log.path == "/abs/log.img"
     assert db.target == f"nbd+unix:///db?socket={base}/remote/db.sock"
-    assert log.target == "nbd://backup.example:10809/log"
+    assert log.target == "nbds://backup.example:10809/log"
     assert s2.volumes[0].target == "nbd+unix:///?socket=/srv/remote/s2.sock"
     assert s.targets()["s1"] == {"db": db.target, "log": log.target}
 
@@ -207,7 +207,7 @@ def test_cli_bad_session_exit_code(tmp_path, capsys, monkeypatch):
     ('target = "nbd+unix:///?socket=/srv/remote/s2.sock"',
      'target = "nbd+unix://localhost/db?socket=./remote/x/../db.sock"'),
     # ... and s1/log's, on the same slave.
-    ('target = "nbd://backup.example:10809/log"',
+    ('target = "nbds://backup.example:10809/log"',
      'target = "nbds+unix:///db?socket=remote/db.sock"'),
 ])
 def test_two_volumes_one_target_image_are_refused(tmp_path, old, new):
@@ -225,7 +225,7 @@ def test_target_on_a_source_export_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"s1/log, key 'target': export 'db' on unix:"
                                           r".*/run/s1.sock is also the source export of s1/db"):
         session.load(write(tmp_path, GOOD.replace(
-            'target = "nbd://backup.example:10809/log"',
+            'target = "nbds://backup.example:10809/log"',
             'target = "nbd+unix:///db?socket=run/s1.sock"')))
 
 
@@ -234,4 +234,4 @@ def test_same_tcp_target_spelled_twice_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"export 'log' on tcp:backup.example:10809"):
         session.load(write(tmp_path, GOOD.replace(
             'target = "nbd+unix:///?socket=/srv/remote/s2.sock"',
-            'target = "nbd://BACKUP.example/log"')))
+            'target = "nbds://BACKUP.example/log"')))

