@@ -165,13 +165,13 @@ class RoleSwitch:
     def status(self, node: Node) -> dict | None:
         """The node's status, None if it does not answer."""
         try:
-            with SlaveLink(node.name, node.cfg.control, timeout=10) as lk:
+            with SlaveLink.from_spec(node.cfg.spec(), timeout=10) as lk:
                 return lk.status()
         except CgmirrorError:
             return None
 
     def call(self, node: Node, op: str, **args) -> dict:
-        with SlaveLink(node.name, node.cfg.control, timeout=60) as lk:
+        with SlaveLink.from_spec(node.cfg.spec(), timeout=60) as lk:
             return lk.call(op, **args)
 
     def become(self, node: Node, role: str) -> dict:
@@ -447,7 +447,7 @@ class RoleSwitch:
         for s, v, r, rv in oriented.pairs():
             src, tgt = oriented.slave(s), oriented.secondary(r)
             runs, start = [], 0
-            with SlaveLink(s, src.control) as lk:
+            with SlaveLink.from_spec(src.spec()) as lk:
                 while start is not None:
                     page = lk.call("dirty", volume=v, start=start)
                     g = page["granularity"]
