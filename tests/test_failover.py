@@ -286,7 +286,7 @@ def split(rig) -> tuple[Writes, Writes, dict]:
 
 # ------------------------------------------------------------------ failover, failback
 
-def test_failover_then_failback_sends_exactly_the_union(rig, tmp_path):
+def test_failover_then_failback_sends_exactly_the_union(rig, tmp_path, capsys):
     """Primary killed -9 with unreplicated writes; failover needs nothing
     of it; the new primary takes host writes; the resync back sends exactly
     |S u T| blocks (counted at the receiving secondary), keeps the
@@ -294,7 +294,10 @@ def test_failover_then_failback_sends_exactly_the_union(rig, tmp_path):
     switchover makes site a the primary again with nothing lost."""
     old, new, union = split(rig)
     # The mirror refuses to run while the sites are split, in one line.
+    capsys.readouterr()
     assert rig.cli("mirror", "run") != 0
+    err = capsys.readouterr().err.strip()
+    assert "took over from site a" in err and "\n" not in err, err
     s1_before = rig.images("s1")                    # what the resync overwrites
     keep = str(tmp_path / "kept")
     assert rig.cli("resync", "--from", "b", "--to", "a", "--keep-overwritten", keep) == 0
