@@ -45,7 +45,8 @@ for _p in (_VENV_SITE, _ROOT):
 
 from nbdplugin import copier, files  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
-from nbdplugin.secondary import Secondary, SecondaryVolume, fold_maps  # noqa: E402
+from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa: E402
+                                 prepared_group)
 from nbdplugin.server import ControlServerError  # noqa: E402
 from nbdplugin.slave import Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
@@ -205,6 +206,10 @@ def get_ready():
     # slave may own the change maps, and opening them would overwrite them.
     files.lock_exclusive(_statedir_fd, f"state directory {statedir}")
     secondary = _cfg["role"] == "secondary"
+    prepared = None if secondary else prepared_group(statedir)
+    if prepared is not None:
+        _fail(f"{statedir} holds group {prepared} prepared as a secondary: start it as a"
+              f" secondary and let `cgmirror failover` commit or roll it back first")
     vols = {}
     for name, path in _volumes.items():
         if secondary:

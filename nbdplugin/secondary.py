@@ -506,6 +506,19 @@ class Secondary(OpHandler):
             vol.close()
 
 
+def prepared_group(statedir: str) -> int | None:
+    """The group a secondary left prepared in ``statedir`` (None if none, or
+    never a secondary): such a state directory must not start as a primary,
+    since its image is neither group h nor group n until a commit or
+    rollback decides."""
+    try:
+        with open(os.path.join(statedir, STATE_FILE)) as f:
+            prepared = json.load(f).get("prepared")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None         # a damaged file is refused when started as a secondary
+    return prepared if isinstance(prepared, int) else None
+
+
 def fold_maps(vol: Volume, into: str, names: tuple[str, ...]) -> int:
     """Role switch at start (coordinator/failover.py): OR the maps ``names``
     into ``into``, empty them, and make that durable in one checkpoint (one

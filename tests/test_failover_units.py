@@ -201,3 +201,26 @@ def test_start_role_follows_the_direction(tmp_path, state, a, b):
         direction.save(s, **state)
     assert direction.spec(s, s.slaves[0]).role == a
     assert direction.spec(s, s.secondaries[0]).role == b
+
+
+def test_a_prepared_secondary_does_not_start_as_a_primary(slaves):
+    """A state directory with a group prepared refuses role=primary in one
+    line (its image is neither group); once committed it starts."""
+    import dataclasses
+
+    from coordinator import launch
+    r = slaves("r1", volumes=(("a", 1 << 20),), role="secondary")
+    with r.control() as c:
+        assert c.call("assume", n=1)["ok"]
+        assert c.call("prepare", n=2)["ok"]
+    r.stop()
+    prim = dataclasses.replace(r.spec, role="primary")
+    with pytest.raises(launch.LaunchError, match="holds group 2 prepared"):
+        slaves.restart(prim)
+    r2 = slaves.restart(r.spec)
+    with r2.control() as c:
+        assert c.call("commit", n=2)["ok"]
+    r2.stop()
+    p = slaves.restart(prim)
+    with p.control() as c:
+        assert c.call("status")["role"] == "primary"
