@@ -8,11 +8,12 @@ STAMPS     := .cache/stamps
 APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
               nbd-client nbd-server qemu-system-x86 qemu-utils \
               busybox-static e2fsprogs socat fio nftables iproute2 \
-              python3-venv python3-dev python3-cffi-backend libffi-dev \
+              python3-venv python3-dev python3-cffi-backend libffi-dev libnbd-dev \
               gcc make sqlite3 xz-utils python3-pyfuse3 fuse3
 
-.PHONY: setup apt venv ext test test-fast demo vm vm-test \
-        bench-bitmap bench-write bench-freeze bench-copy clean demo-sites bench-freeze-sites
+.PHONY: setup apt venv ext test test-fast demo demo-sites vm vm-test clean \
+        bench-bitmap bench-write bench-freeze bench-freeze-sites bench-copy bench-engine \
+        bench-granularity
 
 setup: apt venv ext
 
@@ -33,12 +34,19 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 	touch $@
 
 ext: $(STAMPS)/ext
-$(STAMPS)/ext: native/bitmap.c native/bitmap.h native/build.py $(STAMPS)/venv
+$(STAMPS)/ext: native/bitmap.c native/bitmap.h native/copy.c native/copy.h \
+               native/build.py $(STAMPS)/venv
 	$(PY) -m native.build
 	touch $@
 
+# The copier suites once more with the Python engine (the default is the
+# native one, native/copy.c): both must keep every guarantee.
+COPIER_TESTS := tests/test_targets.py tests/test_copier.py tests/test_coordinator.py \
+                tests/test_consistency.py tests/test_pit.py tests/test_baseline_cli.py
+
 test: setup vm
 	$(PY) -m pytest -q tests
+	CGMIRROR_COPY_ENGINE=python $(PY) -m pytest -q $(COPIER_TESTS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not vm and not slow" tests
@@ -73,5 +81,12 @@ bench-freeze-sites: setup
 bench-copy: setup
 	$(PY) bench/bench_copy.py
 
+bench-engine: setup
+	$(PY) bench/bench_engine.py
+
+bench-granularity: setup
+	$(PY) bench/bench_granularity.py
+
 clean:
-	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c
+	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c \
+	       native/_copy*.so native/_copy.c

@@ -1,7 +1,8 @@
-"""Write throughput of the cgmirror plugin against nbdkit's C `file` plugin and
-a minimal Python pass-through plugin, all measured with fio's nbd engine.
+"""Write throughput of the cgmirror plugin against nbdkit's C `file` plugin,
+a minimal Python pass-through plugin and qemu-storage-daemon with a dirty
+bitmap, all measured with fio's nbd engine.
 
-    .venv/bin/python bench/bench_write.py [--runtime 5] [--ramp 1] [--repeats 3]
+    .venv/bin/python bench/bench_write.py [--runtime 3] [--ramp 1] [--repeats 3]
 
 Servers (one connection each, unix sockets, the same 1 GiB image on /dev/shm,
 created sparse and then fallocated so that no server pays tmpfs page faults
@@ -11,6 +12,11 @@ for the others; all started once and left idle between their runs):
   passthrough   nbdkit --threads T python bench/passthrough.py file=IMG
   cgmirror      nbdkit --threads T python nbdplugin/plugin.py statedir=DIR
                     control=CTLSOCK volume=bench:IMG         (export "bench")
+  qsd_bitmap    qemu-storage-daemon: file + raw node on IMG, NBD export
+                    "bench" (writable), and over QMP
+                    block-dirty-bitmap-add granularity=64K   (the peer a user
+                    would pick for change tracking; its bitmap lives in
+                    memory only, ours survives a crash)
 
 T is chosen first: passthrough at --threads 1, 2 and 4, one 4K random-write
 qd16 run each; the best is used for both Python servers.
@@ -21,9 +27,11 @@ servers and workloads, --repeats times; medians.  Server CPU time per I/O is
 read from /proc (psutil) around each run.
 
 Prints a table, then one JSON line last with ratio_vs_passthrough_4k_qd16,
-ratio_vs_c_file_4k_qd16, ratio_vs_c_file_1m and the raw numbers.  A server
-that cannot start (e.g. the cgmirror plugin while it is being written) is
-skipped with a note and null ratios.
+ratio_vs_c_file_4k_qd16, ratio_vs_c_file_1m, ratio_vs_qsd_bitmap_4k_qd16,
+ratio_vs_qsd_bitmap_4k_qd1 (ours / theirs IOPS), the bitmap's dirty count
+after the runs (proof that it tracked) and the raw numbers.  A server that
+cannot start (e.g. the cgmirror plugin while it is being written, or a
+machine without qemu-storage-daemon) is skipped with a note and null ratios.
 """
 
 import argparse
@@ -65,12 +73,15 @@ class Server:
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir)
         self.sock = os.path.join(self.dir, "nbd.sock")
-        self.pidfile = os.path.join(self.dir, "nbdkit.pid")
-        self.log = os.path.join(self.dir, "nbdkit.log")
+        self.pidfile = os.path.join(self.dir, "server.pid")
+        self.log = os.path.join(self.dir, "server.log")
         self.export = export
-        self.cmd = ["nbdkit", "-f", "-U", self.sock, "--pidfile", self.pidfile] + args
+        self.cmd = self.command(args)
         self.proc = None
         self.ps = None
+
+    def command(self, args):
+        return ["nbdkit", "-f", "-U", self.sock, "--pidfile", self.pidfile] + args
 
     @property
     def uri(self):
@@ -91,10 +102,14 @@ class Server:
                                    + self.log_tail())
             if os.path.exists(self.pidfile) and self._connectable():
                 self.ps = psutil.Process(self.proc.pid)
+                self.ready()
                 return
             time.sleep(0.02)
         self.stop()
         raise ServerFailed(f"{self.name}: not ready after {timeout:.0f} s:\n" + self.log_tail())
+
+    def ready(self):
+        """Called once the server listens (qsd adds its bitmap here)."""
 
     def _connectable(self):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -132,6 +147,65 @@ class Server:
             return "(no log)"
 
 
+class QsdServer(Server):
+    """qemu-storage-daemon exporting IMG over NBD with a 64 KiB dirty bitmap
+    added over QMP, as a user of qemu's incremental backup would set it up."""
+
+    NODE = "disk0"
+    BITMAP = "cgm-bench"
+
+    def __init__(self, name, workdir, image, export):
+        self.image = image
+        super().__init__(name, workdir, [], export)
+
+    def command(self, args):
+        self.qmp_sock = os.path.join(self.dir, "qmp.sock")
+        return ["qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
+                "--blockdev", f"driver=raw,node-name={self.NODE},file=file0",
+                "--nbd-server", f"addr.type=unix,addr.path={self.sock}",
+                "--export", f"type=nbd,id=exp0,node-name={self.NODE},"
+                            f"name={self.export},writable=on",
+                "--chardev", f"socket,id=qmp0,path={self.qmp_sock},server=on,wait=off",
+                "--monitor", "chardev=qmp0",
+                "--pidfile", self.pidfile]
+
+    def qmp(self, command, **arguments):
+        """One QMP command on a fresh connection; returns its "return"."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(self.qmp_sock)
+            f = s.makefile("rwb")
+
+            def call(cmd, args=None):
+                msg = {"execute": cmd} | ({"arguments": args} if args else {})
+                f.write(json.dumps(msg).encode() + b"\n")
+                f.flush()
+                while True:
+                    reply = json.loads(f.readline())
+                    if "error" in reply:
+                        raise ServerFailed(f"{self.name}: QMP {cmd}: {reply['error']}")
+                    if "return" in reply:
+                        return reply["return"]
+                    # events ({"event": ...}) are skipped
+
+            json.loads(f.readline())          # the greeting
+            call("qmp_capabilities")
+            return call(command, arguments)
+
+    def ready(self):
+        self.qmp("block-dirty-bitmap-add", node=self.NODE, name=self.BITMAP,
+                 granularity=64 * 1024)
+
+    def dirty_bytes(self):
+        """The bitmap's dirty byte count (it tracked the writes if > 0)."""
+        for node in self.qmp("query-named-block-nodes"):
+            for bm in node.get("dirty-bitmaps") or []:
+                if bm["name"] == self.BITMAP:
+                    return bm["count"]
+        raise ServerFailed(f"{self.name}: bitmap {self.BITMAP} is gone")
+
+
 def run_fio(server, workload, runtime, ramp, outdir):
     """One fio run; returns dict(iops, mbps, cpu_us_per_io)."""
     out = os.path.join(outdir, f"fio-{server.name}-{workload}.json")
@@ -161,7 +235,9 @@ def run_fio(server, workload, runtime, ramp, outdir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--runtime", type=int, default=3,
+                    help="seconds per run (3 keeps the default run under ~3 minutes"
+                         " with four servers)")
     ap.add_argument("--ramp", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
@@ -176,6 +252,7 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix="cgmirror-bench-", dir="/dev/shm")
     servers = {}
     notes = []
+    qsd_dirty = None
     try:
         image = os.path.join(workdir, "disk.img")
         with open(image, "wb") as f:
@@ -211,19 +288,28 @@ def main(argv=None):
                           f"control={os.path.join(workdir, 'cgm-ctl.sock')}",
                           f"volume={EXPORT}:{image}"], EXPORT),
         }
+        specs["qsd_bitmap"] = (None, EXPORT)
+        # Servers whose absence skips only their ratios.
+        optional = ("cgmirror", "qsd_bitmap")
         os.makedirs(os.path.join(workdir, "cgm-state"))
         for name, (cmdargs, export) in specs.items():
             if name == "cgmirror" and not os.path.exists(PLUGIN):
                 notes.append("cgmirror: skipped, nbdplugin/plugin.py does not exist yet")
                 continue
-            s = Server(name, workdir, cmdargs, export)
+            if name == "qsd_bitmap":
+                if shutil.which("qemu-storage-daemon") is None:
+                    notes.append("qsd_bitmap: skipped, qemu-storage-daemon not found"
+                                 " (Debian: qemu-system-common)")
+                    continue
+                s = QsdServer(name, workdir, image, export)
+            else:
+                s = Server(name, workdir, cmdargs, export)
             try:
                 s.start()
             except ServerFailed as exc:
                 s.stop()
-                notes.append(f"cgmirror: skipped, the plugin did not start: {exc}"
-                             if name == "cgmirror" else str(exc))
-                if name != "cgmirror":
+                notes.append(f"{name}: skipped, it did not start: {exc}")
+                if name not in optional:
                     raise
                 continue
             servers[name] = s
@@ -236,13 +322,15 @@ def main(argv=None):
                     try:
                         results[name][w].append(run_fio(s, w, args.runtime, args.ramp, workdir))
                     except RuntimeError as exc:
-                        if name != "cgmirror":
+                        if name not in optional:
                             raise
-                        notes.append(f"cgmirror: dropped after a failed run: {exc}")
+                        notes.append(f"{name}: dropped after a failed run: {exc}")
                         s.stop()
                         del servers[name]
                         del results[name]
             print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
+        if "qsd_bitmap" in servers:
+            qsd_dirty = servers["qsd_bitmap"].dirty_bytes()
     finally:
         for s in servers.values():
             s.stop()
@@ -282,6 +370,9 @@ def main(argv=None):
         "ratio_vs_c_file_4k_qd16": ratio("cgmirror", "c_file", "4k_randwrite_qd16", "iops"),
         "ratio_vs_c_file_1m": ratio("cgmirror", "c_file", "1m_seqwrite_qd4", "mbps"),
         "passthrough_vs_c_file_4k_qd16": ratio("passthrough", "c_file", "4k_randwrite_qd16", "iops"),
+        "ratio_vs_qsd_bitmap_4k_qd16": ratio("cgmirror", "qsd_bitmap", "4k_randwrite_qd16", "iops"),
+        "ratio_vs_qsd_bitmap_4k_qd1": ratio("cgmirror", "qsd_bitmap", "4k_randwrite_qd1", "iops"),
+        "qsd_bitmap_dirty_bytes": qsd_dirty,
         "threads_sweep_iops": {str(t): round(r["iops"]) for t, r in sweep.items()},
         "median": {name: {w: {k: round(v, 2) for k, v in m.items()} for w, m in ws.items()}
                    for name, ws in med.items()},
@@ -289,6 +380,7 @@ def main(argv=None):
                         for w, runs in ws.items()} for name, ws in results.items()},
         "notes": notes,
         "loadavg_1min": round(os.getloadavg()[0], 2),
+        "loadavg": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result))
     return 0

@@ -1,12 +1,14 @@
-"""Build the cffi extension ``native._bitmap`` in place.
+"""Build the cffi extensions ``native._bitmap`` and ``native._copy`` in place.
 
 Run from the repository root as ``python -m native.build`` (``make ext``).
 The shared object lands next to this file, so ``from native._bitmap import
 ffi, lib`` works from the repo root and from inside nbdkit once the root is
 on ``sys.path``.
 
-The cdef is read from the marked region of bitmap.h so the declarations are
-written once.  Flags are plain ``-O3``: no ``-march=native``, because the CI
+The cdefs are read from the marked regions of bitmap.h and copy.h so the
+declarations are written once.  ``_copy`` (the copy engine) links libnbd
+(Debian's libnbd-dev); it is a module of its own so the bitmap kernels stay
+free of that dependency.  Flags are plain ``-O3``: no ``-march=native``, because the CI
 machine may be another CPU; bitmap.c picks POPCNT at load time instead.
 """
 
@@ -29,26 +31,33 @@ def _read_cdef(header_path):
     return m.group(1)
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(_read_cdef(os.path.join(HERE, "bitmap.h")))
-ffibuilder.set_source(
-    "native._bitmap",
-    '#include "bitmap.h"\n',
-    # Relative to the repo root: compile() runs there (tmpdir=ROOT), and an
-    # absolute source path would put the object file under ROOT/<abs path>.
-    sources=["native/bitmap.c"],
-    include_dirs=["native"],
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing"],
-)
+def _builder(module, header, source, libraries=()):
+    ffi = FFI()
+    ffi.cdef(_read_cdef(os.path.join(HERE, header)))
+    ffi.set_source(
+        module,
+        f'#include "{header}"\n',
+        # Relative to the repo root: compile() runs there (tmpdir=ROOT), and an
+        # absolute source path would put the object file under ROOT/<abs path>.
+        sources=[f"native/{source}"],
+        include_dirs=["native"],
+        libraries=list(libraries),
+        extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing"],
+    )
+    return ffi
+
+
+ffibuilder = _builder("native._bitmap", "bitmap.h", "bitmap.c")
+copybuilder = _builder("native._copy", "copy.h", "copy.c", libraries=["nbd", "pthread"])
 
 
 def main():
-    """Compile in place; returns the path of the shared object."""
+    """Compile in place; returns the paths of the shared objects."""
     with warnings.catch_warnings():
         # setuptools, run with the repo root as cwd, lints pyproject.toml
-        # (license table, README); that is not about this extension.
+        # (license table, README); that is not about these extensions.
         warnings.simplefilter("ignore")
-        return ffibuilder.compile(tmpdir=ROOT, verbose=False)
+        return [b.compile(tmpdir=ROOT, verbose=False) for b in (ffibuilder, copybuilder)]
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ durable      before ``save`` returns, the saved data is fdatasynced, then
              may have reached the disk is listed in the index, with its old
              content durable.  ``BlockStore.reopen`` reads that index back.
 
+For readers in C (the native copy engine), the index is mirrored in
+``native_index`` (native.copyengine.Overlay; None where the extension is not
+built): each entry is published there, under ``lock``, before ``save``
+returns, i.e. before the caller overwrites the block; ``close`` marks it
+closed.  native/copy.c gives the ordering argument and the memory cost.
+
 Crash points (durable): before the data sync, the index does not list the
 block and the block was not overwritten; between the data sync and the
 index sync, a torn or missing last record is skipped at reopen (its block
@@ -37,6 +43,8 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterable
+
+from native import copyengine
 
 from .files import fsync_dir, open_private
 
@@ -64,6 +72,8 @@ class BlockStore:
         self._fd: int | None = None       # created by the first save: a PiT's
         self._idx_fd: int | None = None   # cut stays free of file system work
         self._end = 0
+        self.native_index = (copyengine.Overlay(-(-size // granularity))
+                        if copyengine.AVAILABLE else None)
 
     @classmethod
     def reopen(cls, path: str, source_fd: int, granularity: int, size: int) -> BlockStore:
@@ -82,6 +92,8 @@ class BlockStore:
             if zlib.crc32(data[pos:pos + 20]) != crc:
                 break                     # a torn last record: its save never returned
             store.index[block] = off
+            if store.native_index is not None:
+                store.native_index.set(block, off)
             store._end = max(store._end, off + length)
             good = pos + _REC.size
         if store.index and not os.path.exists(path):
@@ -91,6 +103,8 @@ class BlockStore:
         if os.path.exists(path):
             store._fd = open_private(path)
             store._idx_fd = open_private(store.index_path)
+            if store.native_index is not None:
+                store.native_index.set_fd(store._fd)
             os.ftruncate(store._idx_fd, good)   # appends go after the last good record
         return store
 
@@ -136,11 +150,15 @@ class BlockStore:
             self._end = end
             for b, off, _ in placed:
                 self.index[b] = off
+                if self.native_index is not None:
+                    self.native_index.set(b, off)
             return need
 
     def _create(self) -> None:
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
         self._fd = open_private(self.path, flags)
+        if self.native_index is not None:
+            self.native_index.set_fd(self._fd)
         if self.durable:
             self._idx_fd = open_private(self.index_path, flags)
             fsync_dir(os.path.dirname(os.path.abspath(self.path)))
@@ -167,6 +185,8 @@ class BlockStore:
             if self.closed:
                 return
             self.closed = True
+            if self.native_index is not None:
+                self.native_index.close()
             for fd in (self._fd, self._idx_fd):
                 if fd is not None:
                     os.close(fd)
