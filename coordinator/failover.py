@@ -184,9 +184,13 @@ class RoleSwitch:
             if st["prepared"] is not None or undo:
                 raise FailoverError(f"{node.name} holds group {st['prepared']} in flight"
                                     f" ({undo}): settle it before promoting")
-        if st is not None:
-            self.launcher.stop(node.spec(st.get("role", "primary")))
-        self.launcher.start(node.spec(role))
+        try:
+            if st is not None:
+                self.launcher.stop(node.spec(st.get("role", "primary")))
+            self.launcher.start(node.spec(role))
+        except (launch.LaunchError, OSError) as exc:
+            raise FailoverError(f"cannot restart {node.name} as a {role}: {exc}; fix"
+                                f" that and run the command again (it resumes)") from exc
         st = self.status(node)
         if st is None or st.get("role", "primary") != role:
             raise FailoverError(f"{node.name} did not come back as a {role}: see"

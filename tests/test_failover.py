@@ -132,14 +132,18 @@ class ChildLauncher(Launcher):
     """Restarts through the ``slaves`` fixture (children, reaped at the end);
     ``env[(name, role)]`` is the environment of that node's next start in
     that role (failpoints), ``filters[(name, role)]`` its nbdkit filters and
-their arguments."""
+their arguments; a start in ``refuse`` fails once (a crash between steps)."""
 
     def __init__(self, slaves):
         self.slaves = slaves
         self.env: dict[tuple[str, str], dict] = {}
         self.filters: dict[tuple[str, str], tuple[list, list]] = {}
+        self.refuse: set[tuple[str, str]] = set()
 
     def start(self, spec):
+        if (spec.name, spec.role) in self.refuse:
+            self.refuse.remove((spec.name, spec.role))
+            raise launch.LaunchError(f"{spec.name} refused to start (test)")
         spec.env = self.env.pop((spec.name, spec.role), {})
         spec.filters, spec.filter_args = self.filters.pop((spec.name, spec.role), ([], []))
         spec.region = G
@@ -542,3 +546,25 @@ def test_link_errors_mid_resync_leave_the_target_consistent(rig, tmp_path):
     assert rig.cli("resync", "--from", "b", "--to", "a") == 0
     rig.assert_equal()
     rig.check("s1")
+
+
+def test_switchover_interrupted_between_the_swaps_resumes(rig, capsys):
+    """r1 cannot start as a primary after s1 was demoted: the command fails
+    in one line, the direction says "switching", and running it again
+    finishes the swap with nothing lost."""
+    Writes().workload(rig.uris("s1"), 20, resume=False)
+    rig.group()
+    Writes().workload(rig.uris("s1"), 10)
+    rig.launcher.refuse.add(("r1", "primary"))
+    capsys.readouterr()
+    assert rig.cli("switchover") != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the progress lines
+    assert "cannot restart r1 as a primary" in err, err
+    assert direction.load(rig.session)["state"] == "switching"
+    assert rig.status("s1")["role"] == "secondary"
+    assert rig.cli("mirror", "run") != 0                 # no group while half swapped
+    assert rig.cli("switchover") == 0
+    assert direction.load(rig.session)["source"] == "b"
+    assert rig.status("r1").get("role", "primary") == "primary"
+    rig.assert_equal()
+    rig.check("r1")
