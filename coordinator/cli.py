@@ -60,7 +60,7 @@ import sys
 from dataclasses import dataclass
 
 from . import copy_cmds, errors, output, pki_cmds, session as session_mod, slave_cmds
-from . import mirror_cmds, secondary_cmds, status_cmds
+from . import failover_cmds, mirror_cmds, secondary_cmds, status_cmds
 from .errors import CgmirrorError, ExitCode
 
 
@@ -100,6 +100,7 @@ NOUNS = (
     status_cmds,
     secondary_cmds,
     mirror_cmds,
+    failover_cmds,
     pki_cmds,
 )
 

@@ -83,7 +83,7 @@ from typing import Callable
 from wire import protocol
 from wire.protocol import Kind
 
-from . import group
+from . import direction, group
 from .errors import (CgmirrorError, CopyFailed, EstablishAborted, ExitCode, LocalError,
                      SlaveError, describe)
 from .history import History
@@ -442,6 +442,7 @@ class Mirror:
     def run_once(self) -> GroupResult:
         """Form one group (recovering first if needed); record and return how
         it ended.  Raises CgmirrorError only when no group could be begun."""
+        direction.check_mirror(self.session)    # not after a failover, nor reversed
         if self.need_recovery:
             self.recover()
         replies = group.preflight(self.slaves, abort_leftover=True, warn=self.log)

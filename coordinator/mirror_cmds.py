@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 
-from . import group, output
+from . import direction, group, output
 from .errors import ExitCode
 from .link import SlaveLink
 from .mirror import Mirror, MirrorError, MirrorNotRunning, call
@@ -64,7 +64,10 @@ def _notify_ready() -> None:
 
 
 def run(ctx) -> ExitCode:
-    mirror = Mirror(ctx.session)
+    # The direction recorded by failover/resync/switchover (coordinator/direction.py).
+    session = direction.oriented(ctx.session, direction.load(ctx.session)["source"])
+    direction.check_mirror(session)
+    mirror = Mirror(session)
     old = {sig: signal.signal(sig, lambda *_: mirror.stop())
            for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import psutil
 
-from coordinator import launch
+from coordinator import direction, launch
 
 from .errors import ExitCode, SlaveError, UsageError
 from .lock import SessionLock
@@ -39,7 +39,7 @@ def start(ctx, names: list[str]) -> ExitCode:
     s = ctx.session
     with SessionLock(s.name, s.state_dir):
         for cfg in select(s, names):
-            spec = cfg.spec()
+            spec = direction.spec(s, cfg)      # the role failover/switchover left
             pid = launch.running_pid(spec)
             if pid:
                 ctx.say(f"{cfg.name}: already running (pid {pid})")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import psutil
 
-from coordinator import launch
+from coordinator import direction, launch
 
 from .errors import ExitCode, SlaveError
 from .lock import SessionLock
@@ -31,7 +31,7 @@ def start(ctx, names: list[str]) -> ExitCode:
     s = ctx.session
     with SessionLock(s.name, s.state_dir):
         for cfg in s.select(names):
-            spec = cfg.spec()
+            spec = direction.spec(s, cfg)      # the role failover/switchover left
             pid = launch.running_pid(spec)
             if pid:
                 ctx.say(f"{cfg.name}: already running (pid {pid})")

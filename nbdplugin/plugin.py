@@ -45,7 +45,8 @@ for _p in (_VENV_SITE, _ROOT):
 
 from nbdplugin import copier, files  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
-from nbdplugin.secondary import Secondary, SecondaryVolume  # noqa: E402
+from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa: E402
+                                 prepared_group)
 from nbdplugin.server import ControlServerError  # noqa: E402
 from nbdplugin.slave import Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
@@ -205,10 +206,25 @@ def get_ready():
     # slave may own the change maps, and opening them would overwrite them.
     files.lock_exclusive(_statedir_fd, f"state directory {statedir}")
     secondary = _cfg["role"] == "secondary"
+    prepared = None if secondary else prepared_group(statedir)
+    if prepared is not None:
+        _fail(f"{statedir} holds group {prepared} prepared as a secondary: start it as a"
+              f" secondary and let `cgmirror failover` commit or roll it back first")
     vols = {}
     for name, path in _volumes.items():
-        vols[name] = (SecondaryVolume if secondary else Volume)(
-            name, path, statedir, _cfg["granularity"], _cfg["region"], _create.get(name))
+        if secondary:
+            vol = SecondaryVolume(name, path, statedir, _cfg["granularity"],
+                                  _cfg["region"], _create.get(name))
+            # A demoted primary: its own unsent writes are target indicators.
+            fold_maps(vol, "tgt", ("cr", "oos"))
+        else:
+            # Both roles keep ``tgt``: the same state directory serves either
+            # role (coordinator/failover.py); a promoted secondary's tgt is
+            # sent with its next group.
+            vol = Volume(name, path, statedir, _cfg["granularity"], _cfg["region"],
+                         _create.get(name), extra_maps=("tgt",))
+            fold_maps(vol, "cr", ("tgt",))
+        vols[name] = vol
     if secondary:
         try:
             _slave = Secondary(vols, statedir)
@@ -312,7 +328,7 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
-    _io(h.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
+    _write(h.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
 def flush(h, flags):
@@ -320,9 +336,23 @@ def flush(h, flags):
 
 
 def trim(h, count, offset, flags):
-    _io(h.trim, count, offset, bool(flags & nbdkit.FLAG_FUA))
+    _write(h.trim, count, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
 def zero(h, count, offset, flags):
-    _io(h.zero, count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM),
-        bool(flags & nbdkit.FLAG_FUA))
+    _write(h.zero, count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM),
+           bool(flags & nbdkit.FLAG_FUA))
+
+
+def _write(fn, *args):
+    _io(_fenced, fn, *args)
+
+
+def _fenced(fn, *args):
+    """A host write: on a primary it passes the switchover fence
+    (``slave.Fence``); a secondary refuses host writes by itself."""
+    fence = getattr(_slave, "fence", None)
+    if fence is None:
+        return fn(*args)
+    with fence.writing():
+        fn(*args)

@@ -53,6 +53,10 @@ coordinator's commit or rollback):
 - mid-replication (``secondary:after-undo``: old content durable, live not
   yet written; ``secondary:after-write``): the store lists every block that
   may have changed since h, so reads show h and a rollback restores it.
+- in prepare, data durable, "prepared n" not yet recorded
+  (``secondary:prepare-before-record``): as mid-replication; the primary
+  has cleared the bits of every block the drain flushed, so a resync run
+  again sends none of them.
 - between prepare and commit: prepared n survives; ``commit n`` works, and
   so does ``rollback``.
 - in commit after the record (``secondary:commit-before-drop``): hardened is
@@ -381,6 +385,7 @@ class Secondary(OpHandler):
                     vol.block_writes(f"group {n} is prepared")
                 for vol in vols:
                     vol.flush()
+                failpoints.hit("secondary:prepare-before-record")
                 self._save_state(prepared=n)
             except BaseException:
                 for vol in vols:
@@ -463,6 +468,30 @@ class Secondary(OpHandler):
         cm.checkpoint(final=True)
         return protocol.ok(volume=volume, blocks=sum(c for _, c in runs))
 
+    def op_assume(self, n: int) -> dict:
+        """Take the whole image as hardened group ``n`` (a primary demoted
+        by a resync or switchover: coordinator/failover.py).  From now on
+        the undo store keeps this image until the resync hardens; the host
+        export shows it.  Refused while anything is in flight (a prepared
+        group or undo blocks): that image is not one group."""
+        with self.lock:
+            h, p = self.state["hardened"], self.state["prepared"]
+            undo = {v.name: len(v.undo) for v in self.volumes.values() if v.undo}
+            if p is not None or undo:
+                raise ProtocolError(f"cannot take the image as group {n}: group"
+                                    f" {p if p is not None else h + 1} is in flight"
+                                    f" ({undo or 'prepared'}); commit or roll it back"
+                                    f" first", Kind.ORDER)
+            if n < h:
+                raise ProtocolError(f"group {n} is below the hardened group {h}",
+                                    Kind.STALE)
+            if n != h:
+                self._save_state(hardened=n)
+                for vol in self.volumes.values():
+                    vol.drop_undo(n)
+            log.info("secondary: the image is group %d", n)
+            return protocol.ok(hardened=n)
+
     # ------------------------------------------------------------ life
 
     def start(self, address: str, ssl_context=None, **bounds) -> None:
@@ -475,6 +504,45 @@ class Secondary(OpHandler):
             self.server.close()
         for vol in self.volumes.values():
             vol.close()
+
+
+def prepared_group(statedir: str) -> int | None:
+    """The group a secondary left prepared in ``statedir`` (None if none, or
+    never a secondary): such a state directory must not start as a primary,
+    since its image is neither group h nor group n until a commit or
+    rollback decides."""
+    try:
+        with open(os.path.join(statedir, STATE_FILE)) as f:
+            prepared = json.load(f).get("prepared")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None         # a damaged file is refused when started as a secondary
+    return prepared if isinstance(prepared, int) else None
+
+
+def fold_maps(vol: Volume, into: str, names: tuple[str, ...]) -> int:
+    """Role switch at start (coordinator/failover.py): OR the maps ``names``
+    into ``into``, empty them, and make that durable in one checkpoint (one
+    atomic map file, so a crash before it leaves the old maps, and the next
+    start folds them again).  A secondary's ``cr | oos`` (its writes as a
+    primary) become its ``tgt``; a primary's ``tgt`` (blocks a rollback
+    restored, or target indicators of a demoted past) become ``cr``, sent
+    with its next group.  Returns the number of blocks folded."""
+    cm = vol.changes
+    with cm.lock:
+        moved = 0
+        for name in names:
+            bits = cm.maps[name]
+            if bits.any():
+                moved += bits.count()
+                cm.maps[into].or_(bits)
+                bits.clear_all()
+    if moved:
+        # The map file now holds them under ``into``: ``checkpoint`` writes
+        # every named map.
+        cm.checkpoint(final=True)
+        log.info("%s: %d blocks of %s moved into %s", vol.name, moved,
+                 "|".join(names), into)
+    return moved
 
 
 def load_token(statedir: str) -> str:

@@ -21,23 +21,84 @@ a freeze belongs to the connection that asked for it:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import ssl
 import threading
 import time
+from contextlib import contextmanager
 
 from wire import protocol
 from wire.protocol import CutMachine, Event, Kind, Phase, ProtocolError
 
-from .copier import Copy, CopyError, PitSource, verify_target
+from .copier import SAMPLES, Copy, CopyError, PitSource, verify_target, _digest
 from .files import write_atomic
 from .server import (HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, MAX_CONNECTIONS, Conn,
                      ControlServer, OpHandler)
 from .volume import Volume
 
 log = logging.getLogger(__name__)
+
+
+class Fence:
+    """Host writes refused while up (``op_fence``).  ``writing()`` wraps
+    every host write of a primary (plugin.py); ``raise_`` returns only once
+    the writes that got past the check have left."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.up = False
+        self.inflight = 0
+
+    @contextmanager
+    def writing(self):
+        with self.cond:
+            if self.up:
+                raise OSError(errno.EROFS, "this primary is fenced for a switchover:"
+                                           " host writes are refused")
+            self.inflight += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.inflight -= 1
+                self.cond.notify_all()
+
+    def raise_(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            self.up = True
+            while self.inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.up = False
+                    raise ProtocolError(f"host writes in flight did not finish within"
+                                        f" {timeout:g} s", Kind.TIMEOUT)
+                self.cond.wait(left)
+
+    def lower(self) -> None:
+        with self.cond:
+            self.up = False
+
+
+def _clean_samples(vol: Volume) -> list[list]:
+    """[[block, digest], ...]: up to SAMPLES blocks, one per stratum, that
+    are not in the volume's ``cr | oos`` (read from the volume itself)."""
+    dirty = vol.changes.dirty()
+    g, nblocks = vol.granularity, vol.changes.nblocks
+    strata = min(SAMPLES, nblocks)
+    out = []
+    for i in range(strata):
+        lo, hi = i * nblocks // strata, (i + 1) * nblocks // strata
+        b = dirty.next_clear(lo)
+        if b is None or b >= hi:
+            continue
+        buf = bytearray(min(g, vol.size - b * g))
+        vol.pread(buf, b * g)
+        out.append([b, _digest(buf)])
+    return out
 
 
 class StateError(Exception):
@@ -65,6 +126,7 @@ class Slave(OpHandler):
         self._stop = threading.Event()
         self._lease_wake = threading.Event()
         self.server: ControlServer | None = None
+        self.fence = Fence()
         self.cut_owner: Conn | None = None      # the connection that froze the cut
 
     # ------------------------------------------------------------ persistence
@@ -393,6 +455,45 @@ class Slave(OpHandler):
     def op_checkpoint(self) -> dict:
         return protocol.ok(written=[n for n, v in self.volumes.items()
                                     if v.changes.checkpoint()])
+
+    # ------------------------------------------------------------ role switch
+    # (coordinator/failover.py drives these; the module doc there says why)
+
+    def op_fence(self, on: bool, timeout_ms: int = 30000) -> dict:
+        """``on``: refuse every new host write (EROFS) and wait for those in
+        flight, so that a cut taken after the reply holds every write the
+        host ever had acknowledged (a switchover's last group).  ``off``
+        takes writes again.  Not kept across a restart: a fenced primary is
+        about to restart as a secondary, whose host export is read-only."""
+        if on:
+            self.fence.raise_(timeout_ms / 1000)
+        else:
+            self.fence.lower()
+        return protocol.ok(fenced=on)
+
+    def op_adopt(self, volume: str, target: str, forget: bool = False) -> dict:
+        """Record ``target`` as holding the baseline of ``volume`` without a
+        copy: the caller (a resync) vouches that the target and this volume
+        held the same hardened group and that every block written since on
+        either side is now in this volume's ``cr | oos`` (its own writes,
+        and the target's ``tgt`` marked here).  The samples are this
+        volume's own clean blocks, which the target must hold too: the
+        ``verify`` before the next incremental copy reads them back there,
+        so a wrong target is still caught.  ``forget``: drop any baseline
+        instead, so that the next copy is a full one (``resync --full``)."""
+        with self.lock:
+            name = self._names([volume])[0]
+            if self.machine.phase is not Phase.IDLE:
+                raise ProtocolError(f"cannot adopt a baseline while cut {self.machine.n}"
+                                    f" is {self.machine.phase.value}", Kind.BUSY)
+            if forget:
+                self._set_baseline(name, None)
+                return protocol.ok(volume=name, samples=0)
+            vol = self.volumes[name]
+            samples = _clean_samples(vol)
+            self._set_baseline(name, {"uri": target, "size": vol.size,
+                                      "granularity": vol.granularity, "samples": samples})
+            return protocol.ok(volume=name, samples=len(samples))
 
     # ------------------------------------------------------------ threads
 

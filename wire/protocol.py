@@ -388,14 +388,21 @@ SCHEMA: dict[str, Obj] = {
     "rollback": Obj({}, {}),
     "tgt": Obj({"volume": NAME}, {"start": Int(0, MAX_N), "max_runs": Int(1, MAX_RUNS)}),
     "clear_tgt": Obj({"volume": NAME, "runs": RUNS}, {}),
+    # role switch (coordinator/failover.py): primary -- refuse host writes,
+    # take a target as a baseline without a copy; secondary -- take the
+    # whole image as hardened group n (a demoted primary)
+    "fence": Obj({"on": Bool()}, {"timeout_ms": Int(1, MAX_LEASE_MS)}),
+    "adopt": Obj({"volume": NAME, "target": Str(MAX_URI, what="an NBD URI")},
+                 {"forget": Bool()}),
+    "assume": Obj({"n": CUT}, {}),
 }
 
 # Which ops each role serves; any other op is refused with kind ROLE.
 ROLE_OPS: dict[str, frozenset[str]] = {
     "primary": frozenset({"status", "freeze", "thaw", "abort", "copy", "verify", "clear",
-                          "dirty", "checkpoint", "mark"}),
+                          "dirty", "checkpoint", "mark", "fence", "adopt"}),
     "secondary": frozenset({"status", "prepare", "commit", "rollback", "tgt",
-                            "clear_tgt"}),
+                            "clear_tgt", "assume"}),
 }
 
 
@@ -479,6 +486,9 @@ REPLY_SCHEMA: dict[str, _Node] = {
     "rollback": Obj({"hardened": _COUNT, "rolled_back": Map(NAME, _COUNT)}, {}, extra=True),
     "tgt": _RUNS_PAGE,
     "clear_tgt": Obj({"volume": NAME, "blocks": _COUNT}, {}, extra=True),
+    "fence": Obj({"fenced": Bool()}, {}, extra=True),
+    "adopt": Obj({"volume": NAME, "samples": _COUNT}, {}, extra=True),
+    "assume": Obj({"hardened": CUT}, {}, extra=True),
 }
 
 _ERROR_REPLY = Obj({"ok": Bool(), "error": Str(MAX_TEXT),

@@ -1,0 +1,79 @@
+"""``cgmirror failover [--test | --end-test]``, ``cgmirror failback``,
+``cgmirror resync --from SITE --to SITE``, ``cgmirror switchover``.
+
+The handlers call ``coordinator.failover.RoleSwitch`` (the design is at the
+top of that module; sites and the recorded direction in
+coordinator/direction.py).  Each prints one line per step on stderr and a
+result line (or, with ``--json``, one JSON document: the API's result).
+Every command can be run again after a crash or a failure: it resumes from
+the state recorded in the session's state directory.
+"""
+
+from __future__ import annotations
+
+from . import output
+from .direction import SITES
+from .errors import ExitCode
+from .failover import Launcher, RoleSwitch
+
+# How nodes are restarted in their new role; tests put in one that keeps
+# the processes as their children.
+launcher: Launcher | None = None
+
+
+def register(sub) -> None:
+    """The nouns ``failover``, ``failback``, ``resync``, ``switchover``."""
+    a = sub.add_parser("failover", help="make the secondaries writable primaries"
+                                        " (primary site lost, or a DR test)")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--test", action="store_true",
+                   help="DR test: the primary keeps its role and records; the mirror parks")
+    g.add_argument("--end-test", action="store_true",
+                   help="end a DR test: throw its writes away, resume the mirror")
+    _json(a)
+    a.set_defaults(func=lambda ctx, args: _run(
+        ctx, lambda rs: rs.end_test() if args.end_test else rs.failover(args.test)))
+
+    a = sub.add_parser("failback", help="after a failover: resync the old primary site"
+                                        " and make it the primary again")
+    _resync_options(a)
+    a.set_defaults(func=lambda ctx, args: _run(
+        ctx, lambda rs: rs.failback(args.full, args.keep_overwritten)))
+
+    a = sub.add_parser("resync", help="send exactly the changed blocks of both sites"
+                                      " (source cr|oos, target tgt) and harden them")
+    a.add_argument("--from", dest="source", required=True, choices=SITES,
+                   help="the site whose data wins (a: the [[slave]] tables, b: the"
+                        " [[secondary]] tables)")
+    a.add_argument("--to", dest="target", required=True, choices=SITES,
+                   help="the site brought in line")
+    _resync_options(a)
+    a.set_defaults(func=lambda ctx, args: _run(
+        ctx, lambda rs: rs.resync(args.source, args.target, args.full,
+                                  args.keep_overwritten)))
+
+    a = sub.add_parser("switchover", help="planned role swap with no data loss")
+    _json(a)
+    a.set_defaults(func=lambda ctx, args: _run(ctx, lambda rs: rs.switchover()))
+
+
+def _json(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+
+def _resync_options(parser) -> None:
+    parser.add_argument("--full", action="store_true",
+                        help="copy every block, not only the changed ones")
+    parser.add_argument("--keep-overwritten", metavar="DIR",
+                        help="first save the target blocks about to be overwritten"
+                             " (a sparse image and its runs per volume)")
+    _json(parser)
+
+
+def _run(ctx, action) -> ExitCode:
+    result = action(RoleSwitch(ctx.session, launcher))
+    if ctx.json:
+        output.emit_json({"ok": True, **result}, ctx.out)
+    else:
+        ctx.say(" ".join(f"{k}={v}" for k, v in result.items()))
+    return ExitCode.OK

@@ -1,0 +1,570 @@
+"""Failover, failback, resync, DR test and switchover (coordinator/failover.py)
+through ``cli.main`` in this process, with real slaves and secondaries
+(nbdkit), libnbd writers and the dependent-write checker of
+tests/workload.py, on one host.
+
+The rig: site a is primary s1 (volumes a, b), site b is secondary r1 (a, b).
+Role switches restart a node through ``ChildLauncher``, so every nbdkit
+stays a child of the test and is killed and reaped at its end.  Blocks are
+counted at the receiving end: a secondary's ``replication_bytes``.
+
+Every node runs with its write-intent region equal to the granularity, so
+that the recovery of a primary killed -9 marks exactly the blocks it wrote
+(with the default 4 MiB region it over-marks whole regions, which is safe
+but would hide a count that is off).
+
+Writes: the workload's records sit in block 0 of every 8-block stride (16
+slots of 512 KiB); the tests' own writes go to the other blocks, so the
+checker still reads a consistent run, and the blocks each side wrote are
+known exactly (``Writes``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+
+import nbd
+import pytest
+
+import workload as wl
+from conftest import need, wait_until
+from coordinator import cli, direction, failover_cmds, launch, session as session_mod
+from coordinator.failover import Launcher
+from coordinator.link import SlaveLink
+from coordinator.mirror import Mirror
+
+G = 64 * 1024
+SIZE = 8 << 20
+NBLOCKS = SIZE // G
+LAYOUT = wl.Layout(("s1/a", "s1/b"), SIZE, writers=2, slots=16, granularity=G)
+VOLS = ("a", "b")
+
+SESSION = """
+[session]
+name = "f"
+state_dir = "state"
+lease_ms = 10000
+max_coordination_ms = 2000
+copy_timeout_ms = 20000
+
+[mirror]
+interval_ms = 0
+max_drain_ms = 30000
+rpo_threshold_s = 60
+control = "m.ctl"
+
+[[slave]]
+name = "s1"
+state_dir = "s1"
+nbd_socket = "s1.sock"
+control = "s1.ctl"
+
+[[slave.volume]]
+name = "a"
+path = "s1-a.img"
+size = {size}
+secondary = "r1"
+
+[[slave.volume]]
+name = "b"
+path = "s1-b.img"
+size = {size}
+secondary = "r1"
+
+[[secondary]]
+name = "r1"
+state_dir = "r1"
+nbd_socket = "r1.sock"
+control = "r1.ctl"
+
+[[secondary.volume]]
+name = "a"
+path = "r1-a.img"
+size = {size}
+
+[[secondary.volume]]
+name = "b"
+path = "r1-b.img"
+size = {size}
+"""
+
+
+# ------------------------------------------------------------------ pure parts
+
+def test_oriented_session_swaps_the_sites(tmp_path):
+    """Site b as the source: r1 is the primary of a, b, mirrored back to s1."""
+    p = tmp_path / "f.toml"
+    p.write_text(SESSION.format(size=SIZE))
+    s = session_mod.load(str(p))
+    b = direction.oriented(s, "b")
+    assert [x.name for x in b.slaves] == ["r1"] and [x.name for x in b.secondaries] == ["s1"]
+    assert b.pairs() == [("r1", "a", "s1", "a"), ("r1", "b", "s1", "b")]
+    assert b.slaves[0].spec().role == "primary" and b.secondaries[0].spec().role == "secondary"
+    assert direction.oriented(s, "a") is s
+
+
+def test_direction_refuses_a_split_or_reversed_mirror(tmp_path):
+    """After a failover no mirror forms groups; a mirror of the other site
+    than the recorded source is refused; each in one line."""
+    p = tmp_path / "f.toml"
+    p.write_text(SESSION.format(size=SIZE))
+    s = session_mod.load(str(p))
+    direction.check_mirror(s)                      # nothing recorded: a mirrors
+    with pytest.raises(direction.DirectionError, match="sends from site b"):
+        direction.save(s, source="a", state="mirroring")
+        direction.check_mirror(direction.oriented(s, "b"))
+    direction.save(s, source="b", state="failed-over", hardened=3, **{"from": "a"})
+    with pytest.raises(direction.DirectionError, match="took over") as ei:
+        direction.check_mirror(direction.oriented(s, "b"))
+    assert "\n" not in str(ei.value)
+
+
+# ------------------------------------------------------------------ the rig
+
+class ChildLauncher(Launcher):
+    """Restarts through the ``slaves`` fixture (children, reaped at the end);
+    ``env[(name, role)]`` is the environment of that node's next start in
+    that role (failpoints), ``filters[(name, role)]`` its nbdkit filters and
+their arguments; a start in ``refuse`` fails once (a crash between steps)."""
+
+    def __init__(self, slaves):
+        self.slaves = slaves
+        self.env: dict[tuple[str, str], dict] = {}
+        self.filters: dict[tuple[str, str], tuple[list, list]] = {}
+        self.refuse: set[tuple[str, str]] = set()
+
+    def start(self, spec):
+        if (spec.name, spec.role) in self.refuse:
+            self.refuse.remove((spec.name, spec.role))
+            raise launch.LaunchError(f"{spec.name} refused to start (test)")
+        spec.env = self.env.pop((spec.name, spec.role), {})
+        spec.filters, spec.filter_args = self.filters.pop((spec.name, spec.role), ([], []))
+        spec.region = G
+        self.slaves.restart(spec)
+
+
+class Rig:
+    def __init__(self, slaves, run_dir, monkeypatch):
+        need("nbdkit")
+        self.dir = run_dir
+        self.path = os.path.join(run_dir, "f.toml")
+        with open(self.path, "w") as f:
+            f.write(SESSION.format(size=SIZE))
+        self.session = session_mod.load(self.path)
+        self.launcher = ChildLauncher(slaves)
+        monkeypatch.setattr(failover_cmds, "launcher", self.launcher)
+        self.procs = {}
+        for spec in [self.session.slaves[0].spec(), self.session.secondaries[0].spec()]:
+            spec.region = G
+            self.procs[spec.name] = slaves.restart(spec)
+        self.logs: list[str] = []
+
+    def cli(self, *argv) -> int:
+        return cli.main(["-s", self.path, *argv])
+
+    def status(self, name) -> dict:
+        with SlaveLink(name, os.path.join(self.dir, f"{name}.ctl")) as lk:
+            return lk.status()
+
+    def call(self, name, op, **args) -> dict:
+        with SlaveLink(name, os.path.join(self.dir, f"{name}.ctl")) as lk:
+            return lk.call(op, **args)
+
+    def uris(self, node) -> list[str]:
+        return [f"nbd+unix:///{v}?socket={os.path.join(self.dir, node + '.sock')}"
+                for v in VOLS]
+
+    def group(self, source="a", full_ok=False) -> int:
+        """Form one group of ``source``'s direction; its number."""
+        m = Mirror(direction.oriented(self.session, source), log=self.logs.append,
+                   serve_control=False).open()
+        try:
+            res = m.run_once()
+            assert res.outcome == "hardened", (res, self.logs)
+            return res.n
+        finally:
+            m.close()
+
+    def check(self, node) -> wl.Report:
+        rep = wl.check_targets(self.uris(node), LAYOUT)
+        assert rep.ok, rep.summary()
+        return rep
+
+    def images(self, node) -> list[bytes]:
+        out = []
+        for v in VOLS:
+            with open(os.path.join(self.dir, f"{node}-{v}.img"), "rb") as f:
+                out.append(f.read())
+        return out
+
+    def assert_equal(self):
+        for v, x, y in zip(VOLS, self.images("s1"), self.images("r1")):
+            if x != y:
+                bad = [b for b in range(NBLOCKS) if x[b * G:(b + 1) * G] != y[b * G:(b + 1) * G]]
+                raise AssertionError(f"volume {v} differs in blocks {bad[:10]}")
+
+    def replication_bytes(self, node) -> int:
+        return sum(v["replication_bytes"] for v in self.status(node)["volumes"].values())
+
+
+@pytest.fixture
+def rig(slaves, run_dir, monkeypatch):
+    r = Rig(slaves, run_dir, monkeypatch)
+    try:
+        yield r
+    finally:
+        print("\n".join(r.logs))
+
+
+class Writes:
+    """Blocks written per volume, by the workload and by ``scatter``."""
+
+    def __init__(self):
+        self.blocks = {v: set() for v in VOLS}
+
+    def workload(self, uris, records: int, resume: bool = True) -> None:
+        work = (wl.Workload.resume(uris, LAYOUT, max_records=records) if resume
+                else wl.Workload(uris, LAYOUT, max_records=records)).start()
+        for t in work._threads:
+            t.join(60)
+        work.stop()
+        assert not work.errors, work.errors
+        for w in range(LAYOUT.writers):
+            for i in range(work.start_heads[w] + 1, work.acked[w] + 1):
+                v, s = LAYOUT.place(w, i)
+                self.blocks[VOLS[v]].add(LAYOUT.offset(w, s) // G)
+
+    def scatter(self, uris, count: int, seed: int) -> None:
+        """``count`` blocks per volume outside the workload's, fresh bytes."""
+        rng = random.Random(seed)
+        for v, uri in zip(VOLS, uris):
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            try:
+                for b in rng.sample([b for b in range(NBLOCKS) if b % 8], count):
+                    h.pwrite(rng.randbytes(G), b * G)
+                    self.blocks[v].add(b)
+                h.flush()
+            finally:
+                h.shutdown()
+
+    def union(self, other: "Writes") -> dict[str, set]:
+        return {v: self.blocks[v] | other.blocks[v] for v in VOLS}
+
+
+def split(rig) -> tuple[Writes, Writes, dict]:
+    """Mirror a workload, leave writes at s1 that never reach r1, kill -9
+    s1, fail over, write at r1.  Returns (S_a, T_b, union)."""
+    Writes().workload(rig.uris("s1"), 40, resume=False)
+    rig.group()                                      # the first full copy
+    Writes().workload(rig.uris("s1"), 20)
+    h = rig.group()
+    assert rig.check("r1").heads                     # r1's host export: group h
+    # Two checkpoints with no write between: the intent map forgets the
+    # regions of writes already sent (the slave does this by itself every
+    # two intervals; here without waiting).
+    for _ in range(2):
+        rig.call("s1", "checkpoint")
+    old = Writes()                                   # unreplicated at site a
+    old.workload(rig.uris("s1"), 15)
+    old.scatter(rig.uris("s1"), 6, seed=1)
+    rig.procs["s1"].kill9()
+    assert rig.cli("failover") == 0
+    st = rig.status("r1")
+    assert st.get("role", "primary") == "primary"
+    assert direction.load(rig.session)["hardened"] == h
+    rig.check("r1")                                  # the new primary: group h
+    new = Writes()                                   # host writes at the new primary
+    new.workload(rig.uris("r1"), 12)
+    new.scatter(rig.uris("r1"), 5, seed=2)
+    rig.check("r1")
+    return old, new, old.union(new)
+
+
+# ------------------------------------------------------------------ failover, failback
+
+def test_failover_then_failback_sends_exactly_the_union(rig, tmp_path, capsys):
+    """Primary killed -9 with unreplicated writes; failover needs nothing
+    of it; the new primary takes host writes; the resync back sends exactly
+    |S u T| blocks (counted at the receiving secondary), keeps the
+    overwritten blocks, and leaves both sites byte-equal and consistent;
+    switchover makes site a the primary again with nothing lost."""
+    old, new, union = split(rig)
+    # The mirror refuses to run while the sites are split, in one line.
+    capsys.readouterr()
+    assert rig.cli("mirror", "run") != 0
+    err = capsys.readouterr().err.strip()
+    assert "took over from site a" in err and "\n" not in err, err
+    s1_before = rig.images("s1")                    # what the resync overwrites
+    keep = str(tmp_path / "kept")
+    assert rig.cli("resync", "--from", "b", "--to", "a", "--keep-overwritten", keep) == 0
+    assert rig.status("s1")["role"] == "secondary"
+    want = sum(len(b) for b in union.values())
+    assert want > 0 and rig.replication_bytes("s1") == want * G, (
+        rig.replication_bytes("s1") // G, want)
+    rig.assert_equal()
+    rig.check("s1")                                  # s1's host export, hardened
+    # The kept image holds exactly the overwritten blocks' old content.
+    for v, before in zip(VOLS, s1_before):
+        with open(os.path.join(keep, f"s1-{v}.img"), "rb") as f:
+            kept = f.read()
+        assert len(kept) == SIZE
+        for b in range(NBLOCKS):
+            want_b = before[b * G:(b + 1) * G] if b in union[v] else bytes(G)
+            assert kept[b * G:(b + 1) * G] == want_b, (v, b)
+        with open(os.path.join(keep, f"s1-{v}.runs.json")) as f:
+            runs = json.load(f)["bytes"]
+        assert {o // G + i for o, n in runs for i in range(n // G)} == union[v]
+    # Switch the roles back: r1 fenced, a last (empty) group, swap.
+    assert rig.cli("switchover") == 0
+    assert rig.status("s1").get("role", "primary") == "primary"
+    assert rig.status("r1")["role"] == "secondary"
+    rig.assert_equal()
+    more = Writes()
+    more.workload(rig.uris("s1"), 10)
+    sent = rig.replication_bytes("r1")
+    rig.group("a")
+    assert rig.replication_bytes("r1") - sent == sum(len(b) for b in more.blocks.values()) * G
+    rig.assert_equal()
+    rig.check("r1")
+
+
+@pytest.mark.parametrize("side, point", [
+    ("s1", "secondary:after-write@7"),           # the target, mid-drain
+    ("s1", "secondary:prepare-before-record"),   # the target, drain confirmed
+    ("r1", "copy:mid"),                          # the source, mid-copy
+])
+def test_kill_mid_resync_resumes(rig, side, point):
+    """kill -9 of the target or the source mid-resync: the target stays at
+    its last consistent image, the next run resumes and sends nothing the
+    target had confirmed; at the end both sites are equal."""
+    if side == "r1":
+        # r1 restarts as a primary at failover: arm it for that start.
+        rig.launcher.env[("r1", "primary")] = {"CGMIRROR_FAILPOINTS": point}
+    old, new, union = split(rig)
+    want = sum(len(b) for b in union.values()) * G
+    if side == "s1":
+        rig.launcher.env[("s1", "secondary")] = {"CGMIRROR_FAILPOINTS": point}
+    assert rig.cli("resync", "--from", "b", "--to", "a") != 0
+    killed = rig.session.slaves[0] if side == "s1" else rig.session.secondaries[0]
+    assert launch.running_pid(killed.spec()) is None, f"{side} was not killed"
+    if side == "s1":
+        # The killed target, restarted: its last consistent image.
+        rig.launcher.start(dataclasses.replace(killed.spec(), role="secondary"))
+        assert sum(v["undo_blocks"] for v in rig.status("s1")["volumes"].values())
+        rig.check("s1")
+    before = rig.replication_bytes("s1")
+    assert rig.cli("resync", "--from", "b", "--to", "a") == 0
+    got = rig.replication_bytes("s1") - before
+    if point == "secondary:prepare-before-record":
+        assert got == 0, "the drain was confirmed: nothing to send again"
+    else:
+        # Mid-drain nothing was confirmed yet (the copier flushes, and so
+        # lets bits go, every FLUSH_EVERY bytes or at its end).
+        assert got <= want, (got // G, want // G)
+    rig.assert_equal()
+    rig.check("s1")
+
+
+# ------------------------------------------------------------------ DR test
+
+def test_dr_test_round_trip_leaves_the_secondary_equal(rig):
+    """failover --test with a running mirror: it parks, the primary keeps
+    taking writes, the secondary takes test writes; --end-test throws them
+    away: the next group sends exactly the union, then r1 equals s1."""
+    Writes().workload(rig.uris("s1"), 30, resume=False)
+    m = Mirror(rig.session, log=rig.logs.append).open()    # serves m.ctl
+    t = threading.Thread(target=m.run, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: m.hardened >= 1 and m.phase == "idle", 60, "a group")
+        assert rig.cli("failover", "--test") == 0
+        assert m.paused
+        assert rig.status("r1").get("role", "primary") == "primary"
+        prim, test = Writes(), Writes()
+        prim.workload(rig.uris("s1"), 10)
+        prim.scatter(rig.uris("s1"), 4, seed=3)
+        test.workload(rig.uris("r1"), 8)
+        test.scatter(rig.uris("r1"), 7, seed=4)
+        hardened = m.hardened
+        assert rig.cli("failover", "--end-test") == 0
+        assert rig.status("r1")["role"] == "secondary"
+        wait_until(lambda: m.hardened > hardened and m.phase == "idle", 60,
+                   "a group after the test")
+    finally:
+        m.stop()
+        t.join(60)
+        m.close()
+    union = prim.union(test)
+    assert rig.replication_bytes("r1") == sum(len(b) for b in union.values()) * G
+    rig.assert_equal()
+    rig.check("r1")
+
+
+# ------------------------------------------------------------------ rolled back
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_failover_rolls_back_an_unfinished_group_into_t(rig):
+    """A coordinator killed -9 mid-drain leaves r1 with undo blocks of a
+    group never prepared; failover rolls it back (r1 shows group h, the
+    checker passes), and those blocks, now r1's T, are counted and sent
+    back by the resync with the rest of S u T."""
+    Writes().workload(rig.uris("s1"), 40, resume=False)
+    h = rig.group()
+    for _ in range(2):
+        rig.call("s1", "checkpoint")
+    inflight = Writes()                              # the group whose drain dies
+    inflight.workload(rig.uris("s1"), 20)
+    env = dict(os.environ, PYTHONPATH=ROOT, CGMIRROR_FAILPOINTS="mirror:mid-drain")
+    p = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", rig.path, "mirror",
+                          "run"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        assert p.wait(60) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
+    # The slave finishes its copy by itself; r1 holds it, unprepared.
+    wait_until(lambda: rig.status("s1")["phase"] == "idle", 60, "s1's copy to end")
+    st = rig.status("r1")
+    assert st["prepared"] is None and st["hardened"] == h
+    assert sum(v["undo_blocks"] for v in st["volumes"].values())
+    for _ in range(2):
+        rig.call("s1", "checkpoint")
+    old = Writes()
+    old.scatter(rig.uris("s1"), 3, seed=5)
+    rig.procs["s1"].kill9()
+    assert rig.cli("failover") == 0
+    rig.check("r1")
+    new = Writes()
+    new.scatter(rig.uris("r1"), 4, seed=6)
+    union = {v: inflight.blocks[v] | old.blocks[v] | new.blocks[v] for v in VOLS}
+    assert rig.cli("resync", "--from", "b", "--to", "a") == 0
+    assert rig.replication_bytes("s1") == sum(len(b) for b in union.values()) * G
+    rig.assert_equal()
+    rig.check("s1")
+
+
+def test_failback_in_one_command(rig, capsys):
+    """`cgmirror failback --json`: the resync (exactly S u T) then the
+    switchover; site a is the primary again, equal to site b, and the
+    mirror runs a -> b."""
+    old, new, union = split(rig)
+    capsys.readouterr()
+    assert rig.cli("failback", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["resync"]["bytes"] == sum(len(b) for b in union.values()) * G
+    assert doc["switchover"]["source"] == "a"
+    assert direction.load(rig.session)["state"] == "mirroring"
+    assert rig.status("s1").get("role", "primary") == "primary"
+    rig.assert_equal()
+    rig.check("s1")
+    assert rig.cli("failover", "--end-test") != 0          # no test runs: one line
+
+
+def test_switchover_under_writes_loses_nothing(rig):
+    """Writers run at s1 until the switchover fences it (their next write
+    gets EROFS); every write s1 acknowledged is at r1, the new primary,
+    whose image passes the checker; r1 then takes writes and mirrors them
+    back to s1."""
+    Writes().workload(rig.uris("s1"), 20, resume=False)
+    rig.group()
+    work = wl.Workload.resume(rig.uris("s1"), LAYOUT).start()
+    try:
+        wait_until(lambda: work.written > 50, 30, "writes before the switchover")
+        assert rig.cli("switchover") == 0
+        wait_until(lambda: len(work.errors) == LAYOUT.writers, 30, "writers fenced")
+    finally:
+        work.stop()
+    assert all(isinstance(e, Exception) for _, e in work.errors)
+    assert rig.status("r1").get("role", "primary") == "primary"
+    rep = rig.check("r1")
+    assert all(h >= a for h, a in zip(rep.heads, work.acked)), (rep.heads, work.acked)
+    rig.assert_equal()
+    more = Writes()
+    more.workload(rig.uris("r1"), 10)
+    rig.group("b")
+    assert rig.replication_bytes("s1") == sum(len(b) for b in more.blocks.values()) * G
+    rig.assert_equal()
+    rig.check("s1")
+
+
+def test_resync_the_other_way_keeps_the_losers_writes(rig, tmp_path):
+    """After a failover the old primary's site may win instead: resync
+    --from a --to b demotes r1 (its writes become its T), restarts s1 as
+    the primary, sends exactly S u T to r1, and keeps r1's overwritten
+    blocks."""
+    old, new, union = split(rig)
+    r1_before = rig.images("r1")
+    keep = str(tmp_path / "kept")
+    assert rig.cli("resync", "--from", "a", "--to", "b", "--keep-overwritten", keep) == 0
+    assert rig.status("r1")["role"] == "secondary"
+    assert rig.replication_bytes("r1") == sum(len(b) for b in union.values()) * G
+    rig.assert_equal()
+    rig.check("r1")
+    with open(os.path.join(keep, "r1-a.img"), "rb") as f:
+        kept = f.read()
+    for b in union["a"]:
+        assert kept[b * G:(b + 1) * G] == r1_before[0][b * G:(b + 1) * G]
+    assert direction.load(rig.session) | {"a_controls": None} == {
+        "source": "a", "state": "mirroring", "a_controls": None}
+
+
+def test_resync_full_copies_every_block(rig):
+    """--full: every block of every volume is sent, not only S u T."""
+    split(rig)
+    assert rig.cli("resync", "--from", "b", "--to", "a", "--full") == 0
+    assert rig.replication_bytes("s1") == len(VOLS) * SIZE
+    rig.assert_equal()
+    rig.check("s1")
+
+
+def test_link_errors_mid_resync_leave_the_target_consistent(rig, tmp_path):
+    """Half of the target's replication writes fail (nbdkit's error filter,
+    on while a file exists: a flaky link) so the resync fails mid-drain;
+    the target shows its last consistent image; with the link back the
+    next run completes and both sites are equal."""
+    flaky = tmp_path / "link-down"
+    flaky.touch()
+    rig.launcher.filters[("s1", "secondary")] = (
+        ["error"], ["error-pwrite=EIO", "error-pwrite-rate=50%",
+                    f"error-pwrite-file={flaky}"])
+    split(rig)
+    assert rig.cli("resync", "--from", "b", "--to", "a") != 0
+    assert rig.status("s1")["role"] == "secondary"
+    rig.check("s1")                                  # the hardened image
+    flaky.unlink()
+    assert rig.cli("resync", "--from", "b", "--to", "a") == 0
+    rig.assert_equal()
+    rig.check("s1")
+
+
+def test_switchover_interrupted_between_the_swaps_resumes(rig, capsys):
+    """r1 cannot start as a primary after s1 was demoted: the command fails
+    in one line, the direction says "switching", and running it again
+    finishes the swap with nothing lost."""
+    Writes().workload(rig.uris("s1"), 20, resume=False)
+    rig.group()
+    Writes().workload(rig.uris("s1"), 10)
+    rig.launcher.refuse.add(("r1", "primary"))
+    capsys.readouterr()
+    assert rig.cli("switchover") != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the progress lines
+    assert "cannot restart r1 as a primary" in err, err
+    assert direction.load(rig.session)["state"] == "switching"
+    assert rig.status("s1")["role"] == "secondary"
+    assert rig.cli("mirror", "run") != 0                 # no group while half swapped
+    assert rig.cli("switchover") == 0
+    assert direction.load(rig.session)["source"] == "b"
+    assert rig.status("r1").get("role", "primary") == "primary"
+    rig.assert_equal()
+    rig.check("r1")

@@ -1,0 +1,226 @@
+"""Fast tests of the role-switch parts without nbdkit: the map fold at
+start (nbdplugin/secondary.py ``fold_maps``), the switchover fence and the
+``adopt``/``assume`` ops driven through ``handle`` on real volumes, and the
+roles the recorded direction gives each site (coordinator/direction.py)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+
+import pytest
+
+from coordinator import direction, session as session_mod
+from nbdplugin.secondary import Secondary, SecondaryVolume, fold_maps
+from nbdplugin.slave import Fence, Slave
+from nbdplugin.volume import Volume
+
+G = 4096
+SIZE = 64 * G
+
+
+def primary_volume(tmp_path, name="a"):
+    (tmp_path / "st").mkdir(exist_ok=True)
+    return Volume(name, str(tmp_path / f"{name}.img"), str(tmp_path / "st"), G, G,
+                  SIZE, extra_maps=("tgt",))
+
+
+def secondary_volume(tmp_path, name="a"):
+    (tmp_path / "st").mkdir(exist_ok=True)
+    return SecondaryVolume(name, str(tmp_path / f"{name}.img"), str(tmp_path / "st"), G, G,
+                           SIZE)
+
+
+def bits(vol, name):
+    return {b for s, n in vol.changes.maps[name].iter_runs() for b in range(s, s + n)}
+
+
+def ask(handler, op, **args):
+    return handler.handle(json.dumps({"op": op, **args}))
+
+
+# ------------------------------------------------------------------ fold
+
+def test_demoted_primary_writes_become_tgt_durably(tmp_path):
+    """A primary's host writes (cr) are the tgt of the same state directory
+    started as a secondary, and stay so after another restart."""
+    v = primary_volume(tmp_path)
+    v.pwrite(b"x" * 10, 3 * G + 5)
+    v.pwrite(b"y" * G, 40 * G)
+    v.close()
+    s = secondary_volume(tmp_path)
+    assert fold_maps(s, "tgt", ("cr", "oos")) == 2
+    assert bits(s, "tgt") == {3, 40} and not bits(s, "cr")
+    s.close()
+    s = secondary_volume(tmp_path)
+    assert bits(s, "tgt") == {3, 40} and not bits(s, "cr")
+    s.close()
+
+
+def test_promoted_secondary_sends_its_tgt(tmp_path):
+    """A secondary's tgt (rolled-back blocks) is the cr of the same state
+    directory started as a primary; a second fold finds nothing."""
+    s = secondary_volume(tmp_path)
+    with s.changes.lock:
+        s.changes.maps["tgt"].set(7, 2)
+    s.changes.checkpoint(final=True)
+    s.close()
+    v = primary_volume(tmp_path)
+    assert fold_maps(v, "cr", ("tgt",)) == 2
+    assert bits(v, "cr") == {7, 8} and not bits(v, "tgt")
+    assert fold_maps(v, "cr", ("tgt",)) == 0
+    v.close()
+    v = primary_volume(tmp_path)
+    assert bits(v, "cr") == {7, 8}
+    v.close()
+
+
+# ------------------------------------------------------------------ fence
+
+def test_fence_refuses_new_writes_and_waits_for_those_inside():
+    """raise_ returns only once a write inside has left; then writes get
+    EROFS; lower lets them in again."""
+    f = Fence()
+    inside, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def writer():
+        with f.writing():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    inside.wait(10)
+    raiser = threading.Thread(target=lambda: (f.raise_(10), done.set()))
+    raiser.start()
+    assert not done.wait(0.1), "the fence went up with a write inside"
+    release.set()
+    assert done.wait(10)
+    t.join(10)
+    raiser.join(10)
+    with pytest.raises(OSError) as ei:
+        with f.writing():
+            pass
+    assert ei.value.errno == errno.EROFS
+    f.lower()
+    with f.writing():
+        pass
+
+
+def test_fence_timeout_leaves_it_down():
+    """A write that never leaves: raise_ gives up after its timeout and
+    the fence is down again (writes go on)."""
+    f = Fence()
+    cm = f.writing()
+    cm.__enter__()
+    with pytest.raises(Exception, match="did not finish"):
+        f.raise_(0.05)
+    assert not f.up
+    cm.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------ ops
+
+def test_adopt_samples_only_clean_blocks(tmp_path):
+    """adopt records the target as a baseline with digests of blocks that
+    are not in cr|oos; an unknown volume is refused."""
+    v = primary_volume(tmp_path)
+    v.pwrite(b"d" * G, 0)                      # block 0 is dirty
+    slave = Slave({"a": v}, str(tmp_path / "st"), 2.0)
+    try:
+        r = ask(slave, "adopt", volume="a", target="nbd+unix:///x?socket=/s")
+        assert r["ok"] and r["samples"] > 0
+        base = slave.baseline("a")
+        assert base["uri"] == "nbd+unix:///x?socket=/s" and base["size"] == SIZE
+        assert all(b != 0 for b, _ in base["samples"])
+        assert not ask(slave, "adopt", volume="zz", target="u")["ok"]
+    finally:
+        slave.shutdown()
+
+
+def test_assume_takes_the_image_as_a_group_unless_something_is_in_flight(tmp_path):
+    """assume n: hardened n and an undo store (the host export opens);
+    refused below the hardened group, or with undo blocks in flight."""
+    v = secondary_volume(tmp_path)
+    sec = Secondary({"a": v}, str(tmp_path / "st"))
+    try:
+        with pytest.raises(LookupError):
+            sec.open_export("a")                # nothing hardened yet
+        assert ask(sec, "assume", n=5)["hardened"] == 5
+        assert sec.state["hardened"] == 5 and sec.open_export("a") is not None
+        assert ask(sec, "assume", n=3)["kind"] == "stale"
+        v.pwrite(b"r" * G, 2 * G)               # a replication write: undo block
+        r = ask(sec, "assume", n=6)
+        assert not r["ok"] and "in flight" in r["error"]
+    finally:
+        sec.shutdown()
+
+
+# ------------------------------------------------------------------ roles
+
+SESSION = """
+[session]
+name = "d"
+state_dir = "state"
+[mirror]
+[[slave]]
+name = "s1"
+state_dir = "s1"
+nbd_socket = "s1.sock"
+control = "s1.ctl"
+[[slave.volume]]
+name = "a"
+path = "s1-a.img"
+secondary = "r1"
+[[secondary]]
+name = "r1"
+state_dir = "r1"
+nbd_socket = "r1.sock"
+control = "r1.ctl"
+[[secondary.volume]]
+name = "a"
+path = "r1-a.img"
+"""
+
+
+@pytest.mark.parametrize("state, a, b", [
+    ({}, "primary", "secondary"),
+    ({"source": "b", "state": "failed-over"}, "secondary", "primary"),
+    ({"source": "a", "state": "dr-test"}, "primary", "primary"),
+    ({"source": "b", "state": "resync"}, "secondary", "primary"),
+    ({"source": "a", "state": "switching", "to": "b"}, "secondary", "primary"),
+])
+def test_start_role_follows_the_direction(tmp_path, state, a, b):
+    """`cgmirror slave|secondary start` start each node in the role the
+    recorded direction gives its site."""
+    p = tmp_path / "d.toml"
+    p.write_text(SESSION)
+    s = session_mod.load(str(p))
+    if state:
+        direction.save(s, **state)
+    assert direction.spec(s, s.slaves[0]).role == a
+    assert direction.spec(s, s.secondaries[0]).role == b
+
+
+def test_a_prepared_secondary_does_not_start_as_a_primary(slaves):
+    """A state directory with a group prepared refuses role=primary in one
+    line (its image is neither group); once committed it starts."""
+    import dataclasses
+
+    from coordinator import launch
+    r = slaves("r1", volumes=(("a", 1 << 20),), role="secondary")
+    with r.control() as c:
+        assert c.call("assume", n=1)["ok"]
+        assert c.call("prepare", n=2)["ok"]
+    r.stop()
+    prim = dataclasses.replace(r.spec, role="primary")
+    with pytest.raises(launch.LaunchError, match="holds group 2 prepared"):
+        slaves.restart(prim)
+    r2 = slaves.restart(r.spec)
+    with r2.control() as c:
+        assert c.call("commit", n=2)["ok"]
+    r2.stop()
+    p = slaves.restart(prim)
+    with p.control() as c:
+        assert c.call("status")["role"] == "primary"
