@@ -83,7 +83,7 @@ from typing import Callable
 from wire import protocol
 from wire.protocol import Kind
 
-from . import direction, group
+from . import direction, events, group
 from .errors import (CgmirrorError, CopyFailed, EstablishAborted, ExitCode, LocalError,
                      SlaveError, describe)
 from .history import History
@@ -216,6 +216,9 @@ class Mirror:
         self.last: GroupResult | None = None
         self.drain_bytes = 0
         self.drain_seconds = 0.0
+        self.events = events.EventBus(session.name)     # cgmirror events
+        self.peers: events.PeerWatch | None = None      # slave up/down, dirty bytes
+        self.metrics = None                             # metrics.Metrics if [mirror] metrics
 
     # ------------------------------------------------------------ life cycle
 
@@ -231,12 +234,42 @@ class Mirror:
             if self.serve_control:
                 self._server = _ControlServer(self.settings.control, self)
                 self._server.start()
+                self._start_operations()
         except BaseException:
             self.close()
             raise
         return self
 
+    def _start_operations(self) -> None:
+        """The peer watch (events, metrics) and the metrics endpoint, with
+        links of their own: the cycle's links belong to the cycle's thread."""
+        self.peers = events.PeerWatch(
+            self.events, [SlaveLink.from_spec(s.spec()) for s in self.session.slaves],
+            [SlaveLink.from_spec(self.session.secondary(lk.name).spec())
+             for lk in self.secondaries]).start()
+        if self.settings.metrics:
+            from .metrics import Metrics        # prometheus_client only when asked
+            self.metrics = Metrics(self).start(self.settings.metrics)
+
+    def _announce(self, res: "GroupResult") -> None:
+        """A group ended: an event, and the metrics' histograms."""
+        m = res.measures
+        if res.outcome == "hardened":
+            self.events.emit("group-formed", n=res.n, bytes=res.bytes,
+                             hold_ms=m.get("hold_ms"), drain_ms=m.get("drain_ms"))
+        else:
+            self.events.emit("group-failed", n=res.n, outcome=res.outcome,
+                             error=res.error)
+        if self.metrics:
+            self.metrics.observe(m)
+
     def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
+        if self.peers:
+            self.peers.close()
+            self.peers = None
         if self._server:
             self._server.close()
             self._server = None
@@ -267,11 +300,13 @@ class Mirror:
         """No new group after the current one, until ``resume``."""
         with self._resume:
             self.paused = True
+        self.events.emit("pause")
 
     def resume(self) -> None:
         with self._resume:
             self.paused = False
             self._resume.notify_all()
+        self.events.emit("resume")
 
     def run(self) -> None:
         """Form groups until ``stop()``; a failed group is logged and counted,
@@ -578,6 +613,7 @@ class Mirror:
             if res.outcome == "drain-timeout":
                 self.consecutive_drain_failures += 1
         self.last = res
+        self._announce(res)
         self.history.finish_group(res.n, res.outcome, res.error,
                                   now if res.outcome == "hardened" else None,
                                   bytes=res.bytes, **res.measures)
@@ -666,7 +702,9 @@ def _round(v: float | None) -> float | None:
 # Framer, encode, parse) and its own small schema.
 
 MIRROR_OPS = {"status": protocol.Obj({}, {}), "pause": protocol.Obj({}, {}),
-              "resume": protocol.Obj({}, {})}
+              "resume": protocol.Obj({}, {}),
+              # keeps the connection: events, one a line (coordinator/events.py)
+              "subscribe": protocol.Obj({}, {})}
 
 
 def handle(mirror: Mirror, line: bytes) -> dict:
@@ -749,6 +787,10 @@ class _ControlServer:
                     if not data:
                         return
                     for line in framer.feed(data):
+                        if _is_subscribe(line):
+                            conn.settimeout(None)
+                            self.mirror.events.stream(conn, lambda: self.sock is None)
+                            return
                         conn.sendall(protocol.encode(handle(self.mirror, line)))
                 except (OSError, protocol.ProtocolError):
                     return
@@ -761,6 +803,14 @@ class _ControlServer:
                 os.unlink(self.path)
             except OSError:
                 pass
+
+
+def _is_subscribe(line: bytes) -> bool:
+    """A ``subscribe`` request: the connection becomes an event stream."""
+    try:
+        return protocol.parse(line) == {"op": "subscribe"}
+    except protocol.ProtocolError:
+        return False
 
 
 def _peer_uid(conn: socket.socket) -> int:

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 
-from . import direction, group, output
+from wire import sdnotify
+
+from . import direction, events_cmds, group, output
 from .errors import ExitCode
 from .link import SlaveLink
 from .mirror import Mirror, MirrorError, MirrorNotRunning, call
@@ -46,21 +47,10 @@ def register(sub) -> None:
         a.set_defaults(func=lambda ctx, args, op=name: control(ctx, op))
     a = actions.add_parser("status", help="state, RPO, groups, hold times, per volume")
     a.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    a.set_defaults(func=lambda ctx, args: status(ctx))
-
-
-def _notify_ready() -> None:
-    """sd_notify(READY=1) if systemd asked for it."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(b"READY=1", path)
-        except OSError:
-            pass                # readiness is a courtesy; the mirror runs anyway
+    a.add_argument("--watch", action="store_true", help="redraw every second until"
+                                                        " Ctrl-C")
+    a.set_defaults(func=lambda ctx, args: (
+        events_cmds.watch(ctx, lambda: status(ctx)) if args.watch else status(ctx)))
 
 
 def run(ctx) -> ExitCode:
@@ -74,7 +64,7 @@ def run(ctx) -> ExitCode:
         with mirror:
             mirror.log(f"session {ctx.session.name}: running (pid {os.getpid()},"
                        f" control {ctx.session.mirror.control})")
-            _notify_ready()
+            sdnotify.notify("READY=1")
             mirror.run()
     finally:
         for sig, h in old.items():

@@ -52,7 +52,7 @@ from nbdplugin.slave import Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
 from wire.units import parse_size  # noqa: E402
 from wire import address as wire_address  # noqa: E402
-from wire import tls  # noqa: E402
+from wire import sdnotify, tls  # noqa: E402
 
 API_VERSION = 2
 
@@ -243,6 +243,9 @@ def after_fork():
         _slave.start(_cfg["control"], _server_context())
     except ControlServerError as exc:
         _fail(str(exc))
+    # Under systemd (Type=notify): started once the control channel serves;
+    # the NBD socket is already listening (nbdkit binds it before forking).
+    sdnotify.notify("READY=1")
 
 
 def cleanup():
