@@ -74,8 +74,9 @@ class Lines:
         self.t.start()
 
     def _read(self, stream):
-        for line in stream:
-            self.q.put(line)
+        with stream:                # closed at EOF: the child has exited
+            for line in stream:
+                self.q.put(line)
         self.q.put(None)
 
     def until(self, pred, timeout: float, what: str) -> list[str]:
@@ -324,6 +325,7 @@ def test_events_stream_groups_pause_resume_and_a_secondary_going(ops_rig, capsys
     out.until(is_("group-formed"), 60, "a group after r2 returned")
     r.stop_mirror()
     assert p.wait(30) == 4          # the mirror went away: UNREACHABLE
+    out.t.join(30)
     capsys.readouterr()
 
 
@@ -343,3 +345,4 @@ def test_status_watch_redraws_until_ctrl_c(ops_rig):
     assert any("SLAVE" in x for x in screen)
     p.send_signal(signal.SIGINT)
     assert p.wait(30) == 0
+    out.t.join(30)
