@@ -83,7 +83,7 @@ from typing import Callable
 from wire import protocol
 from wire.protocol import Kind
 
-from . import direction, events, group
+from . import direction, events, group, output
 from .errors import (CgmirrorError, CopyFailed, EstablishAborted, ExitCode, LocalError,
                      SlaveError, describe)
 from .history import History
@@ -219,6 +219,7 @@ class Mirror:
         self.events = events.EventBus(session.name)     # cgmirror events
         self.peers: events.PeerWatch | None = None      # slave up/down, dirty bytes
         self.metrics = None                             # metrics.Metrics if [mirror] metrics
+        self.rate = session.mirror.rate or 0            # drain bytes/s per volume; 0: none
 
     # ------------------------------------------------------------ life cycle
 
@@ -250,6 +251,20 @@ class Mirror:
         if self.settings.metrics:
             from .metrics import Metrics        # prometheus_client only when asked
             self.metrics = Metrics(self).start(self.settings.metrics)
+
+    def set_rate(self, rate: int) -> None:
+        """The drain's limit from now on (bytes/s per volume, 0: none); the
+        cycle's thread passes it to a running drain at its next poll."""
+        self.rate = rate
+        self.log(f"drain rate limit {output.rate(rate)} per volume")
+
+    def _pass_rate(self, sent: int) -> int:
+        """Tell the primaries a rate changed since ``sent`` (cycle thread:
+        its links are not shared); return the rate they now have."""
+        rate = self.rate
+        if rate != sent:
+            group.fanout.parallel(self.slaves, lambda lk: lk.call("rate", rate=rate))
+        return rate
 
     def _announce(self, res: "GroupResult") -> None:
         """A group ended: an event, and the metrics' histograms."""
@@ -525,8 +540,12 @@ class Mirror:
         deadline = t0 + self.settings.max_drain_ms / 1000 if timer else None
         volumes = sum(len(v) for v in targets.values())
 
+        sent_rate = self.rate
+
         def watch(progress: dict) -> None:
+            nonlocal sent_rate
             _hit("mirror:mid-drain")
+            sent_rate = self._pass_rate(sent_rate)
             done = sum(p.get("state") == "done" for vols in progress["slaves"].values()
                        for p in vols.values())
             if done == volumes:
@@ -538,7 +557,7 @@ class Mirror:
 
         try:
             report = group.copy(self.slaves, n, targets, "auto", watch,
-                                timeout_ms=s.copy_timeout_ms)
+                                timeout_ms=s.copy_timeout_ms, rate=sent_rate)
         except _DrainTimeout:
             # group.copy told every slave ABORT(n): unconfirmed bits are in cr.
             m["drain_ms"] = group.fanout.ms(time.monotonic() - t0)
@@ -684,6 +703,9 @@ class Mirror:
                             "p50": percentile(holds, 50), "p99": percentile(holds, 99)},
                 "drain_mb_s": (round(self.drain_bytes / 1e6 / self.drain_seconds, 1)
                                if self.drain_seconds > 0 else None),
+                "drain_bytes_s": (round(self.drain_bytes / self.drain_seconds)
+                                  if self.drain_seconds > 0 else None),
+                "rate_bytes_s": self.rate or None,
                 "last_group": None if last is None else {
                     "n": last.n, "outcome": last.outcome, "error": last.error,
                     "bytes": last.bytes},
@@ -703,6 +725,7 @@ def _round(v: float | None) -> float | None:
 
 MIRROR_OPS = {"status": protocol.Obj({}, {}), "pause": protocol.Obj({}, {}),
               "resume": protocol.Obj({}, {}),
+              "rate": protocol.Obj({"rate": protocol.Int(0, protocol.MAX_RATE)}, {}),
               # keeps the connection: events, one a line (coordinator/events.py)
               "subscribe": protocol.Obj({}, {})}
 
@@ -722,6 +745,8 @@ def handle(mirror: Mirror, line: bytes) -> dict:
         elif op == "resume":
             mirror.resume()
             mirror.log("resumed by the operator")
+        elif op == "rate":
+            mirror.set_rate(msg["rate"])
         return mirror.status()
     except protocol.ProtocolError as exc:
         return protocol.error(str(exc), exc.kind)
@@ -818,7 +843,7 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def call(path: str, op: str) -> dict:
+def call(path: str, op: str, **args) -> dict:
     """One request to a running mirror; raise MirrorNotRunning if none answers."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(CONTROL_TIMEOUT_S + 10)
@@ -831,7 +856,7 @@ def call(path: str, op: str) -> dict:
                                    f" `cgmirror mirror run`") from exc
         framer, lines = protocol.Framer(), []
         try:
-            s.sendall(protocol.encode({"op": op}))
+            s.sendall(protocol.encode({"op": op, **args}))
             while not lines:
                 data = s.recv(1 << 16)
                 if not data:

@@ -312,7 +312,7 @@ class Slave(OpHandler):
                 self._end_cut()
 
     def op_copy(self, n: int, targets: dict, mode: str = "auto", inflight: int = 8,
-                timeout_ms: int = 30000) -> dict:
+                timeout_ms: int = 30000, rate: int = 0) -> dict:
         with self.lock:
             names = self._names(list(targets))
             missing = [v for v in self.cut_volumes if v not in targets]
@@ -352,7 +352,7 @@ class Slave(OpHandler):
             # An incremental copy first checks that the target still holds
             # the baseline (and refuses, naming --full, if not).
             self.copies = {name: Copy(PitSource(self.volumes[name]), uri, inflight=inflight,
-                                      timeout=timeout_ms / 1000,
+                                      timeout=timeout_ms / 1000, rate=rate,
                                       baseline=self.baseline(name) if incremental else None)
                            for name, (uri, incremental) in plans.items()}
             for name, c in self.copies.items():
@@ -373,6 +373,15 @@ class Slave(OpHandler):
         kept = [[b, d] for b, d in base["samples"] if not sending.test(b)]
         if len(kept) != len(base["samples"]):
             self._set_baseline(name, {**base, "samples": kept})
+
+    def op_rate(self, rate: int) -> dict:
+        """Limit each running copy to ``rate`` bytes per second from now on
+        (0: no limit); the next copy takes its own from its ``copy`` op."""
+        with self.lock:
+            copies = dict(self.copies or {})
+        for c in copies.values():
+            c.set_rate(rate)
+        return protocol.ok(copies=sorted(copies))
 
     def op_verify(self, targets: dict, timeout_ms: int = 30000) -> dict:
         """Before a cut for incremental copies: does each target still hold

@@ -346,3 +346,67 @@ def test_status_watch_redraws_until_ctrl_c(ops_rig):
     p.send_signal(signal.SIGINT)
     assert p.wait(30) == 0
     out.t.join(30)
+
+
+# ------------------------------------------------------------------ rate limit
+
+def test_pacer_lets_through_no_more_than_the_rate():
+    """The token bucket: after the burst, bytes go at most at the rate; rate 0
+    lets everything through; a new rate applies to the next request."""
+    from nbdplugin.copier import RATE_BURST_S, Pacer
+    now = [0.0]
+    p = Pacer(1000, clock=lambda: now[0])
+    sent = 0
+    while now[0] < 10.0:
+        wait = p.delay(100)
+        if wait == 0:
+            sent += 100
+        else:
+            now[0] += wait
+    assert sent <= 1000 * (10.0 + RATE_BURST_S) + 100
+    assert sent >= 1000 * 10.0 - 100
+    p.rate = 0
+    assert p.delay(1 << 30) == 0
+    p.rate, p.tokens, p.refilled = 1000, -500.0, now[0]
+    assert p.delay(1) == pytest.approx(0.5)
+
+
+def group_one(r) -> dict:
+    """The history row of the first group (the full copy)."""
+    from coordinator.history import History
+    h = History(r.session.state_dir)
+    try:
+        return next(g for g in h.groups(limit=1000) if g["n"] == 1)
+    finally:
+        h.close()
+
+
+def test_a_rate_limited_drain_takes_at_least_what_the_limit_implies(ops_rig):
+    """[mirror] rate = 4M: the first full copy (16 MiB a volume) drains in no
+    less than (16 MiB - one burst) / 4 MiB/s; the remote equals the primary."""
+    r = ops_rig('rate = "4M"')
+    m = r.start_mirror()
+    wait_until(lambda: m.formed >= 1, 120, "the first group")
+    floor_ms = (SIZE - 4 * 2 ** 20 * 0.1 - 2 ** 20) / (4 * 2 ** 20) * 1000
+    g = group_one(r)
+    assert g["outcome"] == "hardened" and g["drain_ms"] >= floor_ms, (g, floor_ms)
+    r.stop_mirror()
+    r.assert_equal()
+
+
+def test_changing_the_rate_at_run_time_takes_effect(ops_rig, capsys):
+    """At 256 KiB/s the full copy would take 64 s; `mirror rate 0` mid-drain
+    lifts the limit and the group hardens long before that."""
+    r = ops_rig('rate = "256K"')
+    m = r.start_mirror()
+    wait_until(lambda: m.phase == "drain", 60, "the first drain")
+    time.sleep(0.5)             # the drain runs under the limit for a while
+    assert cli.main(["-s", r.path, "mirror", "rate", "0"]) == 0
+    assert "drain limit unlimited" in capsys.readouterr().out
+    wait_until(lambda: m.formed >= 1, 120, "the first group")
+    g = group_one(r)
+    assert g["drain_ms"] < SIZE / (256 << 10) * 1000 * 0.9, g
+    assert cli.main(["-s", r.path, "mirror", "rate", "1M", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rate_bytes_s"] == 1 << 20
+    assert cli.main(["-s", r.path, "mirror", "rate", "fast"]) == 2
+    assert "rate 'fast'" in capsys.readouterr().err

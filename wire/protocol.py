@@ -77,6 +77,7 @@ MAX_LEASE_MS = 60_000
 # (tests, local targets) to an hour (a slow remote link).
 MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS = 100, 3_600_000
 MAX_INFLIGHT = 64
+MAX_RATE = 1 << 40             # bytes per second a copy may be limited to (0: no limit)
 # A page of dirty runs must fit one line: 20,000 pairs of at most
 # 2 x 16 digits are 740 kB, under MAX_LINE (100,000 could reach 3.7 MB, and
 # the client refused the page).
@@ -373,7 +374,10 @@ SCHEMA: dict[str, Obj] = {
                                 what="an object that maps volume names to NBD URIs")},
                 {"mode": Str(16, choices=COPY_MODES),
                  "inflight": Int(1, MAX_INFLIGHT),
-                 "timeout_ms": Int(MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS)}),
+                 "timeout_ms": Int(MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS),
+                 "rate": Int(0, MAX_RATE)}),
+    # primary: the running copies' rate limit, bytes per second (0: none)
+    "rate": Obj({"rate": Int(0, MAX_RATE)}, {}),
     "verify": Obj({"targets": Map(NAME, Str(MAX_URI, what="an NBD URI"), 1, MAX_VOLUMES,
                                   what="an object that maps volume names to NBD URIs")},
                   {"timeout_ms": Int(MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS)}),
@@ -399,7 +403,8 @@ SCHEMA: dict[str, Obj] = {
 
 # Which ops each role serves; any other op is refused with kind ROLE.
 ROLE_OPS: dict[str, frozenset[str]] = {
-    "primary": frozenset({"status", "freeze", "thaw", "abort", "copy", "verify", "clear",
+    "primary": frozenset({"status", "freeze", "thaw", "abort", "copy", "rate", "verify",
+                          "clear",
                           "dirty", "checkpoint", "mark", "fence", "adopt"}),
     "secondary": frozenset({"status", "prepare", "commit", "rollback", "tgt",
                             "clear_tgt", "assume"}),
