@@ -9,6 +9,7 @@
     cgmirror [-s SESSION.toml] mirror run|pause|resume|status [--json] [--watch]
     cgmirror [-s SESSION.toml] slave|secondary run NAME   (foreground, for systemd)
     cgmirror [-s SESSION.toml] events               (JSON lines from the running mirror)
+    cgmirror [-s SESSION.toml] verify [--repair] [--json]   (online, via the mirror)
     cgmirror [-s SESSION.toml] check [--json]       (validate; starts nothing)
     cgmirror [-s SESSION.toml] install-units [--dir DIR] [--exec CMD]
     cgmirror --version
@@ -67,7 +68,7 @@ from dataclasses import dataclass
 
 from . import copy_cmds, errors, output, pki_cmds, session as session_mod, slave_cmds
 from . import failover_cmds, mirror_cmds, secondary_cmds, status_cmds
-from . import check_cmds, events_cmds, units_cmds
+from . import check_cmds, events_cmds, units_cmds, verify_cmds
 from .errors import CgmirrorError, ExitCode
 
 
@@ -109,6 +110,7 @@ NOUNS = (
     mirror_cmds,
     failover_cmds,
     events_cmds,
+    verify_cmds,
     check_cmds,
     units_cmds,
     pki_cmds,

@@ -83,7 +83,7 @@ from typing import Callable
 from wire import protocol
 from wire.protocol import Kind
 
-from . import direction, events, group, output
+from . import direction, events, group, output, verify
 from .errors import (CgmirrorError, CopyFailed, EstablishAborted, ExitCode, LocalError,
                      SlaveError, describe)
 from .history import History
@@ -113,6 +113,7 @@ def _hit(name: str) -> None:
 LIFT_AFTER = 5                  # drain-time failures in a row before the timer lifts
 HOLD_WINDOW = 1000              # hold times kept for p50/p99
 CONTROL_TIMEOUT_S = 5.0
+VERIFY_TIMEOUT_S = 3600.0       # a verify waits for a hardened group, then reads it all
 
 
 class MirrorError(CgmirrorError):
@@ -220,6 +221,7 @@ class Mirror:
         self.peers: events.PeerWatch | None = None      # slave up/down, dirty bytes
         self.metrics = None                             # metrics.Metrics if [mirror] metrics
         self.rate = session.mirror.rate or 0            # drain bytes/s per volume; 0: none
+        self.verifies = verify.Requests(self._wake)     # cgmirror verify, between groups
 
     # ------------------------------------------------------------ life cycle
 
@@ -251,6 +253,40 @@ class Mirror:
         if self.settings.metrics:
             from .metrics import Metrics        # prometheus_client only when asked
             self.metrics = Metrics(self).start(self.settings.metrics)
+
+    def _wake(self) -> None:
+        with self._resume:
+            self._resume.notify_all()
+
+    def _serve_verifies(self) -> None:
+        """Run asked-for verifies now, between groups, if the last group
+        hardened (coordinator/verify.py says why it must have); running,
+        the next hardened group serves them; paused, they are refused."""
+        if not self.verifies.pending():
+            return
+        if self.last is not None and self.last.outcome == "hardened" \
+                and not self.need_recovery:
+            self.verifies.serve(self._verify_now)
+        elif self.paused:
+            self.verifies.refuse(MirrorError(
+                "verify needs a hardened last group and the mirror is paused after"
+                f" group {self.last.n if self.last else '-'} did not harden (or none"
+                f" since start): resume it"))
+
+    def _verify_now(self, repair: bool) -> dict:
+        self.phase = "verify"
+        try:
+            report = verify.verify(self.session, {lk.name: lk for lk in self.slaves},
+                                   {lk.name: lk for lk in self.secondaries},
+                                   self.hardened, repair)
+        finally:
+            self.phase = "idle"
+        n = report["differing_blocks"]
+        self.log(f"verify against group {self.hardened}: {n} differing blocks"
+                 + (" marked for the next group" if report["repaired"] else ""))
+        self.events.emit("verify", group=self.hardened, differing_blocks=n,
+                         repaired=report["repaired"])
+        return report
 
     def set_rate(self, rate: int) -> None:
         """The drain's limit from now on (bytes/s per volume, 0: none); the
@@ -330,11 +366,15 @@ class Mirror:
         self.state = "running"
         while not self._stop.is_set():
             with self._resume:
-                while self.paused and not self._stop.is_set():
+                while self.paused and not self._stop.is_set() \
+                        and not self.verifies.pending():
                     self.state = "paused"
                     self._resume.wait()
+            self._serve_verifies()
             if self._stop.is_set():
                 break
+            if self.paused:
+                continue
             self.state = "running"
             try:
                 result = self.run_once()
@@ -345,6 +385,7 @@ class Mirror:
                 quiet = False
             wait = self.settings.interval_ms / 1000
             self._stop.wait(wait if quiet else max(wait, 1.0))
+        self.verifies.refuse(MirrorError("the mirror stopped before verify ran"))
         self.log("stopped")
 
     # ------------------------------------------------------------ recovery
@@ -726,6 +767,7 @@ def _round(v: float | None) -> float | None:
 MIRROR_OPS = {"status": protocol.Obj({}, {}), "pause": protocol.Obj({}, {}),
               "resume": protocol.Obj({}, {}),
               "rate": protocol.Obj({"rate": protocol.Int(0, protocol.MAX_RATE)}, {}),
+              "verify": protocol.Obj({}, {"repair": protocol.Bool()}),
               # keeps the connection: events, one a line (coordinator/events.py)
               "subscribe": protocol.Obj({}, {})}
 
@@ -747,9 +789,13 @@ def handle(mirror: Mirror, line: bytes) -> dict:
             mirror.log("resumed by the operator")
         elif op == "rate":
             mirror.set_rate(msg["rate"])
+        elif op == "verify":
+            return mirror.verifies.ask(msg.get("repair", False), VERIFY_TIMEOUT_S)
         return mirror.status()
     except protocol.ProtocolError as exc:
         return protocol.error(str(exc), exc.kind)
+    except CgmirrorError as exc:
+        return protocol.error(str(exc), Kind.LOCAL)
     except Exception as exc:    # reported to the client; the mirror keeps running
         return protocol.error(f"mirror failed: {describe(exc)}", Kind.LOCAL)
 
@@ -843,10 +889,10 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def call(path: str, op: str, **args) -> dict:
+def call(path: str, op: str, timeout: float = CONTROL_TIMEOUT_S + 10, **args) -> dict:
     """One request to a running mirror; raise MirrorNotRunning if none answers."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(CONTROL_TIMEOUT_S + 10)
+    s.settimeout(timeout)
     try:
         try:
             s.connect(path)

@@ -383,6 +383,35 @@ class Slave(OpHandler):
             c.set_rate(rate)
         return protocol.ok(copies=sorted(copies))
 
+    def op_checksums(self, volume: str, start: int, count: int,
+                     block: int | None = None) -> dict:
+        """Digests of blocks [start, start+count) as the volume holds them
+        now (online verify, coordinator/verify.py), read here so that only
+        digests cross the link.  A block that is changed since the last group
+        (in cr or oos before or after its read: the host write path marks
+        before it writes) gets null: its content is not a group's.  Host
+        writes go on meanwhile; nothing is held."""
+        name = self._names([volume])[0]
+        vol = self.volumes[name]
+        g = vol.granularity
+        if block not in (None, g):
+            raise ProtocolError(f"{name} has granularity {g}, not {block}", Kind.PROTOCOL)
+        if start + count > vol.changes.nblocks:
+            raise ProtocolError(f"blocks [{start}, +{count}) beyond the"
+                                f" {vol.changes.nblocks} of {name}", Kind.PROTOCOL)
+        before = vol.changes.dirty()
+        buf = bytearray(g)
+        data = []
+        for b in range(start, start + count):
+            length = min(g, vol.size - b * g)
+            view = memoryview(buf)[:length]
+            vol.pread(view, b * g)
+            data.append(block_digest(view))
+        after = vol.changes.dirty()
+        digests = [None if before.test(b) or after.test(b) else d
+                   for b, d in zip(range(start, start + count), data)]
+        return protocol.ok(volume=name, start=start, block=g, digests=digests)
+
     def op_verify(self, targets: dict, timeout_ms: int = 30000) -> dict:
         """Before a cut for incremental copies: does each target still hold
         the baseline of its volume (see copier.check_baseline)?  Replies
