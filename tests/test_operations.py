@@ -484,3 +484,23 @@ def test_online_verify_finds_the_one_corrupt_remote_block_and_repair_fixes_it(
     assert json.loads(capsys.readouterr().out)["differing_blocks"] == 0
     r.stop_mirror()
     r.assert_equal()
+
+
+def test_progress_shows_eta_in_binary_units():
+    """The copy progress bar: IEC sizes and speed, and the time left."""
+    import io
+    from coordinator import output
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    out = Tty()
+    bar = output.ProgressBar("copy", out)
+    bar.t0 = time.monotonic() - 10          # 10 s in: 1 GiB of 4 GiB done
+    bar({"done_bytes": 1 << 30, "total_bytes": 4 << 30})
+    line = out.getvalue()
+    assert "1.0 GiB / 4.0 GiB" in line and "MiB/s" in line and "ETA 30 s" in line, line
+    assert " MB" not in line
+    assert output.eta(0, 10, 1.0) == "-" and output.eta(10, 10, 1.0) == "0 s"
+    assert output.eta(1, 3601, 1.0) == "1 h 00 min"
+    assert output.rate(50 << 20) == "50.0 MiB/s" and output.rate(0) == "unlimited"
