@@ -109,6 +109,22 @@ def test_event_bus_keeps_order_and_says_what_a_slow_subscriber_lost():
     assert q.qsize() == events.QUEUE_MAX - 1
 
 
+@pytest.mark.parametrize("msg, words", [
+    ({"op": "checksums", "volume": "a", "start": 0, "count": 0}, "count"),
+    ({"op": "checksums", "volume": "a", "start": 0, "count": 1025}, "count"),
+    ({"op": "checksums", "volume": "a", "start": -1, "count": 1}, "start"),
+    ({"op": "checksums", "volume": "a", "start": 0, "count": 1, "block": 1}, "block"),
+    ({"op": "rate", "rate": -1}, "rate"),
+    ({"op": "rate"}, "rate"),
+])
+def test_checksums_and_rate_requests_are_checked(msg, words):
+    """The new ops' bad requests are refused with one line naming the key."""
+    from wire import protocol
+    with pytest.raises(protocol.ProtocolError, match=words) as ei:
+        protocol.decode(json.dumps(msg))
+    assert "\n" not in str(ei.value)
+
+
 def test_version_is_the_package_version(capsys):
     """--version prints the installed version and exits 0."""
     assert cli.main(["--version"]) == 0
@@ -297,8 +313,9 @@ def test_metrics_are_off_by_default(ops_rig):
 
 def test_events_stream_groups_pause_resume_and_a_secondary_going(ops_rig, capsys):
     """cgmirror events prints one JSON object a line: group-formed, pause,
-    resume, slave-down and slave-up of a secondary that stops and returns."""
-    r = ops_rig()
+    resume, slave-down and slave-up of a secondary that stops and returns
+    (and the metrics say it was down)."""
+    r = ops_rig('metrics = "127.0.0.1:0"')
     m = r.start_mirror()
     p = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", r.path,
                           "events"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -320,6 +337,8 @@ def test_events_stream_groups_pause_resume_and_a_secondary_going(ops_rig, capsys
     r.procs["r2"].stop(timeout=30)
     down = json.loads(out.until(is_("slave-down", name="r2"), 30, "r2 down")[-1])
     assert down["role"] == "secondary" and down["error"]
+    up = dict((lb["slave"], v) for lb, v in scrape(m.metrics.port)["cgmirror_secondary_up"])
+    assert up == {"r1": 1, "r2": 0}
     r.procs["r2"] = r.slaves.restart(spec)
     out.until(is_("slave-up", name="r2"), 30, "r2 up")
     out.until(is_("group-formed"), 60, "a group after r2 returned")
@@ -381,9 +400,13 @@ def group_one(r) -> dict:
         h.close()
 
 
-def test_a_rate_limited_drain_takes_at_least_what_the_limit_implies(ops_rig):
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_a_rate_limited_drain_takes_at_least_what_the_limit_implies(ops_rig, monkeypatch,
+                                                                    engine):
     """[mirror] rate = 4M: the first full copy (16 MiB a volume) drains in no
-    less than (16 MiB - one burst) / 4 MiB/s; the remote equals the primary."""
+    less than (16 MiB - one burst) / 4 MiB/s, in either copy engine; the
+    remote equals the primary."""
+    monkeypatch.setenv("CGMIRROR_COPY_ENGINE", engine)     # the slaves inherit it
     r = ops_rig('rate = "4M"')
     m = r.start_mirror()
     wait_until(lambda: m.formed >= 1, 120, "the first group")
