@@ -89,10 +89,10 @@ import time
 from wire import protocol
 from wire.protocol import Kind, ProtocolError
 
-from . import failpoints
+from wire import failpoints
 from .blockstore import BlockStore, StoreClosed
+from wire.files import write_atomic
 from .copier import block_digest
-from .files import write_atomic
 from .server import ControlServer, OpHandler
 from .volume import Volume
 
