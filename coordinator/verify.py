@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from wire.protocol import MAX_CHECKSUMS, MAX_RUNS
 
-from .errors import CgmirrorError, SlaveError
+from .errors import CgmirrorError, LocalError, SlaveError
 
 
 def runs_of(blocks: list[int]) -> list[list[int]]:
@@ -126,8 +126,8 @@ class Requests:
             with self._lock:
                 if req in self._pending:
                     self._pending.remove(req)
-            raise CgmirrorError(f"verify did not run within {timeout:.0f} s (no group"
-                                f" hardened meanwhile?)")
+            raise LocalError(f"verify did not run within {timeout:.0f} s (no group"
+                             f" hardened meanwhile?)")
         if req.error is not None:
             raise req.error
         return req.result

@@ -527,3 +527,33 @@ def test_progress_shows_eta_in_binary_units():
     assert output.eta(0, 10, 1.0) == "-" and output.eta(10, 10, 1.0) == "0 s"
     assert output.eta(1, 3601, 1.0) == "1 h 00 min"
     assert output.rate(50 << 20) == "50.0 MiB/s" and output.rate(0) == "unlimited"
+
+
+def test_verify_requests_wait_for_the_cycle_and_runs_are_merged():
+    """A verify asked from a control thread runs when the cycle serves it and
+    returns its report; refused ones raise; differing blocks become runs."""
+    from coordinator import verify
+    from coordinator.errors import LocalError
+    woken = []
+    reqs = verify.Requests(lambda: woken.append(1))
+    got = []
+    t = threading.Thread(target=lambda: got.append(reqs.ask(True, 30)))
+    t.start()
+    wait_until(reqs.pending, 10, "the request")
+    reqs.serve(lambda repair: {"repair": repair})
+    t.join(10)
+    assert got == [{"repair": True}] and woken and not reqs.pending()
+    errs = []
+
+    def ask():
+        try:
+            reqs.ask(False, 30)
+        except LocalError as exc:
+            errs.append(str(exc))
+    t = threading.Thread(target=ask)
+    t.start()
+    wait_until(reqs.pending, 10, "the request")
+    reqs.refuse(LocalError("stopped"))
+    t.join(10)
+    assert errs == ["stopped"]
+    assert verify.runs_of([1, 2, 3, 7, 9, 10]) == [[1, 3], [7, 1], [9, 2]]
