@@ -391,13 +391,18 @@ def test_pacer_lets_through_no_more_than_the_rate():
 
 
 def group_one(r) -> dict:
-    """The history row of the first group (the full copy)."""
+    """The history row of the first group (the full copy), once it is
+    recorded (the mirror counts a group before its row is written)."""
     from coordinator.history import History
-    h = History(r.session.state_dir)
-    try:
-        return next(g for g in h.groups(limit=1000) if g["n"] == 1)
-    finally:
-        h.close()
+
+    def row():
+        h = History(r.session.state_dir)
+        try:
+            return next(g for g in h.groups(limit=1000) if g["n"] == 1)
+        finally:
+            h.close()
+    wait_until(lambda: row()["outcome"] != "running", 30, "group 1 recorded")
+    return row()
 
 
 @pytest.mark.parametrize("engine", ["native", "python"])
