@@ -159,11 +159,17 @@ def print_status(doc: dict, out) -> None:
               f" hold ms last {fmt(h['last'])} p50 {fmt(h['p50'])} p99 {fmt(h['p99'])};"
               f" drain {output.rate(doc.get('drain_bytes_s'))}"
               f" (limit {output.rate(doc.get('rate_bytes_s'))} per volume)", file=out)
+        speed = doc.get("drain_bytes_s")
+
+        def eta(behind):        # at the drain speed measured so far
+            return ("-" if behind is None or (behind and not speed) else
+                    output.duration(behind / speed) if behind else "0 s")
         rows = [[s, v, d["secondary"], output.size(d["dirty_bytes"]),
-                 output.size(d["behind_bytes"]), d["phase"], d["error"] or ""]
+                 output.size(d["behind_bytes"]), eta(d["behind_bytes"]), d["phase"],
+                 d["error"] or ""]
                 for s, vols in doc["volumes"].items() for v, d in vols.items()]
-        output.table(rows, ["SLAVE", "VOLUME", "SECONDARY", "DIRTY", "BEHIND", "PHASE",
-                            "ERROR"], out)
+        output.table(rows, ["SLAVE", "VOLUME", "SECONDARY", "DIRTY", "BEHIND", "ETA",
+                            "PHASE", "ERROR"], out)
     for name, r in doc["secondaries"].items():
         where = r["error"] or (f"hardened {r['hardened'] or 'none yet'}"
                                + (f", prepared {r['prepared']}" if r["prepared"] else ""))

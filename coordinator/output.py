@@ -29,7 +29,11 @@ def eta(done: int, total: int, seconds: float) -> str:
     """Time left at the average speed so far: '1 min 05 s', '-' if unknown."""
     if done <= 0 or seconds <= 0 or total <= done:
         return "-" if total > done else "0 s"
-    left = (total - done) / (done / seconds)
+    return duration((total - done) / (done / seconds))
+
+
+def duration(left: float) -> str:
+    """A time span for people: '42 s', '1 min 05 s', '2 h 03 min'."""
     if left >= 3600:
         return f"{int(left // 3600)} h {int(left % 3600 // 60):02d} min"
     if left >= 60:

@@ -361,7 +361,7 @@ def test_status_watch_redraws_until_ctrl_c(ops_rig):
     out.until(lambda x: "\x1b[2J" in x, 30, "a first screen")
     screen = out.until(lambda x: "\x1b[2J" in x, 30, "a second screen")
     assert any("session m: running" in x for x in screen), screen
-    assert any("SLAVE" in x for x in screen)
+    assert any("SLAVE" in x and "ETA" in x for x in screen), screen
     p.send_signal(signal.SIGINT)
     assert p.wait(30) == 0
     out.t.join(30)
