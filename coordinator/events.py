@@ -6,8 +6,10 @@ the connection.  Every event has ``time`` (unix seconds), ``session`` and
 ``event``, one of::
 
     group-formed   n, bytes, hold_ms, drain_ms
-    group-failed   n, outcome (drain-timeout, aborted, failed), error
+    group-failed   n (null: no group began), outcome (drain-timeout, aborted,
+                   failed), error
     pause, resume
+    verify         group, differing_blocks, repaired (coordinator/verify.py)
     slave-up, slave-down        name, role (primary or secondary), error (down)
     failover       whatever the caller passes (``emit_failover``)
 

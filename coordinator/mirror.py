@@ -382,6 +382,7 @@ class Mirror:
             except CgmirrorError as exc:
                 self.failed += 1
                 self.log(f"cannot form a group: {exc}")
+                self.events.emit("group-failed", n=None, outcome="failed", error=str(exc))
                 quiet = False
             wait = self.settings.interval_ms / 1000
             self._stop.wait(wait if quiet else max(wait, 1.0))

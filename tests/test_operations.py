@@ -339,6 +339,8 @@ def test_events_stream_groups_pause_resume_and_a_secondary_going(ops_rig, capsys
     assert down["role"] == "secondary" and down["error"]
     up = dict((lb["slave"], v) for lb, v in scrape(m.metrics.port)["cgmirror_secondary_up"])
     assert up == {"r1": 1, "r2": 0}
+    failed = json.loads(out.until(is_("group-failed"), 60, "a group failing")[-1])
+    assert failed["error"], failed
     r.procs["r2"] = r.slaves.restart(spec)
     out.until(is_("slave-up", name="r2"), 30, "r2 up")
     out.until(is_("group-formed"), 60, "a group after r2 returned")
