@@ -104,11 +104,20 @@ def _wait(pred, timeout: float, what: str) -> None:
 class Campaign:
     """The rig, the writers, the reader, and the faults (see the module doc)."""
 
-    def __init__(self, base: str, seed: int, log=print):
+    def __init__(self, base: str, seed: int, log=print, state_on: str | None = None,
+                 nodes_on: tuple[str, ...] = (), full_disk: bool = True):
+        """``state_on``: a directory (a LazyFS) holding the state
+        directories of ``nodes_on`` instead of ``base``; ``full_disk``: the
+        secondaries' state directories on their own small tmpfs."""
         self.base, self.rng, self.say = base, random.Random(seed), log
+        self.full_disk = full_disk
         self.path = os.path.join(base, "m.toml")
+        text = session_text(interval_ms=200, max_drain_ms=5000, rpo=30)
+        for name in nodes_on:
+            text = text.replace(f'state_dir = "{name}"',
+                                f'state_dir = "{os.path.join(state_on, name)}"')
         with open(self.path, "w") as f:
-            f.write(session_text(interval_ms=200, max_drain_ms=5000, rpo=30))
+            f.write(text)
         self.session = session_mod.load(self.path)
         self.specs = {s.name: s.spec() for s in self.session.slaves}
         self.specs |= {r.name: r.spec() for r in self.session.secondaries}
@@ -135,7 +144,7 @@ class Campaign:
     # ------------------------------------------------------------ processes
 
     def start(self) -> "Campaign":
-        for r in ("r1", "r2"):
+        for r in ("r1", "r2") if self.full_disk else ():
             d = self.specs[r].statedir
             os.makedirs(d, exist_ok=True)
             subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={STATE_FS},mode=0700",
@@ -171,6 +180,20 @@ class Campaign:
             [sys.executable, "-m", "coordinator.cli", "-s", self.path, "mirror", "run"],
             env=e, stdin=subprocess.DEVNULL, stdout=self.mirror_log,
             stderr=self.mirror_log, cwd=ROOT)
+
+    def assert_equal(self) -> None:
+        """The host exports equal the primaries' images byte for byte."""
+        for (s, v), uri in zip(ORDER, self.host_uris()):
+            d = wl.Device(uri, "compare")
+            try:
+                path = {name: p for name, p, _ in self.specs[s].volumes}[v]
+                with open(path, "rb") as f:
+                    for off in range(0, SIZE, 1 << 20):
+                        if d.pread(off, 1 << 20) != f.read(1 << 20):
+                            raise AssertionError(f"{REMOTE[s]}/{v} differs from"
+                                                 f" {s}/{v} near {off}")
+            finally:
+                d.close()
 
     def kill_mirror(self) -> None:
         if self.mirror and self.mirror.poll() is None:
