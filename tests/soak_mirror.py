@@ -385,8 +385,10 @@ class Campaign:
             self.counts["faults"] += 1
             self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
             self.heal()
-            # Resumed: two groups past the one held when the fault struck.
-            _wait(lambda: min(self.hardened(quiet=True)) >= before + 2, 120,
+            # Resumed: two groups past the one held when the fault struck, or
+            # when it was healed (an armed crash point may fire groups later).
+            resumed = max(before, *self.hardened(quiet=True)) + 2
+            _wait(lambda: min(self.hardened(quiet=True)) >= resumed, 120,
                   f"mirroring to resume after {kind}")
             if kind in ("kill-slave", "failpoint-slave"):
                 self.slave_crash_groups.update(
