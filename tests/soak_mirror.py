@@ -3,6 +3,7 @@
 injected at random moments, many times.
 
     python tests/soak_mirror.py --rounds 60 --seed 7     # `make soak`
+    python tests/soak_mirror.py --sites --kinds cut-link,kill-slave
 
 tests/test_mirror_faults.py runs a bounded slice of the same campaign.
 
@@ -104,6 +105,8 @@ def _wait(pred, timeout: float, what: str) -> None:
 class Campaign:
     """The rig, the writers, the reader, and the faults (see the module doc)."""
 
+    kinds = KINDS
+
     def __init__(self, base: str, seed: int, log=print, state_on: str | None = None,
                  nodes_on: tuple[str, ...] = (), full_disk: bool = True):
         """``state_on``: a directory (a LazyFS) holding the state
@@ -112,7 +115,7 @@ class Campaign:
         self.base, self.rng, self.say = base, random.Random(seed), log
         self.full_disk = full_disk
         self.path = os.path.join(base, "m.toml")
-        text = session_text(interval_ms=200, max_drain_ms=5000, rpo=30)
+        text = self.edit(session_text(interval_ms=200, max_drain_ms=5000, rpo=30))
         for name in nodes_on:
             text = text.replace(f'state_dir = "{name}"',
                                 f'state_dir = "{os.path.join(state_on, name)}"')
@@ -140,6 +143,10 @@ class Campaign:
         self.slave_crash_groups: set[int] = set()
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
+
+    def edit(self, text: str) -> str:
+        """The session file as the rig needs it (SitesCampaign: TCP)."""
+        return text
 
     # ------------------------------------------------------------ processes
 
@@ -218,7 +225,7 @@ class Campaign:
     # ------------------------------------------------------------ observing
 
     def status(self, name: str) -> dict:
-        with SlaveLink(name, self.specs[name].control) as lk:
+        with SlaveLink.from_spec(self.specs[name]) as lk:
             return lk.status()
 
     def hardened(self, quiet: bool = False) -> tuple[int, int]:
@@ -342,7 +349,10 @@ class Campaign:
             finally:
                 self._resize(d, STATE_FS)
         else:
-            raise ValueError(f"unknown fault {kind!r}; faults are {', '.join(KINDS)}")
+            self.inject_more(kind)
+
+    def inject_more(self, kind: str) -> None:
+        raise ValueError(f"unknown fault {kind!r}; faults are {', '.join(self.kinds)}")
 
     def _await_exit(self, dead, kill) -> None:
         """Wait for an armed crash point to fire; if the run does not reach
@@ -365,8 +375,9 @@ class Campaign:
 
     # ------------------------------------------------------------ the campaign
 
-    def run(self, rounds: int, budget_s: float) -> dict:
-        """Inject up to ``rounds`` faults, within ``budget_s`` seconds."""
+    def run(self, rounds: int, budget_s: float, kinds: tuple[str, ...] = ()) -> dict:
+        """Inject up to ``rounds`` faults (of ``kinds``, default all),
+        within ``budget_s`` seconds."""
         t_end = time.monotonic() + budget_s
         start_n = max(self.hardened())
         cycle: list[str] = []
@@ -375,7 +386,7 @@ class Campaign:
             if time.monotonic() > t_end:
                 break
             if not cycle:
-                cycle = list(KINDS)
+                cycle = list(kinds or self.kinds)
                 self.rng.shuffle(cycle)
             kind = cycle.pop()
             time.sleep(self.rng.uniform(0.0, 1.2))     # anywhere in a cycle
@@ -450,12 +461,160 @@ class Campaign:
             self.mirror_log.close()
 
 
-def campaign(base: str, rounds: int, budget_s: float, seed: int, log=print) -> dict:
-    """Run one campaign in ``base``; the counts (see ``Campaign.report``)."""
+# ------------------------------------------------------------ across sites
+
+HOSTS = {"s1": "a", "s2": "b"}
+
+
+class SiteNode:
+    """A slave run inside a site (``ip netns exec`` execs it: the pid is
+    the slave's): what the campaign uses of ``launch.SlaveProcess``."""
+
+    def __init__(self, spec, popen: subprocess.Popen):
+        self.spec, self.popen, self.pid = spec, popen, popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float) -> int | None:
+        return self.popen.wait(timeout)
+
+    def kill9(self) -> int | None:
+        if self.alive():
+            self.popen.kill()
+        return self.popen.wait(30)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        from sites import stop
+        return stop(self.popen, timeout)
+
+
+class SitesCampaign(Campaign):
+    """The campaign with the primaries in sites ``a`` and ``b``, reached
+    over TCP with mutual TLS (control and NBD) from site ``c``, where this
+    process, the writers, the reader and ``mirror run`` live; the
+    secondaries stay on unix sockets (``[[secondary]]`` has no TCP address
+    on this branch), which every namespace reaches.  Two more faults, on
+    the links of the hub: ``cut-link`` drops all IP between ``c`` and a
+    primary's site for 1-3 s (mid-drain: the coordinator's polls and the
+    next FREEZE go unanswered, TCP stays open), ``slow-link`` limits a
+    primary's link to 2 Mbit/s (``tc tbf``) for a few seconds."""
+
+    kinds = KINDS + ("cut-link", "slow-link")
+
+    def __init__(self, base: str, seed: int, net, log=print):
+        from coordinator import pki
+        self.net = net
+        self.pki = os.path.join(base, "pki")
+        pki.init(self.pki, "m")
+        pki.issue(self.pki, "coordinator")
+        for slave, host in HOSTS.items():
+            pki.issue(self.pki, slave, ips=[net[host].addr])
+        super().__init__(base, seed, log)
+        wl.TLS_DIR = self.session.slaves[0].client_tls
+
+    def edit(self, text: str) -> str:
+        from twosites import free_port
+        text = text.replace('state_dir = "state"', f'state_dir = "state"\npki = "{self.pki}"')
+        for slave, host in HOSTS.items():
+            site = self.net[host]
+            text = text.replace(
+                f'nbd_socket = "{slave}.sock"\ncontrol = "{slave}.ctl"',
+                f'control = "tcp:{site.addr}:{free_port(site)}"\n'
+                f'nbd = "tcp:{site.addr}:{free_port(site)}"')
+        return text
+
+    def start_node(self, name: str, **changes) -> None:
+        if name not in HOSTS:
+            return super().start_node(name, **changes)
+        spec = dataclasses.replace(self.specs[name], **changes)
+        launch.private_dirs(spec.statedir)
+        with open(spec.logfile, "ab") as log:
+            popen = self.net[HOSTS[name]].popen(
+                spec.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env=launch.slave_env(spec.env))
+        self.procs[name] = SiteNode(spec, popen)
+
+        def ready() -> bool:
+            if popen.poll() is not None:
+                raise CampaignError(f"{name} exited with {popen.returncode}; see"
+                                    f" {spec.logfile}")
+            try:
+                self.status(name)
+                return True
+            except Exception:
+                return False
+        _wait(ready, 60, f"{name} to answer in site {HOSTS[name]}")
+
+    def inject_more(self, kind: str) -> None:
+        host = HOSTS[self.rng.choice(tuple(HOSTS))]
+        if kind == "cut-link":
+            self.net.cut("c", host)
+            try:
+                time.sleep(self.rng.uniform(1.0, 3.0))    # the length of the cut
+            finally:
+                self.net.heal("c", host)
+        elif kind == "slow-link":
+            self.net.rate(host, 2)
+            try:
+                time.sleep(self.rng.uniform(2.0, 4.0))
+            finally:
+                self.net.rate(host, None)
+        else:
+            super().inject_more(kind)
+
+
+def attach_sites(doc: dict):
+    """The ``Sites`` a parent process made (``doc`` from ``sites_doc``), for
+    this process inside one of them: faults and ``site.popen`` work, and
+    the parent alone tears it down."""
+    from sites import Site, Sites
+    net = Sites(doc["names"], doc["subnet"])
+    net.tag, net.hub = doc["tag"], doc["hub"]
+    for name, (ns, addr) in doc["sites"].items():
+        net.sites[name] = Site(net, name, ns, addr)
+    return net
+
+
+def sites_doc(net) -> dict:
+    return {"names": net.names, "subnet": str(net.subnet), "tag": net.tag, "hub": net.hub,
+            "sites": {n: (s.netns, s.addr) for n, s in net.sites.items()}}
+
+
+def campaign(base: str, rounds: int, budget_s: float, seed: int, log=print,
+             sites: bool = False, kinds: tuple[str, ...] = ()) -> dict:
+    """Run one campaign in ``base``; the counts (see ``Campaign.report``).
+    ``sites``: across network namespaces (root): made here, the campaign
+    itself runs inside site ``c`` (``--inside``)."""
+    if sites:
+        from sites import Sites
+        with Sites(("a", "b", "c")) as net:
+            r = net["c"].run([sys.executable, os.path.abspath(__file__), "--inside",
+                              json.dumps(sites_doc(net)), "--base", base,
+                              "--rounds", str(rounds), "--budget", str(budget_s),
+                              "--seed", str(seed), "--kinds", ",".join(kinds)],
+                             timeout=budget_s + 600, check=False,
+                             stdout=subprocess.PIPE, stderr=None, text=True, cwd=ROOT)
+            lines = r.stdout.strip().splitlines()
+            if r.returncode not in (0, 1) or not lines:
+                raise CampaignError(f"the campaign inside site c failed ({r.returncode})")
+            return json.loads(lines[-1])
     c = Campaign(base, seed, log)
     try:
         c.start()
-        return c.run(rounds, budget_s)
+        return c.run(rounds, budget_s, kinds)
+    finally:
+        c.close()
+
+
+def inside(doc: str, base: str, rounds: int, budget_s: float, seed: int,
+           kinds: tuple[str, ...]) -> dict:
+    """The sites campaign, run inside site ``c``."""
+    c = SitesCampaign(base, seed, attach_sites(json.loads(doc)),
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        c.start()
+        return c.run(rounds, budget_s, kinds)
     finally:
         c.close()
 
@@ -465,9 +624,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--budget", type=float, default=1200.0, help="seconds")
     ap.add_argument("--seed", type=int, default=int(time.time()))
+    ap.add_argument("--sites", action="store_true",
+                    help="primaries in network namespaces, over TCP with TLS (root)")
+    ap.add_argument("--kinds", default="", help="comma-separated faults (default: all)")
+    ap.add_argument("--inside", help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    kinds = tuple(filter(None, a.kinds.split(",")))
+    if a.inside:
+        print(json.dumps(inside(a.inside, a.base, a.rounds, a.budget, a.seed, kinds)))
+        return 0
     base = tempfile.mkdtemp(prefix="cgm-soak-")
-    out = campaign(base, a.rounds, a.budget, a.seed,
+    out = campaign(base, a.rounds, a.budget, a.seed, sites=a.sites, kinds=kinds,
                    log=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"faults injected {out['faults']}, groups formed {out['groups_formed']},"
           f" groups checked {out['groups_checked']}, violations {out['violations']},"
