@@ -87,11 +87,13 @@ bench-engine: setup
 bench-granularity: setup
 	$(PY) bench/bench_granularity.py
 
-# The mirror's fault campaign (tests/soak_mirror.py; root: tmpfs mounts):
-# prints faults injected, groups formed and checked, violations.
+# The mirror's fault campaign (tests/soak_mirror.py; root: tmpfs mounts,
+# namespaces), on one host and with the primaries in network namespaces over
+# TCP+TLS: prints faults injected, groups formed and checked, violations.
 SOAK_ROUNDS ?= 60
 soak: setup
 	$(PY) tests/soak_mirror.py --rounds $(SOAK_ROUNDS)
+	$(PY) tests/soak_mirror.py --sites --rounds $(SOAK_ROUNDS)
 
 # RPO, drain amplification, hold times with the mirror running.
 bench-mirror: setup
