@@ -28,7 +28,9 @@ that they land in any phase of the cycle):
   what a cut link does to the drain (the peer goes silent, connections
   stay open).  The secondaries of the session are unix-socket only on this
   branch (``[[secondary]]`` has no ``tcp:`` address), so a link of the
-  namespace sites cannot sit between a drain and its secondary.
+  namespace sites cannot sit between a drain and its secondary; with
+  ``--sites`` (``SitesCampaign``) real cut and slow links sit between the
+  coordinator and the primaries.
 - ``slow-secondary``: the secondary restarted behind nbdkit's ``delay``
   filter (every write 20 ms late) for a few seconds.
 - ``nbd-errors``: the secondary restarted behind nbdkit's ``error`` filter
