@@ -342,7 +342,7 @@ def mirror_demo(workdir: str, seconds: float = 6.0) -> bool:
         writer = Writer(uris)
         writer.start()
         writer.filled.wait()
-        print(f"\n$ cgmirror mirror run &", flush=True)
+        print("\n$ cgmirror mirror run &", flush=True)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", session,
                                  "mirror", "run"], cwd=root, stdin=subprocess.DEVNULL,

@@ -96,7 +96,8 @@ class CampaignError(AssertionError):
     """The campaign could not go on (a process would not come back...)."""
 
 
-def _wait(pred, timeout: float, what: str) -> None:
+def wait_for(pred, timeout: float, what: str) -> None:
+    """Poll ``pred`` every 20 ms; CampaignError if not true in ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
@@ -162,7 +163,7 @@ class Campaign:
         for name in self.specs:
             self.start_node(name)
         self.start_mirror()
-        _wait(lambda: min(self.hardened(quiet=True)) >= 1, 120, "the first full copy")
+        wait_for(lambda: min(self.hardened(quiet=True)) >= 1, 120, "the first full copy")
         self.start_work()
         self._reader = threading.Thread(target=self._read_loop, name="reader",
                                         daemon=True)
@@ -251,7 +252,7 @@ class Campaign:
                 continue
             try:
                 rep = wl.check_targets(self.host_uris(), LAYOUT)
-            except (nbd.Error, OSError, RuntimeError) as exc:
+            except (nbd.Error, OSError, RuntimeError):
                 # A secondary killed or stopped under the read: no image.
                 self.counts["read_errors"] += 1
                 self._stop.wait(0.1)
@@ -372,7 +373,7 @@ class Campaign:
 
     def _wait_groups(self, k: int, timeout: float) -> None:
         base = max(self.hardened(quiet=True))
-        _wait(lambda: min(self.hardened(quiet=True)) >= base + k, timeout,
+        wait_for(lambda: min(self.hardened(quiet=True)) >= base + k, timeout,
               f"{k} groups past group {base}")
 
     # ------------------------------------------------------------ the campaign
@@ -401,7 +402,7 @@ class Campaign:
             # Resumed: two groups past the one held when the fault struck, or
             # when it was healed (an armed crash point may fire groups later).
             resumed = max(before, *self.hardened(quiet=True)) + 2
-            _wait(lambda: min(self.hardened(quiet=True)) >= resumed, 120,
+            wait_for(lambda: min(self.hardened(quiet=True)) >= resumed, 120,
                   f"mirroring to resume after {kind}")
             if kind in ("kill-slave", "failpoint-slave"):
                 self.slave_crash_groups.update(
@@ -546,7 +547,7 @@ class SitesCampaign(Campaign):
                 return True
             except Exception:
                 return False
-        _wait(ready, 60, f"{name} to answer in site {HOSTS[name]}")
+        wait_for(ready, 60, f"{name} to answer in site {HOSTS[name]}")
 
     def inject_more(self, kind: str) -> None:
         host = HOSTS[self.rng.choice(tuple(HOSTS))]

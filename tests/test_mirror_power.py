@@ -115,13 +115,13 @@ def test_power_cut_keeps_the_last_hardened_group(run_dir, site):
                 if site == "primary":
                     c.start_work()
                 c.heal()
-                soak_mirror._wait(lambda: min(c.hardened(quiet=True)) >= max(h, 1) + 1,
+                soak_mirror.wait_for(lambda: min(c.hardened(quiet=True)) >= max(h, 1) + 1,
                                   120, f"mirroring to resume after power cut {cuts}")
                 assert c.counts["violations"] == 0, c.violations
             # Writers stopped and two more groups: the remote is complete.
             c.stop_work()
             top = max(c.hardened())
-            soak_mirror._wait(lambda: min(c.hardened(quiet=True)) >= top + 2, 60,
+            soak_mirror.wait_for(lambda: min(c.hardened(quiet=True)) >= top + 2, 60,
                               "the last groups")
             c.assert_equal()
             out = c.report(time.monotonic() - t0)
