@@ -344,9 +344,7 @@ class Campaign:
             self.restart_node(r)
         elif kind == "full-disk":
             d = self.specs[r].statedir
-            st = os.statvfs(d)
-            used = (st.f_blocks - st.f_bfree) * st.f_frsize
-            self._resize(d, used + (64 << 10))
+            self._shrink(d)
             try:
                 time.sleep(rng.uniform(1.0, 3.0))
             finally:
@@ -370,6 +368,19 @@ class Campaign:
     def _resize(d: str, size: int) -> None:
         subprocess.run(["mount", "-o", f"remount,size={size}", d], check=True,
                        timeout=30, capture_output=True)
+
+    def _shrink(self, d: str) -> None:
+        """The tmpfs at ``d`` down to what it holds plus 64 KiB.  tmpfs
+        refuses a size below its use, and the undo store may grow between
+        the measure and the remount: measure again and retry."""
+        for _ in range(50):
+            st = os.statvfs(d)
+            try:
+                self._resize(d, (st.f_blocks - st.f_bfree) * st.f_frsize + (64 << 10))
+                return
+            except subprocess.CalledProcessError:
+                continue
+        raise CampaignError(f"could not shrink the tmpfs at {d}")
 
     def _wait_groups(self, k: int, timeout: float) -> None:
         base = max(self.hardened(quiet=True))
