@@ -13,7 +13,7 @@ APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
 
 .PHONY: setup apt venv ext test test-fast demo demo-sites vm vm-test clean \
         bench-bitmap bench-write bench-freeze bench-freeze-sites bench-copy bench-engine \
-        bench-granularity
+        bench-granularity soak bench-mirror
 
 setup: apt venv ext
 
@@ -86,6 +86,18 @@ bench-engine: setup
 
 bench-granularity: setup
 	$(PY) bench/bench_granularity.py
+
+# The mirror's fault campaign (tests/soak_mirror.py; root: tmpfs mounts,
+# namespaces), on one host and with the primaries in network namespaces over
+# TCP+TLS: prints faults injected, groups formed and checked, violations.
+SOAK_ROUNDS ?= 60
+soak: setup
+	$(PY) tests/soak_mirror.py --rounds $(SOAK_ROUNDS)
+	$(PY) tests/soak_mirror.py --sites --rounds $(SOAK_ROUNDS)
+
+# RPO, drain amplification, hold times with the mirror running.
+bench-mirror: setup
+	$(PY) bench/bench_mirror.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c \

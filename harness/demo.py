@@ -9,6 +9,13 @@ the writer stops and one more copy must make every target byte-for-byte
 equal to its volume.  Everything started is stopped by PID and the directory
 removed (``--keep`` keeps it).
 
+Then the mirror (``mirror_demo``): two more slaves with one volume each,
+their secondaries (``cgmirror secondary start``), a writer, ``cgmirror
+mirror run`` in the background, ``cgmirror mirror status`` with the RPO,
+and, while the writer runs, the remote's hardened group read through the
+secondaries' host exports and checked the same way: one point of the
+writer's sequence.
+
 The point-in-time check: the writer is one thread issuing one write at a
 time, across all three volumes, and logs each write once acknowledged.  A
 consistent cut of the group is therefore exactly "writes 1..k" for one k,
@@ -278,6 +285,121 @@ def body(workdir: str, session: str, images: dict[str, str],
             writer.join(timeout=10)
 
 
+MIRROR_LAYOUT = {"m1": {"db": 8 * MiB}, "m2": {"log": 8 * MiB}}
+MIRROR_REMOTE = {"m1": "r1", "m2": "r2"}
+
+
+def mirror_toml() -> str:
+    """The mirror part's session: two slaves, one secondary each, groups
+    200 ms apart."""
+    out = ['[session]', 'name = "mirror-demo"', 'state_dir = "state"',
+           'max_coordination_ms = 1000', 'lease_ms = 5000', 'copy_timeout_ms = 30000',
+           '', '[mirror]', 'interval_ms = 200', 'max_drain_ms = 5000',
+           'rpo_threshold_s = 30']
+    for slave, vols in MIRROR_LAYOUT.items():
+        out += ["", "[[slave]]", f'name = "{slave}"', f'state_dir = "run/{slave}"',
+                f'nbd_socket = "run/{slave}.sock"', f'control = "run/{slave}.ctl"',
+                "threads = 2"]
+        for vol, size in vols.items():
+            out += ["", "[[slave.volume]]", f'name = "{vol}"', f'path = "data/{vol}.img"',
+                    f'size = "{size // MiB}M"', f'secondary = "{MIRROR_REMOTE[slave]}"']
+    for slave, r in MIRROR_REMOTE.items():
+        out += ["", "[[secondary]]", f'name = "{r}"', f'state_dir = "remote/{r}"',
+                f'nbd_socket = "remote/{r}.sock"', f'control = "remote/{r}.ctl"']
+        for vol, size in MIRROR_LAYOUT[slave].items():
+            out += ["", "[[secondary.volume]]", f'name = "{vol}"',
+                    f'path = "remote/{vol}.img"', f'size = "{size // MiB}M"']
+    return "\n".join(out) + "\n"
+
+
+def mirror_demo(workdir: str, seconds: float = 6.0) -> bool:
+    """Two slaves, their secondaries, a writer and `cgmirror mirror run` in
+    the background; while the writer runs, the remote host exports are read
+    as one group (both secondaries at the same hardened group before and
+    after the read) and must be one point of the writer's sequence."""
+    import subprocess
+
+    from coordinator import session as session_mod
+    for d in ("data", "remote", "run"):
+        os.makedirs(os.path.join(workdir, d), exist_ok=True)
+    session = os.path.join(workdir, "mirror.toml")
+    with open(session, "w") as f:
+        f.write(mirror_toml())
+    print(f"\n---- the mirror ----\nsession {session}:\n{mirror_toml()}")
+    sess = session_mod.load(session)
+    specs = {s.name: s.spec() for s in sess.slaves}
+    uris = {vol: specs[slave].uri(vol) for slave, vols in MIRROR_LAYOUT.items()
+            for vol in vols}
+    host = {vol: f"nbd+unix:///{vol}?socket={sess.secondary(r).nbd_socket}"
+            for slave, r in MIRROR_REMOTE.items() for vol in MIRROR_LAYOUT[slave]}
+    checks: list[tuple[str, bool]] = []
+    started, writer, proc = [], None, None
+    try:
+        for noun in ("slave", "secondary"):
+            if cgmirror(session, noun, "start")[0] != 0:
+                return False
+            started.append(noun)
+        writer = Writer(uris)
+        writer.start()
+        writer.filled.wait()
+        print("\n$ cgmirror mirror run &", flush=True)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", session,
+                                 "mirror", "run"], cwd=root, stdin=subprocess.DEVNULL,
+                                env=dict(os.environ, PYTHONPATH=root))
+
+        def hardened() -> tuple:
+            code, out = cgmirror(session, "mirror", "status", "--json", capture=True)
+            doc = json.loads(out) if code == 0 else {}
+            return tuple((doc.get("secondaries") or {}).get(r, {}).get("hardened")
+                         for r in MIRROR_REMOTE.values())
+
+        deadline = time.monotonic() + 30
+        while not all(hardened()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        reads, seen = 0, set()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            before = hardened()
+            if None in before or len(set(before)) != 1:
+                time.sleep(0.05)
+                continue
+            done = len(writer.log)
+            snap = {v: read_all(u) for v, u in host.items()}
+            if hardened() != before:
+                continue                # a commit came between: read again
+            log = list(writer.log)      # the writer goes on appending
+            ks = point_in_log(log, snap)
+            reads += 1
+            seen.add(before[0])
+            good = len(ks) == 1 and ks[0] <= len(log)
+            checks.append((f"remote group {before[0]} (read after write {done}) is one"
+                           f" point of the writer: " + (f"write {ks[0]}" if len(ks) == 1
+                                                         else f"{len(ks)} points"), good))
+        cgmirror(session, "mirror", "status")
+        checks.append((f"the remote was read as a group {reads} times, {len(seen)}"
+                       f" different groups, while the writer ran", reads >= 2
+                       and len(seen) >= 2))
+        proc.terminate()
+        checks.append(("`mirror run` stopped cleanly on SIGTERM", proc.wait(60) == 0))
+        writer.stop_event.set()
+        writer.join()
+        checks.append((f"writer: {len(writer.log)} writes, no error", writer.error is None))
+        print()
+        for text, passed in checks:
+            print(f"{'PASS' if passed else 'FAIL'}  {text}")
+        return all(p for _, p in checks)
+    finally:
+        if writer is not None:
+            writer.stop_event.set()
+            writer.join(timeout=10)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        for noun in reversed(started):
+            cgmirror(session, noun, "stop")
+
+
 def demo_sites(workdir: str) -> bool:
     """The demo across namespaces: set-up from here, the body inside ``c``."""
     import subprocess
@@ -352,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="cgmirror-demo-")
     try:
         ok = demo_sites(workdir) if args.sites else demo(workdir)
+        if not args.sites:
+            ok = mirror_demo(os.path.join(workdir, "mirror")) and ok
     finally:
         if args.keep:
             print(f"kept {workdir}")
