@@ -299,10 +299,10 @@ def check_baseline(h, uri: str, size: int, base: dict, source, timeout: float,
                         f" granularity {base['granularity']}, the volume now has"
                         f" {source.granularity}: {fix}")
     reader = BlockReader(h, uri, source, timeout)
-    for block, digest in base["samples"]:
+    for block, want in base["samples"]:
         if changed.test(block):
             continue
-        if digest(reader.read(block)) != digest:
+        if digest(reader.read(block)) != want:
             raise CopyError(f"target {uri} no longer holds the baseline of"
                             f" {source.name} (block {block} differs): {fix}")
 
