@@ -13,7 +13,7 @@ APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
 
 .PHONY: setup apt venv ext test test-fast demo demo-sites vm vm-test clean \
         bench-bitmap bench-write bench-freeze bench-freeze-sites bench-copy bench-engine \
-        bench-granularity
+        bench-granularity bench-resync
 
 setup: apt venv ext
 
@@ -86,6 +86,10 @@ bench-engine: setup
 
 bench-granularity: setup
 	$(PY) bench/bench_granularity.py
+
+# Failback resync (S | T) against a full copy and a checksum delta copy, 4 GiB.
+bench-resync: setup
+	$(PY) bench/bench_resync.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c \
