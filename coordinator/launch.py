@@ -272,6 +272,10 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
             raise LaunchError(f"slave {spec.name} exited after starting:"
                               f" {_tail(spec.logfile, log_start)}")
         if time.monotonic() > deadline:
+            if detach:
+                # The daemon is nbdkit's forked child, named by the pidfile: a
+                # slave that never answered must not outlive this error.
+                proc.pid = running_pid(spec) or proc.pid
             if proc.alive():
                 proc.kill9()
             if refused is not None and refused.kind is Kind.UNREACHABLE and \

@@ -254,7 +254,7 @@ class BlockReader:
         return data
 
 
-def digest(data) -> str:
+def block_digest(data) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
@@ -273,11 +273,11 @@ def sample(reader: BlockReader, written: Bitmap) -> list[list]:
                 break
         # A zero block if the stratum gave nothing else: still proof
         # against a target written where the source is empty.
-        samples[block] = digest(data)
+        samples[block] = block_digest(data)
     runs = list(written.iter_runs())
     for start, length in rng.sample(runs, min(WRITTEN_SAMPLES, len(runs))):
         block = start + rng.randrange(length)
-        samples.setdefault(block, digest(reader.read(block)))
+        samples.setdefault(block, block_digest(reader.read(block)))
     return [[b, d] for b, d in sorted(samples.items())]
 
 
@@ -299,10 +299,10 @@ def check_baseline(h, uri: str, size: int, base: dict, source, timeout: float,
                         f" granularity {base['granularity']}, the volume now has"
                         f" {source.granularity}: {fix}")
     reader = BlockReader(h, uri, source, timeout)
-    for block, want in base["samples"]:
+    for block, digest in base["samples"]:
         if changed.test(block):
             continue
-        if digest(reader.read(block)) != want:
+        if block_digest(reader.read(block)) != digest:
             raise CopyError(f"target {uri} no longer holds the baseline of"
                             f" {source.name} (block {block} differs): {fix}")
 

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from wire import protocol
 from wire.protocol import CutMachine, Event, Kind, Phase, ProtocolError
 
-from .copier import SAMPLES, Copy, CopyError, PitSource, verify_target, digest
+from .copier import SAMPLES, Copy, CopyError, PitSource, block_digest, verify_target
 from .files import write_atomic
 from .server import (HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, MAX_CONNECTIONS, Conn,
                      ControlServer, OpHandler)
@@ -97,7 +97,7 @@ def _clean_samples(vol: Volume) -> list[list]:
             continue
         buf = bytearray(min(g, vol.size - b * g))
         vol.pread(buf, b * g)
-        out.append([b, digest(buf)])
+        out.append([b, block_digest(buf)])
     return out
 
 
