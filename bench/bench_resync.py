@@ -33,7 +33,8 @@ the delta copy's, are compared byte for byte.
 
 Prints a table, then one JSON line last: ratio_vs_full (resync seconds /
 full seconds, whole commands), ratio_group_vs_full (the same for only the
-group that sends, i.e. without the role switch), bytes_vs_union (bytes
+group that sends, i.e. without the role switches and the recovery before
+it), bytes_vs_union (bytes
 received / (|S u T| x granularity)), ratio_vs_delta (resync seconds / delta
 seconds), the seconds and bytes of each, and the load average (the machine
 is shared).  Removes its files from /dev/shm.
@@ -126,9 +127,18 @@ class ChildLauncher(Launcher):
 
 
 class TimedSwitch(RoleSwitch):
-    """The command's own code, with the sending group timed apart."""
+    """The command's own code, with the sending group and the role
+    switches (node restarts) timed apart."""
 
     harden_s = 0.0
+    become_s = 0.0
+
+    def become(self, node, role):
+        t = time.monotonic()
+        try:
+            return super().become(node, role)
+        finally:
+            self.become_s += time.monotonic() - t
 
     def _harden(self, m, until_clean=False):
         t = time.monotonic()
@@ -295,9 +305,11 @@ def main(argv=None) -> int:
             rs.resync("b", "a", full=full)
             out[f"{key}_s"] = time.monotonic() - t
             out[f"{key}_group_s"] = rs.harden_s
+            out[f"{key}_roles_s"] = rs.become_s
             out[f"{key}_bytes"] = sum(replication_bytes(c.spec())
                                       for c in sess.slaves) - before
-            say(f"{key}: {out[f'{key}_s']:.2f} s (group {rs.harden_s:.2f} s)")
+            say(f"{key}: {out[f'{key}_s']:.2f} s (roles {rs.become_s:.2f} s,"
+                f" group {rs.harden_s:.2f} s)")
             if not full:
                 bad = {v: differing_blocks(os.path.join(d, f"{s}-{v}.img"),
                                            os.path.join(d, f"{PEER[s]}-{v}.img"))
@@ -324,6 +336,7 @@ def main(argv=None) -> int:
             ("delta copy (reads both sides)", out["delta_s"], out["delta_bytes_written"],
              out["delta_bytes_read"]),
             ("cgmirror resync", out["resync_s"], out["resync_bytes"], None),
+            ("  of which the role switches", out["resync_roles_s"], None, None),
             ("  of which the group", out["resync_group_s"], None, None),
             ("cgmirror resync --full", out["full_s"], out["full_bytes"], None),
             ("  of which the group", out["full_group_s"], None, None)]
