@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -306,6 +307,10 @@ def main(argv=None) -> int:
             out[f"{key}_s"] = time.monotonic() - t
             out[f"{key}_group_s"] = rs.harden_s
             out[f"{key}_roles_s"] = rs.become_s
+            # The mirror's own line: where the group's time went (drain,
+            # prepare and commit at the secondaries).
+            out[f"{key}_group_line"] = next((line for line in reversed(logs)
+                                             if re.match(r"group \d+ hardened", line)), None)
             out[f"{key}_bytes"] = sum(replication_bytes(c.spec())
                                       for c in sess.slaves) - before
             say(f"{key}: {out[f'{key}_s']:.2f} s (roles {rs.become_s:.2f} s,"
@@ -344,6 +349,8 @@ def main(argv=None) -> int:
     for name, s, sent, read in rows:
         print(f"{name:32} {s:8.2f} {'' if sent is None else f'{sent / MiB:9.1f}':>9}"
               f" {'' if read is None else f'{read / MiB:9.0f}':>9}")
+    for key in ("resync", "full"):
+        print(f"{key}: {out[f'{key}_group_line']}")
     print(f"|S u T| = {out['union_blocks']} blocks ({out['overlap_blocks']} in both);"
           f" blocks differing afterwards: {out['differing_blocks_after']}")
     print(json.dumps(out))
