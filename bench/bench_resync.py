@@ -36,7 +36,10 @@ full seconds, whole commands), ratio_group_vs_full (the same for only the
 group that sends, i.e. without the role switches and the recovery before
 it), bytes_vs_union (bytes
 received / (|S u T| x granularity)), ratio_vs_delta (resync seconds / delta
-seconds), the seconds and bytes of each, and the load average (the machine
+seconds), ratio_vs_initial_copy (resync seconds / the initial full copy's:
+a full copy into a target that has no hardened group to keep, so no undo
+store; ``--full`` keeps the target's group until it hardens, like any
+resync, and pays the undo store for every block), the seconds and bytes of each, and the load average (the machine
 is shared).  Removes its files from /dev/shm.
 """
 
@@ -336,6 +339,7 @@ def main(argv=None) -> int:
     out["ratio_group_vs_full"] = round(out["resync_group_s"] / out["full_group_s"], 4)
     out["bytes_vs_union"] = out["resync_bytes"] / (out["union_blocks"] * G)
     out["ratio_vs_delta"] = round(out["resync_s"] / out["delta_s"], 4)
+    out["ratio_vs_initial_copy"] = round(out["resync_s"] / out["initial_s"], 4)
     out["loadavg"] = list(os.getloadavg())
     rows = [("initial full copy (group 1)", out["initial_s"], None, None),
             ("delta copy (reads both sides)", out["delta_s"], out["delta_bytes_written"],
