@@ -34,13 +34,13 @@ the delta copy's, are compared byte for byte.
 Prints a table, then one JSON line last: ratio_vs_full (resync seconds /
 full seconds, whole commands), ratio_group_vs_full (the same for only the
 group that sends, i.e. without the role switches and the recovery before
-it), bytes_vs_union (bytes
-received / (|S u T| x granularity)), ratio_vs_delta (resync seconds / delta
-seconds), ratio_vs_initial_copy (resync seconds / the initial full copy's:
-a full copy into a target that has no hardened group to keep, so no undo
-store; ``--full`` keeps the target's group until it hardens, like any
-resync, and pays the undo store for every block), the seconds and bytes of each, and the load average (the machine
-is shared).  Removes its files from /dev/shm.
+it), bytes_vs_union (bytes received / (|S u T| x granularity)),
+ratio_vs_delta (resync seconds / delta seconds), ratio_vs_initial_copy
+(resync seconds / the initial full copy's: a copy into a target with no
+hardened group to keep, so no undo store; ``--full`` keeps the target's
+group until it hardens, like any resync, and pays the undo store for every
+block), the seconds and bytes of each, the mirror's line of each group, and
+the load average (the machine is shared).  Removes its files from /dev/shm.
 """
 
 from __future__ import annotations
