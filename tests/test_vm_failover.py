@@ -98,7 +98,9 @@ SCRIPT = (
     # s1 is dead: nothing of nbd0 is dirty (all synced); the unmount's own
     # superblock write fails, which is what a dead primary does.
     + "umount /mnt/0 2>/dev/null || umount -l /mnt/0 || true\n"
+    + "say unmounted nbd0\n"
     + "nbd_detach 0 >/dev/null 2>&1 || true\n"
+    + "say detached nbd0\n"
     + _mount(1)
     + workload.verify(1, "f")
     + workload.write_files(1, nfiles=6, kib=256, tag="g")
@@ -145,8 +147,10 @@ def test_ext4_failover_and_failback(vm_guest, slaves, run_dir, monkeypatch):
     slaves.restart(specs[1])
     logs: list[str] = []
     s1_sock, r1_sock = sess.slaves[0].nbd_socket, sess.secondaries[0].nbd_socket
-    g = vm_guest(SCRIPT, [(s1_sock, "a"), (r1_sock, "a"), (s1_sock, "a")], timeout=120,
-                 attach=False)
+    # nbd0 dies with s1: a request in flight then would wait for ever (the
+    # kernel retries a request with no timeout), so it fails after 5 s.
+    g = vm_guest(SCRIPT, [(s1_sock, "a", "-t 5"), (r1_sock, "a"), (s1_sock, "a")],
+                 timeout=120, attach=False)
     g.wait_line(r"^READY mounted", timeout=60)
 
     # 1. Groups form while the guest writes and fsyncs.
