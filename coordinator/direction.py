@@ -39,7 +39,7 @@ import dataclasses
 import json
 import os
 
-from nbdplugin.files import write_atomic
+from wire.files import write_atomic
 
 from .errors import CgmirrorError, ConfigError
 from .launch import SlaveSpec

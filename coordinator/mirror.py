@@ -91,7 +91,7 @@ from .link import SlaveLink
 from .lock import SessionLock
 from .session import Session, replication_uri
 
-# Test-only crash points of the coordinator, as nbdplugin/failpoints.py does
+# Test-only crash points of the coordinator, as wire/failpoints.py does
 # for the slave (``CGMIRROR_FAILPOINTS=name[@N],...``: SIGKILL the N-th time
 # ``_hit(name)`` runs).  Points: mirror:after-cut (thawed, before COPY),
 # mirror:mid-drain (COPY sent, first poll), mirror:after-prepare (every

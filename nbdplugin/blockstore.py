@@ -46,7 +46,7 @@ from collections.abc import Iterable
 
 from native import copyengine
 
-from .files import fsync_dir, open_private
+from wire.files import fsync_dir, open_private
 
 _REC = struct.Struct("<QQII")   # block, offset in the store, length, crc32 of the first 20 bytes
 

@@ -65,8 +65,8 @@ import zlib
 
 from native.bitmap import Bitmap, mark_write
 
-from . import failpoints
-from .files import open_private, write_atomic
+from wire import failpoints
+from wire.files import open_private, write_atomic
 
 log = logging.getLogger(__name__)
 

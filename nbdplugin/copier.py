@@ -52,7 +52,7 @@ from native import copyengine
 from native.bitmap import Bitmap
 from wire import tls
 
-from . import failpoints
+from wire import failpoints
 
 MAX_RUN = 1 << 20
 STREAMS = 4

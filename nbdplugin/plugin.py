@@ -43,16 +43,15 @@ for _p in (_VENV_SITE, _ROOT):
     if os.path.isdir(_p) and _p not in sys.path:
         sys.path.insert(0, _p)
 
-from nbdplugin import copier, files  # noqa: E402
+from nbdplugin import copier  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
 from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa: E402
                                  prepared_group)
 from nbdplugin.server import ControlServerError  # noqa: E402
 from nbdplugin.slave import Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
+from wire import address as wire_address, files, tls  # noqa: E402
 from wire.units import parse_size  # noqa: E402
-from wire import address as wire_address  # noqa: E402
-from wire import tls  # noqa: E402
 
 API_VERSION = 2
 

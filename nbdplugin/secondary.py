@@ -89,9 +89,9 @@ import time
 from wire import protocol
 from wire.protocol import Kind, ProtocolError
 
-from . import failpoints
+from wire import failpoints
 from .blockstore import BlockStore, StoreClosed
-from .files import write_atomic
+from wire.files import write_atomic
 from .server import ControlServer, OpHandler
 from .volume import Volume
 

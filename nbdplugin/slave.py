@@ -34,7 +34,7 @@ from wire import protocol
 from wire.protocol import CutMachine, Event, Kind, Phase, ProtocolError
 
 from .copier import SAMPLES, Copy, CopyError, PitSource, block_digest, verify_target
-from .files import write_atomic
+from wire.files import write_atomic
 from .server import (HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, MAX_CONNECTIONS, Conn,
                      ControlServer, OpHandler)
 from .volume import Volume

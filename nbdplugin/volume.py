@@ -21,12 +21,12 @@ import stat
 import struct
 import threading
 
-from . import failpoints
+from wire import failpoints
 from native.bitmap import Bitmap
 
 from .blockstore import BlockStore, StoreClosed
 from .changemap import ChangeMap
-from .files import LockedError, lock_exclusive, lock_holder
+from wire.files import LockedError, lock_exclusive, lock_holder
 from .gate import Gate
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import sys
 def _loaded_after(stmt: str) -> set[str]:
     code = (f"import sys; {stmt}; "
             "print(' '.join(m for m in sys.modules if m.split('.')[0] in "
-            "('nbdplugin', 'native', 'harness', 'nbd')))")
+            "('nbdplugin', 'native', 'harness')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     return set(out.split())

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from nbdplugin.files import fsync_dir, write_atomic
+from wire.files import fsync_dir, write_atomic
 from tests.conftest import IN_CI
 from tests.lazyfs import LazyFS, mounted, unavailable
 

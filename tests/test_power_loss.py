@@ -24,7 +24,7 @@ import pytest
 from coordinator import launch
 from harness import peers
 from nbdplugin.blockstore import BlockStore
-from nbdplugin.files import fsync_dir, write_atomic
+from wire.files import fsync_dir, write_atomic
 from tests.conftest import need
 from tests.test_lazyfs import lazyfs_at
 

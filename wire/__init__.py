@@ -1,1 +1,1 @@
-"""What the slaves and the coordinator share on the wire: addresses, NBD URIs, the control codec, TLS."""
+"""What the slaves and the coordinator share: the control codec, addresses, NBD URIs, TLS, sizes, durable files and failpoints."""
