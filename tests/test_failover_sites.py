@@ -18,13 +18,13 @@ same counting at the receiving end (a secondary's ``replication_bytes``).
 
 Transport: a ``[[secondary]]`` has only unix sockets today (``nbd_socket``,
 ``control``; ``replication_uri`` builds ``nbd+unix`` URIs, and
-``direction.oriented`` makes a primary's TCP fields unix ones when it is
-demoted), so every node here is reached over unix sockets, which network
-namespaces do not separate.  The cuts below therefore cut what the
-coordinator's view of a site would cut over TCP only once secondaries take
-``tcp:`` addresses; until then they prove only that no step needs site
-``a`` (it is stopped -- SIGSTOP -- while cut off, so no call to it could
-succeed).
+``direction.oriented`` drops a primary's TCP fields when it is demoted), so
+a node that changes role is reached over unix sockets, which network
+namespaces do not separate.  One test puts s1 on TCP with mutual TLS and
+stops after the failover (a real cut: nothing of the coordinator's reaches
+s1); the round trips keep s1 on unix sockets and stop it (SIGSTOP) while
+site a is cut off, so that no call to it could succeed.  The link cut
+mid-resync needs a replication link over TCP: not here yet.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import dataclasses
 import io
 import json
 import os
+import random
 import select
 import signal
 import subprocess
@@ -114,16 +115,19 @@ class Node:
         self.session = session_mod.load(self.path)
         self.launcher = SiteLauncher(netns)
         failover_cmds.launcher = self.launcher
+        self.cfgs = {c.name: c for c in [*self.session.slaves, *self.session.secondaries]}
+        # The workload and the checker dial TCP nodes with the coordinator's
+        # certificate (None: every node is on unix sockets).
+        tf.wl.TLS_DIR = self.session.slaves[0].client_tls
         self.logs: list[str] = []
         self.mirror: Mirror | None = None
         self.thread: threading.Thread | None = None
 
     def uris(self, node):
-        return [f"nbd+unix:///{v}?socket={os.path.join(self.base, node + '.sock')}"
-                for v in VOLS]
+        return [self.cfgs[node].spec().uri(v) for v in VOLS]
 
     def _link(self, node):
-        return SlaveLink(node, os.path.join(self.base, f"{node}.ctl"), timeout=30)
+        return SlaveLink.from_spec(self.cfgs[node].spec(), timeout=30)
 
     # -- steps (each returns something JSON can carry)
 
@@ -137,9 +141,19 @@ class Node:
         return {v: sorted(b) for v, b in w.blocks.items()}
 
     def scatter(self, node, count, seed):
-        w = tf.Writes()
-        w.scatter(self.uris(node), count, seed)
-        return {v: sorted(b) for v, b in w.blocks.items()}
+        """``test_failover.Writes.scatter`` through ``workload.Device``
+        (which dials a TCP node with TLS)."""
+        rng, out = random.Random(seed), {}
+        for v, uri in zip(VOLS, self.uris(node)):
+            dev = tf.wl.Device(uri, "scatter")
+            try:
+                out[v] = sorted(rng.sample([b for b in range(tf.NBLOCKS) if b % 8], count))
+                for b in out[v]:
+                    dev.pwrite(rng.randbytes(G), b * G)
+                dev.h.flush()
+            finally:
+                dev.close()
+        return out
 
     def group(self, source):
         m = Mirror(direction.oriented(self.session, source), log=self.logs.append,
@@ -170,6 +184,15 @@ class Node:
         with self._link(node) as lk:
             return lk.call(op, **args)
 
+    def reachable(self, node):
+        """Does ``node`` answer within 2 s?"""
+        try:
+            with SlaveLink.from_spec(self.cfgs[node].spec(), timeout=2) as lk:
+                lk.status()
+            return True
+        except Exception:
+            return False
+
     def replication_bytes(self, node):
         return sum(v["replication_bytes"] for v in self.status(node)["volumes"].values())
 
@@ -180,13 +203,10 @@ class Node:
         return launch.running_pid(self.launcher.procs[node].spec)
 
     def running(self, node):
-        return any(launch.running_pid(c.spec()) for c in
-                   [*self.session.slaves, *self.session.secondaries] if c.name == node)
+        return launch.running_pid(self.cfgs[node].spec()) is not None
 
     def restart(self, node, role):
-        cfg = next(c for c in [*self.session.slaves, *self.session.secondaries]
-                   if c.name == node)
-        self.launcher.start(dataclasses.replace(cfg.spec(), role=role))
+        self.launcher.start(dataclasses.replace(self.cfgs[node].spec(), role=role))
 
     def mirror_start(self):
         self.mirror = Mirror(self.session, log=self.logs.append).open()
@@ -233,16 +253,35 @@ def serve(base: str, netns: dict[str, str]) -> None:
 class Driver:
     """The driver process inside ``c``; ``d(step, *args)`` runs one step."""
 
-    def __init__(self, net, base: str):
+    def __init__(self, net, base: str, tcp: bool = False):
         self.net, self.base = net, base
+        text = tf.SESSION.format(size=SIZE)
+        if tcp:
+            text = self._tcp_primary(text)
         with open(os.path.join(base, "f.toml"), "w") as f:
-            f.write(tf.SESSION.format(size=SIZE))
+            f.write(text)
         self.log = open(os.path.join(base, "driver.log"), "ab")
         netns = {s: net[s].netns for s in ("a", "b")}
         self.proc = net["c"].popen([sys.executable, "-m", "tests.test_failover_sites",
                                     base, json.dumps(netns)], cwd=ROOT, text=True,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=self.log)
+
+    def _tcp_primary(self, text: str) -> str:
+        """s1's control and host exports on site a's address, mutual TLS
+        from the session's PKI (r1 keeps its unix sockets: see the module
+        doc)."""
+        from coordinator import pki
+        from tests.twosites import free_port
+        a = self.net["a"]
+        pki.init(os.path.join(self.base, "pki"), "f")
+        pki.issue(os.path.join(self.base, "pki"), "s1", ips=[a.addr])
+        pki.issue(os.path.join(self.base, "pki"), "coordinator")
+        unix = 'nbd_socket = "s1.sock"\ncontrol = "s1.ctl"\n'
+        assert unix in text
+        text = text.replace(unix, f'control = "tcp:{a.addr}:{free_port(a)}"\n'
+                                  f'nbd = "tcp:{a.addr}:{free_port(a)}"\n')
+        return text.replace("[session]\n", '[session]\npki = "pki"\n', 1)
 
     def __call__(self, op, *args, timeout: float = STEP_TIMEOUT):
         self.proc.stdin.write(json.dumps([op, *args]) + "\n")
@@ -296,9 +335,11 @@ def d(sites, run_dir):
             print(f.read()[-6000:])
 
 
-def split(d, net) -> tuple[list, int]:
+def split(d, net, freeze: bool = True) -> tuple[list, int]:
     """Mirror a workload; leave writes at s1 that never reach r1; cut site
-    a off (its node stopped); fail over; write at r1.  Returns ([S, T], h)."""
+    a off (``freeze``: its node stopped too, where the cut alone would not
+    keep the coordinator from it); fail over; write at r1.  Returns ([S, T],
+    h)."""
     d("start")
     d("workload", "s1", 40, False)
     d("group", "a")                                  # the first full copy
@@ -310,7 +351,9 @@ def split(d, net) -> tuple[list, int]:
     old = [d("workload", "s1", 15), d("scatter", "s1", 6, 1)]   # S: never replicated
     net.cut("a", "b")
     net.cut("a", "c")
-    os.kill(d("pid", "s1"), signal.SIGSTOP)          # the site is gone, not down
+    if freeze:
+        os.kill(d("pid", "s1"), signal.SIGSTOP)      # the site is gone, not down
+    assert not d("reachable", "s1")
     try:
         res = d("cli", "failover")
         assert res["rc"] == 0, res["err"]
@@ -319,7 +362,8 @@ def split(d, net) -> tuple[list, int]:
         new = [d("workload", "r1", 12), d("scatter", "r1", 5, 2)]   # T
         d("check", "r1")
     finally:
-        os.kill(d("pid", "s1"), signal.SIGCONT)
+        if freeze:
+            os.kill(d("pid", "s1"), signal.SIGCONT)
         net.heal("a", "c")
         net.heal("a", "b")
     return old + new, h
@@ -352,6 +396,26 @@ def test_failover_with_the_primary_site_cut_off_then_failback(d, sites):
     assert d("replication_bytes", "r1") - sent == union(more) * G
     d.assert_equal()
     d("check", "r1")
+
+
+def test_failover_over_tcp_with_the_primary_site_cut_off(sites, run_dir):
+    """s1 on TCP with mutual TLS (control and host exports), the
+    coordinator and clients in c: with the cut, no packet reaches s1, which
+    keeps running as a primary; failover needs nothing of it, r1 takes
+    writes and passes the checker.  (The failback would demote s1, which
+    needs TCP secondaries: see the module doc.)"""
+    from conftest import need
+    need("nbdkit")
+    drv = Driver(sites, run_dir, tcp=True)
+    try:
+        _, h = split(drv, sites, freeze=False)
+        assert drv("status", "s1").get("role", "primary") == "primary"
+        with open(os.path.join(run_dir, "state", "direction.json")) as f:
+            assert json.load(f) | {"a_controls": None} == {
+                "source": "b", "from": "a", "state": "failed-over", "hardened": h,
+                "a_controls": None}
+    finally:
+        drv.close()
 
 
 @pytest.mark.parametrize("side, point", [
