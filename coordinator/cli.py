@@ -6,7 +6,13 @@
     cgmirror [-s SESSION.toml] status [--json]
     cgmirror [-s SESSION.toml] history [--json] [--limit N]
     cgmirror [-s SESSION.toml] secondary start|stop [NAME...]
-    cgmirror [-s SESSION.toml] mirror run|pause|resume|status [--json]
+    cgmirror [-s SESSION.toml] mirror run|pause|resume|status [--json] [--watch]
+    cgmirror [-s SESSION.toml] slave|secondary run NAME   (foreground, for systemd)
+    cgmirror [-s SESSION.toml] events               (JSON lines from the running mirror)
+    cgmirror [-s SESSION.toml] verify [--repair] [--json]   (online, via the mirror)
+    cgmirror [-s SESSION.toml] check [--json]       (validate; starts nothing)
+    cgmirror [-s SESSION.toml] install-units [--dir DIR] [--exec CMD]
+    cgmirror --version
     cgmirror [-s SESSION.toml] pki init|issue ...   (see pki_cmds; no session needed)
 
 The session file comes from ``-s/--session`` or ``$CGMIRROR_SESSION``.
@@ -55,12 +61,14 @@ its traceback with ``CGMIRROR_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from dataclasses import dataclass
 
 from . import copy_cmds, errors, output, pki_cmds, session as session_mod, slave_cmds
 from . import failover_cmds, mirror_cmds, secondary_cmds, status_cmds
+from . import check_cmds, events_cmds, units_cmds, verify_cmds
 from .errors import CgmirrorError, ExitCode
 
 
@@ -101,6 +109,10 @@ NOUNS = (
     secondary_cmds,
     mirror_cmds,
     failover_cmds,
+    events_cmds,
+    verify_cmds,
+    check_cmds,
+    units_cmds,
     pki_cmds,
 )
 
@@ -128,10 +140,20 @@ def _session_option(parser: argparse.ArgumentParser) -> None:
                 _session_option(child)
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml), or "unknown" when
+    run from a source tree that was never installed."""
+    try:
+        return importlib.metadata.version("cgmirror")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cgmirror",
                 description="Consistent copies of volume groups served by cgmirror"
                             " slaves.")
+    p.add_argument("--version", action="version", version=f"cgmirror {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for noun in NOUNS:
         noun.register(sub)

@@ -100,7 +100,9 @@ def print_report(doc: dict, out) -> None:
     for slave, vols in cp["slaves"].items():
         for vol, c in vols.items():
             rows.append([slave, vol, c["mode"], output.size(c["bytes"]),
-                         f"{c['seconds']:.2f}", f"{c['mb_per_s']:.1f}", c["state"]])
-    output.table(rows, ["SLAVE", "VOLUME", "MODE", "COPIED", "SECONDS", "MB/S", "RESULT"],
+                         f"{c['seconds']:.2f}",
+                         output.rate(c["bytes"] / c["seconds"]) if c["seconds"] else "-",
+                         c["state"]])
+    output.table(rows, ["SLAVE", "VOLUME", "MODE", "COPIED", "SECONDS", "SPEED", "RESULT"],
                  out)
     print(f"copied {output.size(cp['bytes'])} in {cp['seconds']:.2f} s", file=out)

@@ -213,25 +213,11 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     ``detach`` lets nbdkit daemonize instead, so the slave outlives the
     process that started it (``cgmirror slave start``).
     """
-    pid = running_pid(spec)
-    if pid:
-        raise LaunchError(f"slave {spec.name} is already running as pid {pid}")
-    private_dirs(spec.statedir)
-    for path in _unix_paths(spec):
-        private_dirs(os.path.dirname(os.path.abspath(path)))
-    # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
-    # The control socket is left to the slave: it removes it only if stale,
-    # never while another process still serves it.
-    if spec.nbd is None:
-        remove(spec.nbd_socket)
-    remove(spec.pidfile)
+    cmd = prepare(spec)
     try:
-        cmd = spec.command()
         ctx = spec.client_context()
     except tls.TLSConfigError as exc:
         raise LaunchError(f"slave {spec.name}: {exc}") from exc
-    # nbdkit as found on the caller's PATH, before slave_env reorders it.
-    cmd[0] = shutil.which(cmd[0]) or cmd[0]
     if detach:
         cmd = [a for a in cmd if a != "-f"]
         cmd.insert(1, "--log=stderr")
@@ -286,6 +272,44 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
             raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
                               f" {_tail(spec.logfile, log_start)}")
         time.sleep(0.02)
+
+
+def prepare(spec: SlaveSpec) -> list[str]:
+    """Make a slave's directories and remove what a dead one left; return
+    its nbdkit command line (foreground).  Shared by ``start`` and
+    ``cgmirror slave run`` (systemd), so both run the slave the same way."""
+    pid = running_pid(spec)
+    if pid:
+        raise LaunchError(f"slave {spec.name} is already running as pid {pid}")
+    private_dirs(spec.statedir)
+    for path in _unix_paths(spec):
+        private_dirs(os.path.dirname(os.path.abspath(path)))
+    # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
+    # The control socket is left to the slave: it removes it only if stale,
+    # never while another process still serves it.
+    if spec.nbd is None:
+        remove(spec.nbd_socket)
+    remove(spec.pidfile)
+    try:
+        cmd = spec.command()
+    except tls.TLSConfigError as exc:
+        raise LaunchError(f"slave {spec.name}: {exc}") from exc
+    # nbdkit as found on the caller's PATH, before slave_env reorders it.
+    cmd[0] = shutil.which(cmd[0]) or cmd[0]
+    return cmd
+
+
+def exec_foreground(spec: SlaveSpec) -> None:
+    """Become the slave (``cgmirror slave run``, a systemd unit's
+    ExecStart): nbdkit in the foreground, logging to stderr (the journal),
+    with our PID, so systemd's MAINPID, SIGTERM and the plugin's READY=1
+    all concern nbdkit itself.  Returns only by raising LaunchError."""
+    cmd = prepare(spec)
+    try:
+        os.execve(cmd[0], cmd, slave_env(spec.env))
+    except OSError as exc:
+        raise LaunchError(f"cannot run {cmd[0]} for slave {spec.name}:"
+                          f" {exc.strerror or exc}") from exc
 
 
 def _is_tcp(address: str) -> bool:

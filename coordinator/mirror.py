@@ -83,7 +83,7 @@ from typing import Callable
 from wire import protocol
 from wire.protocol import Kind
 
-from . import direction, group
+from . import direction, events, group, output, verify
 from .errors import (CgmirrorError, CopyFailed, EstablishAborted, ExitCode, LocalError,
                      SlaveError, describe)
 from .history import History
@@ -113,6 +113,7 @@ def _hit(name: str) -> None:
 LIFT_AFTER = 5                  # drain-time failures in a row before the timer lifts
 HOLD_WINDOW = 1000              # hold times kept for p50/p99
 CONTROL_TIMEOUT_S = 5.0
+VERIFY_TIMEOUT_S = 3600.0       # a verify waits for a hardened group, then reads it all
 
 
 class MirrorError(CgmirrorError):
@@ -216,6 +217,11 @@ class Mirror:
         self.last: GroupResult | None = None
         self.drain_bytes = 0
         self.drain_seconds = 0.0
+        self.events = events.EventBus(session.name)     # cgmirror events
+        self.peers: events.PeerWatch | None = None      # slave up/down, dirty bytes
+        self.metrics = None                             # metrics.Metrics if [mirror] metrics
+        self.rate = session.mirror.rate or 0            # drain bytes/s per volume; 0: none
+        self.verifies = verify.Requests(self._wake)     # cgmirror verify, between groups
 
     # ------------------------------------------------------------ life cycle
 
@@ -231,12 +237,90 @@ class Mirror:
             if self.serve_control:
                 self._server = _ControlServer(self.settings.control, self)
                 self._server.start()
+                self._start_operations()
         except BaseException:
             self.close()
             raise
         return self
 
+    def _start_operations(self) -> None:
+        """The peer watch (events, metrics) and the metrics endpoint, with
+        links of their own: the cycle's links belong to the cycle's thread."""
+        self.peers = events.PeerWatch(
+            self.events, [SlaveLink.from_spec(s.spec()) for s in self.session.slaves],
+            [SlaveLink.from_spec(self.session.secondary(lk.name).spec())
+             for lk in self.secondaries]).start()
+        if self.settings.metrics:
+            from .metrics import Metrics        # prometheus_client only when asked
+            self.metrics = Metrics(self).start(self.settings.metrics)
+
+    def _wake(self) -> None:
+        with self._resume:
+            self._resume.notify_all()
+
+    def _serve_verifies(self) -> None:
+        """Run asked-for verifies now, between groups, if the last group
+        hardened (coordinator/verify.py says why it must have); running,
+        the next hardened group serves them; paused, they are refused."""
+        if not self.verifies.pending():
+            return
+        if self.last is not None and self.last.outcome == "hardened" \
+                and not self.need_recovery:
+            self.verifies.serve(self._verify_now)
+        elif self.paused:
+            self.verifies.refuse(MirrorError(
+                "verify needs a hardened last group and the mirror is paused after"
+                f" group {self.last.n if self.last else '-'} did not harden (or none"
+                f" since start): resume it"))
+
+    def _verify_now(self, repair: bool) -> dict:
+        self.phase = "verify"
+        try:
+            report = verify.verify(self.session, {lk.name: lk for lk in self.slaves},
+                                   {lk.name: lk for lk in self.secondaries},
+                                   self.hardened, repair)
+        finally:
+            self.phase = "idle"
+        n = report["differing_blocks"]
+        self.log(f"verify against group {self.hardened}: {n} differing blocks"
+                 + (" marked for the next group" if report["repaired"] else ""))
+        self.events.emit("verify", group=self.hardened, differing_blocks=n,
+                         repaired=report["repaired"])
+        return report
+
+    def set_rate(self, rate: int) -> None:
+        """The drain's limit from now on (bytes/s per volume, 0: none); the
+        cycle's thread passes it to a running drain at its next poll."""
+        self.rate = rate
+        self.log(f"drain rate limit {output.rate(rate)} per volume")
+
+    def _pass_rate(self, sent: int) -> int:
+        """Tell the primaries a rate changed since ``sent`` (cycle thread:
+        its links are not shared); return the rate they now have."""
+        rate = self.rate
+        if rate != sent:
+            group.fanout.parallel(self.slaves, lambda lk: lk.call("rate", rate=rate))
+        return rate
+
+    def _announce(self, res: "GroupResult") -> None:
+        """A group ended: an event, and the metrics' histograms."""
+        m = res.measures
+        if res.outcome == "hardened":
+            self.events.emit("group-formed", n=res.n, bytes=res.bytes,
+                             hold_ms=m.get("hold_ms"), drain_ms=m.get("drain_ms"))
+        else:
+            self.events.emit("group-failed", n=res.n, outcome=res.outcome,
+                             error=res.error)
+        if self.metrics:
+            self.metrics.observe(m)
+
     def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
+        if self.peers:
+            self.peers.close()
+            self.peers = None
         if self._server:
             self._server.close()
             self._server = None
@@ -267,11 +351,13 @@ class Mirror:
         """No new group after the current one, until ``resume``."""
         with self._resume:
             self.paused = True
+        self.events.emit("pause")
 
     def resume(self) -> None:
         with self._resume:
             self.paused = False
             self._resume.notify_all()
+        self.events.emit("resume")
 
     def run(self) -> None:
         """Form groups until ``stop()``; a failed group is logged and counted,
@@ -280,11 +366,15 @@ class Mirror:
         self.state = "running"
         while not self._stop.is_set():
             with self._resume:
-                while self.paused and not self._stop.is_set():
+                while self.paused and not self._stop.is_set() \
+                        and not self.verifies.pending():
                     self.state = "paused"
                     self._resume.wait()
+            self._serve_verifies()
             if self._stop.is_set():
                 break
+            if self.paused:
+                continue
             self.state = "running"
             try:
                 result = self.run_once()
@@ -292,9 +382,11 @@ class Mirror:
             except CgmirrorError as exc:
                 self.failed += 1
                 self.log(f"cannot form a group: {exc}")
+                self.events.emit("group-failed", n=None, outcome="failed", error=str(exc))
                 quiet = False
             wait = self.settings.interval_ms / 1000
             self._stop.wait(wait if quiet else max(wait, 1.0))
+        self.verifies.refuse(MirrorError("the mirror stopped before verify ran"))
         self.log("stopped")
 
     # ------------------------------------------------------------ recovery
@@ -490,8 +582,12 @@ class Mirror:
         deadline = t0 + self.settings.max_drain_ms / 1000 if timer else None
         volumes = sum(len(v) for v in targets.values())
 
+        sent_rate = self.rate
+
         def watch(progress: dict) -> None:
+            nonlocal sent_rate
             _hit("mirror:mid-drain")
+            sent_rate = self._pass_rate(sent_rate)
             done = sum(p.get("state") == "done" for vols in progress["slaves"].values()
                        for p in vols.values())
             if done == volumes:
@@ -503,7 +599,7 @@ class Mirror:
 
         try:
             report = group.copy(self.slaves, n, targets, "auto", watch,
-                                timeout_ms=s.copy_timeout_ms)
+                                timeout_ms=s.copy_timeout_ms, rate=sent_rate)
         except _DrainTimeout:
             # group.copy told every slave ABORT(n): unconfirmed bits are in cr.
             m["drain_ms"] = group.fanout.ms(time.monotonic() - t0)
@@ -578,6 +674,7 @@ class Mirror:
             if res.outcome == "drain-timeout":
                 self.consecutive_drain_failures += 1
         self.last = res
+        self._announce(res)
         self.history.finish_group(res.n, res.outcome, res.error,
                                   now if res.outcome == "hardened" else None,
                                   bytes=res.bytes, **res.measures)
@@ -648,6 +745,9 @@ class Mirror:
                             "p50": percentile(holds, 50), "p99": percentile(holds, 99)},
                 "drain_mb_s": (round(self.drain_bytes / 1e6 / self.drain_seconds, 1)
                                if self.drain_seconds > 0 else None),
+                "drain_bytes_s": (round(self.drain_bytes / self.drain_seconds)
+                                  if self.drain_seconds > 0 else None),
+                "rate_bytes_s": self.rate or None,
                 "last_group": None if last is None else {
                     "n": last.n, "outcome": last.outcome, "error": last.error,
                     "bytes": last.bytes},
@@ -666,7 +766,11 @@ def _round(v: float | None) -> float | None:
 # Framer, encode, parse) and its own small schema.
 
 MIRROR_OPS = {"status": protocol.Obj({}, {}), "pause": protocol.Obj({}, {}),
-              "resume": protocol.Obj({}, {})}
+              "resume": protocol.Obj({}, {}),
+              "rate": protocol.Obj({"rate": protocol.Int(0, protocol.MAX_RATE)}, {}),
+              "verify": protocol.Obj({}, {"repair": protocol.Bool()}),
+              # keeps the connection: events, one a line (coordinator/events.py)
+              "subscribe": protocol.Obj({}, {})}
 
 
 def handle(mirror: Mirror, line: bytes) -> dict:
@@ -684,9 +788,15 @@ def handle(mirror: Mirror, line: bytes) -> dict:
         elif op == "resume":
             mirror.resume()
             mirror.log("resumed by the operator")
+        elif op == "rate":
+            mirror.set_rate(msg["rate"])
+        elif op == "verify":
+            return mirror.verifies.ask(msg.get("repair", False), VERIFY_TIMEOUT_S)
         return mirror.status()
     except protocol.ProtocolError as exc:
         return protocol.error(str(exc), exc.kind)
+    except CgmirrorError as exc:
+        return protocol.error(str(exc), Kind.LOCAL)
     except Exception as exc:    # reported to the client; the mirror keeps running
         return protocol.error(f"mirror failed: {describe(exc)}", Kind.LOCAL)
 
@@ -749,6 +859,10 @@ class _ControlServer:
                     if not data:
                         return
                     for line in framer.feed(data):
+                        if _is_subscribe(line):
+                            conn.settimeout(None)
+                            self.mirror.events.stream(conn, lambda: self.sock is None)
+                            return
                         conn.sendall(protocol.encode(handle(self.mirror, line)))
                 except (OSError, protocol.ProtocolError):
                     return
@@ -763,15 +877,23 @@ class _ControlServer:
                 pass
 
 
+def _is_subscribe(line: bytes) -> bool:
+    """A ``subscribe`` request: the connection becomes an event stream."""
+    try:
+        return protocol.parse(line) == {"op": "subscribe"}
+    except protocol.ProtocolError:
+        return False
+
+
 def _peer_uid(conn: socket.socket) -> int:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
 
 
-def call(path: str, op: str) -> dict:
+def call(path: str, op: str, timeout: float = CONTROL_TIMEOUT_S + 10, **args) -> dict:
     """One request to a running mirror; raise MirrorNotRunning if none answers."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(CONTROL_TIMEOUT_S + 10)
+    s.settimeout(timeout)
     try:
         try:
             s.connect(path)
@@ -781,7 +903,7 @@ def call(path: str, op: str) -> dict:
                                    f" `cgmirror mirror run`") from exc
         framer, lines = protocol.Framer(), []
         try:
-            s.sendall(protocol.encode({"op": op}))
+            s.sendall(protocol.encode({"op": op, **args}))
             while not lines:
                 data = s.recv(1 << 16)
                 if not data:

@@ -1,4 +1,4 @@
-"""``cgmirror mirror run|pause|resume|status [--json]``.
+"""``cgmirror mirror run|pause|resume|rate RATE|status [--json] [--watch]``.
 
 ``run`` is the long-running coordinator (``coordinator.mirror.Mirror``) in
 the foreground, one per session (it holds the session lock: a second one
@@ -12,7 +12,9 @@ actions talk to it over its control socket (``[mirror] control``).
                            "paused", "phase", "hardened", "rpo_s",
                            "rpo_threshold_s", "groups_formed", "groups_failed",
                            "drain_failures_in_a_row", "timer_lifted",
-                           "hold_ms": {"last", "p50", "p99"}, "drain_mb_s",
+                           "hold_ms": {"last", "p50", "p99"}, "drain_mb_s" (decimal MB,
+                           kept for scripts), "drain_bytes_s", "rate_bytes_s" (the
+                           drain's limit per volume, null: none),
                            "last_group": {"n", "outcome", "error", "bytes"} | null,
                            "volumes": {S: {V: {"secondary", "phase",
                            "dirty_bytes", "behind_bytes", "error"}}},
@@ -25,16 +27,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 
-from . import direction, group, output
-from .errors import ExitCode
+from wire import sdnotify
+from wire.units import parse_size
+
+from . import direction, events_cmds, group, output
+from .errors import ExitCode, UsageError
 from .link import SlaveLink
 from .mirror import Mirror, MirrorError, MirrorNotRunning, call
 
 
 def register(sub) -> None:
-    """``cgmirror mirror run|pause|resume|status``."""
+    """``cgmirror mirror run|pause|resume|rate|status``."""
     m = sub.add_parser("mirror", help="continuous consistency-group mirroring")
     actions = m.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = actions.add_parser("run", help="form groups until SIGTERM (foreground)")
@@ -44,23 +48,16 @@ def register(sub) -> None:
         a = actions.add_parser(name, help=text)
         a.add_argument("--json", action="store_true", help="one JSON document on stdout")
         a.set_defaults(func=lambda ctx, args, op=name: control(ctx, op))
+    a = actions.add_parser("rate", help="the drain's limit per volume from now on")
+    a.add_argument("rate", metavar="RATE", help="bytes per second like 50M, or 0 for none")
+    a.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    a.set_defaults(func=lambda ctx, args: set_rate(ctx, args.rate))
     a = actions.add_parser("status", help="state, RPO, groups, hold times, per volume")
     a.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    a.set_defaults(func=lambda ctx, args: status(ctx))
-
-
-def _notify_ready() -> None:
-    """sd_notify(READY=1) if systemd asked for it."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(b"READY=1", path)
-        except OSError:
-            pass                # readiness is a courtesy; the mirror runs anyway
+    a.add_argument("--watch", action="store_true", help="redraw every second until"
+                                                        " Ctrl-C")
+    a.set_defaults(func=lambda ctx, args: (
+        events_cmds.watch(ctx, lambda: status(ctx)) if args.watch else status(ctx)))
 
 
 def run(ctx) -> ExitCode:
@@ -74,7 +71,7 @@ def run(ctx) -> ExitCode:
         with mirror:
             mirror.log(f"session {ctx.session.name}: running (pid {os.getpid()},"
                        f" control {ctx.session.mirror.control})")
-            _notify_ready()
+            sdnotify.notify("READY=1")
             mirror.run()
     finally:
         for sig, h in old.items():
@@ -88,6 +85,23 @@ def control(ctx, op: str) -> ExitCode:
         output.emit_json(doc, ctx.out)
     else:
         ctx.say(f"mirror of session {ctx.session.name}: {op}d (state {doc['state']})")
+    return ExitCode.OK
+
+
+def set_rate(ctx, text: str) -> ExitCode:
+    """``mirror rate RATE``: the running mirror's drain limit, at once."""
+    try:
+        rate = 0 if text.strip() in ("0", "none", "off") else parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"rate {text!r}: {exc} (like 50M, or 0 for no limit)") from exc
+    if 0 < rate < 4096:
+        raise UsageError(f"rate {text!r} is below 4K bytes per second (0: no limit)")
+    doc = call(_control_path(ctx), "rate", rate=rate)
+    if ctx.json:
+        output.emit_json(doc, ctx.out)
+    else:
+        ctx.say(f"mirror of session {ctx.session.name}: drain limit"
+                f" {output.rate(rate)} per volume")
     return ExitCode.OK
 
 
@@ -143,12 +157,19 @@ def print_status(doc: dict, out) -> None:
             print(f"severe: {doc['why']}", file=out)
         print(f"groups formed {doc['groups_formed']}, failed {doc['groups_failed']};"
               f" hold ms last {fmt(h['last'])} p50 {fmt(h['p50'])} p99 {fmt(h['p99'])};"
-              f" drain {fmt(doc['drain_mb_s'])} MB/s", file=out)
+              f" drain {output.rate(doc.get('drain_bytes_s'))}"
+              f" (limit {output.rate(doc.get('rate_bytes_s'))} per volume)", file=out)
+        speed = doc.get("drain_bytes_s")
+
+        def eta(behind):        # at the drain speed measured so far
+            return ("-" if behind is None or (behind and not speed) else
+                    output.duration(behind / speed) if behind else "0 s")
         rows = [[s, v, d["secondary"], output.size(d["dirty_bytes"]),
-                 output.size(d["behind_bytes"]), d["phase"], d["error"] or ""]
+                 output.size(d["behind_bytes"]), eta(d["behind_bytes"]), d["phase"],
+                 d["error"] or ""]
                 for s, vols in doc["volumes"].items() for v, d in vols.items()]
-        output.table(rows, ["SLAVE", "VOLUME", "SECONDARY", "DIRTY", "BEHIND", "PHASE",
-                            "ERROR"], out)
+        output.table(rows, ["SLAVE", "VOLUME", "SECONDARY", "DIRTY", "BEHIND", "ETA",
+                            "PHASE", "ERROR"], out)
     for name, r in doc["secondaries"].items():
         where = r["error"] or (f"hardened {r['hardened'] or 'none yet'}"
                                + (f", prepared {r['prepared']}" if r["prepared"] else ""))

@@ -19,6 +19,28 @@ def size(n: int | float | None) -> str:
     return str(n)
 
 
+def rate(bytes_per_s: int | float | None) -> str:
+    """A bandwidth for people, in the units of ``size``: '50.0 MiB/s';
+    None or 0 (no limit) is 'unlimited'."""
+    return size(bytes_per_s) + "/s" if bytes_per_s else "unlimited"
+
+
+def eta(done: int, total: int, seconds: float) -> str:
+    """Time left at the average speed so far: '1 min 05 s', '-' if unknown."""
+    if done <= 0 or seconds <= 0 or total <= done:
+        return "-" if total > done else "0 s"
+    return duration((total - done) / (done / seconds))
+
+
+def duration(left: float) -> str:
+    """A time span for people: '42 s', '1 min 05 s', '2 h 03 min'."""
+    if left >= 3600:
+        return f"{int(left // 3600)} h {int(left % 3600 // 60):02d} min"
+    if left >= 60:
+        return f"{int(left // 60)} min {int(left % 60):02d} s"
+    return f"{left:.0f} s"
+
+
 def age(seconds: float | None) -> str:
     """How long ago, for people: 42 -> '42 s ago', 7200 -> '2.0 h ago'."""
     if seconds is None:
@@ -66,10 +88,11 @@ class ProgressBar:
         done, total = p["done_bytes"], p["total_bytes"]
         frac = done / total if total else 0.0
         fill = int(frac * self.width)
-        rate = done / max(1e-6, time.monotonic() - self.t0)
+        elapsed = time.monotonic() - self.t0
+        speed = done / max(1e-6, elapsed)
         self.out.write(f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}]"
                        f" {frac * 100:5.1f}%  {size(done)} / {size(total)}"
-                       f"  {size(rate)}/s\x1b[K")
+                       f"  {rate(speed)}  ETA {eta(done, total, elapsed)}\x1b[K")
         self.out.flush()
 
     def close(self) -> None:

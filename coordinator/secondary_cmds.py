@@ -24,6 +24,9 @@ def register(sub) -> None:
         a = actions.add_parser(fn.__name__, help=text)
         a.add_argument("names", nargs="*", metavar="NAME")
         a.set_defaults(func=lambda ctx, args, fn=fn: fn(ctx, args.names))
+    a = actions.add_parser("run", help="run one secondary in the foreground (systemd)")
+    a.add_argument("name", metavar="NAME")
+    a.set_defaults(func=lambda ctx, args: run(ctx, args.name))
 
 
 def select(session, names: list[str]) -> list:
@@ -52,6 +55,17 @@ def start(ctx, names: list[str]) -> ExitCode:
             ctx.say(f"{cfg.name}: started (pid {proc.pid}), secondary of"
                     f" {', '.join(v[0] for v in cfg.volumes)} on {cfg.nbd_socket}")
     return ExitCode.OK
+
+
+def run(ctx, name: str) -> ExitCode:
+    """``secondary run NAME``: become the secondary (see ``launch.exec_foreground``)."""
+    s = ctx.session
+    cfg = select(s, [name])[0]
+    try:
+        launch.exec_foreground(direction.spec(s, cfg))
+    except launch.LaunchError as exc:
+        raise SlaveError(name, str(exc), "launch") from exc
+    return ExitCode.FAILED      # not reached: exec replaced this process
 
 
 def stop(ctx, names: list[str]) -> ExitCode:

@@ -58,6 +58,9 @@ and the mirror's settings in tables of their own::
     rpo_threshold_s = 30           # older hardened group: state "severe"
     control = "run/mirror.ctl"     # optional: the running mirror's control socket
                                    # (default <state_dir>/mirror.ctl)
+    metrics = "127.0.0.1:9942"     # optional: Prometheus endpoint (off if absent)
+    rate = "50M"                   # optional: drain limit per volume, bytes/s
+                                   # (`cgmirror mirror rate` changes it at run time)
 
     [[secondary]]
     name = "r1"
@@ -112,7 +115,8 @@ _SESSION_KEYS = {"name", "state_dir", "max_coordination_ms", "lease_ms", "copy_t
 _SLAVE_KEYS = {"name", "state_dir", "nbd_socket", "nbd", "control", "threads",
                "granularity", "volume", "cert"}
 _VOLUME_KEYS = {"name", "path", "size", "target", "secondary", "remote_volume"}
-_MIRROR_KEYS = {"interval_ms", "max_drain_ms", "rpo_threshold_s", "control"}
+_MIRROR_KEYS = {"interval_ms", "max_drain_ms", "rpo_threshold_s", "control", "metrics",
+                "rate"}
 _SECONDARY_KEYS = {"name", "state_dir", "nbd_socket", "control", "granularity", "volume"}
 _SECONDARY_VOLUME_KEYS = {"name", "path", "size"}
 MIRROR_CONTROL = "mirror.ctl"
@@ -136,6 +140,8 @@ class MirrorConfig:
     max_drain_ms: int
     rpo_threshold_s: float
     control: str
+    metrics: tuple[str, int] | None = None  # Prometheus endpoint (host, port); off if None
+    rate: int | None = None                 # drain limit, bytes/s per volume; None: none
 
 
 @dataclass(frozen=True)
@@ -504,7 +510,8 @@ class _Parser:
             mirror = MirrorConfig(
                 interval_ms=self.integer(w, t, "interval_ms", 0, 0, 3_600_000),
                 max_drain_ms=self.integer(w, t, "max_drain_ms", 10_000, 10, 3_600_000),
-                rpo_threshold_s=float(rpo), control=control)
+                rpo_threshold_s=float(rpo), control=control,
+                metrics=self.metrics_address(w, t), rate=self.rate(w, t))
         raw = data.get("secondary", [])
         if not isinstance(raw, list):
             self.fail("top level", "secondary", "must be [[secondary]] tables")
@@ -534,6 +541,25 @@ class _Parser:
         if any(v.secondary for s in slaves for v in s.volumes) and mirror is None:
             mirror = MirrorConfig(0, 10_000, 30.0, os.path.join(state_dir, MIRROR_CONTROL))
         return mirror, secondaries
+
+    def metrics_address(self, where, t) -> tuple[str, int] | None:
+        """``metrics = "HOST:PORT"``: where the mirror serves Prometheus."""
+        if "metrics" not in t:
+            return None
+        text = self.string(where, t, "metrics")
+        host, _, port = text.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            self.fail(where, "metrics", f"must be \"HOST:PORT\" like"
+                                        f" \"127.0.0.1:9942\", not {text!r}")
+        return host.strip("[]"), int(port)
+
+    def rate(self, where, t) -> int | None:
+        """``rate = "50M"``: the drain's limit in bytes per second per volume."""
+        rate = self.size(where, t, "rate")
+        if rate is not None and rate < 4096:
+            self.fail(where, "rate", f"must be at least 4K (bytes per second), not"
+                                     f" {t['rate']!r}")
+        return rate
 
     def secondary_table(self, i: int, t) -> SecondaryConfig:
         w = f"[[secondary]] #{i}"

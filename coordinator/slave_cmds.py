@@ -25,6 +25,9 @@ def register(sub) -> None:
         a = actions.add_parser(fn.__name__, help=text)
         a.add_argument("names", nargs="*", metavar="NAME")
         a.set_defaults(func=lambda ctx, args, fn=fn: fn(ctx, args.names))
+    a = actions.add_parser("run", help="run one slave in the foreground (systemd)")
+    a.add_argument("name", metavar="NAME")
+    a.set_defaults(func=lambda ctx, args: run(ctx, args.name))
 
 
 def start(ctx, names: list[str]) -> ExitCode:
@@ -44,6 +47,17 @@ def start(ctx, names: list[str]) -> ExitCode:
             ctx.say(f"{cfg.name}: started (pid {proc.pid}), serving"
                     f" {', '.join(v.name for v in cfg.volumes)} on {cfg.nbd or cfg.nbd_socket}")
     return ExitCode.OK
+
+
+def run(ctx, name: str) -> ExitCode:
+    """``slave run NAME``: become the slave (see ``launch.exec_foreground``)."""
+    s = ctx.session
+    cfg = s.select([name])[0]
+    try:
+        launch.exec_foreground(direction.spec(s, cfg))
+    except launch.LaunchError as exc:
+        raise SlaveError(name, str(exc), "launch") from exc
+    return ExitCode.FAILED      # not reached: exec replaced this process
 
 
 def stop(ctx, names: list[str]) -> ExitCode:

@@ -51,6 +51,15 @@
  * those maxima, most of it never used: a PiT saves only the blocks the host
  * overwrote during one copy.
  *
+ * Rate limit (cg_copy_set_rate, changeable while the copy runs): a token
+ * bucket shared by the streams, in the spirit of DRBD's resync controller
+ * that leaves room for application I/O.  Tokens are bytes, refilled at
+ * `rate` per second up to RATE_BURST_MS worth; a write may go while the
+ * bucket is not in debt and then takes its length (so it may go negative:
+ * a run is never split).  A stream waiting for tokens keeps reaping its
+ * requests in flight, so confirmations and the target timeout go on as
+ * before; a cancel or a failure ends the wait.  Rate 0: no limit.
+ *
  * Rejected: one thread polling every handle (a pread of the source then
  * stalls all connections; libnbd's nbdcopy also uses a thread per
  * connection); handing confirmations to Python per request (a Python call
@@ -77,6 +86,8 @@
 #define CANCEL_GRACE_MS 50
 /* The poll step: how soon a stream sees a cancel or a timeout. */
 #define POLL_MS 25
+/* The rate limit's bucket holds at most this much time's worth of bytes. */
+#define RATE_BURST_MS 100
 
 /* ------------------------------------------------------------------ overlay */
 
@@ -223,6 +234,11 @@ struct cg_copy {
     _Atomic int cancelled;
     _Atomic int failed;
     _Atomic uint64_t done_bytes;
+
+    _Atomic uint64_t rate;   /* bytes per second; 0: no limit */
+    pthread_mutex_t bucket_lock;   /* guards tokens, refilled */
+    double tokens;
+    struct timespec refilled;
 };
 
 static void fail(struct cg_copy *c, int fault, const char *fmt, ...)
@@ -530,6 +546,45 @@ static struct slot *free_slot(struct stream *s)
     return NULL;
 }
 
+/* Wait until the rate limit lets `len` bytes go, reaping meanwhile.
+ * 0: go; -1: the copy failed or was cancelled while waiting. */
+static int pace(struct stream *s, uint64_t len)
+{
+    struct cg_copy *c = s->c;
+    for (;;) {
+        if (atomic_load(&c->failed) || atomic_load(&c->cancelled))
+            return -1;
+        uint64_t rate = atomic_load(&c->rate);
+        if (rate == 0)
+            return 0;
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        pthread_mutex_lock(&c->bucket_lock);
+        double dt = (now.tv_sec - c->refilled.tv_sec)
+                    + (now.tv_nsec - c->refilled.tv_nsec) / 1e9;
+        double cap = rate * (RATE_BURST_MS / 1000.0);
+        c->tokens += dt * rate;
+        if (c->tokens > cap)
+            c->tokens = cap;
+        c->refilled = now;
+        int go = c->tokens > -1.0;    /* less than a byte of debt is none */
+        if (go)
+            c->tokens -= (double)len;
+        double wait_ms = go ? 0 : -c->tokens * 1000.0 / rate;
+        pthread_mutex_unlock(&c->bucket_lock);
+        if (go)
+            return 0;
+        if (busy(s)) {
+            if (wait_some(s, c->timeout_ms) < 0)
+                return -1;
+        } else {
+            int64_t ms = wait_ms < POLL_MS ? (int64_t)wait_ms + 1 : POLL_MS;
+            struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
 static void *stream_run(void *arg)
 {
     struct stream *s = arg;
@@ -548,7 +603,7 @@ static void *stream_run(void *arg)
         if (sl == NULL || !next_run(c, &start, &n))
             break;
         uint64_t len = c->size - start * c->g < n * c->g ? c->size - start * c->g : n * c->g;
-        if (read_pit(c, sl->buf, start, n, len) < 0)
+        if (pace(s, len) < 0 || read_pit(c, sl->buf, start, n, len) < 0)
             break;
         sl->busy = 1, sl->done = 0, sl->err = 0;
         sl->start = start, sl->nblocks = n, sl->len = len;
@@ -596,6 +651,8 @@ struct cg_copy *cg_copy_new(void **handles, int nhandles, int inflight,
     c->g = granularity, c->size = size, c->words = words, c->nbits = nbits;
     c->max_run = max_run, c->flush_every = flush_every, c->timeout_ms = timeout_ms;
     pthread_mutex_init(&c->lock, NULL);
+    pthread_mutex_init(&c->bucket_lock, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &c->refilled);
     c->streams = calloc(nhandles, sizeof *c->streams);
     if (c->streams == NULL)
         goto nomem;
@@ -635,6 +692,11 @@ int cg_copy_run(struct cg_copy *c)
         pthread_join(t[i], NULL);
     free(t);
     return atomic_load(&c->failed) ? -1 : 0;
+}
+
+void cg_copy_set_rate(struct cg_copy *c, uint64_t bytes_per_s)
+{
+    atomic_store(&c->rate, bytes_per_s);
 }
 
 void cg_copy_cancel(struct cg_copy *c)
@@ -693,5 +755,6 @@ void cg_copy_free(struct cg_copy *c)
     free(c->streams);
     free(c->ev);
     pthread_mutex_destroy(&c->lock);
+    pthread_mutex_destroy(&c->bucket_lock);
     free(c);
 }

@@ -179,6 +179,13 @@ class Engine:
     def cancel(self) -> None:
         lib.cg_copy_cancel(self._p)
 
+    def set_rate(self, bytes_per_s: int) -> None:
+        """Limit the copy to ``bytes_per_s`` over all streams (0: no limit),
+        at once, also while ``run`` blocks in another thread."""
+        rate = _uint(bytes_per_s, "rate")
+        if self._p is not None:         # closed: the copy is over anyway
+            lib.cg_copy_set_rate(self._p, rate)
+
     def done_bytes(self) -> int:
         return lib.cg_copy_done_bytes(self._p)
 

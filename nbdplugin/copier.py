@@ -33,6 +33,11 @@ GIL; this thread applies its confirm/flushed events every ``DRAIN_EVERY``
 seconds.  ``CGMIRROR_COPY_ENGINE=python|native`` picks one (tests, benches);
 the Python streams below remain for other sources.
 
+Rate limit (``rate``, bytes per second per copy, changeable while it runs
+with ``set_rate``): a token bucket shared by the streams, the same in both
+engines (native/copy.c says how); a stream waiting for tokens keeps
+reaping what it has in flight.
+
 Why several connections: one thread both reads the PiT and feeds the socket,
 so while it reads, the target starves; measured on 1 GiB, 1 stream reached
 0.6 of nbdcopy (which also copies with several connections and threads).
@@ -254,6 +259,39 @@ class BlockReader:
         return data
 
 
+RATE_BURST_S = 0.1     # the bucket holds at most this much time's worth of bytes
+
+
+class Pacer:
+    """The token bucket of a rate-limited copy (the Python engine's twin of
+    ``pace`` in native/copy.c): a write may go while the bucket is not in
+    debt, and takes its length.  Thread-safe; rate 0 is no limit."""
+
+    def __init__(self, rate: int = 0, clock=time.monotonic):
+        self.rate = rate
+        self.clock = clock
+        self.tokens = 0.0
+        self.refilled = clock()
+        self._lock = threading.Lock()
+
+    def delay(self, nbytes: int) -> float:
+        """0 if ``nbytes`` may go now (they are taken), else seconds to wait
+        before asking again."""
+        with self._lock:
+            now, rate = self.clock(), self.rate
+            if rate <= 0:
+                return 0.0
+            self.tokens = min(rate * RATE_BURST_S,
+                              self.tokens + (now - self.refilled) * rate)
+            self.refilled = now
+            # Less than a byte of debt is none: float rounding must not make
+            # a caller wait 1e-17 s forever.
+            if self.tokens > -1.0:
+                self.tokens -= nbytes
+                return 0.0
+            return -self.tokens / rate
+
+
 def block_digest(data) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
@@ -336,8 +374,9 @@ class Copy:
 
     def __init__(self, source, uri: str, inflight: int = 8,
                  timeout: float = 30.0, streams: int = STREAMS,
-                 baseline: dict | None = None):
+                 baseline: dict | None = None, rate: int = 0):
         self.source = source
+        self.pacer = Pacer(rate)
         self.uri = uri
         self.baseline = baseline
         self.blocks: Bitmap = source.blocks()
@@ -359,6 +398,13 @@ class Copy:
         self._runs = None
         self._failed: list[CopyError] = []
         self._engine: copyengine.Engine | None = None
+
+    def set_rate(self, rate: int) -> None:
+        """Bytes per second from now on (0: no limit), in either engine."""
+        with self._lock:
+            self.pacer.rate = rate
+            if self._engine is not None:
+                self._engine.set_rate(rate)
 
     def progress(self) -> dict:
         end = self.finished or time.monotonic()
@@ -425,8 +471,9 @@ class Copy:
                     hh.shutdown()
                 except nbd.Error:
                     pass  # the copy's outcome is already decided
-            if self._engine is not None:
-                self._engine.close()   # only now: libnbd may read its buffers
+            with self._lock:                # set_rate may be calling it
+                if self._engine is not None:
+                    self._engine.close()   # only now: libnbd may read its buffers
 
     def _sample(self, h, size: int) -> dict:
         """The baseline record of the target as it is now (see ``sample``)."""
@@ -462,10 +509,13 @@ class Copy:
         and passes on a cancel or a broken PiT."""
         src = self.source
         g = src.granularity
-        engine = self._engine = copyengine.Engine(
+        engine = copyengine.Engine(
             handles, fd, overlay, g, src.size, self.blocks,
             max_run=max(1, MAX_RUN // g), flush_every=FLUSH_EVERY,
             inflight=per_stream, timeout=self.timeout)
+        with self._lock:
+            self._engine = engine
+            engine.set_rate(self.pacer.rate)
         failed: list[copyengine.EngineError] = []
 
         def work():
@@ -604,8 +654,16 @@ class Copy:
                     raise CopyError(src.broken, "source")
                 while not free:
                     reap(True)
-                buf = free.pop()
                 length = min(nblocks * g, src.size - start * g)
+                while (wait := self.pacer.delay(length)) > 0:
+                    if self.cancelled.is_set():
+                        raise CopyError("copy cancelled", "source")
+                    if writes or flushes:
+                        h.poll(max(1, int(min(wait, 0.025) * 1000)))
+                        reap(False)
+                    else:
+                        self.cancelled.wait(min(wait, 0.025))
+                buf = free.pop()
                 src.read(buf.view(length), start)
                 data = buf.nbd(length)
                 try:

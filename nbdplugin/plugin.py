@@ -50,7 +50,7 @@ from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa:
 from nbdplugin.server import ControlServerError  # noqa: E402
 from nbdplugin.slave import Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
-from wire import address as wire_address, files, tls  # noqa: E402
+from wire import address as wire_address, files, sdnotify, tls  # noqa: E402
 from wire.units import parse_size  # noqa: E402
 
 API_VERSION = 2
@@ -242,6 +242,9 @@ def after_fork():
         _slave.start(_cfg["control"], _server_context())
     except ControlServerError as exc:
         _fail(str(exc))
+    # Under systemd (Type=notify): started once the control channel serves;
+    # the NBD socket is already listening (nbdkit binds it before forking).
+    sdnotify.notify("READY=1")
 
 
 def cleanup():

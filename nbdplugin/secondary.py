@@ -92,6 +92,7 @@ from wire.protocol import Kind, ProtocolError
 from wire import failpoints
 from .blockstore import BlockStore, StoreClosed
 from wire.files import write_atomic
+from .copier import block_digest
 from .server import ControlServer, OpHandler
 from .volume import Volume
 
@@ -359,6 +360,30 @@ class Secondary(OpHandler):
         return vol
 
     # ------------------------------------------------------------ ops
+
+    def op_checksums(self, volume: str, start: int, count: int,
+                     block: int | None = None) -> dict:
+        """Digests of the hardened group's blocks of ``block`` bytes (the
+        primary's granularity; default ours) [start, start+count), read here
+        through the undo overlay as the host export shows them (online
+        verify, coordinator/verify.py)."""
+        vol = self._volume(volume)
+        block = block or vol.granularity
+        nblocks = -(-vol.size // block)
+        if start + count > nblocks:
+            raise ProtocolError(f"blocks [{start}, +{count}) beyond the {nblocks} of"
+                                f" {volume} at {block} bytes", Kind.PROTOCOL)
+        buf = bytearray(block)
+        digests = []
+        for b in range(start, start + count):
+            view = memoryview(buf)[:min(block, vol.size - b * block)]
+            try:
+                vol.read_hardened(view, b * block)
+            except OSError as exc:
+                raise ProtocolError(f"{volume}: {exc.strerror or exc}", Kind.LOCAL) \
+                    from exc
+            digests.append(block_digest(view))
+        return protocol.ok(volume=volume, start=start, block=block, digests=digests)
 
     def op_status(self) -> dict:
         vols = {}

@@ -312,7 +312,7 @@ class Slave(OpHandler):
                 self._end_cut()
 
     def op_copy(self, n: int, targets: dict, mode: str = "auto", inflight: int = 8,
-                timeout_ms: int = 30000) -> dict:
+                timeout_ms: int = 30000, rate: int = 0) -> dict:
         with self.lock:
             names = self._names(list(targets))
             missing = [v for v in self.cut_volumes if v not in targets]
@@ -352,7 +352,7 @@ class Slave(OpHandler):
             # An incremental copy first checks that the target still holds
             # the baseline (and refuses, naming --full, if not).
             self.copies = {name: Copy(PitSource(self.volumes[name]), uri, inflight=inflight,
-                                      timeout=timeout_ms / 1000,
+                                      timeout=timeout_ms / 1000, rate=rate,
                                       baseline=self.baseline(name) if incremental else None)
                            for name, (uri, incremental) in plans.items()}
             for name, c in self.copies.items():
@@ -373,6 +373,44 @@ class Slave(OpHandler):
         kept = [[b, d] for b, d in base["samples"] if not sending.test(b)]
         if len(kept) != len(base["samples"]):
             self._set_baseline(name, {**base, "samples": kept})
+
+    def op_rate(self, rate: int) -> dict:
+        """Limit each running copy to ``rate`` bytes per second from now on
+        (0: no limit); the next copy takes its own from its ``copy`` op."""
+        with self.lock:
+            copies = dict(self.copies or {})
+        for c in copies.values():
+            c.set_rate(rate)
+        return protocol.ok(copies=sorted(copies))
+
+    def op_checksums(self, volume: str, start: int, count: int,
+                     block: int | None = None) -> dict:
+        """Digests of blocks [start, start+count) as the volume holds them
+        now (online verify, coordinator/verify.py), read here so that only
+        digests cross the link.  A block that is changed since the last group
+        (in cr or oos before or after its read: the host write path marks
+        before it writes) gets null: its content is not a group's.  Host
+        writes go on meanwhile; nothing is held."""
+        name = self._names([volume])[0]
+        vol = self.volumes[name]
+        g = vol.granularity
+        if block not in (None, g):
+            raise ProtocolError(f"{name} has granularity {g}, not {block}", Kind.PROTOCOL)
+        if start + count > vol.changes.nblocks:
+            raise ProtocolError(f"blocks [{start}, +{count}) beyond the"
+                                f" {vol.changes.nblocks} of {name}", Kind.PROTOCOL)
+        before = vol.changes.dirty()
+        buf = bytearray(g)
+        data = []
+        for b in range(start, start + count):
+            length = min(g, vol.size - b * g)
+            view = memoryview(buf)[:length]
+            vol.pread(view, b * g)
+            data.append(block_digest(view))
+        after = vol.changes.dirty()
+        digests = [None if before.test(b) or after.test(b) else d
+                   for b, d in zip(range(start, start + count), data)]
+        return protocol.ok(volume=name, start=start, block=g, digests=digests)
 
     def op_verify(self, targets: dict, timeout_ms: int = 30000) -> dict:
         """Before a cut for incremental copies: does each target still hold

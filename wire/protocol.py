@@ -77,6 +77,8 @@ MAX_LEASE_MS = 60_000
 # (tests, local targets) to an hour (a slow remote link).
 MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS = 100, 3_600_000
 MAX_INFLIGHT = 64
+MAX_RATE = 1 << 40             # bytes per second a copy may be limited to (0: no limit)
+MAX_CHECKSUMS = 1024           # blocks per checksums request (online verify)
 # A page of dirty runs must fit one line: 20,000 pairs of at most
 # 2 x 16 digits are 740 kB, under MAX_LINE (100,000 could reach 3.7 MB, and
 # the client refused the page).
@@ -373,7 +375,15 @@ SCHEMA: dict[str, Obj] = {
                                 what="an object that maps volume names to NBD URIs")},
                 {"mode": Str(16, choices=COPY_MODES),
                  "inflight": Int(1, MAX_INFLIGHT),
-                 "timeout_ms": Int(MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS)}),
+                 "timeout_ms": Int(MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS),
+                 "rate": Int(0, MAX_RATE)}),
+    # primary: the running copies' rate limit, bytes per second (0: none)
+    "rate": Obj({"rate": Int(0, MAX_RATE)}, {}),
+    # both roles: digests of blocks as this node holds them (online verify,
+    # coordinator/verify.py); a secondary reads its hardened group in blocks
+    # of ``block`` bytes (the primary's granularity), a primary its own
+    "checksums": Obj({"volume": NAME, "start": Int(0, MAX_N),
+                      "count": Int(1, MAX_CHECKSUMS)}, {"block": Int(512, 1 << 30)}),
     "verify": Obj({"targets": Map(NAME, Str(MAX_URI, what="an NBD URI"), 1, MAX_VOLUMES,
                                   what="an object that maps volume names to NBD URIs")},
                   {"timeout_ms": Int(MIN_COPY_TIMEOUT_MS, MAX_COPY_TIMEOUT_MS)}),
@@ -399,10 +409,11 @@ SCHEMA: dict[str, Obj] = {
 
 # Which ops each role serves; any other op is refused with kind ROLE.
 ROLE_OPS: dict[str, frozenset[str]] = {
-    "primary": frozenset({"status", "freeze", "thaw", "abort", "copy", "verify", "clear",
+    "primary": frozenset({"status", "freeze", "thaw", "abort", "copy", "rate", "verify",
+                          "checksums", "clear",
                           "dirty", "checkpoint", "mark", "fence", "adopt"}),
     "secondary": frozenset({"status", "prepare", "commit", "rollback", "tgt",
-                            "clear_tgt", "assume"}),
+                            "clear_tgt", "assume", "checksums"}),
 }
 
 
@@ -489,6 +500,11 @@ REPLY_SCHEMA: dict[str, _Node] = {
     "fence": Obj({"fenced": Bool()}, {}, extra=True),
     "adopt": Obj({"volume": NAME, "samples": _COUNT}, {}, extra=True),
     "assume": Obj({"hardened": CUT}, {}, extra=True),
+    "rate": Obj({"copies": List(NAME)}, {}, extra=True),
+    # null: a block a primary could not vouch for (changed since the last
+    # group: in cr or oos before or after it was read)
+    "checksums": Obj({"volume": NAME, "start": _COUNT, "block": Int(1, MAX_N),
+                      "digests": List(Opt(Str(64)), 0, MAX_CHECKSUMS)}, {}, extra=True),
 }
 
 _ERROR_REPLY = Obj({"ok": Bool(), "error": Str(MAX_TEXT),

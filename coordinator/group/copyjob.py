@@ -64,7 +64,7 @@ class CopyReport:
 def copy(links: list[SlaveLink], n: int, targets: dict[str, dict[str, str]],
          mode: str = "auto", progress_cb: Callable[[dict], None] | None = None, *,
          timeout_ms: int = 30000, inflight: int | None = None,
-         poll_s: float = POLL_S) -> CopyReport:
+         poll_s: float = POLL_S, rate: int | None = None) -> CopyReport:
     """Copy established PiT ``n`` of every slave to its targets; wait for the end.
 
     ``targets``: {slave: {volume: NBD URI}}, one entry per link, naming every
@@ -73,7 +73,9 @@ def copy(links: list[SlaveLink], n: int, targets: dict[str, dict[str, str]],
     "incremental" insist, and a slave refuses a volume cut the other way.  ``timeout_ms``: a target silent this long
     fails its copy.  ``progress_cb(progress)`` is called after every poll
     with ``{"n", "done_bytes", "total_bytes", "slaves": {slave: {volume:
-    {"done_bytes", "total_bytes", "state"}}}}``.
+    {"done_bytes", "total_bytes", "state"}}}}``.  ``rate``: each volume's
+    copy limited to that many bytes per second (the slave's ``rate`` op
+    changes it while it runs).
 
     Returns a ``CopyReport`` when every volume is done.  Raises ``CopyFailed``
     (with ``.report``) when any volume failed: fault "target" if only
@@ -94,6 +96,8 @@ def copy(links: list[SlaveLink], n: int, targets: dict[str, dict[str, str]],
                     "timeout_ms": timeout_ms}
             if inflight is not None:
                 args["inflight"] = inflight
+            if rate:
+                args["rate"] = rate
             try:
                 modes[lk.name] = lk.call("copy", **args)["modes"]
             except CgmirrorError as exc:
