@@ -538,6 +538,8 @@ class Copy:
                 if self.cancelled.is_set() or src.broken:
                     engine.cancel()
             self._apply(engine.take_events())   # those of the last moments
+            with self._lock:
+                self.done_bytes = engine.done_bytes()
         finally:
             if t.is_alive():    # this thread failed: stop the engine first
                 engine.cancel()
