@@ -13,7 +13,7 @@ APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
 
 .PHONY: setup apt venv ext test test-fast demo demo-sites vm vm-test clean \
         bench-bitmap bench-write bench-freeze bench-freeze-sites bench-copy bench-engine \
-        bench-granularity soak bench-mirror
+        bench-granularity bench-mirror bench-resync soak
 
 setup: apt venv ext
 
@@ -98,6 +98,10 @@ soak: setup
 # RPO, drain amplification, hold times with the mirror running.
 bench-mirror: setup
 	$(PY) bench/bench_mirror.py
+
+# Failback resync (S | T) against a full copy and a checksum delta copy, 4 GiB.
+bench-resync: setup
+	$(PY) bench/bench_resync.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c \
