@@ -67,7 +67,7 @@ import sys
 from dataclasses import dataclass
 
 from . import copy_cmds, errors, output, pki_cmds, session as session_mod, slave_cmds
-from . import failover_cmds, mirror_cmds, secondary_cmds, status_cmds
+from . import failover_cmds, mirror_cmds, status_cmds
 from . import check_cmds, events_cmds, units_cmds, verify_cmds
 from .errors import CgmirrorError, ExitCode
 
@@ -103,10 +103,9 @@ class Context:
 # and sets ``func`` (handler(ctx, args) -> ExitCode); the order here is the
 # order of ``--help``.
 NOUNS = (
-    slave_cmds,
+    slave_cmds,        # slave and secondary
     copy_cmds,
     status_cmds,
-    secondary_cmds,
     mirror_cmds,
     failover_cmds,
     events_cmds,

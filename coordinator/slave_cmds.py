@@ -1,39 +1,73 @@
-"""``cgmirror slave start|stop [NAME...]``: run the session's slaves.
+"""``cgmirror slave|secondary start|stop|run [NAME...]``: run the session's nodes.
 
-Slaves are started detached (their own session, so they outlive this
+Both nouns work alike; they differ in which tables of the session they take
+(``[[slave]]`` or ``[[secondary]]``) and how a started node is described.
+Nodes are started detached (their own session, so they outlive this
 command) through ``coordinator.launch``, which removes stale sockets, writes
-the pidfile and waits until the control socket answers.  ``LaunchError`` and
-psutil errors become ``SlaveError`` here.
+the pidfile and waits until the control socket answers, each in the role the
+recorded direction gives it (``direction.spec``: failover and switchover swap
+roles).  ``LaunchError`` and psutil errors become ``SlaveError`` here.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import psutil
 
 from coordinator import direction, launch
 
-from .errors import ExitCode, SlaveError
+from .errors import ExitCode, SlaveError, UsageError
 from .lock import SessionLock
 
 
+@dataclass(frozen=True)
+class Noun:
+    """One kind of node: its CLI noun, how to pick its tables from a session,
+    and what ``start`` says it serves."""
+
+    name: str                                   # "slave" or "secondary"
+    select: Callable[[object, list[str]], list]
+    serves: Callable[[object], str]
+
+
+def _secondaries(session, names: list[str]) -> list:
+    """The named secondaries (all if none named), in session order."""
+    if not session.secondaries:
+        raise UsageError(f"session {session.name} has no [[secondary]]")
+    for n in names:
+        session.secondary(n)
+    return [r for r in session.secondaries if not names or r.name in names]
+
+
+SLAVE = Noun("slave", lambda s, names: s.select(names),
+             lambda cfg: f"serving {', '.join(v.name for v in cfg.volumes)}"
+                         f" on {cfg.nbd or cfg.nbd_socket}")
+SECONDARY = Noun("secondary", _secondaries,
+                 lambda cfg: f"secondary of {', '.join(v[0] for v in cfg.volumes)}"
+                             f" on {getattr(cfg, 'nbd', None) or cfg.nbd_socket}")
+
+
 def register(sub) -> None:
-    """``cgmirror slave start|stop [NAME...]``."""
-    slave = sub.add_parser("slave", help="start or stop slaves")
-    actions = slave.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for fn, text in ((start, "start slaves (all if none named), detached"),
-                     (stop, "stop slaves (all if none named)")):
-        a = actions.add_parser(fn.__name__, help=text)
-        a.add_argument("names", nargs="*", metavar="NAME")
-        a.set_defaults(func=lambda ctx, args, fn=fn: fn(ctx, args.names))
-    a = actions.add_parser("run", help="run one slave in the foreground (systemd)")
-    a.add_argument("name", metavar="NAME")
-    a.set_defaults(func=lambda ctx, args: run(ctx, args.name))
+    """``cgmirror slave ...`` (the primary site) and ``cgmirror secondary ...``."""
+    for noun, where in ((SLAVE, "slaves"), (SECONDARY, "secondaries (the remote site)")):
+        p = sub.add_parser(noun.name, help=f"start, stop or run {where}")
+        actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+        for fn, text in ((start, "start {} (all if none named), detached"),
+                         (stop, "stop {} (all if none named)")):
+            a = actions.add_parser(fn.__name__, help=text.format(where))
+            a.add_argument("names", nargs="*", metavar="NAME")
+            a.set_defaults(func=lambda ctx, args, fn=fn, noun=noun: fn(ctx, noun, args.names))
+        a = actions.add_parser("run", help=f"run one {noun.name} in the foreground (systemd)")
+        a.add_argument("name", metavar="NAME")
+        a.set_defaults(func=lambda ctx, args, noun=noun: run(ctx, noun, args.name))
 
 
-def start(ctx, names: list[str]) -> ExitCode:
+def start(ctx, noun: Noun, names: list[str]) -> ExitCode:
     s = ctx.session
     with SessionLock(s.name, s.state_dir):
-        for cfg in s.select(names):
+        for cfg in noun.select(s, names):
             spec = direction.spec(s, cfg)      # the role failover/switchover left
             pid = launch.running_pid(spec)
             if pid:
@@ -42,17 +76,16 @@ def start(ctx, names: list[str]) -> ExitCode:
             try:
                 proc = launch.start(spec, detach=True)
             except (launch.LaunchError, OSError) as exc:
-                raise SlaveError(cfg.name, f"cannot start slave {cfg.name}: {exc}",
+                raise SlaveError(cfg.name, f"cannot start {noun.name} {cfg.name}: {exc}",
                                  "launch") from exc
-            ctx.say(f"{cfg.name}: started (pid {proc.pid}), serving"
-                    f" {', '.join(v.name for v in cfg.volumes)} on {cfg.nbd or cfg.nbd_socket}")
+            ctx.say(f"{cfg.name}: started (pid {proc.pid}), {noun.serves(cfg)}")
     return ExitCode.OK
 
 
-def run(ctx, name: str) -> ExitCode:
-    """``slave run NAME``: become the slave (see ``launch.exec_foreground``)."""
+def run(ctx, noun: Noun, name: str) -> ExitCode:
+    """``run NAME``: become the node (see ``launch.exec_foreground``)."""
     s = ctx.session
-    cfg = s.select([name])[0]
+    cfg = noun.select(s, [name])[0]
     try:
         launch.exec_foreground(direction.spec(s, cfg))
     except launch.LaunchError as exc:
@@ -60,16 +93,16 @@ def run(ctx, name: str) -> ExitCode:
     return ExitCode.FAILED      # not reached: exec replaced this process
 
 
-def stop(ctx, names: list[str]) -> ExitCode:
+def stop(ctx, noun: Noun, names: list[str]) -> ExitCode:
     s = ctx.session
     with SessionLock(s.name, s.state_dir):
-        for cfg in s.select(names):
+        for cfg in noun.select(s, names):
             spec = cfg.spec()
             pid = launch.running_pid(spec)
             try:
                 stopped = launch.stop(spec)
             except (psutil.Error, OSError) as exc:
-                raise SlaveError(cfg.name, f"cannot stop slave {cfg.name}: {exc}",
+                raise SlaveError(cfg.name, f"cannot stop {noun.name} {cfg.name}: {exc}",
                                  "launch") from exc
             ctx.say(f"{cfg.name}: stopped (pid {pid})" if stopped
                     else f"{cfg.name}: was not running")
