@@ -53,7 +53,7 @@ def start(ctx, names: list[str]) -> ExitCode:
                 raise SlaveError(cfg.name, f"cannot start secondary {cfg.name}: {exc}",
                                  "launch") from exc
             ctx.say(f"{cfg.name}: started (pid {proc.pid}), secondary of"
-                    f" {', '.join(v[0] for v in cfg.volumes)} on {cfg.nbd_socket}")
+                    f" {', '.join(v[0] for v in cfg.volumes)} on {cfg.nbd or cfg.nbd_socket}")
     return ExitCode.OK
 
 
