@@ -149,7 +149,7 @@ def test_mirror_to_a_tcp_tls_secondary_on_loopback(slaves, run_dir):
 
 NODES = {"s1": "a", "s2": "b", "r1": "r", "r2": "r"}
 MAX_DRAIN_MS = 3000
-SLOW_MBIT = 64                  # r's link during the slow part (tc tbf): 8 MB/s
+SLOW_MBIT = 160                 # r's link during the slow part (tc tbf): 20 MB/s
 # The most a group carries once the full copy is done: every block the
 # workload ever writes (one 64 KiB block per slot per volume).
 FOOTPRINT = LAYOUT.volumes * LAYOUT.slots * LAYOUT.granularity
@@ -280,15 +280,21 @@ def drive(doc: str, path: str) -> dict:
         assert res.outcome == "hardened", res.error
         out["full_copy_bytes"] = res.bytes
         work = wl.Workload([rem.specs[s].uri(v) for s, v in ORDER], LAYOUT).start()
-        out["writing"] = []
+        out["writing"], out["rates"] = [], []
         for _ in range(3):
-            out["writing"].append(m.run_once().outcome)
+            res = m.run_once()
+            out["writing"].append(res.outcome)
+            if res.outcome == "hardened":
+                out["rates"].append(res.bytes / (res.measures["drain_ms"] / 1000))
             rem.read_group()
         net.rate("r", SLOW_MBIT)
         try:
-            out["slow"] = []
-            while out["slow"].count("hardened") < 2 and len(out["slow"]) < 6:
-                out["slow"].append(m.run_once().outcome)
+            out["slow"], out["slow_rates"] = [], []
+            while out["slow"].count("hardened") < 2 and len(out["slow"]) < 8:
+                res = m.run_once()
+                out["slow"].append(res.outcome)
+                if res.outcome == "hardened":
+                    out["slow_rates"].append(res.bytes / (res.measures["drain_ms"] / 1000))
             rem.read_group()
             out["cut"] = cut_mid_drain(m, net, rem)
         finally:
