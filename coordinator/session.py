@@ -460,8 +460,8 @@ class _Parser:
                                 and str(r.get("nbd", "")).startswith("tcp:")
                                 } if isinstance(raw, list) else set()
         parsed = tuple(self.slave(i, s) for i, s in enumerate(slaves, 1))
-        self.unique(parsed)
         mirror, secondaries = self.mirror_tables(data, state_dir, parsed)
+        self.unique(parsed, secondaries)
         return Session(path=os.path.abspath(self.path), name=name, state_dir=state_dir,
                        max_coordination_ms=coord, lease_ms=lease,
                        copy_timeout_ms=copy_timeout, slaves=parsed, mirror=mirror,
@@ -622,8 +622,10 @@ class _Parser:
                                granularity=gran, volumes=tuple(volumes),
                                nbd=nbd, tls=tls, client_tls=client_tls)
 
-    def unique(self, slaves: tuple[SlaveConfig, ...]) -> None:
-        """Two slaves may not share a name, a socket, a state dir or a volume file."""
+    def unique(self, slaves: tuple[SlaveConfig, ...],
+               secondaries: tuple[SecondaryConfig, ...] = ()) -> None:
+        """Two slaves may not share a name, a socket, a state dir or a volume
+        file; no secondary may share a state dir or an address with any node."""
         owner: dict[tuple[str, str], str] = {}
 
         def claim(kind: str, value: str, who: str, where: str, key: str) -> None:
@@ -641,6 +643,12 @@ class _Parser:
             for v in s.volumes:
                 claim("path", v.path, f"volume {s.name}/{v.name}",
                       f"[[slave.volume]] {s.name}/{v.name}", "path")
+        for r in secondaries:
+            w = f"[[secondary]] {r.name!r}"
+            claim("dir", r.state_dir, f"secondary {r.name}", w, "state_dir")
+            claim("socket", r.nbd or r.nbd_socket, f"secondary {r.name} nbd",
+                  w, "nbd" if r.nbd else "nbd_socket")
+            claim("socket", r.control, f"secondary {r.name} control", w, "control")
         self.distinct_images(slaves)
 
     def distinct_images(self, slaves: tuple[SlaveConfig, ...]) -> None:

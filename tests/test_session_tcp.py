@@ -206,3 +206,13 @@ def test_bad_secondary_tcp_keys_are_one_line(tmp_path, old, new, words):
     assert "\n" not in msg and msg.startswith(str(tmp_path / "demo.toml") + ": ")
     for w in words:
         assert w in msg, msg
+
+
+def test_secondary_address_taken_by_a_slave_is_one_line(tmp_path):
+    """A secondary on the slave's own NBD address: refused, naming both."""
+    text = MIRRORED.replace('nbd_socket = "run/s1.sock"', 'nbd = "tcp:10.0.0.9:10809"')
+    with pytest.raises(ConfigError) as ei:
+        session.load(write(tmp_path, text))
+    msg = str(ei.value)
+    assert "\n" not in msg and "[[secondary]] 'r1', key 'nbd'" in msg, msg
+    assert "also used by slave s1 nbd" in msg, msg
