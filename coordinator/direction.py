@@ -127,12 +127,15 @@ def oriented(session: Session, source: str) -> Session:
         rpath = dict((n, p) for n, p, _ in session.secondary(r).volumes)
         back.setdefault(r, []).append(VolumeConfig(rv, rpath[rv], rsize[rv], None,
                                                    secondary=s, remote_volume=cfg.name))
+    # Addresses and certificates stay with the node: only its role turns.
     slaves = tuple(SlaveConfig(r.name, r.state_dir, r.nbd_socket, r.control, None,
-                               r.granularity, tuple(back[r.name]))
+                               r.granularity, tuple(back[r.name]),
+                               nbd=r.nbd, tls=r.tls, client_tls=r.client_tls)
                    for r in session.secondaries if r.name in back)
     secondaries = tuple(SecondaryConfig(s.name, s.state_dir, s.nbd_socket, s.control,
                                         s.granularity,
-                                        tuple((v.name, v.path, v.size) for v in s.volumes))
+                                        tuple((v.name, v.path, v.size) for v in s.volumes),
+                                        nbd=s.nbd, tls=s.tls, client_tls=s.client_tls)
                         for s in session.slaves)
     return dataclasses.replace(session, slaves=slaves, secondaries=secondaries)
 

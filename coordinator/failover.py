@@ -101,6 +101,8 @@ from typing import Callable
 
 import nbd
 
+from wire import tls
+
 from . import direction as dirn
 from . import group, launch
 from .direction import DirectionError
@@ -460,7 +462,11 @@ class RoleSwitch:
             base = os.path.join(out, f"{r}-{rv}")
             h = nbd.NBD()
             try:
-                h.connect_uri(f"nbd+unix:///{rv}?socket={tgt.nbd_socket}")
+                if tgt.nbd is not None:
+                    # Mutual TLS: the coordinator's certificate if it has one
+                    # (TCP control), else the node's own (one session PKI).
+                    tls.libnbd_setup(h, tgt.client_tls or tgt.tls)
+                h.connect_uri(tgt.spec().uri(rv))
                 size = h.get_size()
                 fd = os.open(base + ".img", os.O_WRONLY | os.O_CREAT, 0o600)
                 try:

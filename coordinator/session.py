@@ -74,11 +74,25 @@ and the mirror's settings in tables of their own::
     path = "remote/db.img"
     size = "64M"                   # optional: create if missing, else check
 
+A secondary at the remote site takes the same address keys as a slave:
+``control = "tcp:HOST:PORT"``, ``nbd = "tcp:HOST:PORT"`` (instead of
+``nbd_socket``) and ``cert`` (default: its name).  It then serves NBD with
+mutual TLS from its certificate directory, the coordinator reaches its
+control with its own certificate, and the primaries drain to it over
+``nbds://`` with theirs (a primary mirroring to a TCP secondary gets its
+certificate directory even when all its own paths are unix sockets)::
+
+    [[secondary]]
+    name = "r1"
+    state_dir = "remote/r1"
+    control = "tcp:10.0.0.9:7001"
+    nbd = "tcp:10.0.0.9:10809"     # replication: nbds://10.0.0.9:10809/repl-TOKEN/NAME
+
 A primary volume then names its remote instead of a ``target`` (it has
 exactly one of the two): ``secondary = "r1"`` and optionally
 ``remote_volume = "db"`` (default: the volume's own name).  The replication
-URI is built at run time from the secondary's socket and the export name its
-status gives (``Session.replication_uri``).  Two primary volumes may not
+URI is built at run time from the secondary's address and the export name its
+status gives (``replication_uri``).  Two primary volumes may not
 share a secondary volume.
 
 Relative paths, including the ``socket=`` of a ``+unix`` target URI, are
@@ -117,7 +131,8 @@ _SLAVE_KEYS = {"name", "state_dir", "nbd_socket", "nbd", "control", "threads",
 _VOLUME_KEYS = {"name", "path", "size", "target", "secondary", "remote_volume"}
 _MIRROR_KEYS = {"interval_ms", "max_drain_ms", "rpo_threshold_s", "control", "metrics",
                 "rate"}
-_SECONDARY_KEYS = {"name", "state_dir", "nbd_socket", "control", "granularity", "volume"}
+_SECONDARY_KEYS = {"name", "state_dir", "nbd_socket", "nbd", "control", "granularity",
+                   "volume", "cert"}
 _SECONDARY_VOLUME_KEYS = {"name", "path", "size"}
 MIRROR_CONTROL = "mirror.ctl"
 
@@ -154,12 +169,18 @@ class SecondaryConfig:
     control: str
     granularity: int | None
     volumes: tuple[tuple[str, str, int | None], ...]   # (name, path, size)
+    # TCP, as SlaveConfig's: nbd a tcp:HOST:PORT or None (then nbd_socket);
+    # tls the secondary's certificate directory, client_tls the coordinator's.
+    nbd: str | None = None
+    tls: str | None = None
+    client_tls: str | None = None
 
     def spec(self) -> SlaveSpec:
         """How to run this secondary (for coordinator.launch)."""
         spec = SlaveSpec(name=self.name, statedir=self.state_dir,
                          nbd_socket=self.nbd_socket, control=self.control,
-                         volumes=list(self.volumes), role="secondary")
+                         volumes=list(self.volumes), role="secondary",
+                         nbd=self.nbd, tls=self.tls, client_tls=self.client_tls)
         if self.granularity is not None:
             spec.granularity = self.granularity
         return spec
@@ -251,9 +272,11 @@ class Session:
 
 def replication_uri(secondary: SecondaryConfig, export: str) -> str:
     """The NBD URI of a secondary's replication export ``export`` (the name
-    its status gives, ``repl-TOKEN/NAME``).  Spelled the same way every
-    time: the primary's baseline is keyed by this string."""
-    return f"nbd+unix:///{export}?socket={secondary.nbd_socket}"
+    its status gives, ``repl-TOKEN/NAME``): ``nbds://HOST:PORT/...`` on TCP
+    (the primary's copier brings its own certificate), else ``nbd+unix``.
+    Spelled the same way every time: the primary's baseline is keyed by
+    this string."""
+    return secondary.spec().uri(export)
 
 
 def locate(path: str | None) -> str:
@@ -333,12 +356,14 @@ class _Parser:
         return addr, None
 
     def tls_dirs(self, where, t, name, control, nbd, volumes) -> tuple[str | None, ...]:
-        """The slave's and the coordinator's certificate directories, where
-        a TCP path needs them."""
+        """The node's (slave's or secondary's) and the coordinator's
+        certificate directories, where a TCP path needs them."""
         cert = self.name(where, t, "cert") if "cert" in t else name
         tcp_control = control.startswith("tcp:")
+        # A volume mirrored to a secondary on TCP: its drain is an nbds:// copy.
         uses_tcp = tcp_control or nbd is not None or any(
-            (v.target or "").startswith("nbds") for v in volumes)
+            (v.target or "").startswith("nbds") or v.secondary in self.tcp_secondaries
+            for v in volumes)
         slave_dir = os.path.join(self.pki, cert) if uses_tcp else None
         coord_dir = os.path.join(self.pki, self.coordinator_cert) if tcp_control else None
         return slave_dir, coord_dir
@@ -428,9 +453,15 @@ class _Parser:
         self.pki = (self.path_(w, t, "pki") if "pki" in t
                     else os.path.join(state_dir, "pki"))
         self.coordinator_cert = self.name(w, t, "cert") if "cert" in t else "coordinator"
+        # The primaries need their certificate to drain to these (checked
+        # properly later, in mirror_tables).
+        raw = data.get("secondary")
+        self.tcp_secondaries = {r.get("name") for r in raw if isinstance(r, dict)
+                                and str(r.get("nbd", "")).startswith("tcp:")
+                                } if isinstance(raw, list) else set()
         parsed = tuple(self.slave(i, s) for i, s in enumerate(slaves, 1))
-        self.unique(parsed)
         mirror, secondaries = self.mirror_tables(data, state_dir, parsed)
+        self.unique(parsed, secondaries)
         return Session(path=os.path.abspath(self.path), name=name, state_dir=state_dir,
                        max_coordination_ms=coord, lease_ms=lease,
                        copy_timeout_ms=copy_timeout, slaves=parsed, mirror=mirror,
@@ -565,8 +596,7 @@ class _Parser:
         w = f"[[secondary]] #{i}"
         if isinstance(t, dict) and isinstance(t.get("name"), str):
             w = f"[[secondary]] {t['name']!r}"
-        self.keys(w, t, _SECONDARY_KEYS, ("name", "state_dir", "nbd_socket", "control",
-                                          "volume"))
+        self.keys(w, t, _SECONDARY_KEYS, ("name", "state_dir", "control", "volume"))
         name = self.name(w, t)
         gran = self.size(w, t, "granularity")
         if gran is not None and (gran & (gran - 1) or gran < 4096):
@@ -584,13 +614,18 @@ class _Parser:
                 self.fail(vw, "name", f"secondary {name} has two volumes named {vname!r}")
             seen.add(vname)
             volumes.append((vname, self.path_(vw, v, "path"), self.size(vw, v, "size")))
+        nbd_socket, nbd = self.nbd_listen(w, t)
+        control = self.address(w, t, "control")
+        tls, client_tls = self.tls_dirs(w, t, name, control, nbd, ())
         return SecondaryConfig(name=name, state_dir=self.path_(w, t, "state_dir"),
-                               nbd_socket=self.path_(w, t, "nbd_socket", socket=True),
-                               control=self.path_(w, t, "control", socket=True),
-                               granularity=gran, volumes=tuple(volumes))
+                               nbd_socket=nbd_socket, control=control,
+                               granularity=gran, volumes=tuple(volumes),
+                               nbd=nbd, tls=tls, client_tls=client_tls)
 
-    def unique(self, slaves: tuple[SlaveConfig, ...]) -> None:
-        """Two slaves may not share a name, a socket, a state dir or a volume file."""
+    def unique(self, slaves: tuple[SlaveConfig, ...],
+               secondaries: tuple[SecondaryConfig, ...] = ()) -> None:
+        """Two slaves may not share a name, a socket, a state dir or a volume
+        file; no secondary may share a state dir or an address with any node."""
         owner: dict[tuple[str, str], str] = {}
 
         def claim(kind: str, value: str, who: str, where: str, key: str) -> None:
@@ -608,6 +643,12 @@ class _Parser:
             for v in s.volumes:
                 claim("path", v.path, f"volume {s.name}/{v.name}",
                       f"[[slave.volume]] {s.name}/{v.name}", "path")
+        for r in secondaries:
+            w = f"[[secondary]] {r.name!r}"
+            claim("dir", r.state_dir, f"secondary {r.name}", w, "state_dir")
+            claim("socket", r.nbd or r.nbd_socket, f"secondary {r.name} nbd",
+                  w, "nbd" if r.nbd else "nbd_socket")
+            claim("socket", r.control, f"secondary {r.name} control", w, "control")
         self.distinct_images(slaves)
 
     def distinct_images(self, slaves: tuple[SlaveConfig, ...]) -> None:

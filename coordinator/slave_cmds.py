@@ -46,7 +46,7 @@ SLAVE = Noun("slave", lambda s, names: s.select(names),
                          f" on {cfg.nbd or cfg.nbd_socket}")
 SECONDARY = Noun("secondary", _secondaries,
                  lambda cfg: f"secondary of {', '.join(v[0] for v in cfg.volumes)}"
-                             f" on {getattr(cfg, 'nbd', None) or cfg.nbd_socket}")
+                             f" on {cfg.nbd or cfg.nbd_socket}")
 
 
 def register(sub) -> None:

@@ -26,11 +26,9 @@ that they land in any phase of the cycle):
   the same for nbdplugin/secondary.py's and the slave's points.
 - ``stall-secondary``: SIGSTOP of a secondary for 1-3 s, then SIGCONT:
   what a cut link does to the drain (the peer goes silent, connections
-  stay open).  The secondaries of the session are unix-socket only on this
-  branch (``[[secondary]]`` has no ``tcp:`` address), so a link of the
-  namespace sites cannot sit between a drain and its secondary; with
-  ``--sites`` (``SitesCampaign``) real cut and slow links sit between the
-  coordinator and the primaries.
+  stay open).  With ``--sites`` (``SitesCampaign``) real cut and slow
+  links sit between the coordinator and the primaries, and between a
+  primary and the secondaries (site ``r``).
 - ``slow-secondary``: the secondary restarted behind nbdkit's ``delay``
   filter (every write 20 ms late) for a few seconds.
 - ``nbd-errors``: the secondary restarted behind nbdkit's ``error`` filter
@@ -477,7 +475,8 @@ class Campaign:
 
 # ------------------------------------------------------------ across sites
 
-HOSTS = {"s1": "a", "s2": "b"}
+HOSTS = {"s1": "a", "s2": "b"}                  # the primaries' sites
+NODE_HOSTS = HOSTS | {"r1": "r", "r2": "r"}     # every node's
 
 
 class SiteNode:
@@ -507,14 +506,16 @@ class SitesCampaign(Campaign):
     """The campaign with the primaries in sites ``a`` and ``b``, reached
     over TCP with mutual TLS (control and NBD) from site ``c``, where this
     process, the writers, the reader and ``mirror run`` live; the
-    secondaries stay on unix sockets (``[[secondary]]`` has no TCP address
-    on this branch), which every namespace reaches.  Two more faults, on
-    the links of the hub: ``cut-link`` drops all IP between ``c`` and a
-    primary's site for 1-3 s (mid-drain: the coordinator's polls and the
-    next FREEZE go unanswered, TCP stays open), ``slow-link`` limits a
-    primary's link to 2 Mbit/s (``tc tbf``) for a few seconds."""
+    secondaries in site ``r``, likewise on TCP with TLS.  Three more
+    faults, on the links of the hub: ``cut-link`` drops all IP between
+    ``c`` and a primary's site for 1-3 s (mid-drain: the coordinator's
+    polls and the next FREEZE go unanswered, TCP stays open),
+    ``cut-remote`` the same between a primary's site and ``r`` (the drain
+    stalls and times out; the coordinator still reaches everyone), and
+    ``slow-link`` limits a primary's link to 2 Mbit/s (``tc tbf``) for a
+    few seconds."""
 
-    kinds = KINDS + ("cut-link", "slow-link")
+    kinds = KINDS + ("cut-link", "cut-remote", "slow-link")
 
     def __init__(self, base: str, seed: int, net, log=print):
         from coordinator import pki
@@ -522,29 +523,29 @@ class SitesCampaign(Campaign):
         self.pki = os.path.join(base, "pki")
         pki.init(self.pki, "m")
         pki.issue(self.pki, "coordinator")
-        for slave, host in HOSTS.items():
-            pki.issue(self.pki, slave, ips=[net[host].addr])
+        for name, host in NODE_HOSTS.items():
+            pki.issue(self.pki, name, ips=[net[host].addr])
         super().__init__(base, seed, log)
         wl.TLS_DIR = self.session.slaves[0].client_tls
 
     def edit(self, text: str) -> str:
         from twosites import free_port
         text = text.replace('state_dir = "state"', f'state_dir = "state"\npki = "{self.pki}"')
-        for slave, host in HOSTS.items():
+        for name, host in NODE_HOSTS.items():
             site = self.net[host]
             text = text.replace(
-                f'nbd_socket = "{slave}.sock"\ncontrol = "{slave}.ctl"',
+                f'nbd_socket = "{name}.sock"\ncontrol = "{name}.ctl"',
                 f'control = "tcp:{site.addr}:{free_port(site)}"\n'
                 f'nbd = "tcp:{site.addr}:{free_port(site)}"')
         return text
 
     def start_node(self, name: str, **changes) -> None:
-        if name not in HOSTS:
+        if name not in NODE_HOSTS:
             return super().start_node(name, **changes)
         spec = dataclasses.replace(self.specs[name], **changes)
         launch.private_dirs(spec.statedir)
         with open(spec.logfile, "ab") as log:
-            popen = self.net[HOSTS[name]].popen(
+            popen = self.net[NODE_HOSTS[name]].popen(
                 spec.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 env=launch.slave_env(spec.env))
         self.procs[name] = SiteNode(spec, popen)
@@ -558,16 +559,20 @@ class SitesCampaign(Campaign):
                 return True
             except Exception:
                 return False
-        wait_for(ready, 60, f"{name} to answer in site {HOSTS[name]}")
+        wait_for(ready, 60, f"{name} to answer in site {NODE_HOSTS[name]}")
+
+    def host_uris(self) -> list[str]:
+        return [self.specs[REMOTE[s]].uri(v) for s, v in ORDER]     # nbds://
 
     def inject_more(self, kind: str) -> None:
         host = HOSTS[self.rng.choice(tuple(HOSTS))]
-        if kind == "cut-link":
-            self.net.cut("c", host)
+        if kind in ("cut-link", "cut-remote"):
+            other = "c" if kind == "cut-link" else "r"
+            self.net.cut(other, host)
             try:
                 time.sleep(self.rng.uniform(1.0, 3.0))    # the length of the cut
             finally:
-                self.net.heal("c", host)
+                self.net.heal(other, host)
         elif kind == "slow-link":
             self.net.rate(host, 2)
             try:
@@ -602,7 +607,7 @@ def campaign(base: str, rounds: int, budget_s: float, seed: int, log=print,
     itself runs inside site ``c`` (``--inside``)."""
     if sites:
         from sites import Sites
-        with Sites(("a", "b", "c")) as net:
+        with Sites(("a", "b", "c", "r")) as net:
             r = net["c"].run([sys.executable, os.path.abspath(__file__), "--inside",
                               json.dumps(sites_doc(net)), "--base", base,
                               "--rounds", str(rounds), "--budget", str(budget_s),

@@ -119,3 +119,100 @@ def test_missing_coordinator_certificate_is_a_config_error(tmp_path, capsys):
     assert err.count("\n") == 1, err
     assert os.path.join(tmp_path, "certs", "coord", "ca-cert.pem") in err
     assert "cgmirror pki issue" in err
+
+
+MIRRORED = """
+[session]
+name = "m"
+pki = "certs"
+
+[[slave]]
+name = "s1"
+state_dir = "run/s1"
+nbd_socket = "run/s1.sock"
+control = "run/s1.ctl"
+
+[[slave.volume]]
+name = "db"
+path = "data/db.img"
+secondary = "r1"
+
+[[secondary]]
+name = "r1"
+state_dir = "remote/r1"
+nbd = "tcp:10.0.0.9:10809"
+control = "tcp:10.0.0.9:7001"
+cert = "remote"
+
+[[secondary.volume]]
+name = "db"
+path = "remote/db.img"
+"""
+
+
+def test_tcp_secondary_addresses_certificates_and_uri(tmp_path):
+    """A [[secondary]] on TCP: its spec serves NBD with TLS, the drain goes
+    to nbds://, the unix primary gets its certificate for that drain, and a
+    role switch keeps every address and certificate."""
+    from coordinator import direction
+
+    s = session.load(write(tmp_path, MIRRORED))
+    certs = os.path.join(tmp_path, "certs")
+    (r,), (s1,) = s.secondaries, s.slaves
+    assert (r.control, r.nbd, r.nbd_socket) == ("tcp:10.0.0.9:7001", "tcp:10.0.0.9:10809", "")
+    assert r.tls == os.path.join(certs, "remote")
+    assert r.client_tls == os.path.join(certs, "coordinator")
+    spec = r.spec()
+    assert spec.role == "secondary" and spec.nbd == r.nbd and spec.tls == r.tls
+    assert spec.client_tls == r.client_tls
+    assert session.replication_uri(r, "repl-ab/db") == "nbds://10.0.0.9:10809/repl-ab/db"
+    assert s1.tls == os.path.join(certs, "s1") and s1.client_tls is None
+    # Failover/failback: the secondary becomes the primary and back.
+    back = direction.oriented(s, "b")
+    (p,), (q,) = back.slaves, back.secondaries
+    assert (p.name, p.nbd, p.control, p.tls, p.client_tls) == \
+        ("r1", r.nbd, r.control, r.tls, r.client_tls)
+    assert (q.name, q.nbd_socket, q.control, q.tls) == ("s1", s1.nbd_socket, s1.control,
+                                                        s1.tls)
+    assert session.replication_uri(q, "repl-x/db") == \
+        f"nbd+unix:///repl-x/db?socket={s1.nbd_socket}"
+
+
+def test_unix_secondary_needs_no_pki(tmp_path):
+    text = MIRRORED.replace('nbd = "tcp:10.0.0.9:10809"', 'nbd_socket = "remote/r1.sock"')
+    s = session.load(write(tmp_path, text.replace('control = "tcp:10.0.0.9:7001"',
+                                                  'control = "remote/r1.ctl"')))
+    (r,), (s1,) = s.secondaries, s.slaves
+    assert r.tls is None and r.client_tls is None and s1.tls is None
+    assert r.spec().command()[2] == "-U"
+
+
+@pytest.mark.parametrize("old,new,words", [
+    ('nbd = "tcp:10.0.0.9:10809"', 'nbd = "tcp:10.0.0.9:10809"\nnbd_socket = "x.sock"',
+     ["[[secondary]] 'r1', key 'nbd'", "not both"]),
+    ('nbd = "tcp:10.0.0.9:10809"', '',
+     ["[[secondary]] 'r1', key 'nbd_socket'", "missing"]),
+    ('control = "tcp:10.0.0.9:7001"', 'control = "localhost:7001"',
+     ["[[secondary]] 'r1', key 'control'", "unknown scheme"]),
+    ('nbd = "tcp:10.0.0.9:10809"', 'nbd = "tcp:10.0.0.9:99999"',
+     ["[[secondary]] 'r1', key 'nbd'", "port"]),
+    ('cert = "remote"', 'cert = "a/b"', ["[[secondary]] 'r1', key 'cert'"]),
+])
+def test_bad_secondary_tcp_keys_are_one_line(tmp_path, old, new, words):
+    assert old in MIRRORED
+    with pytest.raises(ConfigError) as ei:
+        session.load(write(tmp_path, MIRRORED.replace(old, new)))
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(str(tmp_path / "demo.toml") + ": ")
+    for w in words:
+        assert w in msg, msg
+
+
+def test_secondary_address_taken_by_a_slave_is_one_line(tmp_path):
+    """A secondary on the slave's own NBD address: refused, naming both."""
+    text = MIRRORED.replace('nbd_socket = "run/s1.sock"', 'nbd = "tcp:10.0.0.9:10809"')
+    with pytest.raises(ConfigError) as ei:
+        session.load(write(tmp_path, text))
+    msg = str(ei.value)
+    assert "\n" not in msg and "[[secondary]] 'r1', key 'nbd'" in msg, msg
+    assert "also used by slave s1 nbd" in msg, msg
