@@ -53,9 +53,8 @@ def test_rss_is_flat_over_100_copies(slaves, run_dir, link_to):
             rep = group.copy([lk], n, {"s1": {"a": tgt.uri}}, "full", poll_s=0.005)
             assert rep.slaves["s1"]["a"].bytes == 8 * MiB
             rss.append(slave.memory_info().rss)
-        # Warm-up is long: malloc arenas of the copy threads are first
-        # touched by whichever copies run while the machine is busy.  The bug
-        # grew the slave ~8 MiB per copy, i.e. ~400 MiB over these 50.
+        # The bug grew the slave ~8 MiB per copy, i.e. ~400 MiB over these 50;
+        # a buffer kept by malloc after a copy stepped it up 8 MiB once.
         grown = (rss[-1] - rss[49]) / MiB
         assert grown < 4, f"slave RSS grew {grown:.1f} MiB over the last 50 copies"
     finally:
