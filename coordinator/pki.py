@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from wire import tls
+from wire.files import fsync_dir
 
 from .errors import ConfigError, LocalError, UsageError
 
@@ -187,10 +188,10 @@ def issue(pki_dir: str, name: str, dns: list[str] | tuple[str, ...] = (),
         tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=pki_dir)   # mode 0700
         for fname, (data, mode) in files.items():
             _write_new(os.path.join(tmp, fname), data, mode)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, dest)    # fails if dest appeared meanwhile and is not empty
         tmp = None
-        _fsync_dir(pki_dir)
+        fsync_dir(pki_dir)
     except OSError as exc:
         raise LocalError(f"pki issue: cannot write {dest}: {exc.strerror or exc}") from exc
     finally:
@@ -258,12 +259,4 @@ def _write_new(path: str, data: bytes, mode: int) -> None:
         os.link(tmp, path)      # unlike rename, never replaces an existing file
     finally:
         os.unlink(tmp)
-    _fsync_dir(d)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(d)
