@@ -164,16 +164,9 @@ class PeerWatch:
 def subscribe(path: str, timeout: float = 10.0):
     """Yield the events of the mirror on control socket ``path`` (dicts),
     forever; raise MirrorNotRunning if none answers."""
-    from .mirror import MirrorError, MirrorNotRunning     # mirror imports us
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)           # for the connect and the first line only
+    from .mirror import MirrorError, MirrorNotRunning, connect     # mirror imports us
+    s = connect(path, timeout)      # the timeout: for the connect and the first line only
     try:
-        try:
-            s.connect(path)
-        except OSError as exc:
-            raise MirrorNotRunning(f"no mirror is running (nothing answers on {path}:"
-                                   f" {exc.strerror or exc}); start one with"
-                                   f" `cgmirror mirror run`") from exc
         s.sendall(_line({"op": "subscribe"}))
         f = s.makefile("rb")
         first = f.readline()

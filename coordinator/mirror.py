@@ -890,17 +890,25 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def call(path: str, op: str, timeout: float = CONTROL_TIMEOUT_S + 10, **args) -> dict:
-    """One request to a running mirror; raise MirrorNotRunning if none answers."""
+def connect(path: str, timeout: float) -> socket.socket:
+    """A connection to the running mirror's control socket ``path``; raise
+    MirrorNotRunning (one line saying what to do) if none answers."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        try:
-            s.connect(path)
-        except OSError as exc:
-            raise MirrorNotRunning(f"no mirror is running (nothing answers on {path}:"
-                                   f" {exc.strerror or exc}); start one with"
-                                   f" `cgmirror mirror run`") from exc
+        s.connect(path)
+    except OSError as exc:
+        s.close()
+        raise MirrorNotRunning(f"no mirror is running (nothing answers on {path}:"
+                               f" {exc.strerror or exc}); start one with"
+                               f" `cgmirror mirror run`") from exc
+    return s
+
+
+def call(path: str, op: str, timeout: float = CONTROL_TIMEOUT_S + 10, **args) -> dict:
+    """One request to a running mirror; raise MirrorNotRunning if none answers."""
+    s = connect(path, timeout)
+    try:
         framer, lines = protocol.Framer(), []
         try:
             s.sendall(protocol.encode({"op": op, **args}))
@@ -919,5 +927,5 @@ def call(path: str, op: str, timeout: float = CONTROL_TIMEOUT_S + 10, **args) ->
     return reply
 
 
-__all__ = ["GroupResult", "LIFT_AFTER", "Mirror", "MirrorError", "MirrorNotRunning",
+__all__ = ["GroupResult", "LIFT_AFTER", "Mirror", "MirrorError", "MirrorNotRunning", "connect",
            "call", "handle", "map_runs", "percentile"]
