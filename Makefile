@@ -34,7 +34,7 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 	touch $@
 
 ext: $(STAMPS)/ext
-$(STAMPS)/ext: native/bitmap.c native/bitmap.h native/copy.c native/copy.h \
+$(STAMPS)/ext: native/bitmap.c native/bitmap.h native/copy.c native/copy.h native/gate.c native/gate.h \
                native/build.py $(STAMPS)/venv
 	$(PY) -m native.build
 	touch $@
@@ -105,4 +105,4 @@ bench-resync: setup
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c \
-	       native/_copy*.so native/_copy.c
+	       native/_copy*.so native/_copy.c native/_gate*.so native/_gate.c

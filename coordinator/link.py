@@ -41,6 +41,9 @@ class SlaveLink:
         self.ssl_context = ssl_context
         self._client = ControlClient(control, timeout, ssl_context)
         self._lock = threading.Lock()
+        # The slave's gate socket (freeze, thaw, abort served without its
+        # GIL), learnt from its status; the establish uses it when known.
+        self.gate: str | None = None
 
     @classmethod
     def from_spec(cls, spec, timeout: float = DEFAULT_TIMEOUT) -> "SlaveLink":
@@ -68,7 +71,10 @@ class SlaveLink:
                                                    self.ssl_context))
 
     def status(self) -> dict:
-        return self.call("status")
+        reply = self.call("status")
+        if self.ssl_context is None:            # a unix path means this host
+            self.gate = reply.get("gate")
+        return reply
 
     def close(self) -> None:
         with self._lock:

@@ -140,6 +140,12 @@ class Bitmap:
         """Number of 64-bit words (``ceil(nbits / 64)``)."""
         return self._nwords
 
+    @property
+    def address(self):
+        """The words' address, for another C module that reads them
+        (native/gate.py); valid while this Bitmap lives."""
+        return int(ffi.cast("uintptr_t", self._words))
+
     # ---- argument checks ---------------------------------------------------
 
     def _range(self, start, count):

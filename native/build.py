@@ -1,4 +1,5 @@
-"""Build the cffi extensions ``native._bitmap`` and ``native._copy`` in place.
+"""Build the cffi extensions ``native._bitmap``, ``native._copy`` and
+``native._gate`` in place.
 
 Run from the repository root as ``python -m native.build`` (``make ext``).
 The shared object lands next to this file, so ``from native._bitmap import
@@ -8,7 +9,8 @@ on ``sys.path``.
 The cdefs are read from the marked regions of bitmap.h and copy.h so the
 declarations are written once.  ``_copy`` (the copy engine) links libnbd
 (Debian's libnbd-dev); it is a module of its own so the bitmap kernels stay
-free of that dependency.  Flags are plain ``-O3``: no ``-march=native``, because the CI
+free of that dependency; ``_gate`` (the freeze gates, native/gate.c) is the
+third.  Flags are plain ``-O3``: no ``-march=native``, because the CI
 machine may be another CPU; bitmap.c picks POPCNT at load time instead.
 """
 
@@ -49,6 +51,7 @@ def _builder(module, header, source, libraries=()):
 
 ffibuilder = _builder("native._bitmap", "bitmap.h", "bitmap.c")
 copybuilder = _builder("native._copy", "copy.h", "copy.c", libraries=["nbd", "pthread"])
+gatebuilder = _builder("native._gate", "gate.h", "gate.c", libraries=["pthread"])
 
 
 def main():
@@ -57,7 +60,7 @@ def main():
         # setuptools, run with the repo root as cwd, lints pyproject.toml
         # (license table, README); that is not about these extensions.
         warnings.simplefilter("ignore")
-        return [b.compile(tmpdir=ROOT, verbose=False) for b in (ffibuilder, copybuilder)]
+        return [b.compile(tmpdir=ROOT, verbose=False) for b in (ffibuilder, copybuilder, gatebuilder)]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Nothing a peer does can starve the server:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
@@ -116,13 +117,7 @@ class ControlServer:
             self.address = str(wire_address.Address(
                 "tcp", host=addr.host, port=srv.getsockname()[1]))
         else:
-            _claim_unix_path(addr.path)
-            srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            srv.bind(addr.path)
-            # Whatever the umask: only the owner may connect.  (The instant
-            # between bind and chmod is covered by the peer check in _admit.)
-            os.chmod(addr.path, 0o600)
-            srv.listen(BACKLOG)
+            srv = listen_unix(addr.path)
             self.control_path = addr.path
             self.address = str(addr)
         self._ssl = ssl_context if addr.is_tcp else None
@@ -274,8 +269,13 @@ class ControlServer:
 class Conn:
     """One accepted control connection (``sock`` becomes the TLS socket on TCP)."""
 
+    _tokens = itertools.count(1)
+
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        # Names the connection to the native gate core (native/gate.py) as
+        # the owner of a freeze; never reused.
+        self.token = next(Conn._tokens)
 
     def gone(self) -> bool:
         """True once the peer has hung up or the connection failed; never blocks.
@@ -326,6 +326,19 @@ def _check_tls(ctx: ssl.SSLContext | None, addr) -> None:
             ctx.minimum_version < ssl.TLSVersion.TLSv1_3:
         raise ControlServerError(f"control={addr}: the TLS context must require TLS 1.3"
                                  f" and client certificates")
+
+
+def listen_unix(path: str) -> socket.socket:
+    """A listening unix socket at ``path`` (mode 0600) after
+    ``_claim_unix_path``; raises ``ControlServerError``."""
+    _claim_unix_path(path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    # Whatever the umask: only the owner may connect.  (The instant between
+    # bind and chmod is covered by the peer check of each accepted socket.)
+    os.chmod(path, 0o600)
+    srv.listen(BACKLOG)
+    return srv
 
 
 def _claim_unix_path(path: str) -> None:

@@ -2,9 +2,19 @@
 (the secondary role is secondary.py).
 
 ``Slave.handle(request) -> reply`` (server.OpHandler) is the whole control
-surface; the socket server (server.py) only frames lines.  ``lock`` serialises control operations (a
-freeze, thaw, abort, lease expiry or copy end never interleave); the I/O path
-never takes it.
+surface; the socket server (server.py) only frames lines.  ``lock`` serialises
+control operations; the I/O path never takes it.
+
+The gates and the frozen phase of a cut are native (native/gate.py: ``core``):
+FREEZE, THAW and ABORT reach it from this module's ops and, on a unix
+control socket, also straight from the coordinator through the gate socket
+(``<control>.gate``) that a C thread serves, so no Python thread has to run
+for host writes to be held or released.  The core owns the lease and the
+rules below for the frozen phase; once a cut is thawed it is this module's
+(copy, abort, done) until ``core.end``.  This module catches up with the
+core in ``_sync`` (PiTs, ``machine``): every op does it first, the notify
+thread after each transition, and the first writer that sees a new gate
+generation before it marks anything.
 
 The control server (``start``, server.py) bounds and authenticates peers;
 a freeze belongs to the connection that asked for it:
@@ -35,8 +45,10 @@ from wire.protocol import CutMachine, Event, Kind, Phase, ProtocolError
 
 from .copier import SAMPLES, Copy, CopyError, PitSource, block_digest, verify_target
 from wire.files import write_atomic
+from native.gate import Core, GateRefused
+
 from .server import (HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, MAX_CONNECTIONS, Conn,
-                     ControlServer, OpHandler)
+                     ControlServer, ControlServerError, OpHandler, listen_unix)
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -120,14 +132,23 @@ class Slave(OpHandler):
         self.machine = CutMachine(n=self._meta.get("last_n", 0))
         self.lock = threading.RLock()
         self.cut_volumes: list[str] = []
-        self.lease_deadline: float | None = None
         self.copies: dict[str, Copy] = {}
         self.last_copy: dict | None = None
         self._stop = threading.Event()
-        self._lease_wake = threading.Event()
         self.server: ControlServer | None = None
         self.fence = Fence()
-        self.cut_owner: Conn | None = None      # the connection that froze the cut
+        # The core writes a byte here at every transition (the notify thread).
+        self._notify_r, self._notify_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._notify_w, False)
+        self.core = Core(list(volumes), [v.gate for v in volumes.values()],
+                         self.machine.n, self._notify_w)
+        self._sync_lock = threading.Lock()      # the catch-up (_sync); after self.lock
+        self._gen = 0                           # the core generation caught up with
+        for name, vol in volumes.items():
+            self.core.bitmaps(name, vol.changes.cr, vol.changes.oos)
+            vol.catch_up = self._catch_up
+        self.gate_socket = None
+        self.gate_path: str | None = None
 
     # ------------------------------------------------------------ persistence
 
@@ -197,10 +218,11 @@ class Slave(OpHandler):
 
     def op_status(self) -> dict:
         with self.lock:
+            st = self._sync()
             m = self.machine
             left = None
-            if m.phase is Phase.FROZEN and self.lease_deadline:
-                left = max(0.0, round((self.lease_deadline - time.monotonic()) * 1000, 1))
+            if st.lease_left_ms is not None and st.n == m.n:
+                left = round(st.lease_left_ms, 1)
             vols = {}
             for name, v in self.volumes.items():
                 s = v.status()
@@ -209,8 +231,10 @@ class Slave(OpHandler):
                 s["synced_target"] = self.synced_target(name)
                 s["lease_ms_left"] = left if name in self.cut_volumes else None
                 vols[name] = s
+            extra = {"gate": self.gate_path} if self.gate_path else {}
             return protocol.ok(pid=os.getpid(), role=self.ROLE, phase=m.phase.value, n=m.n,
-                               ended=m.ended, volumes=vols, last_copy=self.last_copy)
+                               ended=m.ended, volumes=vols, last_copy=self.last_copy,
+                               **extra)
 
     def op_freeze(self, n: int, lease_ms: int, volumes: list | None = None,
                   full: list | None = None, owner: "Conn | None" = None) -> dict:
@@ -218,73 +242,61 @@ class Slave(OpHandler):
         (the others: only their changes), so the right blocks are preserved.
         ``owner``: the connection that asks; the cut is aborted when it ends."""
         with self.lock:
+            self._sync()
             names = self._names(volumes)
             full = set(self._names(full) if full else ())
             if not full <= set(names):
                 raise ProtocolError(f"'full' names {sorted(full - set(names))[0]!r},"
                                     f" which is not frozen", Kind.UNKNOWN)
             self.machine.check(Event.FREEZE, n)
-            vols = [self.volumes[name] for name in names]
             if owner is not None and owner.gone():
                 # A late freeze: its coordinator gave up (and maybe sent an
                 # abort we would never read).  Never close a gate for it.
                 log.warning("cut %d: refused a freeze whose connection is gone", n)
                 raise ProtocolError(f"cannot freeze cut {n}: the connection that"
                                     f" asked for it is gone", Kind.GONE)
-            t0 = time.monotonic()
-            budget = min(lease_ms / 1000.0, 30.0)
-            try:
-                # Close every gate first, then wait: the waits overlap.
-                for vol in vols:
-                    vol.gate.close(0)
-                for vol in vols:
-                    left = budget - (time.monotonic() - t0)
-                    if not vol.gate.close(max(0.0, left)):
-                        raise ProtocolError(
-                            f"cannot freeze cut {n}: writes to {vol.name} did not"
-                            f" finish within {budget * 1000:.0f} ms", Kind.TIMEOUT)
-                drain_ms = (time.monotonic() - t0) * 1000
-                blocks = {vol.name: vol.start_pit(n, vol.name in full) for vol in vols}
-            except BaseException:
-                for vol in vols:
-                    if vol.pit is not None:
-                        vol.end_pit()
-                    vol.gate.open()
-                raise
-            self.machine.step(Event.FREEZE, n)
-            self.cut_volumes = names
-            self.cut_owner = owner
-            self.lease_deadline = t0 + lease_ms / 1000.0
-            self._lease_wake.set()
+            drain_ms, blocks = self._core(self.core.freeze, n, lease_ms, names, sorted(full),
+                                          owner.token if owner is not None else 0)
             return protocol.ok(n=n, drain_ms=round(drain_ms, 3), blocks=blocks)
 
     def op_thaw(self, n: int) -> dict:
         with self.lock:
-            self.machine.step(Event.THAW, n)
-            held = max(self.volumes[v].gate.open() for v in self.cut_volumes)
-            self.lease_deadline = None
-            self.cut_owner = None
-            self._remember(n)
-            return protocol.ok(n=n, held_ms=round(held * 1000, 3))
+            self._sync()
+            self.machine.check(Event.THAW, n)
+            held_ms = self._core(self.core.thaw, n)
+            return protocol.ok(n=n, held_ms=round(held_ms, 3))
+
+    def _core(self, call, *args):
+        """A core transition, then catch up; a refusal becomes the protocol's."""
+        try:
+            return call(*args)
+        except GateRefused as exc:
+            raise ProtocolError(str(exc), exc.kind) from None
+        finally:
+            self._sync()
 
     def _remember(self, n: int) -> None:
-        """Persist the cut number once the gates are open again: file work
-        during a freeze would delay the whole group's thaw.  Without fsync: a
-        crash may forget it, and then the coordinator's history (which never
-        reuses a number) still holds it."""
+        """Persist the last cut number.  Without fsync: a crash may forget
+        it, and then the coordinator's history (which never reuses a number)
+        still holds it."""
         if self._meta.get("last_n", 0) < n:
             self._save_meta(sync=False, last_n=n)
 
     def op_abort(self, n: int) -> dict:
         with self.lock:
+            self._sync()
             phase = self.machine.phase
             if phase is Phase.COPYING:
                 for c in self.copies.values():
                     c.cancelled.set()
                 # The copy threads end the cut; wait for them outside our lock.
+            elif phase is Phase.FROZEN:
+                self.machine.check(Event.ABORT, n)
+                self._core(self.core.abort, n)
+                return protocol.ok(n=n)
             else:
-                self.machine.step(Event.ABORT, n, ended="aborted")
-                self._end_cut()
+                self.machine.check(Event.ABORT, n)
+                self._end_thawed(Event.ABORT, "aborted")
                 return protocol.ok(n=n)
         self._join_copies()
         with self.lock:
@@ -292,28 +304,61 @@ class Slave(OpHandler):
                 self._finish_copy()
             return protocol.ok(n=n)
 
-    def _end_cut(self) -> None:
-        for name in self.cut_volumes:
-            vol = self.volumes[name]
-            vol.end_pit()
-            vol.gate.open()
-        self.lease_deadline = None
-        self.cut_owner = None
-        self._remember(self.machine.n)
+    def _end_thawed(self, event: Event, ended: str) -> None:
+        """End the thawed cut (CUT or COPYING) here and hand it back to the
+        core; unconfirmed blocks go back into cr (lock held)."""
+        with self._sync_lock:
+            n = self.machine.n
+            for name in self.cut_volumes:
+                self.volumes[name].end_pit()
+            self.machine.step(event, n, ended=ended)
+            self.cut_volumes = []
+            self.core.end(n, ended)
+        self._sync()
 
-    def expire_lease(self) -> None:
-        """Called by the lease thread: thaw by ourselves, the cut is aborted."""
-        with self.lock:
+    def _catch_up(self) -> None:
+        """A writer saw a gate generation it has not caught up with."""
+        self._sync(writer=True)
+
+    def _sync(self, writer: bool = False):
+        """Bring ``machine`` and the PiTs up to the core's state; return it.
+
+        A cut the core ended while frozen (abort, lease, its connection) has
+        its PiTs dropped (their blocks back into cr); a cut the core took is
+        taken here (``start_pit``: cr -> oos, preservation on) before any
+        write of the new generation marks or writes, since every such writer
+        comes through here first.  ``writer``: no file work (the cut number
+        is persisted by the next op or the notify thread)."""
+        with self._sync_lock:
+            st = self.core.state()
+            if st.gen == self._gen:
+                return st
             m = self.machine
-            if (m.phase is Phase.FROZEN and self.lease_deadline
-                    and time.monotonic() >= self.lease_deadline):
-                log.warning("cut %d: lease expired without thaw or abort; thawing", m.n)
-                m.step(Event.EXPIRE, m.n, ended="expired")
-                self._end_cut()
+            if m.phase is not Phase.IDLE and (st.phase == "idle" or st.n != m.n):
+                for name in self.cut_volumes:
+                    self.volumes[name].end_pit()
+                m.phase, m.ended = Phase.IDLE, st.ended if st.n == m.n else "aborted"
+                self.cut_volumes = []
+            if st.phase != "idle" and m.phase is Phase.IDLE:
+                for name in st.volumes:
+                    self.volumes[name].start_pit(st.n, name in st.full)
+                self.cut_volumes = st.volumes
+                m.phase, m.n, m.ended = Phase(st.phase), st.n, None
+            elif st.phase == "cut" and m.phase is Phase.FROZEN:
+                m.phase = Phase.CUT
+            elif st.phase == "idle" and st.n > m.n:
+                m.n, m.ended = st.n, st.ended       # taken and ended unseen
+            self._gen = st.gen
+            for vol in self.volumes.values():
+                vol.gen = st.gen
+        if not writer:
+            self._remember(m.n)
+        return st
 
     def op_copy(self, n: int, targets: dict, mode: str = "auto", inflight: int = 8,
                 timeout_ms: int = 30000, rate: int = 0) -> dict:
         with self.lock:
+            self._sync()
             names = self._names(list(targets))
             missing = [v for v in self.cut_volumes if v not in targets]
             extra = [v for v in names if v not in self.cut_volumes]
@@ -451,14 +496,14 @@ class Slave(OpHandler):
             # (see Copy.baseline).
             if c.baseline != self.baseline(name):
                 self._set_baseline(name, c.baseline)
-        self._end_cut()
         self.last_copy = {"n": n, "ok": ok,
                           "volumes": {k: c.progress() for k, c in self.copies.items()}}
-        self.machine.step(Event.COPY_DONE if ok else Event.COPY_FAILED, n,
-                          ended="done" if ok else "failed")
+        self._end_thawed(Event.COPY_DONE if ok else Event.COPY_FAILED,
+                         "done" if ok else "failed")
 
     def op_clear(self, volumes: list | None = None) -> dict:
         with self.lock:
+            self._sync()
             names = self._names(volumes)
             if self.machine.phase is not Phase.IDLE:
                 raise ProtocolError(f"cannot clear while cut {self.machine.n} is"
@@ -520,6 +565,7 @@ class Slave(OpHandler):
         so a wrong target is still caught.  ``forget``: drop any baseline
         instead, so that the next copy is a full one (``resync --full``)."""
         with self.lock:
+            self._sync()
             name = self._names([volume])[0]
             if self.machine.phase is not Phase.IDLE:
                 raise ProtocolError(f"cannot adopt a baseline while cut {self.machine.n}"
@@ -538,14 +584,25 @@ class Slave(OpHandler):
     def start(self, address: str, ssl_context: ssl.SSLContext | None = None, *,
               max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT_S,
               handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
-        """Start the control server (see ``ControlServer.start``), the lease
-        and the checkpoint threads (after fork).  Raises
-        ``ControlServerError`` (one line) if the server cannot start."""
+        """Start the control server (see ``ControlServer.start``), on a unix
+        control socket also the gate socket beside it (``PATH.gate``), and
+        the notify and checkpoint threads (after fork).  Raises
+        ``ControlServerError`` (one line) if a server cannot start."""
         self.server = ControlServer(self, max_connections=max_connections,
                                     idle_timeout=idle_timeout,
                                     handshake_timeout=handshake_timeout)
         self.server.start(address, ssl_context)
-        for target, name in ((self._lease_loop, "lease"),
+        self.core.start()
+        if self.server.control_path:
+            path = self.server.control_path + ".gate"
+            try:
+                self.gate_socket = listen_unix(path)
+            except (ControlServerError, OSError) as exc:
+                self.server.close()
+                raise ControlServerError(f"gate socket {path}: {exc}") from None
+            self.gate_path = path
+            self.core.serve(self.gate_socket.fileno(), os.getuid())
+        for target, name in ((self._notify_loop, "notify"),
                              (self._checkpoint_loop, "checkpoint")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
@@ -556,25 +613,23 @@ class Slave(OpHandler):
 
     def connection_closed(self, conn: Conn, why: str) -> None:
         """A connection ended: a cut it froze and did not thaw is aborted now
-        (the lease is only the last line of defence)."""
-        with self.lock:
-            m = self.machine
-            if self.cut_owner is conn and m.phase is Phase.FROZEN:
-                log.warning("cut %d: the connection that froze it ended (%s);"
-                            " aborting the cut", m.n, why)
-                m.step(Event.ABORT, m.n, ended="aborted")
-                self._end_cut()
-            if self.cut_owner is conn:
-                self.cut_owner = None
+        (the lease is only the last line of defence); the core logs it."""
+        self.core.owner_gone(conn.token)
+        self._sync()
 
-    def _lease_loop(self) -> None:
-        while not self._stop.is_set():
-            deadline = self.lease_deadline
-            wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            self._lease_wake.wait(wait)
-            self._lease_wake.clear()
-            if self.lease_deadline is not None and time.monotonic() >= self.lease_deadline:
-                self.expire_lease()
+    def _notify_loop(self) -> None:
+        """Catch up after each transition of the core: drop the PiTs of a
+        cut aborted while frozen, take a thawed one before its first write
+        does, persist the cut number."""
+        while True:
+            try:
+                os.read(self._notify_r, 512)
+            except OSError:
+                return
+            if self._stop.is_set():
+                return
+            with self.lock:
+                self._sync()
 
     def _checkpoint_loop(self) -> None:
         while not self._stop.wait(self.checkpoint_interval):
@@ -587,7 +642,7 @@ class Slave(OpHandler):
     def shutdown(self) -> None:
         """Clean stop: end any cut (changes go back to cr), checkpoint, close."""
         self._stop.set()
-        self._lease_wake.set()
+        os.write(self._notify_w, b"\0")        # wake the notify thread to stop
         if self.server is not None:
             self.server.close()
         with self.lock:
@@ -596,6 +651,12 @@ class Slave(OpHandler):
         for c in list(self.copies.values()):
             if c.thread is not None:
                 c.thread.join(timeout=30)
+        self.core.close()                       # the gate socket's thread; gates open
+        if self.gate_socket is not None:
+            self.gate_socket.close()
+            try:
+                os.unlink(self.gate_path)
+            except FileNotFoundError:
+                pass
         for vol in self.volumes.values():
-            vol.gate.open()
             vol.close()

@@ -4,7 +4,8 @@ nbdkit callbacks in plugin.py hand every request to a ``Volume``; nothing here
 knows about nbdkit, so unit tests drive it directly.
 
 Write path order (every write, trim and zero):
-    gate.enter -> changes.mark (durable intent) -> pit.preserve -> data -> gate.leave
+    gate.enter (catch up if a cut began or ended) -> changes.mark (durable
+    intent) -> pit.preserve -> data -> gate.leave
 Marking before preserving and writing is what invariant C1 needs; preserving
 before writing is what keeps the PiT image intact; both happen inside the gate
 so that a freeze, which waits for requests inside to leave, sees them whole.
@@ -23,11 +24,11 @@ import threading
 
 from wire import failpoints
 from native.bitmap import Bitmap
+from native.gate import Gate
 
 from .blockstore import BlockStore, StoreClosed
 from .changemap import ChangeMap
 from wire.files import LockedError, lock_exclusive, lock_holder
-from .gate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ class Volume:
             os.close(fd)
             raise VolumeError(f"volume {name}: {path} is empty")
         self.gate = Gate()
+        # The gate generation this volume's owner (slave.py) has caught up
+        # with, and how it catches up; a gate outside a core stays at 0.
+        self.gen = 0
+        self.catch_up = lambda: None
         self.changes = ChangeMap(statedir, name, self.size, granularity, region,
                                  extra_maps)
         self.statedir = statedir
@@ -117,8 +122,10 @@ class Volume:
     def _modify(self, offset: int, length: int, action, *args) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OSError(errno.EINVAL, f"request [{offset}, +{length}) beyond {self.size}")
-        self.gate.enter()
+        gen = self.gate.enter()
         try:
+            if gen != self.gen:
+                self.catch_up()     # a cut began or ended: take it before marking
             self.changes.mark(offset, length)
             pit = self.pit
             if pit is not None:

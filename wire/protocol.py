@@ -464,7 +464,9 @@ _PRIMARY_STATUS = Obj({"pid": Int(1, 1 << 31),
                        "last_copy": Opt(Obj({"n": CUT, "ok": Bool(),
                                              "volumes": Map(NAME, _PROGRESS)}, {},
                                             extra=True))},
-                      {"role": Str(16, choices=ROLES)}, extra=True)
+                      # gate: the unix socket that serves freeze, thaw and abort
+                      # natively (nbdplugin/slave.py), beside a unix control socket.
+                      {"role": Str(16, choices=ROLES), "gate": Str(107)}, extra=True)
 # A secondary's volume: its replication export's name (a capability: see
 # nbdplugin/secondary.py) and what its undo store and tgt map hold.
 _SECONDARY_VOLUME = Obj({"size": _COUNT, "granularity": Int(1, MAX_N),

@@ -42,9 +42,13 @@ class Wire:
         self._sent: list[str] = []          # the op of each request, in order
         self._framer = protocol.Framer()
         self.sock = None
+        # The slave's gate socket where it has one (a C thread answers there,
+        # whatever its Python threads are doing), else its control socket.
+        self.address = link.gate or link.control
         try:
             # Connected (and over TCP, TLS handshake done) before the freeze.
-            self.sock = connect(link.control, link.timeout, link.ssl_context)
+            self.sock = connect(self.address, link.timeout,
+                                None if link.gate else link.ssl_context)
             if isinstance(self.sock, ssl.SSLSocket):
                 self._settle()
             self.sock.setblocking(False)
@@ -68,11 +72,11 @@ class Wire:
             while not lines:
                 data = self.sock.recv(1 << 16)
                 if not data:
-                    raise ControlError(f"slave at {self.link.control} closed the"
+                    raise ControlError(f"slave at {self.address} closed the"
                                        f" connection")
                 lines = self._framer.feed(data)
         except OSError as exc:
-            raise ControlError(f"slave at {self.link.control} refused or stopped"
+            raise ControlError(f"slave at {self.address} refused or stopped"
                                f" answering: {exc}") from exc
 
     def send(self, op: str, args: dict) -> None:
@@ -83,7 +87,7 @@ class Wire:
             self.sock.sendall(protocol.encode({"op": op, **args}))
             self._sent.append(op)
         except OSError as exc:
-            self.dead = f"slave at {self.link.control} stopped answering: {exc}"
+            self.dead = f"slave at {self.address} stopped answering: {exc}"
 
     def pump(self) -> None:
         """Read what has arrived; called when the socket is readable."""
@@ -95,21 +99,21 @@ class Wire:
         except (BlockingIOError, ssl.SSLWantReadError):
             return
         except OSError as exc:
-            self.dead = f"slave at {self.link.control} stopped answering: {exc}"
+            self.dead = f"slave at {self.address} stopped answering: {exc}"
             return
         if not data:
-            self.dead = f"slave at {self.link.control} closed the connection"
+            self.dead = f"slave at {self.address} closed the connection"
             return
         try:
             lines = self._framer.feed(data)
         except protocol.ProtocolError as exc:       # out of step: give up on it
             op = self._sent[len(self.replies)] if len(self.replies) < len(self._sent) \
                 else None
-            self.dead = f"slave at {self.link.control} sent a {protocol.bad_reply(op, exc)}"
+            self.dead = f"slave at {self.address} sent a {protocol.bad_reply(op, exc)}"
             return
         for line in lines:
             if len(self.replies) >= len(self._sent):
-                self.dead = f"slave at {self.link.control} sent a reply to no request"
+                self.dead = f"slave at {self.address} sent a reply to no request"
                 return
             op = self._sent[len(self.replies)]
             try:
@@ -117,7 +121,7 @@ class Wire:
             except protocol.Refused as exc:
                 reply = protocol.error(str(exc), exc.kind)
             except protocol.ProtocolError as exc:
-                reply = protocol.error(f"slave at {self.link.control} sent a {exc}",
+                reply = protocol.error(f"slave at {self.address} sent a {exc}",
                                        exc.kind)
             self.replies.append(reply)
             self.answered.append(time.monotonic())

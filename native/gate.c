@@ -1,0 +1,1024 @@
+/* The freeze gates of a slave and the frozen phase of its cuts, without the GIL.
+ *
+ * Why native: a Python gate needs a Python thread to be scheduled (and to win
+ * the GIL from the writers) before a freeze can close it or a thaw open it;
+ * on two cores that sat at 2-3 ms per establish.  Here the write path's
+ * check is one C call (the GIL is released while it waits), and FREEZE, THAW
+ * and ABORT from the coordinator are served by a C thread on a unix socket of
+ * their own, so a write is held and released with no Python thread involved.
+ *
+ * Gate (one per volume): enter/leave count the modifying requests inside;
+ * close stops new ones and waits for those inside to leave.  Held writers are
+ * admitted in arrival order (a ticket queue) and new arrivals queue behind
+ * them, so a thaw never lets a late write overtake an early one.
+ *
+ * Core (one per slave): the phase IDLE -> FROZEN -> CUT (thawed) | IDLE
+ * (aborted, expired).  What happens to a cut after its thaw (copy, abort,
+ * done) is Python's (nbdplugin/slave.py), which hands it back with cg_end.
+ * Every safety rule of the Python version holds here:
+ *   - the lease: a FROZEN cut not thawed or aborted by its deadline is
+ *     aborted by this thread ("expired") and its gates open;
+ *   - the cut belongs to the connection that froze it: when it ends while
+ *     FROZEN, the cut is aborted at once; a freeze from a connection already
+ *     gone is refused (cg_owner_gone remembers recent owners for the Python
+ *     server, whose connection may end before its freeze is served);
+ *   - cut numbers only go up.
+ * The Python side learns of transitions from ``gen`` (each gate carries a
+ * copy its writers see at admission) and from one byte on ``notify_fd``.
+ *
+ * Locks: ``op`` serialises transitions (it is held while a freeze drains);
+ * ``st`` guards the state fields and is never held while waiting, so a
+ * writer inside a gate can read the state while a freeze waits for it.
+ * Lock order: op -> st -> a gate's mutex.
+ */
+#define _GNU_SOURCE
+#include "gate.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_CONNS 16
+#define MAX_LINE 4096
+#define IDLE_TIMEOUT_S 60.0
+#define MAX_LEASE_MS 60000
+#define MAX_N ((1ULL << 53) - 1)
+#define MAX_NAME 64
+#define GONE_RING 64
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* ------------------------------------------------------------------ gate */
+
+struct cg_gate {
+    int refs;                   /* atomic */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;          /* CLOCK_MONOTONIC */
+    int closed;
+    int64_t inside;
+    uint64_t next_ticket;       /* next ticket for a waiter */
+    uint64_t serving;           /* ticket admitted next */
+    uint64_t gen;
+    uint64_t admitted;          /* requests admitted so far */
+    double closed_at;
+};
+
+cg_gate *cg_gate_new(void)
+{
+    cg_gate *g = calloc(1, sizeof *g);
+    if (!g)
+        return NULL;
+    g->refs = 1;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    return g;
+}
+
+void cg_gate_unref(cg_gate *g)
+{
+    if (!g || __atomic_sub_fetch(&g->refs, 1, __ATOMIC_ACQ_REL) > 0)
+        return;
+    pthread_mutex_destroy(&g->mu);
+    pthread_cond_destroy(&g->cv);
+    free(g);
+}
+
+uint64_t cg_gate_enter(cg_gate *g, uint64_t *seq)
+{
+    pthread_mutex_lock(&g->mu);
+    if (g->closed || g->next_ticket != g->serving) {
+        uint64_t ticket = g->next_ticket++;
+        while (g->closed || ticket != g->serving)
+            pthread_cond_wait(&g->cv, &g->mu);
+        g->serving++;
+        pthread_cond_broadcast(&g->cv);     /* the next ticket may go too */
+    }
+    g->inside++;
+    if (seq)
+        *seq = g->admitted;
+    g->admitted++;
+    uint64_t gen = g->gen;
+    pthread_mutex_unlock(&g->mu);
+    return gen;
+}
+
+void cg_gate_leave(cg_gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    /* Only a close waits for the last one out, and only while closed. */
+    if (--g->inside == 0 && g->closed)
+        pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void gate_shut(cg_gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    if (!g->closed) {
+        g->closed = 1;
+        g->closed_at = now_s();
+    }
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Close and wait up to timeout_s for requests inside to leave: 1 if they
+ * did, 0 if not (the gate stays closed; the caller decides). */
+int cg_gate_close(cg_gate *g, double timeout_s)
+{
+    gate_shut(g);
+    double end = now_s() + (timeout_s > 0 ? timeout_s : 0);
+    struct timespec ts = {(time_t)end, (long)((end - (time_t)end) * 1e9)};
+    pthread_mutex_lock(&g->mu);
+    int rc = 0;
+    while (g->inside > 0 && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&g->cv, &g->mu, &ts);
+    int ok = g->inside == 0;
+    pthread_mutex_unlock(&g->mu);
+    return ok;
+}
+
+/* Open; returns how long the gate was closed, in seconds. */
+double cg_gate_open(cg_gate *g)
+{
+    pthread_mutex_lock(&g->mu);
+    double held = g->closed ? now_s() - g->closed_at : 0.0;
+    g->closed = 0;
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+    return held;
+}
+
+void cg_gate_info(cg_gate *g, int *closed, int64_t *inside, int64_t *waiting)
+{
+    pthread_mutex_lock(&g->mu);
+    *closed = g->closed;
+    *inside = g->inside;
+    *waiting = (int64_t)(g->next_ticket - g->serving);
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void gate_set_gen(cg_gate *g, uint64_t gen)
+{
+    pthread_mutex_lock(&g->mu);
+    g->gen = gen;
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* ------------------------------------------------------------------ core */
+
+struct conn {
+    int fd;                     /* -1: free slot */
+    int64_t id;                 /* owner id of a freeze on it */
+    size_t len;
+    double last;                /* last request, for the idle timeout */
+    char buf[MAX_LINE + 1];
+};
+
+struct cg_core {
+    int ngates;
+    cg_gate *gates[CG_MAX_VOLUMES];
+    const uint64_t *cr[CG_MAX_VOLUMES], *oos[CG_MAX_VOLUMES];
+    size_t nwords[CG_MAX_VOLUMES];
+    char names[CG_MAX_VOLUMES][MAX_NAME + 1];
+
+    pthread_mutex_t op;
+    pthread_mutex_t st;
+    int phase;
+    uint64_t n;
+    int ended;
+    uint64_t volumes, full, gen;
+    int64_t owner;
+    double deadline;
+    int64_t gone[GONE_RING];
+    unsigned gone_next;
+    int notify_fd;
+
+    pthread_t thread;
+    int started;
+    int wake[2];
+    int listen_fd;              /* -1 until cg_serve */
+    uint32_t uid;
+    int stopping;
+    int64_t next_id;
+    struct conn conns[MAX_CONNS];
+};
+
+static void *run(void *arg);
+
+static void say(const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "cgmirror gate: %s\n", line);
+}
+
+static int fail(struct cg_result *r, const char *kind, const char *fmt, ...)
+{
+    va_list ap;
+    snprintf(r->kind, sizeof r->kind, "%s", kind);
+    va_start(ap, fmt);
+    vsnprintf(r->msg, sizeof r->msg, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static void wake_thread(cg_core *c)
+{
+    char b = 0;
+    if (write(c->wake[1], &b, 1) < 0) { /* full pipe: it is awake anyway */ }
+}
+
+/* A transition happened (st held): bump gen, show it to every gate and
+ * to Python.  Gates learn it before any of them opens, so a writer admitted
+ * after a thaw or an abort sees the new generation. */
+static void bump(cg_core *c)
+{
+    c->gen++;
+    for (int i = 0; i < c->ngates; i++)
+        gate_set_gen(c->gates[i], c->gen);
+    if (c->notify_fd >= 0) {
+        char b = 1;
+        if (write(c->notify_fd, &b, 1) < 0) { /* full pipe: Python will look */ }
+    }
+}
+
+static double open_gates(cg_core *c, uint64_t mask)
+{
+    double held = 0;
+    for (int i = 0; i < c->ngates; i++)
+        if (mask & (1ULL << i)) {
+            double h = cg_gate_open(c->gates[i]);
+            if (h > held)
+                held = h;
+        }
+    return held;
+}
+
+static const char *ended_name(int ended)
+{
+    static const char *names[] = {"", "aborted", "expired", "done", "failed"};
+    return ended >= 0 && ended <= CG_ENDED_FAILED ? names[ended] : "";
+}
+
+static const char *phase_name(int phase)
+{
+    return phase == CG_FROZEN ? "frozen" : phase == CG_CUT ? "cut" : "idle";
+}
+
+/* The refusal of an event for cut n that does not apply (st held), worded
+ * as protocol.CutMachine words it. */
+static int mismatch(cg_core *c, const char *event, uint64_t n, struct cg_result *r)
+{
+    if (n == c->n && c->phase == CG_IDLE && c->ended)
+        return fail(r, "ended", "cut %" PRIu64 " already ended (%s)", n, ended_name(c->ended));
+    if (n == c->n)
+        return fail(r, "order", "%s is not allowed while cut %" PRIu64 " is %s%s", event, n,
+                    phase_name(c->phase),
+                    c->phase == CG_CUT ? " (thawed: use the control socket)" : "");
+    if (c->n == 0)
+        return fail(r, "order", "%s %" PRIu64 " does not match: no cut yet", event, n);
+    return fail(r, "order", "%s %" PRIu64 " does not match: cut %" PRIu64 " is %s", event, n,
+                c->n, phase_name(c->phase));
+}
+
+cg_core *cg_core_new(cg_gate **gates, int ngates, const char *names, uint64_t last_n,
+                     int notify_fd)
+{
+    if (ngates < 1 || ngates > CG_MAX_VOLUMES)
+        return NULL;
+    cg_core *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    int i = 0;
+    for (const char *p = names; *p && i < ngates; i++) {
+        const char *e = strchr(p, '\n');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len > MAX_NAME)
+            break;
+        memcpy(c->names[i], p, len);
+        c->names[i][len] = 0;
+        p += len + (e ? 1 : 0);
+    }
+    if (i != ngates) {
+        free(c);
+        return NULL;
+    }
+    c->ngates = ngates;
+    memcpy(c->gates, gates, ngates * sizeof *gates);
+    c->n = last_n;
+    c->notify_fd = notify_fd;
+    c->listen_fd = -1;
+    for (int i = 0; i < MAX_CONNS; i++)
+        c->conns[i].fd = -1;
+    pthread_mutex_init(&c->op, NULL);
+    pthread_mutex_init(&c->st, NULL);
+    if (pipe2(c->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
+        free(c);
+        return NULL;
+    }
+    for (i = 0; i < ngates; i++)
+        __atomic_add_fetch(&gates[i]->refs, 1, __ATOMIC_ACQ_REL);
+    return c;
+}
+
+/* The thread (lease timer, gate socket) starts here, not in cg_core_new:
+ * nbdkit forks after the plugin is configured, and threads do not survive a
+ * fork. */
+int cg_core_start(cg_core *c)
+{
+    if (c->started)
+        return 0;
+    if (pthread_create(&c->thread, NULL, run, c) != 0)
+        return -1;
+    c->started = 1;
+    return 0;
+}
+
+void cg_core_free(cg_core *c)
+{
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->st);
+    c->stopping = 1;
+    pthread_mutex_unlock(&c->st);
+    if (c->started) {
+        wake_thread(c);
+        pthread_join(c->thread, NULL);
+    }
+    for (int i = 0; i < MAX_CONNS; i++)
+        if (c->conns[i].fd >= 0)
+            close(c->conns[i].fd);
+    close(c->wake[0]);
+    close(c->wake[1]);
+    open_gates(c, ~0ULL);
+    for (int i = 0; i < c->ngates; i++)
+        cg_gate_unref(c->gates[i]);
+    pthread_mutex_destroy(&c->op);
+    pthread_mutex_destroy(&c->st);
+    free(c);
+}
+
+void cg_core_bitmaps(cg_core *c, int vol, const uint64_t *cr, const uint64_t *oos,
+                     size_t nwords)
+{
+    if (vol < 0 || vol >= c->ngates)
+        return;
+    c->cr[vol] = cr;
+    c->oos[vol] = oos;
+    c->nwords[vol] = nwords;
+}
+
+/* Blocks in the cut of volume i: cr | oos, read with the gate closed (no
+ * writer marks) and no copy running (the phase was IDLE). */
+static uint64_t cut_blocks(cg_core *c, int i)
+{
+    uint64_t count = 0;
+    if (!c->cr[i])
+        return 0;
+    for (size_t w = 0; w < c->nwords[i]; w++)
+        count += (uint64_t)__builtin_popcountll(c->cr[i][w] | c->oos[i][w]);
+    return count;
+}
+
+static int owner_gone_locked(cg_core *c, int64_t owner)
+{
+    for (int i = 0; i < GONE_RING; i++)
+        if (owner && c->gone[i] == owner)
+            return 1;
+    return 0;
+}
+
+int cg_freeze(cg_core *c, uint64_t n, uint32_t lease_ms, uint64_t volumes,
+              uint64_t full, int64_t owner, struct cg_result *r)
+{
+    memset(r, 0, sizeof *r);
+    if (!volumes || (full & ~volumes) || lease_ms < 1 || lease_ms > MAX_LEASE_MS
+        || (c->ngates < 64 && (volumes >> c->ngates)))
+        return fail(r, "protocol", "freeze %" PRIu64 ": bad volumes or lease", n);
+    pthread_mutex_lock(&c->op);
+    pthread_mutex_lock(&c->st);
+    int rc = 0;
+    if (c->phase != CG_IDLE)
+        rc = fail(r, "busy", "cannot freeze cut %" PRIu64 ": cut %" PRIu64 " is %s;"
+                  " abort it or wait for its copy", n, c->n, phase_name(c->phase));
+    else if (n <= c->n)
+        rc = fail(r, "stale", "cut number %" PRIu64 " is not above the last cut %" PRIu64,
+                  n, c->n);
+    else if (owner_gone_locked(c, owner))
+        rc = fail(r, "gone", "cannot freeze cut %" PRIu64 ": the connection that asked"
+                  " for it is gone", n);
+    pthread_mutex_unlock(&c->st);
+    if (rc) {
+        pthread_mutex_unlock(&c->op);
+        return rc;
+    }
+    double t0 = now_s();
+    double budget = lease_ms / 1000.0 < 30.0 ? lease_ms / 1000.0 : 30.0;
+    /* Close every gate first, then wait: the waits overlap. */
+    for (int i = 0; i < c->ngates; i++)
+        if (volumes & (1ULL << i))
+            gate_shut(c->gates[i]);
+    for (int i = 0; i < c->ngates; i++) {
+        if (!(volumes & (1ULL << i)))
+            continue;
+        double left = budget - (now_s() - t0);
+        if (!cg_gate_close(c->gates[i], left > 0 ? left : 0)) {
+            open_gates(c, volumes);
+            pthread_mutex_unlock(&c->op);
+            return fail(r, "timeout", "cannot freeze cut %" PRIu64 ": writes to %s did not"
+                        " finish within %.0f ms", n, c->names[i], budget * 1000);
+        }
+    }
+    r->drain_ms = (now_s() - t0) * 1000;
+    for (int i = 0; i < c->ngates; i++)
+        if (volumes & (1ULL << i))
+            r->blocks[i] = cut_blocks(c, i);
+    pthread_mutex_lock(&c->st);
+    c->phase = CG_FROZEN;
+    c->n = n;
+    c->ended = CG_ENDED_NONE;
+    c->volumes = volumes;
+    c->full = full;
+    c->owner = owner;
+    c->deadline = t0 + lease_ms / 1000.0;
+    bump(c);
+    pthread_mutex_unlock(&c->st);
+    pthread_mutex_unlock(&c->op);
+    wake_thread(c);     /* the lease timer */
+    return 0;
+}
+
+int cg_thaw(cg_core *c, uint64_t n, struct cg_result *r)
+{
+    memset(r, 0, sizeof *r);
+    pthread_mutex_lock(&c->op);
+    pthread_mutex_lock(&c->st);
+    int rc = 0;
+    if (c->phase != CG_FROZEN || n != c->n) {
+        rc = mismatch(c, "thaw", n, r);
+    } else {
+        c->phase = CG_CUT;
+        c->owner = 0;
+        c->deadline = 0;
+        bump(c);
+        r->held_ms = open_gates(c, c->volumes) * 1000;
+    }
+    pthread_mutex_unlock(&c->st);
+    pthread_mutex_unlock(&c->op);
+    return rc;
+}
+
+/* FROZEN -> IDLE, gates open (st held). */
+static void end_frozen(cg_core *c, int ended)
+{
+    c->phase = CG_IDLE;
+    c->ended = ended;
+    c->owner = 0;
+    c->deadline = 0;
+    bump(c);
+    open_gates(c, c->volumes);
+}
+
+int cg_abort(cg_core *c, uint64_t n, struct cg_result *r)
+{
+    memset(r, 0, sizeof *r);
+    pthread_mutex_lock(&c->op);
+    pthread_mutex_lock(&c->st);
+    int rc = 0;
+    if (c->phase == CG_FROZEN && n == c->n)
+        end_frozen(c, CG_ENDED_ABORTED);
+    else
+        rc = mismatch(c, "abort", n, r);
+    pthread_mutex_unlock(&c->st);
+    pthread_mutex_unlock(&c->op);
+    return rc;
+}
+
+/* Python ends cut n after its thaw (copy done or failed, aborted). */
+int cg_end(cg_core *c, uint64_t n, int ended)
+{
+    pthread_mutex_lock(&c->op);
+    pthread_mutex_lock(&c->st);
+    int rc = -1;
+    if (c->phase == CG_CUT && n == c->n) {
+        c->phase = CG_IDLE;
+        c->ended = ended;
+        bump(c);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&c->st);
+    pthread_mutex_unlock(&c->op);
+    return rc;
+}
+
+void cg_owner_gone(cg_core *c, int64_t owner)
+{
+    if (!owner)
+        return;
+    pthread_mutex_lock(&c->op);
+    pthread_mutex_lock(&c->st);
+    if (c->phase == CG_FROZEN && c->owner == owner) {
+        say("cut %" PRIu64 ": the connection that froze it ended; aborting the cut", c->n);
+        end_frozen(c, CG_ENDED_ABORTED);
+    } else {
+        c->gone[c->gone_next++ % GONE_RING] = owner;
+    }
+    pthread_mutex_unlock(&c->st);
+    pthread_mutex_unlock(&c->op);
+}
+
+void cg_state(cg_core *c, struct cg_state *s)
+{
+    pthread_mutex_lock(&c->st);
+    s->phase = c->phase;
+    s->n = c->n;
+    s->ended = c->ended;
+    s->volumes = c->volumes;
+    s->full = c->full;
+    s->gen = c->gen;
+    s->lease_left_ms = c->phase == CG_FROZEN ? (c->deadline - now_s()) * 1000 : -1;
+    if (c->phase == CG_FROZEN && s->lease_left_ms < 0)
+        s->lease_left_ms = 0;
+    pthread_mutex_unlock(&c->st);
+}
+
+static void expire_if_due(cg_core *c)
+{
+    pthread_mutex_lock(&c->op);
+    pthread_mutex_lock(&c->st);
+    if (c->phase == CG_FROZEN && now_s() >= c->deadline) {
+        say("cut %" PRIu64 ": lease expired without thaw or abort; thawing", c->n);
+        end_frozen(c, CG_ENDED_EXPIRED);
+    }
+    pthread_mutex_unlock(&c->st);
+    pthread_mutex_unlock(&c->op);
+}
+
+/* ------------------------------------------------------------------ listener
+ *
+ * The gate socket speaks the control protocol's JSON lines for three ops:
+ *   {"op":"freeze","n":N,"lease_ms":L[,"volumes":[...]][,"full":[...]]}
+ *   {"op":"thaw","n":N}     {"op":"abort","n":N}
+ * and answers each line in order with {"ok":true,...} or
+ * {"ok":false,"error":"...","kind":"..."} (wire/protocol.py).  The parser
+ * takes exactly that: one flat object, integer and string values, arrays of
+ * names; anything else is refused with one line and the connection stays.
+ */
+
+struct request {
+    char op[16];
+    int has_n, has_lease, has_vols, has_full;
+    uint64_t n, lease;
+    uint64_t vols, full;
+};
+
+struct parser {
+    const char *p;
+    char err[200];
+};
+
+static void skip_ws(struct parser *ps)
+{
+    while (*ps->p == ' ' || *ps->p == '\t' || *ps->p == '\r')
+        ps->p++;
+}
+
+static int perr(struct parser *ps, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ps->err, sizeof ps->err, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* A string of at most cap-1 bytes, no escapes (names and ops need none). */
+static int parse_string(struct parser *ps, char *out, size_t cap)
+{
+    if (*ps->p != '"')
+        return perr(ps, "expected a string");
+    ps->p++;
+    size_t len = 0;
+    for (; *ps->p != '"'; ps->p++) {
+        unsigned char ch = (unsigned char)*ps->p;
+        if (!ch)
+            return perr(ps, "unterminated string");
+        if (ch == '\\' || ch < 0x20)
+            return perr(ps, "escapes and control characters are not accepted on the gate socket");
+        if (len + 1 >= cap)
+            return perr(ps, "string longer than %zu bytes", cap - 1);
+        out[len++] = (char)ch;
+    }
+    out[len] = 0;
+    ps->p++;
+    return 0;
+}
+
+static int parse_uint(struct parser *ps, const char *key, uint64_t lo, uint64_t hi,
+                      uint64_t *out)
+{
+    if (*ps->p == '-')
+        return perr(ps, "'%s' must be >= %" PRIu64, key, lo);
+    if (*ps->p < '0' || *ps->p > '9')
+        return perr(ps, "'%s' must be an integer", key);
+    uint64_t v = 0;
+    while (*ps->p >= '0' && *ps->p <= '9') {
+        if (v > MAX_N)
+            return perr(ps, "'%s' must be <= %" PRIu64, key, hi);
+        v = v * 10 + (uint64_t)(*ps->p++ - '0');
+    }
+    if (*ps->p == '.' || *ps->p == 'e' || *ps->p == 'E')
+        return perr(ps, "'%s' must be an integer", key);
+    if (v < lo || v > hi)
+        return perr(ps, "'%s' must be between %" PRIu64 " and %" PRIu64, key, lo, hi);
+    *out = v;
+    return 0;
+}
+
+static int volume_index(cg_core *c, const char *name)
+{
+    for (int i = 0; i < c->ngates; i++)
+        if (strcmp(c->names[i], name) == 0)
+            return i;
+    return -1;
+}
+
+/* A list of this slave's volume names, as a mask; kind "unknown" if one is
+ * not ours (then *unknown is set). */
+static int parse_names(struct parser *ps, cg_core *c, const char *key, uint64_t *mask,
+                       int *unknown)
+{
+    if (*ps->p != '[')
+        return perr(ps, "'%s' must be a list of volume names", key);
+    ps->p++;
+    skip_ws(ps);
+    *mask = 0;
+    int count = 0;
+    if (*ps->p == ']') {
+        ps->p++;
+        return 0;
+    }
+    for (;;) {
+        char name[MAX_NAME + 1];
+        skip_ws(ps);
+        if (parse_string(ps, name, sizeof name) < 0)
+            return -1;
+        int i = volume_index(c, name);
+        if (i < 0) {
+            *unknown = 1;
+            char have[200] = "";
+            for (int k = 0; k < c->ngates; k++) {
+                size_t used = strlen(have);
+                snprintf(have + used, sizeof have - used, "%s%s", k ? ", " : "", c->names[k]);
+            }
+            return perr(ps, "unknown volume '%s' (this slave has: %s)", name, have);
+        }
+        if (*mask & (1ULL << i))
+            return perr(ps, "'%s' must name each volume once", key);
+        *mask |= 1ULL << i;
+        count++;
+        skip_ws(ps);
+        if (*ps->p == ',') {
+            ps->p++;
+            continue;
+        }
+        if (*ps->p == ']') {
+            ps->p++;
+            return count;
+        }
+        return perr(ps, "'%s' must be a list of volume names", key);
+    }
+}
+
+static int parse_request(struct parser *ps, cg_core *c, struct request *q, int *unknown)
+{
+    memset(q, 0, sizeof *q);
+    skip_ws(ps);
+    if (*ps->p != '{')
+        return perr(ps, "message is not a JSON object");
+    ps->p++;
+    skip_ws(ps);
+    int first = 1;
+    while (*ps->p != '}') {
+        if (!first) {
+            if (*ps->p != ',')
+                return perr(ps, "message is not valid JSON");
+            ps->p++;
+            skip_ws(ps);
+        }
+        first = 0;
+        char key[32];
+        if (parse_string(ps, key, sizeof key) < 0)
+            return perr(ps, "message is not valid JSON (keys are short strings)");
+        skip_ws(ps);
+        if (*ps->p != ':')
+            return perr(ps, "message is not valid JSON");
+        ps->p++;
+        skip_ws(ps);
+        int *seen;
+        int rc;
+        if (strcmp(key, "op") == 0) {
+            seen = NULL;
+            if (q->op[0])
+                return perr(ps, "duplicate key 'op'");
+            rc = parse_string(ps, q->op, sizeof q->op);
+            if (rc == 0 && !q->op[0])
+                return perr(ps, "'op' must not be empty");
+        } else if (strcmp(key, "n") == 0) {
+            seen = &q->has_n;
+            if (*seen)
+                return perr(ps, "duplicate key 'n'");
+            rc = parse_uint(ps, "n", 1, MAX_N, &q->n);
+        } else if (strcmp(key, "lease_ms") == 0) {
+            seen = &q->has_lease;
+            if (*seen)
+                return perr(ps, "duplicate key 'lease_ms'");
+            rc = parse_uint(ps, "lease_ms", 1, MAX_LEASE_MS, &q->lease);
+        } else if (strcmp(key, "volumes") == 0) {
+            seen = &q->has_vols;
+            if (*seen)
+                return perr(ps, "duplicate key 'volumes'");
+            rc = parse_names(ps, c, "volumes", &q->vols, unknown);
+            if (rc == 0)
+                return perr(ps, "'volumes' must name each volume once");
+        } else if (strcmp(key, "full") == 0) {
+            seen = &q->has_full;
+            if (*seen)
+                return perr(ps, "duplicate key 'full'");
+            rc = parse_names(ps, c, "full", &q->full, unknown);
+        } else {
+            return perr(ps, "unknown key '%s'", key);
+        }
+        if (rc < 0)
+            return -1;
+        if (seen)
+            *seen = 1;
+        skip_ws(ps);
+    }
+    ps->p++;
+    skip_ws(ps);
+    if (*ps->p)
+        return perr(ps, "message is not valid JSON (text after the object)");
+    if (!q->op[0])
+        return perr(ps, "missing key 'op'");
+    return 0;
+}
+
+/* Append JSON-escaped text (our messages; they may quote a peer's key). */
+static size_t put_escaped(char *out, size_t cap, size_t used, const char *s)
+{
+    for (; *s && used + 7 < cap; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            used += snprintf(out + used, cap - used, "\\%c", ch);
+        else if (ch < 0x20)
+            used += snprintf(out + used, cap - used, "\\u%04x", ch);
+        else
+            out[used++] = (char)ch;
+    }
+    out[used] = 0;
+    return used;
+}
+
+static size_t error_reply(char *out, size_t cap, const char *kind, const char *msg)
+{
+    size_t used = snprintf(out, cap, "{\"ok\": false, \"error\": \"");
+    used = put_escaped(out, cap, used, msg);
+    return used + snprintf(out + used, cap - used, "\", \"kind\": \"%s\"}\n", kind);
+}
+
+static size_t handle_line(cg_core *c, struct conn *k, const char *line, char *out, size_t cap)
+{
+    struct parser ps = {.p = line};
+    struct request q;
+    int unknown = 0;
+    if (parse_request(&ps, c, &q, &unknown) < 0)
+        return error_reply(out, cap, unknown ? "unknown" : "protocol", ps.err);
+    int freeze = strcmp(q.op, "freeze") == 0;
+    if (!freeze && strcmp(q.op, "thaw") != 0 && strcmp(q.op, "abort") != 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "op '%s' is not served on the gate socket (only freeze,"
+                 " thaw and abort); use the control socket", q.op);
+        return error_reply(out, cap, "protocol", msg);
+    }
+    if (!q.has_n)
+        return error_reply(out, cap, "protocol", "missing key 'n'");
+    if (!freeze && (q.has_lease || q.has_vols || q.has_full))
+        return error_reply(out, cap, "protocol", q.has_lease ? "unknown key 'lease_ms'"
+                           : q.has_vols ? "unknown key 'volumes'" : "unknown key 'full'");
+    struct cg_result r;
+    if (freeze) {
+        if (!q.has_lease)
+            return error_reply(out, cap, "protocol", "missing key 'lease_ms'");
+        uint64_t vols = q.has_vols ? q.vols
+                        : (c->ngates == 64 ? ~0ULL : (1ULL << c->ngates) - 1);
+        if (q.full & ~vols) {
+            int i = __builtin_ctzll(q.full & ~vols);
+            char msg[120];
+            snprintf(msg, sizeof msg, "'full' names '%s', which is not frozen", c->names[i]);
+            return error_reply(out, cap, "unknown", msg);
+        }
+        struct pollfd pf = {.fd = k->fd, .events = POLLRDHUP};
+        if (poll(&pf, 1, 0) > 0 && (pf.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+            /* A late freeze: its coordinator gave up.  Never close a gate for it. */
+            say("cut %" PRIu64 ": refused a freeze whose connection is gone", q.n);
+            return error_reply(out, cap, "gone", "the connection that asked for the"
+                               " freeze is gone");
+        }
+        if (cg_freeze(c, q.n, (uint32_t)q.lease, vols, q.full, k->id, &r) < 0)
+            return error_reply(out, cap, r.kind, r.msg);
+        size_t used = snprintf(out, cap, "{\"ok\": true, \"n\": %" PRIu64
+                               ", \"drain_ms\": %.3f, \"blocks\": {", q.n, r.drain_ms);
+        int first = 1;
+        for (int i = 0; i < c->ngates; i++)
+            if (vols & (1ULL << i)) {
+                used += snprintf(out + used, cap - used, "%s\"%s\": %" PRIu64,
+                                 first ? "" : ", ", c->names[i], r.blocks[i]);
+                first = 0;
+            }
+        return used + snprintf(out + used, cap - used, "}}\n");
+    }
+    if (strcmp(q.op, "thaw") == 0) {
+        if (cg_thaw(c, q.n, &r) < 0)
+            return error_reply(out, cap, r.kind, r.msg);
+        return snprintf(out, cap, "{\"ok\": true, \"n\": %" PRIu64 ", \"held_ms\": %.3f}\n",
+                        q.n, r.held_ms);
+    }
+    if (cg_abort(c, q.n, &r) < 0)
+        return error_reply(out, cap, r.kind, r.msg);
+    return snprintf(out, cap, "{\"ok\": true, \"n\": %" PRIu64 "}\n", q.n);
+}
+
+static void send_all(int fd, const char *buf, size_t len)
+{
+    while (len > 0) {
+        ssize_t w = send(fd, buf, len, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return;         /* the peer is gone; its reads end the conn */
+        buf += w;
+        len -= (size_t)w;
+    }
+}
+
+static void drop_conn(cg_core *c, struct conn *k)
+{
+    close(k->fd);
+    k->fd = -1;
+    cg_owner_gone(c, k->id);
+}
+
+static void accept_conn(cg_core *c)
+{
+    int fd = accept4(c->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0)
+        return;
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    char out[256];
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0
+        || (cred.uid != 0 && cred.uid != c->uid)) {
+        size_t n = error_reply(out, sizeof out, "denied", "this gate socket serves only"
+                               " the slave's own user and root");
+        send_all(fd, out, n);
+        close(fd);
+        return;
+    }
+    struct timeval tv = {1, 0};     /* a peer that never reads cannot stall us */
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    for (int i = 0; i < MAX_CONNS; i++)
+        if (c->conns[i].fd < 0) {
+            struct conn *k = &c->conns[i];
+            k->fd = fd;
+            k->len = 0;
+            k->last = now_s();
+            k->id = (1LL << 40) + ++c->next_id;   /* Python's owner ids stay below */
+            return;
+        }
+    size_t n = error_reply(out, sizeof out, "busy", "too many connections to the gate"
+                           " socket; close some and retry");
+    send_all(fd, out, n);
+    close(fd);
+}
+
+static void read_conn(cg_core *c, struct conn *k)
+{
+    ssize_t got = recv(k->fd, k->buf + k->len, MAX_LINE - k->len, 0);
+    if (got <= 0) {
+        if (got < 0 && (errno == EINTR || errno == EAGAIN))
+            return;
+        drop_conn(c, k);
+        return;
+    }
+    k->len += (size_t)got;
+    k->last = now_s();
+    char out[4096];
+    size_t start = 0;
+    for (size_t i = 0; i < k->len; i++) {
+        if (k->buf[i] != '\n')
+            continue;
+        k->buf[i] = 0;
+        const char *line = k->buf + start;
+        start = i + 1;
+        if (!*line)
+            continue;
+        size_t n = handle_line(c, k, line, out, sizeof out);
+        send_all(k->fd, out, n < sizeof out ? n : sizeof out - 1);
+    }
+    memmove(k->buf, k->buf + start, k->len - start);
+    k->len -= start;
+    if (k->len >= MAX_LINE) {
+        char msg[120];
+        snprintf(msg, sizeof msg, "line longer than %d bytes", MAX_LINE);
+        size_t n = error_reply(out, sizeof out, "protocol", msg);
+        send_all(k->fd, out, n);
+        drop_conn(c, k);
+    }
+}
+
+int cg_serve(cg_core *c, int listen_fd, uint32_t uid)
+{
+    pthread_mutex_lock(&c->st);
+    c->uid = uid;
+    c->listen_fd = listen_fd;
+    pthread_mutex_unlock(&c->st);
+    wake_thread(c);
+    return 0;
+}
+
+static void *run(void *arg)
+{
+    cg_core *c = arg;
+    struct pollfd fds[2 + MAX_CONNS];
+    struct conn *who[2 + MAX_CONNS];
+    for (;;) {
+        pthread_mutex_lock(&c->st);
+        int stopping = c->stopping, lfd = c->listen_fd;
+        double deadline = c->phase == CG_FROZEN ? c->deadline : 0;
+        pthread_mutex_unlock(&c->st);
+        if (stopping)
+            return NULL;
+        double now = now_s(), wait = IDLE_TIMEOUT_S;
+        if (deadline)
+            wait = deadline - now;
+        int nfds = 0;
+        fds[nfds++] = (struct pollfd){.fd = c->wake[0], .events = POLLIN};
+        if (lfd >= 0)
+            fds[nfds++] = (struct pollfd){.fd = lfd, .events = POLLIN};
+        for (int i = 0; i < MAX_CONNS; i++) {
+            struct conn *k = &c->conns[i];
+            if (k->fd < 0)
+                continue;
+            double idle = k->last + IDLE_TIMEOUT_S - now;
+            if (idle <= 0) {
+                drop_conn(c, k);
+                continue;
+            }
+            if (idle < wait)
+                wait = idle;
+            who[nfds] = k;
+            fds[nfds++] = (struct pollfd){.fd = k->fd, .events = POLLIN};
+        }
+        int ms = wait <= 0 ? 0 : (int)(wait * 1000) + 1;
+        int ready = poll(fds, nfds, ms);
+        if (deadline && now_s() >= deadline)
+            expire_if_due(c);
+        if (ready <= 0)
+            continue;
+        if (fds[0].revents) {
+            char drain[64];
+            while (read(c->wake[0], drain, sizeof drain) > 0) {}
+        }
+        int first_conn = 1;
+        if (lfd >= 0) {
+            first_conn = 2;
+            if (fds[1].revents & POLLIN)
+                accept_conn(c);
+        }
+        for (int i = first_conn; i < nfds; i++)
+            if (fds[i].revents && who[i]->fd == fds[i].fd)
+                read_conn(c, who[i]);
+    }
+}
