@@ -39,6 +39,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -218,6 +219,7 @@ struct cg_core {
     uint32_t uid;
     int stopping;
     int64_t next_id;
+    double accept_paused_until; /* after a failed accept */
     struct conn conns[MAX_CONNS];
 };
 
@@ -893,8 +895,17 @@ static void drop_conn(cg_core *c, struct conn *k)
 static void accept_conn(cg_core *c)
 {
     int fd = accept4(c->listen_fd, NULL, NULL, SOCK_CLOEXEC);
-    if (fd < 0)
+    if (fd < 0) {
+        /* Out of descriptors (or worse): stop polling the socket for a
+         * while rather than spin on it; the connection waits in the backlog. */
+        if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED) {
+            if (!c->accept_paused_until)
+                say("accept failed (%s); retrying in 100 ms", strerror(errno));
+            c->accept_paused_until = now_s() + 0.1;
+        }
         return;
+    }
+    c->accept_paused_until = 0;
     struct ucred cred;
     socklen_t len = sizeof cred;
     char out[256];
@@ -971,6 +982,12 @@ int cg_serve(cg_core *c, int listen_fd, uint32_t uid)
 static void *run(void *arg)
 {
     cg_core *c = arg;
+    /* A freeze or thaw must not wait for a CPU behind the writers it holds:
+     * the lowest real-time priority where allowed (root, CAP_SYS_NICE).  The
+     * thread only sleeps in poll or on a gate, and does microseconds of work
+     * per request.  Elsewhere (EPERM) it runs as any thread. */
+    struct sched_param sp = {.sched_priority = 1};
+    pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp);
     struct pollfd fds[2 + MAX_CONNS];
     struct conn *who[2 + MAX_CONNS];
     for (;;) {
@@ -985,6 +1002,11 @@ static void *run(void *arg)
             wait = deadline - now;
         int nfds = 0;
         fds[nfds++] = (struct pollfd){.fd = c->wake[0], .events = POLLIN};
+        if (c->accept_paused_until > now) {
+            if (c->accept_paused_until - now < wait)
+                wait = c->accept_paused_until - now;
+            lfd = -1;
+        }
         if (lfd >= 0)
             fds[nfds++] = (struct pollfd){.fd = lfd, .events = POLLIN};
         for (int i = 0; i < MAX_CONNS; i++) {

@@ -1,9 +1,10 @@
 """Establish (DESIGN.md "The cycle", step 1).
 
-One thread, one connection per
-slave, opened before the clock starts: FREEZE(n) goes to every slave at
-once, and the coordinator reads replies as they come (select) until every
-slave is FROZEN or ``max_coordination_ms`` has passed.  All frozen ->
+One thread (at real-time priority where allowed: pipeline.realtime), one
+connection per slave (to its gate socket where it has one: FREEZE, THAW and
+ABORT answered by a C thread), opened before the clock starts: FREEZE(n)
+goes to every slave at once, and the coordinator reads replies as they come
+(select) until every slave is FROZEN or ``max_coordination_ms`` has passed.  All frozen ->
 THAW(n) to all at once.  Otherwise -> ABORT(n) to every slave, and
 ``EstablishAborted``.  Each abort goes on the connection that carried the
 slave's freeze, and a slave answers one connection in order: an abort can
@@ -30,7 +31,7 @@ from wire import protocol
 from ..errors import ConfigError, EstablishAborted
 from ..link import SlaveLink
 from .fanout import abort_all, check_links, ms
-from .pipeline import Wire, pump
+from .pipeline import Wire, pump, realtime
 
 # How long after the freeze was sent we still wait for aborts to be answered;
 # past it the lease thaws any slave we could not reach.
@@ -99,7 +100,8 @@ def establish(links: list[SlaveLink], n: int, lease_ms: int,
                           f" session file")
     wires = [Wire(lk) for lk in links]          # connected before the clock starts
     try:
-        return _establish(wires, links, n, lease_ms, max_coordination_ms, full or {})
+        with realtime():
+            return _establish(wires, links, n, lease_ms, max_coordination_ms, full or {})
     finally:
         for w in wires:
             w.close()
