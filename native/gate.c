@@ -965,6 +965,10 @@ static void read_conn(cg_core *c, struct conn *k)
         snprintf(msg, sizeof msg, "line longer than %d bytes", MAX_LINE);
         size_t n = error_reply(out, sizeof out, "protocol", msg);
         send_all(k->fd, out, n);
+        /* Unread bytes at close would reset the connection before the
+         * peer reads our line: take what has arrived first. */
+        shutdown(k->fd, SHUT_WR);
+        for (int i = 0; i < 64 && recv(k->fd, k->buf, MAX_LINE, MSG_DONTWAIT) > 0; i++) {}
         drop_conn(c, k);
     }
 }

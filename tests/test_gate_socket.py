@@ -1,0 +1,444 @@
+"""The native gate: FREEZE, THAW and ABORT on a slave's gate socket, served
+by a C thread (native/gate.c), and the core behind both sockets.
+
+Real nbdkit slaves and libnbd clients where the data path is involved; the
+core in-process (native.gate.Core with real gates) for its state machine.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import nbd
+import pytest
+
+from conftest import wait_until
+from coordinator.control import ControlError
+from native.bitmap import Bitmap
+from native.gate import Core, Gate, GateRefused
+from nbdplugin.slave import Slave
+from nbdplugin.volume import Volume
+from wire import protocol
+
+G = 64 * 1024
+MB = 1 << 20
+
+
+def connect_nbd(proc, vol="a"):
+    h = nbd.NBD()
+    h.connect_uri(proc.spec.uri(vol))
+    return h
+
+
+def gate_of(proc) -> str:
+    with proc.control() as c:
+        path = c.call("status")["gate"]
+    assert path == proc.spec.control + ".gate"
+    return path
+
+
+def raw(path, timeout=10.0):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    return s
+
+
+def read_line(s) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def ask(s, line) -> dict:
+    """Send one request (a dict or raw bytes); the reply, checked against the
+    protocol's reply schema for its op."""
+    if isinstance(line, dict):
+        op, line = line["op"], json.dumps(line).encode()
+    else:
+        op = None
+    s.sendall(line + b"\n")
+    got = read_line(s)
+    try:
+        return protocol.decode_reply(op, got)
+    except protocol.Refused as exc:
+        return {"ok": False, "kind": exc.kind.value, "error": str(exc)}
+
+
+def log_text(proc) -> str:
+    with open(proc.spec.logfile, errors="replace") as f:
+        return f.read()
+
+
+# ------------------------------------------------------------------ served by C
+
+def test_freeze_thaw_abort_on_the_gate_socket_hold_and_release_writes(slaves):
+    """A write is held from the gate socket's FROZEN to its THAW (reads flow);
+    the thawed cut is the slave's like any other: its status says so, the
+    first write after the thaw preserves the block for the PiT, and ABORT on
+    the control socket ends it with every change still marked."""
+    proc = slaves(volumes=[("a", MB)])
+    h, reader = connect_nbd(proc), connect_nbd(proc)
+    h.pwrite(b"before", 0)
+    g = raw(gate_of(proc))
+    r = ask(g, {"op": "freeze", "n": 1, "lease_ms": 30000})
+    assert r["ok"] and r["blocks"] == {"a": 1}, r
+    cookie = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"after!")), 0)
+    with proc.control() as c:
+        wait_until(lambda: c.call("status")["volumes"]["a"]["waiting"] == 1,
+                   what="the write to be held")
+        assert c.call("status")["phase"] == "frozen"
+    assert reader.pread(6, 0) == b"before"
+    h.poll(0)
+    assert not h.aio_command_completed(cookie)
+    thawed = ask(g, {"op": "thaw", "n": 1})
+    assert thawed["ok"] and thawed["held_ms"] > 0
+    while not h.aio_command_completed(cookie):
+        h.poll(1000)
+    with proc.control() as c:
+        st = c.call("status")
+        assert st["phase"] == "cut" and st["n"] == 1
+        assert st["volumes"]["a"]["preserved_blocks"] == 1      # before -> PiT
+        assert st["volumes"]["a"]["oos_blocks"] == 1
+        assert c.call("abort", n=1)["ok"]
+        assert c.call("status")["ended"] == "aborted"
+        assert {s for s, _ in c.dirty_runs("a")} == {0}
+    g.close()
+    h.shutdown()
+    reader.shutdown()
+
+
+def test_bad_input_on_the_gate_socket_gets_one_line_and_the_gate_serves_on(slaves):
+    """Malformed, unknown and out-of-range requests each get one error line
+    with its kind; the same connection then freezes and thaws as usual.  A
+    line past the limit ends the connection (it is out of step)."""
+    proc = slaves(volumes=[("a", MB), ("b", MB)])
+    g = raw(gate_of(proc))
+    cases = [
+        (b"not json", "protocol", "not a JSON object"),
+        (b"[1, 2]", "protocol", "not a JSON object"),
+        (b'{"op": "freeze"}', "protocol", "missing key 'n'"),
+        (b'{"op": "freeze", "n": 1}', "protocol", "missing key 'lease_ms'"),
+        (b'{"op": "freeze", "n": 1, "lease_ms": 0}', "protocol", "'lease_ms' must be between"),
+        (b'{"op": "freeze", "n": 1, "lease_ms": 60001}', "protocol", "'lease_ms' must be between"),
+        (b'{"op": "freeze", "n": -1, "lease_ms": 100}', "protocol", "'n' must be >= 1"),
+        (b'{"op": "freeze", "n": 1.5, "lease_ms": 100}', "protocol", "'n' must be an integer"),
+        (b'{"op": "freeze", "n": 99999999999999999999, "lease_ms": 100}', "protocol",
+         "'n' must be <="),
+        (b'{"op": "freeze", "n": "1", "lease_ms": 100}', "protocol", "'n' must be an integer"),
+        (b'{"op": "status"}', "protocol", "use the control socket"),
+        (b'{"op": "nope", "n": 1}', "protocol", "not served on the gate socket"),
+        (b'{"op": "thaw", "n": 1, "x": 1}', "protocol", "unknown key 'x'"),
+        (b'{"op": "thaw", "n": 1, "lease_ms": 5}', "protocol", "unknown key 'lease_ms'"),
+        (b'{"op": "thaw", "n": 1, "n": 2}', "protocol", "duplicate key 'n'"),
+        (b'{"op": "thaw", "n": 1} x', "protocol", "text after the object"),
+        (b'{"op": "fr\\u0065eze", "n": 1}', "protocol", "escapes"),
+        (b'{"op": "freeze", "n": 1, "lease_ms": 100, "volumes": ["zz"]}', "unknown",
+         "unknown volume 'zz' (this slave has: a, b)"),
+        (b'{"op": "freeze", "n": 1, "lease_ms": 100, "volumes": []}', "protocol",
+         "must name each volume once"),
+        (b'{"op": "freeze", "n": 1, "lease_ms": 100, "volumes": ["a", "a"]}', "protocol",
+         "must name each volume once"),
+        (b'{"op": "freeze", "n": 1, "lease_ms": 100, "volumes": ["a"], "full": ["b"]}',
+         "unknown", "'full' names 'b', which is not frozen"),
+        (b'{"op": "thaw", "n": 1}', "order", "thaw 1 does not match: no cut yet"),
+    ]
+    for line, kind, text in cases:
+        r = ask(g, line)
+        assert not r["ok"] and r["kind"] == kind and text in r["error"], (line, r)
+        assert "\n" not in r["error"]
+    with proc.control() as c:
+        assert c.call("status")["phase"] == "idle"      # nothing was frozen
+    r = ask(g, {"op": "freeze", "n": 3, "lease_ms": 30000, "volumes": ["b"], "full": ["b"]})
+    assert r["ok"] and set(r["blocks"]) == {"b"}
+    stale = ask(g, {"op": "freeze", "n": 4, "lease_ms": 100})
+    assert stale["kind"] == "busy" and "cut 3 is frozen" in stale["error"]
+    assert ask(g, {"op": "thaw", "n": 3})["ok"]
+    assert ask(g, {"op": "abort", "n": 3})["kind"] == "order"   # thawed: control socket
+    with proc.control() as c:
+        assert c.call("abort", n=3)["ok"]
+    assert ask(g, {"op": "freeze", "n": 3, "lease_ms": 100})["kind"] == "stale"
+    g.sendall(b"x" * 5000)
+    r = json.loads(read_line(g))
+    assert r["kind"] == "protocol" and "longer than" in r["error"]
+    assert g.recv(10) == b""                    # closed: the stream is out of step
+    g.close()
+
+
+def test_the_control_socket_and_the_gate_socket_drive_one_cut(slaves):
+    """Frozen on one socket, thawed on the other, both ways."""
+    proc = slaves(volumes=[("a", MB)])
+    g = raw(gate_of(proc))
+    with proc.control() as c:
+        assert ask(g, {"op": "freeze", "n": 1, "lease_ms": 30000})["ok"]
+        with pytest.raises(ControlError) as exc:
+            c.call("freeze", n=2, lease_ms=1000)
+        assert exc.value.kind == "busy"
+        assert c.call("thaw", n=1)["ok"]
+        assert c.call("abort", n=1)["ok"]
+        assert c.call("freeze", n=2, lease_ms=30000)["ok"]
+        assert ask(g, {"op": "thaw", "n": 2})["ok"]
+        st = c.call("status")
+        assert (st["phase"], st["n"]) == ("cut", 2)
+        assert c.call("abort", n=2)["ok"]
+    g.close()
+
+
+def test_killing_the_freezing_process_aborts_the_cut_at_once(slaves):
+    """kill -9 of a coordinator that froze over the gate socket: the held
+    write goes through as soon as the kernel closes its socket (not at the
+    lease); the cut is aborted and its block is still marked."""
+    proc = slaves(volumes=[("a", MB)])
+    h = connect_nbd(proc)
+    h.pwrite(b"x", 0)
+    code = ("import socket, sys, time\n"
+            "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+            "s.sendall(b'{\"op\":\"freeze\",\"n\":1,\"lease_ms\":30000}\\n')\n"
+            "print(s.recv(4096).decode(), flush=True); time.sleep(60)\n")
+    coord = subprocess.Popen([sys.executable, "-c", code, gate_of(proc)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(coord.stdout.readline())["ok"]
+        done = []
+        t = threading.Thread(target=lambda: (h.pwrite(b"y", G),
+                                             done.append(time.monotonic())))
+        t.start()
+        time.sleep(0.1)
+        assert not done                       # held by the gate
+        killed = time.monotonic()
+        coord.kill()
+        t.join(10)
+    finally:
+        coord.kill()
+        coord.wait()
+        coord.stdout.close()
+    assert done and done[0] - killed < 2.0, "write held after its freezer died"
+    with proc.control() as c:
+        st = c.call("status")
+        assert (st["phase"], st["n"], st["ended"]) == ("idle", 1, "aborted")
+        runs = c.dirty_runs("a")
+    assert {b for start, n in runs for b in range(start, start + n)} == {0, 1}
+    assert "the connection that froze it ended" in log_text(proc)
+    h.shutdown()
+
+
+def test_lease_expiry_of_a_gate_socket_freeze(slaves):
+    """Frozen on the gate socket and then silent: the C thread thaws at the
+    lease and the cut is aborted ("expired")."""
+    proc = slaves(volumes=[("a", MB)])
+    h = connect_nbd(proc)
+    g = raw(gate_of(proc))
+    assert ask(g, {"op": "freeze", "n": 7, "lease_ms": 300})["ok"]
+    t0 = time.monotonic()
+    h.pwrite(b"y", 0)                         # held until the lease ends
+    assert 0.15 < time.monotonic() - t0 < 5
+    with proc.control() as c:
+        st = c.call("status")
+        assert (st["phase"], st["n"], st["ended"]) == ("idle", 7, "expired")
+    assert ask(g, {"op": "thaw", "n": 7})["kind"] == "ended"
+    assert "lease expired without thaw or abort" in log_text(proc)
+    g.close()
+    h.shutdown()
+
+
+def test_a_stale_freeze_on_the_gate_socket_never_closes_a_gate(slaves):
+    """FREEZE and ABORT queued to a stopped slave by a coordinator that gave
+    up: on SIGCONT no gate closes and host writes flow."""
+    proc = slaves(volumes=[("a", MB)])
+    h = connect_nbd(proc)
+    path = gate_of(proc)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        s = raw(path)
+        s.sendall(b'{"op":"freeze","n":1,"lease_ms":20000}\n{"op":"abort","n":1}\n')
+        s.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    wait_until(lambda: "refused a freeze whose connection is gone" in log_text(proc),
+               what="the slave to refuse the stale freeze")
+    t0 = time.monotonic()
+    h.pwrite(b"z", 0)
+    assert time.monotonic() - t0 < 2.0, "a stale freeze held host writes"
+    with proc.control() as c:
+        assert c.call("status")["phase"] == "idle"
+    h.shutdown()
+
+
+def test_the_gate_socket_admits_its_owner_only_and_bounds_connections(slaves, run_dir):
+    """0600 whatever the umask; a peer of another uid gets one "denied" line;
+    past 16 connections one more gets "busy"; the owner still gets in."""
+    old = os.umask(0)
+    try:
+        proc = slaves(volumes=[("a", MB)])
+    finally:
+        os.umask(old)
+    path = gate_of(proc)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    if os.getuid() == 0:
+        os.chmod(run_dir, 0o711)
+        os.chmod(path, 0o666)                # what a careless operator might do
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                         # child: only plain syscalls, then _exit
+            try:
+                os.close(r)
+                os.setgid(65534)
+                os.setuid(65534)
+                os.write(w, read_line(raw(path, timeout=5)) or b"EOF")
+            except BaseException as exc:
+                os.write(w, repr(exc).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        try:
+            with os.fdopen(r, "rb") as f:
+                got = f.read()
+        finally:
+            os.waitpid(pid, 0)
+        assert json.loads(got)["kind"] == "denied", got
+    conns = [raw(path) for _ in range(16)]
+    for c in conns:                           # each is being served
+        assert ask(c, {"op": "abort", "n": 1})["kind"] == "order"
+    extra = raw(path)
+    assert json.loads(read_line(extra))["kind"] == "busy"
+    extra.close()
+    conns.pop().close()
+    wait_until(lambda: _answers(path), what="a free slot")
+    for c in conns:
+        c.close()
+
+
+def _answers(path) -> bool:
+    s = raw(path)
+    try:
+        return ask(s, {"op": "abort", "n": 1})["kind"] == "order"
+    finally:
+        s.close()
+
+
+# ------------------------------------------------------------------ the core in-process
+
+def _core(names=("a", "b"), last_n=0):
+    gates = [Gate() for _ in names]
+    return Core(list(names), gates, last_n), gates
+
+
+def test_core_refusals_are_the_protocols():
+    core, gates = _core(last_n=5)
+    with pytest.raises(GateRefused) as exc:
+        core.freeze(5, 1000, ["a"], [])
+    assert exc.value.kind == "stale"
+    core.freeze(6, 1000, ["a"], ["a"], owner=1)
+    assert gates[0].closed and not gates[1].closed
+    for call, kind, text in ((lambda: core.freeze(7, 1000, ["b"], []), "busy", "cut 6 is frozen"),
+                             (lambda: core.thaw(5), "order", "thaw 5 does not match: cut 6"),
+                             (lambda: core.end(6, "done") or core.thaw(9), "order", "")):
+        with pytest.raises(GateRefused) as exc:
+            call()
+        assert exc.value.kind == kind and text in str(exc.value)
+    st = core.state()
+    assert (st.phase, st.n, st.volumes, st.full) == ("frozen", 6, ["a"], ["a"])
+    assert 0 < st.lease_left_ms <= 1000
+    core.abort(6)
+    assert not gates[0].closed
+    with pytest.raises(GateRefused) as exc:
+        core.abort(6)
+    assert exc.value.kind == "ended" and "already ended (aborted)" in str(exc.value)
+    core.close()
+
+
+def test_core_generation_moves_at_every_transition_and_gates_carry_it():
+    core, gates = _core()
+    seen = [core.gen()]
+    core.freeze(1, 1000, ["a", "b"], [])
+    seen.append(core.gen())
+    core.thaw(1)
+    seen.append(core.gen())
+    assert gates[0].enter() == seen[-1]       # a writer admitted after the thaw
+    gates[0].leave()
+    assert core.end(1, "done")
+    seen.append(core.gen())
+    assert seen == sorted(set(seen))
+    assert core.state().ended == "done"
+    core.close()
+
+
+def test_core_counts_the_cut_from_the_change_maps():
+    core, _ = _core()
+    cr, oos = Bitmap(100), Bitmap(100)
+    cr.set(3, 4)
+    oos.set(5, 10)
+    core.bitmaps("a", cr, oos)
+    _, blocks = core.freeze(1, 1000, ["a", "b"], [])
+    assert blocks == {"a": 12, "b": 0}        # cr | oos: blocks 3..14
+    core.abort(1)
+    core.close()
+
+
+def test_a_freeze_from_an_owner_already_gone_is_refused():
+    """The Python server's connection may end before its freeze is served:
+    the core remembers it and refuses, and no gate closes."""
+    core, gates = _core()
+    core.owner_gone(42)
+    with pytest.raises(GateRefused) as exc:
+        core.freeze(1, 1000, ["a"], [], owner=42)
+    assert exc.value.kind == "gone" and not gates[0].closed
+    core.freeze(1, 1000, ["a"], [], owner=43)
+    core.owner_gone(43)
+    st = core.state()
+    assert (st.phase, st.ended) == ("idle", "aborted") and not gates[0].closed
+    core.close()
+
+
+def test_the_core_thread_expires_the_lease():
+    core, gates = _core()
+    core.start()
+    core.freeze(1, 200, ["a"], [])
+    wait_until(lambda: core.state().phase == "idle", timeout=5, what="the lease")
+    assert core.state().ended == "expired" and not gates[0].closed
+    core.close()
+
+
+def test_a_freeze_times_out_on_a_write_that_never_leaves_and_opens_again():
+    core, gates = _core()
+    gates[1].enter()
+    with pytest.raises(GateRefused) as exc:
+        core.freeze(1, 100, ["a", "b"], [])
+    assert exc.value.kind == "timeout" and "writes to b did not finish" in str(exc.value)
+    assert not gates[0].closed and not gates[1].closed
+    assert core.state().phase == "idle"
+    gates[1].leave()
+    core.close()
+
+
+def test_a_cut_taken_natively_is_taken_by_the_first_writer(tmp_path):
+    """In-process slave: a freeze and thaw on the core alone (as the gate
+    socket does them); the first write after it takes the PiT (cr -> oos)
+    before it marks, and preserves the old content of its block."""
+    d = str(tmp_path)
+    vol = Volume("a", os.path.join(d, "a.img"), d, G, MB, create_size=MB)
+    slave = Slave({"a": vol}, d)
+    try:
+        vol.pwrite(b"old", 0)
+        slave.core.freeze(1, 10000, ["a"], [])
+        slave.core.thaw(1)
+        assert vol.pit is None                # nobody has looked yet
+        vol.pwrite(b"new", 0)
+        assert vol.pit is not None and vol.pit.n == 1
+        assert vol.changes.counts() == (1, 1)     # the new write in cr, the old in oos
+        buf = bytearray(G)
+        vol.pit.read(buf, 0)
+        assert bytes(buf[:3]) == b"old"
+        assert slave.machine.phase.value == "cut"
+    finally:
+        slave.shutdown()
