@@ -72,6 +72,7 @@ from coordinator.errors import EstablishAborted  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from coordinator import launch  # noqa: E402
 from coordinator.control import ControlClient  # noqa: E402
+from coordinator.group.pipeline import realtime  # noqa: E402
 
 BLOCK = 4096
 
@@ -153,9 +154,11 @@ def _read_log(path: str) -> tuple[list[str], list[tuple[float, float]]]:
 # ------------------------------------------------------------------ raw fan-out
 
 def raw_establish(clients: list[ControlClient], n: int, lease_ms: int) -> dict:
-    """FREEZE to all, read all; THAW to all, read all; then ABORT (not timed).
-    No budget and no error handling beyond raising: a yardstick, not a
-    coordinator."""
+    """FREEZE to all, read all; THAW to all, read all (the caller aborts the
+    cut on the control sockets, untimed).  No budget and no error handling
+    beyond raising: a yardstick, not a coordinator.  At the coordinator's
+    priority (pipeline.realtime), over the same sockets (gate sockets where
+    the slaves have them)."""
     def fan(op: str, **args) -> list[dict]:
         line = json.dumps({"op": op, **args}).encode() + b"\n"
         for c in clients:
@@ -165,12 +168,12 @@ def raw_establish(clients: list[ControlClient], n: int, lease_ms: int) -> dict:
         if bad:
             raise RuntimeError(f"raw {op} {n}: {bad[0]}")
         return replies
-    t0 = time.monotonic()
-    fan("freeze", n=n, lease_ms=lease_ms)
-    coordination = time.monotonic() - t0
-    thawed = fan("thaw", n=n)
-    total = time.monotonic() - t0
-    fan("abort", n=n)
+    with realtime():
+        t0 = time.monotonic()
+        fan("freeze", n=n, lease_ms=lease_ms)
+        coordination = time.monotonic() - t0
+        thawed = fan("thaw", n=n)
+        total = time.monotonic() - t0
     return {"held_ms": max(r["held_ms"] for r in thawed),
             "coordination_ms": coordination * 1000, "total_ms": total * 1000}
 
@@ -272,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)      # warm up
 
         n = group.next_n(group.preflight(links))
-        raw = [ControlClient(s.control, ssl_context=s.client_context()) for s in specs]
+        raw = [ControlClient(lk.gate or s.control,
+                             ssl_context=None if lk.gate else s.client_context())
+               for s, lk in zip(specs, links)]
         for c in raw:
-            c.call("status")         # connected before the first timing
+            c.connect()              # connected before the first timing
         windows: list[tuple[str, float, float]] = []
         ests: list[dict] = []
         aborted: list[str] = []
@@ -297,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                         t0 = time.monotonic()
                         if kind == "raw":
                             r = raw_establish(raw, n, args.lease_ms)
+                            group.abort_all(links, n)
                             ests.append({"kind": kind, "t0": t0,
                                          "t1": t0 + r["total_ms"] / 1000} | r)
                             n += 1
@@ -392,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
               f" {m['iops']:9,.0f}")
     if aborted:
         print("first abort:", aborted[0])
+    with realtime() as granted:
+        pass
     result = {
         "bench": "freeze",
         "hold_p50_ms": round(pct(host, 50), 3), "hold_p99_ms": round(pct(host, 99), 3),
@@ -413,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         "establishes": len(loaded), "establishes_quiet": len(quiet), "aborted": len(aborted), "budget_ms": args.budget_ms,
         "slaves": args.slaves, "volumes_per_slave": args.volumes, "threads": args.threads,
         "repeats": reps, "mode": "sites" if args.attach else "local",
+        # FREEZE/THAW served natively on every slave's gate socket (a unix
+        # control socket), and the coordinator at real-time priority.
+        "gate_socket": all(lk.gate for lk in links), "realtime": granted,
     }
     print(json.dumps(result))
     return 0

@@ -24,7 +24,8 @@
  *     server, whose connection may end before its freeze is served);
  *   - cut numbers only go up.
  * The Python side learns of transitions from ``gen`` (each gate carries a
- * copy its writers see at admission) and from one byte on ``notify_fd``.
+ * copy its writers see at admission) and, for a cut that ended while frozen,
+ * from one byte on ``notify_fd``.
  *
  * Locks: ``op`` serialises transitions (it is held while a freeze drains);
  * ``st`` guards the state fields and is never held while waiting, so a
@@ -251,14 +252,23 @@ static void wake_thread(cg_core *c)
     if (write(c->wake[1], &b, 1) < 0) { /* full pipe: it is awake anyway */ }
 }
 
-/* A transition happened (st held): bump gen, show it to every gate and
- * to Python.  Gates learn it before any of them opens, so a writer admitted
- * after a thaw or an abort sees the new generation. */
+/* A transition happened (st held): bump gen and show it to every gate.
+ * Gates learn it before any of them opens, so a writer admitted after a
+ * thaw or an abort sees the new generation. */
 static void bump(cg_core *c)
 {
     c->gen++;
     for (int i = 0; i < c->ngates; i++)
         gate_set_gen(c->gates[i], c->gen);
+}
+
+/* Tell Python's notify thread: only for a cut that ended here (aborted or
+ * expired while frozen), whose PiTs it drops.  A freeze or thaw is taken
+ * by the first writer after it (or the next op): a Python thread woken at
+ * every freeze and thaw would hold the GIL just when the released writers
+ * need it. */
+static void notify(cg_core *c)
+{
     if (c->notify_fd >= 0) {
         char b = 1;
         if (write(c->notify_fd, &b, 1) < 0) { /* full pipe: Python will look */ }
@@ -500,6 +510,7 @@ static void end_frozen(cg_core *c, int ended)
     c->deadline = 0;
     bump(c);
     open_gates(c, c->volumes);
+    notify(c);
 }
 
 int cg_abort(cg_core *c, uint64_t n, struct cg_result *r)

@@ -12,9 +12,9 @@ control socket, also straight from the coordinator through the gate socket
 for host writes to be held or released.  The core owns the lease and the
 rules below for the frozen phase; once a cut is thawed it is this module's
 (copy, abort, done) until ``core.end``.  This module catches up with the
-core in ``_sync`` (PiTs, ``machine``): every op does it first, the notify
-thread after each transition, and the first writer that sees a new gate
-generation before it marks anything.
+core in ``_sync`` (PiTs, ``machine``): every op does it first, the first
+writer that sees a new gate generation before it marks anything, and the
+notify thread when the core ended a cut on its own.
 
 The control server (``start``, server.py) bounds and authenticates peers;
 a freeze belongs to the connection that asked for it:
@@ -137,7 +137,7 @@ class Slave(OpHandler):
         self._stop = threading.Event()
         self.server: ControlServer | None = None
         self.fence = Fence()
-        # The core writes a byte here at every transition (the notify thread).
+        # The core writes a byte here when a cut ends while frozen (the notify thread).
         self._notify_r, self._notify_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._notify_w, False)
         self.core = Core(list(volumes), [v.gate for v in volumes.values()],
@@ -276,9 +276,10 @@ class Slave(OpHandler):
             self._sync()
 
     def _remember(self, n: int) -> None:
-        """Persist the last cut number.  Without fsync: a crash may forget
-        it, and then the coordinator's history (which never reuses a number)
-        still holds it."""
+        """Persist the last cut number (once the cut has ended: file work
+        while it is taken would compete with the writers it releases).
+        Without fsync: a crash may forget it, and then the coordinator's
+        history (which never reuses a number) still holds it."""
         if self._meta.get("last_n", 0) < n:
             self._save_meta(sync=False, last_n=n)
 
@@ -327,8 +328,8 @@ class Slave(OpHandler):
         its PiTs dropped (their blocks back into cr); a cut the core took is
         taken here (``start_pit``: cr -> oos, preservation on) before any
         write of the new generation marks or writes, since every such writer
-        comes through here first.  ``writer``: no file work (the cut number
-        is persisted by the next op or the notify thread)."""
+        comes through here first.  The cut number is persisted once the cut
+        has ended, not by a writer (no file work on the write path)."""
         with self._sync_lock:
             st = self.core.state()
             if st.gen == self._gen:
@@ -351,7 +352,7 @@ class Slave(OpHandler):
             self._gen = st.gen
             for vol in self.volumes.values():
                 vol.gen = st.gen
-        if not writer:
+        if not writer and m.phase is Phase.IDLE:
             self._remember(m.n)
         return st
 
@@ -531,6 +532,8 @@ class Slave(OpHandler):
         vol = self.volumes[name]
         g = vol.granularity
         protocol.check_runs(runs, vol.changes.nblocks, name)
+        with self.lock:
+            self._sync()        # a cut taken on the gate socket takes its cr first
         for start, count in runs:
             vol.changes.mark(start * g, min(count * g, vol.size - start * g))
         return protocol.ok(volume=name, blocks=sum(c for _, c in runs))
@@ -618,9 +621,8 @@ class Slave(OpHandler):
         self._sync()
 
     def _notify_loop(self) -> None:
-        """Catch up after each transition of the core: drop the PiTs of a
-        cut aborted while frozen, take a thawed one before its first write
-        does, persist the cut number."""
+        """Catch up when the core ended a cut while frozen (abort, lease,
+        its connection): drop its PiTs, persist the cut number."""
         while True:
             try:
                 os.read(self._notify_r, 512)

@@ -155,7 +155,7 @@ class Wire:
 
 
 @contextmanager
-def realtime() -> Iterator[None]:
+def realtime() -> Iterator[bool]:
     """Run the calling thread at the lowest real-time priority (SCHED_FIFO 1)
     where allowed (root, CAP_SYS_NICE), as the slaves' gate threads do
     (native/gate.c): between the first gate closing and the last opening,
@@ -163,14 +163,14 @@ def realtime() -> Iterator[None]:
     a CPU.  Measured (bench_freeze's set-up, 4 slaves, writes running, two
     cores): gates held p50 0.68 -> 0.21 ms.  The thread only sleeps in
     select or does a few hundred microseconds of work; elsewhere (EPERM) it
-    is a no-op."""
+    is a no-op.  Yields whether the priority was granted."""
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
     except (PermissionError, AttributeError):
-        yield
+        yield False
         return
     try:
-        yield
+        yield True
     finally:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
