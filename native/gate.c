@@ -367,23 +367,38 @@ int cg_core_start(cg_core *c)
     return 0;
 }
 
-void cg_core_free(cg_core *c)
+/* Stop the thread, close the gate socket's connections, open every gate;
+ * later transitions are refused.  The core stays valid until cg_core_free
+ * (a connection thread may still report its end). */
+void cg_core_stop(cg_core *c)
 {
-    if (!c)
-        return;
+    pthread_mutex_lock(&c->op);
     pthread_mutex_lock(&c->st);
+    int was = c->stopping;
     c->stopping = 1;
     pthread_mutex_unlock(&c->st);
+    pthread_mutex_unlock(&c->op);
+    if (was)
+        return;
     if (c->started) {
         wake_thread(c);
         pthread_join(c->thread, NULL);
     }
     for (int i = 0; i < MAX_CONNS; i++)
-        if (c->conns[i].fd >= 0)
+        if (c->conns[i].fd >= 0) {
             close(c->conns[i].fd);
+            c->conns[i].fd = -1;
+        }
+    open_gates(c, ~0ULL);
+}
+
+void cg_core_free(cg_core *c)
+{
+    if (!c)
+        return;
+    cg_core_stop(c);
     close(c->wake[0]);
     close(c->wake[1]);
-    open_gates(c, ~0ULL);
     for (int i = 0; i < c->ngates; i++)
         cg_gate_unref(c->gates[i]);
     pthread_mutex_destroy(&c->op);
@@ -431,7 +446,9 @@ int cg_freeze(cg_core *c, uint64_t n, uint32_t lease_ms, uint64_t volumes,
     pthread_mutex_lock(&c->op);
     pthread_mutex_lock(&c->st);
     int rc = 0;
-    if (c->phase != CG_IDLE)
+    if (c->stopping)
+        rc = fail(r, "local", "cannot freeze cut %" PRIu64 ": the slave is stopping", n);
+    else if (c->phase != CG_IDLE)
         rc = fail(r, "busy", "cannot freeze cut %" PRIu64 ": cut %" PRIu64 " is %s;"
                   " abort it or wait for its copy", n, c->n, phase_name(c->phase));
     else if (n <= c->n)

@@ -63,6 +63,7 @@ struct cg_result {
 cg_core *cg_core_new(cg_gate **gates, int ngates, const char *names, uint64_t last_n,
                      int notify_fd);
 int cg_core_start(cg_core *c);
+void cg_core_stop(cg_core *c);
 void cg_core_free(cg_core *c);
 void cg_core_bitmaps(cg_core *c, int vol, const uint64_t *cr, const uint64_t *oos,
                      size_t nwords);

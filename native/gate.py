@@ -178,8 +178,6 @@ class Core:
         lib.cg_serve(self._c, listen_fd, uid)
 
     def close(self) -> None:
-        """Stop the C thread and open every gate (idempotent)."""
-        c, self._c = self._c, None
-        if c is not None:
-            ffi.gc(c, None)
-            lib.cg_core_free(c)
+        """Stop the C thread and open every gate; later freezes are refused
+        (idempotent; the memory goes with this object)."""
+        lib.cg_core_stop(self._c)
