@@ -111,6 +111,14 @@ class ChangeMap:
         self.oos = self.maps["oos"]
         self.touched = Bitmap(self.nregions)
         self.durable = Bitmap(self.nregions)
+        # For mark's lock-free fast path: byte views of the three bitmaps it
+        # reads (bit i is bit i % 8 of byte i // 8, Bitmap's little-endian
+        # layout) and the shifts that turn a byte offset into a bit number.
+        self._cr_bytes = self.cr.buffer()
+        self._touched_bytes = self.touched.buffer()
+        self._durable_bytes = self.durable.buffer()
+        self._gshift = granularity.bit_length() - 1
+        self._rshift = region.bit_length() - 1
         self.recovered_blocks = 0
         self._changed = True
         self._recover()
@@ -205,6 +213,24 @@ class ChangeMap:
         """Record a change of bytes [offset, offset+length); durable on return."""
         if length <= 0:
             return
+        # Fast path (most writes of a busy volume): a write inside one block
+        # whose bit is set in cr and whose region is set in touched and in
+        # durable would change nothing below, so it returns without the
+        # lock or a C call.  Read without the lock, each bit is a single
+        # byte load, and in this order it is safe: cr's bit stays set until
+        # a cut, which waits for writes inside the gate (we are inside);
+        # touched's bit is cleared only by a checkpoint, which keeps that
+        # region in the intent map for one more interval; a durable bit
+        # read as set means the region was in the intent file at that
+        # moment, and any checkpoint that later drops it writes a map
+        # holding our cr bit first.  Anything else takes the locked path.
+        b = offset >> self._gshift
+        if 0 <= offset and b == (offset + length - 1) >> self._gshift and b < self.nblocks:
+            r = offset >> self._rshift
+            if (self._cr_bytes[b >> 3] >> (b & 7) & 1
+                    and self._touched_bytes[r >> 3] >> (r & 7) & 1
+                    and self._durable_bytes[r >> 3] >> (r & 7) & 1):
+                return
         with self.lock:
             self._changed = True
             if mark_write(self.cr, self.touched, self.durable, offset, length,

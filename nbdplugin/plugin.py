@@ -48,7 +48,7 @@ from nbdplugin.changemap import ChangeMapError  # noqa: E402
 from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa: E402
                                  prepared_group)
 from nbdplugin.server import ControlServerError  # noqa: E402
-from nbdplugin.slave import Slave, StateError  # noqa: E402
+from nbdplugin.slave import Fence, Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
 from wire import address as wire_address, files, sdnotify, tls  # noqa: E402
 from wire.units import parse_size  # noqa: E402
@@ -194,7 +194,7 @@ def thread_model():
 
 @_one_line_errors
 def get_ready():
-    global _slave, _statedir_fd
+    global _slave, _statedir_fd, _fence
     statedir = _cfg["statedir"]
     try:
         files.private_dir(statedir)
@@ -231,6 +231,7 @@ def get_ready():
             _fail(str(exc))
     else:
         _slave = Slave(vols, statedir, _cfg["checkpoint"])
+        _fence = _slave.fence
 
 
 @_one_line_errors
@@ -329,32 +330,57 @@ def pread(h, buf, offset, flags):
     _io(h.pread, buf, offset)
 
 
-def pwrite(h, buf, offset, flags):
-    _write(h.pwrite, buf, offset, bool(flags & nbdkit.FLAG_FUA))
-
-
 def flush(h, flags):
     _io(h.flush)
 
 
+# The write callbacks run once per request: each is one call into
+# ``_write``, with the flag constants looked up once here (see
+# bench/bench_write.py for what a frame per request costs).
+_FUA = nbdkit.FLAG_FUA
+_MAY_TRIM = nbdkit.FLAG_MAY_TRIM
+
+
+def pwrite(h, buf, offset, flags):
+    _write(h.pwrite, buf, offset, flags & _FUA)
+
+
 def trim(h, count, offset, flags):
-    _write(h.trim, count, offset, bool(flags & nbdkit.FLAG_FUA))
+    _write(h.trim, count, offset, flags & _FUA)
 
 
 def zero(h, count, offset, flags):
-    _write(h.zero, count, offset, bool(flags & nbdkit.FLAG_MAY_TRIM),
-           bool(flags & nbdkit.FLAG_FUA))
+    _write(h.zero, count, offset, flags & _MAY_TRIM, flags & _FUA)
+
+
+class _Unfenced:
+    """The fence of a slave that has none: a secondary refuses host writes
+    by itself (its host export is read-only), and its replication export
+    is written by the primary's drain, which no switchover fence stops."""
+
+    @staticmethod
+    def enter():
+        pass
+
+    @staticmethod
+    def leave():
+        pass
+
+
+_fence: Fence | _Unfenced = _Unfenced()   # the primary's Fence, set in get_ready
 
 
 def _write(fn, *args):
-    _io(_fenced, fn, *args)
-
-
-def _fenced(fn, *args):
-    """A host write: on a primary it passes the switchover fence
-    (``slave.Fence``); a secondary refuses host writes by itself."""
-    fence = getattr(_slave, "fence", None)
-    if fence is None:
-        return fn(*args)
-    with fence.writing():
-        fn(*args)
+    """A modifying request: on a primary it passes the switchover fence
+    (``slave.Fence``); an OSError becomes nbdkit's errno (EROFS from the
+    fence)."""
+    fence = _fence
+    try:
+        fence.enter()
+        try:
+            fn(*args)
+        finally:
+            fence.leave()
+    except OSError as exc:
+        nbdkit.set_error(exc.errno or errno.EIO)
+        raise

@@ -128,6 +128,55 @@ def test_oos_survives_a_crash(new):
     crashed.close()
 
 
+# A write inside one already-marked block takes mark's lock-free fast path
+# only when the locked path would change nothing; these pin each of the
+# three bits it reads (cr, touched, durable).
+
+def test_a_block_written_again_after_a_cut_is_marked_again(new):
+    """A block in the cut (oos) written again is in cr too: the next cut
+    must copy it again."""
+    cm = new()
+    cm.mark(5 * G, 100)
+    cm.cut()
+    cm.mark(5 * G + 200, 100)
+    assert cm.counts() == (1, 1)
+    cm.close()
+
+
+def test_a_block_written_in_every_interval_keeps_its_region_in_the_intent_map(new):
+    """Rewriting an already-marked block keeps its region busy, as a first
+    write would: it stays in the intent map across the next checkpoint."""
+    cm = new()
+    cm.mark(3 * G, 10)
+    cm.checkpoint()
+    cm.mark(3 * G + 20, 10)           # only touched is new
+    cm.checkpoint()
+    crashed = new()
+    assert blocks(crashed) == set(range(R // G)), "region 0 left the intent map"
+    crashed.close()
+
+
+def test_a_write_retried_after_its_intent_failed_makes_the_intent_durable(new):
+    """A write whose intent write failed left its block in cr and its region
+    in touched, but not durable: the retried write still writes the intent
+    before it returns."""
+    cm = new()
+    good = cm._intent_fd
+    cm._intent_fd = os.open(cm.intent_path, os.O_RDONLY)   # the state disk fails
+    try:
+        with pytest.raises(OSError):
+            cm.mark(3 * G, 10)
+    finally:
+        os.close(cm._intent_fd)
+        cm._intent_fd = good
+    assert not cm.durable.any()
+    cm.mark(3 * G, 10)                # the host retries
+    assert cm.durable.test(0)
+    crashed = new()
+    assert 3 in blocks(crashed)
+    crashed.close()
+
+
 def test_size_change_is_refused(tmp_path, new):
     """A map made for another size is not silently reused."""
     new().close()

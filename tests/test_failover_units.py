@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import threading
+from collections import deque
 
 import pytest
 
@@ -85,14 +86,17 @@ def test_fence_refuses_new_writes_and_waits_for_those_inside():
     inside, release, done = threading.Event(), threading.Event(), threading.Event()
 
     def writer():
-        with f.writing():
+        f.enter()
+        try:
             inside.set()
             release.wait(10)
+        finally:
+            f.leave()
 
     t = threading.Thread(target=writer)
     t.start()
     inside.wait(10)
-    raiser = threading.Thread(target=lambda: (f.raise_(10), done.set()))
+    raiser = threading.Thread(target=lambda: (f.raise_(60), done.set()))
     raiser.start()
     assert not done.wait(0.1), "the fence went up with a write inside"
     release.set()
@@ -100,24 +104,86 @@ def test_fence_refuses_new_writes_and_waits_for_those_inside():
     t.join(10)
     raiser.join(10)
     with pytest.raises(OSError) as ei:
-        with f.writing():
-            pass
+        f.enter()
     assert ei.value.errno == errno.EROFS
+    assert f.inflight == 0, "a refused write stayed counted"
     f.lower()
-    with f.writing():
-        pass
+    f.enter()
+    f.leave()
 
 
 def test_fence_timeout_leaves_it_down():
     """A write that never leaves: raise_ gives up after its timeout and
     the fence is down again (writes go on)."""
     f = Fence()
-    cm = f.writing()
-    cm.__enter__()
+    f.enter()
     with pytest.raises(Exception, match="did not finish"):
         f.raise_(0.05)
     assert not f.up
-    cm.__exit__(None, None, None)
+    f.leave()
+
+
+class _PausedAppend(deque):
+    """Fence._inside that holds one write inside ``enter``, between its two
+    steps: ``before`` pauses it before it registers, else after."""
+
+    def __init__(self, before: bool):
+        super().__init__()
+        self.before = before
+        self.paused, self.resume = threading.Event(), threading.Event()
+
+    def append(self, item):
+        if not self.before:
+            super().append(item)
+        self.paused.set()
+        self.resume.wait(10)
+        if self.before:
+            super().append(item)
+
+
+def _pause_a_writer(before: bool):
+    """A fence and a thread paused inside its ``enter``; the thread records
+    whether the fence let it in."""
+    f = Fence()
+    f._inside = paused = _PausedAppend(before)
+    result = []
+
+    def writer():
+        try:
+            f.enter()
+        except OSError as exc:
+            result.append(exc.errno)
+            return
+        result.append("in")
+        f.leave()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert paused.paused.wait(10)
+    return f, paused, t, result
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["unregistered", "registered"])
+def test_fence_raised_while_a_write_is_inside_enter_refuses_it(before):
+    """A write caught inside ``enter`` when the fence goes up is refused
+    (EROFS), whether or not it had registered: one that had not does not
+    delay raise_, one that had is waited for."""
+    f, paused, t, result = _pause_a_writer(before)
+    done = threading.Event()
+    raiser = threading.Thread(target=lambda: (f.raise_(60), done.set()))
+    raiser.start()
+    try:
+        if before:
+            assert done.wait(10), "raise_ waited for a write that had not registered"
+        else:
+            assert not done.wait(0.1), "raise_ returned with a registered write inside"
+    finally:
+        paused.resume.set()
+        t.join(10)
+        raiser.join(60)
+    assert done.is_set()
+    assert result == [errno.EROFS]
+    assert f.inflight == 0
 
 
 # ------------------------------------------------------------------ ops
