@@ -37,7 +37,6 @@ import logging
 import os
 import ssl
 import threading
-import time
 from collections import deque
 
 from wire import protocol
