@@ -376,6 +376,7 @@ void cg_core_stop(cg_core *c)
     pthread_mutex_lock(&c->st);
     int was = c->stopping;
     c->stopping = 1;
+    c->notify_fd = -1;          /* the caller may close it once we return */
     pthread_mutex_unlock(&c->st);
     pthread_mutex_unlock(&c->op);
     if (was)

@@ -169,6 +169,7 @@ class Slave(OpHandler):
             vol.catch_up = self._catch_up
         self.gate_socket = None
         self.gate_path: str | None = None
+        self._notifier: threading.Thread | None = None
 
     # ------------------------------------------------------------ persistence
 
@@ -334,7 +335,8 @@ class Slave(OpHandler):
                 self.volumes[name].end_pit()
             self.machine.step(event, n, ended=ended)
             self.cut_volumes = []
-            self.core.end(n, ended)
+            if not self.core.end(n, ended):     # a thawed cut is the core's "cut"
+                log.error("cut %d: the gate core was not in it when it ended", n)
         self._sync()
 
     def _catch_up(self) -> None:
@@ -625,9 +627,10 @@ class Slave(OpHandler):
                 raise ControlServerError(f"gate socket {path}: {exc}") from None
             self.gate_path = path
             self.core.serve(self.gate_socket.fileno(), os.getuid())
-        for target, name in ((self._notify_loop, "notify"),
-                             (self._checkpoint_loop, "checkpoint")):
-            threading.Thread(target=target, name=name, daemon=True).start()
+        self._notifier = threading.Thread(target=self._notify_loop, name="notify",
+                                          daemon=True)
+        self._notifier.start()
+        threading.Thread(target=self._checkpoint_loop, name="checkpoint", daemon=True).start()
 
     # The server's view, for callers and tests that knew it as the slave's.
     address = property(lambda self: self.server.address)
@@ -638,7 +641,8 @@ class Slave(OpHandler):
         """A connection ended: a cut it froze and did not thaw is aborted now
         (the lease is only the last line of defence); the core logs it."""
         self.core.owner_gone(conn.token)
-        self._sync()
+        with self.lock:
+            self._sync()
 
     def _notify_loop(self) -> None:
         """Catch up when the core ended a cut while frozen (abort, lease,
@@ -674,6 +678,10 @@ class Slave(OpHandler):
             if c.thread is not None:
                 c.thread.join(timeout=30)
         self.core.close()                       # the gate socket's thread; gates open
+        if self._notifier is not None:
+            self._notifier.join(timeout=30)
+        os.close(self._notify_r)                # the core no longer writes here
+        os.close(self._notify_w)
         if self.gate_socket is not None:
             self.gate_socket.close()
             try:
