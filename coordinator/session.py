@@ -177,13 +177,7 @@ class SecondaryConfig:
 
     def spec(self) -> SlaveSpec:
         """How to run this secondary (for coordinator.launch)."""
-        spec = SlaveSpec(name=self.name, statedir=self.state_dir,
-                         nbd_socket=self.nbd_socket, control=self.control,
-                         volumes=list(self.volumes), role="secondary",
-                         nbd=self.nbd, tls=self.tls, client_tls=self.client_tls)
-        if self.granularity is not None:
-            spec.granularity = self.granularity
-        return spec
+        return _spec(self, list(self.volumes), role="secondary")
 
 
 @dataclass(frozen=True)
@@ -204,21 +198,24 @@ class SlaveConfig:
 
     def spec(self) -> SlaveSpec:
         """How to run this slave (for coordinator.launch)."""
-        spec = SlaveSpec(name=self.name, statedir=self.state_dir,
-                         nbd_socket=self.nbd_socket, control=self.control,
-                         volumes=[(v.name, v.path, v.size) for v in self.volumes],
-                         nbd=self.nbd, tls=self.tls, client_tls=self.client_tls)
-        if self.threads is not None:
-            spec.threads = self.threads
-        if self.granularity is not None:
-            spec.granularity = self.granularity
-        return spec
+        return _spec(self, [(v.name, v.path, v.size) for v in self.volumes],
+                     threads=self.threads)
 
     def volume(self, name: str) -> VolumeConfig:
         for v in self.volumes:
             if v.name == name:
                 return v
         raise KeyError(name)
+
+
+def _spec(node: "SlaveConfig | SecondaryConfig", volumes: list, **keys) -> SlaveSpec:
+    """The launch spec of either kind of node.  A key the session file left
+    out (None) keeps SlaveSpec's default, so the defaults live in one place."""
+    keys["granularity"] = node.granularity
+    return SlaveSpec(name=node.name, statedir=node.state_dir, nbd_socket=node.nbd_socket,
+                     control=node.control, volumes=volumes, nbd=node.nbd, tls=node.tls,
+                     client_tls=node.client_tls,
+                     **{k: v for k, v in keys.items() if v is not None})
 
 
 @dataclass(frozen=True)
