@@ -19,7 +19,7 @@ if ROOT not in sys.path:
 
 from coordinator import launch  # noqa: E402
 
-pytest_plugins = ["tests.vmfixture"]
+pytest_plugins = ["tests.vmfixture", "tests.tlsrig"]
 
 IN_CI = os.environ.get("CI") == "true"
 
