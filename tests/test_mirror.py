@@ -27,6 +27,7 @@ from conftest import need, wait_until
 from coordinator import cli, launch, mirror as mirror_mod, session as session_mod
 from coordinator.link import SlaveLink
 from coordinator.mirror import LIFT_AFTER, Mirror, map_runs, percentile
+from mirrorrig import mirror_session
 
 SIZE = 16 << 20
 LAYOUT = wl.two_by_two(SIZE)
@@ -65,55 +66,11 @@ def test_mirror_control_refuses_bad_requests():
 
 # ------------------------------------------------------------------ session
 
-def session_text(max_drain_ms=30_000, rpo=30, interval_ms=0, extra_volume=""):
-    slaves = ""
-    for s in ("s1", "s2"):
-        slaves += f"""
-[[slave]]
-name = "{s}"
-state_dir = "{s}"
-nbd_socket = "{s}.sock"
-control = "{s}.ctl"
-threads = 4
-"""
-        for v in ("a", "b"):
-            slaves += f"""
-[[slave.volume]]
-name = "{v}"
-path = "{s}-{v}.img"
-size = {SIZE}
-secondary = "{REMOTE[s]}"
-"""
-    remotes = ""
-    for r in ("r1", "r2"):
-        remotes += f"""
-[[secondary]]
-name = "{r}"
-state_dir = "{r}"
-nbd_socket = "{r}.sock"
-control = "{r}.ctl"
-"""
-        for v in ("a", "b"):
-            remotes += f"""
-[[secondary.volume]]
-name = "{v}"
-path = "{r}-{v}.img"
-size = {SIZE}
-"""
-    return f"""
-[session]
-name = "m"
-state_dir = "state"
-lease_ms = 10000
-max_coordination_ms = 2000
-copy_timeout_ms = 20000
-
-[mirror]
-interval_ms = {interval_ms}
-max_drain_ms = {max_drain_ms}
-rpo_threshold_s = {rpo}
-control = "m.ctl"
-{slaves}{remotes}"""
+def session_text(max_drain_ms=30_000, rpo=30, interval_ms=0, **keys) -> str:
+    """The rig's session (``keys``: more of tests/mirrorrig.py's)."""
+    return mirror_session("m", REMOTE, ("a", "b"), size=SIZE, slave={"threads": 4},
+                          mirror={"interval_ms": interval_ms, "max_drain_ms": max_drain_ms,
+                                  "rpo_threshold_s": rpo}, **keys)
 
 
 def test_session_mirror_tables(tmp_path):
