@@ -464,20 +464,28 @@ class _Parser:
                        copy_timeout_ms=copy_timeout, slaves=parsed, mirror=mirror,
                        secondaries=secondaries)
 
-    def slave(self, i: int, t) -> SlaveConfig:
-        w = f"[[slave]] #{i}"
+    def node(self, kind: str, i: int, t,
+             allowed: set[str]) -> tuple[str, str, int | None, list]:
+        """What a [[slave]] and a [[secondary]] share: the name for messages,
+        the known keys, the node's name, its granularity and its volume
+        tables (at least one)."""
+        w = f"[[{kind}]] #{i}"
         if isinstance(t, dict) and isinstance(t.get("name"), str):
-            w = f"[[slave]] {t['name']!r}"
-        self.keys(w, t, _SLAVE_KEYS, ("name", "state_dir", "control", "volume"))
+            w = f"[[{kind}]] {t['name']!r}"
+        self.keys(w, t, allowed, ("name", "state_dir", "control", "volume"))
         name = self.name(w, t)
-        threads = self.integer(w, t, "threads", None, 1, 64)
         gran = self.size(w, t, "granularity")
         if gran is not None and (gran & (gran - 1) or gran < 4096):
             self.fail(w, "granularity", f"must be a power of two of at least 4096,"
                                         f" not {t['granularity']!r}")
         vols = t["volume"]
         if not isinstance(vols, list) or not vols:
-            self.fail(w, "volume", "needs at least one [[slave.volume]] table")
+            self.fail(w, "volume", f"needs at least one [[{kind}.volume]] table")
+        return w, name, gran, vols
+
+    def slave(self, i: int, t) -> SlaveConfig:
+        w, name, gran, vols = self.node("slave", i, t, _SLAVE_KEYS)
+        threads = self.integer(w, t, "threads", None, 1, 64)
         volumes = tuple(self.volume(name, j, v) for j, v in enumerate(vols, 1))
         seen = set()
         for v in volumes:
@@ -590,18 +598,7 @@ class _Parser:
         return rate
 
     def secondary_table(self, i: int, t) -> SecondaryConfig:
-        w = f"[[secondary]] #{i}"
-        if isinstance(t, dict) and isinstance(t.get("name"), str):
-            w = f"[[secondary]] {t['name']!r}"
-        self.keys(w, t, _SECONDARY_KEYS, ("name", "state_dir", "control", "volume"))
-        name = self.name(w, t)
-        gran = self.size(w, t, "granularity")
-        if gran is not None and (gran & (gran - 1) or gran < 4096):
-            self.fail(w, "granularity", f"must be a power of two of at least 4096,"
-                                        f" not {t['granularity']!r}")
-        vols = t["volume"]
-        if not isinstance(vols, list) or not vols:
-            self.fail(w, "volume", "needs at least one [[secondary.volume]] table")
+        w, name, gran, vols = self.node("secondary", i, t, _SECONDARY_KEYS)
         volumes, seen = [], set()
         for j, v in enumerate(vols, 1):
             vw = f"[[secondary.volume]] {name}/#{j}"
