@@ -652,11 +652,7 @@ class Mirror:
         prepared = group.fanout.parallel(self.secondaries,
                                          lambda lk: lk.call("prepare", n=n))
         m["prepare_ms"] = group.fanout.ms(time.monotonic() - t0)
-        bad = {k: v for k, v in prepared.items() if isinstance(v, Exception)}
-        if bad:
-            self.need_recovery = True
-            name, exc = next(iter(bad.items()))
-            res.outcome, res.error = "failed", f"prepare {n} failed on {name}: {exc}"
+        if self._failed(res, "prepare", prepared):
             return
         _hit("mirror:after-prepare")
         t1 = time.monotonic()
@@ -674,14 +670,19 @@ class Mirror:
             except CgmirrorError as exc:
                 committed[lk.name] = exc
         m["commit_ms"] = group.fanout.ms(time.monotonic() - t1)
-        bad = {k: v for k, v in committed.items() if isinstance(v, Exception)}
+        # Some may have committed: recovery rolls the others forward.
+        if not self._failed(res, "commit", committed):
+            res.outcome = "hardened"
+
+    def _failed(self, res: GroupResult, step: str, replies: dict) -> bool:
+        """If a secondary's ``step`` failed (its reply is the error), the
+        group failed and the mirror needs recovery; says whether."""
+        bad = [(name, r) for name, r in replies.items() if isinstance(r, Exception)]
         if bad:
-            # Some may have committed: recovery rolls the others forward.
             self.need_recovery = True
-            name, exc = next(iter(bad.items()))
-            res.outcome, res.error = "failed", f"commit {n} failed on {name}: {exc}"
-            return
-        res.outcome = "hardened"
+            name, exc = bad[0]
+            res.outcome, res.error = "failed", f"{step} {res.n} failed on {name}: {exc}"
+        return bool(bad)
 
     def _record(self, res: GroupResult, lifted: bool, first_copy: bool) -> None:
         now = time.time()
