@@ -202,11 +202,11 @@ class RoleSwitch:
 
     def settle(self, site: str) -> int:
         """Bring every secondary of ``site`` to one hardened group and return
-        it: the mirror's recovery rule (coordinator/mirror.py: a committed
-        group rolls forward, so does a group some secondary prepared, since
-        prepare follows every drain), then whatever is still in flight (a
-        drain that never finished) rolls back into ``tgt``.  Only ``site``
-        is called: the other site may be gone."""
+        it: the mirror's recovery rule (``Mirror.settle``: a committed group
+        rolls forward, so does a group some secondary prepared, since prepare
+        follows every drain), then whatever is still in flight (a drain that
+        never finished) rolls back into ``tgt``.  Only ``site`` is called:
+        the other site may be gone."""
         for node in self.nodes(site):
             st = self.status(node)
             if st is None:
@@ -220,27 +220,8 @@ class RoleSwitch:
         m = Mirror(dirn.oriented(self.session, dirn.other(site)), log=self.log,
                    serve_control=False)
         try:
-            st = m._secondary_statuses()
-            top = max(r["hardened"] for r in st.values())
-            for name, r in st.items():
-                if r["hardened"] < top:
-                    if r["prepared"] != top:
-                        raise FailoverError(f"{name} is at group {r['hardened']}, others"
-                                            f" committed {top}, and it cannot roll"
-                                            f" forward: restore its state directory")
-                    m._link(name).call("commit", n=top)
-                    self.log(f"{name}: rolled forward to group {top}")
-            st = m._secondary_statuses()
-            pending = {r["prepared"] for r in st.values() if r["prepared"] is not None}
-            if len(pending) == 1 and m._roll_forward(st, pending.pop()):
-                st = m._secondary_statuses()
-            for name, r in st.items():
-                if r["prepared"] is not None or any(v["undo_blocks"]
-                                                    for v in r["volumes"].values()):
-                    back = m._link(name).call("rollback")
-                    self.log(f"{name}: rolled back to group {back['hardened']}"
-                             f" ({sum(back['rolled_back'].values())} blocks into tgt)")
-            top = max(r["hardened"] for r in m._secondary_statuses().values())
+            # unfinished: no primary will ever finish a drain in flight.
+            top = max(r["hardened"] for r in m.settle(unfinished=True).values())
         finally:
             m.close()
         if top == 0:
@@ -320,7 +301,7 @@ class RoleSwitch:
                 self.call(node, "assume", n=h)
         m = Mirror(dirn.oriented(self.session, src), log=self.log, serve_control=False)
         try:
-            m._return_tgt(m._secondary_statuses())
+            m.return_tgt(m.secondary_statuses())
         finally:
             m.close()
         dirn.save(self.session, source=src, state="mirroring")
@@ -420,7 +401,7 @@ class RoleSwitch:
         primary before) has samples of blocks the other site wrote since.
         ``forget`` (``--full``): drop every record, so the group copies whole."""
         group.preflight(m.slaves, abort_leftover=True, warn=self.log)
-        st = m._secondary_statuses()
+        st = m.secondary_statuses()
         for lk in m.slaves:
             for v, uri in m.targets(st)[lk.name].items():
                 lk.call("adopt", volume=v, target=uri, forget=forget)

@@ -391,7 +391,9 @@ class Mirror:
 
     # ------------------------------------------------------------ recovery
 
-    def _secondary_statuses(self) -> dict[str, dict]:
+    def secondary_statuses(self) -> dict[str, dict]:
+        """{name: status} of every secondary; raises if one does not answer
+        or is not a secondary."""
         replies = group.statuses(self.secondaries)
         for name, r in replies.items():
             if isinstance(r, Exception):
@@ -406,7 +408,23 @@ class Mirror:
         rollback restored back to the primaries (see the module doc); return
         that group's number."""
         self.phase = "recover"
-        st = self._secondary_statuses()
+        st = self.settle()
+        self.return_tgt(st)
+        top = max(r["hardened"] for r in st.values())
+        self.hardened = top
+        self.hardened_cut = self.history.group_cut_time(top) if top else None
+        self.need_recovery = False
+        self.phase = "idle"
+        return top
+
+    def settle(self, unfinished: bool = False) -> dict[str, dict]:
+        """Bring every secondary to one hardened group by the module doc's
+        recovery rule and return their statuses after; the blocks a rollback
+        restored stay in their ``tgt`` maps (``return_tgt`` hands them on).
+        ``unfinished`` (failover, whose primaries are gone) also rolls back
+        the undo blocks of a drain that never reached prepare: the mirror
+        keeps them, since its next group continues on top of them."""
+        st = self.secondary_statuses()
         top = max(r["hardened"] for r in st.values())
         if any(r["hardened"] < top for r in st.values()):
             for name, r in st.items():
@@ -419,20 +437,19 @@ class Mirror:
                         f" forward; was it replaced? restore its state directory")
                 self._link(name).call("commit", n=top)
                 self.log(f"recovery: {name} rolled forward to group {top}")
-            st = self._secondary_statuses()
+            st = self.secondary_statuses()
         pending = {r["prepared"] for r in st.values() if r["prepared"] is not None}
         # One prepared group (the normal case) rolls forward; anything else
         # (refused, or two numbers: never made by this coordinator) rolls back.
         if pending and not (len(pending) == 1 and self._roll_forward(st, pending.pop())):
             self._roll_back(st)
-        st = self._secondary_statuses()
-        self._return_tgt(st)
-        top = max(r["hardened"] for r in st.values())
-        self.hardened = top
-        self.hardened_cut = self.history.group_cut_time(top) if top else None
-        self.need_recovery = False
-        self.phase = "idle"
-        return top
+        st = self.secondary_statuses()
+        if unfinished and any(r["prepared"] is not None
+                              or any(v["undo_blocks"] for v in r["volumes"].values())
+                              for r in st.values()):
+            self._roll_back(st, unfinished=True)
+            st = self.secondary_statuses()
+        return st
 
     def _roll_forward(self, st: dict[str, dict], n: int) -> bool:
         """Some secondary prepared n, none committed it: prepare n on the
@@ -452,20 +469,25 @@ class Mirror:
         self.log(f"recovery: group {n} was prepared; rolled forward on every secondary")
         return True
 
-    def _roll_back(self, st: dict[str, dict]) -> None:
-        """Every secondary not at the common hardened group goes back to it;
-        the blocks it restored land in its tgt map (resent by ``_return_tgt``)."""
+    def _roll_back(self, st: dict[str, dict], unfinished: bool = False) -> None:
+        """Every secondary that prepared a group (``unfinished``: or holds
+        undo blocks of a drain) goes back to the common hardened group; the
+        blocks it restored land in its tgt map (resent by ``return_tgt``)."""
         for name, r in st.items():
-            if r["prepared"] is not None:
-                back = self._link(name).call("rollback")
-                blocks = sum(back["rolled_back"].values())
-                self.log(f"recovery: {name} rolled back group {r['prepared']} to"
-                         f" {back['hardened']} ({blocks} blocks back to their primary)")
+            undo = any(v["undo_blocks"] for v in r["volumes"].values())
+            if r["prepared"] is None and not (unfinished and undo):
+                continue
+            back = self._link(name).call("rollback")
+            blocks = sum(back["rolled_back"].values())
+            what = (f"group {r['prepared']}" if r["prepared"] is not None
+                    else "an unfinished drain")
+            self.log(f"recovery: {name} rolled back {what} to {back['hardened']}"
+                     f" ({blocks} blocks into its tgt map)")
 
     def _link(self, name: str) -> SlaveLink:
         return next(lk for lk in self.slaves + self.secondaries if lk.name == name)
 
-    def _return_tgt(self, st: dict[str, dict]) -> None:
+    def return_tgt(self, st: dict[str, dict]) -> None:
         """Mark every secondary volume's tgt blocks on its primary, then clear
         them on the secondary (that order: a crash between resends, never loses)."""
         by_remote = {(r, rv): (s, v) for s, v, r, rv in self.session.pairs()}
@@ -538,7 +560,7 @@ class Mirror:
         if self.need_recovery:
             self.recover()
         replies = group.preflight(self.slaves, abort_leftover=True, warn=self.log)
-        st = self._secondary_statuses()
+        st = self.secondary_statuses()
         targets = self.targets(st)
         full = group.full_volumes(replies, targets, "auto")
         if not self.verified:
@@ -630,11 +652,7 @@ class Mirror:
         prepared = group.fanout.parallel(self.secondaries,
                                          lambda lk: lk.call("prepare", n=n))
         m["prepare_ms"] = group.fanout.ms(time.monotonic() - t0)
-        bad = {k: v for k, v in prepared.items() if isinstance(v, Exception)}
-        if bad:
-            self.need_recovery = True
-            name, exc = next(iter(bad.items()))
-            res.outcome, res.error = "failed", f"prepare {n} failed on {name}: {exc}"
+        if self._failed(res, "prepare", prepared):
             return
         _hit("mirror:after-prepare")
         t1 = time.monotonic()
@@ -652,14 +670,19 @@ class Mirror:
             except CgmirrorError as exc:
                 committed[lk.name] = exc
         m["commit_ms"] = group.fanout.ms(time.monotonic() - t1)
-        bad = {k: v for k, v in committed.items() if isinstance(v, Exception)}
+        # Some may have committed: recovery rolls the others forward.
+        if not self._failed(res, "commit", committed):
+            res.outcome = "hardened"
+
+    def _failed(self, res: GroupResult, step: str, replies: dict) -> bool:
+        """If a secondary's ``step`` failed (its reply is the error), the
+        group failed and the mirror needs recovery; says whether."""
+        bad = [(name, r) for name, r in replies.items() if isinstance(r, Exception)]
         if bad:
-            # Some may have committed: recovery rolls the others forward.
             self.need_recovery = True
-            name, exc = next(iter(bad.items()))
-            res.outcome, res.error = "failed", f"commit {n} failed on {name}: {exc}"
-            return
-        res.outcome = "hardened"
+            name, exc = bad[0]
+            res.outcome, res.error = "failed", f"{step} {res.n} failed on {name}: {exc}"
+        return bool(bad)
 
     def _record(self, res: GroupResult, lifted: bool, first_copy: bool) -> None:
         now = time.time()

@@ -177,13 +177,7 @@ class SecondaryConfig:
 
     def spec(self) -> SlaveSpec:
         """How to run this secondary (for coordinator.launch)."""
-        spec = SlaveSpec(name=self.name, statedir=self.state_dir,
-                         nbd_socket=self.nbd_socket, control=self.control,
-                         volumes=list(self.volumes), role="secondary",
-                         nbd=self.nbd, tls=self.tls, client_tls=self.client_tls)
-        if self.granularity is not None:
-            spec.granularity = self.granularity
-        return spec
+        return _spec(self, list(self.volumes), role="secondary")
 
 
 @dataclass(frozen=True)
@@ -204,21 +198,24 @@ class SlaveConfig:
 
     def spec(self) -> SlaveSpec:
         """How to run this slave (for coordinator.launch)."""
-        spec = SlaveSpec(name=self.name, statedir=self.state_dir,
-                         nbd_socket=self.nbd_socket, control=self.control,
-                         volumes=[(v.name, v.path, v.size) for v in self.volumes],
-                         nbd=self.nbd, tls=self.tls, client_tls=self.client_tls)
-        if self.threads is not None:
-            spec.threads = self.threads
-        if self.granularity is not None:
-            spec.granularity = self.granularity
-        return spec
+        return _spec(self, [(v.name, v.path, v.size) for v in self.volumes],
+                     threads=self.threads)
 
     def volume(self, name: str) -> VolumeConfig:
         for v in self.volumes:
             if v.name == name:
                 return v
         raise KeyError(name)
+
+
+def _spec(node: "SlaveConfig | SecondaryConfig", volumes: list, **keys) -> SlaveSpec:
+    """The launch spec of either kind of node.  A key the session file left
+    out (None) keeps SlaveSpec's default, so the defaults live in one place."""
+    keys["granularity"] = node.granularity
+    return SlaveSpec(name=node.name, statedir=node.state_dir, nbd_socket=node.nbd_socket,
+                     control=node.control, volumes=volumes, nbd=node.nbd, tls=node.tls,
+                     client_tls=node.client_tls,
+                     **{k: v for k, v in keys.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -467,20 +464,28 @@ class _Parser:
                        copy_timeout_ms=copy_timeout, slaves=parsed, mirror=mirror,
                        secondaries=secondaries)
 
-    def slave(self, i: int, t) -> SlaveConfig:
-        w = f"[[slave]] #{i}"
+    def node(self, kind: str, i: int, t,
+             allowed: set[str]) -> tuple[str, str, int | None, list]:
+        """What a [[slave]] and a [[secondary]] share: the name for messages,
+        the known keys, the node's name, its granularity and its volume
+        tables (at least one)."""
+        w = f"[[{kind}]] #{i}"
         if isinstance(t, dict) and isinstance(t.get("name"), str):
-            w = f"[[slave]] {t['name']!r}"
-        self.keys(w, t, _SLAVE_KEYS, ("name", "state_dir", "control", "volume"))
+            w = f"[[{kind}]] {t['name']!r}"
+        self.keys(w, t, allowed, ("name", "state_dir", "control", "volume"))
         name = self.name(w, t)
-        threads = self.integer(w, t, "threads", None, 1, 64)
         gran = self.size(w, t, "granularity")
         if gran is not None and (gran & (gran - 1) or gran < 4096):
             self.fail(w, "granularity", f"must be a power of two of at least 4096,"
                                         f" not {t['granularity']!r}")
         vols = t["volume"]
         if not isinstance(vols, list) or not vols:
-            self.fail(w, "volume", "needs at least one [[slave.volume]] table")
+            self.fail(w, "volume", f"needs at least one [[{kind}.volume]] table")
+        return w, name, gran, vols
+
+    def slave(self, i: int, t) -> SlaveConfig:
+        w, name, gran, vols = self.node("slave", i, t, _SLAVE_KEYS)
+        threads = self.integer(w, t, "threads", None, 1, 64)
         volumes = tuple(self.volume(name, j, v) for j, v in enumerate(vols, 1))
         seen = set()
         for v in volumes:
@@ -593,18 +598,7 @@ class _Parser:
         return rate
 
     def secondary_table(self, i: int, t) -> SecondaryConfig:
-        w = f"[[secondary]] #{i}"
-        if isinstance(t, dict) and isinstance(t.get("name"), str):
-            w = f"[[secondary]] {t['name']!r}"
-        self.keys(w, t, _SECONDARY_KEYS, ("name", "state_dir", "control", "volume"))
-        name = self.name(w, t)
-        gran = self.size(w, t, "granularity")
-        if gran is not None and (gran & (gran - 1) or gran < 4096):
-            self.fail(w, "granularity", f"must be a power of two of at least 4096,"
-                                        f" not {t['granularity']!r}")
-        vols = t["volume"]
-        if not isinstance(vols, list) or not vols:
-            self.fail(w, "volume", "needs at least one [[secondary.volume]] table")
+        w, name, gran, vols = self.node("secondary", i, t, _SECONDARY_KEYS)
         volumes, seen = [], set()
         for j, v in enumerate(vols, 1):
             vw = f"[[secondary.volume]] {name}/#{j}"

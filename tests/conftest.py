@@ -6,6 +6,7 @@ fails there instead of skipping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -19,7 +20,7 @@ if ROOT not in sys.path:
 
 from coordinator import launch  # noqa: E402
 
-pytest_plugins = ["tests.vmfixture"]
+pytest_plugins = ["tests.vmfixture", "tests.tlsrig"]
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -53,6 +54,24 @@ def wait_until(pred, timeout: float = 10.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def closing_all(factory):
+    """The body of a factory fixture: yields ``make(...)``, which builds with
+    ``factory``; everything built is closed at the end, even after a failure."""
+    made = []
+
+    def make(*args, **kw):
+        obj = factory(*args, **kw)
+        made.append(obj)
+        return obj
+
+    try:
+        yield make
+    finally:
+        for obj in made:
+            obj.close()
 
 
 @pytest.fixture

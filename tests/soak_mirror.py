@@ -73,6 +73,7 @@ import workload as wl  # noqa: E402
 from coordinator import launch, session as session_mod  # noqa: E402
 from coordinator.history import History  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
+from mirrorrig import tcp_node  # noqa: E402
 from test_mirror import LAYOUT, ORDER, REMOTE, SIZE, session_text  # noqa: E402
 
 KINDS = ("kill-slave", "kill-secondary", "kill-coordinator", "failpoint-mirror",
@@ -116,7 +117,7 @@ class Campaign:
         self.base, self.rng, self.say = base, random.Random(seed), log
         self.full_disk = full_disk
         self.path = os.path.join(base, "m.toml")
-        text = self.edit(session_text(interval_ms=200, max_drain_ms=5000, rpo=30))
+        text = session_text(interval_ms=200, max_drain_ms=5000, rpo=30, **self.session_keys())
         for name in nodes_on:
             text = text.replace(f'state_dir = "{name}"',
                                 f'state_dir = "{os.path.join(state_on, name)}"')
@@ -145,9 +146,9 @@ class Campaign:
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
 
-    def edit(self, text: str) -> str:
-        """The session file as the rig needs it (SitesCampaign: TCP)."""
-        return text
+    def session_keys(self) -> dict:
+        """More keys of the rig's session (SitesCampaign: TCP)."""
+        return {}
 
     # ------------------------------------------------------------ processes
 
@@ -528,16 +529,12 @@ class SitesCampaign(Campaign):
         super().__init__(base, seed, log)
         wl.TLS_DIR = self.session.slaves[0].client_tls
 
-    def edit(self, text: str) -> str:
+    def session_keys(self) -> dict:
         from twosites import free_port
-        text = text.replace('state_dir = "state"', f'state_dir = "state"\npki = "{self.pki}"')
-        for name, host in NODE_HOSTS.items():
-            site = self.net[host]
-            text = text.replace(
-                f'nbd_socket = "{name}.sock"\ncontrol = "{name}.ctl"',
-                f'control = "tcp:{site.addr}:{free_port(site)}"\n'
-                f'nbd = "tcp:{site.addr}:{free_port(site)}"')
-        return text
+        return {"session": {"pki": self.pki},
+                "nodes": {name: tcp_node(self.net[host].addr,
+                                         lambda site=self.net[host]: free_port(site))
+                          for name, host in NODE_HOSTS.items()}}
 
     def start_node(self, name: str, **changes) -> None:
         if name not in NODE_HOSTS:

@@ -20,7 +20,7 @@ import pytest
 
 import workload as wl
 from harness import peers
-from conftest import need, wait_until
+from conftest import closing_all, need, wait_until
 from coordinator import group
 from coordinator.errors import CopyFailed, EstablishAborted
 from coordinator.link import SlaveLink
@@ -249,17 +249,8 @@ class Rig:
 @pytest.fixture
 def rig(slaves, run_dir):
     need("nbdkit")
-    made = []
-
-    def make(**kw):
-        r = Rig(slaves, run_dir, **kw)
-        made.append(r)
-        return r
-    try:
+    with closing_all(lambda **kw: Rig(slaves, run_dir, **kw)) as make:
         yield make
-    finally:
-        for r in made:
-            r.close()
 
 
 class PreservePoller:
@@ -350,35 +341,20 @@ def test_slave_killed_during_establish_leaves_the_others_thawed(rig):
         _wait_written(work, 300)
     r.n = group.next_n(group.preflight(r.links), r.n)
     h = wl.Device(s1.spec.uri("a"), "held-writer")
-    result: dict = {}
     try:
         os.kill(s2.pid, signal.SIGSTOP)         # takes FREEZE, never answers
-
-        def run():
-            t0 = time.monotonic()
-            try:
-                group.establish(r.links, r.n, LEASE_MS, coord_ms)
-            except Exception as exc:
-                result["exc"] = exc
-            result["s"] = time.monotonic() - t0
-        t = threading.Thread(target=run, name="establish")
-        t.start()
+        t, result = wl.timed(lambda: group.establish(r.links, r.n, LEASE_MS, coord_ms),
+                             "establish")
         with s1.control(5) as c:
             wait_until(lambda: c.call("status")["phase"] == "frozen", 5, "s1 frozen")
-        wt = {}
-
-        def held_write():
-            t0 = time.monotonic()
-            h.pwrite(b"held" * 1024, SPARE)
-            wt["s"] = time.monotonic() - t0
-        w = threading.Thread(target=held_write, name="held-write")
-        w.start()
+        w, wt = wl.timed(lambda: h.pwrite(b"held" * 1024, SPARE), "held-write")
         s2.kill9()
         t.join(LEASE_MS / 1000)
         w.join(LEASE_MS / 1000)
         assert not t.is_alive() and not w.is_alive()
     finally:
         h.close()
+    assert "exc" not in wt, wt
     exc = result.get("exc")
     assert isinstance(exc, EstablishAborted), exc
     assert exc.slave == "s2" and exc.aborts.get("s1") == "aborted", (str(exc), exc.aborts)

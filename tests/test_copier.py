@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from cgtest import MiB, write
-from conftest import need
+from conftest import closing_all, need
 from coordinator import group
 from harness import peers
 from coordinator.errors import CopyFailed, ExitCode
@@ -24,16 +24,8 @@ G = 64 * 1024
 
 @pytest.fixture
 def link_to(slaves):
-    made: list[SlaveLink] = []
-
-    def make(proc) -> SlaveLink:
-        lk = SlaveLink.from_spec(proc.spec)
-        made.append(lk)
-        return lk
-
-    yield make
-    for lk in made:
-        lk.close()
+    with closing_all(lambda proc: SlaveLink.from_spec(proc.spec)) as make:
+        yield make
 
 
 def test_rss_is_flat_over_100_copies(slaves, run_dir, link_to):

@@ -4,9 +4,10 @@ through ``cli.main`` in this process, with real slaves and secondaries
 tests/workload.py, on one host.
 
 The rig: site a is primary s1 (volumes a, b), site b is secondary r1 (a, b).
-Role switches restart a node through ``ChildLauncher``, so every nbdkit
-stays a child of the test and is killed and reaped at its end.  Blocks are
-counted at the receiving end: a secondary's ``replication_bytes``.
+Role switches restart a node through ``ChildLauncher`` (tests/mirrorrig.py),
+so every nbdkit stays a child of the test and is killed and reaped at its
+end.  Blocks are counted at the receiving end: a secondary's
+``replication_bytes``.
 
 Every node runs with its write-intent region equal to the granularity, so
 that the recovery of a primary killed -9 marks exactly the blocks it wrote
@@ -36,9 +37,9 @@ import pytest
 import workload as wl
 from conftest import need, wait_until
 from coordinator import cli, direction, failover_cmds, launch, session as session_mod
-from coordinator.failover import Launcher
 from coordinator.link import SlaveLink
 from coordinator.mirror import Mirror
+from mirrorrig import ChildLauncher, mirror_session
 
 G = 64 * 1024
 SIZE = 8 << 20
@@ -46,54 +47,14 @@ NBLOCKS = SIZE // G
 LAYOUT = wl.Layout(("s1/a", "s1/b"), SIZE, writers=2, slots=16, granularity=G)
 VOLS = ("a", "b")
 
-SESSION = """
-[session]
-name = "f"
-state_dir = "state"
-lease_ms = 10000
-max_coordination_ms = 2000
-copy_timeout_ms = 20000
 
-[mirror]
-interval_ms = 0
-max_drain_ms = 30000
-rpo_threshold_s = 60
-control = "m.ctl"
 
-[[slave]]
-name = "s1"
-state_dir = "s1"
-nbd_socket = "s1.sock"
-control = "s1.ctl"
+def session_text(**keys) -> str:
+    """The rig's session (``keys``: more of tests/mirrorrig.py's)."""
+    return mirror_session("f", {"s1": "r1"}, VOLS, size=SIZE, **keys)
 
-[[slave.volume]]
-name = "a"
-path = "s1-a.img"
-size = {size}
-secondary = "r1"
 
-[[slave.volume]]
-name = "b"
-path = "s1-b.img"
-size = {size}
-secondary = "r1"
-
-[[secondary]]
-name = "r1"
-state_dir = "r1"
-nbd_socket = "r1.sock"
-control = "r1.ctl"
-
-[[secondary.volume]]
-name = "a"
-path = "r1-a.img"
-size = {size}
-
-[[secondary.volume]]
-name = "b"
-path = "r1-b.img"
-size = {size}
-"""
+SESSION = session_text()
 
 
 # ------------------------------------------------------------------ pure parts
@@ -101,7 +62,7 @@ size = {size}
 def test_oriented_session_swaps_the_sites(tmp_path):
     """Site b as the source: r1 is the primary of a, b, mirrored back to s1."""
     p = tmp_path / "f.toml"
-    p.write_text(SESSION.format(size=SIZE))
+    p.write_text(SESSION)
     s = session_mod.load(str(p))
     b = direction.oriented(s, "b")
     assert [x.name for x in b.slaves] == ["r1"] and [x.name for x in b.secondaries] == ["s1"]
@@ -114,7 +75,7 @@ def test_direction_refuses_a_split_or_reversed_mirror(tmp_path):
     """After a failover no mirror forms groups; a mirror of the other site
     than the recorded source is refused; each in one line."""
     p = tmp_path / "f.toml"
-    p.write_text(SESSION.format(size=SIZE))
+    p.write_text(SESSION)
     s = session_mod.load(str(p))
     direction.check_mirror(s)                      # nothing recorded: a mirrors
     with pytest.raises(direction.DirectionError, match="sends from site b"):
@@ -128,37 +89,15 @@ def test_direction_refuses_a_split_or_reversed_mirror(tmp_path):
 
 # ------------------------------------------------------------------ the rig
 
-class ChildLauncher(Launcher):
-    """Restarts through the ``slaves`` fixture (children, reaped at the end);
-    ``env[(name, role)]`` is the environment of that node's next start in
-    that role (failpoints), ``filters[(name, role)]`` its nbdkit filters and
-their arguments; a start in ``refuse`` fails once (a crash between steps)."""
-
-    def __init__(self, slaves):
-        self.slaves = slaves
-        self.env: dict[tuple[str, str], dict] = {}
-        self.filters: dict[tuple[str, str], tuple[list, list]] = {}
-        self.refuse: set[tuple[str, str]] = set()
-
-    def start(self, spec):
-        if (spec.name, spec.role) in self.refuse:
-            self.refuse.remove((spec.name, spec.role))
-            raise launch.LaunchError(f"{spec.name} refused to start (test)")
-        spec.env = self.env.pop((spec.name, spec.role), {})
-        spec.filters, spec.filter_args = self.filters.pop((spec.name, spec.role), ([], []))
-        spec.region = G
-        self.slaves.restart(spec)
-
-
 class Rig:
     def __init__(self, slaves, run_dir, monkeypatch):
         need("nbdkit")
         self.dir = run_dir
         self.path = os.path.join(run_dir, "f.toml")
         with open(self.path, "w") as f:
-            f.write(SESSION.format(size=SIZE))
+            f.write(SESSION)
         self.session = session_mod.load(self.path)
-        self.launcher = ChildLauncher(slaves)
+        self.launcher = ChildLauncher(slaves, region=G)
         monkeypatch.setattr(failover_cmds, "launcher", self.launcher)
         self.procs = {}
         for spec in [self.session.slaves[0].spec(), self.session.secondaries[0].spec()]:

@@ -79,7 +79,7 @@ class SiteSpec(launch.SlaveSpec):
 
 class SiteLauncher(Launcher):
     """Starts each node inside its site, as a child of the driver; ``env``
-    as in test_failover.ChildLauncher (failpoints of a node's next start in
+    as in mirrorrig.ChildLauncher (failpoints of a node's next start in
     a role)."""
 
     def __init__(self, netns: dict[str, str]):
@@ -255,9 +255,7 @@ class Driver:
 
     def __init__(self, net, base: str, tcp: bool = False):
         self.net, self.base = net, base
-        text = tf.SESSION.format(size=SIZE)
-        if tcp:
-            text = self._tcp_primary(text)
+        text = self._tcp_primary() if tcp else tf.SESSION
         with open(os.path.join(base, "f.toml"), "w") as f:
             f.write(text)
         self.log = open(os.path.join(base, "driver.log"), "ab")
@@ -267,21 +265,19 @@ class Driver:
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=self.log)
 
-    def _tcp_primary(self, text: str) -> str:
+    def _tcp_primary(self) -> str:
         """s1's control and host exports on site a's address, mutual TLS
         from the session's PKI (r1 keeps its unix sockets: see the module
         doc)."""
         from coordinator import pki
+        from tests.mirrorrig import tcp_node
         from tests.twosites import free_port
         a = self.net["a"]
         pki.init(os.path.join(self.base, "pki"), "f")
         pki.issue(os.path.join(self.base, "pki"), "s1", ips=[a.addr])
         pki.issue(os.path.join(self.base, "pki"), "coordinator")
-        unix = 'nbd_socket = "s1.sock"\ncontrol = "s1.ctl"\n'
-        assert unix in text
-        text = text.replace(unix, f'control = "tcp:{a.addr}:{free_port(a)}"\n'
-                                  f'nbd = "tcp:{a.addr}:{free_port(a)}"\n')
-        return text.replace("[session]\n", '[session]\npki = "pki"\n', 1)
+        return tf.session_text(session={"pki": "pki"},
+                               nodes={"s1": tcp_node(a.addr, lambda: free_port(a))})
 
     def __call__(self, op, *args, timeout: float = STEP_TIMEOUT):
         self.proc.stdin.write(json.dumps([op, *args]) + "\n")

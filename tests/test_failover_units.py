@@ -13,6 +13,7 @@ from collections import deque
 import pytest
 
 from coordinator import direction, session as session_mod
+from mirrorrig import mirror_session
 from nbdplugin.secondary import Secondary, SecondaryVolume, fold_maps
 from nbdplugin.slave import Fence, Slave
 from nbdplugin.volume import Volume
@@ -225,29 +226,7 @@ def test_assume_takes_the_image_as_a_group_unless_something_is_in_flight(tmp_pat
 
 # ------------------------------------------------------------------ roles
 
-SESSION = """
-[session]
-name = "d"
-state_dir = "state"
-[mirror]
-[[slave]]
-name = "s1"
-state_dir = "s1"
-nbd_socket = "s1.sock"
-control = "s1.ctl"
-[[slave.volume]]
-name = "a"
-path = "s1-a.img"
-secondary = "r1"
-[[secondary]]
-name = "r1"
-state_dir = "r1"
-nbd_socket = "r1.sock"
-control = "r1.ctl"
-[[secondary.volume]]
-name = "a"
-path = "r1-a.img"
-"""
+SESSION = mirror_session("d", {"s1": "r1"})
 
 
 @pytest.mark.parametrize("state, a, b", [

@@ -23,10 +23,11 @@ import nbd
 import pytest
 
 import workload as wl
-from conftest import need, wait_until
+from conftest import closing_all, need, wait_until
 from coordinator import cli, launch, mirror as mirror_mod, session as session_mod
 from coordinator.link import SlaveLink
 from coordinator.mirror import LIFT_AFTER, Mirror, map_runs, percentile
+from mirrorrig import mirror_session
 
 SIZE = 16 << 20
 LAYOUT = wl.two_by_two(SIZE)
@@ -65,55 +66,11 @@ def test_mirror_control_refuses_bad_requests():
 
 # ------------------------------------------------------------------ session
 
-def session_text(max_drain_ms=30_000, rpo=30, interval_ms=0, extra_volume=""):
-    slaves = ""
-    for s in ("s1", "s2"):
-        slaves += f"""
-[[slave]]
-name = "{s}"
-state_dir = "{s}"
-nbd_socket = "{s}.sock"
-control = "{s}.ctl"
-threads = 4
-"""
-        for v in ("a", "b"):
-            slaves += f"""
-[[slave.volume]]
-name = "{v}"
-path = "{s}-{v}.img"
-size = {SIZE}
-secondary = "{REMOTE[s]}"
-"""
-    remotes = ""
-    for r in ("r1", "r2"):
-        remotes += f"""
-[[secondary]]
-name = "{r}"
-state_dir = "{r}"
-nbd_socket = "{r}.sock"
-control = "{r}.ctl"
-"""
-        for v in ("a", "b"):
-            remotes += f"""
-[[secondary.volume]]
-name = "{v}"
-path = "{r}-{v}.img"
-size = {SIZE}
-"""
-    return f"""
-[session]
-name = "m"
-state_dir = "state"
-lease_ms = 10000
-max_coordination_ms = 2000
-copy_timeout_ms = 20000
-
-[mirror]
-interval_ms = {interval_ms}
-max_drain_ms = {max_drain_ms}
-rpo_threshold_s = {rpo}
-control = "m.ctl"
-{slaves}{remotes}"""
+def session_text(max_drain_ms=30_000, rpo=30, interval_ms=0, **keys) -> str:
+    """The rig's session (``keys``: more of tests/mirrorrig.py's)."""
+    return mirror_session("m", REMOTE, ("a", "b"), size=SIZE, slave={"threads": 4},
+                          mirror={"interval_ms": interval_ms, "max_drain_ms": max_drain_ms,
+                                  "rpo_threshold_s": rpo}, **keys)
 
 
 def test_session_mirror_tables(tmp_path):
@@ -305,17 +262,8 @@ class Rig:
 
 @pytest.fixture
 def rig(slaves, run_dir):
-    made = []
-
-    def make(**kw):
-        r = Rig(slaves, run_dir, **kw)
-        made.append(r)
-        return r
-    try:
+    with closing_all(lambda **kw: Rig(slaves, run_dir, **kw)) as make:
         yield make
-    finally:
-        for r in made:
-            r.close()
 
 
 def gates_open(rig) -> bool:
@@ -484,15 +432,10 @@ def test_sigterm_exits_zero_with_gates_open(rig):
     assert all(r.status(s)["phase"] == "idle" for s in ("s1", "s2"))
 
 
-# The N-th time the child reaches the point (mid-drain: once a poll; mid-commit:
-# once a secondary, so @3 is the first commit of its second group).
-@pytest.mark.parametrize("point", ["mirror:mid-drain@2", "mirror:after-prepare@2",
-                                   "mirror:mid-commit@3"])
-def test_kill9_of_the_coordinator_recovers_without_a_full_copy(rig, point):
-    """kill -9 mid-drain, after prepare, mid-commit: `mirror run` again
-    brings the secondaries to one group (forward or back) and continues,
-    sending far less than a full copy; the remote stays consistent."""
-    r = rig()
+def kill_mirror_at(r, point: str) -> None:
+    """One group hardened, then `mirror run` killed -9 at ``point`` while
+    the workload writes; the workload is stopped before anything restarts,
+    so what a restart sends is bounded by what the primaries hold dirty."""
     m = r.open_mirror()
     assert m.run_once().outcome == "hardened"
     r.stop_mirror()
@@ -502,9 +445,19 @@ def test_kill9_of_the_coordinator_recovers_without_a_full_copy(rig, point):
         p = r.spawn({"CGMIRROR_FAILPOINTS": point})
         assert p.wait(60) == -signal.SIGKILL, p.stderr.read()
     finally:
-        # Stopped before the restart: what the restart sends is then bounded
-        # by what the primaries hold dirty now.
         work.stop()
+
+
+# The N-th time the child reaches the point (mid-drain: once a poll; mid-commit:
+# once a secondary, so @3 is the first commit of its second group).
+@pytest.mark.parametrize("point", ["mirror:mid-drain@2", "mirror:after-prepare@2",
+                                   "mirror:mid-commit@3"])
+def test_kill9_of_the_coordinator_recovers_without_a_full_copy(rig, point):
+    """kill -9 mid-drain, after prepare, mid-commit: `mirror run` again
+    brings the secondaries to one group (forward or back) and continues,
+    sending far less than a full copy; the remote stays consistent."""
+    r = rig()
+    kill_mirror_at(r, point)
     st = {x: r.status(x) for x in ("r1", "r2")}
     point = point.partition("@")[0]
     if point == "mirror:after-prepare":
@@ -619,16 +572,7 @@ def test_rollback_when_roll_forward_is_refused_resends_the_group(rig, monkeypatc
     the common hardened group, the restored blocks are marked on the
     primaries, and the next group resends them: no full copy, consistent."""
     r = rig()
-    m = r.open_mirror()
-    assert m.run_once().outcome == "hardened"
-    r.stop_mirror()
-    work = wl.Workload(r.uris(), LAYOUT).start()
-    try:
-        wait_until(lambda: work.written > 100, 30, "writes")
-        p = r.spawn({"CGMIRROR_FAILPOINTS": "mirror:after-prepare@2"})
-        assert p.wait(60) == -signal.SIGKILL, p.stderr.read()
-    finally:
-        work.stop()
+    kill_mirror_at(r, "mirror:after-prepare@2")
     hardened = r.hardened()
     # The branch under test: what a refused prepare or commit leads to.
     monkeypatch.setattr(Mirror, "_roll_forward", lambda self, st, n: False)

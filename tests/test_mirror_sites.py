@@ -39,8 +39,9 @@ from conftest import need  # noqa: E402
 from coordinator import launch, pki, session as session_mod  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from coordinator.mirror import Mirror  # noqa: E402
+from mirrorrig import mirror_session, tcp_node  # noqa: E402
 from test_mirror import LAYOUT, ORDER, REMOTE, SIZE, session_text  # noqa: E402
-from test_tls_nbd import free_port  # noqa: E402
+from tlsrig import free_port  # noqa: E402
 from twosites import free_port as site_port  # noqa: E402
 from wire import tls  # noqa: E402
 
@@ -54,42 +55,8 @@ def loopback_session(run_dir: str) -> str:
     pki.init(d, "lo")
     for name in ("coordinator", "s1", "r1"):
         pki.issue(d, name, ips=["127.0.0.1"])
-    text = f"""
-[session]
-name = "lo"
-state_dir = "state"
-pki = "pki"
-lease_ms = 10000
-max_coordination_ms = 2000
-copy_timeout_ms = 20000
-
-[mirror]
-control = "m.ctl"
-max_drain_ms = 30000
-
-[[slave]]
-name = "s1"
-state_dir = "s1"
-nbd_socket = "s1.sock"
-control = "s1.ctl"
-
-[[slave.volume]]
-name = "a"
-path = "s1-a.img"
-size = {SIZE}
-secondary = "r1"
-
-[[secondary]]
-name = "r1"
-state_dir = "r1"
-control = "tcp:127.0.0.1:{free_port()}"
-nbd = "tcp:127.0.0.1:{free_port()}"
-
-[[secondary.volume]]
-name = "a"
-path = "r1-a.img"
-size = {SIZE}
-"""
+    text = mirror_session("lo", {"s1": "r1"}, size=SIZE, session={"pki": "pki"},
+                          nodes={"r1": tcp_node("127.0.0.1", free_port)})
     path = os.path.join(run_dir, "lo.toml")
     with open(path, "w") as f:
         f.write(text)
@@ -162,13 +129,9 @@ def sites_session(net, base: str) -> str:
     pki.issue(d, "coordinator")
     for name, host in NODES.items():
         pki.issue(d, name, ips=[net[host].addr])
-    text = session_text(max_drain_ms=MAX_DRAIN_MS).replace(
-        'state_dir = "state"', f'state_dir = "state"\npki = "{d}"')
-    for name, host in NODES.items():
-        site = net[host]
-        text = text.replace(f'nbd_socket = "{name}.sock"\ncontrol = "{name}.ctl"',
-                            f'control = "tcp:{site.addr}:{site_port(site)}"\n'
-                            f'nbd = "tcp:{site.addr}:{site_port(site)}"')
+    nodes = {name: tcp_node(net[host].addr, lambda site=net[host]: site_port(site))
+             for name, host in NODES.items()}
+    text = session_text(max_drain_ms=MAX_DRAIN_MS, session={"pki": d}, nodes=nodes)
     path = os.path.join(base, "m.toml")
     with open(path, "w") as f:
         f.write(text)

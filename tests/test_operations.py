@@ -22,7 +22,7 @@ import urllib.request
 
 import pytest
 
-from conftest import need, wait_until
+from conftest import closing_all, need, wait_until
 from coordinator import cli, events, session as session_mod
 from test_mirror import SIZE, Rig, session_text
 
@@ -51,18 +51,12 @@ class OpsRig(Rig):
 
 @pytest.fixture
 def ops_rig(slaves, run_dir):
-    made = []
-
-    def make(extra="", **kw):
+    def build(extra="", **kw):
         OpsRig.extra = extra
-        r = OpsRig(slaves, run_dir, **kw)
-        made.append(r)
-        return r
-    try:
+        return OpsRig(slaves, run_dir, **kw)
+
+    with closing_all(build) as make:
         yield make
-    finally:
-        for r in made:
-            r.close()
 
 
 class Lines:

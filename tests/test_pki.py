@@ -6,11 +6,9 @@ handshakes on 127.0.0.1 between those contexts, good and bad peers.
 from __future__ import annotations
 
 import argparse
-import datetime
 import ipaddress
 import json
 import os
-import shutil
 import socket
 import ssl
 import stat
@@ -227,41 +225,6 @@ def test_cli_without_session_needs_dir_and_name(tmp_path):
 
 
 # --- Python ssl between the contexts, on loopback --------------------------
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    """Host dirs: server (127.0.0.1), a good client, and the bad clients (each
-    trusting the server, so that the refusal is the server's)."""
-    import trustme
-
-    root = tmp_path_factory.mktemp("pki")
-    d = str(root / "sess")
-    pki.init(d, "sess")
-    dirs = {"server": pki.issue(d, "server", ips=["127.0.0.1"]),
-            "good": pki.issue(d, "client"),
-            "misnamed": pki.issue(d, "elsewhere", dns=["elsewhere.example"])}
-    long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
-    expired = pki.issue(d, "expired", days=1, valid_from=long_ago)
-    other = str(root / "other")
-    pki.init(other, "other")
-    other_client = pki.issue(other, "client")
-    foreign = trustme.CA().issue_cert("client")
-    fdir = root / "foreign"
-    fdir.mkdir(mode=0o700)
-    foreign.cert_chain_pems[0].write_to_path(str(fdir / tls.CLIENT_CERT))
-    foreign.private_key_pem.write_to_path(str(fdir / tls.CLIENT_KEY))
-    for name, src in (("expired", expired), ("other-session", other_client),
-                      ("foreign-ca", str(fdir))):
-        out = root / f"client-{name}"
-        out.mkdir(mode=0o700)
-        for f in (tls.CLIENT_CERT, tls.CLIENT_KEY):
-            shutil.copy(os.path.join(src, f), out / f)
-            os.chmod(out / f, 0o600)
-        shutil.copy(os.path.join(d, tls.CA_CERT), out / tls.CA_CERT)
-        dirs[name] = str(out)
-    dirs["other-ca"] = other_client    # trusts only the other session's CA
-    return dirs
-
 
 class EchoServer:
     """A TLS echo server on 127.0.0.1 using ``server_context``: echoes one line

@@ -71,6 +71,14 @@ def group_writes(rng, image, count=40):
     return out
 
 
+def replicate(client, rng, image, count=40):
+    """``group_writes`` sent through ``client`` (a replication export)."""
+    writes = group_writes(rng, image, count)
+    for off, data in writes:
+        client.pwrite(data, off)
+    return writes
+
+
 def blocks_of(writes):
     return {b for off, data in writes for b in range(off // G, (off + len(data) - 1) // G + 1)}
 
@@ -205,8 +213,7 @@ def test_host_export_shows_the_hardened_group_at_every_moment(slaves):
         w = repl(proc)
         with proc.control() as c:
             for n in range(2, 7):
-                for off, data in group_writes(rng, live):
-                    w.pwrite(data, off)
+                replicate(w, rng, live)
                 w.flush()
                 harden(c, n)
                 images[n] = bytes(live)
@@ -271,13 +278,10 @@ def test_rollback_restores_the_hardened_group_and_marks_tgt(slaves):
     live = bytearray(SIZE)
     w = repl(proc)
     with proc.control() as c:
-        for off, data in group_writes(rng, live):
-            w.pwrite(data, off)
+        replicate(w, rng, live)
         harden(c, 1)
         hardened = bytes(live)
-        writes = group_writes(rng, live, 10)
-        for off, data in writes:
-            w.pwrite(data, off)
+        writes = replicate(w, rng, live, 10)
         touched = blocks_of(writes)
         r = c.call("rollback")
         assert r == {"ok": True, "hardened": 1, "rolled_back": {"a": len(touched)}}
@@ -309,8 +313,7 @@ def test_kill_mid_replication_keeps_the_hardened_group(slaves, point):
     live = bytearray(SIZE)
     w = repl(proc)
     with proc.control() as c:
-        for off, data in group_writes(rng, live):
-            w.pwrite(data, off)
+        replicate(w, rng, live)
         harden(c, 1)
     hardened = bytes(live)
     w.shutdown()
@@ -342,12 +345,10 @@ def test_commit_after_a_crash_between_prepare_and_commit(slaves):
     live = bytearray(SIZE)
     w = repl(proc)
     with proc.control() as c:
-        for off, data in group_writes(rng, live):
-            w.pwrite(data, off)
+        replicate(w, rng, live)
         harden(c, 1)
         g1 = bytes(live)
-        for off, data in group_writes(rng, live):
-            w.pwrite(data, off)
+        replicate(w, rng, live)
         c.call("prepare", n=2)
     proc.kill9()
     proc = slaves.restart(proc.spec)
@@ -369,8 +370,7 @@ def test_crash_in_commit_before_the_store_is_dropped(slaves):
     w = repl(proc)
     with proc.control() as c:
         harden(c, 1)
-        for off, data in group_writes(rng, live):
-            w.pwrite(data, off)
+        replicate(w, rng, live)
         c.call("prepare", n=2)
         with pytest.raises(ControlError):
             c.call("commit", n=2)
@@ -394,13 +394,10 @@ def test_kill_during_rollback_is_finished_by_rolling_back_again(slaves, point):
     live = bytearray(SIZE)
     w = repl(proc)
     with proc.control() as c:
-        for off, data in group_writes(rng, live):
-            w.pwrite(data, off)
+        replicate(w, rng, live)
         harden(c, 1)
         g1 = bytes(live)
-        writes = group_writes(rng, live, 12)
-        for off, data in writes:
-            w.pwrite(data, off)
+        writes = replicate(w, rng, live, 12)
         c.call("prepare", n=2)
         with pytest.raises(ControlError):
             c.call("rollback")

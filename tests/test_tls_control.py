@@ -19,7 +19,7 @@ from coordinator import launch
 from coordinator.control import ControlClient, ControlError
 from coordinator.link import SlaveLink
 from tests.conftest import wait_until
-from tests.test_tls_nbd import certs, free_port  # noqa: F401  (certs: a fixture)
+from tests.tlsrig import free_port
 from wire import protocol, tls
 from wire.protocol import Kind
 
@@ -30,7 +30,7 @@ REFUSED = "control: refused"
 
 
 @pytest.fixture
-def tcp_slave(certs, slaves):  # noqa: F811
+def tcp_slave(certs, slaves):
     """A slave whose control listens on 127.0.0.1 with mutual TLS; launch's
     readiness check itself goes over TCP+TLS with the good certificate."""
     spec = slaves("s1", start=False)
@@ -64,7 +64,7 @@ def test_good_client_works(tcp_slave):
 
 @pytest.mark.parametrize("who", ["foreign-ca", "no-cert", "expired", "other-session",
                                  "plaintext"])
-def test_bad_peer_refused_before_any_op(certs, tcp_slave, who):  # noqa: F811
+def test_bad_peer_refused_before_any_op(certs, tcp_slave, who):
     """Each bad peer sends a request and gets no reply: the handshake fails
     first.  The slave logs one line per refusal and keeps serving."""
     spec = tcp_slave.spec
@@ -97,7 +97,7 @@ def test_bad_peer_refused_before_any_op(certs, tcp_slave, who):  # noqa: F811
 
 
 @pytest.mark.parametrize("who", ["other-session", "expired"])
-def test_control_client_says_why_in_one_line(certs, tcp_slave, who):  # noqa: F811
+def test_control_client_says_why_in_one_line(certs, tcp_slave, who):
     """The coordinator's own client with a bad certificate: one line, kind UNREACHABLE."""
     ctx = tls.HostFiles(certs[who]).client_context()
     with ControlClient(tcp_slave.spec.control, 10, ctx) as c:
@@ -110,7 +110,7 @@ def test_control_client_says_why_in_one_line(certs, tcp_slave, who):  # noqa: F8
     assert tcp_slave.spec.control in msg, msg
 
 
-def test_client_checks_the_slave_name(certs, slaves):  # noqa: F811
+def test_client_checks_the_slave_name(certs, slaves):
     """A slave whose certificate does not name the address dialled is refused
     by the coordinator (the server-name check), in one line."""
     spec = slaves("s1", start=False)

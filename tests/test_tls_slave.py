@@ -14,7 +14,7 @@ import pytest
 from coordinator import group
 from coordinator.errors import CopyFailed
 from coordinator.link import SlaveLink
-from tests.test_tls_nbd import certs, free_port, memory_servers  # noqa: F401  (fixtures)
+from tests.tlsrig import free_port
 from wire import tls
 
 nbd = pytest.importorskip("nbd")
@@ -39,7 +39,7 @@ def cut_and_copy(link: SlaveLink, target: str) -> group.CopyReport:
     return group.copy([link], n, targets, "full", timeout_ms=10_000)
 
 
-def test_slave_serves_and_copies_over_tls(certs, slaves, memory_servers):  # noqa: F811
+def test_slave_serves_and_copies_over_tls(certs, slaves, memory_servers):
     """NBD on tcp:127.0.0.1 (nbdkit's TLS), control on TCP, a copy to an
     nbdkit with TLS: the target ends equal to what a client wrote."""
     spec = dataclasses.replace(
@@ -68,8 +68,8 @@ def test_slave_serves_and_copies_over_tls(certs, slaves, memory_servers):  # noq
         t.shutdown()
 
 
-def test_slave_without_certificate_refuses_an_nbds_target(certs, slaves,  # noqa: F811
-                                                          memory_servers):  # noqa: F811
+def test_slave_without_certificate_refuses_an_nbds_target(certs, slaves,
+                                                          memory_servers):
     proc = slaves("s1", volumes=[("a", 1 * MiB)])       # unix only, no tls=
     target = memory_servers(certs["server"])
     with SlaveLink.from_spec(proc.spec) as link:

@@ -31,7 +31,7 @@ import pytest
 from conftest import need, wait_until
 from coordinator import cli, failover_cmds, session as session_mod
 from coordinator.mirror import Mirror
-from test_failover import G, ChildLauncher
+from mirrorrig import ChildLauncher, mirror_session
 from tests.vmfixture import workload
 
 pytestmark = pytest.mark.vm
@@ -39,43 +39,11 @@ pytestmark = pytest.mark.vm
 MiB = 1 << 20
 SIZE = 64 * MiB
 
-SESSION = f"""
-[session]
-name = "vmf"
-state_dir = "state"
-lease_ms = 10000
-max_coordination_ms = 5000
-copy_timeout_ms = 60000
-
-[mirror]
-interval_ms = 0
-max_drain_ms = 60000
-rpo_threshold_s = 60
-control = "m.ctl"
-
-[[slave]]
-name = "s1"
-state_dir = "s1"
-nbd_socket = "s1.sock"
-control = "s1.ctl"
-
-[[slave.volume]]
-name = "a"
-path = "s1-a.img"
-size = {SIZE}
-secondary = "r1"
-
-[[secondary]]
-name = "r1"
-state_dir = "r1"
-nbd_socket = "r1.sock"
-control = "r1.ctl"
-
-[[secondary.volume]]
-name = "a"
-path = "r1-a.img"
-size = {SIZE}
-"""
+# Every node's write-intent region: the granularity, as in tests/test_failover.py.
+REGION = 64 * 1024
+SESSION = mirror_session("vmf", {"s1": "r1"}, size=SIZE,
+                         session={"max_coordination_ms": 5000, "copy_timeout_ms": 60000},
+                         mirror={"max_drain_ms": 60000})
 
 
 def _mount(i: int) -> str:
@@ -136,13 +104,13 @@ def test_ext4_failover_and_failback(vm_guest, slaves, run_dir, monkeypatch):
     with open(path, "w") as f:
         f.write(SESSION)
     sess = session_mod.load(path)
-    lau = ChildLauncher(slaves)
+    lau = ChildLauncher(slaves, region=REGION)
     monkeypatch.setattr(failover_cmds, "launcher", lau)
-    # The launcher restarts nodes with the write-intent region of
-    # tests/test_failover.py; the first start must use the same.
+    # The launcher restarts nodes with REGION; the first start must use
+    # the same.
     specs = [sess.slaves[0].spec(), sess.secondaries[0].spec()]
     for spec in specs:
-        spec.region = G
+        spec.region = REGION
     s1 = slaves.restart(specs[0])
     slaves.restart(specs[1])
     logs: list[str] = []

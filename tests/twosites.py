@@ -26,7 +26,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,8 +236,6 @@ def kill(session_path: str, victim_pid: str) -> dict:
         _wait_written(work, 300)
     d.n = group.next_n(group.preflight(d.links), d.n)
     h = wl.Device(d.specs["s1"].uri("a"), "held-writer")
-    result: dict = {}
-    wt: dict = {}
     # The victim must take FREEZE and never answer.  On a unix socket a
     # SIGSTOP before the establish does it (the kernel accepts for it); over
     # TLS a stopped slave cannot finish the handshake, so it is stopped right
@@ -253,33 +250,21 @@ def kill(session_path: str, victim_pid: str) -> dict:
             os.kill(pid, signal.SIGSTOP)
     pipeline.Wire._settle = settle_then_stop
     try:
-        def run():
-            t0 = time.monotonic()
-            try:
-                group.establish(d.links, d.n, LEASE_MS, COORD_MS)
-            except Exception as exc:
-                result["exc"] = exc
-            result["s"] = time.monotonic() - t0
-        t = threading.Thread(target=run, name="establish")
-        t.start()
+        t, result = wl.timed(lambda: group.establish(d.links, d.n, LEASE_MS, COORD_MS),
+                             "establish")
         s1 = d.links[0]
         deadline = time.monotonic() + 10
         while s1.status()["phase"] != "frozen":
             assert time.monotonic() < deadline, "s1 never frozen"
             time.sleep(0.005)
-
-        def held_write():
-            t0 = time.monotonic()
-            h.pwrite(b"held" * 1024, SPARE)
-            wt["s"] = time.monotonic() - t0
-        w = threading.Thread(target=held_write, name="held-write")
-        w.start()
+        w, wt = wl.timed(lambda: h.pwrite(b"held" * 1024, SPARE), "held-write")
         os.kill(pid, signal.SIGKILL)
         t.join(LEASE_MS / 1000)
         w.join(LEASE_MS / 1000)
         assert not t.is_alive() and not w.is_alive()
     finally:
         h.close()
+    assert "exc" not in wt, wt
     exc = result.get("exc")
     assert isinstance(exc, EstablishAborted), exc
     st = d.links[0].status()

@@ -284,6 +284,25 @@ def check(readers, layout: Layout, run: int | None = None) -> Report:
 TLS_DIR: str | None = None
 
 
+def timed(fn, name: str) -> tuple[threading.Thread, dict]:
+    """Start ``fn`` in a thread named ``name``; the dict gets ``s``, the
+    seconds it took, and ``exc`` if it raised (a fault test's establish or
+    held write: the caller joins with a bound and checks both)."""
+    out: dict = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            fn()
+        except Exception as exc:
+            out["exc"] = exc
+        out["s"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run, name=name)
+    t.start()
+    return t, out
+
+
 def _is_uri(target: str) -> bool:
     return target.startswith(("nbd:", "nbd+", "nbds:", "nbds+"))
 

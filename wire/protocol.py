@@ -196,6 +196,15 @@ def _at(where: str) -> str:
     return f"'{where}'" if where else "the message"
 
 
+def _check_entries(node: "List | Map", value, where: str, kind: type) -> None:
+    """What List and Map check first: the JSON type, then how many entries."""
+    if not isinstance(value, kind):
+        raise ProtocolError(f"{_at(where)} must be {node.what}")
+    if not node.min_len <= len(value) <= node.max_len:
+        raise ProtocolError(f"{_at(where)} must have {node.min_len} to {node.max_len}"
+                            f" entries")
+
+
 @dataclass(frozen=True)
 class Int(_Node):
     lo: int = 0
@@ -269,11 +278,7 @@ class List(_Node):
     what: str = "a list"
 
     def check(self, value, where):
-        if not isinstance(value, list):
-            raise ProtocolError(f"{_at(where)} must be {self.what}")
-        if not self.min_len <= len(value) <= self.max_len:
-            raise ProtocolError(f"{_at(where)} must have {self.min_len} to {self.max_len}"
-                                f" entries")
+        _check_entries(self, value, where, list)
         for i, v in enumerate(value):
             self.item.check(v, f"{where}[{i}]")
         return value
@@ -290,11 +295,7 @@ class Map(_Node):
     what: str = "an object"
 
     def check(self, value, where):
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{_at(where)} must be {self.what}")
-        if not self.min_len <= len(value) <= self.max_len:
-            raise ProtocolError(f"{_at(where)} must have {self.min_len} to {self.max_len}"
-                                f" entries")
+        _check_entries(self, value, where, dict)
         for k, v in value.items():
             try:
                 self.key.check(k, "")

@@ -1,0 +1,93 @@
+"""The mirror and role-switch tests' shared parts: one builder for the
+session TOML that the mirror, failover, site and VM tests write (so that a
+change of the file format is made in one place), and the launcher through
+which their role switches restart nodes as children of the test.
+
+The layout: every slave serves the same volume names from ``SLAVE-VOL.img``
+on ``SLAVE.sock`` with control ``SLAVE.ctl`` (paths relative to the session
+file), each volume mirrored to the volume of the same name on its
+secondary, which is laid out alike.
+"""
+
+from __future__ import annotations
+
+import json
+
+from coordinator import launch
+from coordinator.failover import Launcher
+
+# The rig's usual budgets: generous, so that a loaded machine does not fail
+# a cut or a drain that a test meant to succeed.
+SESSION_KEYS = {"lease_ms": 10000, "max_coordination_ms": 2000, "copy_timeout_ms": 20000}
+MIRROR_KEYS = {"interval_ms": 0, "max_drain_ms": 30000, "rpo_threshold_s": 60,
+               "control": "m.ctl"}
+
+
+def mirror_session(name: str, pairs: dict[str, str], volumes=("a",), *,
+                   size: int | None = None, session: dict | None = None,
+                   mirror: dict | None = None, slave: dict | None = None,
+                   nodes: dict[str, dict] | None = None) -> str:
+    """The text of a mirrored session.
+
+    ``pairs``: {slave: its secondary}.  ``session``/``mirror``: keys of
+    those tables over SESSION_KEYS/MIRROR_KEYS; ``slave``: keys every
+    ``[[slave]]`` gets (``threads``); ``nodes``: {node: {key: value}} over
+    one node's own keys.  A value None leaves the key out (a node on TCP
+    has no ``nbd_socket``; a default left to the session loader)."""
+    nodes = nodes or {}
+    out = _table("[session]", {"name": name, "state_dir": "state",
+                               **SESSION_KEYS, **(session or {})})
+    out += _table("[mirror]", {**MIRROR_KEYS, **(mirror or {})})
+    for s, r in pairs.items():
+        out += _table("[[slave]]", {**_node(s), **(slave or {}), **nodes.get(s, {})})
+        for v in volumes:
+            out += _table("[[slave.volume]]", {"name": v, "path": f"{s}-{v}.img",
+                                               "size": size, "secondary": r})
+    for r in dict.fromkeys(pairs.values()):         # each once, in order
+        out += _table("[[secondary]]", {**_node(r), **nodes.get(r, {})})
+        for v in volumes:
+            out += _table("[[secondary.volume]]", {"name": v, "path": f"{r}-{v}.img",
+                                                   "size": size})
+    return "\n".join(out) + "\n"
+
+
+def tcp_node(addr: str, port) -> dict:
+    """A node's keys for control and NBD on ``addr`` (mutual TLS); ``port()``
+    gives a free port each call."""
+    return {"nbd_socket": None, "control": f"tcp:{addr}:{port()}",
+            "nbd": f"tcp:{addr}:{port()}"}
+
+
+def _node(name: str) -> dict:
+    return {"name": name, "state_dir": name, "nbd_socket": f"{name}.sock",
+            "control": f"{name}.ctl"}
+
+
+def _table(header: str, keys: dict) -> list[str]:
+    # json.dumps writes ints and simple strings as TOML writes them.
+    return ["", header] + [f"{k} = {json.dumps(v)}" for k, v in keys.items()
+                           if v is not None]
+
+
+class ChildLauncher(Launcher):
+    """Restarts through the ``slaves`` fixture (children, reaped at the end),
+    every node with write-intent region ``region``; ``env[(name, role)]`` is
+    the environment of that node's next start in that role (failpoints),
+    ``filters[(name, role)]`` its nbdkit filters and their arguments; a
+    start in ``refuse`` fails once (a crash between steps)."""
+
+    def __init__(self, slaves, region: int):
+        self.slaves = slaves
+        self.region = region
+        self.env: dict[tuple[str, str], dict] = {}
+        self.filters: dict[tuple[str, str], tuple[list, list]] = {}
+        self.refuse: set[tuple[str, str]] = set()
+
+    def start(self, spec):
+        if (spec.name, spec.role) in self.refuse:
+            self.refuse.remove((spec.name, spec.role))
+            raise launch.LaunchError(f"{spec.name} refused to start (test)")
+        spec.env = self.env.pop((spec.name, spec.role), {})
+        spec.filters, spec.filter_args = self.filters.pop((spec.name, spec.role), ([], []))
+        spec.region = self.region
+        self.slaves.restart(spec)
