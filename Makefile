@@ -5,7 +5,7 @@ SHELL      := /bin/bash
 VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMPS     := .cache/stamps
-APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin \
+APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin libssl-dev \
               nbd-client nbd-server qemu-system-x86 qemu-utils \
               busybox-static e2fsprogs socat fio nftables iproute2 \
               python3-venv python3-dev python3-cffi-backend libffi-dev libnbd-dev \

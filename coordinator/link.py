@@ -14,6 +14,7 @@ import ssl
 import threading
 
 from coordinator.control import ControlClient, ControlError
+from wire import address as wire_address
 from wire.protocol import Kind
 from wire.tls import TLSConfigError
 
@@ -21,6 +22,22 @@ from .errors import (CgmirrorError, ConfigError, SlaveBusy, SlaveError, SlaveUnr
                      UnknownVolume)
 
 DEFAULT_TIMEOUT = 10.0
+
+
+def gate_address(control: str, gate: str | None) -> str | None:
+    """Where to reach a slave's gate socket, from its status's ``gate``:
+    beside a unix control socket, the path it names; beside a TCP one, its
+    port on the host we dial for control (the name its certificate is
+    checked against).  None when it has none, or names the other kind."""
+    if not gate:
+        return None
+    try:
+        ctl, g = wire_address.parse(control), wire_address.parse(gate)
+    except wire_address.AddressError:
+        return None
+    if ctl.is_tcp != g.is_tcp:
+        return None
+    return str(wire_address.Address("tcp", host=ctl.host, port=g.port)) if g.is_tcp else gate
 
 
 class SlaveLink:
@@ -72,8 +89,7 @@ class SlaveLink:
 
     def status(self) -> dict:
         reply = self.call("status")
-        if self.ssl_context is None:            # a unix path means this host
-            self.gate = reply.get("gate")
+        self.gate = gate_address(self.control, reply.get("gate"))
         return reply
 
     def close(self) -> None:

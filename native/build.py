@@ -51,7 +51,8 @@ def _builder(module, header, source, libraries=()):
 
 ffibuilder = _builder("native._bitmap", "bitmap.h", "bitmap.c")
 copybuilder = _builder("native._copy", "copy.h", "copy.c", libraries=["nbd", "pthread"])
-gatebuilder = _builder("native._gate", "gate.h", "gate.c", libraries=["pthread"])
+gatebuilder = _builder("native._gate", "gate.h", "gate.c",
+                       libraries=["pthread", "ssl", "crypto"])
 
 
 def main():

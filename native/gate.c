@@ -35,8 +35,14 @@
 #define _GNU_SOURCE
 #include "gate.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
@@ -52,6 +58,7 @@
 #define MAX_CONNS 16
 #define MAX_LINE 4096
 #define IDLE_TIMEOUT_S 60.0
+#define HANDSHAKE_TIMEOUT_S 10.0
 #define MAX_LEASE_MS 60000
 #define MAX_N ((1ULL << 53) - 1)
 #define MAX_NAME 64
@@ -189,6 +196,10 @@ static void gate_set_gen(cg_gate *g, uint64_t gen)
 struct conn {
     int fd;                     /* -1: free slot */
     int64_t id;                 /* owner id of a freeze on it */
+    SSL *ssl;                   /* TCP: its TLS session (fd non-blocking) */
+    int handshaking;            /* TLS handshake not done yet */
+    short want;                 /* poll events the handshake waits for */
+    double deadline;            /* handshake deadline */
     size_t len;
     double last;                /* last request, for the idle timeout */
     char buf[MAX_LINE + 1];
@@ -216,7 +227,8 @@ struct cg_core {
     pthread_t thread;
     int started;
     int wake[2];
-    int listen_fd;              /* -1 until cg_serve */
+    int listen_fd;              /* -1 until cg_serve or cg_serve_tls */
+    SSL_CTX *tls;               /* cg_serve_tls: peers need a client certificate */
     uint32_t uid;
     int stopping;
     int64_t next_id;
@@ -225,6 +237,7 @@ struct cg_core {
 };
 
 static void *run(void *arg);
+static void serve_lines(cg_core *c, struct conn *k);
 
 static void say(const char *fmt, ...)
 {
@@ -387,6 +400,8 @@ void cg_core_stop(cg_core *c)
     }
     for (int i = 0; i < MAX_CONNS; i++)
         if (c->conns[i].fd >= 0) {
+            SSL_free(c->conns[i].ssl);
+            c->conns[i].ssl = NULL;
             close(c->conns[i].fd);
             c->conns[i].fd = -1;
         }
@@ -398,6 +413,7 @@ void cg_core_free(cg_core *c)
     if (!c)
         return;
     cg_core_stop(c);
+    SSL_CTX_free(c->tls);
     close(c->wake[0]);
     close(c->wake[1]);
     for (int i = 0; i < c->ngates; i++)
@@ -914,16 +930,125 @@ static void send_all(int fd, const char *buf, size_t len)
     }
 }
 
+/* One reply to a connection.  TLS: the socket is non-blocking; a reply is
+ * a few hundred bytes, so it waits for room at most a second, then gives up
+ * on a peer that does not read. */
+static void conn_send(struct conn *k, const char *buf, size_t len)
+{
+    if (!k->ssl) {
+        send_all(k->fd, buf, len);
+        return;
+    }
+    for (int tries = 0; len > 0 && tries < 4;) {
+        int w = SSL_write(k->ssl, buf, (int)len);
+        if (w > 0) {
+            buf += w;
+            len -= (size_t)w;
+            continue;
+        }
+        int e = SSL_get_error(k->ssl, w);
+        ERR_clear_error();
+        if (e != SSL_ERROR_WANT_WRITE && e != SSL_ERROR_WANT_READ)
+            return;
+        struct pollfd pf = {.fd = k->fd, .events = e == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN};
+        poll(&pf, 1, 250);
+        tries++;
+    }
+}
+
+/* >0 bytes, 0 at the end, -1 with errno (EAGAIN: nothing yet). */
+static ssize_t conn_recv(struct conn *k, char *buf, size_t len)
+{
+    if (!k->ssl)
+        return recv(k->fd, buf, len, 0);
+    int r = SSL_read(k->ssl, buf, (int)len);
+    if (r > 0)
+        return r;
+    int e = SSL_get_error(k->ssl, r);
+    ERR_clear_error();
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        errno = EAGAIN;
+        return -1;
+    }
+    if (e == SSL_ERROR_ZERO_RETURN)
+        return 0;
+    errno = ECONNRESET;
+    return -1;
+}
+
 static void drop_conn(cg_core *c, struct conn *k)
 {
+    SSL_free(k->ssl);
+    k->ssl = NULL;
     close(k->fd);
     k->fd = -1;
     cg_owner_gone(c, k->id);
 }
 
+static const char *peer_ip(int fd, char *out, size_t cap)
+{
+    struct sockaddr_storage sa;
+    socklen_t len = sizeof sa;
+    snprintf(out, cap, "a peer");
+    if (getpeername(fd, (struct sockaddr *)&sa, &len) == 0) {
+        if (sa.ss_family == AF_INET)
+            inet_ntop(AF_INET, &((struct sockaddr_in *)&sa)->sin_addr, out, cap);
+        else if (sa.ss_family == AF_INET6)
+            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&sa)->sin6_addr, out, cap);
+    }
+    return out;
+}
+
+/* Advance a TLS handshake; a peer without a certificate from the session
+ * CA fails here (the context requires one) and is dropped with one line. */
+static void handshake(cg_core *c, struct conn *k)
+{
+    int r = SSL_do_handshake(k->ssl);
+    if (r == 1) {
+        k->handshaking = 0;
+        k->last = now_s();
+        return;
+    }
+    int e = SSL_get_error(k->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        k->want = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+        ERR_clear_error();
+        return;
+    }
+    char ip[64];
+    unsigned long err = ERR_peek_last_error();
+    long verify = SSL_get_verify_result(k->ssl);
+    say("refused a TLS connection from %s: %s", peer_ip(k->fd, ip, sizeof ip),
+        verify != X509_V_OK ? X509_verify_cert_error_string(verify)
+        : err ? ERR_reason_error_string(err) : "the handshake ended");
+    ERR_clear_error();
+    drop_conn(c, k);
+}
+
+static struct conn *free_slot(cg_core *c)
+{
+    for (int i = 0; i < MAX_CONNS; i++)
+        if (c->conns[i].fd < 0)
+            return &c->conns[i];
+    return NULL;
+}
+
+static void take_conn(cg_core *c, struct conn *k, int fd, SSL *ssl)
+{
+    k->fd = fd;
+    k->ssl = ssl;
+    k->handshaking = ssl != NULL;
+    k->want = POLLIN;
+    k->deadline = now_s() + HANDSHAKE_TIMEOUT_S;
+    k->len = 0;
+    k->last = now_s();
+    k->id = (1LL << 40) + ++c->next_id;   /* Python's owner ids stay below */
+}
+
 static void accept_conn(cg_core *c)
 {
-    int fd = accept4(c->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+    int fd = accept4(c->listen_fd, NULL, NULL,
+                     SOCK_CLOEXEC | (c->tls ? SOCK_NONBLOCK : 0));
     if (fd < 0) {
         /* Out of descriptors (or worse): stop polling the socket for a
          * while rather than spin on it; the connection waits in the backlog. */
@@ -935,6 +1060,22 @@ static void accept_conn(cg_core *c)
         return;
     }
     c->accept_paused_until = 0;
+    if (c->tls) {
+        /* TCP: the certificate is the peer check (in the handshake). */
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        struct conn *k = free_slot(c);
+        SSL *ssl = k ? SSL_new(c->tls) : NULL;
+        if (!ssl) {
+            say("too many connections to the gate socket; refused one");
+            close(fd);
+            return;
+        }
+        SSL_set_fd(ssl, fd);
+        SSL_set_accept_state(ssl);
+        take_conn(c, k, fd, ssl);
+        return;
+    }
     struct ucred cred;
     socklen_t len = sizeof cred;
     char out[256];
@@ -948,15 +1089,11 @@ static void accept_conn(cg_core *c)
     }
     struct timeval tv = {1, 0};     /* a peer that never reads cannot stall us */
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    for (int i = 0; i < MAX_CONNS; i++)
-        if (c->conns[i].fd < 0) {
-            struct conn *k = &c->conns[i];
-            k->fd = fd;
-            k->len = 0;
-            k->last = now_s();
-            k->id = (1LL << 40) + ++c->next_id;   /* Python's owner ids stay below */
-            return;
-        }
+    struct conn *k = free_slot(c);
+    if (k) {
+        take_conn(c, k, fd, NULL);
+        return;
+    }
     size_t n = error_reply(out, sizeof out, "busy", "too many connections to the gate"
                            " socket; close some and retry");
     send_all(fd, out, n);
@@ -965,14 +1102,28 @@ static void accept_conn(cg_core *c)
 
 static void read_conn(cg_core *c, struct conn *k)
 {
-    ssize_t got = recv(k->fd, k->buf + k->len, MAX_LINE - k->len, 0);
-    if (got <= 0) {
-        if (got < 0 && (errno == EINTR || errno == EAGAIN))
+    if (k->handshaking) {
+        handshake(c, k);
+        if (k->fd < 0 || k->handshaking)
             return;
-        drop_conn(c, k);
-        return;
     }
-    k->len += (size_t)got;
+    /* TLS may hold decrypted bytes the socket no longer shows: read on
+     * until it has none. */
+    do {
+        ssize_t got = conn_recv(k, k->buf + k->len, MAX_LINE - k->len);
+        if (got <= 0) {
+            if (got < 0 && (errno == EINTR || errno == EAGAIN))
+                return;
+            drop_conn(c, k);
+            return;
+        }
+        k->len += (size_t)got;
+        serve_lines(c, k);
+    } while (k->fd >= 0 && k->ssl && SSL_pending(k->ssl) > 0);
+}
+
+static void serve_lines(cg_core *c, struct conn *k)
+{
     k->last = now_s();
     char out[4096];
     size_t start = 0;
@@ -985,7 +1136,7 @@ static void read_conn(cg_core *c, struct conn *k)
         if (!*line)
             continue;
         size_t n = handle_line(c, k, line, out, sizeof out);
-        send_all(k->fd, out, n < sizeof out ? n : sizeof out - 1);
+        conn_send(k, out, n < sizeof out ? n : sizeof out - 1);
     }
     memmove(k->buf, k->buf + start, k->len - start);
     k->len -= start;
@@ -993,7 +1144,7 @@ static void read_conn(cg_core *c, struct conn *k)
         char msg[120];
         snprintf(msg, sizeof msg, "line longer than %d bytes", MAX_LINE);
         size_t n = error_reply(out, sizeof out, "protocol", msg);
-        send_all(k->fd, out, n);
+        conn_send(k, out, n);
         /* Unread bytes at close would reset the connection before the
          * peer reads our line: take what has arrived first. */
         shutdown(k->fd, SHUT_WR);
@@ -1010,6 +1161,42 @@ int cg_serve(cg_core *c, int listen_fd, uint32_t uid)
     pthread_mutex_unlock(&c->st);
     wake_thread(c);
     return 0;
+}
+
+int cg_serve_tls(cg_core *c, int listen_fd, const char *ca, const char *cert,
+                 const char *key, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    const char *what = "cannot make a TLS context";
+    if (!ctx)
+        goto fail;
+    /* wire/tls.py's rules: TLS 1.3 only, a client certificate required,
+     * the session CA the only trust anchor. */
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    SSL_CTX_set_num_tickets(ctx, 0);    /* nothing to resume: connections are few */
+    what = ca;
+    if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1)
+        goto fail;
+    what = cert;
+    if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1)
+        goto fail;
+    what = key;
+    if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1
+        || SSL_CTX_check_private_key(ctx) != 1)
+        goto fail;
+    pthread_mutex_lock(&c->st);
+    c->tls = ctx;
+    c->listen_fd = listen_fd;
+    pthread_mutex_unlock(&c->st);
+    wake_thread(c);
+    return 0;
+fail:;
+    unsigned long e = ERR_peek_last_error();
+    snprintf(err, errlen, "%s: %s", what, e ? ERR_reason_error_string(e) : "failed");
+    ERR_clear_error();
+    SSL_CTX_free(ctx);
+    return -1;
 }
 
 static void *run(void *arg)
@@ -1046,15 +1233,18 @@ static void *run(void *arg)
             struct conn *k = &c->conns[i];
             if (k->fd < 0)
                 continue;
-            double idle = k->last + IDLE_TIMEOUT_S - now;
+            double idle = (k->handshaking ? k->deadline : k->last + IDLE_TIMEOUT_S) - now;
             if (idle <= 0) {
+                if (k->handshaking)
+                    say("a TLS handshake did not finish within %.0f s", HANDSHAKE_TIMEOUT_S);
                 drop_conn(c, k);
                 continue;
             }
             if (idle < wait)
                 wait = idle;
             who[nfds] = k;
-            fds[nfds++] = (struct pollfd){.fd = k->fd, .events = POLLIN};
+            fds[nfds++] = (struct pollfd){.fd = k->fd,
+                                          .events = k->handshaking ? k->want : POLLIN};
         }
         int ms = wait <= 0 ? 0 : (int)(wait * 1000) + 1;
         int ready = poll(fds, nfds, ms);

@@ -75,9 +75,13 @@ int cg_end(cg_core *c, uint64_t n, int ended);
 void cg_owner_gone(cg_core *c, int64_t owner);
 void cg_state(cg_core *c, struct cg_state *s);
 
-/* Serve freeze/thaw/abort on a listening unix socket (the fd stays ours
- * until cg_core_free); peers must be root or uid. */
+/* Serve freeze/thaw/abort on a listening unix socket (the caller keeps the
+ * fd open while the core runs); peers must be root or uid. */
 int cg_serve(cg_core *c, int listen_fd, uint32_t uid);
+/* The same on a listening TCP socket, with mutual TLS 1.3 from the host's
+ * certificate files (wire/tls.py's rules); -1 and err if they do not load. */
+int cg_serve_tls(cg_core *c, int listen_fd, const char *ca, const char *cert,
+                 const char *key, char *err, size_t errlen);
 /* CDEF END */
 
 #endif

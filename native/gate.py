@@ -8,7 +8,8 @@ kind (a ``wire.protocol.Kind`` value) and one line.
            while it waits) returns the generation the core last gave it.
 ``Core``   a slave's cut state while frozen: ``freeze``/``thaw``/``abort``
            (from the Python control server) and the same three served by a C
-           thread on a unix socket (``serve``) with no Python involved;
+           thread on a unix socket (``serve``) or over TCP with mutual TLS
+           (``serve_tls``) with no Python involved;
            ``end`` hands a thawed cut back; ``state`` is how Python catches up.
 """
 
@@ -166,6 +167,15 @@ class Core:
         s = ffi.new("struct cg_state *")
         lib.cg_state(self._c, s)
         return s.gen
+
+    def serve_tls(self, listen_fd: int, ca: str, cert: str, key: str) -> None:
+        """Serve freeze/thaw/abort on ``listen_fd`` (a listening TCP socket
+        the caller keeps open), mutual TLS 1.3 from these files as in
+        wire/tls.py; ``OSError`` (one line) if they do not load."""
+        err = ffi.new("char[]", 256)
+        if lib.cg_serve_tls(self._c, listen_fd, ca.encode(), cert.encode(), key.encode(),
+                            err, 256) < 0:
+            raise OSError(ffi.string(err).decode(errors="replace"))
 
     def start(self) -> None:
         """Start the C thread (lease timer, gate socket); after any fork."""

@@ -240,7 +240,11 @@ def after_fork():
     # control server that cannot start ends the slave in one line (its NBD
     # socket and pidfile stay behind; the launcher removes stale ones).
     try:
-        _slave.start(_cfg["control"], _server_context())
+        files = tls.HostFiles(_cfg["tls"]) if _cfg["tls"] else None
+        if isinstance(_slave, Slave):
+            _slave.start(_cfg["control"], _server_context(), tls_files=files)
+        else:
+            _slave.start(_cfg["control"], _server_context())
     except ControlServerError as exc:
         _fail(str(exc))
     # Under systemd (Type=notify): started once the control channel serves;

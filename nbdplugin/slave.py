@@ -6,10 +6,11 @@ surface; the socket server (server.py) only frames lines.  ``lock`` serialises
 control operations; the I/O path never takes it.
 
 The gates and the frozen phase of a cut are native (native/gate.py: ``core``):
-FREEZE, THAW and ABORT reach it from this module's ops and, on a unix
-control socket, also straight from the coordinator through the gate socket
-(``<control>.gate``) that a C thread serves, so no Python thread has to run
-for host writes to be held or released.  The core owns the lease and the
+FREEZE, THAW and ABORT reach it from this module's ops and also straight
+from the coordinator through the gate socket that a C thread serves (beside
+a unix control socket ``PATH.gate``; beside a TCP one a free port on the
+same host, mutual TLS as on the control socket), so no Python thread has to
+run for host writes to be held or released.  The core owns the lease and the
 rules below for the frozen phase; once a cut is thawed it is this module's
 (copy, abort, done) until ``core.end``.  This module catches up with the
 core in ``_sync`` (PiTs, ``machine``): every op does it first, the first
@@ -35,11 +36,12 @@ import errno
 import json
 import logging
 import os
+import socket
 import ssl
 import threading
 from collections import deque
 
-from wire import protocol
+from wire import address as wire_address, protocol, tls
 from wire.protocol import CutMachine, Event, Kind, Phase, ProtocolError
 
 from .copier import SAMPLES, Copy, CopyError, PitSource, block_digest, verify_target
@@ -607,26 +609,36 @@ class Slave(OpHandler):
     # ------------------------------------------------------------ threads
 
     def start(self, address: str, ssl_context: ssl.SSLContext | None = None, *,
+              tls_files: tls.HostFiles | None = None,
               max_connections: int = MAX_CONNECTIONS, idle_timeout: float = IDLE_TIMEOUT_S,
               handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
-        """Start the control server (see ``ControlServer.start``), on a unix
-        control socket also the gate socket beside it (``PATH.gate``), and
-        the notify and checkpoint threads (after fork).  Raises
-        ``ControlServerError`` (one line) if a server cannot start."""
+        """Start the control server (see ``ControlServer.start``), the gate
+        socket (a unix control socket: ``PATH.gate`` beside it; TCP, given
+        ``tls_files``, the certificate files of ``ssl_context``: a free port
+        on the same host, with mutual TLS), and the notify and checkpoint
+        threads (after fork).  Raises ``ControlServerError`` (one line) if a
+        server cannot start."""
         self.server = ControlServer(self, max_connections=max_connections,
                                     idle_timeout=idle_timeout,
                                     handshake_timeout=handshake_timeout)
         self.server.start(address, ssl_context)
         self.core.start()
-        if self.server.control_path:
-            path = self.server.control_path + ".gate"
-            try:
-                self.gate_socket = listen_unix(path)
-            except (ControlServerError, OSError) as exc:
-                self.server.close()
-                raise ControlServerError(f"gate socket {path}: {exc}") from None
-            self.gate_path = path
-            self.core.serve(self.gate_socket.fileno(), os.getuid())
+        try:
+            if self.server.control_path:
+                self.gate_path = self.server.control_path + ".gate"
+                self.gate_socket = listen_unix(self.gate_path)
+                self.core.serve(self.gate_socket.fileno(), os.getuid())
+            elif tls_files is not None:
+                host = wire_address.parse(self.server.address).host
+                self.gate_socket = socket.create_server(
+                    (host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+                self.gate_path = str(wire_address.Address(
+                    "tcp", host=host, port=self.gate_socket.getsockname()[1]))
+                self.core.serve_tls(self.gate_socket.fileno(), tls_files.ca,
+                                    tls_files.server_cert, tls_files.server_key)
+        except (ControlServerError, OSError) as exc:
+            self.server.close()
+            raise ControlServerError(f"gate socket {self.gate_path or ''}: {exc}") from None
         self._notifier = threading.Thread(target=self._notify_loop, name="notify",
                                           daemon=True)
         self._notifier.start()
@@ -684,9 +696,10 @@ class Slave(OpHandler):
         os.close(self._notify_w)
         if self.gate_socket is not None:
             self.gate_socket.close()
-            try:
-                os.unlink(self.gate_path)
-            except FileNotFoundError:
-                pass
+            if self.server.control_path:
+                try:
+                    os.unlink(self.gate_path)
+                except FileNotFoundError:
+                    pass
         for vol in self.volumes.values():
             vol.close()

@@ -441,3 +441,68 @@ def test_a_cut_taken_natively_is_taken_by_the_first_writer(tmp_path):
         assert slave.machine.phase.value == "cut"
     finally:
         slave.shutdown()
+
+
+# ------------------------------------------------------------------ over TCP, mutual TLS
+
+def test_the_gate_over_tcp_serves_session_certificates_only(certs, run_dir, capfd):
+    """Beside a TCP control socket the gate listens on a free port of the same
+    host with mutual TLS 1.3 (the C thread's own OpenSSL): the coordinator
+    learns it from status and establishes over it; a client without a
+    certificate, with one of another CA, or in plaintext gets nothing and
+    the slave logs one line."""
+    import ssl
+    from coordinator import group
+    from coordinator.link import SlaveLink
+    from wire import tls
+
+    d = os.path.join(run_dir, "tcp")
+    os.mkdir(d)
+    vol = Volume("a", os.path.join(d, "a.img"), d, G, MB, create_size=MB)
+    slave = Slave({"a": vol}, d)
+    files = tls.HostFiles(certs["server"])
+    slave.start("tcp:127.0.0.1:0", files.server_context(), tls_files=files)
+    link = SlaveLink("s1", slave.address,
+                     ssl_context=tls.HostFiles(certs["good"]).client_context())
+    try:
+        port = int(slave.gate_path.rsplit(":", 1)[1])
+        assert slave.gate_path == f"tcp:127.0.0.1:{port}" and port != 0
+        link.status()
+        assert link.gate == slave.gate_path
+        vol.pwrite(b"x", 0)
+        e = group.establish([link], 1, 5000, 2000)
+        assert e.slaves["s1"].blocks == {"a": 1}
+        assert slave.handle(b'{"op":"status"}')["phase"] == "cut"
+        group.abort_all([link], 1)
+
+        def refused(ctx) -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                if ctx is None:                 # plaintext: no handshake at all
+                    sock.sendall(b'{"op":"freeze","n":2,"lease_ms":1000}\n')
+                    try:
+                        assert sock.recv(100) == b""
+                    except ConnectionResetError:
+                        pass
+                    return
+                # TLS 1.3: the client may finish before the server has
+                # refused its certificate; then its first read fails.
+                with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
+                    with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as s:
+                        s.sendall(b'{"op":"freeze","n":2,"lease_ms":1000}\n')
+                        if not s.recv(100):
+                            raise EOFError
+
+        ca_only = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ca_only.load_verify_locations(os.path.join(certs["no-cert"], tls.CA_CERT))
+        bad = [ca_only] + [tls.HostFiles(certs[who]).client_context()
+                           for who in ("foreign-ca", "other-session", "expired")]
+        for ctx in bad + [None]:
+            refused(ctx)
+        err = []
+        wait_until(lambda: err.append(capfd.readouterr().err) or
+                   "".join(err).count("refused a TLS connection") == len(bad) + 1,
+                   what="one line per refusal")
+        assert slave.handle(b'{"op":"status"}')["phase"] == "idle"
+    finally:
+        link.close()
+        slave.shutdown()

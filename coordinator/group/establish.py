@@ -2,7 +2,7 @@
 
 One thread (at real-time priority where allowed: pipeline.realtime), one
 connection per slave (to its gate socket where it has one: FREEZE, THAW and
-ABORT answered by a C thread), opened before the clock starts: FREEZE(n)
+ABORT answered by a C thread, over TLS too on TCP), opened before the clock starts: FREEZE(n)
 goes to every slave at once, and the coordinator reads replies as they come
 (select) until every slave is FROZEN or ``max_coordination_ms`` has passed.  All frozen ->
 THAW(n) to all at once.  Otherwise -> ABORT(n) to every slave, and

@@ -49,8 +49,7 @@ class Wire:
         self.address = link.gate or link.control
         try:
             # Connected (and over TCP, TLS handshake done) before the freeze.
-            self.sock = connect(self.address, link.timeout,
-                                None if link.gate else link.ssl_context)
+            self.sock = connect(self.address, link.timeout, link.ssl_context)
             if isinstance(self.sock, ssl.SSLSocket):
                 self._settle()
             self.sock.setblocking(False)
