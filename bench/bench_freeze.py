@@ -275,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)      # warm up
 
         n = group.next_n(group.preflight(links))
-        raw = [ControlClient(lk.gate or s.control,
-                             ssl_context=None if lk.gate else s.client_context())
+        raw = [ControlClient(lk.gate or s.control, ssl_context=lk.ssl_context)
                for s, lk in zip(specs, links)]
         for c in raw:
             c.connect()              # connected before the first timing
