@@ -624,8 +624,14 @@ class Slave(OpHandler):
         self.server.start(address, ssl_context)
         self.core.start()
         try:
-            if self.server.control_path:
-                self.gate_path = self.server.control_path + ".gate"
+            path = (self.server.control_path or "") + ".gate"
+            if self.server.control_path and len(path.encode()) > wire_address.MAX_UNIX_PATH:
+                # The coordinator then freezes over the control socket.
+                log.warning("no gate socket: %s is longer than %d bytes (shorten the"
+                            " control path for GIL-free freezes)", path,
+                            wire_address.MAX_UNIX_PATH)
+            elif self.server.control_path:
+                self.gate_path = path
                 self.gate_socket = listen_unix(self.gate_path)
                 self.core.serve(self.gate_socket.fileno(), os.getuid())
             elif tls_files is not None:

@@ -506,3 +506,29 @@ def test_the_gate_over_tcp_serves_session_certificates_only(certs, run_dir, capf
     finally:
         link.close()
         slave.shutdown()
+
+
+def test_a_control_path_too_long_for_a_gate_beside_it_freezes_over_control(run_dir, caplog):
+    """sun_path is 107 bytes: a control socket of 104 bytes has no room for
+    ".gate"; the slave serves without a gate socket (one warning), status
+    names none, and the establish goes over the control socket."""
+    from coordinator import group
+    from coordinator.link import SlaveLink
+
+    d = os.path.join(run_dir, "long")
+    os.mkdir(d)
+    control = os.path.join(d, "c" * (104 - len(d) - 1))
+    assert len(control) == 104
+    vol = Volume("a", os.path.join(d, "a.img"), d, G, MB, create_size=MB)
+    slave = Slave({"a": vol}, d)
+    slave.start(control)
+    link = SlaveLink("s1", control)
+    try:
+        assert "no gate socket" in caplog.text
+        assert "gate" not in link.status() and link.gate is None
+        group.establish([link], 1, 5000, 2000)
+        assert slave.handle(b'{"op":"status"}')["phase"] == "cut"
+        group.abort_all([link], 1)
+    finally:
+        link.close()
+        slave.shutdown()
