@@ -24,8 +24,8 @@
  *     server, whose connection may end before its freeze is served);
  *   - cut numbers only go up.
  * The Python side learns of transitions from ``gen`` (each gate carries a
- * copy its writers see at admission) and, for a cut that ended while frozen,
- * from one byte on ``notify_fd``.
+ * copy its writers see at admission) and, at a freeze and for a cut that
+ * ended while frozen, from one byte on ``notify_fd``.
  *
  * Locks: ``op`` serialises transitions (it is held while a freeze drains);
  * ``st`` guards the state fields and is never held while waiting, so a
@@ -275,11 +275,11 @@ static void bump(cg_core *c)
         gate_set_gen(c->gates[i], c->gen);
 }
 
-/* Tell Python's notify thread: only for a cut that ended here (aborted or
- * expired while frozen), whose PiTs it drops.  A freeze or thaw is taken
- * by the first writer after it (or the next op): a Python thread woken at
- * every freeze and thaw would hold the GIL just when the released writers
- * need it. */
+/* Tell Python's notify thread: at a freeze, so that it takes the cut (its
+ * PiTs) while the writers are held rather than the first writer after the
+ * thaw; and for a cut that ended here (aborted or expired while frozen),
+ * whose PiTs it drops.  Not at a thaw: a Python thread woken then would
+ * hold the GIL just when the released writers need it. */
 static void notify(cg_core *c)
 {
     if (c->notify_fd >= 0) {
@@ -509,6 +509,7 @@ int cg_freeze(cg_core *c, uint64_t n, uint32_t lease_ms, uint64_t volumes,
     c->owner = owner;
     c->deadline = t0 + lease_ms / 1000.0;
     bump(c);
+    notify(c);
     pthread_mutex_unlock(&c->st);
     pthread_mutex_unlock(&c->op);
     wake_thread(c);     /* the lease timer */

@@ -58,8 +58,8 @@ struct cg_result {
 /* The cut state machine of the frozen phase (IDLE -> FROZEN -> CUT | IDLE),
  * shared by the Python control server and the native listener. */
 /* names: the volumes in gate order, one per line; notify_fd: -1 or the
- * write end of a non-blocking pipe that gets a byte when a cut ends while
- * frozen (abort, lease, its connection). */
+ * write end of a non-blocking pipe that gets a byte at a freeze and when a
+ * cut ends while frozen (abort, lease, its connection). */
 cg_core *cg_core_new(cg_gate **gates, int ngates, const char *names, uint64_t last_n,
                      int notify_fd);
 int cg_core_start(cg_core *c);
