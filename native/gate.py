@@ -91,7 +91,8 @@ class State:
 class Core:
     """The frozen phase of a slave's cuts over ``gates`` (one per name in
     ``names``, in order).  ``last_n``: the last cut number used; ``notify_fd``:
-    the write end of a non-blocking pipe that gets a byte per transition."""
+    the write end of a non-blocking pipe that gets a byte at a freeze and
+    when a cut ends while frozen (abort, lease, its connection)."""
 
     def __init__(self, names: list[str], gates: list[Gate], last_n: int,
                  notify_fd: int = -1) -> None:

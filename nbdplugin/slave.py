@@ -15,7 +15,7 @@ rules below for the frozen phase; once a cut is thawed it is this module's
 (copy, abort, done) until ``core.end``.  This module catches up with the
 core in ``_sync`` (PiTs, ``machine``): every op does it first, the first
 writer that sees a new gate generation before it marks anything, and the
-notify thread when the core ended a cut on its own.
+notify thread when the core froze or ended a cut on its own.
 
 The control server (``start``, server.py) bounds and authenticates peers;
 a freeze belongs to the connection that asked for it:
@@ -159,7 +159,8 @@ class Slave(OpHandler):
         self._stop = threading.Event()
         self.server: ControlServer | None = None
         self.fence = Fence()
-        # The core writes a byte here when a cut ends while frozen (the notify thread).
+        # The core writes a byte here at a freeze and when a cut ends while
+        # frozen (the notify thread).
         self._notify_r, self._notify_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._notify_w, False)
         self.core = Core(list(volumes), [v.gate for v in volumes.values()],
@@ -663,8 +664,10 @@ class Slave(OpHandler):
             self._sync()
 
     def _notify_loop(self) -> None:
-        """Catch up when the core ended a cut while frozen (abort, lease,
-        its connection): drop its PiTs, persist the cut number."""
+        """Catch up when the core froze (take the cut while the writers are
+        held, so the first one after the thaw finds it taken) or ended a cut
+        while frozen (abort, lease, its connection: drop its PiTs, persist
+        the cut number)."""
         while True:
             try:
                 os.read(self._notify_r, 512)
