@@ -111,7 +111,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from coordinator.launch import SlaveSpec
-from wire.protocol import MAX_LEASE_MS
+from wire.protocol import MAX_LEASE_MS, MAX_SLAVE_VOLUMES
 from wire.units import parse_size
 from wire import address as wire_address
 from wire import nbduri
@@ -481,6 +481,9 @@ class _Parser:
         vols = t["volume"]
         if not isinstance(vols, list) or not vols:
             self.fail(w, "volume", f"needs at least one [[{kind}.volume]] table")
+        if len(vols) > MAX_SLAVE_VOLUMES:
+            self.fail(w, "volume", f"{len(vols)} volumes: one {kind} serves at most"
+                                   f" {MAX_SLAVE_VOLUMES}; split them over more")
         return w, name, gran, vols
 
     def slave(self, i: int, t) -> SlaveConfig:

@@ -50,7 +50,7 @@ from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa:
 from nbdplugin.server import ControlServerError  # noqa: E402
 from nbdplugin.slave import Fence, Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
-from wire import address as wire_address, files, sdnotify, tls  # noqa: E402
+from wire import address as wire_address, files, protocol, sdnotify, tls  # noqa: E402
 from wire.units import parse_size  # noqa: E402
 
 API_VERSION = 2
@@ -161,6 +161,9 @@ def config_complete():
             _fail(f"missing parameter: {key}=")
     if not _volumes:
         _fail("no volume=NAME:PATH given")
+    if len(_volumes) > protocol.MAX_SLAVE_VOLUMES:
+        _fail(f"{len(_volumes)} volumes: a slave serves at most"
+              f" {protocol.MAX_SLAVE_VOLUMES}; run another slave for the rest")
     for name in _create:
         if name not in _volumes:
             _fail(f"create={name}:... names no volume")

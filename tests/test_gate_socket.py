@@ -532,3 +532,11 @@ def test_a_control_path_too_long_for_a_gate_beside_it_freezes_over_control(run_d
     finally:
         link.close()
         slave.shutdown()
+
+
+def test_a_slave_of_more_volumes_than_its_core_holds_is_refused(slaves):
+    """65 volumes on one nbdkit: one line at start, naming the limit."""
+    from coordinator import launch
+    spec = slaves(volumes=[(f"v{i}", MB) for i in range(65)], start=False)
+    with pytest.raises(launch.LaunchError, match="a slave serves at most 64"):
+        launch.start(spec, timeout=30)

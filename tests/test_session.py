@@ -169,6 +169,18 @@ def test_no_slaves_and_no_volumes(tmp_path):
                                             'nbd_socket = "a.s"\ncontrol = "a.c"\n'))
 
 
+def test_more_volumes_than_a_slave_serves(tmp_path):
+    """A slave's gate core keeps a cut's volumes in a 64-bit mask: 65 volumes
+    on one slave are refused at load, in one line that says what to do."""
+    vols = "".join(f'[[slave.volume]]\nname = "v{i}"\npath = "v{i}.img"\n'
+                   f'target = "nbd+unix:///v{i}?socket=t.sock"\n' for i in range(65))
+    text = ('[session]\nname = "x"\n[[slave]]\nname = "a"\nstate_dir = "a"\n'
+            'nbd_socket = "a.s"\ncontrol = "a.c"\n' + vols)
+    with pytest.raises(ConfigError, match=r"65 volumes: one slave serves at most 64"):
+        session.load(write(tmp_path, text))
+    session.load(write(tmp_path, text.rsplit("[[slave.volume]]", 1)[0]))
+
+
 def test_missing_file(tmp_path):
     """A session file that does not exist is a config error, not a traceback."""
     with pytest.raises(ConfigError, match="no such session file"):

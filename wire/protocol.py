@@ -86,6 +86,9 @@ MAX_RUNS = 20_000
 # Volumes per slave, and characters of an NBD URI or path, and of an error
 # text (a copy error quotes a URI and libnbd's message: room for both).
 MAX_VOLUMES = 1024
+# Volumes of one slave process: its gate core (native/gate.c) keeps a cut's
+# volumes as a 64-bit mask.
+MAX_SLAVE_VOLUMES = 64
 MAX_URI = 4096
 MAX_TEXT = 16384
 # The plugin's rule for a volume (export) name.
