@@ -540,3 +540,47 @@ def test_a_slave_of_more_volumes_than_its_core_holds_is_refused(slaves):
     spec = slaves(volumes=[(f"v{i}", MB) for i in range(65)], start=False)
     with pytest.raises(launch.LaunchError, match="a slave serves at most 64"):
         launch.start(spec, timeout=30)
+
+
+def test_python_catches_up_with_any_sequence_the_core_ran_alone(tmp_path):
+    """In-process: transitions made on the core alone (as the gate socket and
+    the lease make them), seen by Python late, in every order that matters:
+    a cut aborted before anyone looked, one looked at while frozen and then
+    aborted, and an abort followed by the next cut -- never a lost change,
+    never a PiT of the wrong cut."""
+    d = str(tmp_path)
+    vol = Volume("a", os.path.join(d, "a.img"), d, G, MB, create_size=MB)
+    slave = Slave({"a": vol}, d)
+    status = lambda: slave.handle(b'{"op":"status"}')          # noqa: E731
+    try:
+        vol.pwrite(b"1", 0)
+        slave.core.freeze(1, 10000, ["a"], [])
+        slave.core.abort(1)
+        st = status()
+        assert (st["phase"], st["n"], st["ended"]) == ("idle", 1, "aborted")
+        assert vol.pit is None and vol.changes.counts() == (1, 0)
+
+        slave.core.freeze(2, 10000, ["a"], [])
+        assert status()["phase"] == "frozen" and vol.pit.n == 2       # taken while frozen
+        assert vol.changes.counts() == (0, 1)
+        slave.core.abort(2)
+        vol.pwrite(b"2", G)                 # the writer drops PiT 2 before it marks
+        assert vol.pit is None and vol.changes.counts() == (2, 0)
+        assert status()["ended"] == "aborted"
+
+        slave.core.freeze(3, 10000, ["a"], [])
+        status()                            # PiT 3 taken ...
+        slave.core.abort(3)
+        slave.core.freeze(4, 10000, ["a"], ["a"])
+        slave.core.thaw(4)                  # ... and 4 taken over it, unseen
+        vol.pwrite(b"3", 2 * G)
+        assert vol.pit.n == 4 and vol.pit.full
+        assert vol.changes.counts() == (1, 2)   # block 2 is cut 5's; 0 and 1 are cut 4's
+        st = status()
+        assert (st["phase"], st["n"]) == ("cut", 4)
+        assert slave.handle(b'{"op":"abort","n":4}')["ok"]
+        assert vol.changes.counts() == (3, 0)
+        with open(os.path.join(d, "slave.json")) as f:
+            assert json.load(f)["last_n"] == 4
+    finally:
+        slave.shutdown()
