@@ -48,6 +48,9 @@ _api.PyThreadState_Delete.argtypes = [ctypes.c_void_p]
 
 _local = threading.local()      # lives in the thread state: ``seen`` once checked
 _kept: dict[int, int] = {}      # kept thread state's address -> its thread's TID
+# A forked child has only the forking thread: CPython deletes every other
+# thread state there, so the child must not delete them again.
+os.register_at_fork(after_in_child=_kept.clear)
 
 
 def keep() -> None:
@@ -55,7 +58,9 @@ def keep() -> None:
 
     Only a thread that Python did not start (nbdkit's) is kept: CPython
     deletes a Python thread's state itself when it ends, and a kept entry
-    for it would dangle.  Either way the check runs once per thread.
+    for it would dangle.  Either way the check runs once per thread.  Call
+    it from plugin callbacks only: a thread started with ``_thread`` alone
+    would not be recognised as Python's.
     """
     if "seen" in _local.__dict__:
         return

@@ -137,6 +137,31 @@ def test_a_live_thread_keeps_its_state_through_release_dead():
     assert thread_states() == base
 
 
+def test_a_forked_child_forgets_the_kept_states():
+    """In a child forked while a kept thread runs, nothing is kept: CPython
+    already deleted the other threads' states there."""
+    inside, go = threading.Event(), threading.Event()
+
+    def hold():
+        threadstate.keep()
+        inside.set()
+        go.wait(30)
+    f = Foreign(hold).start()
+    try:
+        assert inside.wait(10)
+        assert threadstate.kept() >= 1
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if threadstate.kept() == 0 and threadstate.release_dead() == 0
+                     else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        go.set()
+        f.join()
+    release_all(1)
+
+
 def test_a_python_thread_is_not_kept():
     """A thread Python started is left alone: CPython frees its state."""
     kept = threadstate.kept()
