@@ -1,17 +1,23 @@
 # Minimal pass-through nbdkit python plugin: the floor that any Python plugin
-# (cgmirror's included) pays for crossing into Python per request.
+# pays for crossing into Python per request.
 #
 #   nbdkit -f -U /tmp/pt.sock --threads 2 python bench/passthrough.py file=/dev/shm/disk.img
 #
-# Keys: file= (required; an existing regular file, served read-write).
+# Keys: file= (required; an existing regular file, served read-write),
+# keep=true (call nbdplugin.threadstate.keep() in pwrite, as cgmirror's
+# plugin does: the floor of a plugin that does not rebuild a Python thread
+# state per request; default false, the bare plugin).
 import errno
 import os
+import sys
 
 import nbdkit
 
 API_VERSION = 2
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _path = None
+_threadstate = None     # nbdplugin.threadstate with keep=true
 
 
 def thread_model():
@@ -21,9 +27,18 @@ def thread_model():
 
 
 def config(key, value):
-    global _path
+    global _path, _threadstate
     if key == "file":
         _path = os.path.abspath(value)
+    elif key == "keep":
+        if value not in ("true", "false"):
+            raise RuntimeError(f"keep={value!r}: expected true or false")
+        _threadstate = None
+        if value == "true":
+            if _ROOT not in sys.path:
+                sys.path.insert(0, _ROOT)
+            from nbdplugin import threadstate
+            _threadstate = threadstate
     else:
         raise RuntimeError(f"unknown parameter: {key!r}")
 
@@ -41,6 +56,8 @@ def open(readonly):
 
 def close(h):
     os.close(h)
+    if _threadstate is not None:
+        _threadstate.release_dead()
 
 
 def get_size(h):
@@ -67,6 +84,8 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
+    if _threadstate is not None:
+        _threadstate.keep()
     n = os.pwrite(h, buf, offset)
     if n != len(buf):
         nbdkit.set_error(errno.EIO)

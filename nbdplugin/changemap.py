@@ -218,8 +218,9 @@ class ChangeMap:
         # durable would change nothing below, so it returns without the
         # lock or a C call.  Read without the lock, each bit is a single
         # byte load, and in this order it is safe: cr's bit stays set until
-        # a cut, which waits for writes inside the gate (we are inside);
-        # touched's bit is cleared only by a checkpoint, which keeps that
+        # a cut, and no cut runs during a mark (a host write is inside the
+        # gate the cut closes; op_mark holds the slave's lock, as the cut
+        # does); touched's bit is cleared only by a checkpoint, which keeps that
         # region in the intent map for one more interval; a durable bit
         # read as set means the region was in the intent file at that
         # moment, and any checkpoint that later drops it writes a map

@@ -43,7 +43,7 @@ for _p in (_VENV_SITE, _ROOT):
     if os.path.isdir(_p) and _p not in sys.path:
         sys.path.insert(0, _p)
 
-from nbdplugin import copier  # noqa: E402
+from nbdplugin import copier, threadstate  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
 from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa: E402
                                  prepared_group)
@@ -325,7 +325,18 @@ def can_multi_conn(h):
     return True
 
 
+def close(h):
+    # nbdkit has ended this connection's worker threads by now: free the
+    # Python thread states they kept (nbdplugin/threadstate.py).
+    threadstate.release_dead()
+
+
+# Every I/O callback starts with ``threadstate.keep()``: without it each
+# request builds and destroys a Python thread state, the largest CPU cost
+# of a small request (nbdplugin/threadstate.py).
+
 def _io(fn, *args):
+    threadstate.keep()
     try:
         fn(*args)
     except OSError as exc:
@@ -342,8 +353,7 @@ def flush(h, flags):
 
 
 # The write callbacks run once per request: each is one call into
-# ``_write``, with the flag constants looked up once here (see
-# bench/bench_write.py for what a frame per request costs).
+# ``_write``, with the flag constants looked up once here.
 _FUA = nbdkit.FLAG_FUA
 _MAY_TRIM = nbdkit.FLAG_MAY_TRIM
 
@@ -381,6 +391,7 @@ def _write(fn, *args):
     """A modifying request: on a primary it passes the switchover fence
     (``slave.Fence``); an OSError becomes nbdkit's errno (EROFS from the
     fence)."""
+    threadstate.keep()
     fence = _fence
     try:
         fence.enter()
