@@ -279,8 +279,11 @@ class Slave(OpHandler):
                 log.warning("cut %d: refused a freeze whose connection is gone", n)
                 raise ProtocolError(f"cannot freeze cut {n}: the connection that"
                                     f" asked for it is gone", Kind.GONE)
+            # No file work before the reply: the notify thread (woken at
+            # the freeze) persists the cut number while the writers are held.
             drain_ms, blocks = self._core(self.core.freeze, n, lease_ms, names, sorted(full),
-                                          owner.token if owner is not None else 0)
+                                          owner.token if owner is not None else 0,
+                                          persist=False)
             return protocol.ok(n=n, drain_ms=round(drain_ms, 3), blocks=blocks)
 
     def op_thaw(self, n: int) -> dict:
@@ -290,20 +293,19 @@ class Slave(OpHandler):
             held_ms = self._core(self.core.thaw, n)
             return protocol.ok(n=n, held_ms=round(held_ms, 3))
 
-    def _core(self, call, *args):
+    def _core(self, call, *args, persist: bool = True):
         """A core transition, then catch up; a refusal becomes the protocol's."""
         try:
             return call(*args)
         except GateRefused as exc:
             raise ProtocolError(str(exc), exc.kind) from None
         finally:
-            self._sync()
+            self._sync(persist)
 
     def _remember(self, n: int) -> None:
-        """Persist the last cut number (once the cut has ended: file work
-        while it is taken would compete with the writers it releases).
-        Without fsync: a crash may forget it, and then the coordinator's
-        history (which never reuses a number) still holds it."""
+        """Persist the last cut number.  Without fsync: a crash may forget
+        it, and then the coordinator's history (which never reuses a number)
+        still holds it."""
         if self._meta.get("last_n", 0) < n:
             self._save_meta(sync=False, last_n=n)
 
@@ -344,42 +346,45 @@ class Slave(OpHandler):
 
     def _catch_up(self) -> None:
         """A writer saw a gate generation it has not caught up with."""
-        self._sync(writer=True)
+        self._sync(persist=False)
 
-    def _sync(self, writer: bool = False):
+    def _sync(self, persist: bool = True):
         """Bring ``machine`` and the PiTs up to the core's state; return it.
 
         A cut the core ended while frozen (abort, lease, its connection) has
         its PiTs dropped (their blocks back into cr); a cut the core took is
         taken here (``start_pit``: cr -> oos, preservation on) before any
         write of the new generation marks or writes, since every such writer
-        comes through here first.  The cut number is persisted once the cut
-        has ended, not by a writer (no file work on the write path)."""
+        comes through here first.  ``persist``: also persist the cut number
+        (file work: never on the write path, nor before a freeze's reply)."""
         with self._sync_lock:
             st = self.core.state()
-            if st.gen == self._gen:
-                return st
-            m = self.machine
-            if m.phase is not Phase.IDLE and (st.phase == "idle" or st.n != m.n):
-                for name in self.cut_volumes:
-                    self.volumes[name].end_pit()
-                m.phase, m.ended = Phase.IDLE, st.ended if st.n == m.n else "aborted"
-                self.cut_volumes = []
-            if st.phase != "idle" and m.phase is Phase.IDLE:
-                for name in st.volumes:
-                    self.volumes[name].start_pit(st.n, name in st.full)
-                self.cut_volumes = st.volumes
-                m.phase, m.n, m.ended = Phase(st.phase), st.n, None
-            elif st.phase == "cut" and m.phase is Phase.FROZEN:
-                m.phase = Phase.CUT
-            elif st.phase == "idle" and st.n > m.n:
-                m.n, m.ended = st.n, st.ended       # taken and ended unseen
-            self._gen = st.gen
-            for vol in self.volumes.values():
-                vol.gen = st.gen
-        if not writer and m.phase is Phase.IDLE:
-            self._remember(m.n)
+            if st.gen != self._gen:
+                self._catch_up_with(st)
+        if persist:
+            self._remember(self.machine.n)
         return st
+
+    def _catch_up_with(self, st) -> None:
+        """_sync's work on a core state not seen yet (``_sync_lock`` held)."""
+        m = self.machine
+        if m.phase is not Phase.IDLE and (st.phase == "idle" or st.n != m.n):
+            for name in self.cut_volumes:
+                self.volumes[name].end_pit()
+            m.phase, m.ended = Phase.IDLE, st.ended if st.n == m.n else "aborted"
+            self.cut_volumes = []
+        if st.phase != "idle" and m.phase is Phase.IDLE:
+            for name in st.volumes:
+                self.volumes[name].start_pit(st.n, name in st.full)
+            self.cut_volumes = st.volumes
+            m.phase, m.n, m.ended = Phase(st.phase), st.n, None
+        elif st.phase == "cut" and m.phase is Phase.FROZEN:
+            m.phase = Phase.CUT
+        elif st.phase == "idle" and st.n > m.n:
+            m.n, m.ended = st.n, st.ended       # taken and ended unseen
+        self._gen = st.gen
+        for vol in self.volumes.values():
+            vol.gen = st.gen
 
     def op_copy(self, n: int, targets: dict, mode: str = "auto", inflight: int = 8,
                 timeout_ms: int = 30000, rate: int = 0) -> dict:
