@@ -68,8 +68,9 @@
  * requests (plus one held while issuing them, so a completion during the
  * issue cannot end it early) and is reaped once all have retired: the
  * block is confirmed only if every piece was acknowledged.  Such a slot
- * may thus hold up to g/(2*sub) requests.  `len` of a slot and the byte
- * counts are the bytes written to the target.  The cursor walks the
+ * may thus hold up to g/(2*sub) requests.  done_bytes counts the bytes
+ * of the blocks copied (as before), sent_bytes the bytes written to the
+ * target, which the flush cadence (`flush_every`) also counts.  The cursor walks the
  * records in step with the bitmap (under the same lock), so the runs stay
  * ascending and disjoint.  Why sending only the pieces is enough:
  * nbdplugin/copier.py ("Sub-blocks").
@@ -204,7 +205,7 @@ uint64_t cg_overlay_bytes(struct cg_overlay *ov)
 struct slot {
     int busy, done, err;
     int pending;             /* requests not retired (+1 while issuing) */
-    uint64_t start, nblocks, len;
+    uint64_t start, nblocks, len, sent;   /* len: of the blocks; sent: written */
     char *buf;
 };
 
@@ -252,7 +253,7 @@ struct cg_copy {
 
     _Atomic int cancelled;
     _Atomic int failed;
-    _Atomic uint64_t done_bytes;
+    _Atomic uint64_t done_bytes, sent_bytes;
 
     _Atomic uint64_t rate;   /* bytes per second; 0: no limit */
     pthread_mutex_t bucket_lock;   /* guards tokens, refilled */
@@ -494,10 +495,11 @@ static int reap(struct stream *s)
         if (!emit(c, CG_EV_CONFIRM, sl->start, sl->nblocks))
             rc = -1;
         else if (s->can_flush)
-            rc |= add_acked(s, sl->start, sl->nblocks, sl->len);
+            rc |= add_acked(s, sl->start, sl->nblocks, sl->sent);
         else if (!emit(c, CG_EV_FLUSHED, sl->start, sl->nblocks))
             rc = -1;
         atomic_fetch_add(&c->done_bytes, sl->len);
+        atomic_fetch_add(&c->sent_bytes, sl->sent);
     }
     for (struct flush **fp = &s->flushes; *fp;) {
         struct flush *f = *fp;
@@ -702,7 +704,7 @@ static void *stream_run(void *arg)
         if (pace(s, sent) < 0 || read_pit(c, sl->buf, start, n, len) < 0)
             break;
         sl->busy = 1, sl->done = 0, sl->err = 0, sl->pending = 1;
-        sl->start = start, sl->nblocks = n, sl->len = sent;
+        sl->start = start, sl->nblocks = n, sl->len = len, sl->sent = sent;
         int issued = each_piece(s, sl, mask, len, issue_piece) >= 0;
         if (!issued && !sl->err)
             sl->err = EIO;   /* a piece never went: never confirm the block */
@@ -808,6 +810,11 @@ void cg_copy_cancel(struct cg_copy *c)
 uint64_t cg_copy_done_bytes(struct cg_copy *c)
 {
     return atomic_load(&c->done_bytes);
+}
+
+uint64_t cg_copy_sent_bytes(struct cg_copy *c)
+{
+    return atomic_load(&c->sent_bytes);
 }
 
 size_t cg_copy_take_events(struct cg_copy *c, uint64_t *out, size_t max_events)

@@ -46,6 +46,7 @@ void cg_copy_cancel(struct cg_copy *c);
 /* Bytes per second over all streams, 0 for none; takes effect at once. */
 void cg_copy_set_rate(struct cg_copy *c, uint64_t bytes_per_s);
 uint64_t cg_copy_done_bytes(struct cg_copy *c);
+uint64_t cg_copy_sent_bytes(struct cg_copy *c);
 size_t cg_copy_take_events(struct cg_copy *c, uint64_t *out, size_t max_events);
 int cg_copy_fault(struct cg_copy *c);
 size_t cg_copy_error(struct cg_copy *c, char *buf, size_t len);

@@ -208,7 +208,13 @@ class Engine:
             lib.cg_copy_set_rate(self._p, rate)
 
     def done_bytes(self) -> int:
+        """Bytes of the blocks copied so far (acknowledged by the target)."""
         return lib.cg_copy_done_bytes(self._p)
+
+    def sent_bytes(self) -> int:
+        """Bytes written to the target so far (acknowledged): less than
+        ``done_bytes`` where only a block's dirty pieces went."""
+        return lib.cg_copy_sent_bytes(self._p)
 
     def take_events(self) -> list[tuple[int, int, int]]:
         """(CONFIRM | FLUSHED, start block, count) in the order they happened."""

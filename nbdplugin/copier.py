@@ -50,10 +50,16 @@ back from an aborted copy, by that copy: its pieces were dirty too), so the
 target already holds it as the PiT does.  Hence baseline samples (whole-block
 digests) still hold after a copy, and a full copy ignores sub-records (its
 target holds no group of ours).  The PiT's preservation, a secondary's undo
-store and ``tgt`` stay whole blocks.  A block with a record is a run of its
+store and ``tgt`` stay whole blocks.  What it gives up: a foreign write to
+the target (outside any cgmirror copy) in a clean piece of a changed block
+is no longer overwritten by chance, as one in an unchanged block never was;
+after a restart (a crash mid-copy included) every changed block goes whole.
+A block with a record is a run of its
 own: one request per run of dirty pieces (zero pieces as write-zeroes), the
 block confirmed once all of them are acknowledged.  ``total_bytes`` and
-``done_bytes`` count the bytes written to the target.
+``done_bytes`` keep counting the bytes of the blocks copied (progress of
+the cut); ``sent_total`` and ``sent_bytes`` count the bytes written to the
+target (data or write-zeroes), which is what sub-blocks save.
 
 Why several connections: one thread both reads the PiT and feeds the socket,
 so while it reads, the target starves; measured on 1 GiB, 1 stream reached
@@ -451,10 +457,12 @@ class Copy:
         self.partial = {b: m for b, m in records.items() if self.blocks.test(b)}
         self.total_bytes = sum(min(length * g, source.size - start * g)
                                for start, length in self.blocks.iter_runs())
+        self.sent_total = self.total_bytes
         for b, m in self.partial.items():
             blen = min(g, source.size - b * g)
-            self.total_bytes -= blen - sum(n for _, n in sub_extents(m, self.sub, blen))
+            self.sent_total -= blen - sum(n for _, n in sub_extents(m, self.sub, blen))
         self.done_bytes = 0
+        self.sent_bytes = 0
         self.state = "running"
         self.error: str | None = None
         self.fault: str | None = None
@@ -462,7 +470,7 @@ class Copy:
         self.finished: float | None = None
         self.cancelled = threading.Event()
         self.thread: threading.Thread | None = None
-        self._lock = threading.Lock()     # guards done_bytes and the run iterator
+        self._lock = threading.Lock()     # guards the byte counts and the run iterator
         self._runs = None
         self._failed: list[CopyError] = []
         self._engine: copyengine.Engine | None = None
@@ -479,6 +487,7 @@ class Copy:
         return {"target": self.uri, "state": self.state, "error": self.error,
                 "fault": self.fault,
                 "total_bytes": self.total_bytes, "done_bytes": self.done_bytes,
+                "sent_total": self.sent_total, "sent_bytes": self.sent_bytes,
                 "seconds": round(end - self.started, 3)}
 
     def run(self) -> None:
@@ -603,14 +612,14 @@ class Copy:
                 t.join(DRAIN_EVERY)
                 self._apply(engine.take_events())
                 with self._lock:
-                    self.done_bytes = engine.done_bytes()
+                    self.done_bytes, self.sent_bytes = engine.done_bytes(), engine.sent_bytes()
                 if self.done_bytes and self.done_bytes >= halfway:
                     failpoints.hit("copy:mid")
                 if self.cancelled.is_set() or src.broken:
                     engine.cancel()
             self._apply(engine.take_events())   # those of the last moments
             with self._lock:
-                self.done_bytes = engine.done_bytes()
+                self.done_bytes, self.sent_bytes = engine.done_bytes(), engine.sent_bytes()
         finally:
             if t.is_alive():    # this thread failed: stop the engine first
                 engine.cancel()
@@ -672,7 +681,8 @@ class Copy:
         can_zero, can_flush = h.can_zero(), h.can_flush()
         free = BUFFERS.take(MAX_RUN, inflight)
         # cookie -> (run, buffer, is a run buffer); run = [start, nblocks,
-        # bytes sent, requests not yet acknowledged], shared by its pieces.
+        # bytes of the blocks, requests not yet acknowledged, bytes sent],
+        # shared by its pieces.
         writes: dict[int, tuple[list, IOBuffer, bool]] = {}
         flushes: dict[int, list[tuple[int, int]]] = {}
         acked: list[tuple[int, int]] = []     # written, not yet covered by a flush
@@ -711,15 +721,16 @@ class Copy:
                 run[3] -= 1
                 if run[3]:
                     continue                  # pieces of the block still in flight
-                start, nblocks, length = run[:3]
+                start, nblocks, length, _, sent = run
                 src.confirm(start, nblocks)
                 if can_flush:
                     acked.append((start, nblocks))
-                    acked_bytes += length
+                    acked_bytes += sent
                 else:
                     src.flushed(start, nblocks)   # nothing better to wait for
                 with self._lock:
                     self.done_bytes += length
+                    self.sent_bytes += sent
                     done = self.done_bytes
                 if done >= halfway:
                     failpoints.hit("copy:mid")
@@ -763,7 +774,7 @@ class Copy:
                 try:
                     src.read(buf.view(length), start)
                     if parts is None:
-                        send(buf.nbd(length), start * g, [start, nblocks, length, 1],
+                        send(buf.nbd(length), start * g, [start, nblocks, length, 1, length],
                              buf, True)
                 except BaseException:
                     free.append(buf)
@@ -778,7 +789,7 @@ class Copy:
                         pb.data[:] = buf.view(off + n)[off:]
                         rest.append((off, pb))
                     free.append(buf)
-                    sub_run = [start, 1, sent, len(rest)]
+                    sub_run = [start, 1, length, len(rest), sent]
                     try:
                         while rest:
                             while len(writes) >= inflight:

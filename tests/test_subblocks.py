@@ -60,7 +60,8 @@ class Rig:
             return [(int(m[2], 16), int(m[3], 16)) for m in _REQ.finditer(f.read())]
 
     def copy(self, full=False, **kw):
-        """Cut and copy; return (report bytes, [(offset, count)] sent)."""
+        """Cut and copy; return (bytes sent by the slave's count, [(offset,
+        count)] the target got)."""
         before = len(self.requests())
         self.n += 1
         group.establish([self.lk], self.n, 5000, 2000,
@@ -69,7 +70,9 @@ class Rig:
                          poll_s=0.005, **kw)
         vc = rep.slaves[self.name]["a"]
         assert vc.bytes == vc.total_bytes
-        return vc.bytes, self.requests()[before:]
+        p = self.lk.call("status")["last_copy"]["volumes"]["a"]
+        assert p["done_bytes"] == vc.bytes and p["sent_bytes"] == p["sent_total"]
+        return p["sent_bytes"], self.requests()[before:]
 
     def restart(self):
         self.lk.close()
