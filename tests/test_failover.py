@@ -39,6 +39,7 @@ from coordinator import cli, direction, failover_cmds, launch, session as sessio
 from coordinator.failover import Launcher
 from coordinator.link import SlaveLink
 from coordinator.mirror import Mirror
+from nbdplugin.copier import sends_pieces
 
 G = 64 * 1024
 SIZE = 8 << 20
@@ -265,9 +266,14 @@ class Writes:
         block written whole (here, or in ``whole``: marked from the other
         site) goes whole, one with only records just those."""
         whole = whole or {v: set() for v in VOLS}
-        return sum(G if b in self.whole[v] | whole[v] else
-                   wl.RECORD * sum(1 for r in self.records[v] if r // G == b)
-                   for v in VOLS for b in self.blocks[v] | whole[v])
+        total = 0
+        for v in VOLS:
+            for b in self.blocks[v] | whole[v]:
+                mask = sum(1 << (r % G // wl.RECORD) for r in self.records[v] if r // G == b)
+                total += (G if b in self.whole[v] | whole[v]
+                          or not sends_pieces(mask, wl.RECORD, G)
+                          else wl.RECORD * bin(mask).count("1"))
+        return total
 
     def union(self, other: "Writes") -> dict[str, set]:
         return {v: self.blocks[v] | other.blocks[v] for v in VOLS}
