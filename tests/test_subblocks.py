@@ -21,7 +21,7 @@ from coordinator import group
 from coordinator.group.fanout import abort_all
 from coordinator.link import SlaveLink
 from harness import peers
-from nbdplugin.copier import sends_pieces
+from nbdplugin.copier import sends_pieces, split_runs, sub_extents
 
 G = 64 * 1024
 S = 4096
@@ -29,6 +29,34 @@ SIZE = 8 * MiB
 ENGINES = ("python", "native")
 
 _REQ = re.compile(r" (Write|Zero) id=\d+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+)")
+
+
+# ------------------------------------------------------------------ pure parts
+
+def test_sub_extents_are_the_runs_of_set_bits_clipped_to_the_block():
+    """Known answers: runs of pieces as (offset, length), the last piece of
+    a short block cut at its end."""
+    assert sub_extents(0b1, S, G) == [(0, S)]
+    assert sub_extents(0b10110, S, G) == [(S, 2 * S), (4 * S, S)]
+    assert sub_extents(1 << 15, S, G) == [(15 * S, S)]
+    assert sub_extents(0b1100, S, 3 * S + 100) == [(2 * S, S + 100)]
+
+
+def test_split_runs_takes_each_recorded_block_out_in_order():
+    """Runs stay ascending and disjoint; a recorded block is a run of its own."""
+    runs = [(0, 4), (10, 1), (20, 3)]
+    assert list(split_runs(runs, {2: 5, 10: 1, 22: 8, 30: 1})) == [
+        (0, 2, None), (2, 1, 5), (3, 1, None), (10, 1, 1), (20, 2, None), (22, 1, 8)]
+    assert list(split_runs(runs, {})) == [(0, 4, None), (10, 1, None), (20, 3, None)]
+
+
+def test_a_block_goes_as_pieces_only_where_they_save_more_than_they_cost():
+    """One piece, or one run of pieces well under the block: pieces; pieces
+    in several places, or nearly all of it: whole."""
+    assert sends_pieces(0b1, S, G)
+    assert sends_pieces(0b1111111, S, G)
+    assert not sends_pieces(0b11111111, S, G)
+    assert not sends_pieces(0b101, S, G)
 
 
 class Rig:
