@@ -59,8 +59,9 @@ copy of the block sends 16x what the host wrote.  So ``cr`` and ``oos`` keep,
 beside their bits, *sub-records*: block -> mask of the ``sub``-byte pieces
 (default ``SUB`` = 4 KiB, or ``$CGMIRROR_SUBBLOCK``; ``sub`` = granularity:
 off) written since the block's bit was set, for blocks whose changes so far
-were all smaller than the block.  The rule: a set bit without a record is a
-block dirty *whole*.  A partial write to a clean block creates a record, one
+were all smaller than the block and close enough together to be worth
+sending alone (``keeps_record``).  The rule: a set bit without a record is a block dirty
+*whole*.  A partial write to a clean block creates a record, one
 to a block with a record ORs its pieces in, one to a block dirty whole adds
 nothing; a write covering a block (``op_mark`` included) makes it whole.
 ``cut`` moves cr's records into oos and ``uncut`` back (merge: OR, and a
@@ -97,6 +98,33 @@ log = logging.getLogger(__name__)
 SUB = 4096
 SUB_MIN = 512
 SUB_RECORDS_MAX = 1 << 15
+# What one more request of a copy costs, in bytes of payload (see
+# ``sends_pieces``).  Measured here (bench-mirror, loopback, Python
+# secondaries): 4 KiB requests drained 48 MB/s, 1 MiB runs 260-340 MB/s,
+# i.e. a request costs ~85 us, what ~26 KiB of bulk take.
+PIECE_REQUEST_BYTES = 32 << 10
+
+
+def sends_pieces(mask: int, sub: int, length: int) -> bool:
+    """Whether a copy sends a block of ``length`` bytes dirty in the pieces
+    of ``mask`` as those pieces: only if their bytes plus
+    ``PIECE_REQUEST_BYTES`` per request (one per run of pieces; sent whole,
+    the block is one request or none, merged into its neighbours' run)
+    stay under the block's.  So a dense group is not split into thousands
+    of small requests."""
+    runs = (mask & ~(mask << 1)).bit_count()
+    return mask.bit_count() * sub + runs * PIECE_REQUEST_BYTES < length
+
+
+def keeps_record(mask: int, sub: int, length: int) -> bool:
+    """Whether the map keeps a sub-record: while the pieces' span (first to
+    last) plus one request stays under the block.  Past that no superset
+    could be sent as pieces (``sends_pieces``), so the block is whole at
+    once and its later writes take mark's lock-free path.  Monotonic (a
+    superset's span is no shorter): which blocks end whole does not depend
+    on the order of the writes."""
+    span = mask.bit_length() - (mask & -mask).bit_length() + 1
+    return span * sub + PIECE_REQUEST_BYTES < length
 
 _MAP_MAGIC_V1 = b"CGMMAP01"      # one map (cr | oos) under the header's crc
 _MAP_MAGIC = b"CGMMAP02"         # header's last field: number of named maps
@@ -330,10 +358,9 @@ class ChangeMap:
         s = self._sshift
         return ((2 << (((hi - 1) >> s) - (lo >> s))) - 1) << (lo >> s)
 
-    def _full(self, b: int) -> int:
-        """Every sub-block bit of block ``b`` (fewer for a short last block)."""
-        base = b << self._gshift
-        return self._mask(0, min(self.granularity, self.size - base))
+    def _len(self, b: int) -> int:
+        """Bytes of block ``b`` (fewer for a short last block)."""
+        return min(self.granularity, self.size - (b << self._gshift))
 
     def _note(self, offset: int, length: int) -> None:
         """Update cr's sub-records for a write of [offset, offset+length)
@@ -360,8 +387,8 @@ class ChangeMap:
                     continue            # dirty whole already, or no room: whole
                 m = 0
             m |= self._mask(lo, hi)
-            if m == self._mask(0, top):
-                sub.pop(b, None)        # every sub-block: whole
+            if not keeps_record(m, self.sub, top):
+                sub.pop(b, None)        # not worth pieces (or all of them): whole
             else:
                 sub[b] = m
 
@@ -379,8 +406,8 @@ class ChangeMap:
                 if d is None:
                     continue            # whole in dst
                 m |= d
-                if m == self._full(b):
-                    continue
+                if not keeps_record(m, self.sub, self._len(b)):
+                    continue            # whole
             out[b] = m
         for b, d in dst_sub.items():
             if b not in src_sub and not src.test(b):

@@ -56,9 +56,10 @@ is no longer overwritten by chance, as one in an unchanged block never was;
 after a restart (a crash mid-copy included) every changed block goes whole.
 A block with a record is a run of its
 own: one request per run of dirty pieces (zero pieces as write-zeroes), the
-block confirmed once all of them are acknowledged; a block whose pieces
-would cost more in requests than they save in bytes goes whole
-(``sends_pieces``).  ``total_bytes`` and
+block confirmed once all of them are acknowledged.  The change map keeps
+records only where the pieces save more bytes than their requests cost
+(``changemap.sends_pieces``); the copy checks the same rule again, with the
+clipped length of a short last block.  ``total_bytes`` and
 ``done_bytes`` keep counting the bytes of the blocks copied (progress of
 the cut); ``sent_total`` and ``sent_bytes`` count the bytes written to the
 target (data or write-zeroes), which is what sub-blocks save.
@@ -79,6 +80,7 @@ import time
 import nbd
 
 from native import copyengine
+from .changemap import sends_pieces
 from native.bitmap import Bitmap
 from wire import tls
 
@@ -94,12 +96,6 @@ FLUSH_EVERY = 64 << 20
 SAMPLES = 32
 SAMPLE_TRIES = 4
 WRITTEN_SAMPLES = 8
-# What one more request costs, in bytes of payload: a block with a
-# sub-record goes as pieces only where that saves more than it costs (see
-# ``sends_pieces``).  Measured here (bench-mirror, loopback, Python
-# secondaries): 4 KiB requests drained 48 MB/s, 1 MiB runs 260-340 MB/s,
-# i.e. a request costs ~85 us, what ~26 KiB of bulk take.
-PIECE_REQUEST_BYTES = 32 << 10
 # How often the native engine's events reach the source (seconds).
 DRAIN_EVERY = 0.05
 ENGINES = ("python", "native")
@@ -311,18 +307,6 @@ def sub_extents(mask: int, sub: int, length: int) -> list[tuple[int, int]]:
             out.append((i * sub, min(n * sub, length - i * sub)))
         mask, i = mask >> n, i + n
     return out
-
-
-def sends_pieces(mask: int, sub: int, length: int) -> bool:
-    """Whether a block of ``length`` bytes with sub-record ``mask`` goes
-    as its dirty pieces: only if their bytes plus ``PIECE_REQUEST_BYTES``
-    per request (one per run of pieces; sent whole, the block is one
-    request or none, merged into its neighbours' run) stay under the
-    block's.  Scattered small writes go as pieces; a block written in
-    several places goes whole, so a dense group is not split into
-    thousands of small requests."""
-    parts = sub_extents(mask, sub, length)
-    return sum(n for _, n in parts) + len(parts) * PIECE_REQUEST_BYTES < length
 
 
 def split_runs(runs, partial: dict[int, int]):

@@ -303,10 +303,10 @@ def test_partial_writes_keep_their_sub_blocks_and_whole_writes_drop_them(new):
     a write covering the block makes it whole, a partial one then adds nothing."""
     cm = new()
     cm.mark(3 * G + S, 100)                  # piece 1
-    cm.mark(3 * G + 5 * S - 1, 2)            # pieces 4 and 5
-    assert cm.sub_cr == {3: 0b110010}
+    cm.mark(3 * G + 3 * S - 1, 2)            # pieces 2 and 3
+    assert cm.sub_cr == {3: 0b1110}
     cm.mark(3 * G + S + 10, 10)              # inside piece 1 again: no change
-    assert cm.sub_cr == {3: 0b110010}
+    assert cm.sub_cr == {3: 0b1110}
     cm.mark(3 * G, G)                         # whole
     assert cm.sub_cr == {}
     cm.mark(3 * G + 8 * S, 1)                # dirty whole: stays whole
@@ -327,11 +327,26 @@ def test_a_write_over_several_blocks_records_only_its_partial_ends(new):
 
 def test_the_short_last_block_is_whole_once_its_bytes_are_covered(tmp_path):
     """A volume whose last block is short: a write to its end is whole."""
-    cm = ChangeMap(str(tmp_path), "v", SIZE - G + 2 * S, G, R)
-    cm.mark(SIZE - G + S, S)                  # last block, piece 1 of its 2
+    cm = ChangeMap(str(tmp_path), "v", SIZE - 100, G, R)
+    cm.mark(SIZE - G + S, S)                  # last block, piece 1
     assert cm.sub_cr == {127: 0b10}
-    cm.mark(SIZE - G, 2 * S)
+    cm.mark(SIZE - G, G - 100)
     assert cm.sub_cr == {}
+    cm.close()
+
+
+def test_pieces_far_apart_make_the_block_whole(new):
+    """A record is kept only while its pieces span less than the block
+    minus one request's worth (7 of 16 pieces here)."""
+    cm = new()
+    cm.mark(2 * G, S)
+    cm.mark(2 * G + 8 * S, S)                 # spans 9 pieces: whole
+    cm.mark(3 * G + S, S)
+    cm.mark(3 * G + 5 * S, 2 * S)             # pieces 1, 5, 6: span 6, kept
+    assert cm.sub_cr == {3: 0b1100010}
+    cm.mark(3 * G, S)                         # span 7: kept
+    cm.mark(3 * G + 7 * S, S)                 # span 8: whole
+    assert cm.sub_cr == {} and blocks(cm) == {2, 3}
     cm.close()
 
 
@@ -344,12 +359,12 @@ def test_cut_moves_records_uncut_merges_them_and_whole_wins(new):
     cm.mark(3 * G, G)                         # 3: whole
     cm.cut()
     assert cm.sub_cr == {} and cm.sub_oos == {1: 1, 2: 2}
-    cm.mark(1 * G + 2 * S, 10)                # 1: piece 2 in cr
+    cm.mark(1 * G + S, 10)                    # 1: piece 1 in cr
     cm.mark(2 * G, G)                         # 2: whole in cr
     cm.mark(3 * G + S, 10)                    # 3: piece 1 in cr, whole in oos
     cm.mark(4 * G + S, 10)                    # 4: only in cr
     cm.uncut()
-    assert cm.sub_cr == {1: 0b101, 4: 2}
+    assert cm.sub_cr == {1: 0b11, 4: 2}
     assert blocks(cm) == {1, 2, 3, 4}
     cm.close()
 
@@ -379,8 +394,8 @@ def test_a_partial_write_to_a_block_with_a_record_is_recorded(new):
     cm = new()
     cm.mark(7 * G, 10)
     cm.checkpoint()                           # touched and durable: all set
-    cm.mark(7 * G + 10 * S, 10)
-    assert cm.sub_cr == {7: 1 | 1 << 10}
+    cm.mark(7 * G + S, 10)
+    assert cm.sub_cr == {7: 0b11}
     cm.mark(7 * G, G)                         # covering write: the slow path
     assert cm.sub_cr == {}
     cm.close()

@@ -39,7 +39,7 @@ from coordinator import cli, direction, failover_cmds, launch, session as sessio
 from coordinator.failover import Launcher
 from coordinator.link import SlaveLink
 from coordinator.mirror import Mirror
-from nbdplugin.copier import sends_pieces
+from nbdplugin.changemap import keeps_record, sends_pieces
 
 G = 64 * 1024
 SIZE = 8 << 20
@@ -271,6 +271,7 @@ class Writes:
             for b in self.blocks[v] | whole[v]:
                 mask = sum(1 << (r % G // wl.RECORD) for r in self.records[v] if r // G == b)
                 total += (G if b in self.whole[v] | whole[v]
+                          or not keeps_record(mask, wl.RECORD, G)
                           or not sends_pieces(mask, wl.RECORD, G)
                           else wl.RECORD * bin(mask).count("1"))
         return total

@@ -21,7 +21,8 @@ from coordinator import group
 from coordinator.group.fanout import abort_all
 from coordinator.link import SlaveLink
 from harness import peers
-from nbdplugin.copier import sends_pieces, split_runs, sub_extents
+from nbdplugin.changemap import keeps_record, sends_pieces
+from nbdplugin.copier import split_runs, sub_extents
 
 G = 64 * 1024
 S = 4096
@@ -136,29 +137,27 @@ def pwrite_all(uri, writes):
         close(h)
 
 
-def pieces(writes):
-    return {p for off, data in writes for p in range(off // S, (off + len(data) - 1) // S + 1)}
-
-
 def sent_bytes(reqs):
     return sum(n for _, n in reqs)
 
 
-def expect(piece_set, whole=()):
-    """The pieces a copy sends for these dirty pieces: a block's own, or
-    all of them where the block goes whole (written whole, or pieces that
-    would cost more requests than they save: ``sends_pieces``)."""
+def expect(writes):
+    """The pieces a copy sends after ``writes`` to clean blocks: a block's
+    own, or all of them where it goes whole (written whole, its pieces too
+    far apart for a record: ``keeps_record``, or costing more requests than
+    they save: ``sends_pieces``)."""
     per = G // S
-    masks = {}
-    for p in piece_set:
-        masks[p // per] = masks.get(p // per, 0) | 1 << (p % per)
-    out = set()
-    for b, m in masks.items():
-        if b in whole or not sends_pieces(m, S, G):
-            out |= set(range(b * per, (b + 1) * per))
-        else:
-            out |= {b * per + i for i in range(per) if m >> i & 1}
-    return out
+    masks, whole = {}, set()
+    for off, data in writes:
+        end = off + len(data)
+        for b in range(off // G, (end - 1) // G + 1):
+            lo, hi = max(off, b * G) - b * G, min(end, (b + 1) * G) - b * G
+            if hi - lo == G:
+                whole.add(b)
+            masks[b] = masks.get(b, 0) | sum(1 << i for i in range(lo // S, (hi - 1) // S + 1))
+    return {b * per + i for b, m in masks.items() for i in range(per)
+            if b in whole or not (keeps_record(m, S, G) and sends_pieces(m, S, G))
+            or m >> i & 1}
 
 
 def test_scattered_4k_writes_send_only_their_pieces(rig):
@@ -176,7 +175,7 @@ def test_scattered_4k_writes_send_only_their_pieces(rig):
                (20 * G - S // 2, os.urandom(S)),          # across a block boundary
                (whole * G + S, os.urandom(S)), (whole * G, os.urandom(G))]
     pwrite_all(rig.spec.uri("a"), writes)
-    want = expect(pieces(writes), whole={whole})
+    want = expect(writes)
     nbytes, reqs = rig.copy()
     got = [p for off, n in reqs for p in range(off // S, (off + n) // S)]
     assert len(got) == len(set(got)) and set(got) == want
