@@ -60,10 +60,11 @@ beside their bits, *sub-records*: block -> mask of the ``sub``-byte pieces
 (default ``SUB`` = 4 KiB, or ``$CGMIRROR_SUBBLOCK``; ``sub`` = granularity:
 off) written since the block's bit was set, for blocks whose changes so far
 were all smaller than the block and close enough together to be worth
-sending alone (``keeps_record``).  The rule: a set bit without a record is a block dirty
-*whole*.  A partial write to a clean block creates a record, one
-to a block with a record ORs its pieces in, one to a block dirty whole adds
-nothing; a write covering a block (``op_mark`` included) makes it whole.
+sending alone (``keeps_record``).  The rule: a set bit without a record is
+a block dirty *whole*.  A partial write to a clean block creates a record,
+one to a block with a record ORs its pieces in, one to a block dirty whole
+adds nothing; a write covering a block (``op_mark`` included) makes it
+whole.
 ``cut`` moves cr's records into oos and ``uncut`` back (merge: OR, and a
 block whole on either side is whole), ``confirm`` and ``clear`` drop them
 with the bits.  A copy of an incremental PiT sends of a block with a record
@@ -71,9 +72,10 @@ only its dirty pieces (nbdplugin/copier.py says why that is enough).
 
 Nothing of it is persisted: the bits on disk and their recovery are those
 above, and after a restart every set block is whole (recovery over-marks
-anyway).  Memory: a dict of block -> int, ~104 bytes a record measured, at
-most ``SUB_RECORDS_MAX`` records a map (3.4 MiB); past that a partial write to
-a clean block marks it whole, which only costs bytes on the link.  Rejected:
+anyway).  Memory: a dict of block -> int, 88-104 bytes a record measured
+(tracemalloc), at most ``SUB_RECORDS_MAX`` records a map (~3 MiB); past that
+a partial write to a clean block marks it whole, which only costs bytes on
+the link.  Rejected:
 a fixed array of masks per 4 MiB region allocated on its first partial write
 (smaller for dense writes, 128 bytes a region, but per-block merges in Python
 over packed ints cost more code, and it needs a cap just the same).
@@ -182,8 +184,9 @@ class ChangeMap:
         self.map_path = os.path.join(statedir, name + ".map")
         self.intent_path = os.path.join(statedir, name + ".intent")
         self.statedir = statedir
-        # ``lock`` guards cr, oos, their sub-records, touched and durable.  ``intent_lock``
-        # serialises writes of the intent file and is taken before ``lock``.
+        # ``lock`` guards cr, oos, their sub-records, touched and durable.
+        # ``intent_lock`` serialises writes of the intent file and is taken
+        # before ``lock``.
         self.lock = threading.Lock()
         self.intent_lock = threading.Lock()
         self.maps = {n: Bitmap(self.nblocks) for n in names}
