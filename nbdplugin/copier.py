@@ -54,15 +54,15 @@ store and ``tgt`` stay whole blocks.  What it gives up: a foreign write to
 the target (outside any cgmirror copy) in a clean piece of a changed block
 is no longer overwritten by chance, as one in an unchanged block never was;
 after a restart (a crash mid-copy included) every changed block goes whole.
-A block with a record is a run of its
-own: one request per run of dirty pieces (zero pieces as write-zeroes), the
-block confirmed once all of them are acknowledged.  The change map keeps
-records only where the pieces save more bytes than their requests cost
-(``changemap.sends_pieces``); the copy checks the same rule again, with the
-clipped length of a short last block.  ``total_bytes`` and
-``done_bytes`` keep counting the bytes of the blocks copied (progress of
-the cut); ``sent_total`` and ``sent_bytes`` count the bytes written to the
-target (data or write-zeroes), which is what sub-blocks save.
+A block sent as pieces is a run of its own: one request per run of dirty
+pieces (zero pieces as write-zeroes), the block confirmed once all of them
+are acknowledged.  Only where the pieces save more bytes than their
+requests cost (``changemap.sends_pieces``; the map drops records that could
+never pass, ``keeps_record``): else the block goes whole, merged with its
+neighbours.  ``total_bytes`` and ``done_bytes`` keep counting the bytes of
+the blocks copied (progress of the cut); ``sent_total`` and ``sent_bytes``
+count the bytes written to the target (data or write-zeroes), which is
+what sub-blocks save.
 
 Why several connections: one thread both reads the PiT and feeds the socket,
 so while it reads, the target starves; measured on 1 GiB, 1 stream reached
