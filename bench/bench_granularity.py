@@ -1,16 +1,19 @@
 """What each change-map granularity costs: drain bytes, write path, map and checkpoint.
 
     .venv/bin/python bench/bench_granularity.py [--granularities 4K,16K,64K]
-        [--writes 4096] [--repeats 3] [--runtime 3] [--big-gib 64]
+        [--sub 4K] [--writes 4096] [--repeats 3] [--runtime 3] [--big-gib 64]
 
-One slave per granularity, all running at once (one 1 GiB volume each on
+One slave per granularity (plain maps: sub-blocks off), plus one at the
+coarsest granularity with --sub sub-blocks (the ``64K+4K`` row: the
+product's default), all running at once (one 1 GiB volume each on
 /dev/shm, fallocated), so that every case is measured side by side and
 interleaved over the same minutes of machine load:
 
 (a) drain bytes.  After a full copy to an ``nbdkit file`` target, a workload
     is written through the slave's export with libnbd (the same seeded
     offsets and data at every granularity), then one cut and one incremental
-    copy.  ``drain_amplification`` = bytes the copy sent / bytes the host
+    copy.  ``drain_amplification`` = bytes the copy wrote to the target
+    (its ``sent_bytes``) / bytes the host
     wrote; ``drain_vs_distinct`` = bytes sent / distinct 4 KiB pages written
     (what a perfect 4 KiB tracker would send).  Workloads:
       rand4k   --writes random 4 KiB writes, 4 KiB aligned
@@ -48,13 +51,15 @@ of the moment.  ``mark()`` is the only part of the write path that depends
 on the granularity, and timed in process (best of --repeats loops) it is
 measurable under load; fio's IOPS are still reported.
 
-A finer scheme that does not pay everywhere is shown as a *model* row
-(``64K+4K``, computed, not run): persist and checkpoint 64 KiB bits as now,
-and keep 4 KiB sub-bits in memory only, allocated per 4 MiB region on its
-first sub-64K write (128 bytes a region).  Without a crash it drains what
-the 4 KiB map drains; after a crash it falls back to 64 KiB bits (recovery
-over-marks anyway); the checkpoint and the lock hold stay those of 64 KiB,
-and the memory grows only with the regions small writes touched.
+The finer scheme that does not pay everywhere (``64K+4K``, built: see
+nbdplugin/changemap.py, "Sub-blocks") is measured as a row of its own: 64
+KiB bits persisted and checkpointed as plain 64 KiB, 4 KiB sub-records in
+memory only (a dict of block -> mask, capped).  Its map costs add the
+records' memory after the rand4k workload's marks (tracemalloc), and the
+rule's check (1) decides whether sub-blocks are on by default: (2) and (3)
+are those of its granularity.  The JSON keeps ``model_64k_plus_4k_sub``
+(now measured, ``"measured": true``) and adds the row under the key
+``"65536+4096"`` in the per-row fields.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ from bench_write import run_fio  # noqa: E402  (same directory)
 from coordinator import launch  # noqa: E402
 from coordinator.control import ControlClient  # noqa: E402
 from harness import peers  # noqa: E402
+from nbdplugin import changemap  # noqa: E402
 from nbdplugin.changemap import ChangeMap  # noqa: E402
 from wire.units import parse_size  # noqa: E402
 
@@ -131,12 +137,22 @@ def distinct_pages(ops: list[tuple[int, int]]) -> int:
     return len(pages)
 
 
-class Slave:
-    """One slave at one granularity, with its copy target and a libnbd handle."""
+def label(g: int, sub: int) -> str:
+    """The row's key: the granularity, or "G+S" with sub-blocks."""
+    return str(g) if sub >= g else f"{g}+{sub}"
 
-    def __init__(self, base: str, g: int):
-        self.g = g
-        self.name = f"g{g // KiB}k"
+
+def short(key: str) -> str:
+    return "+".join(f"{int(x) // KiB}K" for x in key.split("+"))
+
+
+class Slave:
+    """One slave at one granularity (and sub-block size), with its copy
+    target and a libnbd handle."""
+
+    def __init__(self, base: str, g: int, sub: int):
+        self.g, self.sub = g, sub
+        self.name = f"g{g // KiB}k" + (f"s{sub // KiB}k" if sub < g else "")
         d = os.path.join(base, self.name)
         os.makedirs(d)
         self.dir = d
@@ -152,7 +168,8 @@ class Slave:
         self.spec = launch.SlaveSpec(name=self.name, statedir=self.statedir,
                                      nbd_socket=os.path.join(d, "nbd.sock"),
                                      control=os.path.join(d, "ctl.sock"),
-                                     volumes=[("v", self.image, None)], granularity=g)
+                                     volumes=[("v", self.image, None)], granularity=g,
+                                     env={"CGMIRROR_SUBBLOCK": str(sub)})
         self.proc = None
         self.target = None
         self.h = None
@@ -187,7 +204,8 @@ class Slave:
 
     # -- copies --------------------------------------------------------------
     def copy(self, full: bool) -> dict:
-        """One cut and its copy to the target; returns bytes sent and seconds."""
+        """One cut and its copy to the target; returns the bytes written to
+        the target (``sent_bytes``), those of the blocks, and seconds."""
         self.n += 1
         n = self.n
         with ControlClient(self.spec.control) as c:
@@ -206,7 +224,10 @@ class Slave:
         last = st["last_copy"]
         if not last or last.get("n") != n or not last["ok"]:
             raise RuntimeError(f"{self.name}: copy of cut {n} failed: {last}")
-        return {"bytes": r["bytes"]["v"], "seconds": last["volumes"]["v"]["seconds"]}
+        p = last["volumes"]["v"]
+        assert p["done_bytes"] == r["bytes"]["v"]
+        return {"bytes": p["sent_bytes"], "block_bytes": p["done_bytes"],
+                "seconds": p["seconds"]}
 
     def write(self, ops: list[tuple[int, int]], data: bytes) -> None:
         for off, length in ops:
@@ -226,11 +247,30 @@ class Slave:
 
 # ---------------------------------------------------------------- (c) maps
 
-def map_costs(g: int, size: int, repeats: int, workdir: str) -> dict:
+def record_bytes(cm: ChangeMap, ops: list[tuple[int, int]]) -> tuple[int, int]:
+    """(bytes, count) of the sub-records ``ops`` leave in a fresh cr
+    (tracemalloc: what the dict and its ints take)."""
+    import tracemalloc
+    cm.clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for off, n in ops:
+            cm.mark(off, n)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    count = len(cm.sub_cr)
+    cm.clear()
+    return used, count
+
+
+def map_costs(g: int, sub: int, size: int, repeats: int, workdir: str,
+              writes: int) -> dict:
     """Memory, checkpoint bytes/time and lock hold of a ChangeMap of ``size``."""
     d = tempfile.mkdtemp(prefix=f"ckpt-{g}-", dir=workdir)
     try:
-        cm = ChangeMap(d, "v", size, g, max(REGION, g))
+        cm = ChangeMap(d, "v", size, g, max(REGION, g), sub=sub)
         rnd = random.Random(g)
         npages = size // PAGE
         times, holds = [], []
@@ -265,38 +305,53 @@ def map_costs(g: int, size: int, repeats: int, workdir: str) -> dict:
             mark_us = min(loops) / len(marks) * 1e6
         ckpt_bytes = os.path.getsize(cm.map_path) + os.path.getsize(cm.intent_path)
         mem = sum(len(b.to_bytes()) for b in cm.maps.values())
+        out = {"size": size, "map_memory_bytes": mem, "checkpoint_bytes": ckpt_bytes,
+               "checkpoint_ms": statistics.median(times) * 1000,
+               "lock_hold_ms": statistics.median(holds) * 1000, "mark_us": mark_us}
+        if sub < g:
+            # The records a rand4k group leaves, and the most a map can hold.
+            ops = [(rnd.randrange(npages) * PAGE, PAGE) for _ in range(writes)]
+            out["sub_record_bytes"], out["sub_records"] = record_bytes(cm, ops)
+            cap = min(changemap.SUB_RECORDS_MAX, cm.nblocks)
+            out["sub_record_bytes_max"] = round(
+                2 * cap * out["sub_record_bytes"] / max(1, out["sub_records"]))
         cm.close()
-        return {"size": size, "map_memory_bytes": mem, "checkpoint_bytes": ckpt_bytes,
-                "checkpoint_ms": statistics.median(times) * 1000,
-                "lock_hold_ms": statistics.median(holds) * 1000, "mark_us": mark_us}
+        return out
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def pick_default(grans: list[int], fio: dict, maps: dict) -> tuple[int, dict]:
-    """Apply the rule of the module docstring (``fio[g][w]``: the list of
-    runs of granularity g and workload w); return (granularity, why)."""
+def pick_default(rows: list[str], fio: dict, maps: dict) -> tuple[int, int | None, dict]:
+    """Apply the rule of the module docstring (``fio[row][w]``: the list of
+    runs of one row and workload w; a row is ``label(g, sub)``); return
+    (granularity, sub-block size or None, why).  Sub-blocks are on when the
+    chosen granularity's sub-block row passes the same checks."""
     why = {}
-    cpu_us = statistics.median(r["cpu_us_per_io"] for g in grans
-                               for r in fio[g]["4k_randwrite_qd16"])
-    cheapest = min(maps[g]["1gib"]["mark_us"] for g in grans)
+    cpu_us = statistics.median(r["cpu_us_per_io"] for k in rows
+                               for r in fio[k]["4k_randwrite_qd16"])
+    cheapest = min(maps[k]["1gib"]["mark_us"] for k in rows)
     ok = []
-    for g in grans:
-        m = maps[g]["tib"]
+    for k in rows:
+        m = maps[k]["tib"]
         checks = {
-            "mark_within": maps[g]["1gib"]["mark_us"] - cheapest <= IOPS_WITHIN_COST * cpu_us,
+            "mark_within": maps[k]["1gib"]["mark_us"] - cheapest <= IOPS_WITHIN_COST * cpu_us,
             "ckpt_bytes_tib": m["checkpoint_bytes"] <= MAX_CKPT_BYTES_TIB,
             "lock_ms_tib": m["lock_hold_ms"] <= MAX_LOCK_MS_TIB,
         }
-        why[str(g)] = checks
+        why[k] = checks
         if all(checks.values()):
-            ok.append(g)
-    return (min(ok) if ok else max(grans)), why
+            ok.append(k)
+    plain = [int(k) for k in ok if "+" not in k]
+    g = min(plain) if plain else max(int(k.split("+")[0]) for k in rows)
+    subs = [int(k.split("+")[1]) for k in ok if k.startswith(f"{g}+")]
+    return g, (min(subs) if subs else None), why
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--granularities", default="4K,16K,64K")
+    ap.add_argument("--sub", default="4K",
+                    help="sub-block size of the extra row at the coarsest granularity")
     ap.add_argument("--writes", type=int, default=4096, help="writes per drain workload")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=3, help="seconds per fio run")
@@ -307,46 +362,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-fio", action="store_true")
     args = ap.parse_args(argv)
     grans = sorted(parse_size(x) for x in args.granularities.split(","))
+    sub = parse_size(args.sub)
+    # (granularity, sub-block size) per row; sub == g: plain bits.
+    cases = [(g, g) for g in grans] + ([(grans[-1], sub)] if sub < grans[-1] else [])
+    rows = [label(g, s) for g, s in cases]
     for tool in ("nbdkit", "fio"):
         if not shutil.which(tool):
             print(f"{tool} not found: run `make setup`", file=sys.stderr)
             return 2
-    need = 2 * SIZE * len(grans) + GiB
+    need = 2 * SIZE * len(cases) + GiB
     if shutil.disk_usage("/dev/shm").free < need:
         print(f"/dev/shm needs {need // MiB} MiB free", file=sys.stderr)
         return 2
 
     load = {"start": loadavg()}
     data = os.urandom(MiB)
-    drains = {g: {w: [] for w in DRAIN_WORKLOADS} for g in grans}
+    drains = {k: {w: [] for w in DRAIN_WORKLOADS} for k in rows}
     written = {w: [] for w in DRAIN_WORKLOADS}
     distinct = {w: [] for w in DRAIN_WORKLOADS}
-    fio = {g: {w: [] for w in FIO_WORKLOADS} for g in grans}
+    fio = {k: {w: [] for w in FIO_WORKLOADS} for k in rows}
     base = tempfile.mkdtemp(prefix="cgm-gran-", dir="/dev/shm")
-    slaves: dict[int, Slave] = {}
+    slaves: dict[str, Slave] = {}
     try:
-        for g in grans:
-            slaves[g] = Slave(base, g)
-            slaves[g].start()
-            slaves[g].copy(full=True)      # the baseline of every incremental copy
+        for (g, s), k in zip(cases, rows):
+            slaves[k] = Slave(base, g, s)
+            slaves[k].start()
+            slaves[k].copy(full=True)      # the baseline of every incremental copy
         # -- (a) drain bytes --------------------------------------------------
         for rep in range(args.repeats):
             for w in DRAIN_WORKLOADS:
                 ops = workload(w, args.writes, seed=rep * 101 + DRAIN_WORKLOADS.index(w))
                 written[w].append(sum(n for _, n in ops))
                 distinct[w].append(distinct_pages(ops) * PAGE)
-                for g in grans:
-                    slaves[g].write(ops, data)
-                    drains[g][w].append(slaves[g].copy(full=False))
+                for k in rows:
+                    slaves[k].write(ops, data)
+                    drains[k][w].append(slaves[k].copy(full=False))
             print(f"drain repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
         load["after_drain"] = loadavg()
         # -- (b) write path ------------------------------------------------------
         if not args.skip_fio:
             for rep in range(args.repeats):
-                order = grans[rep % len(grans):] + grans[:rep % len(grans)]
+                order = rows[rep % len(rows):] + rows[:rep % len(rows)]
                 for w in FIO_WORKLOADS:
-                    for g in order:
-                        fio[g][w].append(run_fio(slaves[g], w, args.runtime, args.ramp, base))
+                    for k in order:
+                        fio[k][w].append(run_fio(slaves[k], w, args.runtime, args.ramp, base))
                 print(f"fio repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
         load["after_fio"] = loadavg()
     finally:
@@ -356,21 +415,24 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- (c) map memory and checkpoint, on the real disk -------------------------
     maps = {}
-    for g in grans:
-        small = map_costs(g, GiB, args.repeats, tempfile.gettempdir())
-        big = map_costs(g, args.big_gib * GiB, args.repeats, tempfile.gettempdir())
+    for (g, s), row in zip(cases, rows):
+        small = map_costs(g, s, GiB, args.repeats, tempfile.gettempdir(), args.writes)
+        big = map_costs(g, s, args.big_gib * GiB, args.repeats, tempfile.gettempdir(),
+                        args.writes)
         scale = TiB / big["size"]
-        tib = {k: (v * scale if v is not None else small[k]) for k, v in big.items()}
-        maps[g] = {"1gib": small, "tib": tib}
+        # Records do not scale with the volume (capped; a group's writes).
+        tib = {k: (v * scale if v is not None and not k.startswith("sub_") else small[k])
+               for k, v in big.items()}
+        maps[row] = {"1gib": small, "tib": tib}
         if big["size"] != TiB:
-            maps[g][f"{args.big_gib}gib"] = big
+            maps[row][f"{args.big_gib}gib"] = big
     load["end"] = loadavg()
     loaded = max(load.values()) > os.cpu_count()
 
     med_fio = {g: {w: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                    for w, runs in ws.items() if runs} for g, ws in fio.items()}
     med_drain = {}
-    for g in grans:
+    for g in rows:
         med_drain[g] = {}
         for w in DRAIN_WORKLOADS:
             runs = drains[g][w]
@@ -383,63 +445,65 @@ def main(argv: list[str] | None = None) -> int:
                     r["bytes"] / b for r, b in zip(runs, distinct[w])),
             }
 
-    label = "LOADED" if loaded else "quiet"
+    state = "LOADED" if loaded else "quiet"
     print(f"\n1 GiB volume per slave on /dev/shm, {args.repeats} repeats, medians;"
-          f" loadavg {load} ({label}: {os.cpu_count()} cores)")
+          f" loadavg {load} ({state}: {os.cpu_count()} cores)")
     print(f"(a) drain: {args.writes} writes per workload, then one incremental copy")
-    print(f"{'gran':>5} {'workload':8} {'written MiB':>11} {'sent MiB':>9}"
+    print(f"{'gran':>7} {'workload':8} {'written MiB':>11} {'sent MiB':>9}"
           f" {'amplif.':>8} {'vs distinct':>11} {'copy s':>7}")
-    for g in grans:
+    for g in rows:
         for w in DRAIN_WORKLOADS:
             m = med_drain[g][w]
-            print(f"{g // KiB:>4}K {w:8} {statistics.median(written[w]) / MiB:11.1f}"
+            print(f"{short(g):>7} {w:8} {statistics.median(written[w]) / MiB:11.1f}"
                   f" {m['bytes_sent'] / MiB:9.1f} {m['drain_amplification']:8.2f}"
                   f" {m['drain_vs_distinct']:11.2f} {m['seconds']:7.3f}")
-    if med_fio[grans[0]]:
+    if med_fio[rows[0]]:
         print("(b) write path, fio nbd engine, 1 connection")
-        print(f"{'gran':>5} {'workload':19} {'IOPS':>9} {'srv CPU us/IO':>14}")
-        for g in grans:
+        print(f"{'gran':>7} {'workload':19} {'IOPS':>9} {'srv CPU us/IO':>14}")
+        for g in rows:
             for w, m in med_fio[g].items():
-                print(f"{g // KiB:>4}K {w:19} {m['iops']:9,.0f} {m['cpu_us_per_io']:14.1f}")
+                print(f"{short(g):>7} {w:19} {m['iops']:9,.0f} {m['cpu_us_per_io']:14.1f}")
     print(f"(c) change map, on {tempfile.gettempdir()} (fdatasync'd); 1 TiB "
           + ("measured" if args.big_gib == 1024 else f"extrapolated from {args.big_gib} GiB"))
-    print(f"{'gran':>5} {'size':>6} {'maps MiB':>9} {'ckpt MiB':>9} {'ckpt ms':>8}"
-          f" {'lock ms':>8} {'mark us':>8}")
-    for g in grans:
+    print(f"{'gran':>7} {'size':>6} {'maps MiB':>9} {'ckpt MiB':>9} {'ckpt ms':>8}"
+          f" {'lock ms':>8} {'mark us':>8} {'records KiB (max)':>18}")
+    for g in rows:
         for key, m in maps[g].items():
-            print(f"{g // KiB:>4}K {key:>6} {m['map_memory_bytes'] / MiB:9.2f}"
+            rec = (f"{m['sub_record_bytes'] / KiB:8.0f} ({m['sub_record_bytes_max'] / KiB:.0f})"
+                   if "sub_record_bytes" in m else "")
+            print(f"{short(g):>7} {key:>6} {m['map_memory_bytes'] / MiB:9.2f}"
                   f" {m['checkpoint_bytes'] / MiB:9.2f} {m['checkpoint_ms']:8.2f}"
-                  f" {m['lock_hold_ms']:8.3f} {m['mark_us'] or float('nan'):8.2f}")
+                  f" {m['lock_hold_ms']:8.3f} {m['mark_us'] or float('nan'):8.2f} {rec:>18}")
 
-    # The model row (see the module docstring): 4 KiB drain bytes, 64 KiB
-    # map costs, plus 128 bytes for every 4 MiB region a sub-64K write touched.
+    # The sub-block row, under the fields the model row had.
     hybrid = None
-    if 4 * KiB in grans and 64 * KiB in grans:
-        sub_regions = {w: statistics.median(
-            len({off // REGION for off, n in workload(w, args.writes, seed=rep * 101 + i)
-                 if n % (64 * KiB) or off % (64 * KiB)}) for rep in range(args.repeats))
-            for i, w in enumerate(DRAIN_WORKLOADS)}
+    srow = next((k for k in rows if "+" in k), None)
+    if srow is not None:
+        m1 = maps[srow]["1gib"]
         hybrid = {
-            "drain_amplification": {w: round(med_drain[4 * KiB][w]["drain_amplification"], 3)
+            "measured": True, "row": srow,
+            "drain_amplification": {w: round(med_drain[srow][w]["drain_amplification"], 3)
                                     for w in DRAIN_WORKLOADS},
-            "sub_bitmap_bytes_after_workload": {w: n * (REGION // PAGE // 8)
-                                                for w, n in sub_regions.items()},
-            "sub_bitmap_bytes_per_tib_worst": TiB // PAGE // 8,
-            "checkpoint_bytes_tib": round(maps[64 * KiB]["tib"]["checkpoint_bytes"]),
-            "lock_hold_ms_tib": round(maps[64 * KiB]["tib"]["lock_hold_ms"], 3),
+            "sub_bitmap_bytes_after_workload": {"rand4k": m1["sub_record_bytes"]},
+            "sub_records_after_workload": {"rand4k": m1["sub_records"]},
+            "sub_bitmap_bytes_per_tib_worst": m1["sub_record_bytes_max"],
+            "checkpoint_bytes_tib": round(maps[srow]["tib"]["checkpoint_bytes"]),
+            "lock_hold_ms_tib": round(maps[srow]["tib"]["lock_hold_ms"], 3),
+            "mark_us": round(m1["mark_us"], 3),
         }
-        print("model 64K+4K (not run): drain amplification "
+        print(f"{short(srow)} (built): drain amplification "
               + ", ".join(f"{w} {v:.2f}" for w, v in hybrid["drain_amplification"].items())
-              + "; in-memory sub-bits after each workload "
-              + ", ".join(f"{w} {v / KiB:.0f} KiB"
-                          for w, v in hybrid["sub_bitmap_bytes_after_workload"].items())
-              + f"; checkpoint and lock hold as 64K ({hybrid['checkpoint_bytes_tib'] / MiB:.1f}"
-              f" MiB, {hybrid['lock_hold_ms_tib']} ms per TiB)")
+              + f"; records after rand4k {m1['sub_record_bytes'] / KiB:.0f} KiB"
+              f" ({m1['sub_records']} blocks), at most"
+              f" {m1['sub_record_bytes_max'] / MiB:.1f} MiB a volume"
+              f"; checkpoint and lock hold {hybrid['checkpoint_bytes_tib'] / MiB:.1f}"
+              f" MiB, {hybrid['lock_hold_ms_tib']} ms per TiB")
 
-    chosen, why = (pick_default(grans, fio, maps) if med_fio[grans[0]]
-                   else (None, {}))
+    chosen, chosen_sub, why = (pick_default(rows, fio, maps) if med_fio[rows[0]]
+                               else (None, None, {}))
     if chosen:
-        print(f"default by the rule: {chosen // KiB} KiB  ({why})")
+        print(f"default by the rule: {chosen // KiB} KiB,"
+              f" sub-blocks {f'{chosen_sub // KiB} KiB' if chosen_sub else 'off'}  ({why})")
 
     def r(x, n=3):
         return round(x, n) if isinstance(x, float) else x
@@ -448,21 +512,21 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "granularity", "size_gib": SIZE // GiB, "writes": args.writes,
         "repeats": args.repeats, "runtime_s": args.runtime,
         "loadavg": load["end"], "loadavg_phases": load, "loaded": loaded,
-        "chosen_default": chosen, "rule": why,
-        "drain_amplification": {str(g): {w: r(med_drain[g][w]["drain_amplification"])
-                                         for w in DRAIN_WORKLOADS} for g in grans},
-        "drain": {str(g): {w: {k: r(v) for k, v in m.items()} for w, m in ws.items()}
+        "chosen_default": chosen, "chosen_sub": chosen_sub, "rule": why,
+        "drain_amplification": {g: {w: r(med_drain[g][w]["drain_amplification"])
+                                    for w in DRAIN_WORKLOADS} for g in rows},
+        "drain": {g: {w: {k: r(v) for k, v in m.items()} for w, m in ws.items()}
                   for g, ws in med_drain.items()},
-        "write_iops": {str(g): {w: round(m["iops"]) for w, m in ws.items()}
+        "write_iops": {g: {w: round(m["iops"]) for w, m in ws.items()}
                        for g, ws in med_fio.items()},
-        "write_iops_best": {str(g): {w: round(max(r["iops"] for r in runs))
-                                     for w, runs in ws.items() if runs}
+        "write_iops_best": {g: {w: round(max(r["iops"] for r in runs))
+                                for w, runs in ws.items() if runs}
                             for g, ws in fio.items()},
-        "write_cpu_us_per_io": {str(g): {w: r(m["cpu_us_per_io"], 2) for w, m in ws.items()}
+        "write_cpu_us_per_io": {g: {w: r(m["cpu_us_per_io"], 2) for w, m in ws.items()}
                                 for g, ws in med_fio.items()},
-        "bitmap_bytes_per_tib": {str(g): TiB // g // 8 for g in grans},
+        "bitmap_bytes_per_tib": {label(g, s): TiB // g // 8 for g, s in cases},
         "model_64k_plus_4k_sub": hybrid,
-        "maps": {str(g): {k: {f: r(v) for f, v in m.items()} for k, m in ms.items()}
+        "maps": {g: {k: {f: r(v) for f, v in m.items()} for k, m in ms.items()}
                  for g, ms in maps.items()},
     }
     print(json.dumps(result))

@@ -1,6 +1,7 @@
 """The mirror under load: RPO, drain amplification, hold times.
 
     .venv/bin/python bench/bench_mirror.py [--size-mib 128] [--seconds 20]
+        [--subblock BYTES]
 
 The rig of tests/test_mirror.py on /dev/shm (2 slaves x 2 volumes, their two
 secondaries on this machine, unix sockets), ``cgmirror mirror run`` as a
@@ -18,12 +19,15 @@ child process with groups back to back (``interval_ms = 0``).
 Reported (table, then one JSON line last):
 
 - ``rpo_p50_s``, ``rpo_p99_s``: of the 100 ms samples (nearest rank).
-- ``drain_amplification``: bytes the groups sent to the remote / bytes the
-  host wrote, over the groups cut during the sustained phase.  The price of
-  the change granularity: a 4 KiB write marks a whole ``granularity``
-  block, so scattered writes cost up to granularity / 4 KiB (16 at 64 KiB);
+- ``drain_amplification``: bytes the groups sent to the remote (the
+  secondaries' ``replication_bytes``, over the sustained phase) / bytes the
+  host wrote.  The price of the change granularity: a 4 KiB write marks a
+  whole ``granularity`` block, so scattered writes cost up to granularity /
+  4 KiB (16 at 64 KiB) -- unless sub-blocks (``subblock``, 4 KiB by
+  default; ``--subblock 65536`` turns them off) send only the dirty pieces;
   writes landing in a block already dirty in the same group cost nothing
-  more (the ratio falls as the group's writes crowd the volume).
+  more.  ``block_amplification``: the blocks the groups covered (the
+  history's bytes, cut during the phase) / bytes written.
 - ``hold_p99_ms``: the mirror's own p99 of the freeze hold (gate closed
   to thawed), and ``write_p99_ms``/``write_max_ms``: the host writes'
   latency as the writers saw it, mirroring running.
@@ -53,6 +57,7 @@ for _p in (ROOT, TESTS):
         sys.path.insert(0, _p)
 
 from coordinator import launch, session as session_mod  # noqa: E402
+from coordinator.control import ControlClient  # noqa: E402
 from coordinator.history import History  # noqa: E402
 from coordinator.mirror import MirrorNotRunning, call, percentile  # noqa: E402
 from test_mirror import ORDER, SIZE, session_text  # noqa: E402
@@ -137,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seconds", type=float, default=5.0, help="maximum-rate phase")
     ap.add_argument("--qd", type=int, default=16, help="writes in flight per volume")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--subblock", type=int, default=None,
+                    help="the primaries' sub-block size in bytes ($CGMIRROR_SUBBLOCK);"
+                         " the granularity turns sub-blocks off; default: the product's")
     a = ap.parse_args(argv)
     size = a.size_mib * MiB
     base = tempfile.mkdtemp(prefix="cgm-bench-mirror-", dir="/dev/shm")
@@ -150,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(base)
         sess = session_mod.load(path)
         specs = [s.spec() for s in sess.slaves] + [r.spec() for r in sess.secondaries]
+        if a.subblock is not None:
+            for spec in specs:
+                spec.env = {**spec.env, "CGMIRROR_SUBBLOCK": str(a.subblock)}
         for spec in specs:
             procs.append(launch.start(spec))
         by = {p.spec.name: p.spec for p in procs}
@@ -177,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"the mirror never hardened its first group;"
                                    f" see {base}/mirror.log")
             time.sleep(0.1)
+        remotes = [r.spec().control for r in sess.secondaries]
+
+        def remote_bytes() -> int:
+            total = 0
+            for ctl in remotes:
+                with ControlClient(ctl) as c:
+                    total += sum(v["replication_bytes"]
+                                 for v in c.call("status")["volumes"].values())
+            return total
+        remote0 = remote_bytes()
         t_start = time.time()
         rpo: list[float] = []
         out: dict = {}
@@ -194,24 +215,27 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(max(0.0, next_t - time.monotonic()))
         th.join()
         t_end = time.time()
+        remote = remote_bytes() - remote0
         st = call(sess.mirror.control, "status")
         with History(sess.state_dir) as h:
             rows = [g for g in h.groups() if g["outcome"] == "hardened"
                     and g["cut"] and t_start <= _unix(g["cut"]) <= t_end]
-        sent = sum(g["bytes"] or 0 for g in rows)
+        blocks = sum(g["bytes"] or 0 for g in rows)
         drain_s = sum((g["drain_ms"] or 0) for g in rows) / 1000
         written = out["n"] * BLOCK
         lat = out["lat"]
         res = {
             "rpo_p50_s": percentile(rpo, 50), "rpo_p99_s": percentile(rpo, 99),
             "rpo_samples": len(rpo),
-            "drain_amplification": round(sent / written, 2) if written else None,
+            "drain_amplification": round(remote / written, 2) if written else None,
+            "block_amplification": round(blocks / written, 2) if written else None,
             "granularity": by["s1"].granularity, "write_bytes": BLOCK,
+            "subblock": a.subblock,
             "hold_p99_ms": st["hold_ms"]["p99"], "hold_p50_ms": st["hold_ms"]["p50"],
             "write_p99_ms": round(percentile(lat, 99) * 1000, 2) if lat else None,
             "write_max_ms": round(max(lat) * 1000, 2) if lat else None,
             "groups_per_s": round(len(rows) / (t_end - t_start), 2),
-            "drain_mb_s": round(sent / 1e6 / drain_s, 1) if drain_s else None,
+            "drain_mb_s": round(remote / 1e6 / drain_s, 1) if drain_s else None,
             # Asked for half the maximum; what the writers achieved with the
             # mirror draining on the same two cores may fall short of it.
             "max_write_iops": round(max_rate), "target_write_iops": round(rate),

@@ -60,6 +60,21 @@
  * requests in flight, so confirmations and the target timeout go on as
  * before; a cancel or a failure ends the wait.  Rate 0: no limit.
  *
+ * Sub-blocks: a block listed in `pblocks` (ascending, with its mask of
+ * dirty `sub`-byte pieces in `pmasks`, `wpb` words each) is a run of its
+ * own; the whole block is read from the PiT as any other, and only its
+ * dirty pieces are written (zero pieces as write-zeroes), one request per
+ * run of set bits, all from the slot's buffer.  The slot counts its
+ * requests (plus one held while issuing them, so a completion during the
+ * issue cannot end it early) and is reaped once all have retired: the
+ * block is confirmed only if every piece was acknowledged.  Such a slot
+ * may thus hold up to g/(2*sub) requests.  done_bytes counts the bytes
+ * of the blocks copied (as before), sent_bytes the bytes written to the
+ * target, which the flush cadence (`flush_every`) also counts.  The cursor walks the
+ * records in step with the bitmap (under the same lock), so the runs stay
+ * ascending and disjoint.  Why sending only the pieces is enough:
+ * nbdplugin/copier.py ("Sub-blocks").
+ *
  * Rejected: one thread polling every handle (a pread of the source then
  * stalls all connections; libnbd's nbdcopy also uses a thread per
  * connection); handing confirmations to Python per request (a Python call
@@ -189,7 +204,8 @@ uint64_t cg_overlay_bytes(struct cg_overlay *ov)
 
 struct slot {
     int busy, done, err;
-    uint64_t start, nblocks, len;
+    int pending;             /* requests not retired (+1 while issuing) */
+    uint64_t start, nblocks, len, sent;   /* len: of the blocks; sent: written */
     char *buf;
 };
 
@@ -222,11 +238,14 @@ struct cg_copy {
     struct cg_overlay *ov;
     uint64_t g, size, nbits, max_run, flush_every;
     const uint64_t *words;
+    const uint64_t *pblocks, *pmasks;   /* sub-block records (see the top) */
+    uint64_t nrec, sub, wpb;
     int timeout_ms;
     struct stream *streams;
 
-    pthread_mutex_t lock;    /* guards cursor, events, err, fault */
+    pthread_mutex_t lock;    /* guards cursor, pcur, events, err, fault */
     uint64_t cursor;
+    uint64_t pcur;           /* the first record at or after cursor */
     uint64_t *ev;
     size_t nev, capev;
     int fault;
@@ -234,7 +253,7 @@ struct cg_copy {
 
     _Atomic int cancelled;
     _Atomic int failed;
-    _Atomic uint64_t done_bytes;
+    _Atomic uint64_t done_bytes, sent_bytes;
 
     _Atomic uint64_t rate;   /* bytes per second; 0: no limit */
     pthread_mutex_t bucket_lock;   /* guards tokens, refilled */
@@ -301,18 +320,31 @@ static uint64_t next_bit(const struct cg_copy *c, uint64_t from, int invert)
     return c->nbits;
 }
 
-static int next_run(struct cg_copy *c, uint64_t *start, uint64_t *n)
+/* The next run: [start, start+n) of whole blocks (*mask NULL), or one
+ * block with a sub-block record (*mask: its words). */
+static int next_run(struct cg_copy *c, uint64_t *start, uint64_t *n,
+                    const uint64_t **mask)
 {
     int got = 0;
     pthread_mutex_lock(&c->lock);
     if (!atomic_load(&c->failed) && !atomic_load(&c->cancelled)) {
         uint64_t s = next_bit(c, c->cursor, 0);
         if (s < c->nbits) {
-            uint64_t limit = c->nbits - s > c->max_run ? s + c->max_run : c->nbits;
-            uint64_t e = next_bit(c, s, 1);
-            if (e > limit)
-                e = limit;
-            *start = s, *n = e - s, c->cursor = e;
+            while (c->pcur < c->nrec && c->pblocks[c->pcur] < s)
+                c->pcur++;
+            *mask = NULL;
+            if (c->pcur < c->nrec && c->pblocks[c->pcur] == s) {
+                *mask = c->pmasks + c->pcur++ * c->wpb;
+                *start = s, *n = 1, c->cursor = s + 1;
+            } else {
+                uint64_t limit = c->nbits - s > c->max_run ? s + c->max_run : c->nbits;
+                uint64_t e = next_bit(c, s, 1);
+                if (e > limit)
+                    e = limit;
+                if (c->pcur < c->nrec && c->pblocks[c->pcur] < e)
+                    e = c->pblocks[c->pcur];
+                *start = s, *n = e - s, c->cursor = e;
+            }
             got = 1;
         } else {
             c->cursor = c->nbits;
@@ -381,11 +413,14 @@ static int is_zero(const char *p, uint64_t n)
     return n <= 16 || memcmp(p, p + 16, n - 16) == 0;
 }
 
+/* Runs in the stream's own thread (inside its nbd_poll or nbd_aio_*). */
 static int slot_done(void *user_data, int *error)
 {
     struct slot *sl = user_data;
-    sl->err = *error;
-    sl->done = 1;
+    if (*error && !sl->err)
+        sl->err = *error;
+    if (--sl->pending == 0)
+        sl->done = 1;
     return 1;                /* retire the command */
 }
 
@@ -460,10 +495,11 @@ static int reap(struct stream *s)
         if (!emit(c, CG_EV_CONFIRM, sl->start, sl->nblocks))
             rc = -1;
         else if (s->can_flush)
-            rc |= add_acked(s, sl->start, sl->nblocks, sl->len);
+            rc |= add_acked(s, sl->start, sl->nblocks, sl->sent);
         else if (!emit(c, CG_EV_FLUSHED, sl->start, sl->nblocks))
             rc = -1;
         atomic_fetch_add(&c->done_bytes, sl->len);
+        atomic_fetch_add(&c->sent_bytes, sl->sent);
     }
     for (struct flush **fp = &s->flushes; *fp;) {
         struct flush *f = *fp;
@@ -586,11 +622,71 @@ static int pace(struct stream *s, uint64_t len)
     }
 }
 
+static int mask_bit(const uint64_t *mask, uint64_t i)
+{
+    return mask[i >> 6] >> (i & 63) & 1;
+}
+
+/* Call fn(s, sl, offset, length) for each run of dirty pieces of a block
+ * of `len` bytes (every byte if mask is NULL); returns the bytes covered,
+ * or stops at the first fn that fails (-1). */
+static int64_t each_piece(struct stream *s, struct slot *sl, const uint64_t *mask,
+                          uint64_t len,
+                          int (*fn)(struct stream *, struct slot *, uint64_t, uint64_t))
+{
+    struct cg_copy *c = s->c;
+    if (mask == NULL)
+        return fn == NULL || fn(s, sl, 0, len) == 0 ? (int64_t)len : -1;
+    uint64_t spb = c->g / c->sub, total = 0;
+    for (uint64_t i = 0; i < spb;) {
+        if (!mask_bit(mask, i)) {
+            i++;
+            continue;
+        }
+        uint64_t j = i;
+        while (j < spb && mask_bit(mask, j))
+            j++;
+        uint64_t off = i * c->sub;
+        if (off >= len)
+            break;
+        uint64_t plen = (j - i) * c->sub < len - off ? (j - i) * c->sub : len - off;
+        if (fn != NULL && fn(s, sl, off, plen) < 0)
+            return -1;
+        total += plen;
+        i = j;
+    }
+    return (int64_t)total;
+}
+
+/* Issue one write (or write-zeroes) of bytes [off, off+len) of the slot's
+ * block(s). */
+static int issue_piece(struct stream *s, struct slot *sl, uint64_t off, uint64_t len)
+{
+    struct cg_copy *c = s->c;
+    nbd_completion_callback cb = {.callback = slot_done, .user_data = sl};
+    int64_t cookie;
+    sl->pending++;
+    /* A zero run costs the link nothing and the target may punch a hole
+     * for it. */
+    if (s->can_zero && is_zero(sl->buf + off, len))
+        cookie = nbd_aio_zero(s->h, len, sl->start * c->g + off, cb, 0);
+    else
+        cookie = nbd_aio_pwrite(s->h, sl->buf + off, len, sl->start * c->g + off, cb, 0);
+    if (cookie == -1) {
+        sl->pending--;
+        fail(c, CG_FAULT_TARGET, ": %s", nbd_get_error());
+        s->own_error = 1;
+        return -1;
+    }
+    return 0;
+}
+
 static void *stream_run(void *arg)
 {
     struct stream *s = arg;
     struct cg_copy *c = s->c;
     uint64_t start, n;
+    const uint64_t *mask;
 
     clock_gettime(CLOCK_MONOTONIC, &s->last_progress);
     s->can_zero = nbd_can_zero(s->h) == 1;
@@ -601,27 +697,21 @@ static void *stream_run(void *arg)
                && !atomic_load(&c->cancelled))
             if (wait_some(s, c->timeout_ms) < 0)
                 break;
-        if (sl == NULL || !next_run(c, &start, &n))
+        if (sl == NULL || !next_run(c, &start, &n, &mask))
             break;
         uint64_t len = c->size - start * c->g < n * c->g ? c->size - start * c->g : n * c->g;
-        if (pace(s, len) < 0 || read_pit(c, sl->buf, start, n, len) < 0)
+        uint64_t sent = (uint64_t)each_piece(s, sl, mask, len, NULL);
+        if (pace(s, sent) < 0 || read_pit(c, sl->buf, start, n, len) < 0)
             break;
-        sl->busy = 1, sl->done = 0, sl->err = 0;
-        sl->start = start, sl->nblocks = n, sl->len = len;
-        nbd_completion_callback cb = {.callback = slot_done, .user_data = sl};
-        int64_t cookie;
-        /* A zero run costs the link nothing and the target may punch a
-         * hole for it. */
-        if (s->can_zero && is_zero(sl->buf, len))
-            cookie = nbd_aio_zero(s->h, len, start * c->g, cb, 0);
-        else
-            cookie = nbd_aio_pwrite(s->h, sl->buf, len, start * c->g, cb, 0);
-        if (cookie == -1) {
-            sl->busy = 0;
-            fail(c, CG_FAULT_TARGET, ": %s", nbd_get_error());
-            s->own_error = 1;
+        sl->busy = 1, sl->done = 0, sl->err = 0, sl->pending = 1;
+        sl->start = start, sl->nblocks = n, sl->len = len, sl->sent = sent;
+        int issued = each_piece(s, sl, mask, len, issue_piece) >= 0;
+        if (!issued && !sl->err)
+            sl->err = EIO;   /* a piece never went: never confirm the block */
+        if (--sl->pending == 0)
+            sl->done = 1;    /* the guard taken above (see the top) */
+        if (!issued)
             break;
-        }
         if (reap(s) < 0)
             break;
         if (s->acked_bytes >= c->flush_every && issue_flush(s) < 0)
@@ -642,7 +732,8 @@ struct cg_copy *cg_copy_new(void **handles, int nhandles, int inflight,
                             uint64_t granularity, uint64_t size,
                             const uint64_t *words, uint64_t nbits,
                             uint64_t max_run, uint64_t flush_every,
-                            int timeout_ms)
+                            int timeout_ms, const uint64_t *pblocks,
+                            const uint64_t *pmasks, uint64_t nrec, uint64_t sub)
 {
     struct cg_copy *c = calloc(1, sizeof *c);
     if (c == NULL)
@@ -651,6 +742,9 @@ struct cg_copy *cg_copy_new(void **handles, int nhandles, int inflight,
     c->nh = nhandles, c->inflight = inflight, c->fd = live_fd, c->ov = ov;
     c->g = granularity, c->size = size, c->words = words, c->nbits = nbits;
     c->max_run = max_run, c->flush_every = flush_every, c->timeout_ms = timeout_ms;
+    c->pblocks = pblocks, c->pmasks = pmasks, c->nrec = nrec;
+    c->sub = sub ? sub : granularity;
+    c->wpb = (granularity / c->sub + 63) / 64;
     pthread_mutex_init(&c->lock, NULL);
     pthread_mutex_init(&c->bucket_lock, NULL);
     clock_gettime(CLOCK_MONOTONIC, &c->refilled);
@@ -716,6 +810,11 @@ void cg_copy_cancel(struct cg_copy *c)
 uint64_t cg_copy_done_bytes(struct cg_copy *c)
 {
     return atomic_load(&c->done_bytes);
+}
+
+uint64_t cg_copy_sent_bytes(struct cg_copy *c)
+{
+    return atomic_load(&c->sent_bytes);
 }
 
 size_t cg_copy_take_events(struct cg_copy *c, uint64_t *out, size_t max_events)

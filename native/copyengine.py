@@ -130,13 +130,18 @@ class Engine:
     volume of ``size`` bytes at ``fd``, with ``overlay`` laid over them) to
     the libnbd ``handles`` (one stream each, ``inflight`` requests each).
 
+    ``partial``: {block: mask} of blocks of ``blocks`` of which only the
+    dirty ``sub``-byte pieces are written (bit i: bytes [i*sub, (i+1)*sub)
+    of the block; see "Sub-blocks" in copy.c).
+
     The handles stay the caller's: keep them open while the engine runs,
     shut them down before ``close()``.
     """
 
     def __init__(self, handles, fd: int, overlay: Overlay | None, granularity: int,
                  size: int, blocks: Bitmap, max_run: int, flush_every: int,
-                 inflight: int, timeout: float):
+                 inflight: int, timeout: float, partial: dict[int, int] | None = None,
+                 sub: int | None = None):
         _need()
         if not handles:
             raise ValueError("at least one handle is needed")
@@ -151,6 +156,21 @@ class Engine:
                 raise ValueError(f"{name} must be >= 1")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
+        sub = granularity if sub is None else _uint(sub, "sub")
+        if sub == 0 or sub & (sub - 1) or granularity % sub:
+            raise ValueError(f"sub must be a power of two dividing {granularity}, got {sub}")
+        spb = granularity // sub
+        wpb = (spb + 63) // 64
+        keys = sorted(partial or {})
+        masks = []
+        for b in keys:
+            m = _uint(partial[b], "mask")
+            if not 0 < m < 1 << spb or not blocks.test(_uint(b, "block")):
+                raise ValueError(f"record of block {b}: mask {m:#x} is not {spb} bits"
+                                 f" of a block being copied")
+            masks += [(m >> (64 * i)) & (2**64 - 1) for i in range(wpb)]
+        self._pblocks = ffi.new("uint64_t[]", keys or [0])
+        self._pmasks = ffi.new("uint64_t[]", masks or [0])
         # Kept referenced for the engine's life: C reads them.
         self._handles = list(handles)
         self._hp = ffi.new("void *[]", [ffi.cast("void *", _handle_pointer(h))
@@ -162,7 +182,8 @@ class Engine:
                             overlay._p if overlay is not None else ffi.NULL,
                             granularity, size, self._words, blocks.nbits,
                             max_run, _uint(flush_every, "flush_every"),
-                            max(1, int(timeout * 1000)))
+                            max(1, int(timeout * 1000)), self._pblocks, self._pmasks,
+                            len(keys), sub)
         if p == ffi.NULL:
             raise MemoryError("cannot allocate the copy engine's buffers")
         self._p = p
@@ -187,7 +208,13 @@ class Engine:
             lib.cg_copy_set_rate(self._p, rate)
 
     def done_bytes(self) -> int:
+        """Bytes of the blocks copied so far (acknowledged by the target)."""
         return lib.cg_copy_done_bytes(self._p)
+
+    def sent_bytes(self) -> int:
+        """Bytes written to the target so far (acknowledged): less than
+        ``done_bytes`` where only a block's dirty pieces went."""
+        return lib.cg_copy_sent_bytes(self._p)
 
     def take_events(self) -> list[tuple[int, int, int]]:
         """(CONFIRM | FLUSHED, start block, count) in the order they happened."""
@@ -206,3 +233,4 @@ class Engine:
             self._p = None
             # A finished Copy may be kept (last_copy): let the handles go.
             self._handles = self._hp = self._words = self._blocks = self._overlay = None
+            self._pblocks = self._pmasks = None

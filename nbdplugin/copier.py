@@ -38,6 +38,32 @@ with ``set_rate``): a token bucket shared by the streams, the same in both
 engines (native/copy.c says how); a stream waiting for tokens keeps
 reaping what it has in flight.
 
+Sub-blocks.  An incremental copy sends of a block that has a sub-record at
+the cut (``ChangeMap.oos_records``: the block's changes since it was last
+confirmed were all smaller than the block) only its dirty ``sub``-byte
+pieces, read from the PiT like any block; a block without one goes whole.
+Why that leaves the target's block equal to the PiT's: the target holds the
+group the copy builds on (the baseline check above proves it, and the
+resync's ``adopt`` vouches for it), a clean piece of a block was not written
+since the block was last confirmed there (nor, for a block whose bits came
+back from an aborted copy, by that copy: its pieces were dirty too), so the
+target already holds it as the PiT does.  Hence baseline samples (whole-block
+digests) still hold after a copy, and a full copy ignores sub-records (its
+target holds no group of ours).  The PiT's preservation, a secondary's undo
+store and ``tgt`` stay whole blocks.  What it gives up: a foreign write to
+the target (outside any cgmirror copy) in a clean piece of a changed block
+is no longer overwritten by chance, as one in an unchanged block never was;
+after a restart (a crash mid-copy included) every changed block goes whole.
+A block sent as pieces is a run of its own: one request per run of dirty
+pieces (zero pieces as write-zeroes), the block confirmed once all of them
+are acknowledged.  Only where the pieces save more bytes than their
+requests cost (``changemap.sends_pieces``; the map drops records that could
+never pass, ``keeps_record``): else the block goes whole, merged with its
+neighbours.  ``total_bytes`` and ``done_bytes`` keep counting the bytes of
+the blocks copied (progress of the cut); ``sent_total`` and ``sent_bytes``
+count the bytes written to the target (data or write-zeroes), which is
+what sub-blocks save.
+
 Why several connections: one thread both reads the PiT and feeds the socket,
 so while it reads, the target starves; measured on 1 GiB, 1 stream reached
 0.6 of nbdcopy (which also copies with several connections and threads).
@@ -54,6 +80,7 @@ import time
 import nbd
 
 from native import copyengine
+from .changemap import sends_pieces
 from native.bitmap import Bitmap
 from wire import tls
 
@@ -162,6 +189,13 @@ class PitSource:
     def flushed(self, start: int, count: int) -> None:
         self._changes.confirm(start, count)
 
+    def partial(self) -> tuple[int, dict[int, int]]:
+        """(sub-block size, {block: mask of dirty sub-blocks}) of the blocks
+        of the cut that need not go whole; none for a full copy."""
+        if self._pit.full:
+            return self._changes.sub, {}
+        return self._changes.sub, self._changes.oos_records()
+
     def native(self):
         """(live fd, Overlay) for the native engine, or None if unbuilt."""
         overlay = self._pit.store.native_index
@@ -257,6 +291,43 @@ class BlockReader:
         data = bytes(buf.view(length))
         BUFFERS.give([buf])
         return data
+
+
+def sub_extents(mask: int, sub: int, length: int) -> list[tuple[int, int]]:
+    """(offset, length) of each run of set bits of ``mask`` (bit i: bytes
+    [i*sub, (i+1)*sub)) inside a block of ``length`` bytes."""
+    out, i = [], 0
+    while mask:
+        if not mask & 1:
+            z = (mask & -mask).bit_length() - 1
+            mask, i = mask >> z, i + z
+            continue
+        n = (~mask & (mask + 1)).bit_length() - 1      # trailing ones
+        if i * sub < length:
+            out.append((i * sub, min(n * sub, length - i * sub)))
+        mask, i = mask >> n, i + n
+    return out
+
+
+def split_runs(runs, partial: dict[int, int]):
+    """(start, nblocks, mask): ``runs`` (ascending (start, nblocks)) with
+    every block of ``partial`` taken out as a run of its own with its mask
+    (mask None: whole blocks)."""
+    keys = sorted(partial)
+    i = 0
+    for start, n in runs:
+        end = start + n
+        while start < end:
+            while i < len(keys) and keys[i] < start:
+                i += 1
+            if i == len(keys) or keys[i] >= end:
+                yield start, end - start, None
+                break
+            k = keys[i]
+            if k > start:
+                yield start, k - start, None
+            yield k, 1, partial[k]
+            start = k + 1
 
 
 RATE_BURST_S = 0.1     # the bucket holds at most this much time's worth of bytes
@@ -384,9 +455,19 @@ class Copy:
         self.inflight = inflight
         self.streams = max(1, min(streams, inflight))
         g = source.granularity
+        # Sub-records of blocks this copy sends (see "Sub-blocks" above).
+        partial = getattr(source, "partial", None)
+        self.sub, records = partial() if partial is not None else (g, {})
+        self.partial = {b: m for b, m in records.items() if self.blocks.test(b)
+                        and sends_pieces(m, self.sub, min(g, source.size - b * g))}
         self.total_bytes = sum(min(length * g, source.size - start * g)
                                for start, length in self.blocks.iter_runs())
+        self.sent_total = self.total_bytes
+        for b, m in self.partial.items():
+            blen = min(g, source.size - b * g)
+            self.sent_total -= blen - sum(n for _, n in sub_extents(m, self.sub, blen))
         self.done_bytes = 0
+        self.sent_bytes = 0
         self.state = "running"
         self.error: str | None = None
         self.fault: str | None = None
@@ -394,7 +475,7 @@ class Copy:
         self.finished: float | None = None
         self.cancelled = threading.Event()
         self.thread: threading.Thread | None = None
-        self._lock = threading.Lock()     # guards done_bytes and the run iterator
+        self._lock = threading.Lock()     # guards the byte counts and the run iterator
         self._runs = None
         self._failed: list[CopyError] = []
         self._engine: copyengine.Engine | None = None
@@ -411,6 +492,7 @@ class Copy:
         return {"target": self.uri, "state": self.state, "error": self.error,
                 "fault": self.fault,
                 "total_bytes": self.total_bytes, "done_bytes": self.done_bytes,
+                "sent_total": self.sent_total, "sent_bytes": self.sent_bytes,
                 "seconds": round(end - self.started, 3)}
 
     def run(self) -> None:
@@ -452,7 +534,9 @@ class Copy:
                 self._run_native(handles, per_stream, *native)
                 self.baseline = self._sample(h, size)
                 return
-            self._runs = self.blocks.iter_runs(max_run=max(1, MAX_RUN // vol.granularity))
+            self._runs = split_runs(
+                self.blocks.iter_runs(max_run=max(1, MAX_RUN // vol.granularity)),
+                self.partial)
             threads = [threading.Thread(target=self._stream_guarded, args=(hh, per_stream),
                                         name=f"copy-{vol.name}-{i}", daemon=True)
                        for i, hh in enumerate(handles[1:], 1)]
@@ -512,7 +596,8 @@ class Copy:
         engine = copyengine.Engine(
             handles, fd, overlay, g, src.size, self.blocks,
             max_run=max(1, MAX_RUN // g), flush_every=FLUSH_EVERY,
-            inflight=per_stream, timeout=self.timeout)
+            inflight=per_stream, timeout=self.timeout,
+            partial=self.partial, sub=self.sub)
         with self._lock:
             self._engine = engine
             engine.set_rate(self.pacer.rate)
@@ -532,14 +617,14 @@ class Copy:
                 t.join(DRAIN_EVERY)
                 self._apply(engine.take_events())
                 with self._lock:
-                    self.done_bytes = engine.done_bytes()
+                    self.done_bytes, self.sent_bytes = engine.done_bytes(), engine.sent_bytes()
                 if self.done_bytes and self.done_bytes >= halfway:
                     failpoints.hit("copy:mid")
                 if self.cancelled.is_set() or src.broken:
                     engine.cancel()
             self._apply(engine.take_events())   # those of the last moments
             with self._lock:
-                self.done_bytes = engine.done_bytes()
+                self.done_bytes, self.sent_bytes = engine.done_bytes(), engine.sent_bytes()
         finally:
             if t.is_alive():    # this thread failed: stop the engine first
                 engine.cancel()
@@ -593,12 +678,17 @@ class Copy:
         PiT content is there), but its change bit is cleared only once a
         flush that followed the write has completed: a target that crashes
         and loses acknowledged writes gets them again with the next copy.
+        A block sent as sub-block pieces counts as acknowledged once every
+        piece is.
         """
         src = self.source
         g = src.granularity
         can_zero, can_flush = h.can_zero(), h.can_flush()
         free = BUFFERS.take(MAX_RUN, inflight)
-        writes: dict[int, tuple[int, int, int, IOBuffer]] = {}
+        # cookie -> (run, buffer, is a run buffer); run = [start, nblocks,
+        # bytes of the blocks, requests not yet acknowledged, bytes sent],
+        # shared by its pieces.
+        writes: dict[int, tuple[list, IOBuffer, bool]] = {}
         flushes: dict[int, list[tuple[int, int]]] = {}
         acked: list[tuple[int, int]] = []     # written, not yet covered by a flush
         acked_bytes = 0
@@ -623,21 +713,29 @@ class Copy:
                     for start, nblocks in ranges:
                         src.flushed(start, nblocks)
                     continue
-                start, nblocks, length, buf = writes.pop(cookie)
-                free.append(buf)
+                run, buf, run_buffer = writes.pop(cookie)
+                if run_buffer:
+                    free.append(buf)
+                else:
+                    BUFFERS.give([buf])
                 try:
                     h.aio_command_completed(cookie)
                 except nbd.Error as exc:
                     raise CopyError(f"target {self.uri} failed a write at"
-                                    f" {start * g}: {exc.string}") from exc
+                                    f" {run[0] * g}: {exc.string}") from exc
+                run[3] -= 1
+                if run[3]:
+                    continue                  # pieces of the block still in flight
+                start, nblocks, length, _, sent = run
                 src.confirm(start, nblocks)
                 if can_flush:
                     acked.append((start, nblocks))
-                    acked_bytes += length
+                    acked_bytes += sent
                 else:
                     src.flushed(start, nblocks)   # nothing better to wait for
                 with self._lock:
                     self.done_bytes += length
+                    self.sent_bytes += sent
                     done = self.done_bytes
                 if done >= halfway:
                     failpoints.hit("copy:mid")
@@ -649,15 +747,27 @@ class Copy:
                 acked.clear()
                 acked_bytes = 0
 
+        def send(data: "nbd.Buffer", offset: int, run: list, buf: IOBuffer,
+                 run_buffer: bool) -> None:
+            if can_zero and data.is_zero():
+                # A zero run costs the link nothing and the target may
+                # punch a hole for it.
+                cookie = h.aio_zero(len(data), offset)
+            else:
+                cookie = h.aio_pwrite(data, offset)
+            writes[cookie] = (run, buf, run_buffer)
+
         try:
             while (run := self._next_run()) is not None:
-                start, nblocks = run
+                start, nblocks, mask = run
                 if src.broken:
                     raise CopyError(src.broken, "source")
                 while not free:
                     reap(True)
                 length = min(nblocks * g, src.size - start * g)
-                while (wait := self.pacer.delay(length)) > 0:
+                parts = None if mask is None else sub_extents(mask, self.sub, length)
+                sent = length if parts is None else sum(n for _, n in parts)
+                while (wait := self.pacer.delay(sent)) > 0:
                     if self.cancelled.is_set():
                         raise CopyError("copy cancelled", "source")
                     if writes or flushes:
@@ -666,19 +776,35 @@ class Copy:
                     else:
                         self.cancelled.wait(min(wait, 0.025))
                 buf = free.pop()
-                src.read(buf.view(length), start)
-                data = buf.nbd(length)
                 try:
-                    if can_zero and data.is_zero():
-                        # A zero run costs the link nothing and the target
-                        # may punch a hole for it.
-                        cookie = h.aio_zero(length, start * g)
-                    else:
-                        cookie = h.aio_pwrite(data, start * g)
+                    src.read(buf.view(length), start)
+                    if parts is None:
+                        send(buf.nbd(length), start * g, [start, nblocks, length, 1, length],
+                             buf, True)
                 except BaseException:
                     free.append(buf)
                     raise
-                writes[cookie] = (start, nblocks, length, buf)
+                if parts is not None:
+                    # Each piece goes from a pooled buffer of its own size
+                    # (python3-libnbd keeps every buffer it was given: a
+                    # slice of ours would be a new one per request).
+                    rest = []
+                    for off, n in parts:
+                        pb = BUFFERS.take(n, 1)[0]
+                        pb.data[:] = buf.view(off + n)[off:]
+                        rest.append((off, pb))
+                    free.append(buf)
+                    sub_run = [start, 1, length, len(rest), sent]
+                    try:
+                        while rest:
+                            while len(writes) >= inflight:
+                                reap(True)
+                            off, pb = rest[0]
+                            send(pb.nbd(len(pb)), start * g + off, sub_run, pb, False)
+                            rest.pop(0)
+                    except BaseException:
+                        BUFFERS.give(pb for _, pb in rest)
+                        raise
                 reap(False)
                 if acked_bytes >= FLUSH_EVERY:
                     flush()

@@ -281,3 +281,199 @@ def test_state_files_are_private_under_umask_000(new, tmp_path):
         os.umask(old)
     for name in ("v.map", "v.intent"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600, name
+
+
+# ------------------------------------------------------------ sub-blocks
+# In-memory sub-records of cr and oos (block -> mask of dirty 4 KiB pieces;
+# a set block without one is dirty whole).
+
+S = 4096
+
+
+def cover(cm, name="oos"):
+    """{block: mask} of what a copy of ``name`` would send (full mask = whole)."""
+    bits = cm.maps[name]
+    sub = cm.sub_oos if name == "oos" else cm.sub_cr
+    full = (1 << (G // S)) - 1
+    return {b: sub.get(b, full) for s, n in bits.iter_runs() for b in range(s, s + n)}
+
+
+def test_partial_writes_keep_their_sub_blocks_and_whole_writes_drop_them(new):
+    """A partial write to a clean block records its pieces, another ORs in,
+    a write covering the block makes it whole, a partial one then adds nothing."""
+    cm = new()
+    cm.mark(3 * G + S, 100)                  # piece 1
+    cm.mark(3 * G + 3 * S - 1, 2)            # pieces 2 and 3
+    assert cm.sub_cr == {3: 0b1110}
+    cm.mark(3 * G + S + 10, 10)              # inside piece 1 again: no change
+    assert cm.sub_cr == {3: 0b1110}
+    cm.mark(3 * G, G)                         # whole
+    assert cm.sub_cr == {}
+    cm.mark(3 * G + 8 * S, 1)                # dirty whole: stays whole
+    assert cm.sub_cr == {} and blocks(cm) == {3}
+    cm.close()
+
+
+def test_a_write_over_several_blocks_records_only_its_partial_ends(new):
+    """The end blocks of a long unaligned write get records, the ones it
+    covers are whole, and a record inside it is dropped."""
+    cm = new()
+    cm.mark(6 * G + 3 * S, 1)
+    cm.mark(5 * G + 15 * S, 2 * G + 2 * S)  # 5: piece 15, 6, 7: whole, 8: piece 0
+    assert cm.sub_cr == {5: 1 << 15, 8: 1}
+    assert blocks(cm) == {5, 6, 7, 8}
+    cm.close()
+
+
+def test_the_short_last_block_is_whole_once_its_bytes_are_covered(tmp_path):
+    """A volume whose last block is short: a write to its end is whole."""
+    cm = ChangeMap(str(tmp_path), "v", SIZE - 100, G, R)
+    cm.mark(SIZE - G + S, S)                  # last block, piece 1
+    assert cm.sub_cr == {127: 0b10}
+    cm.mark(SIZE - G, G - 100)
+    assert cm.sub_cr == {}
+    cm.close()
+
+
+def test_pieces_far_apart_make_the_block_whole(new):
+    """A record is kept only while its pieces span less than the block
+    minus one request's worth (7 of 16 pieces here)."""
+    cm = new()
+    cm.mark(2 * G, S)
+    cm.mark(2 * G + 8 * S, S)                 # spans 9 pieces: whole
+    cm.mark(3 * G + S, S)
+    cm.mark(3 * G + 5 * S, 2 * S)             # pieces 1, 5, 6: span 6, kept
+    assert cm.sub_cr == {3: 0b1100010}
+    cm.mark(3 * G, S)                         # span 7: kept
+    cm.mark(3 * G + 7 * S, S)                 # span 8: whole
+    assert cm.sub_cr == {} and blocks(cm) == {2, 3}
+    cm.close()
+
+
+def test_cut_moves_records_uncut_merges_them_and_whole_wins(new):
+    """cut hands cr's records to oos; uncut ORs them back, and a block whole
+    on either side comes back whole."""
+    cm = new()
+    cm.mark(1 * G, 10)                        # 1: piece 0
+    cm.mark(2 * G + S, 10)                    # 2: piece 1
+    cm.mark(3 * G, G)                         # 3: whole
+    cm.cut()
+    assert cm.sub_cr == {} and cm.sub_oos == {1: 1, 2: 2}
+    cm.mark(1 * G + S, 10)                    # 1: piece 1 in cr
+    cm.mark(2 * G, G)                         # 2: whole in cr
+    cm.mark(3 * G + S, 10)                    # 3: piece 1 in cr, whole in oos
+    cm.mark(4 * G + S, 10)                    # 4: only in cr
+    cm.uncut()
+    assert cm.sub_cr == {1: 0b11, 4: 2}
+    assert blocks(cm) == {1, 2, 3, 4}
+    cm.close()
+
+
+def test_confirm_and_clear_drop_records_and_a_restart_has_none(new):
+    """Confirmed blocks lose their records; clear drops all; after a
+    restart every set block is whole."""
+    cm = new()
+    for b in range(10):
+        cm.mark(b * G + S, 1)
+    cm.cut()
+    cm.confirm(0, 4)
+    assert sorted(cm.oos_records()) == list(range(4, 10))
+    cm.mark(20 * G, 1)
+    cm.close()
+    again = new()
+    assert again.sub_cr == {} and again.sub_oos == {}
+    assert blocks(again) == set(range(4, 10)) | {20}
+    again.clear()
+    assert blocks(again) == set()
+    again.close()
+
+
+def test_a_partial_write_to_a_block_with_a_record_is_recorded(new):
+    """mark's lock-free path returns early for a block with a record only
+    if the record already holds the write's pieces."""
+    cm = new()
+    cm.mark(7 * G, 10)
+    cm.checkpoint()                           # touched and durable: all set
+    cm.mark(7 * G + S, 10)
+    assert cm.sub_cr == {7: 0b11}
+    cm.mark(7 * G, G)                         # covering write: the slow path
+    assert cm.sub_cr == {}
+    cm.close()
+
+
+def test_past_the_cap_partial_writes_count_whole(new, monkeypatch):
+    """With the record table full a new partial write marks its block whole."""
+    from nbdplugin import changemap
+    monkeypatch.setattr(changemap, "SUB_RECORDS_MAX", 3)
+    cm = new()
+    for b in range(5):
+        cm.mark(b * G, 1)
+    assert sorted(cm.sub_cr) == [0, 1, 2]
+    assert blocks(cm) == set(range(5))
+    cm.close()
+
+
+def test_sub_blocks_off_and_bad_sizes(tmp_path, monkeypatch):
+    """sub == granularity keeps no records; a bad $CGMIRROR_SUBBLOCK is one line."""
+    cm = ChangeMap(str(tmp_path), "v", SIZE, G, R, sub=G)
+    cm.mark(0, 1)
+    assert cm.sub_cr == {} and blocks(cm) == {0}
+    cm.close()
+    monkeypatch.setenv("CGMIRROR_SUBBLOCK", "4k")
+    with pytest.raises(ValueError, match="CGMIRROR_SUBBLOCK must be a size in bytes"):
+        ChangeMap(str(tmp_path), "w", SIZE, G, R)
+    monkeypatch.setenv("CGMIRROR_SUBBLOCK", "1000")
+    with pytest.raises(ValueError, match="power of two >= 512"):
+        ChangeMap(str(tmp_path), "w", SIZE, G, R)
+    monkeypatch.setenv("CGMIRROR_SUBBLOCK", str(1 << 20))
+    cm = ChangeMap(str(tmp_path), "w", SIZE, G, R)
+    assert cm.sub == G
+    cm.close()
+
+
+def test_records_always_cover_what_was_written(new):
+    """Random writes, cuts, confirms and uncuts against a byte-level model:
+    what a copy of oos or cr would send always covers every piece written
+    since its block was last confirmed, and is exact while no write covered
+    a block whole."""
+    import random
+    rng = random.Random(11)
+    cm = new()
+    nb = SIZE // G
+    model = {"cr": {}, "oos": {}}             # block -> set of pieces written
+    cut = False
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.85:
+            if rng.random() < 0.9:
+                off, n = rng.randrange(SIZE - S) & ~511, rng.choice([512, S, 2 * S, 3 * S])
+            else:
+                off, n = rng.randrange(SIZE - 3 * G), rng.randrange(1, 3 * G)
+            cm.mark(off, n)
+            for p in range(off // S, (off + n - 1) // S + 1):
+                model["cr"].setdefault(p * S // G, set()).add(p % (G // S))
+        elif not cut and op < 0.9:
+            cm.cut()
+            cut = True
+            for b, ps in model["cr"].items():
+                model["oos"].setdefault(b, set()).update(ps)
+            model["cr"] = {}
+        elif cut and op < 0.95:
+            start = rng.randrange(nb)
+            count = min(rng.randrange(1, 8), nb - start)
+            cm.confirm(start, count)
+            for b in range(start, start + count):
+                model["oos"].pop(b, None)
+        elif cut:
+            cm.uncut()
+            cut = False
+            for b, ps in model["oos"].items():
+                model["cr"].setdefault(b, set()).update(ps)
+            model["oos"] = {}
+        for name in ("cr", "oos"):
+            got = cover(cm, name)
+            assert set(got) == set(model[name])
+            for b, ps in model[name].items():
+                want = sum(1 << p for p in ps)
+                assert got[b] & want == want, (step, name, b)
+    cm.close()

@@ -324,3 +324,18 @@ def test_the_copier_refuses_an_unknown_engine(monkeypatch, vol, run_dir):
         assert "CGMIRROR_COPY_ENGINE must be one of python, native, not 'fast'" == c.error
     finally:
         tgt.stop()
+
+
+def test_engine_refuses_bad_sub_block_records():
+    """A record's mask must fit the block's pieces and name a block being
+    copied; the sub-block size must divide the granularity."""
+    blocks = Bitmap(16)
+    blocks.set(3, 1)
+    args = (["not used"], 0, None, G, 16 * G, blocks)
+    kw = dict(max_run=16, flush_every=1 << 20, inflight=1, timeout=1.0)
+    with pytest.raises(ValueError, match="is not 16 bits"):
+        copyengine.Engine(*args, **kw, partial={3: 1 << 16}, sub=4096)
+    with pytest.raises(ValueError, match="of a block being copied"):
+        copyengine.Engine(*args, **kw, partial={4: 1}, sub=4096)
+    with pytest.raises(ValueError, match="sub must be a power of two"):
+        copyengine.Engine(*args, **kw, partial={3: 1}, sub=3000)
