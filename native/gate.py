@@ -164,11 +164,6 @@ class Core:
                      volumes=self._names(s.volumes), full=self._names(s.full), gen=s.gen,
                      lease_left_ms=s.lease_left_ms if s.phase == lib.CG_FROZEN else None)
 
-    def gen(self) -> int:
-        s = ffi.new("struct cg_state *")
-        lib.cg_state(self._c, s)
-        return s.gen
-
     def serve_tls(self, listen_fd: int, ca: str, cert: str, key: str) -> None:
         """Serve freeze/thaw/abort on ``listen_fd`` (a listening TCP socket
         the caller keeps open), mutual TLS 1.3 from these files as in

@@ -358,15 +358,15 @@ def test_core_refusals_are_the_protocols():
 
 def test_core_generation_moves_at_every_transition_and_gates_carry_it():
     core, gates = _core()
-    seen = [core.gen()]
+    seen = [core.state().gen]
     core.freeze(1, 1000, ["a", "b"], [])
-    seen.append(core.gen())
+    seen.append(core.state().gen)
     core.thaw(1)
-    seen.append(core.gen())
+    seen.append(core.state().gen)
     assert gates[0].enter() == seen[-1]       # a writer admitted after the thaw
     gates[0].leave()
     assert core.end(1, "done")
-    seen.append(core.gen())
+    seen.append(core.state().gen)
     assert seen == sorted(set(seen))
     assert core.state().ended == "done"
     core.close()
