@@ -16,11 +16,11 @@ import tempfile
 import threading
 import time
 
-import nbd
 import psutil
 import pytest
 import trustme
 
+from ctlrig import connect_nbd, log_text, raw, read_line
 from conftest import wait_until
 from coordinator import launch
 from nbdplugin.server import ControlServerError
@@ -31,38 +31,9 @@ G = 64 * 1024
 MB = 1 << 20
 
 
-def connect_nbd(proc, vol="a"):
-    h = nbd.NBD()
-    h.set_handle_name(f"test-{vol}")
-    h.connect_uri(proc.spec.uri(vol))
-    return h
-
-
-def raw(path, timeout=10.0):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(path)
-    return s
-
-
-def read_line(s) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
 def ask(s, **req) -> dict:
     s.sendall(json.dumps(req).encode() + b"\n")
     return json.loads(read_line(s))
-
-
-def log_text(proc) -> str:
-    with open(proc.spec.logfile, errors="replace") as f:
-        return f.read()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import time
 import nbd
 import pytest
 
+from ctlrig import connect_nbd, log_text, raw, read_line
 from conftest import wait_until
 from coordinator.control import ControlError
 from native.bitmap import Bitmap
@@ -29,34 +30,11 @@ G = 64 * 1024
 MB = 1 << 20
 
 
-def connect_nbd(proc, vol="a"):
-    h = nbd.NBD()
-    h.connect_uri(proc.spec.uri(vol))
-    return h
-
-
 def gate_of(proc) -> str:
     with proc.control() as c:
         path = c.call("status")["gate"]
     assert path == proc.spec.control + ".gate"
     return path
-
-
-def raw(path, timeout=10.0):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(path)
-    return s
-
-
-def read_line(s) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
 
 
 def ask(s, line) -> dict:
@@ -72,11 +50,6 @@ def ask(s, line) -> dict:
         return protocol.decode_reply(op, got)
     except protocol.Refused as exc:
         return {"ok": False, "kind": exc.kind.value, "error": str(exc)}
-
-
-def log_text(proc) -> str:
-    with open(proc.spec.logfile, errors="replace") as f:
-        return f.read()
 
 
 # ------------------------------------------------------------------ served by C
