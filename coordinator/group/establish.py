@@ -2,17 +2,17 @@
 
 One thread (at real-time priority where allowed: pipeline.realtime), one
 connection per slave (to its gate socket where it has one: FREEZE, THAW and
-ABORT answered by a C thread, over TLS too on TCP), opened before the clock starts: FREEZE(n)
-goes to every slave at once, and the coordinator reads replies as they come
-(select) until every slave is FROZEN or ``max_coordination_ms`` has passed.  All frozen ->
-THAW(n) to all at once.  Otherwise -> ABORT(n) to every slave, and
-``EstablishAborted``.  Each abort goes on the connection that carried the
-slave's freeze, and a slave answers one connection in order: an abort can
-therefore never overtake the freeze it undoes (an abort on a second
-connection could reach the slave first, be refused as "no such cut", and
-leave the late freeze holding the gates until the lease ran out); a slave
-whose freeze is still pending handles its abort the moment its freeze is
-done.  A slave that died answers nothing; the others are thawed by the
+ABORT answered by a C thread, over TLS too on TCP), opened before the clock
+starts: FREEZE(n) goes to every slave at once, and the coordinator reads
+replies as they come (select) until every slave is FROZEN or
+``max_coordination_ms`` has passed.  All frozen -> THAW(n) to all at once.
+Otherwise -> ABORT(n) to every slave, and ``EstablishAborted``.  Each abort
+goes on the connection that carried the slave's freeze, and a slave answers
+one connection in order: an abort can therefore never overtake the freeze
+it undoes (an abort on a second connection could reach the slave first, be
+refused as "no such cut", and leave the late freeze holding the gates until
+the lease ran out); a slave whose freeze is still pending handles its abort
+the moment its freeze is done.  A slave that died answers nothing; the others are thawed by the
 abort within the coordination time, and the lease is the backstop if the
 coordinator dies too.
 

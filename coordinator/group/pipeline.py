@@ -165,7 +165,7 @@ def realtime() -> Iterator[bool]:
     is a no-op.  Yields whether the priority was granted."""
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-    except (PermissionError, AttributeError):
+    except (OSError, AttributeError):     # EPERM, or no such policy here
         yield False
         return
     try:
