@@ -45,10 +45,11 @@ class SlaveSpec:
     granularity: int = 64 * 1024
     region: int = 4 << 20
     # nbdkit worker threads per connection.  Measured with fio (4K random
-    # writes, qd16): 1 thread ~26K IOPS, 2 ~11K, 4 ~9K -- Python threads only
-    # fight over the GIL.  The price: while a freeze holds a write (a few ms),
-    # later requests on that connection wait behind it; other connections
-    # and the control channel do not.
+    # writes, qd16, bench-write's threads_sweep_iops): 1 thread ~51K IOPS,
+    # 2 ~30K, 4 ~26K -- Python threads only fight over the GIL.  The price:
+    # while a freeze holds a write (a fraction of a millisecond), later
+    # requests on that connection wait behind it; other connections and the
+    # control channel do not.
     threads: int = 1
     checkpoint: float = 2.0
     filters: list[str] = field(default_factory=list)   # e.g. ["error"]

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import socket
 import struct
 import sys
@@ -80,7 +79,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from wire import protocol
+from wire import failpoints, protocol
 from wire.protocol import Kind
 
 from . import direction, events, group, output, verify
@@ -91,23 +90,8 @@ from .link import SlaveLink
 from .lock import SessionLock
 from .session import Session, replication_uri
 
-# Test-only crash points of the coordinator, as wire/failpoints.py does
-# for the slave (``CGMIRROR_FAILPOINTS=name[@N],...``: SIGKILL the N-th time
-# ``_hit(name)`` runs).  Points: mirror:after-cut (thawed, before COPY),
-# mirror:mid-drain (COPY sent, first poll), mirror:after-prepare (every
-# secondary prepared, no commit sent), mirror:mid-commit (the first secondary
-# committed, the others not yet).
-_armed: dict[str, int] = {}
-for _item in filter(None, os.environ.get("CGMIRROR_FAILPOINTS", "").split(",")):
-    _name, _, _nth = _item.partition("@")
-    _armed[_name] = int(_nth or 1)
-
-
-def _hit(name: str) -> None:
-    if name in _armed:
-        _armed[name] -= 1
-        if _armed[name] == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
+# Test-only crash points of the coordinator: wire/failpoints.py (mirror:*).
+_hit = failpoints.hit
 
 
 LIFT_AFTER = 5                  # drain-time failures in a row before the timer lifts

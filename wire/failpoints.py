@@ -1,16 +1,21 @@
-"""Test-only failpoints: make the slave die at a named point.
+"""Test-only failpoints: make a slave or the coordinator die at a named point.
 
-``CGMIRROR_FAILPOINTS=name[@N][,name[@N]...]`` in the slave's environment
-kills the process with SIGKILL the N-th time (default: first) execution
-reaches ``hit(name)``.  Used by
-the crash tests to cut the durability orderings at every step.  Unset (the
-normal case) ``hit`` is one dict lookup.
+``CGMIRROR_FAILPOINTS=name[@N][,name[@N]...]`` in the process's environment
+kills it with SIGKILL the N-th time (default: first) execution reaches
+``hit(name)``.  Used by the crash tests to cut the durability orderings at
+every step.  Unset (the normal case) ``hit`` is one dict lookup.
 
-Points: ``write:after-intent`` (intent durable, data not yet written),
-``write:after-data`` (data written, reply not sent), ``checkpoint:before-rename``
-(new map written, not yet in place), ``checkpoint:after-map`` (map in place,
-intent not yet shrunk), ``preserve:after-save`` (PiT content saved, host write
-not yet done), ``copy:mid`` (copy half done).
+Slave points: ``write:after-intent`` (intent durable, data not yet
+written), ``write:after-data`` (data written, reply not sent),
+``checkpoint:before-rename`` (new map written, not yet in place),
+``checkpoint:after-map`` (map in place, intent not yet shrunk),
+``preserve:after-save`` (PiT content saved, host write not yet done),
+``copy:mid`` (copy half done); the secondary's ``secondary:*``
+(nbdplugin/secondary.py).  Coordinator points (coordinator/mirror.py):
+``mirror:after-cut`` (thawed, before COPY), ``mirror:mid-drain`` (COPY
+sent, first poll), ``mirror:after-prepare`` (every secondary prepared, no
+commit sent), ``mirror:mid-commit`` (the first secondary committed, the
+others not yet).
 """
 
 import os
