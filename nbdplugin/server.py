@@ -111,11 +111,7 @@ class ControlServer:
             raise ControlServerError(f"control={address}: {exc}") from None
         if addr.is_tcp:
             _check_tls(ssl_context, addr)
-            srv = socket.create_server((addr.host, addr.port), backlog=BACKLOG,
-                                       family=socket.AF_INET6 if ":" in addr.host
-                                       else socket.AF_INET)
-            self.address = str(wire_address.Address(
-                "tcp", host=addr.host, port=srv.getsockname()[1]))
+            srv, self.address = listen_tcp(addr.host, addr.port)
         else:
             srv = listen_unix(addr.path)
             self.control_path = addr.path
@@ -326,6 +322,14 @@ def _check_tls(ctx: ssl.SSLContext | None, addr) -> None:
             ctx.minimum_version < ssl.TLSVersion.TLSv1_3:
         raise ControlServerError(f"control={addr}: the TLS context must require TLS 1.3"
                                  f" and client certificates")
+
+
+def listen_tcp(host: str, port: int) -> tuple[socket.socket, str]:
+    """A listening TCP socket on ``host`` (port 0: any free port) and its
+    address, ``tcp:HOST:PORT`` with the port it got."""
+    srv = socket.create_server((host, port), backlog=BACKLOG,
+                               family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    return srv, str(wire_address.Address("tcp", host=host, port=srv.getsockname()[1]))
 
 
 def listen_unix(path: str) -> socket.socket:

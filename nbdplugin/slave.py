@@ -36,7 +36,6 @@ import errno
 import json
 import logging
 import os
-import socket
 import ssl
 import threading
 from collections import deque
@@ -49,7 +48,8 @@ from wire.files import write_atomic
 from native.gate import Core, GateRefused
 
 from .server import (HANDSHAKE_TIMEOUT_S, IDLE_TIMEOUT_S, MAX_CONNECTIONS, Conn,
-                     ControlServer, ControlServerError, OpHandler, listen_unix)
+                     ControlServer, ControlServerError, OpHandler, listen_tcp,
+                     listen_unix)
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -642,10 +642,7 @@ class Slave(OpHandler):
                 self.core.serve(self.gate_socket.fileno(), os.getuid())
             elif tls_files is not None:
                 host = wire_address.parse(self.server.address).host
-                self.gate_socket = socket.create_server(
-                    (host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-                self.gate_path = str(wire_address.Address(
-                    "tcp", host=host, port=self.gate_socket.getsockname()[1]))
+                self.gate_socket, self.gate_path = listen_tcp(host, 0)
                 self.core.serve_tls(self.gate_socket.fileno(), tls_files.ca,
                                     tls_files.server_cert, tls_files.server_key)
         except (ControlServerError, OSError) as exc:
