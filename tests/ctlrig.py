@@ -38,3 +38,15 @@ def log_text(proc) -> str:
     """What the slave wrote to its log so far."""
     with open(proc.spec.logfile, errors="replace") as f:
         return f.read()
+
+
+def assert_aborted_by_its_connection(proc, n, marked) -> None:
+    """Cut ``n`` ended because the connection that froze it went away: the
+    slave is idle with n aborted, volume a's changes are exactly the blocks
+    ``marked``, and the log says why."""
+    with proc.control() as c:
+        st = c.call("status")
+        assert (st["phase"], st["n"], st["ended"]) == ("idle", n, "aborted")
+        runs = c.dirty_runs("a")
+    assert {b for start, count in runs for b in range(start, start + count)} == marked
+    assert "the connection that froze it ended" in log_text(proc)

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import trustme
 
-from ctlrig import connect_nbd, log_text, raw, read_line
+from ctlrig import assert_aborted_by_its_connection, connect_nbd, log_text, raw, read_line
 from conftest import wait_until
 from coordinator import launch
 from nbdplugin.server import ControlServerError
@@ -212,12 +212,7 @@ def test_closing_the_freezing_connection_aborts_the_cut_at_once(slaves):
     t.join(10)
     assert done and done[0] - closed < 2.0, "write held after its freezer left"
     print(f"write released {1000 * (done[0] - closed):.1f} ms after the close")
-    with proc.control() as c:
-        st = c.call("status")
-        assert (st["phase"], st["n"], st["ended"]) == ("idle", 1, "aborted")
-        runs = c.dirty_runs("a")
-    assert {b for start, n in runs for b in range(start, start + n)} == {0, 1}
-    assert "the connection that froze it ended" in log_text(proc)
+    assert_aborted_by_its_connection(proc, 1, {0, 1})
     h.shutdown()
 
 

@@ -17,7 +17,7 @@ import time
 import nbd
 import pytest
 
-from ctlrig import connect_nbd, log_text, raw, read_line
+from ctlrig import assert_aborted_by_its_connection, connect_nbd, log_text, raw, read_line
 from conftest import wait_until
 from coordinator.control import ControlError
 from native.bitmap import Bitmap
@@ -195,12 +195,7 @@ def test_killing_the_freezing_process_aborts_the_cut_at_once(slaves):
         coord.wait()
         coord.stdout.close()
     assert done and done[0] - killed < 2.0, "write held after its freezer died"
-    with proc.control() as c:
-        st = c.call("status")
-        assert (st["phase"], st["n"], st["ended"]) == ("idle", 1, "aborted")
-        runs = c.dirty_runs("a")
-    assert {b for start, n in runs for b in range(start, start + n)} == {0, 1}
-    assert "the connection that froze it ended" in log_text(proc)
+    assert_aborted_by_its_connection(proc, 1, {0, 1})
     h.shutdown()
 
 
