@@ -275,14 +275,19 @@ def body(workdir: str, session: str, images: dict[str, str],
             checks.append((f"{vol}: target has the volume's size", same_size))
             checks.append((f"{vol}: target equals the volume after the last copy",
                            read_all(target_uris[vol]) == read_all(uris[vol])))
-        print()
-        for text, passed in checks:
-            print(f"{'PASS' if passed else 'FAIL'}  {text}")
-        return all(p for _, p in checks)
+        return _report(checks)
     finally:
         if writer is not None:
             writer.stop_event.set()
             writer.join(timeout=10)
+
+
+def _report(checks: list[tuple[str, bool]]) -> bool:
+    """Print each check as PASS or FAIL; True if all passed."""
+    print()
+    for text, passed in checks:
+        print(f"{'PASS' if passed else 'FAIL'}  {text}")
+    return all(p for _, p in checks)
 
 
 MIRROR_LAYOUT = {"m1": {"db": 8 * MiB}, "m2": {"log": 8 * MiB}}
@@ -385,10 +390,7 @@ def mirror_demo(workdir: str, seconds: float = 6.0) -> bool:
         writer.stop_event.set()
         writer.join()
         checks.append((f"writer: {len(writer.log)} writes, no error", writer.error is None))
-        print()
-        for text, passed in checks:
-            print(f"{'PASS' if passed else 'FAIL'}  {text}")
-        return all(p for _, p in checks)
+        return _report(checks)
     finally:
         if writer is not None:
             writer.stop_event.set()
