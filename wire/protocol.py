@@ -87,7 +87,8 @@ MAX_RUNS = 20_000
 # text (a copy error quotes a URI and libnbd's message: room for both).
 MAX_VOLUMES = 1024
 # Volumes of one slave process: its gate core (native/gate.c) keeps a cut's
-# volumes as a 64-bit mask.
+# volumes as a 64-bit mask.  A secondary is held to it too: a failover
+# restarts it as a primary.
 MAX_SLAVE_VOLUMES = 64
 MAX_URI = 4096
 MAX_TEXT = 16384
