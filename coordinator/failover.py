@@ -101,7 +101,7 @@ from typing import Callable
 
 import nbd
 
-from wire import tls
+from wire import files, tls
 
 from . import direction as dirn
 from . import group, launch
@@ -456,7 +456,7 @@ class RoleSwitch:
                         length = min(length, size - off)
                         for o in range(off, off + length, 1 << 20):
                             n = min(1 << 20, off + length - o)
-                            os.pwrite(fd, h.pread(n, o), o)
+                            files.pwrite_all(fd, h.pread(n, o), o)
                     os.fsync(fd)
                 finally:
                     os.close(fd)

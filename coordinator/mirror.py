@@ -71,7 +71,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -79,7 +78,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from wire import failpoints, protocol
+from wire import address as wire_address, failpoints, protocol
 from wire.protocol import Kind
 
 from . import direction, events, group, output, verify
@@ -893,8 +892,7 @@ def _is_subscribe(line: bytes) -> bool:
 
 
 def _peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
+    return wire_address.peer_credentials(conn)[1]
 
 
 def connect(path: str, timeout: float) -> socket.socket:

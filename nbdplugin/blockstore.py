@@ -46,7 +46,7 @@ from collections.abc import Iterable
 
 from native import copyengine
 
-from wire.files import fsync_dir, open_private
+from wire.files import fsync_dir, open_private, pwrite_all
 
 _REC = struct.Struct("<QQII")   # block, offset in the store, length, crc32 of the first 20 bytes
 
@@ -138,13 +138,13 @@ class BlockStore:
                 data = os.pread(self.source_fd, self.block_len(b), b * g)
                 if len(data) != self.block_len(b):
                     raise OSError(errno.EIO, f"short read of block {b}")
-                _pwrite_all(self._fd, data, end)
+                pwrite_all(self._fd, data, end)
                 placed.append((b, end, len(data)))
                 end += len(data)
             if self.durable:
                 # Data before index: a listed block always has its copy.
                 os.fdatasync(self._fd)
-                _pwrite_all(self._idx_fd, b"".join(map(_record, placed)),
+                pwrite_all(self._idx_fd, b"".join(map(_record, placed)),
                             os.fstat(self._idx_fd).st_size)
                 os.fdatasync(self._idx_fd)
             self._end = end
@@ -203,11 +203,3 @@ def _record(entry: tuple[int, int, int]) -> bytes:
     head = _REC.pack(*entry, 0)[:20]
     return head + struct.pack("<I", zlib.crc32(head))
 
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, f"short write at {offset}")
-        view, offset = view[n:], offset + n

@@ -467,7 +467,7 @@ class Secondary(OpHandler):
         saved = vol.undo_blocks()
         g = vol.granularity
         for b, data in saved.items():
-            vol._pwrite_all(data, b * g)
+            vol.pwrite_all(data, b * g)
             failpoints.hit("secondary:rollback-mid")
         vol.flush()
         cm = vol.changes

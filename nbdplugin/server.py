@@ -25,7 +25,6 @@ import select
 import socket
 import ssl
 import stat
-import struct
 import threading
 
 from wire import address as wire_address
@@ -293,8 +292,7 @@ def _peer_allowed(sock: socket.socket) -> bool:
     """On a unix socket only our own uid and root may talk to the slave.  The
     file mode is not enough: it is set only after bind, and an operator may
     loosen it."""
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    pid, uid, _ = wire_address.peer_credentials(sock)
     if uid in (os.getuid(), 0):
         return True
     log.warning("control: refused a connection from uid %d (pid %d): only the"
@@ -369,8 +367,7 @@ def _claim_unix_path(path: str) -> None:
         raise ControlServerError(f"control socket {path} cannot be probed"
                                  f" ({exc.strerror or exc}): choose another path") from None
     else:
-        pid = struct.unpack("3i", probe.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        pid = wire_address.peer_credentials(probe)[0]
         who = f"pid {pid}" if pid > 0 else "pid unknown"
         raise ControlServerError(f"control socket {path} is served by another process"
                                  f" ({who}): stop it or choose another path")

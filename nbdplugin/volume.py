@@ -28,7 +28,7 @@ from native.gate import Gate
 
 from .blockstore import BlockStore, StoreClosed
 from .changemap import ChangeMap
-from wire.files import LockedError, lock_exclusive, lock_holder
+from wire.files import LockedError, lock_exclusive, lock_holder, pwrite_all
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +108,10 @@ class Volume:
         if n != len(buf):
             raise OSError(errno.EIO, f"short read at {offset}: {n} of {len(buf)}")
 
-    def _pwrite_all(self, buf, offset: int) -> None:
-        n = os.pwrite(self.fd, buf, offset)
-        if n == len(buf):
-            return
-        view = memoryview(buf)
-        while n < len(view):     # short writes are legal: finish them
-            if n <= 0:
-                raise OSError(errno.EIO, f"short write at {offset}")
-            view, offset = view[n:], offset + n
-            n = os.pwrite(self.fd, view, offset)
+    def pwrite_all(self, buf, offset: int) -> None:
+        """Write ``buf`` at ``offset`` of the volume, with no change
+        indicator, gate or preservation: the caller owns all three."""
+        pwrite_all(self.fd, buf, offset)
 
     def _modify(self, offset: int, length: int, action, *args) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -136,7 +130,7 @@ class Volume:
             self.gate.leave()
 
     def pwrite(self, buf, offset: int, fua: bool = False) -> None:
-        self._modify(offset, len(buf), self._pwrite_all, buf, offset)
+        self._modify(offset, len(buf), self.pwrite_all, buf, offset)
         if fua:
             self.flush()
 
@@ -165,7 +159,7 @@ class Volume:
         end = offset + length
         while offset < end:
             n = min(len(zeros), end - offset)
-            self._pwrite_all(zeros[:n], offset)
+            self.pwrite_all(zeros[:n], offset)
             offset += n
 
     def _trim(self, length: int, offset: int) -> None:

@@ -139,7 +139,7 @@ def test_freeze_waits_for_writes_inside(tmp_path):
     (in-process: the write is made slow where nbdkit cannot reach)."""
     vol = Volume("a", str(tmp_path / "a.img"), str(tmp_path), G, MB, create_size=MB)
     slave = Slave({"a": vol}, str(tmp_path))
-    real = vol._pwrite_all
+    real = vol.pwrite_all
     inside = threading.Event()
     done_at = []
 
@@ -149,7 +149,7 @@ def test_freeze_waits_for_writes_inside(tmp_path):
         real(buf, offset)
         done_at.append(time.monotonic())
 
-    vol._pwrite_all = slow
+    vol.pwrite_all = slow
     t = threading.Thread(target=vol.pwrite, args=(b"slow", 0))
     t.start()
     inside.wait(5)

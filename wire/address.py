@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
+import struct
 from dataclasses import dataclass
 
 # sun_path holds 108 bytes including the terminating NUL.
@@ -112,3 +114,10 @@ def _valid_host(host: str) -> bool:
             return False
     name = host[:-1] if host.endswith(".") else host
     return len(name) <= 253 and all(_LABEL.match(label) for label in name.split("."))
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of a unix socket
+    (SO_PEERCRED: what the kernel recorded at connect, not what it claims)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)

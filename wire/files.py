@@ -32,6 +32,21 @@ class LockedError(Exception):
     """Another process holds the lock; the message names it when it can."""
 
 
+def pwrite_all(fd: int, buf, offset: int) -> None:
+    """``os.pwrite`` all of ``buf`` at ``offset``: short writes are legal (a
+    signal, a full pipe of a FUSE file system) and are finished here; a write
+    that makes no progress is EIO."""
+    n = os.pwrite(fd, buf, offset)
+    if n == len(buf):
+        return
+    view = memoryview(buf)
+    while n < len(view):
+        if n <= 0:
+            raise OSError(errno.EIO, f"short write at {offset}")
+        view, offset = view[n:], offset + n
+        n = os.pwrite(fd, view, offset)
+
+
 def fsync_dir(path: str) -> None:
     """Make a directory's entries (a create, rename or unlink) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
