@@ -64,8 +64,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from harness import peers  # noqa: E402
-from coordinator import cli, failover_cmds, launch, session as session_mod  # noqa: E402
-from coordinator.failover import Launcher, RoleSwitch  # noqa: E402
+from coordinator import cli, launch, session as session_mod  # noqa: E402
+from coordinator.cli import failover_cmds  # noqa: E402
+from coordinator.roles.failover import Launcher, RoleSwitch  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from coordinator.mirror import Mirror  # noqa: E402
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from coordinator import launch
-from coordinator.failover import Launcher
+from coordinator.roles.failover import Launcher
 
 # The rig's usual budgets: generous, so that a loaded machine does not fail
 # a cut or a drain that a test meant to succeed.

@@ -36,7 +36,8 @@ import pytest
 
 import workload as wl
 from conftest import need, wait_until
-from coordinator import cli, direction, failover_cmds, launch, session as session_mod
+from coordinator import cli, direction, launch, session as session_mod
+from coordinator.cli import failover_cmds
 from coordinator.link import SlaveLink
 from coordinator.mirror import Mirror
 from mirrorrig import ChildLauncher, mirror_session

@@ -51,9 +51,10 @@ for _p in (ROOT, TESTS):
 import pytest  # noqa: E402
 
 import test_failover as tf  # noqa: E402
-from coordinator import cli, direction, failover_cmds, launch  # noqa: E402
+from coordinator import cli, direction, launch  # noqa: E402
+from coordinator.cli import failover_cmds  # noqa: E402
 from coordinator import session as session_mod  # noqa: E402
-from coordinator.failover import Launcher  # noqa: E402
+from coordinator.roles.failover import Launcher  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from coordinator.mirror import Mirror  # noqa: E402
 

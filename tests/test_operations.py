@@ -23,7 +23,8 @@ import urllib.request
 import pytest
 
 from conftest import closing_all, need, wait_until
-from coordinator import cli, events, session as session_mod
+from coordinator import cli, session as session_mod
+from coordinator.mirror import events
 from test_mirror import SIZE, Rig, session_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -533,7 +534,7 @@ def test_progress_shows_eta_in_binary_units():
 def test_verify_requests_wait_for_the_cycle_and_runs_are_merged():
     """A verify asked from a control thread runs when the cycle serves it and
     returns its report; refused ones raise; differing blocks become runs."""
-    from coordinator import verify
+    from coordinator.mirror import verify
     from coordinator.errors import LocalError
     woken = []
     reqs = verify.Requests(lambda: woken.append(1))

@@ -21,7 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from coordinator import pki, pki_cmds
+from coordinator import pki
+from coordinator.cli import pki_cmds
 from coordinator.cli import Context
 from coordinator.errors import ConfigError, ExitCode, UsageError
 from wire import tls

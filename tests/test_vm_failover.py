@@ -29,7 +29,8 @@ import time
 import pytest
 
 from conftest import need, wait_until
-from coordinator import cli, failover_cmds, session as session_mod
+from coordinator import cli, session as session_mod
+from coordinator.cli import failover_cmds
 from coordinator.mirror import Mirror
 from mirrorrig import ChildLauncher, mirror_session
 from tests.vmfixture import workload

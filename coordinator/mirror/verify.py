@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from wire.protocol import MAX_CHECKSUMS, MAX_RUNS
 
-from .errors import CgmirrorError, LocalError, SlaveError
+from ..errors import CgmirrorError, LocalError, SlaveError
 
 
 def runs_of(blocks: list[int]) -> list[list[int]]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import time
 
-from . import events
-from .errors import ExitCode
+from ..errors import ExitCode
+from ..mirror import events
 
 CLEAR = "\x1b[H\x1b[2J"         # cursor home, clear screen (what watch(1) does)
 

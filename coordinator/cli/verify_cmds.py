@@ -18,9 +18,9 @@ different files; 4 (UNREACHABLE) if no mirror runs.
 
 from __future__ import annotations
 
-from . import output
-from .errors import ExitCode
-from .mirror import VERIFY_TIMEOUT_S, call
+from .. import output
+from ..errors import ExitCode
+from ..mirror.cycle import VERIFY_TIMEOUT_S, call
 
 
 def register(sub) -> None:

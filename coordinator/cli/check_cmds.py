@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import shutil
 
-from . import output
-from .errors import ConfigError, ExitCode
-from .launch import PLUGIN
+from .. import output
+from ..errors import ConfigError, ExitCode
+from ..launch import PLUGIN
 
 
 def register(sub) -> None:

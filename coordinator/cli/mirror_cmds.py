@@ -31,10 +31,11 @@ import signal
 from wire import sdnotify
 from wire.units import parse_size
 
-from . import direction, events_cmds, group, output
-from .errors import ExitCode, UsageError
-from .link import SlaveLink
-from .mirror import Mirror, MirrorError, MirrorNotRunning, call
+from .. import direction, group, output
+from . import events_cmds
+from ..errors import ExitCode, UsageError
+from ..link import SlaveLink
+from ..mirror.cycle import Mirror, MirrorError, MirrorNotRunning, call
 
 
 def register(sub) -> None:

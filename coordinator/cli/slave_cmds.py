@@ -18,8 +18,8 @@ import psutil
 
 from coordinator import direction, launch
 
-from .errors import ExitCode, SlaveError, UsageError
-from .lock import SessionLock
+from ..errors import ExitCode, SlaveError, UsageError
+from ..lock import SessionLock
 
 
 @dataclass(frozen=True)

@@ -81,13 +81,14 @@ from typing import Callable
 from wire import address as wire_address, failpoints, protocol
 from wire.protocol import Kind
 
-from . import direction, events, group, output, verify
-from .errors import (CgmirrorError, CopyFailed, EstablishAborted, ExitCode, LocalError,
+from .. import direction, group, output
+from . import events, verify
+from ..errors import (CgmirrorError, CopyFailed, EstablishAborted, ExitCode, LocalError,
                      SlaveError, describe)
-from .history import History
-from .link import SlaveLink
-from .lock import SessionLock
-from .session import Session, replication_uri
+from ..history import History
+from ..link import SlaveLink
+from ..lock import SessionLock
+from ..session import Session, replication_uri
 
 # Test-only crash points of the coordinator: wire/failpoints.py (mirror:*).
 _hit = failpoints.hit

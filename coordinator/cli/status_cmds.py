@@ -19,11 +19,11 @@ import argparse
 
 from coordinator import launch
 
-from . import errors, group, output
+from .. import errors, group, output
 from .copy_cmds import links
-from .errors import ExitCode
-from .history import History
-from .lock import SessionLock
+from ..errors import ExitCode
+from ..history import History
+from ..lock import SessionLock
 
 STATUS_TIMEOUT = 5.0
 # SQLite's LIMIT is a signed 64-bit integer; no one reads more rows than this.

@@ -26,7 +26,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .errors import LocalError
+from ..errors import LocalError
 
 # Hold times are milliseconds, drains seconds to minutes.
 HOLD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

@@ -31,8 +31,8 @@ import threading
 import time
 from typing import Callable
 
-from . import group
-from .link import SlaveLink
+from .. import group
+from ..link import SlaveLink
 
 QUEUE_MAX = 1000            # events kept for one slow subscriber
 WATCH_INTERVAL_S = 1.0
@@ -164,7 +164,7 @@ class PeerWatch:
 def subscribe(path: str, timeout: float = 10.0):
     """Yield the events of the mirror on control socket ``path`` (dicts),
     forever; raise MirrorNotRunning if none answers."""
-    from .mirror import MirrorError, MirrorNotRunning, connect     # mirror imports us
+    from .cycle import MirrorError, MirrorNotRunning, connect     # mirror imports us
     s = connect(path, timeout)      # the timeout: for the connect and the first line only
     try:
         s.sendall(_line({"op": "subscribe"}))

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import datetime
 
-from . import errors, group, output
-from .errors import CgmirrorError, ExitCode
-from .history import History
-from .link import SlaveLink
-from .lock import SessionLock
+from .. import errors, group, output
+from ..errors import CgmirrorError, ExitCode
+from ..history import History
+from ..link import SlaveLink
+from ..lock import SessionLock
 
 
 def register(sub) -> None:

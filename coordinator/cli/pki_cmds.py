@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import output, pki
-from .errors import ExitCode, UsageError
+from .. import output, pki
+from ..errors import ExitCode, UsageError
 
 
 def register(sub) -> None:

@@ -66,10 +66,11 @@ import os
 import sys
 from dataclasses import dataclass
 
-from . import copy_cmds, errors, output, pki_cmds, session as session_mod, slave_cmds
+from .. import errors, output, session as session_mod
+from . import copy_cmds, pki_cmds, slave_cmds
 from . import failover_cmds, mirror_cmds, status_cmds
 from . import check_cmds, events_cmds, units_cmds, verify_cmds
-from .errors import CgmirrorError, ExitCode
+from ..errors import CgmirrorError, ExitCode
 
 
 DEBUG_ENV = "CGMIRROR_DEBUG"

@@ -11,10 +11,10 @@ the state recorded in the session's state directory.
 
 from __future__ import annotations
 
-from . import output
-from .direction import SITES
-from .errors import ExitCode
-from .failover import Launcher, RoleSwitch
+from .. import output
+from ..direction import SITES
+from ..errors import ExitCode
+from ..roles.failover import Launcher, RoleSwitch
 
 # How nodes are restarted in their new role; tests put in one that keeps
 # the processes as their children.

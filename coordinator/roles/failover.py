@@ -103,13 +103,13 @@ import nbd
 
 from wire import files, tls
 
-from . import direction as dirn
-from . import group, launch
-from .direction import DirectionError
-from .errors import CgmirrorError, LocalError
-from .link import SlaveLink
-from .mirror import Mirror, MirrorNotRunning, call as mirror_call
-from .session import Session
+from .. import direction as dirn
+from .. import group, launch
+from ..direction import DirectionError
+from ..errors import CgmirrorError, LocalError
+from ..link import SlaveLink
+from ..mirror.cycle import Mirror, MirrorNotRunning, call as mirror_call
+from ..session import Session
 
 MIRROR_IDLE_TIMEOUT_S = 120.0
 GROUP_TRIES = 5

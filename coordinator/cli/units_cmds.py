@@ -23,7 +23,7 @@ import shlex
 import shutil
 import sys
 
-from .errors import ExitCode, LocalError
+from ..errors import ExitCode, LocalError
 
 UNITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "units")

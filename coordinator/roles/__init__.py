@@ -1,0 +1,1 @@
+"""Role changes of a session's sites: failover, failback, resync, switchover."""
