@@ -41,7 +41,7 @@ import os
 
 from wire.files import write_atomic
 
-from .errors import CgmirrorError, ConfigError
+from .errors import ConfigError, DirectionError
 from .launch import SlaveSpec
 from .session import SecondaryConfig, Session, SlaveConfig, VolumeConfig
 
@@ -49,11 +49,6 @@ FILE = "direction.json"
 SITES = ("a", "b")
 STATES = ("mirroring", "failed-over", "dr-test", "resync", "switching")
 MIRRORS = ("mirroring", "resync")         # states in which groups may form
-
-
-class DirectionError(CgmirrorError):
-    """The command does not fit the session's current direction (the
-    message says what to run instead)."""
 
 
 def other(site: str) -> str:
@@ -152,7 +147,7 @@ def check_mirror(session: Session) -> None:
     session's primaries now (``Mirror.run_once`` calls it)."""
     d = load(session)
     if d["state"] not in MIRRORS:
-        raise DirectionError(_why(d))
+        raise DirectionError(why(d))
     src, frm = d["source"], sending(session, d)
     if frm != src:
         raise DirectionError(f"site {src} is the source now (state {d['state']}), this"
@@ -160,7 +155,9 @@ def check_mirror(session: Session) -> None:
                              f" follows the recorded direction")
 
 
-def _why(d: dict) -> str:
+def why(d: dict) -> str:
+    """Why no group may form in state ``d`` (not mirroring, not resync): one
+    line naming the command to run."""
     src, state = d["source"], d["state"]
     if state == "failed-over":
         return (f"site {src} took over from site {d.get('from', other(src))} (failover):"
@@ -173,4 +170,4 @@ def _why(d: dict) -> str:
 
 
 __all__ = ["DirectionError", "SITES", "check_mirror", "load", "nodes", "oriented",
-           "other", "role", "save", "spec"]
+           "other", "role", "save", "spec", "why"]

@@ -18,11 +18,17 @@ and exits with ``error.exit_code``.
      ├── EstablishAborted               ABORTED    the point in time could not be
      │                                             established; every slave was told
      │                                             to abort the cut
-     └── CopyFailed                     FAILED, TARGET or UNREACHABLE (whose fault)
-                                                   the copy of an established cut failed
+     ├── CopyFailed                     FAILED, TARGET or UNREACHABLE (whose fault)
+     │                                             the copy of an established cut failed
+     ├── MirrorError                    FAILED     the mirror could not do what was asked
+     ├── MirrorNotRunning               UNREACHABLE  no mirror answers on the control socket
+     ├── DirectionError                 FAILED     the command does not fit the recorded
+     │                                             direction (coordinator/direction.py)
+     └── FailoverError                  FAILED     a role switch cannot go on
 
 Lower-layer errors are translated once, where they enter the coordinator:
-``ControlError`` in ``link.py``, ``LaunchError`` in ``slave_cmds.py``,
+``ControlError`` in ``link.py``, ``LaunchError`` in ``cli/slave_cmds.py`` and
+``roles/failover.py``,
 ``tomllib``/``OSError`` of the session file in ``session.py``, ``OSError`` and
 ``sqlite3.Error`` of the state directory in ``lock.py`` and ``history.py``,
 each with ``raise ... from exc``.
@@ -184,3 +190,22 @@ class CopyFailed(CgmirrorError):
         self.report = report
         self.exit_code = {"target": ExitCode.TARGET,
                           "unreachable": ExitCode.UNREACHABLE}.get(fault, ExitCode.FAILED)
+
+
+class MirrorError(CgmirrorError):
+    """The mirror could not do what was asked (the message says why)."""
+
+
+class MirrorNotRunning(CgmirrorError):
+    """No ``cgmirror mirror run`` answers on the session's control socket."""
+
+    exit_code = ExitCode.UNREACHABLE
+
+
+class DirectionError(CgmirrorError):
+    """The command does not fit the session's current direction (the
+    message says what to run instead)."""
+
+
+class FailoverError(CgmirrorError):
+    """A role switch cannot go on (the message says what to do)."""

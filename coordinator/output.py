@@ -1,4 +1,5 @@
-"""Output for people (tables, a progress bar) and for machines (one JSON document)."""
+"""Output for people (tables, a progress bar, a redraw loop) and for machines (one
+JSON document); the CLI's, and the mirror's log lines (rates)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import sys
 import time
 from typing import TextIO
+
+CLEAR = "\x1b[H\x1b[2J"         # cursor home, clear screen (what watch(1) does)
 
 
 def size(n: int | float | None) -> str:
@@ -99,3 +102,20 @@ class ProgressBar:
         if self.active:
             self.out.write("\r\x1b[K")
             self.out.flush()
+
+
+def watch(out: TextIO, draw, interval: float = 1.0, rounds: int | None = None) -> None:
+    """Call ``draw()`` every ``interval`` seconds on ``out``, clearing the
+    screen first, until Ctrl-C (which ends the watch: it is no error)."""
+    n = 0
+    try:
+        while rounds is None or n < rounds:
+            print(CLEAR, end="", file=out)
+            print(time.strftime("%Y-%m-%d %H:%M:%S"), file=out)
+            draw()
+            out.flush()
+            n += 1
+            if rounds is None or n < rounds:
+                time.sleep(interval)    # the redraw period itself, not a wait for a state
+    except KeyboardInterrupt:
+        pass

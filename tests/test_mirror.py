@@ -27,6 +27,7 @@ from conftest import closing_all, need, wait_until
 from coordinator import cli, launch, mirror as mirror_mod, session as session_mod
 from coordinator.link import SlaveLink
 from coordinator.mirror import LIFT_AFTER, Mirror, map_runs, percentile
+from coordinator.mirror import recovery
 from mirrorrig import mirror_session
 
 SIZE = 16 << 20
@@ -575,7 +576,7 @@ def test_rollback_when_roll_forward_is_refused_resends_the_group(rig, monkeypatc
     kill_mirror_at(r, "mirror:after-prepare@2")
     hardened = r.hardened()
     # The branch under test: what a refused prepare or commit leads to.
-    monkeypatch.setattr(Mirror, "_roll_forward", lambda self, st, n: False)
+    monkeypatch.setattr(recovery, "_roll_forward", lambda links, st, n, log: False)
     base = r.replication_bytes()
     m = r.open_mirror()
     try:

@@ -32,10 +32,9 @@ from wire import sdnotify
 from wire.units import parse_size
 
 from .. import direction, group, output
-from . import events_cmds
-from ..errors import ExitCode, UsageError
+from ..errors import ExitCode, MirrorNotRunning, UsageError
 from ..link import SlaveLink
-from ..mirror.cycle import Mirror, MirrorError, MirrorNotRunning, call
+from ..mirror import Mirror, call, control_path
 
 
 def register(sub) -> None:
@@ -58,7 +57,7 @@ def register(sub) -> None:
     a.add_argument("--watch", action="store_true", help="redraw every second until"
                                                         " Ctrl-C")
     a.set_defaults(func=lambda ctx, args: (
-        events_cmds.watch(ctx, lambda: status(ctx)) if args.watch else status(ctx)))
+        _watch(ctx) if args.watch else status(ctx)))
 
 
 def run(ctx) -> ExitCode:
@@ -81,7 +80,7 @@ def run(ctx) -> ExitCode:
 
 
 def control(ctx, op: str) -> ExitCode:
-    doc = call(_control_path(ctx), op)
+    doc = call(control_path(ctx.session), op)
     if ctx.json:
         output.emit_json(doc, ctx.out)
     else:
@@ -97,7 +96,7 @@ def set_rate(ctx, text: str) -> ExitCode:
         raise UsageError(f"rate {text!r}: {exc} (like 50M, or 0 for no limit)") from exc
     if 0 < rate < 4096:
         raise UsageError(f"rate {text!r} is below 4K bytes per second (0: no limit)")
-    doc = call(_control_path(ctx), "rate", rate=rate)
+    doc = call(control_path(ctx.session), "rate", rate=rate)
     if ctx.json:
         output.emit_json(doc, ctx.out)
     else:
@@ -106,11 +105,10 @@ def set_rate(ctx, text: str) -> ExitCode:
     return ExitCode.OK
 
 
-def _control_path(ctx) -> str:
-    if ctx.session.mirror is None:
-        raise MirrorError(f"session {ctx.session.name} has no [mirror] and mirrors no"
-                          f" volume")
-    return ctx.session.mirror.control
+def _watch(ctx) -> ExitCode:
+    """``status --watch``: redraw every second until Ctrl-C (exit OK)."""
+    output.watch(ctx.out, lambda: status(ctx))
+    return ExitCode.OK
 
 
 def secondaries(session) -> dict[str, dict]:
@@ -132,7 +130,7 @@ def secondaries(session) -> dict[str, dict]:
 
 def status(ctx) -> ExitCode:
     try:
-        doc = call(_control_path(ctx), "status")
+        doc = call(control_path(ctx.session), "status")
     except MirrorNotRunning as exc:
         doc = {"ok": True, "session": ctx.session.name, "state": "stopped",
                "why": str(exc)}

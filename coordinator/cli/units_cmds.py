@@ -25,8 +25,9 @@ import sys
 
 from ..errors import ExitCode, LocalError
 
-UNITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "units")
+# coordinator/cli/units_cmds.py -> the project's units/
+UNITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "units")
 UNITS = ("cgmirror-slave@.service", "cgmirror-secondary@.service",
          "cgmirror-mirror@.service")
 SYSTEM_DIR = "/etc/systemd/system"

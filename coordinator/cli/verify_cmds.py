@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from .. import output
 from ..errors import ExitCode
-from ..mirror.cycle import VERIFY_TIMEOUT_S, call
+from ..mirror import VERIFY_TIMEOUT_S, call, control_path
 
 
 def register(sub) -> None:
@@ -34,8 +34,7 @@ def register(sub) -> None:
 
 
 def run(ctx, repair: bool) -> ExitCode:
-    from .mirror_cmds import _control_path
-    doc = call(_control_path(ctx), "verify", timeout=VERIFY_TIMEOUT_S + 60,
+    doc = call(control_path(ctx.session), "verify", timeout=VERIFY_TIMEOUT_S + 60,
                repair=repair)
     if ctx.json:
         output.emit_json(doc, ctx.out)

@@ -159,27 +159,3 @@ class PeerWatch:
             except Exception as exc:        # never kill the mirror for a status
                 self.replies = {lk.name: exc for lk, _ in self.links}
             self._stop.wait(WATCH_INTERVAL_S)
-
-
-def subscribe(path: str, timeout: float = 10.0):
-    """Yield the events of the mirror on control socket ``path`` (dicts),
-    forever; raise MirrorNotRunning if none answers."""
-    from .cycle import MirrorError, MirrorNotRunning, connect     # mirror imports us
-    s = connect(path, timeout)      # the timeout: for the connect and the first line only
-    try:
-        s.sendall(_line({"op": "subscribe"}))
-        f = s.makefile("rb")
-        first = f.readline()
-        s.settimeout(None)          # events may be minutes apart
-        try:
-            head = json.loads(first)
-        except ValueError:
-            head = {}
-        if not head.get("ok"):
-            raise MirrorError(f"the mirror on {path} refused subscribe:"
-                              f" {head.get('error', 'connection closed')}")
-        for line in f:
-            yield json.loads(line)
-        raise MirrorNotRunning(f"the mirror on {path} went away")
-    finally:
-        s.close()

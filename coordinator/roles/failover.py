@@ -105,18 +105,14 @@ from wire import files, tls
 
 from .. import direction as dirn
 from .. import group, launch
-from ..direction import DirectionError
-from ..errors import CgmirrorError, LocalError
+from ..errors import (CgmirrorError, DirectionError, FailoverError, LocalError,
+                      MirrorNotRunning)
 from ..link import SlaveLink
-from ..mirror.cycle import Mirror, MirrorNotRunning, call as mirror_call
+from ..mirror import Links, Mirror, call as mirror_call, recovery, replication_targets
 from ..session import Session
 
 MIRROR_IDLE_TIMEOUT_S = 120.0
 GROUP_TRIES = 5
-
-
-class FailoverError(CgmirrorError):
-    """A role switch cannot go on (the message says what to do)."""
 
 
 class Launcher:
@@ -202,7 +198,7 @@ class RoleSwitch:
 
     def settle(self, site: str) -> int:
         """Bring every secondary of ``site`` to one hardened group and return
-        it: the mirror's recovery rule (``Mirror.settle``: a committed group
+        it: the mirror's recovery rule (``recovery.settle``: a committed group
         rolls forward, so does a group some secondary prepared, since prepare
         follows every drain), then whatever is still in flight (a drain that
         never finished) rolls back into ``tgt``.  Only ``site`` is called:
@@ -217,13 +213,10 @@ class RoleSwitch:
                 role = st.get("role", "primary")
                 raise FailoverError(f"{node.name} (site {site}) is a {role}, not a"
                                     f" secondary")
-        m = Mirror(dirn.oriented(self.session, dirn.other(site)), log=self.log,
-                   serve_control=False)
-        try:
+        with Links.of(dirn.oriented(self.session, dirn.other(site))) as links:
             # unfinished: no primary will ever finish a drain in flight.
-            top = max(r["hardened"] for r in m.settle(unfinished=True).values())
-        finally:
-            m.close()
+            st = recovery.settle(links, self.log, unfinished=True)
+        top = max(r["hardened"] for r in st.values())
         if top == 0:
             raise FailoverError(f"site {site} holds no hardened group yet (the first"
                                 f" copy never completed): nothing consistent to take over")
@@ -267,7 +260,7 @@ class RoleSwitch:
         if d["state"] == ("dr-test" if test else "failed-over"):
             h, new = d["hardened"], (dirn.other(src) if test else src)  # resume
         elif d["state"] != "mirroring":
-            raise DirectionError(f"cannot fail over: {dirn._why(d)}")
+            raise DirectionError(f"cannot fail over: {dirn.why(d)}")
         else:
             new = dirn.other(src)
             if test:
@@ -299,11 +292,8 @@ class RoleSwitch:
             st = self.become(node, "secondary")
             if st["hardened"] < h:
                 self.call(node, "assume", n=h)
-        m = Mirror(dirn.oriented(self.session, src), log=self.log, serve_control=False)
-        try:
-            m.return_tgt(m.secondary_statuses())
-        finally:
-            m.close()
+        with Links.of(dirn.oriented(self.session, src)) as links:
+            recovery.return_tgt(links, recovery.secondary_statuses(links), self.log)
         dirn.save(self.session, source=src, state="mirroring")
         if self._running_mirror("resume") is not None:
             self.log("mirror resumed: its next group overwrites the test's blocks")
@@ -336,7 +326,7 @@ class RoleSwitch:
             m.recover()                 # settles the target, returns its tgt
             if keep:
                 self.keep_overwritten(m.session, keep)
-            self._adopt(m, forget=full)
+            self._adopt(m.links, forget=full)
             res = self._harden(m)
         finally:
             m.close()
@@ -376,7 +366,7 @@ class RoleSwitch:
             d = dirn.save(self.session, source=src, state="switching",
                           to=dirn.other(src), hardened=h)
         elif d["state"] != "switching":
-            raise DirectionError(f"cannot switch over: {dirn._why(d)}")
+            raise DirectionError(f"cannot switch over: {dirn.why(d)}")
         new, h = d["to"], d["hardened"]
         for node in self.nodes(src):
             st = self.become(node, "secondary")
@@ -384,26 +374,23 @@ class RoleSwitch:
                 self.call(node, "assume", n=h)
         for node in self.nodes(new):
             self.become(node, "primary")
-        m = Mirror(dirn.oriented(self.session, new), log=self.log, serve_control=False)
-        try:
-            self._adopt(m)
-        finally:
-            m.close()
+        with Links.of(dirn.oriented(self.session, new)) as links:
+            self._adopt(links)
         dirn.save(self.session, source=new, state="mirroring")
         self.log(f"switchover done: site {new} is the source at group {h}")
         return {"source": new, "hardened": h}
 
     # ------------------------------------------------------------ parts
 
-    def _adopt(self, m: Mirror, forget: bool = False) -> None:
+    def _adopt(self, links: Links, forget: bool = False) -> None:
         """Give every source volume a fresh baseline on its target (module
         doc).  Always fresh: a record of an earlier era (this node was a
         primary before) has samples of blocks the other site wrote since.
         ``forget`` (``--full``): drop every record, so the group copies whole."""
-        group.preflight(m.slaves, abort_leftover=True, warn=self.log)
-        st = m.secondary_statuses()
-        for lk in m.slaves:
-            for v, uri in m.targets(st)[lk.name].items():
+        group.preflight(links.slaves, abort_leftover=True, warn=self.log)
+        targets = replication_targets(links.session, recovery.secondary_statuses(links))
+        for lk in links.slaves:
+            for v, uri in targets[lk.name].items():
                 lk.call("adopt", volume=v, target=uri, forget=forget)
                 if forget:
                     self.log(f"{lk.name}/{v}: copied whole to {uri} (--full)")

@@ -1,0 +1,145 @@
+"""The running mirror's control socket (the server side).
+
+The running mirror answers ``cgmirror mirror pause|resume|rate|status``,
+``verify`` and ``events`` on a unix socket (0600, in the session's state
+directory unless [mirror] control says otherwise) with the slaves' line
+codec (wire.protocol's Framer, encode, parse) and its own small schema
+(``MIRROR_OPS``).  Only our own user (or root) may connect.  A
+``subscribe`` turns the connection into the event stream
+(coordinator/mirror/events.py).  The client side is client.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from wire import address as wire_address, protocol
+from wire.protocol import Kind
+
+from ..errors import CgmirrorError, LocalError, describe
+from .client import VERIFY_TIMEOUT_S
+
+MIRROR_OPS = {"status": protocol.Obj({}, {}), "pause": protocol.Obj({}, {}),
+              "resume": protocol.Obj({}, {}),
+              "rate": protocol.Obj({"rate": protocol.Int(0, protocol.MAX_RATE)}, {}),
+              "verify": protocol.Obj({}, {"repair": protocol.Bool()}),
+              # keeps the connection: events, one a line (coordinator/mirror/events.py)
+              "subscribe": protocol.Obj({}, {})}
+
+
+def handle(mirror, line: bytes) -> dict:
+    """One request line to one reply for ``mirror`` (a cycle.Mirror); never
+    raises."""
+    try:
+        msg = protocol.parse(line)
+        op = msg.pop("op", None)
+        if op not in MIRROR_OPS:
+            raise protocol.ProtocolError(f"unknown op {str(op)[:80]!r} (known:"
+                                         f" {', '.join(MIRROR_OPS)})")
+        MIRROR_OPS[op].check(msg, "")
+        if op == "pause":
+            mirror.pause()
+            mirror.log("paused by the operator: no new group until resume")
+        elif op == "resume":
+            mirror.resume()
+            mirror.log("resumed by the operator")
+        elif op == "rate":
+            mirror.set_rate(msg["rate"])
+        elif op == "verify":
+            return mirror.verifies.ask(msg.get("repair", False), VERIFY_TIMEOUT_S)
+        return mirror.status()
+    except protocol.ProtocolError as exc:
+        return protocol.error(str(exc), exc.kind)
+    except CgmirrorError as exc:
+        return protocol.error(str(exc), Kind.LOCAL)
+    except Exception as exc:    # reported to the client; the mirror keeps running
+        return protocol.error(f"mirror failed: {describe(exc)}", Kind.LOCAL)
+
+
+class ControlServer:
+    """Accepts connections on a unix socket; one thread per connection."""
+
+    def __init__(self, path: str, mirror):
+        self.path, self.mirror = path, mirror
+        self.sock: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        # We hold the session lock: a socket file left here is a dead mirror's.
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise LocalError(f"cannot remove {self.path}: {exc.strerror or exc}") from exc
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # 0600 from the start: umask applies at bind (chmod after would leave
+        # a window); we are still single-threaded here.
+        old = os.umask(0o177)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            s.bind(self.path)
+        except OSError as exc:
+            s.close()
+            raise LocalError(f"cannot listen on {self.path}: {exc.strerror or exc}") \
+                from exc
+        finally:
+            os.umask(old)
+        s.listen(16)
+        self.sock = s
+        t = threading.Thread(target=self._accept, name="mirror-control", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return                  # closed
+            # Only our own user (or root) may pause the mirror.
+            if wire_address.peer_credentials(conn)[1] not in (0, os.getuid()):
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                             name="mirror-control-conn").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        framer = protocol.Framer()
+        conn.settimeout(60)
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(1 << 16)
+                    if not data:
+                        return
+                    for line in framer.feed(data):
+                        if _is_subscribe(line):
+                            conn.settimeout(None)
+                            self.mirror.events.stream(conn, lambda: self.sock is None)
+                            return
+                        conn.sendall(protocol.encode(handle(self.mirror, line)))
+                except (OSError, protocol.ProtocolError):
+                    return
+
+    def close(self) -> None:
+        if self.sock:
+            self.sock.close()
+            self.sock = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def _is_subscribe(line: bytes) -> bool:
+    """A ``subscribe`` request: the connection becomes an event stream."""
+    try:
+        return protocol.parse(line) == {"op": "subscribe"}
+    except protocol.ProtocolError:
+        return False
+
+
+__all__ = ["ControlServer", "MIRROR_OPS", "handle"]

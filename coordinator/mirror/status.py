@@ -1,0 +1,91 @@
+"""The running mirror's status document (``cgmirror mirror status --json``,
+coordinator/cli/mirror_cmds.py lists its fields), its RPO and when it is
+"severe"; read from a cycle.Mirror by the control socket and the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+from .. import group
+
+
+def percentile(values, p: float) -> float | None:
+    """The p-th percentile (nearest rank) of ``values``, None if empty."""
+    v = sorted(values)
+    if not v:
+        return None
+    return v[min(len(v) - 1, max(0, math.ceil(p / 100 * len(v)) - 1))]
+
+
+def rpo(mirror, now: float | None = None) -> float | None:
+    """Age of ``mirror``'s last hardened group (its cut time to now), seconds."""
+    now = time.time() if now is None else now
+    if mirror.hardened_cut is None:
+        return None
+    return max(0.0, now - mirror.hardened_cut)
+
+
+def severity(mirror, now: float | None = None) -> str | None:
+    """Why the session is "severe" (one line), or None."""
+    now = time.time() if now is None else now
+    limit = mirror.settings.rpo_threshold_s
+    age = rpo(mirror, now)
+    if age is not None and age > limit:
+        return (f"the last hardened group {mirror.hardened} is {age:.1f} s old, past"
+                f" rpo_threshold_s {limit:g}")
+    if age is None and now - mirror.started > limit:
+        return (f"no group hardened in the {now - mirror.started:.0f} s since the"
+                f" mirror started (rpo_threshold_s {limit:g})")
+    return None
+
+
+def document(mirror) -> dict:
+    """The status document of the running ``mirror`` (a cycle.Mirror)."""
+    now = time.time()
+    why = severity(mirror, now)
+    state = "severe" if why and mirror.state in ("running", "paused") else mirror.state
+    holds = list(mirror.holds)
+    vols: dict[str, dict] = {}
+    replies = group.statuses(mirror.slaves)
+    for s_ in mirror.session.slaves:
+        r = replies.get(s_.name)
+        for v in s_.volumes:
+            d = {"secondary": f"{v.secondary}/{v.remote_volume}", "phase": mirror.phase,
+                 "dirty_bytes": None, "behind_bytes": None, "error": None}
+            if isinstance(r, Exception):
+                d["error"] = str(r)
+            elif v.name in r["volumes"]:
+                vs = r["volumes"][v.name]
+                g = vs["granularity"]
+                d["dirty_bytes"] = vs.get("cr_blocks", 0) * g
+                d["behind_bytes"] = vs.get("dirty_blocks", 0) * g
+            vols.setdefault(s_.name, {})[v.name] = d
+    last = mirror.last
+    return {"ok": True, "session": mirror.session.name, "pid": os.getpid(),
+            "state": state, "why": why, "paused": mirror.paused, "phase": mirror.phase,
+            "hardened": mirror.hardened or None, "rpo_s": _round(rpo(mirror, now)),
+            "rpo_threshold_s": mirror.settings.rpo_threshold_s,
+            "groups_formed": mirror.formed, "groups_failed": mirror.failed,
+            "drain_failures_in_a_row": mirror.consecutive_drain_failures,
+            "timer_lifted": mirror.timer_lifted,
+            "hold_ms": {"last": holds[-1] if holds else None,
+                        "p50": percentile(holds, 50), "p99": percentile(holds, 99)},
+            "drain_mb_s": (round(mirror.drain_bytes / 1e6 / mirror.drain_seconds, 1)
+                           if mirror.drain_seconds > 0 else None),
+            "drain_bytes_s": (round(mirror.drain_bytes / mirror.drain_seconds)
+                              if mirror.drain_seconds > 0 else None),
+            "rate_bytes_s": mirror.rate or None,
+            "last_group": None if last is None else {
+                "n": last.n, "outcome": last.outcome, "error": last.error,
+                "bytes": last.bytes},
+            "volumes": vols}
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+__all__ = ["document", "percentile", "rpo", "severity"]
