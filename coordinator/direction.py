@@ -43,7 +43,7 @@ from wire.files import write_atomic
 
 from .errors import ConfigError, DirectionError
 from .launch import SlaveSpec
-from .session import SecondaryConfig, Session, SlaveConfig, VolumeConfig
+from .session import NodeConfig, Session, VolumeConfig
 
 FILE = "direction.json"
 SITES = ("a", "b")
@@ -85,7 +85,7 @@ def save(session: Session, **state) -> dict:
     return state
 
 
-def nodes(session: Session, site: str) -> list:
+def nodes(session: Session, site: str) -> list[NodeConfig]:
     """The configs of one site's nodes (``[[slave]]`` or ``[[secondary]]``)."""
     return list(session.slaves if site == "a" else session.secondaries)
 
@@ -102,7 +102,7 @@ def role(session: Session, site: str) -> str:
     return "primary" if site == d["source"] or d["state"] == "dr-test" else "secondary"
 
 
-def spec(session: Session, cfg) -> SlaveSpec:
+def spec(session: Session, cfg: NodeConfig) -> SlaveSpec:
     """How to run a node (``[[slave]]`` or ``[[secondary]]``) in its role now
     (``cgmirror slave|secondary start``)."""
     site = "a" if cfg in session.slaves else "b"
@@ -117,21 +117,17 @@ def oriented(session: Session, source: str) -> Session:
         return session
     back: dict[str, list[VolumeConfig]] = {}
     for s, v, r, rv in session.pairs():
-        cfg = session.slave(s).volume(v)
-        rsize = dict((n, size) for n, _, size in session.secondary(r).volumes)
-        rpath = dict((n, p) for n, p, _ in session.secondary(r).volumes)
-        back.setdefault(r, []).append(VolumeConfig(rv, rpath[rv], rsize[rv], None,
-                                                   secondary=s, remote_volume=cfg.name))
-    # Addresses and certificates stay with the node: only its role turns.
-    slaves = tuple(SlaveConfig(r.name, r.state_dir, r.nbd_socket, r.control, None,
-                               r.granularity, tuple(back[r.name]),
-                               nbd=r.nbd, tls=r.tls, client_tls=r.client_tls)
+        rvol = session.secondary(r).volume(rv)
+        back.setdefault(r, []).append(dataclasses.replace(rvol, secondary=s,
+                                                          remote_volume=v))
+    # Addresses, certificates and threads stay with the node: only its role
+    # turns (and which volume a volume mirrors).
+    slaves = tuple(dataclasses.replace(r, role="primary", volumes=tuple(back[r.name]))
                    for r in session.secondaries if r.name in back)
-    secondaries = tuple(SecondaryConfig(s.name, s.state_dir, s.nbd_socket, s.control,
-                                        s.granularity,
-                                        tuple((v.name, v.path, v.size) for v in s.volumes),
-                                        nbd=s.nbd, tls=s.tls, client_tls=s.client_tls)
-                        for s in session.slaves)
+    secondaries = tuple(dataclasses.replace(
+        s, role="secondary", volumes=tuple(VolumeConfig(v.name, v.path, v.size, None)
+                                           for v in s.volumes))
+        for s in session.slaves)
     return dataclasses.replace(session, slaves=slaves, secondaries=secondaries)
 
 

@@ -159,63 +159,48 @@ class MirrorConfig:
     rate: int | None = None                 # drain limit, bytes/s per volume; None: none
 
 
-@dataclass(frozen=True)
-class SecondaryConfig:
-    """One ``[[secondary]]``: a remote-site plugin with ``role=secondary``."""
-
-    name: str
-    state_dir: str
-    nbd_socket: str
-    control: str
-    granularity: int | None
-    volumes: tuple[tuple[str, str, int | None], ...]   # (name, path, size)
-    # TCP, as SlaveConfig's: nbd a tcp:HOST:PORT or None (then nbd_socket);
-    # tls the secondary's certificate directory, client_tls the coordinator's.
-    nbd: str | None = None
-    tls: str | None = None
-    client_tls: str | None = None
-
-    def spec(self) -> SlaveSpec:
-        """How to run this secondary (for coordinator.launch)."""
-        return _spec(self, list(self.volumes), role="secondary")
+ROLES = ("primary", "secondary")
 
 
 @dataclass(frozen=True)
-class SlaveConfig:
+class NodeConfig:
+    """One node: a ``[[slave]]`` or a ``[[secondary]]``.  Both are the same
+    plugin on their own volumes; ``role`` is the one it runs in, in this
+    session (``[[slave]]`` primary, ``[[secondary]]`` secondary; an oriented
+    session, coordinator/direction.py, swaps them).  A secondary's volumes
+    have neither ``target`` nor ``secondary``."""
+
     name: str
+    role: str                       # "primary" or "secondary" (ROLES)
     state_dir: str
     nbd_socket: str
     control: str
-    threads: int | None
     granularity: int | None
     volumes: tuple[VolumeConfig, ...]
+    threads: int | None = None      # nbdkit --threads; None: SlaveSpec's default
     # TCP (see the header): nbd is a tcp:HOST:PORT or None (then nbd_socket);
-    # tls the slave's certificate directory, client_tls the coordinator's
+    # tls the node's certificate directory, client_tls the coordinator's
     # (None where no TCP path needs them).
     nbd: str | None = None
     tls: str | None = None
     client_tls: str | None = None
 
     def spec(self) -> SlaveSpec:
-        """How to run this slave (for coordinator.launch)."""
-        return _spec(self, [(v.name, v.path, v.size) for v in self.volumes],
-                     threads=self.threads)
+        """How to run this node in its role (for coordinator.launch).  A key
+        the session file left out (None) keeps SlaveSpec's default, so the
+        defaults live in one place."""
+        keys = {"threads": self.threads, "granularity": self.granularity}
+        return SlaveSpec(name=self.name, statedir=self.state_dir, nbd_socket=self.nbd_socket,
+                         control=self.control, role=self.role,
+                         volumes=[(v.name, v.path, v.size) for v in self.volumes],
+                         nbd=self.nbd, tls=self.tls, client_tls=self.client_tls,
+                         **{k: v for k, v in keys.items() if v is not None})
 
     def volume(self, name: str) -> VolumeConfig:
         for v in self.volumes:
             if v.name == name:
                 return v
         raise KeyError(name)
-
-
-def _spec(node: "SlaveConfig | SecondaryConfig", volumes: list, **keys) -> SlaveSpec:
-    """The launch spec of either kind of node.  A key the session file left
-    out (None) keeps SlaveSpec's default, so the defaults live in one place."""
-    keys["granularity"] = node.granularity
-    return SlaveSpec(name=node.name, statedir=node.state_dir, nbd_socket=node.nbd_socket,
-                     control=node.control, volumes=volumes, nbd=node.nbd, tls=node.tls,
-                     client_tls=node.client_tls,
-                     **{k: v for k, v in keys.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -226,18 +211,18 @@ class Session:
     max_coordination_ms: int
     lease_ms: int
     copy_timeout_ms: int
-    slaves: tuple[SlaveConfig, ...]
+    slaves: tuple[NodeConfig, ...]
     mirror: MirrorConfig | None = None
-    secondaries: tuple[SecondaryConfig, ...] = ()
+    secondaries: tuple[NodeConfig, ...] = ()
 
-    def slave(self, name: str) -> SlaveConfig:
+    def slave(self, name: str) -> NodeConfig:
         for s in self.slaves:
             if s.name == name:
                 return s
         raise UsageError(f"session {self.name} has no slave {name!r}"
                          f" (it has: {', '.join(s.name for s in self.slaves)})")
 
-    def select(self, names: list[str] | None) -> list[SlaveConfig]:
+    def select(self, names: list[str] | None) -> list[NodeConfig]:
         """The named slaves (all if none named), in session order."""
         if not names:
             return list(self.slaves)
@@ -254,7 +239,7 @@ class Session:
         return {s.name: {v.name: v.target for v in s.volumes if v.target}
                 for s in self.slaves}
 
-    def secondary(self, name: str) -> SecondaryConfig:
+    def secondary(self, name: str) -> NodeConfig:
         for r in self.secondaries:
             if r.name == name:
                 return r
@@ -267,7 +252,7 @@ class Session:
                 for s in self.slaves for v in s.volumes if v.secondary]
 
 
-def replication_uri(secondary: SecondaryConfig, export: str) -> str:
+def replication_uri(secondary: NodeConfig, export: str) -> str:
     """The NBD URI of a secondary's replication export ``export`` (the name
     its status gives, ``repl-TOKEN/NAME``): ``nbds://HOST:PORT/...`` on TCP
     (the primary's copier brings its own certificate), else ``nbd+unix``.
@@ -486,7 +471,7 @@ class _Parser:
                                    f" {MAX_SLAVE_VOLUMES}; split them over more")
         return w, name, gran, vols
 
-    def slave(self, i: int, t) -> SlaveConfig:
+    def slave(self, i: int, t) -> NodeConfig:
         w, name, gran, vols = self.node("slave", i, t, _SLAVE_KEYS)
         threads = self.integer(w, t, "threads", None, 1, 64)
         volumes = tuple(self.volume(name, j, v) for j, v in enumerate(vols, 1))
@@ -499,10 +484,10 @@ class _Parser:
         nbd_socket, nbd = self.nbd_listen(w, t)
         control = self.address(w, t, "control")
         slave_tls, client_tls = self.tls_dirs(w, t, name, control, nbd, volumes)
-        return SlaveConfig(name=name, state_dir=self.path_(w, t, "state_dir"),
-                           nbd_socket=nbd_socket, control=control,
-                           threads=threads, granularity=gran, volumes=volumes,
-                           nbd=nbd, tls=slave_tls, client_tls=client_tls)
+        return NodeConfig(name=name, role="primary", state_dir=self.path_(w, t, "state_dir"),
+                          nbd_socket=nbd_socket, control=control,
+                          threads=threads, granularity=gran, volumes=volumes,
+                          nbd=nbd, tls=slave_tls, client_tls=client_tls)
 
     def volume(self, slave: str, j: int, t) -> VolumeConfig:
         w = f"[[slave.volume]] {slave}/#{j}"
@@ -528,8 +513,8 @@ class _Parser:
         return VolumeConfig(name=name, path=self.path_(w, t, "path"),
                             size=self.size(w, t, "size"), target=self.target(w, t))
 
-    def mirror_tables(self, data: dict, state_dir: str, slaves: tuple[SlaveConfig, ...]
-                      ) -> tuple[MirrorConfig | None, tuple[SecondaryConfig, ...]]:
+    def mirror_tables(self, data: dict, state_dir: str, slaves: tuple[NodeConfig, ...]
+                      ) -> tuple[MirrorConfig | None, tuple[NodeConfig, ...]]:
         """``[mirror]`` and ``[[secondary]]``; every ``secondary =`` of a
         volume must name one, and each secondary volume mirrors one volume."""
         mirror = None
@@ -555,7 +540,7 @@ class _Parser:
         if not isinstance(raw, list):
             self.fail("top level", "secondary", "must be [[secondary]] tables")
         secondaries = tuple(self.secondary_table(i, t) for i, t in enumerate(raw, 1))
-        by_name: dict[str, SecondaryConfig] = {}
+        by_name: dict[str, NodeConfig] = {}
         for r in secondaries:
             if by_name.setdefault(r.name, r) is not r:
                 self.fail(f"[[secondary]] {r.name!r}", "name", "two secondaries have"
@@ -570,7 +555,7 @@ class _Parser:
                 if r is None:
                     self.fail(w, "secondary", f"no [[secondary]] is named"
                                               f" {v.secondary!r}")
-                if v.remote_volume not in (rv[0] for rv in r.volumes):
+                if v.remote_volume not in (rv.name for rv in r.volumes):
                     self.fail(w, "remote_volume", f"secondary {r.name} has no volume"
                                                   f" {v.remote_volume!r}")
                 other = used.setdefault((r.name, v.remote_volume), f"{s.name}/{v.name}")
@@ -600,7 +585,7 @@ class _Parser:
                                      f" {t['rate']!r}")
         return rate
 
-    def secondary_table(self, i: int, t) -> SecondaryConfig:
+    def secondary_table(self, i: int, t) -> NodeConfig:
         w, name, gran, vols = self.node("secondary", i, t, _SECONDARY_KEYS)
         volumes, seen = [], set()
         for j, v in enumerate(vols, 1):
@@ -610,19 +595,21 @@ class _Parser:
             if vname in seen:
                 self.fail(vw, "name", f"secondary {name} has two volumes named {vname!r}")
             seen.add(vname)
-            volumes.append((vname, self.path_(vw, v, "path"), self.size(vw, v, "size")))
+            volumes.append(VolumeConfig(name=vname, path=self.path_(vw, v, "path"),
+                                        size=self.size(vw, v, "size"), target=None))
         nbd_socket, nbd = self.nbd_listen(w, t)
         control = self.address(w, t, "control")
         tls, client_tls = self.tls_dirs(w, t, name, control, nbd, ())
-        return SecondaryConfig(name=name, state_dir=self.path_(w, t, "state_dir"),
-                               nbd_socket=nbd_socket, control=control,
-                               granularity=gran, volumes=tuple(volumes),
-                               nbd=nbd, tls=tls, client_tls=client_tls)
+        return NodeConfig(name=name, role="secondary",
+                          state_dir=self.path_(w, t, "state_dir"),
+                          nbd_socket=nbd_socket, control=control,
+                          granularity=gran, volumes=tuple(volumes),
+                          nbd=nbd, tls=tls, client_tls=client_tls)
 
-    def unique(self, slaves: tuple[SlaveConfig, ...],
-               secondaries: tuple[SecondaryConfig, ...] = ()) -> None:
-        """Two slaves may not share a name, a socket, a state dir or a volume
-        file; no secondary may share a state dir or an address with any node."""
+    def unique(self, slaves: tuple[NodeConfig, ...],
+               secondaries: tuple[NodeConfig, ...] = ()) -> None:
+        """Two slaves may not share a name; no two nodes (slaves and
+        secondaries alike) may share a socket, a state dir or a volume file."""
         owner: dict[tuple[str, str], str] = {}
 
         def claim(kind: str, value: str, who: str, where: str, key: str) -> None:
@@ -646,9 +633,12 @@ class _Parser:
             claim("socket", r.nbd or r.nbd_socket, f"secondary {r.name} nbd",
                   w, "nbd" if r.nbd else "nbd_socket")
             claim("socket", r.control, f"secondary {r.name} control", w, "control")
+            for v in r.volumes:
+                claim("path", v.path, f"volume {r.name}/{v.name}",
+                      f"[[secondary.volume]] {r.name}/{v.name}", "path")
         self.distinct_images(slaves)
 
-    def distinct_images(self, slaves: tuple[SlaveConfig, ...]) -> None:
+    def distinct_images(self, slaves: tuple[NodeConfig, ...]) -> None:
         """No two volumes may copy to one image, and no volume to a source
         export: each copy would overwrite the other and both report done.
         Images are compared by canonical identity (wire.nbduri), so two

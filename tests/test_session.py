@@ -247,3 +247,72 @@ def test_same_tcp_target_spelled_twice_is_refused(tmp_path):
         session.load(write(tmp_path, GOOD.replace(
             'target = "nbd+unix:///?socket=/srv/remote/s2.sock"',
             'target = "nbds://BACKUP.example/log"')))
+
+
+MIRRORED = """
+[session]
+name = "m"
+
+[[slave]]
+name = "s1"
+state_dir = "run/s1"
+nbd_socket = "run/s1.sock"
+control = "run/s1.ctl"
+
+[[slave.volume]]
+name = "db"
+path = "data/db.img"
+secondary = "r1"
+
+[[secondary]]
+name = "r1"
+state_dir = "run/r1"
+nbd_socket = "run/r1.sock"
+control = "run/r1.ctl"
+
+[[secondary.volume]]
+name = "db"
+path = "remote/db.img"
+
+[[secondary]]
+name = "r2"
+state_dir = "run/r2"
+nbd_socket = "run/r2.sock"
+control = "run/r2.ctl"
+
+[[secondary.volume]]
+name = "spare"
+path = "remote/spare.img"
+"""
+
+
+def test_slaves_and_secondaries_are_one_node_type(tmp_path):
+    """A [[slave]] and a [[secondary]] are both NodeConfig, with their role."""
+    s = session.load(write(tmp_path, MIRRORED))
+    (s1,), (r1, r2) = s.slaves, s.secondaries
+    assert type(s1) is type(r1) is session.NodeConfig
+    assert (s1.role, r1.role) == ("primary", "secondary")
+    assert r1.volume("db").path == str(tmp_path / "remote/db.img")
+    assert (s1.spec().role, r1.spec().role) == ("primary", "secondary")
+    assert r1.spec().volumes == [("db", str(tmp_path / "remote/db.img"), None)]
+
+
+@pytest.mark.parametrize("path,who", [
+    ("data/db.img", "volume s1/db"),            # a primary's file
+    ("remote/db.img", "volume r1/db"),          # another secondary's
+])
+def test_a_secondary_volume_on_another_nodes_file_is_refused(tmp_path, path, who):
+    """A secondary volume that is a primary's file, or another secondary's:
+    one line naming the table, the key and the other owner."""
+    text = MIRRORED.replace('path = "remote/spare.img"', f'path = "{path}"')
+    with pytest.raises(ConfigError) as ei:
+        session.load(write(tmp_path, text))
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert f"[[secondary.volume]] r2/spare, key 'path': {tmp_path / path} is also used" \
+           f" by {who}" in msg, msg
+
+
+def test_secondary_volumes_on_files_of_their_own_are_accepted(tmp_path):
+    """The check above is not a blanket refusal: distinct files load."""
+    assert len(session.load(write(tmp_path, MIRRORED)).secondaries) == 2

@@ -47,9 +47,9 @@ def problems(session) -> tuple[list[str], list[str]]:
          "nbdkit is not on PATH (install the nbdkit package)")
     item(os.path.exists(PLUGIN), f"the plugin {PLUGIN} exists",
          f"the plugin {PLUGIN} is missing (a broken installation)")
-    peers = [(c.name, c.state_dir, c.tls, [(v.name, v.path, v.size) for v in c.volumes])
-             for c in session.slaves]
-    peers += [(r.name, r.state_dir, None, list(r.volumes)) for r in session.secondaries]
+    peers = [(c.name, c.state_dir, c.tls if c.role == "primary" else None,
+              [(v.name, v.path, v.size) for v in c.volumes])
+             for c in session.slaves + session.secondaries]
     for name, state_dir, tls_dir, volumes in peers:
         item(_creatable(state_dir), f"{name}: state directory {state_dir} can be used",
              f"{name}: state directory {state_dir} cannot be created (permissions)")

@@ -45,7 +45,7 @@ SLAVE = Noun("slave", lambda s, names: s.select(names),
              lambda cfg: f"serving {', '.join(v.name for v in cfg.volumes)}"
                          f" on {cfg.nbd or cfg.nbd_socket}")
 SECONDARY = Noun("secondary", _secondaries,
-                 lambda cfg: f"secondary of {', '.join(v[0] for v in cfg.volumes)}"
+                 lambda cfg: f"secondary of {', '.join(v.name for v in cfg.volumes)}"
                              f" on {cfg.nbd or cfg.nbd_socket}")
 
 

@@ -109,7 +109,7 @@ from ..errors import (CgmirrorError, DirectionError, FailoverError, LocalError,
                       MirrorNotRunning)
 from ..link import SlaveLink
 from ..mirror import Links, Mirror, call as mirror_call, recovery, replication_targets
-from ..session import Session
+from ..session import NodeConfig, Session
 
 MIRROR_IDLE_TIMEOUT_S = 120.0
 GROUP_TRIES = 5
@@ -132,7 +132,7 @@ class Node:
     """One nbdkit process of a site, whichever role it runs."""
 
     site: str
-    cfg: object             # SlaveConfig (site a) or SecondaryConfig (site b)
+    cfg: NodeConfig         # as the session file has it (site a: [[slave]], b: [[secondary]])
 
     @property
     def name(self) -> str:
