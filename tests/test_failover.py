@@ -337,18 +337,52 @@ def test_kill_mid_resync_resumes(rig, side, point):
 
 # ------------------------------------------------------------------ DR test
 
+class Events:
+    """``cgmirror events`` as a child; its lines read by a thread, so that a
+    test can wait for one with a bound."""
+
+    def __init__(self, path: str):
+        self.p = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", path,
+                                   "events"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        self.lines: list[dict] = []
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.append(json.loads(line))
+
+    def wait(self, pred, what: str) -> dict:
+        wait_until(lambda: any(pred(d) for d in self.lines), 60, what)
+        return next(d for d in self.lines if pred(d))
+
+    def close(self):
+        self.p.kill()
+        self.p.wait(30)
+        self.t.join(30)
+        self.p.stdout.close()
+
+
 def test_dr_test_round_trip_leaves_the_secondary_equal(rig):
     """failover --test with a running mirror: it parks, the primary keeps
     taking writes, the secondary takes test writes; --end-test throws them
-    away: the next group sends exactly the union, then r1 equals s1."""
+    away: the next group sends exactly the union, then r1 equals s1.
+    ``cgmirror events`` shows both steps as failover events."""
     Writes().workload(rig.uris("s1"), 30, resume=False)
     m = Mirror(rig.session, log=rig.logs.append).open()    # serves m.ctl
     t = threading.Thread(target=m.run, daemon=True)
     t.start()
+    ev = None
     try:
         wait_until(lambda: m.hardened >= 1 and m.phase == "idle", 60, "a group")
+        ev = Events(rig.path)
+        # A group formed after it subscribed: from here it sees every event.
+        ev.wait(lambda d: d["event"] == "group-formed", "the subscriber's first event")
         assert rig.cli("failover", "--test") == 0
         assert m.paused
+        h = m.hardened
+        started = ev.wait(lambda d: d["event"] == "failover", "the dr-test event")
+        assert (started["action"], started["site"], started["hardened"]) == ("dr-test", "b", h)
         assert rig.status("r1").get("role", "primary") == "primary"
         prim, test = Writes(), Writes()
         prim.workload(rig.uris("s1"), 10)
@@ -358,9 +392,14 @@ def test_dr_test_round_trip_leaves_the_secondary_equal(rig):
         hardened = m.hardened
         assert rig.cli("failover", "--end-test") == 0
         assert rig.status("r1")["role"] == "secondary"
+        ended = ev.wait(lambda d: d["event"] == "failover" and d["action"] == "end-test",
+                        "the end-test event")
+        assert (ended["site"], ended["hardened"]) == ("b", h)
         wait_until(lambda: m.hardened > hardened and m.phase == "idle", 60,
                    "a group after the test")
     finally:
+        if ev:
+            ev.close()
         m.stop()
         t.join(60)
         m.close()

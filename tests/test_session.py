@@ -291,7 +291,7 @@ def test_slaves_and_secondaries_are_one_node_type(tmp_path):
     s = session.load(write(tmp_path, MIRRORED))
     (s1,), (r1, r2) = s.slaves, s.secondaries
     assert type(s1) is type(r1) is session.NodeConfig
-    assert (s1.role, r1.role) == ("primary", "secondary")
+    assert (s1.role, r1.role, r2.role) == ("primary", "secondary", "secondary")
     assert r1.volume("db").path == str(tmp_path / "remote/db.img")
     assert (s1.spec().role, r1.spec().role) == ("primary", "secondary")
     assert r1.spec().volumes == [("db", str(tmp_path / "remote/db.img"), None)]

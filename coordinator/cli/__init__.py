@@ -7,6 +7,12 @@
     cgmirror [-s SESSION.toml] history [--json] [--limit N]
     cgmirror [-s SESSION.toml] secondary start|stop [NAME...]
     cgmirror [-s SESSION.toml] mirror run|pause|resume|status [--json] [--watch]
+    cgmirror [-s SESSION.toml] mirror rate RATE [--json]   (the drain's limit, at once)
+    cgmirror [-s SESSION.toml] failover [--test | --end-test] [--json]
+    cgmirror [-s SESSION.toml] failback [--full] [--keep-overwritten DIR] [--json]
+    cgmirror [-s SESSION.toml] resync --from SITE --to SITE [--full]
+                                      [--keep-overwritten DIR] [--json]
+    cgmirror [-s SESSION.toml] switchover [--json]
     cgmirror [-s SESSION.toml] slave|secondary run NAME   (foreground, for systemd)
     cgmirror [-s SESSION.toml] events               (JSON lines from the running mirror)
     cgmirror [-s SESSION.toml] verify [--repair] [--json]   (online, via the mirror)
@@ -19,9 +25,12 @@ The session file comes from ``-s/--session`` or ``$CGMIRROR_SESSION``.
 ``main(argv) -> int`` returns an ``errors.ExitCode``; tests call it in
 process.  Every error is one line on stderr; with ``--json`` stdout carries
 exactly one JSON document, also on error (``{"ok": false, "error": ...}``).
-Each noun lives in its own module (``slave_cmds``, ``copy_cmds``,
-``status_cmds`` for status and history) whose ``register(subparsers)`` adds
-its parser and sets its handler; this module only loops over ``NOUNS``.
+Each noun lives in its own module of this package (``slave_cmds``,
+``copy_cmds``, ``status_cmds`` for status and history, ``mirror_cmds``,
+``failover_cmds`` for failover, failback, resync and switchover, ...) whose
+``register(subparsers)`` adds its parser and sets its handler; this module
+only loops over ``NOUNS``.  ``python -m coordinator.cli`` runs ``main``
+(``__main__.py``).
 
 JSON documents (every one has "ok"; on error also "error", "error_type",
 "fault" (local/slave/target/unreachable) and "exit_code"):
@@ -200,6 +209,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cgmirror: {errors.INTERRUPTED}", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

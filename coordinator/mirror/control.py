@@ -19,6 +19,7 @@ from wire import address as wire_address, protocol
 from wire.protocol import Kind
 
 from ..errors import CgmirrorError, LocalError, describe
+from . import events
 from .client import VERIFY_TIMEOUT_S
 
 MIRROR_OPS = {"status": protocol.Obj({}, {}), "pause": protocol.Obj({}, {}),
@@ -26,7 +27,11 @@ MIRROR_OPS = {"status": protocol.Obj({}, {}), "pause": protocol.Obj({}, {}),
               "rate": protocol.Obj({"rate": protocol.Int(0, protocol.MAX_RATE)}, {}),
               "verify": protocol.Obj({}, {"repair": protocol.Bool()}),
               # keeps the connection: events, one a line (coordinator/mirror/events.py)
-              "subscribe": protocol.Obj({}, {})}
+              "subscribe": protocol.Obj({}, {}),
+              # a role command says what it did: the failover event (events.py)
+              "role": protocol.Obj({"action": protocol.Str(choices=events.ROLE_ACTIONS),
+                                    "site": protocol.Str(choices=("a", "b")),
+                                    "hardened": protocol.Int(0, protocol.MAX_N)}, {})}
 
 
 def handle(mirror, line: bytes) -> dict:
@@ -49,6 +54,9 @@ def handle(mirror, line: bytes) -> dict:
             mirror.set_rate(msg["rate"])
         elif op == "verify":
             return mirror.verifies.ask(msg.get("repair", False), VERIFY_TIMEOUT_S)
+        elif op == "role":
+            events.emit_failover(mirror.events, **msg)
+            mirror.log(f"{msg['action']}: site {msg['site']} at group {msg['hardened']}")
         return mirror.status()
     except protocol.ProtocolError as exc:
         return protocol.error(str(exc), exc.kind)

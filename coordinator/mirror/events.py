@@ -11,7 +11,18 @@ the connection.  Every event has ``time`` (unix seconds), ``session`` and
     pause, resume
     verify         group, differing_blocks, repaired (coordinator/verify.py)
     slave-up, slave-down        name, role (primary or secondary), error (down)
-    failover       whatever the caller passes (``emit_failover``)
+    failover       action (failover, dr-test, end-test), site (the one now
+                   writable, or given back for end-test), hardened (the group
+                   it stands at)
+
+``failover`` comes from ``cgmirror failover [--test | --end-test]``
+(coordinator/roles/failover.py), which tells a running mirror of the
+session over its control socket (op ``role``) what it did; the mirror
+emits it.  With no mirror running nobody can be subscribed, so nothing is
+lost.  ``resync``, ``switchover`` and ``failback`` emit none: they run the
+cycle themselves under the session lock, so no mirror (and no ``cgmirror
+events``) can run while they do; what they did is in ``direction.json``
+(coordinator/direction.py) and in the history's groups.
 
 ``EventBus`` fans events out to subscribers in the mirror process; a
 subscriber that does not keep up loses its oldest events (a bounded queue:
@@ -101,9 +112,13 @@ def _line(doc: dict) -> bytes:
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
 
-def emit_failover(bus: EventBus, **fields) -> dict:
-    """The failover event (for the failover code: who became primary, why)."""
-    return bus.emit("failover", **fields)
+ROLE_ACTIONS = ("failover", "dr-test", "end-test")
+
+
+def emit_failover(bus: EventBus, action: str, site: str, hardened: int) -> dict:
+    """The failover event: ``action`` (ROLE_ACTIONS) made ``site`` writable
+    at group ``hardened`` (``end-test``: made it a secondary again)."""
+    return bus.emit("failover", action=action, site=site, hardened=hardened)
 
 
 class PeerWatch:

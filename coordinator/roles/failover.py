@@ -106,7 +106,7 @@ from wire import files, tls
 from .. import direction as dirn
 from .. import group, launch
 from ..errors import (CgmirrorError, DirectionError, FailoverError, LocalError,
-                      MirrorNotRunning)
+                      MirrorError, MirrorNotRunning)
 from ..link import SlaveLink
 from ..mirror import Links, Mirror, call as mirror_call, recovery, replication_targets
 from ..session import NodeConfig, Session
@@ -224,11 +224,21 @@ class RoleSwitch:
 
     # ------------------------------------------------------------ the mirror
 
-    def _running_mirror(self, op: str) -> dict | None:
+    def _running_mirror(self, op: str, **args) -> dict | None:
         try:
-            return mirror_call(self.session.mirror.control, op)
+            return mirror_call(self.session.mirror.control, op, **args)
         except MirrorNotRunning:
             return None
+
+    def announce(self, action: str, site: str, hardened: int) -> None:
+        """The failover event (coordinator/mirror/events.py) to a running
+        mirror's subscribers.  None running: nobody can be subscribed.  A
+        mirror that refuses it gets a warning line: the role switch is done
+        either way."""
+        try:
+            self._running_mirror("role", action=action, site=site, hardened=hardened)
+        except MirrorError as exc:
+            self.log(f"warning: the running mirror did not take the {action} event: {exc}")
 
     def park_mirror(self) -> bool:
         """Pause a running mirror and wait until its group is over; False if
@@ -275,6 +285,7 @@ class RoleSwitch:
                           **{"from": src})
         for node in self.nodes(new):
             self.become(node, "primary")
+        self.announce("dr-test" if test else "failover", new, h)
         self.log(f"site {new} is writable at group {h}"
                  + (" (DR test: `cgmirror failover --end-test` throws its writes away)"
                     if test else f"; site {dirn.other(new)} is out of the session until"
@@ -295,6 +306,7 @@ class RoleSwitch:
         with Links.of(dirn.oriented(self.session, src)) as links:
             recovery.return_tgt(links, recovery.secondary_statuses(links), self.log)
         dirn.save(self.session, source=src, state="mirroring")
+        self.announce("end-test", dirn.other(src), h)
         if self._running_mirror("resume") is not None:
             self.log("mirror resumed: its next group overwrites the test's blocks")
         return {"site": dirn.other(src), "hardened": h}
