@@ -6,7 +6,7 @@ written when the cut starts ("running") and completed when it ends ("ok",
 becomes "interrupted" the next time a coordinator takes the session.
 Per-volume results are in ``copy_volumes``.
 
-The mirror (coordinator/mirror.py) writes a row per consistency group into
+The mirror (coordinator/mirror/cycle.py) writes a row per consistency group into
 ``groups`` instead: begun at the cut ("running"), finished as "hardened",
 "drain-timeout", "aborted" or "failed" (with the reason).  Cut numbers are
 one sequence for both tables (``max_n``), so a copy and a group never share

@@ -48,7 +48,7 @@ the volume.  A slave gets its certificate directory (plugin key ``tls=``)
 when it uses TCP anywhere (control, NBD, a target); the coordinator uses its
 own to reach TCP control channels.
 
-A mirrored session (``cgmirror mirror run``, coordinator/mirror.py) names
+A mirrored session (``cgmirror mirror run``, coordinator/mirror/) names
 its secondaries (the remote site: the same plugin with ``role=secondary``)
 and the mirror's settings in tables of their own::
 

@@ -1,7 +1,7 @@
 """``cgmirror failover [--test | --end-test]``, ``cgmirror failback``,
 ``cgmirror resync --from SITE --to SITE``, ``cgmirror switchover``.
 
-The handlers call ``coordinator.failover.RoleSwitch`` (the design is at the
+The handlers call ``coordinator.roles.failover.RoleSwitch`` (the design is at the
 top of that module; sites and the recorded direction in
 coordinator/direction.py).  Each prints one line per step on stderr and a
 result line (or, with ``--json``, one JSON document: the API's result).

@@ -30,20 +30,8 @@ and the next run continues on top of it: X cleared the bits Y confirmed,
 so they are not sent again (X's own kill -9 resends at most what was
 confirmed since its last checkpoint: its map on disk still has them).
 
-Baseline.  X's copier sends incrementally only to a target it has a
-baseline record for.  A resync gives X one without a copy (``adopt``):
-X and Y held the same hardened group h at the split (failover settles every
-secondary at one group first; a switchover hardens a last group with the
-primary fenced), and every block written since on either side is in X's
-``cr | oos`` (X's own writes, its rollback blocks) or Y's ``tgt`` (Y's
-writes as a primary, rolled-back or unsent blocks), which recovery has put
-into X's ``cr`` before ``adopt`` runs.  It relies on (1) both change maps
-being complete (C1, and the fold at start); (2) nobody writing Y's images
-but its nbdkit (as for any baseline); (3) the session file naming the same
-images.  ``adopt`` samples X's own clean blocks, and the mirror's
-``verify`` reads them back at Y before the first group, so a wrong target
-(a recreated image, a wrong path) is still caught.  ``--full`` drops the
-record instead, so the group copies every block.
+Baseline.  A resync gives X a baseline on Y without a copy (``adopt``,
+coordinator/roles/resync.py says why that is sound).
 
 After a failover either site may win: ``resync --from a --to b`` demotes
 the failover site instead and sends the old primary's data over its writes
@@ -70,11 +58,7 @@ flight finished), form groups until one hardens with nothing left dirty,
 record "switching", demote the primaries (``assume h``: the whole image is
 group h), promote the secondaries, adopt baselines, record the new source.
 
-``--keep-overwritten DIR``: before the first group of a resync, every block
-of S | T is read from the target's host export (its image as of before the
-resync: the undo store keeps it even after a partial drain) and written
-into ``DIR/<node>-<volume>.img`` (sparse, the volume's size) with the runs
-in ``DIR/<node>-<volume>.runs.json``.
+``--keep-overwritten DIR``: coordinator/roles/resync.py.
 
 Rejected alternatives:
 
@@ -93,23 +77,18 @@ Rejected alternatives:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 import time
 from typing import Callable
 
-import nbd
-
-from wire import files, tls
-
 from .. import direction as dirn
-from .. import group, launch
-from ..errors import (CgmirrorError, DirectionError, FailoverError, LocalError,
-                      MirrorError, MirrorNotRunning)
+from .. import launch
+from ..errors import (CgmirrorError, DirectionError, FailoverError, MirrorError,
+                      MirrorNotRunning)
 from ..link import SlaveLink
-from ..mirror import Links, Mirror, call as mirror_call, recovery, replication_targets
+from ..mirror import Links, Mirror, call as mirror_call, recovery
 from ..session import NodeConfig, Session
+from . import resync
 
 MIRROR_IDLE_TIMEOUT_S = 120.0
 GROUP_TRIES = 5
@@ -337,8 +316,8 @@ class RoleSwitch:
         try:
             m.recover()                 # settles the target, returns its tgt
             if keep:
-                self.keep_overwritten(m.session, keep)
-            self._adopt(m.links, forget=full)
+                resync.keep_overwritten(m.session, keep, self.log)
+            resync.adopt(m.links, self.log, forget=full)
             res = self._harden(m)
         finally:
             m.close()
@@ -387,28 +366,12 @@ class RoleSwitch:
         for node in self.nodes(new):
             self.become(node, "primary")
         with Links.of(dirn.oriented(self.session, new)) as links:
-            self._adopt(links)
+            resync.adopt(links, self.log)
         dirn.save(self.session, source=new, state="mirroring")
         self.log(f"switchover done: site {new} is the source at group {h}")
         return {"source": new, "hardened": h}
 
     # ------------------------------------------------------------ parts
-
-    def _adopt(self, links: Links, forget: bool = False) -> None:
-        """Give every source volume a fresh baseline on its target (module
-        doc).  Always fresh: a record of an earlier era (this node was a
-        primary before) has samples of blocks the other site wrote since.
-        ``forget`` (``--full``): drop every record, so the group copies whole."""
-        group.preflight(links.slaves, abort_leftover=True, warn=self.log)
-        targets = replication_targets(links.session, recovery.secondary_statuses(links))
-        for lk in links.slaves:
-            for v, uri in targets[lk.name].items():
-                lk.call("adopt", volume=v, target=uri, forget=forget)
-                if forget:
-                    self.log(f"{lk.name}/{v}: copied whole to {uri} (--full)")
-                    continue
-                self.log(f"{lk.name}/{v}: baseline on {uri} adopted (both held the"
-                         f" same group; every difference is in S | T)")
 
     def _harden(self, m: Mirror, until_clean: bool = False) -> dict:
         """Form groups until one hardens (``until_clean``: and the primaries
@@ -425,56 +388,6 @@ class RoleSwitch:
         raise FailoverError(f"no group hardened in {GROUP_TRIES} tries (last: group"
                             f" {last.n} {last.outcome}: {last.error}); the target is"
                             f" still consistent; run the command again to resume")
-
-    def keep_overwritten(self, oriented: Session, out: str) -> dict:
-        """Save the target blocks the resync will overwrite (module doc)."""
-        os.makedirs(out, exist_ok=True)
-        kept = {}
-        for s, v, r, rv in oriented.pairs():
-            src, tgt = oriented.slave(s), oriented.secondary(r)
-            runs, start = [], 0
-            with SlaveLink.from_spec(src.spec()) as lk:
-                while start is not None:
-                    page = lk.call("dirty", volume=v, start=start)
-                    g = page["granularity"]
-                    runs += [[b * g, n * g] for b, n in page["runs"]]
-                    start = page["next"]
-            base = os.path.join(out, f"{r}-{rv}")
-            h = nbd.NBD()
-            try:
-                if tgt.nbd is not None:
-                    # Mutual TLS: the coordinator's certificate if it has one
-                    # (TCP control), else the node's own (one session PKI).
-                    tls.libnbd_setup(h, tgt.client_tls or tgt.tls)
-                h.connect_uri(tgt.spec().uri(rv))
-                size = h.get_size()
-                fd = os.open(base + ".img", os.O_WRONLY | os.O_CREAT, 0o600)
-                try:
-                    os.ftruncate(fd, size)
-                    for off, length in runs:
-                        length = min(length, size - off)
-                        for o in range(off, off + length, 1 << 20):
-                            n = min(1 << 20, off + length - o)
-                            files.pwrite_all(fd, h.pread(n, o), o)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except nbd.Error as exc:
-                raise FailoverError(f"cannot read {r}/{rv} to keep its overwritten"
-                                    f" blocks: {exc.string}") from exc
-            except OSError as exc:
-                raise LocalError(f"cannot write {base}.img: {exc.strerror or exc}") from exc
-            finally:
-                try:
-                    h.shutdown()
-                except nbd.Error:
-                    pass                # never connected
-            with open(base + ".runs.json", "w") as f:
-                json.dump({"bytes": [[o, min(n, size - o)] for o, n in runs]}, f)
-            kept[f"{r}/{rv}"] = sum(min(n, size - o) for o, n in runs)
-            self.log(f"{r}/{rv}: {kept[f'{r}/{rv}']} bytes about to be overwritten kept"
-                     f" in {base}.img")
-        return kept
 
 
 __all__ = ["FailoverError", "Launcher", "Node", "RoleSwitch"]
