@@ -65,6 +65,29 @@ def test_mirror_control_refuses_bad_requests():
     assert mirror_mod.handle(Fake(), b"not json")["ok"] is False
 
 
+def test_mirror_control_turns_a_role_request_into_the_failover_event():
+    """op role emits the failover event on the mirror's bus; a bad action is
+    refused and emits nothing."""
+    from coordinator.mirror import events
+
+    class Fake:
+        def __init__(self):
+            self.events, self.logs = events.EventBus("m"), []
+            self.log = self.logs.append
+
+        def status(self):
+            return {"ok": True}
+    m = Fake()
+    q = m.events.subscribe()
+    bad = mirror_mod.handle(m, b'{"op":"role","action":"explode","site":"b","hardened":3}')
+    assert bad["ok"] is False and "action" in bad["error"] and q.empty()
+    assert mirror_mod.handle(
+        m, b'{"op":"role","action":"failover","site":"b","hardened":3}')["ok"]
+    doc = q.get_nowait()
+    assert (doc["event"], doc["action"], doc["site"], doc["hardened"]) == \
+        ("failover", "failover", "b", 3)
+
+
 # ------------------------------------------------------------------ session
 
 def session_text(max_drain_ms=30_000, rpo=30, interval_ms=0, **keys) -> str:
