@@ -221,7 +221,7 @@ def get_ready():
             fold_maps(vol, "tgt", ("cr", "oos"))
         else:
             # Both roles keep ``tgt``: the same state directory serves either
-            # role (coordinator/failover.py); a promoted secondary's tgt is
+            # role (coordinator/roles/failover.py); a promoted secondary's tgt is
             # sent with its next group.
             vol = Volume(name, path, statedir, _cfg["granularity"], _cfg["region"],
                          _create.get(name), extra_maps=("tgt",))

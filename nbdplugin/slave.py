@@ -462,7 +462,7 @@ class Slave(OpHandler):
     def op_checksums(self, volume: str, start: int, count: int,
                      block: int | None = None) -> dict:
         """Digests of blocks [start, start+count) as the volume holds them
-        now (online verify, coordinator/verify.py), read here so that only
+        now (online verify, coordinator/mirror/verify.py), read here so that only
         digests cross the link.  A block that is changed since the last group
         (in cr or oos before or after its read: the host write path marks
         before it writes) gets null: its content is not a group's.  Host
@@ -573,7 +573,7 @@ class Slave(OpHandler):
                                     if v.changes.checkpoint()])
 
     # ------------------------------------------------------------ role switch
-    # (coordinator/failover.py drives these; the module doc there says why)
+    # (coordinator/roles/failover.py drives these; the module doc there says why)
 
     def op_fence(self, on: bool, timeout_ms: int = 30000) -> dict:
         """``on``: refuse every new host write (EROFS) and wait for those in

@@ -1,4 +1,4 @@
-"""Failover, failback, resync, DR test and switchover (coordinator/failover.py)
+"""Failover, failback, resync, DR test and switchover (coordinator/roles/failover.py)
 through ``cli.main`` in this process, with real slaves and secondaries
 (nbdkit), libnbd writers and the dependent-write checker of
 tests/workload.py, on one host.

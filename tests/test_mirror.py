@@ -1,4 +1,4 @@
-"""The mirror (coordinator/mirror.py) with real slaves, real secondaries
+"""The mirror (coordinator/mirror/) with real slaves, real secondaries
 (``role=secondary``), real libnbd writers and the dependent-write checker
 of tests/workload.py.
 
