@@ -262,3 +262,33 @@ def test_the_private_name_check_finds_them():
     # a package's own private module is its package's to import
     assert _private_uses("native.bitmap", ast.parse("from native._bitmap import ffi\n"),
                          mods) == []
+
+
+# The coordinator's folders are layers: each imports only those below it.
+LAYERS = ("coordinator.cli", "coordinator.roles", "coordinator.mirror", "coordinator.group")
+
+
+def _layer(mod: str) -> int:
+    """0 for cli ... 3 for group, 4 for the modules at the top of coordinator/."""
+    return next((i for i, p in enumerate(LAYERS) if mod == p or mod.startswith(p + ".")),
+                len(LAYERS))
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {n}" for m, deps in graph.items() if m.startswith("coordinator")
+                  for n in deps if n.startswith("coordinator.") and _layer(n) < _layer(m))
+
+
+def test_the_coordinator_folders_import_only_downward():
+    """cli -> roles -> mirror -> group -> the rest of coordinator/, never upward."""
+    assert _upward(_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    """The check above can fail: mirror importing roles, or session importing
+    group, is upward; cli importing mirror is not."""
+    assert _upward({"coordinator.mirror.cycle": {"coordinator.roles.failover"},
+                    "coordinator.session": {"coordinator.group"},
+                    "coordinator.cli.mirror_cmds": {"coordinator.mirror"}}) == [
+        "coordinator.mirror.cycle -> coordinator.roles.failover",
+        "coordinator.session -> coordinator.group"]
