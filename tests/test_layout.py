@@ -1,6 +1,10 @@
 """The package boundaries of the layout: the coordinator is a client and
-never loads the plugin package (nor, through it, the C extension)."""
+never loads the plugin package (nor, through it, the C extension); the
+product packages import each other without a cycle and use no other
+module's private name; the coordinator's folders are layers."""
 
+import ast
+import pathlib
 import subprocess
 import sys
 
@@ -30,9 +34,6 @@ def test_the_plugin_package_does_load_the_extension():
 # uses another module's private name.  Both are read from the source with
 # ``ast`` (every import statement, also those inside functions), so the
 # checks need no import of the code they check.
-
-import ast
-import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRODUCT = ("coordinator", "nbdplugin", "native", "wire", "harness", "vm")
