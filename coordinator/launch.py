@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from wire import address as wire_address
-from wire import tls
+from wire import files, tls
 from wire.protocol import Kind
 
 from .control import ControlClient, ControlError, client_context
@@ -282,9 +282,9 @@ def prepare(spec: SlaveSpec) -> list[str]:
     pid = running_pid(spec)
     if pid:
         raise LaunchError(f"slave {spec.name} is already running as pid {pid}")
-    private_dirs(spec.statedir)
+    files.make_dirs(spec.statedir)
     for path in _unix_paths(spec):
-        private_dirs(os.path.dirname(os.path.abspath(path)))
+        files.make_dirs(os.path.dirname(os.path.abspath(path)))
     # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
     # The control socket is left to the slave: it removes it only if stale,
     # never while another process still serves it.
@@ -321,23 +321,6 @@ def _unix_paths(spec: SlaveSpec) -> list[str]:
     """The unix sockets this slave makes (none for what it serves on TCP)."""
     paths = [] if spec.nbd is not None else [spec.nbd_socket]
     return paths + ([] if _is_tcp(spec.control) else [spec.control])
-
-
-def private_dirs(path: str) -> None:
-    """Create ``path`` and any missing parents with mode 0700 whatever the
-    umask (a directory that already exists, like /tmp, is left alone): a
-    local user who could write there could swap our sockets or maps."""
-    missing = []
-    path = os.path.abspath(path)
-    while not os.path.isdir(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue      # made meanwhile by someone else: not ours to change
-        os.chmod(d, 0o700)
 
 
 def slave_env(extra: dict[str, str]) -> dict[str, str]:

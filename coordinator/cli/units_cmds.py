@@ -23,10 +23,12 @@ import shlex
 import shutil
 import sys
 
+from wire import files
+
 from ..errors import ExitCode, LocalError
 
-UNITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "units")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UNITS_DIR = os.path.join(ROOT, "units")
 UNITS = ("cgmirror-slave@.service", "cgmirror-secondary@.service",
          "cgmirror-mirror@.service")
 SYSTEM_DIR = "/etc/systemd/system"
@@ -66,7 +68,7 @@ def install(ctx, directory: str, exec_: str | None) -> ExitCode:
     s = ctx.session
     exec_ = exec_ or default_exec()
     try:
-        os.makedirs(directory, exist_ok=True)
+        files.make_dirs(directory, files.READABLE_DIR)     # as systemd's own
         for name in UNITS:
             with open(os.path.join(UNITS_DIR, name)) as f:
                 text = render(s, f.read(), exec_)

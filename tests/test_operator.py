@@ -1,0 +1,219 @@
+"""What an operator runs, run as an operator runs it (issue 16): the
+``cgmirror`` command in a shell, against nodes it started itself, on a
+mirrored session.
+
+- ``cgmirror status`` on a mirrored session (item 3): a volume mirrored to a
+  secondary shows the group the secondary hardened, every secondary has a
+  row, and after a failover it still answers (the nodes in the roles the
+  direction gives them) instead of an internal error.
+- Files and directories under ``umask 000`` (item 10) have the modes
+  cgmirror chose.
+- Output to a reader that goes away (``| head``) ends quietly, and a role
+  command's result is a sentence, not a Python dict (item 17).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import need
+
+CLI = [sys.executable, "-m", "coordinator.cli"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SESSION = """\
+[session]
+name = "op"
+state_dir = "state/op"
+lease_ms = 10000
+max_coordination_ms = 2000
+
+[mirror]
+interval_ms = 100
+control = "m.ctl"
+
+[[slave]]
+name = "s1"
+state_dir = "s1"
+nbd_socket = "s1.sock"
+control = "s1.ctl"
+
+[[slave.volume]]
+name = "a"
+path = "s1-a.img"
+size = "4M"
+secondary = "r1"
+
+[[secondary]]
+name = "r1"
+state_dir = "r1"
+nbd_socket = "r1.sock"
+control = "r1.ctl"
+
+[[secondary.volume]]
+name = "a"
+path = "r1-a.img"
+size = "4M"
+"""
+
+
+class Shell:
+    """``cgmirror`` run as a child with ``CGMIRROR_SESSION`` set, in the
+    session's directory; every node it started is stopped at the end."""
+
+    def __init__(self, run_dir: str, umask: int | None = None):
+        self.dir = run_dir
+        self.umask = umask
+        with open(os.path.join(run_dir, "op.toml"), "w") as f:
+            f.write(SESSION)
+        self.env = dict(os.environ, CGMIRROR_SESSION=os.path.join(run_dir, "op.toml"),
+                        PYTHONPATH=ROOT)
+        self.mirror: subprocess.Popen | None = None
+
+    def _preexec(self):
+        if self.umask is not None:
+            os.umask(self.umask)
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, *args], cwd=self.dir, env=self.env, text=True,
+                              capture_output=True, timeout=timeout,
+                              preexec_fn=self._preexec)
+
+    def ok(self, *args: str, timeout: float = 120) -> str:
+        p = self.run(*args, timeout=timeout)
+        assert p.returncode == 0, f"cgmirror {' '.join(args)}: {p.returncode} {p.stderr}"
+        return p.stdout
+
+    def pipe(self, args: str, reader: str) -> subprocess.CompletedProcess:
+        """``cgmirror ARGS | READER`` in a shell (pipefail: cgmirror's status)."""
+        cmd = " ".join(shlex.quote(c) for c in CLI) + f" {args} | {reader}"
+        return subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=self.dir,
+                              env=self.env, text=True, capture_output=True, timeout=60)
+
+    def start_mirror(self) -> None:
+        self.mirror = subprocess.Popen([*CLI, "mirror", "run"], cwd=self.dir, env=self.env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True, preexec_fn=self._preexec)
+
+    def stop_mirror(self) -> None:
+        if self.mirror is not None:
+            self.mirror.send_signal(signal.SIGTERM)
+            try:
+                self.mirror.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.mirror.kill()
+                self.mirror.wait()
+            self.mirror.stderr.close()
+            self.mirror = None
+
+    def wait_hardened(self, at_least: int = 1) -> int:
+        """Poll ``mirror status --json`` until a group ``at_least`` hardened."""
+        import json
+        import time
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            p = self.run("mirror", "status", "--json")
+            if p.returncode == 0:
+                h = json.loads(p.stdout).get("hardened")
+                if h is not None and h >= at_least:
+                    return h
+            time.sleep(0.1)
+        raise AssertionError("no group hardened in 60 s")
+
+    def close(self) -> None:
+        self.stop_mirror()
+        for noun in ("slave", "secondary"):
+            self.run(noun, "stop", timeout=60)
+
+
+@pytest.fixture
+def shell(run_dir):
+    need("nbdkit")
+    made = []
+
+    def make(**kw):
+        made.append(Shell(run_dir, **kw))
+        return made[-1]
+
+    yield make
+    for sh in made:
+        sh.close()
+
+
+def test_status_of_a_mirrored_session_shows_each_secondary_and_what_it_hardened(shell):
+    """``cgmirror status`` answers on a mirrored session (it failed with
+    KeyError 's1'), and still after a failover (KeyError 'dirty_blocks')."""
+    sh = shell()
+    sh.ok("slave", "start")
+    sh.ok("secondary", "start")
+    sh.start_mirror()
+    h = sh.wait_hardened(2)
+    out = sh.ok("status")
+    assert "internal error" not in out
+    row = next(line for line in out.splitlines() if line.startswith("s1 "))
+    assert "r1/a: hardened group" in row, out
+    sec = next(line for line in out.splitlines() if line.startswith("r1 "))
+    assert int(sec.split()[2]) >= h, out
+    sh.stop_mirror()
+    sh.ok("failover")
+    p = sh.run("status")
+    assert "internal error" not in p.stderr, p.stderr
+    assert p.returncode in (0, 3), p.stderr      # a's nodes may still run as primaries
+    assert "direction: site b is the source (failed-over)" in p.stdout, p.stdout
+
+
+def test_files_and_directories_keep_their_modes_under_umask_000(shell, run_dir):
+    """The session state directory and its parents, the history, the
+    ``--keep-overwritten`` directory and its files, and ``install-units
+    --dir`` have the modes cgmirror chose, not 0777/0666."""
+    sh = shell(umask=0)
+    sh.ok("slave", "start")
+    sh.ok("secondary", "start")
+    sh.start_mirror()
+    sh.wait_hardened(1)
+    sh.stop_mirror()
+    sh.ok("failover")
+    keep = os.path.join(run_dir, "kept", "deep")
+    sh.ok("failback", "--keep-overwritten", keep, timeout=180)
+    units = os.path.join(run_dir, "units", "here")
+    sh.ok("install-units", "--dir", units, "--exec", "cgmirror")
+
+    def mode(*p):
+        return stat.S_IMODE(os.stat(os.path.join(run_dir, *p)).st_mode)
+
+    assert mode("state") == 0o755 and mode("state", "op") == 0o755
+    for f in os.listdir(os.path.join(run_dir, "state", "op")):
+        assert mode("state", "op", f) & 0o022 == 0, f"state/op/{f}: {oct(mode('state', 'op', f))}"
+    assert mode("kept") == mode("kept", "deep") == 0o700
+    for f in os.listdir(keep):
+        assert mode("kept", "deep", f) == 0o600, f
+    assert mode("units") == mode("units", "here") == 0o755
+    for f in os.listdir(units):
+        assert mode("units", "here", f) == 0o644, f
+
+
+def test_a_reader_that_goes_away_ends_output_quietly_and_results_are_sentences(shell):
+    """``cgmirror history | head -1`` exits 0 with no internal error; a
+    failback says what it did in words."""
+    sh = shell()
+    sh.ok("slave", "start")
+    sh.ok("secondary", "start")
+    sh.start_mirror()
+    sh.wait_hardened(30)                 # a history longer than a pipe's buffer
+    for args in ("history", "history --json", "status --json"):
+        p = sh.pipe(args, "head -c 10")
+        assert p.returncode == 0, (args, p.stderr)
+        assert "internal error" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    sh.stop_mirror()
+    sh.ok("failover")
+    out = sh.ok("failback", timeout=180)
+    assert "{" not in out and "=" not in out, out
+    assert out.startswith("failback: resync hardened as group"), out
+    assert "site a is the source at group" in out, out
