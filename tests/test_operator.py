@@ -64,15 +64,32 @@ size = "4M"
 """
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tls_session() -> str:
+    """SESSION with every node on TCP (loopback) and mutual TLS."""
+    text = SESSION.replace('[session]\n', '[session]\npki = "pki"\ncert = "coordinator"\n')
+    for n in ("s1", "r1"):
+        text = text.replace(f'nbd_socket = "{n}.sock"\ncontrol = "{n}.ctl"',
+                            f'control = "tcp:127.0.0.1:{free_port()}"\n'
+                            f'nbd = "tcp:127.0.0.1:{free_port()}"')
+    return text
+
+
 class Shell:
     """``cgmirror`` run as a child with ``CGMIRROR_SESSION`` set, in the
     session's directory; every node it started is stopped at the end."""
 
-    def __init__(self, run_dir: str, umask: int | None = None):
+    def __init__(self, run_dir: str, umask: int | None = None, text: str = SESSION):
         self.dir = run_dir
         self.umask = umask
         with open(os.path.join(run_dir, "op.toml"), "w") as f:
-            f.write(SESSION)
+            f.write(text)
         self.env = dict(os.environ, CGMIRROR_SESSION=os.path.join(run_dir, "op.toml"),
                         PYTHONPATH=ROOT)
         self.mirror: subprocess.Popen | None = None
@@ -217,3 +234,60 @@ def test_a_reader_that_goes_away_ends_output_quietly_and_results_are_sentences(s
     assert "{" not in out and "=" not in out, out
     assert out.startswith("failback: resync hardened as group"), out
     assert "site a is the source at group" in out, out
+
+
+def test_mirror_status_reaches_tls_secondaries_and_follows_the_direction(shell):
+    """In a session on TCP with mutual TLS, ``mirror status`` asks the
+    secondaries with the session's certificates (it said "TCP needs TLS");
+    after a failover it lists site a's nodes, the secondaries now."""
+    sh = shell(text=tls_session())
+    sh.ok("pki", "init", "--dir", "pki", "--name", "op")
+    for n in ("s1", "r1"):
+        sh.ok("pki", "issue", n, "--dir", "pki", "--ip", "127.0.0.1")
+    sh.ok("pki", "issue", "coordinator", "--dir", "pki")
+    sh.ok("slave", "start")
+    sh.ok("secondary", "start")
+    sh.start_mirror()
+    h = sh.wait_hardened(1)
+    out = sh.ok("mirror", "status")
+    line = next(x for x in out.splitlines() if x.startswith("secondary r1:"))
+    assert "TLS" not in line and int(line.split("hardened ")[1].split()[0].rstrip(",")) >= h
+    sh.stop_mirror()
+    sh.ok("failover")
+    out = sh.ok("mirror", "status")
+    assert any(x.startswith("secondary s1:") for x in out.splitlines()), out
+
+
+def readme_block(heading: str, lang: str) -> str:
+    """The first ``lang`` code block under README's ``heading``."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index(heading):]
+    start = section.index(f"```{lang}\n") + len(lang) + 4
+    return section[start:section.index("```", start)]
+
+
+def test_the_readme_mirrored_session_mirrors_as_written(shell):
+    """The README's mirrored session, copied as it stands, forms groups
+    (its example used to leave out ``secondary =``: "mirrors no volume")."""
+    text = readme_block("### Mirroring: a secondary per volume", "toml")
+    assert 'secondary = "r1"' in text
+    sh = shell(text=text)
+    sh.ok("check")
+    sh.ok("slave", "start")
+    sh.ok("secondary", "start")
+    sh.start_mirror()
+    sh.wait_hardened(2)
+    assert "r1/db: hardened group" in sh.ok("status")
+
+
+@pytest.mark.parametrize("control", ["tcp:127.0.0.1:17100", "tcp:[::1]:7000"])
+def test_a_tcp_mirror_control_is_refused_in_one_line(shell, control):
+    """``[mirror] control = "tcp:..."`` made a unix socket named ``tcp:...``;
+    it is refused, naming the key and what to write."""
+    sh = shell(text=SESSION.replace('control = "m.ctl"', f'control = "{control}"'))
+    p = sh.run("check")
+    assert p.returncode == 3, p.stderr
+    assert p.stderr.count("\n") == 1 and "[mirror], key 'control'" in p.stderr
+    assert "unix socket" in p.stderr
+    assert not os.path.exists(os.path.join(sh.dir, control))
