@@ -291,3 +291,20 @@ def test_a_tcp_mirror_control_is_refused_in_one_line(shell, control):
     assert p.stderr.count("\n") == 1 and "[mirror], key 'control'" in p.stderr
     assert "unix socket" in p.stderr
     assert not os.path.exists(os.path.join(sh.dir, control))
+
+
+def test_a_node_with_a_wrong_certificate_is_refused_at_once(shell):
+    """``secondary start`` of a node whose certificate names another address
+    says so within seconds (it waited the whole 30 s start timeout)."""
+    import time
+    sh = shell(text=tls_session())
+    sh.ok("pki", "init", "--dir", "pki", "--name", "op")
+    sh.ok("pki", "issue", "r1", "--dir", "pki", "--ip", "127.0.0.2")    # dialled at .1
+    sh.ok("pki", "issue", "coordinator", "--dir", "pki")
+    t0 = time.monotonic()
+    p = sh.run("secondary", "start")
+    took = time.monotonic() - t0
+    assert p.returncode != 0
+    assert "127.0.0.1" in p.stderr and "certificate" in p.stderr, p.stderr
+    assert took < 20, f"took {took:.1f} s: {p.stderr}"     # generous: the bound is 30 s
+    assert p.stderr.count("\n") == 1, p.stderr
