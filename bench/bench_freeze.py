@@ -67,6 +67,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from wire import files  # noqa: E402
 from coordinator import group  # noqa: E402
 from coordinator.errors import EstablishAborted  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
@@ -490,7 +491,7 @@ def sites_main(args, argv: list[str]) -> int:
                     spec, control=f"tcp:{site.addr}:{free_port(site)}",
                     nbd=f"tcp:{site.addr}:{free_port(site)}", nbd_socket="",
                     tls=host_dir, client_tls=coord))
-                launch.private_dirs(spec.statedir)
+                files.make_dirs(spec.statedir)
                 with open(spec.logfile, "ab") as log:
                     site.popen(specs[-1].command(), stdin=subprocess.DEVNULL, stdout=log,
                                stderr=log, env=launch.slave_env({}))

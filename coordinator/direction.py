@@ -39,7 +39,7 @@ import dataclasses
 import json
 import os
 
-from wire.files import write_atomic
+from wire.files import READABLE_DIR, make_dirs, write_atomic
 
 from .errors import ConfigError, DirectionError
 from .launch import SlaveSpec
@@ -80,7 +80,7 @@ def save(session: Session, **state) -> dict:
     """Record ``state`` durably; ``session`` is the file's (not oriented):
     its primaries' control sockets name site a."""
     state["a_controls"] = sorted(s.control for s in session.slaves)
-    os.makedirs(session.state_dir, exist_ok=True)
+    make_dirs(session.state_dir, READABLE_DIR)
     write_atomic(path(session), json.dumps(state, sort_keys=True).encode())
     return state
 

@@ -32,7 +32,7 @@ import os
 import sqlite3
 import time
 
-from wire import nbduri
+from wire import files, nbduri
 
 from .errors import LocalError
 
@@ -135,7 +135,10 @@ class History:
     def __init__(self, state_dir: str):
         self.path = os.path.join(state_dir, DB_NAME)
         try:
-            os.makedirs(state_dir, exist_ok=True)
+            files.make_dirs(state_dir, files.READABLE_DIR)
+            # sqlite would create it 0666 less the umask; its journal
+            # files take the database's mode.
+            os.close(files.open_private(self.path, mode=files.READABLE_FILE))
             # check_same_thread off: the mirror opens its history in the
             # thread that takes the session and forms groups in another; one
             # thread at a time uses it.

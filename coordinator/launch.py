@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from wire import address as wire_address
-from wire import tls
-from wire.protocol import Kind
+from wire import files, tls
 
 from .control import ControlClient, ControlError, client_context
 
@@ -206,6 +206,16 @@ def running_pid(spec: SlaveSpec) -> int | None:
     return None
 
 
+# TLS handshakes that failed in a row before a start gives up (not 1: a
+# handshake can also fail on a socket the slave closes as it starts).
+TLS_REFUSALS = 3
+
+
+def _tls_refusal(exc: ControlError) -> bool:
+    """The slave took the TCP connection and the TLS handshake failed."""
+    return isinstance(exc.__cause__, ssl.SSLError)
+
+
 def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> SlaveProcess:
     """Start a slave and wait until it answers; raise LaunchError if it cannot.
 
@@ -232,6 +242,7 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     proc = SlaveProcess(spec, popen.pid, None if detach else popen)
     deadline = time.monotonic() + timeout
     refused: ControlError | None = None      # the last TLS refusal, if any
+    refusals = 0                             # ... and how many in a row
     while True:
         status = popen.poll()
         if status is not None and (status != 0 or not detach):
@@ -246,6 +257,7 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
                     answered = c.call("status").get("pid")
             except ControlError as exc:
                 answered, refused = None, exc
+                refusals = refusals + 1 if _tls_refusal(exc) else 0
             # Another process may serve this path (ours then refuses to start).
             if answered == proc.pid:
                 if detach:
@@ -258,18 +270,19 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
                 and os.path.exists(spec.pidfile):
             raise LaunchError(f"slave {spec.name} exited after starting:"
                               f" {_tail(spec.logfile, log_start)}")
-        if time.monotonic() > deadline:
+        # A slave that completes TCP and then fails the TLS handshake is up:
+        # its certificate (or ours) is wrong, which waiting does not mend.
+        if time.monotonic() > deadline or refusals >= TLS_REFUSALS:
             if detach:
                 # The daemon is nbdkit's forked child, named by the pidfile: a
                 # slave that never answered must not outlive this error.
                 proc.pid = running_pid(spec) or proc.pid
             if proc.alive():
                 proc.kill9()
-            if refused is not None and refused.kind is Kind.UNREACHABLE and \
-                    "refused:" in str(refused):
+            if refusals:
                 # TLS: the slave runs but we cannot talk to it; say why.
-                raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
-                                  f" {refused}")
+                raise LaunchError(f"slave {spec.name} serves, but refuses us or we"
+                                  f" refuse it: {refused}")
             raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
                               f" {_tail(spec.logfile, log_start)}")
         time.sleep(0.02)
@@ -282,9 +295,9 @@ def prepare(spec: SlaveSpec) -> list[str]:
     pid = running_pid(spec)
     if pid:
         raise LaunchError(f"slave {spec.name} is already running as pid {pid}")
-    private_dirs(spec.statedir)
+    files.make_dirs(spec.statedir)
     for path in _unix_paths(spec):
-        private_dirs(os.path.dirname(os.path.abspath(path)))
+        files.make_dirs(os.path.dirname(os.path.abspath(path)))
     # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
     # The control socket is left to the slave: it removes it only if stale,
     # never while another process still serves it.
@@ -321,23 +334,6 @@ def _unix_paths(spec: SlaveSpec) -> list[str]:
     """The unix sockets this slave makes (none for what it serves on TCP)."""
     paths = [] if spec.nbd is not None else [spec.nbd_socket]
     return paths + ([] if _is_tcp(spec.control) else [spec.control])
-
-
-def private_dirs(path: str) -> None:
-    """Create ``path`` and any missing parents with mode 0700 whatever the
-    umask (a directory that already exists, like /tmp, is left alone): a
-    local user who could write there could swap our sockets or maps."""
-    missing = []
-    path = os.path.abspath(path)
-    while not os.path.isdir(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue      # made meanwhile by someone else: not ours to change
-        os.chmod(d, 0o700)
 
 
 def slave_env(extra: dict[str, str]) -> dict[str, str]:

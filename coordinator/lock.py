@@ -12,6 +12,8 @@ from __future__ import annotations
 import fcntl
 import os
 
+from wire import files
+
 from .errors import BusyError, LocalError
 
 LOCK_NAME = "coordinator.lock"
@@ -27,8 +29,8 @@ class SessionLock:
 
     def acquire(self) -> "SessionLock":
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            files.make_dirs(os.path.dirname(self.path), files.READABLE_DIR)
+            fd = files.open_private(self.path, mode=files.READABLE_FILE)
         except OSError as exc:
             raise LocalError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
         try:

@@ -3,7 +3,9 @@ JSON document); the CLI's, and the mirror's log lines (rates)."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 import time
 from typing import TextIO
@@ -70,6 +72,48 @@ def emit_json(doc: dict, out: TextIO) -> None:
     json.dump(doc, out, indent=2, sort_keys=False)
     out.write("\n")
     out.flush()
+
+
+class PipeSafe:
+    """Standard output whose reader may go away (``cgmirror history | head``).
+
+    The command goes on to its end -- a failover must not stop half way
+    because nobody reads its progress any more -- and what it writes after
+    the reader left is dropped, as is the final flush at exit (stdout is
+    pointed at /dev/null then, or Python would print "Exception ignored").
+    """
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._left()
+
+    def _left(self) -> None:
+        self.gone = True
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError, io.UnsupportedOperation):
+            return              # not a file (a test's capture): nothing to flush at exit
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 class ProgressBar:

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from wire import tls
-from wire.files import fsync_dir
+from wire.files import fsync_dir, private_dir
 
 from .errors import ConfigError, LocalError, UsageError
 
@@ -97,7 +97,7 @@ def init(pki_dir: str, session_name: str) -> str:
             .add_extension(ski, critical=False)
             .sign(key, hashes.SHA256()))
     try:
-        _mkdir(pki_dir)
+        private_dir(pki_dir)
         # Key first: a crash in between leaves a key without a certificate,
         # which the next init refuses (and says so) rather than a certificate
         # whose key is lost.
@@ -239,11 +239,6 @@ def _key_pem(key) -> bytes:
 
 def _cert_pem(cert) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _mkdir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
 
 
 def _write_new(path: str, data: bytes, mode: int) -> None:

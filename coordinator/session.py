@@ -324,6 +324,18 @@ class _Parser:
             return str(addr)
         return self.path_(where, {key: addr.path}, key, socket=True)
 
+    def mirror_control(self, where, t) -> str:
+        """``[mirror] control``: a unix socket only.  Its clients are the
+        cgmirror commands of the mirror's own host (peer credentials are its
+        authentication); a TCP address would silently become a file named
+        ``tcp:...``, so it is refused."""
+        addr = self.address(where, t, "control")
+        if addr.startswith("tcp:"):
+            self.fail(where, "control", f"{addr} is TCP; the mirror's control is a unix"
+                                        f" socket on its own host: write a path like"
+                                        f" \"/run/cgmirror/mirror.ctl\"")
+        return addr
+
     def nbd_listen(self, where, t) -> tuple[str, str | None]:
         """(nbd_socket, tcp address or None) from ``nbd_socket`` or ``nbd``."""
         if "nbd" not in t and "nbd_socket" not in t:
@@ -521,7 +533,7 @@ class _Parser:
         if "mirror" in data:
             t, w = data["mirror"], "[mirror]"
             self.keys(w, t, _MIRROR_KEYS, ())
-            control = (self.path_(w, t, "control", socket=True) if "control" in t
+            control = (self.mirror_control(w, t) if "control" in t
                        else os.path.join(state_dir, MIRROR_CONTROL))
             if len(control.encode()) > _MAX_SOCKET:
                 self.fail(w, "control", f"socket path {control} is longer than"

@@ -70,6 +70,7 @@ for _p in (ROOT, TESTS):
 import nbd  # noqa: E402
 
 import workload as wl  # noqa: E402
+from wire import files  # noqa: E402
 from coordinator import launch, session as session_mod  # noqa: E402
 from coordinator.history import History  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
@@ -540,7 +541,7 @@ class SitesCampaign(Campaign):
         if name not in NODE_HOSTS:
             return super().start_node(name, **changes)
         spec = dataclasses.replace(self.specs[name], **changes)
-        launch.private_dirs(spec.statedir)
+        files.make_dirs(spec.statedir)
         with open(spec.logfile, "ab") as log:
             popen = self.net[NODE_HOSTS[name]].popen(
                 spec.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,

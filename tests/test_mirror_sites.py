@@ -43,7 +43,7 @@ from mirrorrig import mirror_session, tcp_node  # noqa: E402
 from test_mirror import LAYOUT, ORDER, REMOTE, SIZE, session_text  # noqa: E402
 from tlsrig import free_port  # noqa: E402
 from twosites import free_port as site_port  # noqa: E402
-from wire import tls  # noqa: E402
+from wire import files, tls  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 MiB = 1 << 20
@@ -145,7 +145,7 @@ def test_mirror_across_sites(sites, run_dir):
     s = session_mod.load(path)
     for cfg in list(s.slaves) + list(s.secondaries):
         spec = cfg.spec()
-        launch.private_dirs(spec.statedir)
+        files.make_dirs(spec.statedir)
         with open(spec.logfile, "ab") as log:       # Sites stops and reaps them
             sites[NODES[cfg.name]].popen(spec.command(), stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=log,

@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from wire import files  # noqa: E402
 from coordinator import group, launch, pki, session as session_mod  # noqa: E402
 from coordinator.errors import EstablishAborted  # noqa: E402
 from coordinator.group import pipeline  # noqa: E402
@@ -115,7 +116,7 @@ class TwoSites:
         """nbdkit with the plugin, in the slave's site, in the foreground
         (tracked by Sites: stopped and reaped at teardown)."""
         spec = self.session.slave(name).spec()
-        launch.private_dirs(spec.statedir)
+        files.make_dirs(spec.statedir)
         log = open(spec.logfile, "ab")
         with log:
             proc = self.net[HOSTS[name]].popen(

@@ -26,6 +26,10 @@ from . import failpoints
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
+# The coordinator's session state (history, lock): its owner writes, anyone
+# may read it (`cgmirror history` for a monitoring user); nothing secret.
+READABLE_DIR = 0o755
+READABLE_FILE = 0o644
 
 
 class LockedError(Exception):
@@ -56,21 +60,39 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def private_dir(path: str) -> None:
-    """Create ``path`` (and parents) if needed and make it 0700.
+def make_dirs(path: str, mode: int = PRIVATE_DIR) -> None:
+    """Create ``path`` and any missing parents with ``mode`` whatever the
+    umask (``os.makedirs`` gives the parents 0777 less the umask: 0777 under
+    ``umask 000``).  A directory that already exists, like /tmp, is left
+    alone; one made meanwhile by someone else is not ours to change."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            continue
+        os.chmod(d, mode)
 
-    A directory made earlier by someone else's ``makedirs`` under a lax
-    umask is tightened too: what counts is its mode while we use it.
-    """
-    os.makedirs(path, mode=PRIVATE_DIR, exist_ok=True)
+
+def private_dir(path: str) -> None:
+    """Create ``path`` (and parents, see ``make_dirs``) if needed and make it
+    0700.  A directory made earlier by someone else's ``makedirs`` under a
+    lax umask is tightened too: what counts is its mode while we use it."""
+    make_dirs(path)
     os.chmod(path, PRIVATE_DIR)
 
 
-def open_private(path: str, flags: int = os.O_RDWR | os.O_CREAT) -> int:
-    """``os.open`` a file with mode 0600 whatever the umask or its old mode."""
-    fd = os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE)
+def open_private(path: str, flags: int = os.O_RDWR | os.O_CREAT,
+                 mode: int = PRIVATE_FILE) -> int:
+    """``os.open`` a file with ``mode`` (0600 unless told) whatever the umask
+    or its old mode."""
+    fd = os.open(path, flags | os.O_CLOEXEC, mode)
     try:
-        os.fchmod(fd, PRIVATE_FILE)
+        os.fchmod(fd, mode)
     except BaseException:
         os.close(fd)
         raise

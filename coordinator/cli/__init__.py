@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:   # --help (0) or a usage error (2), already printed
         return int(exc.code or 0) and int(ExitCode.USAGE)
     want_json = getattr(args, "json", False)
+    stdout, sys.stdout = sys.stdout, output.PipeSafe(sys.stdout)
     try:
         try:
             return int(args.func(Context(_session(args), want_json), args))
@@ -208,4 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cgmirror: {errors.INTERRUPTED}", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+    finally:
+        sys.stdout = stdout
 

@@ -32,13 +32,15 @@ def register(sub) -> None:
                    help="end a DR test: throw its writes away, resume the mirror")
     _json(a)
     a.set_defaults(func=lambda ctx, args: _run(
-        ctx, lambda rs: rs.end_test() if args.end_test else rs.failover(args.test)))
+        ctx, lambda rs: rs.end_test() if args.end_test else rs.failover(args.test),
+        _ended if args.end_test else _failed_over))
 
     a = sub.add_parser("failback", help="after a failover: resync the old primary site"
                                         " and make it the primary again")
     _resync_options(a)
     a.set_defaults(func=lambda ctx, args: _run(
-        ctx, lambda rs: rs.failback(args.full, args.keep_overwritten)))
+        ctx, lambda rs: rs.failback(args.full, args.keep_overwritten),
+        lambda r: f"failback: {_resynced(r['resync'])}; {_switched(r['switchover'])}"))
 
     a = sub.add_parser("resync", help="send exactly the changed blocks of both sites"
                                       " (source cr|oos, target tgt) and harden them")
@@ -50,11 +52,11 @@ def register(sub) -> None:
     _resync_options(a)
     a.set_defaults(func=lambda ctx, args: _run(
         ctx, lambda rs: rs.resync(args.source, args.target, args.full,
-                                  args.keep_overwritten)))
+                                  args.keep_overwritten), _resynced))
 
     a = sub.add_parser("switchover", help="planned role swap with no data loss")
     _json(a)
-    a.set_defaults(func=lambda ctx, args: _run(ctx, lambda rs: rs.switchover()))
+    a.set_defaults(func=lambda ctx, args: _run(ctx, lambda rs: rs.switchover(), _switched))
 
 
 def _json(parser) -> None:
@@ -70,10 +72,30 @@ def _resync_options(parser) -> None:
     _json(parser)
 
 
-def _run(ctx, action) -> ExitCode:
+def _run(ctx, action, sentence) -> ExitCode:
+    """Run ``action`` on a RoleSwitch; print its result as ``sentence``
+    words it (or, with --json, as the API returned it)."""
     result = action(RoleSwitch(ctx.session, launcher))
     if ctx.json:
         output.emit_json({"ok": True, **result}, ctx.out)
     else:
-        ctx.say(" ".join(f"{k}={v}" for k, v in result.items()))
+        ctx.say(sentence(result))
     return ExitCode.OK
+
+
+# The result lines, for people.
+def _failed_over(r: dict) -> str:
+    what = "for a DR test (the mirror is parked until --end-test)" if r["test"] else ""
+    return f"site {r['site']} is writable at group {r['hardened']} {what}".rstrip()
+
+
+def _ended(r: dict) -> str:
+    return f"DR test ended: site {r['site']} is a secondary again at group {r['hardened']}"
+
+
+def _resynced(r: dict) -> str:
+    return f"resync hardened as group {r['n']} ({output.size(r['bytes'])} sent)"
+
+
+def _switched(r: dict) -> str:
+    return f"site {r['source']} is the source at group {r['hardened']}"

@@ -112,8 +112,11 @@ def _watch(ctx) -> ExitCode:
 
 
 def secondaries(session) -> dict[str, dict]:
-    """Each secondary's hardened and prepared group, from its own status."""
-    links = [SlaveLink(r.name, r.control, timeout=5.0) for r in session.secondaries]
+    """Each secondary's hardened and prepared group, from its own status:
+    the secondaries of the recorded direction (after a failover, site a's
+    nodes), reached as the session reaches them (TLS on TCP)."""
+    session = direction.oriented(session, direction.load(session)["source"])
+    links = [SlaveLink.from_spec(r.spec(), timeout=5.0) for r in session.secondaries]
     out = {}
     try:
         replies = group.statuses(links) if links else {}

@@ -19,10 +19,10 @@ import argparse
 
 from coordinator import launch
 
-from .. import errors, group, output
-from .copy_cmds import links
+from .. import direction, errors, group, output
 from ..errors import ExitCode
 from ..history import History
+from ..link import SlaveLink
 from ..lock import SessionLock
 
 STATUS_TIMEOUT = 5.0
@@ -59,47 +59,100 @@ def group_state(session) -> dict:
 
 
 def collect(session) -> dict:
-    """The status document (see ``status --json``)."""
-    lks = links(session, timeout=STATUS_TIMEOUT)
+    """The status document (see ``status --json``).
+
+    The nodes are asked in the roles the session's direction gives them
+    (after a failover site b's are the primaries).  A primary's volume
+    shows what its copy target holds (from the history) or, if it is
+    mirrored, the group its secondary last hardened; every secondary has a
+    row of its own.  A node that answers in another role than the direction
+    gives it is an error row, not a crash."""
+    d = direction.load(session)
+    s = direction.oriented(session, d["source"])
+    lks = [SlaveLink.from_spec(n.spec(), timeout=STATUS_TIMEOUT)
+           for n in (*s.slaves, *s.secondaries)]
     try:
         replies = group.statuses(lks)
     finally:
         for lk in lks:
             lk.close()
-    grp = group_state(session)
-    doc = {"ok": True, "session": session.name, "group": grp, "slaves": {}}
-    for cfg in session.slaves:
-        r = replies[cfg.name]
-        if isinstance(r, Exception):
-            pid = launch.running_pid(cfg.spec())
-            why = errors.describe(r) if pid else (f"slave {cfg.name} is not running (start it with:"
-                                      f" cgmirror slave start {cfg.name})")
-            doc["ok"] = False
-            doc["slaves"][cfg.name] = {"reachable": False, "error": why, "pid": pid,
-                                       "phase": None, "n": None, "ended": None,
-                                       "volumes": {}}
-            continue
-        vols = {}
-        for v in cfg.volumes:
-            st = r["volumes"].get(v.name)
-            if st is None:
-                doc["ok"] = False
-                vols[v.name] = {"present": False, "target": v.target,
-                                "error": f"slave {cfg.name} has no volume {v.name!r}"
-                                         f" (it serves: {', '.join(r['volumes'])})"}
-                continue
-            dirty = min(st["dirty_blocks"] * st["granularity"], st["size"])
-            holds = grp["volumes"][cfg.name][v.name]
-            vols[v.name] = {"present": True, "target": v.target,
-                            "synced": (st["synced_target"] == v.target
-                                       and holds["state"] == "holds"),
-                            "target_holds": holds,
-                            "dirty_bytes": dirty, "error": None} | st
-        doc["slaves"][cfg.name] = {"reachable": True, "error": None, "pid": r["pid"],
-                                   "phase": r["phase"], "n": r["n"], "ended": r["ended"],
-                                   "last_copy_ok": (r["last_copy"] or {}).get("ok"),
-                                   "volumes": vols}
+    grp = group_state(s)
+    doc = {"ok": True, "session": session.name, "group": grp,
+           "direction": {k: d.get(k) for k in ("source", "state", "from", "to")
+                         if d.get(k) is not None},
+           "slaves": {}, "secondaries": {}}
+    for cfg in s.secondaries:
+        doc["secondaries"][cfg.name] = _secondary(cfg, replies[cfg.name], doc)
+    for cfg in s.slaves:
+        doc["slaves"][cfg.name] = _primary(cfg, replies[cfg.name], grp, doc)
     return doc
+
+
+def _unreachable(cfg, exc: Exception, kind: str) -> dict:
+    pid = launch.running_pid(cfg.spec())
+    why = errors.describe(exc) if pid else (f"{kind} {cfg.name} is not running (start it"
+                                            f" with: cgmirror {kind} start {cfg.name})")
+    return {"reachable": False, "error": why, "pid": pid, "role": None, "volumes": {}}
+
+
+def _wrong_role(cfg, r: dict, want: str) -> str:
+    return (f"{cfg.name} at {cfg.control} runs as {r.get('role', 'primary')}, but the"
+            f" session's direction makes it a {want}: see `cgmirror mirror status`")
+
+
+def _secondary(cfg, r, doc: dict) -> dict:
+    if isinstance(r, Exception):
+        doc["ok"] = False
+        return _unreachable(cfg, r, "secondary")
+    row = {"reachable": True, "error": None, "pid": r.get("pid"), "role": r.get("role"),
+           "hardened": r.get("hardened"), "prepared": r.get("prepared"), "volumes": {}}
+    if r.get("role") != "secondary":
+        doc["ok"] = False
+        row["error"] = _wrong_role(cfg, r, "secondary")
+        return row
+    for name in (v.name for v in cfg.volumes):
+        st = r["volumes"].get(name)
+        if st is None:
+            doc["ok"] = False
+            row["volumes"][name] = {"present": False,
+                                    "error": f"secondary {cfg.name} has no volume {name!r}"}
+        else:
+            row["volumes"][name] = {"present": True, "error": None} | st
+    return row
+
+
+def _primary(cfg, r, grp: dict, doc: dict) -> dict:
+    if isinstance(r, Exception):
+        doc["ok"] = False
+        return _unreachable(cfg, r, "slave") | {"phase": None, "n": None, "ended": None}
+    if r.get("role", "primary") != "primary":
+        doc["ok"] = False
+        return {"reachable": True, "error": _wrong_role(cfg, r, "primary"),
+                "pid": r.get("pid"), "role": r.get("role"), "phase": None, "n": None,
+                "ended": None, "volumes": {}}
+    vols = {}
+    for v in cfg.volumes:
+        st = r["volumes"].get(v.name)
+        if st is None:
+            doc["ok"] = False
+            vols[v.name] = {"present": False, "target": v.target,
+                            "error": f"slave {cfg.name} has no volume {v.name!r}"
+                                     f" (it serves: {', '.join(r['volumes'])})"}
+            continue
+        dirty = min(st["dirty_blocks"] * st["granularity"], st["size"])
+        if v.secondary:
+            sec = doc["secondaries"].get(v.secondary, {})
+            holds = {"state": "mirrored", "secondary": f"{v.secondary}/{v.remote_volume}",
+                     "n": sec.get("hardened")}
+            synced = sec.get("error") is None and holds["n"] is not None
+        else:
+            holds = grp["volumes"][cfg.name][v.name]
+            synced = st["synced_target"] == v.target and holds["state"] == "holds"
+        vols[v.name] = {"present": True, "target": v.target, "synced": synced,
+                        "target_holds": holds, "dirty_bytes": dirty, "error": None} | st
+    return {"reachable": True, "error": None, "pid": r["pid"], "role": "primary",
+            "phase": r["phase"], "n": r["n"], "ended": r["ended"],
+            "last_copy_ok": (r["last_copy"] or {}).get("ok"), "volumes": vols}
 
 
 def status(ctx) -> ExitCode:
@@ -109,10 +162,13 @@ def status(ctx) -> ExitCode:
     else:
         print_status(doc, ctx.out)
     code = ExitCode.OK
-    for sl in doc["slaves"].values():
+    for sl in (*doc["slaves"].values(), *doc["secondaries"].values()):
         if not sl["reachable"]:
             print(f"cgmirror: {sl['error']}", file=ctx.err)
             code = ExitCode.UNREACHABLE
+        elif sl["error"]:
+            print(f"cgmirror: {sl['error']}", file=ctx.err)
+            code = code or ExitCode.CONFIG
         for v in sl["volumes"].values():
             if not v["present"]:
                 print(f"cgmirror: {v['error']}", file=ctx.err)
@@ -129,12 +185,17 @@ def _copy_cell(c: dict | None) -> str:
 
 def _holds(h: dict) -> str:
     """What one target holds, for people."""
+    if h["state"] == "mirrored":
+        at = "nothing hardened yet" if h["n"] is None else f"hardened group {h['n']}"
+        return f"{h['secondary']}: {at}"
     return {"holds": f"cut {h['n']}", "partial": f"part of cut {h['n']}",
             "copying": f"copying cut {h['n']}"}.get(h["state"], "nothing copied")
 
 
 def group_lines(g: dict) -> list[str]:
     """The group's state and the last copy, for people (status and history)."""
+    if not g["volumes"] and not g["last_copy"]:
+        return []           # no copy targets: a mirrored session's groups are its own
     if g["consistent"]:
         lines = [f"group consistent at cut {g['n']}, taken at {g['taken'] or '?'}"
                  f" ({output.age(g['age_s'])})"]
@@ -162,6 +223,9 @@ def print_status(doc: dict, out) -> None:
         if not sl["reachable"]:
             rows.append([name, "-", "UNREACHABLE", "", "", "", "", sl["error"]])
             continue
+        if sl["error"]:
+            rows.append([name, "-", sl["role"] or "?", "", "", "", "", sl["error"]])
+            continue
         phase = f"{sl['phase']} (cut {sl['n']})" if sl["n"] else sl["phase"]
         for vname, v in sl["volumes"].items():
             if not v["present"]:
@@ -172,8 +236,30 @@ def print_status(doc: dict, out) -> None:
                          _holds(v["target_holds"]), _copy_cell(v["copy"])])
     output.table(rows, ["SLAVE", "VOLUME", "PHASE", "GATE", "SIZE", "DIRTY BLOCKS",
                         "TARGET HOLDS", "LAST COPY"], out)
+    if doc["secondaries"]:
+        print(file=out)
+        output.table(list(_secondary_rows(doc["secondaries"])),
+                     ["SECONDARY", "VOLUME", "HARDENED", "PREPARED", "UNDO BLOCKS",
+                      "TGT BLOCKS", "ERROR"], out)
+    d = doc["direction"]
+    if d and (d["source"], d["state"]) != ("a", "mirroring"):
+        print(f"direction: site {d['source']} is the source ({d['state']})", file=out)
     for line in group_lines(doc["group"]):
         print(line, file=out)
+
+
+def _secondary_rows(secondaries: dict):
+    for name, r in secondaries.items():
+        if not r["reachable"] or r["error"]:
+            yield [name, "-", "", "", "", "", r["error"]]
+            continue
+        hardened = "none yet" if r["hardened"] is None else r["hardened"]
+        for vname, v in r["volumes"].items():
+            if not v["present"]:
+                yield [name, vname, "", "", "", "", "MISSING: " + v["error"]]
+            else:
+                yield [name, vname, hardened, r["prepared"] or "-", v["undo_blocks"],
+                       v["tgt_blocks"], v.get("error") or ""]
 
 
 def history(ctx, limit: int | None) -> ExitCode:

@@ -23,6 +23,8 @@ import shlex
 import shutil
 import sys
 
+from wire import files
+
 from ..errors import ExitCode, LocalError
 
 # coordinator/cli/units_cmds.py -> the project's units/
@@ -67,7 +69,7 @@ def install(ctx, directory: str, exec_: str | None) -> ExitCode:
     s = ctx.session
     exec_ = exec_ or default_exec()
     try:
-        os.makedirs(directory, exist_ok=True)
+        files.make_dirs(directory, files.READABLE_DIR)     # as systemd's own
         for name in UNITS:
             with open(os.path.join(UNITS_DIR, name)) as f:
                 text = render(s, f.read(), exec_)

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 
-from wire import address as wire_address, protocol
+from wire import address as wire_address, files, protocol
 from wire.protocol import Kind
 
 from ..errors import CgmirrorError, LocalError, describe
@@ -87,7 +87,7 @@ class ControlServer:
         # a window); we are still single-threaded here.
         old = os.umask(0o177)
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            files.make_dirs(os.path.dirname(self.path))
             s.bind(self.path)
         except OSError as exc:
             s.close()

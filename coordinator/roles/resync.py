@@ -62,7 +62,7 @@ def adopt(links: Links, log: Log, forget: bool = False) -> None:
 
 def keep_overwritten(oriented: Session, out: str, log: Log) -> dict:
     """Save the target blocks the resync will overwrite (module doc)."""
-    os.makedirs(out, exist_ok=True)
+    files.make_dirs(out)        # the loser's data: 0700, whatever the umask
     kept = {}
     for s, v, r, rv in oriented.pairs():
         src, tgt = oriented.slave(s), oriented.secondary(r)
@@ -82,7 +82,7 @@ def keep_overwritten(oriented: Session, out: str, log: Log) -> dict:
                 tls.libnbd_setup(h, tgt.client_tls or tgt.tls)
             h.connect_uri(tgt.spec().uri(rv))
             size = h.get_size()
-            fd = os.open(base + ".img", os.O_WRONLY | os.O_CREAT, 0o600)
+            fd = files.open_private(base + ".img", os.O_WRONLY | os.O_CREAT)
             try:
                 os.ftruncate(fd, size)
                 for off, length in runs:
@@ -103,8 +103,8 @@ def keep_overwritten(oriented: Session, out: str, log: Log) -> dict:
                 h.shutdown()
             except nbd.Error:
                 pass                # never connected
-        with open(base + ".runs.json", "w") as f:
-            json.dump({"bytes": [[o, min(n, size - o)] for o, n in runs]}, f)
+        files.write_atomic(base + ".runs.json", json.dumps(
+            {"bytes": [[o, min(n, size - o)] for o, n in runs]}).encode())
         kept[f"{r}/{rv}"] = sum(min(n, size - o) for o, n in runs)
         log(f"{r}/{rv}: {kept[f'{r}/{rv}']} bytes about to be overwritten kept"
         f" in {base}.img")
