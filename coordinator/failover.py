@@ -281,6 +281,9 @@ class RoleSwitch:
                 dirn.save(self.session, source=new, state="failed-over", hardened=h,
                           **{"from": src})
         for node in self.nodes(new):
+            st = self.status(node) if test else None
+            if st is not None and st.get("role") == "secondary":
+                self.call(node, "dr_test", n=h)     # keeps group h for --end-test
             self.become(node, "primary")
         self.log(f"site {new} is writable at group {h}"
                  + (" (DR test: `cgmirror failover --end-test` throws its writes away)"

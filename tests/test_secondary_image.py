@@ -1,0 +1,213 @@
+"""A node never reports or serves as hardened an image that is not group h
+(issue 16, items 1 and 4), through real nbdkit slaves and secondaries, the
+real CLI (``cli.main`` in this process) and the dependent-write checker of
+tests/workload.py.
+
+The rig is tests/test_failover.py's: s1 (volumes a, b) mirrored to r1,
+role switches restarting nodes as children of the test.
+
+Item 1: a volume file unlinked or replaced under a running node is noticed
+at the next status, prepare, commit or checksums (``Volume.problem``).
+Item 4: ``failover --end-test`` brings r1 back to group h on the node
+itself before it reports hardened h or serves its host export, also when
+killed -9 in the middle, and a ``failover`` right after promotes group h.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+
+import nbd
+import pytest
+
+import workload as wl
+from coordinator import direction, launch
+from coordinator.mirror import Mirror
+from test_failover import G, LAYOUT, NBLOCKS, VOLS, Rig, Writes
+
+
+@pytest.fixture
+def rig(slaves, run_dir, monkeypatch):
+    r = Rig(slaves, run_dir, monkeypatch)
+    try:
+        yield r
+    finally:
+        print("\n".join(r.logs))
+
+
+def host_images(rig, node) -> list[bytes]:
+    """What ``node``'s host exports serve, read through NBD."""
+    out = []
+    for uri in rig.uris(node):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        try:
+            size = h.get_size()
+            out.append(b"".join(h.pread(min(1 << 20, size - o), o)
+                                for o in range(0, size, 1 << 20)))
+        finally:
+            h.shutdown()
+    return out
+
+
+def run_group(rig, source="a"):
+    m = Mirror(direction.oriented(rig.session, source), log=rig.logs.append,
+               serve_control=False).open()
+    try:
+        return m.run_once()
+    finally:
+        m.close()
+
+
+def vol_path(rig, node, v) -> str:
+    return os.path.join(rig.dir, f"{node}-{v}.img")
+
+
+# ------------------------------------------------------------------ item 1
+
+@pytest.mark.parametrize("how, says", [("unlink", "was deleted"),
+                                       ("replace", "was replaced by another file")])
+def test_lost_secondary_volume_fails_the_group_and_says_so(rig, capsys, how, says):
+    """r1's volume file unlinked (or replaced) under the running mirror: r1's
+    status names it with the group it holds, no group hardens onto it,
+    verify's checksums are refused, `mirror status` shows the problem
+    instead of "hardened"; the hint (cp from /proc, restart) repairs it
+    without a full copy."""
+    Writes().workload(rig.uris("s1"), 20, resume=False)
+    h = rig.group()
+    st = rig.status("r1")
+    assert st["problem"] is None and st["volumes"]["a"]["problem"] is None
+    path = vol_path(rig, "r1", "a")
+    if how == "unlink":
+        os.unlink(path)
+    else:
+        with open(path, "rb") as src, open(path + ".new", "wb") as f:
+            f.write(src.read())
+        os.replace(path + ".new", path)
+    st = rig.status("r1")
+    problem = st["volumes"]["a"]["problem"]
+    assert says in problem and f"it holds group {h}" in problem, problem
+    assert "\n" not in problem and st["volumes"]["b"]["problem"] is None
+    assert st["problem"] == problem
+    # The primary's volumes are where they were.
+    assert rig.status("s1")["volumes"]["a"]["problem"] is None
+    with pytest.raises(Exception, match=says):
+        rig.call("r1", "checksums", volume="a", start=0, count=1)
+
+    Writes().workload(rig.uris("s1"), 5)
+    res = run_group(rig)
+    assert res.outcome != "hardened" and says in (res.error or ""), res
+    assert rig.status("r1")["hardened"] == h
+    capsys.readouterr()
+    assert rig.cli("mirror", "status") == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("secondary r1:")]
+    assert len(line) == 1 and says in line[0] and "hardened" not in line[0], line
+
+    if how == "unlink":
+        # Follow the hint: copy the open file back, restart the node.
+        cmd = problem.split("`")[1]
+        assert cmd.startswith("cp /proc/"), problem
+        subprocess.run(shlex.split(cmd), check=True)
+        spec = rig.session.secondaries[0].spec()
+        spec.region = G
+        rig.procs["r1"].stop(timeout=30)
+        rig.procs["r1"] = rig.launcher.slaves.restart(spec)
+        assert rig.status("r1")["volumes"]["a"]["problem"] is None
+        rig.group()
+        # Only what the failed group left to send, never the whole volumes.
+        assert rig.replication_bytes("r1") < NBLOCKS * G
+        rig.assert_equal()
+        rig.check("r1")
+
+
+def test_lost_primary_volume_is_in_its_status(rig):
+    """The primary (same Volume class): its status names a deleted volume
+    file with the hint; the other volume and the pair's true side say
+    nothing."""
+    assert rig.status("s1")["volumes"]["a"]["problem"] is None
+    os.unlink(vol_path(rig, "s1", "b"))
+    vols = rig.status("s1")["volumes"]
+    assert vols["a"]["problem"] is None
+    p = vols["b"]["problem"]
+    assert p.startswith("volume b: ") and "was deleted" in p and "cp /proc/" in p, p
+
+
+# ------------------------------------------------------------------ item 4
+
+def tear(uri: str) -> None:
+    """A DR test's writes that no dependent-write order allows: zero every
+    record block of one volume (the other keeps records that follow them)."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        for b in range(0, NBLOCKS, 8):
+            h.pwrite(bytes(G), b * G)
+        h.flush()
+    finally:
+        h.shutdown()
+
+
+def dr_test_writes(rig) -> Writes:
+    assert rig.cli("failover", "--test") == 0
+    assert rig.status("r1").get("role", "primary") == "primary"
+    test = Writes()
+    test.workload(rig.uris("r1"), 8)
+    test.scatter(rig.uris("r1"), 7, seed=4)
+    tear(rig.uris("r1")[0])
+    # The test primary keeps group h's content of every block it wrote.
+    assert sum(v["kept_blocks"] for v in rig.status("r1")["volumes"].values())
+    return test
+
+
+def test_end_test_restores_group_h_then_failover_promotes_it(rig):
+    """After --end-test r1 reports hardened h and its host exports serve
+    exactly group h (byte-equal, the checker passes) with no group in
+    between; site a lost right then, `failover` makes exactly group h
+    writable, and a real failover keeps nothing."""
+    Writes().workload(rig.uris("s1"), 30, resume=False)
+    h = rig.group()
+    before = host_images(rig, "r1")
+    rig.check("r1")
+    dr_test_writes(rig)
+    assert not wl.check_targets(rig.uris("r1"), LAYOUT).ok, "the test writes tear"
+    assert rig.cli("failover", "--end-test") == 0
+    st = rig.status("r1")
+    assert st["role"] == "secondary" and st["hardened"] == h and st["prepared"] is None
+    assert host_images(rig, "r1") == before
+    rig.check("r1")
+    # The test's blocks stay target indicators (returned to s1's cr).
+    assert sum(v["dirty_blocks"] for v in rig.status("s1")["volumes"].values())
+
+    rig.procs["s1"].kill9()
+    assert rig.cli("failover") == 0
+    assert direction.load(rig.session)["hardened"] == h
+    assert rig.images("r1") == before
+    rig.check("r1")
+    Writes().scatter(rig.uris("r1"), 3, seed=9)
+    assert not any(v["kept_blocks"] for v in rig.status("r1")["volumes"].values())
+
+
+@pytest.mark.parametrize("point", ["secondary:test-restore-mid@3",
+                                   "secondary:test-restore-before-clear"])
+def test_kill_while_ending_the_test_comes_back_to_group_h(rig, point):
+    """r1 killed -9 while it restores group h at --end-test: the command
+    fails, its rerun finishes, and r1 serves exactly group h."""
+    Writes().workload(rig.uris("s1"), 30, resume=False)
+    h = rig.group()
+    before = host_images(rig, "r1")
+    dr_test_writes(rig)
+    rig.launcher.env[("r1", "secondary")] = {"CGMIRROR_FAILPOINTS": point}
+    assert rig.cli("failover", "--end-test") != 0
+    assert launch.running_pid(rig.session.secondaries[0].spec()) is None, "not killed"
+    assert rig.cli("failover", "--end-test") == 0
+    st = rig.status("r1")
+    assert st["role"] == "secondary" and st["hardened"] == h
+    assert host_images(rig, "r1") == before
+    assert rig.images("r1") == before
+    rig.check("r1")
+    # The mirror goes on from there: r1 ends equal to s1.
+    rig.group()
+    rig.assert_equal()
+    rig.check("r1")
