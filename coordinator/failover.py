@@ -300,7 +300,7 @@ class RoleSwitch:
         src, h = d["source"], d["hardened"]
         for node in self.nodes(dirn.other(src)):
             st = self.become(node, "secondary")
-            if st["hardened"] < h:
+            if st["hardened"] < h or st.get("test") is not None:   # never promoted
                 self.call(node, "assume", n=h)
         m = Mirror(dirn.oriented(self.session, src), log=self.log, serve_control=False)
         try:

@@ -78,6 +78,10 @@ before it serves anything or answers a status: every kept block written
 back and fdatasynced, the blocks set in ``tgt`` and checkpointed, the
 store dropped, then "test" cleared.  Its host export and ``hardened n``
 are then true, and a ``failover`` right after promotes exactly group n.
+A node that was never promoted after ``dr_test`` (a failed ``failover
+--test``) still runs with "test n": ``assume n`` (which ``--end-test``
+sends then), ``prepare``, ``commit`` and ``rollback`` clear it, so that no
+later, real promotion keeps blocks and no later start restores an old group.
 The test's blocks stay in ``tgt`` (the primary's cut of ``cr | oos``
 folds them there anyway): the end of the test returns them to the
 primary, whose next group sends them again.  They hold group n's bytes
@@ -458,8 +462,8 @@ class Secondary(OpHandler):
         problems = [v["problem"] for v in vols.values() if v["problem"]]
         return protocol.ok(pid=os.getpid(), role=self.ROLE,
                            hardened=self.state["hardened"],
-                           prepared=self.state["prepared"], volumes=vols,
-                           problem=" | ".join(problems) or None)
+                           prepared=self.state["prepared"], test=self.state["test"],
+                           volumes=vols, problem=" | ".join(problems) or None)
 
     def op_prepare(self, n: int) -> dict:
         with self.lock:
@@ -480,7 +484,7 @@ class Secondary(OpHandler):
                 for vol in vols:
                     vol.flush()
                 failpoints.hit("secondary:prepare-before-record")
-                self._save_state(prepared=n)
+                self._save_state(prepared=n, test=None)
             except BaseException:
                 for vol in vols:
                     vol.allow_writes()
@@ -499,7 +503,7 @@ class Secondary(OpHandler):
             self._refuse_lost(f"commit group {n}")
             # Record first, then drop: a crash in between leaves a store
             # named after the old group, which the next start deletes.
-            self._save_state(hardened=n, prepared=None)
+            self._save_state(hardened=n, prepared=None, test=None)
             failpoints.hit("secondary:commit-before-drop")
             for vol in self.volumes.values():
                 vol.drop_undo(n)
@@ -522,8 +526,8 @@ class Secondary(OpHandler):
                 failpoints.hit("secondary:rollback-before-drop")
                 for vol in vols:
                     vol.drop_undo(h)
-                if self.state["prepared"] is not None:
-                    self._save_state(prepared=None)
+                if self.state["prepared"] is not None or self.state["test"] is not None:
+                    self._save_state(prepared=None, test=None)
             finally:
                 # Writes stay refused if the prepared record could not go.
                 if self.state["prepared"] is None:
@@ -581,8 +585,8 @@ class Secondary(OpHandler):
             if n < h:
                 raise ProtocolError(f"group {n} is below the hardened group {h}",
                                     Kind.STALE)
-            if n != h:
-                self._save_state(hardened=n)
+            if n != h or self.state["test"] is not None:
+                self._save_state(hardened=n, test=None)
                 for vol in self.volumes.values():
                     vol.drop_undo(n)
             log.info("secondary: the image is group %d", n)

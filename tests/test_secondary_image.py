@@ -222,3 +222,41 @@ def test_kill_while_ending_the_test_comes_back_to_group_h(rig, point):
     rig.group()
     rig.assert_equal()
     rig.check("r1")
+
+
+def test_dr_test_refuses_what_is_not_the_settled_hardened_group(rig):
+    """dr_test keeps only the hardened group with nothing in flight; a
+    refusal changes nothing."""
+    Writes().workload(rig.uris("s1"), 10, resume=False)
+    h = rig.group()
+    with pytest.raises(Exception, match=f"holds group {h}"):
+        rig.call("r1", "dr_test", n=h + 1)
+    rig.call("r1", "prepare", n=h + 1)
+    with pytest.raises(Exception, match=f"group {h + 1} is in flight"):
+        rig.call("r1", "dr_test", n=h)
+    rig.call("r1", "rollback")
+    assert rig.status("r1")["test"] is None
+    assert rig.call("r1", "dr_test", n=h)["hardened"] == h
+    assert rig.status("r1")["test"] == h
+
+
+def test_a_test_never_promoted_leaves_no_record_behind(rig):
+    """failover --test dies after r1 recorded the test but before promoting
+    it: --end-test clears the record on the running secondary, so a real
+    failover later keeps nothing and a later start restores nothing."""
+    Writes().workload(rig.uris("s1"), 10, resume=False)
+    h = rig.group()
+    rig.call("r1", "dr_test", n=h)
+    direction.save(rig.session, source="a", state="dr-test", hardened=h)
+    assert rig.cli("failover", "--end-test") == 0
+    assert rig.status("r1")["test"] is None
+    rig.procs["s1"].kill9()
+    assert rig.cli("failover") == 0
+    Writes().scatter(rig.uris("r1"), 3, seed=7)
+    assert kept(rig, "r1") == 0
+    after = rig.images("r1")
+    # Demoted again (a later failback's first step): its image stays.
+    spec = rig.session.secondaries[0].spec()
+    rig.launcher.stop(spec)
+    rig.launcher.start(spec)
+    assert rig.images("r1") == after
