@@ -260,3 +260,60 @@ def test_a_test_never_promoted_leaves_no_record_behind(rig):
     rig.launcher.stop(spec)
     rig.launcher.start(spec)
     assert rig.images("r1") == after
+
+
+def test_test_primary_killed_mid_write_still_ends_at_group_h(rig):
+    """The DR test's primary killed -9 between saving a block of group h and
+    writing it (and after earlier test writes): --end-test still restores
+    exactly group h."""
+    Writes().workload(rig.uris("s1"), 20, resume=False)
+    h = rig.group()
+    before = host_images(rig, "r1")
+    rig.launcher.env[("r1", "primary")] = {"CGMIRROR_FAILPOINTS": "keep:after-save@6"}
+    assert rig.cli("failover", "--test") == 0
+    died = None
+    for v, uri in zip(VOLS, rig.uris("r1")):
+        h_ = nbd.NBD()
+        h_.connect_uri(uri)
+        try:
+            for b in range(1, NBLOCKS, 3):
+                h_.pwrite(b"\xa5" * G, b * G)
+        except nbd.Error as exc:
+            died = exc
+            break
+        finally:
+            try:
+                h_.shutdown()
+            except nbd.Error:
+                pass
+    dead = launch.running_pid(rig.session.secondaries[0].spec()) is None
+    assert rig.cli("failover", "--end-test") == 0
+    st = rig.status("r1")
+    assert st["role"] == "secondary" and st["hardened"] == h and st.get("test") is None
+    rig.check("r1")
+    assert host_images(rig, "r1") == before == rig.images("r1")
+    assert died is not None and dead, "the failpoint never fired"
+
+
+def test_volume_problem_says_what_happened_to_its_file(tmp_path):
+    """Volume.problem (no nbdkit): None while the path is the open file;
+    then replaced, truncated, deleted, each one line naming the path."""
+    from nbdplugin.volume import Volume
+    path = str(tmp_path / "v.img")
+    os.makedirs(tmp_path / "st")
+    vol = Volume("v", path, str(tmp_path / "st"), G, G, create_size=4 * G)
+    try:
+        assert vol.problem() is None
+        os.truncate(path, 2 * G)
+        assert f"is now {2 * G} bytes" in vol.problem() and "truncate -s" in vol.problem()
+        os.truncate(path, 4 * G)
+        assert vol.problem() is None
+        with open(path + ".x", "wb") as f:
+            f.write(bytes(4 * G))
+        os.replace(path + ".x", path)
+        assert "was replaced by another file" in vol.problem()
+        os.unlink(path)
+        p = vol.problem()
+        assert p.startswith(f"volume v: {path} was deleted") and "\n" not in p
+    finally:
+        vol.close()
