@@ -149,7 +149,8 @@ class Volume:
                 # write: a test write the end of the test could not undo
                 # must not reach the volume.
                 g = self.granularity
-                keep.save(range(offset // g, (offset + length - 1) // g + 1))
+                if keep.save(range(offset // g, (offset + length - 1) // g + 1)):
+                    failpoints.hit("keep:after-save")
             action(*args)
             failpoints.hit("write:after-data")
         finally:

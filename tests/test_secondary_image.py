@@ -292,7 +292,7 @@ def test_test_primary_killed_mid_write_still_ends_at_group_h(rig):
     assert st["role"] == "secondary" and st["hardened"] == h and st.get("test") is None
     rig.check("r1")
     assert host_images(rig, "r1") == before == rig.images("r1")
-    assert died is not None and dead, "the failpoint never fired"
+    assert died is not None and dead, ("the failpoint never fired", died, dead)
 
 
 def test_volume_problem_says_what_happened_to_its_file(tmp_path):
