@@ -17,7 +17,9 @@
 # (default) or role=secondary (nbdplugin/secondary.py: each volume is served as
 # a read-only host export NAME showing the last hardened group, and as the
 # replication export repl-TOKEN/NAME, whose name the control channel's status
-# op tells; the primary-only keys create= etc. still apply).
+# op tells; the primary-only keys create= etc. still apply).  A primary whose state directory
+# records a DR test (nbdplugin/secondary.py, "DR test") saves the hardened
+# group's content of each block before the test first writes it.
 #
 # The slave holds an exclusive lock on its state directory and on each volume
 # while it runs (a second slave on either is refused, naming the holder), and
