@@ -17,7 +17,9 @@
 # (default) or role=secondary (nbdplugin/secondary.py: each volume is served as
 # a read-only host export NAME showing the last hardened group, and as the
 # replication export repl-TOKEN/NAME, whose name the control channel's status
-# op tells; the primary-only keys create= etc. still apply).
+# op tells; the primary-only keys create= etc. still apply).  A primary whose state directory
+# records a DR test (nbdplugin/secondary.py, "DR test") saves the hardened
+# group's content of each block before the test first writes it.
 #
 # The slave holds an exclusive lock on its state directory and on each volume
 # while it runs (a second slave on either is refused, naming the holder), and
@@ -45,8 +47,9 @@ for _p in (_VENV_SITE, _ROOT):
 
 from nbdplugin import copier, threadstate  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
+from nbdplugin.blockstore import BlockStore  # noqa: E402
 from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa: E402
-                                 prepared_group)
+                                 prepared_group, test_group, undo_path)
 from nbdplugin.server import ControlServerError  # noqa: E402
 from nbdplugin.slave import Fence, Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
@@ -212,6 +215,9 @@ def get_ready():
     if prepared is not None:
         _fail(f"{statedir} holds group {prepared} prepared as a secondary: start it as a"
               f" secondary and let `cgmirror failover` commit or roll it back first")
+    # A secondary promoted for a DR test keeps its hardened group
+    # (nbdplugin/secondary.py, "DR test").
+    kept = None if secondary else test_group(statedir)
     vols = {}
     for name, path in _volumes.items():
         if secondary:
@@ -226,7 +232,14 @@ def get_ready():
             vol = Volume(name, path, statedir, _cfg["granularity"], _cfg["region"],
                          _create.get(name), extra_maps=("tgt",))
             fold_maps(vol, "cr", ("tgt",))
+            if kept is not None:
+                vol.keep = BlockStore.reopen(undo_path(statedir, name, kept), vol.fd,
+                                             vol.granularity, vol.size)
         vols[name] = vol
+    if kept is not None:
+        logging.getLogger("nbdplugin.plugin").info(
+            "DR test: group %d is kept (%s blocks already): every first write saves"
+            " it", kept, {n: len(v.keep) for n, v in vols.items()})
     if secondary:
         try:
             _slave = Secondary(vols, statedir)

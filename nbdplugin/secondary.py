@@ -67,6 +67,43 @@ coordinator's commit or rollback):
   still there, so running rollback again restores the same blocks (the
   same bytes) and sets the same tgt bits.
 
+DR test (``failover --test``, coordinator/failover.py).  Before the node is
+promoted for a test, ``dr_test n`` records "test n" (n = hardened).  The
+primary it then runs as (plugin.py) takes up the store ``NAME.undo.<n>``
+as ``Volume.keep``: the first test write to a block saves its group-n
+content there, durably, before the write (the undo store's own rule, so
+it is the same store and the same file).  When the node starts as a
+secondary again with "test n" recorded, it restores group n on itself
+before it serves anything or answers a status: every kept block written
+back and fdatasynced, the blocks set in ``tgt`` and checkpointed, the
+store dropped, then "test" cleared.  Its host export and ``hardened n``
+are then true, and a ``failover`` right after promotes exactly group n.
+A node that was never promoted after ``dr_test`` (a failed ``failover
+--test``) still runs with "test n": ``assume n`` (which ``--end-test``
+sends then), ``prepare``, ``commit`` and ``rollback`` clear it, so that no
+later, real promotion keeps blocks and no later start restores an old group.
+The test's blocks stay in ``tgt`` (the primary's cut of ``cr | oos``
+folds them there anyway): the end of the test returns them to the
+primary, whose next group sends them again.  They hold group n's bytes
+by then, so that resend is not needed for correctness; it is kept
+because ``tgt`` cannot tell them from target writes before the test
+(folded into the same ``cr`` at promotion), and it is what the resync
+has always sent: S | T with T a superset of what differs, never a
+subset.  Crash points: the test primary killed -9 mid-write (the store
+lists every block the write may have reached); the restore killed
+(``secondary:test-restore-mid``, ``secondary:test-restore-before-clear``):
+"test n" and the store are still there, so the next start restores the
+same blocks again (the same bytes); after the store is dropped and before
+"test" is cleared, the next start finds an empty store and only clears.
+
+Identity: ``prepare``, ``commit`` and ``checksums`` are refused while a
+volume is no longer the file (or device) at its path (``Volume.problem``),
+and ``status`` carries the problem per volume, with the group the node
+still holds: a group never hardens, and ``verify`` never passes, on an
+image nobody can open again.  The exports still open (the open inode does
+hold group h, and a refused replication export would only send the primary
+into a full copy that fails the same way at prepare).
+
 Rejected: a copy-on-write overlay that keeps group n+1 aside until commit
 (reads of the host export would be free, but commit would copy every block
 of the group, and a crash mid-commit would need its own journal); rolling
@@ -105,11 +142,19 @@ _TOKEN = re.compile(r"[0-9a-f]{32}")
 WRITERS_TIMEOUT_S = 30.0
 
 
+def undo_path(statedir: str, name: str, h: int) -> str:
+    """The undo store protecting group ``h`` of volume ``name`` (also the
+    store a DR test keeps group ``h`` in)."""
+    return os.path.join(statedir, f"{name}.undo.{h}")
+
+
 class SecondaryVolume(Volume):
     """A volume of a secondary.  Its own I/O methods (``pread``, ``pwrite``,
     ``zero``, ``trim``, ``flush``) are the replication export's; the host
     export is ``HostView``.  Writes pass ``_modify``: refused while writes
     are blocked (prepared, or a rollback running), undo save, then data."""
+
+    LOST_HINT = " (or only restart it: the primary then copies the volume in full)"
 
     def __init__(self, name: str, path: str, statedir: str, granularity: int,
                  region: int, create_size: int | None = None):
@@ -127,7 +172,7 @@ class SecondaryVolume(Volume):
     # ------------------------------------------------------------ undo store
 
     def undo_path(self, h: int) -> str:
-        return os.path.join(self.statedir, f"{self.name}.undo.{h}")
+        return undo_path(self.statedir, self.name, h)
 
     def open_undo(self, h: int) -> None:
         """Take up the store protecting group ``h`` (left by a crash, or new)
@@ -246,7 +291,8 @@ class SecondaryVolume(Volume):
             tgt = self.changes.maps["tgt"].count()
         return {"size": self.size, "granularity": self.granularity,
                 "undo_blocks": len(self.undo) if self.undo is not None else 0, "tgt_blocks": tgt,
-                "replication_bytes": written, "host_writes_refused": refused}
+                "replication_bytes": written, "host_writes_refused": refused,
+                "path": self.path, "problem": self.problem()}
 
     def close(self) -> None:
         if self.undo is not None:
@@ -298,6 +344,8 @@ class Secondary(OpHandler):
             vol.open_undo(self.state["hardened"])
             if self.state["prepared"] is not None:
                 vol.blocked = f"group {self.state['prepared']} is prepared"
+        if self.state["test"] is not None:
+            self._end_test()
         undo = {n: v.status()["undo_blocks"] for n, v in volumes.items()}
         if self.state["prepared"] is not None or any(undo.values()):
             log.info("secondary: hardened %d, prepared %s, undo blocks %s: waiting for"
@@ -315,16 +363,18 @@ class Secondary(OpHandler):
             with open(path) as f:
                 state = json.load(f)
             h, p = state["hardened"], state["prepared"]
-            if not isinstance(h, int) or not (p is None or isinstance(p, int) and p > h):
+            t = state.get("test")
+            if not isinstance(h, int) or not (p is None or isinstance(p, int) and p > h) \
+                    or not (t is None or t == h and p is None):
                 raise ValueError("bad values")
         except FileNotFoundError:
-            return {"hardened": 0, "prepared": None}
+            return {"hardened": 0, "prepared": None, "test": None}
         except (ValueError, KeyError, TypeError) as exc:
             # write_atomic never leaves a torn file: someone edited it.
             raise ValueError(f"{path} is damaged ({exc}): restore it, or remove the"
                              f" secondary's state directory and copy it in full again"
                              ) from None
-        return {"hardened": h, "prepared": p}
+        return {"hardened": h, "prepared": p, "test": t}
 
     def _save_state(self, **updates) -> None:
         state = {**self.state, **updates}
@@ -359,6 +409,22 @@ class Secondary(OpHandler):
                                 f" {', '.join(self.volumes)})", Kind.UNKNOWN)
         return vol
 
+    def _holds(self) -> str:
+        h, p = self.state["hardened"], self.state["prepared"]
+        return f"it holds group {h}" + (f", group {p} prepared" if p is not None else "")
+
+    def _problems(self) -> dict[str, str]:
+        """Volumes no longer at their paths: one line each, with the group
+        this node still holds."""
+        return {name: f"{problem}; {self._holds()}" for name, v in self.volumes.items()
+                if (problem := v.problem()) is not None}
+
+    def _refuse_lost(self, what: str) -> None:
+        problems = self._problems()
+        if problems:
+            raise ProtocolError(f"cannot {what}: " + " | ".join(problems.values()),
+                                Kind.LOCAL)
+
     # ------------------------------------------------------------ ops
 
     def op_checksums(self, volume: str, start: int, count: int,
@@ -368,6 +434,8 @@ class Secondary(OpHandler):
         through the undo overlay as the host export shows them (online
         verify, coordinator/mirror/verify.py)."""
         vol = self._volume(volume)
+        if (problem := vol.problem()) is not None:
+            raise ProtocolError(problem, Kind.LOCAL)
         block = block or vol.granularity
         nblocks = -(-vol.size // block)
         if start + count > nblocks:
@@ -389,9 +457,13 @@ class Secondary(OpHandler):
         vols = {}
         for name, v in self.volumes.items():
             vols[name] = {**v.status(), "export": self.export_name(name)}
+            if vols[name]["problem"] is not None:
+                vols[name]["problem"] += f"; {self._holds()}"
+        problems = [v["problem"] for v in vols.values() if v["problem"]]
         return protocol.ok(pid=os.getpid(), role=self.ROLE,
                            hardened=self.state["hardened"],
-                           prepared=self.state["prepared"], volumes=vols)
+                           prepared=self.state["prepared"], test=self.state["test"],
+                           volumes=vols, problem=" | ".join(problems) or None)
 
     def op_prepare(self, n: int) -> dict:
         with self.lock:
@@ -404,6 +476,7 @@ class Secondary(OpHandler):
             if p is not None:
                 raise ProtocolError(f"cannot prepare group {n}: group {p} is prepared;"
                                     f" commit or roll it back first", Kind.ORDER)
+            self._refuse_lost(f"prepare group {n}")
             vols = list(self.volumes.values())
             try:
                 for vol in vols:
@@ -411,7 +484,7 @@ class Secondary(OpHandler):
                 for vol in vols:
                     vol.flush()
                 failpoints.hit("secondary:prepare-before-record")
-                self._save_state(prepared=n)
+                self._save_state(prepared=n, test=None)
             except BaseException:
                 for vol in vols:
                     vol.allow_writes()
@@ -427,9 +500,10 @@ class Secondary(OpHandler):
                 now = f"group {p} is prepared" if p is not None else "nothing is prepared"
                 raise ProtocolError(f"cannot commit group {n}: {now} (hardened: {h})",
                                     Kind.STALE if n < h else Kind.ORDER)
+            self._refuse_lost(f"commit group {n}")
             # Record first, then drop: a crash in between leaves a store
             # named after the old group, which the next start deletes.
-            self._save_state(hardened=n, prepared=None)
+            self._save_state(hardened=n, prepared=None, test=None)
             failpoints.hit("secondary:commit-before-drop")
             for vol in self.volumes.values():
                 vol.drop_undo(n)
@@ -452,8 +526,8 @@ class Secondary(OpHandler):
                 failpoints.hit("secondary:rollback-before-drop")
                 for vol in vols:
                     vol.drop_undo(h)
-                if self.state["prepared"] is not None:
-                    self._save_state(prepared=None)
+                if self.state["prepared"] is not None or self.state["test"] is not None:
+                    self._save_state(prepared=None, test=None)
             finally:
                 # Writes stay refused if the prepared record could not go.
                 if self.state["prepared"] is None:
@@ -462,13 +536,14 @@ class Secondary(OpHandler):
             log.info("secondary: rolled back to group %d: %s", h, rolled)
             return protocol.ok(hardened=h, rolled_back=rolled)
 
-    def _roll_back(self, vol: SecondaryVolume) -> int:
+    def _roll_back(self, vol: SecondaryVolume,
+                   failpoint: str = "secondary:rollback-mid") -> int:
         """Write the undo blocks back, fdatasync, set them in tgt durably."""
         saved = vol.undo_blocks()
         g = vol.granularity
         for b, data in saved.items():
             vol.pwrite_all(data, b * g)
-            failpoints.hit("secondary:rollback-mid")
+            failpoints.hit(failpoint)
         vol.flush()
         cm = vol.changes
         with cm.lock:
@@ -510,12 +585,49 @@ class Secondary(OpHandler):
             if n < h:
                 raise ProtocolError(f"group {n} is below the hardened group {h}",
                                     Kind.STALE)
-            if n != h:
-                self._save_state(hardened=n)
+            if n != h or self.state["test"] is not None:
+                self._save_state(hardened=n, test=None)
                 for vol in self.volumes.values():
                     vol.drop_undo(n)
             log.info("secondary: the image is group %d", n)
             return protocol.ok(hardened=n)
+
+    def op_dr_test(self, n: int) -> dict:
+        """Keep group ``n`` through a DR test (module doc, "DR test"): the
+        primary this node runs as next saves every block's group-n content
+        before its first write, and the next start as a secondary restores
+        it.  Refused unless ``n`` is the hardened group and nothing is in
+        flight (the coordinator settles the site first)."""
+        with self.lock:
+            h, p = self.state["hardened"], self.state["prepared"]
+            undo = {v.name: len(v.undo) for v in self.volumes.values() if v.undo}
+            if p is not None or undo:
+                raise ProtocolError(f"cannot keep group {h} for a DR test: group"
+                                    f" {p if p is not None else h + 1} is in flight"
+                                    f" ({undo or 'prepared'}); settle it first",
+                                    Kind.ORDER)
+            if n != h or h == 0:
+                raise ProtocolError(f"cannot keep group {n} for a DR test: this node"
+                                    f" holds group {h}", Kind.STALE)
+            self._refuse_lost(f"keep group {n} for a DR test")
+            if self.state["test"] != n:
+                self._save_state(test=n)
+                log.info("secondary: group %d is kept through a DR test", n)
+            return protocol.ok(hardened=n)
+
+    def _end_test(self) -> None:
+        """At start, after a DR test: restore the kept group on this node
+        (module doc, "DR test"), before it serves or answers anything."""
+        h = self.state["test"]
+        rolled = {}
+        for vol in self.volumes.values():
+            rolled[vol.name] = self._roll_back(vol, "secondary:test-restore-mid")
+        failpoints.hit("secondary:test-restore-before-clear")
+        for vol in self.volumes.values():
+            vol.drop_undo(h)
+        self._save_state(test=None)
+        log.info("secondary: DR test ended: group %d restored on this node (blocks"
+                 " written back: %s; they stay in tgt)", h, rolled)
 
     # ------------------------------------------------------------ life
 
@@ -542,6 +654,17 @@ def prepared_group(statedir: str) -> int | None:
     except (FileNotFoundError, ValueError, AttributeError):
         return None         # a damaged file is refused when started as a secondary
     return prepared if isinstance(prepared, int) else None
+
+
+def test_group(statedir: str) -> int | None:
+    """The group a secondary keeps through a DR test in ``statedir`` (None
+    if none): its primary run saves that group's blocks before writing."""
+    try:
+        with open(os.path.join(statedir, STATE_FILE)) as f:
+            kept = json.load(f).get("test")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+    return kept if isinstance(kept, int) and kept > 0 else None
 
 
 def fold_maps(vol: Volume, into: str, names: tuple[str, ...]) -> int:

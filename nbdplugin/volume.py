@@ -9,6 +9,19 @@ Write path order (every write, trim and zero):
 Marking before preserving and writing is what invariant C1 needs; preserving
 before writing is what keeps the PiT image intact; both happen inside the gate
 so that a freeze, which waits for requests inside to leave, sees them whole.
+During a DR test (``keep``, nbdplugin/secondary.py "DR test") the hardened
+group's content of a block is saved, durably, before its first test write.
+
+Identity (``problem``): a volume is the file (or device) it opened, and it
+must still be the one at its path: a file unlinked or replaced under a
+running node would otherwise take writes into an inode nobody will ever open
+again while every status says all is well.  ``problem()`` compares the
+path's ``stat`` with the open descriptor's (regular file: st_dev, st_ino
+and the size; block device: st_rdev).  It is
+asked on control ops (status, prepare, commit, checksums): one syscall a
+volume and op, never on the write path, which
+stays exactly as it was.  Polling it in a thread was rejected: a status
+must be true when it is asked, and a group must not harden between polls.
 """
 
 from __future__ import annotations
@@ -59,6 +72,9 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
 
 
 class Volume:
+    # What else to do when the volume's file is gone (``problem``).
+    LOST_HINT = ""
+
     def __init__(self, name: str, path: str, statedir: str, granularity: int,
                  region: int, create_size: int | None = None,
                  extra_maps: tuple[str, ...] = ()):
@@ -94,6 +110,9 @@ class Volume:
         self.statedir = statedir
         self.preserve_path = os.path.join(statedir, f"{name}.preserve")
         self.pit: Pit | None = None
+        # The DR test's store of the hardened group (None outside a test).
+        self.keep: BlockStore | None = None
+        self.identity = (st.st_rdev,) if self.is_blockdev else (st.st_dev, st.st_ino)
         # A PiT never outlives its process (its blocks went back to cr at
         # recovery): a store left by a crash is garbage.
         try:
@@ -124,6 +143,14 @@ class Volume:
             pit = self.pit
             if pit is not None:
                 pit.preserve(offset, length)
+            keep = self.keep
+            if keep is not None and length:
+                # Durable before the overwrite; a failed save fails the
+                # write: a test write the end of the test could not undo
+                # must not reach the volume.
+                g = self.granularity
+                if keep.save(range(offset // g, (offset + length - 1) // g + 1)):
+                    failpoints.hit("keep:after-save")
             action(*args)
             failpoints.hit("write:after-data")
         finally:
@@ -173,6 +200,39 @@ class Volume:
             return
         _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
+    # ------------------------------------------------------------ identity
+
+    def problem(self) -> str | None:
+        """Why this volume is no longer the one at its path (one line that
+        says what happened and what to do), or None if it still is."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            what = "was deleted"
+        except OSError as exc:
+            what = f"cannot be looked up ({exc.strerror})"
+        else:
+            ident = (st.st_rdev,) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+            if stat.S_ISBLK(st.st_mode) != self.is_blockdev or ident != self.identity:
+                what = "was replaced by another " + ("device" if stat.S_ISBLK(st.st_mode)
+                                                     else "file")
+            elif not self.is_blockdev and st.st_size != self.size:
+                return (f"volume {self.name}: {self.path} is now {st.st_size} bytes, it"
+                        f" was {self.size} when this node opened it: restore its size"
+                        f" (truncate -s {self.size} {self.path}) or stop the node")
+            else:
+                return None
+        pid = os.getpid()
+        if self.is_blockdev:
+            rdev = self.identity[0]
+            fix = (f"put device {os.major(rdev)}:{os.minor(rdev)} back at {self.path}"
+                   f" and restart the node")
+        else:
+            fix = (f"copy it back with `cp /proc/{pid}/fd/{self.fd} {self.path}` before"
+                   f" stopping the node, then restart the node{self.LOST_HINT}")
+        return (f"volume {self.name}: {self.path} {what} while this node (pid {pid})"
+                f" kept using the one it opened: {fix}")
+
     # ------------------------------------------------------------ cut
 
     def start_pit(self, n: int, full: bool = False) -> int:
@@ -207,6 +267,8 @@ class Volume:
     def close(self) -> None:
         if self.pit is not None:
             self.end_pit()
+        if self.keep is not None:
+            self.keep.close(remove=False)       # the end of the test needs it
         self.changes.close()
         os.close(self.fd)
 
@@ -227,6 +289,8 @@ class Volume:
             "pit": pit.n if pit else None,
             "pit_full": pit.full if pit else None,
             "preserved_blocks": len(pit.store) if pit else 0,
+            "kept_blocks": len(self.keep) if self.keep is not None else 0,
+            "problem": self.problem(),
         }
 
 

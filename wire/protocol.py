@@ -410,6 +410,8 @@ SCHEMA: dict[str, Obj] = {
     "adopt": Obj({"volume": NAME, "target": Str(MAX_URI, what="an NBD URI")},
                  {"forget": Bool()}),
     "assume": Obj({"n": CUT}, {}),
+    # secondary: keep hardened group n through a DR test (nbdplugin/secondary.py)
+    "dr_test": Obj({"n": CUT}, {}),
 }
 
 # Which ops each role serves; any other op is refused with kind ROLE.
@@ -418,7 +420,7 @@ ROLE_OPS: dict[str, frozenset[str]] = {
                           "checksums", "clear",
                           "dirty", "checkpoint", "mark", "fence", "adopt"}),
     "secondary": frozenset({"status", "prepare", "commit", "rollback", "tgt",
-                            "clear_tgt", "assume", "checksums"}),
+                            "clear_tgt", "assume", "checksums", "dr_test"}),
 }
 
 
@@ -507,6 +509,7 @@ REPLY_SCHEMA: dict[str, _Node] = {
     "fence": Obj({"fenced": Bool()}, {}, extra=True),
     "adopt": Obj({"volume": NAME, "samples": _COUNT}, {}, extra=True),
     "assume": Obj({"hardened": CUT}, {}, extra=True),
+    "dr_test": Obj({"hardened": CUT}, {}, extra=True),
     "rate": Obj({"copies": List(NAME)}, {}, extra=True),
     # null: a block a primary could not vouch for (changed since the last
     # group: in cr or oos before or after it was read)

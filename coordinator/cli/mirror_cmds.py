@@ -124,7 +124,7 @@ def secondaries(session) -> dict[str, dict]:
             out[name] = ({"hardened": None, "prepared": None, "error": str(r)}
                          if isinstance(r, Exception) else
                          {"hardened": r.get("hardened"), "prepared": r.get("prepared"),
-                          "error": None})
+                          "error": r.get("problem")})     # a volume no longer at its path
     finally:
         for lk in links:
             lk.close()

@@ -263,6 +263,9 @@ class RoleSwitch:
                 dirn.save(self.session, source=new, state="failed-over", hardened=h,
                           **{"from": src})
         for node in self.nodes(new):
+            st = self.status(node) if test else None
+            if st is not None and st.get("role") == "secondary":
+                self.call(node, "dr_test", n=h)     # keeps group h for --end-test
             self.become(node, "primary")
         self.announce("dr-test" if test else "failover", new, h)
         self.log(f"site {new} is writable at group {h}"
@@ -280,7 +283,7 @@ class RoleSwitch:
         src, h = d["source"], d["hardened"]
         for node in self.nodes(dirn.other(src)):
             st = self.become(node, "secondary")
-            if st["hardened"] < h:
+            if st["hardened"] < h or st.get("test") is not None:   # never promoted
                 self.call(node, "assume", n=h)
         with Links.of(dirn.oriented(self.session, src)) as links:
             recovery.return_tgt(links, recovery.secondary_statuses(links), self.log)
