@@ -656,7 +656,6 @@ class Slave(OpHandler):
     # The server's view, for callers and tests that knew it as the slave's.
     address = property(lambda self: self.server.address)
     control_path = property(lambda self: self.server.control_path)
-    _conns = property(lambda self: self.server._conns)
 
     def connection_closed(self, conn: Conn, why: str) -> None:
         """A connection ended: a cut it froze and did not thaw is aborted now
