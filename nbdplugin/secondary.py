@@ -366,7 +366,7 @@ class Secondary(OpHandler):
         """Digests of the hardened group's blocks of ``block`` bytes (the
         primary's granularity; default ours) [start, start+count), read here
         through the undo overlay as the host export shows them (online
-        verify, coordinator/verify.py)."""
+        verify of the coordinator)."""
         vol = self._volume(volume)
         block = block or vol.granularity
         nblocks = -(-vol.size // block)
@@ -495,7 +495,7 @@ class Secondary(OpHandler):
 
     def op_assume(self, n: int) -> dict:
         """Take the whole image as hardened group ``n`` (a primary demoted
-        by a resync or switchover: coordinator/failover.py).  From now on
+        by the coordinator's resync or switchover).  From now on
         the undo store keeps this image until the resync hardens; the host
         export shows it.  Refused while anything is in flight (a prepared
         group or undo blocks): that image is not one group."""
@@ -545,7 +545,7 @@ def prepared_group(statedir: str) -> int | None:
 
 
 def fold_maps(vol: Volume, into: str, names: tuple[str, ...]) -> int:
-    """Role switch at start (coordinator/failover.py): OR the maps ``names``
+    """Role switch at start (the coordinator's failover): OR the maps ``names``
     into ``into``, empty them, and make that durable in one checkpoint (one
     atomic map file, so a crash before it leaves the old maps, and the next
     start folds them again).  A secondary's ``cr | oos`` (its writes as a

@@ -26,8 +26,8 @@ a freeze belongs to the connection that asked for it:
   sent FREEZE and ABORT and gave up while this process was stopped) is
   refused before any gate closes.  Once thawed, the cut (CUT, COPYING) no
   longer depends on the connection: the coordinator closes its establish
-  connections after THAW and drives copy and abort over others
-  (coordinator/group.py), and an unthawed gate is what holds host writes.
+  connections after THAW and drives copy and abort over others (its
+  establish), and an unthawed gate is what holds host writes.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ class Slave(OpHandler):
     def baseline(self, name: str) -> dict | None:
         """What the last completed copy of this volume recorded of its target:
         ``{"uri", "size", "granularity", "samples": [[block, digest], ...]}``
-        (see ``Copy._sample``), or None."""
+        (see ``copier.sample``), or None."""
         entry = self._meta.get("synced", {}).get(name)
         # An entry of an older version (a bare URI) carries no proof: the
         # next copy is a full one.
@@ -462,7 +462,7 @@ class Slave(OpHandler):
     def op_checksums(self, volume: str, start: int, count: int,
                      block: int | None = None) -> dict:
         """Digests of blocks [start, start+count) as the volume holds them
-        now (online verify, coordinator/verify.py), read here so that only
+        now (the coordinator's online verify), read here so that only
         digests cross the link.  A block that is changed since the last group
         (in cr or oos before or after its read: the host write path marks
         before it writes) gets null: its content is not a group's.  Host
@@ -573,7 +573,8 @@ class Slave(OpHandler):
                                     if v.changes.checkpoint()])
 
     # ------------------------------------------------------------ role switch
-    # (coordinator/failover.py drives these; the module doc there says why)
+    # (the coordinator's failover, switchover and resync drive these; their
+    # module doc says why)
 
     def op_fence(self, on: bool, timeout_ms: int = 30000) -> dict:
         """``on``: refuse every new host write (EROFS) and wait for those in

@@ -399,8 +399,8 @@ SCHEMA: dict[str, Obj] = {
                  "rate": Int(0, MAX_RATE)}),
     # primary: the running copies' rate limit, bytes per second (0: none)
     "rate": Obj({"rate": Int(0, MAX_RATE)}, {}),
-    # both roles: digests of blocks as this node holds them (online verify,
-    # coordinator/verify.py); a secondary reads its hardened group in blocks
+    # both roles: digests of blocks as this node holds them (the
+    # coordinator's online verify); a secondary reads its hardened group in blocks
     # of ``block`` bytes (the primary's granularity), a primary its own
     "checksums": Obj({"volume": NAME, "start": Int(0, MAX_N),
                       "count": Int(1, MAX_CHECKSUMS)}, {"block": Int(512, 1 << 30)}),
@@ -418,9 +418,10 @@ SCHEMA: dict[str, Obj] = {
     "rollback": Obj({}, {}),
     "tgt": Obj({"volume": NAME}, {"start": Int(0, MAX_N), "max_runs": Int(1, MAX_RUNS)}),
     "clear_tgt": Obj({"volume": NAME, "runs": RUNS}, {}),
-    # role switch (coordinator/failover.py): primary -- refuse host writes,
-    # take a target as a baseline without a copy; secondary -- take the
-    # whole image as hardened group n (a demoted primary)
+    # role switch (the coordinator's failover, switchover and resync):
+    # primary -- refuse host writes, take a target as a baseline without a
+    # copy; secondary -- take the whole image as hardened group n (a demoted
+    # primary)
     "fence": Obj({"on": Bool()}, {"timeout_ms": Int(1, MAX_LEASE_MS)}),
     "adopt": Obj({"volume": NAME, "target": Str(MAX_URI, what="an NBD URI")},
                  {"forget": Bool()}),
