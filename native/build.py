@@ -6,8 +6,8 @@ The shared object lands next to this file, so ``from native._bitmap import
 ffi, lib`` works from the repo root and from inside nbdkit once the root is
 on ``sys.path``.
 
-The cdefs are read from the marked regions of bitmap.h and copy.h so the
-declarations are written once.  ``_copy`` (the copy engine) links libnbd
+The cdefs are read from the marked regions of bitmap.h, copy.h and gate.h
+so the declarations are written once.  ``_copy`` (the copy engine) links libnbd
 (Debian's libnbd-dev); it is a module of its own so the bitmap kernels stay
 free of that dependency; ``_gate`` (the freeze gates, native/gate.c) is the
 third.  Flags are plain ``-O3``: no ``-march=native``, because the CI
