@@ -203,7 +203,8 @@ SAME_VERDICT = [
 GOOD_FREEZES = [
     b'{"op":"freeze","n":%d,"lease_ms":30000}',
     b'{"op":"freeze","n":%d,"lease_ms":60000,"volumes":["b"],"full":["b"]}',
-    b'{ "full" : [ ] , "lease_ms" : 30000 , "volumes" : [ "b" , "a" ] , "op" : "freeze" , "n" : %d }',
+    b'{ "full" : [ ] , "lease_ms" : 30000 , "volumes" : [ "b" , "a" ] ,'
+    b' "op" : "freeze" , "n" : %d }',
     b'{"op":"freeze","n":%d,"lease_ms":30000,"full":["a","b"]}',
 ]
 
