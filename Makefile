@@ -33,9 +33,10 @@ $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
+# native/_limits.h (the gate's protocol limits) is generated from wire/protocol.py.
 ext: $(STAMPS)/ext
 $(STAMPS)/ext: native/bitmap.c native/bitmap.h native/copy.c native/copy.h native/gate.c native/gate.h \
-               native/build.py $(STAMPS)/venv
+               native/build.py wire/protocol.py $(STAMPS)/venv
 	$(PY) -m native.build
 	touch $@
 
@@ -105,4 +106,5 @@ bench-resync: setup
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c \
-	       native/_copy*.so native/_copy.c native/_gate*.so native/_gate.c
+	       native/_copy*.so native/_copy.c native/_gate*.so native/_gate.c \
+	       native/_limits.h

@@ -216,33 +216,6 @@ class Bitmap:
         r = lib.bm_find_next_clear(self._words, self._nbits, self._pos(start))
         return None if r < 0 else r
 
-    def mark_bytes(self, offset, length, granularity):
-        """Set every block of ``granularity`` bytes touched by ``[offset, offset + length)``.
-
-        ``granularity`` is a power of two; ``length == 0`` marks nothing.  The
-        byte range must fall inside ``nbits * granularity`` bytes.
-        """
-        # This runs once per guest write: plain ints skip the _index calls.
-        if not (type(offset) is int and type(length) is int and type(granularity) is int):
-            offset = _index(offset, "offset")
-            length = _index(length, "length")
-            granularity = _index(granularity, "granularity")
-        elif offset < 0 or length < 0:
-            raise ValueError(f"offset and length must be >= 0, got {offset}, {length}")
-        if granularity <= 0 or granularity & (granularity - 1):
-            raise ValueError(f"granularity must be a power of two, got {granularity}")
-        if offset + length > self._nbits * granularity:
-            raise ValueError(
-                f"byte range [{offset}, {offset + length}) is past the end "
-                f"({self._nbits} blocks of {granularity} bytes)"
-            )
-        if length == 0:
-            return
-        shift = granularity.bit_length() - 1
-        first = offset >> shift
-        last = (offset + length - 1) >> shift
-        lib.bm_set_range(self._words, self._nbits, first, last - first + 1)
-
     # ---- runs ----------------------------------------------------------------
 
     def _check_run_args(self, start, max_run):

@@ -118,7 +118,11 @@ class Overlay:
 
 
 def _handle_pointer(h) -> int:
-    """The ``struct nbd_handle *`` inside a python3-libnbd ``nbd.NBD``."""
+    """The ``struct nbd_handle *`` inside a python3-libnbd ``nbd.NBD``.
+
+    python3-libnbd has no public accessor: its handle keeps the capsule in
+    ``_o`` (nbd.py, every method passes it on), the one private name of
+    another package this project reads."""
     p = _capsule_pointer(h._o, b"nbd_handle")
     if not p:
         raise ValueError("not an open libnbd handle")

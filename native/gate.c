@@ -15,7 +15,7 @@
  * Core (one per slave): the phase IDLE -> FROZEN -> CUT (thawed) | IDLE
  * (aborted, expired).  What happens to a cut after its thaw (copy, abort,
  * done) is Python's (nbdplugin/slave.py), which hands it back with cg_end.
- * Every safety rule of the Python version holds here:
+ * The rules of the frozen phase (DESIGN.md, "The cycle") live here:
  *   - the lease: a FROZEN cut not thawed or aborted by its deadline is
  *     aborted by this thread ("expired") and its gates open;
  *   - the cut belongs to the connection that froze it: when it ends while
@@ -55,14 +55,19 @@
 #include <time.h>
 #include <unistd.h>
 
+/* The protocol's limits (CG_MAX_N, CG_MAX_LEASE_MS, CG_MAX_NAME, ...) come
+ * from gate.h's _limits.h, which native/build.py generates from
+ * wire/protocol.py: they are set there and nowhere else. */
 #define MAX_CONNS 16
-#define MAX_LINE 4096
 #define IDLE_TIMEOUT_S 60.0
 #define HANDSHAKE_TIMEOUT_S 10.0
-#define MAX_LEASE_MS 60000
-#define MAX_N ((1ULL << 53) - 1)
-#define MAX_NAME 64
 #define GONE_RING 64
+/* The longest freeze reply: every volume's name and block count. */
+#define REPLY_ROOM (CG_MAX_VOLUMES * (CG_MAX_NAME + 24) + 128)
+
+_Static_assert(CG_MAX_VOLUMES <= 64, "a cut's volumes are a 64-bit mask: wire/protocol.py's"
+               " MAX_SLAVE_VOLUMES cannot be above 64");
+_Static_assert(CG_GATE_MAX_LINE >= REPLY_ROOM, "a freeze reply must fit a line buffer");
 
 static double now_s(void)
 {
@@ -202,7 +207,7 @@ struct conn {
     double deadline;            /* handshake deadline */
     size_t len;
     double last;                /* last request, for the idle timeout */
-    char buf[MAX_LINE + 1];
+    char buf[CG_GATE_MAX_LINE + 2];     /* a line, its '\n', a NUL */
 };
 
 struct cg_core {
@@ -210,7 +215,7 @@ struct cg_core {
     cg_gate *gates[CG_MAX_VOLUMES];
     const uint64_t *cr[CG_MAX_VOLUMES], *oos[CG_MAX_VOLUMES];
     size_t nwords[CG_MAX_VOLUMES];
-    char names[CG_MAX_VOLUMES][MAX_NAME + 1];
+    char names[CG_MAX_VOLUMES][CG_MAX_NAME + 1];
 
     pthread_mutex_t op;
     pthread_mutex_t st;
@@ -339,7 +344,7 @@ cg_core *cg_core_new(cg_gate **gates, int ngates, const char *names, uint64_t la
     for (const char *p = names; *p && i < ngates; i++) {
         const char *e = strchr(p, '\n');
         size_t len = e ? (size_t)(e - p) : strlen(p);
-        if (len > MAX_NAME)
+        if (len > CG_MAX_NAME)
             break;
         memcpy(c->names[i], p, len);
         c->names[i][len] = 0;
@@ -457,7 +462,7 @@ int cg_freeze(cg_core *c, uint64_t n, uint32_t lease_ms, uint64_t volumes,
               uint64_t full, int64_t owner, struct cg_result *r)
 {
     memset(r, 0, sizeof *r);
-    if (!volumes || (full & ~volumes) || lease_ms < 1 || lease_ms > MAX_LEASE_MS
+    if (!volumes || (full & ~volumes) || lease_ms < 1 || lease_ms > CG_MAX_LEASE_MS
         || (c->ngates < 64 && (volumes >> c->ngates)))
         return fail(r, "protocol", "freeze %" PRIu64 ": bad volumes or lease", n);
     pthread_mutex_lock(&c->op);
@@ -632,13 +637,30 @@ static void expire_if_due(cg_core *c)
  * {"ok":false,"error":"...","kind":"..."} (wire/protocol.py).  The parser
  * takes exactly that: one flat object, integer and string values, arrays of
  * names; anything else is refused with one line and the connection stays.
+ * It gives every line the verdict the control socket gives it (ok, or the
+ * same error kind), checked by tests/test_gate_socket.py, except where it
+ * is stricter on purpose: no string escapes (names and ops need none), no
+ * duplicate keys (Python's json keeps the last), and ops other than these
+ * three are for the control socket.
  */
+
+/* A list of volume names as parsed.  What is wrong with it beyond its JSON
+ * (a name this slave does not serve, a name given twice) is only recorded
+ * here and reported after the whole message was checked, in the control
+ * socket's order (nbdplugin/slave.py, ``_names``), so that both sockets
+ * give one line the same kind. */
+struct names {
+    int count;
+    int dup;
+    uint64_t mask;
+    char unknown[CG_MAX_NAME + 1];      /* "" or the first name not ours */
+};
 
 struct request {
     char op[16];
     int has_n, has_lease, has_vols, has_full;
     uint64_t n, lease;
-    uint64_t vols, full;
+    struct names vols, full;
 };
 
 struct parser {
@@ -690,9 +712,11 @@ static int parse_uint(struct parser *ps, const char *key, uint64_t lo, uint64_t 
         return perr(ps, "'%s' must be >= %" PRIu64, key, lo);
     if (*ps->p < '0' || *ps->p > '9')
         return perr(ps, "'%s' must be an integer", key);
+    if (ps->p[0] == '0' && ps->p[1] >= '0' && ps->p[1] <= '9')
+        return perr(ps, "message is not valid JSON (a number with a leading zero)");
     uint64_t v = 0;
     while (*ps->p >= '0' && *ps->p <= '9') {
-        if (v > MAX_N)
+        if (v > CG_MAX_N)
             return perr(ps, "'%s' must be <= %" PRIu64, key, hi);
         v = v * 10 + (uint64_t)(*ps->p++ - '0');
     }
@@ -712,40 +736,36 @@ static int volume_index(cg_core *c, const char *name)
     return -1;
 }
 
-/* A list of this slave's volume names, as a mask; kind "unknown" if one is
- * not ours (then *unknown is set). */
-static int parse_names(struct parser *ps, cg_core *c, const char *key, uint64_t *mask,
-                       int *unknown)
+static int parse_names(struct parser *ps, cg_core *c, const char *key, struct names *l)
 {
+    memset(l, 0, sizeof *l);
     if (*ps->p != '[')
         return perr(ps, "'%s' must be a list of volume names", key);
     ps->p++;
     skip_ws(ps);
-    *mask = 0;
-    int count = 0;
     if (*ps->p == ']') {
         ps->p++;
         return 0;
     }
     for (;;) {
-        char name[MAX_NAME + 1];
+        char name[CG_MAX_NAME + 1];
         skip_ws(ps);
         if (parse_string(ps, name, sizeof name) < 0)
             return -1;
+        if (!name[0] || name[strspn(name, CG_NAME_CHARS)])
+            return perr(ps, "'%s' must be a list of volume names (letters, digits,"
+                        " '_', '-', '.')", key);
+        if (++l->count > CG_MAX_NAMES)
+            return perr(ps, "'%s' must have at most %d entries", key, CG_MAX_NAMES);
         int i = volume_index(c, name);
         if (i < 0) {
-            *unknown = 1;
-            char have[200] = "";
-            for (int k = 0; k < c->ngates; k++) {
-                size_t used = strlen(have);
-                snprintf(have + used, sizeof have - used, "%s%s", k ? ", " : "", c->names[k]);
-            }
-            return perr(ps, "unknown volume '%s' (this slave has: %s)", name, have);
+            if (!l->unknown[0])
+                snprintf(l->unknown, sizeof l->unknown, "%s", name);
+        } else if (l->mask & (1ULL << i)) {
+            l->dup = 1;
+        } else {
+            l->mask |= 1ULL << i;
         }
-        if (*mask & (1ULL << i))
-            return perr(ps, "'%s' must name each volume once", key);
-        *mask |= 1ULL << i;
-        count++;
         skip_ws(ps);
         if (*ps->p == ',') {
             ps->p++;
@@ -753,13 +773,15 @@ static int parse_names(struct parser *ps, cg_core *c, const char *key, uint64_t 
         }
         if (*ps->p == ']') {
             ps->p++;
-            return count;
+            return 0;
         }
         return perr(ps, "'%s' must be a list of volume names", key);
     }
 }
 
-static int parse_request(struct parser *ps, cg_core *c, struct request *q, int *unknown)
+/* One flat JSON object of the keys the three ops take; everything the
+ * protocol's schema refuses is refused here with kind "protocol". */
+static int parse_request(struct parser *ps, cg_core *c, struct request *q)
 {
     memset(q, 0, sizeof *q);
     skip_ws(ps);
@@ -797,24 +819,22 @@ static int parse_request(struct parser *ps, cg_core *c, struct request *q, int *
             seen = &q->has_n;
             if (*seen)
                 return perr(ps, "duplicate key 'n'");
-            rc = parse_uint(ps, "n", 1, MAX_N, &q->n);
+            rc = parse_uint(ps, "n", 1, CG_MAX_N, &q->n);
         } else if (strcmp(key, "lease_ms") == 0) {
             seen = &q->has_lease;
             if (*seen)
                 return perr(ps, "duplicate key 'lease_ms'");
-            rc = parse_uint(ps, "lease_ms", 1, MAX_LEASE_MS, &q->lease);
+            rc = parse_uint(ps, "lease_ms", 1, CG_MAX_LEASE_MS, &q->lease);
         } else if (strcmp(key, "volumes") == 0) {
             seen = &q->has_vols;
             if (*seen)
                 return perr(ps, "duplicate key 'volumes'");
-            rc = parse_names(ps, c, "volumes", &q->vols, unknown);
-            if (rc == 0)
-                return perr(ps, "'volumes' must name each volume once");
+            rc = parse_names(ps, c, "volumes", &q->vols);
         } else if (strcmp(key, "full") == 0) {
             seen = &q->has_full;
             if (*seen)
                 return perr(ps, "duplicate key 'full'");
-            rc = parse_names(ps, c, "full", &q->full, unknown);
+            rc = parse_names(ps, c, "full", &q->full);
         } else {
             return perr(ps, "unknown key '%s'", key);
         }
@@ -831,6 +851,28 @@ static int parse_request(struct parser *ps, cg_core *c, struct request *q, int *
     if (!q->op[0])
         return perr(ps, "missing key 'op'");
     return 0;
+}
+
+/* The checks of a parsed list: kind "unknown" for a name not ours, then
+ * "protocol" for a repeated name or (unless it may be) an empty list; NULL
+ * if it is good. */
+static const char *check_names(cg_core *c, const struct names *l, const char *key,
+                               int may_be_empty, char *msg, size_t cap)
+{
+    if (l->unknown[0]) {
+        char have[200] = "";
+        for (int k = 0; k < c->ngates; k++) {
+            size_t used = strlen(have);
+            snprintf(have + used, sizeof have - used, "%s%s", k ? ", " : "", c->names[k]);
+        }
+        snprintf(msg, cap, "unknown volume '%s' (this slave has: %s)", l->unknown, have);
+        return "unknown";
+    }
+    if (l->dup || (!l->count && !may_be_empty)) {
+        snprintf(msg, cap, "'%s' must name each volume once", key);
+        return "protocol";
+    }
+    return NULL;
 }
 
 /* Append JSON-escaped text (our messages; they may quote a peer's key). */
@@ -856,13 +898,16 @@ static size_t error_reply(char *out, size_t cap, const char *kind, const char *m
     return used + snprintf(out + used, cap - used, "\", \"kind\": \"%s\"}\n", kind);
 }
 
-static size_t handle_line(cg_core *c, struct conn *k, const char *line, char *out, size_t cap)
+/* The reply to one line of ``len`` bytes (a NUL inside is not JSON). */
+static size_t handle_line(cg_core *c, struct conn *k, const char *line, size_t len,
+                          char *out, size_t cap)
 {
     struct parser ps = {.p = line};
     struct request q;
-    int unknown = 0;
-    if (parse_request(&ps, c, &q, &unknown) < 0)
-        return error_reply(out, cap, unknown ? "unknown" : "protocol", ps.err);
+    if (strlen(line) != len)
+        return error_reply(out, cap, "protocol", "message is not valid JSON (a NUL byte)");
+    if (parse_request(&ps, c, &q) < 0)
+        return error_reply(out, cap, "protocol", ps.err);
     int freeze = strcmp(q.op, "freeze") == 0;
     if (!freeze && strcmp(q.op, "thaw") != 0 && strcmp(q.op, "abort") != 0) {
         char msg[160];
@@ -879,11 +924,17 @@ static size_t handle_line(cg_core *c, struct conn *k, const char *line, char *ou
     if (freeze) {
         if (!q.has_lease)
             return error_reply(out, cap, "protocol", "missing key 'lease_ms'");
-        uint64_t vols = q.has_vols ? q.vols
+        char msg[320];
+        const char *kind;
+        if (q.has_vols && (kind = check_names(c, &q.vols, "volumes", 0, msg, sizeof msg)))
+            return error_reply(out, cap, kind, msg);
+        if (q.has_full && (kind = check_names(c, &q.full, "full", 1, msg, sizeof msg)))
+            return error_reply(out, cap, kind, msg);
+        uint64_t vols = q.has_vols ? q.vols.mask
                         : (c->ngates == 64 ? ~0ULL : (1ULL << c->ngates) - 1);
-        if (q.full & ~vols) {
-            int i = __builtin_ctzll(q.full & ~vols);
-            char msg[120];
+        uint64_t full = q.full.mask;
+        if (full & ~vols) {
+            int i = __builtin_ctzll(full & ~vols);
             snprintf(msg, sizeof msg, "'full' names '%s', which is not frozen", c->names[i]);
             return error_reply(out, cap, "unknown", msg);
         }
@@ -894,8 +945,9 @@ static size_t handle_line(cg_core *c, struct conn *k, const char *line, char *ou
             return error_reply(out, cap, "gone", "the connection that asked for the"
                                " freeze is gone");
         }
-        if (cg_freeze(c, q.n, (uint32_t)q.lease, vols, q.full, k->id, &r) < 0)
+        if (cg_freeze(c, q.n, (uint32_t)q.lease, vols, full, k->id, &r) < 0)
             return error_reply(out, cap, r.kind, r.msg);
+        /* Fits: REPLY_ROOM below. */
         size_t used = snprintf(out, cap, "{\"ok\": true, \"n\": %" PRIu64
                                ", \"drain_ms\": %.3f, \"blocks\": {", q.n, r.drain_ms);
         int first = 1;
@@ -1111,7 +1163,7 @@ static void read_conn(cg_core *c, struct conn *k)
     /* TLS may hold decrypted bytes the socket no longer shows: read on
      * until it has none. */
     do {
-        ssize_t got = conn_recv(k, k->buf + k->len, MAX_LINE - k->len);
+        ssize_t got = conn_recv(k, k->buf + k->len, CG_GATE_MAX_LINE + 1 - k->len);
         if (got <= 0) {
             if (got < 0 && (errno == EINTR || errno == EAGAIN))
                 return;
@@ -1123,33 +1175,44 @@ static void read_conn(cg_core *c, struct conn *k)
     } while (k->fd >= 0 && k->ssl && SSL_pending(k->ssl) > 0);
 }
 
+/* A line of only white space gets no reply, as on the control socket
+ * (wire/protocol.py's Framer drops it). */
+static int blank(const char *line, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        if (!strchr(" \t\r\v\f", line[i]) || !line[i])
+            return 0;
+    return 1;
+}
+
 static void serve_lines(cg_core *c, struct conn *k)
 {
     k->last = now_s();
-    char out[4096];
+    char out[CG_GATE_MAX_LINE];
     size_t start = 0;
     for (size_t i = 0; i < k->len; i++) {
         if (k->buf[i] != '\n')
             continue;
         k->buf[i] = 0;
         const char *line = k->buf + start;
+        size_t len = i - start;
         start = i + 1;
-        if (!*line)
+        if (blank(line, len))
             continue;
-        size_t n = handle_line(c, k, line, out, sizeof out);
+        size_t n = handle_line(c, k, line, len, out, sizeof out);
         conn_send(k, out, n < sizeof out ? n : sizeof out - 1);
     }
     memmove(k->buf, k->buf + start, k->len - start);
     k->len -= start;
-    if (k->len >= MAX_LINE) {
+    if (k->len > CG_GATE_MAX_LINE) {
         char msg[120];
-        snprintf(msg, sizeof msg, "line longer than %d bytes", MAX_LINE);
+        snprintf(msg, sizeof msg, "line longer than %d bytes", CG_GATE_MAX_LINE);
         size_t n = error_reply(out, sizeof out, "protocol", msg);
         conn_send(k, out, n);
         /* Unread bytes at close would reset the connection before the
          * peer reads our line: take what has arrived first. */
         shutdown(k->fd, SHUT_WR);
-        for (int i = 0; i < 64 && recv(k->fd, k->buf, MAX_LINE, MSG_DONTWAIT) > 0; i++) {}
+        for (int i = 0; i < 64 && recv(k->fd, k->buf, sizeof k->buf, MSG_DONTWAIT) > 0; i++) {}
         drop_conn(c, k);
     }
 }

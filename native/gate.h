@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "_limits.h"        /* generated from wire/protocol.py (native/build.py) */
+
 /* CDEF BEGIN */
 typedef struct cg_gate cg_gate;
 typedef struct cg_core cg_core;
@@ -35,8 +37,6 @@ void cg_gate_info(cg_gate *g, int *closed, int64_t *inside, int64_t *waiting);
 #define CG_ENDED_DONE 3
 #define CG_ENDED_FAILED 4
 
-#define CG_MAX_VOLUMES 64
-
 struct cg_state {
     int phase;                  /* CG_IDLE, CG_FROZEN, CG_CUT */
     uint64_t n;                 /* current or last cut */
@@ -52,7 +52,7 @@ struct cg_result {
     char msg[240];
     double drain_ms;            /* freeze */
     double held_ms;             /* thaw */
-    uint64_t blocks[64];        /* freeze: blocks in the cut, per volume */
+    uint64_t blocks[64];        /* freeze: blocks in the cut, per volume (bit of the mask) */
 };
 
 /* The cut state machine of the frozen phase (IDLE -> FROZEN -> CUT | IDLE),

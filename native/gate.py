@@ -26,7 +26,7 @@ ENDED = {lib.CG_ENDED_NONE: None, lib.CG_ENDED_ABORTED: "aborted",
          lib.CG_ENDED_EXPIRED: "expired", lib.CG_ENDED_DONE: "done",
          lib.CG_ENDED_FAILED: "failed"}
 _ENDED_CODE = {v: k for k, v in ENDED.items() if v}
-MAX_VOLUMES = lib.CG_MAX_VOLUMES      # = wire.protocol.MAX_SLAVE_VOLUMES
+MAX_VOLUMES = lib.CG_MAX_VOLUMES      # wire.protocol.MAX_SLAVE_VOLUMES, via native/_limits.h
 
 
 class GateRefused(Exception):

@@ -1,12 +1,14 @@
 """Copy the PiT image of one volume to an NBD target with libnbd.
 
-A ``Copy`` reads from a *source* (``PitSource`` today; a resync union later)
-through a small interface -- ``blocks()``, ``read(buf, block)``,
-``confirm(start, count)`` once the target acknowledged, ``flushed(start,
-count)`` once a flush made them durable, ``changed()`` (the blocks changed
-since the last completed copy, for which the baseline's samples no longer
-speak), ``broken`` -- and never reaches into a volume's PiT or change map
-itself.
+A ``Copy`` reads from a *source* through a small interface --
+``blocks()``, ``read(buf, block)``, ``confirm(start, count)`` once the
+target acknowledged, ``flushed(start, count)`` once a flush made them
+durable, ``changed()`` (the blocks changed since the last completed copy,
+for which the baseline's samples no longer speak), ``broken`` -- and never
+reaches into a volume's PiT or change map itself.  The slave's source is
+``PitSource``, the PiT image of a cut; a resync's union S | T arrives
+through it too, since recovery marks the target's ``tgt`` into the
+source's ``cr`` before the cut (DESIGN.md, "Failover, failback, resync").
 
 An incremental copy goes only to the image that holds its baseline: every
 completed copy records digests of sampled blocks of the target, and the next
@@ -634,10 +636,7 @@ class Copy:
             if exc.fault == "target":
                 raise CopyError(f"target {self.uri}{exc}") from exc
             raise CopyError(f"source {src.name}: {exc}", "source") from exc
-        if self.cancelled.is_set():
-            raise CopyError("copy cancelled", "source")
-        if src.broken:
-            raise CopyError(src.broken, "source")
+        self._check_not_stopped()
 
     def _apply(self, events) -> None:
         src = self.source
@@ -672,7 +671,7 @@ class Copy:
 
     def _stream(self, h, inflight: int) -> None:
         """Send runs over one connection, ``inflight`` requests at most, until
-        none are left.
+        none are left (``_Stream`` holds the connection's requests in flight).
 
         A write the target acknowledged ends the block's preservation (the
         PiT content is there), but its change bit is cleared only once a
@@ -681,156 +680,223 @@ class Copy:
         A block sent as sub-block pieces counts as acknowledged once every
         piece is.
         """
-        src = self.source
-        g = src.granularity
-        can_zero, can_flush = h.can_zero(), h.can_flush()
-        free = BUFFERS.take(MAX_RUN, inflight)
-        # cookie -> (run, buffer, is a run buffer); run = [start, nblocks,
-        # bytes of the blocks, requests not yet acknowledged, bytes sent],
-        # shared by its pieces.
-        writes: dict[int, tuple[list, IOBuffer, bool]] = {}
-        flushes: dict[int, list[tuple[int, int]]] = {}
-        acked: list[tuple[int, int]] = []     # written, not yet covered by a flush
-        acked_bytes = 0
-        halfway = self.total_bytes // 2
-        last_progress = time.monotonic()
-
-        def reap(wait: bool) -> None:
-            nonlocal last_progress, acked_bytes
-            if wait:
-                if h.poll(1000) == 0 and time.monotonic() - last_progress > self.timeout:
-                    raise CopyError(f"target {self.uri} did not answer for"
-                                    f" {self.timeout:.0f} s")
-            while (writes or flushes) and (cookie := h.aio_peek_command_completed()) > 0:
-                last_progress = time.monotonic()
-                if cookie in flushes:
-                    ranges = flushes.pop(cookie)
-                    try:
-                        h.aio_command_completed(cookie)
-                    except nbd.Error as exc:
-                        raise CopyError(f"target {self.uri} failed to flush:"
-                                        f" {exc.string}") from exc
-                    for start, nblocks in ranges:
-                        src.flushed(start, nblocks)
-                    continue
-                run, buf, run_buffer = writes.pop(cookie)
-                if run_buffer:
-                    free.append(buf)
-                else:
-                    BUFFERS.give([buf])
-                try:
-                    h.aio_command_completed(cookie)
-                except nbd.Error as exc:
-                    raise CopyError(f"target {self.uri} failed a write at"
-                                    f" {run[0] * g}: {exc.string}") from exc
-                run[3] -= 1
-                if run[3]:
-                    continue                  # pieces of the block still in flight
-                start, nblocks, length, _, sent = run
-                src.confirm(start, nblocks)
-                if can_flush:
-                    acked.append((start, nblocks))
-                    acked_bytes += sent
-                else:
-                    src.flushed(start, nblocks)   # nothing better to wait for
-                with self._lock:
-                    self.done_bytes += length
-                    self.sent_bytes += sent
-                    done = self.done_bytes
-                if done >= halfway:
-                    failpoints.hit("copy:mid")
-
-        def flush() -> None:
-            nonlocal acked_bytes
-            if acked:
-                flushes[h.aio_flush()] = acked[:]
-                acked.clear()
-                acked_bytes = 0
-
-        def send(data: "nbd.Buffer", offset: int, run: list, buf: IOBuffer,
-                 run_buffer: bool) -> None:
-            if can_zero and data.is_zero():
-                # A zero run costs the link nothing and the target may
-                # punch a hole for it.
-                cookie = h.aio_zero(len(data), offset)
-            else:
-                cookie = h.aio_pwrite(data, offset)
-            writes[cookie] = (run, buf, run_buffer)
-
+        stream = _Stream(self, h, inflight)
         try:
             while (run := self._next_run()) is not None:
-                start, nblocks, mask = run
-                if src.broken:
-                    raise CopyError(src.broken, "source")
-                while not free:
-                    reap(True)
-                length = min(nblocks * g, src.size - start * g)
-                parts = None if mask is None else sub_extents(mask, self.sub, length)
-                sent = length if parts is None else sum(n for _, n in parts)
-                while (wait := self.pacer.delay(sent)) > 0:
-                    if self.cancelled.is_set():
-                        raise CopyError("copy cancelled", "source")
-                    if writes or flushes:
-                        h.poll(max(1, int(min(wait, 0.025) * 1000)))
-                        reap(False)
-                    else:
-                        self.cancelled.wait(min(wait, 0.025))
-                buf = free.pop()
-                try:
-                    src.read(buf.view(length), start)
-                    if parts is None:
-                        send(buf.nbd(length), start * g, [start, nblocks, length, 1, length],
-                             buf, True)
-                except BaseException:
-                    free.append(buf)
-                    raise
-                if parts is not None:
-                    # Each piece goes from a pooled buffer of its own size
-                    # (python3-libnbd keeps every buffer it was given: a
-                    # slice of ours would be a new one per request).
-                    rest = []
-                    for off, n in parts:
-                        pb = BUFFERS.take(n, 1)[0]
-                        pb.data[:] = buf.view(off + n)[off:]
-                        rest.append((off, pb))
-                    free.append(buf)
-                    sub_run = [start, 1, length, len(rest), sent]
-                    try:
-                        while rest:
-                            while len(writes) >= inflight:
-                                reap(True)
-                            off, pb = rest[0]
-                            send(pb.nbd(len(pb)), start * g + off, sub_run, pb, False)
-                            rest.pop(0)
-                    except BaseException:
-                        BUFFERS.give(pb for _, pb in rest)
-                        raise
-                reap(False)
-                if acked_bytes >= FLUSH_EVERY:
-                    flush()
-            while writes:
-                reap(True)
-            if can_flush and not (self.cancelled.is_set() or src.broken):
-                flush()
-            while flushes:
-                reap(True)
+                stream.send_run(*run)
+                stream.reap(wait=False)
+                if stream.acked_bytes >= FLUSH_EVERY:
+                    stream.flush()
+            stream.finish()
         except BaseException:
-            # Retire what is still in flight, if the connection still
-            # answers: what the target has made durable must not be sent
-            # again.  A failure here (the usual one: the target is gone) must
-            # not replace the error that got us here.
-            try:
-                while writes or flushes:
-                    reap(True)
-            except (CopyError, nbd.Error):
-                pass
+            stream.retire_quietly()
             raise
         finally:
-            # Buffers of writes never retired stay with libnbd (it may still
-            # send from them until the handle is closed): only the others
-            # go back to the pool.
-            BUFFERS.give(free)
+            stream.release()
+        self._check_not_stopped()
+
+    def landed(self, length: int, sent: int) -> int:
+        """Count a run the target acknowledged (``length`` bytes of blocks,
+        ``sent`` bytes written); the bytes of blocks done so far."""
+        with self._lock:
+            self.done_bytes += length
+            self.sent_bytes += sent
+            return self.done_bytes
+
+    def _check_not_stopped(self) -> None:
+        """Raise the copy's error if it was cancelled or its PiT broke."""
         if self.cancelled.is_set():
             raise CopyError("copy cancelled", "source")
+        if self.source.broken:
+            raise CopyError(self.source.broken, "source")
+
+
+class _Stream:
+    """One connection of a copy in the Python engine: its requests in flight
+    and what they mean once retired, the blocks acknowledged but not yet
+    covered by a flush, and its run buffers.
+
+    ``writes``: cookie -> (run, buffer, is one of our run buffers); a run is
+    [start, nblocks, bytes of the blocks, requests not yet acknowledged,
+    bytes sent], shared by the pieces of a block sent as sub-blocks.
+    ``flushes``: cookie -> the (start, nblocks) it makes durable.
+    """
+
+    def __init__(self, copy: Copy, h, inflight: int):
+        self.copy, self.h, self.inflight = copy, h, inflight
+        self.src = copy.source
+        self.g = self.src.granularity
+        self.can_zero, self.can_flush = h.can_zero(), h.can_flush()
+        self.free = BUFFERS.take(MAX_RUN, inflight)
+        self.writes: dict[int, tuple[list, IOBuffer, bool]] = {}
+        self.flushes: dict[int, list[tuple[int, int]]] = {}
+        self.acked: list[tuple[int, int]] = []     # written, not yet covered by a flush
+        self.acked_bytes = 0
+        self.halfway = copy.total_bytes // 2
+        self.last_progress = time.monotonic()
+
+    # ---------------------------------------------------------- sending
+
+    def send_run(self, start: int, nblocks: int, mask: int | None) -> None:
+        """Read a run from the PiT and send it: whole blocks as one request
+        (a zero run as write-zeroes), a block with ``mask`` as its pieces."""
+        src, g, copy = self.src, self.g, self.copy
         if src.broken:
             raise CopyError(src.broken, "source")
+        while not self.free:
+            self.reap(wait=True)
+        length = min(nblocks * g, src.size - start * g)
+        parts = None if mask is None else sub_extents(mask, copy.sub, length)
+        sent = length if parts is None else sum(n for _, n in parts)
+        self.pace(sent)
+        buf = self.free.pop()
+        try:
+            src.read(buf.view(length), start)
+            if parts is None:
+                self.send(buf.nbd(length), start * g, [start, nblocks, length, 1, length],
+                          buf, True)
+        except BaseException:
+            self.free.append(buf)
+            raise
+        if parts is not None:
+            self.send_pieces(start, length, sent, parts, buf)
+
+    def send_pieces(self, start: int, length: int, sent: int, parts, buf: IOBuffer) -> None:
+        """Send the ``parts`` (offset, length) of block ``start``, read into
+        ``buf`` (given back here), as a run of their own."""
+        # Each piece goes from a pooled buffer of its own size (python3-libnbd
+        # keeps every buffer it was given: a slice of ours would be a new one
+        # per request).
+        rest = []
+        for off, n in parts:
+            pb = BUFFERS.take(n, 1)[0]
+            pb.data[:] = buf.view(off + n)[off:]
+            rest.append((off, pb))
+        self.free.append(buf)
+        sub_run = [start, 1, length, len(rest), sent]
+        try:
+            while rest:
+                while len(self.writes) >= self.inflight:
+                    self.reap(wait=True)
+                off, pb = rest[0]
+                self.send(pb.nbd(len(pb)), start * self.g + off, sub_run, pb, False)
+                rest.pop(0)
+        except BaseException:
+            BUFFERS.give(pb for _, pb in rest)
+            raise
+
+    def send(self, data: "nbd.Buffer", offset: int, run: list, buf: IOBuffer,
+             run_buffer: bool) -> None:
+        """One request in flight for ``run``, from ``buf``."""
+        if self.can_zero and data.is_zero():
+            # A zero run costs the link nothing and the target may punch a
+            # hole for it.
+            cookie = self.h.aio_zero(len(data), offset)
+        else:
+            cookie = self.h.aio_pwrite(data, offset)
+        self.writes[cookie] = (run, buf, run_buffer)
+
+    def pace(self, nbytes: int) -> None:
+        """Wait until the copy's rate limit lets ``nbytes`` go, retiring what
+        is in flight meanwhile."""
+        copy = self.copy
+        while (wait := copy.pacer.delay(nbytes)) > 0:
+            if copy.cancelled.is_set():
+                raise CopyError("copy cancelled", "source")
+            if self.writes or self.flushes:
+                self.h.poll(max(1, int(min(wait, 0.025) * 1000)))
+                self.reap(wait=False)
+            else:
+                copy.cancelled.wait(min(wait, 0.025))
+
+    def flush(self) -> None:
+        """A flush for the blocks acknowledged since the last one."""
+        if self.acked:
+            self.flushes[self.h.aio_flush()] = self.acked[:]
+            self.acked.clear()
+            self.acked_bytes = 0
+
+    # ---------------------------------------------------------- retiring
+
+    def reap(self, wait: bool) -> None:
+        """Retire the requests that completed (first waiting up to a second
+        for one, if ``wait``); a target silent for the copy's timeout fails it."""
+        h, copy = self.h, self.copy
+        if wait:
+            if h.poll(1000) == 0 and time.monotonic() - self.last_progress > copy.timeout:
+                raise CopyError(f"target {copy.uri} did not answer for"
+                                f" {copy.timeout:.0f} s")
+        while (self.writes or self.flushes) and (cookie := h.aio_peek_command_completed()) > 0:
+            self.last_progress = time.monotonic()
+            if cookie in self.flushes:
+                self._flush_retired(cookie)
+            else:
+                self._write_retired(cookie)
+
+    def _flush_retired(self, cookie: int) -> None:
+        ranges = self.flushes.pop(cookie)
+        try:
+            self.h.aio_command_completed(cookie)
+        except nbd.Error as exc:
+            raise CopyError(f"target {self.copy.uri} failed to flush:"
+                            f" {exc.string}") from exc
+        for start, nblocks in ranges:
+            self.src.flushed(start, nblocks)
+
+    def _write_retired(self, cookie: int) -> None:
+        run, buf, run_buffer = self.writes.pop(cookie)
+        if run_buffer:
+            self.free.append(buf)
+        else:
+            BUFFERS.give([buf])
+        try:
+            self.h.aio_command_completed(cookie)
+        except nbd.Error as exc:
+            raise CopyError(f"target {self.copy.uri} failed a write at"
+                            f" {run[0] * self.g}: {exc.string}") from exc
+        run[3] -= 1
+        if not run[3]:              # else: pieces of the block still in flight
+            self._acknowledged(run)
+
+    def _acknowledged(self, run: list) -> None:
+        """Every request of ``run`` is acknowledged: its blocks leave the
+        PiT's preservation, and wait for a flush to clear their bits."""
+        copy, src = self.copy, self.src
+        start, nblocks, length, _, sent = run
+        src.confirm(start, nblocks)
+        if self.can_flush:
+            self.acked.append((start, nblocks))
+            self.acked_bytes += sent
+        else:
+            src.flushed(start, nblocks)   # nothing better to wait for
+        if copy.landed(length, sent) >= self.halfway:
+            failpoints.hit("copy:mid")
+
+    # ---------------------------------------------------------- ending
+
+    def finish(self) -> None:
+        """All runs sent: wait for the writes, then flush (unless the copy
+        stopped) and wait for the flushes."""
+        while self.writes:
+            self.reap(wait=True)
+        if self.can_flush and not (self.copy.cancelled.is_set() or self.src.broken):
+            self.flush()
+        while self.flushes:
+            self.reap(wait=True)
+
+    def retire_quietly(self) -> None:
+        """On an error: retire what is still in flight, if the connection
+        still answers, so that what the target made durable is not sent
+        again.  A failure here (the usual one: the target is gone) must not
+        replace the error that got us here."""
+        try:
+            while self.writes or self.flushes:
+                self.reap(wait=True)
+        except (CopyError, nbd.Error):
+            pass
+
+    def release(self) -> None:
+        """Give the free run buffers back to the pool.  Buffers of writes
+        never retired stay with libnbd (it may still send from them until
+        the handle is closed)."""
+        BUFFERS.give(self.free)

@@ -29,7 +29,6 @@ import errno
 import faulthandler
 import logging
 import os
-import re
 import signal
 import sys
 
@@ -58,7 +57,6 @@ from wire.units import parse_size  # noqa: E402
 
 API_VERSION = 2
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _cfg = {"statedir": None, "control": None, "tls": None, "granularity": 64 * 1024,
         "region": 4 << 20, "checkpoint": 2.0, "role": "primary"}
 _volumes: dict[str, str] = {}
@@ -108,7 +106,7 @@ def _one_line_errors(fn):
 
 def _split(key, value):
     name, sep, rest = value.partition(":")
-    if not sep or not _NAME.match(name) or not rest:
+    if not sep or not protocol.VOLUME_NAME.fullmatch(name) or not rest:
         _fail(f"{key}={value!r}: expected {key}=NAME:{'PATH' if key == 'volume' else 'SIZE'}"
               f" with NAME made of letters, digits, '_', '-', '.'")
     return name, rest

@@ -97,6 +97,13 @@ class ControlServer:
         self._refused = 0                        # connections refused in this streak
         self._ssl: ssl.SSLContext | None = None
 
+    @property
+    def connections(self) -> int:
+        """Connections open now; one leaves this count only after the handler
+        heard that it ended (``connection_closed``)."""
+        with self._conns_lock:
+            return len(self._conns)
+
     def start(self, address: str, ssl_context: ssl.SSLContext | None = None) -> None:
         """Bind ``address`` (``unix:PATH``, a plain path, or ``tcp:HOST:PORT``;
         port 0: any free port, ``self.address`` then says which) and start

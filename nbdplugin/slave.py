@@ -26,8 +26,8 @@ a freeze belongs to the connection that asked for it:
   sent FREEZE and ABORT and gave up while this process was stopped) is
   refused before any gate closes.  Once thawed, the cut (CUT, COPYING) no
   longer depends on the connection: the coordinator closes its establish
-  connections after THAW and drives copy and abort over others
-  (coordinator/group.py), and an unthawed gate is what holds host writes.
+  connections after THAW and drives copy and abort over others (its
+  establish), and an unthawed gate is what holds host writes.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ class Slave(OpHandler):
     def baseline(self, name: str) -> dict | None:
         """What the last completed copy of this volume recorded of its target:
         ``{"uri", "size", "granularity", "samples": [[block, digest], ...]}``
-        (see ``Copy._sample``), or None."""
+        (see ``copier.sample``), or None."""
         entry = self._meta.get("synced", {}).get(name)
         # An entry of an older version (a bare URI) carries no proof: the
         # next copy is a full one.
@@ -656,7 +656,6 @@ class Slave(OpHandler):
     # The server's view, for callers and tests that knew it as the slave's.
     address = property(lambda self: self.server.address)
     control_path = property(lambda self: self.server.control_path)
-    _conns = property(lambda self: self.server._conns)
 
     def connection_closed(self, conn: Conn, why: str) -> None:
         """A connection ended: a cut it froze and did not thaw is aborted now

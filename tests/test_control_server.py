@@ -224,7 +224,7 @@ def test_a_thawed_cut_outlives_its_connection(inproc):
     assert ask(s, op="freeze", n=1, lease_ms=30000)["ok"]
     assert ask(s, op="thaw", n=1)["ok"]
     s.close()
-    wait_until(lambda: not slave._conns, what="the slave to see the close")
+    wait_until(lambda: slave.server.connections == 0, what="the slave to see the close")
     assert slave.machine.phase.value == "cut"
     assert slave.handle(b'{"op":"abort","n":1}')["ok"]
 

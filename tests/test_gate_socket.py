@@ -140,11 +140,189 @@ def test_bad_input_on_the_gate_socket_gets_one_line_and_the_gate_serves_on(slave
     with proc.control() as c:
         assert c.call("abort", n=3)["ok"]
     assert ask(g, {"op": "freeze", "n": 3, "lease_ms": 100})["kind"] == "stale"
-    g.sendall(b"x" * 5000)
+    g.sendall(b"x" * (protocol.GATE_MAX_LINE + 1))
     r = json.loads(read_line(g))
     assert r["kind"] == "protocol" and "longer than" in r["error"]
     assert g.recv(10) == b""                    # closed: the stream is out of step
     g.close()
+
+
+# ------------------------------------------------------------------ one verdict
+#
+# The gate socket parses its three ops in C (native/gate.c) beside the
+# protocol's own parser (wire/protocol.py, behind the control socket).  These
+# lines go to both sockets of one slave and must get the same verdict: ok, or
+# an error of the same kind.  Each leaves the slave idle.
+
+SAME_VERDICT = [
+    b'{"op":"thaw","n":1}', b'{"op":"abort","n":1}', b'{"n":1,"op":"abort"}',
+    b' \t{ "op" : "thaw" ,\r"n" : 1 } ', b'{"op":"thaw","n":9007199254740991}',
+    # not a JSON object, not one of ours
+    b"not json", b"[1, 2]", b'"thaw"', b"null", b"{}", b"\xff\xfe", b'{"op":"thaw","n":1',
+    b'{"op":"thaw","n":1,}', b'{"op":"thaw","n":1} x', b'{"op":"thaw","n":1}\x00',
+    b'{"op":"thaw" "n":1}', b'{"op":1,"n":1}', b'{"op":"","n":1}', b'{"op":"nope","n":1}',
+    b'{"op":["thaw"],"n":1}', b'{"n":1}',
+    # numbers
+    b'{"op":"thaw"}', b'{"op":"thaw","n":0}', b'{"op":"thaw","n":-1}', b'{"op":"thaw","n":-0}',
+    b'{"op":"thaw","n":1.0}', b'{"op":"thaw","n":1e3}', b'{"op":"thaw","n":01}',
+    b'{"op":"thaw","n":"1"}', b'{"op":"thaw","n":true}', b'{"op":"thaw","n":null}',
+    b'{"op":"thaw","n":[1]}', b'{"op":"thaw","n":{}}', b'{"op":"thaw","n":9007199254740992}',
+    b'{"op":"thaw","n":99999999999999999999999}', b'{"op":"thaw","n":NaN}',
+    # keys
+    b'{"op":"thaw","n":1,"x":1}', b'{"op":"thaw","n":1,"lease_ms":5}',
+    b'{"op":"abort","n":1,"volumes":["a"]}', b'{"op":"thaw","n":1,"volumes":["zz"]}',
+    b'{"op":"abort","n":1,"full":[]}', b'{"op":"thaw","n":1,"' + b"k" * 40 + b'":1}',
+    # freeze: required keys, the lease
+    b'{"op":"freeze","n":1}', b'{"op":"freeze","lease_ms":100}',
+    b'{"op":"freeze","n":1,"lease_ms":0}', b'{"op":"freeze","n":1,"lease_ms":60001}',
+    b'{"op":"freeze","n":1,"lease_ms":"100"}', b'{"op":"freeze","n":1,"lease_ms":1.5}',
+    # freeze: lists of names (the checks after the schema come in one order)
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":[]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["zz"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["a","a"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["a","a","zz"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["a","zz","zz"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["a b"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":[""]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["' + b"x" * 65 + b'"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["' + b"x" * 64 + b'"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["\xc3\xa9"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":[1]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["a",]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":"a"}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":null}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":[' + b'"zz",' * 1024 + b'"zz"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"full":["zz"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"full":["a","a"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["a"],"full":["b"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["a"],"full":["zz","b"]}',
+    b'{"op":"freeze","n":1,"lease_ms":100,"volumes":["zz"],"full":["a","a"]}',
+]
+
+# Freezes both take (%d: the cut number), each then aborted.
+GOOD_FREEZES = [
+    b'{"op":"freeze","n":%d,"lease_ms":30000}',
+    b'{"op":"freeze","n":%d,"lease_ms":60000,"volumes":["b"],"full":["b"]}',
+    b'{ "full" : [ ] , "lease_ms" : 30000 , "volumes" : [ "b" , "a" ] ,'
+    b' "op" : "freeze" , "n" : %d }',
+    b'{"op":"freeze","n":%d,"lease_ms":30000,"full":["a","b"]}',
+]
+
+
+def verdict(s, line: bytes) -> str:
+    """"ok" or the error kind of the one reply to ``line``; a success is
+    checked against the protocol's reply schema for its op."""
+    s.sendall(line + b"\n")
+    reply = read_line(s)
+    try:
+        op = protocol.parse(line).get("op")
+    except protocol.ProtocolError:
+        op = None
+    try:
+        protocol.decode_reply(op if isinstance(op, str) and op in protocol.REPLY_SCHEMA
+                              else None, reply)
+    except protocol.Refused as exc:
+        return exc.kind.value
+    return "ok"
+
+
+def test_the_gate_socket_and_the_control_socket_give_every_line_one_verdict(slaves):
+    """Malformed, out-of-range and valid lines, idle, frozen, thawed and after
+    the cut: the C parser and the protocol's agree on every one (ok, or the
+    same error kind), and every reply fits the protocol's reply schema."""
+    proc = slaves(volumes=[("a", MB), ("b", MB)])
+    g, ctl = raw(gate_of(proc)), raw(proc.spec.control)
+
+    def same(line: bytes, want: str | None = None) -> str:
+        got = verdict(g, line), verdict(ctl, line)
+        assert got[0] == got[1], (line[:120], "gate, control:", got)
+        assert want is None or got[0] == want, (line[:120], got)
+        return got[0]
+
+    kinds = {same(line) for line in SAME_VERDICT}
+    assert kinds == {"order", "protocol", "unknown"}, kinds
+    n = 0
+    for template in GOOD_FREEZES:
+        for s in (g, ctl):
+            n += 1
+            assert verdict(s, template % n) == "ok", template
+            assert verdict(s, b'{"op":"abort","n":%d}' % n) == "ok"
+    # A blank line gets no reply from either: the next reply is the thaw's.
+    for s in (g, ctl):
+        s.sendall(b" \t \n")
+    same(b'{"op":"thaw","n":%d}' % n, "ended")
+    same(b'{"op":"freeze","n":%d,"lease_ms":30000}' % n, "stale")
+    # Frozen (by the gate socket): the cut's rules, the same on both.
+    n += 1
+    assert verdict(g, b'{"op":"freeze","n":%d,"lease_ms":30000}' % n) == "ok"
+    same(b'{"op":"freeze","n":%d,"lease_ms":30000}' % (n + 1), "busy")
+    same(b'{"op":"freeze","n":%d,"lease_ms":30000,"volumes":["zz"]}' % (n + 1), "unknown")
+    same(b'{"op":"thaw","n":%d}' % (n + 1), "order")
+    same(b'{"op":"abort","n":%d}' % (n - 1), "order")
+    assert verdict(ctl, b'{"op":"thaw","n":%d}' % n) == "ok"
+    # Thawed: the control socket's from now on, refused alike on both.
+    same(b'{"op":"thaw","n":%d}' % n, "order")
+    same(b'{"op":"freeze","n":%d,"lease_ms":30000}' % (n + 1), "busy")
+    assert verdict(ctl, b'{"op":"abort","n":%d}' % n) == "ok"
+    same(b'{"op":"abort","n":%d}' % n, "ended")
+    for line in SAME_VERDICT[:20]:
+        same(line)
+    g.close()
+    ctl.close()
+
+
+def test_where_the_gate_socket_is_stricter_than_the_control_socket(slaves):
+    """The deliberate differences, each pinned: ops other than its three, string
+    escapes and duplicate keys are refused on the gate socket (kind protocol)
+    and taken on the control socket; so is a thawed cut's abort (the gate
+    serves the frozen phase)."""
+    proc = slaves(volumes=[("a", MB)])
+    g, ctl = raw(gate_of(proc)), raw(proc.spec.control)
+    for line, control in [
+        (b'{"op":"status"}', "ok"),
+        (b'{"op":"dirty","volume":"a"}', "ok"),
+        (b'{"op":"th\\u0061w","n":1}', "order"),
+        (b'{"op":"thaw","n":1,"n":2}', "order"),
+    ]:
+        assert (verdict(g, line), verdict(ctl, line)) == ("protocol", control), line
+    assert verdict(ctl, b'{"op":"freeze","n":1,"lease_ms":30000}') == "ok"
+    assert verdict(ctl, b'{"op":"thaw","n":1}') == "ok"
+    assert verdict(g, b'{"op":"abort","n":1}') == "order"
+    assert verdict(ctl, b'{"op":"abort","n":1}') == "ok"
+    g.close()
+    ctl.close()
+
+
+def test_the_longest_freeze_of_a_full_slave_fits_the_gate_socket(run_dir):
+    """64 volumes of 64-character names, all in 'volumes' and 'full', spaced
+    as json.dumps writes them: the C gate (in-process core, real socket)
+    freezes and its reply names all 64; a line one byte past
+    GATE_MAX_LINE is refused and ends the connection."""
+    names = [f"{i:02d}" + "v" * (protocol.MAX_NAME - 2) for i in range(protocol.MAX_SLAVE_VOLUMES)]
+    core, _gates = _core(names)
+    path = os.path.join(run_dir, "g.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    core.start()
+    core.serve(listener.fileno(), os.getuid())
+    try:
+        g = raw(path)
+        line = json.dumps({"op": "freeze", "n": protocol.MAX_N, "lease_ms": 30000,
+                           "volumes": names, "full": names}).encode()
+        assert verdict(g, line) == "ok"
+        assert core.state().full == names
+        assert verdict(g, b'{"op":"thaw","n":%d}' % protocol.MAX_N) == "ok"
+        padded = b'{"op":"thaw","n":1}'.ljust(protocol.GATE_MAX_LINE)
+        assert verdict(g, padded) == "order"        # as long as a line may be
+        g.sendall(padded + b" \n")
+        r = json.loads(read_line(g))
+        assert r["kind"] == "protocol" and "longer than" in r["error"]
+        assert g.recv(10) == b""
+        g.close()
+    finally:
+        core.close()
+        listener.close()
 
 
 def test_the_control_socket_and_the_gate_socket_drive_one_cut(slaves):

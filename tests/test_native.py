@@ -252,22 +252,6 @@ def test_or_andnot_copy_eq_match_reference(data, d):
     assert c.count() == 0 and not c.any() and c == Bitmap(nbits)
 
 
-@FAST
-@given(st.integers(0, 12), st.integers(1, 300), st.data())
-def test_mark_bytes_matches_reference(shift, nbits, d):
-    """mark_bytes() sets exactly the blocks the byte range touches."""
-    g = 1 << shift
-    size = nbits * g
-    offset = d.draw(st.integers(0, size))
-    length = d.draw(st.integers(0, size - offset))
-    bm = Bitmap(nbits)
-    bm.mark_bytes(offset, length, g)
-    want = {byte // g for byte in (offset, offset + length - 1)} if length else set()
-    if want:
-        want = set(range(min(want), max(want) + 1))
-    assert bm == make(nbits, want)
-
-
 # ---------------------------------------------------------------------------
 # Fast paths on a larger map, zero-copy I/O, and argument checks.
 
@@ -333,12 +317,6 @@ def test_tail_bits_are_rejected():
     lambda b: b.runs(0, max_run=0),
     lambda b: b.runs(0, max_runs=0),
     lambda b: b.iter_runs(batch=0),
-    lambda b: b.mark_bytes(0, 1, 0),
-    lambda b: b.mark_bytes(0, 1, 3),
-    lambda b: b.mark_bytes(0, 1, -4),
-    lambda b: b.mark_bytes(-1, 1, 512),
-    lambda b: b.mark_bytes(0, -1, 512),
-    lambda b: b.mark_bytes(100 * 512 - 1, 2, 512),
     lambda b: b.or_(Bitmap(101)),
     lambda b: b.andnot(Bitmap(99)),
     lambda b: Bitmap.from_bytes(100, bytes(8)),
@@ -371,7 +349,6 @@ def test_edges_empty_ranges_and_zero_bits():
     """Empty ranges are allowed up to nbits; a 0-bit map works."""
     bm = Bitmap(100)
     bm.set(100, 0)
-    bm.mark_bytes(100 * 4096, 0, 4096)
     assert bm.count(100) == 0 and not bm.any(100)
     assert bm.next_set(100) is None and bm.next_clear(100) is None
     assert bm.runs(100) == ([], 100)

@@ -138,6 +138,7 @@ def test_state_is_private_under_umask_000(slaves):
 @pytest.mark.parametrize("args, says", [
     (["bogus=1"], "unknown parameter: 'bogus'"),
     (["volume=a"], "expected volume=NAME:PATH"),
+    (["volume=a/b:{d}/v.img"], "NAME made of letters, digits"),
     (["volume=a:{d}/v.img"], "missing parameter: statedir="),
     (["statedir={d}/s", "control={d}/c"], "no volume=NAME:PATH given"),
     (["granularity=3"], "granularity must be a power of two"),

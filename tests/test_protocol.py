@@ -304,6 +304,43 @@ def test_the_largest_dirty_page_fits_one_line():
     assert protocol.decode_reply("dirty", protocol.Framer().feed(line)[0]) == reply
 
 
+def test_the_longest_gate_socket_freeze_and_its_reply_fit_its_line():
+    """The gate socket (native/gate.c) takes lines of GATE_MAX_LINE bytes: the
+    longest freeze of a full slave fits, spaced as json.dumps writes it, and
+    so does the reply naming every volume; both are good protocol."""
+    names = [f"{i:02d}" + "v" * (protocol.MAX_NAME - 2)
+             for i in range(protocol.MAX_SLAVE_VOLUMES)]
+    freeze = {"op": "freeze", "n": protocol.MAX_N, "lease_ms": protocol.MAX_LEASE_MS,
+              "volumes": names, "full": names}
+    assert len(json.dumps(freeze).encode()) <= protocol.GATE_MAX_LINE
+    assert protocol.decode(json.dumps(freeze)) == freeze
+    reply = protocol.ok(n=protocol.MAX_N, drain_ms=1e6, blocks=dict.fromkeys(names,
+                                                                           protocol.MAX_N))
+    assert len(json.dumps(reply).encode()) <= protocol.GATE_MAX_LINE
+    protocol.decode_reply("freeze", json.dumps(reply))
+
+
+def test_the_gate_is_built_from_these_limits():
+    """native/_limits.h, which gate.c is compiled with, is what native/build.py
+    makes of this module now: the C gate checks the protocol's own limits
+    (and a build older than a change here fails this test: run `make ext`)."""
+    from native import build
+
+    with open(build.LIMITS, encoding="utf-8") as f:
+        assert f.read() == build.limits_header(), "native/_limits.h is stale: run `make ext`"
+    header = build.limits_header()
+    for name, value in [("CG_MAX_N", f"{protocol.MAX_N}ULL"),
+                        ("CG_MAX_LEASE_MS", f"{protocol.MAX_LEASE_MS}ULL"),
+                        ("CG_MAX_NAME", protocol.MAX_NAME),
+                        ("CG_MAX_VOLUMES", protocol.MAX_SLAVE_VOLUMES),
+                        ("CG_GATE_MAX_LINE", protocol.GATE_MAX_LINE)]:
+        assert f"#define {name} {value}\n" in header
+    chars = header.split('#define CG_NAME_CHARS "')[1].split('"')[0]
+    assert all(protocol.VOLUME_NAME.fullmatch(c) for c in chars)
+    assert not any(protocol.VOLUME_NAME.fullmatch(chr(i)) for i in range(1, 256)
+                   if chr(i) not in chars)
+
+
 def test_decode_reply_turns_an_error_reply_into_refused():
     """An error reply is a Refused carrying the slave's line and its Kind."""
     with pytest.raises(protocol.Refused) as exc:

@@ -11,8 +11,9 @@ written), ``write:after-data`` (data written, reply not sent),
 ``checkpoint:after-map`` (map in place, intent not yet shrunk),
 ``preserve:after-save`` (PiT content saved, host write not yet done),
 ``copy:mid`` (copy half done), ``keep:after-save`` (a DR test's
-primary: group h's block saved, the test write not yet done); the secondary's ``secondary:*``
-(nbdplugin/secondary.py).  Coordinator points (coordinator/mirror.py):
+primary: group h's block saved, the test write not yet done); the
+secondary's ``secondary:*`` (nbdplugin/secondary.py).  Coordinator points
+(coordinator/mirror/cycle.py):
 ``mirror:after-cut`` (thawed, before COPY), ``mirror:mid-drain`` (COPY
 sent, first poll), ``mirror:after-prepare`` (every secondary prepared, no
 commit sent), ``mirror:mid-commit`` (the first secondary committed, the

@@ -1,7 +1,7 @@
 """Every TLS setting of cgmirror, in one place: Python ``ssl`` contexts for the
 control channel, nbdkit's and libnbd's settings for NBD exports.
 
-One PKI serves both planes (see ``coordinator/pki.py`` and docs/TLS.md).  A
+One PKI serves both planes (``cgmirror pki``; docs/TLS.md).  A
 host's certificate directory is in nbdkit's ``--tls-certificates`` layout::
 
     ca-cert.pem       the session CA: the only trust anchor
