@@ -24,10 +24,10 @@ import os
 import select
 import socket
 import ssl
-import stat
 import threading
 
 from wire import address as wire_address
+from wire import unixsock
 
 from wire import protocol
 from wire.protocol import Kind, ProtocolError
@@ -350,26 +350,6 @@ def _claim_unix_path(path: str) -> None:
     send the coordinator's copies to the wrong process.
     """
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ControlServerError(f"control socket {path} exists and is not a socket:"
-                                 f" remove it or choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(5)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)         # nobody listens: a crashed slave's leftover
-        return
-    except OSError as exc:
-        raise ControlServerError(f"control socket {path} cannot be probed"
-                                 f" ({exc.strerror or exc}): choose another path") from None
-    else:
-        pid = wire_address.peer_credentials(probe)[0]
-        who = f"pid {pid}" if pid > 0 else "pid unknown"
-        raise ControlServerError(f"control socket {path} is served by another process"
-                                 f" ({who}): stop it or choose another path")
-    finally:
-        probe.close()
+        unixsock.claim(path, "control socket")
+    except unixsock.SocketInUse as exc:
+        raise ControlServerError(str(exc)) from None
