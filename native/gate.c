@@ -199,10 +199,11 @@ static void gate_set_gen(cg_gate *g, uint64_t gen)
  * in TLS_DEADLINE_S is closed.  (It replaces HANDSHAKE_TIMEOUT_S above.)
  *
  * Nobody holds the slots: when all MAX_CONNS are taken, a new connection
- * takes the slot of, in this order, the oldest one still in its handshake,
- * the oldest authenticated one that never sent a request, the one idle the
- * longest -- never the one that froze the cut now frozen (closing it would
- * abort the cut).  The coordinator asks at once and keeps asking, so a
+ * takes the slot of, in this order, the oldest one that has not
+ * authenticated and said nothing, the oldest one in the middle of its
+ * handshake, the oldest authenticated one that never sent a request, the
+ * one idle the longest -- never the one that froze the cut now frozen
+ * (closing it would abort the cut).  The coordinator asks at once and keeps asking, so a
  * flood of idle connections evicts itself.  wire/slots.py holds the same
  * order, and its reasons, for the Python servers. */
 #define TLS_DEADLINE_S 2
@@ -217,12 +218,14 @@ struct conn {
     int64_t id;                 /* owner id of a freeze on it */
     SSL *ssl;                   /* TCP: its TLS session (fd non-blocking) */
     int handshaking;            /* TLS handshake not done yet */
+    int heard;                  /* it has sent something */
     int used;                   /* it has sent a request */
     short want;                 /* poll events the handshake waits for */
     double admitted;            /* accepted at */
     double deadline;            /* handshake deadline */
     size_t len;
     double last;                /* last request, for the idle timeout */
+    char ip[64];                /* the peer's address, for logs (TCP) */
     char buf[MAX_LINE + 1];
 };
 
@@ -1056,15 +1059,18 @@ static void handshake(cg_core *c, struct conn *k)
         ERR_clear_error();
         return;
     }
-    char ip[64];
     unsigned long err = ERR_peek_last_error();
     long verify = SSL_get_verify_result(k->ssl);
-    if (verify == X509_V_OK && !err)
+    int eof = !err;
+#ifdef SSL_R_UNEXPECTED_EOF_WHILE_READING
+    eof = eof || ERR_GET_REASON(err) == SSL_R_UNEXPECTED_EOF_WHILE_READING;
+#endif
+    if (verify == X509_V_OK && eof)
         /* It left without a word of TLS: a scan, or a holder of slots
          * letting go.  Nothing was refused; no line each. */
         tally(&c->left, "connection(s) that ended before a TLS handshake");
     else
-        say("refused a TLS connection from %s: %s", peer_ip(k->fd, ip, sizeof ip),
+        say("refused a TLS connection from %s: %s", k->ip,
             verify != X509_V_OK ? X509_verify_cert_error_string(verify)
             : ERR_reason_error_string(err));
     ERR_clear_error();
@@ -1088,8 +1094,8 @@ static struct conn *free_slot(cg_core *c)
         struct conn *k = &c->conns[i];
         if (keep && k->id == keep)
             continue;
-        int rank = k->handshaking ? 0 : !k->used ? 1 : 2;
-        double t = rank == 2 ? k->last : k->admitted;
+        int rank = k->handshaking ? k->heard : !k->used ? 2 : 3;
+        double t = rank == 3 ? k->last : k->admitted;
         if (!best || rank < best_rank || (rank == best_rank && t < best_t)) {
             best = k;
             best_rank = rank;
@@ -1114,6 +1120,7 @@ static void take_conn(cg_core *c, struct conn *k, int fd, SSL *ssl)
     k->fd = fd;
     k->ssl = ssl;
     k->handshaking = ssl != NULL;
+    k->heard = 0;
     k->used = 0;
     k->want = POLLIN;
     k->admitted = now_s();
@@ -1121,6 +1128,7 @@ static void take_conn(cg_core *c, struct conn *k, int fd, SSL *ssl)
     k->len = 0;
     k->last = k->admitted;
     k->id = (1LL << 40) + ++c->next_id;   /* Python's owner ids stay below */
+    peer_ip(fd, k->ip, sizeof k->ip);
 }
 
 static void accept_conn(cg_core *c)
@@ -1182,6 +1190,7 @@ static void accept_conn(cg_core *c)
 static void read_conn(cg_core *c, struct conn *k)
 {
     if (k->handshaking) {
+        k->heard = 1;           /* called on POLLIN: bytes, or the end */
         handshake(c, k);
         if (k->fd < 0 || k->handshaking)
             return;

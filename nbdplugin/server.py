@@ -115,6 +115,7 @@ class ControlServer:
         self._ssl: ssl.SSLContext | None = None
         self._evictions = _Tally("control: closed %d idle or unauthenticated"
                                  " connection(s) to admit new ones (%d slots full)")
+        self._left = _Tally("control: %d connection(s) ended before a TLS handshake")
         self._stalls = _Tally("control: closed %d connection(s) that did not finish"
                               " a TLS handshake within %g s")
 
@@ -243,8 +244,21 @@ class ControlServer:
         certificate from our CA fails here, before any op is read.  Returns
         why the connection ends, or None to serve it."""
         peer = conn.peer()      # before wrap_socket takes the socket over
-        conn.sock.settimeout(self.handshake_timeout)
+        deadline = time.monotonic() + self.handshake_timeout
         try:
+            # Its first bytes move it behind the peers that say nothing.
+            if not _readable(conn.sock, self.handshake_timeout):
+                raise TimeoutError
+            if conn.evicted:
+                return "evicted"
+            if conn.sock.recv(1, socket.MSG_PEEK) == b"":
+                # Gone without a word of TLS: a scan, or a holder of slots
+                # letting go.  Nothing was refused.
+                self._left.add()
+                return "closed before a TLS handshake"
+            with self._conns_lock:
+                self._slots.heard(conn)
+            conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
             conn.sock = self._ssl.wrap_socket(conn.sock, server_side=True,
                                               do_handshake_on_connect=False)
             if conn.evicted:
@@ -383,6 +397,13 @@ def _refuse(sock: socket.socket, message: str, kind: Kind) -> None:
     """Send one error line without waiting for the peer, and close."""
     _send_now(sock, message, kind)
     sock.close()
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """True once ``sock`` has bytes (or an end) to read, False after ``timeout`` s."""
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return bool(p.poll(int(timeout * 1000) + 1))
 
 
 def _send_now(sock: socket.socket, message: str, kind: Kind) -> None:

@@ -83,3 +83,16 @@ def test_release_of_an_evicted_key_says_so():
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError, match="capacity must be at least 1"):
         SlotTable(0)
+
+
+def test_a_handshake_under_way_outlives_silent_connections():
+    """Unauthenticated peers that said nothing go before one whose handshake
+    is under way, however old."""
+    t = table(3)
+    t.admit("coordinator")
+    t.heard("coordinator")
+    t.admit("silent1")
+    t.admit("silent2")
+    assert t.admit("silent3") == (True, "silent1")
+    assert t.admit("silent4") == (True, "silent2")
+    assert "coordinator" in t

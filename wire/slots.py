@@ -7,16 +7,20 @@ accept -- keep the coordinator out with a handful of idle connections.  So
 a full table makes room instead: the new connection takes the slot of the
 one that can best spare it, in this order:
 
-  1. a connection still in its TLS handshake (not yet authenticated),
-     the oldest first;
-  2. an authenticated one that has never sent a request, the oldest first;
-  3. an authenticated one that has, the longest idle first.
+  1. a connection that has not authenticated and has sent nothing, the
+     oldest first;
+  2. one in the middle of its TLS handshake (it sent something), the
+     oldest first;
+  3. an authenticated one that has never sent a request, the oldest first;
+  4. an authenticated one that has, the longest idle first.
 
 A connection inside a request (``busy``) or marked ``pinned`` (it owns a
 frozen cut: closing it would abort the cut) is never taken; when every slot
 is such, the new connection is refused.  The coordinator sends its request
 right after it connects and keeps using its connections, so it sits at the
-far end of that order: a flood of idle connections evicts itself.
+far end of that order: a flood of idle connections evicts itself.  (A flood
+that speaks the first TLS message competes with the coordinator's own
+handshakes in class 2; only a certificate gets past it.)
 
 native/gate.c applies the same order to the gate socket's slots.
 
@@ -41,6 +45,7 @@ class _Slot:
     admitted: float
     last: float
     authenticated: bool = False
+    heard: bool = False
     used: bool = False
     busy: int = 0
     pinned: bool = False
@@ -84,11 +89,17 @@ class SlotTable(Generic[K]):
         for key, s in self._slots.items():
             if s.busy or s.pinned:
                 continue
-            r = ((0, s.admitted) if not s.authenticated else
-                 (1, s.admitted) if not s.used else (2, s.last))
+            r = ((0 + s.heard, s.admitted) if not s.authenticated else
+                 (2, s.admitted) if not s.used else (3, s.last))
             if rank is None or r < rank:
                 best, rank = key, r
         return best
+
+    def heard(self, key: K) -> None:
+        """``key`` sent its first bytes (a handshake under way)."""
+        s = self._slots.get(key)
+        if s is not None:
+            s.heard = True
 
     def authenticated(self, key: K) -> None:
         """``key`` finished its handshake (TLS), or needs none (unix socket)."""
