@@ -117,10 +117,12 @@ class SlaveProcess:
     """A running slave started by us: our child (``popen``), or, when started
     detached, a daemon known by the pid in its pidfile."""
 
-    def __init__(self, spec: SlaveSpec, pid: int, popen: subprocess.Popen | None = None):
+    def __init__(self, spec: SlaveSpec, pid: int, popen: subprocess.Popen | None = None,
+                 keeper: int | None = None):
         self.spec = spec
         self.pid = pid
         self.popen = popen
+        self.keeper = keeper        # detached: the setsid that waits for nbdkit
 
     def control(self, timeout: float = 30.0) -> ControlClient:
         return ControlClient(self.spec.control, timeout, self.spec.client_context())
@@ -128,7 +130,9 @@ class SlaveProcess:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        _reap(self.pid)
+        for pid in (self.pid, self.keeper):
+            if pid:
+                _reap(pid)
         return alive(self.pid)
 
     def wait(self, timeout: float) -> int | None:
@@ -159,6 +163,8 @@ class SlaveProcess:
             except subprocess.TimeoutExpired:
                 os.kill(self.pid, signal.SIGKILL)
                 self.wait(30)
+        if self.keeper and wait_gone(self.keeper, 5):
+            _reap(self.keeper)      # it exits right after nbdkit
         remove_stale(*_unix_paths(self.spec))
         return self.popen.returncode if self.popen is not None else None
 
@@ -228,12 +234,14 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     """Start a slave and wait until it answers; raise LaunchError if it cannot.
 
     By default the slave is our child and runs in the foreground (``nbdkit
-    -f``).  ``detach`` starts it in a session of its own, so the slave
-    outlives the process that started it (``cgmirror slave start``).  Both
-    keep ``nbdkit -f``: nbdkit's own daemon mode points its stderr at
-    /dev/null (server/background.c, unless verbose), which would lose every
-    line the node logs -- refused TLS handshakes, the plugin's errors --
-    from its log file.
+    -f``, which also makes it die with us: nbdkit 1.32 sets
+    PR_SET_PDEATHSIG).  ``detach`` makes the slave outlive the process that
+    started it (``cgmirror slave start``): ``nbdkit -f`` again, under
+    ``setsid --fork --wait`` in a session of its own, so that nbdkit's
+    parent is that small keeper, which lives exactly as long as nbdkit.
+    Not nbdkit's own daemon mode: it points stderr at /dev/null
+    (server/background.c, unless verbose), which lost every line the node
+    logs -- refused TLS handshakes, the plugin's errors -- from its log file.
     """
     cmd = prepare(spec)
     try:
@@ -245,7 +253,8 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     with os.fdopen(fd, "ab") as log:
         log_start = log.tell()
         if detach:
-            proc = SlaveProcess(spec, _spawn_detached(cmd, log.fileno(), spec))
+            keeper = _spawn_detached(cmd, log.fileno(), spec)
+            proc = SlaveProcess(spec, keeper, keeper=keeper)   # pid: nbdkit's, below
         else:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=log, env=slave_env(spec.env))
@@ -259,6 +268,8 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
                               f" {_tail(spec.logfile, log_start)}")
         control_up = _is_tcp(spec.control) or os.path.exists(spec.control)
         if os.path.exists(spec.pidfile) and control_up:
+            if detach:
+                proc.pid = running_pid(spec) or proc.pid
             try:
                 with ControlClient(spec.control, 5, ctx) as c:
                     answered = c.call("status").get("pid")
@@ -272,6 +283,8 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
                 return proc
         if time.monotonic() > deadline:
             # A slave that never answered must not outlive this error.
+            if detach:
+                proc.pid = running_pid(spec) or _child_of(keeper) or proc.pid
             if proc.alive():
                 proc.kill9()
             if refused is not None and refused.kind is Kind.UNREACHABLE and \
@@ -285,10 +298,14 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
 
 
 def _spawn_detached(cmd: list[str], log_fd: int, spec: SlaveSpec) -> int:
-    """Start ``cmd`` (``nbdkit -f ...``) in a session of its own, stdout and
-    stderr on ``log_fd``; return its pid.  posix_spawn rather than Popen: a
-    Popen object dropped while its child runs warns, and a detached slave
-    is meant to outlive the object (``_reap`` collects it if it ends first)."""
+    """Start ``cmd`` (``nbdkit -f ...``) under a keeper (``setsid --fork
+    --wait``, util-linux), each in a session of its own, stdout and stderr
+    on ``log_fd``; return the keeper's pid, whose exit status is nbdkit's.
+    posix_spawn rather than Popen: a Popen object dropped while its child
+    runs warns, and a detached slave is meant to outlive the object
+    (``_reap`` collects the keeper if it ends first)."""
+    setsid = shutil.which("setsid", path=os.pathsep.join(SYSTEM_BIN)) or "setsid"
+    cmd = [setsid, "--fork", "--wait", *cmd]
     devnull = os.open(os.devnull, os.O_RDONLY)
     try:
         return os.posix_spawn(cmd[0], cmd, slave_env(spec.env), setsid=True,
@@ -307,10 +324,20 @@ def _exit_status(proc: SlaveProcess) -> int | None:
     if proc.popen is not None:
         return proc.popen.poll()
     try:
-        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        pid, status = os.waitpid(proc.keeper, os.WNOHANG)
     except ChildProcessError:
-        return None if alive(proc.pid) else -1
+        return None if alive(proc.keeper) else -1
     return os.waitstatus_to_exitcode(status) if pid else None
+
+
+def _child_of(pid: int) -> int | None:
+    """The (first) child process of ``pid``, if any: a detached slave's
+    nbdkit before its pidfile names it."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return None
+    return children[0].pid if children else None
 
 
 def prepare(spec: SlaveSpec) -> list[str]:
