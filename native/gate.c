@@ -203,9 +203,10 @@ static void gate_set_gen(cg_gate *g, uint64_t gen)
  * authenticated and said nothing, the oldest one in the middle of its
  * handshake, the oldest authenticated one that never sent a request, the
  * one idle the longest -- never the one that froze the cut now frozen
- * (closing it would abort the cut).  The coordinator asks at once and keeps asking, so a
- * flood of idle connections evicts itself.  wire/slots.py holds the same
- * order, and its reasons, for the Python servers. */
+ * (closing it would abort the cut).  The coordinator asks at once and
+ * keeps asking, so a flood of idle connections evicts itself.
+ * wire/slots.py holds the same order, and its reasons, for the Python
+ * servers. */
 #define TLS_DEADLINE_S 2
 #define STR_(x) #x
 #define STR(x) STR_(x)
