@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from wire import address as wire_address
-from wire import files, tls
+from wire import files, tls, unixsock
 
 from .control import ControlClient, ControlError, client_context
 
@@ -116,10 +116,12 @@ class SlaveProcess:
     """A running slave started by us: our child (``popen``), or, when started
     detached, a daemon known by the pid in its pidfile."""
 
-    def __init__(self, spec: SlaveSpec, pid: int, popen: subprocess.Popen | None = None):
+    def __init__(self, spec: SlaveSpec, pid: int, popen: subprocess.Popen | None = None,
+                 keeper: int | None = None):
         self.spec = spec
         self.pid = pid
         self.popen = popen
+        self.keeper = keeper        # detached: the setsid that waits for nbdkit
 
     def control(self, timeout: float = 30.0) -> ControlClient:
         return ControlClient(self.spec.control, timeout, self.spec.client_context())
@@ -127,6 +129,9 @@ class SlaveProcess:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
+        for pid in (self.pid, self.keeper):
+            if pid:
+                _reap(pid)
         return alive(self.pid)
 
     def wait(self, timeout: float) -> int | None:
@@ -157,7 +162,9 @@ class SlaveProcess:
             except subprocess.TimeoutExpired:
                 os.kill(self.pid, signal.SIGKILL)
                 self.wait(30)
-        remove(*_unix_paths(self.spec))
+        if self.keeper and wait_gone(self.keeper, 5):
+            _reap(self.keeper)      # it exits right after nbdkit
+        remove_stale(*_unix_paths(self.spec))
         return self.popen.returncode if self.popen is not None else None
 
 
@@ -181,12 +188,28 @@ def wait_gone(pid: int, timeout: float) -> bool:
 
 
 def remove(*paths: str) -> None:
-    """Unlink each path that exists (stale sockets, pidfiles)."""
+    """Unlink each path that exists (pidfiles; sockets go by ``remove_stale``)."""
     for p in paths:
         try:
             os.unlink(p)
         except FileNotFoundError:
             pass
+
+
+def remove_stale(*paths: str) -> None:
+    """Unlink each socket that no live process serves (after a stop: the
+    same path may serve another slave by now, which keeps it)."""
+    for p in paths:
+        unixsock.remove_stale(p)
+
+
+def _reap(pid: int) -> None:
+    """Collect a detached slave that was our child and has ended, so that
+    it does not stay a zombie of a long-lived caller (tests)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass            # not our child: its own parent or init reaps it
 
 
 def running_pid(spec: SlaveSpec) -> int | None:
@@ -220,32 +243,37 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     """Start a slave and wait until it answers; raise LaunchError if it cannot.
 
     By default the slave is our child and runs in the foreground (``nbdkit
-    -f``, which also makes it die with us: nbdkit sets PR_SET_PDEATHSIG).
-    ``detach`` lets nbdkit daemonize instead, so the slave outlives the
-    process that started it (``cgmirror slave start``).
+    -f``, which also makes it die with us: nbdkit 1.32 sets
+    PR_SET_PDEATHSIG).  ``detach`` makes the slave outlive the process that
+    started it (``cgmirror slave start``): ``nbdkit -f`` again, under
+    ``setsid --fork --wait`` in a session of its own, so that nbdkit's
+    parent is that small keeper, which lives exactly as long as nbdkit.
+    Not nbdkit's own daemon mode: it points stderr at /dev/null
+    (server/background.c, unless verbose), which lost every line the node
+    logs -- refused TLS handshakes, the plugin's errors -- from its log file.
     """
     cmd = prepare(spec)
     try:
         ctx = spec.client_context()
     except tls.TLSConfigError as exc:
         raise LaunchError(f"slave {spec.name}: {exc}") from exc
-    if detach:
-        cmd = [a for a in cmd if a != "-f"]
-        cmd.insert(1, "--log=stderr")
     fd = os.open(spec.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     os.fchmod(fd, 0o600)     # also a log left by an older version
     with os.fdopen(fd, "ab") as log:
         log_start = log.tell()
-        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=log, env=slave_env(spec.env),
-                                 start_new_session=detach)
-    proc = SlaveProcess(spec, popen.pid, None if detach else popen)
+        if detach:
+            keeper = _spawn_detached(cmd, log.fileno(), spec)
+            proc = SlaveProcess(spec, keeper, keeper=keeper)   # pid: nbdkit's, below
+        else:
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=log, env=slave_env(spec.env))
+            proc = SlaveProcess(spec, popen.pid, popen)
     deadline = time.monotonic() + timeout
     refused: ControlError | None = None      # the last TLS refusal, if any
     refusals = 0                             # ... and how many in a row
     while True:
-        status = popen.poll()
-        if status is not None and (status != 0 or not detach):
+        status = _exit_status(proc)
+        if status is not None:
             raise LaunchError(f"slave {spec.name} exited with status {status}:"
                               f" {_tail(spec.logfile, log_start)}")
         control_up = _is_tcp(spec.control) or os.path.exists(spec.control)
@@ -260,23 +288,16 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
                 refusals = refusals + 1 if _tls_refusal(exc) else 0
             # Another process may serve this path (ours then refuses to start).
             if answered == proc.pid:
-                if detach:
-                    popen.wait(timeout=timeout)   # nbdkit's parent exits after forking
                 # nbdkit sets its own umask (022), so the caller's cannot
                 # help; the directories around are 0700 in any case.
                 os.chmod(spec.pidfile, 0o600)
                 return proc
-        if detach and status == 0 and not alive(proc.pid) and running_pid(spec) is None \
-                and os.path.exists(spec.pidfile):
-            raise LaunchError(f"slave {spec.name} exited after starting:"
-                              f" {_tail(spec.logfile, log_start)}")
         # A slave that completes TCP and then fails the TLS handshake is up:
         # its certificate (or ours) is wrong, which waiting does not mend.
         if time.monotonic() > deadline or refusals >= TLS_REFUSALS:
+            # A slave that never answered must not outlive this error.
             if detach:
-                # The daemon is nbdkit's forked child, named by the pidfile: a
-                # slave that never answered must not outlive this error.
-                proc.pid = running_pid(spec) or proc.pid
+                proc.pid = running_pid(spec) or _child_of(keeper) or proc.pid
             if proc.alive():
                 proc.kill9()
             if refusals:
@@ -286,6 +307,49 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
             raise LaunchError(f"slave {spec.name} not ready after {timeout:.0f} s:"
                               f" {_tail(spec.logfile, log_start)}")
         time.sleep(0.02)
+
+
+def _spawn_detached(cmd: list[str], log_fd: int, spec: SlaveSpec) -> int:
+    """Start ``cmd`` (``nbdkit -f ...``) under a keeper (``setsid --fork
+    --wait``, util-linux), each in a session of its own, stdout and stderr
+    on ``log_fd``; return the keeper's pid, whose exit status is nbdkit's.
+    posix_spawn rather than Popen: a Popen object dropped while its child
+    runs warns, and a detached slave is meant to outlive the object
+    (``_reap`` collects the keeper if it ends first)."""
+    setsid = shutil.which("setsid", path=os.pathsep.join(SYSTEM_BIN)) or "setsid"
+    cmd = [setsid, "--fork", "--wait", *cmd]
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        return os.posix_spawn(cmd[0], cmd, slave_env(spec.env), setsid=True,
+                              file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0),
+                                            (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                                            (os.POSIX_SPAWN_DUP2, log_fd, 2)])
+    except OSError as exc:
+        raise LaunchError(f"cannot run {cmd[0]} for slave {spec.name}:"
+                          f" {exc.strerror or exc}") from exc
+    finally:
+        os.close(devnull)
+
+
+def _exit_status(proc: SlaveProcess) -> int | None:
+    """The exit status of a slave we started that has ended, else None."""
+    if proc.popen is not None:
+        return proc.popen.poll()
+    try:
+        pid, status = os.waitpid(proc.keeper, os.WNOHANG)
+    except ChildProcessError:
+        return None if alive(proc.keeper) else -1
+    return os.waitstatus_to_exitcode(status) if pid else None
+
+
+def _child_of(pid: int) -> int | None:
+    """The (first) child process of ``pid``, if any: a detached slave's
+    nbdkit before its pidfile names it."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return None
+    return children[0].pid if children else None
 
 
 def prepare(spec: SlaveSpec) -> list[str]:
@@ -299,10 +363,14 @@ def prepare(spec: SlaveSpec) -> list[str]:
     for path in _unix_paths(spec):
         files.make_dirs(os.path.dirname(os.path.abspath(path)))
     # nbdkit 1.32 leaves its socket behind after SIGTERM; so may a crash.
-    # The control socket is left to the slave: it removes it only if stale,
-    # never while another process still serves it.
+    # Only a stale one goes: a socket another process still serves (a second
+    # session naming the same paths) is refused, never replaced.  The control
+    # socket is left to the slave, which applies the same rule.
     if spec.nbd is None:
-        remove(spec.nbd_socket)
+        try:
+            unixsock.claim(spec.nbd_socket, "NBD socket")
+        except unixsock.SocketInUse as exc:
+            raise LaunchError(f"slave {spec.name}: {exc}") from None
     remove(spec.pidfile)
     try:
         cmd = spec.command()
@@ -360,7 +428,7 @@ def stop(spec: SlaveSpec, timeout: float = 30.0) -> bool:
     """Stop a slave started earlier (maybe by another process) via its pidfile."""
     pid = running_pid(spec)
     if pid is None:
-        remove(*_unix_paths(spec))
+        remove_stale(*_unix_paths(spec))
         return False
     SlaveProcess(spec, pid).stop(timeout)
     return True

@@ -60,7 +60,6 @@
  * wire/protocol.py: they are set there and nowhere else. */
 #define MAX_CONNS 16
 #define IDLE_TIMEOUT_S 60.0
-#define HANDSHAKE_TIMEOUT_S 10.0
 #define GONE_RING 64
 /* The longest freeze reply: every volume's name and block count. */
 #define REPLY_ROOM (CG_MAX_VOLUMES * (CG_MAX_NAME + 24) + 128)
@@ -198,16 +197,46 @@ static void gate_set_gen(cg_gate *g, uint64_t gen)
 
 /* ------------------------------------------------------------------ core */
 
+/* The connection slots.  A TLS 1.3 handshake between our hosts takes
+ * milliseconds (one round trip, two signature checks), well under a second
+ * on a loaded host or across a WAN: a connection that has not finished it
+ * in TLS_DEADLINE_S is closed.
+ *
+ * Nobody holds the slots: when all MAX_CONNS are taken, a new connection
+ * takes the slot of, in this order, the oldest one that has not
+ * authenticated and said nothing, the oldest one in the middle of its
+ * handshake, the oldest authenticated one that never sent a request, the
+ * one idle the longest -- never the one that froze the cut now frozen
+ * (closing it would abort the cut).  The coordinator asks at once and
+ * keeps asking, so a flood of idle connections evicts itself.
+ * wire/slots.py holds the same order, and its reasons, for the Python
+ * servers. */
+#define TLS_DEADLINE_S 2
+#define STR_(x) #x
+#define STR(x) STR_(x)
+/* Lines about connections we closed on our own (evicted, no handshake)
+ * come at most this often, with a count: a flood must not flood the log. */
+#define QUIET_LOG_S 10.0
+
 struct conn {
     int fd;                     /* -1: free slot */
     int64_t id;                 /* owner id of a freeze on it */
     SSL *ssl;                   /* TCP: its TLS session (fd non-blocking) */
     int handshaking;            /* TLS handshake not done yet */
+    int heard;                  /* it has sent something */
+    int used;                   /* it has sent a request */
     short want;                 /* poll events the handshake waits for */
+    double admitted;            /* accepted at */
     double deadline;            /* handshake deadline */
     size_t len;
     double last;                /* last request, for the idle timeout */
+    char ip[64];                /* the peer's address, for logs (TCP) */
     char buf[CG_GATE_MAX_LINE + 2];     /* a line, its '\n', a NUL */
+};
+
+struct tally {                  /* like events, logged now and then */
+    unsigned count;
+    double logged_at;
 };
 
 struct cg_core {
@@ -238,6 +267,7 @@ struct cg_core {
     int stopping;
     int64_t next_id;
     double accept_paused_until; /* after a failed accept */
+    struct tally evicted, stalled, left;
     struct conn conns[MAX_CONNS];
 };
 
@@ -252,6 +282,19 @@ static void say(const char *fmt, ...)
     vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
     fprintf(stderr, "cgmirror gate: %s\n", line);
+}
+
+/* Count one event; say "<count> <what>" on the first and then at most
+ * every QUIET_LOG_S seconds. */
+static void tally(struct tally *t, const char *what)
+{
+    t->count++;
+    double now = now_s();
+    if (t->logged_at && now - t->logged_at < QUIET_LOG_S)
+        return;
+    say("closed %u %s", t->count, what);
+    t->count = 0;
+    t->logged_at = now;
 }
 
 static int fail(struct cg_result *r, const char *kind, const char *fmt, ...)
@@ -1068,22 +1111,60 @@ static void handshake(cg_core *c, struct conn *k)
         ERR_clear_error();
         return;
     }
-    char ip[64];
     unsigned long err = ERR_peek_last_error();
     long verify = SSL_get_verify_result(k->ssl);
-    say("refused a TLS connection from %s: %s", peer_ip(k->fd, ip, sizeof ip),
-        verify != X509_V_OK ? X509_verify_cert_error_string(verify)
-        : err ? ERR_reason_error_string(err) : "the handshake ended");
+    int eof = !err;
+#ifdef SSL_R_UNEXPECTED_EOF_WHILE_READING
+    eof = eof || ERR_GET_REASON(err) == SSL_R_UNEXPECTED_EOF_WHILE_READING;
+#endif
+    if (verify == X509_V_OK && eof)
+        /* It left without a word of TLS: a scan, or a holder of slots
+         * letting go.  Nothing was refused; no line each. */
+        tally(&c->left, "connection(s) that ended before a TLS handshake");
+    else
+        say("refused a TLS connection from %s: %s", k->ip,
+            verify != X509_V_OK ? X509_verify_cert_error_string(verify)
+            : ERR_reason_error_string(err));
     ERR_clear_error();
     drop_conn(c, k);
 }
 
+/* A free slot, or the one a new connection takes (see TLS_DEADLINE_S),
+ * its connection closed; NULL if none may go. */
 static struct conn *free_slot(cg_core *c)
 {
     for (int i = 0; i < MAX_CONNS; i++)
         if (c->conns[i].fd < 0)
             return &c->conns[i];
-    return NULL;
+    pthread_mutex_lock(&c->st);
+    int64_t keep = c->phase == CG_FROZEN ? c->owner : 0;
+    pthread_mutex_unlock(&c->st);
+    struct conn *best = NULL;
+    int best_rank = 0;
+    double best_t = 0;
+    for (int i = 0; i < MAX_CONNS; i++) {
+        struct conn *k = &c->conns[i];
+        if (keep && k->id == keep)
+            continue;
+        int rank = k->handshaking ? k->heard : !k->used ? 2 : 3;
+        double t = rank == 3 ? k->last : k->admitted;
+        if (!best || rank < best_rank || (rank == best_rank && t < best_t)) {
+            best = k;
+            best_rank = rank;
+            best_t = t;
+        }
+    }
+    if (!best)
+        return NULL;
+    if (!best->ssl) {
+        char out[200];
+        size_t n = error_reply(out, sizeof out, "busy", "too many connections to the gate"
+                               " socket: closed this idle one for a newer one");
+        send(best->fd, out, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+    drop_conn(c, best);
+    tally(&c->evicted, "idle or unauthenticated gate connection(s) to admit new ones");
+    return best;
 }
 
 static void take_conn(cg_core *c, struct conn *k, int fd, SSL *ssl)
@@ -1091,11 +1172,15 @@ static void take_conn(cg_core *c, struct conn *k, int fd, SSL *ssl)
     k->fd = fd;
     k->ssl = ssl;
     k->handshaking = ssl != NULL;
+    k->heard = 0;
+    k->used = 0;
     k->want = POLLIN;
-    k->deadline = now_s() + HANDSHAKE_TIMEOUT_S;
+    k->admitted = now_s();
+    k->deadline = k->admitted + TLS_DEADLINE_S;
     k->len = 0;
-    k->last = now_s();
+    k->last = k->admitted;
     k->id = (1LL << 40) + ++c->next_id;   /* Python's owner ids stay below */
+    peer_ip(fd, k->ip, sizeof k->ip);
 }
 
 static void accept_conn(cg_core *c)
@@ -1120,7 +1205,8 @@ static void accept_conn(cg_core *c)
         struct conn *k = free_slot(c);
         SSL *ssl = k ? SSL_new(c->tls) : NULL;
         if (!ssl) {
-            say("too many connections to the gate socket; refused one");
+            say(k ? "cannot make a TLS session; refused a connection"
+                  : "too many connections to the gate socket; refused one");
             close(fd);
             return;
         }
@@ -1156,6 +1242,7 @@ static void accept_conn(cg_core *c)
 static void read_conn(cg_core *c, struct conn *k)
 {
     if (k->handshaking) {
+        k->heard = 1;           /* called on POLLIN: bytes, or the end */
         handshake(c, k);
         if (k->fd < 0 || k->handshaking)
             return;
@@ -1199,6 +1286,7 @@ static void serve_lines(cg_core *c, struct conn *k)
         start = i + 1;
         if (blank(line, len))
             continue;
+        k->used = 1;
         size_t n = handle_line(c, k, line, len, out, sizeof out);
         conn_send(k, out, n < sizeof out ? n : sizeof out - 1);
     }
@@ -1300,7 +1388,8 @@ static void *run(void *arg)
             double idle = (k->handshaking ? k->deadline : k->last + IDLE_TIMEOUT_S) - now;
             if (idle <= 0) {
                 if (k->handshaking)
-                    say("a TLS handshake did not finish within %.0f s", HANDSHAKE_TIMEOUT_S);
+                    tally(&c->stalled, "connection(s) that did not finish a TLS"
+                          " handshake within " STR(TLS_DEADLINE_S) " s");
                 drop_conn(c, k);
                 continue;
             }

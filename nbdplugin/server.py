@@ -10,10 +10,16 @@ Nothing a peer does can starve the server:
 - Peers: on a unix socket (file mode 0600) only the slave's own uid and root
   (SO_PEERCRED); on TCP only TLS peers with a client certificate the server
   context accepts, checked in the connection's own thread under a deadline.
-- Bounds: at most ``max_connections`` connections (extras get one error line
-  and are closed), each closed after ``idle_timeout`` s without a request; a
-  listen backlog that takes a burst; an accept loop that survives EMFILE and
-  any other error with one log line and a back-off.
+- Bounds: at most ``max_connections`` connections, each closed after
+  ``idle_timeout`` s without a request, a TLS handshake not finished within
+  ``handshake_timeout`` s; a listen backlog that takes a burst; an accept
+  loop that survives EMFILE and any other error with one log line and a
+  back-off.
+- Nobody holds the slots: when they are full, a new connection takes the
+  slot of the oldest unauthenticated or idle one (``wire.slots``: the
+  coordinator, which asks at once and keeps asking, is the last to go), not
+  the other way round.  Only when every connection is inside a request is
+  the new one refused (one error line on a unix socket).
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import os
 import select
 import socket
 import ssl
-import stat
+import time
 import threading
 
 from wire import address as wire_address
+from wire import unixsock
+from wire.slots import SlotTable
 
 from wire import protocol
 from wire.protocol import Kind, ProtocolError
@@ -36,7 +44,15 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 64
 IDLE_TIMEOUT_S = 60.0
-HANDSHAKE_TIMEOUT_S = 10.0
+# A TLS 1.3 handshake between our hosts is one round trip and two signature
+# checks: milliseconds on loopback, well under a second across a WAN or on a
+# loaded host.  2 s covers that with room and bounds how long a peer without
+# a certificate keeps a thread (the slot it may lose sooner: see wire.slots).
+HANDSHAKE_TIMEOUT_S = 2.0
+# Lines about connections the server closed on its own (evicted, handshake
+# deadline) come at most this often, with a count: a flood must not flood
+# the log too.
+QUIET_LOG_S = 10.0
 # A burst of 200 connects must not meet a full queue (EAGAIN); the kernel
 # caps this at net.core.somaxconn.
 BACKLOG = 512
@@ -92,10 +108,16 @@ class ControlServer:
         self.control_path: str | None = None
         self._stop = threading.Event()
         self._server: socket.socket | None = None
-        self._conns: set[Conn] = set()
+        self._conns: set[Conn] = set()          # every connection with a thread
+        self._slots: SlotTable = SlotTable(max_connections)   # those that count
         self._conns_lock = threading.Lock()
         self._refused = 0                        # connections refused in this streak
         self._ssl: ssl.SSLContext | None = None
+        self._evictions = _Tally("control: closed %d idle or unauthenticated"
+                                 " connection(s) to admit new ones (%d slots full)")
+        self._left = _Tally("control: %d connection(s) ended before a TLS handshake")
+        self._stalls = _Tally("control: closed %d connection(s) that did not finish"
+                              " a TLS handshake within %g s")
 
     @property
     def connections(self) -> int:
@@ -161,14 +183,19 @@ class ControlServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(sock)
         with self._conns_lock:
-            full = len(self._conns) >= self.max_connections
+            admitted, victim = self._slots.admit(conn, authenticated=self._ssl is None)
+            full = not admitted
             if full:
                 self._refused += 1
                 if self._refused == 1:
-                    log.warning("control: %d connections open, refusing more",
-                                len(self._conns))
+                    log.warning("control: all %d connections are inside a request,"
+                                " refusing more", len(self._slots))
             else:
                 self._conns.add(conn)
+                if victim is not None:
+                    # Under the lock: the victim's thread cannot close its
+                    # socket (it leaves _conns first) nor start a request.
+                    self._evict(victim)
         if full:
             # Over TCP the refusal would need a TLS handshake (a thread, the
             # very thing the bound limits): those peers just see the close.
@@ -186,25 +213,75 @@ class ControlServer:
                 self._conns.discard(conn)
             raise
 
+    def _evict(self, conn: "Conn") -> None:
+        """Close ``conn`` (not inside a request) to give its slot to a new
+        one; its own thread then ends and releases it.  Lock held."""
+        conn.evicted = True
+        if self._ssl is None:
+            _send_now(conn.sock, f"too many control connections ({self.max_connections}):"
+                                 f" closed this idle one for a newer one", Kind.BUSY)
+        try:
+            # The plain socket's shutdown, also under TLS: it wakes the
+            # thread's read or handshake and leaves the TLS object to it.
+            socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass        # mid-wrap (no descriptor yet): the thread sees .evicted
+        self._evictions.add(len(self._slots))
+
     def _serve(self, conn: "Conn") -> None:
         why = "closed by the peer"
         try:
             if self._ssl is not None:
-                # In this thread, with a deadline: a peer that never finishes
-                # the handshake holds only its own thread.  A peer without a
-                # certificate from our CA fails here, before any op is read.
-                peer = conn.peer()      # before wrap_socket takes the socket over
-                conn.sock.settimeout(self.handshake_timeout)
-                try:
-                    conn.sock = self._ssl.wrap_socket(conn.sock, server_side=True)
-                except (OSError, ssl.SSLError) as exc:
-                    log.warning("control: refused %s: TLS handshake failed: %s", peer, exc)
-                    why = "TLS handshake failed"
+                why = self._handshake(conn)
+                if why:
                     return
+            with self._conns_lock:
+                self._slots.authenticated(conn)
             conn.sock.settimeout(self.idle_timeout)
             why = self._serve_lines(conn)
         finally:
+            if conn.evicted:
+                why = "closed to admit a newer connection"
             self._release(conn, why)
+
+    def _handshake(self, conn: "Conn") -> str | None:
+        """The TLS handshake, in this thread, with a deadline: a peer that
+        never finishes it holds only its own thread, and loses even that to
+        a new connection when the slots are full.  A peer without a
+        certificate from our CA fails here, before any op is read.  Returns
+        why the connection ends, or None to serve it."""
+        peer = conn.peer()      # before wrap_socket takes the socket over
+        deadline = time.monotonic() + self.handshake_timeout
+        try:
+            # Its first bytes move it behind the peers that say nothing.
+            if not _readable(conn.sock, self.handshake_timeout):
+                raise TimeoutError
+            if conn.evicted:
+                return "evicted"
+            if conn.sock.recv(1, socket.MSG_PEEK) == b"":
+                # Gone without a word of TLS: a scan, or a holder of slots
+                # letting go.  Nothing was refused.
+                self._left.add()
+                return "closed before a TLS handshake"
+            with self._conns_lock:
+                self._slots.heard(conn)
+            conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            conn.sock = self._ssl.wrap_socket(conn.sock, server_side=True,
+                                              do_handshake_on_connect=False)
+            if conn.evicted:
+                return "evicted"
+            conn.sock.do_handshake()
+        except TimeoutError:
+            # No certificate was even offered: a port scan, a stuck client,
+            # or someone holding connections open.  Not a TLS failure.
+            self._stalls.add(self.handshake_timeout)
+            return f"no TLS handshake within {self.handshake_timeout:g} s"
+        except (OSError, ssl.SSLError) as exc:
+            if conn.evicted:
+                return "evicted"
+            log.warning("control: refused %s: TLS handshake failed: %s", peer, exc)
+            return "TLS handshake failed"
+        return None
 
     def _serve_lines(self, conn: "Conn") -> str:
         """Answer requests in order until the connection ends; return why it did."""
@@ -218,19 +295,32 @@ class ControlServer:
                 return f"read failed: {exc}"
             if not data:
                 return "closed by the peer"
+            with self._conns_lock:
+                if conn.evicted:
+                    return "evicted"
+                self._slots.busy(conn)      # not evicted while inside a request
             try:
-                replies = [self.handler.handle(line, owner=conn) for line in framer.feed(data)]
-                last = None
-            except ProtocolError as exc:     # a line over the limit: out of step
-                replies, last = [protocol.error(str(exc), exc.kind)], "message too long"
-            for reply in replies:
-                try:
-                    conn.sock.sendall(protocol.encode(reply))
-                except OSError as exc:
-                    # The peer is gone: _release ends a cut it froze.
-                    return f"reply failed: {exc}"
-            if last:
-                return last
+                why = self._answer(conn, framer, data)
+            finally:
+                with self._conns_lock:
+                    self._slots.done(conn)
+            if why:
+                return why
+
+    def _answer(self, conn: "Conn", framer: protocol.Framer, data: bytes) -> str | None:
+        """Answer the lines ``data`` completes; why the connection ends, or None."""
+        try:
+            replies = [self.handler.handle(line, owner=conn) for line in framer.feed(data)]
+            last = None
+        except ProtocolError as exc:     # a line over the limit: out of step
+            replies, last = [protocol.error(str(exc), exc.kind)], "message too long"
+        for reply in replies:
+            try:
+                conn.sock.sendall(protocol.encode(reply))
+            except OSError as exc:
+                # The peer is gone: _release ends a cut it froze.
+                return f"reply failed: {exc}"
+        return last
 
 
     def _release(self, conn: "Conn", why: str) -> None:
@@ -241,7 +331,8 @@ class ControlServer:
         finally:
             with self._conns_lock:
                 self._conns.discard(conn)
-                if self._refused and len(self._conns) < self.max_connections:
+                self._slots.release(conn)
+                if self._refused and len(self._slots) < self.max_connections:
                     log.info("control: accepting connections again (%d refused)",
                              self._refused)
                     self._refused = 0
@@ -275,6 +366,7 @@ class Conn:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        self.evicted = False        # closed by the server to admit a newer one
         # Names the connection to the native gate core (native/gate.py) as
         # the owner of a freeze; never reused.
         self.token = next(Conn._tokens)
@@ -310,12 +402,43 @@ def _peer_allowed(sock: socket.socket) -> bool:
 
 def _refuse(sock: socket.socket, message: str, kind: Kind) -> None:
     """Send one error line without waiting for the peer, and close."""
+    _send_now(sock, message, kind)
+    sock.close()
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """True once ``sock`` has bytes (or an end) to read, False after ``timeout`` s."""
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return bool(p.poll(int(timeout * 1000) + 1))
+
+
+def _send_now(sock: socket.socket, message: str, kind: Kind) -> None:
+    """One error line if the socket takes it at once (never blocks)."""
     try:
-        sock.setblocking(False)
-        sock.send(protocol.encode(protocol.error(message, kind)))
+        sock.send(protocol.encode(protocol.error(message, kind)), socket.MSG_DONTWAIT)
     except OSError:
         pass
-    sock.close()
+
+
+class _Tally:
+    """A count of like events, logged on the first and then at most every
+    ``QUIET_LOG_S`` seconds (``fmt`` takes the count and ``add``'s args)."""
+
+    def __init__(self, fmt: str):
+        self.fmt = fmt
+        self.count = 0
+        self.logged_at: float | None = None
+        self._lock = threading.Lock()
+
+    def add(self, *args) -> None:
+        with self._lock:
+            self.count += 1
+            now = time.monotonic()
+            if self.logged_at is not None and now - self.logged_at < QUIET_LOG_S:
+                return
+            count, self.count, self.logged_at = self.count, 0, now
+        log.warning(self.fmt, count, *args)
 
 
 def _check_tls(ctx: ssl.SSLContext | None, addr) -> None:
@@ -357,26 +480,6 @@ def _claim_unix_path(path: str) -> None:
     send the coordinator's copies to the wrong process.
     """
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ControlServerError(f"control socket {path} exists and is not a socket:"
-                                 f" remove it or choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(5)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)         # nobody listens: a crashed slave's leftover
-        return
-    except OSError as exc:
-        raise ControlServerError(f"control socket {path} cannot be probed"
-                                 f" ({exc.strerror or exc}): choose another path") from None
-    else:
-        pid = wire_address.peer_credentials(probe)[0]
-        who = f"pid {pid}" if pid > 0 else "pid unknown"
-        raise ControlServerError(f"control socket {path} is served by another process"
-                                 f" ({who}): stop it or choose another path")
-    finally:
-        probe.close()
+        unixsock.claim(path, "control socket")
+    except unixsock.SocketInUse as exc:
+        raise ControlServerError(str(exc)) from None

@@ -421,7 +421,8 @@ def test_a_stale_freeze_on_the_gate_socket_never_closes_a_gate(slaves):
 
 def test_the_gate_socket_admits_its_owner_only_and_bounds_connections(slaves, run_dir):
     """0600 whatever the umask; a peer of another uid gets one "denied" line;
-    past 16 connections one more gets "busy"; the owner still gets in."""
+    past 16 connections the longest idle one gets "busy" and is closed, and
+    the newcomer is served (issue 16: idle connections never lock it out)."""
     old = os.umask(0)
     try:
         proc = slaves(volumes=[("a", MB)])
@@ -455,7 +456,9 @@ def test_the_gate_socket_admits_its_owner_only_and_bounds_connections(slaves, ru
     for c in conns:                           # each is being served
         assert ask(c, {"op": "abort", "n": 1})["kind"] == "order"
     extra = raw(path)
-    assert json.loads(read_line(extra))["kind"] == "busy"
+    assert ask(extra, {"op": "abort", "n": 1})["kind"] == "order"
+    assert json.loads(read_line(conns[0]))["kind"] == "busy"
+    assert read_line(conns[0]) == b""
     extra.close()
     conns.pop().close()
     wait_until(lambda: _answers(path), what="a free slot")
