@@ -53,7 +53,7 @@ def register(sub) -> None:
     a.set_defaults(func=lambda ctx, args: _run(
         ctx, lambda rs: rs.failback(args.full, args.keep_overwritten),
         lambda r: "failback: " + "; ".join(
-            [_resynced(r["resync"])] * (r["resync"] is not None)
+            ([_resynced(r["resync"])] if r["resync"] is not None else [])
             + [_switched(r["switchover"])])))
 
     a = sub.add_parser("resync", help="send exactly the changed blocks of both sites"
