@@ -46,9 +46,33 @@ its ``tgt``), so all stand at one hardened group h, recorded in
 the command run again after a crash resumes.  No call goes to the old
 primary's site.
 
-DR test: ``failover --test`` pauses a running mirror (its control socket)
-so that the primary keeps recording in ``cr`` and nothing is drained, then
-promotes the secondaries as above.  ``--end-test`` demotes them again (their
+A running mirror (its control socket answers) is parked first, by
+``failover`` and ``failover --test`` alike: paused, and waited for (at
+most MIRROR_IDLE_TIMEOUT_S) until its group in flight hardened or was
+abandoned and it waits paused.  Settling while its drain still wrote into
+the site being promoted left that site half promoted with "holds group N
+in flight" (issue 16 item 6).  A mirror whose group does not end in time
+makes the command refuse before it changed anything.  ``failback``,
+``resync`` and ``switchover`` form groups themselves and so refuse (BUSY)
+beside a running mirror, before any change; coordinator/lock.py has the
+rule for every command.  Waiting for the mirror rather than refusing is
+for ``failover`` only: its site may be lost, and the operator must not
+have to find the mirror's host first.
+
+Reruns.  Every record in ``direction.json`` says which command wrote it
+(``by``; a failback also ``back_to``), so a rerun tells "half done" from
+"done": half done, it goes on from the recorded step (a failback killed in
+its switchover finishes the swap); done, it says "... nothing to do" and
+changes nothing (``switchover`` run twice does not swap back; ``--to``
+names the site wanted).  Test-only crash points (wire/failpoints.py):
+``role:failover-recorded``, ``role:failover-first-promoted``,
+``role:end-test-first-demoted``, ``role:failback-resynced``,
+``role:switching``, ``role:switching-first-demoted``,
+``role:switching-promoted``.
+
+DR test: ``failover --test`` parks a running mirror (above) so that the
+primary keeps recording in ``cr`` and nothing is drained, then promotes
+the secondaries as above.  ``--end-test`` demotes them again (their
 test writes fold into ``tgt``), returns ``tgt`` to the primaries, and
 resumes the mirror: its next group overwrites every test block with the
 primary's data, so the secondary equals the primary's hardened group.
@@ -94,10 +118,7 @@ from ..mirror import Links, Mirror, call as mirror_call, recovery
 from ..session import NodeConfig, Session
 from . import resync
 
-# Test-only crash points (wire/failpoints.py): role:failover-recorded,
-# role:failover-first-promoted, role:end-test-first-demoted,
-# role:failback-resynced, role:switching, role:switching-first-demoted,
-# role:switching-promoted.
+# Test-only crash points (wire/failpoints.py): role:*, listed in the module doc.
 _hit = failpoints.hit
 
 MIRROR_IDLE_TIMEOUT_S = 120.0
