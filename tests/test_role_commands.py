@@ -19,12 +19,17 @@ tests/workload.py (rig: tests/rolerig.py).
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import time
 
 import pytest
 
-from conftest import need
-from rolerig import NAME, Shell
+import workload as wl
+from conftest import need, wait_until
+from coordinator import launch
+from rolerig import CLI, LAYOUT, NAME, Shell
 
 
 @pytest.fixture
@@ -84,9 +89,6 @@ def test_failback_killed_once_it_recorded_switching_finishes_when_run_again(sh):
     """The issue's case without failpoints: the CLI child is killed -9 as
     soon as direction.json says "switching" (its switchover step); run
     again, failback finishes the swap (it said "nothing to fail back")."""
-    import subprocess
-    import time
-    from rolerig import CLI
     mirrored(sh)
     sh.stop_mirror()
     sh.ok("failover")
@@ -172,8 +174,6 @@ def test_failover_beside_a_running_mirror_and_a_writer_never_wedges(sh):
     the promoted image passes the dependent-write checker.  Then the
     mirror is stopped (as the refusal of `failback` says), failback, and
     the mirror started again."""
-    import workload as wl
-    from rolerig import LAYOUT
     mirrored(sh)
     for rnd in range(ROUNDS):
         work = wl.Workload.resume(sh.uris("s1"), LAYOUT).start()
@@ -224,10 +224,7 @@ def test_every_command_beside_a_running_mirror_works_or_is_refused_as_documented
     sh.ok("secondary", "stop")
     sh.ok("secondary", "start")
     pid = sh.node("s1")["pid"]
-    import os
     os.kill(pid, signal.SIGKILL)                    # a crashed slave
-    from conftest import wait_until
-    from coordinator import launch
     wait_until(lambda: not launch.alive(pid), 30, "s1 to die")
     sh.ok("slave", "start")
     h = sh.wait_hardened(h)

@@ -468,11 +468,11 @@ class RoleSwitch:
         any step goes on from it, and a rerun after success says so."""
         d = dirn.load(self.session)
         if d["state"] == "mirroring" and not self._failback_half_done(d):
-            return self._done(f"site {d['source']} is already the source and mirrors to"
-                              f" site {dirn.other(d['source'])}: nothing to do",
-                              resync=None, switchover=None)
+            return self._failed_back(d)
         with self._command("failback"):
             d = dirn.load(self.session)
+            if d["state"] == "mirroring" and not self._failback_half_done(d):
+                return self._failed_back(d)     # another one finished it meanwhile
             if d["state"] == "dr-test":
                 raise DirectionError(f"cannot fail back: {dirn.why(d)}")
             if d["state"] == "switching" and d.get("by") not in (None, "failback"):
@@ -483,9 +483,12 @@ class RoleSwitch:
                 res = self._resync(d, dirn.other(back), back, full, keep,
                                    by="failback", back_to=back)
                 _hit("role:failback-resynced")
-            elif d["state"] == "mirroring" and not self._failback_half_done(d):
-                raise DirectionError("nothing to fail back")       # raced: not reached
             return {"resync": res, "switchover": self._switchover(by="failback")}
+
+    def _failed_back(self, d: dict) -> dict:
+        return self._done(f"site {d['source']} is already the source and mirrors to"
+                          f" site {dirn.other(d['source'])}: nothing to do",
+                          resync=None, switchover=None)
 
     @staticmethod
     def _failback_half_done(d: dict) -> bool:
