@@ -28,6 +28,11 @@ States (``state``):
                  group; running it again finishes the swap.
 
 ``hardened`` is the group both sites last held in common (the split's).
+``by`` is the role command that wrote the record (``failover``,
+``failover --test``, ``failover --end-test``, ``resync``, ``failback``,
+``switchover``), and a failback adds ``back_to`` (the site it returns to):
+with them a rerun tells a step half done from a command that finished
+(coordinator/roles/failover.py, "Reruns").
 Every change is written with ``files.write_atomic`` (temp, fsync, rename,
 fsync dir), before the steps it announces, so a coordinator killed between
 steps finds what it was doing and the command run again resumes it.

@@ -1,33 +1,123 @@
 """One coordinator per session: an flock on ``<state_dir>/coordinator.lock``.
 
-The lock is held for the whole of a command that drives slaves (``copy``,
-``slave start``, ``slave stop``); read-only commands (``status``,
-``history``) do not take it, so a copy can be watched.  flock is released by
-the kernel when the holder dies, so a crashed coordinator never leaves the
-session locked; the pid written into the file only names the holder.
+The lock is held for the whole of a command that forms groups (``copy``,
+``mirror run``, and the role commands that run while no mirror does);
+read-only commands (``status``, ``history``) do not take it, so a copy can
+be watched.  flock is released by the kernel when the holder dies, so a
+crashed coordinator never leaves the session locked; the pid written into
+the file only names the holder.
+
+Two smaller locks sit beside it, files of the same kind in the same
+directory: ``role.lock``, held by every role command (failover, failback,
+resync, switchover) so that two never interleave, also beside a running
+mirror; and ``node-NAME.lock``, held while cgmirror starts, stops or
+restarts node NAME (``slave|secondary start|stop``, a role switch), so
+that two starts of one node never race.  Neither is the session lock: a
+node may be started, stopped or restarted while a mirror runs.
+
+What may run beside a running ``cgmirror mirror run`` (the one rule; the
+README's "Failover" section has the same table):
+
+=============================  ==============================================
+``slave|secondary start|stop``  always (node lock; the mirror reconnects to
+                                a node that comes back)
+``status``, ``history``,        always (read only, or a request to the
+``check``, ``mirror status|``   running mirror)
+``pause|resume|rate``,
+``events``, ``verify``
+``failover``                    pauses the mirror and waits (bounded) until
+                                its group in flight hardened or was
+                                abandoned, then settles and promotes; the
+                                mirror stays paused (it forms no group while
+                                the sites are split); if the group does not
+                                end in time: refused before any change
+``failover --test|--end-test``  parks the mirror / resumes it
+``failback``, ``resync``,       refused before any change, exit 5 (BUSY):
+``switchover``                  they form groups themselves, and one
+                                coordinator forms groups per session; the
+                                line names the mirror's pid and
+                                ``systemctl stop cgmirror-mirror@SESSION``;
+                                a rerun with nothing left to do still
+                                answers "nothing to do" (exit 0)
+``copy``                        refused, exit 5: a one-shot copy is a job of
+                                its own; the mirror already copies
+``mirror run``                  refused, exit 5: one mirror per session
+=============================  ==============================================
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import time
 
 from wire import files
 
 from .errors import BusyError, LocalError
 
 LOCK_NAME = "coordinator.lock"
+ROLE_LOCK = "role.lock"
+NODE_WAIT_S = 120.0             # a start or stop of the same node by someone else
+
+
+def node_lock_name(node: str) -> str:
+    return f"node-{node}.lock"
+
+
+@contextlib.contextmanager
+def node_held(session: str, state_dir: str, node: str):
+    """Hold ``node-NODE.lock`` (waiting up to NODE_WAIT_S for another start
+    or stop of that node) while this process starts, stops or restarts it."""
+    lk = SessionLock(session, state_dir, node_lock_name(node)).acquire(NODE_WAIT_S)
+    try:
+        yield lk
+    finally:
+        lk.release()
+
+
+def mirror_runs(session: str, pid, command: str) -> BusyError:
+    """The refusal of ``command`` beside a running mirror (the table in the
+    module doc): one line naming what to run."""
+    return BusyError(f"`cgmirror mirror run` (pid {pid}) mirrors session {session}:"
+                     f" stop it (`systemctl stop cgmirror-mirror@{session}`, or"
+                     f" `kill {pid}` if you started it by hand), run `cgmirror"
+                     f" {command}` again, then start the mirror again", pid)
 
 
 class SessionLock:
     """``with SessionLock(name, state_dir):`` or ``acquire()``/``release()``."""
 
-    def __init__(self, session: str, state_dir: str):
+    def __init__(self, session: str, state_dir: str, name: str = LOCK_NAME):
         self.session = session
-        self.path = os.path.join(state_dir, LOCK_NAME)
+        self.path = os.path.join(state_dir, name)
         self._fd: int | None = None
+        self._borrowed = False
 
-    def acquire(self) -> "SessionLock":
+    def acquire(self, wait: float = 0.0) -> "SessionLock":
+        """Take the lock; BusyError at once (``wait``: after that many
+        seconds) if another holds it.  In a process that ``lend``s it (a
+        role command forming its groups through a Mirror), it is taken as
+        the lender's."""
+        lender = _lent.get(self.path)
+        if lender is not None and lender._fd is not None:
+            self._borrowed = True
+            return self
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self._acquire()
+            except BusyError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def lend(self) -> "_Lending":
+        """``with lock.lend():`` this process's other SessionLocks of the same
+        file take this one instead of failing BUSY."""
+        return _Lending(self)
+
+    def _acquire(self) -> "SessionLock":
         try:
             files.make_dirs(os.path.dirname(self.path), files.READABLE_DIR)
             fd = files.open_private(self.path, mode=files.READABLE_FILE)
@@ -70,6 +160,9 @@ class SessionLock:
         return pid
 
     def release(self) -> None:
+        if self._borrowed:
+            self._borrowed = False
+            return
         if self._fd is not None:
             # Keep the file (others may have it open); just drop our pid and lock.
             try:
@@ -83,3 +176,18 @@ class SessionLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+_lent: dict[str, SessionLock] = {}
+
+
+class _Lending:
+    def __init__(self, lock: SessionLock):
+        self.lock = lock
+
+    def __enter__(self) -> SessionLock:
+        _lent[self.lock.path] = self.lock
+        return self.lock
+
+    def __exit__(self, *exc) -> None:
+        _lent.pop(self.lock.path, None)

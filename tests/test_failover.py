@@ -515,8 +515,8 @@ def test_resync_the_other_way_keeps_the_losers_writes(rig, tmp_path):
         kept = f.read()
     for b in union["a"]:
         assert kept[b * G:(b + 1) * G] == r1_before[0][b * G:(b + 1) * G]
-    assert direction.load(rig.session) | {"a_controls": None} == {
-        "source": "a", "state": "mirroring", "a_controls": None}
+    d = direction.load(rig.session)
+    assert (d["source"], d["state"], d["by"]) == ("a", "mirroring", "resync"), d
 
 
 def test_resync_full_copies_every_block(rig):

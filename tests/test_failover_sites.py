@@ -426,7 +426,7 @@ def test_failover_over_tcp_with_the_primary_site_cut_off(sites, run_dir):
         with open(os.path.join(run_dir, "state", "direction.json")) as f:
             assert json.load(f) | {"a_controls": None} == {
                 "source": "b", "from": "a", "state": "failed-over", "hardened": h,
-                "a_controls": None}
+                "by": "failover", "a_controls": None}
     finally:
         drv.close()
 

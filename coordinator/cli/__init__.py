@@ -12,7 +12,7 @@
     cgmirror [-s SESSION.toml] failback [--full] [--keep-overwritten DIR] [--json]
     cgmirror [-s SESSION.toml] resync --from SITE --to SITE [--full]
                                       [--keep-overwritten DIR] [--json]
-    cgmirror [-s SESSION.toml] switchover [--json]
+    cgmirror [-s SESSION.toml] switchover [--to SITE] [--json]
     cgmirror [-s SESSION.toml] slave|secondary run NAME   (foreground, for systemd)
     cgmirror [-s SESSION.toml] events               (JSON lines from the running mirror)
     cgmirror [-s SESSION.toml] verify [--repair] [--json]   (online, via the mirror)

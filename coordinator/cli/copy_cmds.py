@@ -7,6 +7,10 @@ establishes the point in time on all slaves (``group.establish``), records
 that every target is about to be overwritten (``History.start_volumes``, so
 that a copy that dies half-way is never taken for a consistent group), copies
 it (``group.copy``) and records the outcome in the history, whatever it is.
+
+A copy is a one-shot job of its own: beside a running ``cgmirror mirror
+run`` of the session it is refused (exit 5) with a line naming the mirror's
+pid and how to stop it (coordinator/lock.py has the rule for every command).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from ..errors import CgmirrorError, ExitCode
 from ..history import History
 from ..link import SlaveLink
 from ..lock import SessionLock
+from ..mirror import MirrorNotRunning, call as mirror_call
 
 
 def register(sub) -> None:
@@ -39,8 +44,27 @@ def links(session, timeout: float | None = None) -> list[SlaveLink]:
     return [SlaveLink.from_spec(s.spec(), **kw) for s in session.slaves]
 
 
+def refuse_beside_mirror(session) -> None:
+    """BUSY (one line) if a mirror of ``session`` runs (module doc)."""
+    if session.mirror is None:
+        return
+    try:
+        doc = mirror_call(session.mirror.control, "status")
+    except MirrorNotRunning:
+        return
+    except errors.MirrorError:
+        doc = {}
+    pid = doc.get("pid", "?")
+    raise errors.BusyError(
+        f"`cgmirror mirror run` (pid {pid}) mirrors session {session.name}, and a copy"
+        f" is a job of its own: `cgmirror mirror status` shows what the mirror"
+        f" copied; to copy anyway stop it (`systemctl stop"
+        f" cgmirror-mirror@{session.name}`, or `kill {pid}`) first", pid)
+
+
 def copy(ctx, mode: str) -> ExitCode:
     s = ctx.session
+    refuse_beside_mirror(s)
     with SessionLock(s.name, s.state_dir), History(s.state_dir) as hist:
         hist.mark_interrupted()
         lks = links(s)

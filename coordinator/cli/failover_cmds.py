@@ -1,12 +1,24 @@
 """``cgmirror failover [--test | --end-test]``, ``cgmirror failback``,
-``cgmirror resync --from SITE --to SITE``, ``cgmirror switchover``.
+``cgmirror resync --from SITE --to SITE``, ``cgmirror switchover [--to SITE]``.
 
 The handlers call ``coordinator.roles.failover.RoleSwitch`` (the design is at the
 top of that module; sites and the recorded direction in
 coordinator/direction.py).  Each prints one line per step on stderr and a
 result line (or, with ``--json``, one JSON document: the API's result).
 Every command can be run again after a crash or a failure: it resumes from
-the state recorded in the session's state directory.
+the state recorded in the session's state directory (``direction.json``,
+with ``by``: the command that wrote it).  Run again after it succeeded, it
+says "... nothing to do" and exits 0 (``switchover`` too: ``--to SITE``
+swaps back).
+
+Beside a running ``cgmirror mirror run`` (the whole rule, for every
+command, is the table in coordinator/lock.py and the README's "Failover"
+section): ``failover`` pauses the mirror, waits until its group in flight
+is over, then settles and promotes (the mirror stays paused);
+``failover --test`` parks it and ``--end-test`` resumes it; ``failback``,
+``resync`` and ``switchover`` form groups themselves and are refused
+(exit 5) before any change, with the line naming the mirror's pid and
+``systemctl stop cgmirror-mirror@SESSION``.
 """
 
 from __future__ import annotations
@@ -40,7 +52,9 @@ def register(sub) -> None:
     _resync_options(a)
     a.set_defaults(func=lambda ctx, args: _run(
         ctx, lambda rs: rs.failback(args.full, args.keep_overwritten),
-        lambda r: f"failback: {_resynced(r['resync'])}; {_switched(r['switchover'])}"))
+        lambda r: "failback: " + "; ".join(
+            ([_resynced(r["resync"])] if r["resync"] is not None else [])
+            + [_switched(r["switchover"])])))
 
     a = sub.add_parser("resync", help="send exactly the changed blocks of both sites"
                                       " (source cr|oos, target tgt) and harden them")
@@ -55,8 +69,13 @@ def register(sub) -> None:
                                   args.keep_overwritten), _resynced))
 
     a = sub.add_parser("switchover", help="planned role swap with no data loss")
+    a.add_argument("--to", choices=SITES,
+                   help="the site to become the source (nothing to do if it is);"
+                        " without it the sites swap, unless the last switchover"
+                        " finished just now (a rerun)")
     _json(a)
-    a.set_defaults(func=lambda ctx, args: _run(ctx, lambda rs: rs.switchover(), _switched))
+    a.set_defaults(func=lambda ctx, args: _run(ctx, lambda rs: rs.switchover(args.to),
+                                               _switched))
 
 
 def _json(parser) -> None:
@@ -78,6 +97,8 @@ def _run(ctx, action, sentence) -> ExitCode:
     result = action(RoleSwitch(ctx.session, launcher))
     if ctx.json:
         output.emit_json({"ok": True, **result}, ctx.out)
+    elif result.get("nothing_to_do"):
+        ctx.say(result["nothing_to_do"])        # a rerun after success
     else:
         ctx.say(sentence(result))
     return ExitCode.OK

@@ -7,6 +7,13 @@ command) through ``coordinator.launch``, which removes stale sockets, writes
 the pidfile and waits until the control socket answers, each in the role the
 recorded direction gives it (``direction.spec``: failover and switchover swap
 roles).  ``LaunchError`` and psutil errors become ``SlaveError`` here.
+
+Starting and stopping a node is always allowed, also while ``cgmirror mirror
+run`` holds the session (coordinator/lock.py has the rule for every
+command): the node's own locks protect its state directory and volumes,
+the mirror reconnects to a node that comes back, and cgmirror's per-node
+lock (``node-NAME.lock``) keeps two starts or stops of one node, or one and
+a role switch restarting it, from racing.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import psutil
 from coordinator import direction, launch
 
 from ..errors import ExitCode, SlaveError, UsageError
-from ..lock import SessionLock
+from ..lock import node_held
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,8 @@ def register(sub) -> None:
 
 def start(ctx, noun: Noun, names: list[str]) -> ExitCode:
     s = ctx.session
-    with SessionLock(s.name, s.state_dir):
-        for cfg in noun.select(s, names):
+    for cfg in noun.select(s, names):
+        with node_held(s.name, s.state_dir, cfg.name):
             spec = direction.spec(s, cfg)      # the role failover/switchover left
             pid = launch.running_pid(spec)
             if pid:
@@ -95,8 +102,8 @@ def run(ctx, noun: Noun, name: str) -> ExitCode:
 
 def stop(ctx, noun: Noun, names: list[str]) -> ExitCode:
     s = ctx.session
-    with SessionLock(s.name, s.state_dir):
-        for cfg in noun.select(s, names):
+    for cfg in noun.select(s, names):
+        with node_held(s.name, s.state_dir, cfg.name):
             spec = cfg.spec()
             pid = launch.running_pid(spec)
             try:

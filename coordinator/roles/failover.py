@@ -46,9 +46,33 @@ its ``tgt``), so all stand at one hardened group h, recorded in
 the command run again after a crash resumes.  No call goes to the old
 primary's site.
 
-DR test: ``failover --test`` pauses a running mirror (its control socket)
-so that the primary keeps recording in ``cr`` and nothing is drained, then
-promotes the secondaries as above.  ``--end-test`` demotes them again (their
+A running mirror (its control socket answers) is parked first, by
+``failover`` and ``failover --test`` alike: paused, and waited for (at
+most MIRROR_IDLE_TIMEOUT_S) until its group in flight hardened or was
+abandoned and it waits paused.  Settling while its drain still wrote into
+the site being promoted left that site half promoted with "holds group N
+in flight" (issue 16 item 6).  A mirror whose group does not end in time
+makes the command refuse before it changed anything.  ``failback``,
+``resync`` and ``switchover`` form groups themselves and so refuse (BUSY)
+beside a running mirror, before any change; coordinator/lock.py has the
+rule for every command.  Waiting for the mirror rather than refusing is
+for ``failover`` only: its site may be lost, and the operator must not
+have to find the mirror's host first.
+
+Reruns.  Every record in ``direction.json`` says which command wrote it
+(``by``; a failback also ``back_to``), so a rerun tells "half done" from
+"done": half done, it goes on from the recorded step (a failback killed in
+its switchover finishes the swap); done, it says "... nothing to do" and
+changes nothing (``switchover`` run twice does not swap back; ``--to``
+names the site wanted).  Test-only crash points (wire/failpoints.py):
+``role:failover-recorded``, ``role:failover-first-promoted``,
+``role:end-test-first-demoted``, ``role:failback-resynced``,
+``role:switching``, ``role:switching-first-demoted``,
+``role:switching-promoted``.
+
+DR test: ``failover --test`` parks a running mirror (above) so that the
+primary keeps recording in ``cr`` and nothing is drained, then promotes
+the secondaries as above.  ``--end-test`` demotes them again (their
 test writes fold into ``tgt``), returns ``tgt`` to the primaries, and
 resumes the mirror: its next group overwrites every test block with the
 primary's data, so the secondary equals the primary's hardened group.
@@ -76,19 +100,26 @@ Rejected alternatives:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
 from typing import Callable
+
+from wire import failpoints
 
 from .. import direction as dirn
 from .. import launch
 from ..errors import (CgmirrorError, DirectionError, FailoverError, MirrorError,
                       MirrorNotRunning)
 from ..link import SlaveLink
+from ..lock import ROLE_LOCK, SessionLock, mirror_runs, node_held
 from ..mirror import Links, Mirror, call as mirror_call, recovery
 from ..session import NodeConfig, Session
 from . import resync
+
+# Test-only crash points (wire/failpoints.py): role:*, listed in the module doc.
+_hit = failpoints.hit
 
 MIRROR_IDLE_TIMEOUT_S = 120.0
 GROUP_TRIES = 5
@@ -160,11 +191,14 @@ class RoleSwitch:
             undo = {v: s["undo_blocks"] for v, s in st["volumes"].items() if s["undo_blocks"]}
             if st["prepared"] is not None or undo:
                 raise FailoverError(f"{node.name} holds group {st['prepared']} in flight"
-                                    f" ({undo}): settle it before promoting")
+                                    f" ({undo}), drained after the failover settled"
+                                    f" it: run `cgmirror failover` again (it settles"
+                                    f" what is not promoted yet)")
         try:
-            if st is not None:
-                self.launcher.stop(node.spec(st.get("role", "primary")))
-            self.launcher.start(node.spec(role))
+            with node_held(self.session.name, self.session.state_dir, node.name):
+                if st is not None:
+                    self.launcher.stop(node.spec(st.get("role", "primary")))
+                self.launcher.start(node.spec(role))
         except (launch.LaunchError, OSError) as exc:
             raise FailoverError(f"cannot restart {node.name} as a {role}: {exc}; fix"
                                 f" that and run the command again (it resumes)") from exc
@@ -219,20 +253,32 @@ class RoleSwitch:
         except MirrorError as exc:
             self.log(f"warning: the running mirror did not take the {action} event: {exc}")
 
-    def park_mirror(self) -> bool:
-        """Pause a running mirror and wait until its group is over; False if
-        none runs."""
+    def park_mirror(self, command: str) -> bool:
+        """Pause a running mirror and wait until its group is over (hardened
+        or abandoned) and it waits paused; False if none runs.  If that
+        takes longer than MIRROR_IDLE_TIMEOUT_S, raise before the command
+        changed anything (the mirror stays paused)."""
         doc = self._running_mirror("pause")
         if doc is None:
             return False
         deadline = time.monotonic() + MIRROR_IDLE_TIMEOUT_S
-        while doc["phase"] != "idle":
+        # "running" is the loop between two groups (the interval, a preflight
+        # with the phase still idle); it says "paused" only once it waits.
+        while not (doc["paused"] and doc["phase"] == "idle"
+                   and doc.get("state") != "running"):
             if time.monotonic() > deadline:
-                raise FailoverError(f"the mirror did not finish its group within"
-                                    f" {MIRROR_IDLE_TIMEOUT_S:g} s")
+                raise FailoverError(
+                    f"the running mirror (pid {doc.get('pid', '?')}) did not end its"
+                    f" group in flight within {MIRROR_IDLE_TIMEOUT_S:g} s (phase"
+                    f" {doc['phase']}); nothing was changed and it stays paused: stop it"
+                    f" (`systemctl stop cgmirror-mirror@{self.session.name}`) and run"
+                    f" `cgmirror {command}` again")
             time.sleep(0.05)
             doc = self._running_mirror("status")
-        self.log("mirror parked: the primaries keep recording, nothing is drained")
+            if doc is None:
+                return False                # it stopped: nothing in flight
+        self.log(f"mirror parked after group {doc.get('hardened')}: the primaries keep"
+                 f" recording, nothing is drained")
         return True
 
     def mirror(self, source: str) -> Mirror:
@@ -240,33 +286,92 @@ class RoleSwitch:
         return Mirror(dirn.oriented(self.session, source), log=self.log,
                       serve_control=False).open()
 
+    # ------------------------------------------------------------ locks
+
+    @contextlib.contextmanager
+    def _command(self, command: str, beside_mirror: bool = False):
+        """The locks of one role command (coordinator/lock.py has the rule):
+        ``role.lock`` always; then, if a mirror runs, nothing more for a
+        command that may run beside it (``beside_mirror``: it yields the
+        mirror's status) and BUSY for any other, before any change; if none
+        runs, the session lock, lent to the Mirror the command forms its
+        groups with."""
+        s = self.session
+        role = SessionLock(s.name, s.state_dir, ROLE_LOCK).acquire()
+        try:
+            running = self._running_mirror("status")
+            if running is not None:
+                if not beside_mirror:
+                    raise mirror_runs(s.name, running.get("pid", "?"), command)
+                yield running
+                return
+            with SessionLock(s.name, s.state_dir) as lk, lk.lend():
+                yield None
+        finally:
+            role.release()
+
+    def _done(self, line: str, **result) -> dict:
+        """A rerun after success: say so (the CLI prints ``line``); exit 0."""
+        return {"nothing_to_do": line, **result}
+
+    def _all_role(self, site: str, role: str) -> bool:
+        """Every node of ``site`` answers in ``role``."""
+        for node in self.nodes(site):
+            st = self.status(node)
+            if st is None or st.get("role", "primary") != role:
+                return False
+        return True
+
     # ------------------------------------------------------------ commands
 
     def failover(self, test: bool = False) -> dict:
-        """Make the secondaries writable primaries (see the module doc)."""
+        """Make the secondaries writable primaries (see the module doc).  A
+        running mirror is paused first and its group in flight allowed to
+        end (``park_mirror``), so that nothing is drained into the site
+        being promoted after it settled."""
+        with self._command("failover --test" if test else "failover",
+                           beside_mirror=True) as running:
+            return self._failover(test, running is not None)
+
+    def _failover(self, test: bool, mirror_runs_: bool) -> dict:
         d = dirn.load(self.session)
         src = d["source"]
         if d["state"] == ("dr-test" if test else "failed-over"):
             h, new = d["hardened"], (dirn.other(src) if test else src)  # resume
+            if not test and self._all_role(new, "secondary"):
+                # Nothing promoted yet: settle again (a group that ended
+                # since the record rolls forward or back like any other).
+                h = self.settle(new)
+                dirn.save(self.session, **{**d, "hardened": h})
+            if self._all_role(new, "primary"):
+                return self._done(
+                    (f"a DR test already runs on site {new} (writable at group {h}):"
+                     f" nothing to do; `cgmirror failover --end-test` ends it") if test
+                    else (f"site {new} is already the source (failed over at group {h}):"
+                          f" nothing to do; `cgmirror failback` once site"
+                          f" {dirn.other(new)} is back"),
+                    site=new, hardened=h, test=test)
         elif d["state"] != "mirroring":
             raise DirectionError(f"cannot fail over: {dirn.why(d)}")
         else:
             new = dirn.other(src)
-            if test:
-                self.park_mirror()
-            elif self._running_mirror("pause") is not None:
-                self.log("the running mirror is paused: its primaries are gone")
+            if mirror_runs_:
+                self.park_mirror("failover --test" if test else "failover")
             h = self.settle(new)
             if test:
-                dirn.save(self.session, source=src, state="dr-test", hardened=h)
+                dirn.save(self.session, source=src, state="dr-test", hardened=h,
+                          by="failover --test")
             else:
                 dirn.save(self.session, source=new, state="failed-over", hardened=h,
-                          **{"from": src})
-        for node in self.nodes(new):
+                          by="failover", **{"from": src})
+            _hit("role:failover-recorded")
+        for i, node in enumerate(self.nodes(new)):
             st = self.status(node) if test else None
             if st is not None and st.get("role") == "secondary":
                 self.call(node, "dr_test", n=h)     # keeps group h for --end-test
             self.become(node, "primary")
+            if i == 0:
+                _hit("role:failover-first-promoted")
         self.announce("dr-test" if test else "failover", new, h)
         self.log(f"site {new} is writable at group {h}"
                  + (" (DR test: `cgmirror failover --end-test` throws its writes away)"
@@ -276,22 +381,31 @@ class RoleSwitch:
 
     def end_test(self) -> dict:
         """Throw a DR test's writes away: demote, return tgt, resume."""
-        d = dirn.load(self.session)
-        if d["state"] != "dr-test":
-            raise DirectionError("no DR test is running (`cgmirror failover --test`"
-                                 " starts one)")
-        src, h = d["source"], d["hardened"]
-        for node in self.nodes(dirn.other(src)):
-            st = self.become(node, "secondary")
-            if st["hardened"] < h or st.get("test") is not None:   # never promoted
-                self.call(node, "assume", n=h)
-        with Links.of(dirn.oriented(self.session, src)) as links:
-            recovery.return_tgt(links, recovery.secondary_statuses(links), self.log)
-        dirn.save(self.session, source=src, state="mirroring")
-        self.announce("end-test", dirn.other(src), h)
-        if self._running_mirror("resume") is not None:
-            self.log("mirror resumed: its next group overwrites the test's blocks")
-        return {"site": dirn.other(src), "hardened": h}
+        with self._command("failover --end-test", beside_mirror=True):
+            d = dirn.load(self.session)
+            if d["state"] == "mirroring" and d.get("by") == "failover --end-test":
+                site = dirn.other(d["source"])
+                return self._done(f"the DR test already ended (site {site} is a secondary"
+                                  f" at group {d.get('hardened')}): nothing to do",
+                                  site=site, hardened=d.get("hardened"))
+            if d["state"] != "dr-test":
+                raise DirectionError("no DR test is running (`cgmirror failover --test`"
+                                     " starts one)")
+            src, h = d["source"], d["hardened"]
+            for i, node in enumerate(self.nodes(dirn.other(src))):
+                st = self.become(node, "secondary")
+                if st["hardened"] < h or st.get("test") is not None:   # never promoted
+                    self.call(node, "assume", n=h)
+                if i == 0:
+                    _hit("role:end-test-first-demoted")
+            with Links.of(dirn.oriented(self.session, src)) as links:
+                recovery.return_tgt(links, recovery.secondary_statuses(links), self.log)
+            dirn.save(self.session, source=src, state="mirroring", hardened=h,
+                      by="failover --end-test")
+            self.announce("end-test", dirn.other(src), h)
+            if self._running_mirror("resume") is not None:
+                self.log("mirror resumed: its next group overwrites the test's blocks")
+            return {"site": dirn.other(src), "hardened": h}
 
     def resync(self, source: str, target: str, full: bool = False,
                keep: str | None = None) -> dict:
@@ -300,6 +414,23 @@ class RoleSwitch:
             raise DirectionError(f"--from and --to must name the two sites,"
                                  f" {' and '.join(dirn.SITES)} (got {source}, {target})")
         d = dirn.load(self.session)
+        if self._resynced(source, d):
+            return self._done(f"site {source} is already the source and site {target}"
+                              f" was resynced from it (group {d.get('hardened')}):"
+                              f" nothing to do; the mirror (`cgmirror mirror run`)"
+                              f" sends what changes from here",
+                              n=d.get("hardened"), bytes=0)
+        with self._command(f"resync --from {source} --to {target}"):
+            return self._resync(dirn.load(self.session), source, target, full, keep,
+                                by="resync")
+
+    @staticmethod
+    def _resynced(source: str, d: dict) -> bool:
+        return d["state"] == "mirroring" and d["source"] == source \
+            and d.get("by") == "resync"
+
+    def _resync(self, d: dict, source: str, target: str, full: bool, keep: str | None,
+                **record) -> dict:
         # Split (after a failover): either site may win.  Otherwise only the
         # source, to catch up (the mirror's own cycle does the same).
         split = d["state"] in ("failed-over", "resync")
@@ -308,7 +439,7 @@ class RoleSwitch:
                                  f" is the source (state {d['state']})")
         h = d.get("hardened")
         if split and (d["state"] != "resync" or d["source"] != source):
-            dirn.save(self.session, source=source, state="resync", hardened=h)
+            dirn.save(self.session, source=source, state="resync", hardened=h, **record)
         for node in self.nodes(target):
             st = self.become(node, "secondary")
             if h is not None and st["hardened"] < h:
@@ -324,25 +455,66 @@ class RoleSwitch:
             res = self._harden(m)
         finally:
             m.close()
-        dirn.save(self.session, source=source, state="mirroring")
+        dirn.save(self.session, source=source, state="mirroring", hardened=res["n"],
+                  **record)
         self.log(f"resync from site {source} to site {target} hardened as group"
                  f" {res['n']}: {res['bytes']} bytes")
         return res
 
     def failback(self, full: bool = False, keep: str | None = None) -> dict:
         """After a failover: resync back to the old primary site, then swap
-        roles so that it is the primary again."""
+        roles so that it is the primary again.  Each step is recorded
+        (``by: failback``, ``back_to``), so that a rerun after a crash at
+        any step goes on from it, and a rerun after success says so."""
         d = dirn.load(self.session)
-        if d["state"] not in ("failed-over", "resync"):
-            raise DirectionError(f"nothing to fail back: site {d['source']} is the"
-                                 f" source (state {d['state']})")
-        res = self.resync(d["source"], dirn.other(d["source"]), full, keep)
-        return {"resync": res, "switchover": self.switchover()}
+        if d["state"] == "mirroring" and not self._failback_half_done(d):
+            return self._failed_back(d)
+        with self._command("failback"):
+            d = dirn.load(self.session)
+            if d["state"] == "mirroring" and not self._failback_half_done(d):
+                return self._failed_back(d)     # another one finished it meanwhile
+            if d["state"] == "dr-test":
+                raise DirectionError(f"cannot fail back: {dirn.why(d)}")
+            if d["state"] == "switching" and d.get("by") not in (None, "failback"):
+                raise DirectionError(f"cannot fail back: {dirn.why(d)}")
+            res = None
+            if d["state"] in ("failed-over", "resync"):
+                back = d.get("back_to") or d.get("from") or dirn.other(d["source"])
+                res = self._resync(d, dirn.other(back), back, full, keep,
+                                   by="failback", back_to=back)
+                _hit("role:failback-resynced")
+            return {"resync": res, "switchover": self._switchover(by="failback")}
 
-    def switchover(self) -> dict:
-        """Planned role swap with nothing lost (module doc)."""
+    def _failed_back(self, d: dict) -> dict:
+        return self._done(f"site {d['source']} is already the source and mirrors to"
+                          f" site {dirn.other(d['source'])}: nothing to do",
+                          resync=None, switchover=None)
+
+    @staticmethod
+    def _failback_half_done(d: dict) -> bool:
+        """Recorded by a failback that resynced but has not swapped yet."""
+        return d.get("by") == "failback" and d.get("back_to") not in (None, d["source"])
+
+    def switchover(self, to: str | None = None) -> dict:
+        """Planned role swap with nothing lost (module doc).  ``to``: only if
+        that site is not the source already; none: swap, unless the last
+        thing recorded is a switchover that finished (a rerun)."""
+        d = dirn.load(self.session)
+        if d["state"] == "mirroring" and (d["source"] == to if to else
+                                          d.get("by") == "switchover"):
+            return self._done(
+                f"site {d['source']} is already the source (state mirroring, group"
+                f" {d.get('hardened')}): nothing to do"
+                + ("" if to else f"; `cgmirror switchover --to {dirn.other(d['source'])}`"
+                                 f" swaps back"),
+                source=d["source"], hardened=d.get("hardened"))
+        with self._command("switchover" + (f" --to {to}" if to else "")):
+            return self._switchover(by="switchover")
+
+    def _switchover(self, by: str) -> dict:
         d = dirn.load(self.session)
         src = d["source"]
+        keys = {k: d[k] for k in ("back_to",) if k in d}
         if d["state"] == "mirroring":
             m = self.mirror(src)
             try:
@@ -358,19 +530,23 @@ class RoleSwitch:
                 m.close()
             h = res["n"]
             d = dirn.save(self.session, source=src, state="switching",
-                          to=dirn.other(src), hardened=h)
+                          to=dirn.other(src), hardened=h, by=by, **keys)
+            _hit("role:switching")
         elif d["state"] != "switching":
             raise DirectionError(f"cannot switch over: {dirn.why(d)}")
         new, h = d["to"], d["hardened"]
-        for node in self.nodes(src):
+        for i, node in enumerate(self.nodes(src)):
             st = self.become(node, "secondary")
             if st["hardened"] < h:
                 self.call(node, "assume", n=h)
+            if i == 0:
+                _hit("role:switching-first-demoted")
         for node in self.nodes(new):
             self.become(node, "primary")
+        _hit("role:switching-promoted")
         with Links.of(dirn.oriented(self.session, new)) as links:
             resync.adopt(links, self.log)
-        dirn.save(self.session, source=new, state="mirroring")
+        dirn.save(self.session, source=new, state="mirroring", hardened=h, by=by, **keys)
         self.log(f"switchover done: site {new} is the source at group {h}")
         return {"source": new, "hardened": h}
 
