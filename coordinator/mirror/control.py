@@ -18,7 +18,7 @@ import threading
 from wire import address as wire_address, files, protocol
 from wire.protocol import Kind
 
-from ..errors import CgmirrorError, LocalError, describe
+from ..errors import CgmirrorError, ExitCode, LocalError, describe
 from . import events, verify
 from .client import VERIFY_TIMEOUT_S
 
@@ -64,10 +64,10 @@ def handle(mirror, line: bytes) -> dict:
         return mirror.status()
     except protocol.ProtocolError as exc:
         return protocol.error(str(exc), exc.kind)
-    except verify.NoHardenedGroup as exc:      # the client exits UNREACHABLE
-        return protocol.error(str(exc), Kind.UNREACHABLE)
     except CgmirrorError as exc:
-        return protocol.error(str(exc), Kind.LOCAL)
+        # verify: no hardened group, or a node gone: the client exits UNREACHABLE
+        return protocol.error(str(exc), Kind.UNREACHABLE
+                              if exc.exit_code == ExitCode.UNREACHABLE else Kind.LOCAL)
     except Exception as exc:    # reported to the client; the mirror keeps running
         return protocol.error(f"mirror failed: {describe(exc)}", Kind.LOCAL)
 

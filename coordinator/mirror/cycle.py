@@ -193,7 +193,7 @@ class Mirror:
         if not self.verifies.pending():
             return
         if self.last is not None and self.last.outcome == "hardened" \
-                and not self.need_recovery:
+                and not self.need_recovery and not self._cannot_last[0]:
             self.verifies.serve(self._verify_now)
         elif self.paused:
             self.verifies.refuse(MirrorError(
@@ -306,6 +306,7 @@ class Mirror:
             self.state = "running"
             try:
                 result = self.run_once()
+                self._cannot_last = (None, 0.0, 0)      # a group began
                 quiet = result.outcome == "hardened" or result.outcome == "drain-timeout"
                 self.verifies.group_ended(result.n, self.hardened,
                                           result.outcome == "hardened",
@@ -516,9 +517,9 @@ class Mirror:
     def _record(self, res: GroupResult, lifted: bool, first_copy: bool) -> None:
         now = time.time()
         if res.outcome == "hardened":
+            self.failures.clear()           # first: status never shows it formed and failed
             self.formed += 1
             self.hardened, self.hardened_cut = res.n, res.cut
-            self.failures.clear()
             if lifted:
                 self.timer_lifted += 1
             self.consecutive_drain_failures = 0

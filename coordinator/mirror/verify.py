@@ -52,11 +52,16 @@ from ..errors import CgmirrorError, ExitCode, MirrorError, SlaveError
 GIVE_UP_AFTER = 3               # failed group attempts in a row before a verify gives up
 
 
-class NoHardenedGroup(MirrorError):
-    """A verify gave up: no group hardened within its bound (the line says
-    which group it waited for and why none came)."""
+class Unreachable(MirrorError):
+    """A verify could not reach what it compares: a node, or a hardened
+    group (exit UNREACHABLE, not FAILED: that one says blocks differ)."""
 
     exit_code = ExitCode.UNREACHABLE
+
+
+class NoHardenedGroup(Unreachable):
+    """A verify gave up: no group hardened within its bound (the line says
+    which group it waited after and why none came)."""
 
 
 def default_wait_s(settings, session) -> float:
