@@ -150,6 +150,7 @@ class Mirror:
         self.failures = Failures(session)               # last failure per pair and node
         self.session_file = SessionFile(session.path)   # edited under us? (sessionfile.py)
         self._cannot_last: tuple[str | None, float, int] = (None, 0.0, 0)
+        self._failed_before = False         # the last attempt failed
 
     # ------------------------------------------------------------ life cycle
 
@@ -314,6 +315,7 @@ class Mirror:
             except CgmirrorError as exc:
                 self.failed += 1
                 self.failures.note(exc, None)
+                self._failed_before = True
                 self._cannot(str(exc))
                 self.events.emit("group-failed", n=None, outcome="failed", error=str(exc))
                 self.verifies.group_ended(None, self.hardened, False, True, str(exc))
@@ -528,6 +530,7 @@ class Mirror:
             if res.outcome == "drain-timeout":
                 self.consecutive_drain_failures += 1
         self.last = res
+        after_failure, self._failed_before = self._failed_before, res.outcome != "hardened"
         self._announce(res)
         self.history.finish_group(res.n, res.outcome, res.error,
                                   now if res.outcome == "hardened" else None,
@@ -536,8 +539,10 @@ class Mirror:
         extra = (" (drain timer lifted after"
                  f" {LIFT_AFTER} drain-time failures)") if lifted else (
                  " (first full copy: no drain timer)" if first_copy else "")
-        if res.outcome == "hardened" and not res.bytes and not extra:
-            self.log.empty(res.n)           # idle: summarized (log.py)
+        if res.outcome == "hardened" and not res.bytes and not extra \
+                and not after_failure:
+            self.log.empty(res.n)           # idle: summarized (log.py); not the first
+                                            # to form after failures: that one is said
         elif res.outcome == "hardened":
             self.log(f"group {res.n} hardened{extra}: {res.bytes} bytes, hold"
                      f" {m.get('hold_ms', 0):.1f} ms, drain {m.get('drain_ms', 0):.0f} ms,"
