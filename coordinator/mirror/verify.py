@@ -161,7 +161,7 @@ class Requests:
             f" {self.last_failure or 'none (still forming)'}; `cgmirror mirror status`"
             f" shows which pair or node fails")
 
-    def ask(self, repair: bool, wait_s: float, read_s: float) -> dict:
+    def ask(self, repair: bool, wait_s: float, read_s: float = 3600.0) -> dict:
         """Queue a verify and wait for its report (raise what it raised):
         at most ``wait_s`` for it to begin (see the module doc), then at
         most ``read_s`` for its reads."""
