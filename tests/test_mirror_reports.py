@@ -216,12 +216,15 @@ def test_the_mirror_log_is_time_stamped_and_quiet_when_idle(shell, run_dir):
     lines = sh.log().splitlines()
     bad = [x for x in lines if not STAMP.match(x)]
     assert not bad, bad
-    assert not [x for x in lines if ": 0 bytes" in x], lines
+    # an empty group is said alone only as the first after a failure
+    failures = [x for x in lines if re.search(r"group \d+ (failed|aborted|drain-timeout)|"
+                                              r"cannot form", x)]
+    assert len([x for x in lines if ": 0 bytes" in x]) <= len(failures), lines
     assert any(" bytes, hold" in x for x in lines), lines    # the write's group
     empties = [re.search(r"(\d+) empty groups? hardened since (\S+), last group (\d+)", x)
                for x in lines]
     empties = [m for m in empties if m]
-    assert sum(int(m.group(1)) for m in empties) >= 20, lines
+    assert sum(int(m.group(1)) for m in empties) >= 15, lines
     assert len(lines) < 20, lines
     # Under the journal (JOURNAL_STREAM names stderr) the journal stamps lines.
     os.unlink(sh.mirror_log)
