@@ -8,7 +8,9 @@ the current group (never leaving a gate closed) and exit 0.  The other
 actions talk to it over its control socket (``[mirror] control``).
 
     mirror status --json  {"ok", "session", "pid", "state" (starting, running,
-                           paused, severe, stopped), "why" (a line, if severe),
+                           paused, parked (the direction forms no group: failover,
+                           DR test), severe, stopped), "why" (a line, if severe
+                           or parked),
                            "paused", "phase", "hardened", "rpo_s",
                            "rpo_threshold_s", "groups_formed", "groups_failed",
                            "drain_failures_in_a_row", "timer_lifted",
@@ -16,17 +18,24 @@ actions talk to it over its control socket (``[mirror] control``).
                            kept for scripts), "drain_bytes_s", "rate_bytes_s" (the
                            drain's limit per volume, null: none),
                            "last_group": {"n", "outcome", "error", "bytes"} | null,
+                           "direction": {"source", "state", "from"?, "to"?, "why"?},
+                           "failures": {"pairs": {"S/V": F}, "nodes": {N: F},
+                           "mirror": F | null} (F: {"error", "group", "at"}: the
+                           last failure since a group hardened),
                            "volumes": {S: {V: {"secondary", "phase",
-                           "dirty_bytes", "behind_bytes", "error"}}},
-                           "secondaries": {R: {"hardened", "prepared", "error"}}}
+                           "dirty_bytes", "behind_bytes", "error" (the primary
+                           unreachable, or the pair's last failure), "failed_group"}}},
+                           "secondaries": {R: {"hardened", "prepared", "role",
+                           "error"}}}
     With no mirror running: {"ok", "session", "state": "stopped", "why",
-    "secondaries"} (exit 0: saying so is the answer).
+    "direction", "secondaries"} (exit 0: saying so is the answer).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from wire import sdnotify
 from wire.units import parse_size
@@ -35,6 +44,7 @@ from .. import direction, group, output
 from ..errors import ExitCode, MirrorNotRunning, UsageError
 from ..link import SlaveLink
 from ..mirror import Mirror, call, control_path
+from ..mirror.status import where
 
 
 def register(sub) -> None:
@@ -115,16 +125,26 @@ def secondaries(session) -> dict[str, dict]:
     """Each secondary's hardened and prepared group, from its own status:
     the secondaries of the recorded direction (after a failover, site a's
     nodes), reached as the session reaches them (TLS on TCP)."""
-    session = direction.oriented(session, direction.load(session)["source"])
+    d = direction.load(session)
+    session = direction.oriented(session, d["source"])
     links = [SlaveLink.from_spec(r.spec(), timeout=5.0) for r in session.secondaries]
     out = {}
     try:
         replies = group.statuses(links) if links else {}
         for name, r in replies.items():
-            out[name] = ({"hardened": None, "prepared": None, "error": str(r)}
-                         if isinstance(r, Exception) else
-                         {"hardened": r.get("hardened"), "prepared": r.get("prepared"),
-                          "error": r.get("problem")})     # a volume no longer at its path
+            if isinstance(r, Exception):
+                out[name] = {"hardened": None, "prepared": None, "role": None,
+                             "error": str(r)}
+                continue
+            role = r.get("role")
+            err = r.get("problem")              # a volume no longer at its path
+            if role != "secondary" and not err:
+                # After a failover the old primaries run on until resynced.
+                err = (f"runs as a {role}, not as a secondary of site {d['source']}"
+                       + (f": {direction.why(d)}"
+                          if d["state"] not in direction.MIRRORS else ""))
+            out[name] = {"hardened": r.get("hardened"), "prepared": r.get("prepared"),
+                         "role": role, "error": err}
     finally:
         for lk in links:
             lk.close()
@@ -136,7 +156,7 @@ def status(ctx) -> ExitCode:
         doc = call(control_path(ctx.session), "status")
     except MirrorNotRunning as exc:
         doc = {"ok": True, "session": ctx.session.name, "state": "stopped",
-               "why": str(exc)}
+               "why": str(exc), "direction": where(ctx.session)}
     doc["secondaries"] = secondaries(ctx.session)
     if ctx.json:
         output.emit_json(doc, ctx.out)
@@ -145,9 +165,28 @@ def status(ctx) -> ExitCode:
     return ExitCode.OK
 
 
+def _direction(d: dict | None) -> str | None:
+    """The direction line of ``mirror status``."""
+    if not d:
+        return None
+    if d.get("error"):
+        return f"direction: {d['error']}"
+    extra = (f", from site {d['from']}" if d.get("from") else "") + (
+        f", to site {d['to']}" if d.get("to") else "")
+    return f"direction: site {d['source']} is the source ({d['state']}{extra})"
+
+
+def _when(f: dict) -> str:
+    g = f"group {f['group']}, " if f.get("group") else ""
+    return f"{g}{time.strftime('%H:%M:%S', time.localtime(f['at']))}"
+
+
 def print_status(doc: dict, out) -> None:
+    line = _direction(doc.get("direction"))
     if doc["state"] == "stopped":
         print(f"session {doc['session']}: {doc['why']}", file=out)
+        if line:
+            print(line, file=out)
     else:
         rpo = "-" if doc["rpo_s"] is None else f"{doc['rpo_s']:.1f} s"
         h = doc["hold_ms"]
@@ -156,7 +195,9 @@ def print_status(doc: dict, out) -> None:
               f" {doc['phase']}); hardened group {doc['hardened'] or '-'}, RPO {rpo}"
               f" (threshold {doc['rpo_threshold_s']:g} s)", file=out)
         if doc.get("why"):
-            print(f"severe: {doc['why']}", file=out)
+            print(f"{doc['state']}: {doc['why']}", file=out)
+        if line:
+            print(line, file=out)
         print(f"groups formed {doc['groups_formed']}, failed {doc['groups_failed']};"
               f" hold ms last {fmt(h['last'])} p50 {fmt(h['p50'])} p99 {fmt(h['p99'])};"
               f" drain {output.rate(doc.get('drain_bytes_s'))}"
@@ -164,6 +205,8 @@ def print_status(doc: dict, out) -> None:
         speed = doc.get("drain_bytes_s")
 
         def eta(behind):        # at the drain speed measured so far
+            if doc["state"] in ("parked", "paused") and behind:
+                return doc["state"]             # nothing drains: no time to say
             return ("-" if behind is None or (behind and not speed) else
                     output.duration(behind / speed) if behind else "0 s")
         rows = [[s, v, d["secondary"], output.size(d["dirty_bytes"]),
@@ -172,6 +215,12 @@ def print_status(doc: dict, out) -> None:
                 for s, vols in doc["volumes"].items() for v, d in vols.items()]
         output.table(rows, ["SLAVE", "VOLUME", "SECONDARY", "DIRTY", "BEHIND", "ETA",
                             "PHASE", "ERROR"], out)
+        fails = doc.get("failures") or {}
+        for name, f in (fails.get("nodes") or {}).items():
+            print(f"node {name} failed ({_when(f)}): {f['error']}", file=out)
+        if fails.get("mirror") and doc["state"] != "parked":
+            f = fails["mirror"]
+            print(f"last failure ({_when(f)}): {f['error']}", file=out)
     for name, r in doc["secondaries"].items():
         where = r["error"] or (f"hardened {r['hardened'] or 'none yet'}"
                                + (f", prepared {r['prepared']}" if r["prepared"] else ""))

@@ -14,6 +14,7 @@ from wire import protocol
 
 from ..errors import MirrorError, MirrorNotRunning
 from ..session import Session
+from .verify import Unreachable
 
 CONTROL_TIMEOUT_S = 5.0
 VERIFY_TIMEOUT_S = 3600.0       # a verify waits for a hardened group, then reads it all
@@ -61,6 +62,9 @@ def call(path: str, op: str, timeout: float = CONTROL_TIMEOUT_S + 10, **args) ->
     finally:
         s.close()
     if not reply.get("ok"):
+        if reply.get("kind") == protocol.Kind.UNREACHABLE:
+            # what was asked needs a group the mirror cannot form (verify.py)
+            raise Unreachable(str(reply.get("error")))
         raise MirrorError(f"the mirror refused {op}: {reply.get('error')}")
     return reply
 

@@ -18,14 +18,16 @@ import threading
 from wire import address as wire_address, files, protocol
 from wire.protocol import Kind
 
-from ..errors import CgmirrorError, LocalError, describe
-from . import events
+from ..errors import CgmirrorError, ExitCode, LocalError, describe
+from . import events, verify
 from .client import VERIFY_TIMEOUT_S
 
 MIRROR_OPS = {"status": protocol.Obj({}, {}), "pause": protocol.Obj({}, {}),
               "resume": protocol.Obj({}, {}),
               "rate": protocol.Obj({"rate": protocol.Int(0, protocol.MAX_RATE)}, {}),
-              "verify": protocol.Obj({}, {"repair": protocol.Bool()}),
+              # wait_s: how long to wait for a hardened group (verify.py)
+              "verify": protocol.Obj({}, {"repair": protocol.Bool(),
+                                          "wait_s": protocol.Int(1, 86400)}),
               # keeps the connection: events, one a line (coordinator/mirror/events.py)
               "subscribe": protocol.Obj({}, {}),
               # a role command says what it did: the failover event (events.py)
@@ -53,7 +55,9 @@ def handle(mirror, line: bytes) -> dict:
         elif op == "rate":
             mirror.set_rate(msg["rate"])
         elif op == "verify":
-            return mirror.verifies.ask(msg.get("repair", False), VERIFY_TIMEOUT_S)
+            wait = msg.get("wait_s") or verify.default_wait_s(mirror.settings,
+                                                               mirror.session)
+            return mirror.verifies.ask(msg.get("repair", False), wait, VERIFY_TIMEOUT_S)
         elif op == "role":
             events.emit_failover(mirror.events, **msg)
             mirror.log(f"{msg['action']}: site {msg['site']} at group {msg['hardened']}")
@@ -61,7 +65,9 @@ def handle(mirror, line: bytes) -> dict:
     except protocol.ProtocolError as exc:
         return protocol.error(str(exc), exc.kind)
     except CgmirrorError as exc:
-        return protocol.error(str(exc), Kind.LOCAL)
+        # verify: no hardened group, or a node gone: the client exits UNREACHABLE
+        return protocol.error(str(exc), Kind.UNREACHABLE
+                              if exc.exit_code == ExitCode.UNREACHABLE else Kind.LOCAL)
     except Exception as exc:    # reported to the client; the mirror keeps running
         return protocol.error(f"mirror failed: {describe(exc)}", Kind.LOCAL)
 

@@ -45,12 +45,13 @@ mid-commit -- ``recover`` at the next start.  No case needs a full copy.
 
 The rest of the mirror: recovery.py (the recovery rule, also run by the role
 commands), status.py (the status document), control.py (the control socket),
-client.py (its clients), events.py, metrics.py, verify.py.
+client.py (its clients), events.py, metrics.py, verify.py, failures.py (the
+last failure of each pair and node, for status), log.py (time stamps, empty
+groups summarized), sessionfile.py (the session file edited under the mirror).
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import deque
@@ -66,6 +67,9 @@ from ..link import SlaveLink
 from ..lock import SessionLock
 from ..session import Session, replication_uri
 from . import events, recovery, status, verify
+from .failures import Failures
+from .log import Quiet, stderr_log
+from .sessionfile import SessionFile
 from .control import ControlServer
 
 # Test-only crash points of the coordinator: wire/failpoints.py (mirror:*).
@@ -112,8 +116,8 @@ class Mirror:
                               f" secondary: a mirrored session mirrors every volume")
         self.session = session
         self.settings = session.mirror
-        self.log = log or (lambda line: print(f"cgmirror mirror: {line}", file=sys.stderr,
-                                              flush=True))
+        # Time-stamped unless the journal stamps it; empty groups summarized.
+        self.log = Quiet(log or stderr_log())
         self.serve_control = serve_control
         self.links = recovery.Links.of(session)
         self.slaves, self.secondaries = self.links.slaves, self.links.secondaries
@@ -143,6 +147,10 @@ class Mirror:
         self.metrics = None                             # metrics.Metrics if [mirror] metrics
         self.rate = session.mirror.rate or 0            # drain bytes/s per volume; 0: none
         self.verifies = verify.Requests(self._wake)     # cgmirror verify, between groups
+        self.failures = Failures(session)               # last failure per pair and node
+        self.session_file = SessionFile(session.path)   # edited under us? (sessionfile.py)
+        self._cannot_last: tuple[str | None, float, int] = (None, 0.0, 0)
+        self._failed_before = False         # the last attempt failed
 
     # ------------------------------------------------------------ life cycle
 
@@ -186,7 +194,7 @@ class Mirror:
         if not self.verifies.pending():
             return
         if self.last is not None and self.last.outcome == "hardened" \
-                and not self.need_recovery:
+                and not self.need_recovery and not self._cannot_last[0]:
             self.verifies.serve(self._verify_now)
         elif self.paused:
             self.verifies.refuse(MirrorError(
@@ -236,6 +244,7 @@ class Mirror:
             self.metrics.observe(m)
 
     def close(self) -> None:
+        self.log.flush()
         if self.metrics:
             self.metrics.close()
             self.metrics = None
@@ -298,16 +307,35 @@ class Mirror:
             self.state = "running"
             try:
                 result = self.run_once()
+                self._cannot_last = (None, 0.0, 0)      # a group began
                 quiet = result.outcome == "hardened" or result.outcome == "drain-timeout"
+                self.verifies.group_ended(result.n, self.hardened,
+                                          result.outcome == "hardened",
+                                          result.outcome != "drain-timeout", result.error)
             except CgmirrorError as exc:
                 self.failed += 1
-                self.log(f"cannot form a group: {exc}")
+                self.failures.note(exc, None)
+                self._failed_before = True
+                self._cannot(str(exc))
                 self.events.emit("group-failed", n=None, outcome="failed", error=str(exc))
+                self.verifies.group_ended(None, self.hardened, False, True, str(exc))
                 quiet = False
             wait = self.settings.interval_ms / 1000
             self._stop.wait(wait if quiet else max(wait, 1.0))
         self.verifies.refuse(MirrorError("the mirror stopped before verify ran"))
-        self.log("stopped")
+        self.log("stopped")         # says the empty groups counted first
+
+    def _cannot(self, why: str) -> None:
+        """Log that no group could begin; the same reason again (a peer
+        down, a changed session file: once a second) at most once a minute."""
+        now = time.monotonic()
+        same, at, count = self._cannot_last
+        if why == same and now - at < 60:
+            self._cannot_last = (same, at, count + 1)
+            return
+        again = f" (again, {count + 1} times in the last minute)" if why == same else ""
+        self.log(f"cannot form a group{again}: {why}")
+        self._cannot_last = (why, now, 0)
 
     # ------------------------------------------------------------ recovery
 
@@ -353,6 +381,7 @@ class Mirror:
     def run_once(self) -> GroupResult:
         """Form one group (recovering first if needed); record and return how
         it ended.  Raises CgmirrorError only when no group could be begun."""
+        self.session_file.check()               # the file still says what runs
         direction.check_mirror(self.session)    # not after a failover, nor reversed
         if self.need_recovery:
             self.recover()
@@ -374,6 +403,7 @@ class Mirror:
             self._form(res, targets, full, timer=not (first_copy or lifted))
         except CgmirrorError as exc:        # recorded as this group's failure
             res.outcome, res.error = "failed", describe(exc)
+            self.failures.note(exc, n)
         except BaseException as exc:
             res.outcome, res.error = "failed", describe(exc)
             raise
@@ -391,6 +421,7 @@ class Mirror:
                                   full={k: v for k, v in full.items() if v})
         except EstablishAborted as exc:
             res.outcome, res.error = "aborted", str(exc)
+            self.failures.note(exc, n)
             return
         m["coordination_ms"] = est.coordination_ms
         m["hold_ms"] = est.max_held_ms
@@ -426,6 +457,7 @@ class Mirror:
             res.error = (f"the drain took longer than max_drain_ms"
                          f" ({self.settings.max_drain_ms}); its unsent blocks go into"
                          f" the next group")
+            self.failures.mirror(res.error, n)
             return
         except _Stopping:
             res.outcome, res.error = "aborted", "stopped during the drain"
@@ -433,6 +465,7 @@ class Mirror:
         except CopyFailed as exc:
             m["drain_ms"] = group.fanout.ms(time.monotonic() - t0)
             res.outcome, res.error = "failed", str(exc)
+            self.failures.note(exc, n)
             return
         m["drain_ms"] = group.fanout.ms(time.monotonic() - t0)
         res.bytes = report.bytes
@@ -479,11 +512,14 @@ class Mirror:
             self.need_recovery = True
             name, exc = bad[0]
             res.outcome, res.error = "failed", f"{step} {res.n} failed on {name}: {exc}"
+            for name, exc in bad:
+                self.failures.node(name, f"{step} {res.n} failed: {exc}", res.n)
         return bool(bad)
 
     def _record(self, res: GroupResult, lifted: bool, first_copy: bool) -> None:
         now = time.time()
         if res.outcome == "hardened":
+            self.failures.clear()           # first: status never shows it formed and failed
             self.formed += 1
             self.hardened, self.hardened_cut = res.n, res.cut
             if lifted:
@@ -494,6 +530,7 @@ class Mirror:
             if res.outcome == "drain-timeout":
                 self.consecutive_drain_failures += 1
         self.last = res
+        after_failure, self._failed_before = self._failed_before, res.outcome != "hardened"
         self._announce(res)
         self.history.finish_group(res.n, res.outcome, res.error,
                                   now if res.outcome == "hardened" else None,
@@ -502,7 +539,11 @@ class Mirror:
         extra = (" (drain timer lifted after"
                  f" {LIFT_AFTER} drain-time failures)") if lifted else (
                  " (first full copy: no drain timer)" if first_copy else "")
-        if res.outcome == "hardened":
+        if res.outcome == "hardened" and not res.bytes and not extra \
+                and not after_failure:
+            self.log.empty(res.n)           # idle: summarized (log.py); not the first
+                                            # to form after failures: that one is said
+        elif res.outcome == "hardened":
             self.log(f"group {res.n} hardened{extra}: {res.bytes} bytes, hold"
                      f" {m.get('hold_ms', 0):.1f} ms, drain {m.get('drain_ms', 0):.0f} ms,"
                      f" prepare {m.get('prepare_ms', 0):.0f} ms, commit"

@@ -9,7 +9,8 @@ import math
 import os
 import time
 
-from .. import group
+from .. import direction, group
+from ..errors import CgmirrorError
 
 
 def percentile(values, p: float) -> float | None:
@@ -42,19 +43,43 @@ def severity(mirror, now: float | None = None) -> str | None:
     return None
 
 
+def where(session) -> dict:
+    """The recorded direction of ``session`` for status: {"source", "state",
+    "from"?, "to"?, "why"?} ("why": the line saying why no group forms, if
+    none may), or {"error"} if it cannot be read."""
+    try:
+        d = direction.load(session)
+    except CgmirrorError as exc:
+        return {"source": None, "state": None, "error": str(exc)}
+    out = {k: d[k] for k in ("source", "state", "from", "to") if k in d}
+    if d["state"] not in direction.MIRRORS:
+        out["why"] = direction.why(d)
+    return out
+
+
 def document(mirror) -> dict:
     """The status document of the running ``mirror`` (a cycle.Mirror)."""
     now = time.time()
+    dirn = where(mirror.session)
     why = severity(mirror, now)
     state = "severe" if why and mirror.state in ("running", "paused") else mirror.state
+    if dirn.get("why") and mirror.state in ("running", "paused"):
+        state, why = "parked", dirn["why"]         # failover, DR test: deliberate
+    if mirror.session_file.problem and mirror.state in ("running", "paused"):
+        state, why = "severe", mirror.session_file.problem
     holds = list(mirror.holds)
     vols: dict[str, dict] = {}
     replies = group.statuses(mirror.slaves)
     for s_ in mirror.session.slaves:
         r = replies.get(s_.name)
         for v in s_.volumes:
+            # ERROR: the primary unreachable now, else the last failure of the
+            # pair (or of its primary or secondary) since a group hardened.
+            f = mirror.failures.of_pair(s_.name, v.name, v.secondary)
             d = {"secondary": f"{v.secondary}/{v.remote_volume}", "phase": mirror.phase,
-                 "dirty_bytes": None, "behind_bytes": None, "error": None}
+                 "dirty_bytes": None, "behind_bytes": None,
+                 "error": f["error"] if f else None,
+                 "failed_group": f["group"] if f else None}
             if isinstance(r, Exception):
                 d["error"] = str(r)
             elif v.name in r["volumes"]:
@@ -62,6 +87,8 @@ def document(mirror) -> dict:
                 g = vs["granularity"]
                 d["dirty_bytes"] = vs.get("cr_blocks", 0) * g
                 d["behind_bytes"] = vs.get("dirty_blocks", 0) * g
+                if vs.get("problem"):
+                    d["error"] = vs["problem"]
             vols.setdefault(s_.name, {})[v.name] = d
     last = mirror.last
     return {"ok": True, "session": mirror.session.name, "pid": os.getpid(),
@@ -78,6 +105,7 @@ def document(mirror) -> dict:
             "drain_bytes_s": (round(mirror.drain_bytes / mirror.drain_seconds)
                               if mirror.drain_seconds > 0 else None),
             "rate_bytes_s": mirror.rate or None,
+            "direction": dirn, "failures": mirror.failures.document(),
             "last_group": None if last is None else {
                 "n": last.n, "outcome": last.outcome, "error": last.error,
                 "bytes": last.bytes},

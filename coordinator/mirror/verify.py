@@ -22,6 +22,17 @@ group through its undo overlay, in blocks of the primary's granularity.
 ``--repair`` marks every differing block in the primary's ``cr`` (its
 ``mark`` op, durable on return), so the next group sends it.
 
+How long a verify waits.  It needs a hardened last group; when none can
+form (a primary down, a secondary out of space or refusing, a baseline
+that no longer matches) it must not wait forever.  A request gives up
+(``NoHardenedGroup``, exit 4 UNREACHABLE in the CLI) after ``GIVE_UP_AFTER``
+group attempts in a row that failed since it was asked (a drain timeout
+does not count: its bits go on with the next group, and the timer lifts),
+or after its wait bound: ``--timeout``, else ``default_wait_s`` (three
+groups' intervals, coordination and drain times, plus 30 s), whichever
+comes first; its line names the group it waited for and the mirror's last
+failure.  A verify already reading when the bound passes finishes.
+
 Rejected: comparing a fresh PiT of cut h+1 (the secondary does not hold
 h+1 until it is drained, and holding the cycle for a whole-volume read
 would stop the RPO clock for that long); reading the remote's data at the
@@ -31,11 +42,33 @@ primary (the link would carry the whole volume, not its digests).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from wire.protocol import MAX_CHECKSUMS, MAX_RUNS
 
-from ..errors import CgmirrorError, LocalError, SlaveError
+from ..errors import CgmirrorError, ExitCode, MirrorError, SlaveError
+
+GIVE_UP_AFTER = 3               # failed group attempts in a row before a verify gives up
+
+
+class Unreachable(MirrorError):
+    """A verify could not reach what it compares: a node, or a hardened
+    group (exit UNREACHABLE, not FAILED: that one says blocks differ)."""
+
+    exit_code = ExitCode.UNREACHABLE
+
+
+class NoHardenedGroup(Unreachable):
+    """A verify gave up: no group hardened within its bound (the line says
+    which group it waited after and why none came)."""
+
+
+def default_wait_s(settings, session) -> float:
+    """How long a verify waits for a hardened group unless told: three
+    groups' worth of interval, coordination and drain, plus 30 s."""
+    return 3 * (max(settings.interval_ms, 1000) + session.max_coordination_ms
+                + settings.max_drain_ms) / 1000 + 30
 
 
 def runs_of(blocks: list[int]) -> list[list[int]]:
@@ -102,6 +135,8 @@ def verify(session, primaries: dict, secondaries: dict, hardened: int,
 @dataclass
 class _Request:
     repair: bool
+    since: float = field(default_factory=time.monotonic)
+    failures: int = 0                   # failed group attempts in a row since asked
     done: threading.Event = field(default_factory=threading.Event)
     result: dict | None = None
     error: CgmirrorError | None = None
@@ -115,22 +150,63 @@ class Requests:
         self._lock = threading.Lock()
         self._pending: list[_Request] = []
         self._wake = wake               # wakes a paused cycle
+        self.hardened = 0               # the cycle's, for the lines below
+        self.last_failure: str | None = None
 
-    def ask(self, repair: bool, timeout: float) -> dict:
-        """Queue a verify and wait for its report (raise what it raised)."""
+    def _gave_up(self, req: _Request, why: str) -> NoHardenedGroup:
+        waited = time.monotonic() - req.since
+        return NoHardenedGroup(
+            f"verify gave up after {waited:.0f} s waiting for a group to harden after"
+            f" group {self.hardened or 'none'} ({why}); last failure:"
+            f" {self.last_failure or 'none (still forming)'}; `cgmirror mirror status`"
+            f" shows which pair or node fails")
+
+    def ask(self, repair: bool, wait_s: float, read_s: float = 3600.0) -> dict:
+        """Queue a verify and wait for its report (raise what it raised):
+        at most ``wait_s`` for it to begin (see the module doc), then at
+        most ``read_s`` for its reads."""
         req = _Request(repair)
         with self._lock:
             self._pending.append(req)
         self._wake()
-        if not req.done.wait(timeout):
+        if not req.done.wait(wait_s):
             with self._lock:
-                if req in self._pending:
+                if req in self._pending:           # not begun: give up
                     self._pending.remove(req)
-            raise LocalError(f"verify did not run within {timeout:.0f} s (no group"
-                             f" hardened meanwhile?)")
+                    req.error = self._gave_up(req, f"the {wait_s:.0f} s bound passed")
+                    req.done.set()
+            if not req.done.wait(read_s):
+                raise MirrorError(f"verify did not finish reading within {read_s:.0f} s")
         if req.error is not None:
             raise req.error
         return req.result
+
+    def group_ended(self, n: int | None, hardened: int, ok: bool, counts: bool,
+                    error: str | None) -> None:
+        """The cycle tried group ``n`` (None: none could begin; ``ok``: it
+        hardened; ``hardened``: the mirror's hardened group now); a request
+        that saw ``GIVE_UP_AFTER`` failures in a row (``counts``) is answered."""
+        with self._lock:
+            self.hardened = hardened
+            if ok:
+                for req in self._pending:
+                    req.failures = 0
+                return
+            if error:
+                self.last_failure = (f"group {n}: {error}" if n is not None
+                                     else f"no group could begin: {error}")
+            if not counts:
+                return
+            keep = []
+            for req in self._pending:
+                req.failures += 1
+                if req.failures >= GIVE_UP_AFTER:
+                    req.error = self._gave_up(req, f"{req.failures} attempts in a row"
+                                                   f" failed")
+                    req.done.set()
+                else:
+                    keep.append(req)
+            self._pending = keep
 
     def pending(self) -> bool:
         with self._lock:
