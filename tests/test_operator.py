@@ -308,3 +308,34 @@ def test_a_node_with_a_wrong_certificate_is_refused_at_once(shell):
     assert "127.0.0.1" in p.stderr and "certificate" in p.stderr, p.stderr
     assert took < 20, f"took {took:.1f} s: {p.stderr}"     # generous: the bound is 30 s
     assert p.stderr.count("\n") == 1, p.stderr
+
+
+def test_idle_connections_never_lock_commands_out_of_the_mirror(shell):
+    """300 idle connections of the owner's uid to the mirror's control
+    socket (reopened as they are closed): ``mirror status`` still answers,
+    because a full table closes the oldest idle connection, not the new one."""
+    import socket as socket_mod
+    import time
+    sh = shell()
+    sh.ok("slave", "start")
+    sh.ok("secondary", "start")
+    sh.start_mirror()
+    sh.wait_hardened(1)
+    path = os.path.join(sh.dir, "m.ctl")
+    held, closed, deadline = [], 0, time.monotonic() + 60
+    try:
+        while len(held) < 300 and time.monotonic() < deadline:
+            c = socket_mod.socket(socket_mod.AF_UNIX)
+            c.connect(path)
+            held.append(c)
+        # The flood evicts itself: the newest connections still get slots.
+        p = sh.run("mirror", "status", timeout=60)
+        assert p.returncode == 0 and "too many" not in p.stdout + p.stderr, p.stderr
+        for c in held[:10]:
+            c.settimeout(10)
+            line = c.recv(4096)
+            closed += bool(b"too many control connections" in line or line == b"")
+        assert closed == 10, "the oldest idle connections were not the ones closed"
+    finally:
+        for c in held:
+            c.close()

@@ -15,8 +15,9 @@ import os
 import socket
 import threading
 
-from wire import address as wire_address, files, protocol
+from wire import address as wire_address, files, protocol, unixsock
 from wire.protocol import Kind
+from wire.slots import SlotTable
 
 from ..errors import CgmirrorError, ExitCode, LocalError, describe
 from . import events, verify
@@ -72,20 +73,33 @@ def handle(mirror, line: bytes) -> dict:
         return protocol.error(f"mirror failed: {describe(exc)}", Kind.LOCAL)
 
 
+# Connections at once; a full table evicts the one that can best spare it
+# (wire.slots), so idle connections of our own uid never lock out a
+# command, and the accept loop survives EMFILE with a back-off.
+MAX_CONNECTIONS = 64
+ACCEPT_BACKOFF_S = (0.05, 1.0)
+BUSY_LINE = (f"too many control connections ({MAX_CONNECTIONS}): closed this idle one"
+             f" for a newer one")
+
+
 class ControlServer:
     """Accepts connections on a unix socket; one thread per connection."""
 
     def __init__(self, path: str, mirror):
         self.path, self.mirror = path, mirror
         self.sock: socket.socket | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._slots: SlotTable = SlotTable(MAX_CONNECTIONS)
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        # We hold the session lock: a socket file left here is a dead mirror's.
+        # We hold the session lock, so a socket here is a dead mirror's --
+        # unless another session names the same path: never replace a live one.
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+            unixsock.claim(self.path, "mirror control socket")
+        except unixsock.SocketInUse as exc:
+            raise LocalError(str(exc)) from None
         except OSError as exc:
             raise LocalError(f"cannot remove {self.path}: {exc.strerror or exc}") from exc
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -108,14 +122,30 @@ class ControlServer:
         self._threads.append(t)
 
     def _accept(self) -> None:
-        while True:
+        backoff = 0.0
+        while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return                  # closed
+            except OSError as exc:
+                if self._stop.is_set():
+                    return                  # closed
+                if not backoff:
+                    self.mirror.log(f"control: accept failed ({exc.strerror or exc});"
+                                    f" retrying with back-off")
+                backoff = min(max(backoff * 2, ACCEPT_BACKOFF_S[0]), ACCEPT_BACKOFF_S[1])
+                self._stop.wait(backoff)
+                continue
+            backoff = 0.0
             # Only our own user (or root) may pause the mirror.
             if wire_address.peer_credentials(conn)[1] not in (0, os.getuid()):
                 conn.close()
+                continue
+            with self._lock:
+                admitted, victim = self._slots.admit(conn, authenticated=True)
+            if victim is not None:
+                _evict(victim)
+            if not admitted:                # every slot inside a request
+                _evict(conn)
                 continue
             threading.Thread(target=self._serve, args=(conn,), daemon=True,
                              name="mirror-control-conn").start()
@@ -124,21 +154,37 @@ class ControlServer:
         framer = protocol.Framer()
         conn.settimeout(60)
         with conn:
-            while True:
-                try:
+            try:
+                while True:
                     data = conn.recv(1 << 16)
                     if not data:
                         return
                     for line in framer.feed(data):
                         if _is_subscribe(line):
                             conn.settimeout(None)
+                            self._call(conn, lambda: None)      # it is used
                             self.mirror.events.stream(conn, lambda: self.sock is None)
                             return
-                        conn.sendall(protocol.encode(handle(self.mirror, line)))
-                except (OSError, protocol.ProtocolError):
-                    return
+                        reply = self._call(conn, lambda: handle(self.mirror, line))
+                        conn.sendall(protocol.encode(reply))
+            except (OSError, protocol.ProtocolError):
+                return
+            finally:
+                with self._lock:
+                    self._slots.release(conn)
+
+    def _call(self, conn: socket.socket, fn):
+        """``fn()`` with ``conn`` marked inside a request (never evicted)."""
+        with self._lock:
+            self._slots.busy(conn)
+        try:
+            return fn()
+        finally:
+            with self._lock:
+                self._slots.done(conn)
 
     def close(self) -> None:
+        self._stop.set()
         if self.sock:
             self.sock.close()
             self.sock = None
@@ -146,6 +192,19 @@ class ControlServer:
                 os.unlink(self.path)
             except OSError:
                 pass
+
+
+def _evict(conn: socket.socket) -> None:
+    """Tell a connection it lost its slot and end it (its thread, if any,
+    then sees EOF and ends)."""
+    try:
+        conn.sendall(protocol.encode(protocol.error(BUSY_LINE, Kind.BUSY)))
+    except OSError:
+        pass
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _is_subscribe(line: bytes) -> bool:
