@@ -21,7 +21,7 @@ import pytest
 import trustme
 
 from ctlrig import assert_aborted_by_its_connection, connect_nbd, log_text, raw, read_line
-from conftest import wait_until
+from cgtest import wait_until
 from coordinator import launch
 from nbdplugin.server import ControlServerError
 from nbdplugin.slave import Slave

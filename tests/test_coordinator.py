@@ -12,7 +12,7 @@ import pytest
 
 from cgtest import MiB, nbd_handle, close, read_all, write
 from harness import peers
-from conftest import need
+from cgtest import need
 from coordinator import group
 from coordinator.errors import (BusyError, CopyFailed, EstablishAborted, ExitCode,
                                 SlaveUnreachable, UnknownVolume)

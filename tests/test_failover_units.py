@@ -13,7 +13,7 @@ from collections import deque
 import pytest
 
 from coordinator import direction, session as session_mod
-from mirrorrig import mirror_session
+from harness.mirrorrig import mirror_session
 from nbdplugin.secondary import Secondary, SecondaryVolume, fold_maps
 from nbdplugin.slave import Fence, Slave
 from nbdplugin.volume import Volume

@@ -18,7 +18,7 @@ import nbd
 import pytest
 
 from ctlrig import assert_aborted_by_its_connection, connect_nbd, log_text, raw, read_line
-from conftest import wait_until
+from cgtest import wait_until
 from coordinator.control import ControlError
 from native.bitmap import Bitmap
 from native.gate import Core, Gate, GateRefused

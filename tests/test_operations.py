@@ -22,9 +22,10 @@ import urllib.request
 
 import pytest
 
-from conftest import closing_all, need, wait_until
+from cgtest import closing_all, need, wait_until
 from coordinator import cli, events, session as session_mod
-from test_mirror import SIZE, Rig, session_text
+from harness.mirrorrig import SIZE, session_text
+from mirror2x2 import Rig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY_CLI = f"{shlex.quote(sys.executable)} -m coordinator.cli"

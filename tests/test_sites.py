@@ -1,4 +1,4 @@
-"""Simulated sites (tests/sites.py): real namespaces, real nbdkit, real libnbd.
+"""Simulated sites (harness/sites.py): real namespaces, real nbdkit, real libnbd.
 
 Every NBD client here runs inside a site, never in the root namespace (whose
 default route would carry a site address off the machine).
@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from conftest import need, need_netns, wait_until
-from tests.sites import Sites, SitesError, list_ours, listen_ports, stop, sweep_stale
+from cgtest import need, need_netns, wait_until
+from harness.sites import Sites, SitesError, list_ours, listen_ports, stop, sweep_stale
 
 # Seconds an NBD client command waits before it reports "timeout".
 LIMIT = 2.0

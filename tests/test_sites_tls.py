@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests import twosites
+import twosites
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
 def two(sites, tmp_path):
-    from tests.conftest import need
+    from cgtest import need
     need("nbdkit")
     return twosites.TwoSites(sites, str(tmp_path))
 

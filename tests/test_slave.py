@@ -10,7 +10,7 @@ import time
 import nbd
 import pytest
 
-from conftest import need, wait_until
+from cgtest import need, wait_until
 from coordinator import launch
 from coordinator.control import ControlError
 from nbdplugin.slave import Slave

@@ -22,7 +22,7 @@ import nbd
 import pytest
 
 from harness import peers
-from conftest import need
+from cgtest import need
 from coordinator import group
 from coordinator.errors import CopyFailed, ExitCode
 from coordinator.link import SlaveLink

@@ -28,11 +28,11 @@ import time
 
 import pytest
 
-from conftest import need, wait_until
+from cgtest import need, wait_until
 from coordinator import cli, failover_cmds, session as session_mod
 from coordinator.mirror import Mirror
-from mirrorrig import ChildLauncher, mirror_session
-from tests.vmfixture import workload
+from harness.mirrorrig import ChildLauncher, mirror_session
+from vmfixture import workload
 
 pytestmark = pytest.mark.vm
 

@@ -1,5 +1,5 @@
 """Two sites over TCP with mutual TLS: slaves in namespaces ``a`` and ``b``,
-the coordinator in ``c``, the targets in ``r`` (tests/sites.py).
+the coordinator in ``c``, the targets in ``r`` (harness/sites.py).
 
 ``TwoSites`` (used by the tests in the root namespace) makes the session PKI,
 a session file whose control channels and NBD exports are ``tcp:`` addresses
@@ -37,7 +37,8 @@ from coordinator.errors import EstablishAborted  # noqa: E402
 from coordinator.group import pipeline  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from harness import peers  # noqa: E402
-from tests import workload as wl  # noqa: E402
+from harness import workload as wl  # noqa: E402
+from harness.sites import free_port  # noqa: E402
 
 SIZE = 16 << 20
 LAYOUT = wl.two_by_two(SIZE)
@@ -49,14 +50,6 @@ SPARE = SIZE - wl.RECORD        # outside every slot
 
 
 # ------------------------------------------------------------ root namespace
-
-def free_port(site) -> int:
-    """A port free on ``site``'s address, picked by the kernel inside the
-    site (only our own processes live there, so it stays free)."""
-    code = ("import socket; s = socket.socket(); s.bind((%r, 0));"
-            " print(s.getsockname()[1])" % site.addr)
-    return int(site.run([sys.executable, "-c", code], timeout=30).stdout)
-
 
 class TwoSites:
     """PKI, session file, targets in ``r`` and slaves in ``a``/``b``."""
