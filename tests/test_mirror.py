@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import threading
 import time
 
 import nbd
@@ -126,6 +128,20 @@ def rig(slaves, run_dir):
         yield make
 
 
+def parked(thread, mirror) -> bool:
+    """``thread`` is blocked in a Condition's wait called straight from
+    ``mirror.run`` -- the pause wait (the pause between groups is an
+    Event's wait, one frame further down)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_back is not None:
+        caller = frame.f_back
+        if frame.f_code is threading.Condition.wait.__code__ \
+                and caller.f_code.co_name == "run" and caller.f_locals.get("self") is mirror:
+            return True
+        frame = caller
+    return False
+
+
 def gates_open(rig) -> bool:
     return all(v["gate"] == "open" for s in ("s1", "s2")
                for v in rig.status(s)["volumes"].values())
@@ -180,8 +196,10 @@ def test_pause_resume_and_status_over_the_control_socket(rig, capsys):
     assert "paused" in capsys.readouterr().out
     wait_until(lambda: m.state == "paused", 30, "paused")
     formed = m.formed
-    time.sleep(0.3)             # a window in which a running mirror forms groups
-    assert m.formed == formed
+    # Not a window of time: the loop waits on the resume condition, which
+    # only resume, stop or a verify request wakes; no group starts from there.
+    wait_until(lambda: parked(r.thread, m), 30, "the loop parked by pause")
+    assert m.formed == formed and m.state == "paused"
     assert cli.main(["-s", r.path, "mirror", "status", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["state"] == "paused" and doc["hardened"] >= 1
