@@ -34,15 +34,15 @@ for _p in (ROOT, TESTS):            # also run as a script inside site c
 import nbd  # noqa: E402
 import pytest  # noqa: E402
 
-from harness import workload as wl  # noqa: E402
 from cgtest import need  # noqa: E402
 from coordinator import launch, pki, session as session_mod  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from coordinator.mirror import Mirror  # noqa: E402
-from harness.mirrorrig import mirror_session, tcp_node  # noqa: E402
-from harness.mirrorrig import LAYOUT, ORDER, REMOTE, SIZE, session_text  # noqa: E402
-from tlsrig import free_port  # noqa: E402
+from harness import workload as wl  # noqa: E402
+from harness.mirrorrig import (LAYOUT, ORDER, REMOTE, SIZE, mirror_session,  # noqa: E402
+                               session_text, tcp_node)
 from harness.sites import free_port as site_port  # noqa: E402
+from tlsrig import free_port  # noqa: E402
 from wire import tls  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
