@@ -239,7 +239,7 @@ def test_a_stale_freeze_on_the_gate_socket_never_closes_a_gate(slaves):
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     wait_until(lambda: "refused a freeze whose connection is gone" in log_text(proc),
-               what="the slave to refuse the stale freeze")
+               60, what="the slave to refuse the stale freeze")
     t0 = time.monotonic()
     h.pwrite(b"z", 0)
     assert time.monotonic() - t0 < 10.0, "a stale freeze held host writes"  # lease: 20 s
