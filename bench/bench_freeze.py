@@ -37,7 +37,7 @@ coordination_p99_ms, write_p99_ms_during, write_p99_ms_idle, aborted, ...,
 mode ("local" or "sites").
 
 ``--sites`` (``make bench-freeze-sites``, root): the slaves run alternately
-in network namespaces ``a`` and ``b`` (tests/sites.py), control and NBD on
+in network namespaces ``a`` and ``b`` (harness/sites.py), control and NBD on
 TCP with mutual TLS from a fresh session PKI; the benchmark itself (the
 coordinator and the writer process) is re-run inside ``c`` with ``--attach``
 and prints the same table and JSON.
@@ -474,8 +474,7 @@ def sites_main(args, argv: list[str]) -> int:
     import subprocess
 
     from coordinator import pki
-    from tests.sites import Sites
-    from tests.twosites import free_port
+    from harness.sites import Sites, free_port
 
     base = tempfile.mkdtemp(prefix="cgm-freeze-", dir="/dev/shm")
     try:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_mirror.py [--size-mib 128] [--seconds 20]
         [--subblock BYTES]
 
-The rig of tests/test_mirror.py on /dev/shm (2 slaves x 2 volumes, their two
+The two-by-two rig of harness/mirrorrig.py on /dev/shm (2 slaves x 2 volumes, their two
 secondaries on this machine, unix sockets), ``cgmirror mirror run`` as a
 child process with groups back to back (``interval_ms = 0``).
 
@@ -51,16 +51,14 @@ import time
 import nbd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
-for _p in (ROOT, TESTS):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 from coordinator import launch, session as session_mod  # noqa: E402
 from coordinator.control import ControlClient  # noqa: E402
 from coordinator.history import History  # noqa: E402
 from coordinator.mirror import MirrorNotRunning, call, percentile  # noqa: E402
-from test_mirror import ORDER, SIZE, session_text  # noqa: E402
+from harness.mirrorrig import ORDER, SIZE, session_text  # noqa: E402
 
 BLOCK = 4096
 MiB = 1 << 20

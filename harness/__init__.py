@@ -1,1 +1,4 @@
-"""Helpers that run peers and demos around the product (NBD peer servers, the demo); the product never imports them."""
+"""Rigs shared by the tests, the benches and the demo (NBD peer servers,
+namespace sites, the dependent-write workload, the mirror rigs' sessions)
+and the demo itself.  Nothing here imports pytest or tests/; the product
+never imports harness."""

@@ -29,7 +29,7 @@ the writer's sequence, the incremental copy sent less than the full one,
 and after the writer stopped the targets equal the volumes.
 
 ``--sites`` (``make demo-sites``, root): the same demo across network
-namespaces (tests/sites.py) over TCP with mutual TLS.  A session PKI is made
+namespaces (harness/sites.py) over TCP with mutual TLS.  A session PKI is made
 (``coordinator.pki``); s1 runs in site ``a`` and s2 in ``b`` (``cgmirror
 slave start NAME`` run inside each), their control channels and NBD exports
 on ``tcp:`` addresses; the targets are ``nbdkit file`` with TLS in ``r``;
@@ -407,8 +407,7 @@ def demo_sites(workdir: str) -> bool:
     import subprocess
 
     from coordinator import pki
-    from tests.sites import Sites
-    from tests.twosites import free_port
+    from .sites import Sites, free_port
 
     hosts = {"s1": "a", "s2": "b"}
     for d in ("data", "remote", "run"):

@@ -48,7 +48,7 @@ from nbdplugin import copier, threadstate  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
 from nbdplugin.blockstore import BlockStore  # noqa: E402
 from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa: E402
-                                 prepared_group, test_group, undo_path)
+                                 prepared_group, dr_test_group, undo_path)
 from nbdplugin.server import ControlServerError  # noqa: E402
 from nbdplugin.slave import Fence, Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
@@ -215,7 +215,7 @@ def get_ready():
               f" secondary and let `cgmirror failover` commit or roll it back first")
     # A secondary promoted for a DR test keeps its hardened group
     # (nbdplugin/secondary.py, "DR test").
-    kept = None if secondary else test_group(statedir)
+    kept = None if secondary else dr_test_group(statedir)
     vols = {}
     for name, path in _volumes.items():
         if secondary:

@@ -656,7 +656,7 @@ def prepared_group(statedir: str) -> int | None:
     return prepared if isinstance(prepared, int) else None
 
 
-def test_group(statedir: str) -> int | None:
+def dr_test_group(statedir: str) -> int | None:
     """The group a secondary keeps through a DR test in ``statedir`` (None
     if none): its primary run saves that group's blocks before writing."""
     try:

@@ -1,5 +1,11 @@
-"""Helpers for the coordinator tests: session files, nbdkit file targets
-(harness/peers.py), slaves.
+"""Plain helpers of the tests, imported as ``cgtest`` (conftest.py holds
+only fixtures and is never imported): ``need``, ``wait_until``,
+``closing_all``, the short directories of ``run_dir``; and for the
+coordinator tests, session files, nbdkit file targets (harness/peers.py),
+slaves.
+
+Where CI=true, a test that needs nbdkit, libnbd or qemu must run: ``need()``
+fails there instead of skipping.
 
 Every process started here is started with Popen and killed and reaped by
 PID in a ``finally``; sockets live under the test's tmp_path.
@@ -10,16 +16,139 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
+import stat
+import tempfile
+import time
 from pathlib import Path
 
 import nbd
+import pytest
 
 from coordinator import cli, session as session_mod
 from harness import peers
 from coordinator import launch
 
 MiB = 1 << 20
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need(*binaries: str) -> None:
+    """Skip (or, in CI, fail) unless every binary is on PATH."""
+    missing = [b for b in binaries if shutil.which(b) is None]
+    if missing:
+        msg = f"needs {', '.join(missing)} (run `make setup`)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def need_netns() -> None:
+    """Skip (or, in CI, fail) unless network namespaces can be made here."""
+    # Imported here, not at the top: pyroute2 takes ~0.16 s to import and
+    # most test runs never make a namespace.
+    from harness import sites
+    why = sites.unavailable()
+    if why:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def wait_until(pred, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``pred`` every 5 ms; fail the test if it is not true in ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def need_lazyfs() -> None:
+    """Skip (or, in CI, fail) unless a FUSE file system can be mounted here."""
+    from lazyfs import unavailable
+    why = unavailable()
+    if why:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@contextlib.contextmanager
+def lazyfs_at(path, survive=0.0):
+    """A LazyFS mounted on ``path`` for a test; unmounted (and checked) after."""
+    need_lazyfs()
+    from lazyfs import LazyFS, mounted
+    fs = LazyFS(path, survive=survive)
+    try:
+        with fs:
+            yield fs
+    finally:
+        assert not mounted(fs.mountpoint), "lazyfs left a mount behind"
+
+
+@contextlib.contextmanager
+def closing_all(factory):
+    """The body of a factory fixture: yields ``make(...)``, which builds with
+    ``factory``; everything built is closed at the end, even after a failure."""
+    made = []
+
+    def make(*args, **kw):
+        obj = factory(*args, **kw)
+        made.append(obj)
+        return obj
+
+    try:
+        yield make
+    finally:
+        for obj in made:
+            obj.close()
+
+
+# Where run_dir makes its directories: short (sun_path is 108 bytes, and a
+# test nests sockets two levels down) and traversable by every uid, because
+# some tests connect as uid 65534.  pytest's own tmp_path is neither for sure:
+# $TMPDIR/pytest-of-USER is 0700, and its path grows with every run.
+_RUN_BASES = (tempfile.gettempdir(), "/tmp")
+_RUN_BASE_MAX = 40
+
+
+def _traversable_by_all(path: str) -> bool:
+    """Every directory from / down to ``path`` is searchable by others."""
+    path = os.path.abspath(path)
+    while True:
+        try:
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
+
+
+def run_base() -> str:
+    """The directory under which ``run_dir`` makes its own (see _RUN_BASES)."""
+    for base in _RUN_BASES:
+        if len(base) <= _RUN_BASE_MAX and _traversable_by_all(base):
+            return base
+    raise RuntimeError(f"no short directory that every uid can traverse among"
+                       f" {', '.join(_RUN_BASES)}: set TMPDIR to one")
+
+
+@contextlib.contextmanager
+def short_dir():
+    """A fresh directory 0711 under ``run_base()``, removed at the end: a
+    child of another uid can reach a socket in it, no other uid can list it."""
+    d = tempfile.mkdtemp(prefix="cgm-", dir=run_base())
+    try:
+        os.chmod(d, 0o711)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def write_session(tmp_path: Path | str, layout: dict[str, dict[str, int]], *,

@@ -17,10 +17,10 @@ import subprocess
 import sys
 import time
 
-import workload as wl
+from harness import workload as wl
 from coordinator import direction, session as session_mod
 from coordinator.link import SlaveLink
-from mirrorrig import mirror_session
+from harness.mirrorrig import mirror_session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "coordinator.cli"]

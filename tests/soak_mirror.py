@@ -61,21 +61,18 @@ import tempfile
 import threading
 import time
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-for _p in (ROOT, TESTS):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 import nbd  # noqa: E402
 
-import workload as wl  # noqa: E402
 from wire import files  # noqa: E402
 from coordinator import launch, session as session_mod  # noqa: E402
 from coordinator.history import History  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
-from mirrorrig import tcp_node  # noqa: E402
-from test_mirror import LAYOUT, ORDER, REMOTE, SIZE, session_text  # noqa: E402
+from harness import workload as wl  # noqa: E402
+from harness.mirrorrig import LAYOUT, ORDER, REMOTE, SIZE, session_text, tcp_node  # noqa: E402
 
 KINDS = ("kill-slave", "kill-secondary", "kill-coordinator", "failpoint-mirror",
          "failpoint-secondary", "failpoint-slave", "stall-secondary",
@@ -500,7 +497,7 @@ class SiteNode:
         return self.popen.wait(30)
 
     def stop(self, timeout: float = 10) -> int | None:
-        from sites import stop
+        from harness.sites import stop
         return stop(self.popen, timeout)
 
 
@@ -531,7 +528,7 @@ class SitesCampaign(Campaign):
         wl.TLS_DIR = self.session.slaves[0].client_tls
 
     def session_keys(self) -> dict:
-        from twosites import free_port
+        from harness.sites import free_port
         return {"session": {"pki": self.pki},
                 "nodes": {name: tcp_node(self.net[host].addr,
                                          lambda site=self.net[host]: free_port(site))
@@ -585,7 +582,7 @@ def attach_sites(doc: dict):
     """The ``Sites`` a parent process made (``doc`` from ``sites_doc``), for
     this process inside one of them: faults and ``site.popen`` work, and
     the parent alone tears it down."""
-    from sites import Site, Sites
+    from harness.sites import Site, Sites
     net = Sites(doc["names"], doc["subnet"])
     net.tag, net.hub = doc["tag"], doc["hub"]
     for name, (ns, addr) in doc["sites"].items():
@@ -604,7 +601,7 @@ def campaign(base: str, rounds: int, budget_s: float, seed: int, log=print,
     ``sites``: across network namespaces (root): made here, the campaign
     itself runs inside site ``c`` (``--inside``)."""
     if sites:
-        from sites import Sites
+        from harness.sites import Sites
         with Sites(("a", "b", "c", "r")) as net:
             r = net["c"].run([sys.executable, os.path.abspath(__file__), "--inside",
                               json.dumps(sites_doc(net)), "--base", base,

@@ -7,8 +7,7 @@ import json
 import os
 
 import cgtest
-from cgtest import MiB, read_all, run, write
-from conftest import need
+from cgtest import MiB, need, read_all, run, write
 from harness import peers
 from coordinator.errors import ExitCode
 

@@ -19,7 +19,7 @@ import nbd
 import pytest
 
 import cgtest
-from conftest import need
+from cgtest import need
 from coordinator import group
 from coordinator.errors import ConfigError, EstablishAborted, ExitCode, SlaveError, \
     SlaveUnreachable

@@ -12,8 +12,7 @@ import time
 import pytest
 
 import cgtest
-from cgtest import MiB, read_all, run, write
-from conftest import need
+from cgtest import MiB, need, read_all, run, write
 from coordinator import session as session_mod
 from harness import peers
 from coordinator.errors import ExitCode

@@ -9,8 +9,7 @@ import os
 import pytest
 
 import cgtest
-from cgtest import MiB, run, write
-from conftest import need
+from cgtest import MiB, need, run, write
 from coordinator import cli, errors, output
 from coordinator.errors import ExitCode
 

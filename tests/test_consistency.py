@@ -1,4 +1,4 @@
-"""Dependent-write consistency of copies, with the workload of workload.py.
+"""Dependent-write consistency of copies, with the workload of harness/workload.py.
 
 First the checker itself (no processes): it accepts consistent images and
 catches each kind of inconsistency.  Then real slaves: the workload writes
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-import workload as wl
+from harness import workload as wl
 from harness import peers
-from conftest import closing_all, need, wait_until
+from cgtest import closing_all, need, wait_until
 from coordinator import group
 from coordinator.errors import CopyFailed, EstablishAborted
 from coordinator.link import SlaveLink

@@ -10,8 +10,7 @@ import nbd
 import psutil
 import pytest
 
-from cgtest import MiB, write
-from conftest import closing_all, need
+from cgtest import MiB, closing_all, need, write
 from coordinator import group
 from harness import peers
 from coordinator.errors import CopyFailed, ExitCode

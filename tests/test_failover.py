@@ -1,10 +1,11 @@
 """Failover, failback, resync, DR test and switchover (coordinator/roles/failover.py)
 through ``cli.main`` in this process, with real slaves and secondaries
 (nbdkit), libnbd writers and the dependent-write checker of
-tests/workload.py, on one host.
+harness/workload.py, on one host.
 
-The rig: site a is primary s1 (volumes a, b), site b is secondary r1 (a, b).
-Role switches restart a node through ``ChildLauncher`` (tests/mirrorrig.py),
+The rig (tests/failoverrig.py): site a is primary s1 (volumes a, b), site b
+is secondary r1 (a, b).
+Role switches restart a node through ``ChildLauncher`` (harness/mirrorrig.py),
 so every nbdkit stays a child of the test and is killed and reaped at its
 end.  Blocks are counted at the receiving end: a secondary's
 ``replication_bytes``.
@@ -25,38 +26,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import threading
 
-import nbd
 import pytest
 
-import workload as wl
-from conftest import need, wait_until
+from cgtest import need, wait_until
 from coordinator import cli, direction, launch, session as session_mod
 from coordinator.cli import failover_cmds
 from coordinator.link import SlaveLink
 from coordinator.mirror import Mirror
-from mirrorrig import ChildLauncher, mirror_session
-from nbdplugin.changemap import keeps_record, sends_pieces
-
-G = 64 * 1024
-SIZE = 8 << 20
-NBLOCKS = SIZE // G
-LAYOUT = wl.Layout(("s1/a", "s1/b"), SIZE, writers=2, slots=16, granularity=G)
-VOLS = ("a", "b")
-
-
-
-def session_text(**keys) -> str:
-    """The rig's session (``keys``: more of tests/mirrorrig.py's)."""
-    return mirror_session("f", {"s1": "r1"}, VOLS, size=SIZE, **keys)
-
-
-SESSION = session_text()
+from failoverrig import G, LAYOUT, NBLOCKS, SESSION, SIZE, VOLS, Rig, Writes
+from harness import workload as wl
+from harness.mirrorrig import ChildLauncher
 
 
 # ------------------------------------------------------------------ pure parts
@@ -91,70 +75,6 @@ def test_direction_refuses_a_split_or_reversed_mirror(tmp_path):
 
 # ------------------------------------------------------------------ the rig
 
-class Rig:
-    def __init__(self, slaves, run_dir, monkeypatch):
-        need("nbdkit")
-        self.dir = run_dir
-        self.path = os.path.join(run_dir, "f.toml")
-        with open(self.path, "w") as f:
-            f.write(SESSION)
-        self.session = session_mod.load(self.path)
-        self.launcher = ChildLauncher(slaves, region=G)
-        monkeypatch.setattr(failover_cmds, "launcher", self.launcher)
-        self.procs = {}
-        for spec in [self.session.slaves[0].spec(), self.session.secondaries[0].spec()]:
-            spec.region = G
-            self.procs[spec.name] = slaves.restart(spec)
-        self.logs: list[str] = []
-
-    def cli(self, *argv) -> int:
-        return cli.main(["-s", self.path, *argv])
-
-    def status(self, name) -> dict:
-        with SlaveLink(name, os.path.join(self.dir, f"{name}.ctl")) as lk:
-            return lk.status()
-
-    def call(self, name, op, **args) -> dict:
-        with SlaveLink(name, os.path.join(self.dir, f"{name}.ctl")) as lk:
-            return lk.call(op, **args)
-
-    def uris(self, node) -> list[str]:
-        return [f"nbd+unix:///{v}?socket={os.path.join(self.dir, node + '.sock')}"
-                for v in VOLS]
-
-    def group(self, source="a", full_ok=False) -> int:
-        """Form one group of ``source``'s direction; its number."""
-        m = Mirror(direction.oriented(self.session, source), log=self.logs.append,
-                   serve_control=False).open()
-        try:
-            res = m.run_once()
-            assert res.outcome == "hardened", (res, self.logs)
-            return res.n
-        finally:
-            m.close()
-
-    def check(self, node) -> wl.Report:
-        rep = wl.check_targets(self.uris(node), LAYOUT)
-        assert rep.ok, rep.summary()
-        return rep
-
-    def images(self, node) -> list[bytes]:
-        out = []
-        for v in VOLS:
-            with open(os.path.join(self.dir, f"{node}-{v}.img"), "rb") as f:
-                out.append(f.read())
-        return out
-
-    def assert_equal(self):
-        for v, x, y in zip(VOLS, self.images("s1"), self.images("r1")):
-            if x != y:
-                bad = [b for b in range(NBLOCKS) if x[b * G:(b + 1) * G] != y[b * G:(b + 1) * G]]
-                raise AssertionError(f"volume {v} differs in blocks {bad[:10]}")
-
-    def replication_bytes(self, node) -> int:
-        return sum(v["replication_bytes"] for v in self.status(node)["volumes"].values())
-
-
 @pytest.fixture
 def rig(slaves, run_dir, monkeypatch):
     r = Rig(slaves, run_dir, monkeypatch)
@@ -162,62 +82,6 @@ def rig(slaves, run_dir, monkeypatch):
         yield r
     finally:
         print("\n".join(r.logs))
-
-
-class Writes:
-    """Blocks written per volume, by the workload and by ``scatter`` (and
-    the workload's 4 KiB records: a live primary sends only those pieces)."""
-
-    def __init__(self):
-        self.blocks = {v: set() for v in VOLS}
-        self.records = {v: set() for v in VOLS}
-        self.whole = {v: set() for v in VOLS}
-
-    def workload(self, uris, records: int, resume: bool = True) -> None:
-        work = (wl.Workload.resume(uris, LAYOUT, max_records=records) if resume
-                else wl.Workload(uris, LAYOUT, max_records=records)).start()
-        for t in work._threads:
-            t.join(60)
-        work.stop()
-        assert not work.errors, work.errors
-        for w in range(LAYOUT.writers):
-            for i in range(work.start_heads[w] + 1, work.acked[w] + 1):
-                v, s = LAYOUT.place(w, i)
-                self.blocks[VOLS[v]].add(LAYOUT.offset(w, s) // G)
-                self.records[VOLS[v]].add(LAYOUT.offset(w, s))
-
-    def scatter(self, uris, count: int, seed: int) -> None:
-        """``count`` blocks per volume outside the workload's, fresh bytes."""
-        rng = random.Random(seed)
-        for v, uri in zip(VOLS, uris):
-            h = nbd.NBD()
-            h.connect_uri(uri)
-            try:
-                for b in rng.sample([b for b in range(NBLOCKS) if b % 8], count):
-                    h.pwrite(rng.randbytes(G), b * G)
-                    self.blocks[v].add(b)
-                    self.whole[v].add(b)
-                h.flush()
-            finally:
-                h.shutdown()
-
-    def sent(self, whole: dict[str, set] | None = None) -> int:
-        """Bytes a live primary's next group sends for these writes: a
-        block written whole (here, or in ``whole``: marked from the other
-        site) goes whole, one with only records just those."""
-        whole = whole or {v: set() for v in VOLS}
-        total = 0
-        for v in VOLS:
-            for b in self.blocks[v] | whole[v]:
-                mask = sum(1 << (r % G // wl.RECORD) for r in self.records[v] if r // G == b)
-                total += (G if b in self.whole[v] | whole[v]
-                          or not keeps_record(mask, wl.RECORD, G)
-                          or not sends_pieces(mask, wl.RECORD, G)
-                          else wl.RECORD * bin(mask).count("1"))
-        return total
-
-    def union(self, other: "Writes") -> dict[str, set]:
-        return {v: self.blocks[v] | other.blocks[v] for v in VOLS}
 
 
 def split(rig) -> tuple[Writes, Writes, dict]:

@@ -1,5 +1,5 @@
 """Failover, failback, resync and DR test across the namespace sites
-(tests/sites.py): primary s1 in site ``a``, secondary r1 in site ``b``, the
+(harness/sites.py): primary s1 in site ``a``, secondary r1 in site ``b``, the
 coordinator and every client in site ``c``.
 
 The root namespace never connects to a node.  Everything the coordinator
@@ -12,7 +12,7 @@ a role switch restarts a node), keeps them as its children and stops them
 when told to quit; ``Sites`` kills whatever is left in its namespaces.
 
 The scenarios are those of tests/test_failover.py (one host), with the same
-session, the same writes (``test_failover.Writes``: the dependent-write
+session, the same writes (``failoverrig.Writes``: the dependent-write
 workload plus scattered blocks, so that S and T are known exactly) and the
 same counting at the receiving end (a secondary's ``replication_bytes``).
 
@@ -50,7 +50,10 @@ for _p in (ROOT, TESTS):
 
 import pytest  # noqa: E402
 
-import test_failover as tf  # noqa: E402
+from cgtest import wait_until  # noqa: E402
+from failoverrig import G, LAYOUT, NBLOCKS, SESSION, SIZE, VOLS, Writes  # noqa: E402
+from failoverrig import session_text  # noqa: E402
+from harness import workload as wl  # noqa: E402
 from coordinator import cli, direction, launch  # noqa: E402
 from coordinator.cli import failover_cmds  # noqa: E402
 from coordinator import session as session_mod  # noqa: E402
@@ -60,7 +63,6 @@ from coordinator.mirror import Mirror  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
-G, VOLS, SIZE = tf.G, tf.VOLS, tf.SIZE
 SITE = {"s1": "a", "r1": "b"}        # node -> the site it runs in
 STEP_TIMEOUT = 120.0
 
@@ -119,7 +121,7 @@ class Node:
         self.cfgs = {c.name: c for c in [*self.session.slaves, *self.session.secondaries]}
         # The workload and the checker dial TCP nodes with the coordinator's
         # certificate (None: every node is on unix sockets).
-        tf.wl.TLS_DIR = self.session.slaves[0].client_tls
+        wl.TLS_DIR = self.session.slaves[0].client_tls
         self.logs: list[str] = []
         self.mirror: Mirror | None = None
         self.thread: threading.Thread | None = None
@@ -137,19 +139,19 @@ class Node:
             self.launcher.start(cfg.spec())
 
     def workload(self, node, records, resume=True):
-        w = tf.Writes()
+        w = Writes()
         w.workload(self.uris(node), records, resume)
         return {**{v: sorted(b) for v, b in w.blocks.items()},
                 "records": {v: sorted(r) for v, r in w.records.items()}}
 
     def scatter(self, node, count, seed):
-        """``test_failover.Writes.scatter`` through ``workload.Device``
+        """``failoverrig.Writes.scatter`` through ``workload.Device``
         (which dials a TCP node with TLS)."""
         rng, out = random.Random(seed), {}
         for v, uri in zip(VOLS, self.uris(node)):
-            dev = tf.wl.Device(uri, "scatter")
+            dev = wl.Device(uri, "scatter")
             try:
-                out[v] = sorted(rng.sample([b for b in range(tf.NBLOCKS) if b % 8], count))
+                out[v] = sorted(rng.sample([b for b in range(NBLOCKS) if b % 8], count))
                 for b in out[v]:
                     dev.pwrite(rng.randbytes(G), b * G)
                 dev.h.flush()
@@ -174,7 +176,7 @@ class Node:
         return {"rc": rc, "out": out.getvalue(), "err": err.getvalue()}
 
     def check(self, node):
-        rep = tf.wl.check_targets(self.uris(node), tf.LAYOUT)
+        rep = wl.check_targets(self.uris(node), LAYOUT)
         assert rep.ok, rep.summary()
         return rep.heads
 
@@ -257,7 +259,7 @@ class Driver:
 
     def __init__(self, net, base: str, tcp: bool = False):
         self.net, self.base = net, base
-        text = self._tcp_primary() if tcp else tf.SESSION
+        text = self._tcp_primary() if tcp else SESSION
         with open(os.path.join(base, "f.toml"), "w") as f:
             f.write(text)
         self.log = open(os.path.join(base, "driver.log"), "ab")
@@ -272,13 +274,13 @@ class Driver:
         from the session's PKI (r1 keeps its unix sockets: see the module
         doc)."""
         from coordinator import pki
-        from tests.mirrorrig import tcp_node
-        from tests.twosites import free_port
+        from harness.mirrorrig import tcp_node
+        from harness.sites import free_port
         a = self.net["a"]
         pki.init(os.path.join(self.base, "pki"), "f")
         pki.issue(os.path.join(self.base, "pki"), "s1", ips=[a.addr])
         pki.issue(os.path.join(self.base, "pki"), "coordinator")
-        return tf.session_text(session={"pki": "pki"},
+        return session_text(session={"pki": "pki"},
                                nodes={"s1": tcp_node(a.addr, lambda: free_port(a))})
 
     def __call__(self, op, *args, timeout: float = STEP_TIMEOUT):
@@ -323,8 +325,8 @@ def union(*writes: dict) -> int:
 def sent(writes: list[dict], whole: list[dict] = ()) -> int:
     """Bytes a live primary's next group sends for ``writes`` (workloads:
     their 4 KiB records; scatters: whole blocks), with the blocks of
-    ``whole`` (marked from the other site) whole: ``test_failover.Writes.sent``."""
-    w = tf.Writes()
+    ``whole`` (marked from the other site) whole: ``failoverrig.Writes.sent``."""
+    w = Writes()
     for x in writes:
         for v in VOLS:
             w.blocks[v] |= set(x.get(v, ()))
@@ -337,7 +339,7 @@ def sent(writes: list[dict], whole: list[dict] = ()) -> int:
 
 @pytest.fixture
 def d(sites, run_dir):
-    from conftest import need
+    from cgtest import need
     need("nbdkit")
     drv = Driver(sites, run_dir)
     try:
@@ -417,7 +419,7 @@ def test_failover_over_tcp_with_the_primary_site_cut_off(sites, run_dir):
     keeps running as a primary; failover needs nothing of it, r1 takes
     writes and passes the checker.  (The failback would demote s1, which
     needs TCP secondaries: see the module doc.)"""
-    from conftest import need
+    from cgtest import need
     need("nbdkit")
     drv = Driver(sites, run_dir, tcp=True)
     try:
@@ -467,7 +469,7 @@ def test_dr_test_round_trip_across_sites(d, sites):
     d("workload", "s1", 30, False)
     d("mirror_start")
     try:
-        tf.wait_until(lambda: d("mirror_state")["hardened"] >= 1, 60, "a group")
+        wait_until(lambda: d("mirror_state")["hardened"] >= 1, 60, "a group")
         res = d("cli", "failover", "--test")
         assert res["rc"] == 0, res["err"]
         assert d("mirror_state")["paused"]
@@ -478,7 +480,7 @@ def test_dr_test_round_trip_across_sites(d, sites):
         res = d("cli", "failover", "--end-test")
         assert res["rc"] == 0, res["err"]
         assert d("status", "r1")["role"] == "secondary"
-        tf.wait_until(lambda: (lambda s: s["hardened"] > hardened and s["phase"] == "idle")(
+        wait_until(lambda: (lambda s: s["hardened"] > hardened and s["phase"] == "idle")(
             d("mirror_state")), 60, "a group after the test")
     finally:
         d("mirror_stop")

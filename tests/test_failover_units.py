@@ -12,8 +12,9 @@ from collections import deque
 
 import pytest
 
+from cgtest import wait_until
 from coordinator import direction, session as session_mod
-from mirrorrig import mirror_session
+from harness.mirrorrig import mirror_session
 from nbdplugin.secondary import Secondary, SecondaryVolume, fold_maps
 from nbdplugin.slave import Fence, Slave
 from nbdplugin.volume import Volume
@@ -99,7 +100,9 @@ def test_fence_refuses_new_writes_and_waits_for_those_inside():
     inside.wait(10)
     raiser = threading.Thread(target=lambda: (f.raise_(60), done.set()))
     raiser.start()
-    assert not done.wait(0.1), "the fence went up with a write inside"
+    # Up, and the write it waits for is one only the test lets finish.
+    wait_until(lambda: f.up, 30, "the fence to go up")
+    assert not done.is_set(), "the fence went up with a write inside"
     release.set()
     assert done.wait(10)
     t.join(10)
@@ -177,7 +180,8 @@ def test_fence_raised_while_a_write_is_inside_enter_refuses_it(before):
         if before:
             assert done.wait(10), "raise_ waited for a write that had not registered"
         else:
-            assert not done.wait(0.1), "raise_ returned with a registered write inside"
+            wait_until(lambda: f.up, 30, "the fence to go up")
+            assert not done.is_set(), "raise_ returned with a registered write inside"
     finally:
         paused.resume.set()
         t.join(10)

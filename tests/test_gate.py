@@ -47,6 +47,7 @@ def test_close_times_out_when_a_writer_never_leaves():
 def test_closed_gate_holds_writers_and_open_releases_in_order():
     """Writers held by a closed gate enter in arrival order once it opens."""
     g = Gate()
+    t0 = time.monotonic()
     assert g.close(timeout=1)
     log = []
     threads = []
@@ -56,14 +57,15 @@ def test_closed_gate_holds_writers_and_open_releases_in_order():
         t.start()
         started.wait()
         # wait until this writer is queued before starting the next
-        deadline = time.monotonic() + 5
-        while g.waiting < i + 1 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while g.waiting < i + 1:
+            assert time.monotonic() < deadline, f"writer {i} never queued at the gate"
             time.sleep(0.001)
         threads.append(t)
-    time.sleep(0.05)
-    assert log == []
+    assert g.waiting == 8 and log == []     # all eight queued, none admitted
     held = g.open()
+    closed_for = time.monotonic() - t0
     for t in threads:
-        t.join(5)
+        t.join(30)
     assert [tag for _, tag in sorted(log)] == list(range(8))
-    assert held >= 0.05
+    assert 0 < held <= closed_for

@@ -18,7 +18,7 @@ import nbd
 import pytest
 
 from ctlrig import assert_aborted_by_its_connection, connect_nbd, log_text, raw, read_line
-from conftest import wait_until
+from cgtest import wait_until
 from coordinator.control import ControlError
 from native.bitmap import Bitmap
 from native.gate import Core, Gate, GateRefused
@@ -344,6 +344,12 @@ def test_the_control_socket_and_the_gate_socket_drive_one_cut(slaves):
     g.close()
 
 
+def _waiting(proc, vol="a") -> int:
+    """Host writes waiting at ``vol``'s closed gate (asked on the control socket)."""
+    with proc.control(timeout=10) as c:
+        return c.call("status")["volumes"][vol]["waiting"]
+
+
 def test_killing_the_freezing_process_aborts_the_cut_at_once(slaves):
     """kill -9 of a coordinator that froze over the gate socket: the held
     write goes through as soon as the kernel closes its socket (not at the
@@ -363,7 +369,7 @@ def test_killing_the_freezing_process_aborts_the_cut_at_once(slaves):
         t = threading.Thread(target=lambda: (h.pwrite(b"y", G),
                                              done.append(time.monotonic())))
         t.start()
-        time.sleep(0.1)
+        wait_until(lambda: _waiting(proc) == 1, 30, "the write waiting at the gate")
         assert not done                       # held by the gate
         killed = time.monotonic()
         coord.kill()
@@ -372,7 +378,8 @@ def test_killing_the_freezing_process_aborts_the_cut_at_once(slaves):
         coord.kill()
         coord.wait()
         coord.stdout.close()
-    assert done and done[0] - killed < 2.0, "write held after its freezer died"
+    # At once, not at the 30 s lease (the bound only catches that on a busy machine).
+    assert done and done[0] - killed < 10.0, "write held after its freezer died"
     assert_aborted_by_its_connection(proc, 1, {0, 1})
     h.shutdown()
 
@@ -410,10 +417,10 @@ def test_a_stale_freeze_on_the_gate_socket_never_closes_a_gate(slaves):
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     wait_until(lambda: "refused a freeze whose connection is gone" in log_text(proc),
-               what="the slave to refuse the stale freeze")
+               60, what="the slave to refuse the stale freeze")
     t0 = time.monotonic()
     h.pwrite(b"z", 0)
-    assert time.monotonic() - t0 < 2.0, "a stale freeze held host writes"
+    assert time.monotonic() - t0 < 10.0, "a stale freeze held host writes"  # lease: 20 s
     with proc.control() as c:
         assert c.call("status")["phase"] == "idle"
     h.shutdown()

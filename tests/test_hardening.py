@@ -17,8 +17,8 @@ import pytest
 
 from coordinator import group, launch
 from coordinator.link import SlaveLink
-from tests.conftest import wait_until
-from tests.tlsrig import free_port
+from cgtest import wait_until
+from tlsrig import free_port
 from wire import tls
 
 nbd = pytest.importorskip("nbd")

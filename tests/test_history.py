@@ -11,8 +11,7 @@ import sqlite3
 import pytest
 
 import cgtest
-from cgtest import MiB, run
-from conftest import need
+from cgtest import MiB, need, run
 from coordinator import history
 from coordinator.errors import ExitCode, LocalError
 

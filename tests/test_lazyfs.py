@@ -1,34 +1,12 @@
 """The lazy file system keeps exactly what was synced across a power cut."""
 
 import os
-from contextlib import contextmanager
 
 import pytest
 
 from wire.files import fsync_dir, write_atomic
-from tests.conftest import IN_CI
-from tests.lazyfs import LazyFS, mounted, unavailable
-
-
-def need_lazyfs() -> None:
-    """Skip (or, in CI, fail) unless a FUSE file system can be mounted here."""
-    why = unavailable()
-    if why:
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
-
-
-@contextmanager
-def lazyfs_at(path, survive=0.0):
-    """A LazyFS mounted on ``path`` for a test; unmounted (and checked) after."""
-    need_lazyfs()
-    fs = LazyFS(path, survive=survive)
-    try:
-        with fs:
-            yield fs
-    finally:
-        assert not mounted(fs.mountpoint), "lazyfs left a mount behind"
+from cgtest import lazyfs_at, need_lazyfs
+from lazyfs import LazyFS, mounted
 
 
 @pytest.fixture

@@ -1,12 +1,9 @@
 """The mirror (coordinator/mirror/) with real slaves, real secondaries
 (``role=secondary``), real libnbd writers and the dependent-write checker
-of tests/workload.py.
+of harness/workload.py.
 
-The rig: primaries s1, s2 with volumes a, b each; secondaries r1 (mirrors
-s1) and r2 (mirrors s2).  The remote site is read "as a group" through the
-secondaries' host exports: the hardened group of every secondary is the
-same before and after the read (a commit moves one secondary at a time, so
-a read that spans one is retried).
+The rig (tests/mirror2x2.py): primaries s1, s2 with volumes a, b each;
+secondaries r1 (mirrors s1) and r2 (mirrors s2), read "as a group".
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -22,19 +18,13 @@ import time
 import nbd
 import pytest
 
-import workload as wl
-from conftest import closing_all, need, wait_until
+from cgtest import closing_all, wait_until
 from coordinator import cli, launch, mirror as mirror_mod, session as session_mod
-from coordinator.link import SlaveLink
 from coordinator.mirror import LIFT_AFTER, Mirror, map_runs, percentile
 from coordinator.mirror import recovery
-from mirrorrig import mirror_session
-
-SIZE = 16 << 20
-LAYOUT = wl.two_by_two(SIZE)
-ORDER = [("s1", "a"), ("s2", "a"), ("s1", "b"), ("s2", "b")]      # layout order
-REMOTE = {"s1": "r1", "s2": "r2"}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import workload as wl
+from harness.mirrorrig import LAYOUT, ORDER, REMOTE, SIZE, session_text
+from mirror2x2 import Rig
 
 
 # ------------------------------------------------------------------ pure parts
@@ -89,13 +79,6 @@ def test_mirror_control_turns_a_role_request_into_the_failover_event():
 
 
 # ------------------------------------------------------------------ session
-
-def session_text(max_drain_ms=30_000, rpo=30, interval_ms=0, **keys) -> str:
-    """The rig's session (``keys``: more of tests/mirrorrig.py's)."""
-    return mirror_session("m", REMOTE, ("a", "b"), size=SIZE, slave={"threads": 4},
-                          mirror={"interval_ms": interval_ms, "max_drain_ms": max_drain_ms,
-                                  "rpo_threshold_s": rpo}, **keys)
-
 
 def test_session_mirror_tables(tmp_path):
     """[mirror], [[secondary]] and secondary= load; the pairs are as written."""
@@ -163,131 +146,24 @@ def test_pause_without_a_running_mirror_is_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------ the rig
 
-class Rig:
-    """Two primaries, two secondaries, the session file; a Mirror in this
-    process (``start_mirror``) or ``cgmirror mirror run`` as a child."""
-
-    def __init__(self, slaves, run_dir, **kw):
-        need("nbdkit")
-        self.slaves, self.run_dir = slaves, run_dir
-        self.path = os.path.join(run_dir, "m.toml")
-        self.write(**kw)
-        self.procs = {}
-        for spec in self.session.specs() + [r.spec() for r in self.session.secondaries]:
-            self.procs[spec.name] = slaves.restart(spec)
-        self.mirror: Mirror | None = None
-        self.thread: threading.Thread | None = None
-        self.logs: list[str] = []
-        self.children: list[subprocess.Popen] = []
-
-    def write(self, **kw):
-        with open(self.path, "w") as f:
-            f.write(session_text(**kw))
-        self.session = session_mod.load(self.path)
-
-    def link(self, name) -> SlaveLink:
-        cfg = next(c for c in list(self.session.slaves) + list(self.session.secondaries)
-                   if c.name == name)
-        return SlaveLink(name, cfg.control)
-
-    def status(self, name) -> dict:
-        with self.link(name) as lk:
-            return lk.status()
-
-    def uris(self) -> list[str]:
-        return [self.procs[s].spec.uri(v) for s, v in ORDER]
-
-    def host_uris(self) -> list[str]:
-        return [f"nbd+unix:///{v}?socket={self.procs[REMOTE[s]].spec.nbd_socket}"
-                for s, v in ORDER]
-
-    def hardened(self) -> tuple[int, int]:
-        return tuple(self.status(r)["hardened"] for r in ("r1", "r2"))
-
-    def read_group(self, timeout: float = 60.0) -> tuple[int, wl.Report]:
-        """Check the remote host exports as one group (see the module doc).
-        Bounded by time, not by tries: with groups back to back on a busy
-        machine, the moments when both secondaries stand at one group are
-        short and far apart."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            t0 = time.monotonic()
-            before = self.hardened()
-            if before[0] != before[1] or before[0] == 0:
-                time.sleep(0.005)
-                continue
-            rep = wl.check_targets(self.host_uris(), LAYOUT)
-            if self.hardened() == before:
-                return before[0], rep
-            self.logs.append(f"test: a read of {time.monotonic() - t0:.2f} s spanned a"
-                             f" commit; again")
-        raise AssertionError(f"the secondaries never stood at one hardened group"
-                             f" for a whole read within {timeout:g} s")
-
-    def replication_bytes(self) -> int:
-        return sum(v["replication_bytes"] for r in ("r1", "r2")
-                   for v in self.status(r)["volumes"].values())
-
-    def assert_equal(self):
-        """Host exports equal the primaries' images byte for byte."""
-        for (s, v), uri in zip(ORDER, self.host_uris()):
-            h = nbd.NBD()
-            h.connect_uri(uri)
-            try:
-                with open(os.path.join(self.run_dir, f"{s}-{v}.img"), "rb") as f:
-                    for off in range(0, SIZE, 1 << 20):
-                        assert h.pread(1 << 20, off) == f.read(1 << 20), \
-                            f"{REMOTE[s]}/{v} differs from {s}/{v} near {off}"
-            finally:
-                h.shutdown()
-
-    # the mirror in this process
-    def open_mirror(self) -> Mirror:
-        self.mirror = Mirror(self.session, log=self.logs.append).open()
-        return self.mirror
-
-    def start_mirror(self) -> Mirror:
-        m = self.open_mirror()
-        self.thread = threading.Thread(target=m.run, name="mirror", daemon=True)
-        self.thread.start()
-        return m
-
-    def stop_mirror(self):
-        if self.mirror:
-            self.mirror.stop()
-            if self.thread:
-                self.thread.join(60)
-                assert not self.thread.is_alive(), "the mirror did not stop"
-            self.mirror.close()
-            self.mirror, self.thread = None, None
-
-    # the mirror as a child process
-    def spawn(self, env=None) -> subprocess.Popen:
-        e = dict(os.environ, **(env or {}))
-        e["PYTHONPATH"] = ROOT
-        p = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", self.path,
-                              "mirror", "run"], env=e, stderr=subprocess.PIPE, text=True,
-                             cwd=ROOT)
-        self.children.append(p)
-        return p
-
-    def close(self):
-        print("\n".join(self.logs))       # shown by pytest when a test fails
-        try:
-            self.stop_mirror()
-        finally:
-            for p in self.children:
-                if p.poll() is None:
-                    p.kill()
-                p.wait(30)
-                if p.stderr:
-                    p.stderr.close()
-
-
 @pytest.fixture
 def rig(slaves, run_dir):
     with closing_all(lambda **kw: Rig(slaves, run_dir, **kw)) as make:
         yield make
+
+
+def parked(thread, mirror) -> bool:
+    """``thread`` is blocked in a Condition's wait called straight from
+    ``mirror.run`` -- the pause wait (the pause between groups is an
+    Event's wait, one frame further down)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_back is not None:
+        caller = frame.f_back
+        if frame.f_code is threading.Condition.wait.__code__ \
+                and caller.f_code.co_name == "run" and caller.f_locals.get("self") is mirror:
+            return True
+        frame = caller
+    return False
 
 
 def gates_open(rig) -> bool:
@@ -344,8 +220,10 @@ def test_pause_resume_and_status_over_the_control_socket(rig, capsys):
     assert "paused" in capsys.readouterr().out
     wait_until(lambda: m.state == "paused", 30, "paused")
     formed = m.formed
-    time.sleep(0.3)             # a window in which a running mirror forms groups
-    assert m.formed == formed
+    # Not a window of time: the loop waits on the resume condition, which
+    # only resume, stop or a verify request wakes; no group starts from there.
+    wait_until(lambda: parked(r.thread, m), 30, "the loop parked by pause")
+    assert m.formed == formed and m.state == "paused"
     assert cli.main(["-s", r.path, "mirror", "status", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["state"] == "paused" and doc["hardened"] >= 1

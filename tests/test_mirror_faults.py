@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from conftest import need
+from cgtest import need
 import soak_mirror
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -46,7 +46,7 @@ def test_link_faults_across_sites_keep_the_remote_consistent(run_dir):
     a slow link between the coordinator and a primary, kills of a primary
     and of the coordinator; the same guarantees."""
     need("nbdkit")
-    from conftest import need_netns
+    from cgtest import need_netns
     need_netns()
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed {seed}")

@@ -41,8 +41,8 @@ import time
 import pytest
 
 import soak_mirror
-from conftest import need
-from test_lazyfs import lazyfs_at
+from cgtest import need
+from cgtest import lazyfs_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 

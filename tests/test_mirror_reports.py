@@ -26,8 +26,8 @@ import nbd
 import pytest
 
 from clishell import Shell
-from conftest import need
-from mirrorrig import mirror_session
+from cgtest import need
+from harness.mirrorrig import mirror_session
 
 SIZE = 4 << 20
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z cgmirror mirror: ")

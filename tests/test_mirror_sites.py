@@ -4,7 +4,7 @@
   a ``[[secondary]]`` whose control and NBD are ``tcp:`` addresses; groups
   form (``Mirror.run_once``), the second one sends only what changed, and
   the host export read over ``nbds://`` equals the primary.
-- Across the namespace sites (tests/sites.py): primaries s1 in ``a`` and s2
+- Across the namespace sites (harness/sites.py): primaries s1 in ``a`` and s2
   in ``b``, secondaries r1 and r2 in ``r``, TCP and mutual TLS everywhere.
   Every client is the driver below (``python -m tests.test_mirror_sites
   DOC SESSION``), run inside ``c``: the mirror (in that process), the
@@ -34,15 +34,15 @@ for _p in (ROOT, TESTS):            # also run as a script inside site c
 import nbd  # noqa: E402
 import pytest  # noqa: E402
 
-import workload as wl  # noqa: E402
-from conftest import need  # noqa: E402
+from cgtest import need  # noqa: E402
 from coordinator import launch, pki, session as session_mod  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from coordinator.mirror import Mirror  # noqa: E402
-from mirrorrig import mirror_session, tcp_node  # noqa: E402
-from test_mirror import LAYOUT, ORDER, REMOTE, SIZE, session_text  # noqa: E402
+from harness import workload as wl  # noqa: E402
+from harness.mirrorrig import (LAYOUT, ORDER, REMOTE, SIZE, mirror_session,  # noqa: E402
+                               session_text, tcp_node)
+from harness.sites import free_port as site_port  # noqa: E402
 from tlsrig import free_port  # noqa: E402
-from twosites import free_port as site_port  # noqa: E402
 from wire import files, tls  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -123,7 +123,7 @@ FOOTPRINT = LAYOUT.volumes * LAYOUT.slots * LAYOUT.granularity
 
 
 def sites_session(net, base: str) -> str:
-    """tests/test_mirror.py's session, every node on ``tcp:`` in its site."""
+    """harness/mirrorrig.py's two-by-two session, every node on ``tcp:`` in its site."""
     d = os.path.join(base, "pki")
     pki.init(d, "m")
     pki.issue(d, "coordinator")

@@ -16,7 +16,7 @@ import nbd
 import psutil
 import pytest
 
-from conftest import need
+from cgtest import need
 from harness import peers
 from native import copyengine
 from native.bitmap import Bitmap

@@ -22,10 +22,11 @@ import urllib.request
 
 import pytest
 
-from conftest import closing_all, need, wait_until
+from cgtest import closing_all, need, wait_until
 from coordinator import cli, session as session_mod
 from coordinator.mirror import events
-from test_mirror import SIZE, Rig, session_text
+from harness.mirrorrig import SIZE, session_text
+from mirror2x2 import Rig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY_CLI = f"{shlex.quote(sys.executable)} -m coordinator.cli"
@@ -347,16 +348,18 @@ def test_events_stream_groups_pause_resume_and_a_secondary_going(ops_rig, capsys
 
 def test_status_watch_redraws_until_ctrl_c(ops_rig):
     """mirror status --watch redraws the table; Ctrl-C ends it with exit 0."""
-    r = ops_rig()
+    # rpo: a loaded machine can take longer than the rig's 30 s over the first
+    # full copy, and the state would read "severe", not "running".
+    r = ops_rig(rpo=3600)
     m = r.start_mirror()
-    wait_until(lambda: m.formed >= 1, 60, "a group")
+    wait_until(lambda: m.formed >= 1, 120, "a group")
     p = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", r.path, "mirror",
                           "status", "--watch"], cwd=ROOT, stdout=subprocess.PIPE,
                          text=True)
     r.children.append(p)
     out = Lines(p.stdout)
-    out.until(lambda x: "\x1b[2J" in x, 30, "a first screen")
-    screen = out.until(lambda x: "\x1b[2J" in x, 30, "a second screen")
+    out.until(lambda x: "\x1b[2J" in x, 60, "a first screen")
+    screen = out.until(lambda x: "\x1b[2J" in x, 60, "a second screen")
     assert any("session m: running" in x for x in screen), screen
     assert any("SLAVE" in x and "ETA" in x for x in screen), screen
     p.send_signal(signal.SIGINT)
@@ -425,7 +428,7 @@ def test_changing_the_rate_at_run_time_takes_effect(ops_rig, capsys):
     r = ops_rig('rate = "256K"')
     m = r.start_mirror()
     wait_until(lambda: m.phase == "drain", 60, "the first drain")
-    time.sleep(0.5)             # the drain runs under the limit for a while
+    wait_until(lambda: r.replication_bytes() > 0, 60, "bytes sent under the limit")
     assert cli.main(["-s", r.path, "mirror", "rate", "0"]) == 0
     assert "drain limit unlimited" in capsys.readouterr().out
     wait_until(lambda: m.formed >= 1, 120, "the first group")
@@ -466,6 +469,23 @@ class Writer:
         self.h.shutdown()
 
 
+def pause_after_a_hardened_group(r, m, capsys, tries: int = 5) -> None:
+    """``mirror pause``, landing after a group that hardened (a verify while
+    paused needs one); a pause after a failed group is resumed and tried
+    again."""
+    for _ in range(tries):
+        assert cli.main(["-s", r.path, "mirror", "pause"]) == 0
+        capsys.readouterr()
+        wait_until(lambda: m.state == "paused", 120, "paused")
+        if m.last is not None and m.last.outcome == "hardened":
+            return
+        formed = m.formed
+        assert cli.main(["-s", r.path, "mirror", "resume"]) == 0
+        capsys.readouterr()
+        wait_until(lambda: m.formed > formed, 120, "a group after the resume")
+    raise AssertionError(f"no pause after a hardened group in {tries} tries: {r.logs[-5:]}")
+
+
 def test_online_verify_finds_the_one_corrupt_remote_block_and_repair_fixes_it(
         ops_rig, capsys):
     """A block changed at the remote behind cgmirror's back: verify (host
@@ -482,6 +502,10 @@ def test_online_verify_finds_the_one_corrupt_remote_block_and_repair_fixes_it(
         assert cli.main(["-s", r.path, "verify", "--json"]) == 0
         clean = json.loads(capsys.readouterr().out)
         assert clean["differing_blocks"] == 0 and clean["group"] >= 1
+        # No group may start between the damage and its repair: its drain
+        # would find the baseline gone (block 37 differs) and fail, so would
+        # every later one, and a verify waits for a hardened group.
+        pause_after_a_hardened_group(r, m, capsys)
         # Behind cgmirror's back: the secondary's image file itself.
         fd = os.open(os.path.join(r.run_dir, "r1-a.img"), os.O_WRONLY)
         try:
@@ -501,10 +525,12 @@ def test_online_verify_finds_the_one_corrupt_remote_block_and_repair_fixes_it(
         formed = m.formed
         assert cli.main(["-s", r.path, "verify", "--repair", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["volumes"]["s1"]["a"]["marked"] == 1
-        wait_until(lambda: m.formed >= formed + 2, 60, "groups after the repair")
+        assert cli.main(["-s", r.path, "mirror", "resume"]) == 0
+        capsys.readouterr()
+        wait_until(lambda: m.formed >= formed + 2, 120, "groups after the repair")
     finally:
         writer.close()
-    wait_until(lambda: m.formed >= formed + 4, 60, "groups after the writes")
+    wait_until(lambda: m.formed >= formed + 4, 120, "groups after the writes")
     assert cli.main(["-s", r.path, "verify", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["differing_blocks"] == 0
     r.stop_mirror()

@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from conftest import need
+from cgtest import need
 
 CLI = [sys.executable, "-m", "coordinator.cli"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

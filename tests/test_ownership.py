@@ -9,7 +9,7 @@ import subprocess
 import nbd
 import pytest
 
-from conftest import need
+from cgtest import need
 from coordinator import launch
 
 G = 64 * 1024

@@ -8,7 +8,7 @@ import time
 import nbd
 import pytest
 
-from conftest import need
+from cgtest import need
 from harness import peers
 from coordinator.control import ControlError
 

@@ -289,7 +289,7 @@ def talk(ctx: ssl.SSLContext | None, port: int, host: str = "127.0.0.1") -> byte
 
 
 def server_event(srv: EchoServer) -> tuple[str, str | None]:
-    from tests.conftest import wait_until
+    from cgtest import wait_until
     wait_until(lambda: srv.events, timeout=10, what="the server to finish the handshake")
     return srv.events[0]
 

@@ -25,8 +25,8 @@ from coordinator import launch
 from harness import peers
 from nbdplugin.blockstore import BlockStore
 from wire.files import fsync_dir, write_atomic
-from tests.conftest import need
-from tests.test_lazyfs import lazyfs_at
+from cgtest import need
+from cgtest import lazyfs_at
 
 G = 64 * 1024            # change granularity
 REGION = 256 * 1024      # intent region: 4 blocks, so regions come and go

@@ -26,8 +26,8 @@ import time
 
 import pytest
 
-import workload as wl
-from conftest import need, wait_until
+from cgtest import need, wait_until
+from harness import workload as wl
 from coordinator import launch
 from rolerig import CLI, LAYOUT, NAME, Shell
 

@@ -11,7 +11,7 @@ import threading
 import nbd
 import pytest
 
-from conftest import wait_until
+from cgtest import wait_until
 from wire import protocol
 from coordinator.control import ControlError
 

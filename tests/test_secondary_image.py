@@ -3,7 +3,7 @@
 real CLI (``cli.main`` in this process) and the dependent-write checker of
 tests/workload.py.
 
-The rig is tests/test_failover.py's: s1 (volumes a, b) mirrored to r1,
+The rig is tests/failoverrig.py's: s1 (volumes a, b) mirrored to r1,
 role switches restarting nodes as children of the test.
 
 Item 1: a volume file unlinked or replaced under a running node is noticed
@@ -22,10 +22,10 @@ import subprocess
 import nbd
 import pytest
 
-import workload as wl
+from harness import workload as wl
 from coordinator import direction, launch
 from coordinator.mirror import Mirror
-from test_failover import G, LAYOUT, NBLOCKS, VOLS, Rig, Writes
+from failoverrig import G, LAYOUT, NBLOCKS, VOLS, Rig, Writes
 
 
 @pytest.fixture

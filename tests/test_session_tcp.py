@@ -4,12 +4,20 @@ and ``cgmirror pki`` through ``cli.main`` without a session file."""
 from __future__ import annotations
 
 import os
+import textwrap
 
 import pytest
 
 from coordinator import cli, session
 from coordinator.errors import ConfigError, ExitCode
-from tests.test_session import write
+
+
+def write(tmp_path, text: str) -> str:
+    """tmp_path/demo.toml holding ``text`` (dedented); its path."""
+    p = tmp_path / "demo.toml"
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
 
 TCP = """
 [session]

@@ -1,4 +1,4 @@
-"""Simulated sites (tests/sites.py): real namespaces, real nbdkit, real libnbd.
+"""Simulated sites (harness/sites.py): real namespaces, real nbdkit, real libnbd.
 
 Every NBD client here runs inside a site, never in the root namespace (whose
 default route would carry a site address off the machine).
@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from conftest import need, need_netns, wait_until
-from tests.sites import Sites, SitesError, list_ours, listen_ports, stop, sweep_stale
+from cgtest import need, need_netns, wait_until
+from harness.sites import PREFIX, Sites, SitesError, list_ours, listen_ports, stop, sweep_stale
 
 # Seconds an NBD client command waits before it reports "timeout".
 LIMIT = 2.0
@@ -297,13 +297,21 @@ def test_rate_limits_a_host_link_both_ways(sites):
     assert "tbf" not in out.stdout
 
 
+def _netns_of_this_process() -> list[str]:
+    """The namespaces named for this test run (other runs on the machine,
+    other checkouts' included, make and remove their own meanwhile)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                         check=True, timeout=10).stdout
+    mine = f"{PREFIX}{os.getpid()}-"
+    return sorted(line.split()[0] for line in out.splitlines() if line.startswith(mine))
+
+
 def test_teardown_leaves_nothing_even_when_the_test_fails():
     """A failing test body still ends with every process reaped, a process
     left behind by a tracked one killed, and every namespace gone."""
     need_netns()
     need("nbdkit")
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                            check=True, timeout=10).stdout
+    before = _netns_of_this_process()
     with pytest.raises(RuntimeError, match="test body failed"):
         with Sites(("x", "y"), subnet="10.213.9.0/24") as net:
             srv, _ = nbd_server(net["y"])
@@ -315,9 +323,7 @@ def test_teardown_leaves_nothing_even_when_the_test_fails():
     assert srv.returncode is not None
     wait_until(lambda: _gone(stray), 10, f"stray pid {stray} to go")
     assert list_ours_of(net) == []
-    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                           check=True, timeout=10).stdout
-    assert after == before
+    assert _netns_of_this_process() == before
 
 
 def test_namespaces_of_a_dead_test_run_are_swept():

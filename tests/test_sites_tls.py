@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests import twosites
+import twosites
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture
 def two(sites, tmp_path):
-    from tests.conftest import need
+    from cgtest import need
     need("nbdkit")
     return twosites.TwoSites(sites, str(tmp_path))
 
@@ -35,7 +35,8 @@ def test_slave_killed_during_establish_across_sites(two):
     print(out)
     assert victim.wait(30) != 0          # reaped: it was ours
     assert out["slave"] == "s2" and out["aborts"].get("s1") == "aborted", out
-    # Thawed by the abort, well inside the coordination time plus a round trip.
-    limit = twosites.COORD_MS / 1000 + 1.0
-    assert out["establish_s"] < limit and out["held_write_s"] < limit, out
+    # Thawed by the abort as soon as s2 died, not at the coordination time
+    # (20 s; a busy machine gets half of it).
+    limit = twosites.KILL_COORD_MS / 2000
+    assert out["abort_after_kill_s"] < limit and out["write_after_kill_s"] < limit, out
     assert out["s1"] == {"phase": "idle", "ended": "aborted", "gates": ["open"]}, out

@@ -10,7 +10,7 @@ import time
 import nbd
 import pytest
 
-from conftest import need, wait_until
+from cgtest import need, wait_until
 from coordinator import launch
 from coordinator.control import ControlError
 from nbdplugin.slave import Slave
@@ -140,23 +140,32 @@ def test_freeze_waits_for_writes_inside(tmp_path):
     vol = Volume("a", str(tmp_path / "a.img"), str(tmp_path), G, MB, create_size=MB)
     slave = Slave({"a": vol}, str(tmp_path))
     real = vol.pwrite_all
-    inside = threading.Event()
+    inside, release = threading.Event(), threading.Event()
     done_at = []
 
     def slow(buf, offset):
         inside.set()
-        time.sleep(0.3)
+        assert release.wait(30), "the test never released the write"
         real(buf, offset)
         done_at.append(time.monotonic())
 
     vol.pwrite_all = slow
     t = threading.Thread(target=vol.pwrite, args=(b"slow", 0))
     t.start()
-    inside.wait(5)
-    r = slave.handle(b'{"op":"freeze","n":1,"lease_ms":10000}')
-    answered = time.monotonic()
+    assert inside.wait(30), "the write never reached the volume"
+    answer = []
+    f = threading.Thread(target=lambda: answer.append(
+        (slave.handle(b'{"op":"freeze","n":1,"lease_ms":10000}'), time.monotonic())))
+    f.start()
+    # The freeze has closed the gate and waits for the write inside, which
+    # only the test can let finish: it cannot have answered yet.
+    wait_until(lambda: vol.gate.closed, 30, "the freeze to close the gate")
+    assert not answer and vol.gate.inside == 1
+    release.set()
+    f.join(30)
+    t.join(30)
+    r, answered = answer[0]
     assert r["ok"], r
-    t.join(5)
     assert done_at and done_at[0] <= answered
     assert r["blocks"] == {"a": 1}           # the write is in cut 1
     assert slave.handle(b'{"op":"thaw","n":1}')["ok"]

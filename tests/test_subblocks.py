@@ -15,8 +15,7 @@ import re
 
 import pytest
 
-from cgtest import MiB, close, nbd_handle, read_all, write
-from conftest import need, wait_until
+from cgtest import MiB, close, nbd_handle, need, read_all, wait_until, write
 from coordinator import group
 from coordinator.group.fanout import abort_all
 from coordinator.link import SlaveLink

@@ -18,7 +18,7 @@ import threading
 
 import nbd
 
-from conftest import wait_until
+from cgtest import wait_until
 from nbdplugin import threadstate
 
 _libc = ctypes.CDLL(None, use_errno=True)

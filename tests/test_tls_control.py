@@ -18,8 +18,8 @@ import pytest
 from coordinator import launch
 from coordinator.control import ControlClient, ControlError
 from coordinator.link import SlaveLink
-from tests.conftest import wait_until
-from tests.tlsrig import free_port
+from cgtest import wait_until
+from tlsrig import free_port
 from wire import protocol, tls
 from wire.protocol import Kind
 

@@ -13,8 +13,8 @@ import os
 import pytest
 
 from coordinator import launch
-from tests.conftest import need, wait_until
-from tests.tlsrig import Server, free_port
+from cgtest import need, wait_until
+from tlsrig import Server, free_port
 from wire import tls
 
 nbd = pytest.importorskip("nbd")

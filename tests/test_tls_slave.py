@@ -14,7 +14,7 @@ import pytest
 from coordinator import group
 from coordinator.errors import CopyFailed
 from coordinator.link import SlaveLink
-from tests.tlsrig import free_port
+from tlsrig import free_port
 from wire import tls
 
 nbd = pytest.importorskip("nbd")

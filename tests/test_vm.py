@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.vmfixture import workload
+from vmfixture import workload
 from vm.runner import GuestError, GuestTimeout, run_guest
 
 pytestmark = pytest.mark.vm

@@ -28,12 +28,12 @@ import time
 
 import pytest
 
-from conftest import need, wait_until
+from cgtest import need, wait_until
 from coordinator import cli, session as session_mod
 from coordinator.cli import failover_cmds
 from coordinator.mirror import Mirror
-from mirrorrig import ChildLauncher, mirror_session
-from tests.vmfixture import workload
+from harness.mirrorrig import ChildLauncher, mirror_session
+from vmfixture import workload
 
 pytestmark = pytest.mark.vm
 

@@ -1,7 +1,7 @@
 """Loopback VM: the mirror under live ext4 file systems (marker vm).
 
 Two slaves, one 64 MiB volume each, ext4 on both, mounted in the guest and
-written by the guest's writers of tests/test_vm_copy.py (files fsync'd two
+written by the guest's writers of tests/ext4guest.py (files fsync'd two
 of three, each fsync announced on the console with its checksum).  Each
 volume mirrors to a secondary; the mirror forms groups 2.5 s apart, in this
 process (a read of both remote volumes from the guest-loaded host takes
@@ -14,7 +14,7 @@ SYNCED lines the host had received before the cut's time (the history's
 cut time of h; a sampler notes the console's length every 20 ms, and a line
 is printed only after its fsync returned).  Each image, after journal
 replay, must pass ``e2fsck -f -n`` and hold every one of those files with
-its checksum (``_check_copy`` of test_vm_copy).
+its checksum (``check_copy`` of tests/ext4guest.py).
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ import time
 
 import pytest
 
-from cgtest import MiB
-from conftest import need
+from cgtest import MiB, need
 from coordinator import launch, session as session_mod
 from coordinator.history import History
 from coordinator.link import SlaveLink
 from coordinator.mirror import Mirror
-from test_vm_copy import SCRIPT, SYNCED_BEFORE, _check_copy, _synced, _wait_synced
-import workload as wl
+from ext4guest import SCRIPT, SYNCED_BEFORE, check_copy, synced, wait_synced
+from harness import workload as wl
 
 pytestmark = pytest.mark.vm
 
@@ -97,7 +96,7 @@ def test_mirror_of_live_ext4_across_two_slaves(vm_guest, run_dir):
         sampler = threading.Thread(target=sample, name="console-sampler", daemon=True)
         sampler.start()
         g.wait_line(r"^READY writing", timeout=60)
-        _wait_synced(g, 0, SYNCED_BEFORE, timeout=60)
+        wait_synced(g, 0, SYNCED_BEFORE, timeout=60)
         t_files = time.time()           # groups cut from now hold the file systems
         seen = set()
         deadline = time.monotonic() + 60
@@ -126,10 +125,10 @@ def test_mirror_of_live_ext4_across_two_slaves(vm_guest, run_dir):
             if hardened(sess) != before:
                 continue                       # a commit came between: again
             idx = max((n for t, n in marks if t < cut), default=0)
-            synced_before = _synced(g.console[:idx])
+            synced_before = synced(g.console[:idx])
             out_dir = os.path.join(run_dir, f"g{h}")
             os.mkdir(out_dir)
-            rep = [_check_copy(img, dev, synced_before, {}, out_dir)
+            rep = [check_copy(img, dev, synced_before, {}, out_dir)
                    for dev, img in enumerate(images)]
             reports.append((h, rep))
             seen.add(h)

@@ -25,7 +25,7 @@ import subprocess
 import psutil
 import pytest
 
-from conftest import need, wait_until
+from cgtest import need, wait_until
 from coordinator import pki
 from wire import tls
 

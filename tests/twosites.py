@@ -1,5 +1,5 @@
 """Two sites over TCP with mutual TLS: slaves in namespaces ``a`` and ``b``,
-the coordinator in ``c``, the targets in ``r`` (tests/sites.py).
+the coordinator in ``c``, the targets in ``r`` (harness/sites.py).
 
 ``TwoSites`` (used by the tests in the root namespace) makes the session PKI,
 a session file whose control channels and NBD exports are ``tcp:`` addresses
@@ -14,9 +14,9 @@ Scenarios (ports of tests/test_consistency.py):
 - ``consistency SESSION``: copies taken while dependent writes run pass the
   checker; with writes stopped, a last copy equals the sources.
 - ``kill SESSION PID``: the slave PID (s2) takes FREEZE and never answers
-  (SIGSTOP once the establish's connection to it is up), then is killed -9;
-  the establish aborts and the other slave thaws within the coordination
-  time.
+  (SIGSTOP once the establish's connection to it is up), then, once s1 is
+  frozen and a write waits at its gate, is killed -9; the establish aborts
+  and s1 thaws as soon as s2 is gone, not at the coordination time.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from coordinator.errors import EstablishAborted  # noqa: E402
 from coordinator.group import pipeline  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from harness import peers  # noqa: E402
-from tests import workload as wl  # noqa: E402
+from harness import workload as wl  # noqa: E402
+from harness.sites import free_port  # noqa: E402
 
 SIZE = 16 << 20
 LAYOUT = wl.two_by_two(SIZE)
@@ -46,18 +47,16 @@ ORDER = [("s1", "a"), ("s2", "a"), ("s1", "b"), ("s2", "b")]     # layout order
 HOSTS = {"s1": "a", "s2": "b"}
 LEASE_MS = 10_000
 COORD_MS = 1_000
+# The kill scenario's establish: a coordination time long enough that s1
+# is seen frozen and a write seen held before s2 dies even on a busy
+# machine, so that "thawed at once when s2 died" is told from "thawed at
+# the coordination time".
+KILL_COORD_MS = 20_000
+KILL_LEASE_MS = 40_000
 SPARE = SIZE - wl.RECORD        # outside every slot
 
 
 # ------------------------------------------------------------ root namespace
-
-def free_port(site) -> int:
-    """A port free on ``site``'s address, picked by the kernel inside the
-    site (only our own processes live there, so it stays free)."""
-    code = ("import socket; s = socket.socket(); s.bind((%r, 0));"
-            " print(s.getsockname()[1])" % site.addr)
-    return int(site.run([sys.executable, "-c", code], timeout=30).stdout)
-
 
 class TwoSites:
     """PKI, session file, targets in ``r`` and slaves in ``a``/``b``."""
@@ -251,17 +250,21 @@ def kill(session_path: str, victim_pid: str) -> dict:
             os.kill(pid, signal.SIGSTOP)
     pipeline.Wire._settle = settle_then_stop
     try:
-        t, result = wl.timed(lambda: group.establish(d.links, d.n, LEASE_MS, COORD_MS),
-                             "establish")
+        t, result = wl.timed(lambda: group.establish(d.links, d.n, KILL_LEASE_MS,
+                                                     KILL_COORD_MS), "establish")
         s1 = d.links[0]
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + KILL_COORD_MS / 2000
         while s1.status()["phase"] != "frozen":
             assert time.monotonic() < deadline, "s1 never frozen"
             time.sleep(0.005)
         w, wt = wl.timed(lambda: h.pwrite(b"held" * 1024, SPARE), "held-write")
+        while s1.status()["volumes"]["a"]["waiting"] < 1:
+            assert time.monotonic() < deadline, "the write never waited at s1's gate"
+            time.sleep(0.005)
+        killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        t.join(LEASE_MS / 1000)
-        w.join(LEASE_MS / 1000)
+        t.join(KILL_LEASE_MS / 1000)
+        w.join(KILL_LEASE_MS / 1000)
         assert not t.is_alive() and not w.is_alive()
     finally:
         h.close()
@@ -271,6 +274,8 @@ def kill(session_path: str, victim_pid: str) -> dict:
     st = d.links[0].status()
     return {"ok": True, "slave": exc.slave, "aborts": exc.aborts,
             "establish_s": result["s"], "held_write_s": wt["s"],
+            "abort_after_kill_s": result["end"] - killed,
+            "write_after_kill_s": wt["end"] - killed,
             "s1": {"phase": st["phase"], "ended": st["ended"],
                    "gates": sorted({v["gate"] for v in st["volumes"].values()})}}
 

@@ -1,5 +1,5 @@
 """Pytest fixtures for the loopback VM (register with
-``pytest_plugins = ["tests.vmfixture"]`` in tests/conftest.py, or import the
+``pytest_plugins = ["vmfixture"]`` in tests/conftest.py, or import the
 fixtures into a test module).
 
     def test_x(vm_guest, nbdkit_server):
@@ -34,7 +34,7 @@ import tempfile
 
 import pytest
 
-from conftest import need
+from cgtest import need
 from harness import peers
 from vm import build
 from vm.runner import Guest

@@ -1,7 +1,8 @@
-"""The mirror and role-switch tests' shared parts: one builder for the
-session TOML that the mirror, failover, site and VM tests write (so that a
-change of the file format is made in one place), and the launcher through
-which their role switches restart nodes as children of the test.
+"""The mirror rigs' shared parts (tests, ``make soak``, bench/bench_mirror.py):
+one builder for the session TOML that the mirror, failover, site and VM
+tests write (so that a change of the file format is made in one place); the
+two-by-two rig's layout and session; and the launcher through which role
+switches restart nodes as children of the test.  No pytest here.
 
 The layout: every slave serves the same volume names from ``SLAVE-VOL.img``
 on ``SLAVE.sock`` with control ``SLAVE.ctl`` (paths relative to the session
@@ -15,6 +16,7 @@ import json
 
 from coordinator import launch
 from coordinator.roles.failover import Launcher
+from harness import workload as wl
 
 # The rig's usual budgets: generous, so that a loaded machine does not fail
 # a cut or a drain that a test meant to succeed.
@@ -49,6 +51,22 @@ def mirror_session(name: str, pairs: dict[str, str], volumes=("a",), *,
             out += _table("[[secondary.volume]]", {"name": v, "path": f"{r}-{v}.img",
                                                    "size": size})
     return "\n".join(out) + "\n"
+
+
+# The two-by-two rig: primaries s1, s2 with volumes a, b each; secondaries
+# r1 (mirrors s1) and r2 (mirrors s2); the dependent-write workload across
+# the four volumes, neighbours on different slaves.
+SIZE = 16 << 20
+LAYOUT = wl.two_by_two(SIZE)
+ORDER = [("s1", "a"), ("s2", "a"), ("s1", "b"), ("s2", "b")]      # layout order
+REMOTE = {"s1": "r1", "s2": "r2"}
+
+
+def session_text(max_drain_ms=30_000, rpo=30, interval_ms=0, **keys) -> str:
+    """The two-by-two rig's session (``keys``: more of ``mirror_session``'s)."""
+    return mirror_session("m", REMOTE, ("a", "b"), size=SIZE, slave={"threads": 4},
+                          mirror={"interval_ms": interval_ms, "max_drain_ms": max_drain_ms,
+                                  "rpo_threshold_s": rpo}, **keys)
 
 
 def tcp_node(addr: str, port) -> dict:

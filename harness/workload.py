@@ -286,8 +286,9 @@ TLS_DIR: str | None = None
 
 def timed(fn, name: str) -> tuple[threading.Thread, dict]:
     """Start ``fn`` in a thread named ``name``; the dict gets ``s``, the
-    seconds it took, and ``exc`` if it raised (a fault test's establish or
-    held write: the caller joins with a bound and checks both)."""
+    seconds it took, ``end``, the monotonic time it ended, and ``exc`` if it
+    raised (a fault test's establish or held write: the caller joins with a
+    bound and checks both)."""
     out: dict = {}
 
     def run():
@@ -296,7 +297,8 @@ def timed(fn, name: str) -> tuple[threading.Thread, dict]:
             fn()
         except Exception as exc:
             out["exc"] = exc
-        out["s"] = time.monotonic() - t0
+        out["end"] = time.monotonic()
+        out["s"] = out["end"] - t0
 
     t = threading.Thread(target=run, name=name)
     t.start()

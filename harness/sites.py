@@ -47,6 +47,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 from pyroute2 import IPRoute, netns
@@ -100,8 +101,8 @@ def _pids_in(name: str) -> list[int]:
 
 
 def _wait_for(pred, timeout: float, what: str) -> None:
-    """conftest.wait_until's twin, raising SitesError: this module does not
-    import pytest's conftest, so that a demo outside pytest can use it."""
+    """tests/cgtest.py's wait_until, raising SitesError: this module does not
+    import pytest, so that the demo and the benches can use it."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
@@ -387,3 +388,11 @@ class Sites:
                        "rate", f"{mbit}mbit", "burst", str(burst), "latency", "200ms"]
             subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True,
                            timeout=10, capture_output=True)
+
+
+def free_port(site) -> int:
+    """A port free on ``site``'s address, picked by the kernel inside the
+    site (only our own processes live there, so it stays free)."""
+    code = ("import socket; s = socket.socket(); s.bind((%r, 0));"
+            " print(s.getsockname()[1])" % site.addr)
+    return int(site.run([sys.executable, "-c", code], timeout=30).stdout)
