@@ -191,8 +191,8 @@ def refuse_copy_of_mirrored(s: session_mod.Session) -> None:
     if not pairs:
         return
     slave, vol, sec, _ = pairs[0]
-    head = (f"session {s.name} mirrors {slave}/{vol} to secondary {sec}; `cgmirror copy`"
-            f" copies only to a fixed target")
+    head = (f"session {s.name} mirrors {slave}/{vol} to secondary {sec}, and copy"
+            f" sends only to a volume's fixed 'target'")
     try:
         mirror.call(mirror.control_path(s), "status", timeout=5)
     except (MirrorError, MirrorNotRunning):
