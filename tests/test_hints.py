@@ -42,7 +42,7 @@ import time
 import pytest
 
 from conftest import need
-from hintrig import COPIED, MIRRORED, Shell, commands, same_bytes, scribble, the_command
+from hintrig import CLI, COPIED, MIRRORED, Shell, commands, same_bytes, scribble, the_command
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -202,8 +202,65 @@ def test_mirror_run_after_a_failover_names_failback(shell):
     assert ["failback"] in commands(out.stderr), out.stderr     # its own last line
     p = sh.run("mirror", "run", timeout=60)
     assert p.returncode != 0
-    cmd = the_command(p.stderr, "failback")
+    assert ["failback"] in commands(p.stderr), p.stderr
+    cmd = the_command(p.stderr, "resync")            # the other command it names
+    assert cmd == ["resync", "--from", "b", "--to", "a"], p.stderr
     sh.ok(*cmd, timeout=240)
+    sh.start_mirror()                                # now from site b
+    sh.wait_hardened()
+
+
+def test_verify_names_its_repair_and_the_repair_makes_the_images_equal(shell):
+    """A block of the primary's image changed behind nbdkit's back (no bit
+    marks it): ``verify`` exits 1 naming ``cgmirror verify --repair``; run as
+    printed, the next group sends the block and ``verify`` finds none."""
+    sh = mirrored(shell)
+    sh.start_mirror()
+    sh.wait_hardened()
+    with open(sh.path("s1-a.img"), "r+b") as f:
+        f.write(b"\xa5" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    p = sh.run("verify", timeout=200)
+    assert p.returncode == 1, p.stdout + p.stderr
+    cmd = the_command(p.stdout)
+    assert cmd == ["verify", "--repair"], p.stdout
+    h = sh.status()["hardened"]
+    sh.ok(*cmd, timeout=200)
+    sh.wait_hardened(h + 1)
+    sh.ok("verify", timeout=200)
+    sh.stop_mirror()
+    assert same_bytes(sh.path("s1-a.img"), sh.path("r1-a.img"))
+
+
+def test_a_switchover_killed_half_way_names_itself_again(shell):
+    """``switchover`` killed -9 once site a is demoted: ``mirror run`` (and
+    ``copy``) name ``cgmirror switchover`` again, which finishes it; the
+    mirror then runs from site b."""
+    sh = mirrored(shell)
+    sh.start_mirror()
+    sh.wait_hardened()
+    sh.stop_mirror()
+    p = subprocess.Popen([*CLI, "switchover"], cwd=sh.dir, env=sh.env, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for line in p.stderr:                # killed at its first demotion
+            if "now runs as a secondary" in line:
+                p.kill()
+                break
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+        p.stderr.close()
+    doc = json.loads(sh.run("status", "--json").stdout)  # exit 3: nodes half switched
+    assert doc["direction"]["state"] == "switching", doc["direction"]
+    for args in (("mirror", "run"), ("copy",)):
+        p = sh.run(*args, timeout=60)
+        assert p.returncode != 0
+        assert the_command(p.stderr, "switchover") == ["switchover"], p.stderr
+    sh.ok("switchover", timeout=240)
+    assert json.loads(sh.run("status", "--json").stdout)["direction"] == {
+        "source": "b", "state": "mirroring"}
     sh.start_mirror()
     sh.wait_hardened()
 
