@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import socket
 import subprocess
 import time
@@ -62,9 +65,19 @@ def shell(run_dir):
 
 
 def mirrored(shell) -> Shell:
+    """A mirrored session's nodes, started, with s1/a holding data (a zero
+    image would pass any baseline sample of a zero target)."""
+    import nbd
     sh = shell()
     sh.ok("slave", "start")
     sh.ok("secondary", "start")
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///a?socket={sh.path('s1.sock')}")
+    try:
+        h.pwrite(os.urandom(4 << 20), 0)
+        h.flush()
+    finally:
+        h.shutdown()
     return sh
 
 
@@ -367,3 +380,83 @@ def test_certificate_hints_make_certificates_that_work(shell):
     sh.ok("secondary", "start")
     sh.start_mirror()
     sh.wait_hardened()
+
+
+def shell_command(message: str, pattern: str) -> list[str]:
+    """A shell command a message names (``cp ...`` in backquotes,
+    ``truncate ...`` in parentheses), as argv."""
+    m = re.search(pattern, message)
+    assert m, f"no {pattern!r} in: {message}"
+    return shlex.split(m.group(1))
+
+
+@pytest.mark.parametrize("how", ["copy-back", "only-restart"])
+def test_a_deleted_secondary_volume_is_brought_back_as_its_hint_says(shell, how):
+    """The secondary's image is unlinked while the mirror runs: groups fail
+    naming ``cp /proc/PID/fd/N PATH`` then a restart of the node (which,
+    today, waits for the mirror to stop: the session lock), or only the
+    restart and ``cgmirror mirror run``, which copies the volume whole.
+    Either way, run as printed, groups harden again and the images match;
+    the copy back sends no full copy."""
+    sh = mirrored(shell)
+    sh.start_mirror()
+    h = sh.wait_hardened()
+    os.unlink(sh.path("r1-a.img"))
+    err = sh.wait_group_error("was deleted")
+    if how == "copy-back":
+        subprocess.run(shell_command(err, r"`(cp [^`]+)`"), check=True, timeout=60)
+    sh.stop_mirror()
+    sh.ok("secondary", "stop", "r1")
+    sh.ok("secondary", "start", "r1")
+    with open(sh.mirror_log) as f:
+        before = len(f.read())
+    cmd = ["mirror", "run"] if how == "copy-back" else the_command(err)
+    assert cmd == ["mirror", "run"], err
+    sh.start_mirror(tuple(cmd))
+    sh.wait_hardened(h)
+    sh.stop_mirror()
+    with open(sh.mirror_log) as f:
+        log = f.read()[before:]
+    assert ("first full copy" in log) == (how == "only-restart"), log
+    assert same_bytes(sh.path("s1-a.img"), sh.path("r1-a.img"))
+
+
+def test_a_resized_secondary_volume_is_restored_by_the_printed_truncate(shell):
+    """The secondary's image grows behind its node: groups fail naming
+    ``truncate -s SIZE PATH``; run as printed, groups harden again with no
+    restart."""
+    sh = mirrored(shell)
+    sh.start_mirror()
+    sh.wait_hardened()
+    with open(sh.path("r1-a.img"), "r+b") as f:
+        f.truncate(8 << 20)
+    err = sh.wait_group_error("bytes, it was")
+    subprocess.run(shell_command(err, r"\((truncate -s \d+ [^)]+)\)"), check=True, timeout=60)
+    h = sh.status()["hardened"]
+    sh.wait_hardened(h)
+    assert os.path.getsize(sh.path("r1-a.img")) == 4 << 20
+
+
+def test_a_damaged_secondary_state_file_names_a_directory_to_remove(shell):
+    """``secondary.json`` edited into garbage: the node does not start, and
+    the line names the state directory to remove; removed as printed, the
+    node starts and the mirror copies its volume whole (new export name)."""
+    sh = mirrored(shell)
+    sh.start_mirror()
+    sh.wait_hardened()
+    sh.stop_mirror()
+    sh.ok("secondary", "stop", "r1")
+    with open(sh.path("r1", "secondary.json"), "w") as f:
+        f.write("{not json")
+    p = sh.run("secondary", "start", "r1")
+    assert p.returncode != 0
+    gone = shell_command(p.stderr, r"or remove (\S+) and start the node again")
+    assert len(gone) == 1 and os.path.samefile(gone[0], sh.path("r1")), p.stderr
+    shutil.rmtree(gone[0])
+    sh.ok("secondary", "start", "r1")
+    sh.start_mirror()
+    sh.wait_hardened()
+    sh.stop_mirror()
+    with open(sh.mirror_log) as f:
+        assert "first full copy" in f.read()
+    assert same_bytes(sh.path("s1-a.img"), sh.path("r1-a.img"))
