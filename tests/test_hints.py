@@ -332,6 +332,9 @@ def test_the_role_commands_name_commands_that_work(shell):
     assert p.returncode == 0, p.stderr
     cmd = the_command(p.stderr, "failover")
     assert cmd == ["failover", "--end-test"], p.stderr
+    # r1 runs as a primary for the test, as the direction says: no restart hint.
+    doc = json.loads(sh.run("status", "--json").stdout)
+    assert doc["secondaries"]["r1"]["error"] is None, doc["secondaries"]["r1"]
     sh.ok(*cmd)
 
     sh.ok("secondary", "stop")
