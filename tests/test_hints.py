@@ -25,7 +25,15 @@ equal, the node answers).  The hints:
 - ``failover`` with a secondary down: ``cgmirror secondary start``, then the
   command again; the role commands' own lines (``failover --end-test``,
   ``failback``, ``failover --test``);
-- ``mirror run`` after a failover: ``cgmirror failback``;
+- ``mirror run`` after a failover: ``cgmirror failback`` or ``cgmirror
+  resync --from b --to a``; in a half-done switchover (and ``copy``):
+  ``cgmirror switchover``; ``failover`` to site a with a ``[[slave]]`` down:
+  ``cgmirror slave start``;
+- ``verify`` finding blocks that differ: ``cgmirror verify --repair``;
+- a secondary's volume deleted (``cp /proc/PID/fd/N PATH``, or only a
+  restart and ``cgmirror mirror run``), resized (``truncate -s SIZE
+  PATH``), its state file damaged (remove the named directory);
+- a DR test's site running as a primary is not reported as a wrong role;
 - ``check`` of a TCP session without certificates: ``cgmirror pki issue``
   with the directory and the address the node is dialled by, and ``pki
   issue`` without a CA: ``cgmirror pki init --dir DIR``.
@@ -276,6 +284,16 @@ def test_a_switchover_killed_half_way_names_itself_again(shell):
         "source": "b", "state": "mirroring"}
     sh.start_mirror()
     sh.wait_hardened()
+    # Site a holds the secondaries now: a failover to it with s1 down names
+    # `cgmirror slave start` (it named `secondary start`: "no secondary 's1'").
+    sh.stop_mirror()
+    sh.ok("slave", "stop")
+    err = sh.fails("failover")
+    start = the_command(err, "slave")
+    assert start == ["slave", "start"], err
+    sh.ok(*start)
+    sh.ok("failover")
+    assert json.loads(sh.run("status", "--json").stdout)["direction"]["source"] == "a"
 
 
 def test_status_names_the_start_of_a_stopped_node_in_either_direction(shell):
