@@ -481,3 +481,36 @@ def test_a_damaged_secondary_state_file_names_a_directory_to_remove(shell):
     with open(sh.mirror_log) as f:
         assert "first full copy" in f.read()
     assert same_bytes(sh.path("s1-a.img"), sh.path("r1-a.img"))
+
+
+def test_an_expired_certificate_names_how_to_issue_it_again(shell):
+    """A slave whose certificate has expired: the coordinator's line says so
+    and names ``cgmirror check``, which (its directory removed) names the
+    ``cgmirror pki issue`` that makes a new one; the slave then starts."""
+    import datetime
+    from coordinator import pki
+
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    text = COPIED.replace('[session]\n', '[session]\npki = "pki"\ncert = "coordinator"\n')
+    text = text.replace('nbd_socket = "s1.sock"\ncontrol = "s1.ctl"',
+                        f'control = "tcp:127.0.0.1:{port()}"\nnbd = "tcp:127.0.0.1:{port()}"')
+    sh = shell(text.format(target="/nonexistent.sock"))
+    sh.ok("pki", "init", "--dir", "pki")
+    sh.ok("pki", "issue", "coordinator", "--dir", "pki")
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=3)
+    pki.issue(sh.path("pki"), "s1", ips=["127.0.0.1"], days=1, valid_from=past)
+    p = sh.run("slave", "start", timeout=90)
+    assert p.returncode != 0 and "certificate has expired" in p.stderr, p.stderr
+    assert the_command(p.stderr, "check") == ["check"], p.stderr
+    sh.run("slave", "stop")
+    shutil.rmtree(sh.path("pki", "s1"))            # "that host's directory"
+    p = sh.run("check")
+    issue = the_command(p.stderr, "pki")
+    assert issue[:3] == ["pki", "issue", "s1"], p.stderr
+    sh.ok(*issue)
+    sh.ok("slave", "start")
+    assert json.loads(sh.ok("status", "--json"))["slaves"]["s1"]["reachable"]

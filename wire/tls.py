@@ -151,7 +151,8 @@ _MISNAMED = ("certificate does not name the address dialled"
              " (issue it with --dns/--ip for that host)")
 # OpenSSL verify codes (x509_vfy.h) and alert reasons, in words a person can act on.
 _VERIFY_CODES = {
-    10: "certificate has expired (issue a new one: cgmirror pki issue)",
+    10: ("certificate has expired (remove that host's directory in the session's pki"
+         " directory: `cgmirror check` then names the `cgmirror pki issue` that makes it)"),
     9: "certificate is not yet valid (check both clocks)",
     62: _MISNAMED,
     64: _MISNAMED,
