@@ -189,7 +189,7 @@ def test_copy_of_a_mirrored_session_names_what_to_run_in_each_state(shell):
     cmd = the_command(err)
     assert cmd == ["mirror", "status"], err
     assert "hardened group" in sh.ok(*cmd)
-    assert sh.wait_hardened(h) > h                     # the copy took no cut of its own
+    assert sh.wait_hardened(h) > h                     # and the mirror goes on
 
     sh.stop_mirror()
     sh.ok("failover")
