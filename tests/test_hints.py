@@ -471,6 +471,7 @@ def test_a_damaged_secondary_state_file_names_a_directory_to_remove(shell):
         f.write("{not json")
     p = sh.run("secondary", "start", "r1")
     assert p.returncode != 0
+    sh.run("secondary", "stop", "r1")   # a start that timed out under load leaves none
     gone = shell_command(p.stderr, r"or remove (\S+) and start the node again")
     assert len(gone) == 1 and os.path.samefile(gone[0], sh.path("r1")), p.stderr
     shutil.rmtree(gone[0])
