@@ -120,6 +120,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import threading
 import time
 
@@ -154,7 +155,8 @@ class SecondaryVolume(Volume):
     export is ``HostView``.  Writes pass ``_modify``: refused while writes
     are blocked (prepared, or a rollback running), undo save, then data."""
 
-    LOST_HINT = " (or only restart it: the primary then copies the volume in full)"
+    LOST_HINT = (" (or only restart it: the next start of `cgmirror mirror run` then copies"
+                 " the volume in full)")
 
     def __init__(self, name: str, path: str, statedir: str, granularity: int,
                  region: int, create_size: int | None = None):
@@ -371,9 +373,10 @@ class Secondary(OpHandler):
             return {"hardened": 0, "prepared": None, "test": None}
         except (ValueError, KeyError, TypeError) as exc:
             # write_atomic never leaves a torn file: someone edited it.
-            raise ValueError(f"{path} is damaged ({exc}): restore it, or remove the"
-                             f" secondary's state directory and copy it in full again"
-                             ) from None
+            raise ValueError(f"{path} is damaged ({exc}): restore it, or remove"
+                             f" {shlex.quote(self.statedir)} and start the node again (its"
+                             f" new export name makes the primary copy its volumes in"
+                             f" full)") from None
         return {"hardened": h, "prepared": p, "test": t}
 
     def _save_state(self, **updates) -> None:

@@ -40,6 +40,7 @@ pinned-certificate scheme (a CA lets a host be added without touching others).
 from __future__ import annotations
 
 import os
+import shlex
 import ssl
 import stat
 from dataclasses import dataclass
@@ -113,8 +114,7 @@ def client_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
 def _context(protocol: int, ca: str, cert: str, key: str) -> ssl.SSLContext:
     for path in (ca, cert, key):
         if not os.path.isfile(path):
-            raise TLSConfigError(f"TLS file {path} is missing"
-                                 f" (make it with: cgmirror pki issue NAME)")
+            raise TLSConfigError(f"TLS file {path} is missing ({_make_hint(path)})")
     _check_key_mode(key)
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -151,7 +151,8 @@ _MISNAMED = ("certificate does not name the address dialled"
              " (issue it with --dns/--ip for that host)")
 # OpenSSL verify codes (x509_vfy.h) and alert reasons, in words a person can act on.
 _VERIFY_CODES = {
-    10: "certificate has expired (issue a new one: cgmirror pki issue)",
+    10: ("certificate has expired (remove that host's directory in the session's pki"
+         " directory: `cgmirror check` then names the `cgmirror pki issue` that makes it)"),
     9: "certificate is not yet valid (check both clocks)",
     62: _MISNAMED,
     64: _MISNAMED,
@@ -220,6 +221,14 @@ def _require_files(host_dir: str, names: tuple[str, ...], key: str) -> None:
     for name in names + (key,):
         path = os.path.join(host_dir, name)
         if not os.path.isfile(path):
-            raise TLSConfigError(f"TLS file {path} is missing"
-                                 f" (make it with: cgmirror pki issue NAME)")
+            raise TLSConfigError(f"TLS file {path} is missing ({_make_hint(path)})")
     _check_key_mode(os.path.join(host_dir, key))
+
+
+def _make_hint(path: str) -> str:
+    """How to make the host directory that ``path`` belongs in: ``pki
+    issue`` of that host into the pki directory above it (a node's
+    certificate also names the address it is dialled by)."""
+    host = os.path.dirname(os.path.abspath(path))
+    return (f"make it with `cgmirror pki issue {shlex.quote(os.path.basename(host))} --dir"
+            f" {shlex.quote(os.path.dirname(host))}`, with --ip or --dns for a node's address")

@@ -11,8 +11,12 @@ item, and exits CONFIG at the first problem (``--json``: the list).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import shlex
 import shutil
+
+from wire import address
 
 from .. import output
 from ..errors import ConfigError, ExitCode
@@ -34,6 +38,27 @@ def _creatable(path: str) -> bool:
     return os.access(p, os.W_OK | os.X_OK) if os.path.isdir(p) else os.access(p, os.W_OK)
 
 
+def issue_command(cfg) -> str:
+    """The ``cgmirror pki issue`` that makes node ``cfg``'s certificate
+    directory: in the directory the session reads it from, naming every
+    TCP host the node is dialled by (without them the certificate is
+    refused at the first connection)."""
+    names = []
+    for text in (cfg.control, cfg.nbd):
+        if text:
+            a = address.parse(text)
+            if a.is_tcp:
+                try:
+                    ipaddress.ip_address(a.host)
+                    flag = f"--ip {a.host}"
+                except ValueError:
+                    flag = f"--dns {a.host}"
+                if flag not in names:
+                    names.append(flag)
+    return " ".join(["cgmirror pki issue", shlex.quote(os.path.basename(cfg.tls)), "--dir",
+                     shlex.quote(os.path.dirname(cfg.tls)), *names])
+
+
 def problems(session) -> tuple[list[str], list[str]]:
     """(what was checked, what is wrong), each a list of lines."""
     done, bad = [], []
@@ -47,16 +72,15 @@ def problems(session) -> tuple[list[str], list[str]]:
          "nbdkit is not on PATH (install the nbdkit package)")
     item(os.path.exists(PLUGIN), f"the plugin {PLUGIN} exists",
          f"the plugin {PLUGIN} is missing (a broken installation)")
-    peers = [(c.name, c.state_dir, c.tls if c.role == "primary" else None,
-              [(v.name, v.path, v.size) for v in c.volumes])
+    peers = [(c.name, c.state_dir, c.tls,
+              [(v.name, v.path, v.size) for v in c.volumes], c)
              for c in session.slaves + session.secondaries]
-    for name, state_dir, tls_dir, volumes in peers:
+    for name, state_dir, tls_dir, volumes, cfg in peers:
         item(_creatable(state_dir), f"{name}: state directory {state_dir} can be used",
              f"{name}: state directory {state_dir} cannot be created (permissions)")
         if tls_dir:
             item(os.path.isdir(tls_dir), f"{name}: TLS directory {tls_dir} exists",
-                 f"{name}: TLS directory {tls_dir} is missing: run `cgmirror pki issue"
-                 f" {name}`")
+                 f"{name}: TLS directory {tls_dir} is missing: run `{issue_command(cfg)}`")
         for vol, path, size in volumes:
             if os.path.exists(path):
                 item(os.access(path, os.R_OK | os.W_OK),
@@ -69,6 +93,12 @@ def problems(session) -> tuple[list[str], list[str]]:
                      f"{name}/{vol}: image {path} does not exist" +
                      (" and cannot be created" if size else " and has no size to"
                       " create it with"))
+    mine = sorted({c.client_tls for c in session.slaves + session.secondaries
+                   if c.client_tls})
+    for d in mine:                  # the coordinator's own, for TCP control channels
+        item(os.path.isdir(d), f"coordinator: TLS directory {d} exists",
+             f"coordinator: TLS directory {d} is missing: run `cgmirror pki issue"
+             f" {shlex.quote(os.path.basename(d))} --dir {shlex.quote(os.path.dirname(d))}`")
     m = session.mirror
     if m:
         done.append(f"mirror: {len(session.pairs())} volume pairs, control {m.control},"

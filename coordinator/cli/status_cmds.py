@@ -95,20 +95,30 @@ def _unreachable(cfg, exc: Exception, kind: str) -> dict:
     return {"reachable": False, "error": why, "pid": pid, "role": None, "volumes": {}}
 
 
-def _wrong_role(cfg, r: dict, want: str) -> str:
+def _noun(role: str, doc: dict) -> str:
+    """The session file's noun for a node in ``role`` now: after a failover
+    (site b the source) the ``[[secondary]]`` nodes are the primaries, and
+    ``cgmirror slave start`` knows only ``[[slave]]`` names."""
+    first = doc["direction"].get("source", "a") == "a"
+    return "slave" if (role == "primary") == first else "secondary"
+
+
+def _wrong_role(cfg, r: dict, want: str, noun: str) -> str:
     return (f"{cfg.name} at {cfg.control} runs as {r.get('role', 'primary')}, but the"
-            f" session's direction makes it a {want}: see `cgmirror mirror status`")
+            f" session's direction makes it a {want}: restart it in that role with"
+            f" `cgmirror {noun} stop {cfg.name}` and `cgmirror {noun} start {cfg.name}`")
 
 
 def _secondary(cfg, r, doc: dict) -> dict:
     if isinstance(r, Exception):
         doc["ok"] = False
-        return _unreachable(cfg, r, "secondary")
+        return _unreachable(cfg, r, _noun("secondary", doc))
     row = {"reachable": True, "error": None, "pid": r.get("pid"), "role": r.get("role"),
            "hardened": r.get("hardened"), "prepared": r.get("prepared"), "volumes": {}}
-    if r.get("role") != "secondary":
+    # A DR test's site runs as a primary (direction.role): not a wrong role.
+    if r.get("role") != "secondary" and doc["direction"].get("state") != "dr-test":
         doc["ok"] = False
-        row["error"] = _wrong_role(cfg, r, "secondary")
+        row["error"] = _wrong_role(cfg, r, "secondary", _noun("secondary", doc))
         return row
     for name in (v.name for v in cfg.volumes):
         st = r["volumes"].get(name)
@@ -124,10 +134,12 @@ def _secondary(cfg, r, doc: dict) -> dict:
 def _primary(cfg, r, grp: dict, doc: dict) -> dict:
     if isinstance(r, Exception):
         doc["ok"] = False
-        return _unreachable(cfg, r, "slave") | {"phase": None, "n": None, "ended": None}
+        return _unreachable(cfg, r, _noun("primary", doc)) | {"phase": None, "n": None,
+                                                               "ended": None}
     if r.get("role", "primary") != "primary":
         doc["ok"] = False
-        return {"reachable": True, "error": _wrong_role(cfg, r, "primary"),
+        return {"reachable": True,
+                "error": _wrong_role(cfg, r, "primary", _noun("primary", doc)),
                 "pid": r.get("pid"), "role": r.get("role"), "phase": None, "n": None,
                 "ended": None, "volumes": {}}
     vols = {}

@@ -77,7 +77,7 @@ def full_volumes(replies: dict[str, dict], targets: dict[str, dict[str, str]],
             missing = [v for v, ok in synced.items() if not ok]
             if missing:
                 raise UsageError(f"--incremental: {slave}/{missing[0]} has no completed"
-                                 f" copy on {vols[missing[0]]}; run a full copy first")
+                                 f" copy on {vols[missing[0]]}: run `cgmirror copy --full` first")
         out[slave] = [v for v, ok in synced.items() if mode == "full" or not ok]
     return out
 

@@ -220,7 +220,7 @@ class RoleSwitch:
             st = self.status(node)
             if st is None:
                 raise FailoverError(f"{node.name} (site {site}) does not answer on"
-                                    f" {node.cfg.control}: start it (`cgmirror secondary"
+                                    f" {node.cfg.control}: start it (`cgmirror {'secondary' if site == 'b' else 'slave'}"
                                     f" start`) and run the command again")
             if st.get("role") != "secondary":
                 role = st.get("role", "primary")
