@@ -52,7 +52,7 @@ import time
 
 import pytest
 
-from conftest import need
+from cgtest import need
 from hintrig import CLI, COPIED, MIRRORED, Shell, commands, same_bytes, scribble, the_command
 
 pytestmark = pytest.mark.timeout(300)
