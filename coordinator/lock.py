@@ -39,8 +39,9 @@ README's "Failover" section has the same table):
                                 ``systemctl stop cgmirror-mirror@SESSION``;
                                 a rerun with nothing left to do still
                                 answers "nothing to do" (exit 0)
-``copy``                        refused, exit 5: a one-shot copy is a job of
-                                its own; the mirror already copies
+``copy``                        refused, exit 2, with or without a mirror:
+                                copy sends to fixed targets, a mirrored
+                                pair is the mirror's (cli/copy_cmds.py)
 ``mirror run``                  refused, exit 5: one mirror per session
 =============================  ==============================================
 """

@@ -401,7 +401,8 @@ def check_baseline(h, uri: str, size: int, base: dict, source, timeout: float,
     a block marked in ``changed`` (the volume's cr | oos) may hold anything
     at the target, since a copy interrupted by a crash may have sent it (its
     bit came back at recovery, and it will be sent again)."""
-    fix = "restart `cgmirror mirror run` (its start copies the pair whole)" if "/repl-" in uri else "run `cgmirror copy --full`"
+    fix = ("restart `cgmirror mirror run` (its start copies the pair whole)"
+           if "/repl-" in uri else "run `cgmirror copy --full`")
     if size != base["size"]:
         raise CopyError(f"target {uri} no longer holds the baseline of"
                         f" {source.name} (size {size}, was {base['size']}): {fix}")

@@ -1,6 +1,8 @@
 """``cgmirror`` run as an operator runs it: a child process in the session's
-directory with ``CGMIRROR_SESSION`` set (tests/test_operator.py's pattern,
-shared here because one test module never imports another).
+directory with ``CGMIRROR_SESSION`` set.  The one ``Shell`` of the CLI tests
+(test_operator, test_hints, test_mirror_reports, test_role_commands: the
+last two through their rigs' subclasses), here because one test module
+never imports another.
 
 ``Shell.close`` stops the mirror it started (SIGTERM, then SIGKILL, by its
 PID) and every node through ``cgmirror slave|secondary stop``; nodes a
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -23,57 +26,107 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Shell:
-    def __init__(self, run_dir: str, text: str, name: str = "op.toml"):
+    """``run_dir`` holds the session file ``name`` (``text``); ``umask``, if
+    given, is every child's."""
+
+    def __init__(self, run_dir: str, text: str, name: str = "op.toml",
+                 umask: int | None = None):
         self.dir = run_dir
-        self.path = os.path.join(run_dir, name)
-        self.write(text)
-        self.env = dict(os.environ, CGMIRROR_SESSION=self.path, PYTHONPATH=ROOT)
-        self.env.pop("JOURNAL_STREAM", None)
+        self.file = os.path.join(run_dir, name)
+        self.umask = umask
+        self.write_session(text)
+        self.env = dict(os.environ, CGMIRROR_SESSION=self.file, PYTHONPATH=ROOT)
+        for inherited in ("JOURNAL_STREAM", "CGMIRROR_FAILPOINTS"):
+            self.env.pop(inherited, None)
         self.mirror: subprocess.Popen | None = None
         self.mirror_log = os.path.join(run_dir, "mirror.log")
         self.nodes: list[launch.SlaveProcess] = []
 
-    def write(self, text: str) -> None:
-        with open(self.path, "w") as f:
+    def path(self, *p: str) -> str:
+        """A path in the session's directory."""
+        return os.path.join(self.dir, *p)
+
+    def write_session(self, text: str) -> None:
+        with open(self.file, "w") as f:
             f.write(text)
 
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLI, *args], cwd=self.dir, env=self.env, text=True,
-                              capture_output=True, timeout=timeout)
+    def session(self) -> session_mod.Session:
+        return session_mod.load(self.file)
+
+    # ------------------------------------------------------------ commands
+
+    def _preexec(self):
+        if self.umask is not None:
+            os.umask(self.umask)
+
+    def run(self, *args: str, timeout: float = 120,
+            failpoints: str | None = None) -> subprocess.CompletedProcess:
+        env = dict(self.env, CGMIRROR_FAILPOINTS=failpoints) if failpoints else self.env
+        return subprocess.run([*CLI, *args], cwd=self.dir, env=env, text=True,
+                              capture_output=True, timeout=timeout,
+                              preexec_fn=self._preexec)
 
     def ok(self, *args: str, timeout: float = 120) -> str:
         p = self.run(*args, timeout=timeout)
         assert p.returncode == 0, f"cgmirror {' '.join(args)}: {p.returncode} {p.stderr}"
         return p.stdout
 
-    def status(self) -> dict:
-        return json.loads(self.ok("mirror", "status", "--json"))
+    def fails(self, *args: str, timeout: float = 120) -> str:
+        """Run a command that must fail; return its one line of error."""
+        p = self.run(*args, timeout=timeout)
+        assert p.returncode != 0, f"cgmirror {' '.join(args)} succeeded: {p.stdout}"
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("cgmirror: "), p.stderr
+        return p.stderr.strip()
 
-    def start_mirror(self) -> None:
+    def pipe(self, args: str, reader: str) -> subprocess.CompletedProcess:
+        """``cgmirror ARGS | READER`` in a shell (pipefail: cgmirror's status)."""
+        cmd = " ".join(shlex.quote(c) for c in CLI) + f" {args} | {reader}"
+        return subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=self.dir,
+                              env=self.env, text=True, capture_output=True, timeout=60)
+
+    # ------------------------------------------------------------ the mirror
+
+    def start_mirror(self, args: tuple[str, ...] = ("mirror", "run")) -> None:
+        assert self.mirror is None
         with open(self.mirror_log, "ab") as log:
-            self.mirror = subprocess.Popen([*CLI, "mirror", "run"], cwd=self.dir,
-                                           env=self.env, stdout=subprocess.DEVNULL,
-                                           stderr=log)
+            self.mirror = subprocess.Popen([*CLI, *args], cwd=self.dir, env=self.env,
+                                           stdout=subprocess.DEVNULL, stderr=log,
+                                           preexec_fn=self._preexec)
+
+    def stop_mirror(self) -> int | None:
+        """SIGTERM, as ``systemctl stop`` does; SIGKILL after 60 s.  Its exit
+        status (None if none ran)."""
+        if self.mirror is None:
+            return None
+        self.mirror.send_signal(signal.SIGTERM)
+        try:
+            status = self.mirror.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.mirror.kill()
+            status = self.mirror.wait()
+        self.mirror = None
+        return status
 
     def log(self) -> str:
-        with open(self.mirror_log, errors="replace") as f:
-            return f.read()
+        try:
+            with open(self.mirror_log, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
 
-    def stop_mirror(self) -> None:
-        if self.mirror is not None:
-            self.mirror.send_signal(signal.SIGTERM)
-            try:
-                self.mirror.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.mirror.kill()
-                self.mirror.wait()
-            self.mirror = None
+    def tail(self, lines: int = 15) -> str:
+        return "".join(self.log().splitlines(True)[-lines:]) or "(no mirror log)"
+
+    def status(self) -> dict:
+        """``mirror status --json``."""
+        return json.loads(self.ok("mirror", "status", "--json"))
 
     def poll(self, pred, timeout: float = 60, what: str = "condition"):
-        """``pred(status document)`` until it is true (returns its value)."""
+        """``pred(mirror status document)`` until it is true (its value)."""
         deadline = time.monotonic() + timeout
         doc = None
         while time.monotonic() < deadline:
+            assert self.mirror is None or self.mirror.poll() is None, self.tail()
             p = self.run("mirror", "status", "--json")
             if p.returncode == 0:
                 doc = json.loads(p.stdout)
@@ -81,15 +134,31 @@ class Shell:
                 if v:
                     return v
             time.sleep(0.2)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}: {doc}")
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}: {doc};"
+                             f" {self.tail()}")
 
-    def wait_hardened(self, at_least: int = 1) -> int:
-        return self.poll(lambda d: (d.get("hardened") or 0) >= at_least
-                         and d["hardened"], what=f"group {at_least} hardened")
+    def wait_hardened(self, above: int = 0, timeout: float = 120) -> int:
+        """The number of the first group above ``above`` seen hardened."""
+        return self.poll(lambda d: (d.get("hardened") or 0) > above and d["hardened"],
+                         timeout, f"a group above {above} hardened")
+
+    def wait_group_error(self, needle: str, timeout: float = 60) -> str:
+        """Poll ``history --json`` until a failed group's error holds ``needle``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            doc = json.loads(self.ok("history", "--json", "--limit", "20"))
+            for g in doc["groups"]:
+                if g["outcome"] == "failed" and needle in (g["error"] or ""):
+                    return g["error"]
+            time.sleep(0.2)
+        raise AssertionError(f"no group failed with {needle!r} in {timeout} s: "
+                             + self.tail())
+
+    # ------------------------------------------------------------ nodes
 
     def node_spec(self, name: str) -> launch.SlaveSpec:
         """How the session runs node ``name`` (a [[slave]] or [[secondary]])."""
-        s = session_mod.load(self.path)
+        s = self.session()
         cfg = next(n for n in s.slaves + s.secondaries if n.name == name)
         return cfg.spec()
 
@@ -100,8 +169,9 @@ class Shell:
         return proc
 
     def close(self) -> None:
-        self.stop_mirror()
+        Shell.stop_mirror(self)     # not a subclass's: its checks are the test's
+
         for proc in self.nodes:
             proc.stop()
         for noun in ("slave", "secondary"):
-            self.run(noun, "stop", timeout=60)
+            self.run(noun, "stop", timeout=120)

@@ -2,7 +2,7 @@
 run as an operator runs it, a child process with ``CGMIRROR_SESSION`` set,
 against nodes that ``cgmirror slave|secondary start`` started (detached, as
 in production) and a ``cgmirror mirror run`` child; a writer of
-tests/workload.py through libnbd.  Every node and mirror it started is
+harness/workload.py through libnbd.  Every node and mirror it started is
 stopped at the end, by its pidfile or its Popen.
 
 Site a is primary s1 (volumes a, b), site b is secondary r1 (a, b).
@@ -10,113 +10,60 @@ Site a is primary s1 (volumes a, b), site b is secondary r1 (a, b).
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
-import sys
-import time
 
-from harness import workload as wl
-from coordinator import direction, session as session_mod
+import clishell
+from coordinator import direction
 from coordinator.link import SlaveLink
+from harness import workload as wl
 from harness.mirrorrig import mirror_session
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = [sys.executable, "-m", "coordinator.cli"]
 SIZE = 8 << 20
 VOLS = ("a", "b")
 LAYOUT = wl.Layout(("s1/a", "s1/b"), SIZE, writers=2, slots=16, granularity=64 << 10)
 NAME = "rc"
 
 
-class Shell:
-    def __init__(self, run_dir: str):
-        self.dir = run_dir
-        self.path = os.path.join(run_dir, f"{NAME}.toml")
-        with open(self.path, "w") as f:
-            f.write(mirror_session(NAME, {"s1": "r1"}, VOLS, size=SIZE,
-                                   mirror={"interval_ms": 100}))
-        self.session = session_mod.load(self.path)
-        self.env = dict(os.environ, CGMIRROR_SESSION=self.path, PYTHONPATH=ROOT)
-        self.env.pop("CGMIRROR_FAILPOINTS", None)
-        self.mirror: subprocess.Popen | None = None
-        self.mirror_log = os.path.join(run_dir, "mirror.log")
+class Shell(clishell.Shell):
+    """The CLI shell (tests/clishell.py) on the rig's session, with its
+    nodes' state and images; role commands get five minutes."""
 
-    # ------------------------------------------------------------ commands
+    def __init__(self, run_dir: str):
+        super().__init__(run_dir, mirror_session(NAME, {"s1": "r1"}, VOLS, size=SIZE,
+                                                 mirror={"interval_ms": 100}),
+                         name=f"{NAME}.toml")
 
     def run(self, *args: str, timeout: float = 300,
             failpoints: str | None = None) -> subprocess.CompletedProcess:
-        env = dict(self.env, CGMIRROR_FAILPOINTS=failpoints) if failpoints else self.env
-        return subprocess.run([*CLI, *args], cwd=self.dir, env=env, text=True,
-                              capture_output=True, timeout=timeout)
+        return super().run(*args, timeout=timeout, failpoints=failpoints)
 
     def ok(self, *args: str, timeout: float = 300) -> str:
-        p = self.run(*args, timeout=timeout)
-        assert p.returncode == 0, f"cgmirror {' '.join(args)}: {p.returncode} {p.stderr}"
-        return p.stdout
+        return super().ok(*args, timeout=timeout)
 
     def start_nodes(self) -> None:
         self.ok("slave", "start")
         self.ok("secondary", "start")
 
-    def start_mirror(self) -> None:
-        log = open(self.mirror_log, "a")
-        try:
-            self.mirror = subprocess.Popen([*CLI, "mirror", "run"], cwd=self.dir,
-                                           env=self.env, stdout=subprocess.DEVNULL,
-                                           stderr=log)
-        finally:
-            log.close()
-
-    def stop_mirror(self) -> None:
-        """SIGTERM, as ``systemctl stop`` does; it must end by itself."""
-        if self.mirror is not None:
-            self.mirror.send_signal(signal.SIGTERM)
-            try:
-                assert self.mirror.wait(timeout=120) == 0, self.tail()
-            finally:
-                if self.mirror.poll() is None:
-                    self.mirror.kill()
-                    self.mirror.wait()
-                self.mirror = None
-
-    def tail(self) -> str:
-        with open(self.mirror_log) as f:
-            return "".join(f.readlines()[-15:])
-
-    def mirror_status(self) -> dict:
-        return json.loads(self.ok("mirror", "status", "--json"))
-
-    def wait_hardened(self, above: int = 0, timeout: float = 120) -> int:
-        """Poll the running mirror until a group above ``above`` hardened."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.mirror is None or self.mirror.poll() is None, self.tail()
-            p = self.run("mirror", "status", "--json")
-            if p.returncode == 0:
-                h = json.loads(p.stdout).get("hardened")
-                if h is not None and h > above:
-                    return h
-            time.sleep(0.2)
-        raise AssertionError(f"no group above {above} hardened in {timeout} s:"
-                             f" {self.tail()}")
+    def stop_mirror(self) -> int | None:
+        """SIGTERM, as ``systemctl stop`` does; it must end by itself, cleanly."""
+        status = super().stop_mirror()
+        assert status in (None, 0), f"mirror exit status {status}: {self.tail()}"
+        return status
 
     # ------------------------------------------------------------ nodes and images
 
     def node(self, name: str) -> dict:
-        with SlaveLink(name, os.path.join(self.dir, f"{name}.ctl")) as lk:
+        with SlaveLink(name, self.path(f"{name}.ctl")) as lk:
             return lk.status()
 
     def role(self, name: str) -> str:
         return self.node(name).get("role", "primary")
 
     def direction(self) -> dict:
-        return direction.load(self.session)
+        return direction.load(self.session())
 
     def uris(self, node: str) -> list[str]:
-        return [f"nbd+unix:///{v}?socket={os.path.join(self.dir, node + '.sock')}"
-                for v in VOLS]
+        return [f"nbd+unix:///{v}?socket={self.path(node + '.sock')}" for v in VOLS]
 
     def check(self, node: str) -> wl.Report:
         rep = wl.check_targets(self.uris(node), LAYOUT)
@@ -126,7 +73,7 @@ class Shell:
     def images(self, node: str) -> list[bytes]:
         out = []
         for v in VOLS:
-            with open(os.path.join(self.dir, f"{node}-{v}.img"), "rb") as f:
+            with open(self.path(f"{node}-{v}.img"), "rb") as f:
                 out.append(f.read())
         return out
 
@@ -143,14 +90,3 @@ class Shell:
             t.join(120)
         w.stop()
         assert not w.errors, w.errors
-
-    def close(self) -> None:
-        if self.mirror is not None and self.mirror.poll() is None:
-            self.mirror.send_signal(signal.SIGTERM)
-            try:
-                self.mirror.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.mirror.kill()
-                self.mirror.wait()
-        for noun in ("slave", "secondary"):
-            self.run(noun, "stop", timeout=120)

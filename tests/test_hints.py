@@ -53,7 +53,8 @@ import time
 import pytest
 
 from cgtest import need
-from hintrig import CLI, COPIED, MIRRORED, Shell, commands, same_bytes, scribble, the_command
+from clishell import CLI
+from hintrig import COPIED, MIRRORED, Shell, commands, same_bytes, scribble, the_command
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -108,6 +109,11 @@ def test_a_mirrored_pair_that_lost_its_baseline_is_copied_whole_by_a_restart(she
     sh.start_mirror()
     h = sh.wait_hardened()
     scribble(sh.path("r1-a.img"))
+    import nbd                             # a group with data checks the baseline
+    w = nbd.NBD()
+    w.connect_uri(f"nbd+unix:///a?socket={sh.path('s1.sock')}")
+    w.pwrite(b"x" * 4096, 0)
+    w.shutdown()
     err = sh.wait_group_error("no longer holds the baseline")
     assert "copy --full" not in err, err
     cmd = the_command(err)

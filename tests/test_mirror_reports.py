@@ -69,7 +69,7 @@ def started(sh: Shell, own_r1: bool = False):
     sh.ok("slave", "start")
     r1 = sh.start_node(sh.node_spec("r1")) if own_r1 else sh.ok("secondary", "start")
     sh.start_mirror()
-    h = sh.wait_hardened(1)
+    h = sh.wait_hardened()
     return (h, r1) if own_r1 else h
 
 
@@ -107,7 +107,7 @@ def test_an_io_error_on_the_secondary_names_the_pair(shell):
                         f"error-pwrite-file={flag}"]
     sh.start_node(spec)
     sh.start_mirror()
-    h = sh.wait_hardened(1)
+    h = sh.wait_hardened()
     open(flag, "w").close()
     write(sh)
     doc = sh.poll(lambda d: d["failures"]["pairs"].get("s1/a") and d,
@@ -170,7 +170,7 @@ def test_verify_gives_up_in_one_line_when_no_group_can_form(shell):
     p = sh.run("verify", "--timeout", "x")
     assert p.returncode == 2 and "--timeout" in p.stderr, p.stderr
     sh.start_node(sh.node_spec("r1"))
-    sh.wait_hardened(h + 1)
+    sh.wait_hardened(h)
     out = sh.ok("verify", "--timeout", "60")
     assert "no block differs" in out, out
 
@@ -182,7 +182,7 @@ def test_a_session_file_edited_under_the_mirror_stops_groups_and_says_what_chang
     sh = shell(original)
     started(sh)
     # a volume removed from the file
-    sh.write(text(("a",)))
+    sh.write_session(text(("a",)))
     doc = sh.poll(lambda d: d["state"] == "severe" and "session file" in (d["why"] or "")
                   and d, what="the edit noticed")
     assert "volume s1/b removed" in doc["why"] and "restart" in doc["why"], doc["why"]
@@ -191,17 +191,17 @@ def test_a_session_file_edited_under_the_mirror_stops_groups_and_says_what_chang
     assert doc["hardened"] == h, doc                     # no group formed meanwhile
     assert sh.log().count("changed under the running mirror") == 1, sh.log()
     # put back: groups form again
-    sh.write(original)
-    sh.wait_hardened(h + 1)
+    sh.write_session(original)
+    sh.wait_hardened(h)
     # a slave renamed in the file
-    sh.write(original.replace('name = "s1"', 'name = "s9"')
+    sh.write_session(original.replace('name = "s1"', 'name = "s9"')
              .replace('"s1-', '"s9-'))
     doc = sh.poll(lambda d: "renamed" in (d["why"] or "") and d, what="the rename")
     assert "slave s1 renamed to s9" in doc["why"], doc["why"]
     out = sh.ok("mirror", "status")
     assert "slave s1 renamed to s9" in out, out
-    sh.write(original)
-    sh.wait_hardened(doc["hardened"] + 1)
+    sh.write_session(original)
+    sh.wait_hardened(doc["hardened"])
 
 
 # ------------------------------------------------------------------ item 17
@@ -209,9 +209,9 @@ def test_a_session_file_edited_under_the_mirror_stops_groups_and_says_what_chang
 def test_the_mirror_log_is_time_stamped_and_quiet_when_idle(shell, run_dir):
     sh = shell()
     h = started(sh)
-    sh.wait_hardened(h + 20)                   # idle groups, ten a second
+    sh.wait_hardened(h + 19)                   # idle groups, ten a second
     write(sh)
-    sh.wait_hardened(h + 25)
+    sh.wait_hardened(h + 24)
     sh.stop_mirror()
     lines = sh.log().splitlines()
     bad = [x for x in lines if not STAMP.match(x)]
@@ -232,7 +232,7 @@ def test_the_mirror_log_is_time_stamped_and_quiet_when_idle(shell, run_dir):
     st = os.stat(sh.mirror_log)
     sh.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
     sh.start_mirror()
-    sh.wait_hardened(h + 26)
+    sh.wait_hardened(h + 25)
     sh.stop_mirror()
     lines = sh.log().splitlines()
     assert lines and all(x.startswith("cgmirror mirror: ") for x in lines), lines

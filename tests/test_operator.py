@@ -15,18 +15,12 @@ mirrored session.
 from __future__ import annotations
 
 import os
-import shlex
-import signal
 import stat
-import subprocess
-import sys
 
 import pytest
 
 from cgtest import need
-
-CLI = [sys.executable, "-m", "coordinator.cli"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from clishell import ROOT, Shell
 
 SESSION = """\
 [session]
@@ -81,82 +75,13 @@ def tls_session() -> str:
     return text
 
 
-class Shell:
-    """``cgmirror`` run as a child with ``CGMIRROR_SESSION`` set, in the
-    session's directory; every node it started is stopped at the end."""
-
-    def __init__(self, run_dir: str, umask: int | None = None, text: str = SESSION):
-        self.dir = run_dir
-        self.umask = umask
-        with open(os.path.join(run_dir, "op.toml"), "w") as f:
-            f.write(text)
-        self.env = dict(os.environ, CGMIRROR_SESSION=os.path.join(run_dir, "op.toml"),
-                        PYTHONPATH=ROOT)
-        self.mirror: subprocess.Popen | None = None
-
-    def _preexec(self):
-        if self.umask is not None:
-            os.umask(self.umask)
-
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([*CLI, *args], cwd=self.dir, env=self.env, text=True,
-                              capture_output=True, timeout=timeout,
-                              preexec_fn=self._preexec)
-
-    def ok(self, *args: str, timeout: float = 120) -> str:
-        p = self.run(*args, timeout=timeout)
-        assert p.returncode == 0, f"cgmirror {' '.join(args)}: {p.returncode} {p.stderr}"
-        return p.stdout
-
-    def pipe(self, args: str, reader: str) -> subprocess.CompletedProcess:
-        """``cgmirror ARGS | READER`` in a shell (pipefail: cgmirror's status)."""
-        cmd = " ".join(shlex.quote(c) for c in CLI) + f" {args} | {reader}"
-        return subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=self.dir,
-                              env=self.env, text=True, capture_output=True, timeout=60)
-
-    def start_mirror(self) -> None:
-        self.mirror = subprocess.Popen([*CLI, "mirror", "run"], cwd=self.dir, env=self.env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                       text=True, preexec_fn=self._preexec)
-
-    def stop_mirror(self) -> None:
-        if self.mirror is not None:
-            self.mirror.send_signal(signal.SIGTERM)
-            try:
-                self.mirror.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.mirror.kill()
-                self.mirror.wait()
-            self.mirror.stderr.close()
-            self.mirror = None
-
-    def wait_hardened(self, at_least: int = 1) -> int:
-        """Poll ``mirror status --json`` until a group ``at_least`` hardened."""
-        import json
-        import time
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            p = self.run("mirror", "status", "--json")
-            if p.returncode == 0:
-                h = json.loads(p.stdout).get("hardened")
-                if h is not None and h >= at_least:
-                    return h
-            time.sleep(0.1)
-        raise AssertionError("no group hardened in 60 s")
-
-    def close(self) -> None:
-        self.stop_mirror()
-        for noun in ("slave", "secondary"):
-            self.run(noun, "stop", timeout=60)
-
-
 @pytest.fixture
 def shell(run_dir):
     need("nbdkit")
     made = []
 
-    def make(**kw):
-        made.append(Shell(run_dir, **kw))
+    def make(text: str = SESSION, umask: int | None = None):
+        made.append(Shell(run_dir, text, umask=umask))
         return made[-1]
 
     yield make
@@ -171,7 +96,7 @@ def test_status_of_a_mirrored_session_shows_each_secondary_and_what_it_hardened(
     sh.ok("slave", "start")
     sh.ok("secondary", "start")
     sh.start_mirror()
-    h = sh.wait_hardened(2)
+    h = sh.wait_hardened(1)
     out = sh.ok("status")
     assert "internal error" not in out
     row = next(line for line in out.splitlines() if line.startswith("s1 "))
@@ -194,7 +119,7 @@ def test_files_and_directories_keep_their_modes_under_umask_000(shell, run_dir):
     sh.ok("slave", "start")
     sh.ok("secondary", "start")
     sh.start_mirror()
-    sh.wait_hardened(1)
+    sh.wait_hardened()
     sh.stop_mirror()
     sh.ok("failover")
     keep = os.path.join(run_dir, "kept", "deep")
@@ -223,7 +148,7 @@ def test_a_reader_that_goes_away_ends_output_quietly_and_results_are_sentences(s
     sh.ok("slave", "start")
     sh.ok("secondary", "start")
     sh.start_mirror()
-    sh.wait_hardened(30)                 # a history longer than a pipe's buffer
+    sh.wait_hardened(29)                 # a history longer than a pipe's buffer
     for args in ("history", "history --json", "status --json"):
         p = sh.pipe(args, "head -c 10")
         assert p.returncode == 0, (args, p.stderr)
@@ -248,7 +173,7 @@ def test_mirror_status_reaches_tls_secondaries_and_follows_the_direction(shell):
     sh.ok("slave", "start")
     sh.ok("secondary", "start")
     sh.start_mirror()
-    h = sh.wait_hardened(1)
+    h = sh.wait_hardened()
     out = sh.ok("mirror", "status")
     line = next(x for x in out.splitlines() if x.startswith("secondary r1:"))
     assert "TLS" not in line and int(line.split("hardened ")[1].split()[0].rstrip(",")) >= h
@@ -277,7 +202,7 @@ def test_the_readme_mirrored_session_mirrors_as_written(shell):
     sh.ok("slave", "start")
     sh.ok("secondary", "start")
     sh.start_mirror()
-    sh.wait_hardened(2)
+    sh.wait_hardened(1)
     assert "r1/db: hardened group" in sh.ok("status")
 
 
@@ -320,7 +245,7 @@ def test_idle_connections_never_lock_commands_out_of_the_mirror(shell):
     sh.ok("slave", "start")
     sh.ok("secondary", "start")
     sh.start_mirror()
-    sh.wait_hardened(1)
+    sh.wait_hardened()
     path = os.path.join(sh.dir, "m.ctl")
     held, closed, deadline = [], 0, time.monotonic() + 60
     try:

@@ -79,8 +79,7 @@ from .. import errors, output, session as session_mod
 from . import copy_cmds, pki_cmds, slave_cmds
 from . import failover_cmds, mirror_cmds, status_cmds
 from . import check_cmds, events_cmds, units_cmds, verify_cmds
-from .. import direction, mirror
-from ..errors import CgmirrorError, ExitCode, MirrorError, MirrorNotRunning, UsageError
+from ..errors import CgmirrorError, ExitCode
 
 
 DEBUG_ENV = "CGMIRROR_DEBUG"
@@ -181,33 +180,6 @@ def _session(args) -> session_mod.Session | None:
     return session_mod.load(session_mod.locate(given))
 
 
-def refuse_copy_of_mirrored(s: session_mod.Session) -> None:
-    """``cgmirror copy`` sends to fixed targets (``target =``) only.  A
-    session that mirrors a volume to a secondary is refused before the
-    session lock, in one line naming what to run instead in the state the
-    session is in (it froze the slaves, then failed with "'targets' must
-    have 1 to 1024 entries", or exited BUSY beside the running mirror)."""
-    pairs = s.pairs()
-    if not pairs:
-        return
-    slave, vol, sec, _ = pairs[0]
-    head = (f"session {s.name} mirrors {slave}/{vol} to secondary {sec}, and copy"
-            f" sends only to a volume's fixed 'target'")
-    try:
-        mirror.call(mirror.control_path(s), "status", timeout=5)
-    except (MirrorError, MirrorNotRunning):
-        try:
-            direction.check_mirror(s)
-        except CgmirrorError as exc:
-            raise UsageError(f"{head}, and {exc}") from None
-        src = direction.load(s)["source"]
-        raise UsageError(f"{head}: start the mirror with `cgmirror mirror run`, or copy"
-                         f" every pair whole with `cgmirror resync --from {src} --to"
-                         f" {direction.other(src)} --full`") from None
-    raise UsageError(f"{head}: the running mirror forms its groups; `cgmirror mirror"
-                     f" status` shows what each secondary holds")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one cgmirror command; return its exit code (an ExitCode)."""
     parser = _parser()
@@ -219,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     stdout, sys.stdout = sys.stdout, output.PipeSafe(sys.stdout)
     try:
         try:
-            ctx = Context(_session(args), want_json)
-            if args.command == "copy":
-                refuse_copy_of_mirrored(ctx.session)
-            return int(args.func(ctx, args))
+            return int(args.func(Context(_session(args), want_json), args))
         except CgmirrorError:
             raise
         except Exception as exc:

@@ -8,21 +8,23 @@ that every target is about to be overwritten (``History.start_volumes``, so
 that a copy that dies half-way is never taken for a consistent group), copies
 it (``group.copy``) and records the outcome in the history, whatever it is.
 
-A copy is a one-shot job of its own: beside a running ``cgmirror mirror
-run`` of the session it is refused (exit 5) with a line naming the mirror's
-pid and how to stop it (coordinator/lock.py has the rule for every command).
+A copy sends to fixed targets (``target =``) only: a session that mirrors
+a volume to a secondary is refused (exit 2, before the session lock) with
+one line naming what to run in the state the session is in -- the mirror
+copies its pairs itself (coordinator/lock.py has the rule for every
+command beside a running mirror).
 """
 
 from __future__ import annotations
 
 import datetime
 
-from .. import errors, group, output
-from ..errors import CgmirrorError, ExitCode
+from .. import direction, errors, group, output
+from ..errors import CgmirrorError, ExitCode, MirrorError, MirrorNotRunning, UsageError
 from ..history import History
 from ..link import SlaveLink
 from ..lock import SessionLock
-from ..mirror import MirrorNotRunning, call as mirror_call
+from ..mirror import call as mirror_call, control_path
 
 
 def register(sub) -> None:
@@ -44,27 +46,36 @@ def links(session, timeout: float | None = None) -> list[SlaveLink]:
     return [SlaveLink.from_spec(s.spec(), **kw) for s in session.slaves]
 
 
-def refuse_beside_mirror(session) -> None:
-    """BUSY (one line) if a mirror of ``session`` runs (module doc)."""
-    if session.mirror is None:
+def refuse_mirrored(s) -> None:
+    """``cgmirror copy`` sends to fixed targets (``target =``) only.  A
+    session that mirrors a volume to a secondary is refused before the
+    session lock, in one line naming what to run instead in the state the
+    session is in (it froze the slaves, then failed with "'targets' must
+    have 1 to 1024 entries", or exited BUSY beside the running mirror)."""
+    pairs = s.pairs()
+    if not pairs:
         return
+    slave, vol, sec, _ = pairs[0]
+    head = (f"session {s.name} mirrors {slave}/{vol} to secondary {sec}, and copy"
+            f" sends only to a volume's fixed 'target'")
     try:
-        doc = mirror_call(session.mirror.control, "status")
-    except MirrorNotRunning:
-        return
-    except errors.MirrorError:
-        doc = {}
-    pid = doc.get("pid", "?")
-    raise errors.BusyError(
-        f"`cgmirror mirror run` (pid {pid}) mirrors session {session.name}, and a copy"
-        f" is a job of its own: `cgmirror mirror status` shows what the mirror"
-        f" copied; to copy anyway stop it (`systemctl stop"
-        f" cgmirror-mirror@{session.name}`, or `kill {pid}`) first", pid)
+        mirror_call(control_path(s), "status", timeout=5)
+    except (MirrorError, MirrorNotRunning):
+        try:
+            direction.check_mirror(s)
+        except CgmirrorError as exc:
+            raise UsageError(f"{head}, and {exc}") from None
+        src = direction.load(s)["source"]
+        raise UsageError(f"{head}: start the mirror with `cgmirror mirror run`, or copy"
+                         f" every pair whole with `cgmirror resync --from {src} --to"
+                         f" {direction.other(src)} --full`") from None
+    raise UsageError(f"{head}: the running mirror forms its groups; `cgmirror mirror"
+                     f" status` shows what each secondary holds")
 
 
 def copy(ctx, mode: str) -> ExitCode:
     s = ctx.session
-    refuse_beside_mirror(s)
+    refuse_mirrored(s)
     with SessionLock(s.name, s.state_dir), History(s.state_dir) as hist:
         hist.mark_interrupted()
         lks = links(s)
