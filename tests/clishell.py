@@ -25,6 +25,46 @@ CLI = [sys.executable, "-m", "coordinator.cli"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def mirrored_session(name: str, state_dir: str = "state") -> str:
+    """A session as an operator writes it: primary s1 mirrors its volume a
+    (4 MiB) to secondary r1, every node on unix sockets in the session's
+    directory, groups 100 ms apart, the mirror's control ``m.ctl``."""
+    return f"""\
+[session]
+name = "{name}"
+state_dir = "{state_dir}"
+lease_ms = 10000
+max_coordination_ms = 2000
+
+[mirror]
+interval_ms = 100
+control = "m.ctl"
+
+[[slave]]
+name = "s1"
+state_dir = "s1"
+nbd_socket = "s1.sock"
+control = "s1.ctl"
+
+[[slave.volume]]
+name = "a"
+path = "s1-a.img"
+size = "4M"
+secondary = "r1"
+
+[[secondary]]
+name = "r1"
+state_dir = "r1"
+nbd_socket = "r1.sock"
+control = "r1.ctl"
+
+[[secondary.volume]]
+name = "a"
+path = "r1-a.img"
+size = "4M"
+"""
+
+
 class Shell:
     """``run_dir`` holds the session file ``name`` (``text``); ``umask``, if
     given, is every child's."""

@@ -9,40 +9,7 @@ import shlex
 
 import clishell
 
-MIRRORED = """\
-[session]
-name = "hint"
-state_dir = "state"
-lease_ms = 10000
-max_coordination_ms = 2000
-
-[mirror]
-interval_ms = 100
-control = "m.ctl"
-
-[[slave]]
-name = "s1"
-state_dir = "s1"
-nbd_socket = "s1.sock"
-control = "s1.ctl"
-
-[[slave.volume]]
-name = "a"
-path = "s1-a.img"
-size = "4M"
-secondary = "r1"
-
-[[secondary]]
-name = "r1"
-state_dir = "r1"
-nbd_socket = "r1.sock"
-control = "r1.ctl"
-
-[[secondary.volume]]
-name = "a"
-path = "r1-a.img"
-size = "4M"
-"""
+MIRRORED = clishell.mirrored_session("hint")
 
 COPIED = """\
 [session]
