@@ -67,7 +67,7 @@ coordinator's commit or rollback):
   still there, so running rollback again restores the same blocks (the
   same bytes) and sets the same tgt bits.
 
-DR test (``failover --test``, coordinator/failover.py).  Before the node is
+DR test (``failover --test``, coordinator/roles/failover.py).  Before the node is
 promoted for a test, ``dr_test n`` records "test n" (n = hardened).  The
 primary it then runs as (plugin.py) takes up the store ``NAME.undo.<n>``
 as ``Volume.keep``: the first test write to a block saves its group-n

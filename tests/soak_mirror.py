@@ -21,7 +21,7 @@ that they land in any phase of the cycle):
 - ``kill-slave``, ``kill-secondary``, ``kill-coordinator``: SIGKILL of a
   primary, a secondary, or the ``mirror run`` process; then restarted.
 - ``failpoint-mirror``: ``mirror run`` restarted with a crash point of
-  coordinator/mirror.py (after-cut, mid-drain, after-prepare, mid-commit)
+  coordinator/mirror/cycle.py (after-cut, mid-drain, after-prepare, mid-commit)
   armed at a random hit; ``failpoint-secondary`` and ``failpoint-slave``:
   the same for nbdplugin/secondary.py's and the slave's points.
 - ``stall-secondary``: SIGSTOP of a secondary for 1-3 s, then SIGCONT:

@@ -2,7 +2,7 @@
 beside a running mirror (issue 16, items 5, 6 and 14), through the real
 ``cgmirror`` CLI as child processes, real nbdkit nodes it started itself,
 a real ``cgmirror mirror run`` and the dependent-write checker of
-tests/workload.py (rig: tests/rolerig.py).
+harness/workload.py (rig: tests/rolerig.py).
 
 - Item 5: a role command killed -9 at a step (``CGMIRROR_FAILPOINTS``,
   ``role:*`` in coordinator/roles/failover.py) finishes when run again;

@@ -1,7 +1,7 @@
 """A node never reports or serves as hardened an image that is not group h
 (issue 16, items 1 and 4), through real nbdkit slaves and secondaries, the
 real CLI (``cli.main`` in this process) and the dependent-write checker of
-tests/workload.py.
+harness/workload.py.
 
 The rig is tests/failoverrig.py's: s1 (volumes a, b) mirrored to r1,
 role switches restarting nodes as children of the test.

@@ -284,7 +284,7 @@ def history(ctx, limit: int | None) -> ExitCode:
                           "copies": copies, "groups": groups}, ctx.out)
         return ExitCode.OK
     if groups:
-        # The mirror's groups (coordinator/mirror.py), a row each.
+        # The mirror's groups (coordinator/mirror/cycle.py), a row each.
         ms = (lambda v: "-" if v is None else f"{v:.1f}")
         output.table([[g["n"], g["cut"], g["hardened"] or "-", g["outcome"],
                        output.size(g["bytes"]), ms(g["coordination_ms"]), ms(g["hold_ms"]),

@@ -2,7 +2,7 @@
 
 Asks the session's running mirror to compare, between two groups and
 without stopping host writes, every primary volume's clean blocks with its
-secondary's hardened group (coordinator/verify.py); prints the differing
+secondary's hardened group (coordinator/mirror/verify.py); prints the differing
 blocks.  ``--repair`` marks them so the next group sends them.
 
 Exit status: 0 if nothing differs or the differences were marked (repair);

@@ -189,7 +189,7 @@ class Mirror:
 
     def _serve_verifies(self) -> None:
         """Run asked-for verifies now, between groups, if the last group
-        hardened (coordinator/verify.py says why it must have); running,
+        hardened (coordinator/mirror/verify.py says why it must have); running,
         the next hardened group serves them; paused, they are refused."""
         if not self.verifies.pending():
             return

@@ -9,7 +9,7 @@ the connection.  Every event has ``time`` (unix seconds), ``session`` and
     group-failed   n (null: no group began), outcome (drain-timeout, aborted,
                    failed), error
     pause, resume
-    verify         group, differing_blocks, repaired (coordinator/verify.py)
+    verify         group, differing_blocks, repaired (coordinator/mirror/verify.py)
     slave-up, slave-down        name, role (primary or secondary), error (down)
     failover       action (failover, dr-test, end-test), site (the one now
                    writable, or given back for end-test), hardened (the group
@@ -30,7 +30,7 @@ one slow ``cgmirror events`` must never stall the cycle) and gets an
 ``{"event": "overflow", "lost": N}`` line saying so.  ``PeerWatch`` polls
 every slave and secondary once a second with links of its own (the cycle's
 links are not shared between threads) to see them come and go; the metrics
-(coordinator/metrics.py) read its last replies.
+(coordinator/mirror/metrics.py) read its last replies.
 """
 
 from __future__ import annotations
