@@ -39,9 +39,10 @@ README's "Failover" section has the same table):
                                 ``systemctl stop cgmirror-mirror@SESSION``;
                                 a rerun with nothing left to do still
                                 answers "nothing to do" (exit 0)
-``copy``                        refused, exit 2, with or without a mirror:
-                                copy sends to fixed targets, a mirrored
-                                pair is the mirror's (cli/copy_cmds.py)
+``copy``                        refused, exit 2, in a session that mirrors
+                                (running or not): copy sends to fixed
+                                targets, a mirrored pair is the mirror's
+                                (cli/copy_cmds.py)
 ``mirror run``                  refused, exit 5: one mirror per session
 =============================  ==============================================
 """
