@@ -71,6 +71,7 @@ from wire import files  # noqa: E402
 from coordinator import launch, session as session_mod  # noqa: E402
 from coordinator.history import History  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
+from coordinator.mirror import call as mirror_call  # noqa: E402
 from harness import workload as wl  # noqa: E402
 from harness.mirrorrig import LAYOUT, ORDER, REMOTE, SIZE, session_text, tcp_node  # noqa: E402
 
@@ -201,6 +202,18 @@ class Campaign:
                                                  f" {s}/{v} near {off}")
             finally:
                 d.close()
+
+    def read_one_group(self, what: str, timeout: float = 120) -> None:
+        """Have the read loop check one whole group now: the mirror is
+        paused meanwhile, so on a loaded machine a read that is slower than
+        a group still gets a group that stays put under it."""
+        path = self.session.mirror.control
+        before = self.counts["groups_checked"]
+        mirror_call(path, "pause")
+        try:
+            wait_for(lambda: self.counts["groups_checked"] > before, timeout, what)
+        finally:
+            mirror_call(path, "resume")
 
     def kill_mirror(self) -> None:
         if self.mirror and self.mirror.poll() is None:

@@ -117,6 +117,7 @@ def test_power_cut_keeps_the_last_hardened_group(run_dir, site):
                 c.heal()
                 soak_mirror.wait_for(lambda: min(c.hardened(quiet=True)) >= max(h, 1) + 1,
                                   120, f"mirroring to resume after power cut {cuts}")
+                c.read_one_group(f"the remote read as one group after power cut {cuts}")
                 assert c.counts["violations"] == 0, c.violations
             # Writers stopped and two more groups: the remote is complete.
             c.stop_work()
