@@ -190,6 +190,29 @@ def stop(proc: subprocess.Popen, timeout: float = 5) -> int:
     return proc.returncode
 
 
+def pause(pid: int, timeout: float = 10) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it has stopped.
+    kill() returns before a thread running on the other core stops: such a
+    thread answered a FREEZE sent right after (tests/twosites.py, 2 in 24
+    runs), where the test needs a slave that takes it and never answers."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    task = f"/proc/{pid}/task"
+    while not all(_state(os.path.join(task, t)) == "T" for t in os.listdir(task)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pid {pid} did not stop within {timeout:g} s")
+        time.sleep(0.001)
+
+
+def _state(proc: str) -> str:
+    """The state letter of /proc/PID or /proc/PID/task/TID ("T": stopped)."""
+    try:
+        with open(os.path.join(proc, "stat")) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:       # a thread that exited meanwhile
+        return "T"
+
+
 def listen_ports(pid: int) -> set[int]:
     """The TCP ports process ``pid`` listens on (none if it is gone)."""
     inodes = set()

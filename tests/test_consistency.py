@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from harness import workload as wl
 from harness import peers
+from harness.sites import pause
 from cgtest import closing_all, need, wait_until
 from coordinator import group
 from coordinator.errors import CopyFailed, EstablishAborted
@@ -342,7 +342,7 @@ def test_slave_killed_during_establish_leaves_the_others_thawed(rig):
     r.n = group.next_n(group.preflight(r.links), r.n)
     h = wl.Device(s1.spec.uri("a"), "held-writer")
     try:
-        os.kill(s2.pid, signal.SIGSTOP)         # takes FREEZE, never answers
+        pause(s2.pid)         # takes FREEZE, never answers
         t, result = wl.timed(lambda: group.establish(r.links, r.n, LEASE_MS, coord_ms),
                              "establish")
         with s1.control(5) as c:

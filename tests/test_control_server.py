@@ -22,6 +22,7 @@ import trustme
 
 from ctlrig import assert_aborted_by_its_connection, connect_nbd, log_text, raw, read_line
 from cgtest import wait_until
+from harness.sites import pause
 from coordinator import launch
 from nbdplugin.server import ControlServerError
 from nbdplugin.slave import Slave
@@ -255,7 +256,7 @@ def test_a_stale_freeze_after_sigstop_never_closes_the_gate(slaves):
     up: when the slave resumes, no gate closes and host writes flow."""
     proc = slaves(volumes=[("a", MB)])
     h = connect_nbd(proc)
-    os.kill(proc.pid, signal.SIGSTOP)
+    pause(proc.pid)
     try:
         s = raw(proc.spec.control)          # queued by the kernel while stopped
         s.sendall(b'{"op":"freeze","n":1,"lease_ms":20000}\n{"op":"abort","n":1}\n')

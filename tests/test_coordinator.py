@@ -12,6 +12,7 @@ import pytest
 
 from cgtest import MiB, nbd_handle, close, read_all, write
 from harness import peers
+from harness.sites import pause
 from cgtest import need, wait_until
 from coordinator import group
 from coordinator.errors import (BusyError, CopyFailed, EstablishAborted, ExitCode,
@@ -115,7 +116,7 @@ def test_establish_hung_slave_thaws_the_others_within_coordination_time(slaves, 
             close(h)
 
     w = threading.Thread(target=writer)
-    os.kill(b.pid, signal.SIGSTOP)
+    pause(b.pid)
     try:
         w.start()
         wait_until(lambda: writes[0] >= 1, 30, "the writer's first write")

@@ -19,6 +19,7 @@ import pytest
 
 from ctlrig import assert_aborted_by_its_connection, connect_nbd, log_text, raw, read_line
 from cgtest import wait_until
+from harness.sites import pause
 from coordinator.control import ControlError
 from native.bitmap import Bitmap
 from native.gate import Core, Gate, GateRefused
@@ -409,7 +410,7 @@ def test_a_stale_freeze_on_the_gate_socket_never_closes_a_gate(slaves):
     proc = slaves(volumes=[("a", MB)])
     h = connect_nbd(proc)
     path = gate_of(proc)
-    os.kill(proc.pid, signal.SIGSTOP)
+    pause(proc.pid)
     try:
         s = raw(path)
         s.sendall(b'{"op":"freeze","n":1,"lease_ms":20000}\n{"op":"abort","n":1}\n')

@@ -39,7 +39,7 @@ from coordinator.group import pipeline  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from harness import peers  # noqa: E402
 from harness import workload as wl  # noqa: E402
-from harness.sites import free_port  # noqa: E402
+from harness.sites import free_port, pause  # noqa: E402
 
 SIZE = 16 << 20
 LAYOUT = wl.two_by_two(SIZE)
@@ -247,15 +247,16 @@ def kill(session_path: str, victim_pid: str) -> dict:
     def settle_then_stop(wire):
         real_settle(wire)
         if wire.link.control == victim:
-            os.kill(pid, signal.SIGSTOP)
+            pause(pid)
     pipeline.Wire._settle = settle_then_stop
     try:
         t, result = wl.timed(lambda: group.establish(d.links, d.n, KILL_LEASE_MS,
                                                      KILL_COORD_MS), "establish")
         s1 = d.links[0]
         deadline = time.monotonic() + KILL_COORD_MS / 2000
-        while s1.status()["phase"] != "frozen":
-            assert time.monotonic() < deadline, "s1 never frozen"
+        while (st1 := s1.status())["phase"] != "frozen":
+            assert time.monotonic() < deadline, \
+                f"s1 never frozen: establish {'running' if t.is_alive() else result}, s1 {st1}"
             time.sleep(0.005)
         w, wt = wl.timed(lambda: h.pwrite(b"held" * 1024, SPARE), "held-write")
         while s1.status()["volumes"]["a"]["waiting"] < 1:
