@@ -63,14 +63,45 @@ def test_direction_refuses_a_split_or_reversed_mirror(tmp_path):
     p = tmp_path / "f.toml"
     p.write_text(SESSION)
     s = session_mod.load(str(p))
-    direction.check_mirror(s)                      # nothing recorded: a mirrors
+    none = direction.load(s, {})                   # no node answers: a mirrors
+    assert (none["source"], none["state"], none["answered"]) == ("a", "mirroring", [])
+    direction.check_mirror(s, none)
+    rec = {"source": "a", "state": "mirroring", "a_nodes": ["s1"], "seq": 1}
     with pytest.raises(direction.DirectionError, match="sends from site b"):
-        direction.save(s, source="a", state="mirroring")
-        direction.check_mirror(direction.oriented(s, "b"))
-    direction.save(s, source="b", state="failed-over", hardened=3, **{"from": "a"})
+        direction.check_mirror(direction.oriented(s, "b"), rec)
+    over = {"source": "b", "state": "failed-over", "hardened": 3, "from": "a",
+            "a_nodes": ["s1"], "seq": 2}
     with pytest.raises(direction.DirectionError, match="took over") as ei:
-        direction.check_mirror(direction.oriented(s, "b"))
+        direction.check_mirror(direction.oriented(s, "b"), over)
     assert "\n" not in str(ei.value)
+
+
+def test_direction_is_the_highest_record_the_nodes_hold(tmp_path):
+    """load takes the record with the highest seq among the nodes that
+    answer (an old primary that missed a failover is outvoted); a node
+    that is another node, of another session, or has other volumes than
+    this copy of the file says, is refused in one line."""
+    p = tmp_path / "f.toml"
+    p.write_text(SESSION)
+    s = session_mod.load(str(p))
+    vols = {"a": {}, "b": {}}
+    old = {"source": "a", "state": "mirroring", "a_nodes": ["s1"], "seq": 4}
+    new = {"source": "b", "state": "failed-over", "from": "a", "hardened": 7,
+           "a_nodes": ["s1"], "seq": 5}
+    st = {"s1": {"session": "f", "node": "s1", "record": old, "volumes": vols},
+          "r1": {"session": "f", "node": "r1", "record": new, "volumes": vols}}
+    d = direction.load(s, st)
+    assert (d["source"], d["state"], d["seq"], d["answered"]) == ("b", "failed-over", 5,
+                                                                  ["r1", "s1"])
+    from coordinator.errors import SlaveUnreachable
+    d = direction.load(s, {"s1": st["s1"], "r1": SlaveUnreachable("r1", "gone")})
+    assert (d["source"], d["seq"], d["answered"]) == ("a", 4, ["s1"])
+    for bad, what in [({"session": "other"}, "of session other"),
+                      ({"node": "r1"}, "node r1 of session f"),
+                      ({"volumes": {"a": {}}}, "serves volumes a,")]:
+        with pytest.raises(session_mod.ConfigError, match=what) as ei:
+            direction.load(s, {**st, "s1": {**st["s1"], **bad}})
+        assert "\n" not in str(ei.value)
 
 
 # ------------------------------------------------------------------ the rig
