@@ -89,6 +89,10 @@ class SlaveSpec:
     nbd: str | None = None
     tls: str | None = None
     client_tls: str | None = None
+    # The session this node belongs to (plugin keys session= and node=, the
+    # node's name being ``name``): the node records both at its first start
+    # and refuses later starts as another node or for another session.
+    session: str | None = None
 
     @property
     def pidfile(self) -> str:
@@ -142,6 +146,8 @@ class SlaveSpec:
         cmd += ["python", PLUGIN, f"statedir={self.statedir}", f"control={self.control}",
                 f"granularity={self.granularity}", f"region={self.region}",
                 f"checkpoint={self.checkpoint}", f"role={self.role}"]
+        if self.session:
+            cmd += [f"session={self.session}", f"node={self.name}"]
         if self.tls:
             cmd.append(f"tls={os.path.abspath(self.tls)}")
         for name, path, size in self.volumes:

@@ -226,3 +226,86 @@ def test_node_unit_passes_systemd_analyze_verify(run_dir):
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", inst],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+# ------------------------------------------------------------------ real nodes
+
+def _status(control: str) -> dict | None:
+    """The node's status, or None while it does not answer."""
+    try:
+        with launch.ControlClient(control, 5) as c:
+            return c.call("status")
+    except launch.ControlError:
+        return None
+
+
+def _wait_serving(control: str, other_than: int | None = None, timeout: float = 60) -> dict:
+    doc = {}
+
+    def up():
+        nonlocal doc
+        doc = _status(control) or {}
+        return doc.get("pid") not in (None, other_than)
+    wait_until(up, timeout, f"a node serving {control}")
+    return doc
+
+
+def test_node_run_starts_a_real_node_again_in_its_new_role(run_dir):
+    """`cgmirror node run s1`: the role op on the node records `secondary`,
+    nbdkit exits 75 and the supervisor starts it again, now a secondary of
+    the same session; SIGTERM then stops it and the supervisor exits 0."""
+    need("nbdkit")
+    path = _session(run_dir)
+    cfg = session_mod.load(path).slave("s1")
+    log = open(os.path.join(run_dir, "run.log"), "wb")
+    p = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "-s", path, "node", "run",
+                          "s1"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        first = _wait_serving(cfg.control)
+        assert first["role"] == "primary" and first["session"] == "u" \
+            and first["node"] == "s1"
+        assert launch.supervisor_pid(cfg.spec()) == p.pid
+        with launch.ControlClient(cfg.control, 30) as c:
+            reply = c.call("role", to="secondary")
+        assert reply["restarting"] is True and reply["role"] == "secondary"
+        again = _wait_serving(cfg.control, other_than=first["pid"])
+        assert again["role"] == "secondary" and again["role_seq"] == first["role_seq"] + 1
+        assert p.poll() is None             # the same supervisor, still running
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0
+        assert launch.running_pid(cfg.spec()) is None
+        with open(os.path.join(run_dir, "run.log")) as f:
+            assert "cgmirror: slave s1 exited 75 (role change): starting it again as" \
+                   " secondary\n" in f.read()
+    finally:
+        if p.poll() is None:
+            p.kill()        # nbdkit -f dies with it (PR_SET_PDEATHSIG)
+        p.wait(30)
+        log.close()
+
+
+def test_detached_start_survives_a_role_change_and_stops_whole(run_dir):
+    """`cgmirror slave start` (launch.start detached) runs the node under
+    its supervisor: after a role change the node serves again in its new
+    role, with no command run on its host; `slave stop` stops node and
+    supervisor, and nothing starts it again."""
+    need("nbdkit")
+    path = _session(run_dir)
+    assert cli.main(["-s", path, "slave", "start", "s1"]) == 0
+    spec = session_mod.load(path).slave("s1").spec()
+    try:
+        sup = launch.supervisor_pid(spec)
+        first = _wait_serving(spec.control)
+        assert sup and first["pid"] == launch.running_pid(spec)
+        with launch.ControlClient(spec.control, 30) as c:
+            assert c.call("role", to="secondary")["restarting"] is True
+        again = _wait_serving(spec.control, other_than=first["pid"])
+        assert again["role"] == "secondary" and launch.supervisor_pid(spec) == sup
+        # `slave start` again: it runs, in the role it recorded.
+        assert cli.main(["-s", path, "slave", "start", "s1"]) == 0
+        assert _status(spec.control)["pid"] == again["pid"]
+        assert cli.main(["-s", path, "slave", "stop", "s1"]) == 0
+        assert launch.supervisor_pid(spec) is None and launch.running_pid(spec) is None
+        assert launch.wait_gone(sup, 30) and launch.wait_gone(again["pid"], 30)
+    finally:
+        launch.stop(spec, timeout=10)

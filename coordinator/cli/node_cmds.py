@@ -19,10 +19,14 @@ the node), and the file gives only the first one.  Two ways to run it:
 ``node_spec`` is how every command that starts a node (``slave|secondary
 start|run`` too) names its role: the recorded one, else the direction's
 (``direction.spec``: a coordinator's ``direction.json`` on this host, for
-nodes that predate their own record), else the file's.
+nodes that predate their own record), else the file's; and it names the
+session and the node to the plugin (``session=``, ``node=``), which records
+them and refuses to start as another node or for another session.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from coordinator import direction, launch
 
@@ -56,8 +60,9 @@ def node_config(session, name: str):
 
 def node_spec(session, cfg) -> launch.SlaveSpec:
     """How to start node ``cfg`` now: in its recorded role (see the module doc)."""
+    spec = dataclasses.replace(direction.spec(session, cfg), session=session.name)
     try:
-        return launch.in_recorded_role(direction.spec(session, cfg))
+        return launch.in_recorded_role(spec)
     except launch.LaunchError as exc:
         raise SlaveError(cfg.name, f"node {cfg.name}: {exc}", "launch") from exc
 
