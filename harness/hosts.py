@@ -598,6 +598,13 @@ class Host:
         self.run(["sh", "-c", script], timeout=30)
         os.kill(self.init.pid, signal.SIGHUP)
 
+    def disable(self, *units: str) -> None:
+        """``systemctl disable --now UNIT...``: the links go, the supervisor
+        reloads and stops them (SIGTERM, as systemd's stop)."""
+        wants = f"{UNIT_DIR}/multi-user.target.wants"
+        self.run(["rm", "-f", *(f"{wants}/{u}" for u in units)], timeout=30)
+        os.kill(self.init.pid, signal.SIGHUP)
+
     def kill_unit(self, name: str, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to a unit's main process; return its pid."""
         u = self.unit(name)
