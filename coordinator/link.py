@@ -79,6 +79,8 @@ class SlaveLink:
 
     def call(self, op: str, **args) -> dict:
         """Send one request and return the reply; raise a SlaveError if refused."""
+        if self.session is not None:
+            args = {**args, "session": self.session}
         if self._lock.acquire(blocking=False):
             try:
                 return _call(self.name, self._client, op, args)
@@ -118,6 +120,8 @@ class Channel:
         self.name, self._client, self.session = name, client, session
 
     def call(self, op: str, **args) -> dict:
+        if self.session is not None:
+            args = {**args, "session": self.session}
         return _call(self.name, self._client, op, args)
 
     def connect(self) -> None:

@@ -85,7 +85,9 @@ def check(oriented: Session, primaries: dict, secondaries: dict, *,
             st = (primaries if node == s else secondaries).get(node) or {}
             line = (st.get("volumes", {}).get(vol) or {}).get("replaced")
             if line and not full:
-                raise DirectionError(f"{line} (`cgmirror resync --from {x} --to {y}"
+                named = line.replace("--from SOURCE --to TARGET", f"--from {x} --to {y}")
+                raise DirectionError(named if "cgmirror resync" in named else
+                                     f"{named} (`cgmirror resync --from {x} --to {y}"
                                      f" --full` copies it whole)")
     pairs = compare(oriented, primaries, secondaries)
     for p in pairs:
