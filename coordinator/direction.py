@@ -1,6 +1,29 @@
-"""Which site of a session is the replication source, kept durably in the
-coordinator's state directory (``direction.json``), and the session as
-that direction sees it.
+"""Which site of a session is the replication source, kept on the nodes
+(each node's ``record``, nbdplugin's node.json), and the session as that
+direction sees it.
+
+Where it lives.  Truth lives with the nodes, not with whoever runs a
+command (DESIGN.md "Hosts, roles and lineage"): the direction record is
+stored by every node of the session through its ``record`` op and read
+back from its status ("record").  ``load`` asks every node of both sites
+at once and takes the record with the highest ``seq`` among those that
+answer; ``save`` writes ``seq + 1`` to every node that answers, and a site
+whose nodes the change concerns (``sites``) must all take it, else it is
+refused in one line naming the node, before anything is written.  So a
+coordinator on any host, at either site, with its own copy of the session
+file, reaches the same decision; an old primary that missed a failover
+holds a lower ``seq`` and is outvoted by any node that saw it, and the
+lineage (wire/lineage.py, checked before every join) catches the rest.
+``direction.json`` in the coordinator's state directory is gone: a file
+on one host cannot be the truth of two (rejected: keeping it as a cache;
+nobody could trust it, so nobody would read it).  No node answering: the
+file's default (a mirrors to b), marked ``"answered": []`` -- every
+command that acts on it needs the nodes anyway.
+
+Nodes vs this copy of the session file (``check_nodes``): a node that
+reports another node name, another session or other volumes than the file
+says is refused in one line (a renamed node, a volume added or swapped):
+the file is not acted on.
 
 Sites.  A session file describes two sites: site ``a`` is every
 ``[[slave]]`` (the primaries as the file was written), site ``b`` every
@@ -32,9 +55,11 @@ States (``state``):
 ``failover --test``, ``failover --end-test``, ``resync``, ``failback``,
 ``switchover``), and a failback adds ``back_to`` (the site it returns to):
 with them a rerun tells a step half done from a command that finished
-(coordinator/roles/failover.py, "Reruns").
-Every change is written with ``files.write_atomic`` (temp, fsync, rename,
-fsync dir), before the steps it announces, so a coordinator killed between
+(coordinator/roles/failover.py, "Reruns").  ``a_nodes`` names site a's
+nodes (the file's ``[[slave]]`` names), so that an oriented session tells
+which site it sends from.
+Every change is recorded on the nodes (each writes it durably before it
+replies) before the steps it announces, so a coordinator killed between
 steps finds what it was doing and the command run again resumes it.
 """
 
@@ -46,48 +71,175 @@ import os
 
 from wire.files import READABLE_DIR, make_dirs, write_atomic
 
-from .errors import ConfigError, DirectionError
+from . import group
+from .errors import CgmirrorError, ConfigError, DirectionError
 from .launch import SlaveSpec
+from .link import SlaveLink
 from .session import NodeConfig, Session, VolumeConfig
 
-FILE = "direction.json"
 SITES = ("a", "b")
 STATES = ("mirroring", "failed-over", "dr-test", "resync", "switching")
 MIRRORS = ("mirroring", "resync")         # states in which groups may form
+STATUS_TIMEOUT_S = 5.0
+DEFAULT = {"source": "a", "state": "mirroring", "seq": 0}
 
 
 def other(site: str) -> str:
     return "b" if site == "a" else "a"
 
 
-def path(session: Session) -> str:
-    return os.path.join(session.state_dir, FILE)
+def every_node(session: Session) -> list[tuple[str, NodeConfig]]:
+    """(site, config) of every node of the file's session, site a first."""
+    return [("a", c) for c in session.slaves] + [("b", c) for c in session.secondaries]
 
 
-def load(session: Session) -> dict:
-    """The recorded direction ({"source": "a", "state": "mirroring"} if none)."""
-    p = path(session)
+def poll(session: Session, timeout: float = STATUS_TIMEOUT_S
+         ) -> dict[str, dict | CgmirrorError]:
+    """Every node's status (both sites), asked at once: {name: status or
+    the error reaching it}."""
+    links = [SlaveLink.from_spec(c.spec(), timeout=timeout) for _, c in every_node(session)]
+    try:
+        return group.statuses(links)
+    finally:
+        for lk in links:
+            lk.close()
+
+
+def check_nodes(session: Session, statuses: dict) -> None:
+    """Raise ConfigError (one line) if a node answering reports another
+    node name, session or volumes than this copy of the session file."""
+    for _, cfg in every_node(session):
+        st = statuses.get(cfg.name)
+        if not isinstance(st, dict):
+            continue
+        where = f"the node at {cfg.control}"
+        if st.get("session") not in (None, session.name) \
+                or st.get("node") not in (None, cfg.name):
+            raise ConfigError(
+                f"{where} is node {st.get('node', '?')} of session {st.get('session', '?')},"
+                f" but {session.path} names it {cfg.name} of session {session.name}: this"
+                f" copy of the session file disagrees with the nodes and is not acted on;"
+                f" use the session's own file (or give each session its own nodes)")
+        mine = {v.name for v in cfg.volumes}
+        theirs = set(st.get("volumes", {}))
+        if "node" in st and theirs != mine:
+            raise ConfigError(
+                f"node {cfg.name} serves volumes {', '.join(sorted(theirs)) or 'none'},"
+                f" but {session.path} gives it {', '.join(sorted(mine))}: a volume added,"
+                f" renamed or swapped in this copy of the file is not acted on; restore"
+                f" the file the nodes were started with")
+
+
+def _record(st) -> dict | None:
+    r = st.get("record") if isinstance(st, dict) else None
+    if not isinstance(r, dict) or r.get("source") not in SITES \
+            or r.get("state") not in STATES or not isinstance(r.get("seq"), int):
+        return None
+    return r
+
+
+def load(session: Session, statuses: dict | None = None) -> dict:
+    """The recorded direction: the record with the highest ``seq`` among
+    the nodes that answer (``statuses``: from ``poll``, or asked now).
+    None recorded: a mirrors to b (seq 0).  ``answered``: who answered."""
+    if statuses is None:
+        statuses = poll(session)
+    check_nodes(session, statuses)
+    if _legacy(statuses, session):
+        return _legacy_load(session, statuses)
+    best = None
+    for name, st in statuses.items():
+        r = _record(st)
+        if r is not None and (best is None or r["seq"] > best["seq"]):
+            best = r
+    d = dict(best if best is not None else DEFAULT)
+    d["answered"] = sorted(n for n, st in statuses.items() if isinstance(st, dict))
+    return d
+
+
+def save(session: Session, sites: tuple[str, ...] = SITES, **state) -> dict:
+    """Record ``state`` on the nodes as ``seq + 1``; ``session`` is the
+    file's (not oriented).  Every node of ``sites`` must answer and take
+    it (else DirectionError naming the node, before anything is written if
+    it does not answer); the other site's nodes take it if they answer."""
+    statuses = poll(session)
+    current = load(session, statuses)
+    legacy = _legacy(statuses, session)
+    for site, cfg in every_node(session):
+        if legacy:
+            break
+        st = statuses.get(cfg.name)
+        if site in sites and not isinstance(st, dict):
+            raise DirectionError(
+                f"node {cfg.name} (site {site}) does not answer on {cfg.control}"
+                f" ({st}): a change of site {site} needs all its nodes; bring it back"
+                f" (its unit, or `cgmirror node run {cfg.name}`) and run the command"
+                f" again")
+    rec = {k: v for k, v in state.items() if k not in ("answered", "seq", "a_nodes")}
+    rec["a_nodes"] = sorted(s.name for s in session.slaves)
+    rec["seq"] = current.get("seq", 0) + 1
+    if legacy:
+        return _legacy_save(session, rec)
+    live = [(site, cfg) for site, cfg in every_node(session)
+            if isinstance(statuses.get(cfg.name), dict)]
+    links = [SlaveLink.from_spec(cfg.spec(), timeout=STATUS_TIMEOUT_S * 2)
+             for _, cfg in live]
+    try:
+        replies = group.fanout.parallel(links, lambda lk: lk.call("record", record=rec),
+                                        timeout=STATUS_TIMEOUT_S * 2 + 1)
+    finally:
+        for lk in links:
+            lk.close()
+    for site, cfg in live:
+        r = replies.get(cfg.name)
+        if isinstance(r, Exception):
+            if site in sites:
+                raise DirectionError(f"node {cfg.name} (site {site}) did not take the"
+                                     f" direction record ({r}): a change of site {site}"
+                                     f" needs all its nodes; run the command again")
+            continue
+        stored = r.get("record") or {}
+        if stored.get("seq") != rec["seq"]:
+            raise DirectionError(
+                f"node {cfg.name} holds direction record {stored.get('seq')} (by"
+                f" {stored.get('by', '?')}), not the {rec['seq']} just written: another"
+                f" coordinator changed the direction meanwhile; run `cgmirror status`"
+                f" and the command again")
+    return rec
+
+
+# Nodes older than issue 18 keep no record (their status has no "record"):
+# then, and only then, the record is the coordinator's ``direction.json``
+# as before.  TO GO once every node keeps records (nbdplugin's node.json).
+LEGACY_FILE = "direction.json"
+
+
+def _legacy(statuses: dict, session: Session | None = None) -> bool:
+    live = [st for st in statuses.values() if isinstance(st, dict)]
+    if not live:        # nobody answers: the old file, if one was left
+        return session is not None and os.path.exists(
+            os.path.join(session.state_dir, LEGACY_FILE))
+    return not any("record" in st for st in live)
+
+
+def _legacy_load(session: Session, statuses: dict) -> dict:
+    p = os.path.join(session.state_dir, LEGACY_FILE)
     try:
         with open(p) as f:
             d = json.load(f)
     except FileNotFoundError:
-        return {"source": "a", "state": "mirroring"}
+        d = dict(DEFAULT)
     except ValueError as exc:
-        raise ConfigError(f"{p} is damaged ({exc}): write_atomic never leaves a torn"
-                          f" file, so someone edited it; restore it") from None
-    if not isinstance(d, dict) or d.get("source") not in SITES \
-            or d.get("state") not in STATES:
-        raise ConfigError(f"{p}: no valid source/state: restore it")
+        raise ConfigError(f"{p} is damaged ({exc}): restore it") from None
+    d["answered"] = sorted(n for n, st in statuses.items() if isinstance(st, dict))
     return d
 
 
-def save(session: Session, **state) -> dict:
-    """Record ``state`` durably; ``session`` is the file's (not oriented):
-    its primaries' control sockets name site a."""
-    state["a_controls"] = sorted(s.control for s in session.slaves)
+def _legacy_save(session: Session, rec: dict) -> dict:
     make_dirs(session.state_dir, READABLE_DIR)
-    write_atomic(path(session), json.dumps(state, sort_keys=True).encode())
-    return state
+    write_atomic(os.path.join(session.state_dir, LEGACY_FILE),
+                 json.dumps(rec, sort_keys=True).encode())
+    return rec
 
 
 def nodes(session: Session, site: str) -> list[NodeConfig]:
@@ -95,23 +247,23 @@ def nodes(session: Session, site: str) -> list[NodeConfig]:
     return list(session.slaves if site == "a" else session.secondaries)
 
 
-def role(session: Session, site: str) -> str:
-    """The role ``site``'s nodes run in now: the source's are primaries
-    (both sites' during a DR test, the new source's once a switchover is
-    past its last group); any other is a secondary, so an old primary
-    brought back after a failover serves read-only and its unsent writes
-    become target indicators (nothing lost, no split brain)."""
-    d = load(session)
+def role(session: Session, site: str, d: dict | None = None) -> str:
+    """The role ``site``'s nodes run in now by the direction ``d`` (loaded
+    if None): the source's are primaries (both sites' during a DR test,
+    the new source's once a switchover is past its last group); any other
+    is a secondary.  A node records its own role (nbdplugin's node.json)
+    and starts in it; this is the role a node's first start takes."""
+    d = load(session) if d is None else d
     if d["state"] == "switching":
         return "primary" if site == d["to"] else "secondary"
     return "primary" if site == d["source"] or d["state"] == "dr-test" else "secondary"
 
 
-def spec(session: Session, cfg: NodeConfig) -> SlaveSpec:
-    """How to run a node (``[[slave]]`` or ``[[secondary]]``) in its role now
-    (``cgmirror slave|secondary start``)."""
+def spec(session: Session, cfg: NodeConfig, d: dict | None = None) -> SlaveSpec:
+    """How to run a node (``[[slave]]`` or ``[[secondary]]``) in its role by
+    the direction ``d`` (``cgmirror slave|secondary start``)."""
     site = "a" if cfg in session.slaves else "b"
-    return dataclasses.replace(cfg.spec(), role=role(session, site))
+    return dataclasses.replace(cfg.spec(), role=role(session, site, d))
 
 
 def oriented(session: Session, source: str) -> Session:
@@ -138,15 +290,16 @@ def oriented(session: Session, source: str) -> Session:
 
 def sending(session: Session, d: dict) -> str:
     """Which site an (oriented) session sends from: are its primaries site
-    a's nodes (``a_controls``, recorded by ``save``)?"""
-    a = set(d.get("a_controls", ()))
-    return "a" if not a or {s.control for s in session.slaves} <= a else "b"
+    a's nodes (``a_nodes``, recorded by ``save``)?"""
+    a = set(d.get("a_nodes", ()))
+    return "a" if not a or {s.name for s in session.slaves} <= a else "b"
 
 
-def check_mirror(session: Session) -> None:
+def check_mirror(session: Session, d: dict | None = None) -> None:
     """Raise DirectionError (one line) unless groups may form from this
-    session's primaries now (``Mirror.run_once`` calls it)."""
-    d = load(session)
+    session's primaries now (``Mirror.run_once`` calls it); ``d``: the
+    direction if already loaded."""
+    d = load(session) if d is None else d
     if d["state"] not in MIRRORS:
         raise DirectionError(why(d))
     src, frm = d["source"], sending(session, d)
@@ -170,5 +323,5 @@ def why(d: dict) -> str:
     return f"a switchover to site {d.get('to')} is half done: run `cgmirror switchover` again"
 
 
-__all__ = ["DirectionError", "SITES", "check_mirror", "load", "nodes", "oriented",
-           "other", "role", "save", "spec", "why"]
+__all__ = ["DirectionError", "SITES", "check_mirror", "check_nodes", "every_node", "load",
+           "nodes", "oriented", "other", "poll", "role", "save", "spec", "why"]

@@ -1,17 +1,30 @@
 """Start and stop slave processes (nbdkit running plugin.py).
 
-Used by the ``cgmirror slave`` commands and by the tests, so that nobody types
-nbdkit command lines by hand.  A slave is ready when nbdkit has written its
-pidfile (it does so once it listens) and its control socket answers.
+Used by the ``cgmirror slave|secondary|node`` commands and by the tests, so
+that nobody types nbdkit command lines by hand.  A slave is ready when nbdkit
+has written its pidfile (it does so once it listens) and its control socket
+answers.
+
+Roles.  A node records its role in its own state directory (``node.json``,
+written by the node before it acts on it, nbdplugin/); the role a spec gives
+is only the first one.  ``in_recorded_role`` reads the record, so every start
+(``start``, ``exec_foreground``, ``supervise``) names the role the plugin will
+run in anyway.  A role change is an op the node serves itself: it records the
+new role and nbdkit exits with ``protocol.RESTART_STATUS``; whoever supervises
+it starts it again -- systemd (the unit's ``RestartForceExitStatus=``), or
+``supervise`` (``cgmirror node run``, and every detached start).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +32,7 @@ import psutil
 
 from wire import address as wire_address
 from wire import files, tls, unixsock
+from wire.protocol import RESTART_STATUS
 
 from .control import ControlClient, ControlError, client_context
 
@@ -27,6 +41,17 @@ PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "nbdplugin", "plugin.py")
 # Where the interpreter nbdkit embeds keeps its ``python3`` (the system's).
 SYSTEM_BIN = ("/usr/bin", "/bin")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The node's own record (nbdplugin/ writes it; only its role is read here).
+NODE_RECORD = "node.json"
+ROLES = ("primary", "secondary")
+# The supervisor's pidfile in the node's state directory: "PID START_TIME".
+SUPERVISOR_PID = "supervisor.pid"
+# ``supervise`` gives up when the node asks to be started again this many
+# times within RESTART_WINDOW seconds (systemd's default start limit, 5 in
+# 10 s): a role change is rare, a loop of them is a bug to report.
+RESTART_BURST = 5
+RESTART_WINDOW = 10.0
 
 
 class LaunchError(Exception):
@@ -64,6 +89,10 @@ class SlaveSpec:
     nbd: str | None = None
     tls: str | None = None
     client_tls: str | None = None
+    # The session this node belongs to (plugin keys session= and node=, the
+    # node's name being ``name``): the node records both at its first start
+    # and refuses later starts as another node or for another session.
+    session: str | None = None
 
     @property
     def pidfile(self) -> str:
@@ -72,6 +101,20 @@ class SlaveSpec:
     @property
     def logfile(self) -> str:
         return os.path.join(self.statedir, "nbdkit.log")
+
+    @property
+    def supervisor_pidfile(self) -> str:
+        return os.path.join(self.statedir, SUPERVISOR_PID)
+
+    def to_json(self) -> str:
+        """This spec as one JSON text (how a detached supervisor gets it)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SlaveSpec":
+        d = json.loads(text)
+        d["volumes"] = [tuple(v) for v in d["volumes"]]
+        return cls(**d)
 
     def uri(self, volume: str) -> str:
         if self.nbd is not None:
@@ -103,6 +146,8 @@ class SlaveSpec:
         cmd += ["python", PLUGIN, f"statedir={self.statedir}", f"control={self.control}",
                 f"granularity={self.granularity}", f"region={self.region}",
                 f"checkpoint={self.checkpoint}", f"role={self.role}"]
+        if self.session:
+            cmd += [f"session={self.session}", f"node={self.name}"]
         if self.tls:
             cmd.append(f"tls={os.path.abspath(self.tls)}")
         for name, path, size in self.volumes:
@@ -132,6 +177,9 @@ class SlaveProcess:
         for pid in (self.pid, self.keeper):
             if pid:
                 _reap(pid)
+        if self.keeper and not alive(self.pid) and alive(self.keeper):
+            # Its supervisor started it again (a role change): same node.
+            self.pid = running_pid(self.spec) or self.pid
         return alive(self.pid)
 
     def wait(self, timeout: float) -> int | None:
@@ -155,6 +203,11 @@ class SlaveProcess:
         past ``timeout`` the slave is killed, which is safe (recovery re-marks
         the regions written lately) but over-marks.
         """
+        if self.keeper and alive(self.keeper):
+            # Its supervisor forwards SIGTERM and exits, starting nothing new
+            # (SIGTERM to nbdkit alone could meet a restart in between).
+            _reap(self.keeper)
+            os.kill(self.keeper, signal.SIGTERM)
         if self.alive():
             os.kill(self.pid, signal.SIGTERM)
             try:
@@ -229,6 +282,46 @@ def running_pid(spec: SlaveSpec) -> int | None:
     return None
 
 
+def supervisor_pid(spec: SlaveSpec) -> int | None:
+    """PID of the live supervisor (``supervise``) of this spec's node, if any."""
+    try:
+        with open(spec.supervisor_pidfile) as f:
+            pid, started = f.read().split()
+        p = psutil.Process(int(pid))
+        if p.status() != psutil.STATUS_ZOMBIE and f"{p.create_time():.2f}" == started:
+            return p.pid
+    except (FileNotFoundError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def recorded_role(statedir: str) -> str | None:
+    """The role the node recorded in ``STATEDIR/node.json``, or None before
+    its first start.  Raises LaunchError (one line) on a damaged record."""
+    path = os.path.join(statedir, NODE_RECORD)
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LaunchError(f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc}):"
+                          f" the node writes it whole, so it was damaged or edited;"
+                          f" restore it from a backup") from None
+    role = doc.get("role") if isinstance(doc, dict) else None
+    if role not in ROLES:
+        raise LaunchError(f"{path} records no role ({role!r}, not one of"
+                          f" {', '.join(ROLES)}): restore it from a backup")
+    return role
+
+
+def in_recorded_role(spec: SlaveSpec) -> SlaveSpec:
+    """``spec`` in the role its node recorded (unchanged before the first
+    start: then the spec's role is the first one)."""
+    role = recorded_role(spec.statedir)
+    return spec if role in (None, spec.role) else dataclasses.replace(spec, role=role)
+
+
 # TLS handshakes that failed in a row before a start gives up (not 1: a
 # handshake can also fail on a socket the slave closes as it starts).
 TLS_REFUSALS = 3
@@ -244,14 +337,22 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
 
     By default the slave is our child and runs in the foreground (``nbdkit
     -f``, which also makes it die with us: nbdkit 1.32 sets
-    PR_SET_PDEATHSIG).  ``detach`` makes the slave outlive the process that
-    started it (``cgmirror slave start``): ``nbdkit -f`` again, under
-    ``setsid --fork --wait`` in a session of its own, so that nbdkit's
-    parent is that small keeper, which lives exactly as long as nbdkit.
+    PR_SET_PDEATHSIG).  A detached slave is ``nbdkit -f`` too, so that its
+    parent is a small keeper that lives as long as it does.
     Not nbdkit's own daemon mode: it points stderr at /dev/null
     (server/background.c, unless verbose), which lost every line the node
     logs -- refused TLS handshakes, the plugin's errors -- from its log file.
+    ``detach`` makes the slave outlive the process that started it
+    (``cgmirror slave start``): its supervisor (``supervise``, in a session
+    of its own) runs ``nbdkit -f`` as its child and starts it again after a
+    role change; the supervisor is the ``keeper``, whose exit status is
+    nbdkit's last.  The node starts in its recorded role (``in_recorded_role``).
     """
+    spec = in_recorded_role(spec)
+    sup = supervisor_pid(spec)
+    if sup:
+        raise LaunchError(f"slave {spec.name} is already running under its supervisor"
+                          f" (pid {sup})")
     cmd = prepare(spec)
     try:
         ctx = spec.client_context()
@@ -262,7 +363,7 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
     with os.fdopen(fd, "ab") as log:
         log_start = log.tell()
         if detach:
-            keeper = _spawn_detached(cmd, log.fileno(), spec)
+            keeper = _spawn_detached(log.fileno(), spec)
             proc = SlaveProcess(spec, keeper, keeper=keeper)   # pid: nbdkit's, below
         else:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
@@ -309,18 +410,22 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
         time.sleep(0.02)
 
 
-def _spawn_detached(cmd: list[str], log_fd: int, spec: SlaveSpec) -> int:
-    """Start ``cmd`` (``nbdkit -f ...``) under a keeper (``setsid --fork
-    --wait``, util-linux), each in a session of its own, stdout and stderr
-    on ``log_fd``; return the keeper's pid, whose exit status is nbdkit's.
-    posix_spawn rather than Popen: a Popen object dropped while its child
-    runs warns, and a detached slave is meant to outlive the object
-    (``_reap`` collects the keeper if it ends first)."""
-    setsid = shutil.which("setsid", path=os.pathsep.join(SYSTEM_BIN)) or "setsid"
-    cmd = [setsid, "--fork", "--wait", *cmd]
+# A detached supervisor: this interpreter, this project, the spec as JSON.
+_SUPERVISOR = ("import sys; sys.path.insert(0, {root!r});"
+               " from coordinator.launch import supervise_main;"
+               " sys.exit(supervise_main(sys.argv[1]))")
+
+
+def _spawn_detached(log_fd: int, spec: SlaveSpec) -> int:
+    """Start the supervisor of ``spec`` (``supervise``) in a session of its
+    own, stdout and stderr on ``log_fd``; return its pid.  Its exit status is
+    nbdkit's last.  posix_spawn rather than Popen: a Popen object dropped
+    while its child runs warns, and a detached slave is meant to outlive
+    the object (``_reap`` collects the supervisor if it ends first)."""
+    cmd = [sys.executable, "-c", _SUPERVISOR.format(root=ROOT), spec.to_json()]
     devnull = os.open(os.devnull, os.O_RDONLY)
     try:
-        return os.posix_spawn(cmd[0], cmd, slave_env(spec.env), setsid=True,
+        return os.posix_spawn(cmd[0], cmd, dict(os.environ), setsid=True,
                               file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0),
                                             (os.POSIX_SPAWN_DUP2, log_fd, 1),
                                             (os.POSIX_SPAWN_DUP2, log_fd, 2)])
@@ -329,6 +434,79 @@ def _spawn_detached(cmd: list[str], log_fd: int, spec: SlaveSpec) -> int:
                           f" {exc.strerror or exc}") from exc
     finally:
         os.close(devnull)
+
+
+class _Supervisor:
+    """State of ``supervise``: the nbdkit it runs now, and whether a stop
+    was asked (SIGTERM or SIGINT), which the signal handler sets."""
+
+    def __init__(self):
+        self.child: subprocess.Popen | None = None
+        self.stopping = False
+
+    def on_signal(self, signum, frame) -> None:
+        self.stopping = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+
+def supervise(spec: SlaveSpec, say=None) -> int:
+    """Run the node of ``spec`` in the foreground (``cgmirror node run``, a
+    detached start) and start it again, in its newly recorded role, each
+    time it exits ``RESTART_STATUS`` (a role change).  SIGTERM or SIGINT stop
+    nbdkit cleanly (it is sent SIGTERM) and return 0; any other exit of
+    nbdkit is returned as it is (128+N for signal N), for the caller's own
+    supervisor (systemd, a test) to judge.  Raises LaunchError when a start
+    fails before nbdkit runs, or after RESTART_BURST restarts in
+    RESTART_WINDOW s.  ``say`` gets one line per restart (default: stderr).
+    """
+    say = say or (lambda line: print(f"cgmirror: {line}", file=sys.stderr, flush=True))
+    state = _Supervisor()
+    old = {sig: signal.signal(sig, state.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    me = psutil.Process()
+    files.make_dirs(spec.statedir)
+    files.write_atomic(spec.supervisor_pidfile,
+                       f"{me.pid} {me.create_time():.2f}\n".encode(), sync=False)
+    restarts: list[float] = []
+    try:
+        while not state.stopping:
+            now = in_recorded_role(spec)
+            cmd = prepare(now)
+            child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=slave_env(now.env))
+            state.child = child
+            if state.stopping:              # the signal came before child was set
+                child.send_signal(signal.SIGTERM)
+            status = child.wait()
+            state.child = None
+            if state.stopping:
+                return 0
+            if status != RESTART_STATUS:
+                return status if status >= 0 else 128 - status
+            t = time.monotonic()
+            restarts = [r for r in restarts if t - r < RESTART_WINDOW] + [t]
+            if len(restarts) > RESTART_BURST:
+                raise LaunchError(f"slave {spec.name} asked to be started again"
+                                  f" {len(restarts)} times in {RESTART_WINDOW:.0f} s;"
+                                  f" giving up: see its log")
+            say(f"slave {spec.name} exited {status} (role change): starting it again"
+                f" as {in_recorded_role(spec).role}")
+        return 0
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if supervisor_pid(spec) == me.pid:
+            remove(spec.supervisor_pidfile)
+
+
+def supervise_main(spec_json: str) -> int:
+    """Entry of a detached supervisor (``_spawn_detached``): its errors are
+    one line in the node's log, which ``start`` shows."""
+    spec = SlaveSpec.from_json(spec_json)
+    try:
+        return supervise(spec)
+    except LaunchError as exc:
+        print(f"cgmirror: error: {exc}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _exit_status(proc: SlaveProcess) -> int | None:
@@ -385,7 +563,10 @@ def exec_foreground(spec: SlaveSpec) -> None:
     """Become the slave (``cgmirror slave run``, a systemd unit's
     ExecStart): nbdkit in the foreground, logging to stderr (the journal),
     with our PID, so systemd's MAINPID, SIGTERM and the plugin's READY=1
-    all concern nbdkit itself.  Returns only by raising LaunchError."""
+    all concern nbdkit itself.  It starts in its recorded role; a role
+    change's exit (RESTART_STATUS) is the unit's to restart.  Returns only
+    by raising LaunchError."""
+    spec = in_recorded_role(spec)
     cmd = prepare(spec)
     try:
         os.execve(cmd[0], cmd, slave_env(spec.env))
@@ -425,12 +606,22 @@ def slave_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def stop(spec: SlaveSpec, timeout: float = 30.0) -> bool:
-    """Stop a slave started earlier (maybe by another process) via its pidfile."""
+    """Stop a slave started earlier (maybe by another process) via its
+    pidfile, and its supervisor if it has one (so that nothing starts it
+    again)."""
+    sup = supervisor_pid(spec)
     pid = running_pid(spec)
-    if pid is None:
+    if pid is None and sup is None:
         remove_stale(*_unix_paths(spec))
         return False
-    SlaveProcess(spec, pid).stop(timeout)
+    if sup is not None:
+        os.kill(sup, signal.SIGTERM)
+    if pid is not None:
+        SlaveProcess(spec, pid).stop(timeout)
+    if sup is not None and not wait_gone(sup, timeout):
+        os.kill(sup, signal.SIGKILL)
+        wait_gone(sup, 30)
+    remove_stale(*_unix_paths(spec))
     return True
 
 

@@ -50,8 +50,12 @@ class SlaveLink:
     """
 
     def __init__(self, name: str, control: str, volumes: list[str] | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, ssl_context: ssl.SSLContext | None = None):
+                 timeout: float = DEFAULT_TIMEOUT, ssl_context: ssl.SSLContext | None = None,
+                 session: str | None = None):
         self.name = name
+        # Every request carries it (top-level "session"): a node serves one
+        # session and refuses another's (wire/protocol.py).  None: a tool.
+        self.session = session
         self.control = control      # unix path or tcp:HOST:PORT (then ssl_context)
         self.volumes = list(volumes) if volumes is not None else None
         self.timeout = timeout
@@ -70,22 +74,25 @@ class SlaveLink:
         except TLSConfigError as exc:
             # The coordinator's certificate directory: local configuration.
             raise ConfigError(f"slave {spec.name}: {exc}") from exc
-        return cls(spec.name, spec.control, [v[0] for v in spec.volumes], timeout, ctx)
+        return cls(spec.name, spec.control, [v[0] for v in spec.volumes], timeout, ctx,
+                   getattr(spec, "session", None))
 
     def call(self, op: str, **args) -> dict:
         """Send one request and return the reply; raise a SlaveError if refused."""
+        if self.session is not None:
+            args = {**args, "session": self.session}
         if self._lock.acquire(blocking=False):
             try:
                 return _call(self.name, self._client, op, args)
             finally:
                 self._lock.release()
         with self.channel() as ch:
-            return ch.call(op, **args)
+            return _call(self.name, ch._client, op, args)
 
     def channel(self) -> "Channel":
         """A connection of its own (close it), for a thread that may block on it."""
         return Channel(self.name, ControlClient(self.control, self.timeout,
-                                                   self.ssl_context))
+                                                   self.ssl_context), self.session)
 
     def status(self) -> dict:
         reply = self.call("status")
@@ -109,10 +116,12 @@ class SlaveLink:
 class Channel:
     """One dedicated connection to a slave; requests answered in order."""
 
-    def __init__(self, name: str, client: ControlClient):
-        self.name, self._client = name, client
+    def __init__(self, name: str, client: ControlClient, session: str | None = None):
+        self.name, self._client, self.session = name, client, session
 
     def call(self, op: str, **args) -> dict:
+        if self.session is not None:
+            args = {**args, "session": self.session}
         return _call(self.name, self._client, op, args)
 
     def connect(self) -> None:

@@ -104,6 +104,7 @@ except the optional keys above.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -184,17 +185,24 @@ class NodeConfig:
     nbd: str | None = None
     tls: str | None = None
     client_tls: str | None = None
+    # The session it belongs to (the file's [session] name): every control
+    # request to it carries it, and the node refuses another session's.
+    session: str | None = None
 
     def spec(self) -> SlaveSpec:
         """How to run this node in its role (for coordinator.launch).  A key
         the session file left out (None) keeps SlaveSpec's default, so the
         defaults live in one place."""
         keys = {"threads": self.threads, "granularity": self.granularity}
-        return SlaveSpec(name=self.name, statedir=self.state_dir, nbd_socket=self.nbd_socket,
+        spec = SlaveSpec(name=self.name, statedir=self.state_dir, nbd_socket=self.nbd_socket,
                          control=self.control, role=self.role,
                          volumes=[(v.name, v.path, v.size) for v in self.volumes],
                          nbd=self.nbd, tls=self.tls, client_tls=self.client_tls,
                          **{k: v for k, v in keys.items() if v is not None})
+        # SlaveLink.from_spec sends it with every request (and launch may
+        # pass it to the node as session=).
+        spec.session = self.session
+        return spec
 
     def volume(self, name: str) -> VolumeConfig:
         for v in self.volumes:
@@ -456,6 +464,8 @@ class _Parser:
         parsed = tuple(self.slave(i, s) for i, s in enumerate(slaves, 1))
         mirror, secondaries = self.mirror_tables(data, state_dir, parsed)
         self.unique(parsed, secondaries)
+        parsed = tuple(dataclasses.replace(s, session=name) for s in parsed)
+        secondaries = tuple(dataclasses.replace(r, session=name) for r in secondaries)
         return Session(path=os.path.abspath(self.path), name=name, state_dir=state_dir,
                        max_coordination_ms=coord, lease_ms=lease,
                        copy_timeout_ms=copy_timeout, slaves=parsed, mirror=mirror,

@@ -245,6 +245,10 @@ struct cg_core {
     const uint64_t *cr[CG_MAX_VOLUMES], *oos[CG_MAX_VOLUMES];
     size_t nwords[CG_MAX_VOLUMES];
     char names[CG_MAX_VOLUMES][CG_MAX_NAME + 1];
+    /* The node's session and name (cg_core_identity; "" until set): a
+     * request naming another session is refused with kind "session". */
+    char session[CG_MAX_NAME + 1];
+    char who[160];              /* "node b1": how the refusal names this node */
 
     pthread_mutex_t op;
     pthread_mutex_t st;
@@ -413,6 +417,16 @@ cg_core *cg_core_new(cg_gate **gates, int ngates, const char *names, uint64_t la
     for (i = 0; i < ngates; i++)
         __atomic_add_fetch(&gates[i]->refs, 1, __ATOMIC_ACQ_REL);
     return c;
+}
+
+/* Set before cg_core_start (the listener reads them without a lock). */
+int cg_core_identity(cg_core *c, const char *session, const char *who)
+{
+    if (strlen(session) > CG_MAX_NAME || strlen(who) >= sizeof c->who)
+        return -1;
+    snprintf(c->session, sizeof c->session, "%s", session);
+    snprintf(c->who, sizeof c->who, "%s", who);
+    return 0;
 }
 
 /* The thread (lease timer, gate socket) starts here, not in cg_core_new:
@@ -676,7 +690,8 @@ static void expire_if_due(cg_core *c)
  * The gate socket speaks the control protocol's JSON lines for three ops:
  *   {"op":"freeze","n":N,"lease_ms":L[,"volumes":[...]][,"full":[...]]}
  *   {"op":"thaw","n":N}     {"op":"abort","n":N}
- * and answers each line in order with {"ok":true,...} or
+ * each with an optional "session":NAME (refused with kind "session" if the
+ * node belongs to another one), and answers each line in order with {"ok":true,...} or
  * {"ok":false,"error":"...","kind":"..."} (wire/protocol.py).  The parser
  * takes exactly that: one flat object, integer and string values, arrays of
  * names; anything else is refused with one line and the connection stays.
@@ -701,7 +716,8 @@ struct names {
 
 struct request {
     char op[16];
-    int has_n, has_lease, has_vols, has_full;
+    char session[CG_MAX_NAME + 1];
+    int has_n, has_lease, has_vols, has_full, has_session;
     uint64_t n, lease;
     struct names vols, full;
 };
@@ -878,6 +894,14 @@ static int parse_request(struct parser *ps, cg_core *c, struct request *q)
             if (*seen)
                 return perr(ps, "duplicate key 'full'");
             rc = parse_names(ps, c, "full", &q->full);
+        } else if (strcmp(key, "session") == 0) {
+            seen = &q->has_session;
+            if (*seen)
+                return perr(ps, "duplicate key 'session'");
+            rc = parse_string(ps, q->session, sizeof q->session);
+            if (rc == 0 && (!q->session[0] || q->session[strspn(q->session, CG_NAME_CHARS)]))
+                return perr(ps, "'session' must be a session name (letters, digits,"
+                            " '_', '-', '.')");
         } else {
             return perr(ps, "unknown key '%s'", key);
         }
@@ -963,10 +987,18 @@ static size_t handle_line(cg_core *c, struct conn *k, const char *line, size_t l
     if (!freeze && (q.has_lease || q.has_vols || q.has_full))
         return error_reply(out, cap, "protocol", q.has_lease ? "unknown key 'lease_ms'"
                            : q.has_vols ? "unknown key 'volumes'" : "unknown key 'full'");
+    if (freeze && !q.has_lease)
+        return error_reply(out, cap, "protocol", "missing key 'lease_ms'");
+    if (q.has_session && c->session[0] && strcmp(q.session, c->session) != 0) {
+        /* The words of nbdplugin/server.py's refusal. */
+        char msg[480];
+        snprintf(msg, sizeof msg, "%s belongs to session %s, not %s: a node serves"
+                 " one session; give %s nodes of its own", c->who, c->session,
+                 q.session, q.session);
+        return error_reply(out, cap, "session", msg);
+    }
     struct cg_result r;
     if (freeze) {
-        if (!q.has_lease)
-            return error_reply(out, cap, "protocol", "missing key 'lease_ms'");
         char msg[320];
         const char *kind;
         if (q.has_vols && (kind = check_names(c, &q.vols, "volumes", 0, msg, sizeof msg)))

@@ -62,6 +62,10 @@ struct cg_result {
  * cut ends while frozen (abort, lease, its connection). */
 cg_core *cg_core_new(cg_gate **gates, int ngates, const char *names, uint64_t last_n,
                      int notify_fd);
+/* The node's session ("" : none) and how refusals name it ("node b1"),
+ * before start (nbdplugin/noderecord.py): the gate socket refuses a request
+ * naming another session.  -1 if either is too long. */
+int cg_core_identity(cg_core *c, const char *session, const char *who);
 int cg_core_start(cg_core *c);
 void cg_core_stop(cg_core *c);
 void cg_core_free(cg_core *c);

@@ -173,6 +173,12 @@ class Core:
                             err, 256) < 0:
             raise OSError(ffi.string(err).decode(errors="replace"))
 
+    def identity(self, session: str, who: str) -> None:
+        """The node's session ("": none) and its name in refusals; before
+        ``start``.  The gate socket then refuses another session's requests."""
+        if lib.cg_core_identity(self._c, session.encode(), who.encode()) < 0:
+            raise ValueError(f"session {session!r} or {who!r} is too long for the gate")
+
     def start(self) -> None:
         """Start the C thread (lease timer, gate socket); after any fork."""
         if lib.cg_core_start(self._c) < 0:

@@ -21,6 +21,17 @@
 # records a DR test (nbdplugin/secondary.py, "DR test") saves the hardened
 # group's content of each block before the test first writes it.
 #
+# Node (issue 18; nbdplugin/noderecord.py): session=NAME node=NAME name the
+# session and the node; the node records them, its role and its volumes'
+# identity and lineage in STATEDIR/node.json at its first start and refuses
+# later starts as another node, for another session, or with other volumes.
+# role= is the FIRST role only: once recorded, the recorded role wins (one
+# log line if role= says otherwise).  The control op `role` records a new
+# role, answers, and ends nbdkit with exit status 75 (wire.protocol.
+# RESTART_STATUS) through its clean shutdown: its supervisor (systemd's
+# RestartForceExitStatus=, `cgmirror node run`) starts it again, in the
+# recorded role.  A request naming another session is refused.
+#
 # The slave holds an exclusive lock on its state directory and on each volume
 # while it runs (a second slave on either is refused, naming the holder), and
 # keeps its state private: the directory 0700, its files 0600.  A
@@ -31,6 +42,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import nbdkit
 
@@ -46,6 +58,7 @@ for _p in (_VENV_SITE, _ROOT):
 
 from nbdplugin import copier, threadstate  # noqa: E402
 from nbdplugin.changemap import ChangeMapError  # noqa: E402
+from nbdplugin.noderecord import NodeRecord, NodeRecordError, identity_of  # noqa: E402
 from nbdplugin.blockstore import BlockStore  # noqa: E402
 from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa: E402
                                  prepared_group, dr_test_group, undo_path)
@@ -58,16 +71,24 @@ from wire.units import parse_size  # noqa: E402
 API_VERSION = 2
 
 _cfg = {"statedir": None, "control": None, "tls": None, "granularity": 64 * 1024,
-        "region": 4 << 20, "checkpoint": 2.0, "role": "primary"}
+        "region": 4 << 20, "checkpoint": 2.0, "role": None, "session": None,
+        "node": None}
 _volumes: dict[str, str] = {}
 _create: dict[str, int] = {}
 _slave: Slave | Secondary | None = None
 _statedir_fd: int | None = None    # holds the state directory's lock until exit
+_exit_status: int | None = None    # RESTART_STATUS once a role change is recorded
+# After a role change nbdkit's clean shutdown normally ends in ``cleanup``
+# within milliseconds; if a client or a thread holds it up this long, the
+# process ends anyway (the maps were checkpointed before the record, and
+# the write-intent map covers anything since).
+RESTART_GRACE_S = 30.0
 
 # `kill -USR1 PID` dumps every Python thread's stack to the log.
 faulthandler.register(signal.SIGUSR1, all_threads=True)
 logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                     format="cgmirror[%(process)d] %(levelname)s %(name)s: %(message)s")
+log = logging.getLogger("nbdplugin.plugin")
 
 
 class ConfigError(Exception):
@@ -96,7 +117,7 @@ def _one_line_errors(fn):
         try:
             return fn(*args)
         except (ConfigError, VolumeError, ChangeMapError, files.LockedError, StateError,
-                OSError) as exc:
+                NodeRecordError, OSError) as exc:
             print(f"cgmirror: error: {exc}", file=sys.stderr, flush=True)
             os._exit(1)
     wrapper.__name__ = fn.__name__
@@ -145,6 +166,10 @@ def _config(key, value):
     elif key == "role":
         if value not in ("primary", "secondary"):
             _fail("role must be primary or secondary")
+        _cfg[key] = value
+    elif key in ("session", "node"):
+        if not protocol.VOLUME_NAME.fullmatch(value):
+            _fail(f"{key} must be 1-{protocol.MAX_NAME} letters, digits, '_', '-', '.'")
         _cfg[key] = value
     elif key == "checkpoint":
         v = float(value)
@@ -208,7 +233,19 @@ def get_ready():
     # The state directory's lock comes first: until we hold it, another
     # slave may own the change maps, and opening them would overwrite them.
     files.lock_exclusive(_statedir_fd, f"state directory {statedir}")
-    secondary = _cfg["role"] == "secondary"
+    # The node record says whose this directory is and in which role the
+    # node starts; nothing is opened for another node or other volumes.
+    node = NodeRecord.load(statedir)
+    role = _cfg["role"] or "primary"
+    if node is not None:
+        node.check_belongs(_cfg["session"], _cfg["node"])
+        node.check_volumes(list(_volumes))
+        if _cfg["role"] and _cfg["role"] != node.role:
+            log.info("%s starts as a %s, its recorded role (role change %d); role=%s is"
+                     " only the first role", node.who(), node.role, node.role_seq,
+                     _cfg["role"])
+        role = node.role
+    secondary = role == "secondary"
     prepared = None if secondary else prepared_group(statedir)
     if prepared is not None:
         _fail(f"{statedir} holds group {prepared} prepared as a secondary: start it as a"
@@ -238,14 +275,20 @@ def get_ready():
         logging.getLogger("nbdplugin.plugin").info(
             "DR test: group %d is kept (%s blocks already): every first write saves"
             " it", kept, {n: len(v.keep) for n, v in vols.items()})
+    identities = {name: identity_of(v.fd, v.size) for name, v in vols.items()}
+    if node is None:
+        node = NodeRecord.create(statedir, _cfg["session"], _cfg["node"], role, identities)
+    else:
+        node.start(_cfg["session"], _cfg["node"], _volumes, identities)
     if secondary:
         try:
-            _slave = Secondary(vols, statedir)
+            _slave = Secondary(vols, statedir, node=node)
         except ValueError as exc:       # a damaged token file
             _fail(str(exc))
     else:
-        _slave = Slave(vols, statedir, _cfg["checkpoint"])
+        _slave = Slave(vols, statedir, _cfg["checkpoint"], node=node)
         _fence = _slave.fence
+    _slave.on_restart = _restart
 
 
 @_one_line_errors
@@ -266,9 +309,38 @@ def after_fork():
     sdnotify.notify("READY=1")
 
 
+def _restart():
+    """A role change is recorded and its reply written: end nbdkit through
+    its clean shutdown (connections closed, then ``cleanup``), which exits
+    with RESTART_STATUS.  nbdkit.shutdown() alone would exit 0."""
+    global _exit_status
+    _exit_status = protocol.RESTART_STATUS
+    nbdkit.shutdown()
+
+    def grace():
+        log.error("nbdkit did not shut down within %g s of a role change: exiting"
+                  " with status %d", RESTART_GRACE_S, protocol.RESTART_STATUS)
+        _exit_now()
+    timer = threading.Timer(RESTART_GRACE_S, grace)
+    timer.daemon = True
+    timer.start()
+
+
+def _exit_now():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
+
+
 def cleanup():
     if _slave is not None:
         _slave.shutdown()
+    if _exit_status is not None:
+        # nbdkit has closed its connections and unloads us: nothing of
+        # ours is left open; exit with the status that says "start me again".
+        log.info("exiting with status %d: start me again (my role is recorded)",
+                 _exit_status)
+        _exit_now()
 
 
 def list_exports(readonly, is_tls):

@@ -124,7 +124,7 @@ import shlex
 import threading
 import time
 
-from wire import protocol
+from wire import lineage, protocol
 from wire.protocol import Kind, ProtocolError
 
 from wire import failpoints
@@ -335,9 +335,10 @@ class Secondary(OpHandler):
 
     ROLE = "secondary"
 
-    def __init__(self, volumes: dict[str, SecondaryVolume], statedir: str):
+    def __init__(self, volumes: dict[str, SecondaryVolume], statedir: str, node=None):
         self.volumes = volumes
         self.statedir = statedir
+        self.node = node            # NodeRecord (nbdplugin/noderecord.py) or None
         self.lock = threading.RLock()
         self.server: ControlServer | None = None
         self.token = load_token(statedir)
@@ -463,10 +464,12 @@ class Secondary(OpHandler):
             if vols[name]["problem"] is not None:
                 vols[name]["problem"] += f"; {self._holds()}"
         problems = [v["problem"] for v in vols.values() if v["problem"]]
+        extra = self._node_status(
+            vols, lambda n: self.node.lineage(n)["own"])
         return protocol.ok(pid=os.getpid(), role=self.ROLE,
                            hardened=self.state["hardened"],
                            prepared=self.state["prepared"], test=self.state["test"],
-                           volumes=vols, problem=" | ".join(problems) or None)
+                           volumes=vols, problem=" | ".join(problems) or None, **extra)
 
     def op_prepare(self, n: int) -> dict:
         with self.lock:
@@ -494,10 +497,14 @@ class Secondary(OpHandler):
                 raise
             return protocol.ok(n=n)
 
-    def op_commit(self, n: int) -> dict:
+    def op_commit(self, n: int, gens: dict | None = None) -> dict:
+        """Harden group ``n``; ``gens``: the generation each volume's image
+        now belongs to (the primary's; lineage event 4)."""
         with self.lock:
             h, p = self.state["hardened"], self.state["prepared"]
+            self._check_gens(gens)
             if p is None and h == n:
+                self._take(gens, n)             # a crash between the two records
                 return protocol.ok(n=n)         # a coordinator's retry
             if p != n:
                 now = f"group {p} is prepared" if p is not None else "nothing is prepared"
@@ -507,6 +514,7 @@ class Secondary(OpHandler):
             # Record first, then drop: a crash in between leaves a store
             # named after the old group, which the next start deletes.
             self._save_state(hardened=n, prepared=None, test=None)
+            self._take(gens, n)
             failpoints.hit("secondary:commit-before-drop")
             for vol in self.volumes.values():
                 vol.drop_undo(n)
@@ -571,7 +579,31 @@ class Secondary(OpHandler):
         cm.checkpoint(final=True)
         return protocol.ok(volume=volume, blocks=sum(c for _, c in runs))
 
-    def op_assume(self, n: int) -> dict:
+    def _check_gens(self, gens: dict | None) -> None:
+        unknown = [v for v in gens or () if v not in self.volumes]
+        if unknown:
+            raise ProtocolError(f"unknown volume {unknown[0]!r} in 'gens' (this secondary"
+                                f" has: {', '.join(self.volumes)})", Kind.UNKNOWN)
+
+    def _take(self, gens: dict | None, n: int) -> None:
+        """Lineage events 4 and 5, after the group state is recorded: a
+        crash between the two records leaves hardened n in secondary.json
+        and the old lineage, and the coordinator's retry of the same commit
+        or assume (answered as a retry) records the lineage then.  The
+        other order could record a lineage at group n over an image that a
+        recovery then rolls back to n-1."""
+        if self.node is None:
+            return
+        wanted = {name: (gens or {}).get(name, self.node.lineage(name)["current"])
+                  for name in self.volumes}
+        if all(self.node.lineage(name)["current"] == gen
+               and self.node.lineage(name)["hardened"] == n
+               and not self.node.lineage(name)["own"] and not self.node.replaced(name)
+               for name, gen in wanted.items()):
+            return
+        self.node.take(gens, n)
+
+    def op_assume(self, n: int, gens: dict | None = None) -> dict:
         """Take the whole image as hardened group ``n`` (a primary demoted
         by a resync or switchover: coordinator/roles/failover.py).  From now on
         the undo store keeps this image until the resync hardens; the host
@@ -588,10 +620,12 @@ class Secondary(OpHandler):
             if n < h:
                 raise ProtocolError(f"group {n} is below the hardened group {h}",
                                     Kind.STALE)
+            self._check_gens(gens)
             if n != h or self.state["test"] is not None:
                 self._save_state(hardened=n, test=None)
                 for vol in self.volumes.values():
                     vol.drop_undo(n)
+            self._take(gens, n)
             log.info("secondary: the image is group %d", n)
             return protocol.ok(hardened=n)
 
@@ -631,6 +665,40 @@ class Secondary(OpHandler):
         self._save_state(test=None)
         log.info("secondary: DR test ended: group %d restored on this node (blocks"
                  " written back: %s; they stay in tgt)", h, rolled)
+
+    def _leave_role(self, to: str):
+        """Before ``role primary``: nothing of a drain may be in flight (a
+        prepared group, or undo blocks of an unfinished one: the image is
+        not one group), else kind busy naming what settles it; then
+        replication writes are refused from here to the exit, the maps
+        checkpointed, and promotion (lineage event 2) starts a new
+        generation from the hardened group."""
+        h, p = self.state["hardened"], self.state["prepared"]
+        undo = {v.name: len(v.undo) for v in self.volumes.values() if v.undo}
+        if p is not None:
+            raise ProtocolError(f"cannot become a {to}: group {p} is prepared (hardened"
+                                f" {h}); commit or roll it back first (`cgmirror failover`"
+                                f" settles it)", Kind.BUSY)
+        if undo:
+            raise ProtocolError(f"cannot become a {to}: the drain of group {h + 1} is"
+                                f" unfinished ({undo} blocks kept to undo); roll it back"
+                                f" first (`cgmirror failover` settles it)", Kind.BUSY)
+        vols = list(self.volumes.values())
+        try:
+            for vol in vols:
+                vol.block_writes(f"this node is becoming a {to}")
+            for vol in vols:
+                vol.flush()
+                vol.changes.checkpoint(final=True)
+        except BaseException:
+            for vol in vols:
+                vol.allow_writes()
+            raise
+
+        def undo_():
+            for vol in vols:
+                vol.allow_writes()
+        return (lambda name, lin: lineage.promote(lin)), undo_
 
     # ------------------------------------------------------------ life
 

@@ -66,20 +66,38 @@ class ControlServerError(Exception):
 class OpHandler:
     """The request front shared by both roles: ``ROLE`` names the role and
     ``protocol.ROLE_OPS[ROLE]`` the ops it serves (each an ``op_NAME``
-    method); ``OWNED_OPS`` get the connection they came on as ``owner``."""
+    method); ``OWNED_OPS`` get the connection they came on as ``owner``.
+
+    The node's own ops live here too (issue 18, nbdplugin/noderecord.py):
+    the session check of every request, ``record``, and the frame of
+    ``role`` -- each role says in ``_leave_role`` what it must settle
+    before it records the other role.  Once a role change is recorded the
+    node only answers ``status`` until it exits: ``reply_sent`` (the
+    server calls it after each batch of replies is written) calls
+    ``on_restart`` (plugin.py: nbdkit's clean shutdown, then exit with
+    ``protocol.RESTART_STATUS``)."""
 
     ROLE = "primary"
     OWNED_OPS: tuple[str, ...] = ()
+    node = None                 # NodeRecord (plugin.py); None: a bare handler in tests
+    restarting: str | None = None   # the role recorded, the process not yet gone
+    on_restart = None           # called once, after the role op's reply is written
+    _restart_started = False
 
     def handle(self, line: bytes | str, owner: "Conn | None" = None) -> dict:
         """Decode, validate and execute one request; always return a reply."""
         try:
             msg = protocol.decode(line)
             op = msg.pop("op")
+            self._check_session(msg.pop(protocol.SESSION_KEY, None))
             if op not in protocol.ROLE_OPS[self.ROLE]:
                 other = "secondary" if self.ROLE == "primary" else "primary"
                 raise ProtocolError(f"op {op!r} is for a {other}; this slave is a"
                                     f" {self.ROLE}", Kind.ROLE)
+            if self.restarting and op != "status":
+                raise ProtocolError(f"this node is restarting as a {self.restarting} (role"
+                                    f" change {self.node.role_seq}): ask it again once it"
+                                    f" is back", Kind.BUSY)
             if op in self.OWNED_OPS:
                 msg["owner"] = owner
             return getattr(self, "op_" + op)(**msg)
@@ -89,8 +107,88 @@ class OpHandler:
             log.exception("control op failed")
             return protocol.error(f"slave failed: {exc}", Kind.LOCAL)
 
+    def _check_session(self, session: str | None) -> None:
+        """A request that names another session than this node's is refused
+        before anything happens; one without a session (tools) is served."""
+        mine = self.node.session if self.node is not None else None
+        if session is None or mine is None or session == mine:
+            return
+        raise ProtocolError(f"{self.node.who()} belongs to session {mine}, not {session}:"
+                            f" a node serves one session; give {session} nodes of its own",
+                            Kind.SESSION)
+
     def connection_closed(self, conn: "Conn", why: str) -> None:
         """A control connection ended (``why``: one line); nothing by default."""
+
+    # ------------------------------------------------------------ node ops
+
+    def _node_status(self, volumes: dict, dirty) -> dict:
+        """Add the node's fields to a status reply's ``volumes`` (``dirty``:
+        name -> bool) and return the top-level ones."""
+        if self.node is None:
+            return {}
+        for name, v in volumes.items():
+            v.update(self.node.volume_fields(name, dirty(name)))
+        top = self.node.status_fields()
+        if self.restarting:
+            top["restarting"] = self.restarting
+        return top
+
+    def op_record(self, record: dict) -> dict:
+        """Keep the coordinator's direction record if its seq is higher."""
+        return protocol.ok(record=self.node.keep_record(record))
+
+    def op_role(self, to: str) -> dict:
+        """Become ``to``: settle this role (``_leave_role``, which refuses
+        with a one-line error or returns the lineage event), record the
+        new role and the lineage durably, answer; the process then exits
+        with RESTART_STATUS (``reply_sent``) and is started again in the
+        recorded role by its supervisor."""
+        if to == self.ROLE:
+            return protocol.ok(role=to, restarting=False, role_seq=self.node.role_seq)
+        # The role's own lock too (both roles' ``lock``, an RLock): no cut,
+        # copy, prepare or commit between the settling and the record.
+        with self._role_lock, self.lock:
+            if self.restarting:
+                raise ProtocolError(f"this node is restarting as a {self.restarting}",
+                                    Kind.BUSY)
+            event, undo = self._leave_role(to)
+            try:
+                def change(d):
+                    d["role"] = to
+                    d["role_seq"] += 1
+                    for name, v in d["volumes"].items():
+                        v["lineage"] = event(name, v["lineage"])
+                new = self.node.update(change)
+            except BaseException:
+                undo()
+                raise
+            self.restarting = to
+        log.info("%s: role %s recorded (role change %d, lineage event %d): restarting"
+                 " with status %d", self.node.who(), to, new["role_seq"],
+                 2 if to == "primary" else 3, protocol.RESTART_STATUS)
+        return protocol.ok(role=to, restarting=True, role_seq=new["role_seq"])
+
+    def _leave_role(self, to: str):
+        """Settle this role before the role ``to`` is recorded; return
+        ``(event, undo)``: ``event(name, lineage) -> lineage`` (wire/lineage.py)
+        and ``undo()`` to take back the settling if the record fails."""
+        raise NotImplementedError
+
+    @property
+    def _role_lock(self) -> threading.Lock:
+        lock = self.__dict__.get("_role_lock_")
+        if lock is None:
+            lock = self.__dict__.setdefault("_role_lock_", threading.Lock())
+        return lock
+
+    def reply_sent(self) -> None:
+        """The server wrote a batch of replies (or failed to: the peer is
+        gone).  After a role change, start the exit exactly once."""
+        if self.restarting and not self._restart_started:
+            self._restart_started = True
+            if self.on_restart is not None:
+                self.on_restart()
 
 
 class ControlServer:
@@ -314,13 +412,20 @@ class ControlServer:
             last = None
         except ProtocolError as exc:     # a line over the limit: out of step
             replies, last = [protocol.error(str(exc), exc.kind)], "message too long"
-        for reply in replies:
-            try:
-                conn.sock.sendall(protocol.encode(reply))
-            except OSError as exc:
-                # The peer is gone: _release ends a cut it froze.
-                return f"reply failed: {exc}"
-        return last
+        try:
+            for reply in replies:
+                try:
+                    conn.sock.sendall(protocol.encode(reply))
+                except OSError as exc:
+                    # The peer is gone: _release ends a cut it froze.
+                    return f"reply failed: {exc}"
+            return last
+        finally:
+            # A role change is recorded: the node restarts now that its
+            # reply is written (or could not be: it restarts all the same).
+            hook = getattr(self.handler, "reply_sent", None)
+            if hook is not None:
+                hook()
 
 
     def _release(self, conn: "Conn", why: str) -> None:

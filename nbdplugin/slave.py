@@ -40,7 +40,7 @@ import ssl
 import threading
 from collections import deque
 
-from wire import address as wire_address, protocol, tls
+from wire import address as wire_address, lineage, protocol, tls
 from wire.protocol import CutMachine, Event, Kind, Phase, ProtocolError
 
 from .copier import SAMPLES, Copy, CopyError, PitSource, block_digest, verify_target
@@ -146,9 +146,10 @@ class Slave(OpHandler):
     OWNED_OPS = ("freeze",)
 
     def __init__(self, volumes: dict[str, Volume], statedir: str,
-                 checkpoint_interval: float = 2.0):
+                 checkpoint_interval: float = 2.0, node=None):
         self.volumes = volumes
         self.statedir = statedir
+        self.node = node            # NodeRecord (nbdplugin/noderecord.py) or None
         self.checkpoint_interval = checkpoint_interval
         self._meta = self._load_meta()
         self.machine = CutMachine(n=self._meta.get("last_n", 0))
@@ -173,6 +174,14 @@ class Slave(OpHandler):
         self.gate_socket = None
         self.gate_path: str | None = None
         self._notifier: threading.Thread | None = None
+        self._full_copies: set[str] = set()
+        if node is not None:
+            self.core.identity(node.session or "", node.who()[:150])
+            for name in volumes:
+                # A file replaced behind the stopped node: what its target
+                # holds is no baseline of this file, whatever samples say.
+                if node.replaced(name) and self.baseline(name) is not None:
+                    self._set_baseline(name, None)
 
     # ------------------------------------------------------------ persistence
 
@@ -256,6 +265,7 @@ class Slave(OpHandler):
                 s["lease_ms_left"] = left if name in self.cut_volumes else None
                 vols[name] = s
             extra = {"gate": self.gate_path} if self.gate_path else {}
+            extra.update(self._node_status(vols, lambda n: vols[n]["dirty_blocks"] > 0))
             return protocol.ok(pid=os.getpid(), role=self.ROLE, phase=m.phase.value, n=m.n,
                                ended=m.ended, volumes=vols, last_copy=self.last_copy,
                                **extra)
@@ -424,6 +434,13 @@ class Slave(OpHandler):
             for name, (_, incremental) in plans.items():
                 if incremental:
                     self._drop_samples(name, self.volumes[name].pit.remaining())
+            if self.node is not None:
+                # Durable before the drain writes: from here on the peer may
+                # hold blocks of cut n it never hardens (wire/lineage.py, "cut").
+                if any(self.node.lineage(v)["cut"] < n for v in plans):
+                    self.node.set_lineages(lambda _, lin: {**lin, "cut": max(lin["cut"], n)},
+                                           volumes=plans)
+            self._full_copies = {v for v, (_, incremental) in plans.items() if not incremental}
             self.machine.step(Event.COPY, n)
             # An incremental copy first checks that the target still holds
             # the baseline (and refuses, naming --full, if not).
@@ -529,6 +546,13 @@ class Slave(OpHandler):
                 self._set_baseline(name, c.baseline)
         self.last_copy = {"n": n, "ok": ok,
                           "volumes": {k: c.progress() for k, c in self.copies.items()}}
+        joined = [k for k, c in self.copies.items()
+                  if c.state == "done" and k in self._full_copies
+                  and self.node is not None and self.node.replaced(k)]
+        if joined:
+            # A replaced file copied whole: the pair holds one image again.
+            self.node.update(lambda d: [d["volumes"][k].update(replaced=None)
+                                        for k in joined])
         self._end_thawed(Event.COPY_DONE if ok else Event.COPY_FAILED,
                          "done" if ok else "failed")
 
@@ -611,6 +635,36 @@ class Slave(OpHandler):
             self._set_baseline(name, {"uri": target, "size": vol.size,
                                       "granularity": vol.granularity, "samples": samples})
             return protocol.ok(volume=name, samples=len(samples))
+
+    def _leave_role(self, to: str):
+        """Before ``role secondary``: no cut may be in progress (kind busy);
+        host writes are fenced from here to the exit (a write after the
+        record would be a write the lineage does not know of); the maps
+        are checkpointed, and each volume's own writes (any cr|oos bit)
+        are what demotion records (lineage event 3)."""
+        with self.lock:
+            self._sync()
+            m = self.machine
+            if m.phase is not Phase.IDLE:
+                raise ProtocolError(f"cannot become a {to} while cut {m.n} is"
+                                    f" {m.phase.value}: abort it, or wait for its copy",
+                                    Kind.BUSY)
+            was_up = self.fence.up
+            self.fence.raise_(30.0)
+            try:
+                for vol in self.volumes.values():
+                    vol.changes.checkpoint()
+                dirty = {name: vol.changes.dirty().any()
+                         for name, vol in self.volumes.items()}
+            except BaseException:
+                if not was_up:
+                    self.fence.lower()
+                raise
+
+        def undo():
+            if not was_up:
+                self.fence.lower()
+        return (lambda name, lin: lineage.demote(lin, dirty[name])), undo
 
     # ------------------------------------------------------------ threads
 

@@ -16,8 +16,8 @@ import random
 
 import nbd
 
-from cgtest import need
-from coordinator import cli, direction, session as session_mod
+from cgtest import need, wait_until
+from coordinator import cli, direction, launch, session as session_mod
 from coordinator.cli import failover_cmds
 from coordinator.link import SlaveLink
 from coordinator.mirror import Mirror
@@ -98,8 +98,9 @@ class Writes:
 
 
 class Rig:
-    """s1 and r1 started as children of the test (``slaves``); role switches
-    restart them through ``ChildLauncher``."""
+    """s1 and r1 started under their supervisors by the test (``slaves``,
+    detached: stopped and reaped with the test); role switches go through
+    each node's role op and its supervisor starts it again."""
 
     def __init__(self, slaves, run_dir, monkeypatch):
         need("nbdkit")
@@ -108,13 +109,41 @@ class Rig:
         with open(self.path, "w") as f:
             f.write(SESSION)
         self.session = session_mod.load(self.path)
+        # Nodes run under their supervisors: role commands switch them through
+        # their role op, never through a launcher (failover_cmds.launcher
+        # stays None).  ChildLauncher keeps the ``slaves`` fixture for starts.
         self.launcher = ChildLauncher(slaves, region=G)
-        monkeypatch.setattr(failover_cmds, "launcher", self.launcher)
         self.procs = {}
         for spec in [self.session.slaves[0].spec(), self.session.secondaries[0].spec()]:
             spec.region = G
-            self.procs[spec.name] = slaves.restart(spec)
+            # Under a supervisor (launch.start detached): a role op's exit 75
+            # is followed by a start in the recorded role, as under the unit.
+            self.procs[spec.name] = slaves.restart(spec, detach=True)
         self.logs: list[str] = []
+
+    def revive(self, name: str, failpoints: str | None = None,
+               filters: tuple[list, list] | None = None) -> None:
+        """Start ``name`` again under its supervisor, as its host does at
+        boot: in the role it recorded itself (``failpoints``, ``filters``:
+        nbdkit filters and their arguments, in every start its supervisor
+        makes)."""
+        spec = (self.session.slaves[0] if name == "s1" else self.session.secondaries[0]).spec()
+        spec.region = G
+        if failpoints:
+            spec.env = {"CGMIRROR_FAILPOINTS": failpoints}
+        if filters:
+            spec.filters, spec.filter_args = filters
+        # A node that died (kill -9, a failpoint): its supervisor passes the
+        # status up and exits; wait for that before the host starts it again.
+        wait_until(lambda: launch.supervisor_pid(spec) is None, 30,
+                   f"{name}'s supervisor to exit")
+        self.procs[name] = self.launcher.slaves.restart(spec, detach=True)
+
+    def restart(self, name: str, failpoints: str | None = None,
+                filters: tuple[list, list] | None = None) -> None:
+        """Stop ``name`` cleanly (SIGTERM to its supervisor) and ``revive`` it."""
+        self.procs[name].stop(timeout=30)
+        self.revive(name, failpoints, filters)
 
     def cli(self, *argv) -> int:
         return cli.main(["-s", self.path, *argv])

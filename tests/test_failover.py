@@ -63,14 +63,45 @@ def test_direction_refuses_a_split_or_reversed_mirror(tmp_path):
     p = tmp_path / "f.toml"
     p.write_text(SESSION)
     s = session_mod.load(str(p))
-    direction.check_mirror(s)                      # nothing recorded: a mirrors
+    none = direction.load(s, {})                   # no node answers: a mirrors
+    assert (none["source"], none["state"], none["answered"]) == ("a", "mirroring", [])
+    direction.check_mirror(s, none)
+    rec = {"source": "a", "state": "mirroring", "a_nodes": ["s1"], "seq": 1}
     with pytest.raises(direction.DirectionError, match="sends from site b"):
-        direction.save(s, source="a", state="mirroring")
-        direction.check_mirror(direction.oriented(s, "b"))
-    direction.save(s, source="b", state="failed-over", hardened=3, **{"from": "a"})
+        direction.check_mirror(direction.oriented(s, "b"), rec)
+    over = {"source": "b", "state": "failed-over", "hardened": 3, "from": "a",
+            "a_nodes": ["s1"], "seq": 2}
     with pytest.raises(direction.DirectionError, match="took over") as ei:
-        direction.check_mirror(direction.oriented(s, "b"))
+        direction.check_mirror(direction.oriented(s, "b"), over)
     assert "\n" not in str(ei.value)
+
+
+def test_direction_is_the_highest_record_the_nodes_hold(tmp_path):
+    """load takes the record with the highest seq among the nodes that
+    answer (an old primary that missed a failover is outvoted); a node
+    that is another node, of another session, or has other volumes than
+    this copy of the file says, is refused in one line."""
+    p = tmp_path / "f.toml"
+    p.write_text(SESSION)
+    s = session_mod.load(str(p))
+    vols = {"a": {}, "b": {}}
+    old = {"source": "a", "state": "mirroring", "a_nodes": ["s1"], "seq": 4}
+    new = {"source": "b", "state": "failed-over", "from": "a", "hardened": 7,
+           "a_nodes": ["s1"], "seq": 5}
+    st = {"s1": {"session": "f", "node": "s1", "record": old, "volumes": vols},
+          "r1": {"session": "f", "node": "r1", "record": new, "volumes": vols}}
+    d = direction.load(s, st)
+    assert (d["source"], d["state"], d["seq"], d["answered"]) == ("b", "failed-over", 5,
+                                                                  ["r1", "s1"])
+    from coordinator.errors import SlaveUnreachable
+    d = direction.load(s, {"s1": st["s1"], "r1": SlaveUnreachable("r1", "gone")})
+    assert (d["source"], d["seq"], d["answered"]) == ("a", 4, ["s1"])
+    for bad, what in [({"session": "other"}, "of session other"),
+                      ({"node": "r1"}, "node r1 of session f"),
+                      ({"volumes": {"a": {}}}, "serves volumes a,")]:
+        with pytest.raises(session_mod.ConfigError, match=what) as ei:
+            direction.load(s, {**st, "s1": {**st["s1"], **bad}})
+        assert "\n" not in str(ei.value)
 
 
 # ------------------------------------------------------------------ the rig
@@ -84,7 +115,7 @@ def rig(slaves, run_dir, monkeypatch):
         print("\n".join(r.logs))
 
 
-def split(rig) -> tuple[Writes, Writes, dict]:
+def split(rig, unsent: bool = True) -> tuple[Writes, Writes, dict]:
     """Mirror a workload, leave writes at s1 that never reach r1, kill -9
     s1, fail over, write at r1.  Returns (S_a, T_b, union)."""
     Writes().workload(rig.uris("s1"), 40, resume=False)
@@ -98,8 +129,9 @@ def split(rig) -> tuple[Writes, Writes, dict]:
     for _ in range(2):
         rig.call("s1", "checkpoint")
     old = Writes()                                   # unreplicated at site a
-    old.workload(rig.uris("s1"), 15)
-    old.scatter(rig.uris("s1"), 6, seed=1)
+    if unsent:
+        old.workload(rig.uris("s1"), 15)
+        old.scatter(rig.uris("s1"), 6, seed=1)
     rig.procs["s1"].kill9()
     assert rig.cli("failover") == 0
     st = rig.status("r1")
@@ -110,6 +142,8 @@ def split(rig) -> tuple[Writes, Writes, dict]:
     new.workload(rig.uris("r1"), 12)
     new.scatter(rig.uris("r1"), 5, seed=2)
     rig.check("r1")
+    rig.revive("s1")            # site a comes back, a primary as it recorded
+    assert rig.status("s1")["role"] == "primary"
     return old, new, old.union(new)
 
 
@@ -172,18 +206,20 @@ def test_kill_mid_resync_resumes(rig, side, point):
     its last consistent image, the next run resumes and sends nothing the
     target had confirmed; at the end both sites are equal."""
     if side == "r1":
-        # r1 restarts as a primary at failover: arm it for that start.
-        rig.launcher.env[("r1", "primary")] = {"CGMIRROR_FAILPOINTS": point}
+        # Armed in r1's every start (its supervisor's): copy:mid fires in the
+        # first copy it makes, the resync's, as a primary.
+        rig.restart("r1", point)
     old, new, union = split(rig)
     want = sum(len(b) for b in union.values()) * G
     if side == "s1":
-        rig.launcher.env[("s1", "secondary")] = {"CGMIRROR_FAILPOINTS": point}
+        rig.restart("s1", point)        # fires once it runs as a secondary
     assert rig.cli("resync", "--from", "b", "--to", "a") != 0
     killed = rig.session.slaves[0] if side == "s1" else rig.session.secondaries[0]
     assert launch.running_pid(killed.spec()) is None, f"{side} was not killed"
+    rig.revive(side)                    # its host starts it again, unarmed
     if side == "s1":
-        # The killed target, restarted: its last consistent image.
-        rig.launcher.start(dataclasses.replace(killed.spec(), role="secondary"))
+        # The killed target: a secondary (its record) at its last consistent image.
+        assert rig.status("s1")["role"] == "secondary"
         assert sum(v["undo_blocks"] for v in rig.status("s1")["volumes"].values())
         rig.check("s1")
     before = rig.replication_bytes("s1")
@@ -312,6 +348,7 @@ def test_failover_rolls_back_an_unfinished_group_into_t(rig):
     new = Writes()
     new.scatter(rig.uris("r1"), 4, seed=6)
     union = {v: inflight.blocks[v] | old.blocks[v] | new.blocks[v] for v in VOLS}
+    rig.revive("s1")                                 # site a back, a primary
     assert rig.cli("resync", "--from", "b", "--to", "a") == 0
     assert rig.replication_bytes("s1") == sum(len(b) for b in union.values()) * G
     rig.assert_equal()
@@ -322,7 +359,7 @@ def test_failback_in_one_command(rig, capsys):
     """`cgmirror failback --json`: the resync (exactly S u T) then the
     switchover; site a is the primary again, equal to site b, and the
     mirror runs a -> b."""
-    old, new, union = split(rig)
+    old, new, union = split(rig, unsent=False)
     capsys.readouterr()
     assert rig.cli("failback", "--json") == 0
     doc = json.loads(capsys.readouterr().out)
@@ -333,6 +370,37 @@ def test_failback_in_one_command(rig, capsys):
     rig.assert_equal()
     rig.check("s1")
     assert rig.cli("failover", "--end-test") != 0          # no test runs: one line
+
+
+def test_failback_refused_while_site_a_holds_writes_site_b_never_got(rig, capsys):
+    """The old primary comes back (a primary, as it recorded) holding
+    acknowledged writes site b never got, and site b was written: failback
+    would discard them, so it is refused in one line naming both
+    generations and the resync that names the winner; status says split;
+    nothing changed.  The resync that names b keeps a's blocks."""
+    old, new, union = split(rig)
+    capsys.readouterr()
+    assert rig.cli("failback") != 0
+    err = capsys.readouterr().err.strip()
+    assert "split brain" in err and "\n" not in err, err
+    assert "resync --from b --to a" in err and "lineage rule" in err, err
+    assert rig.status("s1")["role"] == "primary" and rig.status("r1")["role"] == "primary"
+    assert direction.load(rig.session)["state"] == "failed-over"
+    assert rig.cli("status") != 0
+    err = capsys.readouterr().err
+    assert "split: site b and site a both written since generation" in err, err
+    before = rig.images("s1")
+    keep = os.path.join(rig.dir, "kept")
+    assert rig.cli("resync", "--from", "b", "--to", "a", "--keep-overwritten", keep) == 0
+    err = capsys.readouterr().err
+    assert "site b named the winner: the resync overwrites" in err, err
+    for v, img in zip(VOLS, before):
+        with open(os.path.join(keep, f"s1-{v}.img"), "rb") as f:
+            kept = f.read()
+        for b in old.blocks[v]:
+            assert kept[b * G:(b + 1) * G] == img[b * G:(b + 1) * G], (v, b)
+    rig.assert_equal()
+    rig.check("s1")
 
 
 def test_switchover_under_writes_loses_nothing(rig):
@@ -399,13 +467,13 @@ def test_link_errors_mid_resync_leave_the_target_consistent(rig, tmp_path):
     next run completes and both sites are equal."""
     flaky = tmp_path / "link-down"
     flaky.touch()
-    rig.launcher.filters[("s1", "secondary")] = (
-        # 80 %: at 50 % the resync's five group tries, each confirming
-        # what got through, finished a small union now and then (sub-blocks
-        # make its requests smaller, not fewer).
-        ["error"], ["error-pwrite=EIO", "error-pwrite-rate=80%",
-                    f"error-pwrite-file={flaky}"])
     split(rig)
+    # From here on in every start of s1 (as a secondary, after the resync's
+    # role op, too).  80 %: at 50 % the resync's five group tries, each
+    # confirming what got through, finished a small union now and then
+    # (sub-blocks make its requests smaller, not fewer).
+    rig.restart("s1", filters=(["error"], ["error-pwrite=EIO", "error-pwrite-rate=80%",
+                                           f"error-pwrite-file={flaky}"]))
     assert rig.cli("resync", "--from", "b", "--to", "a") != 0
     assert rig.status("s1")["role"] == "secondary"
     rig.check("s1")                                  # the hardened image
@@ -416,19 +484,21 @@ def test_link_errors_mid_resync_leave_the_target_consistent(rig, tmp_path):
 
 
 def test_switchover_interrupted_between_the_swaps_resumes(rig, capsys):
-    """r1 cannot start as a primary after s1 was demoted: the command fails
-    in one line, the direction says "switching", and running it again
-    finishes the swap with nothing lost."""
+    """The coordinator dies (kill -9) once s1 is demoted, before r1 is
+    promoted: the direction the nodes hold says "switching", no mirror
+    forms a group, and running it again finishes the swap with nothing
+    lost."""
     Writes().workload(rig.uris("s1"), 20, resume=False)
     rig.group()
     Writes().workload(rig.uris("s1"), 10)
-    rig.launcher.refuse.add(("r1", "primary"))
-    capsys.readouterr()
-    assert rig.cli("switchover") != 0
-    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the progress lines
-    assert "cannot restart r1 as a primary" in err, err
+    env = dict(os.environ, PYTHONPATH=ROOT,
+               CGMIRROR_FAILPOINTS="role:switching-first-demoted")
+    p = subprocess.run([sys.executable, "-m", "coordinator.cli", "-s", rig.path,
+                        "switchover"], env=env, cwd=ROOT, capture_output=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
     assert direction.load(rig.session)["state"] == "switching"
     assert rig.status("s1")["role"] == "secondary"
+    assert rig.status("r1")["role"] == "secondary"
     assert rig.cli("mirror", "run") != 0                 # no group while half swapped
     assert rig.cli("switchover") == 0
     assert direction.load(rig.session)["source"] == "b"

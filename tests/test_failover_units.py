@@ -241,15 +241,14 @@ SESSION = mirror_session("d", {"s1": "r1"})
     ({"source": "a", "state": "switching", "to": "b"}, "secondary", "primary"),
 ])
 def test_start_role_follows_the_direction(tmp_path, state, a, b):
-    """`cgmirror slave|secondary start` start each node in the role the
-    recorded direction gives its site."""
+    """A node's first start takes the role the direction gives its site
+    (later starts: the role it recorded)."""
     p = tmp_path / "d.toml"
     p.write_text(SESSION)
     s = session_mod.load(str(p))
-    if state:
-        direction.save(s, **state)
-    assert direction.spec(s, s.slaves[0]).role == a
-    assert direction.spec(s, s.secondaries[0]).role == b
+    d = {"source": "a", "state": "mirroring", "seq": 1, **state}
+    assert direction.spec(s, s.slaves[0], d).role == a
+    assert direction.spec(s, s.secondaries[0], d).role == b
 
 
 def test_a_prepared_secondary_does_not_start_as_a_primary(slaves):

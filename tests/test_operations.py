@@ -200,14 +200,14 @@ class Notify:
 def test_units_verify_and_their_command_lines_serve_after_ready(run_dir):
     """install-units writes units systemd-analyze accepts; each ExecStart, run
     as written, says READY=1 (from its main pid) once it serves, and SIGTERM
-    stops it cleanly; the mirror unit wants and follows the slaves."""
+    stops it cleanly; the mirror unit follows the nodes."""
     need("nbdkit", "systemd-analyze")
     path = write_session(run_dir)
     units = os.path.join(run_dir, "units")
     assert cli.main(["-s", path, "install-units", "--dir", units, "--exec", PY_CLI]) == 0
     s = session_mod.load(path)
-    instances = [("slave", c.name) for c in s.slaves] + \
-                [("secondary", r.name) for r in s.secondaries] + [("mirror", "m")]
+    instances = [("node", c.name) for c in s.slaves] + \
+                [("node", r.name) for r in s.secondaries] + [("mirror", "m")]
     for kind, name in instances[::2] + [instances[-1]]:     # one of each kind at least
         inst = os.path.join(units, f"cgmirror-{kind}@{name}.service")
         shutil.copy(os.path.join(units, f"cgmirror-{kind}@.service"), inst)
@@ -216,8 +216,8 @@ def test_units_verify_and_their_command_lines_serve_after_ready(run_dir):
         assert r.returncode == 0 and not r.stderr.strip(), r.stderr
     with open(os.path.join(units, "cgmirror-mirror@.service")) as f:
         text = f.read()
-    assert "Wants=cgmirror-slave@s1.service cgmirror-slave@s2.service" in text
-    assert "After=cgmirror-secondary@r1.service cgmirror-secondary@r2.service" in text
+    assert "After=cgmirror-node@s1.service cgmirror-node@s2.service" \
+        " cgmirror-node@r1.service cgmirror-node@r2.service" in text
     assert "Type=notify" in text and "Restart=on-failure" in text
 
     notify = Notify(os.path.join(run_dir, "notify"))

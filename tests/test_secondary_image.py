@@ -113,11 +113,14 @@ def test_lost_secondary_volume_fails_the_group_and_says_so(rig, capsys, how, say
         spec = rig.session.secondaries[0].spec()
         spec.region = G
         rig.procs["r1"].stop(timeout=30)
-        rig.procs["r1"] = rig.launcher.slaves.restart(spec)
+        rig.procs["r1"] = rig.launcher.slaves.restart(spec, detach=True)
         assert rig.status("r1")["volumes"]["a"]["problem"] is None
-        rig.group()
-        # Only what the failed group left to send, never the whole volumes.
-        assert rig.replication_bytes("r1") < NBLOCKS * G
+        # Another inode at the path: the node cannot tell the copy from any
+        # other file, so the pair needs a full resync, said in one line.
+        assert "is not the file node r1 served" in rig.status("r1")["volumes"]["a"]["replaced"]
+        with pytest.raises(Exception, match="only a full resync joins it again"):
+            run_group(rig)
+        assert rig.cli("resync", "--from", "a", "--to", "b", "--full") == 0
         rig.assert_equal()
         rig.check("r1")
 
@@ -207,10 +210,11 @@ def test_kill_while_ending_the_test_comes_back_to_group_h(rig, point):
     h = rig.group()
     before = host_images(rig, "r1")
     _, kept_blocks = dr_test_writes(rig)
-    rig.launcher.env[("r1", "secondary")] = {"CGMIRROR_FAILPOINTS": point}
+    rig.restart("r1", point)            # armed in its next start, as a secondary
     killed = rig.cli("failover", "--end-test") != 0
     if killed:
         assert launch.running_pid(rig.session.secondaries[0].spec()) is None
+        rig.revive("r1")                # its host starts it again
         assert rig.cli("failover", "--end-test") == 0
     st = rig.status("r1")
     assert st["role"] == "secondary" and st["hardened"] == h
@@ -269,7 +273,7 @@ def test_test_primary_killed_mid_write_still_ends_at_group_h(rig):
     Writes().workload(rig.uris("s1"), 20, resume=False)
     h = rig.group()
     before = host_images(rig, "r1")
-    rig.launcher.env[("r1", "primary")] = {"CGMIRROR_FAILPOINTS": "keep:after-save@6"}
+    rig.restart("r1", "keep:after-save@6")     # fires once it runs as the test's primary
     assert rig.cli("failover", "--test") == 0
     died = None
     for v, uri in zip(VOLS, rig.uris("r1")):
@@ -287,6 +291,7 @@ def test_test_primary_killed_mid_write_still_ends_at_group_h(rig):
             except nbd.Error:
                 pass
     dead = launch.running_pid(rig.session.secondaries[0].spec()) is None
+    rig.revive("r1")                    # its host starts it again (a primary: its record)
     assert rig.cli("failover", "--end-test") == 0
     st = rig.status("r1")
     assert st["role"] == "secondary" and st["hardened"] == h and st.get("test") is None

@@ -33,7 +33,15 @@ Rules:
   carry fields a client does not know (a newer slave); requests may not.
 - Error kinds come from one enum, ``Kind``; nobody compares free strings.
 - A slave is a primary or a secondary (``ROLE_OPS``): an op of the other
-  role is refused with kind ROLE.  ``status`` is both roles' op; its reply
+  role is refused with kind ROLE.
+- Every request may carry a top-level ``"session": NAME`` (``SESSION_KEY``):
+  a node that belongs to a session refuses, with kind SESSION, a request
+  that names another one, before anything happens (the coordinator always
+  sends it; tools may leave it out).  ``decode`` checks its form; the node
+  compares it (nbdplugin/server.py, and native/gate.c on the gate socket).
+- A role change is an op the node serves itself (``role``): it records the
+  new role durably, answers, and its process exits with ``RESTART_STATUS``
+  so that its service manager starts it again in the recorded role.  ``status`` is both roles' op; its reply
   is checked by the schema its ``role`` field names.
 - The cut state machine below is the single authority on which op may follow
   which.  ``CutMachine.step`` either returns the new state or raises
@@ -109,6 +117,21 @@ VOLUME_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_NAME}}}")
 # in both 'volumes' and 'full', about 8.7 kB as json.dumps writes it, spaces
 # and all.  Its replies fit too (tests/test_protocol.py checks both).
 GATE_MAX_LINE = 16384
+# The exit status of a node that recorded a new role and must be started
+# again in it (EX_TEMPFAIL, sysexits.h): the units' RestartForceExitStatus=
+# and the foreground supervisor treat it as "start me again", nothing else.
+RESTART_STATUS = 75
+# The optional top-level key of every request that names the session the
+# sender works for (see the rules above).
+SESSION_KEY = "session"
+# A lineage generation (wire/lineage.py): 64 random bits as 16 hex digits.
+GEN_LEN = 16
+GENERATION = re.compile(rf"[0-9a-f]{{{GEN_LEN}}}")
+# Lineage history entries a node keeps per volume, newest first.
+MAX_HISTORY = 8
+# The direction record a node keeps for the coordinator (the ``record`` op),
+# as json.dumps writes it: opaque to the node, bounded.
+MAX_RECORD = 65536
 
 
 class Kind(enum.StrEnum):
@@ -129,6 +152,7 @@ class Kind(enum.StrEnum):
     GONE = "gone"                # the connection that asked has hung up
     DENIED = "denied"            # the peer may not use this control channel
     ROLE = "role"                # an op of the other role (primary vs secondary)
+    SESSION = "session"          # the request names another session than the node's
     # Only raised on the client side:
     UNREACHABLE = "unreachable"  # the control socket does not answer
     REPLY = "reply"              # the slave's reply does not match its schema
@@ -381,6 +405,33 @@ COPY_MODES = ("auto", "full", "incremental")
 # Runs of blocks, [start, count], as the dirty op pages them.
 RUN = List(Int(0, MAX_N), 2, 2, what="a [start, blocks] pair")
 RUNS = List(RUN, 0, MAX_RUNS)
+# A session's or a node's name: the rule of a volume name.
+SESSION_NAME = Str(MAX_NAME, VOLUME_NAME,
+                   what="a session name (letters, digits, '_', '-', '.')")
+NODE_NAME = Str(MAX_NAME, VOLUME_NAME, what="a node name (letters, digits, '_', '-', '.')")
+GEN = Str(GEN_LEN, GENERATION, what="a generation (16 hex digits)")
+GENS = Map(NAME, GEN, 1, MAX_VOLUMES,
+           what="an object that maps volume names to generations")
+
+
+@dataclass(frozen=True)
+class Record(_Node):
+    """The direction record (``record`` op): any JSON object with an integer
+    ``seq``, at most ``MAX_RECORD`` bytes.  Its other keys are the
+    coordinator's (coordinator/direction.py); the node only keeps it."""
+
+    def check(self, value, where):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{_at(where)} must be an object")
+        if "seq" not in value:
+            raise ProtocolError(f"missing key {_join(where, 'seq')!r}")
+        Int(0, MAX_N).check(value["seq"], _join(where, "seq"))
+        if len(json.dumps(value, separators=(",", ":"))) > MAX_RECORD:
+            raise ProtocolError(f"{_at(where)} is longer than {MAX_RECORD} bytes")
+        return value
+
+
+RECORD = Record()
 
 # op -> schema of its arguments
 SCHEMA: dict[str, Obj] = {
@@ -414,7 +465,9 @@ SCHEMA: dict[str, Obj] = {
     "mark": Obj({"volume": NAME, "runs": RUNS}, {}),
     # secondary (DESIGN.md, "The secondary"; the group numbers are cut numbers)
     "prepare": Obj({"n": CUT}, {}),
-    "commit": Obj({"n": CUT}, {}),
+    # gens: the generation each volume's image now belongs to (the
+    # primary's current one; wire/lineage.py, events 4 and 5)
+    "commit": Obj({"n": CUT}, {"gens": GENS}),
     "rollback": Obj({}, {}),
     "tgt": Obj({"volume": NAME}, {"start": Int(0, MAX_N), "max_runs": Int(1, MAX_RUNS)}),
     "clear_tgt": Obj({"volume": NAME, "runs": RUNS}, {}),
@@ -424,18 +477,25 @@ SCHEMA: dict[str, Obj] = {
     "fence": Obj({"on": Bool()}, {"timeout_ms": Int(1, MAX_LEASE_MS)}),
     "adopt": Obj({"volume": NAME, "target": Str(MAX_URI, what="an NBD URI")},
                  {"forget": Bool()}),
-    "assume": Obj({"n": CUT}, {}),
+    "assume": Obj({"n": CUT}, {"gens": GENS}),
     # secondary: keep hardened group n through a DR test (nbdplugin/secondary.py)
     "dr_test": Obj({"n": CUT}, {}),
+    # both roles: become ``to``; the node records it, answers, and exits with
+    # RESTART_STATUS to be started again in it (nbdplugin/noderecord.py)
+    "role": Obj({"to": Str(16, choices=("primary", "secondary"))}, {}),
+    # both roles: keep the coordinator's direction record if its seq is higher
+    "record": Obj({"record": RECORD}, {}),
 }
 
 # Which ops each role serves; any other op is refused with kind ROLE.
 ROLE_OPS: dict[str, frozenset[str]] = {
     "primary": frozenset({"status", "freeze", "thaw", "abort", "copy", "rate", "verify",
                           "checksums", "clear",
-                          "dirty", "checkpoint", "mark", "fence", "adopt"}),
+                          "dirty", "checkpoint", "mark", "fence", "adopt",
+                          "role", "record"}),
     "secondary": frozenset({"status", "prepare", "commit", "rollback", "tgt",
-                            "clear_tgt", "assume", "checksums", "dr_test"}),
+                            "clear_tgt", "assume", "checksums", "dr_test",
+                            "role", "record"}),
 }
 
 
@@ -453,6 +513,8 @@ def decode(line: bytes | str) -> dict:
     args = dict(msg)
     del args["op"]
     try:
+        if SESSION_KEY in args:
+            SESSION_NAME.check(args.pop(SESSION_KEY), SESSION_KEY)
         SCHEMA[op].check(args, "")
     except ProtocolError as exc:
         raise ProtocolError(f"op {op!r}: {exc}") from None
@@ -463,6 +525,31 @@ def decode(line: bytes | str) -> dict:
 
 _COUNT = Int(0, MAX_N)
 _MS = Num(0.0, float(MAX_N))
+
+
+@dataclass(frozen=True)
+class _GenAt(_Node):
+    """A lineage history entry: [generation, hardened group it was left at]."""
+
+    def check(self, value, where):
+        if not isinstance(value, list) or len(value) != 2:
+            raise ProtocolError(f"{_at(where)} must be a [generation, group] pair")
+        GEN.check(value[0], f"{where}[0]")
+        _COUNT.check(value[1], f"{where}[1]")
+        return value
+
+
+# A volume's lineage as a node records and reports it (wire/lineage.py has
+# the events and the compare).
+LINEAGE = Obj({"current": GEN, "history": List(_GenAt(), 0, MAX_HISTORY),
+               "hardened": _COUNT, "cut": _COUNT, "own": Bool()}, {}, extra=True)
+# What both roles' status adds per volume, and at the top (issue 18): optional,
+# so that a node of the last version still answers in schema.
+_NODE_VOLUME = {"lineage": LINEAGE, "dirty": Bool(), "replaced": Opt(Str())}
+_NODE_STATUS = {"session": Opt(SESSION_NAME), "node": Opt(NODE_NAME),
+                "node_id": Opt(Str(GEN_LEN, GENERATION, what="16 hex digits")),
+                "role_seq": _COUNT, "record": Opt(RECORD)}
+
 _PROGRESS = Obj({"target": Str(MAX_URI), "state": Str(16, choices=("running", "done",
                                                                      "failed")),
                  "error": Opt(Str()), "fault": Opt(Str(32)),
@@ -474,9 +561,11 @@ _VOLUME_STATUS = Obj({"size": _COUNT, "granularity": Int(1, MAX_N),
                      {"cr_blocks": _COUNT, "oos_blocks": _COUNT, "pit": Opt(_COUNT),
                       "preserved_blocks": _COUNT, "inflight": _COUNT, "waiting": _COUNT,
                       "lease_ms_left": Opt(_MS), "path": Str(MAX_URI), "blockdev": Bool(),
-                      "gate": Str(16, choices=("open", "closed")), "pit_full": Opt(Bool())},
+                      "gate": Str(16, choices=("open", "closed")), "pit_full": Opt(Bool()),
+                      **_NODE_VOLUME},
                      extra=True)
 ENDINGS = ("done", "aborted", "expired", "failed")
+
 
 ROLES = ("primary", "secondary")
 _PRIMARY_STATUS = Obj({"pid": Int(1, 1 << 31),
@@ -488,16 +577,18 @@ _PRIMARY_STATUS = Obj({"pid": Int(1, 1 << 31),
                                             extra=True))},
                       # gate: the unix socket that serves freeze, thaw and abort
                       # natively (nbdplugin/slave.py), beside a unix control socket.
-                      {"role": Str(16, choices=ROLES), "gate": Str(107)}, extra=True)
+                      {"role": Str(16, choices=ROLES), "gate": Str(107), **_NODE_STATUS},
+                      extra=True)
 # A secondary's volume: its replication export's name (a capability: see
 # nbdplugin/secondary.py) and what its undo store and tgt map hold.
 _SECONDARY_VOLUME = Obj({"size": _COUNT, "granularity": Int(1, MAX_N),
                          "export": Str(MAX_URI), "undo_blocks": _COUNT,
                          "tgt_blocks": _COUNT, "replication_bytes": _COUNT,
-                         "host_writes_refused": _COUNT}, {}, extra=True)
+                         "host_writes_refused": _COUNT}, dict(_NODE_VOLUME), extra=True)
 _SECONDARY_STATUS = Obj({"pid": Int(1, 1 << 31), "role": Str(16, choices=ROLES),
                          "hardened": _COUNT, "prepared": Opt(CUT),
-                         "volumes": Map(NAME, _SECONDARY_VOLUME)}, {}, extra=True)
+                         "volumes": Map(NAME, _SECONDARY_VOLUME)}, dict(_NODE_STATUS),
+                        extra=True)
 _RUNS_PAGE = Obj({"volume": NAME, "granularity": Int(1, MAX_N), "blocks": _COUNT,
                   "runs": RUNS, "next": Opt(_COUNT)}, {}, extra=True)
 
@@ -526,6 +617,10 @@ REPLY_SCHEMA: dict[str, _Node] = {
     "assume": Obj({"hardened": CUT}, {}, extra=True),
     "dr_test": Obj({"hardened": CUT}, {}, extra=True),
     "rate": Obj({"copies": List(NAME)}, {}, extra=True),
+    # restarting: the node exits with RESTART_STATUS once this reply is sent
+    "role": Obj({"role": Str(16, choices=ROLES), "restarting": Bool()},
+                {"role_seq": _COUNT}, extra=True),
+    "record": Obj({"record": Opt(RECORD)}, {}, extra=True),
     # null: a block a primary could not vouch for (changed since the last
     # group: in cr or oos before or after it was read)
     "checksums": Obj({"volume": NAME, "start": _COUNT, "block": Int(1, MAX_N),

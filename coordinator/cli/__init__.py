@@ -14,6 +14,7 @@
                                       [--keep-overwritten DIR] [--json]
     cgmirror [-s SESSION.toml] switchover [--to SITE] [--json]
     cgmirror [-s SESSION.toml] slave|secondary run NAME   (foreground, for systemd)
+    cgmirror [-s SESSION.toml] node run|exec NAME   (supervised, or exec for the unit)
     cgmirror [-s SESSION.toml] events               (JSON lines from the running mirror)
     cgmirror [-s SESSION.toml] verify [--repair] [--json]   (online, via the mirror)
     cgmirror [-s SESSION.toml] check [--json]       (validate; starts nothing)
@@ -78,7 +79,7 @@ from dataclasses import dataclass
 from .. import errors, output, session as session_mod
 from . import copy_cmds, pki_cmds, slave_cmds
 from . import failover_cmds, mirror_cmds, status_cmds
-from . import check_cmds, events_cmds, units_cmds, verify_cmds
+from . import check_cmds, events_cmds, node_cmds, units_cmds, verify_cmds
 from ..errors import CgmirrorError, ExitCode
 
 
@@ -114,6 +115,7 @@ class Context:
 # order of ``--help``.
 NOUNS = (
     slave_cmds,        # slave and secondary
+    node_cmds,
     copy_cmds,
     status_cmds,
     mirror_cmds,

@@ -6,7 +6,7 @@ top of that module; sites and the recorded direction in
 coordinator/direction.py).  Each prints one line per step on stderr and a
 result line (or, with ``--json``, one JSON document: the API's result).
 Every command can be run again after a crash or a failure: it resumes from
-the state recorded in the session's state directory (``direction.json``,
+the direction recorded on the session's nodes (coordinator/direction.py,
 with ``by``: the command that wrote it).  Run again after it succeeded, it
 says "... nothing to do" and exits 0 (``switchover`` too: ``--to SITE``
 swaps back).
@@ -28,8 +28,8 @@ from ..direction import SITES
 from ..errors import ExitCode
 from ..roles.failover import Launcher, RoleSwitch
 
-# How nodes are restarted in their new role; tests put in one that keeps
-# the processes as their children.
+# How nodes older than issue 18 (no ``role`` op) are restarted in their new
+# role; tests put in one that keeps the processes as their children.
 launcher: Launcher | None = None
 
 

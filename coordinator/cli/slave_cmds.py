@@ -3,10 +3,11 @@
 Both nouns work alike; they differ in which tables of the session they take
 (``[[slave]]`` or ``[[secondary]]``) and how a started node is described.
 Nodes are started detached (their own session, so they outlive this
-command) through ``coordinator.launch``, which removes stale sockets, writes
-the pidfile and waits until the control socket answers, each in the role the
-recorded direction gives it (``direction.spec``: failover and switchover swap
-roles).  ``LaunchError`` and psutil errors become ``SlaveError`` here.
+command) through ``coordinator.launch``, under a supervisor that starts
+them again after a role change; launch removes stale sockets, writes the
+pidfile and waits until the control socket answers.  Each starts in the role
+it recorded itself (``node_cmds.node_spec``).  ``LaunchError`` and psutil
+errors become ``SlaveError`` here.
 
 Starting and stopping a node is always allowed, also while ``cgmirror mirror
 run`` holds the session (coordinator/lock.py has the rule for every
@@ -23,10 +24,11 @@ from typing import Callable
 
 import psutil
 
-from coordinator import direction, launch
+from coordinator import launch
 
 from ..errors import ExitCode, SlaveError, UsageError
 from ..lock import node_held
+from .node_cmds import node_spec
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ def start(ctx, noun: Noun, names: list[str]) -> ExitCode:
     s = ctx.session
     for cfg in noun.select(s, names):
         with node_held(s.name, s.state_dir, cfg.name):
-            spec = direction.spec(s, cfg)      # the role failover/switchover left
-            pid = launch.running_pid(spec)
+            spec = node_spec(s, cfg)            # the role the node recorded
+            pid = launch.running_pid(spec) or launch.supervisor_pid(spec)
             if pid:
                 ctx.say(f"{cfg.name}: already running (pid {pid})")
                 continue
@@ -94,7 +96,7 @@ def run(ctx, noun: Noun, name: str) -> ExitCode:
     s = ctx.session
     cfg = noun.select(s, [name])[0]
     try:
-        launch.exec_foreground(direction.spec(s, cfg))
+        launch.exec_foreground(node_spec(s, cfg))
     except launch.LaunchError as exc:
         raise SlaveError(name, str(exc), "launch") from exc
     return ExitCode.FAILED      # not reached: exec replaced this process
@@ -105,7 +107,7 @@ def stop(ctx, noun: Noun, names: list[str]) -> ExitCode:
     for cfg in noun.select(s, names):
         with node_held(s.name, s.state_dir, cfg.name):
             spec = cfg.spec()
-            pid = launch.running_pid(spec)
+            pid = launch.running_pid(spec) or launch.supervisor_pid(spec)
             try:
                 stopped = launch.stop(spec)
             except (psutil.Error, OSError) as exc:

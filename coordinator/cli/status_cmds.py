@@ -19,11 +19,13 @@ import argparse
 
 from coordinator import launch
 
-from .. import direction, errors, group, output
+from wire import lineage
+
+from .. import direction, errors, output
 from ..errors import ExitCode
 from ..history import History
-from ..link import SlaveLink
 from ..lock import SessionLock
+from ..mirror import joins
 
 STATUS_TIMEOUT = 5.0
 # SQLite's LIMIT is a signed 64-bit integer; no one reads more rows than this.
@@ -67,25 +69,67 @@ def collect(session) -> dict:
     mirrored, the group its secondary last hardened; every secondary has a
     row of its own.  A node that answers in another role than the direction
     gives it is an error row, not a crash."""
-    d = direction.load(session)
+    # One status of every node: the direction they hold, the lineage, the rows.
+    replies = direction.poll(session, timeout=STATUS_TIMEOUT)
+    d = direction.load(session, replies)
     s = direction.oriented(session, d["source"])
-    lks = [SlaveLink.from_spec(n.spec(), timeout=STATUS_TIMEOUT)
-           for n in (*s.slaves, *s.secondaries)]
-    try:
-        replies = group.statuses(lks)
-    finally:
-        for lk in lks:
-            lk.close()
     grp = group_state(s)
     doc = {"ok": True, "session": session.name, "group": grp,
            "direction": {k: d.get(k) for k in ("source", "state", "from", "to")
                          if d.get(k) is not None},
+           "split": split(session, d, replies),
+           "replaced": [v["replaced"] for r in replies.values() if isinstance(r, dict)
+                        for v in r.get("volumes", {}).values() if v.get("replaced")],
            "slaves": {}, "secondaries": {}}
+    if doc["split"] or doc["replaced"]:
+        doc["ok"] = False
     for cfg in s.secondaries:
         doc["secondaries"][cfg.name] = _secondary(cfg, replies[cfg.name], doc)
     for cfg in s.slaves:
         doc["slaves"][cfg.name] = _primary(cfg, replies[cfg.name], grp, doc)
     return doc
+
+
+def split(session, d: dict, replies: dict) -> dict | None:
+    """Whether the two sites are split, from what the nodes report (either
+    site's coordinator says the same): a pair whose sides were both written
+    since their common generation (wire/lineage.py), or primaries at both
+    sites outside a DR test.  {"line": one line with the command that
+    resolves it, "pairs": [...]}, or None."""
+    src = d["source"]
+    dst = direction.other(src)
+    live = {n: r for n, r in replies.items() if isinstance(r, dict)}
+    pairs = joins.compare(direction.oriented(session, src), live, live)
+    bad = [p for p in pairs if p.kind == "diverged"]
+    prim = {site: [c.name for c in direction.nodes(session, site)
+                   if live.get(c.name, {}).get("role", "primary") == "primary"
+                   and c.name in live]
+            for site in direction.SITES}
+    both = prim["a"] and prim["b"] and d["state"] != "dr-test"
+    resolve = (f"`cgmirror resync --from {src} --to {dst} [--keep-overwritten DIR]`"
+               f" keeps site {src}'s writes, `cgmirror resync --from {dst} --to {src}"
+               f" [--keep-overwritten DIR]` site {dst}'s")
+    if bad:
+        v = bad[0].verdict
+        gen, n = v.common
+        line = (f"split: site {src} and site {dst} both written since generation"
+                f" {lineage.short(gen)} at group {n} ({v.line()}, lineage rule"
+                f" {v.rule}{f'; {len(bad) - 1} more pairs' if len(bad) > 1 else ''}):"
+                f" {resolve}")
+    elif both:
+        line = (f"split: site a ({', '.join(prim['a'])}) and site b"
+                f" ({', '.join(prim['b'])}) both run primaries that accept host writes,"
+                f" while site {src} is the source ({d['state']}): "
+                + (f"`cgmirror failback` makes site {dst} a secondary again"
+                   if d["state"] == "failed-over" else
+                   f"`cgmirror resync --from {src} --to {dst}` makes site {dst} a"
+                   f" secondary again"))
+    else:
+        return None
+    return {"line": line, "pairs": [{"primary": f"{p.primary}/{p.volume}",
+                                     "secondary": f"{p.secondary}/{p.remote_volume}",
+                                     "kind": p.kind, "rule": p.verdict.rule,
+                                     "why": p.verdict.why()} for p in pairs]}
 
 
 def _unreachable(cfg, exc: Exception, kind: str) -> dict:
@@ -104,9 +148,12 @@ def _noun(role: str, doc: dict) -> str:
 
 
 def _wrong_role(cfg, r: dict, want: str, noun: str) -> str:
+    # A node's role is its own record (it starts in it): no restart by hand
+    # changes it; a role command does, through the node's role op.
     return (f"{cfg.name} at {cfg.control} runs as {r.get('role', 'primary')}, but the"
-            f" session's direction makes it a {want}: restart it in that role with"
-            f" `cgmirror {noun} stop {cfg.name}` and `cgmirror {noun} start {cfg.name}`")
+            f" session's direction makes it a {want}: a role command was cut short or"
+            f" the sites are split; run that command again, or `cgmirror failback` /"
+            f" `cgmirror resync --from SITE --to SITE` as the split line says")
 
 
 def _secondary(cfg, r, doc: dict) -> dict:
@@ -174,6 +221,9 @@ def status(ctx) -> ExitCode:
     else:
         print_status(doc, ctx.out)
     code = ExitCode.OK
+    for line in ([doc["split"]["line"]] if doc["split"] else []) + doc["replaced"]:
+        print(f"cgmirror: {line}", file=ctx.err)
+        code = ExitCode.FAILED
     for sl in (*doc["slaves"].values(), *doc["secondaries"].values()):
         if not sl["reachable"]:
             print(f"cgmirror: {sl['error']}", file=ctx.err)
@@ -256,6 +306,8 @@ def print_status(doc: dict, out) -> None:
     d = doc["direction"]
     if d and (d["source"], d["state"]) != ("a", "mirroring"):
         print(f"direction: site {d['source']} is the source ({d['state']})", file=out)
+    if doc.get("split"):
+        print(doc["split"]["line"], file=out)
     for line in group_lines(doc["group"]):
         print(line, file=out)
 

@@ -1,19 +1,28 @@
 """``cgmirror install-units [--dir DIR] [--exec CMD]``: the systemd units.
 
 The templates live in the project's ``units/`` directory:
-``cgmirror-slave@NAME``, ``cgmirror-secondary@NAME`` (instance: the name in
-the session file) and ``cgmirror-mirror@SESSION`` (instance: the session's
-name).  Installing fills in how to run cgmirror (``--exec``; default: the
-``cgmirror`` script beside this Python, else ``PYTHON -m coordinator.cli``),
-the session file (absolute), and the mirror's ``Wants=``/``After=`` on the
-slaves it needs, then says how to enable them.  Every unit is ``Type=notify``:
-``READY=1`` comes from the process itself once it serves.
+``cgmirror-node@NAME`` (instance: a ``[[slave]]`` or ``[[secondary]]`` of
+the session file: one template for both, since a node's role is its own
+record, not its table) and ``cgmirror-mirror@SESSION`` (instance: the
+session's name).  Installing fills in how to run cgmirror (``--exec``;
+default: the ``cgmirror`` script beside this Python, else ``PYTHON -m
+coordinator.cli``), the session file (absolute), the role-change status
+(``protocol.RESTART_STATUS``, the node unit's ``RestartForceExitStatus=``)
+and the mirror's ``After=`` on the nodes, then says how to enable them.
+Every unit is ``Type=notify``: ``READY=1`` comes from the process itself
+once it serves.
 
 Decided where the issue is silent: the session file is written into the
 units, so one unit directory serves one session (as LINSTOR's satellite
-units serve one node); the mirror *wants* the session's slaves (this
-machine runs them) but only *orders after* its secondaries (they usually
-run at the remote site, where a unit here cannot start them).
+units serve one node).  The mirror only *orders after* the session's nodes,
+it no longer *wants* them: a coordinator may run on a host of either site or
+on neither, and a ``Wants=`` there would start a node that host does not
+hold (a fresh, empty one); the mirror reconnects to nodes that come up later.
+
+The old templates ``cgmirror-slave@`` and ``cgmirror-secondary@`` are gone:
+two templates for one node would start it twice at boot.  ``install-units``
+removes them from the directory it installs into and says how to move
+enabled instances over (``systemctl disable`` the old, ``enable`` the new).
 """
 
 from __future__ import annotations
@@ -24,14 +33,16 @@ import shutil
 import sys
 
 from wire import files
+from wire.protocol import RESTART_STATUS
 
 from ..errors import ExitCode, LocalError
 
 # coordinator/cli/units_cmds.py -> the project's units/
 UNITS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "units")
-UNITS = ("cgmirror-slave@.service", "cgmirror-secondary@.service",
-         "cgmirror-mirror@.service")
+UNITS = ("cgmirror-node@.service", "cgmirror-mirror@.service")
+# Installed by earlier versions; replaced by cgmirror-node@.
+OLD_UNITS = ("cgmirror-slave@.service", "cgmirror-secondary@.service")
 SYSTEM_DIR = "/etc/systemd/system"
 
 
@@ -54,15 +65,12 @@ def default_exec() -> str:
 
 def render(session, template: str, exec_: str) -> str:
     """One unit's text for ``session``."""
-    slaves = " ".join(f"cgmirror-slave@{s.name}.service" for s in session.slaves)
-    seconds = " ".join(f"cgmirror-secondary@{r.name}.service"
-                       for r in session.secondaries)
-    needs = f"Wants={slaves}\nAfter={slaves}" if slaves else ""
-    if seconds:
-        needs += f"\nAfter={seconds}"
+    nodes = " ".join(f"cgmirror-node@{c.name}.service"
+                     for c in (*session.slaves, *session.secondaries))
     return (template.replace("@CGMIRROR@", exec_)
             .replace("@SESSION@", shlex.quote(session.path))
-            .replace("@NEEDS@", needs))
+            .replace("@RESTART_STATUS@", str(RESTART_STATUS))
+            .replace("@NEEDS@", f"After={nodes}" if nodes else ""))
 
 
 def install(ctx, directory: str, exec_: str | None) -> ExitCode:
@@ -78,16 +86,27 @@ def install(ctx, directory: str, exec_: str | None) -> ExitCode:
                 f.write(text)
             os.chmod(tmp, 0o644)
             os.replace(tmp, os.path.join(directory, name))
+        removed = []
+        for name in OLD_UNITS:
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
     except OSError as exc:
         raise LocalError(f"cannot install units in {directory}:"
                          f" {exc.strerror or exc}") from exc
     ctx.say(f"installed {', '.join(UNITS)} in {directory} for session {s.name}")
+    if removed:
+        old = " ".join(f"{n.split('@')[0]}@{c.name}" for n in removed
+                       for c in (s.slaves if n.startswith("cgmirror-slave") else s.secondaries))
+        ctx.say(f"removed the old {', '.join(removed)}: nodes run as cgmirror-node@NAME"
+                f" now; where one ran: systemctl disable --now {old}")
     if shutil.which("systemctl") and directory == SYSTEM_DIR:
         ctx.say("then: systemctl daemon-reload")
-    names = [f"cgmirror-slave@{c.name}" for c in s.slaves] + \
-            ([f"cgmirror-mirror@{s.name}"] if s.mirror else [])
-    ctx.say(f"enable: systemctl enable --now {' '.join(names)}")
-    if s.secondaries:
-        ctx.say(f"at the remote site: systemctl enable --now"
-                f" {' '.join(f'cgmirror-secondary@{r.name}' for r in s.secondaries)}")
+    ctx.say(f"on each host, enable its own nodes: systemctl enable --now"
+            f" {' '.join(f'cgmirror-node@{c.name}' for c in (*s.slaves, *s.secondaries))}"
+            f" (only those the host holds)")
+    if s.mirror:
+        ctx.say(f"on the coordinator's host: systemctl enable --now cgmirror-mirror@{s.name}")
     return ExitCode.OK

@@ -69,6 +69,7 @@ from ..session import Session, replication_uri
 from . import events, recovery, status, verify
 from .failures import Failures
 from .log import Quiet, stderr_log
+from . import joins
 from .sessionfile import SessionFile
 from .control import ControlServer
 
@@ -151,6 +152,11 @@ class Mirror:
         self.session_file = SessionFile(session.path)   # edited under us? (sessionfile.py)
         self._cannot_last: tuple[str | None, float, int] = (None, 0.0, 0)
         self._failed_before = False         # the last attempt failed
+        # Lineage (joins.py): ``winner``, the operator named this source the
+        # winner (``resync --from``); ``full``, a full copy was asked for.
+        self.winner = False
+        self.full = False
+        self.gens: dict[str, dict[str, str]] = {}   # {secondary: {volume: generation}}
 
     # ------------------------------------------------------------ life cycle
 
@@ -382,11 +388,18 @@ class Mirror:
         """Form one group (recovering first if needed); record and return how
         it ended.  Raises CgmirrorError only when no group could be begun."""
         self.session_file.check()               # the file still says what runs
-        direction.check_mirror(self.session)    # not after a failover, nor reversed
+        # The direction the nodes hold (not after a failover, nor reversed),
+        # read with the file's session: it names every node as the nodes do.
+        d = direction.load(self.session_file.started or self.session)
+        direction.check_mirror(self.session, d)
         if self.need_recovery:
             self.recover()
         replies = group.preflight(self.slaves, abort_leftover=True, warn=self.log)
         st = self.secondary_statuses()
+        # Lineage (coordinator/mirror/joins.py): never over newer or split data.
+        joins.check(self.session, replies, st, source=direction.sending(self.session, d),
+                    winner=self.winner, full=self.full)
+        self.gens = gens(self.session, replies)
         targets = replication_targets(self.session, st)
         full = group.full_volumes(replies, targets, "auto")
         if not self.verified:
@@ -488,7 +501,10 @@ class Mirror:
         t1 = time.monotonic()
 
         def commit(lk: SlaveLink) -> dict:
-            reply = lk.call("commit", n=n)
+            # gens: the primaries' generations the group belongs to (the
+            # secondary records them with the commit: wire/lineage.py event 4).
+            g = self.gens.get(lk.name)
+            reply = lk.call("commit", n=n, **({"gens": g} if g else {}))
             _hit("mirror:mid-commit")
             return reply
 
@@ -564,6 +580,17 @@ class Mirror:
     def status(self) -> dict:
         """The running mirror's status document (``mirror status --json``)."""
         return status.document(self)
+
+
+def gens(session: Session, primaries: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """{secondary: {remote volume: the primary volume's current generation}}
+    from the primaries' statuses (empty where a node reports no lineage)."""
+    out: dict[str, dict[str, str]] = {}
+    for s, v, r, rv in session.pairs():
+        lin = primaries.get(s, {}).get("volumes", {}).get(v, {}).get("lineage")
+        if isinstance(lin, dict) and lin.get("current"):
+            out.setdefault(r, {})[rv] = lin["current"]
+    return out
 
 
 def replication_targets(session: Session, st: dict[str, dict]) -> dict[str, dict[str, str]]:

@@ -5,9 +5,14 @@ switchover`` (coordinator/failover_cmds.py); tests drive ``RoleSwitch``.
 Design
 ======
 
-A role switch restarts a node's nbdkit process in the other role on the
-same volumes and the same state directory (``role=primary`` or
-``role=secondary``, ``Launcher``); the NBD socket and control socket stay.
+A role switch is an op the node serves itself (``role``, over its
+authenticated control channel): it checkpoints its maps, records the new
+role in its state directory, answers, and exits with
+``protocol.RESTART_STATUS``; its service manager (the unit
+``cgmirror-node@NAME``, or the foreground ``cgmirror node run NAME``)
+starts it again in the recorded role on the same volumes and state
+directory, and ``become`` waits (bounded) until it answers in it.  No
+command needs a process, a file or a shell on the node's host.
 Both roles keep the same three change maps per volume (``cr``, ``oos``,
 ``tgt``), and each role folds the maps at start (nbdplugin/secondary.py
 ``fold_maps``):
@@ -102,11 +107,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 from typing import Callable
 
 from wire import failpoints
+from wire import protocol
 
 from .. import direction as dirn
 from .. import launch
@@ -114,7 +121,8 @@ from ..errors import (CgmirrorError, DirectionError, FailoverError, MirrorError,
                       MirrorNotRunning)
 from ..link import SlaveLink
 from ..lock import ROLE_LOCK, SessionLock, mirror_runs, node_held
-from ..mirror import Links, Mirror, call as mirror_call, recovery
+from ..mirror import Links, Mirror, call as mirror_call, joins, recovery
+from ..mirror.cycle import gens as cycle_gens
 from ..session import NodeConfig, Session
 from . import resync
 
@@ -122,13 +130,18 @@ from . import resync
 _hit = failpoints.hit
 
 MIRROR_IDLE_TIMEOUT_S = 120.0
+# A node's restart into its new role (checkpoint, exit, its supervisor starts
+# it, start-up recovery): seconds on a loaded machine.
+ROLE_RESTART_TIMEOUT_S = 120.0
 GROUP_TRIES = 5
 
 
 class Launcher:
-    """How a node changes role: stop it (SIGTERM: its maps are checkpointed)
-    and start it again detached.  Tests pass one that keeps the new process
-    as their child, so that it is killed and reaped with the test."""
+    """How a node older than issue 18 (no ``role`` op: its status has no
+    ``role_seq``) changes role when a caller passes one: stop it and start
+    it again, on this host.  The commands never do (no process on another
+    host); tests not yet on supervised nodes pass one that keeps the new
+    process as their child.  TO GO with them."""
 
     def stop(self, spec: launch.SlaveSpec) -> None:
         launch.stop(spec)
@@ -161,6 +174,9 @@ class RoleSwitch:
             raise FailoverError(f"session {session.name} mirrors no volume: nothing to"
                                 f" fail over")
         self.session = session
+        # Nodes older than issue 18 only; tests not yet on supervised nodes
+        # pass one (``explicit``: it also starts a node that is down).
+        self.explicit = launcher is not None
         self.launcher = launcher or Launcher()
         self.log = log or (lambda line: print(f"cgmirror: {line}", file=sys.stderr,
                                               flush=True))
@@ -170,10 +186,10 @@ class RoleSwitch:
     def nodes(self, site: str) -> list[Node]:
         return [Node(site, c) for c in dirn.nodes(self.session, site)]
 
-    def status(self, node: Node) -> dict | None:
+    def status(self, node: Node, timeout: float = 10) -> dict | None:
         """The node's status, None if it does not answer."""
         try:
-            with SlaveLink.from_spec(node.cfg.spec(), timeout=10) as lk:
+            with SlaveLink.from_spec(node.cfg.spec(), timeout=timeout) as lk:
                 return lk.status()
         except CgmirrorError:
             return None
@@ -183,17 +199,52 @@ class RoleSwitch:
             return lk.call(op, **args)
 
     def become(self, node: Node, role: str) -> dict:
-        """Restart ``node`` in ``role`` unless it runs so already; its status."""
+        """Switch ``node`` to ``role`` through its own ``role`` op unless it
+        runs so already; its status in the new role.  The node records the
+        role, answers, and exits with RESTART_STATUS; its service manager
+        (``cgmirror-node@NAME``, or ``cgmirror node run NAME``) starts it
+        again in the recorded role, which this waits for (at most
+        ROLE_RESTART_TIMEOUT_S).  No process, file or shell of the node's
+        host is touched from here."""
         st = self.status(node)
-        if st is not None and st.get("role", "primary") == role:
+        legacy = os.path.exists(os.path.join(self.session.state_dir, dirn.LEGACY_FILE))
+        if (st is None and (self.explicit or legacy)) \
+                or (st is not None and "role_seq" not in st):
+            return self._relaunch(node, st, role)
+        if st is None:
+            raise FailoverError(
+                f"{node.name} (site {node.site}) does not answer on {node.cfg.control}:"
+                f" start it under its service manager (`systemctl start"
+                f" cgmirror-node@{node.name}` or `cgmirror node run {node.name}` on its"
+                f" host) and run the command again (it resumes)")
+        if st.get("role", "primary") == role:
             return st
-        if st is not None and role == "primary":
+        if role == "primary":
             undo = {v: s["undo_blocks"] for v, s in st["volumes"].items() if s["undo_blocks"]}
             if st["prepared"] is not None or undo:
                 raise FailoverError(f"{node.name} holds group {st['prepared']} in flight"
                                     f" ({undo}), drained after the failover settled"
                                     f" it: run `cgmirror failover` again (it settles"
                                     f" what is not promoted yet)")
+        try:
+            reply = self.call(node, "role", to=role)
+        except CgmirrorError as exc:
+            raise FailoverError(f"{node.name} did not switch to {role}: {exc}; run the"
+                                f" command again once that is settled (it resumes)") from exc
+        if reply.get("restarting"):
+            st = self.await_role(node, role, reply.get("role_seq"))
+        else:
+            st = self.status(node) or {}
+        if st.get("role", "primary") != role:
+            raise FailoverError(f"{node.name} answers as a {st.get('role')} after its"
+                                f" switch to {role}: run the command again")
+        self.log(f"{node.name} (site {node.site}) now runs as a {role}")
+        return st
+
+    def _relaunch(self, node: Node, st: dict | None, role: str) -> dict:
+        """A node without the ``role`` op (``Launcher``): restart it here."""
+        if st is not None and st.get("role", "primary") == role:
+            return st
         try:
             with node_held(self.session.name, self.session.state_dir, node.name):
                 if st is not None:
@@ -209,6 +260,25 @@ class RoleSwitch:
         self.log(f"{node.name} (site {node.site}) now runs as a {role}")
         return st
 
+    def await_role(self, node: Node, role: str, seq: int | None) -> dict:
+        """Poll ``node`` until it answers in ``role`` (its ``role_seq`` at
+        least ``seq``); bounded by ROLE_RESTART_TIMEOUT_S."""
+        deadline = time.monotonic() + ROLE_RESTART_TIMEOUT_S
+        while True:
+            st = self.status(node, timeout=2)
+            if st is not None and st.get("role", "primary") == role \
+                    and (seq is None or st.get("role_seq", seq) >= seq):
+                return st
+            if time.monotonic() > deadline:
+                raise FailoverError(
+                    f"{node.name} (site {node.site}) recorded the role {role}"
+                    f" (role_seq {seq}) but has not answered on {node.cfg.control} in it"
+                    f" within {ROLE_RESTART_TIMEOUT_S:g} s: its supervisor starts it again"
+                    f" on exit {protocol.RESTART_STATUS} (`systemctl status cgmirror-node@{node.name}`,"
+                    f" or the `cgmirror node run {node.name}` that runs it, on its host);"
+                    f" run the command again once it answers (it resumes)")
+            time.sleep(0.1)
+
     def settle(self, site: str) -> int:
         """Bring every secondary of ``site`` to one hardened group and return
         it: the mirror's recovery rule (``recovery.settle``: a committed group
@@ -220,8 +290,9 @@ class RoleSwitch:
             st = self.status(node)
             if st is None:
                 raise FailoverError(f"{node.name} (site {site}) does not answer on"
-                                    f" {node.cfg.control}: start it (`cgmirror {'secondary' if site == 'b' else 'slave'}"
-                                    f" start`) and run the command again")
+                                    f" {node.cfg.control}: start it (`systemctl start"
+                                    f" cgmirror-node@{node.name}` or `cgmirror node run"
+                                    f" {node.name}` on its host) and run the command again")
             if st.get("role") != "secondary":
                 role = st.get("role", "primary")
                 raise FailoverError(f"{node.name} (site {site}) is a {role}, not a"
@@ -342,7 +413,7 @@ class RoleSwitch:
                 # Nothing promoted yet: settle again (a group that ended
                 # since the record rolls forward or back like any other).
                 h = self.settle(new)
-                dirn.save(self.session, **{**d, "hardened": h})
+                dirn.save(self.session, sites=(new,), **{**d, "hardened": h})
             if self._all_role(new, "primary"):
                 return self._done(
                     (f"a DR test already runs on site {new} (writable at group {h}):"
@@ -358,12 +429,14 @@ class RoleSwitch:
             if mirror_runs_:
                 self.park_mirror("failover --test" if test else "failover")
             h = self.settle(new)
+            # Only the site taking over must hold the record: the other may
+            # be gone (its nodes learn it when they answer again).
             if test:
-                dirn.save(self.session, source=src, state="dr-test", hardened=h,
-                          by="failover --test")
+                dirn.save(self.session, sites=(new,), source=src, state="dr-test",
+                          hardened=h, by="failover --test")
             else:
-                dirn.save(self.session, source=new, state="failed-over", hardened=h,
-                          by="failover", **{"from": src})
+                dirn.save(self.session, sites=(new,), source=new, state="failed-over",
+                          hardened=h, by="failover", **{"from": src})
             _hit("role:failover-recorded")
         for i, node in enumerate(self.nodes(new)):
             st = self.status(node) if test else None
@@ -392,16 +465,18 @@ class RoleSwitch:
                 raise DirectionError("no DR test is running (`cgmirror failover --test`"
                                      " starts one)")
             src, h = d["source"], d["hardened"]
+            gens = self.gens(src)       # the test's generation ends: back to the source's
             for i, node in enumerate(self.nodes(dirn.other(src))):
                 st = self.become(node, "secondary")
-                if st["hardened"] < h or st.get("test") is not None:   # never promoted
-                    self.call(node, "assume", n=h)
+                g = gens.get(node.name)
+                if st["hardened"] < h or st.get("test") is not None or g:
+                    self.call(node, "assume", n=h, **({"gens": g} if g else {}))
                 if i == 0:
                     _hit("role:end-test-first-demoted")
             with Links.of(dirn.oriented(self.session, src)) as links:
                 recovery.return_tgt(links, recovery.secondary_statuses(links), self.log)
-            dirn.save(self.session, source=src, state="mirroring", hardened=h,
-                      by="failover --end-test")
+            dirn.save(self.session, sites=(dirn.other(src),), source=src,
+                      state="mirroring", hardened=h, by="failover --end-test")
             self.announce("end-test", dirn.other(src), h)
             if self._running_mirror("resume") is not None:
                 self.log("mirror resumed: its next group overwrites the test's blocks")
@@ -438,6 +513,9 @@ class RoleSwitch:
             raise DirectionError(f"cannot resync from site {source}: site {d['source']}"
                                  f" is the source (state {d['state']})")
         h = d.get("hardened")
+        # Lineage first, before any change: only ``resync`` names a winner.
+        winner = record.get("by") == "resync"
+        pairs = self.check_join(source, target, winner=winner, full=full)
         if split and (d["state"] != "resync" or d["source"] != source):
             dirn.save(self.session, source=source, state="resync", hardened=h, **record)
         for node in self.nodes(target):
@@ -447,8 +525,18 @@ class RoleSwitch:
         for node in self.nodes(source):
             self.become(node, "primary")
         m = self.mirror(source)
+        m.winner, m.full = winner, full
         try:
             m.recover()                 # settles the target, returns its tgt
+            if joins.split(pairs) or keep:
+                lost = resync.overwritten(m.session)
+                blocks = sum(b for b, _ in lost.values())
+                total = sum(n for _, n in lost.values())
+                self.log(f"site {source} named the winner: the resync overwrites"
+                         f" {blocks} blocks ({total} bytes) of site {target}, its writes"
+                         f" since the split among them: "
+                         + (f"kept in {keep}" if keep else
+                            "not kept (`--keep-overwritten DIR` keeps them)"))
             if keep:
                 resync.keep_overwritten(m.session, keep, self.log)
             resync.adopt(m.links, self.log, forget=full)
@@ -549,6 +637,36 @@ class RoleSwitch:
         dirn.save(self.session, source=new, state="mirroring", hardened=h, by=by, **keys)
         self.log(f"switchover done: site {new} is the source at group {h}")
         return {"source": new, "hardened": h}
+
+    # ------------------------------------------------------------ lineage
+
+    def site_statuses(self, site: str) -> dict[str, dict]:
+        """{name: status} of the nodes of ``site`` that answer."""
+        out = {}
+        for node in self.nodes(site):
+            st = self.status(node)
+            if st is not None:
+                out[node.name] = st
+        return out
+
+    def check_join(self, source: str, target: str, winner: bool = False,
+                   full: bool = False) -> list:
+        """Compare the lineage of every pair from ``source`` to ``target``
+        (coordinator/mirror/joins.py) and refuse (one line) what may not be
+        joined; a named ``winner`` overrides a split, said in one line per
+        pair.  The pairs."""
+        pairs = joins.check(dirn.oriented(self.session, source), self.site_statuses(source),
+                            self.site_statuses(target), source=source, winner=winner,
+                            full=full)
+        for p in joins.split(pairs):
+            self.log(f"{p.verdict.line()}: split ({p.kind}); site {source} named the"
+                     f" winner by `cgmirror resync --from {source} --to {target}`")
+        return pairs
+
+    def gens(self, source: str) -> dict[str, dict[str, str]]:
+        """{node of the other site: {volume: the generation of the volume of
+        ``source`` it mirrors}}, from ``source``'s nodes."""
+        return cycle_gens(dirn.oriented(self.session, source), self.site_statuses(source))
 
     # ------------------------------------------------------------ parts
 

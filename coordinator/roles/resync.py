@@ -60,19 +60,38 @@ def adopt(links: Links, log: Log, forget: bool = False) -> None:
                 f" same group; every difference is in S | T)")
 
 
+def dirty_runs(oriented: Session, slave: str, volume: str) -> tuple[list[list[int]], int]:
+    """The byte runs [offset, length] a group of ``slave`` sends for
+    ``volume`` now (its ``cr | oos``: after recovery S | T), and the
+    volume's granularity."""
+    runs, start, g = [], 0, 0
+    with SlaveLink.from_spec(oriented.slave(slave).spec()) as lk:
+        while start is not None:
+            page = lk.call("dirty", volume=volume, start=start)
+            g = page["granularity"]
+            runs += [[b * g, n * g] for b, n in page["runs"]]
+            start = page["next"]
+    return runs, g
+
+
+def overwritten(oriented: Session) -> dict[str, tuple[int, int]]:
+    """{"secondary/volume": (blocks, bytes)} that the next group of a
+    resync overwrites on its target (S | T, after recovery returned T)."""
+    out = {}
+    for s, v, r, rv in oriented.pairs():
+        runs, g = dirty_runs(oriented, s, v)
+        n = sum(length for _, length in runs)
+        out[f"{r}/{rv}"] = (n // g if g else 0, n)
+    return out
+
+
 def keep_overwritten(oriented: Session, out: str, log: Log) -> dict:
     """Save the target blocks the resync will overwrite (module doc)."""
     files.make_dirs(out)        # the loser's data: 0700, whatever the umask
     kept = {}
     for s, v, r, rv in oriented.pairs():
-        src, tgt = oriented.slave(s), oriented.secondary(r)
-        runs, start = [], 0
-        with SlaveLink.from_spec(src.spec()) as lk:
-            while start is not None:
-                page = lk.call("dirty", volume=v, start=start)
-                g = page["granularity"]
-                runs += [[b * g, n * g] for b, n in page["runs"]]
-                start = page["next"]
+        tgt = oriented.secondary(r)
+        runs, _ = dirty_runs(oriented, s, v)
         base = os.path.join(out, f"{r}-{rv}")
         h = nbd.NBD()
         try:
@@ -111,4 +130,4 @@ def keep_overwritten(oriented: Session, out: str, log: Log) -> dict:
     return kept
 
 
-__all__ = ["adopt", "keep_overwritten"]
+__all__ = ["adopt", "dirty_runs", "keep_overwritten", "overwritten"]
