@@ -240,10 +240,6 @@ def get_ready():
     if node is not None:
         node.check_belongs(_cfg["session"], _cfg["node"])
         node.check_volumes(list(_volumes))
-        if _cfg["role"] and _cfg["role"] != node.role:
-            log.info("%s starts as a %s, its recorded role (role change %d); role=%s is"
-                     " only the first role", node.who(), node.role, node.role_seq,
-                     _cfg["role"])
         role = node.role
     secondary = role == "secondary"
     prepared = None if secondary else prepared_group(statedir)
@@ -275,19 +271,26 @@ def get_ready():
         logging.getLogger("nbdplugin.plugin").info(
             "DR test: group %d is kept (%s blocks already): every first write saves"
             " it", kept, {n: len(v.keep) for n, v in vols.items()})
+    if secondary:
+        try:
+            _slave = Secondary(vols, statedir)
+        except ValueError as exc:       # a damaged token file
+            _fail(str(exc))
+    else:
+        _slave = Slave(vols, statedir, _cfg["checkpoint"])
+        _fence = _slave.fence
+    # Recorded once everything else was accepted: a refused start leaves
+    # no record behind (and says nothing but its error line).
     identities = {name: identity_of(v.fd, v.size) for name, v in vols.items()}
     if node is None:
         node = NodeRecord.create(statedir, _cfg["session"], _cfg["node"], role, identities)
     else:
+        if _cfg["role"] and _cfg["role"] != node.role:
+            log.info("%s starts as a %s, its recorded role (role change %d); role=%s is"
+                     " only the first role", node.who(), node.role, node.role_seq,
+                     _cfg["role"])
         node.start(_cfg["session"], _cfg["node"], _volumes, identities)
-    if secondary:
-        try:
-            _slave = Secondary(vols, statedir, node=node)
-        except ValueError as exc:       # a damaged token file
-            _fail(str(exc))
-    else:
-        _slave = Slave(vols, statedir, _cfg["checkpoint"], node=node)
-        _fence = _slave.fence
+    _slave.attach(node)
     _slave.on_restart = _restart
 
 
