@@ -13,6 +13,7 @@ import random
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import nbd
@@ -227,6 +228,26 @@ def test_role_op_exits_75_and_the_node_comes_back_in_the_recorded_role(slaves):
     v = st["volumes"]["v"]["lineage"]
     assert v["history"][0] == [gen, 0] and v["current"] not in (gen,)
     assert st["role_seq"] == 2 and "its recorded role" in Path(a.spec.logfile).read_text()
+
+
+def test_role_op_hangs_up_on_idle_nbd_clients_and_exits_at_once(slaves):
+    """Connected host clients do not hold the restart (nbdkit 1.32 waits for
+    them; the node hangs up on them): exit 75 well inside the 30 s grace."""
+    a = node(slaves, "a1")
+    clients = []
+    for _ in range(2):
+        h = nbd.NBD()
+        h.connect_uri(a.spec.uri("v"))
+        h.pwrite(b"c" * 512, 0)
+        clients.append(h)
+    t0 = time.monotonic()
+    assert call(a, "role", to="secondary")["restarting"]
+    assert a.wait(60) == protocol.RESTART_STATUS
+    assert time.monotonic() - t0 < 10
+    for h in clients:
+        with pytest.raises(nbd.Error):
+            h.pread(512, 0)
+    assert "did not shut down" not in Path(a.spec.logfile).read_text()
 
 
 def test_role_op_to_the_role_it_has_does_not_restart(slaves):
