@@ -7,6 +7,7 @@ nbdkit) come first."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -248,6 +249,39 @@ def test_role_op_hangs_up_on_idle_nbd_clients_and_exits_at_once(slaves):
         with pytest.raises(nbd.Error):
             h.pread(512, 0)
     assert "did not shut down" not in Path(a.spec.logfile).read_text()
+
+
+def test_role_op_over_tcp_with_mutual_tls_and_a_tls_client(certs, slaves):
+    """The role op on the TCP control channel (mutual TLS), an nbds client
+    connected: exit 75 at once, and the node comes back as a secondary on
+    the same addresses; a peer without the session's certificate gets
+    nowhere near the op."""
+    from tlsrig import free_port
+    from coordinator.control import ControlClient, client_context
+    spec = dataclasses.replace(
+        node(slaves, "a1", start=False),
+        control=f"tcp:127.0.0.1:{free_port()}", nbd=f"tcp:127.0.0.1:{free_port()}",
+        nbd_socket="", tls=certs["server"], client_tls=certs["good"])
+    a = slaves.restart(spec)
+    with pytest.raises(ControlError):
+        with ControlClient(spec.control, 5, client_context(certs["other-session"])) as c:
+            c.call("role", to="secondary")
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(certs["good"])
+    h.set_tls_verify_peer(True)
+    h.connect_uri(spec.uri("v"))
+    h.pwrite(b"t" * 512, 0)
+    t0 = time.monotonic()
+    assert call(a, "role", to="secondary")["restarting"]
+    assert a.wait(60) == protocol.RESTART_STATUS
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(nbd.Error):
+        h.pread(512, 0)
+    a = slaves.restart(spec)
+    st = status(a)
+    assert (st["role"], st["role_seq"]) == ("secondary", 1)
+    assert st["volumes"]["v"]["lineage"]["own"] is True
 
 
 def test_role_op_to_the_role_it_has_does_not_restart(slaves):
