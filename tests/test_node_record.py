@@ -478,6 +478,53 @@ def test_a_file_replaced_behind_a_stopped_node_is_found_at_start(slaves, role):
     assert status(a)["volumes"]["v"]["replaced"] == v["replaced"]
 
 
+def full_group(a, b, n, full=True):
+    """Cut n on a, drain it into b's replication export, harden it on b with
+    a's generation; return (a's status, b's status)."""
+    sb = status(b)
+    uri = f"nbd+unix:///{sb['volumes']['v']['export']}?socket={b.spec.nbd_socket}"
+    with a.control() as c:
+        c.call("freeze", n=n, lease_ms=10_000, full=["v"] if full else [], session="s1")
+        c.call("thaw", n=n, session="s1")
+        c.call("copy", n=n, targets={"v": uri}, session="s1")
+        wait_until(lambda: c.call("status")["phase"] == "idle", 60, "the copy to end")
+        sa = c.call("status")
+    assert sa["last_copy"]["ok"], sa["last_copy"]
+    with b.control() as s:
+        s.call("prepare", n=n, session="s1")
+        s.call("commit", n=n, gens={"v": sa["volumes"]["v"]["lineage"]["current"]},
+               session="s1")
+        sb = s.call("status")
+    return sa, sb
+
+
+def test_a_replaced_primary_file_loses_its_baseline_until_a_full_copy(slaves):
+    """The primary's file replaced while stopped: no baseline on its target
+    (an incremental copy is refused), unrelated to the secondary; a full
+    copy and commit join them again and the replaced line ends."""
+    a = node(slaves, "a1")
+    b = node(slaves, "b1", role="secondary")
+    write(a, 0, random.Random(6).randbytes(SIZE))
+    sa, sb = full_group(a, b, 1)
+    assert sa["volumes"]["v"]["synced_target"] is not None
+    a.stop()
+    replace_file(a.spec.volumes[0][1])
+    a = slaves.restart(a.spec)
+    sa = status(a)
+    assert sa["volumes"]["v"]["synced_target"] is None and sa["volumes"]["v"]["replaced"]
+    assert lineage.compare(sa["volumes"]["v"], sb["volumes"]["v"]).kind == "unrelated"
+    with a.control() as c:
+        c.call("freeze", n=2, lease_ms=10_000)
+        c.call("thaw", n=2)
+        with pytest.raises(ControlError) as e:
+            c.call("copy", n=2, targets={"v": "nbd+unix:///x?socket=/nonexistent"})
+        assert e.value.kind == "baseline"
+        c.call("abort", n=2)
+    sa, sb = full_group(a, b, 3)
+    assert sa["volumes"]["v"]["replaced"] is None
+    assert lineage.compare(sa["volumes"]["v"], sb["volumes"]["v"]).kind == "in-sync"
+
+
 def test_an_unchanged_file_is_not_replaced(slaves):
     """A plain restart keeps the lineage and says nothing."""
     a = node(slaves, "a1")
