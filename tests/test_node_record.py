@@ -413,6 +413,39 @@ def test_another_session_is_refused_and_changes_nothing(slaves):
         assert json.loads(f.readline())["ok"]
 
 
+SESSION_LINES = [
+    '{"op":"thaw","n":1,"session":"s2"}',
+    '{"op":"abort","n":7,"session":"s1"}',
+    '{"op":"freeze","n":1,"session":"s2"}',                      # missing lease_ms
+    '{"op":"freeze","n":1,"lease_ms":100,"volumes":["zz"],"session":"s2"}',
+    '{"op":"freeze","n":1,"lease_ms":100,"session":"two words"}',
+    '{"op":"freeze","n":1,"lease_ms":100,"session":5}',
+    '{"op":"freeze","n":1,"lease_ms":100,"session":"' + "s" * 65 + '"}',
+    '{"op":"abort","n":1,"session":"s2","session":"s1"}',       # Python keeps the last
+]
+
+
+def test_the_gate_socket_and_the_control_socket_judge_sessions_alike(slaves):
+    """Lines with a session key get the same kind on both sockets (the gate
+    is stricter only on duplicate keys, as for every key)."""
+    a = node(slaves, "a1")
+    gate = status(a)["gate"]
+    for line in SESSION_LINES:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(gate)
+            s.sendall(line.encode() + b"\n")
+            native = json.loads(s.makefile().readline())
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(a.spec.control)
+            s.sendall(line.encode() + b"\n")
+            python = json.loads(s.makefile().readline())
+        if '"session":"s2","session"' in line:
+            assert (native["kind"], python["ok"]) == ("protocol", False), (line, python)
+            continue
+        assert native.get("kind") == python.get("kind"), (line, native, python)
+        assert native["ok"] is False
+
+
 def test_a_second_session_on_a_live_secondary_is_refused(slaves):
     """Session s2's coordinator reaches s1's secondary: refused, and the
     secondary's group and lineage are untouched; s2 naming its state
