@@ -498,9 +498,15 @@ class Host:
         """This installation's Python inside the host."""
         return self.run([sys.executable, *args], timeout=timeout, check=check)
 
-    def cgmirror(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-        """``cgmirror -s /etc/cgmirror/session.toml ARGS`` inside the host."""
-        return self.python("-m", "coordinator.cli", "-s", SESSION, *args, timeout=timeout)
+    def cgmirror(self, *args: str, timeout: float = 240,
+                 check: bool = False) -> subprocess.CompletedProcess:
+        """``cgmirror -s /etc/cgmirror/session.toml ARGS`` inside the host;
+        ``check``: raise HostError (with its stderr) unless it exits 0."""
+        r = self.python("-m", "coordinator.cli", "-s", SESSION, *args, timeout=timeout)
+        if check and r.returncode != 0:
+            raise HostError(f"host {self.name}: cgmirror {' '.join(args)} exited"
+                            f" {r.returncode}: {r.stderr.strip()}")
+        return r
 
     def cgmirror_json(self, *args: str, timeout: float = 240) -> dict:
         r = self.cgmirror(*args, "--json", timeout=timeout)
@@ -693,10 +699,14 @@ class Hosts:
     def nodes(self) -> list[Host]:
         return [h for h in self if SITES.get(h.name) in ("a", "b")]
 
-    def install(self, text: str) -> None:
+    def install(self, text: str, coordinators=None) -> None:
         """What an administrator copies onto every host: the session file
-        (``/etc/cgmirror/session.toml``) and the host's own certificate
-        directory (``/etc/cgmirror/pki/NAME``, the coordinator's on c)."""
+        (``/etc/cgmirror/session.toml``), the host's own certificate
+        directory (``/etc/cgmirror/pki/NAME``) and, on the hosts that run
+        cgmirror commands (``coordinators``; default: every host, since a
+        coordinator may run at either site), the coordinator's
+        (``pki/coordinator``: the session file's ``cert``)."""
+        coordinators = set(self.names if coordinators is None else coordinators)
         for h in self:
             etc = os.path.join(h.dir, LAYERS["/etc"], "cgmirror")
             os.makedirs(etc, mode=0o755, exist_ok=True)
@@ -704,10 +714,13 @@ class Hosts:
                 f.write(text)
             pki_dir = os.path.join(etc, "pki")
             os.makedirs(pki_dir, mode=0o700, exist_ok=True)
-            cert = "coordinator" if SITES.get(h.name) == "c" else h.name
-            dst = os.path.join(pki_dir, cert)
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(os.path.join(self.pki, cert), dst)
+            certs = {"coordinator" if SITES.get(h.name) == "c" else h.name}
+            if h.name in coordinators:
+                certs.add("coordinator")
+            for cert in sorted(certs):
+                dst = os.path.join(pki_dir, cert)
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(os.path.join(self.pki, cert), dst)
             # The volumes' directory, as an administrator makes it (or an LV).
             os.makedirs(os.path.join(h.dir, LAYERS["/var/lib"], "cgmirror", "images"),
                         mode=0o700, exist_ok=True)
@@ -721,9 +734,7 @@ class Hosts:
         /etc/systemd/system) and ``systemctl enable --now
         cgmirror-node@NAME``; wait until every node is active (READY=1)."""
         for h in self.nodes():
-            r = h.cgmirror("install-units")
-            if r.returncode != 0:
-                raise HostError(f"host {h.name}: install-units: {r.stderr.strip()}")
+            h.cgmirror("install-units", check=True)
             h.enable(f"cgmirror-node@{h.name}.service")
         for h in self.nodes():
             h.wait_unit(f"cgmirror-node@{h.name}.service", timeout=timeout)

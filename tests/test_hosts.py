@@ -154,6 +154,8 @@ def test_nodes_under_their_units_form_groups_and_come_back(tmp_path):
         c.enable("cgmirror-mirror@h.service")
         c.wait_unit("cgmirror-mirror@h.service")
         n0 = wait_group_after(c, 0)
+        # cgmirror at site b sees the same nodes as the coordinator in c.
+        assert status_pids(h["b1"]) == status_pids(c)
 
         # kill -9 of a node: its unit restarts it (Restart=on-failure).
         killed = h["a1"].kill_unit(node_unit("a1"))
