@@ -252,23 +252,27 @@ def test_start_role_follows_the_direction(tmp_path, state, a, b):
 
 
 def test_a_prepared_secondary_does_not_start_as_a_primary(slaves):
-    """A state directory with a group prepared refuses role=primary in one
-    line (its image is neither group); once committed it starts."""
+    """A secondary with a group prepared stays one: role=primary at start is
+    only the first role (node.json records secondary), and the role op
+    refuses in one line (its image is neither group); once committed the
+    role op promotes it (exit 75, started again as a primary)."""
     import dataclasses
 
-    from coordinator import launch
+    from coordinator.control import ControlError
+    from wire.protocol import RESTART_STATUS
     r = slaves("r1", volumes=(("a", 1 << 20),), role="secondary")
     with r.control() as c:
         assert c.call("assume", n=1)["ok"]
         assert c.call("prepare", n=2)["ok"]
     r.stop()
-    prim = dataclasses.replace(r.spec, role="primary")
-    with pytest.raises(launch.LaunchError, match="holds group 2 prepared"):
-        slaves.restart(prim)
-    r2 = slaves.restart(r.spec)
+    r2 = slaves.restart(dataclasses.replace(r.spec, role="primary"))
     with r2.control() as c:
+        assert c.call("status")["role"] == "secondary"
+        with pytest.raises(ControlError, match="group 2 is prepared"):
+            c.call("role", to="primary")
         assert c.call("commit", n=2)["ok"]
-    r2.stop()
-    p = slaves.restart(prim)
+        assert c.call("role", to="primary")["restarting"]
+    assert r2.wait(60) == RESTART_STATUS
+    p = slaves.restart(r.spec)
     with p.control() as c:
         assert c.call("status")["role"] == "primary"
