@@ -22,7 +22,7 @@ import pytest
 
 from cgtest import wait_until
 from coordinator.control import ControlError
-from nbdplugin.noderecord import NODE_FILE, NodeRecord, NodeRecordError
+from nbdplugin.noderecord import NODE_FILE, NodeRecord, NodeRecordError, recorded_role
 from wire import lineage, protocol
 
 G = 64 * 1024
@@ -50,6 +50,9 @@ def test_first_start_records_everything_durably(tmp_path):
 def test_no_record_is_a_first_start(tmp_path):
     """load gives None where no node ever started."""
     assert NodeRecord.load(str(tmp_path)) is None
+    assert recorded_role(str(tmp_path)) is None
+    NodeRecord.create(str(tmp_path), "s1", "b1", "secondary", {"v": ident()})
+    assert recorded_role(str(tmp_path)) == "secondary"
 
 
 @pytest.mark.parametrize("session, node", [("s2", "a1"), ("s1", "a2"), ("s2", "a2")])
@@ -352,8 +355,8 @@ def test_a_node_that_is_restarting_answers_only_status(slaves):
         assert h.exits == 1 and NodeRecord.load(d).role == "secondary"
 
 
-@pytest.mark.parametrize("point, comes_back", [("node:before-record", "primary"),
-                                               ("node:after-record", "secondary")])
+@pytest.mark.parametrize("point, comes_back", [("node:role:before-record", "primary"),
+                                               ("node:role:after-record", "secondary")])
 def test_kill9_around_the_record_comes_back_in_exactly_one_role(slaves, point, comes_back):
     """kill -9 just before / just after node.json is renamed: the node
     starts in the old / the new role, whole; asked again, the op finishes."""
