@@ -636,3 +636,35 @@ def test_assume_with_gens_takes_the_peers_generation(slaves):
         lin = c.call("status")["volumes"]["v"]["lineage"]
     assert lin == {"current": GEN, "history": [[old, 0]], "hardened": 4, "cut": 0,
                    "own": False}
+
+
+def test_a_dr_test_round_trip_by_the_role_op(slaves):
+    """dr_test, role primary (kept group), test writes, role secondary (the
+    start restores the group), assume with the primary's gens: the image is
+    group 1 again and the lineage is in sync with the primary."""
+    a = node(slaves, "a1")
+    b = node(slaves, "b1", role="secondary")
+    data = random.Random(7).randbytes(SIZE)
+    write(a, 0, data)
+    sa, _ = full_group(a, b, 1)
+    gen = sa["volumes"]["v"]["lineage"]["current"]
+    call(b, "dr_test", n=1, session="s1")
+    b, st = role_change(slaves, b, "primary")
+    test_gen = st["volumes"]["v"]["lineage"]["current"]
+    assert st["volumes"]["v"]["lineage"]["history"][0] == [gen, 1]
+    write(b, G, b"t" * G)                               # the test writes
+    b, st = role_change(slaves, b, "secondary")
+    assert st["volumes"]["v"]["lineage"]["own"] is True and st["hardened"] == 1
+    call(b, "assume", n=1, gens={"v": gen}, session="s1")
+    sb = status(b)
+    lin = sb["volumes"]["v"]["lineage"]
+    assert {**lin, "history": lin["history"][:2]} == {
+        "current": gen, "history": [[test_gen, 1], [gen, 1]], "hardened": 1, "cut": 0,
+        "own": False}
+    assert lineage.compare(status(a)["volumes"]["v"], sb["volumes"]["v"]).kind == "in-sync"
+    h = nbd.NBD()
+    h.connect_uri(b.spec.uri("v"))
+    try:
+        assert h.pread(SIZE, 0) == data                 # group 1, not the test's
+    finally:
+        h.shutdown()
