@@ -164,7 +164,7 @@ class OpHandler:
                     d["role_seq"] += 1
                     for name, v in d["volumes"].items():
                         v["lineage"] = event(name, v["lineage"])
-                new = self.node.update(change)
+                new = self.node.update(change, failpoint="node:role")
             except BaseException:
                 undo()
                 raise

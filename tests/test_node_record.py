@@ -22,7 +22,7 @@ import pytest
 
 from cgtest import wait_until
 from coordinator.control import ControlError
-from nbdplugin.noderecord import NODE_FILE, NodeRecord, NodeRecordError
+from nbdplugin.noderecord import NODE_FILE, NodeRecord, NodeRecordError, recorded_role
 from wire import lineage, protocol
 
 G = 64 * 1024
@@ -50,6 +50,9 @@ def test_first_start_records_everything_durably(tmp_path):
 def test_no_record_is_a_first_start(tmp_path):
     """load gives None where no node ever started."""
     assert NodeRecord.load(str(tmp_path)) is None
+    assert recorded_role(str(tmp_path)) is None
+    NodeRecord.create(str(tmp_path), "s1", "b1", "secondary", {"v": ident()})
+    assert recorded_role(str(tmp_path)) == "secondary"
 
 
 @pytest.mark.parametrize("session, node", [("s2", "a1"), ("s1", "a2"), ("s2", "a2")])
@@ -352,8 +355,8 @@ def test_a_node_that_is_restarting_answers_only_status(slaves):
         assert h.exits == 1 and NodeRecord.load(d).role == "secondary"
 
 
-@pytest.mark.parametrize("point, comes_back", [("node:before-record", "primary"),
-                                               ("node:after-record", "secondary")])
+@pytest.mark.parametrize("point, comes_back", [("node:role:before-record", "primary"),
+                                               ("node:role:after-record", "secondary")])
 def test_kill9_around_the_record_comes_back_in_exactly_one_role(slaves, point, comes_back):
     """kill -9 just before / just after node.json is renamed: the node
     starts in the old / the new role, whole; asked again, the op finishes."""
@@ -633,3 +636,35 @@ def test_assume_with_gens_takes_the_peers_generation(slaves):
         lin = c.call("status")["volumes"]["v"]["lineage"]
     assert lin == {"current": GEN, "history": [[old, 0]], "hardened": 4, "cut": 0,
                    "own": False}
+
+
+def test_a_dr_test_round_trip_by_the_role_op(slaves):
+    """dr_test, role primary (kept group), test writes, role secondary (the
+    start restores the group), assume with the primary's gens: the image is
+    group 1 again and the lineage is in sync with the primary."""
+    a = node(slaves, "a1")
+    b = node(slaves, "b1", role="secondary")
+    data = random.Random(7).randbytes(SIZE)
+    write(a, 0, data)
+    sa, _ = full_group(a, b, 1)
+    gen = sa["volumes"]["v"]["lineage"]["current"]
+    call(b, "dr_test", n=1, session="s1")
+    b, st = role_change(slaves, b, "primary")
+    test_gen = st["volumes"]["v"]["lineage"]["current"]
+    assert st["volumes"]["v"]["lineage"]["history"][0] == [gen, 1]
+    write(b, G, b"t" * G)                               # the test writes
+    b, st = role_change(slaves, b, "secondary")
+    assert st["volumes"]["v"]["lineage"]["own"] is True and st["hardened"] == 1
+    call(b, "assume", n=1, gens={"v": gen}, session="s1")
+    sb = status(b)
+    lin = sb["volumes"]["v"]["lineage"]
+    assert {**lin, "history": lin["history"][:2]} == {
+        "current": gen, "history": [[test_gen, 1], [gen, 1]], "hardened": 1, "cut": 0,
+        "own": False}
+    assert lineage.compare(status(a)["volumes"]["v"], sb["volumes"]["v"]).kind == "in-sync"
+    h = nbd.NBD()
+    h.connect_uri(b.spec.uri("v"))
+    try:
+        assert h.pread(SIZE, 0) == data                 # group 1, not the test's
+    finally:
+        h.shutdown()
