@@ -135,8 +135,9 @@ def test_nodes_under_their_units_form_groups_and_come_back(tmp_path):
     b1 b2 (over TCP with mutual TLS), the mirror unit in c hardens groups
     across them; a node killed -9 is restarted by its unit, a rebooted host
     brings its node back in its recorded role, and groups form again each
-    time, also after a cut between the sites heals; a role change (exit 75)
-    is restarted at once by the unit."""
+    time, also after a cut between the sites heals and after a reboot while
+    the site was cut off; a role change (exit 75) is restarted at once by
+    the unit."""
     need("nbdkit", "unshare", "nsenter")
     need_netns()
     with Hosts(str(tmp_path)) as h:
@@ -190,6 +191,19 @@ def test_nodes_under_their_units_form_groups_and_come_back(tmp_path):
         wait_until(reported, 120, "the mirror to report the cut")
         n1 = hardened(c)
         h.heal("a", "b")
+        n1 = wait_group_after(c, n1)
+
+        # A host rebooted while its site is cut off from everything starts
+        # its node from its own disk alone, in its recorded role.
+        h.isolate("a")
+        before = h["a1"].unit(node_unit("a1"))["pid"]
+        h["a1"].reboot()
+        u = h["a1"].wait_unit(node_unit("a1"), timeout=60)
+        assert u["pid"] != before
+        with open(h["a1"].file("/var/lib/cgmirror/a1/node.json")) as f:
+            assert json.load(f)["role"] == "primary"
+        n1 = hardened(c)
+        h.rejoin("a")
         n1 = wait_group_after(c, n1)
 
         # A role change: the node records it and exits 75; the unit starts
