@@ -251,24 +251,31 @@ def test_start_role_follows_the_direction(tmp_path, state, a, b):
     assert direction.spec(s, s.secondaries[0], d).role == b
 
 
-def test_a_prepared_secondary_does_not_start_as_a_primary(slaves):
-    """A state directory with a group prepared refuses role=primary in one
-    line (its image is neither group); once committed it starts."""
+def test_a_prepared_secondary_does_not_become_a_primary(slaves):
+    """A node records its role: started again with role=primary, a
+    secondary holding group 2 prepared stays a secondary (role= is only the
+    first role); its role op to primary is refused in one line while the
+    group is prepared (its image is neither group), and taken once it is
+    committed."""
     import dataclasses
 
-    from coordinator import launch
     r = slaves("r1", volumes=(("a", 1 << 20),), role="secondary")
     with r.control() as c:
         assert c.call("assume", n=1)["ok"]
         assert c.call("prepare", n=2)["ok"]
     r.stop()
     prim = dataclasses.replace(r.spec, role="primary")
-    with pytest.raises(launch.LaunchError, match="holds group 2 prepared"):
-        slaves.restart(prim)
-    r2 = slaves.restart(r.spec)
+    r2 = slaves.restart(prim)
     with r2.control() as c:
+        st = c.call("status")
+        assert st["role"] == "secondary" and st["prepared"] == 2, st
+        from coordinator.control import ControlError
+        with pytest.raises(ControlError, match="group 2 is prepared") as ei:
+            c.call("role", to="primary")
+        assert "\n" not in str(ei.value)
         assert c.call("commit", n=2)["ok"]
-    r2.stop()
+        assert c.call("role", to="primary")["restarting"]
+    assert r2.wait(30) == 75
     p = slaves.restart(prim)
     with p.control() as c:
         assert c.call("status")["role"] == "primary"
