@@ -20,12 +20,13 @@ Every change goes through ``update``: a new dict is made, written with
 and only then adopted in memory.  Crash points and what the next start
 finds:
 
-- before the rename (``node:before-record``, write_atomic's failpoint): the
-  old record; the change never happened, the node starts as it was and
-  the op that asked for it is asked again;
-- after the rename (``node:after-record``, before the op's reply): the new
-  record; the node starts in what it records (a role op: the new role),
-  and the op asked again finds it done.
+- before the rename (failpoint ``node:before-record``; of a role op
+  ``node:role:before-record``): the old record; the change never happened,
+  the node starts as it was and the op that asked for it is asked again;
+- after the rename (``node:after-record``; of a role op
+  ``node:role:after-record``, before its reply): the new record; the node
+  starts in what it records (a role op: the new role), and the op asked
+  again finds it done.
 
 A role op checkpoints the change maps first, so the record never speaks
 for maps older than itself.  Nothing else is written between the record
@@ -59,6 +60,14 @@ log = logging.getLogger(__name__)
 NODE_FILE = "node.json"
 VERSION = 1
 ROLES = ("primary", "secondary")
+
+
+def recorded_role(statedir: str) -> str | None:
+    """The role the node of ``statedir`` starts in, or None before its
+    first start (for supervisors and launchers: the session file's role is
+    only the first one).  Raises NodeRecordError if the record is damaged."""
+    rec = NodeRecord.load(statedir)
+    return rec.role if rec is not None else None
 
 
 class NodeRecordError(Exception):
@@ -156,17 +165,18 @@ class NodeRecord:
 
     # ------------------------------------------------------------ changes
 
-    def update(self, change, failpoint: str = "node:before-record") -> dict:
+    def update(self, change, failpoint: str = "node") -> dict:
         """Apply ``change(copy_of_data) -> None`` to a deep copy, write it
         durably, then adopt it; return the new data.  A failed write leaves
-        the record in memory as it was on disk."""
+        the record in memory as it was on disk.  ``failpoint``: the prefix
+        of the crash points around the rename (module doc)."""
         with self.lock:
             new = json.loads(json.dumps(self.data))
             change(new)
             _check_loaded(self.path, new)
             write_atomic(self.path, (json.dumps(new, indent=1) + "\n").encode(),
-                         failpoint=failpoint)
-            failpoints.hit("node:after-record")
+                         failpoint=f"{failpoint}:before-record")
+            failpoints.hit(f"{failpoint}:after-record")
             self.data = new
             return new
 

@@ -335,10 +335,9 @@ class Secondary(OpHandler):
 
     ROLE = "secondary"
 
-    def __init__(self, volumes: dict[str, SecondaryVolume], statedir: str, node=None):
+    def __init__(self, volumes: dict[str, SecondaryVolume], statedir: str):
         self.volumes = volumes
         self.statedir = statedir
-        self.node = node            # NodeRecord (nbdplugin/noderecord.py) or None
         self.lock = threading.RLock()
         self.server: ControlServer | None = None
         self.token = load_token(statedir)

@@ -122,6 +122,11 @@ class OpHandler:
 
     # ------------------------------------------------------------ node ops
 
+    def attach(self, node) -> None:
+        """Serve as the node of ``node`` (nbdplugin/noderecord.py), before
+        the control server starts."""
+        self.node = node
+
     def _node_status(self, volumes: dict, dirty) -> dict:
         """Add the node's fields to a status reply's ``volumes`` (``dirty``:
         name -> bool) and return the top-level ones."""
@@ -159,7 +164,7 @@ class OpHandler:
                     d["role_seq"] += 1
                     for name, v in d["volumes"].items():
                         v["lineage"] = event(name, v["lineage"])
-                new = self.node.update(change)
+                new = self.node.update(change, failpoint="node:role")
             except BaseException:
                 undo()
                 raise

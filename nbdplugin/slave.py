@@ -146,10 +146,9 @@ class Slave(OpHandler):
     OWNED_OPS = ("freeze",)
 
     def __init__(self, volumes: dict[str, Volume], statedir: str,
-                 checkpoint_interval: float = 2.0, node=None):
+                 checkpoint_interval: float = 2.0):
         self.volumes = volumes
         self.statedir = statedir
-        self.node = node            # NodeRecord (nbdplugin/noderecord.py) or None
         self.checkpoint_interval = checkpoint_interval
         self._meta = self._load_meta()
         self.machine = CutMachine(n=self._meta.get("last_n", 0))
@@ -175,13 +174,17 @@ class Slave(OpHandler):
         self.gate_path: str | None = None
         self._notifier: threading.Thread | None = None
         self._full_copies: set[str] = set()
-        if node is not None:
-            self.core.identity(node.session or "", node.who()[:150])
-            for name in volumes:
-                # A file replaced behind the stopped node: what its target
-                # holds is no baseline of this file, whatever samples say.
-                if node.replaced(name) and self.baseline(name) is not None:
-                    self._set_baseline(name, None)
+
+    def attach(self, node) -> None:
+        """Serve as the node of ``node`` (a NodeRecord): the gate socket
+        checks its session too, and a volume whose file was replaced
+        behind the stopped node has no baseline on any target, whatever
+        its samples would say.  Before ``start``."""
+        super().attach(node)
+        self.core.identity(node.session or "", node.who()[:150])
+        for name in self.volumes:
+            if node.replaced(name) and self.baseline(name) is not None:
+                self._set_baseline(name, None)
 
     # ------------------------------------------------------------ persistence
 

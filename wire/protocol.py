@@ -33,7 +33,8 @@ Rules:
   carry fields a client does not know (a newer slave); requests may not.
 - Error kinds come from one enum, ``Kind``; nobody compares free strings.
 - A slave is a primary or a secondary (``ROLE_OPS``): an op of the other
-  role is refused with kind ROLE.
+  role is refused with kind ROLE.  ``status`` is both roles' op; its reply
+  is checked by the schema its ``role`` field names.
 - Every request may carry a top-level ``"session": NAME`` (``SESSION_KEY``):
   a node that belongs to a session refuses, with kind SESSION, a request
   that names another one, before anything happens (the coordinator always
@@ -41,8 +42,7 @@ Rules:
   compares it (nbdplugin/server.py, and native/gate.c on the gate socket).
 - A role change is an op the node serves itself (``role``): it records the
   new role durably, answers, and its process exits with ``RESTART_STATUS``
-  so that its service manager starts it again in the recorded role.  ``status`` is both roles' op; its reply
-  is checked by the schema its ``role`` field names.
+  so that its service manager starts it again in the recorded role.
 - The cut state machine below is the single authority on which op may follow
   which.  ``CutMachine.step`` either returns the new state or raises
   ``ProtocolError`` and leaves the machine untouched.
