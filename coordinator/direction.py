@@ -70,6 +70,7 @@ import json
 import os
 
 from wire.files import READABLE_DIR, make_dirs, write_atomic
+from wire.protocol import Kind
 
 from . import group
 from .errors import CgmirrorError, ConfigError, DirectionError
@@ -110,6 +111,9 @@ def check_nodes(session: Session, statuses: dict) -> None:
     node name, session or volumes than this copy of the session file."""
     for _, cfg in every_node(session):
         st = statuses.get(cfg.name)
+        if getattr(st, "kind", None) == Kind.SESSION:
+            # The node itself refused us: it belongs to another session.
+            raise ConfigError(f"{st} (this copy of the session file: {session.path})")
         if not isinstance(st, dict):
             continue
         where = f"the node at {cfg.control}"

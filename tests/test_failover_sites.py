@@ -7,9 +7,10 @@ does runs in one driver process inside ``c`` (this module run as ``python
 -m tests.test_failover_sites``), which the test steps one JSON line at a
 time (``Driver``) so that it can cut and heal links, in the hub, between
 the steps.  The driver starts every node inside its own site (``ip netns
-exec``, ``SiteLauncher``: the stand-in for each host's service manager when
-a role switch restarts a node), keeps them as its children and stops them
-when told to quit; ``Sites`` kills whatever is left in its namespaces.
+exec``) under its supervisor (``SiteSupervisors``: the stand-in for each
+host's service manager, which starts a node again after its role op),
+keeps them as its children and stops them when told to quit; ``Sites``
+kills whatever is left in its namespaces.
 
 The scenarios are those of tests/test_failover.py (one host), with the same
 session, the same writes (``failoverrig.Writes``: the dependent-write
@@ -55,9 +56,7 @@ from failoverrig import G, LAYOUT, NBLOCKS, SESSION, SIZE, VOLS, Writes  # noqa:
 from failoverrig import session_text  # noqa: E402
 from harness import workload as wl  # noqa: E402
 from coordinator import cli, direction, launch  # noqa: E402
-from coordinator.cli import failover_cmds  # noqa: E402
 from coordinator import session as session_mod  # noqa: E402
-from coordinator.roles.failover import Launcher  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from coordinator.mirror import Mirror  # noqa: E402
 
@@ -69,44 +68,62 @@ STEP_TIMEOUT = 120.0
 
 # ------------------------------------------------------------ inside ``c``
 
-@dataclasses.dataclass
-class SiteSpec(launch.SlaveSpec):
-    """A node's spec whose command enters the node's namespace first (``ip
-    netns exec`` execs nbdkit: the pid we hold is nbdkit's)."""
+class SiteSupervisors:
+    """Each node runs inside its site under ``launch.supervise`` (what
+    ``cgmirror node run`` and a detached start run), as a child of the
+    driver: a role op's exit 75 is followed by a start in the recorded
+    role, as each host's service manager does; nothing of the coordinator
+    restarts a node.  ``start`` is the host's boot (after a kill -9, or
+    with failpoints ``env`` armed in every start)."""
 
-    netns: str = ""
-
-    def command(self) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, *super().command()]
-
-
-class SiteLauncher(Launcher):
-    """Starts each node inside its site, as a child of the driver; ``env``
-    as in mirrorrig.ChildLauncher (failpoints of a node's next start in
-    a role)."""
+    CODE = ("import sys; from coordinator.launch import SlaveSpec, supervise;"
+            " sys.exit(supervise(SlaveSpec.from_json(sys.argv[1])))")
 
     def __init__(self, netns: dict[str, str]):
         self.netns = netns
-        self.procs: dict[str, launch.SlaveProcess] = {}
-        self.env: dict[tuple[str, str], dict] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.specs: dict[str, launch.SlaveSpec] = {}
+        self.armed: dict[str, dict] = {}        # node -> env of its every start
 
     def start(self, spec):
-        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-        s = SiteSpec(**fields, netns=self.netns[SITE[spec.name]])
-        s.env = self.env.pop((spec.name, spec.role), {})
-        s.region = G            # as tests/test_failover.py: exact counts after kill -9
-        self.procs[spec.name] = launch.start(s)
+        self.stop(spec.name)
+        spec = dataclasses.replace(spec, env=self.armed.get(spec.name, {}))
+        spec.region = G         # as tests/test_failover.py: exact counts after kill -9
+        log = open(spec.logfile if os.path.isdir(spec.statedir) else os.devnull, "ab")
+        with log:
+            self.procs[spec.name] = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns[SITE[spec.name]], sys.executable, "-c",
+                 self.CODE, spec.to_json()], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+        self.specs[spec.name] = spec
+        wait_until(lambda: self._answers(spec), 60, f"{spec.name} to answer")
 
-    def stop(self, spec):
-        p = self.procs.pop(spec.name, None)
-        if p is not None:
-            p.stop()
-        else:
-            launch.stop(spec)
+    def _answers(self, spec) -> bool:
+        p = self.procs[spec.name]
+        assert p.poll() is None, f"{spec.name}'s supervisor exited {p.returncode}"
+        try:
+            with SlaveLink.from_spec(spec, timeout=2) as lk:
+                return lk.status()["pid"] == launch.running_pid(spec)
+        except Exception:
+            return False
+
+    def stop(self, name: str):
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)     # stops nbdkit cleanly, starts nothing
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(30)
+        # A supervisor killed before its nbdkit (never here): its nbdkit dies
+        # with it (nbdkit sets PR_SET_PDEATHSIG).
 
     def stop_all(self):
         for name in list(self.procs):
-            self.procs.pop(name).stop(timeout=10)
+            self.stop(name)
 
 
 class Node:
@@ -116,8 +133,7 @@ class Node:
         self.base = base
         self.path = os.path.join(base, "f.toml")
         self.session = session_mod.load(self.path)
-        self.launcher = SiteLauncher(netns)
-        failover_cmds.launcher = self.launcher
+        self.launcher = SiteSupervisors(netns)
         self.cfgs = {c.name: c for c in [*self.session.slaves, *self.session.secondaries]}
         # The workload and the checker dial TCP nodes with the coordinator's
         # certificate (None: every node is on unix sockets).
@@ -200,17 +216,24 @@ class Node:
     def replication_bytes(self, node):
         return sum(v["replication_bytes"] for v in self.status(node)["volumes"].values())
 
-    def arm(self, node, role, points):
-        self.launcher.env[(node, role)] = {"CGMIRROR_FAILPOINTS": points}
+    def arm(self, node, points):
+        """``points`` armed in every start of ``node``'s supervisor from now
+        (restarted now if it runs; a failpoint of one role fires only in
+        that role)."""
+        self.launcher.armed[node] = {"CGMIRROR_FAILPOINTS": points}
+        if node in self.launcher.procs:
+            self.launcher.start(self.cfgs[node].spec())
 
     def pid(self, node):
-        return launch.running_pid(self.launcher.procs[node].spec)
+        return launch.running_pid(self.launcher.specs[node])
 
     def running(self, node):
         return launch.running_pid(self.cfgs[node].spec()) is not None
 
-    def restart(self, node, role):
-        self.launcher.start(dataclasses.replace(self.cfgs[node].spec(), role=role))
+    def restart(self, node):
+        """Its host starts it again (in the role it recorded), unarmed."""
+        self.launcher.armed.pop(node, None)
+        self.launcher.start(self.cfgs[node].spec())
 
     def mirror_start(self):
         self.mirror = Mirror(self.session, log=self.logs.append).open()
@@ -442,15 +465,15 @@ def test_kill_mid_resync_across_sites(d, sites, side, point):
     its last consistent image (checker), the next run resumes, sends no
     more than S u T, and both sites end equal."""
     if side == "r1":
-        d("arm", "r1", "primary", point)             # r1 is promoted at failover
+        d("arm", "r1", point)                        # fires once it is a primary
     writes, _ = split(d, sites)
     if side == "s1":
-        d("arm", "s1", "secondary", point)
+        d("arm", "s1", point)                        # fires once it is a secondary
     res = d("cli", "resync", "--from", "b", "--to", "a")
     assert res["rc"] != 0, "the failpoint did not fire"
     assert not d("running", side), f"{side} was not killed"
+    d("restart", side)                               # its host starts it again
     if side == "s1":
-        d("restart", "s1", "secondary")
         assert sum(v["undo_blocks"] for v in d("status", "s1")["volumes"].values())
         d("check", "s1")                             # its last consistent image
     before = d("replication_bytes", "s1")

@@ -173,8 +173,9 @@ def test_failover_beside_a_running_mirror_and_a_writer_never_wedges(sh):
     """ROUNDS times: the mirror runs, a writer writes at site a, `failover`
     settles the group in flight itself and finishes (exit 0, r1 a primary);
     the promoted image passes the dependent-write checker.  Then the
-    mirror is stopped (as the refusal of `failback` says), failback, and
-    the mirror started again."""
+    mirror is stopped (as the refusal of `failback` says); failback is
+    refused as split brain (a's writes after the failover); the resync that
+    names a the winner keeps them; the mirror is started again."""
     mirrored(sh)
     for rnd in range(ROUNDS):
         work = wl.Workload.resume(sh.uris("s1"), LAYOUT).start()
@@ -193,11 +194,17 @@ def test_failover_beside_a_running_mirror_and_a_writer_never_wedges(sh):
         assert st["paused"] and st["phase"] == "idle", st
         sh.check("r1")
         # failback forms groups itself: the mirror stops first (the test
-        # below checks the refusal that says so).
+        # below checks the refusal that says so).  Site a stayed a primary
+        # (its own record) and took writes after the failover settled site
+        # b: failback would discard them, so it is refused as split brain
+        # (issue 18); the resync naming a the winner keeps them.
         sh.stop_mirror()
-        sh.ok("failback")
+        err = sh.fails("failback")
+        assert "split brain" in err and "resync --from a --to b" in err, err
+        sh.ok("resync", "--from", "a", "--to", "b")
+        assert sh.role("s1") == "primary" and sh.role("r1") == "secondary"
         sh.assert_equal()
-        sh.check("s1")
+        sh.check("r1")
         sh.start_mirror()
 
 

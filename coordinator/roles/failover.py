@@ -114,6 +114,7 @@ from typing import Callable
 
 from wire import failpoints
 from wire import protocol
+from wire.protocol import Kind
 
 from .. import direction as dirn
 from .. import launch
@@ -191,7 +192,9 @@ class RoleSwitch:
         try:
             with SlaveLink.from_spec(node.cfg.spec(), timeout=timeout) as lk:
                 return lk.status()
-        except CgmirrorError:
+        except CgmirrorError as exc:
+            if getattr(exc, "kind", None) == Kind.SESSION:
+                raise                   # it answers, for another session
             return None
 
     def call(self, node: Node, op: str, **args) -> dict:
