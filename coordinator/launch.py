@@ -166,7 +166,7 @@ class SlaveProcess:
         self.spec = spec
         self.pid = pid
         self.popen = popen
-        self.keeper = keeper        # detached: the setsid that waits for nbdkit
+        self.keeper = keeper        # detached: its supervisor (``supervise``)
 
     def control(self, timeout: float = 30.0) -> ControlClient:
         return ControlClient(self.spec.control, timeout, self.spec.client_context())
@@ -206,8 +206,10 @@ class SlaveProcess:
         if self.keeper and alive(self.keeper):
             # Its supervisor forwards SIGTERM and exits, starting nothing new
             # (SIGTERM to nbdkit alone could meet a restart in between).
-            _reap(self.keeper)
-            os.kill(self.keeper, signal.SIGTERM)
+            try:
+                os.kill(self.keeper, signal.SIGTERM)
+            except ProcessLookupError:
+                pass                # ended (and was reaped) just now
         if self.alive():
             os.kill(self.pid, signal.SIGTERM)
             try:
@@ -337,16 +339,15 @@ def start(spec: SlaveSpec, timeout: float = 30.0, detach: bool = False) -> Slave
 
     By default the slave is our child and runs in the foreground (``nbdkit
     -f``, which also makes it die with us: nbdkit 1.32 sets
-    PR_SET_PDEATHSIG).  A detached slave is ``nbdkit -f`` too, so that its
-    parent is a small keeper that lives as long as it does.
-    Not nbdkit's own daemon mode: it points stderr at /dev/null
-    (server/background.c, unless verbose), which lost every line the node
-    logs -- refused TLS handshakes, the plugin's errors -- from its log file.
-    ``detach`` makes the slave outlive the process that started it
-    (``cgmirror slave start``): its supervisor (``supervise``, in a session
-    of its own) runs ``nbdkit -f`` as its child and starts it again after a
-    role change; the supervisor is the ``keeper``, whose exit status is
-    nbdkit's last.  The node starts in its recorded role (``in_recorded_role``).
+    PR_SET_PDEATHSIG).  ``detach`` makes the slave outlive the process that
+    started it (``cgmirror slave start``): its supervisor (``supervise``, in
+    a session of its own) runs ``nbdkit -f`` as its child and starts it
+    again after a role change; the supervisor is the ``keeper``, whose exit
+    status is nbdkit's last.  Not nbdkit's own daemon mode: it points stderr
+    at /dev/null (server/background.c, unless verbose), which lost every
+    line the node logs -- refused TLS handshakes, the plugin's errors --
+    from its log file.  The node starts in its recorded role
+    (``in_recorded_role``).
     """
     spec = in_recorded_role(spec)
     sup = supervisor_pid(spec)

@@ -7,6 +7,7 @@
         h["c"].cgmirror("status", "--json")
         h["a1"].kill_unit("cgmirror-node@a1.service")   # restarted by its supervisor
         h["b1"].reboot()
+        h.isolate("a"); ...; h.rejoin("a")          # or h.cut("a", "b"), h.heal
 
 A host (``Host``) is a network namespace of harness/sites.py (one address on
 the rig's private bridge, cuts between sites there) plus a mount namespace
@@ -48,6 +49,10 @@ statuses) and each unit's output to ``DIR/journal/UNIT.log``.  SIGTERM is a
 clean shutdown (every unit stopped with SIGTERM, SIGKILL after
 TimeoutStopSec); ``Host.reboot`` is a crash: SIGKILL of every process of the
 host, supervisor included, then a boot.
+
+Links: ``cut(x, y)`` drops all IP between the hosts of sites x and y in the
+hub (harness/sites.py: a WAN cut, TCP connections stay open and resume after
+``heal``); ``isolate(site)`` cuts a site off from all others.
 
 TCP with mutual TLS everywhere: ``Hosts`` makes the session's PKI (the CA
 key stays in the rig's base, as on a coordinator's admin machine), issues
@@ -212,7 +217,8 @@ class Unit:
         # Run time.
         self.proc: subprocess.Popen | None = None
         self.state = "inactive"
-        self.starts: list[float] = []
+        self.starts: list[float] = []       # start times within the start limit's interval
+        self.started = 0                    # starts since boot
         self.exits: list[int] = []          # exit codes; -N for signal N
         self.restart_at: float | None = None
         self.stopping = False
@@ -220,7 +226,7 @@ class Unit:
 
     def describe(self) -> dict:
         return {"state": self.state, "pid": self.proc.pid if self.proc else None,
-                "starts": len(self.starts), "exits": self.exits, "error": self.error,
+                "starts": self.started, "exits": self.exits, "error": self.error,
                 "path": self.path, "argv": self.argv, "type": self.type,
                 "restart": self.restart, "restart_sec": self.restart_sec,
                 "force": sorted(_status_text(s) for s in self.force),
@@ -259,13 +265,13 @@ def should_restart(unit: Unit, returncode: int) -> bool:
 class Supervisor:
     """The host's service manager (see the module doc)."""
 
-    def __init__(self, hostdir: str):
-        self.dir = hostdir
+    def __init__(self, hostdir: str, unit_dir: str = UNIT_DIR, notify: str = NOTIFY):
+        self.dir, self.unit_dir, self.notify_name = hostdir, unit_dir, notify
         self.units: dict[str, Unit] = {}
         self.flags: set[str] = set()
         self.changed = True
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind("\0" + NOTIFY[1:])
+        self.notify.bind("\0" + notify[1:])
         self.notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         os.makedirs(os.path.join(hostdir, "journal"), exist_ok=True)
 
@@ -273,12 +279,12 @@ class Supervisor:
         """{instance name: its unit file} for every link in a ``*.wants``."""
         out = {}
         try:
-            dirs = [d for d in os.listdir(UNIT_DIR) if d.endswith(".wants")]
+            dirs = [d for d in os.listdir(self.unit_dir) if d.endswith(".wants")]
         except FileNotFoundError:
             return out
         for d in sorted(dirs):
-            for name in sorted(os.listdir(os.path.join(UNIT_DIR, d))):
-                link = os.path.join(UNIT_DIR, d, name)
+            for name in sorted(os.listdir(os.path.join(self.unit_dir, d))):
+                link = os.path.join(self.unit_dir, d, name)
                 if name.endswith(".service"):
                     out[name] = os.path.realpath(link)
         return out
@@ -311,9 +317,10 @@ class Supervisor:
             self.changed = True
             return
         u.starts.append(now)
+        u.started += 1
         env = {"PATH": UNIT_PATH, "LANG": "C.UTF-8"}
         if u.type == "notify":
-            env["NOTIFY_SOCKET"] = NOTIFY
+            env["NOTIFY_SOCKET"] = self.notify_name
         log = open(os.path.join(self.dir, "journal", f"{u.name}.log"), "ab")
         with log:
             try:
@@ -391,16 +398,25 @@ class Supervisor:
             if "reload" in self.flags:
                 self.flags.discard("reload")
                 self.reconcile()
-            ready, _, _ = select.select([self.notify], [], [], 0.02)
-            if ready:
-                self.on_notify()
-            self.reap()
-            if self.changed:
-                self.write_status()
+            self.step()
+        self.shutdown()
+        return 0
+
+    def step(self, timeout: float = 0.02) -> None:
+        """One turn: take notifications, reap and restart, write the status."""
+        ready, _, _ = select.select([self.notify], [], [], timeout)
+        if ready:
+            self.on_notify()
+        self.reap()
+        if self.changed:
+            self.write_status()
+
+    def shutdown(self) -> None:
+        """Stop every unit, last started first; close the notify socket."""
         for u in reversed(list(self.units.values())):
             self.stop(u)
         self.write_status()
-        return 0
+        self.notify.close()
 
 
 class _Failed(Unit):
@@ -409,6 +425,7 @@ class _Failed(Unit):
     def __init__(self, name: str, path: str, error: str):     # noqa: super not called
         self.name, self.path, self.error = name, path, error
         self.proc, self.state, self.starts, self.exits = None, "failed", [], []
+        self.started = 0
         self.restart_at, self.stopping = None, False
         self.argv, self.type, self.restart, self.restart_sec = [], "", "", 0.0
         self.force = self.prevent = self.success = set()
@@ -481,9 +498,15 @@ class Host:
         """This installation's Python inside the host."""
         return self.run([sys.executable, *args], timeout=timeout, check=check)
 
-    def cgmirror(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-        """``cgmirror -s /etc/cgmirror/session.toml ARGS`` inside the host."""
-        return self.python("-m", "coordinator.cli", "-s", SESSION, *args, timeout=timeout)
+    def cgmirror(self, *args: str, timeout: float = 240,
+                 check: bool = False) -> subprocess.CompletedProcess:
+        """``cgmirror -s /etc/cgmirror/session.toml ARGS`` inside the host;
+        ``check``: raise HostError (with its stderr) unless it exits 0."""
+        r = self.python("-m", "coordinator.cli", "-s", SESSION, *args, timeout=timeout)
+        if check and r.returncode != 0:
+            raise HostError(f"host {self.name}: cgmirror {' '.join(args)} exited"
+                            f" {r.returncode}: {r.stderr.strip()}")
+        return r
 
     def cgmirror_json(self, *args: str, timeout: float = 240) -> dict:
         r = self.cgmirror(*args, "--json", timeout=timeout)
@@ -676,10 +699,14 @@ class Hosts:
     def nodes(self) -> list[Host]:
         return [h for h in self if SITES.get(h.name) in ("a", "b")]
 
-    def install(self, text: str) -> None:
+    def install(self, text: str, coordinators=None) -> None:
         """What an administrator copies onto every host: the session file
-        (``/etc/cgmirror/session.toml``) and the host's own certificate
-        directory (``/etc/cgmirror/pki/NAME``, the coordinator's on c)."""
+        (``/etc/cgmirror/session.toml``), the host's own certificate
+        directory (``/etc/cgmirror/pki/NAME``) and, on the hosts that run
+        cgmirror commands (``coordinators``; default: every host, since a
+        coordinator may run at either site), the coordinator's
+        (``pki/coordinator``: the session file's ``cert``)."""
+        coordinators = set(self.names if coordinators is None else coordinators)
         for h in self:
             etc = os.path.join(h.dir, LAYERS["/etc"], "cgmirror")
             os.makedirs(etc, mode=0o755, exist_ok=True)
@@ -687,10 +714,13 @@ class Hosts:
                 f.write(text)
             pki_dir = os.path.join(etc, "pki")
             os.makedirs(pki_dir, mode=0o700, exist_ok=True)
-            cert = "coordinator" if SITES.get(h.name) == "c" else h.name
-            dst = os.path.join(pki_dir, cert)
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(os.path.join(self.pki, cert), dst)
+            certs = {"coordinator" if SITES.get(h.name) == "c" else h.name}
+            if h.name in coordinators:
+                certs.add("coordinator")
+            for cert in sorted(certs):
+                dst = os.path.join(pki_dir, cert)
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(os.path.join(self.pki, cert), dst)
             # The volumes' directory, as an administrator makes it (or an LV).
             os.makedirs(os.path.join(h.dir, LAYERS["/var/lib"], "cgmirror", "images"),
                         mode=0o700, exist_ok=True)
@@ -704,9 +734,7 @@ class Hosts:
         /etc/systemd/system) and ``systemctl enable --now
         cgmirror-node@NAME``; wait until every node is active (READY=1)."""
         for h in self.nodes():
-            r = h.cgmirror("install-units")
-            if r.returncode != 0:
-                raise HostError(f"host {h.name}: install-units: {r.stderr.strip()}")
+            h.cgmirror("install-units", check=True)
             h.enable(f"cgmirror-node@{h.name}.service")
         for h in self.nodes():
             h.wait_unit(f"cgmirror-node@{h.name}.service", timeout=timeout)
@@ -719,6 +747,16 @@ class Hosts:
     def heal(self, site_a: str = "a", site_b: str = "b") -> None:
         for x, y in self._pairs(site_a, site_b):
             self.net.heal(x, y)
+
+    def isolate(self, site: str) -> None:
+        """Cut site ``site`` ("a", "b" or "c") off from every other site."""
+        for other in sorted({SITES[h.name] for h in self} - {site}):
+            self.cut(site, other)
+
+    def rejoin(self, site: str) -> None:
+        """Undo ``isolate(site)``."""
+        for other in sorted({SITES[h.name] for h in self} - {site}):
+            self.heal(site, other)
 
     def _pairs(self, site_a, site_b):
         xs = [h.name for h in self if SITES.get(h.name) == site_a]

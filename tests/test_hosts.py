@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -134,11 +135,14 @@ def test_nodes_under_their_units_form_groups_and_come_back(tmp_path):
     b1 b2 (over TCP with mutual TLS), the mirror unit in c hardens groups
     across them; a node killed -9 is restarted by its unit, a rebooted host
     brings its node back in its recorded role, and groups form again each
-    time; a role change (exit 75) is restarted at once by the unit."""
+    time, also after a cut between the sites heals and after a reboot while
+    the site was cut off; a role change (exit 75) is restarted at once by
+    the unit."""
     need("nbdkit", "unshare", "nsenter")
     need_netns()
     with Hosts(str(tmp_path)) as h:
-        h.install(session_text(h))
+        # Short drains: a cut link fails the group in seconds.
+        h.install(session_text(h, mirror={"max_drain_ms": 4000}, copy_timeout_ms=4000))
         h.boot()
         h.enable_nodes()
         c = h["c"]
@@ -151,6 +155,8 @@ def test_nodes_under_their_units_form_groups_and_come_back(tmp_path):
         c.enable("cgmirror-mirror@h.service")
         c.wait_unit("cgmirror-mirror@h.service")
         n0 = wait_group_after(c, 0)
+        # cgmirror at site b sees the same nodes as the coordinator in c.
+        assert status_pids(h["b1"]) == status_pids(c)
 
         # kill -9 of a node: its unit restarts it (Restart=on-failure).
         killed = h["a1"].kill_unit(node_unit("a1"))
@@ -174,6 +180,31 @@ def test_nodes_under_their_units_form_groups_and_come_back(tmp_path):
             assert (again["role"], again["role_seq"], again["node_id"]) == \
                 (record["role"], record["role_seq"], record["node_id"])
             n1 = wait_group_after(c, n1)
+
+        # A cut between the sites: groups stop, the mirror says why, and
+        # they form again once the link heals.
+        h.cut("a", "b")
+
+        def reported():
+            doc = c.cgmirror_json("mirror", "status")
+            return doc["drain_failures_in_a_row"] > 0 or bool(doc["failures"]["pairs"])
+        wait_until(reported, 120, "the mirror to report the cut")
+        n1 = hardened(c)
+        h.heal("a", "b")
+        n1 = wait_group_after(c, n1)
+
+        # A host rebooted while its site is cut off from everything starts
+        # its node from its own disk alone, in its recorded role.
+        h.isolate("a")
+        before = h["a1"].unit(node_unit("a1"))["pid"]
+        h["a1"].reboot()
+        u = h["a1"].wait_unit(node_unit("a1"), timeout=60)
+        assert u["pid"] != before
+        with open(h["a1"].file("/var/lib/cgmirror/a1/node.json")) as f:
+            assert json.load(f)["role"] == "primary"
+        n1 = hardened(c)
+        h.rejoin("a")
+        n1 = wait_group_after(c, n1)
 
         # A role change: the node records it and exits 75; the unit starts
         # it again at once (RestartForceExitStatus=), in the new role.
@@ -226,3 +257,55 @@ def test_supervisor_runs_the_unit_exactly_as_written(tmp_path):
         r = subprocess.run(["systemd-analyze", "verify", "--man=no", inst],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+# ------------------------------------------------------------------ the supervisor alone
+
+def _supervisor(tmp_path, units: dict[str, str]):
+    """A Supervisor over a unit directory of our own with ``units``
+    ({template name: text}) all enabled as instance ``x``, on an abstract
+    notify socket named for this test run."""
+    ud = tmp_path / "system"
+    (ud / "multi-user.target.wants").mkdir(parents=True)
+    for name, text in units.items():
+        (ud / name).write_text(text)
+        (ud / "multi-user.target.wants" / name.replace("@.", "@x.")).symlink_to(ud / name)
+    return hostmod.Supervisor(str(tmp_path), str(ud), f"@cgh-test-{os.getpid()}")
+
+
+def _turn_until(sup, pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}:"
+                                 f" {[u.describe() for u in sup.units.values()]}")
+        sup.step()
+
+
+def test_supervisor_start_limit_and_readiness(tmp_path):
+    """A unit that keeps failing is started StartLimitBurst times and then
+    left failed (start-limit-hit); a Type=notify unit is active only once
+    its main process says READY=1, and stopping it is not a failure."""
+    py = shlex.quote(sys.executable)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sup = _supervisor(tmp_path, {
+        "fail@.service": "[Unit]\nStartLimitBurst=3\n[Service]\nExecStart=/bin/sh -c"
+                         " 'exit 1'\nRestart=on-failure\nRestartSec=10ms\n",
+        "ready@.service": f"[Service]\nType=notify\nExecStart={py} -c \"import sys, time;"
+                          f" sys.path.insert(0, '{root}'); from wire import sdnotify;"
+                          f" time.sleep(0.2);"
+                          f" sdnotify.notify(); time.sleep(600)\"\n",
+    })
+    try:
+        sup.reconcile()
+        fail, ready = sup.units["fail@x.service"], sup.units["ready@x.service"]
+        assert ready.state == "activating"
+        _turn_until(sup, lambda: fail.state == "failed", 60, "the start limit")
+        assert (fail.started, fail.error, fail.exits) == (3, "start-limit-hit", [1, 1, 1])
+        _turn_until(sup, lambda: ready.state in ("active", "failed"), 60, "READY=1")
+        assert ready.state == "active", ready.describe()
+        with open(tmp_path / "units.json") as f:
+            assert json.load(f)["units"]["ready@x.service"]["state"] == "active"
+    finally:
+        sup.shutdown()
+    assert ready.state == "inactive" and ready.exits == [-signal.SIGTERM]

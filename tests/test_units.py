@@ -24,6 +24,7 @@ import pytest
 
 from cgtest import IN_CI, need, wait_until
 from coordinator import cli, launch, session as session_mod
+from coordinator import errors as cli_errors
 from coordinator.cli import units_cmds
 from harness.mirrorrig import mirror_session
 from wire import protocol
@@ -309,3 +310,27 @@ def test_detached_start_survives_a_role_change_and_stops_whole(run_dir):
         assert launch.wait_gone(sup, 30) and launch.wait_gone(again["pid"], 30)
     finally:
         launch.stop(spec, timeout=10)
+
+
+def test_node_spec_takes_the_record_then_the_legacy_direction_then_the_file(run_dir):
+    """Which role a node starts in comes from its host alone: its record;
+    before its first start, a pre-issue-18 direction.json on this host; else
+    the session file.  The plugin is told the session and the node."""
+    from coordinator.cli.node_cmds import node_config, node_spec
+    s = session_mod.load(_session(run_dir))
+    r1 = node_config(s, "r1")
+    spec = node_spec(s, r1)
+    assert spec.role == "secondary" and spec.session == "u"
+    assert {"session=u", "node=r1", "role=secondary"} <= set(spec.command())
+    os.makedirs(s.state_dir, exist_ok=True)
+    with open(os.path.join(s.state_dir, "direction.json"), "w") as f:
+        json.dump({"source": "b", "state": "failed-over"}, f)
+    assert node_spec(s, r1).role == "primary"
+    assert node_spec(s, node_config(s, "s1")).role == "secondary"
+    os.makedirs(r1.state_dir, exist_ok=True)
+    with open(os.path.join(r1.state_dir, "node.json"), "w") as f:
+        json.dump({"role": "secondary"}, f)
+    assert node_spec(s, r1).role == "secondary"
+    with pytest.raises(cli_errors.UsageError, match=r"^session u has no node 'x' \(its"
+                                                    r" slaves and secondaries: s1, r1\)$"):
+        node_config(s, "x")

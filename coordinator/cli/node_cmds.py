@@ -17,18 +17,23 @@ the node), and the file gives only the first one.  Two ways to run it:
                     and the unit's ``RestartForceExitStatus=`` restarts it.
 
 ``node_spec`` is how every command that starts a node (``slave|secondary
-start|run`` too) names its role: the recorded one, else the direction's
-(``direction.spec``: a coordinator's ``direction.json`` on this host, for
-nodes that predate their own record), else the file's; and it names the
-session and the node to the plugin (``session=``, ``node=``), which records
-them and refuses to start as another node or for another session.
+start|run`` too) names its role: the recorded one; before the node's first
+start the file's, or, for a node older than issue 18 (no record yet) on a
+host where a coordinator of that time kept ``direction.json``, the role that
+file gave it (``legacy_role``).  Never by asking other nodes: a node starts
+from what its own host holds, at boot, with the network down or the other
+site cut off.  It also names the session and the node to the plugin
+(``session=``, ``node=``), which records them and refuses to start as
+another node or for another session.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
-from coordinator import direction, launch
+from coordinator import launch
 
 from ..errors import ExitCode, SlaveError, UsageError
 from ..lock import node_held
@@ -60,11 +65,39 @@ def node_config(session, name: str):
 
 def node_spec(session, cfg) -> launch.SlaveSpec:
     """How to start node ``cfg`` now: in its recorded role (see the module doc)."""
-    spec = dataclasses.replace(direction.spec(session, cfg), session=session.name)
+    spec = dataclasses.replace(cfg.spec(), session=session.name)
     try:
+        if launch.recorded_role(spec.statedir) is None:
+            spec = dataclasses.replace(spec, role=legacy_role(session, cfg) or spec.role)
         return launch.in_recorded_role(spec)
     except launch.LaunchError as exc:
         raise SlaveError(cfg.name, f"node {cfg.name}: {exc}", "launch") from exc
+
+
+# Where coordinators before issue 18 kept the direction (session state_dir).
+LEGACY_DIRECTION = "direction.json"
+
+
+def legacy_role(session, cfg) -> str | None:
+    """The role a coordinator before issue 18 gave ``cfg``'s site in this
+    host's ``direction.json`` (its rule: the source's nodes are primaries,
+    both sites' in a DR test, the new source's once a switchover is past
+    its last group), or None without one.  TO GO with direction.json."""
+    path = os.path.join(session.state_dir, LEGACY_DIRECTION)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise launch.LaunchError(f"{path} cannot be read ({exc}): restore it, or remove"
+                                 f" it to start in the session file's roles") from None
+    if not isinstance(d, dict) or d.get("source") not in ("a", "b"):
+        return None
+    site = "a" if cfg in session.slaves else "b"
+    if d.get("state") == "switching":
+        return "primary" if site == d.get("to") else "secondary"
+    return "primary" if site == d["source"] or d.get("state") == "dr-test" else "secondary"
 
 
 def run(ctx, name: str) -> ExitCode | int:
