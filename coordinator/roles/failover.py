@@ -107,7 +107,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from typing import Callable
@@ -209,9 +208,7 @@ class RoleSwitch:
         ROLE_RESTART_TIMEOUT_S).  No process, file or shell of the node's
         host is touched from here."""
         st = self.status(node)
-        legacy = os.path.exists(os.path.join(self.session.state_dir, dirn.LEGACY_FILE))
-        if (st is None and (self.explicit or legacy)) \
-                or (st is not None and "role_seq" not in st):
+        if (st is None and self.explicit) or (st is not None and "role_seq" not in st):
             return self._relaunch(node, st, role)
         if st is None:
             raise FailoverError(
