@@ -399,7 +399,7 @@ class Mirror:
         # Lineage (coordinator/mirror/joins.py): never over newer or split data.
         joins.check(self.session, replies, st, source=direction.sending(self.session, d),
                     winner=self.winner, full=self.full)
-        self.gens = gens(self.session, replies)
+        self.gens = joins.gens(self.session, replies)
         targets = replication_targets(self.session, st)
         full = group.full_volumes(replies, targets, "auto")
         if not self.verified:
@@ -446,6 +446,12 @@ class Mirror:
         volumes = sum(len(v) for v in targets.values())
 
         sent_rate = self.rate
+        # An empty cut (the idle groups between writes) is drained at once
+        # and hardened even when a stop comes: abandoning it would leave the
+        # primaries' lineage one cut past the secondaries' hardened group,
+        # and after a failover the pair would look written on both sides
+        # (wire/lineage.py, "cut").
+        empty = not any(b for t in est.slaves.values() for b in t.blocks.values())
 
         def watch(progress: dict) -> None:
             nonlocal sent_rate
@@ -455,7 +461,7 @@ class Mirror:
                        for p in vols.values())
             if done == volumes:
                 return          # the last poll: the drain is over, nothing to abandon
-            if self._stop.is_set():
+            if self._stop.is_set() and not empty:
                 raise _Stopping()
             if deadline is not None and time.monotonic() > deadline:
                 raise _DrainTimeout()
@@ -580,17 +586,6 @@ class Mirror:
     def status(self) -> dict:
         """The running mirror's status document (``mirror status --json``)."""
         return status.document(self)
-
-
-def gens(session: Session, primaries: dict[str, dict]) -> dict[str, dict[str, str]]:
-    """{secondary: {remote volume: the primary volume's current generation}}
-    from the primaries' statuses (empty where a node reports no lineage)."""
-    out: dict[str, dict[str, str]] = {}
-    for s, v, r, rv in session.pairs():
-        lin = primaries.get(s, {}).get("volumes", {}).get(v, {}).get("lineage")
-        if isinstance(lin, dict) and lin.get("current"):
-            out.setdefault(r, {})[rv] = lin["current"]
-    return out
 
 
 def replication_targets(session: Session, st: dict[str, dict]) -> dict[str, dict[str, str]]:
