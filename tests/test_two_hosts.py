@@ -180,7 +180,7 @@ def test_site_a_cut_off_holding_unsent_writes_is_refused_as_split_brain(rig):
     before = rig.images("a")
     r = rig.cgmirror("b1", "resync", "--from", "b", "--to", "a", "--keep-overwritten", KEEP)
     assert r.returncode == 0, r.stderr
-    said = [x for x in r.stderr.splitlines() if "named the winner" in x]
+    said = [x for x in r.stderr.splitlines() if "named the winner: the resync overwrites" in x]
     assert said and "kept in" in said[0], r.stderr
     assert assert_kept(rig, "b1", "a", before, old) > 0
     for n in SITE_NODES["a"]:
