@@ -131,6 +131,12 @@ def test_failover_with_site_a_cut_off_then_failback_sends_exactly_the_union(rig)
     rig.check("b2", "b")
     reboot_site_a(rig)
     rig.check("a1", "a")                            # a, alone, as it was
+    # Status at a while cut off: site b's nodes run, on hosts a cannot reach.
+    r = rig.cgmirror("a1", "status")
+    lines = [x for x in r.stderr.splitlines() if x.startswith("cgmirror: ")]
+    for n in SITE_NODES["b"]:
+        said = [x for x in lines if f"{n}:" in x or f"{n} " in x]
+        assert said and "unreachable" in said[0] and "not running" not in said[0], lines
     rig.h.rejoin("a")
 
     for host in ("a1", "b1"):
