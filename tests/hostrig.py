@@ -56,12 +56,6 @@ def places(site: str) -> list[tuple[str, str]]:
     return [(n1, "v0"), (n2, "v0"), (n1, "v1"), (n2, "v1")]
 
 
-def peer(site: str, node: str) -> str:
-    """The node at the other site that holds the same volumes."""
-    i = SITE_NODES[site].index(node)
-    return SITE_NODES["b" if site == "a" else "a"][i]
-
-
 # ------------------------------------------------------------ inside a host
 
 class _Inside:

@@ -35,8 +35,6 @@ from cgtest import need, need_netns
 from harness.hosts import Hosts
 from hostrig import G, SITE_NODES, Rig, node_unit, places
 
-pytestmark = [pytest.mark.slow]
-
 KEEP = "/var/lib/cgmirror/kept"
 
 
@@ -113,6 +111,7 @@ def assert_kept(rig: Rig, host: str, site: str, before: list[bytes],
 
 # ------------------------------------------------------------ failover and back
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_failover_with_site_a_cut_off_then_failback_sends_exactly_the_union(rig):
     """a's writes stop and a group hardens; site a is cut off; failover on
@@ -158,6 +157,7 @@ def test_failover_with_site_a_cut_off_then_failback_sends_exactly_the_union(rig)
     assert rig.cgmirror("b1", "status").returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_site_a_cut_off_holding_unsent_writes_is_refused_as_split_brain(rig):
     """Site a is cut off holding acknowledged writes b never got, then
@@ -199,6 +199,7 @@ def test_site_a_cut_off_holding_unsent_writes_is_refused_as_split_brain(rig):
     assert rig.cgmirror("a1", "status").returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_both_sites_written_after_the_failover_until_a_resync_names_the_winner(rig):
     """Writes at b after the failover and at a, cut off, too: once the link
@@ -238,6 +239,7 @@ def test_both_sites_written_after_the_failover_until_a_resync_names_the_winner(r
 
 # ------------------------------------------------------------ kill -9 around a role record
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("point", ["node:role:before-record", "node:role:after-record"])
 def test_a_node_killed_around_its_role_record_comes_back_in_one_role(rig, point):
