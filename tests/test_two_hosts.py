@@ -304,3 +304,27 @@ def test_a_file_system_renumbered_by_a_reboot_is_the_same_file(tmp_path):
     old = {k: v for k, v in ident.items() if k != "fsid"}
     rec = NodeRecord.create(str(tmp_path / "st2"), "h", "a1", "primary", {"v0": old})
     assert rec.start("h", "a1", {"v0": str(img)}, {"v0": ident}) == []
+
+
+def test_a_drop_in_environment_reaches_the_unit(tmp_path):
+    """The rig hook that arms failpoints: Environment= of the unit, of its
+    template's drop-ins and of its instance's (same file name: the
+    instance's wins), in systemd's order; an empty one resets; a word that
+    is not KEY=VALUE is one line."""
+    from harness.hosts import HostError, Unit
+    (tmp_path / "n@.service").write_text("[Service]\nExecStart=/bin/true\n"
+                                         "Environment=A=1 'B=two words'\n")
+    (tmp_path / "n@.service.d").mkdir()
+    (tmp_path / "n@.service.d" / "10-x.conf").write_text("[Service]\nEnvironment=C=3\n")
+    (tmp_path / "n@.service.d" / "20-y.conf").write_text("[Service]\nEnvironment=D=t\n")
+    (tmp_path / "n@a1.service.d").mkdir()
+    (tmp_path / "n@a1.service.d" / "20-y.conf").write_text("[Service]\nEnvironment=D=a1\n")
+    u = Unit("n@a1.service", str(tmp_path / "n@.service"))
+    assert u.environment == {"A": "1", "B": "two words", "C": "3", "D": "a1"}
+    assert Unit("n@b1.service", str(tmp_path / "n@.service")).environment["D"] == "t"
+    (tmp_path / "n@a1.service.d" / "30-z.conf").write_text("[Service]\nEnvironment=\n"
+                                                           "Environment=E=5\n")
+    assert Unit("n@a1.service", str(tmp_path / "n@.service")).environment == {"E": "5"}
+    (tmp_path / "n@a1.service.d" / "40-bad.conf").write_text("[Service]\nEnvironment=oops\n")
+    with pytest.raises(HostError, match="'oops' is not KEY=VALUE"):
+        Unit("n@a1.service", str(tmp_path / "n@.service"))
