@@ -145,9 +145,14 @@ def test_failover_with_site_a_cut_off_then_failback_sends_exactly_the_union(rig)
     err = rig.fails("a1", "mirror", "run", timeout=60)
     assert len(err.splitlines()) == 1 and "took over from site a" in err, err
 
+    before = rig.images("a")
     doc = json.loads(rig.ok("c", "failback", "--json"))
     want = sum(len(b) for b in t)
     assert want > 0 and doc["resync"]["bytes"] == want * G, (doc["resync"]["bytes"] // G, want)
+    # a changed where b was written (S is empty: a's writes were sent), only there.
+    for p, (x, y) in enumerate(zip(before, rig.images("a"))):
+        changed = {b for b in range(len(x) // G) if x[b * G:(b + 1) * G] != y[b * G:(b + 1) * G]}
+        assert changed <= t[p] and changed, (places("a")[p], sorted(changed - t[p]))
     assert doc["switchover"]["source"] == "a"
     for n in SITE_NODES["a"]:
         assert rig.role(n, "c") == "primary"
