@@ -41,7 +41,9 @@ systemd splits it), ``Restart=``, ``RestartSec=``,
 ``RestartForceExitStatus=``, ``RestartPreventExitStatus=``,
 ``SuccessExitStatus=``, ``StartLimitBurst=``/``StartLimitIntervalSec=``,
 ``Type=notify`` with ``NOTIFY_SOCKET`` (``READY=1`` from the main pid makes
-the unit active), ``TimeoutStopSec=`` -- restarts a unit by systemd's table
+the unit active), ``TimeoutStopSec=``, ``Environment=`` (also from drop-ins
+``UNIT.d/*.conf``, read when the unit is loaded, as systemd reads them at
+daemon-reload: a test arms failpoints in a node this way) -- restarts a unit by systemd's table
 (``should_restart``), and on SIGHUP reconciles with what is enabled now
 (``systemctl daemon-reload`` + ``enable --now``/``disable --now``).  It
 writes what it does to ``DIR/units.json`` (state, main pid, starts, exit
@@ -176,6 +178,38 @@ def specifiers(text: str, unit: str) -> str:
     return re.sub(r"%(.)", sub, text)
 
 
+def dropins(path: str, unit: str) -> list[str]:
+    """The drop-ins of instance ``unit`` of the unit file at ``path``, in
+    systemd's order: ``*.conf`` of ``TEMPLATE.d/`` and ``INSTANCE.d/`` next
+    to it, by file name, an instance's file hiding the template's of the
+    same name (systemd.unit(5), "drop-in")."""
+    base = os.path.dirname(path)
+    template = re.sub(r"@[^.]*\.", "@.", unit)
+    found: dict[str, str] = {}
+    for d in dict.fromkeys((template, unit)):
+        try:
+            names = os.listdir(os.path.join(base, d + ".d"))
+        except FileNotFoundError:
+            continue
+        found.update({n: os.path.join(base, d + ".d", n) for n in names if n.endswith(".conf")})
+    return [found[n] for n in sorted(found)]
+
+
+def environment(values: list[str]) -> dict[str, str]:
+    """Environment= assignments (quoted as systemd quotes them; an empty
+    one resets the list) as a dict."""
+    out: dict[str, str] = {}
+    for v in values:
+        if not v:
+            out.clear()
+        for tok in shlex.split(v):
+            key, eq, value = tok.partition("=")
+            if not eq or not key:
+                raise HostError(f"Environment={v}: {tok!r} is not KEY=VALUE")
+            out[key] = value
+    return out
+
+
 # What systemd counts as a clean death by signal (systemd.service, Restart=).
 CLEAN_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE}
 
@@ -187,6 +221,11 @@ class Unit:
         self.name, self.path = name, path
         with open(path) as f:
             keys = parse_unit(f.read())
+        for drop in dropins(path, name):
+            with open(drop) as f:
+                for section, values in parse_unit(f.read()).items():
+                    for k, v in values.items():
+                        keys.setdefault(section, {}).setdefault(k, []).extend(v)
         svc, unit = keys.get("Service", {}), keys.get("Unit", {})
 
         def last(section, key, default):
@@ -213,6 +252,7 @@ class Unit:
         self.success = statuses(svc.get("SuccessExitStatus", []))
         self.timeout_stop = seconds(last(svc, "TimeoutStopSec", "90s"))
         self.burst = int(last(unit, "StartLimitBurst", "5"))
+        self.environment = environment(svc.get("Environment", []))
         self.interval = seconds(last(unit, "StartLimitIntervalSec", "10s"))
         # Run time.
         self.proc: subprocess.Popen | None = None
@@ -229,6 +269,7 @@ class Unit:
                 "starts": self.started, "exits": self.exits, "error": self.error,
                 "path": self.path, "argv": self.argv, "type": self.type,
                 "restart": self.restart, "restart_sec": self.restart_sec,
+                "environment": self.environment,
                 "force": sorted(_status_text(s) for s in self.force),
                 "prevent": sorted(_status_text(s) for s in self.prevent)}
 
@@ -318,7 +359,7 @@ class Supervisor:
             return
         u.starts.append(now)
         u.started += 1
-        env = {"PATH": UNIT_PATH, "LANG": "C.UTF-8"}
+        env = {"PATH": UNIT_PATH, "LANG": "C.UTF-8", **u.environment}
         if u.type == "notify":
             env["NOTIFY_SOCKET"] = self.notify_name
         log = open(os.path.join(self.dir, "journal", f"{u.name}.log"), "ab")
@@ -428,6 +469,7 @@ class _Failed(Unit):
         self.started = 0
         self.restart_at, self.stopping = None, False
         self.argv, self.type, self.restart, self.restart_sec = [], "", "", 0.0
+        self.environment = {}
         self.force = self.prevent = self.success = set()
         self.notify_access = "none"
 

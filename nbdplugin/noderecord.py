@@ -14,6 +14,10 @@ role recorded here, whoever starts it.
 
 IDENTITY is ``{"kind": "file" | "block", "dev", "ino", "rdev", "size"}``: a
 file is its st_dev, st_ino and size; a block device its st_rdev and size.
+A file's also carries ``fsid``, its file system's f_fsid (statfs(2)): where
+both records have one (not 0) it names the file system instead of st_dev,
+which a reboot may renumber (a device-mapper minor, an overlay's anonymous
+device) while ext4's and xfs's f_fsid, made from their UUID, stay.
 
 Every change goes through ``update``: a new dict is made, written with
 ``write_atomic`` (temp file, fdatasync, rename, fsync of the directory),
@@ -80,7 +84,16 @@ def identity_of(fd: int, size: int) -> dict:
     st = os.fstat(fd)
     if stat.S_ISBLK(st.st_mode):
         return {"kind": "block", "dev": 0, "ino": 0, "rdev": st.st_rdev, "size": size}
-    return {"kind": "file", "dev": st.st_dev, "ino": st.st_ino, "rdev": 0, "size": size}
+    return {"kind": "file", "dev": st.st_dev, "ino": st.st_ino, "rdev": 0, "size": size,
+            "fsid": os.fstatvfs(fd).f_fsid}
+
+
+def _fs(a: dict, b: dict) -> tuple:
+    """What names the file system of file identities ``a`` and ``b``: the
+    fsid where both have one, else st_dev (records made before fsid)."""
+    if a.get("fsid") and b.get("fsid"):
+        return ("fsid", a["fsid"], b["fsid"])
+    return ("file system", a.get("dev"), b.get("dev"))
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -88,7 +101,8 @@ def _same(a: dict, b: dict) -> bool:
         return False
     if a["kind"] == "block":
         return a.get("rdev") == b.get("rdev")
-    return (a.get("dev"), a.get("ino")) == (b.get("dev"), b.get("ino"))
+    _, x, y = _fs(a, b)
+    return x == y and a.get("ino") == b.get("ino")
 
 
 def _what_changed(old: dict, new: dict) -> str:
@@ -100,8 +114,9 @@ def _what_changed(old: dict, new: dict) -> str:
         return (f"device {os.major(o)}:{os.minor(o)} -> {os.major(n)}:{os.minor(n)}")
     if new["kind"] == "file" and old.get("ino") != new["ino"]:
         return f"inode {old.get('ino')} -> {new['ino']}"
-    if new["kind"] == "file" and old.get("dev") != new["dev"]:
-        return f"file system {old.get('dev')} -> {new['dev']}"
+    what, x, y = _fs(old, new)
+    if new["kind"] == "file" and x != y:
+        return f"{what} {x} -> {y}"
     return f"size {old.get('size')} -> {new['size']} bytes"
 
 

@@ -16,10 +16,11 @@ slave has it as a baseline *and* its target holds a completed cut: never
 from __future__ import annotations
 
 import argparse
+import os
 
 from coordinator import launch
 
-from wire import lineage
+from wire import address as wire_address, lineage
 
 from .. import direction, errors, output
 from ..errors import ExitCode
@@ -140,9 +141,14 @@ def split(session, d: dict, replies: dict) -> dict | None:
 
 
 def _unreachable(cfg, exc: Exception, kind: str) -> dict:
-    pid = launch.running_pid(cfg.spec())
-    why = errors.describe(exc) if pid else (f"{kind} {cfg.name} is not running (start it"
-                                            f" with: cgmirror {kind} start {cfg.name})")
+    spec = cfg.spec()
+    pid = launch.running_pid(spec)
+    # "Not running" is known only on the node's own host (a unix socket's,
+    # or where its state directory is); elsewhere a node that does not
+    # answer may run behind a cut link: say what the connection said.
+    here = not wire_address.parse(spec.control).is_tcp or os.path.isdir(spec.statedir)
+    why = errors.describe(exc) if pid or not here else (
+        f"{kind} {cfg.name} is not running (start it with: cgmirror {kind} start {cfg.name})")
     return {"reachable": False, "error": why, "pid": pid, "role": None, "volumes": {}}
 
 
