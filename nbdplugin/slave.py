@@ -440,14 +440,9 @@ class Slave(OpHandler):
             if self.node is not None:
                 # Durable before the drain writes: from here on the peer may
                 # hold blocks of cut n it never hardens (wire/lineage.py, "cut").
-                # A volume with nothing to send writes nothing there: an
-                # empty group (the mirror's idle ticks) moves no cut, or a
-                # mirror stopped between its cut and its commit would leave
-                # the pair "written" after any failover (helper D).
-                sends = [v for v in plans if self.volumes[v].pit.remaining().any()]
-                if any(self.node.lineage(v)["cut"] < n for v in sends):
+                if any(self.node.lineage(v)["cut"] < n for v in plans):
                     self.node.set_lineages(lambda _, lin: {**lin, "cut": max(lin["cut"], n)},
-                                           volumes=sends)
+                                           volumes=plans)
             self._full_copies = {v for v, (_, incremental) in plans.items() if not incremental}
             self.machine.step(Event.COPY, n)
             # An incremental copy first checks that the target still holds

@@ -446,6 +446,12 @@ class Mirror:
         volumes = sum(len(v) for v in targets.values())
 
         sent_rate = self.rate
+        # An empty cut (the idle groups between writes) is drained at once
+        # and hardened even when a stop comes: abandoning it would leave the
+        # primaries' lineage one cut past the secondaries' hardened group,
+        # and after a failover the pair would look written on both sides
+        # (wire/lineage.py, "cut").
+        empty = not any(b for t in est.slaves.values() for b in t.blocks.values())
 
         def watch(progress: dict) -> None:
             nonlocal sent_rate
@@ -455,7 +461,7 @@ class Mirror:
                        for p in vols.values())
             if done == volumes:
                 return          # the last poll: the drain is over, nothing to abandon
-            if self._stop.is_set():
+            if self._stop.is_set() and not empty:
                 raise _Stopping()
             if deadline is not None and time.monotonic() > deadline:
                 raise _DrainTimeout()
