@@ -146,6 +146,7 @@ class Walk:
         self.h, self.tmp = rig, tmp
         self.env = {k: v for k, v in os.environ.items() if k != "CGMIRROR_SESSION"}
         from harness.hosts import UNIT_PATH
+        self.env["CGMIRROR_DEBUG"] = "1"       # a bug shows its traceback
         self.env["PATH"] = f"{os.path.dirname(sys.executable)}:{UNIT_PATH}"
 
     # -- the README's lines
@@ -334,7 +335,7 @@ def test_two_hosts_walkthrough(tmp_path):
         assert w.check("a1") == ahead
         before = {}
         for v in VOLS:
-            with open(rig["a1"].file(f"/var/lib/cgmirror/images/{v}.img"), "rb") as f:
+            with open(rig["a1"].file(f"/var/lib/cgmirror/images/a1-{v}.img"), "rb") as f:
                 before[v] = f.read()
         w.block("c", "comeback")
         assert w.check("a1") == b_heads
