@@ -108,7 +108,7 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
-from cgtest import need, need_netns  # noqa: E402
+from cgtest import need, need_netns, wait_until  # noqa: E402
 
 
 def blocks() -> list[tuple[str, str, str | None, str, str]]:
@@ -116,6 +116,11 @@ def blocks() -> list[tuple[str, str, str | None, str, str]]:
     README.md, in order."""
     with open(README) as f:
         return [m.groups() for m in BLOCK.finditer(f.read())]
+
+
+def read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
 
 
 def lines(body: str) -> list[str]:
@@ -328,7 +333,19 @@ def test_two_hosts_walkthrough(tmp_path):
         assert ahead != heads
         w.block("b1", "failover")
         assert w.check("b1") == heads
+        # The mirror on c reads the direction from the nodes: it forms no
+        # group, and says why (its journal).
+        journal = rig["c"].journal("cgmirror-mirror@prod.service")
+        wait_until(lambda: "took over from site a (failover): no group forms"
+                   in read(journal), 60, "the mirror on c to see the failover")
         b_heads = w.write("b1")
+        # a1 loses power while cut off: its node comes back from its own
+        # disk, as the primary it recorded, with every write it acknowledged.
+        rig["a1"].reboot()
+        rig["a1"].wait_unit("cgmirror-node@a1.service")
+        with open(rig["a1"].file("/var/lib/cgmirror/a1/node.json")) as f:
+            assert json.load(f)["role"] == "primary"
+        assert w.check("a1") == ahead
 
         # Site a back: split; b named the winner, a's blocks kept; back to a.
         rig.rejoin("a")
