@@ -9,6 +9,8 @@
     events.py    the event stream (``cgmirror events``) and the peer watch
     metrics.py   the Prometheus endpoint (loaded only when configured)
     verify.py    online verify, between groups
+    joins.py     the lineage check before every join of two sides (mirror,
+                 resync, failback, switchover) and what each verdict does
 """
 
 from ..errors import MirrorError, MirrorNotRunning
