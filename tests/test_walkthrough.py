@@ -144,11 +144,25 @@ def test_the_walkthrough_blocks_are_found():
     assert found == STEPS
 
 
+def test_lines_and_their_expected_exits_are_read_as_written():
+    """Continuations join, comment lines go, a trailing ``# exits N: "TEXT"``
+    is the line's expectation, any other trailing comment is not."""
+    body = ('# a comment\ncgmirror pki issue a1 \\\n    --ip 10.0.0.1\n\n'
+            'cgmirror status   # exits 1: "split: site b"\ncgmirror check  # checks\n')
+    got = lines(body)
+    assert got == ["cgmirror pki issue a1 --ip 10.0.0.1",
+                   'cgmirror status   # exits 1: "split: site b"',
+                   "cgmirror check  # checks"]
+    m = EXITS.search(got[1])
+    assert (m.group(1), m.group(2)) == ("1", "split: site b")
+    assert EXITS.search(got[2]) is None and COMMENT.sub("", got[2]) == "cgmirror check"
+
+
 class Walk:
     """The rig, and a shell per host as a root login on it."""
 
-    def __init__(self, rig, tmp):
-        self.h, self.tmp = rig, tmp
+    def __init__(self, rig):
+        self.h = rig
         self.env = {k: v for k, v in os.environ.items() if k != "CGMIRROR_SESSION"}
         from harness.hosts import UNIT_PATH
         self.env["CGMIRROR_DEBUG"] = "1"       # a bug shows its traceback
@@ -256,8 +270,9 @@ class Walk:
         n = self.hardened()
         deadline = time.monotonic() + timeout
         while (got := self.hardened()) < n + 2:
-            assert time.monotonic() < deadline, \
-                f"no group past {n + 1} in {timeout} s: {self.h['c'].cgmirror('mirror', 'status').stdout}"
+            if time.monotonic() > deadline:
+                doc = self.h["c"].cgmirror("mirror", "status").stdout
+                raise AssertionError(f"no group past {n + 1} in {timeout} s: {doc}")
             time.sleep(0.2)
         return got
 
@@ -276,7 +291,7 @@ def test_two_hosts_walkthrough(tmp_path):
     with Hosts(str(tmp_path / "rig"), names=HOSTS, subnet=SUBNET, session="prod") as rig:
         assert [rig[n].addr for n in HOSTS] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
         rig.boot()
-        w = Walk(rig, tmp_path)
+        w = Walk(rig)
         for host, step in STEPS[:6]:
             w.block(host, step)
 
