@@ -150,7 +150,7 @@ def test_lines_and_their_expected_exits_are_read_as_written():
     body = ('# a comment\ncgmirror pki issue a1 \\\n    --ip 10.0.0.1\n\n'
             'cgmirror status   # exits 1: "split: site b"\ncgmirror check  # checks\n')
     got = lines(body)
-    assert got == ["cgmirror pki issue a1 --ip 10.0.0.1",
+    assert got == ["cgmirror pki issue a1  --ip 10.0.0.1",
                    'cgmirror status   # exits 1: "split: site b"',
                    "cgmirror check  # checks"]
     m = EXITS.search(got[1])
