@@ -82,8 +82,15 @@ def uris(addr: str) -> list[str]:
 def main(argv: list[str]) -> int:
     """``write TLSDIR URI...`` (resume the run the images hold, RECORDS per
     writer) or ``check TLSDIR URI...``; prints the heads as JSON."""
-    from harness import workload as wl
     what, tls_dir, targets = argv[0], argv[1], argv[2:]
+    if what == "phase":
+        from coordinator.control import ControlClient
+        from wire import tls
+        ctx = tls.HostFiles(tls_dir).client_context()
+        st = ControlClient(targets[0], 30, ctx).call("status")
+        print(json.dumps({"phase": st["phase"], "n": st["n"]}))
+        return 0
+    from harness import workload as wl
     wl.TLS_DIR = tls_dir
     if what == "check":
         rep = wl.check_targets(targets, layout())
@@ -260,6 +267,15 @@ class Walk:
         """The checker on ``node``'s images as a user there reads them."""
         return self._io("check", node, node)
 
+    def phase(self, node: str) -> str:
+        """The phase of primary ``node`` (idle, frozen, copying ...), asked
+        from inside its host with its own certificate."""
+        r = self.h[node].python(os.path.abspath(__file__), "phase",
+                                f"/etc/cgmirror/pki/{node}",
+                                f"tcp:{self.h[node].addr}:7001", timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["phase"]
+
     def hardened(self) -> int:
         r = self.h["c"].cgmirror("mirror", "status", "--json")
         return json.loads(r.stdout).get("hardened") or 0
@@ -354,6 +370,9 @@ def test_two_hosts_walkthrough(tmp_path):
         wait_until(lambda: "took over from site a (failover): no group forms"
                    in read(journal), 60, "the mirror on c to see the failover")
         b_heads = w.write("b1")
+        # Site a stays gone a while: a cut a1 was draining when the link
+        # went ends by itself (its copy times out: nobody can abort it).
+        wait_until(lambda: w.phase("a1") == "idle", 120, "a1's abandoned cut to end")
         # a1, cut off, is still the primary it recorded, with every write
         # it acknowledged.  (Not rebooted here: on the rig a reboot mounts
         # /var/lib anew, with another st_dev, and the node takes its files
