@@ -31,8 +31,9 @@ trip from c and from b1, a disaster (site a cut off from everything while
 a1 keeps taking writes, failover on b1, writes at b, a back: split,
 resync naming b with the loser's blocks kept, switch back to a).
 
-Run as ``python tests/test_walkthrough.py write|check ...`` inside a
-host, it is the workload or the checker (``main``).
+Run as ``python tests/test_walkthrough.py write|check|phase ...`` inside
+a host, it is the workload, the checker, or a look at a primary's phase
+(``main``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def uris(addr: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """``write TLSDIR URI...`` (resume the run the images hold, RECORDS per
-    writer) or ``check TLSDIR URI...``; prints the heads as JSON."""
+    writer) or ``check TLSDIR URI...`` (prints the heads as JSON), or
+    ``phase TLSDIR CONTROL`` (a node's phase and cut)."""
     what, tls_dir, targets = argv[0], argv[1], argv[2:]
     if what == "phase":
         from coordinator.control import ControlClient
