@@ -142,13 +142,16 @@ def _record(st) -> dict | None:
     return r
 
 
-def load(session: Session, statuses: dict | None = None) -> dict:
+def load(session: Session, statuses: dict | None = None, check: bool = True) -> dict:
     """The recorded direction: the record with the highest ``seq`` among
     the nodes that answer (``statuses``: from ``poll``, or asked now).
-    None recorded: a mirrors to b (seq 0).  ``answered``: who answered."""
+    None recorded: a mirrors to b (seq 0).  ``answered``: who answered.
+    ``check``: refuse nodes that disagree with this file (``check_nodes``);
+    only ``status``, which shows them, reads without."""
     if statuses is None:
         statuses = poll(session)
-    check_nodes(session, statuses)
+    if check:
+        check_nodes(session, statuses)
     if _legacy(statuses, session):
         return _legacy_load(session, statuses)
     best = None

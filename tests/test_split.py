@@ -155,12 +155,16 @@ def test_a_second_session_on_a_live_secondary_is_refused(sh):
     assert p.returncode != 0
     assert f"node r1 belongs to session {NAME}, not other" in p.stderr, p.stderr
     other = sh.path("other.toml")
-    # Starting its own primary, or its full copy (which would overwrite
-    # r1's image): refused in one line before anything is done.
-    for args in (("slave", "start", "s9"), ("resync", "--from", "a", "--to", "b", "--full"),
-                 ("mirror", "run")):
-        err = sh.fails("-s", other, *args)
-        assert f"belongs to session {NAME}, not other" in err, (args, err)
+    # Its own primary starts (a node of its own); its full copy (which would
+    # overwrite r1's image) and its mirror are refused in one line before
+    # anything is done.
+    sh.ok("-s", other, "slave", "start", "s9")
+    try:
+        for args in (("resync", "--from", "a", "--to", "b", "--full"), ("mirror", "run")):
+            err = sh.fails("-s", other, *args)
+            assert f"belongs to session {NAME}, not other" in err, (args, err)
+    finally:
+        sh.run("-s", other, "slave", "stop", "s9")
     st = sh.node("r1")
     assert st["hardened"] == h and st["session"] == NAME
     sh.check("r1")

@@ -71,7 +71,14 @@ def collect(session) -> dict:
     gives it is an error row, not a crash."""
     # One status of every node: the direction they hold, the lineage, the rows.
     replies = direction.poll(session, timeout=STATUS_TIMEOUT)
-    d = direction.load(session, replies)
+    # status shows what it can of a file the nodes disagree with (the rows
+    # say MISSING): the one line of the refusal every other command gives.
+    try:
+        direction.check_nodes(session, replies)
+        nodes = None
+    except errors.ConfigError as exc:
+        nodes = str(exc)
+    d = direction.load(session, replies, check=False)
     s = direction.oriented(session, d["source"])
     grp = group_state(s)
     doc = {"ok": True, "session": session.name, "group": grp,
@@ -80,8 +87,8 @@ def collect(session) -> dict:
            "split": split(session, d, replies),
            "replaced": [v["replaced"] for r in replies.values() if isinstance(r, dict)
                         for v in r.get("volumes", {}).values() if v.get("replaced")],
-           "slaves": {}, "secondaries": {}}
-    if doc["split"] or doc["replaced"]:
+           "nodes": nodes, "slaves": {}, "secondaries": {}}
+    if doc["split"] or doc["replaced"] or nodes:
         doc["ok"] = False
     for cfg in s.secondaries:
         doc["secondaries"][cfg.name] = _secondary(cfg, replies[cfg.name], doc)
@@ -221,9 +228,13 @@ def status(ctx) -> ExitCode:
     else:
         print_status(doc, ctx.out)
     code = ExitCode.OK
-    for line in ([doc["split"]["line"]] if doc["split"] else []) + doc["replaced"]:
+    # A split, a replaced volume, a node that disagrees with this file: the
+    # nodes disagree with the direction or the file (CONFIG, as a node in
+    # the wrong role always was).
+    for line in (([doc["split"]["line"]] if doc["split"] else []) + doc["replaced"]
+                 + ([doc["nodes"]] if doc["nodes"] else [])):
         print(f"cgmirror: {line}", file=ctx.err)
-        code = ExitCode.FAILED
+        code = ExitCode.CONFIG
     for sl in (*doc["slaves"].values(), *doc["secondaries"].values()):
         if not sl["reachable"]:
             print(f"cgmirror: {sl['error']}", file=ctx.err)

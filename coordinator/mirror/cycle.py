@@ -399,7 +399,7 @@ class Mirror:
         # Lineage (coordinator/mirror/joins.py): never over newer or split data.
         joins.check(self.session, replies, st, source=direction.sending(self.session, d),
                     winner=self.winner, full=self.full)
-        self.gens = gens(self.session, replies)
+        self.gens = joins.gens(self.session, replies)
         targets = replication_targets(self.session, st)
         full = group.full_volumes(replies, targets, "auto")
         if not self.verified:
@@ -586,17 +586,6 @@ class Mirror:
     def status(self) -> dict:
         """The running mirror's status document (``mirror status --json``)."""
         return status.document(self)
-
-
-def gens(session: Session, primaries: dict[str, dict]) -> dict[str, dict[str, str]]:
-    """{secondary: {remote volume: the primary volume's current generation}}
-    from the primaries' statuses (empty where a node reports no lineage)."""
-    out: dict[str, dict[str, str]] = {}
-    for s, v, r, rv in session.pairs():
-        lin = primaries.get(s, {}).get("volumes", {}).get(v, {}).get("lineage")
-        if isinstance(lin, dict) and lin.get("current"):
-            out.setdefault(r, {})[rv] = lin["current"]
-    return out
 
 
 def replication_targets(session: Session, st: dict[str, dict]) -> dict[str, dict[str, str]]:

@@ -115,9 +115,23 @@ def check(oriented: Session, primaries: dict, secondaries: dict, *,
     return pairs
 
 
+def gens(oriented: Session, primaries: dict) -> dict[str, dict[str, str]]:
+    """{secondary: {remote volume: the generation of the primary volume it
+    mirrors}} from the primaries' statuses, for ``commit``/``assume``'s
+    ``gens`` (wire/lineage.py events 4 and 5); empty where a node reports
+    no lineage."""
+    out: dict[str, dict[str, str]] = {}
+    for s, v, r, rv in oriented.pairs():
+        st = primaries.get(s)
+        lin = st.get("volumes", {}).get(v, {}).get("lineage") if isinstance(st, dict) else None
+        if isinstance(lin, dict) and lin.get("current"):
+            out.setdefault(r, {})[rv] = lin["current"]
+    return out
+
+
 def split(pairs: list[Pair]) -> list[Pair]:
     """The pairs a join would overwrite writes of the loser in."""
     return [p for p in pairs if p.kind not in SAFE and p.kind != "unrelated"]
 
 
-__all__ = ["Pair", "SAFE", "check", "compare", "split"]
+__all__ = ["Pair", "SAFE", "check", "compare", "gens", "split"]

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import group
-from ..errors import MirrorError, SlaveError
+from ..errors import CgmirrorError, MirrorError, SlaveError
 from ..link import SlaveLink
 from ..session import Session
+from . import joins
 
 Log = Callable[[str], None]
 
@@ -106,7 +107,7 @@ def settle(links: Links, log: Log, unfinished: bool = False) -> dict[str, dict]:
                     f"secondary {name} is at group {r['hardened']} (prepared"
                     f" {r['prepared']}), others committed {top}: it cannot roll"
                     f" forward; was it replaced? restore its state directory")
-            links.link(name).call("commit", n=top)
+            links.link(name).call("commit", n=top, **_gens(links, name))
             log(f"recovery: {name} rolled forward to group {top}")
         st = secondary_statuses(links)
     pending = {r["prepared"] for r in st.values() if r["prepared"] is not None}
@@ -123,6 +124,18 @@ def settle(links: Links, log: Log, unfinished: bool = False) -> dict[str, dict]:
     return st
 
 
+def _gens(links: Links, secondary: str) -> dict:
+    """``gens`` for a commit on ``secondary`` rolled forward (wire/lineage.py
+    event 4): its primaries' current generations when they answer; none
+    when they do not (a failover: the secondary keeps its generation)."""
+    try:
+        replies = group.statuses(links.slaves)
+    except (CgmirrorError, ValueError):     # ValueError: no primaries at all
+        return {}
+    g = joins.gens(links.session, replies).get(secondary)
+    return {"gens": g} if g else {}
+
+
 def _roll_forward(links: Links, st: dict[str, dict], n: int, log: Log) -> bool:
     """Some secondary prepared n, none committed it: prepare n on the
     others and commit it on all.  Sound because prepare is only ever sent
@@ -134,7 +147,7 @@ def _roll_forward(links: Links, st: dict[str, dict], n: int, log: Log) -> bool:
             if r["prepared"] != n:
                 links.link(name).call("prepare", n=n)
         for name in st:
-            links.link(name).call("commit", n=n)
+            links.link(name).call("commit", n=n, **_gens(links, name))
     except SlaveError as exc:
         log(f"recovery: cannot roll group {n} forward ({exc}); rolling back")
         return False

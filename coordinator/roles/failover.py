@@ -123,7 +123,6 @@ from ..errors import (CgmirrorError, DirectionError, FailoverError, MirrorError,
 from ..link import SlaveLink
 from ..lock import ROLE_LOCK, SessionLock, mirror_runs, node_held
 from ..mirror import Links, Mirror, call as mirror_call, joins, recovery
-from ..mirror.cycle import gens as cycle_gens
 from ..session import NodeConfig, Session
 from . import resync
 
@@ -669,7 +668,7 @@ class RoleSwitch:
     def gens(self, source: str) -> dict[str, dict[str, str]]:
         """{node of the other site: {volume: the generation of the volume of
         ``source`` it mirrors}}, from ``source``'s nodes."""
-        return cycle_gens(dirn.oriented(self.session, source), self.site_statuses(source))
+        return joins.gens(dirn.oriented(self.session, source), self.site_statuses(source))
 
     # ------------------------------------------------------------ parts
 
