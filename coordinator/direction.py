@@ -66,10 +66,7 @@ steps finds what it was doing and the command run again resumes it.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
-from wire.files import READABLE_DIR, make_dirs, write_atomic
 from wire.protocol import Kind
 
 from . import group
@@ -152,8 +149,6 @@ def load(session: Session, statuses: dict | None = None, check: bool = True) -> 
         statuses = poll(session)
     if check:
         check_nodes(session, statuses)
-    if _legacy(statuses, session):
-        return _legacy_load(session, statuses)
     best = None
     for name, st in statuses.items():
         r = _record(st)
@@ -171,10 +166,7 @@ def save(session: Session, sites: tuple[str, ...] = SITES, **state) -> dict:
     it does not answer); the other site's nodes take it if they answer."""
     statuses = poll(session)
     current = load(session, statuses)
-    legacy = _legacy(statuses, session)
     for site, cfg in every_node(session):
-        if legacy:
-            break
         st = statuses.get(cfg.name)
         if site in sites and not isinstance(st, dict):
             raise DirectionError(
@@ -185,8 +177,6 @@ def save(session: Session, sites: tuple[str, ...] = SITES, **state) -> dict:
     rec = {k: v for k, v in state.items() if k not in ("answered", "seq", "a_nodes")}
     rec["a_nodes"] = sorted(s.name for s in session.slaves)
     rec["seq"] = current.get("seq", 0) + 1
-    if legacy:
-        return _legacy_save(session, rec)
     live = [(site, cfg) for site, cfg in every_node(session)
             if isinstance(statuses.get(cfg.name), dict)]
     links = [SlaveLink.from_spec(cfg.spec(), timeout=STATUS_TIMEOUT_S * 2)
@@ -212,40 +202,6 @@ def save(session: Session, sites: tuple[str, ...] = SITES, **state) -> dict:
                 f" {stored.get('by', '?')}), not the {rec['seq']} just written: another"
                 f" coordinator changed the direction meanwhile; run `cgmirror status`"
                 f" and the command again")
-    return rec
-
-
-# Nodes older than issue 18 keep no record (their status has no "record"):
-# then, and only then, the record is the coordinator's ``direction.json``
-# as before.  TO GO once every node keeps records (nbdplugin's node.json).
-LEGACY_FILE = "direction.json"
-
-
-def _legacy(statuses: dict, session: Session | None = None) -> bool:
-    live = [st for st in statuses.values() if isinstance(st, dict)]
-    if not live:        # nobody answers: the old file, if one was left
-        return session is not None and os.path.exists(
-            os.path.join(session.state_dir, LEGACY_FILE))
-    return not any("record" in st for st in live)
-
-
-def _legacy_load(session: Session, statuses: dict) -> dict:
-    p = os.path.join(session.state_dir, LEGACY_FILE)
-    try:
-        with open(p) as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        d = dict(DEFAULT)
-    except ValueError as exc:
-        raise ConfigError(f"{p} is damaged ({exc}): restore it") from None
-    d["answered"] = sorted(n for n, st in statuses.items() if isinstance(st, dict))
-    return d
-
-
-def _legacy_save(session: Session, rec: dict) -> dict:
-    make_dirs(session.state_dir, READABLE_DIR)
-    write_atomic(os.path.join(session.state_dir, LEGACY_FILE),
-                 json.dumps(rec, sort_keys=True).encode())
     return rec
 
 

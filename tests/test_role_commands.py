@@ -88,7 +88,7 @@ def test_failback_killed_at_a_step_finishes_when_run_again(sh, point):
 
 def test_failback_killed_once_it_recorded_switching_finishes_when_run_again(sh):
     """The issue's case without failpoints: the CLI child is killed -9 as
-    soon as direction.json says "switching" (its switchover step); run
+    soon as the nodes' direction record says "switching" (its switchover step); run
     again, failback finishes the swap (it said "nothing to fail back")."""
     mirrored(sh)
     sh.stop_mirror()

@@ -21,7 +21,7 @@ session over its control socket (op ``role``) what it did; the mirror
 emits it.  With no mirror running nobody can be subscribed, so nothing is
 lost.  ``resync``, ``switchover`` and ``failback`` emit none: they run the
 cycle themselves under the session lock, so no mirror (and no ``cgmirror
-events``) can run while they do; what they did is in ``direction.json``
+events``) can run while they do; what they did is in the direction record the nodes hold
 (coordinator/direction.py) and in the history's groups.
 
 ``EventBus`` fans events out to subscribers in the mirror process; a

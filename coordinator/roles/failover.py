@@ -47,9 +47,19 @@ Failover settles the surviving site first with the mirror's recovery rule
 once every drain of the group finished; then every node with undo blocks
 of a drain that never finished rolls back: the blocks it restored land in
 its ``tgt``), so all stand at one hardened group h, recorded in
-``direction.json`` (coordinator/direction.py) before any node switches:
-the command run again after a crash resumes.  No call goes to the old
-primary's site.
+the direction record on the nodes (coordinator/direction.py) before any node switches:
+the command run again after a crash resumes.  Failover needs no call to
+the old primary's site (its nodes take the record if they answer, and a
+healthy one stays a primary: its role is its own record).
+
+Lineage.  ``resync``, ``failback`` and ``switchover`` compare every pair's
+lineage before they change anything (``check_join``, coordinator/mirror/
+joins.py), and every group they form does again (``Mirror.run_once``).
+Only ``resync --from X --to Y`` names a winner: over a split it proceeds,
+logs each split pair's two generations and how many blocks of Y it
+overwrites, and ``--keep-overwritten`` keeps them.  ``failback`` never
+does: an old primary that holds writes the other site never got (split
+brain) refuses it in one line naming both resyncs.
 
 A running mirror (its control socket answers) is parked first, by
 ``failover`` and ``failover --test`` alike: paused, and waited for (at
@@ -64,7 +74,7 @@ rule for every command.  Waiting for the mirror rather than refusing is
 for ``failover`` only: its site may be lost, and the operator must not
 have to find the mirror's host first.
 
-Reruns.  Every record in ``direction.json`` says which command wrote it
+Reruns.  Every direction record says which command wrote it
 (``by``; a failback also ``back_to``), so a rerun tells "half done" from
 "done": half done, it goes on from the recorded step (a failback killed in
 its switchover finishes the swap); done, it says "... nothing to do" and
@@ -107,7 +117,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from typing import Callable
@@ -209,9 +218,7 @@ class RoleSwitch:
         ROLE_RESTART_TIMEOUT_S).  No process, file or shell of the node's
         host is touched from here."""
         st = self.status(node)
-        legacy = os.path.exists(os.path.join(self.session.state_dir, dirn.LEGACY_FILE))
-        if (st is None and (self.explicit or legacy)) \
-                or (st is not None and "role_seq" not in st):
+        if (st is None and self.explicit) or (st is not None and "role_seq" not in st):
             return self._relaunch(node, st, role)
         if st is None:
             raise FailoverError(
