@@ -13,7 +13,10 @@ kernel may still hold the dead connection of nbd0), /dev/nbd1 is r1's.
 3. The guest mounts r1's export read-write (the journal of the mounted file
    system replays), finds every ``f`` file, writes files ``g*``, unmounts;
    e2fsck is clean.
-4. ``cgmirror failback`` (resync b -> a, then switchover): the host checks
+4. s1 comes back (a primary, as it recorded, under its supervisor).
+   ``cgmirror failback`` refuses: s1 holds the ``u`` writes site b never
+   got (split brain).  ``cgmirror resync --from b --to a`` names b the
+   winner, ``cgmirror switchover --to a`` swaps back: the host checks
    both images equal; the guest mounts s1's export again and finds every
    ``f`` and ``g`` file with its checksum, and no ``u`` file (the losing
    side's writes were overwritten by the resync); it writes ``h*``,
@@ -29,10 +32,9 @@ import time
 import pytest
 
 from cgtest import need, wait_until
-from coordinator import cli, session as session_mod
-from coordinator.cli import failover_cmds
+from coordinator import cli, launch, session as session_mod
 from coordinator.mirror import Mirror
-from harness.mirrorrig import ChildLauncher, mirror_session
+from harness.mirrorrig import mirror_session
 from vmfixture import workload
 
 pytestmark = pytest.mark.vm
@@ -94,26 +96,26 @@ def _images_equal(d: str) -> bool:
         return x.read() == y.read()
 
 
-def test_ext4_failover_and_failback(vm_guest, slaves, run_dir, monkeypatch):
+def test_ext4_failover_and_failback(vm_guest, slaves, run_dir, capsys):
     """ext4 written at the primary while groups form; the primary killed
     -9; the guest mounts the promoted secondary read-write and writes;
-    failback; the old primary mounts with every file written after the
-    failover (checksums), none of its own unreplicated ones, e2fsck clean."""
+    split-brain failback refused, resync from b, switchover back; the old
+    primary mounts with every file written after the failover (checksums),
+    none of its own unreplicated ones, e2fsck clean."""
     need("nbdkit")
     t0 = time.monotonic()
     path = os.path.join(run_dir, "vmf.toml")
     with open(path, "w") as f:
         f.write(SESSION)
     sess = session_mod.load(path)
-    lau = ChildLauncher(slaves, region=REGION)
-    monkeypatch.setattr(failover_cmds, "launcher", lau)
-    # The launcher restarts nodes with REGION; the first start must use
-    # the same.
+    # Both nodes under their supervisors (detached, as in production): a
+    # role switch is the node's role op, its supervisor starts it again in
+    # the recorded role with the same spec (REGION).
     specs = [sess.slaves[0].spec(), sess.secondaries[0].spec()]
     for spec in specs:
         spec.region = REGION
-    s1 = slaves.restart(specs[0])
-    slaves.restart(specs[1])
+    s1 = slaves.restart(specs[0], detach=True)
+    slaves.restart(specs[1], detach=True)
     logs: list[str] = []
     s1_sock, r1_sock = sess.slaves[0].nbd_socket, sess.secondaries[0].nbd_socket
     # nbd0 dies with s1.  Without a request timeout the guest hung past 60 s
@@ -147,9 +149,18 @@ def test_ext4_failover_and_failback(vm_guest, slaves, run_dir, monkeypatch):
     assert cli.main(["-s", path, "failover"]) == 0
     g.release("failover")
 
-    # 3, 4. The guest used r1; fail back.
+    # 3, 4. The guest used r1; site a's host starts s1 again (a primary, as
+    # it recorded) once its supervisor passed the kill up; fail back.
     g.wait_sync("failback", timeout=60)
-    assert cli.main(["-s", path, "failback"]) == 0
+    wait_until(lambda: launch.supervisor_pid(specs[0]) is None, 30,
+               "s1's supervisor to exit")
+    slaves.restart(specs[0], detach=True)
+    capsys.readouterr()
+    assert cli.main(["-s", path, "failback"]) != 0
+    err = capsys.readouterr().err
+    assert "split brain" in err and "resync --from b --to a" in err, err
+    assert cli.main(["-s", path, "resync", "--from", "b", "--to", "a"]) == 0
+    assert cli.main(["-s", path, "switchover", "--to", "a"]) == 0
     assert _images_equal(run_dir), "s1 and r1 differ after the failback"
     g.release("failback")
     g.wait_sync("done", timeout=60)
