@@ -21,7 +21,8 @@ zero stretch anybody could skip).  In one run:
               blocks whose digests differ; the four volumes in parallel.
   resync      ``cgmirror resync --from b --to a`` (in process, the
               RoleSwitch API the command calls): demote the old primaries
-              (a restart each), return their indicators, adopt baselines,
+              (started again by their hosts after the failover, each a
+              role op and a restart by its supervisor), return their indicators, adopt baselines,
               one group that sends S | T and hardens.
   full        ``cgmirror resync --from b --to a --full`` right after: the
               same command copying every block of the same group (the roles
@@ -65,8 +66,7 @@ if ROOT not in sys.path:
 
 from harness import peers  # noqa: E402
 from coordinator import cli, launch, session as session_mod  # noqa: E402
-from coordinator.cli import failover_cmds  # noqa: E402
-from coordinator.roles.failover import Launcher, RoleSwitch  # noqa: E402
+from coordinator.roles.failover import RoleSwitch  # noqa: E402
 from coordinator.link import SlaveLink  # noqa: E402
 from coordinator.mirror import Mirror  # noqa: E402
 
@@ -111,9 +111,11 @@ def session_text(size: int) -> str:
     return "\n".join(out)
 
 
-class ChildLauncher(Launcher):
-    """Role switches restart nodes as our children, so that the ``finally``
-    below stops every one of them by its pid."""
+class Nodes:
+    """Every node under its supervisor (``launch.start`` detached, as ``cgmirror
+    slave|secondary start`` does): a role switch is the node's own op, its
+    supervisor starts it again in the new role.  The ``finally`` below stops
+    every supervisor started here by its pid."""
 
     def __init__(self):
         self.procs: dict[str, launch.SlaveProcess] = {}
@@ -124,7 +126,8 @@ class ChildLauncher(Launcher):
             p.stop()
 
     def start(self, spec):
-        self.procs[spec.name] = launch.start(spec)
+        # A node stopped here: its supervisor has exited (stop waits for it).
+        self.procs[spec.name] = launch.start(spec, detach=True)
 
     def stop_all(self):
         for name in list(self.procs):
@@ -219,8 +222,10 @@ def differing_blocks(x: str, y: str) -> int:
 
 
 def replication_bytes(spec) -> int:
+    """Bytes the node received as a secondary; a primary (the old primaries
+    before the resync demotes them) received none."""
     with SlaveLink.from_spec(spec) as lk:
-        return sum(v["replication_bytes"] for v in lk.status()["volumes"].values())
+        return sum(v.get("replication_bytes", 0) for v in lk.status()["volumes"].values())
 
 
 def main(argv=None) -> int:
@@ -239,8 +244,7 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         f.write(session_text(size))
     sess = session_mod.load(path)
-    lau = ChildLauncher()
-    failover_cmds.launcher = lau
+    lau = Nodes()
     servers: list[peers.Server] = []
     logs: list[str] = []
     say = lambda line: print(line, file=sys.stderr, flush=True)   # noqa: E731
@@ -277,6 +281,10 @@ def main(argv=None) -> int:
             for v in vols:
                 T[v] = scatter(f"nbd+unix:///{v}?socket={d}/{PEER[s]}.sock", nblocks,
                                count, rng)
+        # Site a's hosts come back: the old primaries start in the role they
+        # recorded (primary), holding S; the resync demotes them.
+        for cfg in sess.slaves:
+            lau.start(cfg.spec())
         union = sum(len(S[v] | T[v]) for v in S)
         out["union_blocks"] = union
         out["overlap_blocks"] = sum(len(S[v] & T[v]) for v in S)
@@ -305,7 +313,7 @@ def main(argv=None) -> int:
             key = "full" if full else "resync"
             before = sum(replication_bytes(c.spec()) for c in sess.slaves
                          if launch.running_pid(c.spec()))
-            rs = TimedSwitch(sess, lau, log=logs.append)
+            rs = TimedSwitch(sess, log=logs.append)
             t = time.monotonic()
             rs.resync("b", "a", full=full)
             out[f"{key}_s"] = time.monotonic() - t
@@ -333,7 +341,6 @@ def main(argv=None) -> int:
         for srv in servers:
             srv.stop()
         lau.stop_all()
-        failover_cmds.launcher = None
         shutil.rmtree(d, ignore_errors=True)
 
     out["ratio_vs_full"] = round(out["resync_s"] / out["full_s"], 4)

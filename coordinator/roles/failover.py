@@ -79,7 +79,7 @@ Reruns.  Every direction record says which command wrote it
 "done": half done, it goes on from the recorded step (a failback killed in
 its switchover finishes the swap); done, it says "... nothing to do" and
 changes nothing (``switchover`` run twice does not swap back; ``--to``
-names the site wanted).  Test-only crash points (wire/failpoints.py):
+names the site wanted; ``resync --full`` copies again: that is asked for).  Test-only crash points (wire/failpoints.py):
 ``role:failover-recorded``, ``role:failover-first-promoted``,
 ``role:end-test-first-demoted``, ``role:failback-resynced``,
 ``role:switching``, ``role:switching-first-demoted``,
@@ -500,7 +500,9 @@ class RoleSwitch:
             raise DirectionError(f"--from and --to must name the two sites,"
                                  f" {' and '.join(dirn.SITES)} (got {source}, {target})")
         d = dirn.load(self.session)
-        if self._resynced(source, d):
+        # ``--full`` asks for a copy of every block (a replaced image file,
+        # the benchmark's full copy after its resync): never "nothing to do".
+        if not full and self._resynced(source, d):
             return self._done(f"site {source} is already the source and site {target}"
                               f" was resynced from it (group {d.get('hardened')}):"
                               f" nothing to do; the mirror (`cgmirror mirror run`)"
