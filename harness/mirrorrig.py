@@ -1,8 +1,7 @@
 """The mirror rigs' shared parts (tests, ``make soak``, bench/bench_mirror.py):
 one builder for the session TOML that the mirror, failover, site and VM
 tests write (so that a change of the file format is made in one place); the
-two-by-two rig's layout and session; and the launcher through which role
-switches restart nodes as children of the test.  No pytest here.
+two-by-two rig's layout and session.  No pytest here.
 
 The layout: every slave serves the same volume names from ``SLAVE-VOL.img``
 on ``SLAVE.sock`` with control ``SLAVE.ctl`` (paths relative to the session
@@ -14,8 +13,6 @@ from __future__ import annotations
 
 import json
 
-from coordinator import launch
-from coordinator.roles.failover import Launcher
 from harness import workload as wl
 
 # The rig's usual budgets: generous, so that a loaded machine does not fail
@@ -85,27 +82,3 @@ def _table(header: str, keys: dict) -> list[str]:
     # json.dumps writes ints and simple strings as TOML writes them.
     return ["", header] + [f"{k} = {json.dumps(v)}" for k, v in keys.items()
                            if v is not None]
-
-
-class ChildLauncher(Launcher):
-    """Restarts through the ``slaves`` fixture (children, reaped at the end),
-    every node with write-intent region ``region``; ``env[(name, role)]`` is
-    the environment of that node's next start in that role (failpoints),
-    ``filters[(name, role)]`` its nbdkit filters and their arguments; a
-    start in ``refuse`` fails once (a crash between steps)."""
-
-    def __init__(self, slaves, region: int):
-        self.slaves = slaves
-        self.region = region
-        self.env: dict[tuple[str, str], dict] = {}
-        self.filters: dict[tuple[str, str], tuple[list, list]] = {}
-        self.refuse: set[tuple[str, str]] = set()
-
-    def start(self, spec):
-        if (spec.name, spec.role) in self.refuse:
-            self.refuse.remove((spec.name, spec.role))
-            raise launch.LaunchError(f"{spec.name} refused to start (test)")
-        spec.env = self.env.pop((spec.name, spec.role), {})
-        spec.filters, spec.filter_args = self.filters.pop((spec.name, spec.role), ([], []))
-        spec.region = self.region
-        self.slaves.restart(spec)

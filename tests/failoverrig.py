@@ -22,7 +22,7 @@ from coordinator.cli import failover_cmds
 from coordinator.link import SlaveLink
 from coordinator.mirror import Mirror
 from harness import workload as wl
-from harness.mirrorrig import ChildLauncher, mirror_session
+from harness.mirrorrig import mirror_session
 from nbdplugin.changemap import keeps_record, sends_pieces
 
 G = 64 * 1024
@@ -110,9 +110,8 @@ class Rig:
             f.write(SESSION)
         self.session = session_mod.load(self.path)
         # Nodes run under their supervisors: role commands switch them through
-        # their role op, never through a launcher (failover_cmds.launcher
-        # stays None).  ChildLauncher keeps the ``slaves`` fixture for starts.
-        self.launcher = ChildLauncher(slaves, region=G)
+        # their role op.  ``slaves``: the fixture, for starts.
+        self.slaves = slaves
         self.procs = {}
         for spec in [self.session.slaves[0].spec(), self.session.secondaries[0].spec()]:
             spec.region = G
@@ -137,7 +136,7 @@ class Rig:
         # status up and exits; wait for that before the host starts it again.
         wait_until(lambda: launch.supervisor_pid(spec) is None, 30,
                    f"{name}'s supervisor to exit")
-        self.procs[name] = self.launcher.slaves.restart(spec, detach=True)
+        self.procs[name] = self.slaves.restart(spec, detach=True)
 
     def restart(self, name: str, failpoints: str | None = None,
                 filters: tuple[list, list] | None = None) -> None:

@@ -5,9 +5,9 @@ harness/workload.py, on one host.
 
 The rig (tests/failoverrig.py): site a is primary s1 (volumes a, b), site b
 is secondary r1 (a, b).
-Role switches restart a node through ``ChildLauncher`` (harness/mirrorrig.py),
-so every nbdkit stays a child of the test and is killed and reaped at its
-end.  Blocks are counted at the receiving end: a secondary's
+Nodes run under their supervisors (the ``slaves`` fixture, detached): a role
+switch is the node's role op, its supervisor starts it again; every
+supervisor is stopped and reaped at the test's end.  Blocks are counted at the receiving end: a secondary's
 ``replication_bytes``.
 
 Every node runs with its write-intent region equal to the granularity, so
@@ -40,7 +40,6 @@ from coordinator.link import SlaveLink
 from coordinator.mirror import Mirror
 from failoverrig import G, LAYOUT, NBLOCKS, SESSION, SIZE, VOLS, Rig, Writes
 from harness import workload as wl
-from harness.mirrorrig import ChildLauncher
 
 
 # ------------------------------------------------------------------ pure parts

@@ -276,3 +276,18 @@ def test_a_prepared_secondary_does_not_start_as_a_primary(slaves):
     p = slaves.restart(r.spec)
     with p.control() as c:
         assert c.call("status")["role"] == "primary"
+
+def test_a_node_without_the_role_op_is_refused_in_one_line(tmp_path):
+    """A node whose status has no ``role_seq`` (older than issue 18) is not
+    restarted from here: one line says to upgrade it, and no op is sent."""
+    from coordinator.errors import FailoverError
+    from coordinator.roles.failover import Node, RoleSwitch
+    p = tmp_path / "d.toml"
+    p.write_text(SESSION)
+    s = session_mod.load(str(p))
+    rs = RoleSwitch(s, log=lambda line: None)
+    rs.status = lambda node, timeout=10: {"role": "secondary", "volumes": {}}
+    rs.call = lambda *a, **k: pytest.fail("an op was sent")
+    with pytest.raises(FailoverError) as e:
+        rs.become(Node("b", s.secondaries[0]), "primary")
+    assert str(e.value) == f"node {s.secondaries[0].name} predates the role op: upgrade it"

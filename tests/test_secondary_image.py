@@ -25,6 +25,7 @@ import pytest
 from harness import workload as wl
 from coordinator import direction, launch
 from coordinator.mirror import Mirror
+from coordinator.roles.failover import Node, RoleSwitch
 from failoverrig import G, LAYOUT, NBLOCKS, VOLS, Rig, Writes
 
 
@@ -113,7 +114,7 @@ def test_lost_secondary_volume_fails_the_group_and_says_so(rig, capsys, how, say
         spec = rig.session.secondaries[0].spec()
         spec.region = G
         rig.procs["r1"].stop(timeout=30)
-        rig.procs["r1"] = rig.launcher.slaves.restart(spec, detach=True)
+        rig.procs["r1"] = rig.slaves.restart(spec, detach=True)
         assert rig.status("r1")["volumes"]["a"]["problem"] is None
         # Another inode at the path: the node cannot tell the copy from any
         # other file, so the pair needs a full resync, said in one line.
@@ -260,9 +261,10 @@ def test_a_test_never_promoted_leaves_no_record_behind(rig):
     assert kept(rig, "r1") == 0
     after = rig.images("r1")
     # Demoted again (a later failback's first step): its image stays.
-    spec = rig.session.secondaries[0].spec()
-    rig.launcher.stop(spec)
-    rig.launcher.start(spec)
+    # (its role op; its supervisor starts it again)
+    RoleSwitch(rig.session, log=rig.logs.append).become(
+        Node("b", rig.session.secondaries[0]), "secondary")
+    assert rig.status("r1")["role"] == "secondary"
     assert rig.images("r1") == after
 
 

@@ -26,11 +26,7 @@ from __future__ import annotations
 from .. import output
 from ..direction import SITES
 from ..errors import ExitCode
-from ..roles.failover import Launcher, RoleSwitch
-
-# How nodes older than issue 18 (no ``role`` op) are restarted in their new
-# role; tests put in one that keeps the processes as their children.
-launcher: Launcher | None = None
+from ..roles.failover import RoleSwitch
 
 
 def register(sub) -> None:
@@ -94,7 +90,7 @@ def _resync_options(parser) -> None:
 def _run(ctx, action, sentence) -> ExitCode:
     """Run ``action`` on a RoleSwitch; print its result as ``sentence``
     words it (or, with --json, as the API returned it)."""
-    result = action(RoleSwitch(ctx.session, launcher))
+    result = action(RoleSwitch(ctx.session))
     if ctx.json:
         output.emit_json({"ok": True, **result}, ctx.out)
     elif result.get("nothing_to_do"):

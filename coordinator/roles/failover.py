@@ -126,11 +126,10 @@ from wire import protocol
 from wire.protocol import Kind
 
 from .. import direction as dirn
-from .. import launch
 from ..errors import (CgmirrorError, DirectionError, FailoverError, MirrorError,
                       MirrorNotRunning)
 from ..link import SlaveLink
-from ..lock import ROLE_LOCK, SessionLock, mirror_runs, node_held
+from ..lock import ROLE_LOCK, SessionLock, mirror_runs
 from ..mirror import Links, Mirror, call as mirror_call, joins, recovery
 from ..session import NodeConfig, Session
 from . import resync
@@ -145,20 +144,6 @@ ROLE_RESTART_TIMEOUT_S = 120.0
 GROUP_TRIES = 5
 
 
-class Launcher:
-    """How a node older than issue 18 (no ``role`` op: its status has no
-    ``role_seq``) changes role when a caller passes one: stop it and start
-    it again, on this host.  The commands never do (no process on another
-    host); tests not yet on supervised nodes pass one that keeps the new
-    process as their child.  TO GO with them."""
-
-    def stop(self, spec: launch.SlaveSpec) -> None:
-        launch.stop(spec)
-
-    def start(self, spec: launch.SlaveSpec) -> None:
-        launch.start(spec, detach=True)
-
-
 @dataclasses.dataclass(frozen=True)
 class Node:
     """One nbdkit process of a site, whichever role it runs."""
@@ -170,23 +155,15 @@ class Node:
     def name(self) -> str:
         return self.cfg.name
 
-    def spec(self, role: str) -> launch.SlaveSpec:
-        return dataclasses.replace(self.cfg.spec(), role=role)
-
 
 class RoleSwitch:
     """The role-switch commands of one session (the file's, not oriented)."""
 
-    def __init__(self, session: Session, launcher: Launcher | None = None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(self, session: Session, log: Callable[[str], None] | None = None):
         if session.mirror is None or not session.pairs():
             raise FailoverError(f"session {session.name} mirrors no volume: nothing to"
                                 f" fail over")
         self.session = session
-        # Nodes older than issue 18 only; tests not yet on supervised nodes
-        # pass one (``explicit``: it also starts a node that is down).
-        self.explicit = launcher is not None
-        self.launcher = launcher or Launcher()
         self.log = log or (lambda line: print(f"cgmirror: {line}", file=sys.stderr,
                                               flush=True))
 
@@ -218,8 +195,8 @@ class RoleSwitch:
         ROLE_RESTART_TIMEOUT_S).  No process, file or shell of the node's
         host is touched from here."""
         st = self.status(node)
-        if (st is None and self.explicit) or (st is not None and "role_seq" not in st):
-            return self._relaunch(node, st, role)
+        if st is not None and "role_seq" not in st:
+            raise FailoverError(f"node {node.name} predates the role op: upgrade it")
         if st is None:
             noun = "secondary" if node.site == "b" else "slave"
             raise FailoverError(
@@ -248,25 +225,6 @@ class RoleSwitch:
         if st.get("role", "primary") != role:
             raise FailoverError(f"{node.name} answers as a {st.get('role')} after its"
                                 f" switch to {role}: run the command again")
-        self.log(f"{node.name} (site {node.site}) now runs as a {role}")
-        return st
-
-    def _relaunch(self, node: Node, st: dict | None, role: str) -> dict:
-        """A node without the ``role`` op (``Launcher``): restart it here."""
-        if st is not None and st.get("role", "primary") == role:
-            return st
-        try:
-            with node_held(self.session.name, self.session.state_dir, node.name):
-                if st is not None:
-                    self.launcher.stop(node.spec(st.get("role", "primary")))
-                self.launcher.start(node.spec(role))
-        except (launch.LaunchError, OSError) as exc:
-            raise FailoverError(f"cannot restart {node.name} as a {role}: {exc}; fix"
-                                f" that and run the command again (it resumes)") from exc
-        st = self.status(node)
-        if st is None or st.get("role", "primary") != role:
-            raise FailoverError(f"{node.name} did not come back as a {role}: see"
-                                f" {node.spec(role).logfile}")
         self.log(f"{node.name} (site {node.site}) now runs as a {role}")
         return st
 
@@ -700,4 +658,4 @@ class RoleSwitch:
                             f" still consistent; run the command again to resume")
 
 
-__all__ = ["FailoverError", "Launcher", "Node", "RoleSwitch"]
+__all__ = ["FailoverError", "Node", "RoleSwitch"]
