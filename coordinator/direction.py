@@ -69,10 +69,9 @@ import dataclasses
 
 from wire.protocol import Kind
 
-from . import group
 from .errors import CgmirrorError, ConfigError, DirectionError
 from .launch import SlaveSpec
-from .link import SlaveLink
+from .link import SlaveLink, parallel, statuses as node_statuses
 from .session import NodeConfig, Session, VolumeConfig
 
 SITES = ("a", "b")
@@ -97,7 +96,7 @@ def poll(session: Session, timeout: float = STATUS_TIMEOUT_S
     the error reaching it}."""
     links = [SlaveLink.from_spec(c.spec(), timeout=timeout) for _, c in every_node(session)]
     try:
-        return group.statuses(links)
+        return node_statuses(links)
     finally:
         for lk in links:
             lk.close()
@@ -182,8 +181,8 @@ def save(session: Session, sites: tuple[str, ...] = SITES, **state) -> dict:
     links = [SlaveLink.from_spec(cfg.spec(), timeout=STATUS_TIMEOUT_S * 2)
              for _, cfg in live]
     try:
-        replies = group.fanout.parallel(links, lambda lk: lk.call("record", record=rec),
-                                        timeout=STATUS_TIMEOUT_S * 2 + 1)
+        replies = parallel(links, lambda lk: lk.call("record", record=rec),
+                           timeout=STATUS_TIMEOUT_S * 2 + 1)
     finally:
         for lk in links:
             lk.close()

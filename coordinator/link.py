@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
+from typing import Callable
 
 from coordinator.control import ControlClient, ControlError
 from wire import address as wire_address
@@ -158,3 +160,47 @@ def translate(slave: str, exc: ControlError) -> CgmirrorError:
     if exc.kind is Kind.BUSY:
         return SlaveBusy(slave, msg, exc.kind)
     return SlaveError(slave, msg, exc.kind)
+
+
+# ------------------------------------------------------------ many links at once
+# (the group's fan-out and the direction record's: below both)
+
+def parallel(links: list[SlaveLink], fn: Callable[[SlaveLink], object],
+            timeout: float | None = None) -> dict[str, object]:
+    """Run ``fn(link)`` for every link at once; {name: result or the exception}.
+
+    A call still running after ``timeout`` is reported as a SlaveUnreachable.
+    """
+    out: dict[str, object] = {}
+
+    def run(link: SlaveLink) -> None:
+        try:
+            out[link.name] = fn(link)
+        except Exception as exc:   # reported to the caller, which decides
+            out[link.name] = exc
+
+    threads = [threading.Thread(target=run, args=(lk,), name=f"cg-{lk.name}", daemon=True)
+               for lk in links]
+    for t in threads:
+        t.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for t in threads:
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    for lk in links:
+        if lk.name not in out:
+            out[lk.name] = SlaveUnreachable(lk.name, f"slave {lk.name}: no answer"
+                                                     f" within {timeout:.1f} s")
+    return out
+
+
+def check_links(links: list[SlaveLink]) -> None:
+    names = [lk.name for lk in links]
+    if not links or len(set(names)) != len(names):
+        raise ValueError(f"links must name each slave once: {names}")
+
+
+def statuses(links: list[SlaveLink]) -> dict[str, dict | CgmirrorError]:
+    """Every slave's status reply (or the error reaching it), asked at once."""
+    check_links(links)
+    return parallel(links, lambda lk: lk.status(),
+                    timeout=max(lk.timeout for lk in links) + 1)

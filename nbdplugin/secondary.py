@@ -463,7 +463,7 @@ class Secondary(OpHandler):
             if vols[name]["problem"] is not None:
                 vols[name]["problem"] += f"; {self._holds()}"
         problems = [v["problem"] for v in vols.values() if v["problem"]]
-        extra = self._node_status(
+        extra = self.node_status(
             vols, lambda n: self.node.lineage(n)["own"])
         return protocol.ok(pid=os.getpid(), role=self.ROLE,
                            hardened=self.state["hardened"],

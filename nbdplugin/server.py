@@ -127,7 +127,7 @@ class OpHandler:
         the control server starts."""
         self.node = node
 
-    def _node_status(self, volumes: dict, dirty) -> dict:
+    def node_status(self, volumes: dict, dirty) -> dict:
         """Add the node's fields to a status reply's ``volumes`` (``dirty``:
         name -> bool) and return the top-level ones."""
         if self.node is None:

@@ -268,7 +268,7 @@ class Slave(OpHandler):
                 s["lease_ms_left"] = left if name in self.cut_volumes else None
                 vols[name] = s
             extra = {"gate": self.gate_path} if self.gate_path else {}
-            extra.update(self._node_status(vols, lambda n: vols[n]["dirty_blocks"] > 0))
+            extra.update(self.node_status(vols, lambda n: vols[n]["dirty_blocks"] > 0))
             return protocol.ok(pid=os.getpid(), role=self.ROLE, phase=m.phase.value, n=m.n,
                                ended=m.ended, volumes=vols, last_copy=self.last_copy,
                                **extra)

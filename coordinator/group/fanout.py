@@ -1,55 +1,20 @@
 """Fan-out to every slave of a group: one call per slave at once, aborts,
-and the small helpers the other modules share."""
+and the small helpers the other modules share (``parallel`` and
+``check_links`` live in coordinator/link.py, below every layer: the
+direction record's fan-out uses them too)."""
 
 from __future__ import annotations
 
-import threading
 import time
-from typing import Callable
 
 from wire.protocol import Kind
 
-from ..errors import SlaveError, SlaveUnreachable
-from ..link import Channel, SlaveLink
+from ..errors import SlaveError
+from ..link import Channel, SlaveLink, check_links, parallel  # noqa: F401 (theirs: link.py)
 
 
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
-
-
-def parallel(links: list[SlaveLink], fn: Callable[[SlaveLink], object],
-            timeout: float | None = None) -> dict[str, object]:
-    """Run ``fn(link)`` for every link at once; {name: result or the exception}.
-
-    A call still running after ``timeout`` is reported as a SlaveUnreachable.
-    """
-    out: dict[str, object] = {}
-
-    def run(link: SlaveLink) -> None:
-        try:
-            out[link.name] = fn(link)
-        except Exception as exc:   # reported to the caller, which decides
-            out[link.name] = exc
-
-    threads = [threading.Thread(target=run, args=(lk,), name=f"cg-{lk.name}", daemon=True)
-               for lk in links]
-    for t in threads:
-        t.start()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    for t in threads:
-        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-    for lk in links:
-        if lk.name not in out:
-            out[lk.name] = SlaveUnreachable(lk.name, f"slave {lk.name}: no answer"
-                                                     f" within {timeout:.1f} s")
-    return out
-
-
-def check_links(links: list[SlaveLink]) -> None:
-    names = [lk.name for lk in links]
-    if not links or len(set(names)) != len(names):
-        raise ValueError(f"links must name each slave once: {names}")
-
 
 
 # Refusals of an abort that mean the slave is not (or no longer) in that cut.

@@ -7,15 +7,8 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import CgmirrorError, SlaveBusy, TargetError, UnknownVolume, UsageError
-from ..link import SlaveLink
-from .fanout import abort_one, check_links, parallel
-
-
-def statuses(links: list[SlaveLink]) -> dict[str, dict | CgmirrorError]:
-    """Every slave's status reply (or the error reaching it), asked at once."""
-    check_links(links)
-    return parallel(links, lambda lk: lk.status(),
-                    timeout=max(lk.timeout for lk in links) + 1)
+from ..link import SlaveLink, statuses  # noqa: F401 (statuses: group's API, link.py's code)
+from .fanout import abort_one
 
 
 def preflight(links: list[SlaveLink], abort_leftover: bool = True,
