@@ -179,12 +179,17 @@ def call(proc, op, **kw):
 
 
 def role_change(slaves, proc, to):
-    """The role op, its exit 75, and the start a supervisor would do."""
+    """The role op, its exit 75, and the start a supervisor would do (from
+    the same spec, whatever role it names): the node comes back as another
+    process in the new role, its role_seq one higher."""
+    before = status(proc)
     reply = call(proc, "role", to=to, session="s1")
     assert reply["ok"] and reply["role"] == to and reply["restarting"] is True
+    assert reply["role_seq"] == before["role_seq"] + 1
     assert proc.wait(60) == protocol.RESTART_STATUS
     proc = slaves.restart(proc.spec)
     st = status(proc)
+    assert st["pid"] != before["pid"]
     assert st["role"] == to and st["role_seq"] == reply["role_seq"]
     return proc, st
 
@@ -218,8 +223,9 @@ def failing_start(spec) -> str:
 
 
 def test_role_op_exits_75_and_the_node_comes_back_in_the_recorded_role(slaves):
-    """primary -> secondary -> primary: each by the op, each start in the
-    recorded role although role= still says primary; events 3 and 2."""
+    """primary -> secondary -> primary: each by the op (exit 75), each
+    start from the same spec in the recorded role, role_seq 1 then 2;
+    events 3 and 2."""
     a = node(slaves, "a1")
     st = status(a)
     gen = st["volumes"]["v"]["lineage"]["current"]
@@ -231,7 +237,8 @@ def test_role_op_exits_75_and_the_node_comes_back_in_the_recorded_role(slaves):
     a, st = role_change(slaves, a, "primary")
     v = st["volumes"]["v"]["lineage"]
     assert v["history"][0] == [gen, 0] and v["current"] not in (gen,)
-    assert st["role_seq"] == 2 and "its recorded role" in Path(a.spec.logfile).read_text()
+    assert st["role_seq"] == 2 and json.loads(Path(a.spec.statedir, NODE_FILE).read_text())[
+        "role"] == "primary"
 
 
 def test_role_op_hangs_up_on_idle_nbd_clients_and_exits_at_once(slaves):
