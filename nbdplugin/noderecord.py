@@ -60,21 +60,12 @@ import stat
 import threading
 
 from wire import failpoints, lineage, protocol
+from wire.noderole import NODE_FILE, ROLES
 from wire.files import write_atomic
 
 log = logging.getLogger(__name__)
 
-NODE_FILE = "node.json"
 VERSION = 1
-ROLES = ("primary", "secondary")
-
-
-def recorded_role(statedir: str) -> str | None:
-    """The role the node of ``statedir`` starts in, or None before its
-    first start (for supervisors and launchers: the session file's role is
-    only the first one).  Raises NodeRecordError if the record is damaged."""
-    rec = NodeRecord.load(statedir)
-    return rec.role if rec is not None else None
 
 
 class NodeRecordError(Exception):

@@ -22,8 +22,9 @@ import pytest
 
 from cgtest import wait_until
 from coordinator.control import ControlError
-from nbdplugin.noderecord import NODE_FILE, NodeRecord, NodeRecordError, recorded_role
+from nbdplugin.noderecord import NODE_FILE, NodeRecord, NodeRecordError
 from wire import lineage, protocol
+from wire.noderole import recorded_role
 
 G = 64 * 1024
 SIZE = 2 << 20
