@@ -194,8 +194,9 @@ def test_failover_beside_a_running_mirror_and_a_writer_never_wedges(sh):
     RESTART_WINDOW s, as systemd's start limit does with the unit.  So a
     round's failover is started at least half a window after the previous
     one returned: any six switches in a row then span two such gaps, a
-    whole window.  Unpaced, rounds of 4 s put six switches in one window
-    on a fast host and r1 was left down."""
+    whole window.  Unpaced, rounds took 4.4 to 6 s here, just outside the
+    limit; with the window doubled (as rounds twice as fast) r1 was left
+    down at its sixth switch and the resync failed after 120 s."""
     mirrored(sh)
     failed_over = None
     for rnd in range(ROUNDS):
