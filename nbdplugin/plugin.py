@@ -304,8 +304,10 @@ def _forget_if_replaced(node: NodeRecord | None, vol: Volume) -> None:
     """Before anything of the old file is used (undo store, kept blocks,
     maps) and before ``node.start`` records the new identity: a replaced
     volume forgets them (secondary.forget_replaced)."""
-    if node is not None and node.replaced_by({vol.name: identity_of(vol.fd, vol.size)}):
-        forget_replaced(vol, f"{vol.path} is not the file {node.who()} served")
+    ident = identity_of(vol.fd, vol.size)
+    if node is not None and node.replaced_by({vol.name: ident}):
+        kind = "device" if ident["kind"] == "block" else "file"
+        forget_replaced(vol, f"{vol.path} is not the {kind} {node.who()} served")
 
 
 @_one_line_errors
