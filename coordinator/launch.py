@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from wire import address as wire_address
-from wire import files, tls, unixsock
+from wire import files, noderole, tls, unixsock
 from wire.protocol import RESTART_STATUS
 
 from .control import ControlClient, ControlError, client_context
@@ -42,9 +42,6 @@ PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 # Where the interpreter nbdkit embeds keeps its ``python3`` (the system's).
 SYSTEM_BIN = ("/usr/bin", "/bin")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The node's own record (nbdplugin/ writes it; only its role is read here).
-NODE_RECORD = "node.json"
-ROLES = ("primary", "secondary")
 # The supervisor's pidfile in the node's state directory: "PID START_TIME".
 SUPERVISOR_PID = "supervisor.pid"
 # ``supervise`` gives up when the node asks to be started again this many
@@ -299,22 +296,12 @@ def supervisor_pid(spec: SlaveSpec) -> int | None:
 
 def recorded_role(statedir: str) -> str | None:
     """The role the node recorded in ``STATEDIR/node.json``, or None before
-    its first start.  Raises LaunchError (one line) on a damaged record."""
-    path = os.path.join(statedir, NODE_RECORD)
+    its first start (wire/noderole.py).  Raises LaunchError (one line) on a
+    damaged record."""
     try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise LaunchError(f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc}):"
-                          f" the node writes it whole, so it was damaged or edited;"
-                          f" restore it from a backup") from None
-    role = doc.get("role") if isinstance(doc, dict) else None
-    if role not in ROLES:
-        raise LaunchError(f"{path} records no role ({role!r}, not one of"
-                          f" {', '.join(ROLES)}): restore it from a backup")
-    return role
+        return noderole.recorded_role(statedir)
+    except noderole.NodeRoleError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def in_recorded_role(spec: SlaveSpec) -> SlaveSpec:

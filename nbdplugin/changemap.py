@@ -472,6 +472,21 @@ class ChangeMap:
                 self.durable.or_(keep)
             return True
 
+    def clear_all(self) -> int:
+        """Forget every map (the volume's file was replaced: its blocks are
+        unknown to the pair and only a full copy joins it), durably: the map
+        file empty, the intent map empty.  Returns the blocks forgotten."""
+        with self.intent_lock:
+            with self.lock:
+                n = sum(bits.count() for bits in self.maps.values())
+                for bits in self.maps.values():
+                    bits.clear_all()
+                self.sub_cr.clear()
+                self.sub_oos.clear()
+                self._changed = True
+        self.checkpoint(final=True)
+        return n
+
     def _snapshot(self) -> dict[str, Bitmap]:
         """A copy of every named map (caller holds ``lock``, or is alone)."""
         return {name: bits.copy() for name, bits in self.maps.items()}

@@ -43,7 +43,10 @@ volume names differ from the configuration is refused (a volume added,
 removed or renamed is not the same node); a volume whose file is not the
 one recorded (another inode, device or size) gets a new lineage (event 6)
 and a ``replaced`` line that its status carries until the pair is joined
-again by a full copy.  session=/node= given for the first time to a node
+again by a full copy; before that is recorded the node forgets what it
+kept of the old file (its undo store and change maps,
+secondary.forget_replaced), so a crash in between forgets again.
+session=/node= given for the first time to a node
 recorded without them (started by hand before) are recorded then.
 """
 
@@ -57,21 +60,12 @@ import stat
 import threading
 
 from wire import failpoints, lineage, protocol
+from wire.noderole import NODE_FILE, ROLES
 from wire.files import write_atomic
 
 log = logging.getLogger(__name__)
 
-NODE_FILE = "node.json"
 VERSION = 1
-ROLES = ("primary", "secondary")
-
-
-def recorded_role(statedir: str) -> str | None:
-    """The role the node of ``statedir`` starts in, or None before its
-    first start (for supervisors and launchers: the session file's role is
-    only the first one).  Raises NodeRecordError if the record is damaged."""
-    rec = NodeRecord.load(statedir)
-    return rec.role if rec is not None else None
 
 
 class NodeRecordError(Exception):
@@ -284,6 +278,14 @@ class NodeRecord:
         log.info("%s: first start as a %s (node id %s)", rec.who(), role, rec.node_id)
         return rec
 
+    def replaced_by(self, identities: dict[str, dict]) -> list[str]:
+        """The volumes whose identity is not the one recorded (nothing is
+        written: ``start`` records them).  The caller forgets what it keeps
+        of those volumes (undo store, change maps) before ``start``, so a
+        crash in between finds them replaced again and forgets again."""
+        return [name for name, ident in identities.items()
+                if not _same(self.data["volumes"][name]["identity"], ident)]
+
     def start(self, session: str | None, node: str | None, paths: dict[str, str],
               identities: dict[str, dict]) -> list[str]:
         """Check each volume's identity against the record: a volume that
@@ -291,15 +293,15 @@ class NodeRecord:
         ``replaced`` line.  Records session and node if they were not yet.
         Returns the names of the volumes found replaced."""
         found = {}
-        for name, ident in identities.items():
+        for name in self.replaced_by(identities):
+            ident = identities[name]
             old = self.data["volumes"][name]["identity"]
-            if not _same(old, ident):
-                kind = "device" if ident["kind"] == "block" else "file"
-                found[name] = (
-                    f"volume {name}: {paths[name]} is not the {kind} {self.who()} served"
-                    f" ({_what_changed(old, ident)}): its image is unknown to the pair;"
-                    f" only a full resync joins it again (`cgmirror resync --from SOURCE"
-                    f" --to TARGET --full`)")
+            kind = "device" if ident["kind"] == "block" else "file"
+            found[name] = (
+                f"volume {name}: {paths[name]} is not the {kind} {self.who()} served"
+                f" ({_what_changed(old, ident)}): its image is unknown to the pair;"
+                f" only a full resync joins it again (`cgmirror resync --from SOURCE"
+                f" --to TARGET --full`)")
         claim = (session and not self.session) or (node and not self.node)
         if not found and not claim:
             return []

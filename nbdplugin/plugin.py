@@ -64,7 +64,8 @@ from nbdplugin.changemap import ChangeMapError  # noqa: E402
 from nbdplugin.noderecord import NodeRecord, NodeRecordError, identity_of  # noqa: E402
 from nbdplugin.blockstore import BlockStore  # noqa: E402
 from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa: E402
-                                 prepared_group, dr_test_group, undo_path)
+                                 forget_replaced, prepared_group, dr_test_group,
+                                 undo_path)
 from nbdplugin.server import ControlServerError  # noqa: E402
 from nbdplugin.slave import Fence, Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
@@ -257,6 +258,7 @@ def get_ready():
         if secondary:
             vol = SecondaryVolume(name, path, statedir, _cfg["granularity"],
                                   _cfg["region"], _create.get(name))
+            _forget_if_replaced(node, vol)
             # A demoted primary: its own unsent writes are target indicators.
             fold_maps(vol, "tgt", ("cr", "oos"))
         else:
@@ -265,6 +267,7 @@ def get_ready():
             # sent with its next group.
             vol = Volume(name, path, statedir, _cfg["granularity"], _cfg["region"],
                          _create.get(name), extra_maps=("tgt",))
+            _forget_if_replaced(node, vol)
             fold_maps(vol, "cr", ("tgt",))
             if kept is not None:
                 vol.keep = BlockStore.reopen(undo_path(statedir, name, kept), vol.fd,
@@ -295,6 +298,16 @@ def get_ready():
         node.start(_cfg["session"], _cfg["node"], _volumes, identities)
     _slave.attach(node)
     _slave.on_restart = _restart
+
+
+def _forget_if_replaced(node: NodeRecord | None, vol: Volume) -> None:
+    """Before anything of the old file is used (undo store, kept blocks,
+    maps) and before ``node.start`` records the new identity: a replaced
+    volume forgets them (secondary.forget_replaced)."""
+    ident = identity_of(vol.fd, vol.size)
+    if node is not None and node.replaced_by({vol.name: ident}):
+        kind = "device" if ident["kind"] == "block" else "file"
+        forget_replaced(vol, f"{vol.path} is not the {kind} {node.who()} served")
 
 
 @_one_line_errors

@@ -129,7 +129,7 @@ from wire.protocol import Kind, ProtocolError
 
 from wire import failpoints
 from .blockstore import BlockStore, StoreClosed
-from wire.files import write_atomic
+from wire.files import fsync_dir, write_atomic
 from .copier import block_digest
 from .server import ControlServer, OpHandler
 from .volume import Volume
@@ -735,6 +735,26 @@ def dr_test_group(statedir: str) -> int | None:
     except (FileNotFoundError, ValueError, AttributeError):
         return None
     return kept if isinstance(kept, int) and kept > 0 else None
+
+
+def forget_replaced(vol: Volume, why: str) -> None:
+    """A volume whose file was replaced behind the node (noderecord.py,
+    event 6): its image is unknown to the pair and only a full copy joins
+    it, so nothing kept for the old file may touch the new one.  Its undo
+    stores go (a rollback would write the old file's blocks into the new
+    one; a DR test's kept blocks are the same store) and its change maps
+    are emptied (a full copy sends every block anyway), durably, before
+    the node records the new identity: a crash in between finds the file
+    replaced again and forgets again.  One log line."""
+    pattern = re.compile(re.escape(vol.name) + r"\.undo\.\d+(\.idx)?")
+    gone = sorted(f for f in os.listdir(vol.statedir) if pattern.fullmatch(f))
+    for f in gone:
+        os.unlink(os.path.join(vol.statedir, f))
+    if gone:
+        fsync_dir(vol.statedir)
+    blocks = vol.changes.clear_all()
+    log.warning("%s: %s; its undo store (%d files) and change maps (%d blocks) of the"
+                " old file are dropped", vol.name, why, len(gone), blocks)
 
 
 def fold_maps(vol: Volume, into: str, names: tuple[str, ...]) -> int:

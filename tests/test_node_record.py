@@ -22,8 +22,9 @@ import pytest
 
 from cgtest import wait_until
 from coordinator.control import ControlError
-from nbdplugin.noderecord import NODE_FILE, NodeRecord, NodeRecordError, recorded_role
+from nbdplugin.noderecord import NODE_FILE, NodeRecord, NodeRecordError
 from wire import lineage, protocol
+from wire.noderole import recorded_role
 
 G = 64 * 1024
 SIZE = 2 << 20
@@ -179,12 +180,17 @@ def call(proc, op, **kw):
 
 
 def role_change(slaves, proc, to):
-    """The role op, its exit 75, and the start a supervisor would do."""
+    """The role op, its exit 75, and the start a supervisor would do (from
+    the same spec, whatever role it names): the node comes back as another
+    process in the new role, its role_seq one higher."""
+    before = status(proc)
     reply = call(proc, "role", to=to, session="s1")
     assert reply["ok"] and reply["role"] == to and reply["restarting"] is True
+    assert reply["role_seq"] == before["role_seq"] + 1
     assert proc.wait(60) == protocol.RESTART_STATUS
     proc = slaves.restart(proc.spec)
     st = status(proc)
+    assert st["pid"] != before["pid"]
     assert st["role"] == to and st["role_seq"] == reply["role_seq"]
     return proc, st
 
@@ -218,8 +224,9 @@ def failing_start(spec) -> str:
 
 
 def test_role_op_exits_75_and_the_node_comes_back_in_the_recorded_role(slaves):
-    """primary -> secondary -> primary: each by the op, each start in the
-    recorded role although role= still says primary; events 3 and 2."""
+    """primary -> secondary -> primary: each by the op (exit 75), each
+    start from the same spec in the recorded role, role_seq 1 then 2;
+    events 3 and 2."""
     a = node(slaves, "a1")
     st = status(a)
     gen = st["volumes"]["v"]["lineage"]["current"]
@@ -231,7 +238,8 @@ def test_role_op_exits_75_and_the_node_comes_back_in_the_recorded_role(slaves):
     a, st = role_change(slaves, a, "primary")
     v = st["volumes"]["v"]["lineage"]
     assert v["history"][0] == [gen, 0] and v["current"] not in (gen,)
-    assert st["role_seq"] == 2 and "its recorded role" in Path(a.spec.logfile).read_text()
+    assert st["role_seq"] == 2 and json.loads(Path(a.spec.statedir, NODE_FILE).read_text())[
+        "role"] == "primary"
 
 
 def test_role_op_hangs_up_on_idle_nbd_clients_and_exits_at_once(slaves):
@@ -559,6 +567,61 @@ def test_a_replaced_primary_file_loses_its_baseline_until_a_full_copy(slaves):
     sa, sb = full_group(a, b, 3)
     assert sa["volumes"]["v"]["replaced"] is None
     assert lineage.compare(sa["volumes"]["v"], sb["volumes"]["v"]).kind == "in-sync"
+
+
+def test_a_replaced_secondary_file_drops_its_undo_store_and_a_rollback_leaves_it(slaves):
+    """b1 hardened group 1, then part of group 2 drained (undo blocks kept
+    for a rollback), stopped, its file replaced by other bytes: at start
+    the old file's undo store and change maps are gone (one line), and a
+    rollback leaves every byte of the new file as it is."""
+    a = node(slaves, "a1")
+    b = node(slaves, "b1", role="secondary")
+    write(a, 0, random.Random(7).randbytes(SIZE))
+    full_group(a, b, 1)
+    sb = status(b)
+    uri = f"nbd+unix:///{sb['volumes']['v']['export']}?socket={b.spec.nbd_socket}"
+    h = nbd.NBD()                                       # an unfinished drain of group 2
+    h.connect_uri(uri)
+    h.pwrite(b"d" * (3 * G), 0)
+    h.flush()
+    h.shutdown()
+    assert status(b)["volumes"]["v"]["undo_blocks"] == 3
+    b.stop()
+    undo = sorted(p.name for p in Path(b.spec.statedir).glob("v.undo.*"))
+    assert undo and os.path.getsize(Path(b.spec.statedir, "v.undo.1.idx")) > 0, undo
+    path = b.spec.volumes[0][1]
+    new = random.Random(8).randbytes(SIZE)
+    Path(path + ".new").write_bytes(new)
+    os.rename(path + ".new", path)
+    b = slaves.restart(b.spec)
+    v = status(b)["volumes"]["v"]
+    assert v["replaced"] and (v["undo_blocks"], v["tgt_blocks"]) == (0, 0), v
+    assert not any(p.stat().st_size for p in Path(b.spec.statedir).glob("v.undo.*.idx"))
+    log = Path(b.spec.logfile).read_text()
+    assert log.count("of the old file are dropped") == 1, log
+    assert "v: " + path + " is not the file node b1 served; its undo store" in log, log
+    assert call(b, "rollback", session="s1")["rolled_back"] == {"v": 0}
+    assert Path(path).read_bytes() == new
+    b.stop()
+    b = slaves.restart(b.spec)                          # forgotten once, durably
+    assert status(b)["volumes"]["v"]["undo_blocks"] == 0
+    assert Path(b.spec.logfile).read_text().count("of the old file are dropped") == 1
+
+
+def test_a_replaced_primary_file_starts_with_empty_change_maps(slaves):
+    """The primary's writes before the replacement are the old file's: its
+    maps are emptied at start (a full copy sends every block anyway)."""
+    a = node(slaves, "a1")
+    write(a, 0, b"w" * (4 * G))
+    assert status(a)["volumes"]["v"]["dirty_blocks"] == 4
+    a.stop()
+    replace_file(a.spec.volumes[0][1])
+    a = slaves.restart(a.spec)
+    v = status(a)["volumes"]["v"]
+    assert v["replaced"] and (v["dirty_blocks"], v["cr_blocks"], v["oos_blocks"]) == (0, 0, 0)
+    a.stop()
+    a = slaves.restart(a.spec)
+    assert status(a)["volumes"]["v"]["dirty_blocks"] == 0
 
 
 def test_an_unchanged_file_is_not_replaced(slaves):

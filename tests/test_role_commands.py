@@ -187,9 +187,21 @@ def test_failover_beside_a_running_mirror_and_a_writer_never_wedges(sh):
     the promoted image passes the dependent-write checker.  Then the
     mirror is stopped (as the refusal of `failback` says); failback is
     refused as split brain (a's writes after the failover); the resync that
-    names a the winner keeps them; the mirror is started again."""
+    names a the winner keeps them; the mirror is started again.
+
+    Each round switches r1 twice (failover, then resync), and r1's
+    supervisor gives up after more than launch.RESTART_BURST (5) starts in
+    RESTART_WINDOW s, as systemd's start limit does with the unit.  So a
+    round's failover is started at least half a window after the previous
+    one returned: any six switches in a row then span two such gaps, a
+    whole window.  Unpaced, rounds took 4.4 to 6 s here, just outside the
+    limit; with the window doubled (as rounds twice as fast) r1 was left
+    down at its sixth switch and the resync failed after 120 s."""
     mirrored(sh)
+    failed_over = None
     for rnd in range(ROUNDS):
+        if failed_over is not None:
+            time.sleep(max(0.0, failed_over + launch.RESTART_WINDOW / 2 - time.monotonic()))
         work = wl.Workload.resume(sh.uris("s1"), LAYOUT).start()
         try:
             h = sh.wait_hardened()
@@ -197,6 +209,7 @@ def test_failover_beside_a_running_mirror_and_a_writer_never_wedges(sh):
             sh.ok("mirror", "rate", "64K")
             sh.wait_hardened(h)                     # groups form under the writer
             p = sh.run("failover")
+            failed_over = time.monotonic()
             assert p.returncode == 0, f"round {rnd}: {p.returncode} {p.stderr}"
         finally:
             work.stop()
