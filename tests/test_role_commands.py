@@ -137,14 +137,13 @@ def test_other_role_commands_killed_at_a_step_finish_when_run_again(sh, args, po
 
 
 def test_each_role_command_run_twice_says_nothing_to_do(sh):
-    """failover --test, --end-test, failover, failback, switchover, resync:
-    the second run in a row changes nothing, says so in one line, exits 0."""
+    """failover, failback, switchover: the second run in a row changes
+    nothing, says so in one line, exits 0.  (The DR test and resync in the
+    test below: each role change restarts a node under its supervisor, and
+    a supervisor, as systemd's default start limit, gives up after more
+    than five starts in ten seconds.)"""
     mirrored(sh)
     sh.stop_mirror()
-    sh.ok("failover", "--test")
-    nothing_to_do(sh, "failover", "--test")
-    sh.ok("failover", "--end-test")
-    nothing_to_do(sh, "failover", "--end-test")
     sh.ok("failover")
     out = nothing_to_do(sh, "failover")
     assert "site b is already the source" in out, out
@@ -158,6 +157,19 @@ def test_each_role_command_run_twice_says_nothing_to_do(sh):
     nothing_to_do(sh, "switchover", "--to", "b")
     sh.ok("switchover", "--to", "a")
     assert sh.role("s1") == "primary"
+    sh.assert_equal()
+    sh.check("r1")
+
+
+def test_dr_test_and_resync_run_twice_say_nothing_to_do(sh):
+    """failover --test, --end-test, resync: the second run in a row changes
+    nothing, says so in one line, exits 0."""
+    mirrored(sh)
+    sh.stop_mirror()
+    sh.ok("failover", "--test")
+    nothing_to_do(sh, "failover", "--test")
+    sh.ok("failover", "--end-test")
+    nothing_to_do(sh, "failover", "--end-test")
     sh.ok("resync", "--from", "a", "--to", "b")
     nothing_to_do(sh, "resync", "--from", "a", "--to", "b")
     sh.assert_equal()

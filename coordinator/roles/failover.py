@@ -221,11 +221,12 @@ class RoleSwitch:
         if (st is None and self.explicit) or (st is not None and "role_seq" not in st):
             return self._relaunch(node, st, role)
         if st is None:
+            noun = "secondary" if node.site == "b" else "slave"
             raise FailoverError(
                 f"{node.name} (site {node.site}) does not answer on {node.cfg.control}:"
-                f" start it under its service manager (`systemctl start"
-                f" cgmirror-node@{node.name}` or `cgmirror node run {node.name}` on its"
-                f" host) and run the command again (it resumes)")
+                f" start it on its host under its supervisor (`cgmirror {noun} start"
+                f" {node.name}`, or its unit cgmirror-node@{node.name}) and run the"
+                f" command again (it resumes)")
         if st.get("role", "primary") == role:
             return st
         if role == "primary":
@@ -298,10 +299,11 @@ class RoleSwitch:
         for node in self.nodes(site):
             st = self.status(node)
             if st is None:
+                noun = "secondary" if site == "b" else "slave"
                 raise FailoverError(f"{node.name} (site {site}) does not answer on"
-                                    f" {node.cfg.control}: start it (`systemctl start"
-                                    f" cgmirror-node@{node.name}` or `cgmirror node run"
-                                    f" {node.name}` on its host) and run the command again")
+                                    f" {node.cfg.control}: start it on its host (`cgmirror"
+                                    f" {noun} start`, or its unit cgmirror-node@{node.name})"
+                                    f" and run the command again")
             if st.get("role") != "secondary":
                 role = st.get("role", "primary")
                 raise FailoverError(f"{node.name} (site {site}) is a {role}, not a"
