@@ -339,8 +339,11 @@ def _secondary_rows(secondaries: dict):
             if not v["present"]:
                 yield [name, vname, "", "", "", "", "MISSING: " + v["error"]]
             else:
-                yield [name, vname, hardened, r["prepared"] or "-", v["undo_blocks"],
-                       v["tgt_blocks"], v.get("error") or ""]
+                # A [[secondary]] promoted for a DR test runs as a primary:
+                # it has no undo store or tgt counts to show.
+                yield [name, vname, hardened, r["prepared"] or "-",
+                       v.get("undo_blocks", "-"), v.get("tgt_blocks", "-"),
+                       v.get("error") or ""]
 
 
 def history(ctx, limit: int | None) -> ExitCode:
