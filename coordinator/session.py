@@ -105,6 +105,7 @@ except the optional keys above.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -258,6 +259,24 @@ class Session:
         """Every mirrored volume: (slave, volume, secondary, remote volume)."""
         return [(s.name, v.name, v.secondary, v.remote_volume)
                 for s in self.slaves for v in s.volumes if v.secondary]
+
+
+_LOCAL = "this host"
+
+
+def _host_of(control: str) -> str:
+    """The host a node runs on, as far as a session file says: the host of
+    its control address over TCP, or this host (unix, loopback)."""
+    a = wire_address.parse(control)
+    if not a.is_tcp:
+        return _LOCAL
+    try:
+        if ipaddress.ip_address(a.host).is_loopback:
+            return _LOCAL
+    except ValueError:
+        if a.host == "localhost":
+            return _LOCAL
+    return a.host
 
 
 def replication_uri(secondary: NodeConfig, export: str) -> str:
@@ -631,33 +650,39 @@ class _Parser:
     def unique(self, slaves: tuple[NodeConfig, ...],
                secondaries: tuple[NodeConfig, ...] = ()) -> None:
         """Two slaves may not share a name; no two nodes (slaves and
-        secondaries alike) may share a socket, a state dir or a volume file."""
-        owner: dict[tuple[str, str], str] = {}
+        secondaries alike) may share a socket, a state dir or a volume file
+        on one host.  A node's host is the one its control address names
+        (unix or loopback: this one), so that nodes on two hosts may use
+        the same paths, as the README's two-host walkthrough does."""
+        owner: dict[tuple[str, str, str], str] = {}
 
-        def claim(kind: str, value: str, who: str, where: str, key: str) -> None:
-            other = owner.setdefault((kind, value), who)
+        def claim(kind: str, value: str, who: str, where: str, key: str,
+                  host: str = "") -> None:
+            other = owner.setdefault((kind, host, value), who)
             if other != who:
                 self.fail(where, key, f"{value} is also used by {other}")
 
         for s in slaves:
-            w = f"[[slave]] {s.name!r}"
+            w, host = f"[[slave]] {s.name!r}", _host_of(s.control)
             claim("name", s.name, f"slave #{slaves.index(s) + 1}", w, "name")
-            claim("dir", s.state_dir, f"slave {s.name}", w, "state_dir")
+            claim("dir", s.state_dir, f"slave {s.name}", w, "state_dir", host)
             claim("socket", s.nbd or s.nbd_socket, f"slave {s.name} nbd",
-                  w, "nbd" if s.nbd else "nbd_socket")
-            claim("socket", s.control, f"slave {s.name} control", w, "control")
+                  w, "nbd" if s.nbd else "nbd_socket", "" if s.nbd else host)
+            claim("socket", s.control, f"slave {s.name} control", w, "control",
+                  host if host == _LOCAL else "")
             for v in s.volumes:
                 claim("path", v.path, f"volume {s.name}/{v.name}",
-                      f"[[slave.volume]] {s.name}/{v.name}", "path")
+                      f"[[slave.volume]] {s.name}/{v.name}", "path", host)
         for r in secondaries:
-            w = f"[[secondary]] {r.name!r}"
-            claim("dir", r.state_dir, f"secondary {r.name}", w, "state_dir")
+            w, host = f"[[secondary]] {r.name!r}", _host_of(r.control)
+            claim("dir", r.state_dir, f"secondary {r.name}", w, "state_dir", host)
             claim("socket", r.nbd or r.nbd_socket, f"secondary {r.name} nbd",
-                  w, "nbd" if r.nbd else "nbd_socket")
-            claim("socket", r.control, f"secondary {r.name} control", w, "control")
+                  w, "nbd" if r.nbd else "nbd_socket", "" if r.nbd else host)
+            claim("socket", r.control, f"secondary {r.name} control", w, "control",
+                  host if host == _LOCAL else "")
             for v in r.volumes:
                 claim("path", v.path, f"volume {r.name}/{v.name}",
-                      f"[[secondary.volume]] {r.name}/{v.name}", "path")
+                      f"[[secondary.volume]] {r.name}/{v.name}", "path", host)
         self.distinct_images(slaves)
 
     def distinct_images(self, slaves: tuple[NodeConfig, ...]) -> None:

@@ -97,6 +97,22 @@ def test_bad_tcp_keys_are_one_line(tmp_path, old, new, words):
         assert w in msg, msg
 
 
+def test_nodes_on_two_hosts_may_use_the_same_paths(tmp_path):
+    """Paths are a host's own: s1 on 10.0.0.2 and s3 on 10.0.0.3 may both
+    keep state in run/n and an image at data/db.img (the README's two-host
+    walkthrough does); on one host (unix control) they may not."""
+    s3 = ("\n[[slave]]\nname = \"s3\"\nstate_dir = \"run/s1\"\n"
+          "nbd = \"tcp:10.0.0.3:10809\"\ncontrol = \"tcp:10.0.0.3:7001\"\n"
+          "\n[[slave.volume]]\nname = \"db\"\npath = \"data/db.img\"\n"
+          "target = \"nbds://10.0.0.9:10809/db3\"\n")
+    s = session.load(write(tmp_path, TCP + s3))
+    assert s.slaves[0].volumes[0].path == s.slaves[2].volumes[0].path
+    local = TCP.replace('path = "data/s2-db.img"', 'path = "data/db.img"') \
+        .replace('control = "tcp:10.0.0.2:7001"', 'control = "tcp:127.0.0.1:7001"')
+    with pytest.raises(ConfigError, match="also used by volume s1/db"):
+        session.load(write(tmp_path, local))
+
+
 def test_pki_runs_without_a_session_file(tmp_path, monkeypatch, capsys):
     """``cgmirror pki`` needs no session file; with one, its defaults come from it."""
     monkeypatch.delenv(session.ENV, raising=False)
