@@ -155,8 +155,20 @@ class SecondaryVolume(Volume):
     export is ``HostView``.  Writes pass ``_modify``: refused while writes
     are blocked (prepared, or a rollback running), undo save, then data."""
 
-    LOST_HINT = (" (or only restart it: the next start of `cgmirror mirror run` then copies"
-                 " the volume in full)")
+    owner = None        # the Secondary serving it: its node record holds the direction
+
+    def lost_fix(self, pid: int) -> str:
+        # Any file at the path after a restart -- one copied back from
+        # /proc/PID/fd included -- is a new inode: the node reports it
+        # replaced (issue 18), and only a full resync from the source joins
+        # it again.  The source is the direction record's (none yet: a).
+        node = getattr(self.owner, "node", None)
+        rec = (node.data.get("record") if node is not None else None) or {}
+        src = rec.get("source") if rec.get("source") in ("a", "b") else "a"
+        dst = "b" if src == "a" else "a"
+        return (f"restart the node, then `cgmirror resync --from {src} --to {dst} --full`"
+                f" copies the volume whole (a file put back at {self.path} is a new"
+                f" one to the pair too)")
 
     def __init__(self, name: str, path: str, statedir: str, granularity: int,
                  region: int, create_size: int | None = None):
@@ -343,6 +355,7 @@ class Secondary(OpHandler):
         self.token = load_token(statedir)
         self.state = self._load_state()
         for vol in volumes.values():
+            vol.owner = self
             vol.open_undo(self.state["hardened"])
             if self.state["prepared"] is not None:
                 vol.blocked = f"group {self.state['prepared']} is prepared"
