@@ -445,11 +445,14 @@ def test_a_deleted_secondary_volume_is_brought_back_as_its_hint_says(shell, how)
     sh.stop_mirror()
     sh.ok("secondary", "stop", "r1")
     sh.ok("secondary", "start", "r1")
-    with open(sh.mirror_log) as f:
-        before = len(f.read())
+    def mirror_log() -> str:
+        with open(sh.mirror_log) as f:
+            return f.read()
+
+    before = len(mirror_log())
     sh.start_mirror()                                # a replaced image: no group forms
     deadline = time.monotonic() + 60
-    while "is not the file node r1 served" not in (log := open(sh.mirror_log).read()[before:]):
+    while "is not the file node r1 served" not in (log := mirror_log()[before:]):
         assert time.monotonic() < deadline, log
         time.sleep(0.2)
     sh.stop_mirror()
