@@ -158,17 +158,20 @@ class SecondaryVolume(Volume):
     owner = None        # the Secondary serving it: its node record holds the direction
 
     def lost_fix(self, pid: int) -> str:
-        # Any file at the path after a restart -- one copied back from
-        # /proc/PID/fd included -- is a new inode: the node reports it
-        # replaced (issue 18), and only a full resync from the source joins
-        # it again.  The source is the direction record's (none yet: a).
+        # Any file at the path after a restart -- the copy from /proc/PID/fd
+        # included -- is a new inode: the node reports it replaced (issue
+        # 18), and only a full resync from the source joins it again.  The
+        # copy still keeps the site's data until then.  The source is the
+        # direction record's (none recorded yet: a).
         node = getattr(self.owner, "node", None)
         rec = (node.data.get("record") if node is not None else None) or {}
         src = rec.get("source") if rec.get("source") in ("a", "b") else "a"
         dst = "b" if src == "a" else "a"
-        return (f"restart the node, then `cgmirror resync --from {src} --to {dst} --full`"
-                f" copies the volume whole (a file put back at {self.path} is a new"
-                f" one to the pair too)")
+        return (f"copy it back with `cp /proc/{pid}/fd/{self.fd} {self.path}` before"
+                f" stopping the node (its data is gone with the process otherwise),"
+                f" then restart the node and run `cgmirror resync --from {src} --to {dst}"
+                f" --full` (the copy is a new file to the pair: only a full resync"
+                f" joins it again)")
 
     def __init__(self, name: str, path: str, statedir: str, granularity: int,
                  region: int, create_size: int | None = None):
