@@ -155,8 +155,23 @@ class SecondaryVolume(Volume):
     export is ``HostView``.  Writes pass ``_modify``: refused while writes
     are blocked (prepared, or a rollback running), undo save, then data."""
 
-    LOST_HINT = (" (or only restart it: the next start of `cgmirror mirror run` then copies"
-                 " the volume in full)")
+    owner = None        # the Secondary serving it: its node record holds the direction
+
+    def lost_fix(self, pid: int) -> str:
+        # Any file at the path after a restart -- the copy from /proc/PID/fd
+        # included -- is a new inode: the node reports it replaced (issue
+        # 18), and only a full resync from the source joins it again.  The
+        # copy still keeps the site's data until then.  The source is the
+        # direction record's (none recorded yet: a).
+        node = getattr(self.owner, "node", None)
+        rec = (node.data.get("record") if node is not None else None) or {}
+        src = rec.get("source") if rec.get("source") in ("a", "b") else "a"
+        dst = "b" if src == "a" else "a"
+        return (f"copy it back with `cp /proc/{pid}/fd/{self.fd} {self.path}` before"
+                f" stopping the node (its data is gone with the process otherwise),"
+                f" then restart the node and run `cgmirror resync --from {src} --to {dst}"
+                f" --full` (the copy is a new file to the pair: only a full resync"
+                f" joins it again)")
 
     def __init__(self, name: str, path: str, statedir: str, granularity: int,
                  region: int, create_size: int | None = None):
@@ -343,6 +358,7 @@ class Secondary(OpHandler):
         self.token = load_token(statedir)
         self.state = self._load_state()
         for vol in volumes.values():
+            vol.owner = self
             vol.open_undo(self.state["hardened"])
             if self.state["prepared"] is not None:
                 vol.blocked = f"group {self.state['prepared']} is prepared"

@@ -73,7 +73,6 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
 
 class Volume:
     # What else to do when the volume's file is gone (``problem``).
-    LOST_HINT = ""
 
     def __init__(self, name: str, path: str, statedir: str, granularity: int,
                  region: int, create_size: int | None = None,
@@ -228,10 +227,14 @@ class Volume:
             fix = (f"put device {os.major(rdev)}:{os.minor(rdev)} back at {self.path}"
                    f" and restart the node")
         else:
-            fix = (f"copy it back with `cp /proc/{pid}/fd/{self.fd} {self.path}` before"
-                   f" stopping the node, then restart the node{self.LOST_HINT}")
+            fix = self.lost_fix(pid)
         return (f"volume {self.name}: {self.path} {what} while this node (pid {pid})"
                 f" kept using the one it opened: {fix}")
+
+    def lost_fix(self, pid: int) -> str:
+        """What brings back a deleted file (``problem``'s last clause)."""
+        return (f"copy it back with `cp /proc/{pid}/fd/{self.fd} {self.path}` before"
+                f" stopping the node, then restart the node")
 
     # ------------------------------------------------------------ cut
 

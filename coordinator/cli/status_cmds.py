@@ -160,13 +160,26 @@ def _noun(role: str, doc: dict) -> str:
     return "slave" if (role == "primary") == first else "secondary"
 
 
-def _wrong_role(cfg, r: dict, want: str, noun: str) -> str:
+def _wrong_role(cfg, r: dict, want: str, doc: dict) -> str:
     # A node's role is its own record (it starts in it): no restart by hand
-    # changes it; a role command does, through the node's role op.
+    # changes it; a role command does, through the node's role op.  The
+    # line names that command with this session's sites (a placeholder
+    # such as SITE is not a command that can be run).
+    d = doc["direction"]
+    src = d.get("source", "a")
+    dst = direction.other(src)
+    if d.get("state") == "switching":
+        fix = "a switchover was cut short: `cgmirror switchover` finishes it"
+    elif d.get("state") == "failed-over":
+        fix = (f"the sites are split (or a failover was cut short: run it again);"
+               f" `cgmirror failback` ends the split, `cgmirror resync --from {src}"
+               f" --to {dst}` keeps site {src} the source")
+    else:
+        fix = (f"a role command was cut short (run it again) or the sites are split;"
+               f" `cgmirror resync --from {src} --to {dst}` puts every node in the"
+               f" role the direction gives it")
     return (f"{cfg.name} at {cfg.control} runs as {r.get('role', 'primary')}, but the"
-            f" session's direction makes it a {want}: a role command was cut short or"
-            f" the sites are split; run that command again, or `cgmirror failback` /"
-            f" `cgmirror resync --from SITE --to SITE` as the split line says")
+            f" session's direction makes it a {want}: {fix}")
 
 
 def _secondary(cfg, r, doc: dict) -> dict:
@@ -178,7 +191,7 @@ def _secondary(cfg, r, doc: dict) -> dict:
     # A DR test's site runs as a primary (direction.role): not a wrong role.
     if r.get("role") != "secondary" and doc["direction"].get("state") != "dr-test":
         doc["ok"] = False
-        row["error"] = _wrong_role(cfg, r, "secondary", _noun("secondary", doc))
+        row["error"] = _wrong_role(cfg, r, "secondary", doc)
         return row
     for name in (v.name for v in cfg.volumes):
         st = r["volumes"].get(name)
@@ -199,7 +212,7 @@ def _primary(cfg, r, grp: dict, doc: dict) -> dict:
     if r.get("role", "primary") != "primary":
         doc["ok"] = False
         return {"reachable": True,
-                "error": _wrong_role(cfg, r, "primary", _noun("primary", doc)),
+                "error": _wrong_role(cfg, r, "primary", doc),
                 "pid": r.get("pid"), "role": r.get("role"), "phase": None, "n": None,
                 "ended": None, "volumes": {}}
     vols = {}
