@@ -9,7 +9,7 @@ import time
 
 from wire.protocol import Kind
 
-from ..errors import SlaveError
+from ..errors import SlaveError, SlaveUnreachable
 from ..link import Channel, SlaveLink, check_links, parallel  # noqa: F401 (theirs: link.py)
 
 
@@ -41,7 +41,6 @@ def abort_all(links: list[SlaveLink], n: int) -> dict[str, str]:
     res = parallel(links, lambda lk: abort_one(lk, n),
                    timeout=max(lk.timeout for lk in links) + 1)
     return {k: (f"failed: {v}" if isinstance(v, Exception) else v) for k, v in res.items()}
-
 
 
 def status_retry(link: SlaveLink) -> dict:
