@@ -237,3 +237,70 @@ def test_slave_drain_to_a_silent_target_ends_within_its_timeout(slaves, run_dir,
     finally:
         os.kill(tgt.pid, signal.SIGCONT)
         tgt.stop()
+
+
+# The copy inside site a (its client must run in a namespace): reads
+# commands from the test on stdin, "mid" on stdout when it reaches block 32
+# (and waits for "go": the test cuts the link first), then the outcome.
+SILENT_LINK_COPY = r'''
+import sys, time
+from native.bitmap import Bitmap
+from nbdplugin.copier import Copy
+G = 64 * 1024
+
+class Source:
+    name, granularity, broken = "mem", G, None
+    def __init__(self, n):
+        self.size, self._bm = n * G, Bitmap(n)
+        for b in range(n):
+            self._bm.set(b, 1)
+    def blocks(self): return self._bm.copy()
+    def changed(self): return self._bm.copy()
+    def read(self, buf, block):
+        if block == 32:
+            print("mid", flush=True)
+            sys.stdin.readline()
+        for i in range(0, len(buf), G):
+            buf[i:i + G] = bytes([(block + i // G) % 251 + 1]) * G
+    def confirm(self, start, count): pass
+    def flushed(self, start, count): pass
+
+c = Copy(Source(128), sys.argv[1], inflight=2, timeout=float(sys.argv[2]), streams=1)
+t0 = time.monotonic()
+c.run()
+print(c.state, c.fault, round(time.monotonic() - c.started, 1), "|", c.error, flush=True)
+'''
+
+
+def test_copy_across_a_cut_link_ends_within_its_timeout(sites):
+    """A real silent link: the target in site r, the copy in site a, the
+    link cut (nftables drop: no RST) in the middle of the copy.  The copy
+    fails with fault target within its timeout (2 s) plus a little."""
+    need("nbdkit")
+    import select
+    import subprocess
+    import sys
+    a, r = sites["a"], sites["r"]
+    srv = r.popen(["nbdkit", "-f", "--exit-with-parent", "-p", "0", "-i", r.addr,
+                   "memory", "16M"])
+    uri = f"nbd://{r.addr}:{r.wait_port(srv)}"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = a.popen([sys.executable, "-c", SILENT_LINK_COPY, uri, "2"], cwd=root,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 30)
+        assert ready and child.stdout.readline().strip() == "mid"
+        sites.cut("a", "r")
+        t0 = time.monotonic()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        ready, _, _ = select.select([child.stdout], [], [], 15)
+        took = time.monotonic() - t0
+        assert ready, f"copy across a cut link still running after {took:.0f} s"
+        state, fault, _, *rest = child.stdout.readline().split()
+        assert (state, fault) == ("failed", "target"), rest
+        assert took < 8, f"took {took:.1f} s for a 2 s timeout"
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(10)
