@@ -248,6 +248,34 @@ def connect(uri: str, name: str, timeout: float) -> "nbd.NBD":
     return h
 
 
+# How long a copy's connection may take to close after a disconnect request.
+DISCONNECT_GRACE = 1.0
+
+
+def disconnect(h, grace: float = DISCONNECT_GRACE) -> None:
+    """Say goodbye to the target, waiting at most ``grace`` seconds, then
+    leave the handle to be closed (when it is dropped).  Not
+    ``h.shutdown()``: libnbd's shutdown polls without a limit until the
+    server closes the connection, so a target behind a silent link (a cut
+    between sites drops packets: no RST, no reply) or a stopped target kept
+    a failed copy -- and the cut -- in phase copying for ever, whatever the
+    copy timeout.  A disconnect has no value for us beyond politeness
+    (libnbd: no advantage over closing abruptly).  Never raises."""
+    try:
+        if h.aio_is_closed() or h.aio_is_dead():
+            return
+        if h.aio_is_ready() or h.aio_is_processing():
+            h.aio_disconnect(0)
+        deadline = time.monotonic() + grace
+        while not (h.aio_is_closed() or h.aio_is_dead()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            h.poll(max(1, min(100, int(left * 1000))))
+    except nbd.Error:
+        pass
+
+
 # ------------------------------------------------------------------ baseline
 #
 # Why samples: a third-party target (qemu-nbd, nbd-server, nbdkit file) keeps
@@ -429,10 +457,7 @@ def verify_target(uri: str, base: dict, source, timeout: float) -> None:
         except nbd.Error as exc:
             raise CopyError(f"target {uri}: {exc.string}") from exc
     finally:
-        try:
-            h.shutdown()
-        except nbd.Error:
-            pass
+        disconnect(h)
 
 
 class Copy:
@@ -554,10 +579,7 @@ class Copy:
             self.baseline = self._sample(h, size)
         finally:
             for hh in handles:
-                try:
-                    hh.shutdown()
-                except nbd.Error:
-                    pass  # the copy's outcome is already decided
+                disconnect(hh)   # bounded: the copy's outcome is already decided
             with self._lock:                # set_rate may be calling it
                 if self._engine is not None:
                     self._engine.close()   # only now: libnbd may read its buffers

@@ -5,6 +5,8 @@ reads only through its source object."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import nbd
 import psutil
@@ -12,7 +14,7 @@ import pytest
 
 from cgtest import MiB, closing_all, need, write
 from coordinator import group
-from harness import peers
+from harness import peers, sites
 from coordinator.errors import CopyFailed, ExitCode
 from coordinator.link import SlaveLink
 from native.bitmap import Bitmap
@@ -160,3 +162,145 @@ def test_requests_do_not_leave_buffer_objects_behind(run_dir):
         assert grown < 2, f"RSS grew {grown:.1f} MiB over 20,000 requests"
     finally:
         tgt.stop()
+
+
+# ------------------------------------------------------------ silent target
+#
+# A target that stops answering mid-copy (SIGSTOP: the socket stays open, no
+# RST, no reply -- what a dropped link between sites looks like) must end the
+# copy within its timeout.  libnbd's shutdown() waits without limit for the
+# server to close the connection, so the copy stayed "copying" for ever.
+
+class StoppingSource(ListSource):
+    """Stops the target (SIGSTOP) when the copy reads block ``at``."""
+
+    def __init__(self, pid: int, at: int, *args):
+        super().__init__(*args)
+        self.pid, self.at = pid, at
+
+    def read(self, buf, block: int) -> None:
+        if block == self.at:
+            sites.pause(self.pid)
+        super().read(buf, block)
+
+
+def test_python_copy_to_a_silent_target_ends_within_its_timeout(run_dir):
+    need("nbdkit")
+    import threading
+    src_blocks = {b: bytes([b + 1]) * G for b in range(64)}
+    tgt = peers.nbdkit(os.path.join(run_dir, "t.sock"), "memory", "size=8M")
+    try:
+        src = StoppingSource(tgt.pid, 32, src_blocks, 128)
+        c = Copy(src, tgt.uri, inflight=2, timeout=2, streams=1)
+        t = threading.Thread(target=c.run, daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        t.join(10)
+        took = time.monotonic() - t0
+        assert not t.is_alive(), f"copy to a silent target still running after {took:.0f} s"
+        assert c.state == "failed" and c.fault == "target", (c.state, c.error)
+        assert "did not answer" in c.error, c.error
+        assert took < 6, f"took {took:.1f} s for a 2 s timeout"
+    finally:
+        os.kill(tgt.pid, signal.SIGCONT)
+        tgt.stop()
+
+
+def test_slave_drain_to_a_silent_target_ends_within_its_timeout(slaves, run_dir, link_to):
+    """The node itself ends a drain whose target went silent (no abort from
+    a coordinator needed): phase back to idle, cut failed with fault target,
+    within the copy timeout plus a few seconds; then it may change role."""
+    need("nbdkit")
+    proc = slaves("s1", volumes=[("a", 8 * MiB)])
+    write(proc.spec.uri("a"), 0, os.urandom(8 * MiB))
+    lk = link_to(proc)
+    image = peers.make_image(os.path.join(run_dir, "t.img"), 8 * MiB)
+    # Slow writes, so the stop lands mid-copy whatever the load.
+    tgt = peers.nbdkit_file(image, os.path.join(run_dir, "t.sock"),
+                            filters=("delay",), args=("wdelay=200ms",))
+    try:
+        group.establish([lk], 1, 5000, 2000, full={"s1": ["a"]})
+        lk.call("copy", n=1, targets={"a": tgt.uri}, mode="full", timeout_ms=2000,
+                inflight=2)
+        deadline = time.monotonic() + 10
+        while lk.status()["volumes"]["a"]["copy"]["done_bytes"] == 0:
+            assert time.monotonic() < deadline, "copy never started"
+            time.sleep(0.02)
+        sites.pause(tgt.pid)
+        t0 = time.monotonic()
+        while lk.status()["phase"] != "idle":
+            took = time.monotonic() - t0
+            assert took < 12, (f"drain to a silent target still"
+                               f" {lk.status()['phase']} after {took:.0f} s")
+            time.sleep(0.1)
+        assert lk.status()["volumes"]["a"]["copy"]["fault"] == "target"
+    finally:
+        os.kill(tgt.pid, signal.SIGCONT)
+        tgt.stop()
+
+
+# The copy inside site a (its client must run in a namespace): reads
+# commands from the test on stdin, "mid" on stdout when it reaches block 32
+# (and waits for "go": the test cuts the link first), then the outcome.
+SILENT_LINK_COPY = r'''
+import sys, time
+from native.bitmap import Bitmap
+from nbdplugin.copier import Copy
+G = 64 * 1024
+
+class Source:
+    name, granularity, broken = "mem", G, None
+    def __init__(self, n):
+        self.size, self._bm = n * G, Bitmap(n)
+        for b in range(n):
+            self._bm.set(b, 1)
+    def blocks(self): return self._bm.copy()
+    def changed(self): return self._bm.copy()
+    def read(self, buf, block):
+        if block == 32:
+            print("mid", flush=True)
+            sys.stdin.readline()
+        for i in range(0, len(buf), G):
+            buf[i:i + G] = bytes([(block + i // G) % 251 + 1]) * G
+    def confirm(self, start, count): pass
+    def flushed(self, start, count): pass
+
+c = Copy(Source(128), sys.argv[1], inflight=2, timeout=float(sys.argv[2]), streams=1)
+t0 = time.monotonic()
+c.run()
+print(c.state, c.fault, round(time.monotonic() - c.started, 1), "|", c.error, flush=True)
+'''
+
+
+def test_copy_across_a_cut_link_ends_within_its_timeout(sites):
+    """A real silent link: the target in site r, the copy in site a, the
+    link cut (nftables drop: no RST) in the middle of the copy.  The copy
+    fails with fault target within its timeout (2 s) plus a little."""
+    need("nbdkit")
+    import select
+    import subprocess
+    import sys
+    a, r = sites["a"], sites["r"]
+    srv = r.popen(["nbdkit", "-f", "--exit-with-parent", "-p", "0", "-i", r.addr,
+                   "memory", "16M"])
+    uri = f"nbd://{r.addr}:{r.wait_port(srv)}"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = a.popen([sys.executable, "-c", SILENT_LINK_COPY, uri, "2"], cwd=root,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 30)
+        assert ready and child.stdout.readline().strip() == "mid"
+        sites.cut("a", "r")
+        t0 = time.monotonic()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        ready, _, _ = select.select([child.stdout], [], [], 15)
+        took = time.monotonic() - t0
+        assert ready, f"copy across a cut link still running after {took:.0f} s"
+        state, fault, _, *rest = child.stdout.readline().split()
+        assert (state, fault) == ("failed", "target"), rest
+        assert took < 8, f"took {took:.1f} s for a 2 s timeout"
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(10)

@@ -493,3 +493,41 @@ def test_rollback_when_roll_forward_is_refused_resends_the_group(rig, monkeypatc
     assert not any("whole" in line or "full copy" in line for line in r.logs[1:]), r.logs
     assert 0 < r.replication_bytes() - base < 4 * SIZE
     r.assert_equal()
+
+
+# ------------------------------------------------------------------ silent nodes
+
+def test_control_socket_answers_while_every_node_is_silent(tmp_path):
+    """Site a cut off (the README walkthrough): nodes that accept a
+    connection and never answer (a silent link looks the same to a socket
+    with a timeout).  The mirror's control socket still answers pause,
+    resume and status within its usual time (CONTROL_TIMEOUT_S): each reply
+    carries the status document, which asked every node twice in a row
+    (direction 5 s, then the primaries over the cycle's links, 10 s), so
+    ``mirror resume`` timed out."""
+    import socket as socket_mod
+    from coordinator.mirror import client
+    p = tmp_path / "m.toml"
+    p.write_text(session_text())
+    s = session_mod.load(str(p))
+    silent = []
+    for cfg in [*s.slaves, *s.secondaries]:
+        path = str(tmp_path / cfg.control) if not os.path.isabs(cfg.control) else cfg.control
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ls = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+        ls.bind(path)
+        ls.listen(64)                   # never accepted: connects, never answered
+        silent.append(ls)
+    try:
+        with Mirror(s) as m:
+            for op in ("pause", "resume", "status"):
+                t0 = time.monotonic()
+                reply = client.call(s.mirror.control, op)
+                took = time.monotonic() - t0
+                assert took < client.CONTROL_TIMEOUT_S, f"{op} took {took:.1f} s"
+                assert reply["ok"] and reply["paused"] is (op == "pause")
+                assert reply["volumes"]["s1"]["a"]["error"], reply["volumes"]
+            assert not m.paused
+    finally:
+        for ls in silent:
+            ls.close()

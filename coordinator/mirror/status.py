@@ -9,7 +9,7 @@ import math
 import os
 import time
 
-from .. import direction, group
+from .. import direction
 from ..errors import CgmirrorError
 
 
@@ -43,12 +43,23 @@ def severity(mirror, now: float | None = None) -> str | None:
     return None
 
 
-def where(session) -> dict:
+# The status document asks every node at once, each with this timeout, and
+# waits for none longer than a second more (link.parallel): a control
+# request (pause, resume, status: each replies with the document) must be
+# answered within the client's CONTROL_TIMEOUT_S whatever the nodes do.  It
+# used to ask twice in a row (the direction 5 s, then the primaries over
+# the cycle's links, 10 s): with site a cut off (silence, no RST) every
+# reply took over 16 s and ``cgmirror mirror resume`` timed out.
+STATUS_TIMEOUT_S = 2.5
+
+
+def where(session, statuses: dict | None = None) -> dict:
     """The recorded direction of ``session`` for status: {"source", "state",
     "from"?, "to"?, "why"?} ("why": the line saying why no group forms, if
-    none may), or {"error"} if it cannot be read."""
+    none may), or {"error"} if it cannot be read.  ``statuses``: every
+    node's (direction.poll), else asked now."""
     try:
-        d = direction.load(session, check=False)
+        d = direction.load(session, statuses, check=False)
     except CgmirrorError as exc:
         return {"source": None, "state": None, "error": str(exc)}
     out = {k: d[k] for k in ("source", "state", "from", "to") if k in d}
@@ -60,7 +71,10 @@ def where(session) -> dict:
 def document(mirror) -> dict:
     """The status document of the running ``mirror`` (a cycle.Mirror)."""
     now = time.time()
-    dirn = where(mirror.session)
+    # One round, every node at once, bounded (STATUS_TIMEOUT_S): the
+    # direction and the primaries' volumes both come from it.
+    replies = direction.poll(mirror.session, timeout=STATUS_TIMEOUT_S)
+    dirn = where(mirror.session, replies)
     why = severity(mirror, now)
     state = "severe" if why and mirror.state in ("running", "paused") else mirror.state
     if dirn.get("why") and mirror.state in ("running", "paused"):
@@ -69,7 +83,6 @@ def document(mirror) -> dict:
         state, why = "severe", mirror.session_file.problem
     holds = list(mirror.holds)
     vols: dict[str, dict] = {}
-    replies = group.statuses(mirror.slaves)
     for s_ in mirror.session.slaves:
         r = replies.get(s_.name)
         for v in s_.volumes:
