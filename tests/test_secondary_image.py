@@ -25,6 +25,7 @@ import pytest
 from harness import workload as wl
 from coordinator import direction, launch
 from coordinator.mirror import Mirror
+from coordinator.roles import failover
 from coordinator.roles.failover import Node, RoleSwitch
 from failoverrig import G, LAYOUT, NBLOCKS, VOLS, Rig, Writes
 
@@ -204,9 +205,12 @@ def test_end_test_restores_group_h_then_failover_promotes_it(rig):
 
 @pytest.mark.parametrize("point", ["secondary:test-restore-mid@3",
                                    "secondary:test-restore-before-clear"])
-def test_kill_while_ending_the_test_comes_back_to_group_h(rig, point):
+def test_kill_while_ending_the_test_comes_back_to_group_h(rig, point, monkeypatch):
     """r1 killed -9 while it restores group h at --end-test: the command
-    fails, its rerun finishes, and r1 serves exactly group h."""
+    fails, its rerun finishes, and r1 serves exactly group h.  Nothing
+    starts r1 again until the test does (its supervisor passes the kill
+    up), so the command's wait for it is cut from 120 s to 10."""
+    monkeypatch.setattr(failover, "ROLE_RESTART_TIMEOUT_S", 10.0)
     Writes().workload(rig.uris("s1"), 30, resume=False)
     h = rig.group()
     before = host_images(rig, "r1")
