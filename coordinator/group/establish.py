@@ -65,10 +65,6 @@ class Established:
         return asdict(self) | {"max_held_ms": self.max_held_ms}
 
 
-# Refusals of an abort that mean the slave is not (or no longer) in the cut.
-
-
-
 def establish(links: list[SlaveLink], n: int, lease_ms: int,
               max_coordination_ms: int, *,
               full: dict[str, list[str]] | None = None) -> Established:
