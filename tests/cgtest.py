@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -258,3 +259,18 @@ def read_all(uri: str) -> bytes:
                         for off in range(0, size, 4 * MiB))
     finally:
         close(h)
+
+
+def refused_start(cmd: list[str], timeout: float = 60) -> tuple[int, list[str]]:
+    """Run a node's ``cmd`` that must refuse to start: its exit status and
+    its stderr lines.  A node that starts instead fails the test (killed)."""
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+            pytest.fail(f"the node started instead of refusing: {cmd}")
+    return p.returncode, err.splitlines()

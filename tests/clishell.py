@@ -208,6 +208,12 @@ class Shell:
         self.nodes.append(proc)
         return proc
 
+    def __enter__(self) -> "Shell":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         Shell.stop_mirror(self)     # not a subclass's: its checks are the test's
 

@@ -13,14 +13,13 @@ import os
 import random
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import nbd
 import pytest
 
-from cgtest import wait_until
+from cgtest import refused_start, wait_until
 from coordinator.control import ControlError
 from nbdplugin.noderecord import NODE_FILE, NodeRecord, NodeRecordError
 from wire import lineage, protocol
@@ -208,17 +207,8 @@ def write(proc, offset, data, vol="v"):
 def failing_start(spec) -> str:
     """Run ``spec``'s nbdkit expecting a refusal: exit 1 and exactly one
     line on stderr; return it without its prefix."""
-    p = subprocess.Popen(spec.command(), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
-            pytest.fail(f"the node started instead of refusing: {spec.command()}")
-    lines = err.splitlines()
-    assert p.returncode == 1 and len(lines) == 1, lines
+    code, lines = refused_start(spec.command())
+    assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith("cgmirror: error: ")
     return lines[0].removeprefix("cgmirror: error: ")
 

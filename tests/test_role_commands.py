@@ -36,11 +36,8 @@ from rolerig import LAYOUT, NAME, Shell
 @pytest.fixture
 def sh(run_dir):
     need("nbdkit")
-    shell = Shell(run_dir)
-    try:
+    with Shell(run_dir) as shell:
         yield shell
-    finally:
-        shell.close()
 
 
 def mirrored(sh: Shell) -> int:

@@ -5,13 +5,12 @@ its host export, driven over its control socket."""
 import hashlib
 import os
 import random
-import subprocess
 import threading
 
 import nbd
 import pytest
 
-from cgtest import wait_until
+from cgtest import refused_start, wait_until
 from wire import protocol
 from coordinator.control import ControlError
 
@@ -502,17 +501,9 @@ def test_zero_and_trim_are_undone_too(slaves):
 
 def refused_lines(cmd):
     """Run a secondary that must refuse to start; return its stderr lines."""
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
-            pytest.fail(f"the secondary started instead of refusing: {cmd}")
-    assert p.returncode != 0
-    return err.splitlines()
+    code, lines = refused_start(cmd, timeout=30)
+    assert code != 0
+    return lines
 
 
 @pytest.mark.parametrize("damage, says", [

@@ -38,11 +38,8 @@ G = LAYOUT.granularity
 @pytest.fixture
 def sh(run_dir):
     need("nbdkit")
-    shell = Shell(run_dir)
-    try:
+    with Shell(run_dir) as shell:
         yield shell
-    finally:
-        shell.close()
 
 
 def mirrored(sh: Shell) -> int:
