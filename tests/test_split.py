@@ -26,6 +26,7 @@ import os
 import pytest
 
 from cgtest import need, wait_until
+from coordinator import launch, session
 from coordinator.errors import SlaveError
 from coordinator.link import SlaveLink
 from harness import workload as wl
@@ -161,7 +162,9 @@ def test_a_second_session_on_a_live_secondary_is_refused(sh):
             err = sh.fails("-s", other, *args)
             assert f"belongs to session {NAME}, not other" in err, (args, err)
     finally:
-        sh.run("-s", other, "slave", "stop", "s9")
+        # `slave stop` of the other session is refused too (its file names
+        # r1): stop s9 and its supervisor by their pidfiles.
+        launch.stop(session.load(other).slave("s9").spec())
     st = sh.node("r1")
     assert st["hardened"] == h and st["session"] == NAME
     sh.check("r1")
