@@ -44,6 +44,14 @@ class Shell(clishell.Shell):
         self.ok("slave", "start")
         self.ok("secondary", "start")
 
+    def mirrored(self) -> int:
+        """Nodes up, a workload written at s1 and mirrored: the mirror runs
+        and a group hardened; its number."""
+        self.start_nodes()
+        self.write("s1", 40, fresh=True)
+        self.start_mirror()
+        return self.wait_hardened()
+
     def stop_mirror(self) -> int | None:
         """SIGTERM, as ``systemctl stop`` does; it must end by itself, cleanly."""
         status = super().stop_mirror()

@@ -40,14 +40,6 @@ def sh(run_dir):
         yield shell
 
 
-def mirrored(sh: Shell) -> int:
-    """Nodes up, a workload mirrored: the mirror runs and a group hardened."""
-    sh.start_nodes()
-    sh.write("s1", 40, fresh=True)
-    sh.start_mirror()
-    return sh.wait_hardened()
-
-
 def nothing_to_do(sh: Shell, *args: str) -> str:
     p = sh.run(*args)
     assert p.returncode == 0, f"cgmirror {' '.join(args)}: {p.returncode} {p.stderr}"
@@ -66,7 +58,7 @@ def test_failback_killed_at_a_step_finishes_when_run_again(sh, point):
     """failback killed -9 at its switchover step (and its other steps): run
     again, it finishes; site a is the source, both sites equal and
     consistent; a third run says nothing to do."""
-    mirrored(sh)
+    sh.mirrored()
     sh.stop_mirror()
     sh.ok("failover")
     sh.write("r1", 15)
@@ -87,7 +79,7 @@ def test_failback_killed_once_it_recorded_switching_finishes_when_run_again(sh):
     """The issue's case without failpoints: the CLI child is killed -9 as
     soon as the nodes' direction record says "switching" (its switchover step); run
     again, failback finishes the swap (it said "nothing to fail back")."""
-    mirrored(sh)
+    sh.mirrored()
     sh.stop_mirror()
     sh.ok("failover")
     sh.write("r1", 15)
@@ -122,7 +114,7 @@ def test_other_role_commands_killed_at_a_step_finish_when_run_again(sh, args, po
     """Killed -9 after recording (failover: before promoting; switchover:
     promoted, baselines not adopted): run again, it finishes; a third run
     says nothing to do."""
-    mirrored(sh)
+    sh.mirrored()
     sh.stop_mirror()
     p = sh.run(*args, failpoints=point)
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
@@ -139,7 +131,7 @@ def test_each_role_command_run_twice_says_nothing_to_do(sh):
     test below: each role change restarts a node under its supervisor, and
     a supervisor, as systemd's default start limit, gives up after more
     than five starts in ten seconds.)"""
-    mirrored(sh)
+    sh.mirrored()
     sh.stop_mirror()
     sh.ok("failover")
     out = nothing_to_do(sh, "failover")
@@ -161,7 +153,7 @@ def test_each_role_command_run_twice_says_nothing_to_do(sh):
 def test_dr_test_and_resync_run_twice_say_nothing_to_do(sh):
     """failover --test, --end-test, resync: the second run in a row changes
     nothing, says so in one line, exits 0."""
-    mirrored(sh)
+    sh.mirrored()
     sh.stop_mirror()
     sh.ok("failover", "--test")
     nothing_to_do(sh, "failover", "--test")
@@ -194,7 +186,7 @@ def test_failover_beside_a_running_mirror_and_a_writer_never_wedges(sh):
     whole window.  Unpaced, rounds took 4.4 to 6 s here, just outside the
     limit; with the window doubled (as rounds twice as fast) r1 was left
     down at its sixth switch and the resync failed after 120 s."""
-    mirrored(sh)
+    sh.mirrored()
     failed_over = None
     for rnd in range(ROUNDS):
         if failed_over is not None:
@@ -235,7 +227,7 @@ def test_failover_beside_a_running_mirror_and_a_writer_never_wedges(sh):
 def test_every_command_beside_a_running_mirror_works_or_is_refused_as_documented(sh):
     """The table of coordinator/lock.py, command by command, with the
     mirror running."""
-    h = mirrored(sh)
+    h = sh.mirrored()
     refused = f"`cgmirror mirror run` (pid {sh.mirror.pid}) mirrors session {NAME}"
 
     def busy(*args):

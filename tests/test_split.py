@@ -45,10 +45,7 @@ def sh(run_dir):
 
 def mirrored(sh: Shell) -> int:
     """Nodes up, a workload mirrored, the mirror stopped; the group hardened."""
-    sh.start_nodes()
-    sh.write("s1", 40, fresh=True)
-    sh.start_mirror()
-    sh.wait_hardened()
+    sh.mirrored()
     sh.stop_mirror()
     return sh.node("r1")["hardened"]
 
