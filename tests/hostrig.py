@@ -252,6 +252,15 @@ class Rig:
                                           self.images("b")):
             assert x == y, f"{na}/{v} and {nb}/{v} differ"
 
+    def assert_joined(self, site: str, role: str) -> None:
+        """``site``'s nodes run as ``role`` (as c sees them), the checker
+        passes on both sites' images, and the two sites hold the same."""
+        for n in SITE_NODES[site]:
+            assert self.role(n, "c") == role, n
+        self.check("a1", "a")
+        self.check("b1", "b")
+        self.assert_equal()
+
     def arm(self, node: str, points: str | None) -> None:
         """Failpoints ``points`` in every start of ``node``'s unit from now
         (None: disarm): a drop-in ``failpoints.conf`` with ``Environment=``
