@@ -38,6 +38,7 @@ started here and ended here by its pid (SIGTERM then SIGKILL, or SIGKILL for
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -269,24 +270,68 @@ class EtcdCluster:
             return False
         if m.host is None:
             from wire.etcd import Etcd, EtcdError
-            client = Etcd([m.client_url], self.client_dir, timeout=timeout)
-            try:
-                client.revision()
-                return True
-            except EtcdError:
-                return False
-            finally:
-                client.close()
-        f = tls.HostFiles(m.cert_dir)
+            with Etcd([m.client_url], self.client_dir, timeout=timeout) as client:
+                try:
+                    client.revision()
+                    return True
+                except EtcdError:
+                    return False
         try:
-            r = m.host.run([ETCDCTL, "--endpoints", m.client_url, "--cacert", f.ca,
-                            "--cert", f.client_cert, "--key", f.client_key,
-                            f"--command-timeout={timeout}s", "endpoint", "health"],
+            r = m.host.run(self._etcdctl(m, timeout) + ["endpoint", "health"],
                            timeout=timeout + 10, check=False,
                            env={**os.environ, "ETCDCTL_API": "3"})
         except subprocess.TimeoutExpired:
             return False
         return r.returncode == 0
+
+    def status(self, i: int, timeout: float = 1.0) -> dict | None:
+        """Member ``i``'s ``{"member_id", "leader"}`` (raft ids; leader 0:
+        none known), asked from where a client of its placement sits; None if
+        it does not answer."""
+        m = self.members[i]
+        if not m.running:
+            return None
+        if m.host is None:
+            from wire.etcd import Etcd, EtcdError
+            with Etcd([m.client_url], self.client_dir, timeout=timeout) as client:
+                try:
+                    st = client.status()
+                except EtcdError:
+                    return None
+            return {"member_id": st["member_id"], "leader": st.get("leader", 0)}
+        try:
+            r = m.host.run(self._etcdctl(m, timeout) + ["-w", "json", "endpoint", "status"],
+                           timeout=timeout + 10, check=False,
+                           env={**os.environ, "ETCDCTL_API": "3"})
+            st = json.loads(r.stdout)[0]["Status"] if r.returncode == 0 else None
+        except (subprocess.TimeoutExpired, ValueError, LookupError):
+            return None
+        if st is None:
+            return None
+        return {"member_id": int(st["header"]["member_id"]), "leader": int(st.get("leader", 0))}
+
+    def leader(self, timeout: float = 10) -> int:
+        """The index of the member that leads the raft now (waits up to
+        ``timeout`` s for the running members to agree on one)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ids, leaders = {}, set()
+            for i, m in enumerate(self.members):
+                st = self.status(i)
+                if st is not None:
+                    ids[st["member_id"]] = i
+                    leaders.add(st["leader"])
+            if len(leaders) == 1 and next(iter(leaders)) in ids:
+                return ids[leaders.pop()]
+            if time.monotonic() > deadline:
+                raise EtcdRigError(f"no etcd leader agreed on after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def _etcdctl(self, m: Member, timeout: float) -> list[str]:
+        f = tls.HostFiles(m.cert_dir)
+        return [ETCDCTL, "--endpoints", m.client_url, "--cacert", f.ca,
+                "--cert", f.client_cert, "--key", f.client_key,
+                f"--command-timeout={timeout}s"]
 
     def wait_healthy(self, timeout: float = 30, members=None) -> None:
         """Wait until every running member (or those in ``members``) is

@@ -206,6 +206,8 @@ class Etcd:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._current = 0           # the endpoint that answered last
+        self._sessions: list = []   # every thread's, for close()
+        self._generation = 0        # bumped by close(): threads make new clients
 
     @classmethod
     def for_cluster(cls, cluster, tls_dir: str | None,
@@ -217,11 +219,19 @@ class Etcd:
         return f"Etcd({', '.join(self.endpoints)})"
 
     def close(self) -> None:
-        """Close this thread's HTTP connections (others close when their
-        thread ends)."""
-        for client in getattr(self._local, "clients", {}).values():
-            client.session.close()
-        self._local.clients = {}
+        """Close every HTTP connection (of every thread); the next call
+        opens new ones."""
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+            self._generation += 1
+        for session in sessions:
+            session.close()
+
+    def __enter__(self) -> "Etcd":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- keys --------------------------------------------------------------
 
@@ -258,6 +268,18 @@ class Etcd:
         """The remaining TTL of ``lease`` without renewing it; 0 if gone."""
         r = self._call("read a lease", "/kv/lease/timetolive", {"ID": lease})
         return max(int(r.get("TTL", -1)), 0)
+
+    def status(self) -> dict:
+        """The answering member's status (etcd's maintenance/status):
+        ``member_id``, ``leader`` (the leader's member id), ``raft_term``,
+        ``version``, ... (ids as ints)."""
+        r = self._call("read a member's status", "/maintenance/status", {})
+        out = {k: v for k, v in r.items() if k != "header"}
+        out["member_id"] = int(r["header"]["member_id"])
+        for k in ("leader", "raftIndex", "raftTerm", "raftAppliedIndex", "dbSize"):
+            if k in out:
+                out[k] = int(out[k])
+        return out
 
     # -- reads -------------------------------------------------------------
 
@@ -372,10 +394,10 @@ class Etcd:
     # -- the one boundary to etcd3gw -----------------------------------------
 
     def _client(self, i: int):
-        clients = getattr(self._local, "clients", None)
-        if clients is None:
-            clients = self._local.clients = {}
-        c = clients.get(i)
+        local = self._local
+        if getattr(local, "generation", None) != self._generation:
+            local.clients, local.generation = {}, self._generation
+        c = local.clients.get(i)
         if c is None:
             scheme, host, port = self._parsed[i]
             session = requests.Session()
@@ -385,9 +407,11 @@ class Etcd:
                 # requests hands `verify` to urllib3 as the CA file to load:
                 # the session CA again (never certifi's bundle).
                 session.verify = tls.HostFiles(self.tls_dir).ca
-            c = clients[i] = Etcd3Client(host=host, port=port, protocol=scheme,
-                                         timeout=self.timeout, api_path=API_PATH,
-                                         session=session)
+            with self._lock:
+                self._sessions.append(session)
+            c = local.clients[i] = Etcd3Client(host=host, port=port, protocol=scheme,
+                                               timeout=self.timeout, api_path=API_PATH,
+                                               session=session)
         return c
 
     def _call(self, what: str, path: str, body: dict, attempts: list | None = None) -> dict:
@@ -489,9 +513,13 @@ def _innermost(exc: BaseException) -> BaseException:
 def _transport(exc: BaseException, timeout: float) -> str:
     """One line for a connection that failed (refused, timed out, TLS)."""
     name = type(exc).__name__
-    if isinstance(exc, ssl.SSLEOFError):
-        return ("closed the connection in the TLS handshake: it refused this"
-                " client's certificate (is it from this session's CA?)")
+    # etcd (Go, TLS 1.3) refuses a client certificate after the client's
+    # side of the handshake is done: the client sees the alert, or only the
+    # connection closing, depending on timing.  One message for both.
+    if isinstance(exc, ssl.SSLEOFError) or getattr(exc, "reason", None) in (
+            "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA"):
+        return ("it refused this client's certificate in the TLS handshake"
+                " (is it from this session's CA?)")
     if isinstance(exc, (ssl.SSLError, ssl.SSLCertVerificationError)):
         return tls.describe(exc, "").removeprefix("peer : ")
     if name == "CertificateError":      # urllib3's own host name check
