@@ -181,6 +181,22 @@ def test_tls_client_of_another_ca_is_refused(one, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_tls_member_certificate_must_name_the_address_dialled(tmp_path):
+    """A member whose certificate names another address (127.0.0.2, dialled
+    at 127.0.0.1) is refused by the client, in one line saying so."""
+    c = EtcdCluster(str(tmp_path / "data"), str(tmp_path / "pki"), n=1)   # not started
+    c[0].cert_dir = pki.issue(c.pki, "misnamed", ips=["127.0.0.2"])
+    with c, Etcd(c.endpoints(), c.client_dir, timeout=1) as client:
+        def refused():
+            try:
+                client.get("/x")
+            except EtcdError as exc:
+                return "does not name the address" in str(exc) and str(exc)
+            pytest.fail("a member with a misnamed certificate answered")
+        msg = poll(refused, 10, "the misnamed member to listen")
+        assert "\n" not in msg and "127.0.0.2" in msg
+
+
 def test_bad_arguments_are_refused_before_any_request(tmp_path):
     """No endpoint, more than 7, a non-URL, https without certificates, a
     certificate directory without its files, a TTL below 1."""

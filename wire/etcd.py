@@ -253,8 +253,11 @@ class Etcd:
     def keepalive(self, lease: int) -> int:
         """Renew ``lease``; its remaining TTL in seconds, 0 if it is gone."""
         r = self._call("renew a lease", "/lease/keepalive", {"ID": lease})
-        ttl = int((r.get("result") or {}).get("TTL", 0))
-        return max(ttl, 0)
+        if not isinstance(r.get("result"), dict):
+            raise EtcdError(f"etcd: cannot renew lease {lease}: an answer without a"
+                            f" result ({_line(r)})")
+        # No TTL (or -1): etcd no longer knows the lease (expired or revoked).
+        return max(int(r["result"].get("TTL", 0)), 0)
 
     def revoke(self, lease: int) -> None:
         """Revoke ``lease`` (its keys go with it); a lease already gone is fine."""
@@ -440,6 +443,15 @@ class Etcd:
                 continue
             if not isinstance(r, dict):
                 said.append(f"{self.endpoints[i]}: not a JSON object")
+                continue
+            err = r.get("error")
+            if isinstance(err, dict):
+                # A streaming call (lease keepalive) reports its error in the
+                # body of a 200: {"error": {"http_code", "message", ...}}.
+                text = _line(err.get("message") or err)
+                if 400 <= int(err.get("http_code") or 500) < 500:
+                    raise _refused(what, self.endpoints[i], text)
+                said.append(f"{self.endpoints[i]}: {text}")
                 continue
             with self._lock:
                 self._current = i
