@@ -311,20 +311,24 @@ class EtcdCluster:
         return {"member_id": int(st["header"]["member_id"]), "leader": int(st.get("leader", 0))}
 
     def leader(self, timeout: float = 10) -> int:
-        """The index of the member that leads the raft now (waits up to
-        ``timeout`` s for the running members to agree on one)."""
+        """The index of the member that leads the raft now: the one a
+        majority of all members name (a member cut off may still name
+        itself or none); waits up to ``timeout`` s for one."""
         deadline = time.monotonic() + timeout
         while True:
-            ids, leaders = {}, set()
-            for i, m in enumerate(self.members):
+            ids, votes = {}, {}
+            for i in range(len(self.members)):
                 st = self.status(i)
                 if st is not None:
                     ids[st["member_id"]] = i
-                    leaders.add(st["leader"])
-            if len(leaders) == 1 and next(iter(leaders)) in ids:
-                return ids[leaders.pop()]
+                    if st["leader"]:
+                        votes[st["leader"]] = votes.get(st["leader"], 0) + 1
+            for leader, n in votes.items():
+                if n > len(self.members) // 2 and leader in ids:
+                    return ids[leader]
             if time.monotonic() > deadline:
-                raise EtcdRigError(f"no etcd leader agreed on after {timeout:.0f} s")
+                raise EtcdRigError(f"no etcd leader named by a majority of the"
+                                   f" {len(self.members)} members after {timeout:.0f} s")
             time.sleep(0.05)
 
     def _etcdctl(self, m: Member, timeout: float) -> list[str]:
