@@ -228,6 +228,7 @@ class EtcdCluster:
             return None
         if m.proc.poll() is None:
             m.proc.send_signal(signal.SIGTERM)
+            m.proc.send_signal(signal.SIGCONT)     # a paused member takes it too
             try:
                 m.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -338,16 +339,22 @@ class EtcdCluster:
                 f"--command-timeout={timeout}s"]
 
     def wait_healthy(self, timeout: float = 30, members=None) -> None:
-        """Wait until every running member (or those in ``members``) is
-        healthy; EtcdRigError naming the others and their log's tail if not
-        within ``timeout`` s."""
+        """Wait until every running member (or every one in ``members``,
+        which must run) is healthy.  EtcdRigError naming the others and
+        their log's tail if not within ``timeout`` s, at once if a member
+        exits meanwhile (e.g. its port was taken) or none runs."""
         idx = list(range(len(self.members))) if members is None else list(members)
+        running = {i for i in idx if self.members[i].running}
+        if members is None and not running:
+            raise EtcdRigError("no etcd member is running")
         deadline = time.monotonic() + timeout
         while True:
+            exited = [i for i in running if not self.members[i].running]
+            if exited:
+                raise EtcdRigError("etcd member exited: " + ", ".join(map(self._why, exited)))
             waiting = [i for i in idx
                        if self.members[i].running and not self.healthy(i)]
-            dead = [i for i in idx if self.members[i].proc is not None
-                    and not self.members[i].running and members is not None]
+            dead = [i for i in idx if not self.members[i].running and members is not None]
             if not waiting and not dead:
                 return
             if time.monotonic() > deadline:
@@ -357,7 +364,8 @@ class EtcdCluster:
 
     def _why(self, i: int) -> str:
         m = self.members[i]
-        state = "running" if m.running else f"exited {m.proc.returncode}"
+        state = ("running" if m.running else "never started" if m.proc is None
+                 else f"exited {m.proc.returncode}")
         return f"{m.name} ({state}; {_tail(m.log)})"
 
 

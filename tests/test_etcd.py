@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import time
 
@@ -13,16 +14,17 @@ import pytest
 
 import cgtest
 from coordinator import pki
-from harness.etcd import EtcdCluster, _free_ports
+from harness.etcd import EtcdCluster, EtcdRigError, _free_ports
 from wire import tls
-from wire.etcd import Etcd, EtcdError
+from wire import etcd as etcd_mod
+from wire.etcd import KV, Etcd, EtcdError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
-@pytest.fixture(autouse=True)
-def _need_etcd():
+@pytest.fixture
+def need_etcd():
     cgtest.need("etcd", "etcdctl")
 
 
@@ -40,6 +42,7 @@ def poll(pred, timeout: float, what: str, step: float = 0.05):
 
 @pytest.fixture(scope="module")
 def one(tmp_path_factory):
+    cgtest.need("etcd", "etcdctl")
     base = tmp_path_factory.mktemp("etcd1")
     with EtcdCluster(str(base / "data"), str(base / "pki"), n=1) as c:
         c.wait_healthy(30)
@@ -54,10 +57,58 @@ def etcd(one, request):
     e.close()
 
 
-def test_key_layout(etcd):
-    """key(): PREFIX/SESSION/PARTS, the prefix as given."""
-    assert etcd.key("demo", "state", "direction") == "/cgmirror/demo/state/direction"
-    assert Etcd(["http://h:1"], None, prefix="/x/y/").key("s", "leader") == "/x/y/s/leader"
+# -- pure parts (no etcd) ---------------------------------------------------
+
+def test_key_layout():
+    """key(): PREFIX/SESSION/PARTS, the prefix as given (slashes trimmed)."""
+    assert Etcd(["http://h:1"]).key("demo", "state", "direction") == \
+        "/cgmirror/demo/state/direction"
+    assert Etcd(["http://h:1"], prefix="/x/y/").key("s", "leader") == "/x/y/s/leader"
+
+
+def test_endpoints_from_a_comma_list():
+    """A node's ``etcd=URL,URL`` parameter is accepted as it comes."""
+    e = Etcd("http://10.0.0.1:2379,http://10.0.0.2:2379")
+    assert e.endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
+
+
+@pytest.mark.parametrize("url, parsed", [
+    ("https://10.0.0.1:2379", ("https", "10.0.0.1", 2379)),
+    ("https://[fd00::1]:2379/", ("https", "fd00::1", 2379)),
+    ("http://etcd.example:1", ("http", "etcd.example", 1)),
+])
+def test_parse_endpoint_good(url, parsed):
+    """Scheme, host (IPv6 unbracketed) and port."""
+    assert etcd_mod.parse_endpoint(url) == parsed
+
+
+@pytest.mark.parametrize("url", ["10.0.0.1:2379", "https://h", "https://h:99999",
+                                 "unix:///run/etcd.sock", "https://u:p@h:1",
+                                 "https://h:1/v3", "https://h:1?x=1", "https://:2379"])
+def test_parse_endpoint_bad(url):
+    """Anything but scheme://host:port is refused in one line."""
+    with pytest.raises(ValueError, match="not an etcd URL") as e:
+        etcd_mod.parse_endpoint(url)
+    assert "\n" not in str(e.value)
+
+
+def test_prefix_range_end():
+    """The end of a prefix range: last byte + 1; trailing 0xff bytes dropped."""
+    assert etcd_mod._prefix_end(b"/a/") == b"/a0"
+    assert etcd_mod._prefix_end(b"a\xff\xff") == b"b"
+    assert etcd_mod._prefix_end(b"\xff") == b"\0"
+
+
+def test_kv_decodes_the_gateway_json():
+    """A range answer's item (base64 key and value, revisions as strings)."""
+    item = {"key": "L2EvYg==", "value": "eyJuIjogMX0=", "create_revision": "7",
+            "mod_revision": "9", "lease": "7587862011011782402", "version": "2"}
+    assert etcd_mod._kv(item) == KV("/a/b", b'{"n": 1}', 7, 9, 7587862011011782402)
+    assert etcd_mod._kv({"key": "L2E=", "create_revision": "3", "mod_revision": "3"}) \
+        == KV("/a", b"", 3, 3, 0)
+
+
+# -- against a real etcd -----------------------------------------------------
 
 
 def test_create_once_then_refused_and_revisions_grow(etcd, request):
@@ -188,7 +239,7 @@ def test_tls_client_of_another_ca_is_refused(one, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_tls_member_certificate_must_name_the_address_dialled(tmp_path):
+def test_tls_member_certificate_must_name_the_address_dialled(need_etcd, tmp_path):
     """A member whose certificate names another address (127.0.0.2, dialled
     at 127.0.0.1) is refused by the client, in one line saying so."""
     c = EtcdCluster(str(tmp_path / "data"), str(tmp_path / "pki"), n=1)   # not started
@@ -202,6 +253,24 @@ def test_tls_member_certificate_must_name_the_address_dialled(tmp_path):
             pytest.fail("a member with a misnamed certificate answered")
         msg = poll(refused, 10, "the misnamed member to listen")
         assert "\n" not in msg and "127.0.0.2" in msg
+
+
+def test_rig_says_when_a_member_cannot_start(need_etcd, tmp_path):
+    """A member whose client port is taken exits; wait_healthy says so at
+    once, with its log's last line, instead of waiting out its timeout."""
+    c = EtcdCluster(str(tmp_path / "data"), str(tmp_path / "pki"), n=1)
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.bind(("127.0.0.1", c[0].client_port))
+    taken.listen()
+    try:
+        with c:
+            t = time.monotonic()
+            with pytest.raises(EtcdRigError, match="m0 .exited") as e:
+                c.wait_healthy(30)
+            assert time.monotonic() - t < 10 and "\n" not in str(e.value)
+    finally:
+        taken.close()
 
 
 def test_bad_arguments_are_refused_before_any_request(tmp_path):
@@ -221,7 +290,7 @@ def test_bad_arguments_are_refused_before_any_request(tmp_path):
         Etcd(["http://h:1"], None).grant(0)
 
 
-def test_three_members_a_dead_one_is_skipped_all_dead_is_one_line(tmp_path, request):
+def test_three_members_a_dead_one_is_skipped_all_dead_is_one_line(need_etcd, tmp_path, request):
     """Three members: the member a client used is SIGKILLed, the next call
     is answered by another at once; one SIGSTOPped costs at most the
     timeout; all down: EtcdError naming every endpoint, within n x timeout."""
@@ -278,7 +347,7 @@ def _try(f, *args):
         return None
 
 
-def test_members_inside_hosts_on_their_addresses(tmp_path):
+def test_members_inside_hosts_on_their_addresses(need_etcd, tmp_path):
     """Namespace placement: member i inside host i on its own address; a
     client inside a host reads and writes; a host cut off from the others is
     unhealthy while the two others go on, and it rejoins after the heal."""
