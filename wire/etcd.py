@@ -12,9 +12,14 @@ etcd's v3 JSON gateway; this module only
 - rotates over the cluster's endpoints: a call goes to the endpoint that
   answered last, and on a connection failure, a timeout or a 5xx (a member
   without a leader answers 503) to the next, until one answers or every one
-  was tried once; a dead member costs at most ``timeout``;
-- bounds every request by ``timeout`` (requests' connect and read timeouts;
-  etcd answers in one piece, so a request takes at most about twice that);
+  was tried once; a refusal (4xx: a lease not found, a bad request) is
+  final, as every member would say the same;
+- bounds every request by ``timeout`` (requests' connect timeout covers the
+  TCP and TLS handshakes, its read timeout the answer, which etcd sends in
+  one piece): a killed member costs nothing (refused), a stopped or
+  partitioned one, or one without quorum (its linearizable reads wait for
+  a leader), costs ``timeout``; host names are resolved outside that bound,
+  so sessions name members by address;
 - turns whatever goes wrong into ``EtcdError``, one line naming every
   endpoint tried and what each said;
 - decodes keys and values (base64 on the wire) into ``KV``.
@@ -42,10 +47,10 @@ Why etcd3gw: the OpenStack-maintained client of etcd's JSON gateway, pure
 Python over requests (no grpc wheels to build), packaged by Debian
 (python3-etcd3gw) and on PyPI; ``tooz`` sits on top of it and adds a
 coordination layer (groups, locks by its own key scheme) that cgmirror does
-not use.  python-etcd3 (grpc) is unmaintained.
+not use.  python-etcd3 (grpc) is no longer maintained.
 
-Rejected: a hand-written HTTP client (the spec forbids a home-made protocol),
-and watches (a long-poll stream per watcher, reconnect logic): the callers
+Rejected: a hand-written HTTP client (a home-made protocol is what the issue
+rules out), and watches (a long-poll stream per watcher, reconnect logic): the callers
 poll at ttl/10, which is cheap on etcd and bounded in time.
 """
 
@@ -274,8 +279,8 @@ class Etcd:
 
     def status(self) -> dict:
         """The answering member's status (etcd's maintenance/status):
-        ``member_id``, ``leader`` (the leader's member id), ``raft_term``,
-        ``version``, ... (ids as ints)."""
+        ``member_id``, ``leader`` (the leader's member id, 0: none known),
+        ``raftTerm``, ``version``, ... (ids and counters as ints)."""
         r = self._call("read a member's status", "/maintenance/status", {})
         out = {k: v for k, v in r.items() if k != "header"}
         out["member_id"] = int(r["header"]["member_id"])
