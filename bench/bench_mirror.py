@@ -69,6 +69,9 @@ Fields (per run):
   (<= 1.5), ``goal_write_p99_ratio`` (<= 2), ``goal_hold_p99_ms`` (<= 1).
 - ``max_write_iops``, ``target_write_iops`` (half of it: phases 2 and 4),
   ``load_write_iops`` (achieved in phase 4; ops: a db commit is one).
+  On a link the pace is at most --link-load (0.5) of the link's rate in
+  bytes written: a link is sized for what it carries, and past its rate no
+  group catches up.
 - ``loadavg_start``, ``loadavg`` (1 min, at the start and end of the run;
   2 cores, shared with other users: no figure without it).
 """
@@ -114,6 +117,7 @@ class Random4k:
     """4 KiB random writes over the whole volume."""
 
     name = "random"
+    mean_bytes = BLOCK
 
     def __init__(self, size: int, rng: random.Random):
         self.blocks, self.rng = size // BLOCK, rng
@@ -132,6 +136,7 @@ class Database:
     LOG_BYTES = 16 << 10
     LOG_SHARE = 0.2
     HOT_SHARE = 0.9
+    mean_bytes = LOG_SHARE * LOG_BYTES + (1 - LOG_SHARE) * (12 << 10)
 
     def __init__(self, size: int, rng: random.Random):
         self.rng = rng
@@ -436,6 +441,9 @@ class LinkRig(Rig):
             deadline = time.monotonic() + 60
             while True:
                 try:
+                    # nbdkit writes its pidfile once it listens.
+                    if not os.path.exists(spec.pidfile):
+                        raise FileNotFoundError(spec.pidfile)
                     with ControlClient(spec.control, 5, spec.client_context()) as c:
                         c.call("status")
                     break
@@ -470,6 +478,10 @@ def measure(rig: Rig, a, workload: str) -> dict:
     n_max, _, _ = write_phase(uris, size, a.qd, None, a.max_seconds, a.seed, workload)
     max_rate = n_max / a.max_seconds
     rate = max_rate / 2
+    if rig.link_bytes_s is not None:
+        # A link is sized for the writes it carries: past its rate no group
+        # ever catches up and RPO only grows.
+        rate = min(rate, a.link_load * rig.link_bytes_s / WORKLOADS[workload].mean_bytes)
     n_base, base_lat, _ = write_phase(uris, size, a.qd, rate / len(uris), a.base_seconds,
                                       a.seed + 50, workload)
 
@@ -521,9 +533,11 @@ def measure(rig: Rig, a, workload: str) -> dict:
     # The bound: what a perfect drain must send per group, over the link.
     cuts = [_unix(g["cut"]) for g in hardened]
     first = bisect.bisect_left(cuts, t_start)
-    # Writes are recorded from t_start: the first group cut after it is the
-    # first whose whole window was seen.
-    uniq = unique_per_group(cuts[first:bisect.bisect_right(cuts, t_end)], out["writes"])
+    # Writes are recorded from t_start, and none were made between the
+    # base phase and t_start: the window of the first group cut in the
+    # phase starts at the cut before it.
+    uniq = unique_per_group(cuts[max(first - 1, 0):bisect.bisect_right(cuts, t_end)],
+                            out["writes"])
     link = rig.link_bytes_s
     if link is None and hardened and hardened[0]["drain_ms"]:
         link = hardened[0]["bytes"] / (hardened[0]["drain_ms"] / 1000)
@@ -554,8 +568,9 @@ def measure(rig: Rig, a, workload: str) -> dict:
         "rtt_ms": round(rig.rtt_s * 1000, 1),
         "harden_ms": round(harden_s * 1000, 2) if harden_s is not None else None,
         "rpo_bound_s": round(bound, 3) if bound else None,
-        # Asked for half the maximum; what the writers achieved with the
-        # mirror draining on the same two cores may fall short of it.
+        # Asked for half the maximum (on a link, at most --link-load of its
+        # rate); what the writers achieved with the mirror draining on the
+        # same two cores may fall short of it.
         "max_write_iops": round(max_rate), "target_write_iops": round(rate),
         "base_write_iops": round(n_base / a.base_seconds),
         "load_write_iops": round(out["n"] / a.seconds),
@@ -566,6 +581,13 @@ def measure(rig: Rig, a, workload: str) -> dict:
     res["rpo_vs_bound"] = round(rpo99 / bound, 2) if rpo99 is not None and bound else None
     for k, goal in GOALS.items():
         res[f"goal_{k}"] = res[k] is not None and res[k] <= goal
+    if not rows:
+        # No group formed in the phase: say where to look before the files go.
+        with open(os.path.join(rig.base, "mirror.log"), errors="replace") as f:
+            tail = f.read().splitlines()[-15:]
+        print(f"bench_mirror: {rig.prefix or 'default '}run: no group hardened in"
+              f" {a.seconds} s; the mirror's last lines:", *tail, sep="\n  ",
+              file=sys.stderr, flush=True)
     res.update(loadavg_start=load0, loadavg=round(os.getloadavg()[0], 2),
                cores=os.cpu_count())
     return res
@@ -609,7 +631,7 @@ def link_run(a) -> dict:
         argv = [sys.executable, os.path.abspath(__file__), "--inside", json.dumps(doc),
                 "--link", a.link, "--size-mib", str(a.size_mib), "--seconds", str(a.seconds),
                 "--max-seconds", str(a.max_seconds), "--base-seconds", str(a.base_seconds),
-                "--qd", str(a.qd), "--seed", str(a.seed)]
+                "--qd", str(a.qd), "--seed", str(a.seed), "--link-load", str(a.link_load)]
         if a.subblock is not None:
             argv += ["--subblock", str(a.subblock)]
         r = net["a"].run(argv, timeout=900, check=False, stdout=subprocess.PIPE,
@@ -655,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also a run with each site's processes on its own core")
     ap.add_argument("--link", metavar="RATE,RTT",
                     help="also a run over namespaces, e.g. 1gbit,20ms (root)")
+    ap.add_argument("--link-load", type=float, default=0.5,
+                    help="the link run's writers at most this share of the link's rate")
     ap.add_argument("--db", action="store_true", help="also the database-like run")
     ap.add_argument("--no-default", action="store_true", help="skip the default run")
     ap.add_argument("--inside", help=argparse.SUPPRESS)
