@@ -21,7 +21,9 @@ default run's without one, all in one JSON line last):
            harness/relay.py, which delays every byte by RTT/2 each way (no
            netem here; see relay.py for why not nbdkit's delay filter).  The
            replication NBD and the secondaries' control (PREPARE, COMMIT)
-           pay the link; the host writes do not.
+           pay the link; the host writes do not.  ``relay_cpu_s``: the CPU
+           seconds the relay used (from its start), a cost of the rig on
+           the shared cores, not of the product.
   db_      (``--db``) the default rig with a database-like workload: per
            volume, sequential 16 KiB log writes, each followed by a flush
            (one commit in flight, as a log writer), one op in five; the
@@ -53,7 +55,11 @@ Fields (per run):
   phase 4 (db: page writes, and log write + its flush as one commit);
   ``write_p99_base_ms`` the same writers' p99 in phase 2;
   ``write_p99_ratio`` = write_p99_ms / write_p99_base_ms.
-- ``groups_per_s``, ``drain_mb_s`` (bytes sent / time spent draining).
+- ``groups_per_s`` (hardened, cut in phase 4), ``drain_mb_s`` (bytes sent
+  / time spent draining); ``groups_not_hardened`` and
+  ``groups_drain_timeout`` (of those cut in phase 4; ``--max-drain-ms``,
+  5000 by default, is the session's limit), ``groups_failed`` (the
+  mirror's count since it started).
 - ``unique_bytes_per_group``: mean over the groups of phase 4 of the bytes
   the host wrote between the group's cut and the previous one, each 4 KiB
   block once (what a perfect drain must send).  ``link_mb_s``: the link's
@@ -291,6 +297,7 @@ class Rig:
     prefix = ""
     link_bytes_s: float | None = None    # None: measured from the first group
     rtt_s = 0.0
+    max_drain_ms = 5000
 
     def __init__(self, base: str, size: int, subblock: int | None):
         self.base, self.size, self.subblock = base, size, subblock
@@ -303,7 +310,7 @@ class Rig:
     def write_session(self) -> None:
         self.path = os.path.join(self.base, "m.toml")
         with open(self.path, "w") as f:
-            f.write(session_text(interval_ms=0, max_drain_ms=5000, rpo=30,
+            f.write(session_text(interval_ms=0, max_drain_ms=self.max_drain_ms, rpo=30,
                                  **self.session_keys())
                     .replace(f"size = {SIZE}", f"size = {self.size}"))
         self.sess = session_mod.load(self.path)
@@ -329,6 +336,10 @@ class Rig:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT,
             env=dict(os.environ, PYTHONPATH=ROOT))
         log.close()
+
+    def extra(self) -> dict:
+        """The rig's own fields, read at the end of phase 4."""
+        return {}
 
     def remote_bytes(self) -> int:
         total = 0
@@ -457,6 +468,12 @@ class LinkRig(Rig):
         self.by = {p.spec.name: p.spec for p in self.procs}
         self.uris = [self.by[s].uri(v) for s, v in ORDER]
 
+    def extra(self) -> dict:
+        # The relay is this rig's own cost on the shared cores, not the link's.
+        import psutil
+        t = psutil.Process(self.popens[0].pid).cpu_times()
+        return {"relay_cpu_s": round(t.user + t.system, 2)}
+
     def close(self) -> None:
         from harness.sites import stop
         try:
@@ -471,6 +488,7 @@ class LinkRig(Rig):
 def measure(rig: Rig, a, workload: str) -> dict:
     """Phases 1-4 on ``rig`` (started here, closed by the caller)."""
     load0 = round(os.getloadavg()[0], 2)
+    rig.max_drain_ms = a.max_drain_ms
     rig.write_session()
     os.chdir(rig.base)
     rig.start_nodes()
@@ -516,6 +534,7 @@ def measure(rig: Rig, a, workload: str) -> dict:
         next_t += 0.1
         time.sleep(max(0.0, next_t - time.monotonic()))
     th.join()
+    extra = rig.extra()
     if "n" not in out:
         raise RuntimeError("the writers failed (see above)")
     t_end = time.time()
@@ -525,6 +544,8 @@ def measure(rig: Rig, a, workload: str) -> dict:
         groups = sorted(h.groups(), key=lambda g: g["n"])
     hardened = [g for g in groups if g["outcome"] == "hardened" and g["cut"]]
     rows = [g for g in hardened if t_start <= _unix(g["cut"]) <= t_end]
+    missed = [g for g in groups if g["outcome"] not in ("hardened", "running") and g["cut"]
+              and t_start <= _unix(g["cut"]) <= t_end]
     blocks = sum(g["bytes"] or 0 for g in rows)
     drain_s = sum((g["drain_ms"] or 0) for g in rows) / 1000
     written = sum(n for _, ws in out["writes"] for _, _, n in ws)
@@ -576,7 +597,11 @@ def measure(rig: Rig, a, workload: str) -> dict:
         "load_write_iops": round(out["n"] / a.seconds),
         "volumes": len(uris), "volume_mib": size // MiB, "seconds": a.seconds,
         "groups_failed": st["groups_failed"],
+        "groups_not_hardened": len(missed),
+        "groups_drain_timeout": sum(g["outcome"] == "drain-timeout" for g in missed),
+        "max_drain_ms": a.max_drain_ms,
     }
+    res.update(extra)
     rpo99 = res["rpo_p99_s"]
     res["rpo_vs_bound"] = round(rpo99 / bound, 2) if rpo99 is not None and bound else None
     for k, goal in GOALS.items():
@@ -631,7 +656,8 @@ def link_run(a) -> dict:
         argv = [sys.executable, os.path.abspath(__file__), "--inside", json.dumps(doc),
                 "--link", a.link, "--size-mib", str(a.size_mib), "--seconds", str(a.seconds),
                 "--max-seconds", str(a.max_seconds), "--base-seconds", str(a.base_seconds),
-                "--qd", str(a.qd), "--seed", str(a.seed), "--link-load", str(a.link_load)]
+                "--qd", str(a.qd), "--seed", str(a.seed), "--link-load", str(a.link_load),
+                "--max-drain-ms", str(a.max_drain_ms)]
         if a.subblock is not None:
             argv += ["--subblock", str(a.subblock)]
         r = net["a"].run(argv, timeout=900, check=False, stdout=subprocess.PIPE,
@@ -677,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also a run with each site's processes on its own core")
     ap.add_argument("--link", metavar="RATE,RTT",
                     help="also a run over namespaces, e.g. 1gbit,20ms (root)")
+    ap.add_argument("--max-drain-ms", type=int, default=5000,
+                    help="the session's max_drain_ms (a group past it times out; its"
+                         " unsent blocks go into the next)")
     ap.add_argument("--link-load", type=float, default=0.5,
                     help="the link run's writers at most this share of the link's rate")
     ap.add_argument("--db", action="store_true", help="also the database-like run")
