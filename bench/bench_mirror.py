@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/bench_mirror.py [--size-mib 128] [--seconds 20]
         [--subblock BYTES] [--pin] [--link 1gbit,20ms] [--db] [--no-default]
+        [--max-drain-ms 5000] [--link-load 0.5]
+
+``make bench-mirror`` runs ``--pin --link 1gbit,20ms --db`` (all four).
 
 Runs (each a fresh rig; the fields of each under its own prefix, the
 default run's without one, all in one JSON line last):
@@ -26,9 +29,11 @@ default run's without one, all in one JSON line last):
            the shared cores, not of the product.
   db_      (``--db``) the default rig with a database-like workload: per
            volume, sequential 16 KiB log writes, each followed by a flush
-           (one commit in flight, as a log writer), one op in five; the
-           rest random 8-16 KiB page writes, 90% of them into a hot set of
-           1/8 of the data area.  Log in the first 1/16 of the volume.
+           (one commit in flight, as a log writer), at most one op in five;
+           the rest random 8-16 KiB page writes, 90% of them into a hot set
+           of 1/8 of the data area.  Log in the first 1/16 of the volume.
+           Its amplification can fall below 1: a page rewritten within one
+           group is sent once.
 
 Phases of every run:
 
@@ -74,7 +79,7 @@ Fields (per run):
 - ``goal_rpo_p99_s`` (rpo_p99_s <= 1.0), ``goal_drain_amplification``
   (<= 1.5), ``goal_write_p99_ratio`` (<= 2), ``goal_hold_p99_ms`` (<= 1).
 - ``max_write_iops``, ``target_write_iops`` (half of it: phases 2 and 4),
-  ``load_write_iops`` (achieved in phase 4; ops: a db commit is one).
+  ``base_write_iops`` (achieved in phase 2), ``load_write_iops`` (achieved in phase 4; ops: a db commit is one).
   On a link the pace is at most --link-load (0.5) of the link's rate in
   bytes written: a link is sized for what it carries, and past its rate no
   group catches up.
