@@ -193,7 +193,7 @@ class TimedSwitch(RoleSwitch):
         run_once = m.run_once
 
         def timed_run_once():
-            t0, w0 = time.monotonic(), time.time()
+            w0 = time.time()
             res = run_once()
             self.t["precut"] += max(0.0, res.cut - w0) if res.cut else 0.0
             self.group = res
