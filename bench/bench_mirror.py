@@ -76,6 +76,10 @@ Fields (per run):
   just before a group hardens is the age of the previous cut, so back-to-
   back groups at the bound give an rpo_p99_s near twice it.
   ``rpo_vs_bound`` = rpo_p99_s / rpo_bound_s.
+- Where a group's time goes, medians over the groups of phase 4:
+  ``group_ms_p50`` (cut to hardened), ``coordination_ms_p50`` (freeze sent
+  to all frozen), ``drain_ms_p50``, ``harden_ms`` (above) and
+  ``between_ms_p50`` (the previous group hardened to this one's cut).
 - ``goal_rpo_p99_s`` (rpo_p99_s <= 1.0), ``goal_drain_amplification``
   (<= 1.5), ``goal_write_p99_ratio`` (<= 2), ``goal_hold_p99_ms`` (<= 1).
 - ``max_write_iops``, ``target_write_iops`` (half of it: phases 2 and 4),
@@ -572,6 +576,21 @@ def measure(rig: Rig, a, workload: str) -> dict:
     bound = (statistics.mean(uniq) / link + rig.rtt_s + harden_s) \
         if uniq and link and harden_s is not None else None
 
+    # Where a group's time goes (medians over the phase's hardened groups).
+    def p50_ms(values):
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 1) if values else None
+    by_n = {g["n"]: g for g in groups}
+    where = {
+        "group_ms_p50": p50_ms([(_unix(g["hardened"]) - _unix(g["cut"])) * 1000
+                                for g in rows if g["hardened"]]),
+        "coordination_ms_p50": p50_ms([g["coordination_ms"] for g in rows]),
+        "drain_ms_p50": p50_ms([g["drain_ms"] for g in rows]),
+        "between_ms_p50": p50_ms([(_unix(g["cut"]) - _unix(by_n[g["n"] - 1]["hardened"]))
+                                  * 1000 for g in rows
+                                  if (by_n.get(g["n"] - 1) or {}).get("hardened")]),
+    }
+
     p99 = percentile(lat, 99) if lat else None
     p99_base = percentile(base_lat, 99) if base_lat else None
     res = {
@@ -594,6 +613,7 @@ def measure(rig: Rig, a, workload: str) -> dict:
         "rtt_ms": round(rig.rtt_s * 1000, 1),
         "harden_ms": round(harden_s * 1000, 2) if harden_s is not None else None,
         "rpo_bound_s": round(bound, 3) if bound else None,
+        **where,
         # Asked for half the maximum (on a link, at most --link-load of its
         # rate); what the writers achieved with the mirror draining on the
         # same two cores may fall short of it.
