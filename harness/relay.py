@@ -19,6 +19,13 @@ COMMIT that the harden pays over a real link.  Rate limits stay with the
 kernel (``tbf`` on the site's link, harness/sites.py): the relay adds time,
 never bandwidth limits.
 
+What it does not model: TCP's own window over the delayed path.  The
+relay acknowledges at once and holds up to QUEUE_BYTES a direction, so a
+sender is limited by what its application keeps in flight (NBD requests,
+control calls), never by a TCP window -- a link whose windows cover its
+bandwidth-delay product (Linux autotunes to 6 MiB; 1 Gbit/s x 20 ms is
+2.5 MB), without slow start after idle.
+
 The relay runs in the receiving site's namespace, listening on that site's
 address, and forwards to the real server on the same port of 127.0.0.1
 there; the server's certificate names the site's address, which is what
@@ -35,9 +42,10 @@ import threading
 import time
 
 CHUNK = 256 << 10
-# Chunks a direction may hold before its reader stops reading (TCP's own
-# flow control then pushes back on the sender).
-QUEUE_CHUNKS = 4096
+# Bytes a direction may hold before its reader stops reading (TCP's own
+# flow control then pushes back on the sender): far above any bandwidth-
+# delay product the benches ask for (1 Gbit/s x 10 ms = 1.25 MB).
+QUEUE_BYTES = 64 << 20
 
 
 def _parse(pair: str) -> tuple[tuple[str, int], tuple[str, int]]:
@@ -79,12 +87,18 @@ class _Conn:
 
 def _direction(src: socket.socket, dst: socket.socket, delay: float, conn: _Conn) -> None:
     """Copy ``src`` to ``dst``, each chunk ``delay`` s after it arrived."""
-    q: queue.Queue = queue.Queue(QUEUE_CHUNKS)
+    q: queue.Queue = queue.Queue()
+    # Bytes taken and bytes sent, each counted by one thread only (no lock);
+    # a full queue is rare, so the reader polls for room.
+    taken, sent = [0], [0]
 
     def reader() -> None:
         try:
             while True:
+                while taken[0] - sent[0] >= QUEUE_BYTES:
+                    time.sleep(0.001)
                 data = src.recv(CHUNK)
+                taken[0] += len(data)
                 q.put((time.monotonic() + delay, data))
                 if not data:
                     return
@@ -105,6 +119,7 @@ def _direction(src: socket.socket, dst: socket.socket, delay: float, conn: _Conn
                     conn.end(False)
                     return
                 dst.sendall(data)
+                sent[0] += len(data)
         except OSError:
             pass
         conn.end(True)
