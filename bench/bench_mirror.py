@@ -62,9 +62,10 @@ Fields (per run):
   ``write_p99_ratio`` = write_p99_ms / write_p99_base_ms.
 - ``groups_per_s`` (hardened, cut in phase 4), ``drain_mb_s`` (bytes sent
   / time spent draining); ``groups_not_hardened`` and
-  ``groups_drain_timeout`` (of those cut in phase 4; ``--max-drain-ms``,
-  5000 by default, is the session's limit), ``groups_failed`` (the
-  mirror's count since it started).
+  ``groups_drain_timeout`` (of those cut in phase 4), ``max_drain_ms``
+  (the session's limit, ``--max-drain-ms``: 5000 by default, 30000 on a
+  link, where a group takes longer), ``groups_failed`` (the mirror's
+  count since it started).
 - ``unique_bytes_per_group``: mean over the groups of phase 4 of the bytes
   the host wrote between the group's cut and the previous one, each 4 KiB
   block once (what a perfect drain must send).  ``link_mb_s``: the link's
@@ -115,7 +116,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from coordinator import launch, session as session_mod  # noqa: E402
-from coordinator.control import ControlClient  # noqa: E402
+from coordinator.control import ControlClient, ControlError  # noqa: E402
 from coordinator.history import History  # noqa: E402
 from coordinator.mirror import MirrorNotRunning, call, percentile  # noqa: E402
 from harness.mirrorrig import ORDER, SIZE, session_text  # noqa: E402
@@ -353,9 +354,20 @@ class Rig:
     def remote_bytes(self) -> int:
         total = 0
         for spec in self.specs("secondary"):
-            with ControlClient(spec.control, 30, spec.client_context()) as c:
-                total += sum(v["replication_bytes"]
-                             for v in c.call("status")["volumes"].values())
+            # A status call over a loaded link once met a closed connection
+            # (the node went on serving): a counter read may be retried.
+            for attempt in range(3):
+                try:
+                    with ControlClient(spec.control, 30, spec.client_context()) as c:
+                        total += sum(v["replication_bytes"]
+                                     for v in c.call("status")["volumes"].values())
+                    break
+                except ControlError as exc:
+                    if attempt == 2:
+                        raise
+                    print(f"bench_mirror: {spec.name} status: {exc}; again",
+                          file=sys.stderr, flush=True)
+                    time.sleep(0.5)
         return total
 
     def close(self) -> None:
@@ -415,6 +427,10 @@ class LinkRig(Rig):
     the mirror here, the secondaries in site r behind the relay."""
 
     prefix = "link_"
+    # A group over the link drains for longer than over unix sockets; the
+    # rig's usual budget (harness/mirrorrig.py), so that groups harden and
+    # their time shows, rather than a loop of drain timeouts.
+    max_drain_ms = 30000
 
     def __init__(self, base, size, subblock, net, rate_bytes_s: float, rtt_s: float):
         super().__init__(base, size, subblock)
@@ -497,7 +513,8 @@ class LinkRig(Rig):
 def measure(rig: Rig, a, workload: str) -> dict:
     """Phases 1-4 on ``rig`` (started here, closed by the caller)."""
     load0 = round(os.getloadavg()[0], 2)
-    rig.max_drain_ms = a.max_drain_ms
+    if a.max_drain_ms is not None:
+        rig.max_drain_ms = a.max_drain_ms
     rig.write_session()
     os.chdir(rig.base)
     rig.start_nodes()
@@ -624,7 +641,7 @@ def measure(rig: Rig, a, workload: str) -> dict:
         "groups_failed": st["groups_failed"],
         "groups_not_hardened": len(missed),
         "groups_drain_timeout": sum(g["outcome"] == "drain-timeout" for g in missed),
-        "max_drain_ms": a.max_drain_ms,
+        "max_drain_ms": rig.max_drain_ms,
     }
     res.update(extra)
     rpo99 = res["rpo_p99_s"]
@@ -643,11 +660,26 @@ def measure(rig: Rig, a, workload: str) -> dict:
     return res
 
 
+def tails(base: str, lines: int = 8) -> None:
+    """The last lines of every log under ``base`` to stderr: a failed run's
+    files are removed with it."""
+    for d, _, names in sorted(os.walk(base)):
+        for name in sorted(names):
+            if name.endswith(".log"):
+                with open(os.path.join(d, name), errors="replace") as f:
+                    tail = f.read().splitlines()[-lines:]
+                print(f"bench_mirror: {os.path.relpath(os.path.join(d, name), base)}:",
+                      *tail, sep="\n  ", file=sys.stderr, flush=True)
+
+
 def local_run(rig_class, a, workload: str) -> dict:
     base = tempfile.mkdtemp(prefix="cgm-bench-mirror-", dir="/dev/shm")
     rig = rig_class(base, a.size_mib * MiB, a.subblock)
     try:
         return measure(rig, a, workload)
+    except BaseException:
+        tails(base)
+        raise
     finally:
         rig.close()
         os.chdir(ROOT)
@@ -681,8 +713,9 @@ def link_run(a) -> dict:
         argv = [sys.executable, os.path.abspath(__file__), "--inside", json.dumps(doc),
                 "--link", a.link, "--size-mib", str(a.size_mib), "--seconds", str(a.seconds),
                 "--max-seconds", str(a.max_seconds), "--base-seconds", str(a.base_seconds),
-                "--qd", str(a.qd), "--seed", str(a.seed), "--link-load", str(a.link_load),
-                "--max-drain-ms", str(a.max_drain_ms)]
+                "--qd", str(a.qd), "--seed", str(a.seed), "--link-load", str(a.link_load)]
+        if a.max_drain_ms is not None:
+            argv += ["--max-drain-ms", str(a.max_drain_ms)]
         if a.subblock is not None:
             argv += ["--subblock", str(a.subblock)]
         r = net["a"].run(argv, timeout=900, check=False, stdout=subprocess.PIPE,
@@ -706,6 +739,9 @@ def inside(a) -> dict:
     rig = LinkRig(base, a.size_mib * MiB, a.subblock, net, rate, rtt)
     try:
         return measure(rig, a, "random")
+    except BaseException:
+        tails(base)
+        raise
     finally:
         rig.close()
         os.chdir(ROOT)
@@ -728,9 +764,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also a run with each site's processes on its own core")
     ap.add_argument("--link", metavar="RATE,RTT",
                     help="also a run over namespaces, e.g. 1gbit,20ms (root)")
-    ap.add_argument("--max-drain-ms", type=int, default=5000,
+    ap.add_argument("--max-drain-ms", type=int, default=None,
                     help="the session's max_drain_ms (a group past it times out; its"
-                         " unsent blocks go into the next)")
+                         " unsent blocks go into the next); default 5000, 30000 on"
+                         " a link")
     ap.add_argument("--link-load", type=float, default=0.5,
                     help="the link run's writers at most this share of the link's rate")
     ap.add_argument("--db", action="store_true", help="also the database-like run")
