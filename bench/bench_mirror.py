@@ -354,8 +354,9 @@ class Rig:
     def remote_bytes(self) -> int:
         total = 0
         for spec in self.specs("secondary"):
-            # A status call over a loaded link once met a closed connection
-            # (the node went on serving): a counter read may be retried.
+            # A status call over the link once met a closed connection at
+            # load 29 -- likely the node's 2 s TLS handshake deadline
+            # (nbdplugin/server.py): a counter read may be retried.
             for attempt in range(3):
                 try:
                     with ControlClient(spec.control, 30, spec.client_context()) as c:
