@@ -41,7 +41,7 @@ ratio_vs_delta (resync seconds / delta seconds), ratio_vs_initial_copy
 hardened group to keep, so no undo store; ``--full`` keeps the target's
 group until it hardens, like any resync, and pays the undo store for every
 block), the seconds and bytes of each, the mirror's line of each group, and
-the load average (the machine is shared).
+the load average at the start and the end (the machine is shared).
 
 Per phase (initial, resync, full) ``fixed_s``: the phase's seconds less its
 group's drain, prepare and commit -- what it pays whatever the bytes: role
@@ -315,6 +315,7 @@ def main(argv=None) -> int:
     servers: list[peers.Server] = []
     logs: list[str] = []
     say = lambda line: print(line, file=sys.stderr, flush=True)   # noqa: E731
+    load0 = list(os.getloadavg())
     out: dict = {"volumes": sum(len(v) for v in NODES.values()), "volume_bytes": size,
                  "granularity": G, "dirty_blocks_per_side_per_volume": count}
     try:
@@ -436,6 +437,7 @@ def main(argv=None) -> int:
     out["bytes_vs_union"] = out["resync_bytes"] / (out["union_blocks"] * G)
     out["ratio_vs_delta"] = round(out["resync_s"] / out["delta_s"], 4)
     out["ratio_vs_initial_copy"] = round(out["resync_s"] / out["initial_s"], 4)
+    out["loadavg_start"] = load0
     out["loadavg"] = list(os.getloadavg())
     rows = [("initial full copy (group 1)", out["initial_s"], None, None),
             ("delta copy (reads both sides)", out["delta_s"], out["delta_bytes_written"],
