@@ -541,7 +541,7 @@ def measure(rig: Rig, a, workload: str) -> dict:
             pass
         if rig.mirror.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the mirror never hardened its first group;"
-                               f" see {rig.base}/mirror.log")
+                               f" its log follows")
         time.sleep(0.1)
     remote0 = rig.remote_bytes()
     t_start = time.time()
