@@ -76,7 +76,12 @@ Fields (per run):
   least a group can take from cut to hardened for what was written.  RPO
   just before a group hardens is the age of the previous cut, so back-to-
   back groups at the bound give an rpo_p99_s near twice it.
-  ``rpo_vs_bound`` = rpo_p99_s / rpo_bound_s.
+  ``rpo_vs_bound`` = rpo_p99_s / rpo_bound_s.  The bound grows with the
+  product's own group length (a longer group gathers more unique bytes);
+  ``rpo_floor_s`` = (rtt + harden) / (1 - bytes written per second / link
+  rate) does not: the group length at which each group carries what was
+  written during the one before (every byte counted, so an upper bound of
+  the floor); none when the writes outrun the link.
 - Where a group's time goes, medians over the groups of phase 4:
   ``group_ms_p50`` (cut to hardened), ``coordination_ms_p50`` (freeze sent
   to all frozen), ``drain_ms_p50``, ``harden_ms`` (above) and
@@ -540,8 +545,8 @@ def measure(rig: Rig, a, workload: str) -> dict:
         except MirrorNotRunning:
             pass
         if rig.mirror.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the mirror never hardened its first group;"
-                               f" its log follows")
+            raise RuntimeError("the mirror never hardened its first group;"
+                               " its log follows")
         time.sleep(0.1)
     remote0 = rig.remote_bytes()
     t_start = time.time()
@@ -609,6 +614,14 @@ def measure(rig: Rig, a, workload: str) -> dict:
                                   if (by_n.get(g["n"] - 1) or {}).get("hardened")]),
     }
 
+    # The floor whatever the group length: a group that carries what was
+    # written during the one before, at the link's rate, plus the round trip
+    # and the harden, T = (rtt + harden) / (1 - write rate / link rate);
+    # none if the writes outrun the link.
+    w_rate = written / a.seconds
+    floor = (rig.rtt_s + harden_s) / (1 - w_rate / link) \
+        if link and harden_s is not None and w_rate < link else None
+
     p99 = percentile(lat, 99) if lat else None
     p99_base = percentile(base_lat, 99) if base_lat else None
     res = {
@@ -631,6 +644,7 @@ def measure(rig: Rig, a, workload: str) -> dict:
         "rtt_ms": round(rig.rtt_s * 1000, 1),
         "harden_ms": round(harden_s * 1000, 2) if harden_s is not None else None,
         "rpo_bound_s": round(bound, 3) if bound else None,
+        "rpo_floor_s": round(floor, 3) if floor else None,
         **where,
         # Asked for half the maximum (on a link, at most --link-load of its
         # rate); what the writers achieved with the mirror draining on the
