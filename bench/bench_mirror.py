@@ -61,7 +61,7 @@ Fields (per run):
   ``write_p99_base_ms`` the same writers' p99 in phase 2;
   ``write_p99_ratio`` = write_p99_ms / write_p99_base_ms.
 - ``groups_per_s`` (hardened, cut in phase 4), ``drain_mb_s`` (bytes sent
-  / time spent draining); ``groups_not_hardened`` and
+  / the time drains ran within phase 4, whichever group); ``groups_not_hardened`` and
   ``groups_drain_timeout`` (of those cut in phase 4), ``max_drain_ms``
   (the session's limit, ``--max-drain-ms``: 5000 by default, 30000 on a
   link, where a group takes longer), ``groups_failed`` (the mirror's
@@ -579,7 +579,15 @@ def measure(rig: Rig, a, workload: str) -> dict:
     missed = [g for g in groups if g["outcome"] not in ("hardened", "running") and g["cut"]
               and t_start <= _unix(g["cut"]) <= t_end]
     blocks = sum(g["bytes"] or 0 for g in rows)
-    drain_s = sum((g["drain_ms"] or 0) for g in rows) / 1000
+    # The time the drains ran within phase 4, as the bytes were counted: a
+    # drain that began before it, timed out or had not ended counts too.
+    drain_s = 0.0
+    for g in groups:
+        if not g["cut"]:
+            continue
+        d0 = _unix(g["cut"]) + (g["coordination_ms"] or 0) / 1000
+        d1 = t_end if g["outcome"] == "running" else d0 + (g["drain_ms"] or 0) / 1000
+        drain_s += max(0.0, min(d1, t_end) - max(d0, t_start))
     written = sum(n for _, ws in out["writes"] for _, _, n in ws)
     lat = out["lat"]
 
