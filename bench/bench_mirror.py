@@ -61,7 +61,11 @@ Fields (per run):
   ``write_p99_base_ms`` the same writers' p99 in phase 2;
   ``write_p99_ratio`` = write_p99_ms / write_p99_base_ms.
 - ``groups_per_s`` (hardened, cut in phase 4), ``drain_mb_s`` (bytes sent
-  / the time drains ran within phase 4, whichever group); ``groups_not_hardened`` and
+  / the time drains ran within phase 4, whichever group);
+  ``drain_request_bytes``: bytes per replication request (when the
+  secondaries count ``replication_requests`` in their status; else null):
+  over a link a drain with k requests in flight sends at most k x this
+  per round trip; ``groups_not_hardened`` and
   ``groups_drain_timeout`` (of those cut in phase 4), ``max_drain_ms``
   (the session's limit, ``--max-drain-ms``: 5000 by default, 30000 on a
   link, where a group takes longer), ``groups_failed`` (the mirror's
@@ -356,8 +360,10 @@ class Rig:
         """The rig's own fields, read at the end of phase 4."""
         return {}
 
-    def remote_bytes(self) -> int:
-        total = 0
+    def remote_bytes(self) -> tuple[int, int | None]:
+        """The secondaries' replication bytes and requests received (None
+        when a secondary does not count its requests)."""
+        total, requests = 0, 0
         for spec in self.specs("secondary"):
             # A status call over the link once met a closed connection at
             # load 29 -- likely the node's 2 s TLS handshake deadline
@@ -365,8 +371,7 @@ class Rig:
             for attempt in range(3):
                 try:
                     with ControlClient(spec.control, 30, spec.client_context()) as c:
-                        total += sum(v["replication_bytes"]
-                                     for v in c.call("status")["volumes"].values())
+                        vols = c.call("status")["volumes"].values()
                     break
                 except ControlError as exc:
                     if attempt == 2:
@@ -374,7 +379,13 @@ class Rig:
                     print(f"bench_mirror: {spec.name} status: {exc}; again",
                           file=sys.stderr, flush=True)
                     time.sleep(0.5)
-        return total
+            for v in vols:
+                total += v["replication_bytes"]
+                if requests is not None and "replication_requests" in v:
+                    requests += v["replication_requests"]
+                else:
+                    requests = None
+        return total, requests
 
     def close(self) -> None:
         if self.mirror is not None and self.mirror.poll() is None:
@@ -548,7 +559,7 @@ def measure(rig: Rig, a, workload: str) -> dict:
             raise RuntimeError("the mirror never hardened its first group;"
                                " its log follows")
         time.sleep(0.1)
-    remote0 = rig.remote_bytes()
+    remote0, req0 = rig.remote_bytes()
     t_start = time.time()
     rpo: list[float] = []
     out: dict = {}
@@ -570,7 +581,9 @@ def measure(rig: Rig, a, workload: str) -> dict:
     if "n" not in out:
         raise RuntimeError("the writers failed (see above)")
     t_end = time.time()
-    remote = rig.remote_bytes() - remote0
+    remote, req = rig.remote_bytes()
+    remote -= remote0
+    req = req - req0 if req is not None and req0 is not None else None
     st = call(sess.mirror.control, "status")
     with History(sess.state_dir) as h:
         groups = sorted(h.groups(), key=lambda g: g["n"])
@@ -647,6 +660,7 @@ def measure(rig: Rig, a, workload: str) -> dict:
         "write_p99_ratio": round(p99 / p99_base, 2) if p99 and p99_base else None,
         "groups_per_s": round(len(rows) / (t_end - t_start), 2),
         "drain_mb_s": round(remote / 1e6 / drain_s, 1) if drain_s else None,
+        "drain_request_bytes": round(remote / req) if req else None,
         "unique_bytes_per_group": round(statistics.mean(uniq)) if uniq else None,
         "link_mb_s": round(link / 1e6, 1) if link else None,
         "rtt_ms": round(rig.rtt_s * 1000, 1),
