@@ -97,9 +97,11 @@ soak: setup
 	$(PY) tests/soak_mirror.py --rounds $(SOAK_ROUNDS)
 	$(PY) tests/soak_mirror.py --sites --rounds $(SOAK_ROUNDS)
 
-# RPO, drain amplification, hold times with the mirror running.
+# RPO, drain amplification, hold times with the mirror running: the default
+# run, then pinned (a site per core), over a 1 Gbit/s 20 ms link (root), and a
+# database-like workload, one JSON line last.
 bench-mirror: setup
-	$(PY) bench/bench_mirror.py
+	$(PY) bench/bench_mirror.py --pin --link 1gbit,20ms --db
 
 # Failback resync (S | T) against a full copy and a checksum delta copy, 4 GiB.
 bench-resync: setup
