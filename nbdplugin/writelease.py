@@ -138,6 +138,7 @@ class WriteLease:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()       # one round at a time (thread, stop)
         self._failing = False
+        self._rounds = 0
         self._set_deadline(EXPIRED)
 
     # ------------------------------------------------------------ deadline
@@ -163,8 +164,13 @@ class WriteLease:
     # ------------------------------------------------------------ rounds
 
     def _value(self) -> bytes:
+        # Unique per round: wire/etcd.py takes a guarded put whose reply was
+        # lost and whose retry's compare failed for its own write if the key
+        # holds the same value under the same lease; the previous round's
+        # value must never pass for this one (the writer may have moved).
+        self._rounds += 1
         return json.dumps({"node": self.node, "host": socket.gethostname(),
-                           "pid": os.getpid()}).encode()
+                           "pid": os.getpid(), "round": self._rounds}).encode()
 
     def _refuse(self, why: str) -> None:
         """Refuse writes from now on, then let the lease go (in that order:
