@@ -4,12 +4,16 @@ on loopback, real nodes with libnbd writers, and ``cgmirror failover``
 waiting for the old site's lease."""
 
 import errno
+import os
 import threading
 import time
 
 import pytest
 
+from cgtest import need, wait_until
 from native.gate import Gate, WriteLeaseExpired, monotonic_ns
+from nbdplugin.writelease import WriteLease, margin_s, parse_writer, writer_value
+from wire.etcd import Etcd, EtcdError
 # ---------------------------------------------------------------- the gate's write deadline
 # (native/gate.c "The write lease"; no etcd, no nbdkit)
 
@@ -101,3 +105,132 @@ def test_gate_deadline_out_of_range_is_refused():
     """A negative deadline is a bug, refused before C."""
     with pytest.raises(ValueError):
         Gate().set_deadline(-5)
+
+
+# ---------------------------------------------------------------- the keeper against a real etcd
+
+NAME = "wl"
+TTL = 2
+
+
+@pytest.fixture
+def etcd(run_dir):
+    """A three-member etcd with TLS on loopback (harness/etcd.py) and the
+    session's PKI under ``run_dir/state/pki``: certificates for the nodes
+    s1, r1 and the coordinator."""
+    need("etcd", "etcdctl")
+    from coordinator import pki
+    from harness.etcd import EtcdCluster
+    pki_dir = os.path.join(run_dir, "state", "pki")
+    pki.init(pki_dir, NAME)
+    for name in ("s1", "r1", "coordinator"):
+        pki.issue(pki_dir, name, ips=["127.0.0.1"])
+    with EtcdCluster(os.path.join(run_dir, "etcd"), pki_dir, n=3) as cluster:
+        cluster.wait_healthy(60)
+        cluster.pki_dir = pki_dir
+        cluster.clients = []
+        try:
+            yield cluster
+        finally:
+            for c in cluster.clients:
+                c.close()
+
+
+def client(etcd, endpoints=None, node="coordinator") -> Etcd:
+    """A client as ``node`` (its certificate); closed at the end."""
+    c = Etcd(endpoints or etcd.endpoints(), os.path.join(etcd.pki_dir, node), timeout=0.5)
+    etcd.clients.append(c)
+    return c
+
+
+def keeper(etcd, site="a", node="s1", endpoints=None, gates=None) -> WriteLease:
+    return WriteLease(client(etcd, endpoints, node), NAME, site, node, TTL,
+                      gates if gates is not None else [Gate()])
+
+
+def writes(gate: Gate) -> bool:
+    """One write through ``gate``: taken (True) or refused (False)."""
+    try:
+        gate.enter()
+    except WriteLeaseExpired:
+        return False
+    gate.leave()
+    return True
+
+
+def test_keeper_takes_the_lease_when_its_site_is_the_writer(etcd):
+    """No P/writer yet: the first round creates it as site a and site a's
+    node holds its lease: its key exists and its gates take writes."""
+    g = Gate()
+    k = keeper(etcd, gates=[g])
+    assert not writes(g)                    # before the first round: refused
+    assert k.round() and writes(g)
+    c = client(etcd)
+    assert parse_writer(c.get(c.key(NAME, "writer")).value) == "a"
+    kv = c.get(c.key(NAME, "leases", "a", "s1"))
+    assert kv is not None and kv.lease == k.lease
+    st = k.status()
+    assert st["held"] and 0 < st["expires_in_s"] <= TTL and st["writer"] == "a"
+    k.stop()
+    assert not writes(g) and c.get(c.key(NAME, "leases", "a", "s1")) is None
+
+
+def test_keeper_of_the_other_site_takes_no_lease(etcd):
+    """Site b's node, site a the writer: no key, writes refused, the status
+    says why."""
+    c = client(etcd)
+    c.put(c.key(NAME, "writer"), writer_value("a"))
+    g = Gate()
+    k = keeper(etcd, site="b", node="r1", gates=[g])
+    assert not k.round() and not writes(g)
+    assert c.get_prefix(c.key(NAME, "leases") + "/") == []
+    st = k.status()
+    assert not st["held"] and st["writer"] == "a" and "site a is the writer" in st["why"]
+
+
+def test_keeper_refuses_then_revokes_when_the_writer_moves(etcd):
+    """P/writer moved to b: the next round refuses writes and the key goes;
+    moved back with no b key left, the node takes a new lease."""
+    g = Gate()
+    k = keeper(etcd, gates=[g])
+    assert k.round() and writes(g)
+    c = client(etcd)
+    c.put(c.key(NAME, "writer"), writer_value("b"))
+    assert not k.round() and not writes(g)
+    assert c.get_prefix(c.key(NAME, "leases", "a") + "/") == []
+    # A key of site b blocks site a even once a is the writer again.
+    lease_b = c.grant(TTL)
+    c.put(c.key(NAME, "leases", "b", "r1"), b"{}", lease=lease_b)
+    c.put(c.key(NAME, "writer"), writer_value("a"))
+    assert not k.round() and not writes(g)
+    assert "site b still holds write leases (r1)" in k.status()["why"]
+    c.revoke(lease_b)
+    assert k.round() and writes(g)
+    k.stop()
+
+
+def test_keeper_deadline_lapses_when_etcd_is_gone_and_comes_back(etcd):
+    """Every member stopped: no round succeeds, the deadline passes by
+    itself within ttl - margin of the last good round; etcd back: the next
+    round takes writes again (a new lease if the old one expired)."""
+    g = Gate()
+    k = keeper(etcd, gates=[g])
+    assert k.round()
+    last_good = time.monotonic()
+    for i in range(3):
+        etcd.stop(i)
+    with pytest.raises(EtcdError):
+        k.round()
+    wait_until(lambda: not writes(g), TTL + 1, "writes refused")
+    assert time.monotonic() - last_good <= TTL - margin_s(TTL) + 0.1
+    etcd.start_all()
+    etcd.wait_healthy(60)
+
+    def renewed():
+        try:
+            return k.round()
+        except EtcdError:
+            return False
+    wait_until(renewed, 30, "a round after etcd came back")
+    assert writes(g)
+    k.stop()
