@@ -4,13 +4,18 @@ on loopback, real nodes with libnbd writers, and ``cgmirror failover``
 waiting for the old site's lease."""
 
 import errno
+import json
 import os
+import socket
 import threading
 import time
 
 import pytest
 
+import clishell
 from cgtest import need, wait_until
+from coordinator.link import SlaveLink
+from harness.mirrorrig import mirror_session
 from native.gate import Gate, WriteLeaseExpired, monotonic_ns
 from nbdplugin.writelease import WriteLease, margin_s, parse_writer, writer_value
 from wire.etcd import Etcd, EtcdError
@@ -234,3 +239,212 @@ def test_keeper_deadline_lapses_when_etcd_is_gone_and_comes_back(etcd):
     wait_until(renewed, 30, "a round after etcd came back")
     assert writes(g)
     k.stop()
+
+
+# ---------------------------------------------------------------- real nodes, real writers
+
+SIZE = 4 << 20
+PROBE = SIZE - 4096        # the samplers' block: the end of volume a
+
+
+class Relay:
+    """A TCP relay on loopback in front of one etcd member: a node given
+    the relays' URLs reaches etcd only through them, so ``cut`` cuts that
+    node off (as a partition does: its connections go silent and new ones
+    are accepted but never answered) while every other client still gets
+    through.  ``heal`` lets traffic through again."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.cut_off = False
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.socks.append(c)
+                if self.cut_off or self.closed:
+                    continue            # held open, never answered
+            try:
+                u = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.socks.append(u)
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data or self.cut_off:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        if not self.cut_off:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self):
+        """Silence: bytes in flight and new connections go nowhere."""
+        self.cut_off = True
+
+    def heal(self):
+        with self.lock:
+            self.cut_off = False
+            old, self.socks = self.socks, []
+        for s in old:               # the silenced ones end; clients reconnect
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.closed = True
+        self.cut_off = True
+        self.lsock.close()
+        self.heal()
+
+
+def session_text(etcd) -> str:
+    return mirror_session(NAME, {"s1": "r1"}, ("a",), size=SIZE,
+                          mirror={"interval_ms": 100}) + f"""
+[cluster]
+etcd = {json.dumps(etcd.endpoints())}
+ttl_s = {TTL}
+fence = "lease"
+lease_ttl_s = {TTL}
+"""
+
+
+@pytest.fixture
+def sh(run_dir, etcd):
+    """The CLI shell (tests/clishell.py) on a session in lease mode; its
+    nodes are stopped at the end."""
+    need("nbdkit")
+    with clishell.Shell(run_dir, session_text(etcd), name=f"{NAME}.toml") as shell:
+        yield shell
+
+
+class Sampler:
+    """A libnbd writer of one node's host export that tries one 4 KiB
+    write every ``every`` s and keeps (start, end, ok, errno) of each,
+    reconnecting when the node goes away (a role change restarts it)."""
+
+    def __init__(self, sock: str, every: float = 0.02):
+        self.uri = f"nbd+unix:///a?socket={sock}"
+        self.every = every
+        self.log: list[tuple[float, float, bool, str | None]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import nbd
+        h = None
+        buf = b"\x5a" * 4096
+        while not self.stop.is_set():
+            if h is None:
+                try:
+                    h = nbd.NBD()
+                    h.connect_uri(self.uri)
+                except nbd.Error:
+                    h = None
+                    self.stop.wait(0.05)
+                    continue
+            t0 = time.monotonic()
+            try:
+                h.pwrite(buf, PROBE)
+                self.log.append((t0, time.monotonic(), True, None))
+            except nbd.Error as exc:
+                self.log.append((t0, time.monotonic(), False, exc.errno))
+                if exc.errno not in ("EIO", "EPERM"):    # libnbd names errnos
+                    h = None                # the connection is gone
+            self.stop.wait(self.every)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(30)
+
+    def accepted(self):
+        return [(s, e) for s, e, ok, _ in self.log if ok]
+
+    def refused_since(self, t: float):
+        return [(s, e, err) for s, e, ok, err in self.log if not ok and s >= t]
+
+
+def node_status(sh, name: str) -> dict:
+    with SlaveLink(name, sh.path(f"{name}.ctl"), session=NAME) as lk:
+        return lk.status()
+
+
+def test_node_writes_only_while_its_site_holds_the_lease(sh, etcd):
+    """A primary in lease mode takes writes while its lease is held; every
+    etcd member stopped, a libnbd writer gets EIO within lease_ttl + 1 s,
+    each refusal at once, reads still served; etcd back, writes are taken
+    again; the writer moved to site b, the node lets its lease go and
+    refuses."""
+    sh.ok("slave", "start")
+    wait_until(lambda: node_status(sh, "s1")["write_lease"]["held"], 30, "the lease")
+    st = node_status(sh, "s1")["write_lease"]
+    assert st["writer"] == "a" and st["site"] == "a" and 0 < st["expires_in_s"] <= TTL
+    s = Sampler(sh.path("s1.sock"))
+    try:
+        wait_until(lambda: len(s.accepted()) >= 5, 30, "writes accepted")
+        t_stop = time.monotonic()
+        for i in range(3):
+            etcd.kill(i)
+        wait_until(lambda: s.refused_since(t_stop), TTL + 1 + 1, "a refused write")
+        first = min(r[0] for r in s.refused_since(t_stop))
+        assert first - t_stop <= TTL + 1
+        assert {r[2] for r in s.refused_since(t_stop)} == {"EIO"}
+        wait_until(lambda: len(s.refused_since(t_stop)) >= 20, 30, "20 refusals")
+        slowest = max(e - b for b, e, _ in s.refused_since(t_stop))
+        # Refused at once: a round trip through nbdkit on a loaded 2-core host.
+        assert slowest < 0.25, f"a refused write waited {slowest:.3f} s"
+        st = node_status(sh, "s1")["write_lease"]
+        assert not st["held"] and "etcd" in st["why"]
+        import nbd
+        h = nbd.NBD()
+        h.connect_uri(s.uri)
+        assert h.pread(4096, 0) is not None          # reads are served
+        h.shutdown()
+        etcd.start_all()
+        etcd.wait_healthy(60)
+        t_back = time.monotonic()
+        wait_until(lambda: any(b >= t_back for b, _ in s.accepted()), 30,
+                   "writes accepted again")
+        # The writer moves: the node refuses, then its key goes.
+        c = client(etcd)
+        c.put(c.key(NAME, "writer"), writer_value("b"))
+        t_moved = time.monotonic()
+        wait_until(lambda: not c.get_prefix(c.key(NAME, "leases", "a") + "/"), TTL + 1,
+                   "site a's key gone")
+        t_gone = time.monotonic()
+        assert not [x for x in s.accepted() if x[0] >= t_gone]
+        wait_until(lambda: len(s.refused_since(t_gone)) >= 3, 10, "refusals")
+        assert not [x for x in s.accepted() if x[0] >= t_gone]
+        st = node_status(sh, "s1")["write_lease"]
+        assert not st["held"] and st["writer"] == "b", st
+        assert t_gone - t_moved <= TTL / 3 + 1
+    finally:
+        s.close()
