@@ -3,6 +3,7 @@ native/gate.c's write deadline, nbdplugin/writelease.py against a real etcd
 on loopback, real nodes with libnbd writers, and ``cgmirror failover``
 waiting for the old site's lease."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -296,12 +297,13 @@ class Relay:
                 b.sendall(data)
         except OSError:
             pass
-        if not self.cut_off:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        if self.cut_off:
+            return                  # silent until heal or close ends it
+        for x in (a, b):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def cut(self):
         """Silence: bytes in flight and new connections go nowhere."""
@@ -323,6 +325,10 @@ class Relay:
         self.cut_off = True
         self.lsock.close()
         self.heal()
+        with self.lock:
+            left, self.socks = self.socks, []
+        for x in left:
+            x.close()
 
 
 def session_text(etcd) -> str:
@@ -377,8 +383,11 @@ class Sampler:
                 self.log.append((t0, time.monotonic(), True, None))
             except nbd.Error as exc:
                 self.log.append((t0, time.monotonic(), False, exc.errno))
-                if exc.errno not in ("EIO", "EPERM"):    # libnbd names errnos
-                    h = None                # the connection is gone
+                # EIO: the lease refusal (libnbd names errnos).  Anything
+                # else (EPERM: libnbd's own answer for a read-only export,
+                # a secondary's; a dead connection): connect again.
+                if exc.errno != "EIO":
+                    h = None        # dropped: libnbd closes it
             self.stop.wait(self.every)
 
     def close(self):
@@ -448,3 +457,74 @@ def test_node_writes_only_while_its_site_holds_the_lease(sh, etcd):
         assert t_gone - t_moved <= TTL / 3 + 1
     finally:
         s.close()
+
+
+def test_failover_waits_for_the_cut_off_site_lease_and_no_two_sites_write(sh, etcd):
+    """Site a cut off from etcd (its primary alive, its host writing):
+    ``cgmirror failover`` makes b the writer, waits until a's lease expired,
+    then promotes b.  Writers sample both sites all along: the last write a
+    took ends before the first write b takes starts.  a, back in touch with
+    etcd, stays refused (b is the writer)."""
+    from coordinator import launch
+    relays = [Relay(int(u.rsplit(":", 1)[1])) for u in etcd.endpoints()]
+    samplers: list[Sampler] = []
+    try:
+        spec = dataclasses.replace(sh.node_spec("s1"), etcd=[r.url for r in relays])
+        launch.start(spec, detach=True)
+        sh.ok("secondary", "start")
+        wait_until(lambda: node_status(sh, "s1")["write_lease"]["held"], 30, "a's lease")
+        sh.start_mirror()
+        sh.wait_hardened()
+        sh.stop_mirror()
+        a, b = Sampler(sh.path("s1.sock")), Sampler(sh.path("r1.sock"))
+        samplers += [a, b]
+        wait_until(lambda: len(a.accepted()) >= 5, 30, "writes at a")
+        # When site a's last lease key went, as etcd saw it.
+        c = client(etcd)
+        gone: list[float] = []
+
+        def watch_a():
+            while not gone:
+                if not c.get_prefix(c.key(NAME, "leases", "a") + "/"):
+                    gone.append(time.monotonic())
+                time.sleep(0.02)
+            c.close()           # this thread's connections
+        watcher = threading.Thread(target=watch_a, daemon=True)
+        t_cut = time.monotonic()
+        for r in relays:
+            r.cut()
+        watcher.start()
+        p = sh.run("failover", timeout=300)
+        t_done = time.monotonic()
+        assert p.returncode == 0, p.stderr
+        assert "site b is the writer now" in p.stderr, p.stderr
+        watcher.join(30)
+        try:
+            wait_until(lambda: b.accepted(), 30, "writes at b")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: r1 {node_status(sh, 'r1').get('write_lease')},"
+                                 f" sampler {b.log[-3:]}") from None
+        first_b = min(s for s, _ in b.accepted())
+        last_a = max(e for _, e in a.accepted())
+        assert last_a < gone[0] < first_b, (
+            f"site a took a write until {last_a - t_cut:.3f} s after the cut, its lease"
+            f" went at {gone[0] - t_cut:.3f} s, site b took one from {first_b - t_cut:.3f} s")
+        assert gone[0] - t_cut <= TTL + 1
+        assert a.refused_since(t_cut)
+        assert min(s for s, _, _ in a.refused_since(t_cut)) - t_cut <= TTL + 1
+        assert first_b <= t_done + 30
+        # a hears from etcd again: b is the writer, a stays refused.
+        for r in relays:
+            r.heal()
+        wait_until(lambda: node_status(sh, "s1")["write_lease"]["writer"] == "b", 30,
+                   "a reads the writer")
+        t_heal = time.monotonic()
+        wait_until(lambda: len(a.refused_since(t_heal)) >= 3, 10, "refusals at a")
+        assert max(e for _, e in a.accepted()) == last_a
+        st = node_status(sh, "r1")["write_lease"]
+        assert st["held"] and st["writer"] == "b" and st["site"] == "b"
+    finally:
+        for s in samplers:
+            s.close()
+        for r in relays:
+            r.close()
