@@ -528,3 +528,60 @@ def test_failover_waits_for_the_cut_off_site_lease_and_no_two_sites_write(sh, et
             s.close()
         for r in relays:
             r.close()
+
+
+# ---------------------------------------------------------------- take_writer (failover's wait)
+
+def role_switch(sh):
+    from coordinator.roles.failover import RoleSwitch
+    lines: list[str] = []
+    return RoleSwitch(sh.session(), log=lines.append), lines
+
+
+def test_take_writer_waits_until_the_old_site_lease_is_gone(sh, etcd):
+    """Site a's keeper renews no more (cut off): take_writer makes b the
+    writer and returns only once a's key expired in etcd."""
+    k = keeper(etcd)
+    assert k.round()
+    rs, lines = role_switch(sh)
+    t0 = time.monotonic()
+    rs.take_writer("b", "failover")
+    c = client(etcd)
+    assert c.get_prefix(c.key(NAME, "leases", "a") + "/") == []
+    assert parse_writer(c.get(c.key(NAME, "writer")).value) == "b"
+    assert 0.5 < time.monotonic() - t0 <= TTL + 2 + 1
+    assert any("waiting (at most" in line and "s1" in line for line in lines), lines
+    rs.take_writer("b", "failover")         # again: nothing to wait for
+    k.stop()
+
+
+def test_take_writer_refuses_when_the_old_site_keeps_its_lease(sh, etcd):
+    """A key of site a renewed past the bound (no keeper of ours does that:
+    a stand-in for a broken one): refused in one line naming the key, and
+    P/writer is site a again."""
+    from coordinator.errors import FailoverError
+    c = client(etcd)
+    c.put(c.key(NAME, "writer"), writer_value("a"))
+    lease = c.grant(TTL)
+    c.put(c.key(NAME, "leases", "a", "s1"), b"{}", lease=lease)
+    stop = threading.Event()
+
+    def renew():
+        r = client(etcd)
+        while not stop.wait(0.3):
+            r.keepalive(lease)
+        r.close()
+    t = threading.Thread(target=renew, daemon=True)
+    t.start()
+    try:
+        rs, _ = role_switch(sh)
+        with pytest.raises(FailoverError) as ei:
+            rs.take_writer("b", "failover")
+        msg = str(ei.value)
+        assert "\n" not in msg and "site a still holds write leases" in msg, msg
+        assert "/cgmirror/wl/leases/a/s1" in msg and "nothing was promoted" in msg
+        assert parse_writer(c.get(c.key(NAME, "writer")).value) == "a"
+    finally:
+        stop.set()
+        t.join(10)
+        c.revoke(lease)
