@@ -14,7 +14,7 @@ import time
 import pytest
 
 import clishell
-from cgtest import need, wait_until
+from cgtest import need, refused_start, wait_until
 from coordinator.link import SlaveLink
 from harness.mirrorrig import mirror_session
 from native.gate import Gate, WriteLeaseExpired, monotonic_ns
@@ -585,3 +585,56 @@ def test_take_writer_refuses_when_the_old_site_keeps_its_lease(sh, etcd):
         stop.set()
         t.join(10)
         c.revoke(lease)
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_session_in_lease_mode_passes_site_and_etcd_to_every_node(run_dir):
+    """[cluster] fence = "lease": [[slave]] nodes are site a, [[secondary]]
+    nodes site b; their command lines carry fence, etcd, site, lease_ttl
+    and a certificate directory; fence = "none" passes none of them."""
+    from coordinator import session as session_mod
+    text = mirror_session(NAME, {"s1": "r1"}, ("a",), size=SIZE) + """
+[cluster]
+etcd = ["https://127.0.0.1:2379", "https://127.0.0.2:2379"]
+fence = "lease"
+lease_ttl_s = 3
+"""
+    path = os.path.join(run_dir, "s.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    s = session_mod.load(path)
+    for node, site in ((s.slaves[0], "a"), (s.secondaries[0], "b")):
+        cmd = node.spec().command()
+        assert "fence=lease" in cmd and f"site={site}" in cmd and "lease_ttl=3" in cmd
+        assert "etcd=https://127.0.0.1:2379,https://127.0.0.2:2379" in cmd
+        assert any(c.startswith("tls=") and c.endswith(f"/{node.name}") for c in cmd)
+        assert not any(c.startswith("etcd_prefix=") for c in cmd)
+    with open(path, "w") as f:
+        f.write(text.replace('fence = "lease"', 'fence = "none"'))
+    cmd = session_mod.load(path).slaves[0].spec().command()
+    assert not any(c.split("=")[0] in ("fence", "etcd", "site", "lease_ttl") for c in cmd)
+
+
+@pytest.mark.parametrize("keys, line", [
+    (["fence=lease"], "fence=lease needs etcd="),
+    (["fence=lease", "etcd=http://127.0.0.1:2379", "site=a"], "is not https://"),
+    (["fence=lease", "etcd=https://127.0.0.1:2379", "site=c"], "site must be a or b"),
+    (["fence=lease", "etcd=https://127.0.0.1:2379", "site=a", "lease_ttl=1"],
+     "lease_ttl must be 2 to 60"),
+    (["fence=maybe"], "fence must be none or lease"),
+    (["site=a"], "site= only apply with fence=lease"),
+])
+def test_plugin_refuses_bad_lease_keys_in_one_line(run_dir, keys, line):
+    """Each bad write-lease key of the plugin is one `cgmirror: error:` line."""
+    need("nbdkit")
+    from coordinator import launch
+    spec = launch.SlaveSpec(name="s1", statedir=os.path.join(run_dir, "s1"),
+                            nbd_socket=os.path.join(run_dir, "s1.sock"),
+                            control=os.path.join(run_dir, "s1.ctl"),
+                            volumes=[("a", os.path.join(run_dir, "s1-a.img"), SIZE)])
+    spec.session = NAME
+    cmd = spec.command()
+    rc, err = refused_start(cmd + [f"tls={run_dir}"] + keys)
+    errors = [e for e in err if e.startswith("cgmirror: error:")]
+    assert rc == 1 and len(errors) == 1 and line in errors[0], err
