@@ -279,18 +279,23 @@ class Relay:
             except OSError:
                 return
             with self.lock:
+                if self.closed:
+                    c.close()
+                    return
                 self.socks.append(c)
-                if self.cut_off or self.closed:
+                if self.cut_off:
                     continue            # held open, never answered
             try:
                 u = socket.create_connection(self.target, timeout=5)
             except OSError:
-                c.close()
-                continue
+                continue                # c is closed with the others
+            u.settimeout(None)
             with self.lock:
                 self.socks.append(u)
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                if self.closed:
+                    continue
+            for x, y in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
 
     def _pump(self, a, b):
         try:
@@ -314,25 +319,24 @@ class Relay:
         self.cut_off = True
 
     def heal(self):
+        """Traffic again; every connection so far ends (clients reconnect)."""
         with self.lock:
-            self.cut_off = False
+            self.cut_off = self.closed
             old, self.socks = self.socks, []
-        for s in old:               # the silenced ones end; clients reconnect
+        for x in old:
             try:
-                s.shutdown(socket.SHUT_RDWR)
+                x.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            s.close()
+            x.close()
 
     def close(self):
-        self.closed = True
-        self.cut_off = True
+        """Stop; every socket it ever opened is closed (the pumps end)."""
+        with self.lock:
+            self.closed = True
+            self.cut_off = True
         self.lsock.close()
         self.heal()
-        with self.lock:
-            left, self.socks = self.socks, []
-        for x in left:
-            x.close()
 
 
 def session_text(etcd) -> str:
@@ -405,6 +409,18 @@ class Sampler:
         return [(s, e, err) for s, e, ok, err in self.log if not ok and s >= t]
 
 
+def assert_one_site_writes(*samplers: "Sampler") -> None:
+    """No write one sampler's node took overlaps in time a write another's
+    took: in start order, each accepted write starts after every accepted
+    write of the other nodes ended."""
+    events = sorted((s, e, i) for i, smp in enumerate(samplers) for s, e in smp.accepted())
+    last_end = [float("-inf")] * len(samplers)
+    for s, e, i in events:
+        other = max(t for j, t in enumerate(last_end) if j != i)
+        assert other < s, f"sampler {i} took a write at {s:.3f} while another's ended {other:.3f}"
+        last_end[i] = max(last_end[i], e)
+
+
 def node_status(sh, name: str) -> dict:
     with SlaveLink(name, sh.path(f"{name}.ctl"), session=NAME) as lk:
         return lk.status()
@@ -468,7 +484,9 @@ def test_failover_waits_for_the_cut_off_site_lease_and_no_two_sites_write(sh, et
     ``cgmirror failover`` makes b the writer, waits until a's lease expired,
     then promotes b.  Writers sample both sites all along: the last write a
     took ends before the first write b takes starts.  a, back in touch with
-    etcd, stays refused (b is the writer)."""
+    etcd, stays refused (b is the writer); ``resync --from b --to a`` and
+    ``switchover --to a`` bring the writes back to a, and at no moment of
+    it all did both sites take writes."""
     from coordinator import launch
     relays = [Relay(int(u.rsplit(":", 1)[1])) for u in etcd.endpoints()]
     samplers: list[Sampler] = []
@@ -527,6 +545,18 @@ def test_failover_waits_for_the_cut_off_site_lease_and_no_two_sites_write(sh, et
         assert max(e for _, e in a.accepted()) == last_a
         st = node_status(sh, "r1")["write_lease"]
         assert st["held"] and st["writer"] == "b" and st["site"] == "b"
+        # Back to a: a took writes b never got (split), so a resync names b
+        # the winner; then a switchover: b lets its lease go before a is
+        # promoted (s1 restarts under its supervisor, through the relays).
+        sh.ok("resync", "--from", "b", "--to", "a")
+        p = sh.run("switchover", "--to", "a", timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert "site a is the writer now" in p.stderr, p.stderr
+        wait_until(lambda: node_status(sh, "s1")["write_lease"]["held"], 30, "a's lease")
+        t_back = time.monotonic()
+        wait_until(lambda: any(s >= t_back for s, _ in a.accepted()), 30, "writes at a")
+        assert not node_status(sh, "r1").get("write_lease", {}).get("held")
+        assert_one_site_writes(a, b)
     finally:
         for s in samplers:
             s.close()
