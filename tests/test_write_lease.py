@@ -447,9 +447,13 @@ def test_node_writes_only_while_its_site_holds_the_lease(sh, etcd):
         assert first - t_stop <= TTL + 1
         assert {r[2] for r in s.refused_since(t_stop)} == {"EIO"}
         wait_until(lambda: len(s.refused_since(t_stop)) >= 20, 30, "20 refusals")
-        slowest = max(e - b for b, e, _ in s.refused_since(t_stop))
-        # Refused at once: a round trip through nbdkit on a loaded 2-core host.
-        assert slowest < 0.25, f"a refused write waited {slowest:.3f} s"
+        took = sorted(e - b for b, e, _ in s.refused_since(t_stop))
+        # Refused at once: the median is a round trip through nbdkit; the
+        # slowest, on a 2-core host shared with other suites, a scheduling
+        # delay -- a write held for the lease would wait seconds (a
+        # renewal, an etcd timeout).
+        assert took[len(took) // 2] < 0.1 and took[-1] < 1.0, \
+            f"refusals took {took[len(took) // 2]:.3f} s (median), {took[-1]:.3f} s (max)"
         st = node_status(sh, "s1")["write_lease"]
         assert not st["held"] and "etcd" in st["why"]
         import nbd
