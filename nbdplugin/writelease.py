@@ -138,6 +138,7 @@ class WriteLease:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()       # one round at a time (thread, stop)
         self._failing = False
+        self._error: str | None = None     # the last round's failure
         self._rounds = 0
         self._set_deadline(EXPIRED)
 
@@ -158,7 +159,8 @@ class WriteLease:
         out = {"held": held, "expires_in_s": round(left, 3) if held else 0.0,
                "writer": self.writer, "site": self.site, "ttl_s": self.ttl}
         if not held:
-            out["why"] = self.why
+            out["why"] = self.why or (f"etcd unreachable: {self._error}" if self._error
+                                      else "the lease lapsed")
         return out
 
     # ------------------------------------------------------------ rounds
@@ -268,14 +270,14 @@ class WriteLease:
         try:
             self.round()
             self._failing = False
+            self._error = None
         except Exception as exc:
+            self._error = str(exc)
             if not self._failing:
                 log.warning("write lease of %s (site %s): etcd round failed: %s; host"
                             " writes stop %.1f s after the last good round", self.node,
                             self.site, exc, self.ttl - self.margin_ns / 1e9)
             self._failing = True
-            if not self.held():
-                self.why = f"etcd unreachable: {exc}"
 
     def _run(self) -> None:
         next_at = time.monotonic()
