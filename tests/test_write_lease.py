@@ -185,6 +185,18 @@ def test_keeper_takes_the_lease_when_its_site_is_the_writer(etcd):
     assert not writes(g) and c.get(c.key(NAME, "leases", "a", "s1")) is None
 
 
+def test_keeper_creates_the_writer_as_the_direction_source(etcd):
+    """No P/writer, the direction in etcd says b is the source: the first
+    round creates P/writer = b, and site b's node takes its lease."""
+    c = client(etcd)
+    c.put(c.key(NAME, "state", "direction"), json.dumps({"source": "b", "seq": 7}))
+    g = Gate()
+    k = keeper(etcd, site="b", node="r1", gates=[g])
+    assert k.round() and writes(g)
+    assert parse_writer(c.get(c.key(NAME, "writer")).value) == "b"
+    k.stop()
+
+
 def test_keeper_of_the_other_site_takes_no_lease(etcd):
     """Site b's node, site a the writer: no key, writes refused, the status
     says why."""
