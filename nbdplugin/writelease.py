@@ -43,6 +43,15 @@ deadline lapses by itself within ``ttl - margin`` of the last good round,
 and the host gets EIO for every write (reads are served) until a round
 succeeds again -- availability for safety, as Patroni's primary does.
 
+Taking a lease.  The txn guard is one key's value (wire/etcd.py's
+``put_if_value``), so "the other site holds no key" is a read: before the
+guarded put, and again after it, before the deadline is set.  The second
+look closes the gap between the first and the put: a key of the other
+site created after it can only have been created while that site was the
+writer, i.e. after our put, and a role command making it the writer waits
+for our key to go first (``take_writer``).  So the two sites' keys -- and
+so their deadlines -- never overlap, however the writer flips.
+
 Why a failover is safe: ``P/writer = b`` is put first; from that revision
 on no key under ``P/leases/a/`` can be created or renewed (the txn guard),
 and the failover waits until none is left.  A key lives at least as long
@@ -248,6 +257,14 @@ class WriteLease:
                                       writer_value(self.site), lease=lease):
             self.etcd.revoke(lease)
             self.why = "the writer moved while the lease was taken"
+            return False
+        # Again, now that our key exists: the first look and the put are two
+        # steps (module doc, "Taking a lease").
+        held = self.etcd.get_prefix(self.other_prefix)
+        if held:
+            self.etcd.revoke(lease)
+            self.why = (f"site {other(self.site)} still holds write leases"
+                        f" ({', '.join(kv.key.rsplit('/', 1)[-1] for kv in held)})")
             return False
         self.lease = lease
         self._set_deadline(t0 + self.ttl * 1_000_000_000 - self.margin_ns)
