@@ -231,6 +231,28 @@ def test_keeper_refuses_then_revokes_when_the_writer_moves(etcd):
     k.stop()
 
 
+def test_keeper_looks_again_after_its_put(etcd):
+    """A key of site b that appears between the keeper's first look and its
+    guarded put (a race, staged by creating it just before the put): the
+    second look sees it, the new lease is revoked, writes stay refused."""
+    c = client(etcd)
+    c.put(c.key(NAME, "writer"), writer_value("a"))
+    lease_b = c.grant(TTL)
+
+    class Racing(Etcd):
+        def put_if_value(self, *args, **kw):
+            c.put(c.key(NAME, "leases", "b", "r1"), b"{}", lease=lease_b)
+            return super().put_if_value(*args, **kw)
+    e = Racing(etcd.endpoints(), os.path.join(etcd.pki_dir, "s1"), timeout=0.5)
+    etcd.clients.append(e)
+    g = Gate()
+    k = WriteLease(e, NAME, "a", "s1", TTL, [g])
+    assert not k.round() and not writes(g)
+    assert "site b still holds write leases (r1)" in k.status()["why"]
+    assert c.get(c.key(NAME, "leases", "a", "s1")) is None      # its lease revoked
+    c.revoke(lease_b)
+
+
 def test_keeper_deadline_lapses_when_etcd_is_gone_and_comes_back(etcd):
     """Every member stopped: no round succeeds, the deadline passes by
     itself within ttl - margin of the last good round; etcd back: the next
