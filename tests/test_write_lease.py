@@ -14,7 +14,7 @@ import time
 import pytest
 
 import clishell
-from cgtest import need, refused_start, wait_until
+from cgtest import need, refused_start, short_dir, wait_until
 from coordinator.link import SlaveLink
 from harness.mirrorrig import mirror_session
 from native.gate import Gate, WriteLeaseExpired, monotonic_ns
@@ -123,27 +123,39 @@ TTL = 3
 LEADER_TTL = 4
 
 
-@pytest.fixture
-def etcd(run_dir):
-    """A three-member etcd with TLS on loopback (harness/etcd.py) and the
-    session's PKI under ``run_dir/state/pki``: certificates for the nodes
-    s1, r1 and the coordinator."""
+@pytest.fixture(scope="module")
+def etcd_cluster():
+    """A three-member etcd with TLS on loopback (harness/etcd.py), one for
+    the module (starting one costs seconds), and its PKI: certificates for
+    the nodes s1, r1 and the coordinator, which the sessions here use."""
     need("etcd", "etcdctl")
     from coordinator import pki
     from harness.etcd import EtcdCluster
-    pki_dir = os.path.join(run_dir, "state", "pki")
-    pki.init(pki_dir, NAME)
-    for name in ("s1", "r1", "coordinator"):
-        pki.issue(pki_dir, name, ips=["127.0.0.1"])
-    with EtcdCluster(os.path.join(run_dir, "etcd"), pki_dir, n=3) as cluster:
-        cluster.wait_healthy(60)
-        cluster.pki_dir = pki_dir
-        cluster.clients = []
-        try:
+    with short_dir() as d:
+        pki_dir = os.path.join(d, "pki")
+        pki.init(pki_dir, NAME)
+        for name in ("s1", "r1", "coordinator"):
+            pki.issue(pki_dir, name, ips=["127.0.0.1"])
+        with EtcdCluster(os.path.join(d, "etcd"), pki_dir, n=3) as cluster:
+            cluster.pki_dir = pki_dir
             yield cluster
-        finally:
-            for c in cluster.clients:
-                c.close()
+
+
+@pytest.fixture
+def etcd(etcd_cluster):
+    """The module's etcd, every member running and healthy, and nothing
+    under the session's keys (a test before may have stopped members or
+    left keys)."""
+    etcd_cluster.start_all()
+    etcd_cluster.wait_healthy(60)
+    etcd_cluster.clients = []
+    c = client(etcd_cluster)
+    c.delete_prefix(c.key(NAME, ""))
+    try:
+        yield etcd_cluster
+    finally:
+        for c in etcd_cluster.clients:
+            c.close()
 
 
 def client(etcd, endpoints=None, node="coordinator") -> Etcd:
@@ -375,6 +387,7 @@ class Relay:
 
 def session_text(etcd) -> str:
     return mirror_session(NAME, {"s1": "r1"}, ("a",), size=SIZE,
+                          session={"pki": etcd.pki_dir},
                           mirror={"interval_ms": 100}) + f"""
 [cluster]
 etcd = {json.dumps(etcd.endpoints())}
