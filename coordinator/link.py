@@ -17,7 +17,7 @@ from typing import Callable
 
 from coordinator.control import ControlClient, ControlError
 from wire import address as wire_address
-from wire.protocol import Kind
+from wire.protocol import EPOCH_KEY, SESSION_KEY, Kind
 from wire.tls import TLSConfigError
 
 from .errors import (CgmirrorError, ConfigError, SlaveBusy, SlaveError, SlaveUnreachable,
@@ -58,6 +58,11 @@ class SlaveLink:
         # Every request carries it (top-level "session"): a node serves one
         # session and refuses another's (wire/protocol.py).  None: a tool.
         self.session = session
+        # The leading coordinator's epoch (cluster mode, coordinator/cluster.py),
+        # sent top-level in every request like "session": a node refuses
+        # data, state and role changes from a lower one, kind FENCED
+        # (wire/protocol.py).  None: not sent (no cluster, or not leading).
+        self.epoch: int | None = None
         self.control = control      # unix path or tcp:HOST:PORT (then ssl_context)
         self.volumes = list(volumes) if volumes is not None else None
         self.timeout = timeout
@@ -79,10 +84,19 @@ class SlaveLink:
         return cls(spec.name, spec.control, [v[0] for v in spec.volumes], timeout, ctx,
                    getattr(spec, "session", None))
 
+    def envelope(self) -> dict:
+        """The top-level keys every request of this link carries (session
+        and leader epoch, where set); the establish's wire adds them too."""
+        env = {}
+        if self.session is not None:
+            env[SESSION_KEY] = self.session
+        if self.epoch is not None:
+            env[EPOCH_KEY] = self.epoch
+        return env
+
     def call(self, op: str, **args) -> dict:
         """Send one request and return the reply; raise a SlaveError if refused."""
-        if self.session is not None:
-            args = {**args, "session": self.session}
+        args = {**args, **self.envelope()}
         if self._lock.acquire(blocking=False):
             try:
                 return _call(self.name, self._client, op, args)
@@ -94,7 +108,7 @@ class SlaveLink:
     def channel(self) -> "Channel":
         """A connection of its own (close it), for a thread that may block on it."""
         return Channel(self.name, ControlClient(self.control, self.timeout,
-                                                   self.ssl_context), self.session)
+                                                   self.ssl_context), self.envelope())
 
     def status(self) -> dict:
         reply = self.call("status")
@@ -118,12 +132,12 @@ class SlaveLink:
 class Channel:
     """One dedicated connection to a slave; requests answered in order."""
 
-    def __init__(self, name: str, client: ControlClient, session: str | None = None):
-        self.name, self._client, self.session = name, client, session
+    def __init__(self, name: str, client: ControlClient, envelope: dict | None = None):
+        # envelope: the link's top-level keys (SlaveLink.envelope) when it was opened
+        self.name, self._client, self._envelope = name, client, dict(envelope or {})
 
     def call(self, op: str, **args) -> dict:
-        if self.session is not None:
-            args = {**args, "session": self.session}
+        args = {**args, **self._envelope}
         return _call(self.name, self._client, op, args)
 
     def connect(self) -> None:

@@ -40,6 +40,16 @@ Rules:
   that names another one, before anything happens (the coordinator always
   sends it; tools may leave it out).  ``decode`` checks its form; the node
   compares it (nbdplugin/server.py, and native/gate.c on the gate socket).
+- Every request may carry a top-level ``"epoch": N`` (``EPOCH_KEY``, an int
+  1 .. MAX_N): the epoch of the leading coordinator that sends it (cluster
+  mode: its etcd election revision).  A node records the highest epoch it
+  has seen durably before it acts on a request that carries a higher one,
+  and refuses, with kind FENCED, a request that changes data, state, role or
+  the record (``FENCED_OPS``) and carries a lower one: a deposed leader can
+  neither freeze, drain nor commit (a fencing token).  Thaw, abort, status
+  and the other reads are served whatever the epoch (a stale thaw or abort
+  only releases); a request without an epoch is served as before (tools and
+  coordinators without a cluster).  ``status`` reports the recorded epoch.
 - A role change is an op the node serves itself (``role``): it records the
   new role durably, answers, and its process exits with ``RESTART_STATUS``
   so that its service manager starts it again in the recorded role.
@@ -124,6 +134,9 @@ RESTART_STATUS = 75
 # The optional top-level key of every request that names the session the
 # sender works for (see the rules above).
 SESSION_KEY = "session"
+# The optional top-level key of every request that carries the sending
+# leader's epoch (see the rules above).
+EPOCH_KEY = "epoch"
 # A lineage generation (wire/lineage.py): 64 random bits as 16 hex digits.
 GEN_LEN = 16
 GENERATION = re.compile(rf"[0-9a-f]{{{GEN_LEN}}}")
@@ -153,6 +166,7 @@ class Kind(enum.StrEnum):
     DENIED = "denied"            # the peer may not use this control channel
     ROLE = "role"                # an op of the other role (primary vs secondary)
     SESSION = "session"          # the request names another session than the node's
+    FENCED = "fenced"            # the request carries an epoch below the node's (deposed leader)
     # Only raised on the client side:
     UNREACHABLE = "unreachable"  # the control socket does not answer
     REPLY = "reply"              # the slave's reply does not match its schema
@@ -409,6 +423,8 @@ RUNS = List(RUN, 0, MAX_RUNS)
 SESSION_NAME = Str(MAX_NAME, VOLUME_NAME,
                    what="a session name (letters, digits, '_', '-', '.')")
 NODE_NAME = Str(MAX_NAME, VOLUME_NAME, what="a node name (letters, digits, '_', '-', '.')")
+# A leader's epoch (EPOCH_KEY): etcd revisions start at 1.
+EPOCH = Int(1, MAX_N)
 GEN = Str(GEN_LEN, GENERATION, what="a generation (16 hex digits)")
 GENS = Map(NAME, GEN, 1, MAX_VOLUMES,
            what="an object that maps volume names to generations")
@@ -501,6 +517,24 @@ ROLE_OPS: dict[str, frozenset[str]] = {
 
 assert set(SCHEMA) == set().union(*ROLE_OPS.values()), "every op belongs to a role"
 
+# The ops a node refuses, kind FENCED, when they carry an epoch below the
+# one it has recorded: everything that changes data, cut state, role or the
+# node record.  Not thaw and abort (a stale one only releases what its own
+# freeze took: the gate must open whoever asks), nor the reads (status,
+# dirty, tgt, checksums, verify).
+FENCED_OPS = frozenset({"freeze", "copy", "rate", "clear", "checkpoint", "mark", "fence",
+                        "adopt", "prepare", "commit", "rollback", "clear_tgt", "assume",
+                        "dr_test", "role", "record"})
+assert FENCED_OPS <= set(SCHEMA)
+
+
+def fenced_message(who: str, seen: int, carried: int, session: str | None) -> str:
+    """The one line of a FENCED refusal (``who``: "node s1"; the C gate
+    writes the same words)."""
+    return (f"{who} has seen leader epoch {seen}; this request carries epoch {carried}:"
+            f" its coordinator was deposed (another leads session"
+            f" {session or '(none)'})")
+
 
 def decode(line: bytes | str) -> dict:
     """Parse and validate one request line; raise ProtocolError if it is bad."""
@@ -515,6 +549,8 @@ def decode(line: bytes | str) -> dict:
     try:
         if SESSION_KEY in args:
             SESSION_NAME.check(args.pop(SESSION_KEY), SESSION_KEY)
+        if EPOCH_KEY in args:
+            EPOCH.check(args.pop(EPOCH_KEY), EPOCH_KEY)
         SCHEMA[op].check(args, "")
     except ProtocolError as exc:
         raise ProtocolError(f"op {op!r}: {exc}") from None
@@ -548,7 +584,9 @@ LINEAGE = Obj({"current": GEN, "history": List(_GenAt(), 0, MAX_HISTORY),
 _NODE_VOLUME = {"lineage": LINEAGE, "dirty": Bool(), "replaced": Opt(Str())}
 _NODE_STATUS = {"session": Opt(SESSION_NAME), "node": Opt(NODE_NAME),
                 "node_id": Opt(Str(GEN_LEN, GENERATION, what="16 hex digits")),
-                "role_seq": _COUNT, "record": Opt(RECORD)}
+                "role_seq": _COUNT, "record": Opt(RECORD),
+                # the highest leader epoch the node has recorded (null: none yet)
+                "epoch": Opt(EPOCH)}
 
 _PROGRESS = Obj({"target": Str(MAX_URI), "state": Str(16, choices=("running", "done",
                                                                      "failed")),

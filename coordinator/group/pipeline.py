@@ -43,8 +43,8 @@ class Wire:
         self.dead: str | None = None        # why the connection is gone
         self._sent: list[str] = []          # the op of each request, in order
         self._framer = protocol.Framer()
-        # Every request names the session (the node refuses another's).
-        self._session = {"session": link.session} if link.session else {}
+        # Every request names the session and the leader epoch (link.envelope).
+        self._session = link.envelope()
         self.sock = None
         # The slave's gate socket where it has one (a C thread answers there,
         # whatever its Python threads are doing), else its control socket.

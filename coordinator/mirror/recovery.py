@@ -65,6 +65,12 @@ class Links:
     def link(self, name: str) -> SlaveLink:
         return next(lk for lk in self.slaves + self.secondaries if lk.name == name)
 
+    def set_epoch(self, epoch: int | None) -> None:
+        """Send the leader's ``epoch`` in every request of every link from
+        now on (None: stop sending it); nodes refuse a lower one."""
+        for lk in self.slaves + self.secondaries:
+            lk.epoch = epoch
+
     def close(self) -> None:
         for lk in self.slaves + self.secondaries:
             lk.close()
