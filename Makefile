@@ -9,7 +9,8 @@ APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin libssl-dev \
               nbd-client nbd-server qemu-system-x86 qemu-utils \
               busybox-static e2fsprogs socat fio nftables iproute2 \
               python3-venv python3-dev python3-cffi-backend libffi-dev libnbd-dev \
-              gcc make sqlite3 xz-utils python3-pyfuse3 fuse3 systemd util-linux
+              gcc make sqlite3 xz-utils python3-pyfuse3 fuse3 systemd util-linux \
+              etcd-server etcd-client
 
 .PHONY: setup apt venv ext test test-fast demo demo-sites vm vm-test clean \
         bench-bitmap bench-write bench-freeze bench-freeze-sites bench-copy bench-engine \

@@ -95,6 +95,26 @@ URI is built at run time from the secondary's address and the export name its
 status gives (``replication_uri``).  Two primary volumes may not
 share a secondary volume.
 
+Cluster mode (optional; without it everything runs on local files): the
+session's leadership, fencing epoch and shared state live in an etcd cluster
+(wire/etcd.py), reached over https with the session's own PKI -- the
+coordinator with its certificate directory (``[session] cert``), a node with
+the one it already gets (``tls=``); the CA is ``ca-cert.pem`` there, the only
+trust anchor, so plain ``http://`` is refused::
+
+    [cluster]
+    etcd = ["https://10.0.0.1:2379", "https://10.0.0.2:2379", "https://10.0.0.3:2379"]
+    ttl_s = 5                      # the leader's lease, whole seconds, 2..60
+    fence = "none"                 # or "lease": primaries take host writes only
+                                   #   while their site holds a lease in etcd
+    lease_ttl_s = 5                # the primaries' write lease, whole seconds
+                                   #   2..60 (default ttl_s)
+    prefix = "/cgmirror"           # optional: keys live under PREFIX/SESSION/
+
+``etcd`` lists 1 to 7 distinct members (etcd's own limit for a sane
+cluster); ``coordinator_tls`` (the coordinator's certificate directory for
+etcd) is ``pki/<[session] cert>``.
+
 Relative paths, including the ``socket=`` of a ``+unix`` target URI, are
 relative to the directory of the TOML file.  No two volumes may have the same
 image as their target, however it is spelled (``wire.nbduri``).  Every problem is refused with one
@@ -117,6 +137,7 @@ from wire.protocol import MAX_LEASE_MS, MAX_SLAVE_VOLUMES
 from wire.units import parse_size
 from wire import address as wire_address
 from wire import nbduri
+from wire.etcd import parse_endpoint
 
 from .errors import ConfigError, UsageError
 
@@ -136,6 +157,10 @@ _MIRROR_KEYS = {"interval_ms", "max_drain_ms", "rpo_threshold_s", "control", "me
 _SECONDARY_KEYS = {"name", "state_dir", "nbd_socket", "nbd", "control", "granularity",
                    "volume", "cert"}
 _SECONDARY_VOLUME_KEYS = {"name", "path", "size"}
+_CLUSTER_KEYS = {"etcd", "ttl_s", "fence", "lease_ttl_s", "prefix"}
+FENCES = ("none", "lease")
+MAX_ETCD_ENDPOINTS = 7
+_PREFIX = re.compile(r"^(/[A-Za-z0-9_.-]+)+$")
 MIRROR_CONTROL = "mirror.ctl"
 
 
@@ -159,6 +184,19 @@ class MirrorConfig:
     control: str
     metrics: tuple[str, int] | None = None  # Prometheus endpoint (host, port); off if None
     rate: int | None = None                 # drain limit, bytes/s per volume; None: none
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The ``[cluster]`` table: the session's etcd cluster (None if absent)."""
+
+    etcd: tuple[str, ...]           # https://HOST:PORT of every member
+    ttl_s: int = 5                  # the leader's lease, whole seconds
+    fence: str = "none"             # "none" or "lease" (FENCES)
+    lease_ttl_s: int = 5            # the primaries' write lease, whole seconds
+    prefix: str = "/cgmirror"       # keys live under PREFIX/SESSION/
+    # The coordinator's certificate directory for etcd (pki/<[session] cert>).
+    coordinator_tls: str | None = None
 
 
 ROLES = ("primary", "secondary")
@@ -223,6 +261,7 @@ class Session:
     slaves: tuple[NodeConfig, ...]
     mirror: MirrorConfig | None = None
     secondaries: tuple[NodeConfig, ...] = ()
+    cluster: ClusterConfig | None = None
 
     def slave(self, name: str) -> NodeConfig:
         for s in self.slaves:
@@ -449,9 +488,9 @@ class _Parser:
 
     def session(self, data: dict) -> Session:
         for key in data:
-            if key not in ("session", "slave", "mirror", "secondary"):
+            if key not in ("session", "slave", "mirror", "secondary", "cluster"):
                 self.fail("top level", key, "unknown table (known: session, slave,"
-                                            " mirror, secondary)")
+                                            " mirror, secondary, cluster)")
         if "session" not in data:
             self.fail("top level", "session", "missing the [session] table")
         t = data["session"]
@@ -485,10 +524,55 @@ class _Parser:
         self.unique(parsed, secondaries)
         parsed = tuple(dataclasses.replace(s, session=name) for s in parsed)
         secondaries = tuple(dataclasses.replace(r, session=name) for r in secondaries)
+        cluster = self.cluster(data["cluster"]) if "cluster" in data else None
         return Session(path=os.path.abspath(self.path), name=name, state_dir=state_dir,
                        max_coordination_ms=coord, lease_ms=lease,
                        copy_timeout_ms=copy_timeout, slaves=parsed, mirror=mirror,
-                       secondaries=secondaries)
+                       secondaries=secondaries, cluster=cluster)
+
+    def cluster(self, t) -> ClusterConfig:
+        """``[cluster]``: the etcd members (https only, 1..7, distinct), the
+        leader's TTL, the fence and the primaries' lease TTL, the prefix."""
+        w = "[cluster]"
+        self.keys(w, t, _CLUSTER_KEYS, ("etcd",))
+        urls = t["etcd"]
+        if isinstance(urls, str):
+            urls = [urls]
+        if not isinstance(urls, list) or not 1 <= len(urls) <= MAX_ETCD_ENDPOINTS:
+            self.fail(w, "etcd", f"must be a list of 1 to {MAX_ETCD_ENDPOINTS} URLs like"
+                                 f" [\"https://10.0.0.1:2379\"], not {t['etcd']!r}")
+        seen: dict[tuple[str, int], str] = {}
+        endpoints = []
+        for url in urls:
+            if not isinstance(url, str):
+                self.fail(w, "etcd", f"{url!r} is not a URL like \"https://10.0.0.1:2379\"")
+            try:
+                scheme, host, port = parse_endpoint(url)
+            except ValueError as exc:
+                self.fail(w, "etcd", str(exc))
+            if scheme != "https":
+                self.fail(w, "etcd", f"{url} is plaintext http: write https://... (etcd"
+                                     f" with TLS from the session's pki, whose CA is the"
+                                     f" only trust anchor)")
+            other = seen.setdefault((host.lower(), port), url)
+            if other != url or url in endpoints:
+                self.fail(w, "etcd", f"{url} is listed twice (also as {other})")
+            endpoints.append(url.rstrip("/"))
+        ttl = self.integer(w, t, "ttl_s", 5, 2, 60)
+        fence = t.get("fence", "none")
+        if fence not in FENCES:
+            self.fail(w, "fence", f"must be \"none\" or \"lease\" (primaries write only"
+                                  f" under their site's lease), not {fence!r}")
+        lease_ttl = self.integer(w, t, "lease_ttl_s", ttl, 2, 60)
+        prefix = t.get("prefix", "/cgmirror")
+        if not isinstance(prefix, str) or not _PREFIX.match(prefix) \
+                or len(prefix) > 128:
+            self.fail(w, "prefix", f"must be a key prefix like \"/cgmirror\" (\"/\" then"
+                                   f" letters, digits, '_', '.', '-', parts joined by"
+                                   f" '/', at most 128), not {prefix!r}")
+        return ClusterConfig(etcd=tuple(endpoints), ttl_s=ttl, fence=fence,
+                             lease_ttl_s=lease_ttl, prefix=prefix,
+                             coordinator_tls=os.path.join(self.pki, self.coordinator_cert))
 
     def node(self, kind: str, i: int, t,
              allowed: set[str]) -> tuple[str, str, int | None, list]:
