@@ -90,6 +90,26 @@ class SlaveSpec:
     # node's name being ``name``): the node records both at its first start
     # and refuses later starts as another node or for another session.
     session: str | None = None
+    # The write lease (issue 19, ``[cluster] fence = "lease"``;
+    # nbdplugin/writelease.py): the node's site (a: the file's [[slave]]
+    # nodes, b: its [[secondary]] nodes), the etcd endpoints (https, the
+    # node's ``tls`` is its client certificate), the lease's ttl in whole
+    # seconds and the key prefix.  ``fence`` "none": none of them is passed.
+    fence: str = "none"
+    etcd: list[str] = field(default_factory=list)
+    site: str | None = None
+    lease_ttl: int | None = None
+    etcd_prefix: str | None = None
+
+    def with_cluster(self, cluster, site: str) -> "SlaveSpec":
+        """This spec with the write-lease keys of ``cluster`` (a session's
+        ClusterConfig, or None) for a node of ``site``; unchanged unless its
+        fence is "lease"."""
+        if cluster is None or getattr(cluster, "fence", "none") != "lease":
+            return self
+        return dataclasses.replace(self, fence="lease", etcd=list(cluster.etcd), site=site,
+                                   lease_ttl=cluster.lease_ttl_s,
+                                   etcd_prefix=getattr(cluster, "prefix", None))
 
     @property
     def pidfile(self) -> str:
@@ -147,6 +167,12 @@ class SlaveSpec:
             cmd += [f"session={self.session}", f"node={self.name}"]
         if self.tls:
             cmd.append(f"tls={os.path.abspath(self.tls)}")
+        if self.fence == "lease":
+            cmd += ["fence=lease", f"etcd={','.join(self.etcd)}", f"site={self.site}"]
+            if self.lease_ttl is not None:
+                cmd.append(f"lease_ttl={self.lease_ttl}")
+            if self.etcd_prefix and self.etcd_prefix != "/cgmirror":
+                cmd.append(f"etcd_prefix={self.etcd_prefix}")
         for name, path, size in self.volumes:
             cmd.append(f"volume={name}:{path}")
             if size is not None:

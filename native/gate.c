@@ -75,7 +75,32 @@ static double now_s(void)
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+int64_t cg_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 /* ------------------------------------------------------------------ gate */
+
+/* The write lease (issue 19, "Primary leases"; nbdplugin/writelease.py).
+ * With fence = "lease" a primary may take host writes only while its site
+ * holds a lease in etcd.  Python's lease keeper sets ``deadline_ns`` (a
+ * CLOCK_MONOTONIC time: the send time of its last successful renewal plus
+ * the TTL minus a margin) and the write path compares it on every write:
+ * one atomic load, and where it is set one clock read (the vDSO, no
+ * syscall) -- no lock, so a lease renewal never waits for writers and a
+ * writer never waits for the keeper.  0 is "no lease mode": the load and
+ * one compare.  Past the deadline enter() returns CG_LEASE_EXPIRED at
+ * once, without queueing: the host sees an error, never a held write.  A
+ * write that was already held by a closed gate (a freeze, bounded by its
+ * lease) looks again when it is admitted and fails then if the deadline
+ * passed meanwhile, so no write enters after the deadline.
+ * Rejected: a flag the keeper clears when the lease lapses (it would need
+ * the keeper's thread to run on time -- exactly what a stalled process or
+ * a loaded host does not give; a deadline needs nothing to run). */
+static inline int lease_expired(const cg_gate *g);
 
 struct cg_gate {
     int refs;                   /* atomic */
@@ -88,7 +113,24 @@ struct cg_gate {
     uint64_t gen;
     uint64_t admitted;          /* requests admitted so far */
     double closed_at;
+    int64_t deadline_ns;        /* atomic; the write lease (above); 0: none */
 };
+
+static inline int lease_expired(const cg_gate *g)
+{
+    int64_t d = __atomic_load_n(&g->deadline_ns, __ATOMIC_ACQUIRE);
+    return d != 0 && cg_now_ns() >= d;
+}
+
+void cg_gate_set_deadline(cg_gate *g, int64_t deadline_ns)
+{
+    __atomic_store_n(&g->deadline_ns, deadline_ns, __ATOMIC_RELEASE);
+}
+
+int64_t cg_gate_deadline(cg_gate *g)
+{
+    return __atomic_load_n(&g->deadline_ns, __ATOMIC_ACQUIRE);
+}
 
 cg_gate *cg_gate_new(void)
 {
@@ -116,6 +158,8 @@ void cg_gate_unref(cg_gate *g)
 
 uint64_t cg_gate_enter(cg_gate *g, uint64_t *seq)
 {
+    if (lease_expired(g))
+        return CG_LEASE_EXPIRED;
     pthread_mutex_lock(&g->mu);
     if (g->closed || g->next_ticket != g->serving) {
         uint64_t ticket = g->next_ticket++;
@@ -123,6 +167,12 @@ uint64_t cg_gate_enter(cg_gate *g, uint64_t *seq)
             pthread_cond_wait(&g->cv, &g->mu);
         g->serving++;
         pthread_cond_broadcast(&g->cv);     /* the next ticket may go too */
+        /* Held: the deadline may have passed while it waited.  Its ticket
+         * is used up either way, so the queue moves on. */
+        if (lease_expired(g)) {
+            pthread_mutex_unlock(&g->mu);
+            return CG_LEASE_EXPIRED;
+        }
     }
     g->inside++;
     if (seq)

@@ -15,7 +15,8 @@ typedef struct cg_gate cg_gate;
 typedef struct cg_core cg_core;
 
 /* A volume's gate: every modifying request enters before it touches the
- * volume and leaves after.  enter() returns the gate's generation, which the
+ * volume and leaves after (unless enter() refused it: CG_LEASE_EXPIRED,
+ * below).  enter() returns the gate's generation, which the
  * core bumps at every cut transition (the writer's cue to look); seq, if not
  * NULL, gets the request's place in the order of admission.  A gate is
  * reference counted: its core holds one reference, the caller the other. */
@@ -23,6 +24,13 @@ cg_gate *cg_gate_new(void);
 void cg_gate_unref(cg_gate *g);
 uint64_t cg_gate_enter(cg_gate *g, uint64_t *seq);
 void cg_gate_leave(cg_gate *g);
+/* The write lease (gate.c, "The write lease"): past ``deadline_ns``
+ * (CLOCK_MONOTONIC, cg_now_ns) enter() admits nothing and returns
+ * CG_LEASE_EXPIRED at once; 0: no lease mode. */
+#define CG_LEASE_EXPIRED 0xFFFFFFFFFFFFFFFFULL
+void cg_gate_set_deadline(cg_gate *g, int64_t deadline_ns);
+int64_t cg_gate_deadline(cg_gate *g);
+int64_t cg_now_ns(void);
 int cg_gate_close(cg_gate *g, double timeout_s);
 double cg_gate_open(cg_gate *g);
 void cg_gate_info(cg_gate *g, int *closed, int64_t *inside, int64_t *waiting);

@@ -5,7 +5,9 @@ No cffi object leaves it; refusals raise ``GateRefused`` with the protocol
 kind (a ``wire.protocol.Kind`` value) and one line.
 
 ``Gate``   one volume's gate.  ``enter()`` (the write path; without the GIL
-           while it waits) returns the generation the core last gave it.
+           while it waits) returns the generation the core last gave it,
+           or raises ``WriteLeaseExpired`` past the write deadline
+           (``set_deadline``: the primary's write lease, issue 19).
 ``Core``   a slave's cut state while frozen: ``freeze``/``thaw``/``abort``
            (from the Python control server) and the same three served by a C
            thread on a unix socket (``serve``) or over TCP with mutual TLS
@@ -15,12 +17,14 @@ kind (a ``wire.protocol.Kind`` value) and one line.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from native._gate import ffi, lib
 from wire.protocol import MAX_N
 
-__all__ = ["Core", "Gate", "GateRefused", "State", "PHASES", "ENDED"]
+__all__ = ["Core", "Gate", "GateRefused", "State", "PHASES", "ENDED", "WriteLeaseExpired",
+           "monotonic_ns"]
 
 PHASES = {lib.CG_IDLE: "idle", lib.CG_FROZEN: "frozen", lib.CG_CUT: "cut"}
 ENDED = {lib.CG_ENDED_NONE: None, lib.CG_ENDED_ABORTED: "aborted",
@@ -38,6 +42,42 @@ class GateRefused(Exception):
         self.kind = kind
 
 
+# The errno a host write refused for want of a write lease gets (nbdkit
+# passes it to the client).  EIO, measured (issue 19): through nbdkit 1.32 a
+# libnbd client gets EIO for EIO, but EPERM for both EROFS and EPERM (the
+# NBD protocol has no EROFS), and the Linux nbd client turns every NBD error
+# into EIO for the application anyway.  EIO is also the truth: the device
+# cannot take the write now, and may again once the lease is renewed --
+# EPERM would say the write is forbidden for good.  (The switchover fence's
+# EROFS, nbdplugin/slave.py, is a different, deliberate state.)
+LEASE_ERRNO = errno.EIO
+
+
+class WriteLeaseExpired(OSError):
+    """A host write refused: this primary holds no write lease (fence =
+    "lease", nbdplugin/writelease.py).  An ``OSError`` with ``LEASE_ERRNO``,
+    so the plugin's write path hands it to nbdkit as any I/O error."""
+
+    def __init__(self) -> None:
+        super().__init__(LEASE_ERRNO, "this primary holds no write lease (its site's lease"
+                                      " in etcd lapsed or went to the other site): host"
+                                      " writes are refused until it is renewed")
+
+
+def monotonic_ns() -> int:
+    """The clock of write deadlines (CLOCK_MONOTONIC, as the gate reads it)."""
+    return lib.cg_now_ns()
+
+
+def _enter_fn(g, f=lib.cg_gate_enter, null=ffi.NULL, expired=lib.CG_LEASE_EXPIRED):
+    def enter():
+        gen = f(g, null)
+        if gen == expired:
+            raise WriteLeaseExpired()
+        return gen
+    return enter
+
+
 class Gate:
     """See native/gate.c.  Thread-safe."""
 
@@ -49,15 +89,28 @@ class Gate:
             raise MemoryError("cg_gate_new")
         self._g = ffi.gc(g, lib.cg_gate_unref)
         # Bound once: the write path calls these for every request.
-        self.enter = lambda g=self._g, f=lib.cg_gate_enter, null=ffi.NULL: f(g, null)
+        self.enter = _enter_fn(self._g)
         self.leave = lambda g=self._g, f=lib.cg_gate_leave: f(g)
 
     def enter_seq(self) -> int:
         """``enter()``, returning the request's place in the order of
         admission (0, 1, ...) instead of the generation."""
         seq = ffi.new("uint64_t *")
-        lib.cg_gate_enter(self._g, seq)
+        if lib.cg_gate_enter(self._g, seq) == lib.CG_LEASE_EXPIRED:
+            raise WriteLeaseExpired()
         return seq[0]
+
+    def set_deadline(self, deadline_ns: int) -> None:
+        """The write deadline (``monotonic_ns`` time): past it ``enter``
+        raises ``WriteLeaseExpired`` at once.  0: no lease mode (never)."""
+        if not 0 <= deadline_ns < 1 << 63:
+            raise ValueError(f"write deadline {deadline_ns} out of range")
+        lib.cg_gate_set_deadline(self._g, deadline_ns)
+
+    @property
+    def deadline(self) -> int:
+        """The write deadline in force (0: none)."""
+        return lib.cg_gate_deadline(self._g)
 
     def close(self, timeout: float) -> bool:
         """Close; wait up to ``timeout`` s for requests inside to leave.

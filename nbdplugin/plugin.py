@@ -32,6 +32,16 @@
 # RestartForceExitStatus=, `cgmirror node run`) starts it again, in the
 # recorded role.  A request naming another session is refused.
 #
+# Write lease (issue 19; nbdplugin/writelease.py): fence=lease (default
+# fence=none) makes a primary take host writes only while its site holds a
+# lease in etcd: etcd=URL,URL,... (https only; the client certificate is
+# tls='s), site=a|b (a: the session file's [[slave]] nodes, b: its
+# [[secondary]] nodes), lease_ttl=S (whole seconds, 2..60, default 5),
+# etcd_prefix=/PATH (default /cgmirror); session= and node= name the key.
+# Without the lease (etcd cut off past lease_ttl, or the other site is the
+# writer) every host write fails at once with EIO; reads are served.  A
+# DR-test primary keeps no lease: its writes are thrown away at its end.
+#
 # The slave holds an exclusive lock on its state directory and on each volume
 # while it runs (a second slave on either is refused, naming the holder), and
 # keeps its state private: the directory 0700, its files 0600.  A
@@ -69,6 +79,7 @@ from nbdplugin.secondary import (Secondary, SecondaryVolume, fold_maps,  # noqa:
 from nbdplugin.server import ControlServerError  # noqa: E402
 from nbdplugin.slave import Fence, Slave, StateError  # noqa: E402
 from nbdplugin.volume import Volume, VolumeError  # noqa: E402
+from nbdplugin.writelease import WriteLease  # noqa: E402
 from wire import address as wire_address, files, protocol, sdnotify, tls  # noqa: E402
 from wire.units import parse_size  # noqa: E402
 
@@ -76,7 +87,9 @@ API_VERSION = 2
 
 _cfg = {"statedir": None, "control": None, "tls": None, "granularity": 64 * 1024,
         "region": 4 << 20, "checkpoint": 2.0, "role": None, "session": None,
-        "node": None}
+        "node": None, "fence": "none", "etcd": None, "site": None, "lease_ttl": None,
+        "etcd_prefix": None}
+_lease: WriteLease | None = None   # fence=lease, primary role: the keeper
 _volumes: dict[str, str] = {}
 _create: dict[str, int] = {}
 _slave: Slave | Secondary | None = None
@@ -175,6 +188,32 @@ def _config(key, value):
         if not protocol.VOLUME_NAME.fullmatch(value):
             _fail(f"{key} must be 1-{protocol.MAX_NAME} letters, digits, '_', '-', '.'")
         _cfg[key] = value
+    elif key == "fence":
+        if value not in ("none", "lease"):
+            _fail("fence must be none or lease")
+        _cfg[key] = value
+    elif key == "etcd":
+        urls = tuple(u.strip() for u in value.split(",") if u.strip())
+        if not 1 <= len(urls) <= 7:
+            _fail("etcd must list 1 to 7 endpoints, comma-separated")
+        for u in urls:
+            if not u.startswith("https://"):
+                _fail(f"etcd endpoint {u!r} is not https:// (the session's CA is the only"
+                      f" trust anchor: plaintext is refused)")
+        _cfg[key] = urls
+    elif key == "site":
+        if value not in ("a", "b"):
+            _fail("site must be a or b")
+        _cfg[key] = value
+    elif key == "lease_ttl":
+        v = int(value)
+        if not 2 <= v <= 60:
+            _fail("lease_ttl must be 2 to 60 whole seconds")
+        _cfg[key] = v
+    elif key == "etcd_prefix":
+        if not value.startswith("/") or value.endswith("/") or "//" in value:
+            _fail("etcd_prefix must look like /cgmirror (a leading /, no trailing /)")
+        _cfg[key] = value
     elif key == "checkpoint":
         v = float(value)
         if not 0.05 <= v <= 3600:
@@ -199,6 +238,15 @@ def config_complete():
             _fail(f"create={name}:... names no volume")
     if _cfg["region"] < _cfg["granularity"]:
         _fail("region must not be smaller than granularity")
+    if _cfg["fence"] == "lease":
+        for key in ("etcd", "site", "session", "node", "tls"):
+            if not _cfg[key]:
+                _fail(f"fence=lease needs {key}= (the write lease is a key in etcd named"
+                      f" by session, site and node, reached with tls='s certificate)")
+    else:
+        given = [k for k in ("etcd", "site", "lease_ttl", "etcd_prefix") if _cfg[k]]
+        if given:
+            _fail(f"{'= '.join(given)}= only apply with fence=lease")
     if _cfg["tls"]:
         # Checked now, so a missing or unsafe file is one line before serving.
         try:
@@ -285,6 +333,8 @@ def get_ready():
     else:
         _slave = Slave(vols, statedir, _cfg["checkpoint"])
         _fence = _slave.fence
+        if _cfg["fence"] == "lease" and kept is None:
+            _start_lease_mode(vols)
     # Recorded once everything else was accepted: a refused start leaves
     # no record behind (and says nothing but its error line).
     identities = {name: identity_of(v.fd, v.size) for name, v in vols.items()}
@@ -298,6 +348,30 @@ def get_ready():
         node.start(_cfg["session"], _cfg["node"], _volumes, identities)
     _slave.attach(node)
     _slave.on_restart = _restart
+
+
+def _start_lease_mode(vols):
+    """fence=lease: the keeper, its gates' deadlines in the past until its
+    first round (so no write is taken before the lease); its thread starts
+    in after_fork.  Status reports ``write_lease``."""
+    global _lease
+    from wire.etcd import Etcd
+    # Rounds every ttl/3: an endpoint that does not answer must not take
+    # a whole round, so the client's timeout is a fraction of it.
+    ttl = _cfg["lease_ttl"] or 5
+    etcd = Etcd(_cfg["etcd"], tls_dir=_cfg["tls"], timeout=max(0.5, ttl / 6),
+                **({"prefix": _cfg["etcd_prefix"]} if _cfg["etcd_prefix"] else {}))
+    _lease = WriteLease(etcd, _cfg["session"], _cfg["site"], _cfg["node"], ttl,
+                        [v.gate for v in vols.values()])
+    # The status op's top-level fields come from node_status (server.py);
+    # the lease's are added here rather than in every role's status.
+    base = _slave.node_status
+
+    def node_status(volumes, dirty):
+        top = base(volumes, dirty)
+        top["write_lease"] = _lease.status()
+        return top
+    _slave.node_status = node_status
 
 
 def _forget_if_replaced(node: NodeRecord | None, vol: Volume) -> None:
@@ -323,6 +397,8 @@ def after_fork():
             _slave.start(_cfg["control"], _server_context())
     except ControlServerError as exc:
         _fail(str(exc))
+    if _lease is not None:
+        _lease.start()
     # Under systemd (Type=notify): started once the control channel serves;
     # the NBD socket is already listening (nbdkit binds it before forking).
     sdnotify.notify("READY=1")
@@ -416,6 +492,8 @@ def _exit_now():
 
 
 def cleanup():
+    if _lease is not None:
+        _lease.stop()
     if _slave is not None:
         _slave.shutdown()
     if _exit_status is not None:

@@ -99,6 +99,21 @@ group h), promote the secondaries, adopt baselines, record the new source.
 
 ``--keep-overwritten DIR``: coordinator/roles/resync.py.
 
+Write leases (``[cluster] fence = "lease"``, nbdplugin/writelease.py): a
+primary takes host writes only while its site holds a lease in etcd, and
+only the site named by ``P/writer`` can take one.  Every command that makes
+a site the source (``failover``, ``resync``, ``failback``, ``switchover``)
+first makes it the writer (``take_writer``): put ``P/writer``, then wait
+until no lease key of the other site is left (at most ``lease_ttl_s`` +
+WRITER_GRACE_S: a key lives until its holder's last renewal plus the ttl,
+and no renewal passes the writer guard once the writer moved), and only
+then promotes.  So no moment has both sites taking writes, whether the old
+site is gone, cut off (its lease lapses) or alive (it sees the writer move
+at its next round and lets its lease go).  A key still there after the
+bound is refused in one line before any node changed, and ``P/writer`` is
+put back.  ``failover --test`` takes no writer: a DR test's primaries keep
+no lease (their writes are thrown away at its end).
+
 Rejected alternatives:
 
 - Switching the role inside the running process (an op turning a
@@ -142,6 +157,9 @@ MIRROR_IDLE_TIMEOUT_S = 120.0
 # it, start-up recovery): seconds on a loaded machine.
 ROLE_RESTART_TIMEOUT_S = 120.0
 GROUP_TRIES = 5
+# take_writer waits for the old site's lease keys at most lease_ttl_s plus
+# this: etcd removes an expired lease's keys within about half a second.
+WRITER_GRACE_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +293,58 @@ class RoleSwitch:
                                 f" copy never completed): nothing consistent to take over")
         return top
 
+    # ------------------------------------------------------------ write leases
+
+    def take_writer(self, new: str, command: str) -> None:
+        """Lease mode: make ``new`` the writer and wait until the other
+        site holds no write lease (module doc, "Write leases"); refuse in
+        one line, the writer put back, if it still does after the bound.
+        Nothing without ``[cluster] fence = "lease"``."""
+        c = getattr(self.session, "cluster", None)
+        if c is None or c.fence != "lease":
+            return
+        from nbdplugin import writelease as wl
+        from wire.etcd import Etcd, EtcdError
+
+        old = dirn.other(new)
+        name = self.session.name
+        try:
+            etcd = Etcd.for_cluster(c, c.coordinator_tls)
+            wkey = wl.writer_key(etcd, name)
+            prev = etcd.get(wkey)
+            rev = None
+            if prev is None or wl.parse_writer(prev.value) != new:
+                rev = etcd.put(wkey, wl.writer_value(new))
+                self.log(f"site {new} is the writer now ({wkey}): site {old}'s primaries"
+                         f" refuse host writes from their next lease round")
+            prefix = wl.leases_prefix(etcd, name, old)
+            bound = c.lease_ttl_s + WRITER_GRACE_S
+            t0 = time.monotonic()
+            held = etcd.get_prefix(prefix)
+            if held:
+                self.log(f"waiting (at most {bound:g} s) for the write leases of site"
+                         f" {old} to end: {', '.join(k.key.rsplit('/', 1)[-1] for k in held)}")
+            while held:
+                if time.monotonic() - t0 > bound:
+                    back = ""
+                    if rev is not None and prev is not None \
+                            and etcd.put_if(wkey, prev.value, rev):
+                        back = f"; {wkey} is site {old} again"
+                    raise FailoverError(
+                        f"site {old} still holds write leases ({', '.join(k.key for k in held)})"
+                        f" {bound:g} s after site {new} became the writer: its primaries"
+                        f" renew them still (a clock or an etcd far off?); nothing was"
+                        f" promoted{back}; `cgmirror {command}` again once they are gone")
+                time.sleep(0.1)
+                held = etcd.get_prefix(prefix)
+        except EtcdError as exc:
+            raise FailoverError(f"cannot make site {new} the writer in etcd: {exc}; nothing"
+                                f" was promoted; `cgmirror {command}` again once etcd"
+                                f" answers") from exc
+        if time.monotonic() - t0 > 0.2:
+            self.log(f"site {old} holds no write lease after {time.monotonic() - t0:.1f} s:"
+                     f" site {new} may take writes")
+
     # ------------------------------------------------------------ the mirror
 
     def _running_mirror(self, op: str, **args) -> dict | None:
@@ -378,6 +448,8 @@ class RoleSwitch:
         src = d["source"]
         if d["state"] == ("dr-test" if test else "failed-over"):
             h, new = d["hardened"], (dirn.other(src) if test else src)  # resume
+            if not test:
+                self.take_writer(new, "failover")
             if not test and self._all_role(new, "secondary"):
                 # Nothing promoted yet: settle again (a group that ended
                 # since the record rolls forward or back like any other).
@@ -397,6 +469,8 @@ class RoleSwitch:
             new = dirn.other(src)
             if mirror_runs_:
                 self.park_mirror("failover --test" if test else "failover")
+            if not test:
+                self.take_writer(new, "failover")
             h = self.settle(new)
             # Only the site taking over must hold the record: the other may
             # be gone (its nodes learn it when they answer again).
@@ -487,6 +561,7 @@ class RoleSwitch:
         # Lineage first, before any change: only ``resync`` names a winner.
         winner = record.get("by") == "resync"
         pairs = self.check_join(source, target, winner=winner, full=full)
+        self.take_writer(source, record.get("by", "resync"))
         if split and (d["state"] != "resync" or d["source"] != source):
             dirn.save(self.session, source=source, state="resync", hardened=h, **record)
         for node in self.nodes(target):
@@ -594,6 +669,7 @@ class RoleSwitch:
         elif d["state"] != "switching":
             raise DirectionError(f"cannot switch over: {dirn.why(d)}")
         new, h = d["to"], d["hardened"]
+        self.take_writer(new, by)
         for i, node in enumerate(self.nodes(src)):
             st = self.become(node, "secondary")
             if st["hardened"] < h:
