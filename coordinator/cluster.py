@@ -59,6 +59,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 from wire.etcd import Etcd, EtcdError, KV
+from wire.tls import TLSConfigError
 
 from .errors import CgmirrorError, ExitCode
 
@@ -90,14 +91,18 @@ def connect(session, tls_dir: str | None = None) -> Etcd:
     certificate directory for TLS."""
     if session.cluster is None:
         raise ClusterError(f"session {session.name} has no [cluster]")
-    return Etcd.for_cluster(session.cluster, tls_dir if tls_dir is not None
-                            else coordinator_tls(session))
+    tls_dir = tls_dir if tls_dir is not None else coordinator_tls(session)
+    try:
+        return Etcd.for_cluster(session.cluster, tls_dir)
+    except (ValueError, OSError, TLSConfigError) as exc:
+        raise ClusterError(f"etcd client for session {session.name} (certificates in"
+                           f" {tls_dir}): {exc}") from exc
 
 
 def coordinator_tls(session) -> str | None:
     """The coordinator's certificate directory (``[session] cert`` in the
     session's PKI): its CA is the only trust anchor for etcd too."""
-    return getattr(session.cluster, "tls_dir", None) or getattr(session, "client_tls", None)
+    return session.cluster.coordinator_tls
 
 
 def key(etcd: Etcd, session: str, *parts: str) -> str:

@@ -192,7 +192,10 @@ class Mirror:
             self.history = History(s.state_dir)
             self.history.mark_interrupted()
             self.history.mark_groups_interrupted()
-            if getattr(s, "cluster", None) is not None:
+            # Cluster mode is ``mirror run``'s (it serves control); a role
+            # command's Mirror forms its groups under the session lock as
+            # without [cluster] (its requests carry no epoch).
+            if getattr(s, "cluster", None) is not None and self.serve_control:
                 self.cluster = _Cluster(self)
             if self.serve_control:
                 self._server = ControlServer(self.settings.control, self)
