@@ -73,7 +73,7 @@ def _etcd():
     s = session_mod.load(SESSION_FILE)
     if s.cluster is None:
         raise ClusterError(f"{SESSION_FILE} has no [cluster] table")
-    return s, Etcd.for_cluster(s.cluster, s.slaves[0].client_tls)
+    return s, Etcd.for_cluster(s.cluster, s.cluster.coordinator_tls)
 
 
 def _value(kv) -> object:

@@ -282,7 +282,8 @@ def test_leader_killed_a_standby_takes_over_within_the_ttl_and_a_group(crig):
     ev = rig.events("b2", lambda e: e.get("event") == "leader" and e.get("epoch") == new.epoch)
     assert ev[-1].get("previous"), ev[-1]
     doc = json.loads(rig.ok("b2", "mirror", "status", "--json"))
-    assert str(new.epoch) in json.dumps(doc) and new_host in json.dumps(doc), doc
+    lead = (doc.get("cluster") or {}).get("leader") or {}
+    assert (lead.get("epoch"), lead.get("pid")) == (new.epoch, new.leader["pid"]), doc
     rig.check("b1", "b")
 
 
@@ -420,7 +421,7 @@ def test_quorum_lost_the_mirror_pauses_and_no_write_is_held(crig):
     assert back.t > t0
     hist = rig.cl.inside("b2", "get", "state", "history")["value"]
     assert all(g["bytes"] < 4 * hostrig.SIZE for g in hist["groups"] if g["n"] >= back.n)
-    assert rig.check("b2", "b") >= heads or True
+    assert all(x >= y for x, y in zip(rig.check("b2", "b"), heads))   # heads never go back
 
 
 # ------------------------------------------------------------ primary leases
@@ -454,7 +455,6 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
             f" (lease {lease} s)"
         out = rig.ok("b1", "failover")
         assert "site b is writable" in out, out
-        t_b = union_writes = None
         wb = rig.steps("b1", "writes", "b", 3, 12)
         assert wb["refused"] is None and wb["count"] > 0, wb
         t_b = wb["first"]
@@ -474,8 +474,6 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
             for blk in set(wb["blocks"][p]) | at_b[p]:
                 assert img_a[blk * G:(blk + 1) * G] == img_b[blk * G:(blk + 1) * G], \
                     (node, vol, blk)
-        union_writes = wb["count"]
-        assert union_writes > 0
         # a takes writes again under its lease.
         back = rig.steps("a1", "writes", "a", 1, 14)
         assert back["refused"] is None and back["count"] > 0, back
