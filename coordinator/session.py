@@ -227,6 +227,11 @@ class NodeConfig:
     # The session it belongs to (the file's [session] name): every control
     # request to it carries it, and the node refuses another session's.
     session: str | None = None
+    # Write leases ([cluster] fence = "lease"; nbdplugin/writelease.py): the
+    # node's site (a: [[slave]], b: [[secondary]]) and the cluster, which
+    # ``spec`` passes on (SlaveSpec.with_cluster); None otherwise.
+    site: str | None = None
+    cluster: ClusterConfig | None = None
 
     def spec(self) -> SlaveSpec:
         """How to run this node in its role (for coordinator.launch).  A key
@@ -241,7 +246,7 @@ class NodeConfig:
         # SlaveLink.from_spec sends it with every request (and launch may
         # pass it to the node as session=).
         spec.session = self.session
-        return spec
+        return spec.with_cluster(self.cluster, self.site)
 
     def volume(self, name: str) -> VolumeConfig:
         for v in self.volumes:
@@ -525,6 +530,14 @@ class _Parser:
         parsed = tuple(dataclasses.replace(s, session=name) for s in parsed)
         secondaries = tuple(dataclasses.replace(r, session=name) for r in secondaries)
         cluster = self.cluster(data["cluster"]) if "cluster" in data else None
+        if cluster is not None and cluster.fence == "lease":
+            # Write leases: every node reaches etcd (https, the session's
+            # PKI) with its certificate directory, TCP paths or not.
+            def leased(n, site):
+                return dataclasses.replace(n, site=site, cluster=cluster,
+                                           tls=n.tls or os.path.join(self.pki, n.name))
+            parsed = tuple(leased(s, "a") for s in parsed)
+            secondaries = tuple(leased(r, "b") for r in secondaries)
         return Session(path=os.path.abspath(self.path), name=name, state_dir=state_dir,
                        max_coordination_ms=coord, lease_ms=lease,
                        copy_timeout_ms=copy_timeout, slaves=parsed, mirror=mirror,

@@ -285,6 +285,7 @@ class WriteLease:
             if next_at < now:           # a slow round: go on from now
                 next_at = now + (self.interval / 4 if self._failing else self.interval)
             if self._stop.wait(max(0.0, next_at - now)):
+                self.etcd.close()       # this thread's connections
                 return
             self._try_round()
 
@@ -295,3 +296,4 @@ class WriteLease:
             self._thread.join(timeout=self.interval + 5)
         with self._lock:
             self._refuse("the node is stopping")
+        self.etcd.close()

@@ -3,13 +3,23 @@ native/gate.c's write deadline, nbdplugin/writelease.py against a real etcd
 on loopback, real nodes with libnbd writers, and ``cgmirror failover``
 waiting for the old site's lease."""
 
+import dataclasses
 import errno
+import json
+import os
+import socket
 import threading
 import time
 
 import pytest
 
+import clishell
+from cgtest import need, wait_until
+from coordinator.link import SlaveLink
+from harness.mirrorrig import mirror_session
 from native.gate import Gate, WriteLeaseExpired, monotonic_ns
+from nbdplugin.writelease import WriteLease, margin_s, parse_writer, writer_value
+from wire.etcd import Etcd, EtcdError
 # ---------------------------------------------------------------- the gate's write deadline
 # (native/gate.c "The write lease"; no etcd, no nbdkit)
 
@@ -101,3 +111,420 @@ def test_gate_deadline_out_of_range_is_refused():
     """A negative deadline is a bug, refused before C."""
     with pytest.raises(ValueError):
         Gate().set_deadline(-5)
+
+
+# ---------------------------------------------------------------- the keeper against a real etcd
+
+NAME = "wl"
+TTL = 2
+
+
+@pytest.fixture
+def etcd(run_dir):
+    """A three-member etcd with TLS on loopback (harness/etcd.py) and the
+    session's PKI under ``run_dir/state/pki``: certificates for the nodes
+    s1, r1 and the coordinator."""
+    need("etcd", "etcdctl")
+    from coordinator import pki
+    from harness.etcd import EtcdCluster
+    pki_dir = os.path.join(run_dir, "state", "pki")
+    pki.init(pki_dir, NAME)
+    for name in ("s1", "r1", "coordinator"):
+        pki.issue(pki_dir, name, ips=["127.0.0.1"])
+    with EtcdCluster(os.path.join(run_dir, "etcd"), pki_dir, n=3) as cluster:
+        cluster.wait_healthy(60)
+        cluster.pki_dir = pki_dir
+        cluster.clients = []
+        try:
+            yield cluster
+        finally:
+            for c in cluster.clients:
+                c.close()
+
+
+def client(etcd, endpoints=None, node="coordinator") -> Etcd:
+    """A client as ``node`` (its certificate); closed at the end."""
+    c = Etcd(endpoints or etcd.endpoints(), os.path.join(etcd.pki_dir, node), timeout=0.5)
+    etcd.clients.append(c)
+    return c
+
+
+def keeper(etcd, site="a", node="s1", endpoints=None, gates=None) -> WriteLease:
+    return WriteLease(client(etcd, endpoints, node), NAME, site, node, TTL,
+                      gates if gates is not None else [Gate()])
+
+
+def writes(gate: Gate) -> bool:
+    """One write through ``gate``: taken (True) or refused (False)."""
+    try:
+        gate.enter()
+    except WriteLeaseExpired:
+        return False
+    gate.leave()
+    return True
+
+
+def test_keeper_takes_the_lease_when_its_site_is_the_writer(etcd):
+    """No P/writer yet: the first round creates it as site a and site a's
+    node holds its lease: its key exists and its gates take writes."""
+    g = Gate()
+    k = keeper(etcd, gates=[g])
+    assert not writes(g)                    # before the first round: refused
+    assert k.round() and writes(g)
+    c = client(etcd)
+    assert parse_writer(c.get(c.key(NAME, "writer")).value) == "a"
+    kv = c.get(c.key(NAME, "leases", "a", "s1"))
+    assert kv is not None and kv.lease == k.lease
+    st = k.status()
+    assert st["held"] and 0 < st["expires_in_s"] <= TTL and st["writer"] == "a"
+    k.stop()
+    assert not writes(g) and c.get(c.key(NAME, "leases", "a", "s1")) is None
+
+
+def test_keeper_of_the_other_site_takes_no_lease(etcd):
+    """Site b's node, site a the writer: no key, writes refused, the status
+    says why."""
+    c = client(etcd)
+    c.put(c.key(NAME, "writer"), writer_value("a"))
+    g = Gate()
+    k = keeper(etcd, site="b", node="r1", gates=[g])
+    assert not k.round() and not writes(g)
+    assert c.get_prefix(c.key(NAME, "leases") + "/") == []
+    st = k.status()
+    assert not st["held"] and st["writer"] == "a" and "site a is the writer" in st["why"]
+
+
+def test_keeper_refuses_then_revokes_when_the_writer_moves(etcd):
+    """P/writer moved to b: the next round refuses writes and the key goes;
+    moved back with no b key left, the node takes a new lease."""
+    g = Gate()
+    k = keeper(etcd, gates=[g])
+    assert k.round() and writes(g)
+    c = client(etcd)
+    c.put(c.key(NAME, "writer"), writer_value("b"))
+    assert not k.round() and not writes(g)
+    assert c.get_prefix(c.key(NAME, "leases", "a") + "/") == []
+    # A key of site b blocks site a even once a is the writer again.
+    lease_b = c.grant(TTL)
+    c.put(c.key(NAME, "leases", "b", "r1"), b"{}", lease=lease_b)
+    c.put(c.key(NAME, "writer"), writer_value("a"))
+    assert not k.round() and not writes(g)
+    assert "site b still holds write leases (r1)" in k.status()["why"]
+    c.revoke(lease_b)
+    assert k.round() and writes(g)
+    k.stop()
+
+
+def test_keeper_deadline_lapses_when_etcd_is_gone_and_comes_back(etcd):
+    """Every member stopped: no round succeeds, the deadline passes by
+    itself within ttl - margin of the last good round; etcd back: the next
+    round takes writes again (a new lease if the old one expired)."""
+    g = Gate()
+    k = keeper(etcd, gates=[g])
+    assert k.round()
+    last_good = time.monotonic()
+    for i in range(3):
+        etcd.stop(i)
+    with pytest.raises(EtcdError):
+        k.round()
+    wait_until(lambda: not writes(g), TTL + 1, "writes refused")
+    assert time.monotonic() - last_good <= TTL - margin_s(TTL) + 0.1
+    etcd.start_all()
+    etcd.wait_healthy(60)
+
+    def renewed():
+        try:
+            return k.round()
+        except EtcdError:
+            return False
+    wait_until(renewed, 30, "a round after etcd came back")
+    assert writes(g)
+    k.stop()
+
+
+# ---------------------------------------------------------------- real nodes, real writers
+
+SIZE = 4 << 20
+PROBE = SIZE - 4096        # the samplers' block: the end of volume a
+
+
+class Relay:
+    """A TCP relay on loopback in front of one etcd member: a node given
+    the relays' URLs reaches etcd only through them, so ``cut`` cuts that
+    node off (as a partition does: its connections go silent and new ones
+    are accepted but never answered) while every other client still gets
+    through.  ``heal`` lets traffic through again."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(16)
+        self.port = self.lsock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.cut_off = False
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.socks.append(c)
+                if self.cut_off or self.closed:
+                    continue            # held open, never answered
+            try:
+                u = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.socks.append(u)
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data or self.cut_off:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        if self.cut_off:
+            return                  # silent until heal or close ends it
+        for x in (a, b):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        """Silence: bytes in flight and new connections go nowhere."""
+        self.cut_off = True
+
+    def heal(self):
+        with self.lock:
+            self.cut_off = False
+            old, self.socks = self.socks, []
+        for s in old:               # the silenced ones end; clients reconnect
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.closed = True
+        self.cut_off = True
+        self.lsock.close()
+        self.heal()
+        with self.lock:
+            left, self.socks = self.socks, []
+        for x in left:
+            x.close()
+
+
+def session_text(etcd) -> str:
+    return mirror_session(NAME, {"s1": "r1"}, ("a",), size=SIZE,
+                          mirror={"interval_ms": 100}) + f"""
+[cluster]
+etcd = {json.dumps(etcd.endpoints())}
+ttl_s = {TTL}
+fence = "lease"
+lease_ttl_s = {TTL}
+"""
+
+
+@pytest.fixture
+def sh(run_dir, etcd):
+    """The CLI shell (tests/clishell.py) on a session in lease mode; its
+    nodes are stopped at the end."""
+    need("nbdkit")
+    with clishell.Shell(run_dir, session_text(etcd), name=f"{NAME}.toml") as shell:
+        yield shell
+
+
+class Sampler:
+    """A libnbd writer of one node's host export that tries one 4 KiB
+    write every ``every`` s and keeps (start, end, ok, errno) of each,
+    reconnecting when the node goes away (a role change restarts it)."""
+
+    def __init__(self, sock: str, every: float = 0.02):
+        self.uri = f"nbd+unix:///a?socket={sock}"
+        self.every = every
+        self.log: list[tuple[float, float, bool, str | None]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import nbd
+        h = None
+        buf = b"\x5a" * 4096
+        while not self.stop.is_set():
+            if h is None:
+                try:
+                    h = nbd.NBD()
+                    h.connect_uri(self.uri)
+                except nbd.Error:
+                    h = None
+                    self.stop.wait(0.05)
+                    continue
+            t0 = time.monotonic()
+            try:
+                h.pwrite(buf, PROBE)
+                self.log.append((t0, time.monotonic(), True, None))
+            except nbd.Error as exc:
+                self.log.append((t0, time.monotonic(), False, exc.errno))
+                # EIO: the lease refusal (libnbd names errnos).  Anything
+                # else (EPERM: libnbd's own answer for a read-only export,
+                # a secondary's; a dead connection): connect again.
+                if exc.errno != "EIO":
+                    h = None        # dropped: libnbd closes it
+            self.stop.wait(self.every)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(30)
+
+    def accepted(self):
+        return [(s, e) for s, e, ok, _ in self.log if ok]
+
+    def refused_since(self, t: float):
+        return [(s, e, err) for s, e, ok, err in self.log if not ok and s >= t]
+
+
+def node_status(sh, name: str) -> dict:
+    with SlaveLink(name, sh.path(f"{name}.ctl"), session=NAME) as lk:
+        return lk.status()
+
+
+def test_node_writes_only_while_its_site_holds_the_lease(sh, etcd):
+    """A primary in lease mode takes writes while its lease is held; every
+    etcd member stopped, a libnbd writer gets EIO within lease_ttl + 1 s,
+    each refusal at once, reads still served; etcd back, writes are taken
+    again; the writer moved to site b, the node lets its lease go and
+    refuses."""
+    sh.ok("slave", "start")
+    wait_until(lambda: node_status(sh, "s1")["write_lease"]["held"], 30, "the lease")
+    st = node_status(sh, "s1")["write_lease"]
+    assert st["writer"] == "a" and st["site"] == "a" and 0 < st["expires_in_s"] <= TTL
+    s = Sampler(sh.path("s1.sock"))
+    try:
+        wait_until(lambda: len(s.accepted()) >= 5, 30, "writes accepted")
+        t_stop = time.monotonic()
+        for i in range(3):
+            etcd.kill(i)
+        wait_until(lambda: s.refused_since(t_stop), TTL + 1 + 1, "a refused write")
+        first = min(r[0] for r in s.refused_since(t_stop))
+        assert first - t_stop <= TTL + 1
+        assert {r[2] for r in s.refused_since(t_stop)} == {"EIO"}
+        wait_until(lambda: len(s.refused_since(t_stop)) >= 20, 30, "20 refusals")
+        slowest = max(e - b for b, e, _ in s.refused_since(t_stop))
+        # Refused at once: a round trip through nbdkit on a loaded 2-core host.
+        assert slowest < 0.25, f"a refused write waited {slowest:.3f} s"
+        st = node_status(sh, "s1")["write_lease"]
+        assert not st["held"] and "etcd" in st["why"]
+        import nbd
+        h = nbd.NBD()
+        h.connect_uri(s.uri)
+        assert h.pread(4096, 0) is not None          # reads are served
+        h.shutdown()
+        etcd.start_all()
+        etcd.wait_healthy(60)
+        t_back = time.monotonic()
+        wait_until(lambda: any(b >= t_back for b, _ in s.accepted()), 30,
+                   "writes accepted again")
+        # The writer moves: the node refuses, then its key goes.
+        c = client(etcd)
+        c.put(c.key(NAME, "writer"), writer_value("b"))
+        t_moved = time.monotonic()
+        wait_until(lambda: not c.get_prefix(c.key(NAME, "leases", "a") + "/"), TTL + 1,
+                   "site a's key gone")
+        t_gone = time.monotonic()
+        assert not [x for x in s.accepted() if x[0] >= t_gone]
+        wait_until(lambda: len(s.refused_since(t_gone)) >= 3, 10, "refusals")
+        assert not [x for x in s.accepted() if x[0] >= t_gone]
+        st = node_status(sh, "s1")["write_lease"]
+        assert not st["held"] and st["writer"] == "b", st
+        assert t_gone - t_moved <= TTL / 3 + 1
+    finally:
+        s.close()
+
+
+def test_failover_waits_for_the_cut_off_site_lease_and_no_two_sites_write(sh, etcd):
+    """Site a cut off from etcd (its primary alive, its host writing):
+    ``cgmirror failover`` makes b the writer, waits until a's lease expired,
+    then promotes b.  Writers sample both sites all along: the last write a
+    took ends before the first write b takes starts.  a, back in touch with
+    etcd, stays refused (b is the writer)."""
+    from coordinator import launch
+    relays = [Relay(int(u.rsplit(":", 1)[1])) for u in etcd.endpoints()]
+    samplers: list[Sampler] = []
+    try:
+        spec = dataclasses.replace(sh.node_spec("s1"), etcd=[r.url for r in relays])
+        launch.start(spec, detach=True)
+        sh.ok("secondary", "start")
+        wait_until(lambda: node_status(sh, "s1")["write_lease"]["held"], 30, "a's lease")
+        sh.start_mirror()
+        sh.wait_hardened()
+        sh.stop_mirror()
+        a, b = Sampler(sh.path("s1.sock")), Sampler(sh.path("r1.sock"))
+        samplers += [a, b]
+        wait_until(lambda: len(a.accepted()) >= 5, 30, "writes at a")
+        # When site a's last lease key went, as etcd saw it.
+        c = client(etcd)
+        gone: list[float] = []
+
+        def watch_a():
+            while not gone:
+                if not c.get_prefix(c.key(NAME, "leases", "a") + "/"):
+                    gone.append(time.monotonic())
+                time.sleep(0.02)
+            c.close()           # this thread's connections
+        watcher = threading.Thread(target=watch_a, daemon=True)
+        t_cut = time.monotonic()
+        for r in relays:
+            r.cut()
+        watcher.start()
+        p = sh.run("failover", timeout=300)
+        t_done = time.monotonic()
+        assert p.returncode == 0, p.stderr
+        assert "site b is the writer now" in p.stderr, p.stderr
+        watcher.join(30)
+        try:
+            wait_until(lambda: b.accepted(), 30, "writes at b")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: r1 {node_status(sh, 'r1').get('write_lease')},"
+                                 f" sampler {b.log[-3:]}") from None
+        first_b = min(s for s, _ in b.accepted())
+        last_a = max(e for _, e in a.accepted())
+        assert last_a < gone[0] < first_b, (
+            f"site a took a write until {last_a - t_cut:.3f} s after the cut, its lease"
+            f" went at {gone[0] - t_cut:.3f} s, site b took one from {first_b - t_cut:.3f} s")
+        assert gone[0] - t_cut <= TTL + 1
+        assert a.refused_since(t_cut)
+        assert min(s for s, _, _ in a.refused_since(t_cut)) - t_cut <= TTL + 1
+        assert first_b <= t_done + 30
+        # a hears from etcd again: b is the writer, a stays refused.
+        for r in relays:
+            r.heal()
+        wait_until(lambda: node_status(sh, "s1")["write_lease"]["writer"] == "b", 30,
+                   "a reads the writer")
+        t_heal = time.monotonic()
+        wait_until(lambda: len(a.refused_since(t_heal)) >= 3, 10, "refusals at a")
+        assert max(e for _, e in a.accepted()) == last_a
+        st = node_status(sh, "r1")["write_lease"]
+        assert st["held"] and st["writer"] == "b" and st["site"] == "b"
+    finally:
+        for s in samplers:
+            s.close()
+        for r in relays:
+            r.close()
