@@ -249,6 +249,7 @@ struct cg_core {
      * request naming another session is refused with kind "session". */
     char session[CG_MAX_NAME + 1];
     char who[160];              /* "node b1": how the refusal names this node */
+    uint64_t epoch;             /* the recorded leader epoch (atomic; 0: none) */
 
     pthread_mutex_t op;
     pthread_mutex_t st;
@@ -427,6 +428,16 @@ int cg_core_identity(cg_core *c, const char *session, const char *who)
     snprintf(c->session, sizeof c->session, "%s", session);
     snprintf(c->who, sizeof c->who, "%s", who);
     return 0;
+}
+
+/* Any time: the listener reads it atomically; it only grows. */
+void cg_core_set_epoch(cg_core *c, uint64_t epoch)
+{
+    uint64_t seen = __atomic_load_n(&c->epoch, __ATOMIC_ACQUIRE);
+    while (epoch > seen &&
+           !__atomic_compare_exchange_n(&c->epoch, &seen, epoch, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+        ;
 }
 
 /* The thread (lease timer, gate socket) starts here, not in cg_core_new:
@@ -691,7 +702,10 @@ static void expire_if_due(cg_core *c)
  *   {"op":"freeze","n":N,"lease_ms":L[,"volumes":[...]][,"full":[...]]}
  *   {"op":"thaw","n":N}     {"op":"abort","n":N}
  * each with an optional "session":NAME (refused with kind "session" if the
- * node belongs to another one), and answers each line in order with {"ok":true,...} or
+ * node belongs to another one) and an optional "epoch":N (a FREEZE whose
+ * epoch is not the recorded one is refused with kind "fenced": below it, a
+ * deposed leader; above it, one the control socket has not recorded yet --
+ * this thread writes no file), and answers each line in order with {"ok":true,...} or
  * {"ok":false,"error":"...","kind":"..."} (wire/protocol.py).  The parser
  * takes exactly that: one flat object, integer and string values, arrays of
  * names; anything else is refused with one line and the connection stays.
@@ -717,8 +731,8 @@ struct names {
 struct request {
     char op[16];
     char session[CG_MAX_NAME + 1];
-    int has_n, has_lease, has_vols, has_full, has_session;
-    uint64_t n, lease;
+    int has_n, has_lease, has_vols, has_full, has_session, has_epoch;
+    uint64_t n, lease, epoch;
     struct names vols, full;
 };
 
@@ -902,6 +916,11 @@ static int parse_request(struct parser *ps, cg_core *c, struct request *q)
             if (rc == 0 && (!q->session[0] || q->session[strspn(q->session, CG_NAME_CHARS)]))
                 return perr(ps, "'session' must be a session name (letters, digits,"
                             " '_', '-', '.')");
+        } else if (strcmp(key, "epoch") == 0) {
+            seen = &q->has_epoch;
+            if (*seen)
+                return perr(ps, "duplicate key 'epoch'");
+            rc = parse_uint(ps, "epoch", 1, CG_MAX_N, &q->epoch);
         } else {
             return perr(ps, "unknown key '%s'", key);
         }
@@ -996,6 +1015,24 @@ static size_t handle_line(cg_core *c, struct conn *k, const char *line, size_t l
                  " one session; give %s nodes of its own", c->who, c->session,
                  q.session, q.session);
         return error_reply(out, cap, "session", msg);
+    }
+    if (freeze && q.has_epoch) {
+        /* The words of wire/protocol.py's fenced_message. */
+        uint64_t seen = __atomic_load_n(&c->epoch, __ATOMIC_ACQUIRE);
+        char msg[480];
+        if (q.epoch < seen) {
+            snprintf(msg, sizeof msg, "%s has seen leader epoch %" PRIu64 "; this request"
+                     " carries epoch %" PRIu64 ": its coordinator was deposed (another"
+                     " leads session %s)", c->who, seen, q.epoch,
+                     c->session[0] ? c->session : "(none)");
+            return error_reply(out, cap, "fenced", msg);
+        }
+        if (q.epoch > seen) {
+            snprintf(msg, sizeof msg, "%s has recorded leader epoch %" PRIu64 "; this"
+                     " freeze carries epoch %" PRIu64 ", not yet recorded: the leader"
+                     " announces it first on the control socket", c->who, seen, q.epoch);
+            return error_reply(out, cap, "fenced", msg);
+        }
     }
     struct cg_result r;
     if (freeze) {

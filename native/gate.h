@@ -66,6 +66,11 @@ cg_core *cg_core_new(cg_gate **gates, int ngates, const char *names, uint64_t la
  * before start (nbdplugin/noderecord.py): the gate socket refuses a request
  * naming another session.  -1 if either is too long. */
 int cg_core_identity(cg_core *c, const char *session, const char *who);
+/* The highest leader epoch the node has recorded (issue 19; Python calls
+ * it once node.json holds it, nbdplugin/epoch.py); it only grows.  The gate
+ * socket refuses, kind "fenced", a FREEZE carrying another epoch: a lower
+ * one (a deposed leader) or a higher one (not yet recorded). */
+void cg_core_set_epoch(cg_core *c, uint64_t epoch);
 int cg_core_start(cg_core *c);
 void cg_core_stop(cg_core *c);
 void cg_core_free(cg_core *c);

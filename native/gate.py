@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from native._gate import ffi, lib
+from wire.protocol import MAX_N
 
 __all__ = ["Core", "Gate", "GateRefused", "State", "PHASES", "ENDED"]
 
@@ -178,6 +179,14 @@ class Core:
         ``start``.  The gate socket then refuses another session's requests."""
         if lib.cg_core_identity(self._c, session.encode(), who.encode()) < 0:
             raise ValueError(f"session {session!r} or {who!r} is too long for the gate")
+
+    def set_epoch(self, epoch: int) -> None:
+        """The leader epoch the node has recorded (it only grows; 0: none):
+        the gate socket refuses a freeze carrying another, kind "fenced".
+        Call it after node.json holds it (nbdplugin/epoch.py)."""
+        if not 0 <= epoch <= MAX_N:
+            raise ValueError(f"epoch {epoch} is out of range 0..{MAX_N}")
+        lib.cg_core_set_epoch(self._c, epoch)
 
     def start(self) -> None:
         """Start the C thread (lease timer, gate socket); after any fork."""

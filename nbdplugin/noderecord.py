@@ -9,6 +9,7 @@ role recorded here, whoever starts it.
      "session": NAME | null, "node": NAME | null, "node_id": "16 hex",
      "role": "primary" | "secondary", "role_seq": INT,
      "record": null | {..., "seq": INT},
+     "epoch": {"n": INT, "at": UNIX_TIME},      (absent: none seen yet)
      "volumes": {VOL: {"identity": IDENTITY, "lineage": LINEAGE,
                        "replaced": null | ONE_LINE}}}
 
@@ -48,6 +49,10 @@ kept of the old file (its undo store and change maps,
 secondary.forget_replaced), so a crash in between forgets again.
 session=/node= given for the first time to a node
 recorded without them (started by hand before) are recorded then.
+
+``epoch`` is the highest leader epoch the node has seen (issue 19;
+nbdplugin/epoch.py has the rules and its crash points): written by
+``raise_epoch`` before the request that carried it is acted on.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 
 from wire import failpoints, lineage, protocol
 from wire.noderole import NODE_FILE, ROLES
@@ -133,7 +139,8 @@ def _check_loaded(path: str, data) -> dict:
                           {"identity": protocol.Obj({}, {}, extra=True),
                            "lineage": protocol.LINEAGE},
                           {"replaced": protocol.Opt(protocol.Str())}), 1)},
-                     {}).check(data, "")
+                     {"epoch": protocol.Obj({"n": protocol.EPOCH, "at": protocol.Num()},
+                                            {})}).check(data, "")
     except protocol.ProtocolError as exc:
         raise bad(str(exc)) from None
     return data
@@ -161,6 +168,8 @@ class NodeRecord:
     role = property(lambda self: self.data["role"])
     role_seq = property(lambda self: self.data["role_seq"])
     record = property(lambda self: self.data["record"])
+    # The highest leader epoch recorded (0: none yet).
+    epoch = property(lambda self: (self.data.get("epoch") or {}).get("n", 0))
 
     def lineage(self, volume: str) -> dict:
         return self.data["volumes"][volume]["lineage"]
@@ -220,6 +229,14 @@ class NodeRecord:
         def change(d):
             d["record"] = record
         return self.update(change)["record"]
+
+    def raise_epoch(self, n: int) -> None:
+        """Record leader epoch ``n`` durably if it is above the recorded one
+        (nbdplugin/epoch.py calls it before acting on the request)."""
+        def change(d):
+            if n > (d.get("epoch") or {}).get("n", 0):
+                d["epoch"] = {"n": n, "at": round(time.time(), 3)}
+        self.update(change, failpoint="node:epoch")
 
     # ------------------------------------------------------------ start
 
@@ -327,7 +344,8 @@ class NodeRecord:
         """What both roles' status carries at the top."""
         d = self.data
         return {"session": d["session"], "node": d["node"], "node_id": d["node_id"],
-                "role_seq": d["role_seq"], "record": d["record"]}
+                "role_seq": d["role_seq"], "record": d["record"],
+                "epoch": self.epoch or None}
 
     def volume_fields(self, name: str, dirty: bool) -> dict:
         """What both roles' status carries per volume."""

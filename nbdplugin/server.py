@@ -40,6 +40,8 @@ from wire.slots import SlotTable
 from wire import protocol
 from wire.protocol import Kind, ProtocolError
 
+from .epoch import EpochFence
+
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 64
@@ -69,7 +71,8 @@ class OpHandler:
     method); ``OWNED_OPS`` get the connection they came on as ``owner``.
 
     The node's own ops live here too (issue 18, nbdplugin/noderecord.py):
-    the session check of every request, ``record``, and the frame of
+    the session check of every request, the leader epoch's (issue 19,
+    nbdplugin/epoch.py: ``epochs``), ``record``, and the frame of
     ``role`` -- each role says in ``_leave_role`` what it must settle
     before it records the other role.  Once a role change is recorded the
     node only answers ``status`` until it exits: ``reply_sent`` (the
@@ -80,6 +83,7 @@ class OpHandler:
     ROLE = "primary"
     OWNED_OPS: tuple[str, ...] = ()
     node = None                 # NodeRecord (plugin.py); None: a bare handler in tests
+    epochs = None               # its EpochFence (attach); None: no epoch check
     restarting: str | None = None   # the role recorded, the process not yet gone
     on_restart = None           # called once, after the role op's reply is written
     _restart_started = False
@@ -98,9 +102,15 @@ class OpHandler:
                 raise ProtocolError(f"this node is restarting as a {self.restarting} (role"
                                     f" change {self.node.role_seq}): ask it again once it"
                                     f" is back", Kind.BUSY)
+            epoch = msg.pop(protocol.EPOCH_KEY, None)
             if op in self.OWNED_OPS:
                 msg["owner"] = owner
-            return getattr(self, "op_" + op)(**msg)
+            if self.epochs is None:
+                return getattr(self, "op_" + op)(**msg)
+            # A higher epoch is recorded before the op; a lower one refused
+            # on an op that changes anything (nbdplugin/epoch.py).
+            with self.epochs.admit(op, epoch):
+                return getattr(self, "op_" + op)(**msg)
         except ProtocolError as exc:
             return protocol.error(str(exc), exc.kind)
         except Exception as exc:  # a local failure: report it, keep serving
@@ -126,6 +136,7 @@ class OpHandler:
         """Serve as the node of ``node`` (nbdplugin/noderecord.py), before
         the control server starts."""
         self.node = node
+        self.epochs = EpochFence(node)
 
     def node_status(self, volumes: dict, dirty) -> dict:
         """Add the node's fields to a status reply's ``volumes`` (``dirty``:

@@ -182,6 +182,10 @@ class Slave(OpHandler):
         its samples would say.  Before ``start``."""
         super().attach(node)
         self.core.identity(node.session or "", node.who()[:150])
+        # The gate socket's freeze compares the leader epoch with the one
+        # recorded: the recorded one now, each new one once it is durable.
+        self.core.set_epoch(node.epoch)
+        self.epochs.on_raise = self.core.set_epoch
         for name in self.volumes:
             if node.replaced(name) and self.baseline(name) is not None:
                 self._set_baseline(name, None)

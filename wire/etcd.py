@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import ssl
 import threading
 import urllib.parse
 from typing import NamedTuple
@@ -404,13 +406,13 @@ class Etcd:
             try:
                 r = client.post(client.get_url(path), json=body)
             except gw_exceptions.Etcd3Exception as exc:
-                text = _reason(exc)
+                text = _reason(exc, self.timeout)
                 if type(exc) is gw_exceptions.Etcd3Exception and _is_4xx(exc):
                     raise _refused(what, self.endpoints[i], text) from None
                 said.append(f"{self.endpoints[i]}: {text}")
                 continue
             except (requests.RequestException, ValueError, OSError) as exc:
-                said.append(f"{self.endpoints[i]}: {_short(exc)}")
+                said.append(f"{self.endpoints[i]}: {_transport(_innermost(exc), self.timeout)}")
                 continue
             if not isinstance(r, dict):
                 said.append(f"{self.endpoints[i]}: not a JSON object")
@@ -446,8 +448,12 @@ _4XX_REASONS = {"Bad Request", "Unauthorized", "Forbidden", "Not Found",
                 "Method Not Allowed", "Conflict", "Gone", "Too Many Requests"}
 
 
-def _reason(exc) -> str:
-    """etcd's own message from an etcd3gw exception, on one line."""
+def _reason(exc, timeout: float) -> str:
+    """Why one endpoint did not answer, on one line: etcd's own message when
+    it answered with an error, else what happened to the connection."""
+    inner = _innermost(exc)
+    if inner is not exc:
+        return _transport(inner, timeout)
     detail = getattr(exc, "detail_text", None) or ""
     msg = ""
     if detail:
@@ -458,24 +464,51 @@ def _reason(exc) -> str:
             msg = detail
     if not msg:
         msg = " ".join(str(a) for a in exc.args) or type(exc).__name__
-    return _short(msg)
+    return _line(msg)
 
 
-def _short(exc) -> str:
-    """One short line from an exception or text: requests' connection errors
-    nest urllib3's, which nest the socket's; the innermost reason is the
-    useful part."""
-    text = str(exc)
-    for marker in ("Connection refused", "timed out", "CERTIFICATE_VERIFY_FAILED",
-                   "certificate required", "tlsv13 alert certificate required",
-                   "Name or service not known", "No route to host",
-                   "Network is unreachable", "Connection reset"):
-        if marker in text:
-            if marker == "CERTIFICATE_VERIFY_FAILED":
-                return "certificate not from this session's CA (CERTIFICATE_VERIFY_FAILED)"
-            if "certificate required" in marker:
-                return "the member refused this client's certificate"
-            return marker.lower() if marker != "timed out" else "timed out"
-    text = " ".join(text.split())
+def _innermost(exc: BaseException) -> BaseException:
+    """The socket- or ssl-level cause under etcd3gw's, requests' and urllib3's
+    wrappers (etcd3gw re-raises inside ``except``, urllib3 keeps ``reason``)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = getattr(exc, "reason", None)
+        if not isinstance(nxt, BaseException):
+            nxt = next((a for a in exc.args if isinstance(a, BaseException)), None)
+        if nxt is None and isinstance(exc, gw_exceptions.Etcd3Exception):
+            # Only etcd3gw's own wrapper: deeper down, __context__ is whatever
+            # urllib3 happened to catch on the way (its Python 2 fallbacks).
+            nxt = exc.__cause__ or exc.__context__
+        if nxt is None:
+            break
+        exc = nxt
+    return exc
+
+
+def _transport(exc: BaseException, timeout: float) -> str:
+    """One line for a connection that failed (refused, timed out, TLS)."""
+    name = type(exc).__name__
+    if isinstance(exc, ssl.SSLEOFError):
+        return ("closed the connection in the TLS handshake: it refused this"
+                " client's certificate (is it from this session's CA?)")
+    if isinstance(exc, (ssl.SSLError, ssl.SSLCertVerificationError)):
+        return tls.describe(exc, "").removeprefix("peer : ")
+    if name == "CertificateError":      # urllib3's own host name check
+        return f"{_MISNAMED}: {_line(exc)}"
+    if isinstance(exc, ConnectionRefusedError) or "Connection refused" in str(exc):
+        return "connection refused"
+    if isinstance(exc, (TimeoutError, socket.timeout)) or "timed out" in str(exc) \
+            or "Timeout" in name:
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return _line(exc)
+
+
+_MISNAMED = "its certificate does not name the address dialled"
+
+
+def _line(exc) -> str:
+    text = " ".join(str(exc).split())
     return text if len(text) <= 200 else text[:197] + "..."
-

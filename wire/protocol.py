@@ -528,10 +528,9 @@ FENCED_OPS = frozenset({"freeze", "copy", "rate", "clear", "checkpoint", "mark",
 assert FENCED_OPS <= set(SCHEMA)
 
 
-def fenced_message(node: str | None, seen: int, carried: int,
-                   session: str | None) -> str:
-    """The one line of a FENCED refusal (the C gate writes the same words)."""
-    who = f"node {node}" if node else "this node"
+def fenced_message(who: str, seen: int, carried: int, session: str | None) -> str:
+    """The one line of a FENCED refusal (``who``: "node s1"; the C gate
+    writes the same words)."""
     return (f"{who} has seen leader epoch {seen}; this request carries epoch {carried}:"
             f" its coordinator was deposed (another leads session"
             f" {session or '(none)'})")
