@@ -171,6 +171,7 @@ class Coordinators:
                 print(f"---- {name}\n{self.log(name)}")
             self.rig.close()
         finally:
+            self.client.close()
             self.etcd.close()
 
 
