@@ -20,7 +20,8 @@ import pytest
 from cgtest import wait_until
 from ctlrig import raw, read_line
 from coordinator.control import ControlError
-from coordinator.errors import SlaveError
+from coordinator import group
+from coordinator.errors import EstablishAborted, SlaveError
 from coordinator.link import SlaveLink
 from coordinator.mirror.recovery import Links
 from native.gate import Core, Gate
@@ -439,3 +440,33 @@ def test_a_deposed_links_requests_are_refused(slaves):
     finally:
         new.close()
         old.close()
+
+
+def test_a_deposed_leaders_establish_is_refused_on_the_gate_sockets(slaves):
+    """The establish's pipelined wire (to the C gate sockets) carries the
+    link's epoch: after the new leader's preflight (status, epoch 41) on two
+    nodes, the old leader's establish (epoch 37) is aborted with kind
+    fenced, no gate closed; the new leader's forms the cut."""
+    nodes = [node(slaves, name) for name in ("s1", "s2")]
+    old = [SlaveLink.from_spec(p.spec) for p in nodes]
+    new = [SlaveLink.from_spec(p.spec) for p in nodes]
+    try:
+        for lk in new:
+            lk.epoch = 41
+            lk.status()                                     # the preflight records it
+        for lk in old:
+            lk.epoch = 37
+            assert lk.status()["epoch"] == 41 and lk.gate   # the establish uses the gate
+        with pytest.raises(EstablishAborted) as ei:
+            group.establish(old, 1, lease_ms=10_000, max_coordination_ms=5_000)
+        assert "has seen leader epoch 41; this request carries epoch 37" in str(ei.value)
+        for p in nodes:
+            st = call(p, "status")
+            assert (st["phase"], st["volumes"]["v"]["gate"]) == ("idle", "open")
+            write(p, 0, b"h" * 512)
+        est = group.establish(new, 1, lease_ms=10_000, max_coordination_ms=5_000)
+        assert est.n == 1
+        group.abort_all(new, 1)
+    finally:
+        for lk in old + new:
+            lk.close()

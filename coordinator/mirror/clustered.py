@@ -145,8 +145,10 @@ class Cluster:
         m, lead = self.mirror, self.leadership
         short = (lambda d: None if d is None else
                  {k: d.get(k) for k in ("host", "pid", "id", "epoch", "since")})
+        # "campaigning": not yet seen who leads (the first try).
         return {"role": ("leader" if m.epoch is not None else
-                         "no-quorum" if m.cluster_error else "standby"),
+                         "no-quorum" if m.cluster_error else
+                         "standby" if m.leader is not None else "campaigning"),
                 "epoch": m.epoch, "leader": short(m.leader),
                 "me": {k: lead.me[k] for k in ("host", "pid", "id")},
                 "ttl_s": lead.ttl, "pause_seen": self.pause_seen,
