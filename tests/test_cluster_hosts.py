@@ -80,6 +80,8 @@ class _Steps(hostrig._Inside):
                 took = time.monotonic() - t
                 longest = max(longest, took)
                 oks.append(time.time())
+                if len(oks) == 1:
+                    print(json.dumps({"ready": oks[0]}), flush=True)
                 written[p].add(b)
                 i += 1
         finally:
@@ -152,6 +154,13 @@ class ClusterRig(Rig):
         return self.h[host].popen([sys.executable, os.path.abspath(__file__), step,
                                    json.dumps(args)], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ready(self, p: subprocess.Popen) -> float:
+        """Wait for a step's ``{"ready": T}`` line (its first write done); T."""
+        line = p.stdout.readline()
+        if not line:
+            raise AssertionError(f"{p.args[-2:]} ended before it was ready: {self.result(p)}")
+        return json.loads(line)["ready"]
 
     def result(self, p: subprocess.Popen, timeout: float = 120) -> dict:
         out, err = p.communicate(timeout=timeout)
@@ -382,6 +391,7 @@ def test_quorum_lost_the_mirror_pauses_and_no_write_is_held(crig):
     old, host = rig.healthy()
     down = [m for m in rig.cl.members if m != "c"]
     writer = rig.steps_bg("a2", "writes", "a", 3 * TTL_S + 2, 7)
+    rig.ready(writer)
     for m in down:
         rig.cl.kill_member(m)
     try:
@@ -418,8 +428,10 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
     """fence = "lease": site a cut off from b and c while writing; a's
     primaries refuse host writes (an NBD error the host sees) within the
     lease; `failover` on b1 promotes b only after that, so no write at b
-    is acknowledged before a's last; after the link heals, `failback`
-    brings every write b acknowledged to a (checker, images equal)."""
+    is acknowledged before a's last; after the link heals, failing back
+    (a's writes from before its lease ran out make it a split: `resync
+    --from b`, then `switchover --to a`) brings every write b
+    acknowledged to a (checker, images equal), and groups go on."""
     lease = TTL_S
     h, rig = _rig_or_skip(tmp_path, fence="lease", lease_ttl_s=lease)
     try:
@@ -429,8 +441,7 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
             wl = rig.call("a1", n, "status").get("write_lease") or {}
             assert wl.get("held") and wl.get("writer") == "a", (n, wl)
         at_a = rig.steps_bg("a1", "writes", "a", 3 * lease + 10, 11)
-        rig.w.wait(lambda s: True, 1)
-        time.sleep(0.5)         # let the writer start: it reports its first write
+        rig.ready(at_a)
         t0 = time.time()
         rig.h.isolate("a")
         wa = rig.result(at_a, timeout=120)
@@ -451,8 +462,22 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
         again = rig.steps("a2", "writes", "a", 1, 13)
         assert again["refused"] and again["count"] == 0, again
         rig.h.rejoin("a")
-        rig.ok("c", "failback", timeout=240)
+        rig.cl.wait_healthy(60)
+        # a acknowledged writes after its last group and before its lease
+        # ran out, which b never got: failback refuses the split; the
+        # operator names b the winner (a's blocks kept aside), then swaps
+        # back.  All from b2, a host with no coordinator: the leader stays
+        # parked by the failover's flag meanwhile.
+        err = rig.fails("b2", "failback")
+        assert len(err.splitlines()) == 1 and "split brain" in err, err
+        r = rig.cgmirror("b2", "resync", "--from", "b", "--to", "a", "--keep-overwritten",
+                         "/var/lib/cgmirror/kept")
+        assert r.returncode == 0, r.stderr
+        rig.ok("b2", "switchover", "--to", "a", timeout=240)
         rig.assert_joined("a", "primary")
+        # The failover's pause flag stays in etcd (it keeps any leader,
+        # now or later, parked) until someone resumes.
+        rig.ok("b2", "mirror", "resume")
         # Every block b acknowledged is at a, as b held it.
         for p, (node, vol) in enumerate(places("a")):
             bnode, _ = places("b")[p]
@@ -460,9 +485,12 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
             for blk in set(wb["blocks"][p]) | at_b[p]:
                 assert img_a[blk * G:(blk + 1) * G] == img_b[blk * G:(blk + 1) * G], \
                     (node, vol, blk)
-        # a takes writes again under its lease.
+        # a takes writes again under its lease, and the leader forms groups.
         back = rig.steps("a1", "writes", "a", 1, 14)
         assert back["refused"] is None and back["count"] > 0, back
+        s = rig.next_group(rig.w.last().n, timeout=60)
+        rig.next_group(s.n)
+        rig.check("b1", "b")
     finally:
         rig.w.close()
         h.close()
