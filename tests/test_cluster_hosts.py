@@ -56,34 +56,41 @@ class _Steps(hostrig._Inside):
 
     def writes(self, site: str, seconds: float, seed: int) -> dict:
         """Whole-block writes round-robin to ``site``'s volumes, outside the
-        workload's blocks, one at a time for ``seconds``: wall time of each
-        acknowledged write's end, the longest one, the first refusal."""
+        workload's blocks, one at a time for ``seconds``; a volume that
+        refuses one is written no more.  Wall time of the first and last
+        acknowledged write, the longest one, each volume's refusal (wall
+        time and the error, or None), the blocks written per volume.
+        Prints ``{"ready": T}`` at the first acknowledged write."""
         import random
 
         from harness import workload as wl
         rng = random.Random(seed)
         devs = [wl.Device(u, f"timed-{i}") for i, u in enumerate(self.uris(site))]
         data = rng.randbytes(G)
-        oks, longest, refused, written = [], 0.0, None, [set() for _ in devs]
+        oks, longest = [], 0.0
+        refused: list[dict | None] = [None] * len(devs)
+        written = [set() for _ in devs]
         try:
             end = time.monotonic() + seconds
             i = 0
-            while time.monotonic() < end:
+            while time.monotonic() < end and None in refused:
                 p = i % len(devs)
+                i += 1
+                if refused[p] is not None:
+                    continue
                 b = rng.choice([x for x in range(NBLOCKS) if x % 8])
                 t = time.monotonic()
                 try:
                     devs[p].pwrite(data, b * G)
                 except Exception as exc:        # nbd.Error: what the host sees
-                    refused = {"t": time.time(), "error": str(exc).splitlines()[0]}
-                    break
-                took = time.monotonic() - t
-                longest = max(longest, took)
+                    refused[p] = {"t": time.time(), "s": time.monotonic() - t,
+                                  "error": str(exc).splitlines()[0]}
+                    continue
+                longest = max(longest, time.monotonic() - t)
                 oks.append(time.time())
+                written[p].add(b)
                 if len(oks) == 1:
                     print(json.dumps({"ready": oks[0]}), flush=True)
-                written[p].add(b)
-                i += 1
         finally:
             for d in devs:
                 d.close()
@@ -354,9 +361,13 @@ def test_the_leaders_host_cut_off_a_standby_takes_over(crig):
         assert later.epoch == new.epoch and later.hardened_epoch == new.epoch
     finally:
         rig.h.rejoin("c")
+    # Healed: c's coordinator (alive all along) stands by; groups go on.
+    # (The leader may be re-elected with a newer epoch if etcd's own
+    # election after c's member rejoins outlasts its lease: seen once at
+    # ttl_s 4 on a loaded machine.)
     assert rig.cl.mirror_pid("c") is not None
-    rig.next_group(rig.w.last().n)
-    assert rig.w.last().epoch == new.epoch
+    after = rig.next_group(rig.w.last().n)
+    assert after.hardened_epoch >= new.epoch > old.epoch, (old, new, after)
     rig.check("b1", "b")
 
 
@@ -398,7 +409,7 @@ def test_quorum_lost_the_mirror_pauses_and_no_write_is_held(crig):
         t0 = time.time()
         lost = rig.w.wait(lambda s: s.error is not None, 30, "etcd unreachable from b2")
         w = rig.result(writer, timeout=120)
-        assert w["refused"] is None, w["refused"]
+        assert w["refused"] == [None] * 4, w["refused"]
         assert w["count"] > 0 and w["longest_s"] * 1000 < LEASE_MS + 1000, \
             f"a host write waited {w['longest_s']:.1f} s (the gate's lease is {LEASE_MS} ms)"
         # Every leader's status says it forms no group (from its own host:
@@ -446,21 +457,19 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
         rig.h.isolate("a")
         wa = rig.result(at_a, timeout=120)
         assert wa["first"] is not None and wa["first"] < t0, wa
-        assert wa["refused"], f"site a took host writes for {3 * lease + 10} s cut off"
-        assert wa["refused"]["t"] - t0 <= lease + 2, \
-            f"a's primaries refused writes {wa['refused']['t'] - t0:.1f} s after the cut" \
-            f" (lease {lease} s)"
+        # Every volume of both primaries refused, at once, within the lease.
+        for (node, vol), ref in zip(places("a"), wa["refused"]):
+            assert ref, f"{node}/{vol} took host writes for {3 * lease + 10} s cut off"
+            assert ref["t"] - t0 <= lease + 2 and ref["s"] < 1, \
+                (f"{node}/{vol} refused a write {ref['t'] - t0:.1f} s after the cut (lease"
+                 f" {lease} s), after waiting {ref['s']:.1f} s: {ref['error']}")
         out = rig.ok("b1", "failover")
         assert "site b is writable" in out, out
         wb = rig.steps("b1", "writes", "b", 3, 12)
-        assert wb["refused"] is None and wb["count"] > 0, wb
-        t_b = wb["first"]
-        assert wa["last"] < t_b, f"a acknowledged a write at {wa['last']}, b at {t_b}"
+        assert wb["refused"] == [None] * 4 and wb["count"] > 0, wb
+        assert wa["last"] < wb["first"], \
+            f"a acknowledged a write at {wa['last']}, after b's first at {wb['first']}"
         at_b = rig.write("b1", "b", 15)
-        rig.check("b2", "b")
-        # Still cut off: a's primaries still refuse.
-        again = rig.steps("a2", "writes", "a", 1, 13)
-        assert again["refused"] and again["count"] == 0, again
         rig.h.rejoin("a")
         rig.cl.wait_healthy(60)
         # a acknowledged writes after its last group and before its lease
@@ -487,7 +496,7 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
                     (node, vol, blk)
         # a takes writes again under its lease, and the leader forms groups.
         back = rig.steps("a1", "writes", "a", 1, 14)
-        assert back["refused"] is None and back["count"] > 0, back
+        assert back["refused"] == [None] * 4 and back["count"] > 0, back
         s = rig.next_group(rig.w.last().n, timeout=60)
         rig.next_group(s.n)
         rig.check("b1", "b")
