@@ -161,7 +161,45 @@ def _step_writer(seconds: float, rate: float, seed: int = 1) -> dict:
     return {"count": count, "longest_s": round(longest, 4), "error": error}
 
 
-STEPS = {"state": _step_state, "get": _step_get, "writer": _step_writer}
+# The demo's dependent-write layout: the workload spans both nodes of a
+# site, neighbours on different hosts (the host tests' layout).
+PLACES = {"a": ("a1/v0", "a2/v0", "a1/v1", "a2/v1"), "b": ("b1/v0", "b2/v0", "b1/v1", "b2/v1")}
+
+
+def _layout_uris(site: str):
+    from coordinator import session as session_mod
+    from harness import workload as wl
+    s = session_mod.load(SESSION_FILE)
+    cfgs = {c.name: c for c in [*s.slaves, *s.secondaries]}
+    wl.TLS_DIR = s.slaves[0].client_tls
+    size = s.slaves[0].volumes[0].size
+    layout = wl.Layout(PLACES["a"], size, writers=2, slots=16, granularity=64 << 10)
+    return layout, [cfgs[p.split("/")[0]].spec().uri(p.split("/")[1]) for p in PLACES[site]]
+
+
+def _step_workload(site: str, records: int) -> dict:
+    """``records`` dependent writes per writer at ``site``, from nothing."""
+    from harness import workload as wl
+    layout, uris = _layout_uris(site)
+    work = wl.Workload(uris, layout, max_records=records).start()
+    for t in work._threads:
+        t.join(300)
+    work.stop()
+    if work.errors:
+        raise ClusterError(f"workload at site {site}: {work.errors}")
+    return {"acked": work.acked}
+
+
+def _step_check(site: str) -> dict:
+    """The dependent-write checker on ``site``'s host exports."""
+    from harness import workload as wl
+    layout, uris = _layout_uris(site)
+    rep = wl.check_targets(uris, layout)
+    return {"ok": rep.ok, "summary": rep.summary(), "heads": rep.heads}
+
+
+STEPS = {"state": _step_state, "get": _step_get, "writer": _step_writer,
+         "workload": _step_workload, "check": _step_check}
 
 
 def _inside(argv: list[str]) -> int:
@@ -394,7 +432,6 @@ class Cluster:
 
 def demo(base: str) -> bool:
     from harness.hosts import Hosts, session_text
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     checks: list[tuple[str, bool]] = []
 
     def say(text: str) -> None:
@@ -430,8 +467,8 @@ def demo(base: str) -> bool:
             lead_host = cl.leader_host(first.leader)
             say(f"the leader: {lead_host} (pid {first.leader.get('pid')}), epoch"
                 f" {first.epoch}; group {first.n} hardened by it")
-            writer = h["a1"].popen([sys.executable, os.path.join(ROOT, "tests", "hostrig.py"),
-                                    "workload", json.dumps(["a", 400, True])],
+            writer = h["a1"].popen([sys.executable, "-m", "harness.democluster", "inside",
+                                    "workload", json.dumps(["a", 400])],
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
             try:
@@ -477,9 +514,7 @@ def demo(base: str) -> bool:
                                e.get("event") == "leader" and e.get("epoch") == new.epoch
                                and (e.get("previous") or {}).get("epoch") == first.epoch
                                for e in leads)))
-            r = h["b1"].python(os.path.join(ROOT, "tests", "hostrig.py"), "check",
-                               json.dumps(["b"]), timeout=120)
-            rep = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {}
+            rep = cl.inside("b1", "check", "b", timeout=120)
             checks.append((f"site b's hardened group passes the dependent-write checker:"
                            f" {rep.get('summary')}", bool(rep.get("ok"))))
     print()
