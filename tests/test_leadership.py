@@ -30,7 +30,10 @@ from wire.etcd import Etcd
 from harness.mirrorrig import LAYOUT, REMOTE, SIZE, mirror_session
 from mirror2x2 import ROOT, Rig
 
-TTL = 2                     # the leader's lease (s)
+# The leader's lease (s).  On this 2-core machine shared with other test
+# runs a lease renewal was measured at up to 2 s: a lease of 2 s (1.5 s
+# held) lost the lead under load with etcd healthy; 4 s does not.
+TTL = 4
 LEASE_MS = 3000             # the gates' lease: no host write is held longer
 
 
@@ -317,14 +320,14 @@ def test_one_member_lost_groups_go_on_quorum_lost_no_group_and_no_write_held(coo
                    "groups with one member down")
         c.etcd.kill(1)
         lost = time.monotonic()
-        wait_until(lambda: (c.local("c1") or {}).get("state") in ("no-quorum", "standby"),
-                   TTL + 30, "the leader stops forming groups")
+        wait_until(lambda: (c.local("c1") or {}).get("state") == "no-quorum",
+                   TTL + 30, "the leader says no-quorum")
         frozen_at = r.hardened()
         writes = work.written
         # The hosts keep writing without quorum, and no group forms meanwhile.
         wait_until(lambda: work.written > writes + 200, 30, "writes without quorum")
         assert r.hardened() == frozen_at
-        assert (c.local("c1") or {}).get("state") in ("no-quorum", "standby")
+        assert (c.local("c1") or {}).get("state") == "no-quorum"
         worst = max((d for lat in work.latencies for t, d in lat if t >= lost),
                     default=0.0)
         assert worst < LEASE_MS / 1000, f"a host write waited {worst:.2f} s"

@@ -73,7 +73,7 @@ from typing import Callable
 
 from wire import failpoints
 
-from .. import direction, group, output
+from .. import cluster as cluster_mod, direction, group, output
 from ..errors import CgmirrorError, CopyFailed, EstablishAborted, MirrorError, describe
 from ..history import History
 from ..link import SlaveLink
@@ -490,6 +490,9 @@ class Mirror:
         self.epoch = None
         self.leader = None
         self.paused = False
+        unreachable = self.cluster.leadership.unreachable
+        if unreachable:                     # no quorum: said now, not at the next try
+            self._standing_by(None, cluster_mod.ClusterError(f"etcd: {unreachable}"))
 
     def _cannot(self, why: str) -> None:
         """Log that no group could begin; the same reason again (a peer
