@@ -208,7 +208,7 @@ class Leadership:
                     waiting(leader_of(kv), None)
             except EtcdError as exc:
                 if waiting:
-                    waiting(None, ClusterError(f"etcd: {exc}"))
+                    waiting(None, ClusterError(str(exc)))
             stop.wait(poll)
         if lease is not None:
             self._stale.append(lease)

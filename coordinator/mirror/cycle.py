@@ -402,7 +402,7 @@ class Mirror:
         """Stand by, lead, stand by again... until ``stop()`` (module doc)."""
         c = self.cluster
         while not self._stop.is_set():
-            self.state = "standby"
+            self.state = "no-quorum" if self.cluster_error else "standby"
             self.phase = "idle"
             epoch = c.leadership.campaign(self._stop, self._standing_by)
             if epoch is None:
@@ -492,7 +492,7 @@ class Mirror:
         self.paused = False
         unreachable = self.cluster.leadership.unreachable
         if unreachable:                     # no quorum: said now, not at the next try
-            self._standing_by(None, cluster_mod.ClusterError(f"etcd: {unreachable}"))
+            self._standing_by(None, cluster_mod.ClusterError(unreachable))
 
     def _cannot(self, why: str) -> None:
         """Log that no group could begin; the same reason again (a peer
