@@ -255,6 +255,11 @@ def test_kill9_of_the_leader_a_standby_takes_over_without_a_full_copy(coords):
     st = json.loads(p.stdout)["cluster"]
     assert st["leader"]["epoch"] == epoch2 and st["hardened"]["epoch"] == epoch2
     assert st["direction"]["source"] == "a"
+    p = c.cli(new, "status")
+    assert f"(epoch {epoch2})" in p.stdout and "leader:" in p.stdout, p.stdout
+    p = c.cli(old, "history", "--json")
+    hist = json.loads(p.stdout)["cluster"]
+    assert hist["formed"] >= 2 and hist["groups"][-1]["outcome"] == "hardened"
     p = c.cli(old, "events", "--once")
     assert p.returncode == 0, p.stderr
     evs = [json.loads(line) for line in p.stdout.splitlines()]
@@ -262,6 +267,16 @@ def test_kill9_of_the_leader_a_standby_takes_over_without_a_full_copy(coords):
     assert took_over and took_over[0]["pid"] == c.procs[new].pid
     assert took_over[0]["previous"]["epoch"] == epoch1
     assert c.cli(new, "mirror", "resume").returncode == 0
+    wait_until(lambda: (c.state()["status"] or {}).get("state") == "running", 30,
+               "running again")
+    # A failover's park, through etcd: the leader ends its group and waits.
+    from coordinator import session as session_mod
+    from coordinator.roles.failover import park_leader
+    lines = []
+    assert park_leader(session_mod.load(c.session_file(old)), "failover", lines.append)
+    doc = c.state()["status"]
+    assert doc["paused"] and doc["phase"] == "idle", doc
+    assert "mirror parked after group" in lines[-1], lines
 
 
 @pytest.mark.parametrize("point", ["mirror:leader-checked", "mirror:commit-checked"])
