@@ -99,6 +99,16 @@ def connect(session, tls_dir: str | None = None) -> Etcd:
                            f" {tls_dir}): {exc}") from exc
 
 
+@contextmanager
+def client(session):
+    """``connect(session)`` for one command: its connections closed after."""
+    etcd = connect(session)
+    try:
+        yield etcd
+    finally:
+        etcd.close()
+
+
 def coordinator_tls(session) -> str | None:
     """The coordinator's certificate directory (``[session] cert`` in the
     session's PKI): its CA is the only trust anchor for etcd too."""
@@ -512,5 +522,5 @@ def history_summary(prev: dict | None, res) -> dict:
 
 
 __all__ = ["ClusterError", "EVENT_TTL_S", "Leadership", "MARGIN_S", "Publisher",
-           "connect", "events", "history_summary", "leader_of", "me", "paused",
+           "client", "connect", "events", "history_summary", "leader_of", "me", "paused",
            "poll_interval", "put_direction", "read_state", "set_paused"]
