@@ -536,8 +536,6 @@ class _Parser:
         w = "[cluster]"
         self.keys(w, t, _CLUSTER_KEYS, ("etcd",))
         urls = t["etcd"]
-        if isinstance(urls, str):
-            urls = [urls]
         if not isinstance(urls, list) or not 1 <= len(urls) <= MAX_ETCD_ENDPOINTS:
             self.fail(w, "etcd", f"must be a list of 1 to {MAX_ETCD_ENDPOINTS} URLs like"
                                  f" [\"https://10.0.0.1:2379\"], not {t['etcd']!r}")

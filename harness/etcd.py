@@ -38,6 +38,7 @@ started here and ended here by its pid (SIGTERM then SIGKILL, or SIGKILL for
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -227,6 +228,7 @@ class EtcdCluster:
             return None
         if m.proc.poll() is None:
             m.proc.send_signal(signal.SIGTERM)
+            m.proc.send_signal(signal.SIGCONT)     # a paused member takes it too
             try:
                 m.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -269,36 +271,90 @@ class EtcdCluster:
             return False
         if m.host is None:
             from wire.etcd import Etcd, EtcdError
-            client = Etcd([m.client_url], self.client_dir, timeout=timeout)
-            try:
-                client.revision()
-                return True
-            except EtcdError:
-                return False
-            finally:
-                client.close()
-        f = tls.HostFiles(m.cert_dir)
+            with Etcd([m.client_url], self.client_dir, timeout=timeout) as client:
+                try:
+                    client.revision()
+                    return True
+                except EtcdError:
+                    return False
         try:
-            r = m.host.run([ETCDCTL, "--endpoints", m.client_url, "--cacert", f.ca,
-                            "--cert", f.client_cert, "--key", f.client_key,
-                            f"--command-timeout={timeout}s", "endpoint", "health"],
+            r = m.host.run(self._etcdctl(m, timeout) + ["endpoint", "health"],
                            timeout=timeout + 10, check=False,
                            env={**os.environ, "ETCDCTL_API": "3"})
         except subprocess.TimeoutExpired:
             return False
         return r.returncode == 0
 
-    def wait_healthy(self, timeout: float = 30, members=None) -> None:
-        """Wait until every running member (or those in ``members``) is
-        healthy; EtcdRigError naming the others and their log's tail if not
-        within ``timeout`` s."""
-        idx = list(range(len(self.members))) if members is None else list(members)
+    def status(self, i: int, timeout: float = 1.0) -> dict | None:
+        """Member ``i``'s ``{"member_id", "leader"}`` (raft ids; leader 0:
+        none known), asked from where a client of its placement sits; None if
+        it does not answer."""
+        m = self.members[i]
+        if not m.running:
+            return None
+        if m.host is None:
+            from wire.etcd import Etcd, EtcdError
+            with Etcd([m.client_url], self.client_dir, timeout=timeout) as client:
+                try:
+                    st = client.status()
+                except EtcdError:
+                    return None
+            return {"member_id": st["member_id"], "leader": st.get("leader", 0)}
+        try:
+            r = m.host.run(self._etcdctl(m, timeout) + ["-w", "json", "endpoint", "status"],
+                           timeout=timeout + 10, check=False,
+                           env={**os.environ, "ETCDCTL_API": "3"})
+            st = json.loads(r.stdout)[0]["Status"] if r.returncode == 0 else None
+        except (subprocess.TimeoutExpired, ValueError, LookupError):
+            return None
+        if st is None:
+            return None
+        return {"member_id": int(st["header"]["member_id"]), "leader": int(st.get("leader", 0))}
+
+    def leader(self, timeout: float = 10) -> int:
+        """The index of the member that leads the raft now: the one a
+        majority of all members name (a member cut off may still name
+        itself or none); waits up to ``timeout`` s for one."""
         deadline = time.monotonic() + timeout
         while True:
+            ids, votes = {}, {}
+            for i in range(len(self.members)):
+                st = self.status(i)
+                if st is not None:
+                    ids[st["member_id"]] = i
+                    if st["leader"]:
+                        votes[st["leader"]] = votes.get(st["leader"], 0) + 1
+            for leader, n in votes.items():
+                if n > len(self.members) // 2 and leader in ids:
+                    return ids[leader]
+            if time.monotonic() > deadline:
+                raise EtcdRigError(f"no etcd leader named by a majority of the"
+                                   f" {len(self.members)} members after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def _etcdctl(self, m: Member, timeout: float) -> list[str]:
+        f = tls.HostFiles(m.cert_dir)
+        return [ETCDCTL, "--endpoints", m.client_url, "--cacert", f.ca,
+                "--cert", f.client_cert, "--key", f.client_key,
+                f"--command-timeout={timeout}s"]
+
+    def wait_healthy(self, timeout: float = 30, members=None) -> None:
+        """Wait until every running member (or every one in ``members``,
+        which must run) is healthy.  EtcdRigError naming the others and
+        their log's tail if not within ``timeout`` s, at once if a member
+        exits meanwhile (e.g. its port was taken) or none runs."""
+        idx = list(range(len(self.members))) if members is None else list(members)
+        running = {i for i in idx if self.members[i].running}
+        if members is None and not running:
+            raise EtcdRigError("no etcd member is running")
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = [i for i in running if not self.members[i].running]
+            if exited:
+                raise EtcdRigError("etcd member exited: " + ", ".join(map(self._why, exited)))
             waiting = [i for i in idx
                        if self.members[i].running and not self.healthy(i)]
-            dead = [i for i in idx if self.members[i].proc is not None
-                    and not self.members[i].running and members is not None]
+            dead = [i for i in idx if not self.members[i].running and members is not None]
             if not waiting and not dead:
                 return
             if time.monotonic() > deadline:
@@ -308,7 +364,8 @@ class EtcdCluster:
 
     def _why(self, i: int) -> str:
         m = self.members[i]
-        state = "running" if m.running else f"exited {m.proc.returncode}"
+        state = ("running" if m.running else "never started" if m.proc is None
+                 else f"exited {m.proc.returncode}")
         return f"{m.name} ({state}; {_tail(m.log)})"
 
 

@@ -19,7 +19,8 @@ Ordering, a fencing token's whole point: once a node has answered a
 request of epoch N, no op of an epoch below N runs or starts.  So a raise
 waits for the fenced ops already admitted (``_active``) to finish -- each
 is bounded: a freeze by its lease, a fence by its timeout -- and no fenced
-op is admitted while a raise waits or writes (``_raising``).  Ops that are
+op is admitted while a raise waits or writes (``_raising``); one that
+hangs past ``raise_wait_s`` makes the raise refuse, kind BUSY.  Ops that are
 not fenced and requests without an epoch never touch the lock.
 
 Crash points: the raise is one ``NodeRecord.update`` (temp, fsync, rename,
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -51,6 +53,13 @@ log = logging.getLogger(__name__)
 class EpochFence:
     """The epoch check of one node's requests (module doc).  ``node`` is its
     NodeRecord; ``on_raise(n)`` is called once the epoch ``n`` is durable."""
+
+    # How long a raise waits for the fenced ops in flight: every one is
+    # bounded (a freeze by its lease, at most MAX_LEASE_MS; a fence by its
+    # timeout, as long), so this is only the guard against one that hangs
+    # (a target that never answers an adopt): the new leader is told BUSY
+    # and asks again, rather than a thread waiting forever.
+    raise_wait_s = protocol.MAX_LEASE_MS / 1000 + 5
 
     def __init__(self, node, on_raise: Callable[[int], None] | None = None):
         self.node = node
@@ -97,8 +106,15 @@ class EpochFence:
         with self._cond:
             self._raising += 1
             try:
+                deadline = time.monotonic() + self.raise_wait_s
                 while self._active:
-                    self._cond.wait()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ProtocolError(
+                            f"{self.node.who()} cannot record leader epoch {epoch} yet:"
+                            f" {self._active} op(s) of epoch {self.node.epoch} still run"
+                            f" after {self.raise_wait_s:g} s; ask again", Kind.BUSY)
+                    self._cond.wait(left)
                 old = self.node.epoch
                 if epoch <= old:
                     return              # another request recorded it meanwhile

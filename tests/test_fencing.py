@@ -241,6 +241,34 @@ def test_a_raise_waits_for_fenced_ops_in_flight(tmp_path):
             pass
 
 
+def test_a_raise_behind_a_hung_op_is_busy_not_stuck(tmp_path):
+    """A fenced op that never ends: the raise gives up after raise_wait_s,
+    kind busy, epoch unchanged, and fenced ops are admitted again."""
+    fence = EpochFence(_record(tmp_path))
+    fence.raise_wait_s = 0.2
+    inside, release = threading.Event(), threading.Event()
+
+    def hung_adopt():
+        with fence.admit("adopt", 5):
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hung_adopt)
+    t.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(ProtocolError) as ei:
+            with fence.admit("status", 6):
+                pytest.fail("served before its epoch was recorded")
+        assert ei.value.kind is Kind.BUSY and "ask again" in str(ei.value)
+        assert fence.epoch == 5 and fence._raising == 0
+        with fence.admit("mark", 5):
+            pass
+    finally:
+        release.set()
+        t.join(30)
+
+
 def test_a_failed_record_refuses_the_request(tmp_path, monkeypatch):
     """node.json cannot be written: the request that carried the higher
     epoch fails and its op does not run; the epoch stays the old one."""

@@ -76,6 +76,7 @@ def test_no_cluster_table_is_none(tmp_path):
     ('etcd = ["https://a:2379", "https://A:2379"]', "etcd", "listed twice"),
     ('etcd = [2379]', "etcd", "not a URL"),
     ('etcd = 5', "etcd", "list of 1 to 7"),
+    ('etcd = "https://h:2379"', "etcd", "list of 1 to 7"),
     ('ttl_s = 1\netcd = ["https://h:1"]', "ttl_s", "from 2 to 60"),
     ('ttl_s = 2.5\netcd = ["https://h:1"]', "ttl_s", "integer"),
     ('ttl_s = 61\netcd = ["https://h:1"]', "ttl_s", "from 2 to 60"),
