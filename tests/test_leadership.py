@@ -356,3 +356,85 @@ def test_one_member_lost_groups_go_on_quorum_lost_no_group_and_no_write_held(coo
         work.stop()
     assert not work.errors, work.errors
     assert "no quorum" in c.log("c1"), c.log("c1")
+
+
+# ------------------------------------------------------------------ one etcd, no nodes
+
+@pytest.fixture
+def etcd1(run_dir):
+    """One etcd member with TLS and a client for it."""
+    need("etcd")
+    from harness.etcd import EtcdCluster
+    with EtcdCluster(os.path.join(run_dir, "etcd"), os.path.join(run_dir, "pki"),
+                     n=1) as e:
+        e.wait_healthy(60)
+        clients = []
+
+        def client() -> Etcd:
+            clients.append(Etcd(e.endpoints(), e.client_dir))
+            return clients[-1]
+        try:
+            yield client
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_one_campaign_wins_the_other_waits_and_takes_over_on_resign(etcd1):
+    """Two campaigns: one leads (epoch = the key's create revision), the
+    other sees it; a resign hands over at once with a higher epoch."""
+    a = cluster.Leadership(etcd1(), "s", 3, keepalive_etcd=etcd1())
+    b = cluster.Leadership(etcd1(), "s", 3, keepalive_etcd=etcd1())
+    stop = threading.Event()
+    try:
+        ea = a.campaign(stop)
+        assert a.held() and ea == etcd1().get(a.key).create_rev
+        seen, won = [], {}
+        t = threading.Thread(target=lambda: won.setdefault("b", b.campaign(
+            stop, lambda lead, err: seen.append((lead, err)))))
+        t.start()
+        wait_until(lambda: seen, 10, "b tried")
+        assert seen[0][0]["epoch"] == ea and seen[0][0]["pid"] == os.getpid()
+        assert not b.held()
+        a.resign()
+        assert not a.held()
+        t.join(10)
+        assert won["b"] > ea and b.held()
+        assert b.leader()["id"] == b.me["id"]
+    finally:
+        stop.set()
+        a.resign()
+        b.resign()
+
+
+def test_a_deposed_leaders_state_is_not_published(etcd1):
+    """The publisher writes state only while P/leader is its record: after
+    a takeover the old leader's writes are dropped by the guard."""
+    a = cluster.Leadership(etcd1(), "s", 3)
+    stop = threading.Event()
+    pa = cluster.Publisher(etcd1(), "s", a.me)
+    try:
+        a.campaign(stop)
+        pa.lead(a.record)
+        pa.start()
+        pa.state("hardened", {"n": 1})
+        wait_until(lambda: (cluster.read_state(etcd1(), "s")["hardened"] or {}).get("n") == 1,
+                   10, "published")
+        old = a.record
+        a.resign()
+        b = cluster.Leadership(etcd1(), "s", 3)
+        b.campaign(stop)
+        pa.lead(old)                    # a still believes it leads
+        pa.state("hardened", {"n": 0})
+        wait_until(lambda: not pa._state, 10, "the stale write taken")
+        # An event queued now is written in a later round than the state:
+        # once it is in etcd, the stale write was tried.
+        pa.event({"time": time.time(), "session": "s", "event": "probe"})
+        wait_until(lambda: any(e["event"] == "probe" for _, e in cluster.events(etcd1(), "s")),
+                   10, "the event (events are anyone's)")
+        assert cluster.read_state(etcd1(), "s")["hardened"] == {"n": 1}
+        b.resign()
+    finally:
+        stop.set()
+        pa.close()
+        a.resign()

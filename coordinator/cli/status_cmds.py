@@ -138,8 +138,8 @@ def cluster_lines(c: dict | None) -> list[str]:
     lines = [f"leader: {lead['host']} pid {lead['pid']} (epoch {lead['epoch']})"
              if lead else "leader: none (no `cgmirror mirror run` leads this session)"]
     if h.get("n"):
-        lines.append(f"hardened group {h['n']} (cut {output.age(max(0.0, time.time() - h['cut']))},"
-                     f" by epoch {h.get('epoch')})")
+        age = output.age(max(0.0, time.time() - h["cut"]))
+        lines.append(f"hardened group {h['n']} (cut {age}, by epoch {h.get('epoch')})")
     hist = c["history"]
     if hist and (hist["formed"] or hist["failed"]):
         lines.append(f"groups formed {hist['formed']}, failed {hist['failed']} (every"
