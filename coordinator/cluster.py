@@ -99,6 +99,16 @@ def connect(session, tls_dir: str | None = None) -> Etcd:
                            f" {tls_dir}): {exc}") from exc
 
 
+@contextmanager
+def client(session):
+    """``connect(session)`` for one command: its connections closed after."""
+    etcd = connect(session)
+    try:
+        yield etcd
+    finally:
+        etcd.close()
+
+
 def coordinator_tls(session) -> str | None:
     """The coordinator's certificate directory (``[session] cert`` in the
     session's PKI): its CA is the only trust anchor for etcd too."""
@@ -151,7 +161,8 @@ class Leadership:
 
     def __init__(self, etcd: Etcd, session: str, ttl: int,
                  keepalive_etcd: Etcd | None = None, ident: dict | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 log: Callable[[str], None] = lambda line: None):
         self.etcd = etcd
         self.ka_etcd = keepalive_etcd or etcd
         self.session = session
@@ -159,10 +170,12 @@ class Leadership:
         self.key = etcd.key(session, "leader")
         self.me = ident or me()
         self.clock = clock
+        self.log = log
         self.epoch: int | None = None
         self.lease: int | None = None
         self.record: str | None = None      # our P/leader value while we lead
         self.lost_why: str | None = None
+        self.unreachable: str | None = None     # the keepalive's last etcd error
         self._renewed = float("-inf")       # send time of the last successful renewal
         self._lost = True
         self._halt = threading.Event()
@@ -205,7 +218,7 @@ class Leadership:
                     waiting(leader_of(kv), None)
             except EtcdError as exc:
                 if waiting:
-                    waiting(None, ClusterError(f"etcd: {exc}"))
+                    waiting(None, ClusterError(str(exc)))
             stop.wait(poll)
         if lease is not None:
             self._stale.append(lease)
@@ -238,6 +251,7 @@ class Leadership:
 
     def _keepalive(self, halt: threading.Event) -> None:
         lease, epoch = self.lease, self.epoch
+        rounds = 0
         while not halt.is_set():
             t0 = self.clock()
             try:
@@ -245,14 +259,24 @@ class Leadership:
                 if left <= 0:
                     self._lose("the leader's lease expired in etcd")
                     return
-                kv = self.ka_etcd.get(self.key)
-                if kv is None or kv.create_rev != epoch:
-                    self._lose("another coordinator holds the leader key"
-                               if kv is not None else "the leader key is gone")
-                    return
                 if not halt.is_set() and lease == self.lease:
                     self._renewed = t0
+                took = self.clock() - t0
+                if took > self.ttl / 3:
+                    self.log(f"etcd slow: renewing the leader's lease took {took:.2f} s"
+                             f" (ttl_s {self.ttl})")
+                # The key itself, every third round: only a person deleting
+                # it by hand takes it from a live lease.
+                rounds += 1
+                if rounds % 3 == 0:
+                    kv = self.ka_etcd.get(self.key)
+                    if kv is None or kv.create_rev != epoch:
+                        self._lose("another coordinator holds the leader key"
+                                   if kv is not None else "the leader key is gone")
+                        return
+                self.unreachable = None
             except EtcdError as exc:
+                self.unreachable = str(exc)
                 if self.lost_why is None and not self.held():
                     self.lost_why = f"etcd unreachable, lease not renewed: {exc}"
             halt.wait(self.ttl / 3)
@@ -498,5 +522,5 @@ def history_summary(prev: dict | None, res) -> dict:
 
 
 __all__ = ["ClusterError", "EVENT_TTL_S", "Leadership", "MARGIN_S", "Publisher",
-           "connect", "events", "history_summary", "leader_of", "me", "paused",
+           "client", "connect", "events", "history_summary", "leader_of", "me", "paused",
            "poll_interval", "put_direction", "read_state", "set_paused"]

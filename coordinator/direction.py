@@ -219,7 +219,8 @@ def publish(session: Session, rec: dict, warn=None) -> bool:
     not take it."""
     from . import cluster           # etcd's client only in cluster mode
     try:
-        cluster.put_direction(cluster.connect(session), session.name, rec)
+        with cluster.client(session) as etcd:
+            cluster.put_direction(etcd, session.name, rec)
         return True
     except CgmirrorError as exc:
         line = (f"the direction record {rec.get('seq')} is on the nodes but not in"

@@ -30,7 +30,10 @@ from wire.etcd import Etcd
 from harness.mirrorrig import LAYOUT, REMOTE, SIZE, mirror_session
 from mirror2x2 import ROOT, Rig
 
-TTL = 2                     # the leader's lease (s)
+# The leader's lease (s).  On this 2-core machine shared with other test
+# runs a lease renewal was measured at up to 2 s: a lease of 2 s (1.5 s
+# held) lost the lead under load with etcd healthy; 4 s does not.
+TTL = 4
 LEASE_MS = 3000             # the gates' lease: no host write is held longer
 
 
@@ -252,6 +255,11 @@ def test_kill9_of_the_leader_a_standby_takes_over_without_a_full_copy(coords):
     st = json.loads(p.stdout)["cluster"]
     assert st["leader"]["epoch"] == epoch2 and st["hardened"]["epoch"] == epoch2
     assert st["direction"]["source"] == "a"
+    p = c.cli(new, "status")
+    assert f"(epoch {epoch2})" in p.stdout and "leader:" in p.stdout, p.stdout
+    p = c.cli(old, "history", "--json")
+    hist = json.loads(p.stdout)["cluster"]
+    assert hist["formed"] >= 2 and hist["groups"][-1]["outcome"] == "hardened"
     p = c.cli(old, "events", "--once")
     assert p.returncode == 0, p.stderr
     evs = [json.loads(line) for line in p.stdout.splitlines()]
@@ -259,6 +267,16 @@ def test_kill9_of_the_leader_a_standby_takes_over_without_a_full_copy(coords):
     assert took_over and took_over[0]["pid"] == c.procs[new].pid
     assert took_over[0]["previous"]["epoch"] == epoch1
     assert c.cli(new, "mirror", "resume").returncode == 0
+    wait_until(lambda: (c.state()["status"] or {}).get("state") == "running", 30,
+               "running again")
+    # A failover's park, through etcd: the leader ends its group and waits.
+    from coordinator import session as session_mod
+    from coordinator.roles.failover import park_leader
+    lines = []
+    assert park_leader(session_mod.load(c.session_file(old)), "failover", lines.append)
+    doc = c.state()["status"]
+    assert doc["paused"] and doc["phase"] == "idle", doc
+    assert "mirror parked after group" in lines[-1], lines
 
 
 @pytest.mark.parametrize("point", ["mirror:leader-checked", "mirror:commit-checked"])
@@ -317,14 +335,14 @@ def test_one_member_lost_groups_go_on_quorum_lost_no_group_and_no_write_held(coo
                    "groups with one member down")
         c.etcd.kill(1)
         lost = time.monotonic()
-        wait_until(lambda: (c.local("c1") or {}).get("state") in ("no-quorum", "standby"),
-                   TTL + 30, "the leader stops forming groups")
+        wait_until(lambda: (c.local("c1") or {}).get("state") == "no-quorum",
+                   TTL + 30, "the leader says no-quorum")
         frozen_at = r.hardened()
         writes = work.written
         # The hosts keep writing without quorum, and no group forms meanwhile.
         wait_until(lambda: work.written > writes + 200, 30, "writes without quorum")
         assert r.hardened() == frozen_at
-        assert (c.local("c1") or {}).get("state") in ("no-quorum", "standby")
+        assert (c.local("c1") or {}).get("state") == "no-quorum"
         worst = max((d for lat in work.latencies for t, d in lat if t >= lost),
                     default=0.0)
         assert worst < LEASE_MS / 1000, f"a host write waited {worst:.2f} s"
@@ -338,3 +356,85 @@ def test_one_member_lost_groups_go_on_quorum_lost_no_group_and_no_write_held(coo
         work.stop()
     assert not work.errors, work.errors
     assert "no quorum" in c.log("c1"), c.log("c1")
+
+
+# ------------------------------------------------------------------ one etcd, no nodes
+
+@pytest.fixture
+def etcd1(run_dir):
+    """One etcd member with TLS and a client for it."""
+    need("etcd")
+    from harness.etcd import EtcdCluster
+    with EtcdCluster(os.path.join(run_dir, "etcd"), os.path.join(run_dir, "pki"),
+                     n=1) as e:
+        e.wait_healthy(60)
+        clients = []
+
+        def client() -> Etcd:
+            clients.append(Etcd(e.endpoints(), e.client_dir))
+            return clients[-1]
+        try:
+            yield client
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_one_campaign_wins_the_other_waits_and_takes_over_on_resign(etcd1):
+    """Two campaigns: one leads (epoch = the key's create revision), the
+    other sees it; a resign hands over at once with a higher epoch."""
+    a = cluster.Leadership(etcd1(), "s", 3, keepalive_etcd=etcd1())
+    b = cluster.Leadership(etcd1(), "s", 3, keepalive_etcd=etcd1())
+    stop = threading.Event()
+    try:
+        ea = a.campaign(stop)
+        assert a.held() and ea == etcd1().get(a.key).create_rev
+        seen, won = [], {}
+        t = threading.Thread(target=lambda: won.setdefault("b", b.campaign(
+            stop, lambda lead, err: seen.append((lead, err)))))
+        t.start()
+        wait_until(lambda: seen, 10, "b tried")
+        assert seen[0][0]["epoch"] == ea and seen[0][0]["pid"] == os.getpid()
+        assert not b.held()
+        a.resign()
+        assert not a.held()
+        t.join(10)
+        assert won["b"] > ea and b.held()
+        assert b.leader()["id"] == b.me["id"]
+    finally:
+        stop.set()
+        a.resign()
+        b.resign()
+
+
+def test_a_deposed_leaders_state_is_not_published(etcd1):
+    """The publisher writes state only while P/leader is its record: after
+    a takeover the old leader's writes are dropped by the guard."""
+    a = cluster.Leadership(etcd1(), "s", 3)
+    stop = threading.Event()
+    pa = cluster.Publisher(etcd1(), "s", a.me)
+    try:
+        a.campaign(stop)
+        pa.lead(a.record)
+        pa.start()
+        pa.state("hardened", {"n": 1})
+        wait_until(lambda: (cluster.read_state(etcd1(), "s")["hardened"] or {}).get("n") == 1,
+                   10, "published")
+        old = a.record
+        a.resign()
+        b = cluster.Leadership(etcd1(), "s", 3)
+        b.campaign(stop)
+        pa.lead(old)                    # a still believes it leads
+        pa.state("hardened", {"n": 0})
+        wait_until(lambda: not pa._state, 10, "the stale write taken")
+        # An event queued now is written in a later round than the state:
+        # once it is in etcd, the stale write was tried.
+        pa.event({"time": time.time(), "session": "s", "event": "probe"})
+        wait_until(lambda: any(e["event"] == "probe" for _, e in cluster.events(etcd1(), "s")),
+                   10, "the event (events are anyone's)")
+        assert cluster.read_state(etcd1(), "s")["hardened"] == {"n": 1}
+        b.resign()
+    finally:
+        stop.set()
+        pa.close()
+        a.resign()

@@ -43,15 +43,15 @@ def stream(ctx, once: bool = False) -> ExitCode:
 
 
 def _from_etcd(ctx, once: bool) -> ExitCode:
-    etcd = cluster.connect(ctx.session)
-    after = ""
-    while True:
-        for key, doc in cluster.events(etcd, ctx.session.name, after):
-            _print(ctx, doc)
-            after = key
-        if once:
-            return ExitCode.OK
-        time.sleep(FOLLOW_EVERY_S)      # polling, as the module doc says
+    with cluster.client(ctx.session) as etcd:
+        after = ""
+        while True:
+            for key, doc in cluster.events(etcd, ctx.session.name, after):
+                _print(ctx, doc)
+                after = key
+            if once:
+                return ExitCode.OK
+            time.sleep(FOLLOW_EVERY_S)      # polling, as the module doc says
 
 
 def _print(ctx, doc: dict) -> None:

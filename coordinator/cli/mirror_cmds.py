@@ -116,11 +116,11 @@ def _cluster_control(ctx, op: str) -> ExitCode:
     """``mirror pause|resume`` in cluster mode: the flag in etcd, taken by
     whichever coordinator leads (before its next group)."""
     s = ctx.session
-    etcd = cluster.connect(s)
     me = cluster.me()
-    cluster.set_paused(etcd, s.name, op == "pause", f"mirror {op}",
-                       f"`cgmirror mirror {op}` on {me['host']} pid {me['pid']}")
-    doc = _cluster_doc(s, etcd)
+    with cluster.client(s) as etcd:
+        cluster.set_paused(etcd, s.name, op == "pause", f"mirror {op}",
+                           f"`cgmirror mirror {op}` on {me['host']} pid {me['pid']}")
+        doc = _cluster_doc(s, etcd)
     if ctx.json:
         output.emit_json(doc, ctx.out)
     else:
@@ -202,7 +202,11 @@ def _cluster_doc(session, etcd=None) -> dict:
     local, why = _local(session)
     mine = (local or {}).get("cluster")
     try:
-        st = cluster.read_state(etcd or cluster.connect(session), session.name)
+        if etcd is None:
+            with cluster.client(session) as etcd:
+                st = cluster.read_state(etcd, session.name)
+        else:
+            st = cluster.read_state(etcd, session.name)
     except CgmirrorError as exc:
         doc = local or {"ok": True, "session": session.name, "state": "stopped",
                         "why": why, "direction": where(session)}

@@ -115,7 +115,8 @@ def collect(session) -> dict:
 def cluster_state(session) -> dict:
     """The ``cluster`` part of ``status`` (module doc)."""
     try:
-        st = cluster_mod.read_state(cluster_mod.connect(session), session.name)
+        with cluster_mod.client(session) as etcd:
+            st = cluster_mod.read_state(etcd, session.name)
     except errors.CgmirrorError as exc:
         return {"leader": None, "hardened": None, "direction": None, "lineage": None,
                 "history": None, "paused": None, "error": str(exc)}
@@ -137,8 +138,8 @@ def cluster_lines(c: dict | None) -> list[str]:
     lines = [f"leader: {lead['host']} pid {lead['pid']} (epoch {lead['epoch']})"
              if lead else "leader: none (no `cgmirror mirror run` leads this session)"]
     if h.get("n"):
-        lines.append(f"hardened group {h['n']} (cut {output.age(max(0.0, time.time() - h['cut']))},"
-                     f" by epoch {h.get('epoch')})")
+        age = output.age(max(0.0, time.time() - h["cut"]))
+        lines.append(f"hardened group {h['n']} (cut {age}, by epoch {h.get('epoch')})")
     hist = c["history"]
     if hist and (hist["formed"] or hist["failed"]):
         lines.append(f"groups formed {hist['formed']}, failed {hist['failed']} (every"
@@ -419,7 +420,8 @@ def history(ctx, limit: int | None) -> ExitCode:
     shared = None
     if getattr(ctx.session, "cluster", None) is not None:
         try:
-            st = cluster_mod.read_state(cluster_mod.connect(ctx.session), ctx.session.name)
+            with cluster_mod.client(ctx.session) as etcd:
+                st = cluster_mod.read_state(etcd, ctx.session.name)
             shared = {"formed": 0, "failed": 0, "groups": [], "error": None,
                       **(st["history"] or {})}
         except errors.CgmirrorError as exc:

@@ -29,7 +29,8 @@ class Cluster:
         ident = cluster.me()
         self.etcd = cluster.connect(s)
         self.leadership = cluster.Leadership(self.etcd, s.name, ttl,
-                                             keepalive_etcd=cluster.connect(s), ident=ident)
+                                             keepalive_etcd=cluster.connect(s), ident=ident,
+                                             log=mirror.log)
         self.publisher = cluster.Publisher(cluster.connect(s), s.name, ident, mirror.log)
         self.publisher.status_fn = mirror.status
         self._ctl = cluster.connect(s)

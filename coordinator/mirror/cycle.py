@@ -73,7 +73,7 @@ from typing import Callable
 
 from wire import failpoints
 
-from .. import direction, group, output
+from .. import cluster as cluster_mod, direction, group, output
 from ..errors import CgmirrorError, CopyFailed, EstablishAborted, MirrorError, describe
 from ..history import History
 from ..link import SlaveLink
@@ -378,8 +378,9 @@ class Mirror:
                 self.verifies.group_ended(result.n, self.hardened,
                                           result.outcome == "hardened",
                                           result.outcome != "drain-timeout", result.error)
-                if self.cluster and result.outcome != "hardened":
-                    self._check_fenced(result.error)
+                if self.cluster and result.outcome != "hardened" \
+                        and self._check_fenced(result.error):
+                    continue                    # the top of the loop stands down
             except _Lost as exc:
                 return str(exc)
             except CgmirrorError as exc:
@@ -390,8 +391,8 @@ class Mirror:
                 self.events.emit("group-failed", n=None, outcome="failed", error=str(exc))
                 self.verifies.group_ended(None, self.hardened, False, True, str(exc))
                 quiet = False
-                if self.cluster:
-                    self._check_fenced(str(exc))
+                if self.cluster and self._check_fenced(str(exc)):
+                    continue
             wait = self.settings.interval_ms / 1000
             self._stop.wait(wait if quiet else max(wait, 1.0))
         return None
@@ -402,7 +403,7 @@ class Mirror:
         """Stand by, lead, stand by again... until ``stop()`` (module doc)."""
         c = self.cluster
         while not self._stop.is_set():
-            self.state = "standby"
+            self.state = "no-quorum" if self.cluster_error else "standby"
             self.phase = "idle"
             epoch = c.leadership.campaign(self._stop, self._standing_by)
             if epoch is None:
@@ -473,13 +474,16 @@ class Mirror:
             if why:
                 raise _Lost(f"{why} (checked before {before})")
 
-    def _check_fenced(self, error: str | None) -> None:
-        """A node refused us as deposed: say so (the loop then finds the
-        lease lost, or the next request is refused again)."""
-        if error and "deposed" in error:
-            self.log(f"fenced: {error}")
-            self.events.emit("fenced", epoch=self.epoch, error=error)
-            self.cluster.leadership.depose(error)
+    def _check_fenced(self, error: str | None) -> bool:
+        """A node refused us as deposed (its line says "deposed",
+        wire/protocol.py's fenced_message): say so and end the term (the
+        loop stands down at its top); says whether."""
+        if not (error and "deposed" in error):
+            return False
+        self.log(f"fenced: {error}")
+        self.events.emit("fenced", epoch=self.epoch, error=error)
+        self.cluster.leadership.depose(error)
+        return True
 
     def _step_down(self, why: str) -> None:
         self.log(f"lost the leadership of session {self.session.name} (epoch"
@@ -490,6 +494,9 @@ class Mirror:
         self.epoch = None
         self.leader = None
         self.paused = False
+        unreachable = self.cluster.leadership.unreachable
+        if unreachable:                     # no quorum: said now, not at the next try
+            self._standing_by(None, cluster_mod.ClusterError(unreachable))
 
     def _cannot(self, why: str) -> None:
         """Log that no group could begin; the same reason again (a peer

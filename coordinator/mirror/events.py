@@ -31,6 +31,11 @@ cycle themselves under the session lock, so no mirror (and no ``cgmirror
 events``) can run while they do; what they did is in the direction record the nodes hold
 (coordinator/direction.py) and in the history's groups.
 
+Cluster mode: every event also goes to etcd (``P/events/``, with the
+``host`` and ``pid`` of the coordinator that emitted it, kept about ten
+minutes; empty groups' ``group-formed`` stay out), and ``cgmirror events``
+reads them there, so a takeover on another host shows on every host.
+
 ``EventBus`` fans events out to subscribers in the mirror process; a
 subscriber that does not keep up loses its oldest events (a bounded queue:
 one slow ``cgmirror events`` must never stall the cycle) and gets an

@@ -526,8 +526,9 @@ class RoleSwitch:
                       state="mirroring", hardened=h, by="failover --end-test")
             self.announce("end-test", dirn.other(src), h)
             if self.session.cluster is not None:
-                cluster.set_paused(cluster.connect(self.session), self.session.name, False,
-                                   "failover --end-test", "the DR test ended")
+                with cluster.client(self.session) as etcd:
+                    cluster.set_paused(etcd, self.session.name, False,
+                                       "failover --end-test", "the DR test ended")
                 self.log("mirror resumed (etcd): the leader's next group overwrites the"
                          " test's blocks")
             elif self._running_mirror("resume") is not None:
@@ -749,7 +750,11 @@ def park_leader(session, command: str, log) -> bool:
     says it acted on that very flag, is paused and idle; False if no
     coordinator leads (nothing in flight: whoever leads next reads the
     flag before its first group)."""
-    etcd = cluster.connect(session)
+    with cluster.client(session) as etcd:
+        return _park_leader(etcd, session, command, log)
+
+
+def _park_leader(etcd, session, command: str, log) -> bool:
     flag = cluster.set_paused(etcd, session.name, True, command,
                               f"`cgmirror {command}` parks the mirror")
     deadline = time.monotonic() + MIRROR_IDLE_TIMEOUT_S
