@@ -359,8 +359,11 @@ def _start_lease_mode(vols):
     # Rounds every ttl/3: an endpoint that does not answer must not take
     # a whole round, so the client's timeout is a fraction of it.
     ttl = _cfg["lease_ttl"] or 5
-    etcd = Etcd(_cfg["etcd"], tls_dir=_cfg["tls"], timeout=max(0.5, ttl / 6),
-                **({"prefix": _cfg["etcd_prefix"]} if _cfg["etcd_prefix"] else {}))
+    try:
+        etcd = Etcd(_cfg["etcd"], tls_dir=_cfg["tls"], timeout=max(0.5, ttl / 6),
+                    **({"prefix": _cfg["etcd_prefix"]} if _cfg["etcd_prefix"] else {}))
+    except (ValueError, tls.TLSConfigError) as exc:
+        _fail(f"fence=lease: the etcd client: {exc}")
     _lease = WriteLease(etcd, _cfg["session"], _cfg["site"], _cfg["node"], ttl,
                         [v.gate for v in vols.values()])
     # The status op's top-level fields come from node_status (server.py);

@@ -43,6 +43,15 @@ deadline lapses by itself within ``ttl - margin`` of the last good round,
 and the host gets EIO for every write (reads are served) until a round
 succeeds again -- availability for safety, as Patroni's primary does.
 
+Taking a lease.  The txn guard is one key's value (wire/etcd.py's
+``put_if_value``), so "the other site holds no key" is a read: before the
+guarded put, and again after it, before the deadline is set.  The second
+look closes the gap between the first and the put: a key of the other
+site created after it can only have been created while that site was the
+writer, i.e. after our put, and a role command making it the writer waits
+for our key to go first (``take_writer``).  So the two sites' keys -- and
+so their deadlines -- never overlap, however the writer flips.
+
 Why a failover is safe: ``P/writer = b`` is put first; from that revision
 on no key under ``P/leases/a/`` can be created or renewed (the txn guard),
 and the failover waits until none is left.  A key lives at least as long
@@ -138,6 +147,7 @@ class WriteLease:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()       # one round at a time (thread, stop)
         self._failing = False
+        self._error: str | None = None     # the last round's failure
         self._rounds = 0
         self._set_deadline(EXPIRED)
 
@@ -158,7 +168,8 @@ class WriteLease:
         out = {"held": held, "expires_in_s": round(left, 3) if held else 0.0,
                "writer": self.writer, "site": self.site, "ttl_s": self.ttl}
         if not held:
-            out["why"] = self.why
+            out["why"] = self.why or (f"etcd unreachable: {self._error}" if self._error
+                                      else "the lease lapsed")
         return out
 
     # ------------------------------------------------------------ rounds
@@ -247,6 +258,14 @@ class WriteLease:
             self.etcd.revoke(lease)
             self.why = "the writer moved while the lease was taken"
             return False
+        # Again, now that our key exists: the first look and the put are two
+        # steps (module doc, "Taking a lease").
+        held = self.etcd.get_prefix(self.other_prefix)
+        if held:
+            self.etcd.revoke(lease)
+            self.why = (f"site {other(self.site)} still holds write leases"
+                        f" ({', '.join(kv.key.rsplit('/', 1)[-1] for kv in held)})")
+            return False
         self.lease = lease
         self._set_deadline(t0 + self.ttl * 1_000_000_000 - self.margin_ns)
         if self.why:
@@ -268,14 +287,14 @@ class WriteLease:
         try:
             self.round()
             self._failing = False
+            self._error = None
         except Exception as exc:
+            self._error = str(exc)
             if not self._failing:
                 log.warning("write lease of %s (site %s): etcd round failed: %s; host"
                             " writes stop %.1f s after the last good round", self.node,
                             self.site, exc, self.ttl - self.margin_ns / 1e9)
             self._failing = True
-            if not self.held():
-                self.why = f"etcd unreachable: {exc}"
 
     def _run(self) -> None:
         next_at = time.monotonic()

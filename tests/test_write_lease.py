@@ -14,7 +14,7 @@ import time
 import pytest
 
 import clishell
-from cgtest import need, wait_until
+from cgtest import need, refused_start, wait_until
 from coordinator.link import SlaveLink
 from harness.mirrorrig import mirror_session
 from native.gate import Gate, WriteLeaseExpired, monotonic_ns
@@ -116,7 +116,11 @@ def test_gate_deadline_out_of_range_is_refused():
 # ---------------------------------------------------------------- the keeper against a real etcd
 
 NAME = "wl"
-TTL = 2
+# The write lease's ttl: renewals every second.  Three rather than two: on
+# a loaded 2-core host an etcd write (the guarded put) was seen to take
+# most of a second.  The leader's ttl_s is tests/test_leadership.py's.
+TTL = 3
+LEADER_TTL = 4
 
 
 @pytest.fixture
@@ -179,6 +183,18 @@ def test_keeper_takes_the_lease_when_its_site_is_the_writer(etcd):
     assert st["held"] and 0 < st["expires_in_s"] <= TTL and st["writer"] == "a"
     k.stop()
     assert not writes(g) and c.get(c.key(NAME, "leases", "a", "s1")) is None
+
+
+def test_keeper_creates_the_writer_as_the_direction_source(etcd):
+    """No P/writer, the direction in etcd says b is the source: the first
+    round creates P/writer = b, and site b's node takes its lease."""
+    c = client(etcd)
+    c.put(c.key(NAME, "state", "direction"), json.dumps({"source": "b", "seq": 7}))
+    g = Gate()
+    k = keeper(etcd, site="b", node="r1", gates=[g])
+    assert k.round() and writes(g)
+    assert parse_writer(c.get(c.key(NAME, "writer")).value) == "b"
+    k.stop()
 
 
 def test_keeper_of_the_other_site_takes_no_lease(etcd):
@@ -275,18 +291,23 @@ class Relay:
             except OSError:
                 return
             with self.lock:
+                if self.closed:
+                    c.close()
+                    return
                 self.socks.append(c)
-                if self.cut_off or self.closed:
+                if self.cut_off:
                     continue            # held open, never answered
             try:
                 u = socket.create_connection(self.target, timeout=5)
             except OSError:
-                c.close()
-                continue
+                continue                # c is closed with the others
+            u.settimeout(None)
             with self.lock:
                 self.socks.append(u)
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                if self.closed:
+                    continue
+            for x, y in ((c, u), (u, c)):
+                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
 
     def _pump(self, a, b):
         try:
@@ -310,25 +331,24 @@ class Relay:
         self.cut_off = True
 
     def heal(self):
+        """Traffic again; every connection so far ends (clients reconnect)."""
         with self.lock:
-            self.cut_off = False
+            self.cut_off = self.closed
             old, self.socks = self.socks, []
-        for s in old:               # the silenced ones end; clients reconnect
+        for x in old:
             try:
-                s.shutdown(socket.SHUT_RDWR)
+                x.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            s.close()
+            x.close()
 
     def close(self):
-        self.closed = True
-        self.cut_off = True
+        """Stop; every socket it ever opened is closed (the pumps end)."""
+        with self.lock:
+            self.closed = True
+            self.cut_off = True
         self.lsock.close()
         self.heal()
-        with self.lock:
-            left, self.socks = self.socks, []
-        for x in left:
-            x.close()
 
 
 def session_text(etcd) -> str:
@@ -336,7 +356,7 @@ def session_text(etcd) -> str:
                           mirror={"interval_ms": 100}) + f"""
 [cluster]
 etcd = {json.dumps(etcd.endpoints())}
-ttl_s = {TTL}
+ttl_s = {LEADER_TTL}
 fence = "lease"
 lease_ttl_s = {TTL}
 """
@@ -401,6 +421,18 @@ class Sampler:
         return [(s, e, err) for s, e, ok, err in self.log if not ok and s >= t]
 
 
+def assert_one_site_writes(*samplers: "Sampler") -> None:
+    """No write one sampler's node took overlaps in time a write another's
+    took: in start order, each accepted write starts after every accepted
+    write of the other nodes ended."""
+    events = sorted((s, e, i) for i, smp in enumerate(samplers) for s, e in smp.accepted())
+    last_end = [float("-inf")] * len(samplers)
+    for s, e, i in events:
+        other = max(t for j, t in enumerate(last_end) if j != i)
+        assert other < s, f"sampler {i} took a write at {s:.3f} while another's ended {other:.3f}"
+        last_end[i] = max(last_end[i], e)
+
+
 def node_status(sh, name: str) -> dict:
     with SlaveLink(name, sh.path(f"{name}.ctl"), session=NAME) as lk:
         return lk.status()
@@ -427,9 +459,13 @@ def test_node_writes_only_while_its_site_holds_the_lease(sh, etcd):
         assert first - t_stop <= TTL + 1
         assert {r[2] for r in s.refused_since(t_stop)} == {"EIO"}
         wait_until(lambda: len(s.refused_since(t_stop)) >= 20, 30, "20 refusals")
-        slowest = max(e - b for b, e, _ in s.refused_since(t_stop))
-        # Refused at once: a round trip through nbdkit on a loaded 2-core host.
-        assert slowest < 0.25, f"a refused write waited {slowest:.3f} s"
+        took = sorted(e - b for b, e, _ in s.refused_since(t_stop))
+        # Refused at once: the median is a round trip through nbdkit; the
+        # slowest, on a 2-core host shared with other suites, a scheduling
+        # delay -- a write held for the lease would wait seconds (a
+        # renewal, an etcd timeout).
+        assert took[len(took) // 2] < 0.1 and took[-1] < 1.0, \
+            f"refusals took {took[len(took) // 2]:.3f} s (median), {took[-1]:.3f} s (max)"
         st = node_status(sh, "s1")["write_lease"]
         assert not st["held"] and "etcd" in st["why"]
         import nbd
@@ -464,7 +500,9 @@ def test_failover_waits_for_the_cut_off_site_lease_and_no_two_sites_write(sh, et
     ``cgmirror failover`` makes b the writer, waits until a's lease expired,
     then promotes b.  Writers sample both sites all along: the last write a
     took ends before the first write b takes starts.  a, back in touch with
-    etcd, stays refused (b is the writer)."""
+    etcd, stays refused (b is the writer); ``resync --from b --to a`` and
+    ``switchover --to a`` bring the writes back to a, and at no moment of
+    it all did both sites take writes."""
     from coordinator import launch
     relays = [Relay(int(u.rsplit(":", 1)[1])) for u in etcd.endpoints()]
     samplers: list[Sampler] = []
@@ -523,8 +561,146 @@ def test_failover_waits_for_the_cut_off_site_lease_and_no_two_sites_write(sh, et
         assert max(e for _, e in a.accepted()) == last_a
         st = node_status(sh, "r1")["write_lease"]
         assert st["held"] and st["writer"] == "b" and st["site"] == "b"
+        # Back to a: a took writes b never got (split), so a resync names b
+        # the winner; then a switchover: b lets its lease go before a is
+        # promoted (s1 restarts under its supervisor, through the relays).
+        sh.ok("resync", "--from", "b", "--to", "a")
+        p = sh.run("switchover", "--to", "a", timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert "site a is the writer now" in p.stderr, p.stderr
+        wait_until(lambda: node_status(sh, "s1")["write_lease"]["held"], 30, "a's lease")
+        t_back = time.monotonic()
+        wait_until(lambda: any(s >= t_back for s, _ in a.accepted()), 30, "writes at a")
+        assert not node_status(sh, "r1").get("write_lease", {}).get("held")
+        assert_one_site_writes(a, b)
     finally:
         for s in samplers:
             s.close()
         for r in relays:
             r.close()
+
+
+# ---------------------------------------------------------------- take_writer (failover's wait)
+
+def role_switch(sh):
+    from coordinator.roles.failover import RoleSwitch
+    lines: list[str] = []
+    return RoleSwitch(sh.session(), log=lines.append), lines
+
+
+def test_take_writer_waits_until_the_old_site_lease_is_gone(sh, etcd):
+    """Site a's keeper renews no more (cut off): take_writer makes b the
+    writer and returns only once a's key expired in etcd."""
+    k = keeper(etcd)
+    assert k.round()
+    rs, lines = role_switch(sh)
+    t0 = time.monotonic()
+    rs.take_writer("b", "failover")
+    c = client(etcd)
+    assert c.get_prefix(c.key(NAME, "leases", "a") + "/") == []
+    assert parse_writer(c.get(c.key(NAME, "writer")).value) == "b"
+    assert 0.5 < time.monotonic() - t0 <= TTL + 2 + 1
+    assert any("waiting (at most" in line and "s1" in line for line in lines), lines
+    rs.take_writer("b", "failover")         # again: nothing to wait for
+    k.stop()
+
+
+def test_take_writer_refuses_when_the_old_site_keeps_its_lease(sh, etcd):
+    """A key of site a renewed past the bound (no keeper of ours does that:
+    a stand-in for a broken one): refused in one line naming the key, and
+    P/writer is site a again."""
+    from coordinator.errors import FailoverError
+    c = client(etcd)
+    c.put(c.key(NAME, "writer"), writer_value("a"))
+    lease = c.grant(TTL)
+    c.put(c.key(NAME, "leases", "a", "s1"), b"{}", lease=lease)
+    stop = threading.Event()
+
+    def renew():
+        r = client(etcd)
+        while not stop.wait(0.3):
+            r.keepalive(lease)
+        r.close()
+    t = threading.Thread(target=renew, daemon=True)
+    t.start()
+    try:
+        rs, _ = role_switch(sh)
+        with pytest.raises(FailoverError) as ei:
+            rs.take_writer("b", "failover")
+        msg = str(ei.value)
+        assert "\n" not in msg and "site a still holds write leases" in msg, msg
+        assert "/cgmirror/wl/leases/a/s1" in msg and "nothing was promoted" in msg
+        assert parse_writer(c.get(c.key(NAME, "writer")).value) == "a"
+    finally:
+        stop.set()
+        t.join(10)
+        c.revoke(lease)
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_session_in_lease_mode_passes_site_and_etcd_to_every_node(run_dir):
+    """[cluster] fence = "lease": [[slave]] nodes are site a, [[secondary]]
+    nodes site b; their command lines carry fence, etcd, site, lease_ttl
+    and a certificate directory; fence = "none" passes none of them."""
+    from coordinator import session as session_mod
+    text = mirror_session(NAME, {"s1": "r1"}, ("a",), size=SIZE) + """
+[cluster]
+etcd = ["https://127.0.0.1:2379", "https://127.0.0.2:2379"]
+fence = "lease"
+lease_ttl_s = 3
+"""
+    path = os.path.join(run_dir, "s.toml")
+    with open(path, "w") as f:
+        f.write(text)
+    s = session_mod.load(path)
+    for node, site in ((s.slaves[0], "a"), (s.secondaries[0], "b")):
+        cmd = node.spec().command()
+        assert "fence=lease" in cmd and f"site={site}" in cmd and "lease_ttl=3" in cmd
+        assert "etcd=https://127.0.0.1:2379,https://127.0.0.2:2379" in cmd
+        assert any(c.startswith("tls=") and c.endswith(f"/{node.name}") for c in cmd)
+        assert not any(c.startswith("etcd_prefix=") for c in cmd)
+    with open(path, "w") as f:
+        f.write(text.replace('fence = "lease"', 'fence = "none"'))
+    cmd = session_mod.load(path).slaves[0].spec().command()
+    assert not any(c.split("=")[0] in ("fence", "etcd", "site", "lease_ttl") for c in cmd)
+
+
+@pytest.mark.parametrize("keys, line", [
+    (["fence=lease"], "fence=lease needs etcd="),
+    (["fence=lease", "etcd=http://127.0.0.1:2379", "site=a"], "is not https://"),
+    (["fence=lease", "etcd=https://127.0.0.1:2379", "site=c"], "site must be a or b"),
+    (["fence=lease", "etcd=https://127.0.0.1:2379", "site=a", "lease_ttl=1"],
+     "lease_ttl must be 2 to 60"),
+    (["fence=maybe"], "fence must be none or lease"),
+    (["site=a"], "site= only apply with fence=lease"),
+])
+def test_plugin_refuses_bad_lease_keys_in_one_line(run_dir, keys, line):
+    """Each bad write-lease key of the plugin is one `cgmirror: error:` line."""
+    need("nbdkit")
+    from coordinator import launch
+    spec = launch.SlaveSpec(name="s1", statedir=os.path.join(run_dir, "s1"),
+                            nbd_socket=os.path.join(run_dir, "s1.sock"),
+                            control=os.path.join(run_dir, "s1.ctl"),
+                            volumes=[("a", os.path.join(run_dir, "s1-a.img"), SIZE)])
+    spec.session = NAME
+    cmd = spec.command()
+    rc, err = refused_start(cmd + [f"tls={run_dir}"] + keys)
+    errors = [e for e in err if e.startswith("cgmirror: error:")]
+    assert rc == 1 and len(errors) == 1 and line in errors[0], err
+
+
+def test_plugin_without_client_certificate_refuses_lease_mode_in_one_line(run_dir):
+    """fence=lease with a tls= directory that holds no client certificate:
+    one line naming what is missing, before serving."""
+    need("nbdkit")
+    from coordinator import launch
+    spec = launch.SlaveSpec(name="s1", statedir=os.path.join(run_dir, "s1"),
+                            nbd_socket=os.path.join(run_dir, "s1.sock"),
+                            control=os.path.join(run_dir, "s1.ctl"),
+                            volumes=[("a", os.path.join(run_dir, "s1-a.img"), SIZE)])
+    spec.session = NAME
+    rc, err = refused_start(spec.command() + [
+        f"tls={run_dir}", "fence=lease", "etcd=https://127.0.0.1:2379", "site=a"])
+    errors = [e for e in err if e.startswith("cgmirror: error:")]
+    assert rc == 1 and len(errors) == 1 and "fence=lease: the etcd client" in errors[0], err

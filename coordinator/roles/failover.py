@@ -306,45 +306,56 @@ class RoleSwitch:
             return
         from nbdplugin import writelease as wl
         from wire.etcd import Etcd, EtcdError
+        from wire.tls import TLSConfigError
 
         old = dirn.other(new)
-        name = self.session.name
         try:
             etcd = Etcd.for_cluster(c, c.coordinator_tls)
-            wkey = wl.writer_key(etcd, name)
-            prev = etcd.get(wkey)
-            rev = None
-            if prev is None or wl.parse_writer(prev.value) != new:
-                rev = etcd.put(wkey, wl.writer_value(new))
-                self.log(f"site {new} is the writer now ({wkey}): site {old}'s primaries"
-                         f" refuse host writes from their next lease round")
-            prefix = wl.leases_prefix(etcd, name, old)
-            bound = c.lease_ttl_s + WRITER_GRACE_S
-            t0 = time.monotonic()
-            held = etcd.get_prefix(prefix)
-            if held:
-                self.log(f"waiting (at most {bound:g} s) for the write leases of site"
-                         f" {old} to end: {', '.join(k.key.rsplit('/', 1)[-1] for k in held)}")
-            while held:
-                if time.monotonic() - t0 > bound:
-                    back = ""
-                    if rev is not None and prev is not None \
-                            and etcd.put_if(wkey, prev.value, rev):
-                        back = f"; {wkey} is site {old} again"
-                    raise FailoverError(
-                        f"site {old} still holds write leases ({', '.join(k.key for k in held)})"
-                        f" {bound:g} s after site {new} became the writer: its primaries"
-                        f" renew them still (a clock or an etcd far off?); nothing was"
-                        f" promoted{back}; `cgmirror {command}` again once they are gone")
-                time.sleep(0.1)
-                held = etcd.get_prefix(prefix)
+        except (ValueError, OSError, TLSConfigError) as exc:
+            raise FailoverError(f"cannot set up the etcd client for the write leases: {exc}") from exc
+        try:
+            t0 = self._take_writer(etcd, wl, new, old, command, c.lease_ttl_s)
         except EtcdError as exc:
             raise FailoverError(f"cannot make site {new} the writer in etcd: {exc}; nothing"
                                 f" was promoted; `cgmirror {command}` again once etcd"
                                 f" answers") from exc
+        finally:
+            etcd.close()
         if time.monotonic() - t0 > 0.2:
             self.log(f"site {old} holds no write lease after {time.monotonic() - t0:.1f} s:"
                      f" site {new} may take writes")
+
+    def _take_writer(self, etcd, wl, new: str, old: str, command: str, ttl: int) -> float:
+        """take_writer's steps; the monotonic time the wait began."""
+        name = self.session.name
+        wkey = wl.writer_key(etcd, name)
+        prev = etcd.get(wkey)
+        rev = None
+        if prev is None or wl.parse_writer(prev.value) != new:
+            rev = etcd.put(wkey, wl.writer_value(new))
+            self.log(f"site {new} is the writer now ({wkey}): site {old}'s primaries"
+                     f" refuse host writes from their next lease round")
+        prefix = wl.leases_prefix(etcd, name, old)
+        bound = ttl + WRITER_GRACE_S
+        t0 = time.monotonic()
+        held = etcd.get_prefix(prefix)
+        if held:
+            self.log(f"waiting (at most {bound:g} s) for the write leases of site"
+                     f" {old} to end: {', '.join(k.key.rsplit('/', 1)[-1] for k in held)}")
+        while held:
+            if time.monotonic() - t0 > bound:
+                back = ""
+                if rev is not None and prev is not None \
+                        and etcd.put_if(wkey, prev.value, rev):
+                    back = f"; {wkey} is site {old} again"
+                raise FailoverError(
+                    f"site {old} still holds write leases ({', '.join(k.key for k in held)})"
+                    f" {bound:g} s after site {new} became the writer: its primaries"
+                    f" renew them still (a clock or an etcd far off?); nothing was"
+                    f" promoted{back}; `cgmirror {command}` again once they are gone")
+            time.sleep(0.1)
+            held = etcd.get_prefix(prefix)
+        return t0
 
     # ------------------------------------------------------------ the mirror
 
