@@ -42,7 +42,7 @@ for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 import hostrig  # noqa: E402
 from hostrig import G, NBLOCKS, SITE_NODES, Rig, places  # noqa: E402
 
-TTL_S = 4                   # the leader's lease in the rig's session
+TTL_S = 5                   # the leader's lease in the rig's session (4 lapsed under load 20)
 LEASE_MS = 4000             # the gate's lease (a freeze never holds writes longer)
 # A group on this rig: freeze, drain of what the writers left, prepare and
 # commit across two hosts -- a second or two on a loaded machine.
