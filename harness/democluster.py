@@ -348,22 +348,29 @@ class Cluster:
             raise ClusterError(f"no etcd member on host {name} (members:"
                                f" {', '.join(self.members)})") from None
 
+    def _started(self):
+        if self.etcd is None:
+            raise ClusterError("etcd is not started on the rig (Cluster.start_etcd)")
+        return self.etcd
+
     def member_running(self, name: str) -> bool:
-        return self.etcd[self._member(name)].running
+        i = self._member(name)
+        return self._started()[i].running
 
     def kill_member(self, name: str) -> None:
         """kill -9 of host ``name``'s etcd member (its data stays)."""
-        self.etcd.kill(self._member(name))
-
-    def start_member(self, name: str, timeout: float = 60) -> None:
-        """Start host ``name``'s member again on its data; wait until it
-        is healthy (it has rejoined a quorum) if the others are."""
         i = self._member(name)
-        if not self.etcd[i].running:
+        self._started().kill(i)
+
+    def start_member(self, name: str) -> None:
+        """Start host ``name``'s member again on its data (``wait_healthy``
+        waits until it has rejoined a quorum)."""
+        i = self._member(name)
+        if not self._started()[i].running:
             self.etcd.start(i)
 
     def wait_healthy(self, timeout: float = 60) -> None:
-        self.etcd.wait_healthy(timeout)
+        self._started().wait_healthy(timeout)
 
     # -- coordinators
 

@@ -509,3 +509,42 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
     finally:
         rig.w.close()
         h.close()
+
+
+# ------------------------------------------------------------ without the rig
+
+class _FakeHosts:
+    """Names and addresses of the rig's hosts, nothing started."""
+
+    session = "h"
+
+    def __getitem__(self, name):
+        import types
+        i = ("a1", "a2", "b1", "b2", "c").index(name)
+        return types.SimpleNamespace(name=name, addr=f"10.0.0.{i + 1}")
+
+
+def test_the_rigs_cluster_table_is_what_a_session_file_takes(tmp_path):
+    """The rig's [cluster] table (harness/democluster.py) parses as the
+    session's ClusterConfig: one member per site (a1, b1, c) on etcd's
+    client port, the TTLs and the fence as given, the coordinator's
+    certificate directory for TLS."""
+    from coordinator import session as session_mod
+    h = _FakeHosts()
+    for fence, lease in (("lease", 3), ("none", None)):
+        cl = Cluster(h, ttl_s=TTL_S, fence=fence, lease_ttl_s=lease)
+        path = tmp_path / f"{fence}.toml"
+        path.write_text(session_text(h) + cl.table())
+        c = session_mod.load(str(path)).cluster
+        assert c.etcd == ("https://10.0.0.1:2379", "https://10.0.0.3:2379",
+                          "https://10.0.0.5:2379")
+        assert (c.ttl_s, c.fence, c.lease_ttl_s) == (TTL_S, fence, lease or TTL_S)
+        assert c.coordinator_tls == "/etc/cgmirror/pki/coordinator"
+
+
+def test_a_rig_cluster_without_a_member_on_a_host_says_so():
+    """Killing the etcd member of a host that has none is one line."""
+    from harness.democluster import ClusterError
+    cl = Cluster(_FakeHosts())
+    with pytest.raises(ClusterError, match="no etcd member on host a2 \\(members: a1, b1, c\\)"):
+        cl.kill_member("a2")
