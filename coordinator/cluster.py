@@ -369,10 +369,11 @@ def events(etcd: Etcd, session: str, after: str = "") -> list[tuple[str, dict]]:
     return out
 
 
-def event_key(etcd: Etcd, session: str, doc: dict, ident: dict) -> str:
-    """Keys sort by time: ``P/events/<ns since epoch>-<id>``."""
-    return etcd.key(session, "events",
-                    f"{int(doc.get('time', time.time()) * 1e9):020d}-{ident['id']}")
+def event_key(etcd: Etcd, session: str, doc: dict, ident: dict, seq: int) -> str:
+    """Keys sort by time: ``P/events/<ns since epoch>-<id>-<seq>`` (events
+    of one coordinator within one millisecond differ by ``seq``)."""
+    return etcd.key(session, "events", f"{int(doc.get('time', time.time()) * 1e9):020d}"
+                                       f"-{ident['id']}-{seq:09d}")
 
 
 class Publisher:
@@ -394,6 +395,7 @@ class Publisher:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._event_lease: tuple[int, float] | None = None     # (id, granted at)
+        self._seq = 0                                           # events written
         self.status_fn: Callable[[], dict] | None = None        # the leader's document
         self._guard: str | None = None                          # our P/leader value
         self.last_status = float("-inf")
@@ -484,8 +486,9 @@ class Publisher:
                status: bool) -> None:
         etcd, s = self.etcd, self.session
         while events:
-            etcd.put(event_key(etcd, s, events[0], self.me), _dump(events[0]).encode(),
-                     lease=self._lease())
+            etcd.put(event_key(etcd, s, events[0], self.me, self._seq),
+                     _dump(events[0]).encode(), lease=self._lease())
+            self._seq += 1
             events.pop(0)
         if guard is None:
             return

@@ -309,7 +309,8 @@ def test_a_leader_stopped_past_its_lease_is_fenced_when_it_wakes(coords, point):
     log = c.log(old)
     assert "has seen leader epoch" in log and "deposed" in log, log
     assert c.leader_name() == new
-    fenced = [e for e in c.events() if e["event"] == "fenced"]
+    evs = c.events()
+    fenced = [e for e in evs if e["event"] == "fenced"]
     assert fenced and fenced[0]["pid"] == pid
     before = c.hardened()["n"]
     wait_until(lambda: c.hardened()["n"] > before, 30, "groups go on under the new leader")
