@@ -14,7 +14,7 @@ APT_PKGS   := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin libssl-dev \
 
 .PHONY: setup apt venv ext test test-fast demo demo-sites vm vm-test clean \
         bench-bitmap bench-write bench-freeze bench-freeze-sites bench-copy bench-engine \
-        bench-granularity bench-mirror bench-resync soak
+        bench-granularity bench-mirror bench-resync soak bench-takeover demo-cluster
 
 setup: apt venv ext
 
@@ -61,6 +61,11 @@ demo: setup
 demo-sites: setup
 	$(PY) -m harness.demo --sites
 
+# Cluster mode on the host rig (root): etcd on a1 b1 c, three coordinators;
+# the leader is killed -9, `mirror status` and `events` show the takeover.
+demo-cluster: setup
+	$(PY) -m harness.democluster
+
 vm: setup
 	$(PY) -m vm.build
 
@@ -106,6 +111,11 @@ bench-mirror: setup
 # Failback resync (S | T) against a full copy and a checksum delta copy, 4 GiB.
 bench-resync: setup
 	$(PY) bench/bench_resync.py
+
+# Cluster mode's takeover on the host rig (root): the leader killed -9 to the
+# next group hardened by the new leader, several kills; JSON last line.
+bench-takeover: setup
+	$(PY) bench/bench_takeover.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info native/_bitmap*.so native/_bitmap.c \

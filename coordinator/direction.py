@@ -61,6 +61,13 @@ which site it sends from.
 Every change is recorded on the nodes (each writes it durably before it
 replies) before the steps it announces, so a coordinator killed between
 steps finds what it was doing and the command run again resumes it.
+
+Cluster mode (``[cluster]``): ``save`` also publishes the record to etcd
+(``P/state/direction``), after the nodes took it, so that ``status`` on
+any host shows it at once.  The nodes stay the truth (``load`` reads
+them): etcd is a copy, and a copy that etcd did not take (no quorum) is
+said in a warning and written again by the leading mirror, which publishes
+the direction it reads before every group (coordinator/mirror/clustered.py).
 """
 
 from __future__ import annotations
@@ -201,7 +208,29 @@ def save(session: Session, sites: tuple[str, ...] = SITES, **state) -> dict:
                 f" {stored.get('by', '?')}), not the {rec['seq']} just written: another"
                 f" coordinator changed the direction meanwhile; run `cgmirror status`"
                 f" and the command again")
+    if getattr(session, "cluster", None) is not None:
+        publish(session, rec)
     return rec
+
+
+def publish(session: Session, rec: dict, warn=None) -> bool:
+    """Cluster mode: the record to ``P/state/direction`` (see the module
+    doc); False (and a warning line on stderr, or to ``warn``) if etcd did
+    not take it."""
+    from . import cluster           # etcd's client only in cluster mode
+    try:
+        with cluster.client(session) as etcd:
+            cluster.put_direction(etcd, session.name, rec)
+        return True
+    except CgmirrorError as exc:
+        line = (f"the direction record {rec.get('seq')} is on the nodes but not in"
+                f" etcd ({exc}); the leading mirror publishes it when etcd answers")
+        if warn is None:
+            import sys
+            print(f"cgmirror: warning: {line}", file=sys.stderr)
+        else:
+            warn(line)
+        return False
 
 
 def nodes(session: Session, site: str) -> list[NodeConfig]:

@@ -154,13 +154,14 @@ def rig(slaves, run_dir):
 
 def parked(thread, mirror) -> bool:
     """``thread`` is blocked in a Condition's wait called straight from
-    ``mirror.run`` -- the pause wait (the pause between groups is an
-    Event's wait, one frame further down)."""
+    ``mirror.run``'s loop of groups (``Mirror._groups``) -- the pause wait
+    (the pause between groups is an Event's wait, one frame further down)."""
     frame = sys._current_frames().get(thread.ident)
     while frame is not None and frame.f_back is not None:
         caller = frame.f_back
         if frame.f_code is threading.Condition.wait.__code__ \
-                and caller.f_code.co_name == "run" and caller.f_locals.get("self") is mirror:
+                and caller.f_code.co_name == "_groups" \
+                and caller.f_locals.get("self") is mirror:
             return True
         frame = caller
     return False

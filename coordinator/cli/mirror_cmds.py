@@ -29,6 +29,18 @@ actions talk to it over its control socket (``[mirror] control``).
                            "error"}}}
     With no mirror running: {"ok", "session", "state": "stopped", "why",
     "direction", "secondaries"} (exit 0: saying so is the answer).
+
+Cluster mode (``[cluster]``, coordinator/cluster.py): ``run`` stands by
+until it leads (any number of them, one per host).  ``status`` reads etcd,
+so every host gives the same answer: the leader's own document (``P/status``)
+with ``"hardened"`` from ``P/state/hardened`` and
+``"cluster": {"leader": {"host", "pid", "id", "epoch", "since"} | null,
+"hardened": {"n", "cut", "at", "epoch"} | null, "paused": {...} | null,
+"local": the cluster part of this host's mirror, if one runs | null,
+"error": etcd's refusal | null}``; no leader: state "stopped" (or the local
+standby's "standby"/"no-quorum").  ``pause|resume`` write
+``P/control/paused``, which the leader (whichever it is, now or later)
+reads before each group.
 """
 
 from __future__ import annotations
@@ -40,8 +52,8 @@ import time
 from wire import sdnotify
 from wire.units import parse_size
 
-from .. import direction, group, output
-from ..errors import ExitCode, MirrorNotRunning, UsageError
+from .. import cluster, direction, group, output
+from ..errors import CgmirrorError, ExitCode, MirrorNotRunning, UsageError
 from ..link import SlaveLink
 from ..mirror import Mirror, call, control_path
 from ..mirror.status import where
@@ -90,11 +102,33 @@ def run(ctx) -> ExitCode:
 
 
 def control(ctx, op: str) -> ExitCode:
+    if getattr(ctx.session, "cluster", None) is not None:
+        return _cluster_control(ctx, op)
     doc = call(control_path(ctx.session), op)
     if ctx.json:
         output.emit_json(doc, ctx.out)
     else:
         ctx.say(f"mirror of session {ctx.session.name}: {op}d (state {doc['state']})")
+    return ExitCode.OK
+
+
+def _cluster_control(ctx, op: str) -> ExitCode:
+    """``mirror pause|resume`` in cluster mode: the flag in etcd, taken by
+    whichever coordinator leads (before its next group)."""
+    s = ctx.session
+    me = cluster.me()
+    with cluster.client(s) as etcd:
+        cluster.set_paused(etcd, s.name, op == "pause", f"mirror {op}",
+                           f"`cgmirror mirror {op}` on {me['host']} pid {me['pid']}")
+        doc = _cluster_doc(s, etcd)
+    if ctx.json:
+        output.emit_json(doc, ctx.out)
+    else:
+        lead = doc["cluster"]["leader"]
+        who = (f"leader {lead['host']} pid {lead['pid']} (epoch {lead['epoch']}) takes it"
+               f" before its next group" if lead else
+               "no coordinator leads now: the next leader takes it")
+        ctx.say(f"mirror of session {s.name}: {op}d in etcd; {who}")
     return ExitCode.OK
 
 
@@ -153,12 +187,66 @@ def secondaries(session) -> dict[str, dict]:
     return out
 
 
-def status(ctx) -> ExitCode:
+def _local(session) -> tuple[dict | None, str | None]:
+    """This host's running mirror's document, or (None, why not)."""
     try:
-        doc = call(control_path(ctx.session), "status")
+        return call(control_path(session), "status"), None
     except MirrorNotRunning as exc:
-        doc = {"ok": True, "session": ctx.session.name, "state": "stopped",
-               "why": str(exc), "direction": where(ctx.session)}
+        return None, str(exc)
+
+
+def _cluster_doc(session, etcd=None) -> dict:
+    """``mirror status`` in cluster mode (see the module doc): etcd's
+    answer, the same from every host; etcd unreachable: this host's
+    mirror's own document, saying so."""
+    local, why = _local(session)
+    mine = (local or {}).get("cluster")
+    try:
+        if etcd is None:
+            with cluster.client(session) as etcd:
+                st = cluster.read_state(etcd, session.name)
+        else:
+            st = cluster.read_state(etcd, session.name)
+    except CgmirrorError as exc:
+        doc = local or {"ok": True, "session": session.name, "state": "stopped",
+                        "why": why, "direction": where(session)}
+        doc["cluster"] = {"leader": None, "hardened": None, "paused": None,
+                          "local": mine, "error": str(exc)}
+        return doc
+    lead, pub = st["leader"], st["status"]
+    if lead and isinstance(pub, dict) and (pub.get("cluster") or {}).get("epoch") \
+            == lead["epoch"]:
+        doc = dict(pub)
+    elif lead:
+        doc = {"ok": True, "session": session.name, "state": "starting",
+               "why": f"{lead['host']} pid {lead['pid']} leads (epoch {lead['epoch']})"
+                      f" and has not published its status yet",
+               "direction": where(session)}
+    else:
+        doc = {"ok": True, "session": session.name,
+               "state": (mine or {}).get("role") or "stopped",
+               "why": (f"no coordinator leads session {session.name} (etcd holds no"
+                       f" leader)" + (f"; this host's mirror (pid {local.get('pid')})"
+                                      f" is {local.get('state')}" if local else
+                                      f"; none runs on this host: {why}")),
+               "direction": where(session)}
+    h = st["hardened"]
+    if isinstance(h, dict) and h.get("n"):
+        doc["hardened"] = h["n"]
+    doc["cluster"] = {"leader": lead, "hardened": h, "paused": st["paused"],
+                      "local": mine, "error": None}
+    return doc
+
+
+def status(ctx) -> ExitCode:
+    if getattr(ctx.session, "cluster", None) is not None:
+        doc = _cluster_doc(ctx.session)
+    else:
+        try:
+            doc = call(control_path(ctx.session), "status")
+        except MirrorNotRunning as exc:
+            doc = {"ok": True, "session": ctx.session.name, "state": "stopped",
+                   "why": str(exc), "direction": where(ctx.session)}
     doc["secondaries"] = secondaries(ctx.session)
     if ctx.json:
         output.emit_json(doc, ctx.out)
@@ -183,9 +271,31 @@ def _when(f: dict) -> str:
     return f"{g}{time.strftime('%H:%M:%S', time.localtime(f['at']))}"
 
 
+def _leader_line(c: dict | None) -> str | None:
+    """The cluster line of ``mirror status`` (cluster mode only)."""
+    if not c:
+        return None
+    if c.get("error"):
+        return f"cluster: {c['error']}"
+    lead, h = c.get("leader"), c.get("hardened") or {}
+    text = (f"leader: {lead['host']} pid {lead['pid']} (epoch {lead['epoch']})"
+            if lead else "leader: none")
+    if h.get("n"):
+        text += f"; hardened group {h['n']} (by epoch {h.get('epoch')})"
+    if (c.get("paused") or {}).get("paused"):
+        text += f"; paused by {c['paused'].get('by')}"
+    local = c.get("local")
+    if local and local.get("role") != "leader":
+        text += f"; this host's mirror: {local.get('role')}"
+    return text
+
+
 def print_status(doc: dict, out) -> None:
     line = _direction(doc.get("direction"))
-    if doc["state"] == "stopped":
+    lead = _leader_line(doc.get("cluster"))
+    if lead:
+        print(lead, file=out)
+    if doc["state"] == "stopped" or "hold_ms" not in doc:
         print(f"session {doc['session']}: {doc['why']}", file=out)
         if line:
             print(line, file=out)

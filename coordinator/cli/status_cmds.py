@@ -11,18 +11,30 @@ every target holds the same completed cut, else "group not consistent: ..."
 with the volumes at each cut.  A volume's ``synced`` is true only when its
 slave has it as a baseline *and* its target holds a completed cut: never
 "yes" next to a failed copy.
+
+Cluster mode (``[cluster]``): both add ``"cluster"``, the session's shared
+state read from etcd, the same from every host: ``status`` {"leader":
+{"host", "pid", "id", "epoch", "since"} | null, "hardened": {"n", "cut",
+"at", "epoch"} | null, "direction": the record the leader published,
+"lineage": {node: {volume: generation}}, "history": {"formed", "failed",
+"last": the newest group}, "paused": {...} | null, "error": null or why
+etcd did not answer}; ``history`` {"formed", "failed", "groups": [the last
+20 groups of every leader]} (the local history DB keeps the detail of
+the groups formed on this host).  etcd not answering is said, not an
+error: the rest of the document comes from the nodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 
 from coordinator import launch
 
 from wire import address as wire_address, lineage
 
-from .. import direction, errors, output
+from .. import cluster as cluster_mod, direction, errors, output
 from ..errors import ExitCode
 from ..history import History
 from ..lock import SessionLock
@@ -95,7 +107,46 @@ def collect(session) -> dict:
         doc["secondaries"][cfg.name] = _secondary(cfg, replies[cfg.name], doc)
     for cfg in s.slaves:
         doc["slaves"][cfg.name] = _primary(cfg, replies[cfg.name], grp, doc)
+    if getattr(session, "cluster", None) is not None:
+        doc["cluster"] = cluster_state(session)
     return doc
+
+
+def cluster_state(session) -> dict:
+    """The ``cluster`` part of ``status`` (module doc)."""
+    try:
+        with cluster_mod.client(session) as etcd:
+            st = cluster_mod.read_state(etcd, session.name)
+    except errors.CgmirrorError as exc:
+        return {"leader": None, "hardened": None, "direction": None, "lineage": None,
+                "history": None, "paused": None, "error": str(exc)}
+    h = st["history"] or {}
+    return {"leader": st["leader"], "hardened": st["hardened"],
+            "direction": st["direction"], "lineage": st["lineage"],
+            "history": {"formed": h.get("formed", 0), "failed": h.get("failed", 0),
+                        "last": (h.get("groups") or [None])[-1]},
+            "paused": st["paused"], "error": None}
+
+
+def cluster_lines(c: dict | None) -> list[str]:
+    """The cluster part for people."""
+    if not c:
+        return []
+    if c["error"]:
+        return [f"cluster: {c['error']}"]
+    lead, h = c["leader"], c["hardened"] or {}
+    lines = [f"leader: {lead['host']} pid {lead['pid']} (epoch {lead['epoch']})"
+             if lead else "leader: none (no `cgmirror mirror run` leads this session)"]
+    if h.get("n"):
+        age = output.age(max(0.0, time.time() - h["cut"]))
+        lines.append(f"hardened group {h['n']} (cut {age}, by epoch {h.get('epoch')})")
+    hist = c["history"]
+    if hist and (hist["formed"] or hist["failed"]):
+        lines.append(f"groups formed {hist['formed']}, failed {hist['failed']} (every"
+                     f" leader)")
+    if (c.get("paused") or {}).get("paused"):
+        lines.append(f"paused by {c['paused'].get('by')}: {c['paused'].get('why')}")
+    return lines
 
 
 def split(session, d: dict, replies: dict) -> dict | None:
@@ -340,6 +391,8 @@ def print_status(doc: dict, out) -> None:
         print(doc["split"]["line"], file=out)
     for line in group_lines(doc["group"]):
         print(line, file=out)
+    for line in cluster_lines(doc.get("cluster")):
+        print(line, file=out)
 
 
 def _secondary_rows(secondaries: dict):
@@ -364,10 +417,34 @@ def history(ctx, limit: int | None) -> ExitCode:
         copies = hist.copies(limit)
         groups = hist.groups(limit)
     grp = group_state(ctx.session)
+    shared = None
+    if getattr(ctx.session, "cluster", None) is not None:
+        try:
+            with cluster_mod.client(ctx.session) as etcd:
+                st = cluster_mod.read_state(etcd, ctx.session.name)
+            shared = {"formed": 0, "failed": 0, "groups": [], "error": None,
+                      **(st["history"] or {})}
+        except errors.CgmirrorError as exc:
+            shared = {"formed": None, "failed": None, "groups": [], "error": str(exc)}
     if ctx.json:
-        output.emit_json({"ok": True, "session": ctx.session.name, "group": grp,
-                          "copies": copies, "groups": groups}, ctx.out)
+        doc = {"ok": True, "session": ctx.session.name, "group": grp,
+               "copies": copies, "groups": groups}
+        if shared is not None:
+            doc["cluster"] = shared
+        output.emit_json(doc, ctx.out)
         return ExitCode.OK
+    if shared is not None:
+        if shared["error"]:
+            print(f"cluster: {shared['error']}", file=ctx.out)
+        else:
+            print(f"every leader: groups formed {shared['formed']}, failed"
+                  f" {shared['failed']}; the last {len(shared['groups'])}:", file=ctx.out)
+            ms = (lambda v: "-" if v is None else f"{v:.1f}")
+            output.table([[g["n"], g["outcome"], output.size(g["bytes"]),
+                           ms(g.get("hold_ms")), ms(g.get("drain_ms"))]
+                          for g in reversed(shared["groups"])],
+                         ["GROUP", "OUTCOME", "BYTES", "HOLD MS", "DRAIN MS"], ctx.out)
+            print(file=ctx.out)
     if groups:
         # The mirror's groups (coordinator/mirror/cycle.py), a row each.
         ms = (lambda v: "-" if v is None else f"{v:.1f}")

@@ -11,6 +11,9 @@
     verify.py    online verify, between groups
     joins.py     the lineage check before every join of two sides (mirror,
                  resync, failback, switchover) and what each verdict does
+    clustered.py cluster mode's part of a running mirror: its leadership,
+                 what it publishes to etcd, the pause flag (coordinator/
+                 cluster.py has the keys and the reasoning)
 """
 
 from ..errors import MirrorError, MirrorNotRunning

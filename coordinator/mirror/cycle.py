@@ -43,6 +43,19 @@ a cut whose connection went away; mid-drain -- the next start's preflight
 aborts the leftover cut (unconfirmed bits back to ``cr``); mid-prepare or
 mid-commit -- ``recover`` at the next start.  No case needs a full copy.
 
+Cluster mode (``[cluster]``, coordinator/cluster.py).  Any number of
+``mirror run`` for one session, one per host (each takes its host's session
+lock).  Each campaigns for ``P/leader``; the others stand by (state
+"standby", "no-quorum" while etcd does not answer) and their status names
+the leader.  The winner sets its epoch on every link (the nodes fence
+older ones), recovers (``need_recovery``), publishes the direction it
+reads, and forms groups as above while ``held()``: checked before the
+recovery, before the establish and before the commit; lost, the group is
+abandoned (never committed: the next leader's recovery settles a prepared
+one), and it stands by and campaigns again.  ``mirror pause|resume`` go
+through ``P/control/paused``, read before each group.  No group forms
+without the lease, so a quorum lost holds no host write: nothing is frozen.
+
 The rest of the mirror: recovery.py (the recovery rule, also run by the role
 commands), status.py (the status document), control.py (the control socket),
 client.py (its clients), events.py, metrics.py, verify.py, failures.py (the
@@ -60,7 +73,7 @@ from typing import Callable
 
 from wire import failpoints
 
-from .. import direction, group, output
+from .. import cluster as cluster_mod, direction, group, output
 from ..errors import CgmirrorError, CopyFailed, EstablishAborted, MirrorError, describe
 from ..history import History
 from ..link import SlaveLink
@@ -72,6 +85,7 @@ from .log import Quiet, stderr_log
 from . import joins
 from .sessionfile import SessionFile
 from .control import ControlServer
+from .clustered import Cluster as _Cluster
 
 # Test-only crash points of the coordinator: wire/failpoints.py (mirror:*).
 _hit = failpoints.hit
@@ -86,6 +100,10 @@ class _DrainTimeout(Exception):
 
 class _Stopping(Exception):
     pass
+
+
+class _Lost(Exception):
+    """Cluster mode: the leadership was lost (why: str(exc))."""
 
 
 @dataclass
@@ -157,6 +175,11 @@ class Mirror:
         self.winner = False
         self.full = False
         self.gens: dict[str, dict[str, str]] = {}   # {secondary: {volume: generation}}
+        # Cluster mode (coordinator/cluster.py): None without [cluster].
+        self.cluster: _Cluster | None = None
+        self.epoch: int | None = None           # ours while we lead
+        self.leader: dict | None = None         # the leader we last saw (standby)
+        self.cluster_error: str | None = None   # etcd's last refusal (no-quorum)
 
     # ------------------------------------------------------------ life cycle
 
@@ -169,6 +192,11 @@ class Mirror:
             self.history = History(s.state_dir)
             self.history.mark_interrupted()
             self.history.mark_groups_interrupted()
+            # Cluster mode is ``mirror run``'s (it serves control); a role
+            # command's Mirror forms its groups under the session lock as
+            # without [cluster] (its requests carry no epoch).
+            if getattr(s, "cluster", None) is not None and self.serve_control:
+                self.cluster = _Cluster(self)
             if self.serve_control:
                 self._server = ControlServer(self.settings.control, self)
                 self._server.start()
@@ -251,6 +279,9 @@ class Mirror:
 
     def close(self) -> None:
         self.log.flush()
+        if self.cluster:
+            self.cluster.close()
+            self.cluster = None
         if self.metrics:
             self.metrics.close()
             self.metrics = None
@@ -283,12 +314,17 @@ class Mirror:
             self._resume.notify_all()
 
     def pause(self) -> None:
-        """No new group after the current one, until ``resume``."""
+        """No new group after the current one, until ``resume`` (cluster
+        mode: of the session, whichever coordinator leads)."""
+        if self.cluster:
+            self.cluster.set_paused(True, "mirror pause")
         with self._resume:
             self.paused = True
         self.events.emit("pause")
 
     def resume(self) -> None:
+        if self.cluster:
+            self.cluster.set_paused(False, "mirror resume")
         with self._resume:
             self.paused = False
             self._resume.notify_all()
@@ -297,14 +333,38 @@ class Mirror:
     def run(self) -> None:
         """Form groups until ``stop()``; a failed group is logged and counted,
         and the next one is tried after the interval (at least 1 s after a
-        failure that formed nothing, so a dead peer is not hammered)."""
-        self.state = "running"
+        failure that formed nothing, so a dead peer is not hammered).  In
+        cluster mode only while this coordinator leads (``_run_cluster``)."""
+        if self.cluster:
+            self._run_cluster()
+        else:
+            self.state = "running"
+            self._groups()
+        self.verifies.refuse(MirrorError("the mirror stopped before verify ran"))
+        self.log("stopped")         # says the empty groups counted first
+
+    def _groups(self) -> str | None:
+        """The loop of groups until ``stop()`` (return None) or, in cluster
+        mode, until the leadership is lost (return why)."""
         while not self._stop.is_set():
+            if self.cluster:
+                lost = self._lost()
+                if lost:
+                    return lost
+                self.cluster.sync_pause()
             with self._resume:
                 while self.paused and not self._stop.is_set() \
                         and not self.verifies.pending():
                     self.state = "paused"
-                    self._resume.wait()
+                    if not self.cluster:
+                        self._resume.wait()
+                        continue
+                    self._resume.wait(self.cluster.poll)
+                    if self._lost():
+                        break
+                    self.cluster.sync_pause()
+            if self.cluster and self._lost():
+                continue                        # said at the top of the loop
             self._serve_verifies()
             if self._stop.is_set():
                 break
@@ -318,6 +378,11 @@ class Mirror:
                 self.verifies.group_ended(result.n, self.hardened,
                                           result.outcome == "hardened",
                                           result.outcome != "drain-timeout", result.error)
+                if self.cluster and result.outcome != "hardened" \
+                        and self._check_fenced(result.error):
+                    continue                    # the top of the loop stands down
+            except _Lost as exc:
+                return str(exc)
             except CgmirrorError as exc:
                 self.failed += 1
                 self.failures.note(exc, None)
@@ -326,10 +391,112 @@ class Mirror:
                 self.events.emit("group-failed", n=None, outcome="failed", error=str(exc))
                 self.verifies.group_ended(None, self.hardened, False, True, str(exc))
                 quiet = False
+                if self.cluster and self._check_fenced(str(exc)):
+                    continue
             wait = self.settings.interval_ms / 1000
             self._stop.wait(wait if quiet else max(wait, 1.0))
-        self.verifies.refuse(MirrorError("the mirror stopped before verify ran"))
-        self.log("stopped")         # says the empty groups counted first
+        return None
+
+    # ------------------------------------------------------------ cluster mode
+
+    def _run_cluster(self) -> None:
+        """Stand by, lead, stand by again... until ``stop()`` (module doc)."""
+        c = self.cluster
+        while not self._stop.is_set():
+            self.state = "no-quorum" if self.cluster_error else "standby"
+            self.phase = "idle"
+            epoch = c.leadership.campaign(self._stop, self._standing_by)
+            if epoch is None:
+                break
+            self._lead(epoch)
+            why = self._groups()
+            if why is None:
+                break                           # stopped while leading
+            self._step_down(why)
+        c.leadership.resign()
+        c.publisher.lead(None)
+
+    def _standing_by(self, leader: dict | None, error: Exception | None) -> None:
+        """A campaign's try did not win: say who leads (once a leader), or
+        that etcd does not answer (once until it does)."""
+        if error is not None:
+            self.state = "no-quorum"
+            if self.cluster_error is None:
+                self.log(f"no quorum: {error}; no group forms until etcd answers")
+                self.events.emit("no-quorum", error=str(error))
+            self.cluster_error = str(error)
+            return
+        if self.cluster_error is not None:
+            self.log("etcd answers again")
+        self.cluster_error = None
+        self.state = "standby"
+        short = None if leader is None else {k: leader.get(k)
+                                             for k in ("host", "pid", "epoch")}
+        prev = None if self.leader is None else {k: self.leader.get(k)
+                                                 for k in ("host", "pid", "epoch")}
+        if short is not None and short != prev:
+            self.log(f"standby: session {self.session.name} is led by {short['host']}"
+                     f" pid {short['pid']} (epoch {short['epoch']})")
+            self.events.emit("standby", leader=short)
+        self.leader = leader
+
+    def _lead(self, epoch: int) -> None:
+        """This coordinator won: fence with ``epoch``, recover first, publish."""
+        c = self.cluster
+        prev = None if self.leader is None else {k: self.leader.get(k)
+                                                 for k in ("host", "pid", "epoch")}
+        self.epoch = epoch
+        self.leader = {**c.leadership.me, "epoch": epoch}
+        self.cluster_error = None
+        self.links.set_epoch(epoch)
+        self.need_recovery = True
+        self.state = "running"
+        c.publisher.lead(c.leadership.record)
+        c.took_over()
+        self.log(f"leader of session {self.session.name} (epoch {epoch}"
+                 + (f", after {prev['host']} pid {prev['pid']} epoch {prev['epoch']}"
+                    if prev else "") + "): recovering, then groups")
+        self.events.emit("leader", epoch=epoch, host=c.leadership.me["host"],
+                         previous=prev)
+
+    def _lost(self) -> str | None:
+        """Why this leader may not go on (None: it still holds the lease)."""
+        lead = self.cluster.leadership
+        if lead.held():
+            return None
+        return lead.lost_why or (f"the lease was not renewed within ttl_s"
+                                 f" {lead.ttl} (etcd slow or unreachable)")
+
+    def _check_lead(self, before: str) -> None:
+        """Raise _Lost unless this coordinator still leads (cluster mode)."""
+        if self.cluster:
+            why = self._lost()
+            if why:
+                raise _Lost(f"{why} (checked before {before})")
+
+    def _check_fenced(self, error: str | None) -> bool:
+        """A node refused us as deposed (its line says "deposed",
+        wire/protocol.py's fenced_message): say so and end the term (the
+        loop stands down at its top); says whether."""
+        if not (error and "deposed" in error):
+            return False
+        self.log(f"fenced: {error}")
+        self.events.emit("fenced", epoch=self.epoch, error=error)
+        self.cluster.leadership.depose(error)
+        return True
+
+    def _step_down(self, why: str) -> None:
+        self.log(f"lost the leadership of session {self.session.name} (epoch"
+                 f" {self.epoch}): {why}; no group is committed, standing by")
+        self.events.emit("leader-lost", epoch=self.epoch, why=why)
+        self.cluster.publisher.lead(None)
+        self.links.set_epoch(None)
+        self.epoch = None
+        self.leader = None
+        self.paused = False
+        unreachable = self.cluster.leadership.unreachable
+        if unreachable:                     # no quorum: said now, not at the next try
+            self._standing_by(None, cluster_mod.ClusterError(unreachable))
 
     def _cannot(self, why: str) -> None:
         """Log that no group could begin; the same reason again (a peer
@@ -353,12 +520,15 @@ class Mirror:
         """Bring every secondary to one hardened group and hand the blocks a
         rollback restored back to the primaries (coordinator/mirror/
         recovery.py); return that group's number."""
+        self._check_lead("the recovery")
         self.phase = "recover"
         st = recovery.settle(self.links, self.log)
         recovery.return_tgt(self.links, st, self.log)
         top = max(r["hardened"] for r in st.values())
         self.hardened = top
         self.hardened_cut = self.history.group_cut_time(top) if top else None
+        if top and self.hardened_cut is None and self.cluster:
+            self.hardened_cut = self.cluster.cut_of(top)  # formed by another leader
         self.need_recovery = False
         self.phase = "idle"
         return top
@@ -391,6 +561,8 @@ class Mirror:
         # The direction the nodes hold (not after a failover, nor reversed),
         # read with the file's session: it names every node as the nodes do.
         d = direction.load(self.session_file.started or self.session)
+        if self.cluster:
+            self.cluster.direction(d)
         direction.check_mirror(self.session, d)
         if self.need_recovery:
             self.recover()
@@ -400,6 +572,8 @@ class Mirror:
         joins.check(self.session, replies, st, source=direction.sending(self.session, d),
                     winner=self.winner, full=self.full)
         self.gens = joins.gens(self.session, replies)
+        if self.cluster:
+            self.cluster.lineage(replies, st)
         targets = replication_targets(self.session, st)
         full = group.full_volumes(replies, targets, "auto")
         if not self.verified:
@@ -417,6 +591,9 @@ class Mirror:
         except CgmirrorError as exc:        # recorded as this group's failure
             res.outcome, res.error = "failed", describe(exc)
             self.failures.note(exc, n)
+        except _Lost as exc:                # abandoned: never committed
+            res.outcome, res.error = "aborted", f"leadership lost: {exc}"
+            raise
         except BaseException as exc:
             res.outcome, res.error = "failed", describe(exc)
             raise
@@ -428,6 +605,8 @@ class Mirror:
     def _form(self, res: GroupResult, targets, full, timer: bool) -> None:
         n, s = res.n, self.session
         m = res.measures
+        self._check_lead("the establish")
+        _hit("mirror:leader-checked")
         self.phase = "establish"
         try:
             est = group.establish(self.slaves, n, s.lease_ms, s.max_coordination_ms,
@@ -463,6 +642,8 @@ class Mirror:
                 return          # the last poll: the drain is over, nothing to abandon
             if self._stop.is_set() and not empty:
                 raise _Stopping()
+            if self.cluster and self._lost():
+                raise _Stopping()           # a lost leader drains nothing more
             if deadline is not None and time.monotonic() > deadline:
                 raise _DrainTimeout()
 
@@ -479,6 +660,8 @@ class Mirror:
             self.failures.mirror(res.error, n)
             return
         except _Stopping:
+            if self.cluster and self._lost():
+                raise _Lost(f"{self._lost()} (during the drain of group {n})") from None
             res.outcome, res.error = "aborted", "stopped during the drain"
             return
         except CopyFailed as exc:
@@ -504,6 +687,8 @@ class Mirror:
         if self._failed(res, "prepare", prepared):
             return
         _hit("mirror:after-prepare")
+        self._check_lead(f"the commit of group {n}")
+        _hit("mirror:commit-checked")
         t1 = time.monotonic()
 
         def commit(lk: SlaveLink) -> dict:
@@ -557,6 +742,8 @@ class Mirror:
         self.history.finish_group(res.n, res.outcome, res.error,
                                   now if res.outcome == "hardened" else None,
                                   bytes=res.bytes, **res.measures)
+        if self.cluster:
+            self.cluster.group(res, now)
         m = res.measures
         extra = (" (drain timer lifted after"
                  f" {LIFT_AFTER} drain-time failures)") if lifted else (

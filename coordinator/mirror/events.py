@@ -14,6 +14,13 @@ the connection.  Every event has ``time`` (unix seconds), ``session`` and
     failover       action (failover, dr-test, end-test), site (the one now
                    writable, or given back for end-test), hardened (the group
                    it stands at)
+    leader         epoch, host, previous (the leader before, {host, pid,
+                   epoch} or null): this coordinator leads (cluster mode)
+    standby        leader ({host, pid, epoch}): it stands by behind that leader
+    leader-lost    epoch, why: it led and lost the lease; its group was
+                   abandoned (never committed)
+    fenced         epoch, error: a node refused its request, as deposed
+    no-quorum      error: etcd does not answer; no group forms
 
 ``failover`` comes from ``cgmirror failover [--test | --end-test]``
 (coordinator/roles/failover.py), which tells a running mirror of the
@@ -23,6 +30,11 @@ lost.  ``resync``, ``switchover`` and ``failback`` emit none: they run the
 cycle themselves under the session lock, so no mirror (and no ``cgmirror
 events``) can run while they do; what they did is in the direction record the nodes hold
 (coordinator/direction.py) and in the history's groups.
+
+Cluster mode: every event also goes to etcd (``P/events/``, with the
+``host`` and ``pid`` of the coordinator that emitted it, kept about ten
+minutes; empty groups' ``group-formed`` stay out), and ``cgmirror events``
+reads them there, so a takeover on another host shows on every host.
 
 ``EventBus`` fans events out to subscribers in the mirror process; a
 subscriber that does not keep up loses its oldest events (a bounded queue:
@@ -56,6 +68,9 @@ class EventBus:
         self.session = session
         self._lock = threading.Lock()
         self._subs: list[queue.Queue] = []
+        # Cluster mode: every event also goes to etcd (coordinator/cluster.py
+        # Publisher.event, which never blocks).
+        self.sink: Callable[[dict], None] | None = None
 
     def emit(self, event: str, **fields) -> dict:
         """Send ``event`` to every subscriber; return the event."""
@@ -73,6 +88,8 @@ class EventBus:
                         pass
                     q.lost = getattr(q, "lost", 0) + 1
                     q.put_nowait(doc)
+        if self.sink is not None:
+            self.sink(doc)
         return doc
 
     def subscribe(self) -> queue.Queue:

@@ -104,7 +104,7 @@ def document(mirror) -> dict:
                     d["error"] = vs["problem"]
             vols.setdefault(s_.name, {})[v.name] = d
     last = mirror.last
-    return {"ok": True, "session": mirror.session.name, "pid": os.getpid(),
+    doc = {"ok": True, "session": mirror.session.name, "pid": os.getpid(),
             "state": state, "why": why, "paused": mirror.paused, "phase": mirror.phase,
             "hardened": mirror.hardened or None, "rpo_s": _round(rpo(mirror, now)),
             "rpo_threshold_s": mirror.settings.rpo_threshold_s,
@@ -123,6 +123,10 @@ def document(mirror) -> dict:
                 "n": last.n, "outcome": last.outcome, "error": last.error,
                 "bytes": last.bytes},
             "volumes": vols}
+    if getattr(mirror, "cluster", None) is not None:
+        # Cluster mode: who leads (a standby names the leader it follows).
+        doc["cluster"] = mirror.cluster.document()
+    return doc
 
 
 def _round(v: float | None) -> float | None:

@@ -145,6 +145,7 @@ from ..errors import (CgmirrorError, DirectionError, FailoverError, MirrorError,
                       MirrorNotRunning)
 from ..link import SlaveLink
 from ..lock import ROLE_LOCK, SessionLock, mirror_runs
+from .. import cluster
 from ..mirror import Links, Mirror, call as mirror_call, joins, recovery
 from ..session import NodeConfig, Session
 from . import resync
@@ -378,7 +379,10 @@ class RoleSwitch:
         """Pause a running mirror and wait until its group is over (hardened
         or abandoned) and it waits paused; False if none runs.  If that
         takes longer than MIRROR_IDLE_TIMEOUT_S, raise before the command
-        changed anything (the mirror stays paused)."""
+        changed anything (the mirror stays paused).  Cluster mode: the
+        leader, on whichever host, through etcd (``park_leader``)."""
+        if self.session.cluster is not None:
+            return park_leader(self.session, command, self.log)
         doc = self._running_mirror("pause")
         if doc is None:
             return False
@@ -478,7 +482,7 @@ class RoleSwitch:
             raise DirectionError(f"cannot fail over: {dirn.why(d)}")
         else:
             new = dirn.other(src)
-            if mirror_runs_:
+            if mirror_runs_ or self.session.cluster is not None:     # a leader elsewhere
                 self.park_mirror("failover --test" if test else "failover")
             if not test:
                 self.take_writer(new, "failover")
@@ -532,7 +536,13 @@ class RoleSwitch:
             dirn.save(self.session, sites=(dirn.other(src),), source=src,
                       state="mirroring", hardened=h, by="failover --end-test")
             self.announce("end-test", dirn.other(src), h)
-            if self._running_mirror("resume") is not None:
+            if self.session.cluster is not None:
+                with cluster.client(self.session) as etcd:
+                    cluster.set_paused(etcd, self.session.name, False,
+                                       "failover --end-test", "the DR test ended")
+                self.log("mirror resumed (etcd): the leader's next group overwrites the"
+                         " test's blocks")
+            elif self._running_mirror("resume") is not None:
                 self.log("mirror resumed: its next group overwrites the test's blocks")
             return {"site": dirn.other(src), "hardened": h}
 
@@ -745,4 +755,43 @@ class RoleSwitch:
                             f" still consistent; run the command again to resume")
 
 
+def park_leader(session, command: str, log) -> bool:
+    """Cluster mode's ``park_mirror``: ``P/control/paused`` set, then wait
+    (bounded, MIRROR_IDLE_TIMEOUT_S) until the leader's published status
+    says it acted on that very flag, is paused and idle; False if no
+    coordinator leads (nothing in flight: whoever leads next reads the
+    flag before its first group)."""
+    with cluster.client(session) as etcd:
+        return _park_leader(etcd, session, command, log)
+
+
+def _park_leader(etcd, session, command: str, log) -> bool:
+    flag = cluster.set_paused(etcd, session.name, True, command,
+                              f"`cgmirror {command}` parks the mirror")
+    deadline = time.monotonic() + MIRROR_IDLE_TIMEOUT_S
+    while True:
+        st = cluster.read_state(etcd, session.name)
+        lead, doc = st["leader"], st["status"] or {}
+        if lead is None:
+            log("no mirror leads the session: nothing in flight; the flag keeps the"
+                " next leader paused")
+            return False
+        c = doc.get("cluster") or {}
+        if c.get("epoch") == lead["epoch"] and c.get("pause_seen") == flag["at"] \
+                and doc.get("paused") and doc.get("phase") == "idle" \
+                and doc.get("state") != "running":
+            log(f"mirror parked after group {doc.get('hardened')} (leader"
+                f" {lead['host']} pid {lead['pid']}): the primaries keep recording,"
+                f" nothing is drained")
+            return True
+        if time.monotonic() > deadline:
+            raise FailoverError(
+                f"the leading mirror ({lead['host']} pid {lead['pid']}) did not end its"
+                f" group in flight within {MIRROR_IDLE_TIMEOUT_S:g} s (phase"
+                f" {doc.get('phase')}); nothing was changed and it stays paused: stop it"
+                f" and run `cgmirror {command}` again")
+        time.sleep(0.1)
+
+
 __all__ = ["FailoverError", "Node", "RoleSwitch"]
+
