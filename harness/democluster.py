@@ -182,9 +182,7 @@ def _step_workload(site: str, records: int) -> dict:
     from harness import workload as wl
     layout, uris = _layout_uris(site)
     work = wl.Workload(uris, layout, max_records=records).start()
-    for t in work._threads:
-        t.join(300)
-    work.stop()
+    work.join(300).stop()
     if work.errors:
         raise ClusterError(f"workload at site {site}: {work.errors}")
     return {"acked": work.acked}

@@ -480,6 +480,12 @@ class Workload:
             for d in devs:
                 d.close()
 
+    def join(self, timeout: float | None = None) -> "Workload":
+        """Wait until every writer has ended (``max_records`` written)."""
+        for t in self._threads:
+            t.join(timeout)
+        return self
+
     def stop(self, timeout: float = 30.0) -> "Workload":
         self._stop.set()
         for t in self._threads:

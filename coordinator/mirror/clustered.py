@@ -77,9 +77,7 @@ class Cluster:
         at = doc.get("at") if doc else None
         changed = want != m.paused
         if changed:
-            with m._resume:
-                m.paused = want
-                m._resume.notify_all()
+            m.hold(want)
             by = (doc or {}).get("by", "?")
             m.log(f"{'paused' if want else 'resumed'} through etcd ({by})"
                   + (": no new group until resume" if want else ""))

@@ -318,17 +318,22 @@ class Mirror:
         mode: of the session, whichever coordinator leads)."""
         if self.cluster:
             self.cluster.set_paused(True, "mirror pause")
-        with self._resume:
-            self.paused = True
+        self.hold(True)
         self.events.emit("pause")
 
     def resume(self) -> None:
         if self.cluster:
             self.cluster.set_paused(False, "mirror resume")
-        with self._resume:
-            self.paused = False
-            self._resume.notify_all()
+        self.hold(False)
         self.events.emit("resume")
+
+    def hold(self, paused: bool) -> None:
+        """This coordinator's own pause flag, and wake the cycle (``pause``
+        and ``resume`` also tell etcd; cluster mode follows etcd's flag with
+        this)."""
+        with self._resume:
+            self.paused = paused
+            self._resume.notify_all()
 
     def run(self) -> None:
         """Form groups until ``stop()``; a failed group is logged and counted,
