@@ -58,12 +58,13 @@ import uuid
 from contextlib import contextmanager
 from typing import Callable
 
-from wire.etcd import Etcd, EtcdError, KV
+from wire.etcd import DEFAULT_TIMEOUT_S, Etcd, EtcdError, KV
 from wire.tls import TLSConfigError
 
 from .errors import CgmirrorError, ExitCode
 
 MARGIN_S = 0.5              # held() ends this long before the lease can have expired
+RETRY_S = 0.2               # a failed renewal is tried again after this, not ttl/3
 EVENT_TTL_S = 600           # events are kept about ten minutes
 EVENT_LEASE_RENEW_S = 300   # a new retention lease for events every five
 STATUS_EVERY_S = 2.0        # the leader's status document at least this often
@@ -86,14 +87,15 @@ def _etcd(what: str):
         raise ClusterError(f"etcd: cannot {what}: {exc}") from exc
 
 
-def connect(session, tls_dir: str | None = None) -> Etcd:
+def connect(session, tls_dir: str | None = None,
+            timeout: float = DEFAULT_TIMEOUT_S) -> Etcd:
     """A client of ``session``'s etcd (``[cluster]``), with the coordinator's
-    certificate directory for TLS."""
+    certificate directory for TLS; ``timeout``: per member asked."""
     if session.cluster is None:
         raise ClusterError(f"session {session.name} has no [cluster]")
     tls_dir = tls_dir if tls_dir is not None else coordinator_tls(session)
     try:
-        return Etcd.for_cluster(session.cluster, tls_dir)
+        return Etcd.for_cluster(session.cluster, tls_dir, timeout=timeout)
     except (ValueError, OSError, TLSConfigError) as exc:
         raise ClusterError(f"etcd client for session {session.name} (certificates in"
                            f" {tls_dir}): {exc}") from exc
@@ -279,6 +281,10 @@ class Leadership:
                 self.unreachable = str(exc)
                 if self.lost_why is None and not self.held():
                     self.lost_why = f"etcd unreachable, lease not renewed: {exc}"
+                # Again soon, not in ttl/3: etcd electing a new leader of its
+                # own (a member killed) answers again within about a second.
+                halt.wait(RETRY_S)
+                continue
             halt.wait(self.ttl / 3)
 
     def depose(self, why: str) -> None:

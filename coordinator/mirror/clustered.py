@@ -28,9 +28,11 @@ class Cluster:
         ttl = s.cluster.ttl_s
         ident = cluster.me()
         self.etcd = cluster.connect(s)
-        self.leadership = cluster.Leadership(self.etcd, s.name, ttl,
-                                             keepalive_etcd=cluster.connect(s), ident=ident,
-                                             log=mirror.log)
+        # The renewals' own client, each member given at most ttl/4: a
+        # member that does not answer must not cost the whole lease.
+        renew = cluster.connect(s, timeout=max(1.0, ttl / 4))
+        self.leadership = cluster.Leadership(self.etcd, s.name, ttl, keepalive_etcd=renew,
+                                             ident=ident, log=mirror.log)
         self.publisher = cluster.Publisher(cluster.connect(s), s.name, ident, mirror.log)
         self.publisher.status_fn = mirror.status
         self._ctl = cluster.connect(s)
