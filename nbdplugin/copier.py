@@ -322,6 +322,32 @@ class BlockReader:
         BUFFERS.give([buf])
         return data
 
+    def read_many(self, blocks) -> list[bytes]:
+        """``read`` of each of ``blocks``, all in flight at once: one round
+        trip for the lot, not one each (a baseline check and a sample read
+        ~40 blocks, which over a 20 ms link took 0.8 s a group one by one)."""
+        blocks = list(blocks)
+        bufs = BUFFERS.take(self.g, len(blocks))
+        lengths = [min(self.g, self.size - b * self.g) for b in blocks]
+        cookies, retired = [], False
+        try:
+            for b, buf, length in zip(blocks, bufs, lengths):
+                cookies.append(self.h.aio_pread(buf.nbd(length), b * self.g))
+            deadline = time.monotonic() + self.timeout
+            for cookie in cookies:
+                while not self.h.aio_command_completed(cookie):
+                    if time.monotonic() > deadline:
+                        raise CopyError(f"target {self.uri} did not answer for"
+                                        f" {self.timeout:.0f} s")
+                    self.h.poll(100)
+            retired = True
+            return [bytes(buf.view(n)) for buf, n in zip(bufs, lengths)]
+        finally:
+            # Reads still in flight (an error above) may still write into
+            # their buffers: those stay with libnbd.
+            if retired or not cookies:
+                BUFFERS.give(bufs)
+
 
 def sub_extents(mask: int, sub: int, length: int) -> list[tuple[int, int]]:
     """(offset, length) of each run of set bits of ``mask`` (bit i: bytes
@@ -401,22 +427,35 @@ def sample(reader: BlockReader, written: Bitmap) -> list[list]:
     """[[block, digest], ...] of SAMPLES-odd blocks of the target."""
     nblocks = -(-reader.size // reader.g)
     rng = random.SystemRandom()
-    samples: dict[int, str] = {}
     strata = min(SAMPLES, nblocks)
-    for i in range(strata):
-        lo, hi = i * nblocks // strata, (i + 1) * nblocks // strata
-        for _ in range(SAMPLE_TRIES):
-            block = rng.randrange(lo, hi)
-            data = reader.read(block)
-            if data.count(0) != len(data):
-                break
-        # A zero block if the stratum gave nothing else: still proof
-        # against a target written where the source is empty.
-        samples[block] = block_digest(data)
+    # Rounds of reads, each round's in flight at once (a round trip per
+    # round, not per block): a stratum whose block was all zeros tries
+    # another in the next round, SAMPLE_TRIES rounds at most; the blocks
+    # the copy wrote go with the first.
+    picked: dict[int, tuple[int, str]] = {}      # stratum -> (block, digest)
+    want = list(range(strata))
     runs = list(written.iter_runs())
-    for start, length in rng.sample(runs, min(WRITTEN_SAMPLES, len(runs))):
-        block = start + rng.randrange(length)
-        samples.setdefault(block, block_digest(reader.read(block)))
+    extra = [start + rng.randrange(length)
+             for start, length in rng.sample(runs, min(WRITTEN_SAMPLES, len(runs)))]
+    for round_ in range(SAMPLE_TRIES):
+        picks = [(i, rng.randrange(i * nblocks // strata, (i + 1) * nblocks // strata))
+                 for i in want]
+        more = extra if round_ == 0 else []
+        datas = reader.read_many([b for _, b in picks] + more)
+        want = []
+        for (i, block), data in zip(picks, datas):
+            # A zero block if the stratum gave nothing else: still proof
+            # against a target written where the source is empty.
+            picked[i] = (block, block_digest(data))
+            if data.count(0) == len(data):
+                want.append(i)
+        if round_ == 0:
+            extra_digests = [(b, block_digest(d)) for b, d in zip(extra, datas[len(picks):])]
+        if not want:
+            break
+    samples = dict(picked.values())
+    for block, digest in extra_digests:
+        samples.setdefault(block, digest)
     return [[b, d] for b, d in sorted(samples.items())]
 
 
@@ -439,10 +478,10 @@ def check_baseline(h, uri: str, size: int, base: dict, source, timeout: float,
                         f" granularity {base['granularity']}, the volume now has"
                         f" {source.granularity}: {fix}")
     reader = BlockReader(h, uri, source, timeout)
-    for block, digest in base["samples"]:
-        if changed.test(block):
-            continue
-        if block_digest(reader.read(block)) != digest:
+    check = [(block, digest) for block, digest in base["samples"]
+             if not changed.test(block)]
+    for (block, digest), data in zip(check, reader.read_many(b for b, _ in check)):
+        if block_digest(data) != digest:
             raise CopyError(f"target {uri} no longer holds the baseline of"
                             f" {source.name} (block {block} differs): {fix}")
 
