@@ -78,6 +78,7 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 
 import nbd
 
@@ -349,6 +350,21 @@ class BlockReader:
                 BUFFERS.give(bufs)
 
 
+# A cgmirror secondary's packed twin of a replication export (see
+# nbdplugin/secondary.py): the export name plus this.
+PACKED_SUFFIX = "/packed"
+
+
+def packed_uri(uri: str) -> str | None:
+    """The URI of the packed twin of ``uri`` if it names a cgmirror
+    replication export (``.../repl-TOKEN/NAME``), else None."""
+    base, q, query = uri.partition("?")
+    segments = urllib.parse.urlsplit(base).path.split("/")
+    if len(segments) < 3 or not segments[-2].startswith("repl-"):
+        return None
+    return base + PACKED_SUFFIX + q + query
+
+
 def sub_extents(mask: int, sub: int, length: int) -> list[tuple[int, int]]:
     """(offset, length) of each run of set bits of ``mask`` (bit i: bytes
     [i*sub, (i+1)*sub)) inside a block of ``length`` bytes."""
@@ -546,6 +562,7 @@ class Copy:
         self._runs = None
         self._failed: list[CopyError] = []
         self._engine: copyengine.Engine | None = None
+        self.packed = False     # sent as batches to the target's packed export
 
     def set_rate(self, rate: int) -> None:
         """Bytes per second from now on (0: no limit), in either engine."""
@@ -560,6 +577,7 @@ class Copy:
                 "fault": self.fault,
                 "total_bytes": self.total_bytes, "done_bytes": self.done_bytes,
                 "sent_total": self.sent_total, "sent_bytes": self.sent_bytes,
+                "packed": self.packed,
                 "seconds": round(end - self.started, 3)}
 
     def run(self) -> None:
@@ -590,13 +608,21 @@ class Copy:
                 raise CopyError(f"target {self.uri} is read-only")
             if self.baseline is not None:
                 self._check_baseline(h, size)
+            native = self._native_reader()
+            packed = self._connect_packed() if native is not None else None
+            if packed:
+                handles += packed
+                self.packed = True
+                self._run_native(packed, max(1, self.inflight // len(packed)), *native,
+                                 packed=True)
+                self.baseline = self._sample(h, size)
+                return
             # More connections only where the server says they share one
             # view of the export (multi-conn); many servers serve one client.
             if h.can_multi_conn():
                 handles += [connect(self.uri, f"cgmirror-copy-{vol.name}-{i}", self.timeout)
                             for i in range(1, self.streams)]
             per_stream = max(1, self.inflight // len(handles))
-            native = self._native_reader()
             if native is not None:
                 self._run_native(handles, per_stream, *native)
                 self.baseline = self._sample(h, size)
@@ -635,6 +661,30 @@ class Copy:
         check_baseline(h, self.uri, size, self.baseline, self.source, self.timeout,
                        self.source.changed())
 
+    def _connect_packed(self) -> list | None:
+        """Connections to the target's packed export (a cgmirror secondary's
+        replication export has one: nbdplugin/secondary.py), one per
+        stream; None where the target has none (a third-party server, an
+        older secondary), which the copy then writes plainly; also with
+        ``CGMIRROR_PACKED=off`` (benches, tests)."""
+        uri = packed_uri(self.uri)
+        if uri is None or os.environ.get("CGMIRROR_PACKED") == "off":
+            return None
+        name = f"cgmirror-copy-{self.source.name}-packed"
+        try:
+            first = connect(uri, name, self.timeout)
+        except CopyError:
+            return None
+        handles = [first]
+        try:
+            handles += [connect(uri, f"{name}-{i}", self.timeout)
+                        for i in range(1, self.streams)]
+        except BaseException:
+            for hh in handles:
+                disconnect(hh)
+            raise
+        return handles
+
     def _native_reader(self):
         """(fd, Overlay) if this copy runs in the native engine, else None."""
         choice = os.environ.get("CGMIRROR_COPY_ENGINE") or (
@@ -650,7 +700,8 @@ class Copy:
         native = getattr(self.source, "native", None)
         return native() if native is not None else None
 
-    def _run_native(self, handles, per_stream: int, fd: int, overlay) -> None:
+    def _run_native(self, handles, per_stream: int, fd: int, overlay,
+                    packed: bool = False) -> None:
         """The copy of ``_stream`` over ``handles``, run by the native engine
         in a thread of its own without the GIL, while this one applies its
         events (confirm, then flushed after a flush), publishes progress,
@@ -661,7 +712,7 @@ class Copy:
             handles, fd, overlay, g, src.size, self.blocks,
             max_run=max(1, MAX_RUN // g), flush_every=FLUSH_EVERY,
             inflight=per_stream, timeout=self.timeout,
-            partial=self.partial, sub=self.sub)
+            partial=self.partial, sub=self.sub, packed=packed)
         with self._lock:
             self._engine = engine
             engine.set_rate(self.pacer.rate)
