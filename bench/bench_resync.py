@@ -41,7 +41,22 @@ ratio_vs_delta (resync seconds / delta seconds), ratio_vs_initial_copy
 hardened group to keep, so no undo store; ``--full`` keeps the target's
 group until it hardens, like any resync, and pays the undo store for every
 block), the seconds and bytes of each, the mirror's line of each group, and
-the load average (the machine is shared).  Removes its files from /dev/shm.
+the load average at the start and the end (the machine is shared).
+
+Per phase (initial, resync, full) ``fixed_s``: the phase's seconds less its
+group's drain, prepare and commit -- what it pays whatever the bytes: role
+changes (``roles_s``), the mirror's recovery (``recover_s``), baselines
+adopted (``adopt_s``), and inside the group the checks before its cut
+(``precut_s``: preflight, lineage, baseline verification) and the freeze
+(``coordination_s``); beside them ``drain_s``, ``prepare_s``, ``commit_s``,
+``group_bytes`` and ``drain_mb_s`` (group bytes / drain seconds).  What
+bounds ratio_group_vs_full: ``group_vs_full_drain``,
+``group_vs_full_prepare_commit`` and ``group_vs_full_rest`` (the resync
+group's drain, prepare + commit, and the rest, each over the full copy's
+group seconds; they add up to ratio_group_vs_full), ``drain_rate_vs_full``
+(scattered blocks' drain MB/s over the full copy's),
+``ratio_group_at_full_rate`` (the ratio had the scattered blocks drained at
+the full copy's rate) and ``bytes_vs_full`` (the floor: bytes over bytes).  Removes its files from /dev/shm.
 """
 
 from __future__ import annotations
@@ -135,25 +150,77 @@ class Nodes:
 
 
 class TimedSwitch(RoleSwitch):
-    """The command's own code, with the sending group and the role
-    switches (node restarts) timed apart."""
+    """The command's own code, timed in its parts: the role switches (node
+    restarts), the mirror's recovery (settles the target, returns its
+    indicators), the rest before the group (baselines adopted, lineage
+    checked), and the group that sends, with the mirror's own measures of
+    that group (``GroupResult.measures``: coordination, hold, drain,
+    prepare, commit) and the time before its cut (preflight, lineage and
+    baseline checks inside ``run_once``)."""
 
-    harden_s = 0.0
-    become_s = 0.0
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.t = {"roles": 0.0, "recover": 0.0, "between": 0.0, "group": 0.0,
+                  "precut": 0.0}
+        self.group = None           # the GroupResult that hardened
+        self._recovered = None
 
     def become(self, node, role):
         t = time.monotonic()
         try:
             return super().become(node, role)
         finally:
-            self.become_s += time.monotonic() - t
+            self.t["roles"] += time.monotonic() - t
+
+    def mirror(self, source):
+        m = super().mirror(source)
+        recover = m.recover
+
+        def timed_recover(*a, **kw):
+            t = time.monotonic()
+            try:
+                return recover(*a, **kw)
+            finally:
+                self._recovered = time.monotonic()
+                self.t["recover"] += self._recovered - t
+        m.recover = timed_recover
+        return m
 
     def _harden(self, m, until_clean=False):
         t = time.monotonic()
+        if self._recovered is not None:
+            self.t["between"] += t - self._recovered
+        run_once = m.run_once
+
+        def timed_run_once():
+            w0 = time.time()
+            res = run_once()
+            self.t["precut"] += max(0.0, res.cut - w0) if res.cut else 0.0
+            self.group = res
+            return res
+        m.run_once = timed_run_once
         try:
             return super()._harden(m, until_clean)
         finally:
-            self.harden_s = time.monotonic() - t
+            self.t["group"] = time.monotonic() - t
+
+    def parts(self, key: str, total: float) -> dict:
+        """The phase's fields: its parts, and ``fixed_s``: the command's
+        seconds less the group's drain, prepare and commit -- what it pays
+        whatever the bytes (role changes, recovery, baseline and lineage
+        checks, the freeze)."""
+        g = self.group.measures if self.group is not None else {}
+        sec = {k: (g.get(f"{k}_ms") or 0.0) / 1000
+               for k in ("coordination", "drain", "prepare", "commit")}
+        nbytes = self.group.bytes if self.group is not None else 0
+        return {f"{key}_roles_s": self.t["roles"], f"{key}_recover_s": self.t["recover"],
+                f"{key}_adopt_s": self.t["between"], f"{key}_group_s": self.t["group"],
+                f"{key}_precut_s": self.t["precut"],
+                **{f"{key}_{k}_s": v for k, v in sec.items()},
+                f"{key}_group_bytes": nbytes,
+                f"{key}_drain_mb_s": round(nbytes / 1e6 / sec["drain"], 1)
+                if sec["drain"] else None,
+                f"{key}_fixed_s": total - sec["drain"] - sec["prepare"] - sec["commit"]}
 
 
 def fill(path: str, size: int, rng: random.Random) -> None:
@@ -248,6 +315,7 @@ def main(argv=None) -> int:
     servers: list[peers.Server] = []
     logs: list[str] = []
     say = lambda line: print(line, file=sys.stderr, flush=True)   # noqa: E731
+    load0 = list(os.getloadavg())
     out: dict = {"volumes": sum(len(v) for v in NODES.values()), "volume_bytes": size,
                  "granularity": G, "dirty_blocks_per_side_per_volume": count}
     try:
@@ -264,6 +332,11 @@ def main(argv=None) -> int:
             t = time.monotonic()
             res = m.run_once()
             out["initial_s"] = time.monotonic() - t
+            ms = {k: (res.measures.get(f"{k}_ms") or 0.0) / 1000
+                  for k in ("drain", "prepare", "commit")}
+            out["initial_fixed_s"] = out["initial_s"] - sum(ms.values())
+            out["initial_drain_mb_s"] = round(res.bytes / 1e6 / ms["drain"], 1) \
+                if ms["drain"] else None
             assert res.outcome == "hardened", (res, logs[-5:])
         finally:
             m.close()
@@ -317,16 +390,15 @@ def main(argv=None) -> int:
             t = time.monotonic()
             rs.resync("b", "a", full=full)
             out[f"{key}_s"] = time.monotonic() - t
-            out[f"{key}_group_s"] = rs.harden_s
-            out[f"{key}_roles_s"] = rs.become_s
+            out.update(rs.parts(key, out[f"{key}_s"]))
             # The mirror's own line: where the group's time went (drain,
             # prepare and commit at the secondaries).
             out[f"{key}_group_line"] = next((line for line in reversed(logs)
                                              if re.match(r"group \d+ hardened", line)), None)
             out[f"{key}_bytes"] = sum(replication_bytes(c.spec())
                                       for c in sess.slaves) - before
-            say(f"{key}: {out[f'{key}_s']:.2f} s (roles {rs.become_s:.2f} s,"
-                f" group {rs.harden_s:.2f} s)")
+            say(f"{key}: {out[f'{key}_s']:.2f} s (roles {out[f'{key}_roles_s']:.2f} s,"
+                f" group {out[f'{key}_group_s']:.2f} s, fixed {out[f'{key}_fixed_s']:.2f} s)")
             if not full:
                 bad = {v: differing_blocks(os.path.join(d, f"{s}-{v}.img"),
                                            os.path.join(d, f"{PEER[s]}-{v}.img"))
@@ -345,24 +417,58 @@ def main(argv=None) -> int:
 
     out["ratio_vs_full"] = round(out["resync_s"] / out["full_s"], 4)
     out["ratio_group_vs_full"] = round(out["resync_group_s"] / out["full_group_s"], 4)
+    # What bounds ratio_group_vs_full: the resync group's seconds split into
+    # its parts, each over the full copy's group seconds (they add up to
+    # ratio_group_vs_full); the ratio had the scattered blocks drained at
+    # the full copy's rate; and the floor, bytes sent over bytes sent.
+    fg = out["full_group_s"]
+    drain, pc = out["resync_drain_s"], out["resync_prepare_s"] + out["resync_commit_s"]
+    out["group_vs_full_drain"] = round(drain / fg, 4)
+    out["group_vs_full_prepare_commit"] = round(pc / fg, 4)
+    out["group_vs_full_rest"] = round((out["resync_group_s"] - drain - pc) / fg, 4)
+    if out["full_drain_mb_s"]:
+        out["drain_rate_vs_full"] = round((out["resync_drain_mb_s"] or 0)
+                                          / out["full_drain_mb_s"], 3)
+        out["ratio_group_at_full_rate"] = round(
+            (out["resync_group_s"] - drain
+             + out["resync_group_bytes"] / 1e6 / out["full_drain_mb_s"]) / fg, 4)
+    out["bytes_vs_full"] = round(out["resync_group_bytes"] / out["full_group_bytes"], 4) \
+        if out["full_group_bytes"] else None
     out["bytes_vs_union"] = out["resync_bytes"] / (out["union_blocks"] * G)
     out["ratio_vs_delta"] = round(out["resync_s"] / out["delta_s"], 4)
     out["ratio_vs_initial_copy"] = round(out["resync_s"] / out["initial_s"], 4)
+    out["loadavg_start"] = load0
     out["loadavg"] = list(os.getloadavg())
     rows = [("initial full copy (group 1)", out["initial_s"], None, None),
             ("delta copy (reads both sides)", out["delta_s"], out["delta_bytes_written"],
              out["delta_bytes_read"]),
-            ("cgmirror resync", out["resync_s"], out["resync_bytes"], None),
-            ("  of which the role switches", out["resync_roles_s"], None, None),
-            ("  of which the group", out["resync_group_s"], None, None),
-            ("cgmirror resync --full", out["full_s"], out["full_bytes"], None),
-            ("  of which the group", out["full_group_s"], None, None)]
-    print(f"{'':32} {'seconds':>8} {'MiB sent':>9} {'MiB read':>9}")
+            *[row for key, name in (("resync", "cgmirror resync"),
+                                    ("full", "cgmirror resync --full"))
+              for row in ((name, out[f"{key}_s"], out[f"{key}_bytes"], None),
+                          ("  fixed (not drain/prepare/commit)", out[f"{key}_fixed_s"],
+                           None, None),
+                          ("  role switches", out[f"{key}_roles_s"], None, None),
+                          ("  recovery", out[f"{key}_recover_s"], None, None),
+                          ("  baselines adopted", out[f"{key}_adopt_s"], None, None),
+                          ("  the group", out[f"{key}_group_s"], None, None),
+                          ("    before its cut (checks)", out[f"{key}_precut_s"], None, None),
+                          ("    coordination", out[f"{key}_coordination_s"], None, None),
+                          ("    drain", out[f"{key}_drain_s"], out[f"{key}_group_bytes"],
+                           None),
+                          ("    prepare", out[f"{key}_prepare_s"], None, None),
+                          ("    commit", out[f"{key}_commit_s"], None, None))]]
+    print(f"{'':34} {'seconds':>8} {'MiB sent':>9} {'MiB read':>9}")
     for name, s, sent, read in rows:
-        print(f"{name:32} {s:8.2f} {'' if sent is None else f'{sent / MiB:9.1f}':>9}"
+        print(f"{name:34} {s:8.2f} {'' if sent is None else f'{sent / MiB:9.1f}':>9}"
               f" {'' if read is None else f'{read / MiB:9.0f}':>9}")
     for key in ("resync", "full"):
         print(f"{key}: {out[f'{key}_group_line']}")
+    print(f"drain MB/s: resync {out['resync_drain_mb_s']}, full {out['full_drain_mb_s']};"
+          f" ratio_group_vs_full {out['ratio_group_vs_full']} = drain"
+          f" {out['group_vs_full_drain']} + prepare/commit"
+          f" {out['group_vs_full_prepare_commit']} + rest {out['group_vs_full_rest']};"
+          f" at the full copy's drain rate {out.get('ratio_group_at_full_rate')};"
+          f" bytes_vs_full {out['bytes_vs_full']}")
     print(f"|S u T| = {out['union_blocks']} blocks ({out['overlap_blocks']} in both);"
           f" blocks differing afterwards: {out['differing_blocks_after']}")
     print(json.dumps(out))
