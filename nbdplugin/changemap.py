@@ -101,13 +101,16 @@ SUB = 4096
 SUB_MIN = 512
 SUB_RECORDS_MAX = 1 << 15
 # What one more request of a copy costs, in bytes of payload (see
-# ``sends_pieces``).  Measured (bench-mirror, loopback, 4 KiB random writes
-# over 64 KiB blocks, ~5 writes a block a group): at 32 KiB a block hit
-# twice far apart went whole and a group sent 3.0-3.6x what the host wrote,
-# at 4 KiB 0.85-0.95x with the same RPO (the drain of such a group is
-# bound by the secondaries' work per block, the undo copy above all, not
-# by its requests); a block dense enough to cost more requests than bytes
-# (over ~8 runs of pieces) still goes whole.
+# ``sends_pieces``).  Measured (bench-mirror, 4 KiB random writes over
+# 64 KiB blocks, ~5 writes a block a group): at 32 KiB a block hit twice
+# far apart went whole and a group sent 3.0-3.6x what the host wrote, at
+# 4 KiB 0.7-0.95x; a block dense enough to cost more requests than bytes
+# (over ~8 runs of pieces) still goes whole.  The price, on loopback: a
+# group of pieces drained slower than the same group whole (2 cores, load
+# 6-19: rpo_p99 9.4 s vs 4.4 s, at 4.2x fewer bytes; not yet explained, the
+# CPU per host write was lower).  Over a link the bytes decide: 1 Gbit/s
+# carries the ~500 MiB of a whole-block group in ~4 s, its ~90 MiB of
+# pieces in ~0.7 s.
 PIECE_REQUEST_BYTES = 4 << 10
 
 
