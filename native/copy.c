@@ -593,10 +593,22 @@ static int reap(struct stream *s)
             rc |= landed(s, sl->start, sl->nblocks, sl->len, sl->sent);
             continue;
         }
+        /* Adjacent runs of a batch (the blocks of a dense group, each a
+         * run of its own when sent as pieces) land as one: one event, and
+         * one call into the PiT and the change map, instead of one each. */
+        uint64_t cs = 0, cn = 0, clen = 0, csent = 0;
         for (size_t j = 0; j < sl->nruns; j++) {
             const uint64_t *r = sl->runs + 4 * j;
-            rc |= landed(s, r[0], r[1], r[2], r[3]);
+            if (cn && r[0] == cs + cn) {
+                cn += r[1], clen += r[2], csent += r[3];
+                continue;
+            }
+            if (cn)
+                rc |= landed(s, cs, cn, clen, csent);
+            cs = r[0], cn = r[1], clen = r[2], csent = r[3];
         }
+        if (cn)
+            rc |= landed(s, cs, cn, clen, csent);
     }
     for (struct flush **fp = &s->flushes; *fp;) {
         struct flush *f = *fp;
