@@ -26,6 +26,8 @@ uint64_t cg_overlay_bytes(struct cg_overlay *ov);
 /* pblocks[nrec]: ascending blocks of `words` sent as sub-block pieces of
  * `sub` bytes, pmasks: their masks, (granularity/sub + 63)/64 words each
  * (bit i: bytes [i*sub, (i+1)*sub) of the block); nrec 0: none. */
+/* packed: every handle is a cgmirror secondary's packed export (batches of
+ * records, see copy.c); 0: plain NBD writes. */
 /* Event kinds in cg_copy_take_events: (kind, start block, count) triples. */
 #define CG_EV_CONFIRM 1
 #define CG_EV_FLUSHED 2
@@ -40,7 +42,8 @@ struct cg_copy *cg_copy_new(void **handles, int nhandles, int inflight,
                             const uint64_t *words, uint64_t nbits,
                             uint64_t max_run, uint64_t flush_every,
                             int timeout_ms, const uint64_t *pblocks,
-                            const uint64_t *pmasks, uint64_t nrec, uint64_t sub);
+                            const uint64_t *pmasks, uint64_t nrec, uint64_t sub,
+                            int packed);
 int cg_copy_run(struct cg_copy *c);
 void cg_copy_cancel(struct cg_copy *c);
 /* Bytes per second over all streams, 0 for none; takes effect at once. */

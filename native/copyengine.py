@@ -136,7 +136,9 @@ class Engine:
 
     ``partial``: {block: mask} of blocks of ``blocks`` of which only the
     dirty ``sub``-byte pieces are written (bit i: bytes [i*sub, (i+1)*sub)
-    of the block; see "Sub-blocks" in copy.c).
+    of the block; see "Sub-blocks" in copy.c).  ``packed``: the handles are
+    connected to a cgmirror secondary's packed export, and every request is
+    a batch of records ("Packed" in copy.c).
 
     The handles stay the caller's: keep them open while the engine runs,
     shut them down before ``close()``.
@@ -145,7 +147,7 @@ class Engine:
     def __init__(self, handles, fd: int, overlay: Overlay | None, granularity: int,
                  size: int, blocks: Bitmap, max_run: int, flush_every: int,
                  inflight: int, timeout: float, partial: dict[int, int] | None = None,
-                 sub: int | None = None):
+                 sub: int | None = None, packed: bool = False):
         _need()
         if not handles:
             raise ValueError("at least one handle is needed")
@@ -187,7 +189,7 @@ class Engine:
                             granularity, size, self._words, blocks.nbits,
                             max_run, _uint(flush_every, "flush_every"),
                             max(1, int(timeout * 1000)), self._pblocks, self._pmasks,
-                            len(keys), sub)
+                            len(keys), sub, 1 if packed else 0)
         if p == ffi.NULL:
             raise MemoryError("cannot allocate the copy engine's buffers")
         self._p = p

@@ -59,7 +59,7 @@ copy of the block sends 16x what the host wrote.  So ``cr`` and ``oos`` keep,
 beside their bits, *sub-records*: block -> mask of the ``sub``-byte pieces
 (default ``SUB`` = 4 KiB, or ``$CGMIRROR_SUBBLOCK``; ``sub`` = granularity:
 off) written since the block's bit was set, for blocks whose changes so far
-were all smaller than the block and close enough together to be worth
+were all smaller than the block and few enough to be worth
 sending alone (``keeps_record``).  The rule: a set bit without a record is
 a block dirty *whole*.  A partial write to a clean block creates a record,
 one to a block with a record ORs its pieces in, one to a block dirty whole
@@ -101,10 +101,18 @@ SUB = 4096
 SUB_MIN = 512
 SUB_RECORDS_MAX = 1 << 15
 # What one more request of a copy costs, in bytes of payload (see
-# ``sends_pieces``).  Measured here (bench-mirror, loopback, Python
-# secondaries): 4 KiB requests drained 48 MB/s, 1 MiB runs 260-340 MB/s,
-# i.e. a request costs ~85 us, what ~26 KiB of bulk take.
-PIECE_REQUEST_BYTES = 32 << 10
+# ``sends_pieces``).  Measured (bench-mirror, 4 KiB random writes over
+# 64 KiB blocks, ~5 writes a block a group): at 32 KiB a block hit twice
+# far apart went whole and a group sent 3.0-3.6x what the host wrote, at
+# 4 KiB 0.7-0.95x; a block dense enough to cost more requests than bytes
+# (over ~8 runs of pieces) still goes whole.  On loopback too, once the
+# drain packs pieces into batches and confirms adjacent blocks as one
+# (native/copy.c), pieces cost less CPU per host write than whole blocks
+# (primaries 17 vs 23 us, secondaries 12 vs 13) and served more writes
+# (22.1k/s vs 12.4k/s asked ~26k, rpo_p99 5.5 s vs 7.5 s; 2 cores, load
+# 8-18).  Over a link the bytes decide: 1 Gbit/s carries the ~500 MiB of
+# a whole-block group in ~4 s, its ~90 MiB of pieces in ~0.7 s.
+PIECE_REQUEST_BYTES = 4 << 10
 
 
 def sends_pieces(mask: int, sub: int, length: int) -> bool:
@@ -119,14 +127,15 @@ def sends_pieces(mask: int, sub: int, length: int) -> bool:
 
 
 def keeps_record(mask: int, sub: int, length: int) -> bool:
-    """Whether the map keeps a sub-record: while the pieces' span (first to
-    last) plus one request stays under the block.  Past that no superset
-    could be sent as pieces (``sends_pieces``), so the block is whole at
-    once and its later writes take mark's lock-free path.  Monotonic (a
-    superset's span is no shorter): which blocks end whole does not depend
-    on the order of the writes."""
-    span = mask.bit_length() - (mask & -mask).bit_length() + 1
-    return span * sub + PIECE_REQUEST_BYTES < length
+    """Whether the map keeps a sub-record: while the pieces' bytes plus one
+    request stay under the block -- what ``sends_pieces`` asks of a mask of
+    a single run, and any mask has at least one.  Past that no superset
+    could be sent as pieces, so the block is whole at once and its later
+    writes take mark's lock-free path.  Monotonic (a superset has no fewer
+    pieces): which blocks end whole does not depend on the order of the
+    writes.  (It once asked this of the pieces' span, first to last: with
+    random writes nearly every block hit twice went whole.)"""
+    return mask.bit_count() * sub + PIECE_REQUEST_BYTES < length
 
 _MAP_MAGIC_V1 = b"CGMMAP01"      # one map (cr | oos) under the header's crc
 _MAP_MAGIC = b"CGMMAP02"         # header's last field: number of named maps

@@ -159,3 +159,42 @@ def test_an_index_without_its_store_is_an_error(tmp_path, volume):
     os.unlink(path)
     with pytest.raises(FileNotFoundError, match="lists 1 blocks"):
         BlockStore.reopen(path, volume, G, SIZE)
+
+
+@pytest.mark.parametrize("refusal", [None, "EXDEV", "EINVAL"])
+def test_saves_are_the_same_copied_in_the_kernel_or_not(tmp_path, volume, monkeypatch,
+                                                        refusal):
+    """Where copy_file_range is refused (another file system, a device),
+    saves fall back to read and write and keep the same content."""
+    import errno
+    from nbdplugin import blockstore
+    monkeypatch.setattr(blockstore, "_KERNEL_COPY", [True])
+    if refusal is not None:
+        def refuse(*args):
+            raise OSError(getattr(errno, refusal), "refused")
+        monkeypatch.setattr(blockstore.os, "copy_file_range", refuse)
+    store = BlockStore(str(tmp_path / "s"), volume, G, SIZE, durable=True)
+    before = read_through(store, volume)
+    assert store.save([10, 3, 4]) == [10, 3, 4]
+    for b in (10, 3, 4):
+        overwrite(volume, b, 0xEE)
+    assert read_through(store, volume) == before
+    assert blockstore._KERNEL_COPY[0] is (refusal is None)
+    store.close()
+
+
+def test_a_failed_kernel_copy_of_another_kind_fails_the_save(tmp_path, volume,
+                                                             monkeypatch):
+    """An I/O error is not a refusal: the save fails and lists nothing."""
+    import errno
+    from nbdplugin import blockstore
+    monkeypatch.setattr(blockstore, "_KERNEL_COPY", [True])
+
+    def broken(*args):
+        raise OSError(errno.EIO, "I/O error")
+    monkeypatch.setattr(blockstore.os, "copy_file_range", broken)
+    store = BlockStore(str(tmp_path / "s"), volume, G, SIZE, durable=True)
+    with pytest.raises(OSError):
+        store.save([2])
+    assert 2 not in store
+    store.close()

@@ -335,18 +335,19 @@ def test_the_short_last_block_is_whole_once_its_bytes_are_covered(tmp_path):
     cm.close()
 
 
-def test_pieces_far_apart_make_the_block_whole(new):
-    """A record is kept only while its pieces span less than the block
-    minus one request's worth (7 of 16 pieces here)."""
+def test_pieces_far_apart_keep_their_record_until_nearly_all_are_dirty(new):
+    """A record is kept, however far apart its pieces, while they plus one
+    request's worth stay under the block (14 of 16 pieces here)."""
     cm = new()
     cm.mark(2 * G, S)
-    cm.mark(2 * G + 8 * S, S)                 # spans 9 pieces: whole
-    cm.mark(3 * G + S, S)
-    cm.mark(3 * G + 5 * S, 2 * S)             # pieces 1, 5, 6: span 6, kept
-    assert cm.sub_cr == {3: 0b1100010}
-    cm.mark(3 * G, S)                         # span 7: kept
-    cm.mark(3 * G + 7 * S, S)                 # span 8: whole
-    assert cm.sub_cr == {} and blocks(cm) == {2, 3}
+    cm.mark(2 * G + 15 * S, S)                # pieces 0 and 15: kept
+    assert cm.sub_cr == {2: 0b1000000000000001}
+    cm.mark(3 * G + S, 12 * S)                # pieces 1-12: kept
+    cm.mark(3 * G + 14 * S, S)                # 13 pieces: kept
+    assert cm.sub_cr[3] == 0b101111111111110
+    cm.mark(3 * G, S)                         # 14 pieces: kept
+    cm.mark(3 * G + 15 * S, S)                # 15: whole
+    assert cm.sub_cr == {2: 0b1000000000000001} and blocks(cm) == {2, 3}
     cm.close()
 
 

@@ -51,12 +51,21 @@ def test_split_runs_takes_each_recorded_block_out_in_order():
 
 
 def test_a_block_goes_as_pieces_only_where_they_save_more_than_they_cost():
-    """One piece, or one run of pieces well under the block: pieces; pieces
-    in several places, or nearly all of it: whole."""
+    """A few pieces, even far apart: pieces; nearly all of the block, or
+    as many requests as bytes saved: whole."""
     assert sends_pieces(0b1, S, G)
-    assert sends_pieces(0b1111111, S, G)
-    assert not sends_pieces(0b11111111, S, G)
-    assert not sends_pieces(0b101, S, G)
+    assert sends_pieces(0b1000000000000001, S, G)
+    assert sends_pieces(0b11111111111111, S, G)
+    assert not sends_pieces(0b111111111111111, S, G)
+    assert not sends_pieces(0b0101010101010101, S, G)
+
+
+def test_a_record_is_kept_while_its_pieces_could_still_go_as_pieces():
+    """Pieces far apart keep their record; one piece short of the block
+    with a request: whole at once."""
+    assert keeps_record(0b1000000000000001, S, G)
+    assert keeps_record(0b0101010101010101, S, G)
+    assert not keeps_record(0b111111111111111, S, G)
 
 
 class Rig:
