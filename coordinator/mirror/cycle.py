@@ -503,6 +503,26 @@ class Mirror:
         if unreachable:                     # no quorum: said now, not at the next try
             self._standing_by(None, cluster_mod.ClusterError(unreachable))
 
+    def _follow(self, d: dict) -> None:
+        """Cluster mode: a role command run beside this coordinator (it
+        parked the mirror, then resumed it) made the other site the source:
+        go on in that direction -- links to the new primaries and
+        secondaries, recovery and the baselines' check first -- rather
+        than refuse every group until someone restarts every unit."""
+        base = self.session_file.started
+        if base is None or d["state"] not in direction.MIRRORS \
+                or direction.sending(self.session, d) == d["source"]:
+            return
+        self.session = direction.oriented(base, d["source"])
+        old, self.links = self.links, recovery.Links.of(self.session)
+        self.links.set_epoch(self.epoch)
+        self.slaves, self.secondaries = self.links.slaves, self.links.secondaries
+        old.close()
+        self.need_recovery, self.verified = True, False
+        self.log(f"site {d['source']} is the source now ({d.get('by') or d['state']}):"
+                 f" groups from site {d['source']} to site {direction.other(d['source'])}")
+        self.events.emit("direction", source=d["source"], by=d.get("by"))
+
     def _cannot(self, why: str) -> None:
         """Log that no group could begin; the same reason again (a peer
         down, a changed session file: once a second) at most once a minute."""
@@ -567,6 +587,7 @@ class Mirror:
         # read with the file's session: it names every node as the nodes do.
         d = direction.load(self.session_file.started or self.session)
         if self.cluster:
+            self._follow(d)
             self.cluster.direction(d)
         direction.check_mirror(self.session, d)
         if self.need_recovery:
