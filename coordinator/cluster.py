@@ -48,9 +48,9 @@ summary counts them).
 Role commands.  ``failover``, ``failback``, ``resync`` and ``switchover``
 run on any host, beside the ``mirror run`` units.  Two must never
 interleave, wherever they run: each first creates ``P/role`` under a lease
-of its own (a transaction: only if absent; renewed every ttl/3 while the
-command runs, revoked at its end; a command killed -9 leaves it for at
-most ``ttl_s``).  A second command finds the key and is refused BUSY in
+of its own (a transaction: only if absent; renewed every third of its
+ttl while the command runs, revoked at its end; a command killed -9 leaves
+it for at most ROLE_LOCK_TTL_S).  A second command finds the key and is refused BUSY in
 one line naming the holder's host, pid and command.  The commands that
 form groups then park the leader (``P/control/paused``) and form their
 groups beside it; coordinator/roles/failover.py has the rest.  Rejected: a
@@ -84,6 +84,10 @@ EVENT_TTL_S = 600           # events are kept about ten minutes
 EVENT_LEASE_RENEW_S = 300   # a new retention lease for events every five
 STATUS_EVERY_S = 2.0        # the leader's status document at least this often
 HISTORY_KEEP = 20           # groups in P/state/history
+# P/role's lease: a role command killed -9 blocks the next for at most this
+# (or ttl_s if longer); a command stopped this long (SIGSTOP, a VM paused)
+# loses it.  Role commands take minutes; no one waits on this but a rerun.
+ROLE_LOCK_TTL_S = 15
 
 
 class ClusterError(CgmirrorError):

@@ -448,7 +448,8 @@ class RoleSwitch:
         end, the sites joined, the pause flag is cleared."""
         s = self.session
         with cluster.client(s) as etcd:
-            lock = cluster.RoleLock(etcd, s.name, command, s.cluster.ttl_s).acquire()
+            lock = cluster.RoleLock(etcd, s.name, command,
+                                     max(s.cluster.ttl_s, cluster.ROLE_LOCK_TTL_S)).acquire()
             try:
                 running = self._running_mirror("status")    # for announce (events)
                 prev = cluster.paused(etcd, s.name)
@@ -500,7 +501,8 @@ class RoleSwitch:
             return
         with cluster.client(s) as etcd:
             try:
-                lock = cluster.RoleLock(etcd, s.name, command, s.cluster.ttl_s).acquire()
+                lock = cluster.RoleLock(etcd, s.name, command,
+                                     max(s.cluster.ttl_s, cluster.ROLE_LOCK_TTL_S)).acquire()
             except BusyError:
                 return
             try:
