@@ -69,10 +69,32 @@ the site being promoted left that site half promoted with "holds group N
 in flight" (issue 16 item 6).  A mirror whose group does not end in time
 makes the command refuse before it changed anything.  ``failback``,
 ``resync`` and ``switchover`` form groups themselves and so refuse (BUSY)
-beside a running mirror, before any change; coordinator/lock.py has the
+beside a running mirror, before any change (cluster mode: below); coordinator/lock.py has the
 rule for every command.  Waiting for the mirror rather than refusing is
 for ``failover`` only: its site may be lost, and the operator must not
 have to find the mirror's host first.
+
+Cluster mode (``[cluster]``).  ``mirror run`` units run on every
+coordinator host (one leads), so "a mirror runs here" says nothing about
+who forms groups, and the session lock guards one host only.  Every role
+command first takes the etcd role lock (``cluster.RoleLock``: ``P/role``
+under a lease, renewed while it runs; a second command anywhere is refused
+BUSY in one line naming the holder's host, pid and command).  ``failover``
+then parks the leader as above.  ``failback``, ``resync`` and
+``switchover`` park it too (``_park_leader``: the flag set, then wait,
+bounded, until the leader's published status says it acted on that flag
+and is paused and idle, or no leader), and form their groups beside any
+local ``mirror run`` (``lock.standing_in``: the parked leader plus the
+role lock are the guard).  A leader that takes over meanwhile reads the
+flag before its first group and stays paused (a flag it cannot read at
+that moment counts as set).  A command that ends with the sites joined
+(state mirroring) clears the flag -- unless an operator's ``mirror
+pause`` set it before -- with a line and a ``resume`` event, and the
+leader goes on in the recorded direction (it follows a new source by
+itself: coordinator/mirror/cycle.py ``_follow``).  A command that fails
+leaves the flag set (nothing forms groups over a half-done role change)
+and its line says ``cgmirror mirror resume`` once fixed.  A rerun that
+finds its command done clears a flag the killed run left.
 
 Reruns.  Every direction record says which command wrote it
 (``by``; a failback also ``back_to``), so a rerun tells "half done" from
