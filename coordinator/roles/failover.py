@@ -470,8 +470,7 @@ class RoleSwitch:
         end, the sites joined, the pause flag is cleared."""
         s = self.session
         with cluster.client(s) as etcd:
-            lock = cluster.RoleLock(etcd, s.name, command,
-                                     max(s.cluster.ttl_s, cluster.ROLE_LOCK_TTL_S)).acquire()
+            lock = _role_lock(etcd, s, command)
             try:
                 running = self._running_mirror("status")    # for announce (events)
                 prev = cluster.paused(etcd, s.name)
@@ -523,8 +522,7 @@ class RoleSwitch:
             return
         with cluster.client(s) as etcd:
             try:
-                lock = cluster.RoleLock(etcd, s.name, command,
-                                     max(s.cluster.ttl_s, cluster.ROLE_LOCK_TTL_S)).acquire()
+                lock = _role_lock(etcd, s, command)
             except BusyError:
                 return
             try:
@@ -855,6 +853,12 @@ class RoleSwitch:
         raise FailoverError(f"no group hardened in {GROUP_TRIES} tries (last: group"
                             f" {last.n} {last.outcome}: {last.error}); the target is"
                             f" still consistent; run the command again to resume")
+
+
+def _role_lock(etcd, session, command: str) -> "cluster.RoleLock":
+    """The etcd role lock for ``command`` (BusyError if another holds it)."""
+    ttl = max(session.cluster.ttl_s, cluster.ROLE_LOCK_TTL_S)
+    return cluster.RoleLock(etcd, session.name, command, ttl).acquire()
 
 
 def _parked(exc: CgmirrorError) -> CgmirrorError:
