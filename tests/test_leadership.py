@@ -24,6 +24,8 @@ import pytest
 
 from cgtest import closing_all, need, wait_until
 from coordinator import cluster, pki
+from coordinator.errors import BusyError
+from coordinator.lock import SessionLock, standing_in
 from coordinator.mirror import client as mclient
 from coordinator.mirror.cycle import GroupResult
 from harness import workload as wl
@@ -544,3 +546,39 @@ def test_a_deposed_leaders_state_is_not_published(etcd1):
         stop.set()
         pa.close()
         a.resign()
+
+
+def test_a_second_role_command_is_refused_busy_naming_the_first(etcd1):
+    """P/role: one role command at a time; the refusal is one line naming
+    the holder's host, pid and command; released, the next one takes it."""
+    first = cluster.RoleLock(etcd1(), "s", "resync --from b --to a", 3).acquire()
+    try:
+        with pytest.raises(BusyError) as err:
+            cluster.RoleLock(etcd1(), "s", "switchover", 3).acquire()
+        line = str(err.value)
+        assert "\n" not in line and f"pid {os.getpid()}" in line, line
+        assert "`cgmirror resync --from b --to a` runs" in line and "switchover" in line
+        assert err.value.pid == os.getpid()
+    finally:
+        first.release()
+    second = cluster.RoleLock(etcd1(), "s", "switchover", 3).acquire()
+    assert second.held()
+    second.release()
+    assert etcd1().get(etcd1().key("s", "role")) is None
+
+
+def test_standing_in_lends_the_session_lock_another_holds(tmp_path):
+    """Cluster mode's role command forms groups beside a local mirror: its
+    SessionLocks are taken as held inside ``standing_in``, and BUSY outside."""
+    held = SessionLock("s", str(tmp_path)).acquire()     # the local mirror's
+    try:
+        with pytest.raises(BusyError):
+            SessionLock("s", str(tmp_path)).acquire()
+        with standing_in("s", str(tmp_path)):
+            lk = SessionLock("s", str(tmp_path)).acquire()
+            lk.release()
+        with pytest.raises(BusyError):
+            SessionLock("s", str(tmp_path)).acquire()
+        assert held.held()
+    finally:
+        held.release()
