@@ -87,7 +87,7 @@ HISTORY_KEEP = 20           # groups in P/state/history
 # P/role's lease: a role command killed -9 blocks the next for at most this
 # (or ttl_s if longer); a command stopped this long (SIGSTOP, a VM paused)
 # loses it.  Role commands take minutes; no one waits on this but a rerun.
-ROLE_LOCK_TTL_S = 15
+ROLE_LOCK_TTL_S = 20
 
 
 class ClusterError(CgmirrorError):
@@ -423,6 +423,16 @@ class RoleLock:
 
     def held(self) -> bool:
         return self.lease is not None and self.lost is None
+
+    def still_held(self) -> bool:
+        """Renew now and say whether the lock is still ours (a command
+        stopped past the lease lost it: another may have taken it)."""
+        if not self.held():
+            return False
+        with _etcd(f"renew the role lock {self.key}"):
+            if self.etcd.keepalive(self.lease) <= 0:
+                self.lost = f"the lease of {self.key} expired"
+        return self.lost is None
 
     def _keepalive(self) -> None:
         while not self._halt.wait(self.ttl / 3):

@@ -485,6 +485,12 @@ class RoleSwitch:
                     except CgmirrorError as exc:
                         raise _parked(exc) from exc.__cause__
                 try:
+                    if not lock.still_held():
+                        # Stopped past its lease: another command may have
+                        # parked the leader since, for its own work.
+                        raise FailoverError(f"`cgmirror {command}` lost the role lock"
+                                            f" ({lock.lost}) while it ran; it is done, but"
+                                            f" another role command may run now")
                     self._resume_if_joined(etcd, command, prev)
                 except CgmirrorError as exc:
                     raise _parked(exc) from exc
