@@ -179,6 +179,9 @@ class Mirror:
         self.cluster: _Cluster | None = None
         self.epoch: int | None = None           # ours while we lead
         self.leader: dict | None = None         # the leader we last saw (standby)
+        # The last leader seen at all: the "previous" of our takeover event
+        # (``leader`` turns None when a try reads the key just expired).
+        self._seen_leader: dict | None = None
         self.cluster_error: str | None = None   # etcd's last refusal (no-quorum)
 
     # ------------------------------------------------------------ life cycle
@@ -444,14 +447,16 @@ class Mirror:
                      f" pid {short['pid']} (epoch {short['epoch']})")
             self.events.emit("standby", leader=short)
         self.leader = leader
+        if leader is not None:
+            self._seen_leader = leader
 
     def _lead(self, epoch: int) -> None:
         """This coordinator won: fence with ``epoch``, recover first, publish."""
         c = self.cluster
-        prev = None if self.leader is None else {k: self.leader.get(k)
-                                                 for k in ("host", "pid", "epoch")}
+        seen = self.leader or self._seen_leader
+        prev = None if seen is None else {k: seen.get(k) for k in ("host", "pid", "epoch")}
         self.epoch = epoch
-        self.leader = {**c.leadership.me, "epoch": epoch}
+        self.leader = self._seen_leader = {**c.leadership.me, "epoch": epoch}
         self.cluster_error = None
         self.links.set_epoch(epoch)
         self.need_recovery = True
