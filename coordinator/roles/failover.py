@@ -477,7 +477,9 @@ class RoleSwitch:
                 if beside_mirror:
                     yield running
                 else:
-                    _park_leader(etcd, s, command, self.log)
+                    # Parked already (a failover's flag): no line for it.
+                    quiet = (prev or {}).get("paused")
+                    _park_leader(etcd, s, command, (lambda line: None) if quiet else self.log)
                     _hit("role:parked")
                     try:
                         with standing_in(s.name, s.state_dir):
