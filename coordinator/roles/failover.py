@@ -528,17 +528,21 @@ class RoleSwitch:
         s = self.session
         if s.cluster is None:
             return
-        with cluster.client(s) as etcd:
-            try:
-                lock = _role_lock(etcd, s, command)
-            except BusyError:
-                return
-            try:
-                flag = cluster.paused(etcd, s.name) or {}
-                if flag.get("by") != "mirror pause":
-                    self._resume_if_joined(etcd, command, None)
-            finally:
-                lock.release()
+        try:
+            with cluster.client(s) as etcd:
+                try:
+                    lock = _role_lock(etcd, s, command)
+                except BusyError:
+                    return
+                try:
+                    flag = cluster.paused(etcd, s.name) or {}
+                    if flag.get("by") != "mirror pause":
+                        self._resume_if_joined(etcd, command, None)
+                finally:
+                    lock.release()
+        except CgmirrorError as exc:        # the command itself is done
+            self.log(f"warning: cannot check the pause flag in etcd ({exc}): if the"
+                     f" leader stays parked, `cgmirror mirror resume`")
 
     def _done(self, line: str, **result) -> dict:
         """A rerun after success: say so (the CLI prints ``line``); exit 0."""
