@@ -12,6 +12,8 @@ Keys (``P = {prefix}/{session}/``, values JSON text):
     P/status            the leader's ``mirror status --json`` document
     P/events/<time>     events, under a retention lease (EVENT_TTL_S)
     P/control/paused    {"paused", "by", "why"}
+    P/role              {"host", "pid", "command", "since"} under the lease
+                        of the role command that runs (``RoleLock``)
 
 Leadership.  ``campaign`` grants a lease of ``ttl`` seconds and creates
 ``P/leader`` with it (a transaction: only if absent), polling every
@@ -43,6 +45,20 @@ overwrite what the new one published.  Events of every coordinator go to
 ``P/events/`` (the empty groups' ``group-formed`` stays out: the history
 summary counts them).
 
+Role commands.  ``failover``, ``failback``, ``resync`` and ``switchover``
+run on any host, beside the ``mirror run`` units.  Two must never
+interleave, wherever they run: each first creates ``P/role`` under a lease
+of its own (a transaction: only if absent; renewed every third of its
+ttl while the command runs, revoked at its end; a command killed -9 leaves
+it for at most ROLE_LOCK_TTL_S).  A second command finds the key and is refused BUSY in
+one line naming the holder's host, pid and command.  The commands that
+form groups then park the leader (``P/control/paused``) and form their
+groups beside it; coordinator/roles/failover.py has the rest.  Rejected: a
+per-host lock file (it guards one host; the hole it left was a role
+command on host c forming groups while the leader on host b did), and
+etcd's lock service (v3lock is gRPC only, and tooz's locks have a key
+scheme of their own: the holder could not be named in the refusal).
+
 Everything in this module that talks to etcd turns ``EtcdError`` into
 ``ClusterError`` (one line, exit UNREACHABLE) at one boundary, ``_etcd``.
 """
@@ -61,7 +77,7 @@ from typing import Callable
 from wire.etcd import DEFAULT_TIMEOUT_S, Etcd, EtcdError, KV
 from wire.tls import TLSConfigError
 
-from .errors import CgmirrorError, ExitCode
+from .errors import BusyError, CgmirrorError, ExitCode
 
 MARGIN_S = 0.5              # held() ends this long before the lease can have expired
 RETRY_S = 0.2               # a failed renewal is tried again after this, not ttl/3
@@ -69,6 +85,10 @@ EVENT_TTL_S = 600           # events are kept about ten minutes
 EVENT_LEASE_RENEW_S = 300   # a new retention lease for events every five
 STATUS_EVERY_S = 2.0        # the leader's status document at least this often
 HISTORY_KEEP = 20           # groups in P/state/history
+# P/role's lease: a role command killed -9 blocks the next for at most this
+# (or ttl_s if longer); a command stopped this long (SIGSTOP, a VM paused)
+# loses it.  Role commands take minutes; no one waits on this but a rerun.
+ROLE_LOCK_TTL_S = 20
 
 
 class ClusterError(CgmirrorError):
@@ -356,6 +376,95 @@ def paused(etcd: Etcd, session: str) -> dict | None:
         return _load(etcd.get(etcd.key(session, "control", "paused")))
 
 
+def put_event(etcd: Etcd, session: str, event: str, **fields) -> dict:
+    """One event of a process that is no coordinator (a role command) in
+    ``P/events/``, under a retention lease of its own; the event."""
+    ident = me()
+    doc = {"time": round(time.time(), 3), "session": session, "event": event, **fields,
+           "host": ident["host"], "pid": ident["pid"]}
+    with _etcd(f"write the {event} event"):
+        etcd.put(event_key(etcd, session, doc, ident, 0), _dump(doc).encode(),
+                 lease=etcd.grant(EVENT_TTL_S))
+    return doc
+
+
+class RoleLock:
+    """``P/role`` while one role command runs (module doc, "Role
+    commands").  ``acquire()`` or BusyError; ``held()`` false once a
+    renewal found the lease gone; ``release()`` revokes it."""
+
+    def __init__(self, etcd: Etcd, session: str, command: str, ttl: int):
+        self.etcd, self.session, self.command, self.ttl = etcd, session, command, int(ttl)
+        self.key = etcd.key(session, "role")
+        self.lease: int | None = None
+        self.lost: str | None = None
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> "RoleLock":
+        ident = me()
+        doc = {"host": ident["host"], "pid": ident["pid"], "command": self.command,
+               "since": round(time.time(), 3)}
+        with _etcd(f"take the role lock {self.key}"):
+            lease = self.etcd.grant(self.ttl)
+            try:
+                rev = self.etcd.create(self.key, _dump(doc).encode(), lease=lease)
+                holder = None if rev is not None else _load(self.etcd.get(self.key))
+            except BaseException:
+                self._revoke(lease)
+                raise
+        if rev is None:
+            self._revoke(lease)
+            h = holder if isinstance(holder, dict) else {}
+            raise BusyError(
+                f"`cgmirror {h.get('command', '?')}` runs for session {self.session} on"
+                f" host {h.get('host', '?')} (pid {h.get('pid', '?')}, it holds"
+                f" {self.key}): run `cgmirror {self.command}` again once it ended",
+                h.get("pid"))
+        self.lease = lease
+        self._thread = threading.Thread(target=self._keepalive, name="role-lock",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def held(self) -> bool:
+        return self.lease is not None and self.lost is None
+
+    def still_held(self) -> bool:
+        """Renew now and say whether the lock is still ours (a command
+        stopped past the lease lost it: another may have taken it)."""
+        if not self.held():
+            return False
+        with _etcd(f"renew the role lock {self.key}"):
+            if self.etcd.keepalive(self.lease) <= 0:
+                self.lost = f"the lease of {self.key} expired"
+        return self.lost is None
+
+    def _keepalive(self) -> None:
+        while not self._halt.wait(self.ttl / 3):
+            try:
+                if self.etcd.keepalive(self.lease) <= 0:
+                    self.lost = f"the lease of {self.key} expired"
+                    return
+            except EtcdError:
+                pass            # etcd away: the next round, or the lease ends it
+
+    def _revoke(self, lease: int) -> None:
+        try:
+            self.etcd.revoke(lease)
+        except EtcdError:
+            pass                # it ends by itself within ttl
+
+    def release(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(self.etcd.timeout * len(self.etcd.endpoints) + 1)
+            self._thread = None
+        if self.lease is not None:
+            self._revoke(self.lease)
+            self.lease = None
+
+
 def put_direction(etcd: Etcd, session: str, record: dict) -> None:
     """``P/state/direction`` (direction.save publishes every change)."""
     with _etcd("publish the direction"):
@@ -531,5 +640,6 @@ def history_summary(prev: dict | None, res) -> dict:
 
 
 __all__ = ["ClusterError", "EVENT_TTL_S", "Leadership", "MARGIN_S", "Publisher",
-           "client", "connect", "events", "history_summary", "leader_of", "me", "paused",
-           "poll_interval", "put_direction", "read_state", "set_paused"]
+           "RoleLock", "client", "connect", "events", "history_summary", "leader_of", "me",
+           "paused", "poll_interval", "put_direction", "put_event", "read_state",
+           "set_paused"]

@@ -45,6 +45,17 @@ README's "Failover" section has the same table):
                                 (cli/copy_cmds.py)
 ``mirror run``                  refused, exit 5: one mirror per session
 =============================  ==============================================
+
+Cluster mode (``[cluster]``) changes the rule for the role commands: the
+session lock guards one host only, and ``mirror run`` units run on every
+coordinator host (one leads, the others stand by), so a mirror on this
+host says nothing about who forms groups.  There a role command takes
+``role.lock`` and the etcd role lock (``cluster.RoleLock``: one role
+command at a time across hosts, BUSY naming the holder), parks the leader
+through etcd, and forms its groups beside any local ``mirror run``: the
+session lock is stood in for by ``standing_in`` (the parked leader and the
+role lock are the guard).  coordinator/roles/failover.py says when the
+leader goes on.
 """
 
 from __future__ import annotations
@@ -102,7 +113,7 @@ class SessionLock:
         role command forming its groups through a Mirror), it is taken as
         the lender's."""
         lender = _lent.get(self.path)
-        if lender is not None and lender._fd is not None:
+        if lender is not None and lender.held():
             self._borrowed = True
             return self
         deadline = time.monotonic() + wait
@@ -113,6 +124,10 @@ class SessionLock:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.05)
+
+    def held(self) -> bool:
+        """This object holds the lock now."""
+        return self._fd is not None
 
     def lend(self) -> "_Lending":
         """``with lock.lend():`` this process's other SessionLocks of the same
@@ -181,6 +196,25 @@ class SessionLock:
 
 
 _lent: dict[str, SessionLock] = {}
+
+
+class _StandIn:
+    """Lent in place of the session lock (``standing_in``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def held(self) -> bool:
+        return True
+
+
+def standing_in(session: str, state_dir: str) -> "_Lending":
+    """``with standing_in(session, state_dir):`` this process's SessionLocks
+    of the session lock are taken as held although another process (a
+    local ``mirror run``) holds the flock: cluster mode's role commands,
+    whose guard is the parked leader and the etcd role lock (module doc).
+    Only for them: everything else keeps the flock."""
+    return _Lending(_StandIn(SessionLock(session, state_dir).path))
 
 
 class _Lending:

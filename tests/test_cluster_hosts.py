@@ -481,8 +481,8 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
         # a acknowledged writes after its last group and before its lease
         # ran out, which b never got: failback refuses the split; the
         # operator names b the winner (a's blocks kept aside), then swaps
-        # back.  All from b2, a host with no coordinator: the leader stays
-        # parked by the failover's flag meanwhile.
+        # back.  From b2 here; any host would do, a mirror unit's too: each
+        # command takes the etcd role lock and parks the leader meanwhile.
         err = rig.fails("b2", "failback")
         assert len(err.splitlines()) == 1 and "split brain" in err, err
         r = rig.cgmirror("b2", "resync", "--from", "b", "--to", "a", "--keep-overwritten",
@@ -490,9 +490,9 @@ def test_with_leases_a_cut_off_primary_site_stops_before_b_takes_writes(tmp_path
         assert r.returncode == 0, r.stderr
         rig.ok("b2", "switchover", "--to", "a", timeout=240)
         rig.assert_joined("a", "primary")
-        # The failover's pause flag stays in etcd (it keeps any leader,
-        # now or later, parked) until someone resumes.
-        rig.ok("b2", "mirror", "resume")
+        # No `mirror resume`: the switchover joined the sites and cleared
+        # the pause flag (the failover's, then its own park), so the leader
+        # forms groups again by itself (below).
         # Every block b acknowledged is at a, as b held it.
         for p, (node, vol) in enumerate(places("a")):
             bnode, _ = places("b")[p]

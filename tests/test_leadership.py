@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,11 +24,13 @@ import pytest
 
 from cgtest import closing_all, need, wait_until
 from coordinator import cluster, pki
+from coordinator.errors import BusyError
+from coordinator.lock import SessionLock, standing_in
 from coordinator.mirror import client as mclient
 from coordinator.mirror.cycle import GroupResult
 from harness import workload as wl
 from wire.etcd import Etcd
-from harness.mirrorrig import LAYOUT, REMOTE, SIZE, mirror_session
+from harness.mirrorrig import LAYOUT, ORDER, REMOTE, SIZE, mirror_session
 from mirror2x2 import ROOT, Rig
 
 # The leader's lease (s).  On this 2-core machine shared with other test
@@ -359,6 +362,110 @@ def test_one_member_lost_groups_go_on_quorum_lost_no_group_and_no_write_held(coo
     assert "no quorum" in c.log("c1"), c.log("c1")
 
 
+def _text(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def a_group(c: Coordinators, timeout: float = 60.0) -> tuple[int, wl.Report]:
+    """Site a's host exports (secondaries after ``resync --from b``) read
+    as one group: both at one hardened group before and after the read."""
+    r = c.rig
+    uris = [f"nbd+unix:///{v}?socket={r.procs[s].spec.nbd_socket}" for s, v in ORDER]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = tuple(r.status(s)["hardened"] for s in ("s1", "s2"))
+        if before[0] != before[1]:
+            time.sleep(0.005)
+            continue
+        rep = wl.check_targets(uris, LAYOUT)
+        if tuple(r.status(s)["hardened"] for s in ("s1", "s2")) == before:
+            return before[0], rep
+    raise AssertionError(f"site a never stood at one hardened group within {timeout:g} s")
+
+
+def test_role_commands_run_beside_both_mirrors_park_the_leader_and_resume_it(coords,
+                                                                            slaves):
+    """Issue 19 (role commands in cluster mode): `failover` from the
+    standby's file, then `resync --from b` from the leader's own file
+    (its host's session lock held by its mirror) while both mirrors run:
+    no BUSY; stopped once it parked the leader and holds the etcd role
+    lock, a second role command is refused BUSY in one line naming it;
+    the leader stopped meanwhile, the standby takes over and stays paused
+    (the flag); resumed, the resync ends, clears the flag, and the leader
+    forms groups from b to a without `mirror resume`; site a reads as one
+    consistent group while b keeps writing."""
+    c = coords()
+    # Role commands switch nodes through their role op: under supervisors.
+    for name, p in list(c.rig.procs.items()):
+        p.stop(timeout=30)
+        c.rig.procs[name] = slaves.restart(p.spec, detach=True)
+    old, new = start_two(c)
+    r = c.rig
+    work = wl.Workload(r.uris(), LAYOUT).start()
+    wait_until(lambda: work.written > 100, 30, "writes at a")
+    work.stop()
+    assert not work.errors, work.errors
+    p = c.cli(new, "failover")
+    assert p.returncode == 0, p.stderr
+    assert c.state()["paused"]["paused"] and c.state()["paused"]["by"] == "failover"
+    at_b = wl.Workload.resume(r.host_uris(), LAYOUT).start()
+    try:
+        wait_until(lambda: at_b.written > 100, 30, "writes at b")
+        errlog = os.path.join(c.run_dir, "resync.log")
+        with open(errlog, "wb") as err:
+            rs = subprocess.Popen(
+                [sys.executable, "-m", "coordinator.cli", "-s", c.session_file(old),
+                 "resync", "--from", "b", "--to", "a"], cwd=ROOT, stdout=err, stderr=err,
+                env=dict(os.environ, PYTHONPATH=ROOT,
+                         CGMIRROR_FAILPOINTS="role:parked:stop"))
+        try:
+            wait_until(lambda: rs.poll() is not None or stopped(rs.pid), 120,
+                       "the resync parked the leader")
+            assert rs.poll() is None, _text(errlog)
+            p = c.cli(new, "switchover")
+            lines = p.stderr.strip().splitlines()
+            assert p.returncode == 5 and len(lines) == 1, p.stderr
+            assert "resync --from b --to a" in lines[0] and f"pid {rs.pid}" in lines[0], lines
+            doc = c.state()["status"]
+            assert doc["paused"] and doc["phase"] == "idle", doc
+            hardened = c.hardened()["n"]
+            # The leader stops (SIGTERM: it resigns); the standby leads and
+            # reads the flag before any group: it stays paused.
+            c.procs[old].terminate()
+            c.procs[old].wait(30)
+            wait_until(lambda: c.leader_name() == new, TTL + 30, "the standby leads")
+            epoch2 = c.state()["leader"]["epoch"]
+            wait_until(lambda: ((c.state()["status"] or {}).get("cluster") or {})
+                       .get("epoch") == epoch2, 30, "the new leader's status")
+            doc = c.state()["status"]
+            assert doc["paused"] and doc["phase"] == "idle", doc
+            assert doc["state"] in ("paused", "parked"), doc
+            assert c.hardened()["n"] == hardened
+            c.spawn(old)                # its unit starts it again: both run
+            os.kill(rs.pid, signal.SIGCONT)
+            assert rs.wait(180) == 0, _text(errlog)
+        finally:
+            if rs.poll() is None:
+                os.kill(rs.pid, signal.SIGCONT)
+                rs.kill()
+                rs.wait(30)
+        out = _text(errlog)
+        print(out)
+        assert "mirror resumed (etcd)" in out and "stop it" not in out, out
+        assert c.state()["paused"]["paused"] is False
+        resynced = int(re.search(r"hardened as group (\d+)", out).group(1))
+        # Groups from b to a by the leader, with nobody running `mirror resume`.
+        wait_until(lambda: c.hardened().get("epoch") == epoch2
+                   and c.hardened()["n"] > resynced, 60, "groups from b to a")
+        wait_until(lambda: "site b is the source now" in c.log(new), 30, "the leader follows")
+        n, rep = a_group(c)
+        assert rep.ok, rep.summary()
+    finally:
+        at_b.stop()
+    assert not at_b.errors, at_b.errors
+
+
 # ------------------------------------------------------------------ one etcd, no nodes
 
 @pytest.fixture
@@ -439,3 +546,39 @@ def test_a_deposed_leaders_state_is_not_published(etcd1):
         stop.set()
         pa.close()
         a.resign()
+
+
+def test_a_second_role_command_is_refused_busy_naming_the_first(etcd1):
+    """P/role: one role command at a time; the refusal is one line naming
+    the holder's host, pid and command; released, the next one takes it."""
+    first = cluster.RoleLock(etcd1(), "s", "resync --from b --to a", 3).acquire()
+    try:
+        with pytest.raises(BusyError) as err:
+            cluster.RoleLock(etcd1(), "s", "switchover", 3).acquire()
+        line = str(err.value)
+        assert "\n" not in line and f"pid {os.getpid()}" in line, line
+        assert "`cgmirror resync --from b --to a` runs" in line and "switchover" in line
+        assert err.value.pid == os.getpid()
+    finally:
+        first.release()
+    second = cluster.RoleLock(etcd1(), "s", "switchover", 3).acquire()
+    assert second.held()
+    second.release()
+    assert etcd1().get(etcd1().key("s", "role")) is None
+
+
+def test_standing_in_lends_the_session_lock_another_holds(tmp_path):
+    """Cluster mode's role command forms groups beside a local mirror: its
+    SessionLocks are taken as held inside ``standing_in``, and BUSY outside."""
+    held = SessionLock("s", str(tmp_path)).acquire()     # the local mirror's
+    try:
+        with pytest.raises(BusyError):
+            SessionLock("s", str(tmp_path)).acquire()
+        with standing_in("s", str(tmp_path)):
+            lk = SessionLock("s", str(tmp_path)).acquire()
+            lk.release()
+        with pytest.raises(BusyError):
+            SessionLock("s", str(tmp_path)).acquire()
+        assert held.held()
+    finally:
+        held.release()

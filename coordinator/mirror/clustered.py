@@ -70,11 +70,17 @@ class Cluster:
         if not force and now - self._pause_read < self.poll:
             return
         self._pause_read = now
+        m = self.mirror
         try:
             doc = cluster.paused(self.etcd, self.name)
-        except CgmirrorError:
+        except CgmirrorError as exc:
+            if force and not m.paused:
+                # At a takeover the flag is unknown: a role command may have
+                # parked the last leader.  Paused until etcd says otherwise.
+                m.hold(True)
+                m.log(f"cannot read the pause flag at takeover ({exc}): paused until"
+                      f" etcd answers")
             return
-        m = self.mirror
         want = bool(doc and doc.get("paused"))
         at = doc.get("at") if doc else None
         changed = want != m.paused

@@ -179,6 +179,9 @@ class Mirror:
         self.cluster: _Cluster | None = None
         self.epoch: int | None = None           # ours while we lead
         self.leader: dict | None = None         # the leader we last saw (standby)
+        # The last leader seen at all: the "previous" of our takeover event
+        # (``leader`` turns None when a try reads the key just expired).
+        self._seen_leader: dict | None = None
         self.cluster_error: str | None = None   # etcd's last refusal (no-quorum)
 
     # ------------------------------------------------------------ life cycle
@@ -444,14 +447,16 @@ class Mirror:
                      f" pid {short['pid']} (epoch {short['epoch']})")
             self.events.emit("standby", leader=short)
         self.leader = leader
+        if leader is not None:
+            self._seen_leader = leader
 
     def _lead(self, epoch: int) -> None:
         """This coordinator won: fence with ``epoch``, recover first, publish."""
         c = self.cluster
-        prev = None if self.leader is None else {k: self.leader.get(k)
-                                                 for k in ("host", "pid", "epoch")}
+        seen = self.leader or self._seen_leader
+        prev = None if seen is None else {k: seen.get(k) for k in ("host", "pid", "epoch")}
         self.epoch = epoch
-        self.leader = {**c.leadership.me, "epoch": epoch}
+        self.leader = self._seen_leader = {**c.leadership.me, "epoch": epoch}
         self.cluster_error = None
         self.links.set_epoch(epoch)
         self.need_recovery = True
@@ -502,6 +507,26 @@ class Mirror:
         unreachable = self.cluster.leadership.unreachable
         if unreachable:                     # no quorum: said now, not at the next try
             self._standing_by(None, cluster_mod.ClusterError(unreachable))
+
+    def _follow(self, d: dict) -> None:
+        """Cluster mode: a role command run beside this coordinator (it
+        parked the mirror, then resumed it) made the other site the source:
+        go on in that direction -- links to the new primaries and
+        secondaries, recovery and the baselines' check first -- rather
+        than refuse every group until someone restarts every unit."""
+        base = self.session_file.started
+        if base is None or d["state"] not in direction.MIRRORS \
+                or direction.sending(self.session, d) == d["source"]:
+            return
+        self.session = direction.oriented(base, d["source"])
+        old, self.links = self.links, recovery.Links.of(self.session)
+        self.links.set_epoch(self.epoch)
+        self.slaves, self.secondaries = self.links.slaves, self.links.secondaries
+        old.close()
+        self.need_recovery, self.verified = True, False
+        self.log(f"site {d['source']} is the source now ({d.get('by') or d['state']}):"
+                 f" groups from site {d['source']} to site {direction.other(d['source'])}")
+        self.events.emit("direction", source=d["source"], by=d.get("by"))
 
     def _cannot(self, why: str) -> None:
         """Log that no group could begin; the same reason again (a peer
@@ -567,6 +592,7 @@ class Mirror:
         # read with the file's session: it names every node as the nodes do.
         d = direction.load(self.session_file.started or self.session)
         if self.cluster:
+            self._follow(d)
             self.cluster.direction(d)
         direction.check_mirror(self.session, d)
         if self.need_recovery:

@@ -69,10 +69,32 @@ the site being promoted left that site half promoted with "holds group N
 in flight" (issue 16 item 6).  A mirror whose group does not end in time
 makes the command refuse before it changed anything.  ``failback``,
 ``resync`` and ``switchover`` form groups themselves and so refuse (BUSY)
-beside a running mirror, before any change; coordinator/lock.py has the
+beside a running mirror, before any change (cluster mode: below); coordinator/lock.py has the
 rule for every command.  Waiting for the mirror rather than refusing is
 for ``failover`` only: its site may be lost, and the operator must not
 have to find the mirror's host first.
+
+Cluster mode (``[cluster]``).  ``mirror run`` units run on every
+coordinator host (one leads), so "a mirror runs here" says nothing about
+who forms groups, and the session lock guards one host only.  Every role
+command first takes the etcd role lock (``cluster.RoleLock``: ``P/role``
+under a lease, renewed while it runs; a second command anywhere is refused
+BUSY in one line naming the holder's host, pid and command).  ``failover``
+then parks the leader as above.  ``failback``, ``resync`` and
+``switchover`` park it too (``_park_leader``: the flag set, then wait,
+bounded, until the leader's published status says it acted on that flag
+and is paused and idle, or no leader), and form their groups beside any
+local ``mirror run`` (``lock.standing_in``: the parked leader plus the
+role lock are the guard).  A leader that takes over meanwhile reads the
+flag before its first group and stays paused (a flag it cannot read at
+that moment counts as set).  A command that ends with the sites joined
+(state mirroring) clears the flag -- unless an operator's ``mirror
+pause`` set it before -- with a line and a ``resume`` event, and the
+leader goes on in the recorded direction (it follows a new source by
+itself: coordinator/mirror/cycle.py ``_follow``).  A command that fails
+leaves the flag set (nothing forms groups over a half-done role change)
+and its line says ``cgmirror mirror resume`` once fixed.  A rerun that
+finds its command done clears a flag the killed run left.
 
 Reruns.  Every direction record says which command wrote it
 (``by``; a failback also ``back_to``), so a rerun tells "half done" from
@@ -83,7 +105,8 @@ names the site wanted; ``resync --full`` copies again: that is asked for).  Test
 ``role:failover-recorded``, ``role:failover-first-promoted``,
 ``role:end-test-first-demoted``, ``role:failback-resynced``,
 ``role:switching``, ``role:switching-first-demoted``,
-``role:switching-promoted``.
+``role:switching-promoted``, ``role:parked`` (cluster mode: the leader
+parked, the etcd role lock held).
 
 DR test: ``failover --test`` parks a running mirror (above) so that the
 primary keeps recording in ``cr`` and nothing is drained, then promotes
@@ -141,10 +164,10 @@ from wire import protocol
 from wire.protocol import Kind
 
 from .. import direction as dirn
-from ..errors import (CgmirrorError, DirectionError, FailoverError, MirrorError,
-                      MirrorNotRunning)
+from ..errors import (BusyError, CgmirrorError, DirectionError, FailoverError,
+                      MirrorError, MirrorNotRunning)
 from ..link import SlaveLink
-from ..lock import ROLE_LOCK, SessionLock, mirror_runs
+from ..lock import ROLE_LOCK, SessionLock, mirror_runs, standing_in
 from .. import cluster
 from ..mirror import Links, Mirror, call as mirror_call, joins, recovery
 from ..session import NodeConfig, Session
@@ -420,10 +443,14 @@ class RoleSwitch:
         command that may run beside it (``beside_mirror``: it yields the
         mirror's status) and BUSY for any other, before any change; if none
         runs, the session lock, lent to the Mirror the command forms its
-        groups with."""
+        groups with.  Cluster mode: ``_cluster_command``."""
         s = self.session
         role = SessionLock(s.name, s.state_dir, ROLE_LOCK).acquire()
         try:
+            if s.cluster is not None:
+                with self._cluster_command(command, beside_mirror) as running:
+                    yield running
+                return
             running = self._running_mirror("status")
             if running is not None:
                 if not beside_mirror:
@@ -434,6 +461,88 @@ class RoleSwitch:
                 yield None
         finally:
             role.release()
+
+    @contextlib.contextmanager
+    def _cluster_command(self, command: str, beside_mirror: bool):
+        """Cluster mode's locks (module doc, "Cluster mode"): the etcd role
+        lock (BUSY naming the holder); a command that forms groups parks
+        the leader and forms them beside any local ``mirror run``; at the
+        end, the sites joined, the pause flag is cleared."""
+        s = self.session
+        with cluster.client(s) as etcd:
+            lock = _role_lock(etcd, s, command)
+            try:
+                running = self._running_mirror("status")    # for announce (events)
+                prev = cluster.paused(etcd, s.name)
+                if beside_mirror:
+                    yield running
+                else:
+                    # Parked already (a failover's flag): no line for it.
+                    quiet = (prev or {}).get("paused")
+                    _park_leader(etcd, s, command, (lambda line: None) if quiet else self.log)
+                    _hit("role:parked")
+                    try:
+                        with standing_in(s.name, s.state_dir):
+                            yield None
+                    except CgmirrorError as exc:
+                        raise _parked(exc) from exc.__cause__
+                try:
+                    if not lock.still_held():
+                        # Stopped past its lease: another command may have
+                        # parked the leader since, for its own work.
+                        raise FailoverError(f"`cgmirror {command}` lost the role lock"
+                                            f" ({lock.lost}) while it ran; it is done, but"
+                                            f" another role command may run now")
+                    self._resume_if_joined(etcd, command, prev)
+                except CgmirrorError as exc:
+                    raise _parked(exc) from exc
+            finally:
+                lock.release()
+
+    def _resume_if_joined(self, etcd, command: str, prev: dict | None) -> None:
+        """The sites joined (state mirroring): clear the pause flag a role
+        command left (this one's park, a failover's), so that the leader,
+        wherever it runs, forms groups in the recorded direction; a pause
+        an operator set (``mirror pause``) before the command stays."""
+        d = dirn.load(self.session)
+        flag = cluster.paused(etcd, self.session.name)
+        if d["state"] != "mirroring" or not (flag or {}).get("paused"):
+            return
+        if (prev or {}).get("paused") and prev.get("by") == "mirror pause":
+            self.log("the mirror stays paused as `cgmirror mirror pause` left it:"
+                     " `cgmirror mirror resume` when wanted")
+            return
+        src = d["source"]
+        cluster.set_paused(etcd, self.session.name, False, command,
+                           f"`cgmirror {command}` joined the sites: site {src} is the source")
+        cluster.put_event(etcd, self.session.name, "resume", by=command, source=src,
+                          hardened=d.get("hardened"))
+        self.log(f"mirror resumed (etcd): the leader forms groups from site {src} to"
+                 f" site {dirn.other(src)}")
+
+    def _unpark_done(self, command: str) -> None:
+        """A rerun that finds its command done (``_done``): a run killed
+        between its last record and ``_resume_if_joined`` left the flag
+        set; clear it now (cluster mode; a role command running elsewhere
+        owns the flag: then nothing)."""
+        s = self.session
+        if s.cluster is None:
+            return
+        try:
+            with cluster.client(s) as etcd:
+                try:
+                    lock = _role_lock(etcd, s, command)
+                except BusyError:
+                    return
+                try:
+                    flag = cluster.paused(etcd, s.name) or {}
+                    if flag.get("by") != "mirror pause":
+                        self._resume_if_joined(etcd, command, None)
+                finally:
+                    lock.release()
+        except CgmirrorError as exc:        # the command itself is done
+            self.log(f"warning: cannot check the pause flag in etcd ({exc}): if the"
+                     f" leader stays parked, `cgmirror mirror resume`")
 
     def _done(self, line: str, **result) -> dict:
         """A rerun after success: say so (the CLI prints ``line``); exit 0."""
@@ -556,6 +665,7 @@ class RoleSwitch:
         # ``--full`` asks for a copy of every block (a replaced image file,
         # the benchmark's full copy after its resync): never "nothing to do".
         if not full and self._resynced(source, d):
+            self._unpark_done(f"resync --from {source} --to {target}")
             return self._done(f"site {source} is already the source and site {target}"
                               f" was resynced from it (group {d.get('hardened')}):"
                               f" nothing to do; the mirror (`cgmirror mirror run`)"
@@ -623,6 +733,7 @@ class RoleSwitch:
         any step goes on from it, and a rerun after success says so."""
         d = dirn.load(self.session)
         if d["state"] == "mirroring" and not self._failback_half_done(d):
+            self._unpark_done("failback")
             return self._failed_back(d)
         with self._command("failback"):
             d = dirn.load(self.session)
@@ -657,6 +768,7 @@ class RoleSwitch:
         d = dirn.load(self.session)
         if d["state"] == "mirroring" and (d["source"] == to if to else
                                           d.get("by") == "switchover"):
+            self._unpark_done("switchover" + (f" --to {to}" if to else ""))
             return self._done(
                 f"site {d['source']} is already the source (state mirroring, group"
                 f" {d.get('hardened')}): nothing to do"
@@ -753,6 +865,21 @@ class RoleSwitch:
         raise FailoverError(f"no group hardened in {GROUP_TRIES} tries (last: group"
                             f" {last.n} {last.outcome}: {last.error}); the target is"
                             f" still consistent; run the command again to resume")
+
+
+def _role_lock(etcd, session, command: str) -> "cluster.RoleLock":
+    """The etcd role lock for ``command`` (BusyError if another holds it)."""
+    ttl = max(session.cluster.ttl_s, cluster.ROLE_LOCK_TTL_S)
+    return cluster.RoleLock(etcd, session.name, command, ttl).acquire()
+
+
+def _parked(exc: CgmirrorError) -> CgmirrorError:
+    """``exc`` with what a failed role command left in cluster mode: the
+    leader parked (safe: no group forms over a half-done role change)."""
+    if "mirror resume" not in str(exc):
+        exc.args = (f"{exc}; the leader stays parked: `cgmirror mirror resume` once"
+                    f" that is fixed (or the command run again)",) + exc.args[1:]
+    return exc
 
 
 def park_leader(session, command: str, log) -> bool:
