@@ -388,6 +388,14 @@ def put_event(etcd: Etcd, session: str, event: str, **fields) -> dict:
     return doc
 
 
+def role_holder(etcd: Etcd, session: str) -> dict | None:
+    """The role command holding ``P/role`` (host, pid, command, since), if any."""
+    with _etcd(f"read {etcd.key(session, 'role')}"):
+        kv = etcd.get(etcd.key(session, "role"))
+    doc = _load(kv) if kv is not None else None
+    return doc if isinstance(doc, dict) else ({} if kv is not None else None)
+
+
 class RoleLock:
     """``P/role`` while one role command runs (module doc, "Role
     commands").  ``acquire()`` or BusyError; ``held()`` false once a
@@ -641,5 +649,6 @@ def history_summary(prev: dict | None, res) -> dict:
 
 __all__ = ["ClusterError", "EVENT_TTL_S", "Leadership", "MARGIN_S", "Publisher",
            "RoleLock", "client", "connect", "events", "history_summary", "leader_of", "me",
+           "role_holder",
            "paused", "poll_interval", "put_direction", "put_event", "read_state",
            "set_paused"]

@@ -427,6 +427,11 @@ def test_role_commands_run_beside_both_mirrors_park_the_leader_and_resume_it(coo
             lines = p.stderr.strip().splitlines()
             assert p.returncode == 5 and len(lines) == 1, p.stderr
             assert "resync --from b --to a" in lines[0] and f"pid {rs.pid}" in lines[0], lines
+            # Nor can a person unpark the leader under it.
+            p = c.cli(new, "mirror", "resume")
+            lines = p.stderr.strip().splitlines()
+            assert p.returncode == 5 and len(lines) == 1, p.stderr
+            assert "resync --from b --to a" in lines[0] and "parked" in lines[0], lines
             doc = c.state()["status"]
             assert doc["paused"] and doc["phase"] == "idle", doc
             hardened = c.hardened()["n"]

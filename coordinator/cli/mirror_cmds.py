@@ -53,7 +53,7 @@ from wire import sdnotify
 from wire.units import parse_size
 
 from .. import cluster, direction, group, output
-from ..errors import CgmirrorError, ExitCode, MirrorNotRunning, UsageError
+from ..errors import BusyError, CgmirrorError, ExitCode, MirrorNotRunning, UsageError
 from ..link import SlaveLink
 from ..mirror import Mirror, call, control_path
 from ..mirror.status import where
@@ -118,6 +118,15 @@ def _cluster_control(ctx, op: str) -> ExitCode:
     s = ctx.session
     me = cluster.me()
     with cluster.client(s) as etcd:
+        h = cluster.role_holder(etcd, s.name) if op == "resume" else None
+        if h is not None:
+            # The command parked the leader to form groups itself; it
+            # resumes the leader when the sites are joined.
+            raise BusyError(f"`cgmirror {h.get('command', '?')}` runs for session"
+                            f" {s.name} on host {h.get('host', '?')} (pid"
+                            f" {h.get('pid', '?')}) with the leader parked: it resumes"
+                            f" the mirror when it ends; `cgmirror mirror resume` only"
+                            f" if it failed", h.get("pid"))
         cluster.set_paused(etcd, s.name, op == "pause", f"mirror {op}",
                            f"`cgmirror mirror {op}` on {me['host']} pid {me['pid']}")
         doc = _cluster_doc(s, etcd)
