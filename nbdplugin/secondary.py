@@ -304,7 +304,7 @@ class SecondaryVolume(Volume):
             try:
                 for off, n, data in records:
                     if data is None:
-                        self._zero(n, off, False)
+                        self.zero_raw(n, off, False)
                     else:
                         pwrite_all(self.fd, data, off)
                     total += n

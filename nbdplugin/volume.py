@@ -162,7 +162,7 @@ class Volume:
 
     def zero(self, length: int, offset: int, may_trim: bool = False,
              fua: bool = False) -> None:
-        self._modify(offset, length, self._zero, length, offset, may_trim)
+        self._modify(offset, length, self.zero_raw, length, offset, may_trim)
         if fua:
             self.flush()
 
@@ -174,7 +174,9 @@ class Volume:
     def flush(self) -> None:
         os.fdatasync(self.fd)
 
-    def _zero(self, length: int, offset: int, may_trim: bool) -> None:
+    def zero_raw(self, length: int, offset: int, may_trim: bool) -> None:
+        """Zero the range on the image itself: no change marked, no gate (the
+        caller does both: ``zero``, the secondary's packed batches)."""
         if self.is_blockdev:
             fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
             return

@@ -14,7 +14,7 @@ from cgtest import wait_until
 from nbdplugin.copier import packed_uri
 from nbdplugin.secondary import parse_packed
 
-from test_secondary import SIZE, export, harden, img, secondary
+from secrig import SIZE, export, harden, img, secondary
 
 G = 64 * 1024
 S = 4096

@@ -13,20 +13,11 @@ import pytest
 from cgtest import refused_start, wait_until
 from wire import protocol
 from coordinator.control import ControlError
+from secrig import SIZE, export, harden, img, secondary
 
 G = 64 * 1024
 MB = 1 << 20
-SIZE = 2 * MB
 NBLOCKS = SIZE // G
-
-
-def secondary(slaves, name="r1", env=None, volumes=(("a", SIZE),)):
-    return slaves(name, volumes=volumes, role="secondary", env=env or {})
-
-
-def export(proc, vol="a"):
-    with proc.control() as c:
-        return c.call("status")["volumes"][vol]["export"]
 
 
 def connect(proc, name):
@@ -44,19 +35,9 @@ def host(proc, vol="a"):
     return connect(proc, vol)
 
 
-def img(proc, vol="a"):
-    with open(dict((n, p) for n, p, _ in proc.spec.volumes)[vol], "rb") as f:
-        return f.read()
-
-
 def tgt_blocks(c, vol="a"):
     r = c.call("tgt", volume=vol)
     return {b for s, n in r["runs"] for b in range(s, s + n)}
-
-
-def harden(c, n):
-    assert c.call("prepare", n=n) == {"ok": True, "n": n}
-    assert c.call("commit", n=n) == {"ok": True, "n": n}
 
 
 def group_writes(rng, image, count=40):
