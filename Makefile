@@ -97,10 +97,15 @@ bench-granularity: setup
 # The mirror's fault campaign (tests/soak_mirror.py; root: tmpfs mounts,
 # namespaces), on one host and with the primaries in network namespaces over
 # TCP+TLS: prints faults injected, groups formed and checked, violations.
+# Then the test files whose campaigns `make test` runs as a bounded slice,
+# with their full count (CGMIRROR_SOAK=1, tests/cgtest.py `soak`).
 SOAK_ROUNDS ?= 60
+SOAK_TESTS  := tests/test_power_loss.py tests/test_mirror_power.py \
+               tests/test_role_commands.py
 soak: setup
 	$(PY) tests/soak_mirror.py --rounds $(SOAK_ROUNDS)
 	$(PY) tests/soak_mirror.py --sites --rounds $(SOAK_ROUNDS)
+	CGMIRROR_SOAK=1 $(PY) -m pytest -q $(SOAK_TESTS)
 
 # RPO, drain amplification, hold times with the mirror running: the default
 # run, then pinned (a site per core), over a 1 Gbit/s 20 ms link (root), and a

@@ -35,6 +35,16 @@ MiB = 1 << 20
 
 IN_CI = os.environ.get("CI") == "true"
 
+# `make soak` sets CGMIRROR_SOAK=1: the campaigns of the test files (rounds
+# of faults, power cuts, failovers) run their full count there, and a
+# bounded slice of it in `make test` (the same rounds, fewer of them).
+SOAK = os.environ.get("CGMIRROR_SOAK") == "1"
+
+
+def soak(slice_, full):
+    """``full`` under `make soak` (CGMIRROR_SOAK=1), else ``slice_``."""
+    return full if SOAK else slice_
+
 
 def need(*binaries: str) -> None:
     """Skip (or, in CI, fail) unless every binary is on PATH."""

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from cgtest import need, wait_until
+from cgtest import need, soak, wait_until
 from harness import workload as wl
 from coordinator import launch
 from clishell import CLI
@@ -167,7 +167,7 @@ def test_dr_test_and_resync_run_twice_say_nothing_to_do(sh):
 
 # ------------------------------------------------------------------ item 6
 
-ROUNDS = 5
+ROUNDS = soak(3, 5)      # `make soak` runs 5 (cgtest.soak)
 
 
 def test_failover_beside_a_running_mirror_and_a_writer_never_wedges(sh):
