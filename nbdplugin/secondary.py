@@ -120,6 +120,7 @@ secondary committed n, in which case this one must roll forward).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
 import json
@@ -259,47 +260,22 @@ class SecondaryVolume(Volume):
     def _modify(self, offset: int, length: int, action, *args) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OSError(errno.EINVAL, f"request [{offset}, +{length}) beyond {self.size}")
-        with self.cond:
-            if self.blocked:
-                raise OSError(errno.EROFS, f"{self.name}: replication writes refused:"
-                                           f" {self.blocked}")
-            self.writers += 1
-        try:
-            store = self.undo
-            if length and store is not None:
-                g = self.granularity
-                # Durable before the overwrite: after a crash the index lists
-                # every block the overwrite may have reached.
-                if store.save(range(offset // g, (offset + length - 1) // g + 1)):
-                    failpoints.hit("secondary:after-undo")
+        g = self.granularity
+        with self._replicating(range(offset // g, (offset + length - 1) // g + 1)
+                               if length else ()):
             action(*args)
             with self.cond:
                 self.replication_bytes += length
             failpoints.hit("secondary:after-write")
-        finally:
-            with self.cond:
-                self.writers -= 1
-                self.cond.notify_all()
 
     def apply_packed(self, buf) -> None:
         """Apply one batch of the packed export (``parse_packed``): as one
         replication write of every record in it -- one undo save (one pair
         of syncs) for all their blocks, then the records."""
         records = parse_packed(buf, self.size)
-        with self.cond:
-            if self.blocked:
-                raise OSError(errno.EROFS, f"{self.name}: replication writes refused:"
-                                           f" {self.blocked}")
-            self.writers += 1
-        try:
-            store = self.undo
-            if store is not None:
-                g = self.granularity
-                blocks = []
-                for off, n, _ in records:
-                    blocks.extend(range(off // g, (off + n - 1) // g + 1))
-                if store.save(blocks):
-                    failpoints.hit("secondary:after-undo")
+        g = self.granularity
+        with self._replicating([b for off, n, _ in records
+                                for b in range(off // g, (off + n - 1) // g + 1)]):
             total = 0
             try:
                 for off, n, data in records:
@@ -314,6 +290,24 @@ class SecondaryVolume(Volume):
             finally:
                 with self.cond:
                     self.replication_bytes += total
+
+    @contextlib.contextmanager
+    def _replicating(self, blocks):
+        """One replication write, plain or a packed batch: refused while
+        writes are blocked, counted in ``writers`` (a prepare waits for
+        them), and ``blocks`` saved in the undo store first -- durable
+        before the overwrite: after a crash the index lists every block the
+        overwrite may have reached."""
+        with self.cond:
+            if self.blocked:
+                raise OSError(errno.EROFS, f"{self.name}: replication writes refused:"
+                                           f" {self.blocked}")
+            self.writers += 1
+        try:
+            store = self.undo
+            if blocks and store is not None and store.save(blocks):
+                failpoints.hit("secondary:after-undo")
+            yield
         finally:
             with self.cond:
                 self.writers -= 1
