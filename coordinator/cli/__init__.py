@@ -15,7 +15,8 @@
     cgmirror [-s SESSION.toml] switchover [--to SITE] [--json]
     cgmirror [-s SESSION.toml] slave|secondary run NAME   (foreground, for systemd)
     cgmirror [-s SESSION.toml] node run|exec NAME   (supervised, or exec for the unit)
-    cgmirror [-s SESSION.toml] events               (JSON lines from the running mirror)
+    cgmirror [-s SESSION.toml] events [--once]      (JSON lines from the running mirror;
+                                                    with [cluster] from etcd, --once: those kept)
     cgmirror [-s SESSION.toml] verify [--repair] [--json]   (online, via the mirror)
     cgmirror [-s SESSION.toml] check [--json]       (validate; starts nothing)
     cgmirror [-s SESSION.toml] install-units [--dir DIR] [--exec CMD]
