@@ -409,6 +409,14 @@ def test_role_commands_run_beside_both_mirrors_park_the_leader_and_resume_it(coo
     p = c.cli(new, "failover")
     assert p.returncode == 0, p.stderr
     assert c.state()["paused"]["paused"] and c.state()["paused"]["by"] == "failover"
+    # A third host's unit (re)started during the split stands by: it does
+    # not exit on the failed-over direction, as a unit would in a loop.
+    c.spawn("c3")
+    wait_until(lambda: ((c.local("c3") or {}).get("cluster") or {}).get("role")
+               == "standby", 60, "c3 stands by after the failover")
+    c.procs["c3"].terminate()
+    assert c.procs["c3"].wait(30) == 0, c.log("c3")
+    del c.procs["c3"]
     at_b = wl.Workload.resume(r.host_uris(), LAYOUT).start()
     try:
         wait_until(lambda: at_b.written > 100, 30, "writes at b")

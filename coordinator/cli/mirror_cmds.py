@@ -85,7 +85,10 @@ def register(sub) -> None:
 def run(ctx) -> ExitCode:
     # The direction recorded by failover/resync/switchover (coordinator/direction.py).
     session = direction.oriented(ctx.session, direction.load(ctx.session)["source"])
-    direction.check_mirror(session)
+    if ctx.session.cluster is None:
+        direction.check_mirror(session)
+    # Cluster mode: a unit (re)started while the sites are split stands by
+    # or leads parked, and follows the direction once they are joined.
     mirror = Mirror(session)
     old = {sig: signal.signal(sig, lambda *_: mirror.stop())
            for sig in (signal.SIGTERM, signal.SIGINT)}
