@@ -366,15 +366,7 @@ def _start_lease_mode(vols):
         _fail(f"fence=lease: the etcd client: {exc}")
     _lease = WriteLease(etcd, _cfg["session"], _cfg["site"], _cfg["node"], ttl,
                         [v.gate for v in vols.values()])
-    # The status op's top-level fields come from node_status (server.py);
-    # the lease's are added here rather than in every role's status.
-    base = _slave.node_status
-
-    def node_status(volumes, dirty):
-        top = base(volumes, dirty)
-        top["write_lease"] = _lease.status()
-        return top
-    _slave.node_status = node_status
+    _slave.write_lease = _lease             # status: OpHandler.node_status
 
 
 def _forget_if_replaced(node: NodeRecord | None, vol: Volume) -> None:

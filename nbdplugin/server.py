@@ -85,6 +85,7 @@ class OpHandler:
     node = None                 # NodeRecord (plugin.py); None: a bare handler in tests
     epochs = None               # its EpochFence (attach); None: no epoch check
     restarting: str | None = None   # the role recorded, the process not yet gone
+    write_lease = None          # its WriteLease (fence=lease, plugin.py): status says it
     on_restart = None           # called once, after the role op's reply is written
     _restart_started = False
 
@@ -148,6 +149,8 @@ class OpHandler:
         top = self.node.status_fields()
         if self.restarting:
             top["restarting"] = self.restarting
+        if self.write_lease is not None:
+            top["write_lease"] = self.write_lease.status()
         return top
 
     def op_record(self, record: dict) -> dict:
