@@ -705,6 +705,17 @@ lease_ttl_s = 3
     assert not any(c.split("=")[0] in ("fence", "etcd", "site", "lease_ttl") for c in cmd)
 
 
+def plain_spec(run_dir: str):
+    """A node s1 of session NAME with one volume and no lease keys."""
+    from coordinator import launch
+    spec = launch.SlaveSpec(name="s1", statedir=os.path.join(run_dir, "s1"),
+                            nbd_socket=os.path.join(run_dir, "s1.sock"),
+                            control=os.path.join(run_dir, "s1.ctl"),
+                            volumes=[("a", os.path.join(run_dir, "s1-a.img"), SIZE)])
+    spec.session = NAME
+    return spec
+
+
 @pytest.mark.parametrize("keys, line", [
     (["fence=lease"], "fence=lease needs etcd="),
     (["fence=lease", "etcd=http://127.0.0.1:2379", "site=a"], "is not https://"),
@@ -717,12 +728,7 @@ lease_ttl_s = 3
 def test_plugin_refuses_bad_lease_keys_in_one_line(run_dir, keys, line):
     """Each bad write-lease key of the plugin is one `cgmirror: error:` line."""
     need("nbdkit")
-    from coordinator import launch
-    spec = launch.SlaveSpec(name="s1", statedir=os.path.join(run_dir, "s1"),
-                            nbd_socket=os.path.join(run_dir, "s1.sock"),
-                            control=os.path.join(run_dir, "s1.ctl"),
-                            volumes=[("a", os.path.join(run_dir, "s1-a.img"), SIZE)])
-    spec.session = NAME
+    spec = plain_spec(run_dir)
     cmd = spec.command()
     rc, err = refused_start(cmd + [f"tls={run_dir}"] + keys)
     errors = [e for e in err if e.startswith("cgmirror: error:")]
@@ -733,12 +739,7 @@ def test_plugin_without_client_certificate_refuses_lease_mode_in_one_line(run_di
     """fence=lease with a tls= directory that holds no client certificate:
     one line naming what is missing, before serving."""
     need("nbdkit")
-    from coordinator import launch
-    spec = launch.SlaveSpec(name="s1", statedir=os.path.join(run_dir, "s1"),
-                            nbd_socket=os.path.join(run_dir, "s1.sock"),
-                            control=os.path.join(run_dir, "s1.ctl"),
-                            volumes=[("a", os.path.join(run_dir, "s1-a.img"), SIZE)])
-    spec.session = NAME
+    spec = plain_spec(run_dir)
     rc, err = refused_start(spec.command() + [
         f"tls={run_dir}", "fence=lease", "etcd=https://127.0.0.1:2379", "site=a"])
     errors = [e for e in err if e.startswith("cgmirror: error:")]
