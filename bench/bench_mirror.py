@@ -711,7 +711,12 @@ def tails(base: str, lines: int = 8) -> None:
 
 def local_run(rig_class, a, workload: str) -> dict:
     base = tempfile.mkdtemp(prefix="cgm-bench-mirror-", dir="/dev/shm")
-    rig = rig_class(base, a.size_mib * MiB, a.subblock)
+    return measured(rig_class(base, a.size_mib * MiB, a.subblock), base, a, workload)
+
+
+def measured(rig, base: str, a, workload: str) -> dict:
+    """``measure`` on ``rig`` (built in ``base``); its logs' tails if it
+    fails; the rig closed and ``base`` removed after."""
     try:
         return measure(rig, a, workload)
     except BaseException:
@@ -773,16 +778,8 @@ def inside(a) -> dict:
         net.sites[name] = Site(net, name, ns, addr)
     rate, rtt = parse_link(a.link)
     base = tempfile.mkdtemp(prefix="cgm-bench-link-", dir="/dev/shm")
-    rig = LinkRig(base, a.size_mib * MiB, a.subblock, net, rate, rtt)
-    try:
-        return measure(rig, a, "random")
-    except BaseException:
-        tails(base)
-        raise
-    finally:
-        rig.close()
-        os.chdir(ROOT)
-        shutil.rmtree(base, ignore_errors=True)
+    return measured(LinkRig(base, a.size_mib * MiB, a.subblock, net, rate, rtt), base, a,
+                    "random")
 
 
 def main(argv: list[str] | None = None) -> int:
