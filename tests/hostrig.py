@@ -146,10 +146,11 @@ class Rig:
 
     # -- commands inside a host
 
-    def inside(self, host: str, step: str, *args, timeout: float = 180):
-        """Step ``step`` of this module inside ``host``; its JSON result."""
-        r = self.h[host].python(os.path.abspath(__file__), step, json.dumps(args),
-                                timeout=timeout)
+    def inside(self, host: str, step: str, *args, timeout: float = 180,
+               script: str = os.path.abspath(__file__)):
+        """Step ``step`` of ``script`` (this module, or a test module whose
+        steps extend ``_Inside``) inside ``host``; its JSON result."""
+        r = self.h[host].python(script, step, json.dumps(args), timeout=timeout)
         if r.returncode != 0:
             raise AssertionError(f"{step} {args} inside {host} exited {r.returncode}:"
                                  f" {r.stderr.strip()[-3000:]}")

@@ -150,12 +150,8 @@ class ClusterRig(Rig):
 
     def steps(self, host: str, step: str, *args, timeout: float = 180):
         """Step ``step`` of ``_Steps`` inside ``host``; its JSON result."""
-        r = self.h[host].python(os.path.abspath(__file__), step, json.dumps(args),
-                                timeout=timeout)
-        if r.returncode != 0:
-            raise AssertionError(f"{step} {args} inside {host} exited {r.returncode}:"
-                                 f" {r.stderr.strip()[-3000:]}")
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        return self.inside(host, step, *args, timeout=timeout,
+                           script=os.path.abspath(__file__))
 
     def steps_bg(self, host: str, step: str, *args) -> subprocess.Popen:
         return self.h[host].popen([sys.executable, os.path.abspath(__file__), step,
